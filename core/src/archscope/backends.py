@@ -1,0 +1,327 @@
+"""The Backend protocol: one class per architecture family maps a model's internals to sites.
+
+A backend wraps one model instance. `Backend.for_model` picks the registered backend whose
+`can_handle` is most confident. Backend classes live in plugins (entry-point group
+``archscope``); `Backend.register` registers one in-process for quick experiments.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from .sites import Site, SiteError, SiteInfo, resolve
+
+if TYPE_CHECKING:  # torch is imported lazily: discovery and the CLI must not pay for it
+    import torch
+
+
+class BackendError(RuntimeError):
+    """A backend cannot serve a model, or a capability it lacks was asked for."""
+
+
+class NoBackendError(BackendError, ValueError):
+    """No registered backend can handle a model (or an unknown hint was given)."""
+
+
+@dataclass
+class ActivationRecord:
+    """One captured site (seed API): name, tensor, metadata and the attention mask."""
+
+    layer_name: str
+    activations: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+    attention_mask: torch.Tensor | None = None
+
+    @property
+    def site(self) -> Site:
+        return Site.parse(self.layer_name)
+
+
+EditOp = Literal["replace", "add", "scale", "fn"]
+Positions = None | int | slice | Sequence[int]
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A change to a site's value during a run.
+
+    ``op``: ``replace`` (patch), ``add`` (steer), ``scale`` (multiply; 0 ablates) or ``fn``
+    (call ``value(tensor) -> tensor``). ``positions`` selects sequence positions of token sites
+    (None = all). ``units`` selects feature indices (neurons) of the last axis (None = all).
+    A tensor ``value`` must have exactly the selected shape, or be a vector over the selected
+    units, which is then applied at every selected position; anything else is an error.
+    """
+
+    site: str
+    op: EditOp
+    value: Any
+    positions: Positions = None
+    units: Sequence[int] | None = None
+
+    @classmethod
+    def replace(cls, site: str | Site, value: Any, positions: Positions = None,
+                units: Sequence[int] | None = None) -> Edit:
+        return cls(str(site), "replace", value, positions, units)
+
+    @classmethod
+    def add(cls, site: str | Site, value: Any, positions: Positions = None,
+            units: Sequence[int] | None = None) -> Edit:
+        return cls(str(site), "add", value, positions, units)
+
+    @classmethod
+    def scale(cls, site: str | Site, factor: Any, positions: Positions = None,
+              units: Sequence[int] | None = None) -> Edit:
+        return cls(str(site), "scale", factor, positions, units)
+
+    @classmethod
+    def apply(cls, site: str | Site, fn: Callable[[Any], Any], positions: Positions = None,
+              units: Sequence[int] | None = None) -> Edit:
+        return cls(str(site), "fn", fn, positions, units)
+
+
+@dataclass
+class RunResult:
+    """What `Backend.run` returns."""
+
+    logits: torch.Tensor | None
+    activations: dict[str, torch.Tensor]
+    attention_mask: torch.Tensor | None
+    #: The recurrent state after the last real token (``return_state=True``), usable as
+    #: ``initial_state`` of a later run.
+    state: dict[str, torch.Tensor] | None = None
+
+    def __getitem__(self, site: str | Site) -> torch.Tensor:
+        key = str(Site.parse(site))
+        if key not in self.activations:
+            raise KeyError(f"{key!r} was not captured; captured: {sorted(self.activations)}")
+        return self.activations[key]
+
+    def __contains__(self, site: object) -> bool:
+        return isinstance(site, (str, Site)) and str(site) in self.activations
+
+
+class Backend:
+    """Base class of every backend. Subclasses set the class attributes and implement
+    `can_handle`, `sites` and `run` (the hook engine in `archscope.engine` does the last)."""
+
+    #: Registry name, accepted as ``hint=``.
+    name: ClassVar[str] = ""
+    #: One line for `archscope info`.
+    description: ClassVar[str] = ""
+    #: Capabilities from `archscope.sites.CAPABILITIES` (and any of the plugin's own).
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: Tie-break between equally confident backends (higher wins).
+    priority: ClassVar[int] = 0
+    #: Padding the backend handles at real tokens: "both", "right" or "left".
+    padding: ClassVar[Literal["both", "right", "left"]] = "both"
+    #: The per-layer role `layer_names()` lists (seed API).
+    primary_role: ClassVar[str] = "residual"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    # -- detection -----------------------------------------------------------------------------
+    @classmethod
+    def can_handle(cls, model: Any) -> float | None:
+        """Confidence in (0, 1] that this backend serves ``model``; None = not mine.
+        Must not raise and must not import heavy frameworks."""
+        return None
+
+    # -- sites ---------------------------------------------------------------------------------
+    def sites(self) -> dict[str, SiteInfo]:
+        """Every site of the wrapped model, in forward order."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sites()")
+
+    def site_info(self, site: str | Site) -> SiteInfo:
+        return resolve(site, self.sites(), self.name or type(self).__name__)
+
+    @property
+    def n_layers(self) -> int:
+        layers = [i.site.layer for i in self.sites().values() if i.site.layer is not None]
+        return 1 + max(layers, default=-1)
+
+    def layer_names(self) -> list[str]:
+        """Seed API: the main per-layer site of each layer (residual stream, RNN hidden)."""
+        return [n for n, i in self.sites().items() if i.site.role == self.primary_role]
+
+    def hidden_dim(self, layer_name: str) -> int:
+        """Seed API: size of the feature axis of a site."""
+        return self.site_info(layer_name).dim
+
+    # -- running -------------------------------------------------------------------------------
+    def run(
+        self,
+        inputs: Any,
+        capture: Iterable[str | Site] = (),
+        edits: Iterable[Edit] = (),
+        *,
+        stop_early: bool = True,
+        initial_state: Mapping[str, torch.Tensor] | None = None,
+        return_state: bool = False,
+        grad: bool = False,
+    ) -> RunResult:
+        """Run the model, capturing ``capture`` and applying ``edits``.
+
+        With ``stop_early`` (default) and a capture list without ``logits``, the forward pass
+        stops after the deepest captured site and ``logits`` is None. ``initial_state`` starts
+        the run from a recurrent state (capability ``state_patch``); ``return_state`` returns
+        the state after the last real token in ``RunResult.state``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+
+    def extract(self, inputs: Any, layers: list[str] | None = None) -> list[ActivationRecord]:
+        """Seed API: capture ``layers`` (default: `layer_names()`) as ActivationRecords."""
+        names = [str(Site.parse(n)) for n in (layers if layers is not None else self.layer_names())]
+        result = self.run(inputs, capture=names)
+        records = []
+        for name in names:
+            info = self.site_info(name)
+            records.append(ActivationRecord(
+                layer_name=name,
+                activations=result.activations[name],
+                meta={"kind": info.kind, "shape": info.shape, "dim": info.dim,
+                      "backend": self.name, "site": name},
+                attention_mask=result.attention_mask,
+            ))
+        return records
+
+    def unembed(self, residual: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual-stream tensor through the model's own final norm and head."""
+        raise BackendError(
+            f"backend {self.name!r} cannot unembed: it has no 'unembed' capability "
+            f"(capabilities: {sorted(self.capabilities)})"
+        )
+
+    def state_patch(
+        self,
+        prefix: Any,
+        source_prefix: Any,
+        suffix: Any,
+        sites: Iterable[str | Site] | None = None,
+        capture: Iterable[str | Site] = (),
+    ) -> RunResult:
+        """Run ``prefix``; swap in the recurrent state that ``source_prefix`` reached at
+        ``sites`` (default: all state sites); continue on ``suffix``; return the suffix run."""
+        self.require("state_patch")
+        target = self.run(prefix, return_state=True, stop_early=False)
+        source = self.run(source_prefix, return_state=True, stop_early=False)
+        assert target.state is not None and source.state is not None
+        merged = dict(target.state)
+        chosen = list(source.state) if sites is None else [str(Site.parse(s)) for s in sites]
+        for name in chosen:
+            if name not in source.state:
+                raise SiteError(
+                    f"{name!r} is not part of the recurrent state of backend {self.name!r}; "
+                    f"state sites: {sorted(source.state)}"
+                )
+            merged[name] = source.state[name]
+        return self.run(suffix, capture=capture, initial_state=merged, stop_early=False)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def require(self, capability: str) -> None:
+        if capability not in self.capabilities:
+            raise BackendError(
+                f"backend {self.name!r} lacks the capability {capability!r} "
+                f"(it has: {', '.join(sorted(self.capabilities)) or 'none'})"
+            )
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} for {type(self.model).__name__}>"
+
+    # -- registry (seed API) -------------------------------------------------------------------
+    @classmethod
+    def register(cls, name: str) -> Callable[[type[Backend]], type[Backend]]:
+        """Decorator: register a backend class in this process under ``name``."""
+        from .plugins import IN_PROCESS, Entry, _manager
+
+        def decorator(backend_cls: type[Backend]) -> type[Backend]:
+            if not (isinstance(backend_cls, type) and issubclass(backend_cls, Backend)):
+                raise TypeError(f"Backend.register expects a Backend subclass, got {backend_cls!r}")
+            if not backend_cls.name:
+                backend_cls.name = name
+            _manager.register_in_process("backends", Entry(name, backend_cls, IN_PROCESS, "-"))
+            return backend_cls
+
+        return decorator
+
+    @classmethod
+    def registered(cls) -> dict[str, type[Backend]]:
+        from .plugins import get_manager
+
+        return {e.name: e.obj for e in get_manager().backends}
+
+    @classmethod
+    def for_model(cls, model: Any, hint: str | None = None) -> Backend:
+        """The backend for ``model``: the registered one named by ``hint``, else the one whose
+        `can_handle` is most confident (ties: priority, then name, with a warning)."""
+        from .plugins import get_manager, suggest_distribution
+
+        manager = get_manager()
+        if hint is not None:
+            entry = manager.backends.get(hint)
+            if entry is None:
+                aliases = manager.backends.aliases()
+                raise NoBackendError(
+                    f"unknown backend hint {hint!r}; registered backends: "
+                    f"{', '.join(manager.backends.names()) or '(none)'}"
+                    + (f"; aliases: {', '.join(f'{a}->{n}' for a, n in sorted(aliases.items()))}"
+                       if aliases else "")
+                )
+            backend_cls: type[Backend] = entry.obj
+            return backend_cls(model)
+
+        scored: list[tuple[float, int, str, type[Backend]]] = []
+        for entry in manager.backends:
+            try:
+                score = entry.obj.can_handle(model)
+            except Exception as exc:  # can_handle must not raise; do not let one break detection
+                warnings.warn(f"archscope: {entry.name}.can_handle raised {exc!r}; ignoring it",
+                              stacklevel=2)
+                continue
+            if score is not None and score > 0:
+                scored.append((float(score), int(entry.obj.priority), entry.name, entry.obj))
+        if not scored:
+            model_cls = type(model)
+            installed = ", ".join(
+                f"{e.name} ({e.distribution})" for e in manager.backends) or "(none)"
+            suggestion = suggest_distribution(model)
+            hint_text = (
+                f"install {suggestion} (pip install {suggestion})"
+                if suggestion and suggestion not in {e.distribution for e in manager.backends}
+                else "describe the model with a custom-model adapter or write a backend plugin "
+                "(see docs/plugin-authors.md), or pass hint=<backend name>"
+            )
+            raise NoBackendError(
+                f"no installed archscope backend can handle {model_cls.__qualname__} "
+                f"(module {model_cls.__module__}). Installed backends: {installed}. "
+                f"To fix: {hint_text}."
+            )
+        scored.sort(key=lambda t: (-t[0], -t[1], t[2]))
+        best = scored[0]
+        ties = [s for s in scored if s[0] == best[0]]
+        if len(ties) > 1:
+            warnings.warn(
+                f"archscope: backends {', '.join(t[2] for t in ties)} are equally confident "
+                f"({best[0]}) for {type(model).__name__}; using {best[2]} (pass hint= to choose)",
+                stacklevel=2,
+            )
+        return best[3](model)
+
+
+def __getattr__(name: str) -> Any:
+    # 0.2 exposed per-architecture classes here (e.g. a "...Backend" class per family); they now
+    # live in plugins. Resolve such names through the registry so old imports keep working.
+    if name.endswith("Backend") and not name.startswith("_"):
+        from .plugins import get_manager
+
+        for entry in get_manager().backends:
+            if entry.obj.__name__ == name:
+                return entry.obj
+        raise AttributeError(
+            f"archscope.backends has no {name!r}: no installed plugin registers a backend class "
+            f"of that name (installed: {', '.join(e.obj.__name__ for e in get_manager().backends)})"
+        )
+    raise AttributeError(f"module 'archscope.backends' has no attribute {name!r}")
