@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-PACKAGES := core archscope-transformer archscope-mamba archscope-recurrent plugins/archscope-zoo
-TESTS := core/tests archscope-transformer/tests archscope-mamba/tests archscope-recurrent/tests plugins/archscope-zoo/tests plugins/template/tests
+PACKAGES := core archscope-transformer archscope-mamba archscope-recurrent
+TESTS := core/tests archscope-transformer/tests archscope-mamba/tests archscope-recurrent/tests plugins/template/tests
 
 .PHONY: setup demo test lint bench clean
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: $(foreach p,$(PACKAGES),$(p)/pyproject.toml) plugins/templat
 
 demo: setup
 	$(VENV)/bin/archscope plugins
-	$(VENV)/bin/archscope demo
+	$(VENV)/bin/archscope info
 
 test: setup
 	$(PY) -m pytest -q $(TESTS)
