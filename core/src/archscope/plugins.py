@@ -43,6 +43,12 @@ class PluginError(RuntimeError):
     """Raised in strict mode when a plugin fails to load or register."""
 
 
+def _warn(message: str) -> None:
+    # warn_explicit with a pseudo file name prints exactly one line (no source line below it).
+    warnings.warn_explicit(message, PluginWarning, filename="archscope", lineno=0,
+                           module="archscope.plugins")
+
+
 def _catalogue() -> dict[str, Any]:
     text = resources.files("archscope").joinpath("_catalogue.json").read_text()
     return json.loads(text)  # type: ignore[no-any-return]
@@ -122,16 +128,14 @@ class Registry:
         if current is not None and current.distribution != entry.distribution:
             winner = self._winner(current, entry, replace)
             loser = entry if winner is current else current
-            warnings.warn(
+            _warn(
                 f"archscope: {self.kind[:-1]} name {entry.name!r} is registered by both "
                 f"{current.distribution} and {entry.distribution}; using {winner.distribution}"
                 + (
                     f" (pass replace=True in {loser.distribution} to take over a first-party name)"
                     if loser.distribution != IN_PROCESS and winner.distribution in first_party()
                     else ""
-                ),
-                PluginWarning,
-                stacklevel=3,
+                )
             )
             if winner is current:
                 return False
@@ -294,7 +298,7 @@ class PluginManager:
                    f"{what} and is disabled: {info.error}")
         if strict():
             raise PluginError(message) from exc
-        warnings.warn(message, PluginWarning, stacklevel=4)
+        _warn(message)
 
     def _registry(self, kind: str) -> Registry:
         return {"backends": self.backends, "methods": self.methods, "sources": self.sources}[kind]

@@ -1,0 +1,1 @@
+"""The conformance kit for backend authors (see docs/plugin-authors.md)."""

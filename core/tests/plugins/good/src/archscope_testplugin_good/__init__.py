@@ -1,0 +1,1 @@
+"""Test-only archscope plugin used by the core's plugin-system tests."""
