@@ -31,7 +31,18 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def with_plugins(plugin_site: Path, monkeypatch: pytest.MonkeyPatch):
-    """Make the installed test plugins visible to this process and rediscover."""
+    """Make the installed test plugins visible to this process and rediscover (without the
+    plugin whose names conflict with the others; `with_all_plugins` includes it)."""
+    monkeypatch.setenv("ARCHSCOPE_DISABLE_PLUGINS", "conflict")
+    yield from _visible(plugin_site, monkeypatch)
+
+
+@pytest.fixture
+def with_all_plugins(plugin_site: Path, monkeypatch: pytest.MonkeyPatch):
+    yield from _visible(plugin_site, monkeypatch)
+
+
+def _visible(plugin_site: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.syspath_prepend(str(plugin_site))
     importlib.invalidate_caches()
     yield archscope.plugins.refresh()

@@ -86,6 +86,11 @@ class Site:
         if name in MODEL_ROLES:
             return cls(role=name)
         match = _LAYER_RE.match(name)
+        if match is None and _ROLE_RE.match(name):
+            raise SiteError(
+                f"{name!r} is not a model-level site (those are {', '.join(MODEL_ROLES)}); "
+                f"per-layer sites need a layer index, e.g. 'layer_0.{name}'"
+            )
         if match is None:
             raise SiteError(
                 f"cannot parse site name {text!r}: expected 'layer_<i>.<role>' "

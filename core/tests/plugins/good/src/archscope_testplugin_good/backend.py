@@ -69,7 +69,7 @@ def build_toy(seed: int = 0, **kwargs):
 
 
 def load_toy(rest: str, dtype=None, device="cpu"):
-    model = build_toy(int(rest or 0)).to(device)
+    model = build_toy(int(rest.rsplit("-", 1)[-1] or 0)).to(device)
     if dtype is not None:
         model = model.to(dtype)
     return model, None
