@@ -1,0 +1,184 @@
+"""The archscope backend for Hugging Face decoder-only language models.
+
+The site map is built from the structure `archscope_transformer.structure` finds (block list,
+final norm, unembedding, attention and MLP of each block); the core's hook engine does the
+rest. torch and transformers are imported only inside functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from archscope.engine import HookBackend, Hookpoint, RunContext, _apply_edit, padding_side
+from archscope.sites import Site, SiteInfo
+
+from .structure import (
+    Port,
+    Structure,
+    StructureError,
+    accepts,
+    find_structure,
+    first_param,
+    is_hf_causal_lm,
+    recurrent_layers,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+TOKEN = ("batch", "seq")
+
+
+def _hookpoint(port: Port) -> Hookpoint:
+    return Hookpoint(port.module, io=port.io, index=port.index, arg=port.arg,  # type: ignore[arg-type]
+                     clone=port.clone)
+
+
+class TransformerBackend(HookBackend):
+    """Hugging Face decoder-only LMs (GPT-2, Llama, Qwen, Gemma, ...), mapped by structure."""
+
+    name = "transformer"
+    description = "Hugging Face decoder-only language models, mapped by structure"
+    capabilities = frozenset({"residual", "components", "mlp_hidden", "unembed", "logits",
+                              "attention_patterns", "edit"})
+    padding = "both"
+
+    def __init__(self, model: Any) -> None:
+        try:
+            self.structure: Structure = find_structure(model)
+        except StructureError as exc:
+            raise StructureError(f"archscope-transformer cannot map {type(model).__name__}: {exc}"
+                                 ) from None
+        if not all(p.mlp_hidden for p in self.structure.parts):
+            # e.g. a mixture of experts: no single MLP output projection to read neurons from
+            self.capabilities = TransformerBackend.capabilities - {"mlp_hidden"}  # type: ignore[misc]
+        self._takes_positions = accepts(model.forward, "position_ids")
+        self._takes_use_cache = accepts(model.forward, "use_cache")
+        super().__init__(model)
+
+    # -- detection -----------------------------------------------------------------------------
+    @classmethod
+    def can_handle(cls, model: Any) -> float | None:
+        try:
+            if not is_hf_causal_lm(model) or recurrent_layers(model):
+                return None
+            find_structure(model)
+        except StructureError:
+            return 0.1  # an HF decoder LM we cannot map: constructing says what is missing
+        except Exception:
+            return None
+        return 0.9
+
+    # -- the site map --------------------------------------------------------------------------
+    def _site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
+        s = self.structure
+        d = s.d_model
+        table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
+
+        def add(site: Site, dim: int, order: float, port: Port | None, desc: str,
+                shape: tuple[str, ...] = (*TOKEN, "d_model"), writable: bool = True) -> None:
+            info = SiteInfo(site, "token", shape, dim, writable=writable, order=order,
+                            description=desc + (f" ({port.path})" if port else ""))
+            table[str(site)] = (info, _hookpoint(port) if port else None)
+
+        block0 = s.blocks[0]
+        add(Site("embed"), d, 0.0,
+            Port(block0, f"{s.blocks_path}.0", io="input", arg=first_param(block0.forward)),
+            "input of block 0")
+        for i, parts in enumerate(s.parts):
+            block = f"{s.blocks_path}.{i}"
+            pattern = (f"layer_{i}.attn_pattern", parts.attn_pattern,
+                       ("batch", "head", "query", "key"))
+            attn = (f"layer_{i}.attn", parts.attn, None)
+            # Sites in the order the forward pass produces them (stop-early depends on it).
+            # (Read inside the attention module, the attn value comes before the pattern.)
+            inside = parts.attn.path.startswith(parts.attn_pattern.path + ".")
+            first = [attn, pattern] if inside else [pattern, attn]
+            steps: list[tuple[str, Port | None, Any]] = [*first]
+            if parts.mlp_hidden is not None:
+                steps.append((f"layer_{i}.mlp_hidden", parts.mlp_hidden, ("batch", "seq", "d_mlp")))
+            steps.append((f"layer_{i}.mlp", parts.mlp, None))
+            for k, (name, port, shape) in enumerate(steps):
+                site = Site.parse(name)
+                order = i + (k + 1) / 10
+                if site.role == "attn_pattern":
+                    add(site, 0, order, port, "attention probabilities per head; needs eager "
+                        "attention, switched on for the run", shape=shape, writable=False)
+                elif site.role == "mlp_hidden":
+                    add(site, parts.d_mlp or 0, order, port,
+                        "MLP hidden units (input of the output projection)", shape=shape)
+                else:
+                    add(site, d, order, port, f"{site.role} output added to the residual")
+            add(Site("residual", i), d, i + 1.0,
+                Port(parts.block, block, index=0), f"output of block {i}")
+        add(Site("final_norm"), d, len(s.parts) + 0.5,
+            Port(s.final_norm, s.final_norm_path), "final norm output")
+        add(Site("logits"), s.vocab, len(s.parts) + 1.0, None,
+            "the model's output logits", shape=(*TOKEN, "vocab"))
+        return table
+
+    # -- running -------------------------------------------------------------------------------
+    def _forward(self, ctx: RunContext) -> Any:
+        batch = dict(ctx.batch)
+        mask = batch.get("attention_mask")
+        if (self._takes_positions and mask is not None and "position_ids" not in batch
+                and padding_side(mask) in ("left", "mixed")):
+            # Absolute position embeddings (GPT-2) count from the first real token.
+            batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        if self._takes_use_cache:
+            batch.setdefault("use_cache", False)
+        output = self.model(**batch)
+        edits = ctx.edits.get("logits")
+        if edits:
+            logits = output.logits
+            for edit in edits:
+                logits = _apply_edit(logits, edit, self._table["logits"][0], mask)
+            output.logits = logits
+        return output
+
+    def _read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
+        logits = output.logits
+        return {"logits": logits if ctx.grad else logits.detach()}
+
+    def _run_context(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
+        if any(name.endswith(".attn_pattern") for name in ctx.capture):
+            return self._eager_attention()
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _eager_attention(self) -> Iterator[None]:
+        """Eager attention (the only kind that returns probabilities) for one run."""
+        config = self.model.config
+        previous = config._attn_implementation
+        if previous == "eager":
+            yield
+            return
+        self._set_attention(previous, "eager")
+        try:
+            yield
+        finally:
+            self._set_attention("eager", previous)
+
+    def _set_attention(self, current: str | None, wanted: str | None) -> None:
+        model = self.model
+        if wanted is not None and getattr(model, "_can_set_attn_implementation", lambda: False)():
+            model.set_attn_implementation(wanted)
+        else:  # older modelling files read the config at every call
+            model.config._attn_implementation = wanted
+
+    # -- unembedding ---------------------------------------------------------------------------
+    def unembed(self, residual: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual stream: the model's final norm, then its unembedding (and the
+        final logit soft-capping of Gemma-2 style configs), as the model itself computes them."""
+        s = self.structure
+        x = s.final_norm(residual)
+        if s.output_projection is not None:
+            x = s.output_projection(x)
+        logits = s.head(x)
+        if s.softcap:
+            import torch
+
+            logits = torch.tanh(logits / s.softcap) * s.softcap
+        return logits  # type: ignore[no-any-return]

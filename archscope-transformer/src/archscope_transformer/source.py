@@ -1,0 +1,36 @@
+"""The ``hf:`` model source: `from_pretrained` for a Hub name or a local folder."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def claims(spec: str) -> bool:
+    """Bare specs this source takes: a local folder holding a Hugging Face ``config.json``."""
+    return os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "config.json"))
+
+
+def load(name: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the causal LM in eval mode on ``device`` (in ``dtype`` when
+    given) and its tokenizer with a pad token set; the tokenizer is None when the folder or
+    repository has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not name:
+        raise ValueError("hf: needs a model name or folder, e.g. 'hf:gpt2' or 'hf:./my_model'")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    model.to(device)
+    model.eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError):
+        if os.path.isdir(name) and any(f.startswith("tokenizer") for f in os.listdir(name)):
+            raise  # a tokenizer is there but broken: say so
+        tokenizer = None
+    if tokenizer is not None and tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is not None:
+            tokenizer.pad_token = fallback
+    return model, tokenizer
