@@ -44,6 +44,7 @@ def with_all_plugins(plugin_site: Path, monkeypatch: pytest.MonkeyPatch):
 
 def _visible(plugin_site: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.syspath_prepend(str(plugin_site))
+    monkeypatch.setenv("PYTHONPATH", str(plugin_site))  # for subprocesses (the kit starts some)
     importlib.invalidate_caches()
     yield archscope.plugins.refresh()
     monkeypatch.undo()
