@@ -36,6 +36,61 @@ def _hookpoint(port: Port) -> Hookpoint:
                      clone=port.clone)
 
 
+class _TokenView:
+    """Some blocks flatten (batch, seq) into one axis around their MLP (OPT). Hooks around the
+    engine's own hook give it the (batch, seq, ...) view and restore the flat layout after."""
+
+    def __init__(self, hp: Hookpoint, engine_handle: Any, ctx: RunContext) -> None:
+        ids = ctx.batch.get("input_ids", ctx.batch.get("inputs_embeds"))
+        batch, seq = int(ids.shape[0]), int(ids.shape[1])
+        module = hp.module
+
+        def unflat(value: Any) -> Any:
+            if hasattr(value, "dim") and value.dim() == 2 and value.shape[0] == batch * seq:
+                return value.view(batch, seq, value.shape[-1])
+            return value
+
+        def flat(value: Any) -> Any:
+            if hasattr(value, "dim") and value.dim() == 3 and self.flattened:
+                return value.reshape(batch * seq, value.shape[-1])
+            return value
+
+        self.flattened = False
+        self.engine_handle = engine_handle
+        if hp.io == "output":
+            def before(m: Any, args: Any, output: Any) -> Any:
+                new = unflat(output) if not isinstance(output, tuple) else output
+                self.flattened = new is not output
+                return new if self.flattened else None
+
+            def after(m: Any, args: Any, output: Any) -> Any:
+                return flat(output) if self.flattened else None
+
+            first = module.register_forward_hook(before, prepend=True)
+            last = module.register_forward_hook(after)
+        else:
+            def before_pre(m: Any, args: Any) -> Any:
+                if args and not isinstance(args[0], tuple):
+                    new = unflat(args[0])
+                    self.flattened = new is not args[0]
+                    return (new, *args[1:]) if self.flattened else None
+                return None
+
+            def after_pre(m: Any, args: Any) -> Any:
+                if self.flattened and args:
+                    return (flat(args[0]), *args[1:])
+                return None
+
+            first = module.register_forward_pre_hook(before_pre, prepend=True)
+            last = module.register_forward_pre_hook(after_pre)
+        self.handles = [first, last]
+
+    def remove(self) -> None:
+        self.engine_handle.remove()
+        for handle in self.handles:
+            handle.remove()
+
+
 class TransformerBackend(HookBackend):
     """Hugging Face decoder-only LMs (GPT-2, Llama, Qwen, Gemma, ...), mapped by structure."""
 
@@ -167,6 +222,12 @@ class TransformerBackend(HookBackend):
             model.set_attn_implementation(wanted)
         else:  # older modelling files read the config at every call
             model.config._attn_implementation = wanted
+
+    def _attach(self, name: str, ctx: RunContext) -> Any:
+        handle = super()._attach(name, ctx)
+        if name.endswith((".attn", ".mlp", ".mlp_hidden")):
+            return _TokenView(self._table[name][1], handle, ctx)  # type: ignore[arg-type]
+        return handle
 
     # -- unembedding ---------------------------------------------------------------------------
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
