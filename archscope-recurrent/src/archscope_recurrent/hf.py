@@ -1,0 +1,339 @@
+"""Backends for Hugging Face RWKV (``rwkv``) and xLSTM (``xlstm``) causal LMs.
+
+Both are hook-engine backends driven by one `Family` table each: where the blocks, sub-layers,
+final norm and head live, and which recurrent-state tensors the model returns. Both models
+ignore ``attention_mask``, so only right padding is accepted (and a final state only for rows
+of equal length).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from archscope import Site, SiteError, SiteInfo
+from archscope.backends import BackendError
+from archscope.engine import HookBackend, Hookpoint, RunContext, find_module, padding_side
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class StateTensor:
+    """One recurrent-state tensor per layer: its role and its shape after the batch axis."""
+
+    role: str
+    shape: tuple[str, ...]
+    description: str
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one model family keeps its parts (paths relative to the causal-LM model)."""
+
+    name: str
+    module: str
+    blocks: str
+    embeddings: str
+    final_norm: str
+    head: str
+    mixer: str
+    mlp: str
+    states: tuple[StateTensor, ...]
+    #: Whether the head's output is the model's logits (xLSTM soft-caps them afterwards).
+    head_is_logits: bool
+
+
+RWKV = Family(
+    name="rwkv", module="transformers.models.rwkv", blocks="rwkv.blocks",
+    embeddings="rwkv.embeddings", final_norm="rwkv.ln_out", head="head",
+    mixer="attention", mlp="feed_forward", head_is_logits=True,
+    states=(
+        StateTensor("ffn_shift_state", ("batch", "d_model"),
+                    "channel-mix token shift: its normalised input at the last token (state[0])"),
+        StateTensor("attn_shift_state", ("batch", "d_model"),
+                    "time-mix token shift: its normalised input at the last token (state[1])"),
+        StateTensor("wkv_num_state", ("batch", "d_attn"), "WKV numerator (state[2])"),
+        StateTensor("wkv_den_state", ("batch", "d_attn"), "WKV denominator (state[3])"),
+        StateTensor("wkv_max_state", ("batch", "d_attn"), "WKV running maximum (state[4])"),
+    ),
+)
+
+XLSTM = Family(
+    name="xlstm", module="transformers.models.xlstm", blocks="backbone.blocks",
+    embeddings="backbone.embeddings", final_norm="backbone.out_norm", head="lm_head",
+    mixer="mlstm_layer", mlp="ffn", head_is_logits=False,
+    states=(
+        StateTensor("c_state", ("batch", "head", "d_qk", "d_v"), "mLSTM matrix memory C"),
+        StateTensor("n_state", ("batch", "head", "d_qk"), "mLSTM normaliser n"),
+        StateTensor("m_state", ("batch", "head", "one"), "mLSTM stabiliser m"),
+    ),
+)
+
+
+class _HFRecurrentBackend(HookBackend):
+    """Shared engine of the RWKV and xLSTM backends; subclasses set ``family``."""
+
+    family: ClassVar[Family]
+    capabilities = frozenset({"residual", "components", "unembed", "logits", "recurrent_state",
+                              "state_patch", "edit"})
+    padding = "right"
+
+    def __init__(self, model: Any) -> None:
+        missing = [p for p in (self.family.blocks, self.family.embeddings,
+                               self.family.final_norm, self.family.head)
+                   if find_module(model, p) is None]
+        if missing:
+            raise BackendError(f"{type(model).__qualname__} has no {', '.join(missing)}: backend "
+                               f"{self.family.name!r} serves {self.family.module} causal LMs")
+        super().__init__(model)
+
+    @classmethod
+    def can_handle(cls, model: Any) -> float | None:
+        model_cls = type(model)
+        if model_cls.__module__.startswith(cls.family.module) and \
+                model_cls.__name__.endswith("ForCausalLM"):
+            return 0.95
+        return None
+
+    def _part(self, path: str) -> Any:
+        return find_module(self.model, path)
+
+    def _site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
+        f = self.family
+        blocks = self._part(f.blocks)
+        d = self._part(f.embeddings).embedding_dim
+        table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
+
+        def add(site: Site, kind: str, shape: tuple[str, ...], dim: int, order: float,
+                hp: Hookpoint | None, desc: str, writable: bool = True) -> None:
+            table[str(site)] = (SiteInfo(site, kind, shape, dim, writable,  # type: ignore[arg-type]
+                                         order, desc), hp)
+
+        tok = ("batch", "seq", "d_model")
+        add(Site("embed"), "token", tok, d, 0, Hookpoint(self._part(f.embeddings)),
+            "embedding output")
+        state = self._state_example()
+        for i, block in enumerate(blocks):
+            o = 10.0 * (i + 1)
+            add(Site("mixer", i), "token", tok, d, o + 1, Hookpoint(getattr(block, f.mixer)),
+                f"sequence-mixer output added to the residual ({f.blocks}.{i}.{f.mixer})")
+            add(Site("mlp", i), "token", tok, d, o + 2, Hookpoint(getattr(block, f.mlp)),
+                f"channel-mix / feed-forward output added to the residual ({f.blocks}.{i}.{f.mlp})")
+            add(Site("residual", i), "token", tok, d, o + 3, Hookpoint(block),
+                f"residual stream after block {i}")
+            for spec, value in zip(f.states, state[i]):
+                add(Site(spec.role, i), "state", spec.shape, int(value.shape[-1]), o + 4, None,
+                    spec.description + "; after the last token; set it with initial_state=")
+        end = 10.0 * (len(blocks) + 1)
+        add(Site("final_norm"), "token", tok, d, end, Hookpoint(self._part(f.final_norm)),
+            "final normalised residual")
+        head = self._part(f.head)
+        add(Site("logits"), "token", ("batch", "seq", "vocab"), head.out_features, end + 1,
+            Hookpoint(head) if f.head_is_logits else None,
+            "output logits" if f.head_is_logits else "output logits (soft-capped; read-only)",
+            writable=f.head_is_logits)
+        return table
+
+    # -- what each family does differently ---------------------------------------------------
+    def _state_example(self) -> list[tuple[torch.Tensor, ...]]:
+        """Zero per-layer state tensors for a batch of one (shapes for the site table)."""
+        raise NotImplementedError
+
+    def _state_from_output(self, output: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _state_arguments(self, initial: Mapping[str, torch.Tensor], batch: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    # -- engine overrides ------------------------------------------------------------------------
+    def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
+        batch = super().prepare_inputs(inputs)
+        side = padding_side(batch["attention_mask"]) if "attention_mask" in batch else "none"
+        if side in ("left", "mixed"):
+            raise BackendError(
+                f"{self.family.name} ignores attention_mask, so archscope supports right padding "
+                f"only (real tokens first, then pads); this batch is {side}-padded. Pad on the "
+                "right (tokenizer.padding_side = 'right')"
+            )
+        return batch
+
+    def _forward(self, ctx: RunContext) -> Any:
+        need_state = ctx.return_state or bool(ctx.initial_state) or any(
+            self._table[n][0].kind == "state" for n in ctx.capture)
+        mask = ctx.attention_mask
+        if need_state and mask is not None and not bool(mask.all()):
+            lengths = sorted(set(mask.sum(-1).tolist()))
+            raise BackendError(
+                f"{self.family.name} ignores attention_mask: with right padding its recurrent "
+                f"state runs on over the pad tokens, so the state after the last real token "
+                f"needs rows of equal length (got lengths {lengths}); run rows of different "
+                "lengths in separate batches"
+            )
+        kwargs: dict[str, Any] = {"input_ids": ctx.batch["input_ids"]}
+        if need_state:
+            kwargs["use_cache"] = True
+            kwargs.update(self._state_arguments(ctx.initial_state or {},
+                                                ctx.batch["input_ids"].shape[0]))
+        return self.model(**kwargs)
+
+    def _read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        if "logits" in names:
+            values["logits"] = output.logits
+        if any(n != "logits" for n in names):
+            state = self._state_from_output(output)
+            values.update({n: state[n] for n in names if n != "logits"})
+        return values
+
+    def _final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
+        return self._state_from_output(output)
+
+    def _check_initial(self, initial: Mapping[str, torch.Tensor], batch: int) -> None:
+        states = {n: i for n, (i, _) in self._table.items() if i.kind == "state"}
+        unknown = sorted(set(initial) - set(states))
+        if unknown:
+            raise SiteError(f"initial_state has {unknown}, which are not state sites of backend "
+                            f"{self.name!r}; state sites: {', '.join(states)}")
+        example = {f"layer_{i}.{s.role}": v for i, layer in enumerate(self._state_example())
+                   for s, v in zip(self.family.states, layer)}
+        for name, value in initial.items():
+            want = (batch, *example[name].shape[1:])
+            if tuple(value.shape) != want:
+                raise SiteError(f"initial_state[{name!r}] must have shape {want}, got "
+                                f"{tuple(value.shape)}")
+
+    def unembed(self, residual: torch.Tensor) -> torch.Tensor:
+        return self._part(self.family.head)(self._part(self.family.final_norm)(residual))  # type: ignore[no-any-return]
+
+
+class RWKVBackend(_HFRecurrentBackend):
+    """Hugging Face RWKV (v4) causal LMs: ``RwkvForCausalLM``.
+
+    Runs with ``rescale_every=0`` semantics (no halving of the residual every few layers in
+    eval mode), restoring the model's weights and setting afterwards. State sites
+    ``layer_i.{ffn_shift,attn_shift,wkv_num,wkv_den,wkv_max}_state`` are the layer's slices of
+    the model's ``state`` list.
+    """
+
+    name = "rwkv"
+    description = "Hugging Face RWKV causal LMs (residual, time-mix/channel-mix, recurrent state)"
+    family = RWKV
+
+    def _state_example(self) -> list[tuple[torch.Tensor, ...]]:
+        import torch
+
+        config = self.model.config
+        d_attn = config.attention_hidden_size
+        dims = (config.hidden_size, config.hidden_size, d_attn, d_attn, d_attn)
+        return [tuple(torch.zeros(1, d) for d in dims) for _ in range(config.num_hidden_layers)]
+
+    def _state_from_output(self, output: Any) -> dict[str, torch.Tensor]:
+        state = output.state
+        return {f"layer_{i}.{s.role}": state[k][:, :, i]
+                for i in range(self.model.config.num_hidden_layers)
+                for k, s in enumerate(self.family.states)}
+
+    def _state_arguments(self, initial: Mapping[str, torch.Tensor], batch: int) -> dict[str, Any]:
+        import torch
+
+        if not initial:
+            return {}
+        self._check_initial(initial, batch)
+        config = self.model.config
+        dtype = self._part(self.family.embeddings).weight.dtype
+        state = []
+        for k, spec in enumerate(self.family.states):
+            layers = []
+            for i in range(config.num_hidden_layers):
+                value = initial.get(f"layer_{i}.{spec.role}")
+                if value is None:  # the model's own starting state
+                    d = config.hidden_size if k < 2 else config.attention_hidden_size
+                    value = torch.full((batch, d), -1e30 if k == 4 else 0.0)
+                layers.append(value.to(device=self.device,
+                                       dtype=dtype if k < 2 else torch.float32))
+            state.append(torch.stack(layers, -1).contiguous())  # the model updates it in place
+        return {"state": state}
+
+    def _run_context(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
+        return self._no_rescaling()
+
+    @contextlib.contextmanager
+    def _no_rescaling(self) -> Iterator[None]:
+        """Run with ``rescale_every=0``: undo the in-eval division of the output weights (exact:
+        powers of two), and put weights, setting and flag back afterwards."""
+        import torch
+
+        rwkv, config = self.model.rwkv, self.model.config
+        every, rescaled = config.rescale_every, rwkv.layers_are_rescaled
+        undo = bool(rescaled and every > 0)
+        weights = [(b.attention.output.weight, b.feed_forward.value.weight, 2 ** (i // every))
+                   for i, b in enumerate(rwkv.blocks)] if undo else []
+        if any(hasattr(w, "SCB") or hasattr(w, "quant_state") for a, v, _ in weights
+               for w in (a, v)):
+            raise BackendError("rwkv: cannot undo the inference rescaling of quantized weights; "
+                               "load the model with rescale_every=0")
+        with torch.no_grad():
+            for a, v, factor in weights:
+                a.mul_(factor)
+                v.mul_(factor)
+        config.rescale_every = 0
+        rwkv.layers_are_rescaled = not rwkv.training  # keeps the forward from rescaling
+        try:
+            yield
+        finally:
+            config.rescale_every = every
+            rwkv.layers_are_rescaled = rescaled
+            with torch.no_grad():
+                for a, v, factor in weights:
+                    a.div_(factor)
+                    v.div_(factor)
+
+
+class XLSTMBackend(_HFRecurrentBackend):
+    """Hugging Face xLSTM causal LMs: ``xLSTMForCausalLM``.
+
+    State sites ``layer_i.{c,n,m}_state`` are the layer's ``cache.rnn_state[i] = (C, n, m)``.
+    ``logits`` are the model's soft-capped output (read-only); ``unembed`` applies the same cap.
+    """
+
+    name = "xlstm"
+    description = "Hugging Face xLSTM causal LMs (residual, mLSTM/FFN sub-layers, (C, n, m) state)"
+    family = XLSTM
+
+    def _state_example(self) -> list[tuple[torch.Tensor, ...]]:
+        import torch
+
+        c = self.model.config
+        return [(torch.zeros(1, c.num_heads, c.qk_head_dim, c.v_head_dim),
+                 torch.zeros(1, c.num_heads, c.qk_head_dim), torch.zeros(1, c.num_heads, 1))
+                for _ in range(c.num_hidden_layers)]
+
+    def _state_from_output(self, output: Any) -> dict[str, torch.Tensor]:
+        rnn_state = output.cache.rnn_state
+        return {f"layer_{i}.{s.role}": rnn_state[i][k].clone()
+                for i in range(len(rnn_state)) for k, s in enumerate(self.family.states)}
+
+    def _state_arguments(self, initial: Mapping[str, torch.Tensor], batch: int) -> dict[str, Any]:
+        if not initial:
+            return {}
+        self._check_initial(initial, batch)
+        from transformers.models.xlstm.modeling_xlstm import xLSTMCache
+
+        dtype = self._part(self.family.embeddings).weight.dtype
+        cache = xLSTMCache(self.model.config, batch, dtype=dtype, device=self.device)
+        for i, layer in cache.rnn_state.items():
+            cache.rnn_state[i] = tuple(  # type: ignore[assignment]
+                initial[f"layer_{i}.{s.role}"].to(device=self.device, dtype=zero.dtype).clone()
+                if f"layer_{i}.{s.role}" in initial else zero
+                for s, zero in zip(self.family.states, layer))
+        return {"cache": cache}
+
+    def unembed(self, residual: torch.Tensor) -> torch.Tensor:
+        from transformers.models.xlstm.modeling_xlstm import soft_cap
+
+        logits = super().unembed(residual)
+        return soft_cap(logits.float(), self.model.config.output_logit_soft_cap)  # type: ignore[no-any-return]
