@@ -237,6 +237,8 @@ class MambaBackend(HookBackend):
         # also need their key/value cache, which is not a site.
         if not pure_ssm:
             self.capabilities = type(self).capabilities - {"state_patch"}
+        if self.native:
+            self.padding = "right"  # native models take no attention mask
 
     @property
     def d_model(self) -> int:
@@ -283,10 +285,11 @@ class MambaBackend(HookBackend):
                 kind, *sizes = layer.state_shape
                 shape = (("batch", "d_inner", "d_state") if kind == "mamba"
                          else ("batch", "heads", "head_dim", "d_state"))
+                # States are set through run(initial_state=...) / state_patch, not edits.
                 add(f"layer_{i}.ssm_state", "state", shape, sizes[-1], base + _ORDER["ssm_state"],
-                    None, desc="SSM state after the last real token", size=tuple(sizes))
+                    None, writable=False, desc="SSM state after the last real token", size=tuple(sizes))
                 add(f"layer_{i}.conv_state", "state", ("batch", "channels", "kernel"),
-                    layer.conv_shape[1], base + _ORDER["conv_state"], None,
+                    layer.conv_shape[1], base + _ORDER["conv_state"], None, writable=False,
                     desc="causal-conv input window after the last real token",
                     size=layer.conv_shape)
 
@@ -335,12 +338,6 @@ class MambaBackend(HookBackend):
         import torch
 
         states = set(self.state_sites)
-        bad = [n for n in ctx.edits if n in states]
-        if bad:
-            raise SiteError(
-                f"edits of {bad}: recurrent states are written with run(initial_state={{...}}) "
-                "or backend.state_patch(...), not with edits"
-            )
         plan = _Plan(wants_state=ctx.return_state or any(n in states for n in ctx.capture))
         mask = ctx.attention_mask
         side = padding_side(mask) if mask is not None else "none"
@@ -363,11 +360,11 @@ class MambaBackend(HookBackend):
                     f"native mamba_ssm models take no attention mask, so only right padding "
                     f"keeps real tokens exact; got a {side}-padded batch"
                 )
-            if plan.wants_state:
+            if plan.wants_state and ctx.edits:
                 raise BackendError(
-                    "native mamba_ssm models take no attention mask, so their final state "
-                    "includes right pads: run rows of different lengths separately to read "
-                    "ssm/conv states (or use the Hugging Face model)"
+                    "native mamba_ssm models take no attention mask, so the state of a "
+                    "right-padded row is re-computed from its real tokens alone, which cannot "
+                    "carry edits: run rows of equal length when editing and reading states"
                 )
         elif plan.wants_state and side == "mixed":
             raise BackendError("states need a left- or right-padded attention_mask; got padding "
@@ -448,12 +445,14 @@ class MambaBackend(HookBackend):
         if plan.stepping:
             return self._continue_from_state(ctx, plan)
         if self.native:
-            if plan.wants_state:
-                plan.cache = NativeInferenceParams(
-                    max_seqlen=int(ctx.batch["input_ids"].shape[1]),
-                    max_batch_size=int(ctx.batch["input_ids"].shape[0]))
-                return self.model(ctx.batch["input_ids"], inference_params=plan.cache)
-            return self.model(ctx.batch["input_ids"])
+            ids = ctx.batch["input_ids"]
+            if not plan.wants_state:
+                return self.model(ids)
+            plan.cache = NativeInferenceParams(max_seqlen=int(ids.shape[1]),
+                                               max_batch_size=int(ids.shape[0]))
+            output = self.model(ids, inference_params=plan.cache)
+            self._native_states_of_padded_rows(ctx, plan)
+            return output
 
         batch = ctx.batch
         if plan.shift is not None:
@@ -467,8 +466,31 @@ class MambaBackend(HookBackend):
                 for key, value in ctx.store.items():
                     if self._table[key][0].kind == "token":
                         ctx.store[key] = roll_rows(value, -plan.shift)
+        if plan.shift is not None and getattr(output, "logits", None) is not None:
+            output.logits = roll_rows(output.logits, -plan.shift)
         plan.cache = getattr(output, "cache", None)
         return output
+
+    def _native_states_of_padded_rows(self, ctx: RunContext, plan: _Plan) -> None:
+        """Native models run pads like tokens: give each right-padded row the state its real
+        tokens reach alone (one extra pass per padded row, its captures discarded)."""
+        mask = ctx.attention_mask
+        if mask is None or bool(mask.all()):
+            return
+        lengths = mask.sum(-1).tolist()
+        store = ctx.store
+        try:
+            for row, n in enumerate(lengths):
+                if n == mask.shape[1]:
+                    continue
+                ctx.store = {}
+                alone = NativeInferenceParams(max_seqlen=int(n), max_batch_size=1)
+                self.model(ctx.batch["input_ids"][row: row + 1, : int(n)], inference_params=alone)
+                for index, states in alone.key_value_memory_dict.items():
+                    for full, single in zip(plan.cache.key_value_memory_dict[index], states):
+                        full[row] = single[0]
+        finally:
+            ctx.store = store
 
     def _continue_from_state(self, ctx: RunContext, plan: _Plan) -> Any:
         """Decode the batch token by token from ``ctx.initial_state`` (the only way the models'

@@ -82,6 +82,157 @@ def random_ids(batch: int, seq: int, seed: int = 1) -> Any:
     return torch.randint(3, VOCAB, (batch, seq), generator=gen)
 
 
+def make_foreign_models() -> dict[str, Any]:
+    """Tiny models the `mamba` backend must not claim: transformers, RWKV, xLSTM, torch RNNs."""
+    import torch
+    import transformers
+    from torch import nn
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=2)
+    models: dict[str, Any] = {
+        "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=D_MODEL, n_layer=2, n_head=4)),
+        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            **small, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)),
+        "rwkv": transformers.RwkvForCausalLM(transformers.RwkvConfig(
+            vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=2, attention_hidden_size=D_MODEL,
+            intermediate_size=64, context_length=64)),
+        "xlstm": transformers.xLSTMForCausalLM(transformers.xLSTMConfig(
+            vocab_size=VOCAB, hidden_size=D_MODEL, embedding_dim=D_MODEL, num_hidden_layers=2,
+            num_blocks=2, num_heads=2, qk_dim_factor=1.0, v_dim_factor=1.0)),
+        "lstm": nn.LSTM(8, 8, num_layers=2, batch_first=True),
+    }
+
+    class LstmLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(VOCAB, 16)
+            self.layers = nn.ModuleList([nn.LSTM(16, 16, batch_first=True) for _ in range(2)])
+            self.head = nn.Linear(16, VOCAB)
+
+    models["lstm_lm"] = LstmLM()
+    return {name: model.eval() for name, model in models.items()}
+
+
+# -- independent references: hand-written module paths per family, the models' own outputs --
+#: family -> (block list, final norm, embedding or None (= input of block 0), sub-layer paths
+#: by role). Written out per family on purpose: the backend finds the same by structure.
+REFERENCE_PATHS: dict[str, tuple[str, str | None, str | None, dict[str, tuple[str, ...]]]] = {
+    "mamba": ("backbone.layers", "backbone.norm_f", "backbone.embeddings", {"mixer": ("mixer",)}),
+    "mamba2": ("backbone.layers", "backbone.norm_f", "backbone.embeddings", {"mixer": ("mixer",)}),
+    "falcon_mamba": ("backbone.layers", "backbone.norm_f", "backbone.embeddings",
+                     {"mixer": ("mixer",)}),
+    "jamba": ("model.layers", "model.final_layernorm", "model.embed_tokens",
+              {"mixer": ("mamba",), "attn": ("self_attn",), "mlp": ("feed_forward",)}),
+    "bamba": ("model.layers", "model.final_layernorm", "model.embed_tokens",
+              {"mixer": ("mamba",), "attn": ("self_attn",), "mlp": ("feed_forward",)}),
+    "zamba2": ("model.layers", "model.final_layernorm", "model.embed_tokens",
+               {"mixer": ("mamba", "mamba_decoder.mamba"), "attn": ("linear",)}),
+    "falcon_h1": ("model.layers", "model.final_layernorm", None,
+                  {"mixer": ("mamba",), "attn": ("self_attn",), "mlp": ("feed_forward",)}),
+    "granitemoehybrid": ("model.layers", "model.norm", None,
+                         {"mixer": ("mamba",), "attn": ("self_attn",)}),
+    "nemotron_h": ("model.layers", "model.norm_f", "model.embeddings", {}),
+    "native": ("backbone.layers", None, "backbone.embedding", {"mixer": ("mixer",)}),
+}
+_NEMOTRON_ROLES = {"mamba": "mixer", "linear_attention": "mixer", "attention": "attn",
+                   "full_attention": "attn", "mlp": "mlp", "moe": "mlp"}
+
+
+def _path(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
+
+
+def reference_activations(model: Any, family: str, input_ids: Any) -> dict[str, Any]:
+    """Sites computed without archscope for an unpadded batch: forward hooks on hand-picked
+    modules, the model's own logits, and recurrent states reached by feeding the tokens one at
+    a time through the model's own cache."""
+    import torch
+
+    blocks_path, norm_path, embed_path, parts = REFERENCE_PATHS[family]
+    blocks = _path(model, blocks_path)
+    out: dict[str, Any] = {}
+    handles = []
+
+    def keep(name: str, pick: Any = lambda o: o[0] if isinstance(o, tuple) else o) -> Any:
+        def hook(module: Any, args: Any, output: Any) -> None:
+            out[name] = pick(output).detach().clone()
+        return hook
+
+    if embed_path is not None:
+        handles.append(_path(model, embed_path).register_forward_hook(keep("embed")))
+    else:
+        handles.append(blocks[0].register_forward_pre_hook(
+            lambda m, args: out.__setitem__("embed", args[0].detach().clone())))
+    for i, block in enumerate(blocks):
+        if family == "native":
+            handles.append(block.register_forward_hook(
+                keep(f"layer_{i}.residual", lambda o: o[0] + o[1])))
+        else:
+            handles.append(block.register_forward_hook(keep(f"layer_{i}.residual")))
+        roles = dict(parts)
+        if family == "nemotron_h":
+            roles = {_NEMOTRON_ROLES[block.block_type]: ("mixer",)}
+        for role, paths in roles.items():
+            module = next((m for m in (_path(block, p) for p in paths) if m is not None), None)
+            if module is not None:
+                handles.append(module.register_forward_hook(keep(f"layer_{i}.{role}")))
+    if norm_path is not None:
+        handles.append(_path(model, norm_path).register_forward_hook(keep("final_norm")))
+    else:
+        handles.append(model.lm_head.register_forward_pre_hook(
+            lambda m, args: out.__setitem__("final_norm", args[0].detach().clone())))
+    try:
+        with torch.no_grad():
+            out["logits"] = model(input_ids).logits.detach().clone()
+    finally:
+        for handle in handles:
+            handle.remove()
+    out.update(stepped_states(model, family, input_ids))
+    return out
+
+
+def stepped_states(model: Any, family: str, input_ids: Any) -> dict[str, Any]:
+    """``layer_i.ssm_state`` / ``layer_i.conv_state`` after feeding ``input_ids`` one token at a
+    time through the model's own cache (HF ``Cache`` or the native ``inference_params``)."""
+    import types
+
+    import torch
+
+    blocks = _path(model, REFERENCE_PATHS[family][0])
+    steps = input_ids.shape[1]
+    states: dict[str, Any] = {}
+    with torch.no_grad():
+        if family == "native":
+            params = types.SimpleNamespace(max_seqlen=steps, max_batch_size=input_ids.shape[0],
+                                           seqlen_offset=0, batch_size_offset=0,
+                                           key_value_memory_dict={}, lengths_per_sample=None)
+            for t in range(steps):
+                model(input_ids[:, t: t + 1], inference_params=params)
+                params.seqlen_offset += 1
+            for i, (conv, ssm) in sorted(params.key_value_memory_dict.items()):
+                states[f"layer_{i}.conv_state"], states[f"layer_{i}.ssm_state"] = conv, ssm
+            return states
+        cache = None
+        hybrid = family not in PURE_SSM_FAMILIES
+        for t in range(steps):
+            # Some hybrids derive positions from the input length alone: pass them explicitly.
+            extra = {"position_ids": torch.full((input_ids.shape[0], 1), t)} if hybrid else {}
+            cache = model(input_ids=input_ids[:, t: t + 1], cache=cache, use_cache=True,
+                          **extra).cache
+        for i, _block in enumerate(blocks):
+            linear = cache.is_linear[i] or type(cache.layers[i]).__name__.startswith("LinearAttention")
+            if linear:
+                states[f"layer_{i}.ssm_state"] = cache.get_recurrent_state(i).clone()
+                states[f"layer_{i}.conv_state"] = cache.get_conv_state(i).clone()
+    return states
+
+
 # -- a stand-in for mamba_ssm's MambaLMHeadModel ------------------------------------------------
 def _torch_modules() -> Any:
     import torch
