@@ -13,9 +13,9 @@ from . import __version__
 
 
 def _console() -> Any:
-    from rich.console import Console
-
     import shutil
+
+    from rich.console import Console
 
     return Console(soft_wrap=False, width=max(100, shutil.get_terminal_size().columns))
 

@@ -370,6 +370,7 @@ class HookBackend(Backend):
 
         if hp.io == "output":
             def hook(module: nn.Module, args: Any, output: Any) -> Any:
+                result: Any
                 if isinstance(output, (tuple, list)):
                     new = process(output[hp.index])
                     result = output
@@ -412,4 +413,4 @@ def find_module(root: nn.Module, path: str) -> nn.Module | None:
         obj = getattr(obj, part, None)
         if obj is None:
             return None
-    return obj  # type: ignore[no-any-return]
+    return obj

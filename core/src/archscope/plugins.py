@@ -14,6 +14,7 @@ The core's own built-in methods register through the same hooks, as the plugin `
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
@@ -51,7 +52,7 @@ def _warn(message: str) -> None:
 
 def _catalogue() -> dict[str, Any]:
     text = resources.files("archscope").joinpath("_catalogue.json").read_text()
-    return json.loads(text)  # type: ignore[no-any-return]
+    return json.loads(text)
 
 
 def first_party() -> frozenset[str]:
@@ -223,7 +224,7 @@ class PluginManager:
         for module in _BUILTIN_MODULES:
             candidates.append(
                 (CORE_DISTRIBUTION, CORE_DISTRIBUTION, __version__, module,
-                 lambda module=module: importlib.import_module(module))
+                 functools.partial(importlib.import_module, module))
             )
         seen: set[tuple[str, str]] = set()
         for ep in sorted(importlib_metadata.entry_points(group=ENTRY_POINT_GROUP),

@@ -18,7 +18,7 @@ def _resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
     obj: Any = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ class Result:
     """Mixin for result dataclasses: ``to_dict``, ``to_json`` and a default ``to_markdown``."""
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(self)  # type: ignore[no-any-return]
+        return _plain(self)
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)

@@ -240,7 +240,7 @@ class BackendContract:
                 if len(info.shape) != value.dim():
                     _fix(f"{site} of {name!r}: SiteInfo.shape names {len(info.shape)} axes "
                          f"{info.shape} but the tensor has shape {tuple(value.shape)}")
-                sizes = dict(zip(info.shape, value.shape))
+                sizes = dict(zip(info.shape, value.shape, strict=True))
                 if sizes.get("batch", rows) != rows:
                     _fix(f"{site} of {name!r}: axis 'batch' has size {sizes['batch']}, not {rows}")
                 if info.kind == "token" and sizes.get("seq", seq) != seq:
@@ -351,7 +351,7 @@ class BackendContract:
         from archscope import BackendError
 
         def check(name: str, model: Any, backend: Any) -> None:
-            rows, seq = self.batch_shape
+            seq = self.batch_shape[1]
             short = seq - 2
             for side in ("right", "left"):
                 batch = self.make_batch(model, lengths=[seq, short], side=side)
