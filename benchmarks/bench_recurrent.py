@@ -1,0 +1,107 @@
+"""Cost of capturing every layer's per-step hidden states of a 3-layer GRU / LSTM language
+model through archscope's RNN backend, relative to a plain forward pass (CPU).
+
+    python benchmarks/bench_recurrent.py [--repeats 20] [--out benchmarks/results/recurrent.md]
+
+The backend runs the stack one layer at a time with single-layer modules that share the
+model's parameters; the target is ≤ 1.10× the plain forward. Timings are medians over
+``--repeats`` interleaved runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from machine import describe  # noqa: E402
+
+from archscope_recurrent.models import RecurrentLM, RecurrentLMConfig  # noqa: E402
+from archscope_recurrent.rnn import RNNBackend  # noqa: E402
+
+
+def median_ms(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def bench(cell: str, batch: int, seq: int, dim: int, repeats: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentLMConfig(vocab_size=1000, d_model=dim, hidden_size=dim,
+                                          num_layers=3, cell=cell)).eval()
+    backend = RNNBackend(model)
+    ids = torch.randint(0, 1000, (batch, seq))
+    hidden = [f"layer_{i}.hidden" for i in range(3)]
+
+    def plain() -> None:
+        with torch.no_grad():
+            model(ids)
+
+    def capture_hidden() -> None:
+        backend.run(ids, capture=hidden)
+
+    def capture_all() -> None:
+        backend.run(ids, capture=[*hidden, "logits"])
+
+    cases = {"plain forward": plain, "all layer_i.hidden": capture_hidden,
+             "all layer_i.hidden + logits": capture_all}
+    for fn in cases.values():  # warm-up
+        for _ in range(3):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):  # interleaved, so drift affects every case alike
+        for name, fn in cases.items():
+            samples[name] += median_ms(fn, 1)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "recurrent.md")
+    args = parser.parse_args()
+
+    machine = f"{describe()}; {torch.get_num_threads()} torch threads"
+    lines = [
+        "# RNN backend: per-layer hidden states vs a plain forward",
+        "",
+        f"Machine: {machine}.",
+        f"3-layer RecurrentLM, d_model = hidden = {args.dim}, vocab 1000, batch {args.batch} × "
+        f"{args.seq} tokens, no padding; median of {args.repeats} interleaved runs after 3 "
+        "warm-up runs (`python benchmarks/bench_recurrent.py`).",
+        "",
+        "| cell | plain forward (ms) | all `layer_i.hidden` (ms) | ratio | "
+        "hidden + logits (ms) | ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cell in ("gru", "lstm"):
+        r = bench(cell, args.batch, args.seq, args.dim, args.repeats)
+        base = r["plain forward"]
+        lines.append(
+            f"| {cell} | {base:.2f} | {r['all layer_i.hidden']:.2f} | "
+            f"{r['all layer_i.hidden'] / base:.3f}× | {r['all layer_i.hidden + logits']:.2f} | "
+            f"{r['all layer_i.hidden + logits'] / base:.3f}× |"
+        )
+    lines += ["", "Target: ≤ 1.10× the plain forward. `all layer_i.hidden` stops after the last "
+              "layer (no head); `hidden + logits` runs the whole model.", ""]
+    text = "\n".join(lines)
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
