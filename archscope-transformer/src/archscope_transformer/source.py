@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+#: Files any of which means a saved folder has a tokenizer.
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "tokenizer.model", "spiece.model", "merges.txt"}
+
 
 def claims(spec: str) -> bool:
     """Bare specs this source takes: a local folder holding a Hugging Face ``config.json``."""
@@ -23,12 +27,10 @@ def load(name: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     model.to(device)
     model.eval()
-    try:
+    tokenizer = None
+    # A folder without tokenizer files would get an empty tokenizer from AutoTokenizer.
+    if not os.path.isdir(name) or set(os.listdir(name)) & TOKENIZER_FILES:
         tokenizer = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError):
-        if os.path.isdir(name) and any(f.startswith("tokenizer") for f in os.listdir(name)):
-            raise  # a tokenizer is there but broken: say so
-        tokenizer = None
     if tokenizer is not None and tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is not None:
