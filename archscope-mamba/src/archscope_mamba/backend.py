@@ -468,7 +468,7 @@ class MambaBackend(HookBackend):
                         ctx.store[key] = roll_rows(value, -plan.shift)
         if plan.shift is not None and getattr(output, "logits", None) is not None:
             output.logits = roll_rows(output.logits, -plan.shift)
-        plan.cache = getattr(output, "cache", None)
+        plan.cache = output_cache(output)
         return output
 
     def _native_states_of_padded_rows(self, ctx: RunContext, plan: _Plan) -> None:
@@ -499,7 +499,8 @@ class MambaBackend(HookBackend):
 
         self.require("state_patch")
         ids = ctx.batch["input_ids"]
-        plan.cache = self._cache_from_state(ctx.initial_state or {}, int(ids.shape[0]))
+        plan.cache = self._cache_from_state(ctx.initial_state or {}, int(ids.shape[0]),
+                                            int(ids.shape[1]))
         token_sites = [n for n in ctx.capture if self._table[n][0].kind == "token"
                        and self._table[n][1] is not None]
         collected: dict[str, list[torch.Tensor]] = {n: [] for n in token_sites}
@@ -512,7 +513,7 @@ class MambaBackend(HookBackend):
                     plan.cache.seqlen_offset += 1
                 else:
                     out = self.model(input_ids=ids[:, t: t + 1], cache=plan.cache, use_cache=True)
-                    plan.cache = getattr(out, "cache", plan.cache)
+                    plan.cache = output_cache(out) or plan.cache
                 step_logits = self._logits_of(out)
                 if step_logits is not None:
                     logits.append(step_logits)
@@ -527,7 +528,8 @@ class MambaBackend(HookBackend):
         return _Continued(torch.cat(logits, dim=1) if len(logits) == plan.steps else None,
                           plan.cache)
 
-    def _cache_from_state(self, state: Mapping[str, torch.Tensor], batch: int) -> Any:
+    def _cache_from_state(self, state: Mapping[str, torch.Tensor], batch: int,
+                          steps: int) -> Any:
         names = self.state_sites
         given = {str(Site.parse(k)): v for k, v in state.items()}
         unknown = sorted(set(given) - set(names))
@@ -546,7 +548,7 @@ class MambaBackend(HookBackend):
                                 f"expected {expected} (batch of the suffix, then the site shape)")
         device = self.device
         if self.native:
-            cache = NativeInferenceParams(max_seqlen=1 << 30, max_batch_size=batch,
+            cache = NativeInferenceParams(max_seqlen=steps, max_batch_size=batch,
                                           seqlen_offset=1)
             for layer in self.layers:
                 i = layer.index
@@ -575,10 +577,8 @@ class MambaBackend(HookBackend):
             conv = Site.parse(name).role == "conv_state"
             if self.native:
                 value = plan.cache.key_value_memory_dict[layer.cache_index][0 if conv else 1]
-            elif conv:
-                value = plan.cache.get_conv_state(layer.cache_index)
             else:
-                value = plan.cache.get_recurrent_state(layer.cache_index)
+                value = read_cache_state(plan.cache, layer.cache_index, conv)
             if value is None:
                 raise BackendError(f"the cache holds no value for {name}")
             out[name] = value.detach().clone()
@@ -605,6 +605,27 @@ class _Continued:
 
     logits: Any
     cache: Any
+
+
+def output_cache(output: Any) -> Any:
+    """The cache an HF forward returned (``cache`` since transformers 5; ``cache_params`` /
+    ``past_key_values`` in earlier releases)."""
+    for name in ("cache", "cache_params", "past_key_values"):
+        value = getattr(output, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def read_cache_state(cache: Any, index: int, conv: bool) -> Any:
+    """A layer's conv or SSM state from an HF cache: ``get_conv_state`` /
+    ``get_recurrent_state`` (transformers 5 caches) or ``conv_states`` / ``ssm_states`` (the
+    ``MambaCache`` family of earlier releases)."""
+    getter = getattr(cache, "get_conv_state" if conv else "get_recurrent_state", None)
+    if getter is not None:
+        return getter(index)
+    states = getattr(cache, "conv_states" if conv else "ssm_states", None)
+    return None if states is None else states[index]
 
 
 def roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
