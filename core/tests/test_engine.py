@@ -311,3 +311,37 @@ def test_padding_helpers():
     assert padding_side(torch.tensor([[1, 0, 1]])) == "mixed"
     assert last_real_index(right).tolist() == [1, 2]
     assert last_real_index(left).tolist() == [2, 2]
+
+
+def test_model_without_an_attention_mask_argument_is_called_without_one():
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(5, 4)
+            self.blocks = nn.ModuleList([Block(4)])
+            self.norm = nn.LayerNorm(4)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, x):  # neither input_ids nor attention_mask by name
+            return self.head(self.norm(self.blocks[0](self.emb(x))[0]))
+
+    model = Bare().eval()
+    out = StackBackend(model).run(torch.tensor([[1, 2, 3]]), capture=["logits"])
+    torch.testing.assert_close(out.logits, model(torch.tensor([[1, 2, 3]])).detach())
+
+
+def test_padding_the_backend_does_not_handle_is_refused(stack):
+    class RightOnly(StackBackend):
+        padding = "right"
+
+    backend = RightOnly(stack)
+    left = {"input_ids": torch.tensor([[0, 1, 2], [3, 4, 5]]),
+            "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}
+    with pytest.raises(ValueError, match="handles only right padding, but this batch is left-padded"):
+        backend.run(left)
+    gaps = {"input_ids": torch.tensor([[1, 0, 2]]), "attention_mask": torch.tensor([[1, 0, 1]])}
+    with pytest.raises(ValueError, match="mixed-padded"):
+        backend.run(gaps)
+    right = {"input_ids": torch.tensor([[1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    assert backend.run(right).logits.shape == (1, 3, 23)
+    assert _hook_count(stack) == 0

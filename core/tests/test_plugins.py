@@ -25,6 +25,7 @@ def test_plugins_command_lists_installed_distributions_with_versions(run_cli, pl
     assert good["status"] == "ok"
     assert good["registered"]["sources"] == ["toy"]
     assert "toy-norms" in good["registered"]["methods"]
+    assert good["registered"]["commands"] == ["toy-hello"]
     assert plugins["archscope"]["registered"]["methods"]  # built-ins register like any plugin
     import importlib_metadata
 

@@ -129,9 +129,12 @@ def run_method(method: str, model: str, texts: tuple[str, ...], arch: str | None
             kwargs[key] = json.loads(value)
         except json.JSONDecodeError:
             kwargs[key] = value
-    _, tokenizer, backend = load_model(model, arch=arch)
-    inputs = make_tokenize_fn(tokenizer, max_length=128)(list(texts))
-    result = entry.obj(backend, inputs, **kwargs)
+    try:
+        _, tokenizer, backend = load_model(model, arch=arch)
+        inputs = make_tokenize_fn(tokenizer, max_length=128)(list(texts))
+        result = entry.obj(backend, inputs, **kwargs)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise click.ClickException(f"{method} on {model}: {exc}") from exc
     click.echo(result.to_json() if as_json else result.to_markdown())
 
 

@@ -120,6 +120,20 @@ def prepare_inputs(inputs: Any, device: Any = None) -> dict[str, Any]:
     return batch
 
 
+def accepted_kwargs(function: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``kwargs`` that ``function`` accepts (all of them if it takes **kwargs)."""
+    import inspect
+
+    try:
+        params = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return kwargs
+    names = {p.name for p in params}
+    return {k: v for k, v in kwargs.items() if k in names}
+
+
 def padding_side(mask: torch.Tensor) -> Literal["none", "left", "right", "mixed"]:
     """Which side a (batch, seq) attention mask pads on."""
     if bool(mask.all()):
@@ -234,8 +248,13 @@ class HookBackend(Backend):
         raise NotImplementedError(f"{type(self).__name__} must implement _site_table()")
 
     def _forward(self, ctx: RunContext) -> Any:
-        """Call the model on ``ctx.batch``. Override to add arguments (cache, positions)."""
-        return self.model(**ctx.batch)
+        """Call the model on ``ctx.batch``, passing only the keys its ``forward`` accepts (a
+        model without an ``attention_mask`` argument gets none). Override to add arguments
+        (cache, positions)."""
+        kwargs = accepted_kwargs(self.model.forward, ctx.batch)
+        if "input_ids" in ctx.batch and "input_ids" not in kwargs:  # forward(self, x, ...)
+            return self.model(ctx.batch["input_ids"], **kwargs)
+        return self.model(**kwargs)
 
     def _logits_of(self, output: Any) -> torch.Tensor | None:
         import torch
@@ -277,7 +296,19 @@ class HookBackend(Backend):
         return self._table[info.name][1]
 
     def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
-        return prepare_inputs(inputs, self.device)
+        """Validate and batch the inputs; refuse padding the backend does not handle (its
+        ``padding`` attribute) instead of returning wrong activations."""
+        batch = prepare_inputs(inputs, self.device)
+        mask = batch.get("attention_mask")
+        if mask is not None and self.padding != "both":
+            side = padding_side(mask)
+            if side not in ("none", self.padding):
+                raise ValueError(
+                    f"backend {self.name!r} handles only {self.padding} padding, but this batch "
+                    f"is {side}-padded: pad on the {self.padding} (e.g. tokenizer.padding_side = "
+                    f"{self.padding!r}) or run the rows one at a time"
+                )
+        return batch
 
     def run(
         self,

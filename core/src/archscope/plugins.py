@@ -289,8 +289,6 @@ class PluginManager:
             for entry, replace in items:
                 if self._registry(kind).add(entry, replace=replace):
                     info.registered[kind].append(entry.name)
-        if any(i.plugin_name == plugin_id for i in self.pm.hook.register_commands.get_hookimpls()):
-            info.registered["commands"].append("(commands)")
 
     def _fail(self, info: PluginInfo, what: str, exc: BaseException) -> None:
         info.status = "failed"
@@ -317,9 +315,11 @@ class PluginManager:
         for plugin_id, info in self.plugins.items():
             impls = [i for i in self.pm.hook.register_commands.get_hookimpls()
                      if i.plugin_name == plugin_id]
+            before = set(getattr(cli, "commands", {}))
             try:
                 for impl in impls:
                     impl.function(cli=cli)
+                info.registered["commands"] = sorted(set(getattr(cli, "commands", {})) - before)
             except Exception as exc:
                 self._fail(info, "failed to add commands", exc)
 

@@ -16,7 +16,8 @@ class MinGRUBackend(HookBackend):
     name = "mingru"
     description = "MinGRULM language models (template plugin)"
     capabilities = frozenset({"residual", "components", "unembed", "logits", "edit"})
-    # The recurrence is causal: right-padded rows are exact at real tokens; left padding is not.
+    # The recurrence is causal: right-padded rows are exact at real tokens; left padding is not,
+    # so the engine refuses left-padded batches with a clear error.
     padding = "right"
 
     @classmethod
@@ -25,14 +26,6 @@ class MinGRUBackend(HookBackend):
         if type(model).__name__ == "MinGRULM" and hasattr(model, "blocks"):
             return 1.0
         return None
-
-    def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
-        batch = super().prepare_inputs(inputs)
-        mask = batch["attention_mask"]
-        if not bool((mask[:, 1:] <= mask[:, :-1]).all()):
-            raise ValueError("MinGRULM supports right padding only (real tokens first, then "
-                             "padding); this batch is left-padded or has gaps")
-        return batch
 
     def _site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
         model = self.model
