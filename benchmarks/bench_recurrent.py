@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe  # noqa: E402
+from machine import describe
 
-from archscope_recurrent.models import RecurrentLM, RecurrentLMConfig  # noqa: E402
-from archscope_recurrent.rnn import RNNBackend  # noqa: E402
+from archscope_recurrent.models import RecurrentLM, RecurrentLMConfig
+from archscope_recurrent.rnn import RNNBackend
 
 
 def median_ms(fn, repeats: int) -> list[float]:

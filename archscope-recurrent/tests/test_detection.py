@@ -32,8 +32,14 @@ def test_for_model_picks_the_backend_without_a_hint(make, expected):
 
 
 def _foreign_models():
-    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                              MambaConfig, MambaForCausalLM)
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MambaConfig,
+        MambaForCausalLM,
+    )
 
     small = {"vocab_size": 100}
     return {

@@ -8,7 +8,7 @@ import torch
 from archscope import Edit, SiteError
 from archscope.backends import BackendError
 from archscope_recurrent.hf import RWKVBackend, XLSTMBackend
-from archscope_recurrent.testing import token_batch, tiny_rwkv, tiny_xlstm
+from archscope_recurrent.testing import tiny_rwkv, tiny_xlstm, token_batch
 
 FAMILIES = {
     "rwkv": (tiny_rwkv, RWKVBackend, "rwkv.blocks", "attention", "feed_forward"),

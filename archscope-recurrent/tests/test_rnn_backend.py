@@ -10,7 +10,7 @@ from archscope import Edit, SiteError
 from archscope.backends import BackendError
 from archscope_recurrent.models import RecurrentLM
 from archscope_recurrent.rnn import RNNBackend
-from archscope_recurrent.testing import plain_lstm_lm, token_batch, tiny_recurrent_lm
+from archscope_recurrent.testing import plain_lstm_lm, tiny_recurrent_lm, token_batch
 
 
 def to_torch(values, dirs):

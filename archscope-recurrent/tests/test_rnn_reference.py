@@ -7,7 +7,7 @@ import torch
 
 from archscope import Edit
 from archscope_recurrent.rnn import RNNBackend
-from archscope_recurrent.testing import token_batch, tiny_recurrent_lm
+from archscope_recurrent.testing import tiny_recurrent_lm, token_batch
 
 ATOL = 1e-5
 

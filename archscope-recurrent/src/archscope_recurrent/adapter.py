@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from archscope import Site, SiteInfo
 from archscope.backends import BackendError
-from archscope.engine import HookBackend, Hookpoint, RunContext, padding_side
+from archscope.engine import (
+    HookBackend,
+    Hookpoint,
+    RunContext,
+    accepted_kwargs,
+    padding_side,
+    prepare_inputs,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -125,6 +132,7 @@ class AdapterBackend(HookBackend):
             )
         self.spec = ModelSpec.coerce(spec)
         self.model = model
+        self.padding = self.spec.padding
         self._resolve_modules()
         self._shapes = self._probe()
         super().__init__(model)
@@ -139,7 +147,7 @@ class AdapterBackend(HookBackend):
             caps.add("mlp_hidden")
         if self.spec.states:
             caps.add("recurrent_state")
-        self.capabilities = frozenset(caps)  # type: ignore[misc]
+        self.capabilities = frozenset(caps)
 
     @classmethod
     def can_handle(cls, model: Any) -> float | None:
@@ -189,11 +197,10 @@ class AdapterBackend(HookBackend):
     def _call(self, batch: dict[str, Any]) -> Any:
         if self.spec.forward is not None:
             return self.spec.forward(self.model, batch)
-        params = inspect.signature(self.model.forward).parameters
-        takes_mask = "attention_mask" in params or any(
-            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        args = {k: v for k, v in batch.items() if k != "attention_mask" or takes_mask}
-        return self.model(**args)
+        kwargs = accepted_kwargs(self.model.forward, batch)
+        if "input_ids" in batch and "input_ids" not in kwargs:  # forward(self, x, ...)
+            return self.model(batch["input_ids"], **kwargs)
+        return self.model(**kwargs)
 
     def _probe(self) -> dict[str, tuple[int, ...]]:
         """Run two tokens once, checking what every declared module returns; → shapes."""
@@ -218,30 +225,29 @@ class AdapterBackend(HookBackend):
                 return
             shapes[key] = tuple(value[index].shape)
 
-        def watch(module: Any, check: Callable[[Any], None]) -> Any:
-            return module.register_forward_hook(lambda _m, _a, out: check(out))
+        def watch(module: Any, index: int | None, what: str, key: str) -> Any:
+            def hook(_module: Any, _args: Any, out: Any) -> None:
+                pick(out, index, what, key)
+
+            return module.register_forward_hook(hook)
 
         handles = []
         try:
             for i, block in enumerate(self.blocks):
-                def check_block(out: Any, i: int = i) -> None:
-                    what = f"block {i} ({s.blocks}.{i}, {type(self.blocks[i]).__name__})"
-                    pick(out, s.block_output, what + " [ModelSpec.block_output]",
-                         f"layer_{i}.residual")
-                    for role, acc in s.states.items():
-                        if isinstance(acc, int):
-                            pick(out, acc, what + f" [ModelSpec.states[{role!r}]]",
-                                 f"layer_{i}.{role}")
-                handles.append(watch(block, check_block))
+                what = f"block {i} ({s.blocks}.{i}, {type(block).__name__})"
+                handles.append(watch(block, s.block_output, what + " [ModelSpec.block_output]",
+                                     f"layer_{i}.residual"))
+                for role, acc in s.states.items():
+                    if isinstance(acc, int):
+                        handles.append(watch(block, acc, what + f" [ModelSpec.states[{role!r}]]",
+                                             f"layer_{i}.{role}"))
                 for role, (module, index) in self.subs[i].items():
-                    handles.append(watch(module, lambda out, i=i, role=role, index=index: pick(
-                        out, index, f"ModelSpec.submodules[{role!r}] of block {i} "
-                        f"({type(self.subs[i][role][0]).__name__})", f"layer_{i}.{role}")))
+                    handles.append(watch(module, index, f"ModelSpec.submodules[{role!r}] of block "
+                                         f"{i} ({type(module).__name__})", f"layer_{i}.{role}"))
             for key, module in (("embed", self.embed_module), ("final_norm", self.norm_module),
                                 ("logits", self.head_module)):
                 if module is not None:
-                    handles.append(watch(module, lambda out, key=key: pick(
-                        out, None, f"ModelSpec {key} module", key)))
+                    handles.append(watch(module, None, f"ModelSpec {key} module", key))
             ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
             with torch.no_grad():
                 output = self._call({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
@@ -279,7 +285,7 @@ class AdapterBackend(HookBackend):
             shape = sh[name]
             axes = ("batch", "seq", *(f"d{k}" for k in range(len(shape) - 2))) \
                 if kind == "token" else ("batch", *(f"d{k}" for k in range(len(shape) - 1)))
-            table[name] = (SiteInfo(site, kind, axes, int(shape[-1]), writable,  # type: ignore[arg-type]
+            table[name] = (SiteInfo(site, kind, axes, int(shape[-1]), writable,
                                     order, desc), hp)
 
         if self.embed_module is not None:
@@ -312,7 +318,7 @@ class AdapterBackend(HookBackend):
 
     # -- engine overrides ------------------------------------------------------------------------
     def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
-        batch = super().prepare_inputs(inputs)
+        batch = prepare_inputs(inputs, self.device)  # checked here first, for a precise message
         mask = batch.get("attention_mask")
         side = padding_side(mask) if mask is not None else "none"
         if side == "mixed" or (side in ("left", "right") and self.spec.padding not in (side, "both")):
@@ -322,7 +328,7 @@ class AdapterBackend(HookBackend):
                 f"{'right' if self.spec.padding == 'right' else 'left'}, or declare the "
                 "padding the model handles"
             )
-        return batch
+        return super().prepare_inputs(batch)
 
     def _forward(self, ctx: RunContext) -> Any:
         return self._call(ctx.batch)
@@ -344,7 +350,7 @@ class AdapterBackend(HookBackend):
         if self.head_module is None:
             return super().unembed(residual)
         x = self.norm_module(residual) if self.norm_module is not None else residual
-        return self.head_module(x)  # type: ignore[no-any-return]
+        return self.head_module(x)
 
 
 def describe(model: Any, spec: ModelSpec | Mapping[str, Any], attach: bool = False) -> AdapterBackend:

@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from archscope import Site, SiteError, SiteInfo
 from archscope.backends import BackendError
-from archscope.engine import HookBackend, Hookpoint, RunContext, find_module, padding_side
+from archscope.engine import (
+    HookBackend,
+    Hookpoint,
+    RunContext,
+    find_module,
+    padding_side,
+    prepare_inputs,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -110,7 +117,7 @@ class _HFRecurrentBackend(HookBackend):
 
         def add(site: Site, kind: str, shape: tuple[str, ...], dim: int, order: float,
                 hp: Hookpoint | None, desc: str, writable: bool = True) -> None:
-            table[str(site)] = (SiteInfo(site, kind, shape, dim, writable,  # type: ignore[arg-type]
+            table[str(site)] = (SiteInfo(site, kind, shape, dim, writable,
                                          order, desc), hp)
 
         tok = ("batch", "seq", "d_model")
@@ -125,7 +132,7 @@ class _HFRecurrentBackend(HookBackend):
                 f"channel-mix / feed-forward output added to the residual ({f.blocks}.{i}.{f.mlp})")
             add(Site("residual", i), "token", tok, d, o + 3, Hookpoint(block),
                 f"residual stream after block {i}")
-            for spec, value in zip(f.states, state[i]):
+            for spec, value in zip(f.states, state[i], strict=True):
                 add(Site(spec.role, i), "state", spec.shape, int(value.shape[-1]), o + 4, None,
                     spec.description + "; after the last token; set it with initial_state=")
         end = 10.0 * (len(blocks) + 1)
@@ -151,7 +158,7 @@ class _HFRecurrentBackend(HookBackend):
 
     # -- engine overrides ------------------------------------------------------------------------
     def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
-        batch = super().prepare_inputs(inputs)
+        batch = prepare_inputs(inputs, self.device)  # checked here first, for a precise message
         side = padding_side(batch["attention_mask"]) if "attention_mask" in batch else "none"
         if side in ("left", "mixed"):
             raise BackendError(
@@ -159,7 +166,7 @@ class _HFRecurrentBackend(HookBackend):
                 f"only (real tokens first, then pads); this batch is {side}-padded. Pad on the "
                 "right (tokenizer.padding_side = 'right')"
             )
-        return batch
+        return super().prepare_inputs(batch)
 
     def _forward(self, ctx: RunContext) -> Any:
         need_state = ctx.return_state or bool(ctx.initial_state) or any(
@@ -199,7 +206,7 @@ class _HFRecurrentBackend(HookBackend):
             raise SiteError(f"initial_state has {unknown}, which are not state sites of backend "
                             f"{self.name!r}; state sites: {', '.join(states)}")
         example = {f"layer_{i}.{s.role}": v for i, layer in enumerate(self._state_example())
-                   for s, v in zip(self.family.states, layer)}
+                   for s, v in zip(self.family.states, layer, strict=True)}
         for name, value in initial.items():
             want = (batch, *example[name].shape[1:])
             if tuple(value.shape) != want:
@@ -207,7 +214,7 @@ class _HFRecurrentBackend(HookBackend):
                                 f"{tuple(value.shape)}")
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
-        return self._part(self.family.head)(self._part(self.family.final_norm)(residual))  # type: ignore[no-any-return]
+        return self._part(self.family.head)(self._part(self.family.final_norm)(residual))
 
 
 class RWKVBackend(_HFRecurrentBackend):
@@ -329,11 +336,11 @@ class XLSTMBackend(_HFRecurrentBackend):
             cache.rnn_state[i] = tuple(  # type: ignore[assignment]
                 initial[f"layer_{i}.{s.role}"].to(device=self.device, dtype=zero.dtype).clone()
                 if f"layer_{i}.{s.role}" in initial else zero
-                for s, zero in zip(self.family.states, layer))
+                for s, zero in zip(self.family.states, layer, strict=True))
         return {"cache": cache}
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         from transformers.models.xlstm.modeling_xlstm import soft_cap
 
         logits = super().unembed(residual)
-        return soft_cap(logits.float(), self.model.config.output_logit_soft_cap)  # type: ignore[no-any-return]
+        return soft_cap(logits.float(), self.model.config.output_logit_soft_cap)

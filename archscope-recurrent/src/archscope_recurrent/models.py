@@ -95,7 +95,7 @@ class RecurrentLM(nn.Module):
             y, _ = self.rnn(x, hx)
         if self.norm is not None:
             y = self.norm(y)
-        return self.head(y)  # type: ignore[no-any-return]
+        return self.head(y)
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

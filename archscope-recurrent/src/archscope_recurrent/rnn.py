@@ -135,7 +135,7 @@ class RNNBackend(Backend):
 
         def add(site: Site, kind: str, shape: tuple[str, ...], dim: int, order: float,
                 writable: bool, description: str) -> None:
-            t[str(site)] = SiteInfo(site, kind, shape, dim, writable, order,  # type: ignore[arg-type]
+            t[str(site)] = SiteInfo(site, kind, shape, dim, writable, order,
                                     description)
 
         add(Site("embed"), "token", ("batch", "seq", "d_model"), p.embed.embedding_dim, 0, True,
@@ -173,7 +173,7 @@ class RNNBackend(Backend):
             raise BackendError(f"unembed expects a last axis of {self.out_size} (the RNN output "
                                f"size), got shape {tuple(residual.shape)}")
         y = self.parts.norm(residual) if self.parts.norm is not None else residual
-        return self.parts.head(y)  # type: ignore[no-any-return]
+        return self.parts.head(y)
 
     # -- single-layer modules that share the stack's parameters -------------------------------
     def _make_layer(self, i: int, bidirectional: bool, suffix: str = "") -> Any:
@@ -334,12 +334,11 @@ class RNNBackend(Backend):
         if unknown:
             raise SiteError(f"initial_state has {unknown}, which are not state sites of backend "
                             f"{self.name!r}; state sites: {', '.join(state_sites)}")
-        ref = batch.get("input_ids", batch.get("inputs_embeds"))
-        b = ref.shape[0]
+        b = int(batch["input_ids" if "input_ids" in batch else "inputs_embeds"].shape[0])
         dtype = self.parts.embed.weight.dtype
         out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for i in range(self.parts.rnn.num_layers):
-            pair = []
+            pair: list[torch.Tensor | None] = []
             for role, dim in (("hidden_state", self.out_size), ("cell_state", self.cell_size)):
                 name = f"layer_{i}.{role}"
                 if name not in self._table:
@@ -353,7 +352,9 @@ class RNNBackend(Backend):
                     raise SiteError(f"initial_state[{name!r}] must have shape (batch, {dim}) = "
                                     f"{(b, dim)}, got {tuple(value.shape)}")
                 pair.append(value.reshape(b, self.num_dirs, -1).transpose(0, 1).contiguous())
-            out[i] = (pair[0], pair[1])  # type: ignore[assignment]
+            h0 = pair[0]
+            assert h0 is not None
+            out[i] = (h0, pair[1])
         return out
 
     def _run_layer(self, i: int, x: torch.Tensor, mask: torch.Tensor, padded: bool,
@@ -385,7 +386,10 @@ class RNNBackend(Backend):
             else:
                 out, state = layer(x, hx_arg)
             h_n, c_n = state if lstm else (state, None)
-            flat = (lambda s: s.transpose(0, 1).reshape(b, -1))
+
+            def flat(s: torch.Tensor) -> torch.Tensor:  # (dirs, batch, d) → (batch, dirs*d)
+                return s.transpose(0, 1).reshape(b, -1)
+
             return out, None, flat(h_n), flat(c_n) if c_n is not None else None
 
         last = last_real_index(mask)
@@ -401,11 +405,17 @@ class RNNBackend(Backend):
                 c_n = cells[rows, last] if cells is not None else c_last
         else:  # bidirectional, cells wanted: step each direction (no edits: read-only)
             fwd, bwd = self._direction_layers(i)
-            split = [None, None] if hx is None else [
-                (hx[0][d:d + 1], hx[1][d:d + 1]) if lstm else hx[0][d:d + 1] for d in (0, 1)]
+            split: list[Any] = [None, None]
+            if hx is not None:
+                h0, c0 = hx
+                split = [(h0[d:d + 1], c0[d:d + 1]) if c0 is not None else h0[d:d + 1]
+                         for d in (0, 1)]
             positions = torch.arange(x.shape[1], device=x.device).expand(b, -1)
             reverse = torch.where(positions <= last[:, None], last[:, None] - positions, positions)
-            flip = (lambda t: t.gather(1, reverse[..., None].expand(-1, -1, t.shape[-1])))
+
+            def flip(t: torch.Tensor) -> torch.Tensor:  # reverse each row's real tokens
+                return t.gather(1, reverse[..., None].expand(-1, -1, t.shape[-1]))
+
             out_f, cells_f, _ = self._unroll(fwd, x, split[0], mask, True, [], [], info_h,
                                              info_c)
             out_b, cells_b, _ = self._unroll(bwd, flip(x), split[1], mask, True, [], [], info_h,
@@ -446,14 +456,15 @@ class RNNBackend(Backend):
             h, c = state if lstm else (state, None)
             if end in edited:
                 if h_edits:
-                    new_h = self._edit_step(outs + [out], h_edits, info_h, end, seq, mask)
+                    new_h = self._edit_step([*outs, out], h_edits, info_h, end, seq, mask)
                     out = torch.cat([out[:, :-1], new_h[:, None]], 1)
                     h = new_h[None]
                 if c_edits and c is not None and info_c is not None:
-                    c = self._edit_step(cells + [c[0][:, None]], c_edits, info_c, end, seq,
+                    c = self._edit_step([*cells, c[0][:, None]], c_edits, info_c, end, seq,
                                         mask)[None]
             outs.append(out)
             if lstm and stepping:
+                assert c is not None
                 cells.append(c[0][:, None])
             hx = (h, c) if lstm else h
             begin = end + 1
