@@ -133,8 +133,15 @@ def test_padding_rules(family):
     alone = backend.run(batch["input_ids"][1:, :4], capture=["layer_1.residual"])
     torch.testing.assert_close(right["layer_1.residual"][1:, :4], alone["layer_1.residual"],
                                atol=1e-6, rtol=0)
-    with pytest.raises(BackendError, match="equal length.*lengths \\[4, 6\\]"):
-        backend.run(batch, return_state=True)
+    states = [n for n, i in backend.sites().items() if i.kind == "state"]
+    ragged = backend.run(batch, capture=states, return_state=True)
+    for row, n in enumerate([6, 4]):
+        own = backend.run(batch["input_ids"][row:row + 1, :n], capture=states)
+        for name in states:
+            torch.testing.assert_close(ragged[name][row:row + 1], own[name], atol=1e-5, rtol=0)
+            torch.testing.assert_close(ragged.state[name], ragged[name], atol=0, rtol=0)
+    with pytest.raises(BackendError, match="cannot apply edits of token sites.*lengths \\[4, 6\\]"):
+        backend.run(batch, capture=states[:1], edits=[Edit.add("layer_0.residual", 1.0)])
     left = dict(batch, attention_mask=batch["attention_mask"].flip(-1))
     with pytest.raises(BackendError, match=f"{family} ignores attention_mask.*right padding only"
                                            ".*left-padded"):
@@ -164,5 +171,11 @@ def test_xlstm_logits_are_read_only_and_bad_state_is_refused():
     ids = token_batch(1, 4)["input_ids"]
     with pytest.raises(SiteError, match="read-only"):
         backend.run(ids, edits=[Edit.add("logits", 1.0)])
+    plain = backend.run(ids, return_state=True)
+    edited = backend.run(ids, capture=["layer_0.n_state"], return_state=True,
+                         edits=[Edit.scale("layer_0.n_state", 2.0)])
+    torch.testing.assert_close(edited["layer_0.n_state"], 2 * plain.state["layer_0.n_state"])
+    torch.testing.assert_close(edited.state["layer_0.n_state"], edited["layer_0.n_state"])
+    assert torch.equal(edited.logits, plain.logits)  # the state after the last token
     with pytest.raises(SiteError, match=r"initial_state\['layer_0.m_state'\] must have shape"):
         backend.run(ids, initial_state={"layer_0.m_state": torch.zeros(1, 4)})

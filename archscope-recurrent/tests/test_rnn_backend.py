@@ -124,15 +124,53 @@ def test_bad_requests_get_clear_errors():
     ids = token_batch(1, 4)["input_ids"]
     with pytest.raises(SiteError, match="layer_0.hidden.*hidden_state"):
         backend.run(ids, capture=["layer_0.cell"])
-    with pytest.raises(SiteError, match="initial_state="):
-        backend.run(ids, edits=[Edit.add("layer_0.hidden_state", 1.0)])
     with pytest.raises(SiteError, match=r"initial_state\['layer_0.hidden_state'\] must have shape"):
         backend.run(ids, initial_state={"layer_0.hidden_state": torch.zeros(1, 3)})
     with pytest.raises(SiteError, match="not state sites.*layer_0.hidden_state"):
         backend.run(ids, initial_state={"layer_0.hidden": torch.zeros(1, 24)})
-    bidi = RNNBackend(tiny_recurrent_lm("gru", bidirectional=True))
-    with pytest.raises(SiteError, match="read-only: editing a step of a bidirectional layer"):
-        bidi.run(ids, edits=[Edit.add("layer_0.hidden", 1.0, positions=[1])])
+    bidi = RNNBackend(tiny_recurrent_lm("lstm", bidirectional=True))
+    with pytest.raises(SiteError, match="read-only: the cell state of a bidirectional layer"):
+        bidi.run(ids, edits=[Edit.add("layer_0.cell", 1.0, positions=[1])])
+    with pytest.raises(SiteError, match="positions apply only to token sites"):
+        backend.run(ids, edits=[Edit.add("layer_0.hidden_state", 1.0, positions=[1])])
+
+
+def test_bidirectional_hidden_edit_changes_the_layer_output_seen_by_the_next_layer():
+    model = tiny_recurrent_lm("gru", num_layers=2, bidirectional=True)
+    backend = RNNBackend(model)
+    ids = token_batch(2, 5)["input_ids"]
+    value = torch.ones(backend.out_size)
+    result = backend.run(ids, capture=["layer_0.hidden", "layer_1.hidden"],
+                         edits=[Edit.replace("layer_0.hidden", value, positions=[2])])
+    rnn = model.rnn
+
+    def single(i):  # layer i of the stack as its own module, loaded from the state dict
+        module = torch.nn.GRU(rnn.input_size if i == 0 else 2 * rnn.hidden_size, rnn.hidden_size,
+                              batch_first=True, bidirectional=True)
+        module.load_state_dict({k.replace(f"_l{i}", "_l0"): v for k, v in rnn.state_dict().items()
+                                if f"_l{i}" in k})
+        return module
+
+    with torch.no_grad():
+        layer0, _ = single(0)(model.embed(ids))
+        layer0[:, 2] = value
+        layer1, _ = single(1)(layer0)
+    torch.testing.assert_close(result["layer_0.hidden"], layer0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(result["layer_1.hidden"], layer1, atol=1e-6, rtol=0)
+
+
+def test_editing_a_final_state_changes_the_returned_state_only():
+    model = tiny_recurrent_lm("lstm", num_layers=2)
+    backend = RNNBackend(model)
+    ids = token_batch(2, 5)["input_ids"]
+    plain = backend.run(ids, return_state=True)
+    edited = backend.run(ids, capture=["layer_1.cell_state"], return_state=True,
+                         edits=[Edit.scale("layer_1.cell_state", 0.0)])
+    assert torch.equal(edited.logits, plain.logits)
+    assert torch.equal(edited["layer_1.cell_state"], torch.zeros_like(edited["layer_1.cell_state"]))
+    assert torch.equal(edited.state["layer_1.cell_state"], edited["layer_1.cell_state"])
+    torch.testing.assert_close(edited.state["layer_0.cell_state"],
+                               plain.state["layer_0.cell_state"], atol=0, rtol=0)
 
 
 def test_parameters_replaced_after_construction_are_used():

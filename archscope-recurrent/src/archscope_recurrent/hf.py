@@ -9,12 +9,13 @@ of equal length).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from archscope import Site, SiteError, SiteInfo
-from archscope.backends import BackendError
+from archscope.sites import resolve
+from archscope.backends import BackendError, Edit, RunResult
 from archscope.engine import (
     HookBackend,
     Hookpoint,
@@ -168,18 +169,81 @@ class _HFRecurrentBackend(HookBackend):
             )
         return super().prepare_inputs(batch)
 
+    def run(self, inputs: Any, capture: Iterable[str | Site] = (), edits: Iterable[Edit] = (),
+            *, stop_early: bool = True, initial_state: Mapping[str, torch.Tensor] | None = None,
+            return_state: bool = False, grad: bool = False) -> RunResult:
+        """The engine's run; on a right-padded batch of unequal lengths the final state is
+        computed per row by running the batch in segments that end at each row length."""
+        if isinstance(capture, (str, Site)):
+            capture = [capture]
+        capture = [resolve(c, self.sites(), self.name).name for c in capture]
+        edits = list(edits)
+        batch = self.prepare_inputs(inputs)
+        states = [n for n in capture if self._table[n][0].kind == "state"]
+        lengths = batch["attention_mask"].sum(-1)
+        if not (states or return_state) or bool((lengths == lengths[0]).all()):
+            return super().run(batch, capture, edits, stop_early=stop_early,
+                               initial_state=initial_state, return_state=return_state, grad=grad)
+        state_edits = [e for e in edits if self._table[resolve(e.site, self.sites(),
+                                                               self.name).name][0].kind == "state"]
+        if len(state_edits) != len(edits):
+            raise BackendError(
+                f"{self.family.name} ignores attention_mask, so the state after each row's last "
+                "real token of a right-padded batch is computed in a separate pass that cannot "
+                "apply edits of token sites; run rows of equal length (or one row) when editing "
+                f"and reading the state (row lengths {sorted(set(lengths.tolist()))})"
+            )
+        result = super().run(batch, [n for n in capture if n not in states], (),
+                             stop_early=stop_early, initial_state=initial_state, grad=grad)
+        ctx = RunContext(batch=batch, capture=capture, edits={}, stop_after=None,
+                         initial_state=initial_state, return_state=return_state, grad=grad)
+        for edit in state_edits:
+            ctx.edits.setdefault(resolve(edit.site, self.sites(), self.name).name, []).append(edit)
+        final = self._edited(ctx, self._ragged_final_state(ctx, lengths))
+        result.activations = {n: final[n] if n in states else result.activations[n]
+                              for n in capture}
+        result.state = final if return_state else None
+        return result
+
+    def _ragged_final_state(self, ctx: RunContext, lengths: torch.Tensor
+                            ) -> dict[str, torch.Tensor]:
+        """Run the batch in segments ending at each distinct row length, carrying the state;
+        each row's final state is taken at the end of its own last segment (continuing from a
+        state is exact for both families)."""
+        import torch
+
+        ids = ctx.batch["input_ids"]
+        current = dict(ctx.initial_state or {})
+        final: dict[str, torch.Tensor] = {}
+        begin = 0
+        with self._run_context(ctx), torch.set_grad_enabled(ctx.grad):
+            for end in sorted(set(lengths.tolist())):
+                output = self.model(input_ids=ids[:, begin:end], use_cache=True,
+                                    **self._state_arguments(current, ids.shape[0]))
+                current = {k: v.clone() for k, v in self._state_from_output(output).items()}
+                rows = lengths == end
+                for name, value in current.items():
+                    kept = final.get(name, torch.zeros_like(value))
+                    final[name] = torch.where(rows.view(-1, *[1] * (value.dim() - 1)), value, kept)
+                begin = end
+        return {k: v if ctx.grad else v.detach() for k, v in final.items()}
+
+    def _edited(self, ctx: RunContext, states: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+        """Edits of state sites change the state after the last token (what is captured and
+        returned, and what a later run started from it sees)."""
+        from archscope.engine import _apply_edit
+
+        for name, edits in ctx.edits.items():
+            if name in states:
+                for edit in edits:
+                    states[name] = _apply_edit(states[name], edit, self._table[name][0],
+                                               ctx.attention_mask)
+        return states
+
     def _forward(self, ctx: RunContext) -> Any:
         need_state = ctx.return_state or bool(ctx.initial_state) or any(
-            self._table[n][0].kind == "state" for n in ctx.capture)
-        mask = ctx.attention_mask
-        if need_state and mask is not None and not bool(mask.all()):
-            lengths = sorted(set(mask.sum(-1).tolist()))
-            raise BackendError(
-                f"{self.family.name} ignores attention_mask: with right padding its recurrent "
-                f"state runs on over the pad tokens, so the state after the last real token "
-                f"needs rows of equal length (got lengths {lengths}); run rows of different "
-                "lengths in separate batches"
-            )
+            self._table[n][0].kind == "state" for n in (*ctx.capture, *ctx.edits))
         kwargs: dict[str, Any] = {"input_ids": ctx.batch["input_ids"]}
         if need_state:
             kwargs["use_cache"] = True
@@ -192,12 +256,12 @@ class _HFRecurrentBackend(HookBackend):
         if "logits" in names:
             values["logits"] = output.logits
         if any(n != "logits" for n in names):
-            state = self._state_from_output(output)
+            state = self._edited(ctx, self._state_from_output(output))
             values.update({n: state[n] for n in names if n != "logits"})
         return values
 
     def _final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
-        return self._state_from_output(output)
+        return self._edited(ctx, self._state_from_output(output))
 
     def _check_initial(self, initial: Mapping[str, torch.Tensor], batch: int) -> None:
         states = {n: i for n, (i, _) in self._table.items() if i.kind == "state"}
@@ -240,7 +304,7 @@ class RWKVBackend(_HFRecurrentBackend):
 
     def _state_from_output(self, output: Any) -> dict[str, torch.Tensor]:
         state = output.state
-        return {f"layer_{i}.{s.role}": state[k][:, :, i]
+        return {f"layer_{i}.{s.role}": state[k][:, :, i].clone()
                 for i in range(self.model.config.num_hidden_layers)
                 for k, s in enumerate(self.family.states)}
 

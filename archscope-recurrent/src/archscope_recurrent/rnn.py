@@ -85,8 +85,10 @@ class RNNBackend(Backend):
     ``final_norm`` (when the model has a norm); ``logits``.
 
     Editing ``layer_i.hidden`` / ``layer_i.cell`` at step t replaces the recurrent state there:
-    the rest of the sequence is recomputed from the edited state. ``initial_state`` takes the
-    ``*_state`` sites (missing ones start at zero). Right padding only.
+    the rest of the sequence is recomputed from the edited state (bidirectional layers: the
+    edit changes the layer's output only; their cells are read-only). Editing a ``*_state``
+    site changes the state after the last token (captured / returned). ``initial_state`` takes
+    the ``*_state`` sites (missing ones start at zero). Right padding only.
     """
 
     name = "recurrent"
@@ -143,16 +145,16 @@ class RNNBackend(Backend):
         uni = self.num_dirs == 1
         for i in range(p.rnn.num_layers):
             o = 10.0 * (i + 1)
-            add(Site("hidden", i), "token", ("batch", "seq", "d_hidden"), self.out_size, o, uni,
+            add(Site("hidden", i), "token", ("batch", "seq", "d_hidden"), self.out_size, o, True,
                 "hidden output at every step (directions concatenated)")
             if self.kind == "lstm":
                 add(Site("cell", i), "token", ("batch", "seq", "d_cell"), self.cell_size, o + 1,
                     uni, "LSTM cell state at every step (stepped one time step at a time)")
             add(Site("hidden_state", i), "state", ("batch", "d_hidden"), self.out_size, o + 2,
-                True, "hidden state after the last real token; set it with initial_state=")
+                True, "hidden state after the last real token (start from one: initial_state=)")
             if self.kind == "lstm":
                 add(Site("cell_state", i), "state", ("batch", "d_cell"), self.cell_size, o + 3,
-                    True, "cell state after the last real token; set it with initial_state=")
+                    True, "cell state after the last real token (start from one: initial_state=)")
         end = 10.0 * (p.rnn.num_layers + 1)
         if p.norm is not None:
             add(Site("final_norm"), "token", ("batch", "seq", "d_hidden"), self.out_size, end,
@@ -277,6 +279,9 @@ class RNNBackend(Backend):
             for i in range(last_layer + 1):
                 x, cells, h_n, c_n = self._run_layer(i, x, mask, padded, start.get(i),
                                                      edit_map, f"layer_{i}.cell" in wanted)
+                if self.num_dirs == 2:  # no single recurrence order: edit the layer's output
+                    for edit in edit_map.get(f"layer_{i}.hidden", []):
+                        x = _apply_edit(x, edit, table[f"layer_{i}.hidden"], mask)
                 for role, value in (("hidden", x), ("cell", cells)):
                     name = f"layer_{i}.{role}"
                     if name in wanted and value is not None:
@@ -290,6 +295,9 @@ class RNNBackend(Backend):
                     x = site_value("final_norm", self.parts.norm(x))
                 if need_logits:
                     logits = site_value("logits", self.parts.head(x))
+        for name in states:  # edits of a state site change the state after the last token
+            for edit in edit_map.get(name, []):
+                states[name] = _apply_edit(states[name], edit, table[name], mask)
         for name in wanted:
             if table[name].kind == "state":
                 store[name] = states[name] if grad else states[name].detach()
@@ -306,17 +314,10 @@ class RNNBackend(Backend):
             if not isinstance(edit, Edit):
                 raise TypeError(f"edits must be archscope.Edit objects, got {type(edit).__name__}")
             info = resolve(edit.site, self._table, self.name)
-            if info.kind == "state":
-                raise SiteError(
-                    f"{info.name!r} is the state after the last token and cannot be edited in "
-                    f"a run: start a run from a state with initial_state={{{info.name!r}: ...}}, "
-                    f"or edit layer_{info.site.layer}.{info.site.role[:-6]} at a chosen step "
-                    "(positions=[t])"
-                )
             if not info.writable:
                 raise SiteError(
-                    f"site {info.name!r} of backend {self.name!r} is read-only: editing a step of "
-                    "a bidirectional layer has no single recomputation order. Writable: "
+                    f"site {info.name!r} of backend {self.name!r} is read-only: the cell state "
+                    "of a bidirectional layer has no single recomputation order. Writable: "
                     + ", ".join(n for n, i in self._table.items() if i.writable)
                 )
             edit_map.setdefault(info.name, []).append(edit)
@@ -367,7 +368,7 @@ class RNNBackend(Backend):
         from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
         lstm = self.kind == "lstm"
-        h_edits = edit_map.get(f"layer_{i}.hidden", [])
+        h_edits = edit_map.get(f"layer_{i}.hidden", []) if self.num_dirs == 1 else []
         c_edits = edit_map.get(f"layer_{i}.cell", [])
         stepping = want_cells or bool(c_edits)
         b = x.shape[0]
