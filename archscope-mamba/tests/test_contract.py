@@ -20,7 +20,7 @@ from archscope_mamba.testing import (
 warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch.*")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(family: str) -> Any:
     return make_model(family)
 

@@ -381,7 +381,7 @@ class MambaBackend(HookBackend):
 
     def _attach(self, name: str, ctx: RunContext) -> Any:
         plan = self._plan(ctx)
-        info, hp = self._table[name]
+        info = self._table[name][0]
         original = ctx.edits.get(name)
         if original and info.kind == "token" and (plan.shift is not None or plan.stepping):
             ctx.edits[name] = [self._wrap_edit(e, info, plan) for e in original]
@@ -418,8 +418,8 @@ class MambaBackend(HookBackend):
     def _attach_native_residual(self, name: str, ctx: RunContext) -> Any:
         """Native blocks return ``(hidden_states, residual)``; the stream is their sum. An edit
         returns ``(zeros, edited sum)`` so the next block's ``hidden + residual`` is exact."""
-        info, hp = self._table[name]
-        assert hp is not None
+        info, hookpoint = self._table[name]
+        assert hookpoint is not None
         edits = ctx.edits.get(name, [])
         capture = name in ctx.capture
         stop = name == ctx.stop_after
@@ -438,7 +438,7 @@ class MambaBackend(HookBackend):
             kept = residual if residual is not None else hidden
             return (hidden.new_zeros(hidden.shape), value.to(kept.dtype))
 
-        return hp.module.register_forward_hook(hook)
+        return hookpoint.module.register_forward_hook(hook)
 
     def _forward(self, ctx: RunContext) -> Any:
         plan = self._plan(ctx)
@@ -458,8 +458,13 @@ class MambaBackend(HookBackend):
         if plan.shift is not None:
             ctx.batch = {k: roll_rows(v, plan.shift) if k in ("input_ids", "attention_mask")
                          else v for k, v in batch.items()}
+        inputs = dict(ctx.batch)
+        mask = inputs.get("attention_mask")
+        if mask is not None and bool(mask.all()):
+            # An all-ones mask changes nothing but costs two multiplications per SSM layer.
+            del inputs["attention_mask"]
         try:
-            output = self.model(**ctx.batch, use_cache=plan.wants_state)
+            output = self.model(**inputs, use_cache=plan.wants_state)
         finally:
             ctx.batch = batch
             if plan.shift is not None:
@@ -468,7 +473,8 @@ class MambaBackend(HookBackend):
                         ctx.store[key] = roll_rows(value, -plan.shift)
         if plan.shift is not None and getattr(output, "logits", None) is not None:
             output.logits = roll_rows(output.logits, -plan.shift)
-        plan.cache = output_cache(output)
+        if plan.wants_state:
+            plan.cache = output_cache(output)
         return output
 
     def _native_states_of_padded_rows(self, ctx: RunContext, plan: _Plan) -> None:
@@ -487,7 +493,7 @@ class MambaBackend(HookBackend):
                 alone = NativeInferenceParams(max_seqlen=int(n), max_batch_size=1)
                 self.model(ctx.batch["input_ids"][row: row + 1, : int(n)], inference_params=alone)
                 for index, states in alone.key_value_memory_dict.items():
-                    for full, single in zip(plan.cache.key_value_memory_dict[index], states):
+                    for full, single in zip(plan.cache.key_value_memory_dict[index], states, strict=True):
                         full[row] = single[0]
         finally:
             ctx.store = store

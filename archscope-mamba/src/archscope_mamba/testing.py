@@ -58,8 +58,18 @@ PURE_SSM_FAMILIES: tuple[str, ...] = ("mamba", "mamba2", "falcon_mamba")
 HYBRID_FAMILIES: tuple[str, ...] = tuple(f for f in HF_FAMILIES if f not in PURE_SSM_FAMILIES)
 
 
-def make_model(family: str, seed: int = 0) -> Any:
-    """A tiny float32 model of ``family`` (one of `HF_FAMILIES` or ``"native"``), eval mode."""
+#: Larger (still small) Mamba / Mamba-2 configurations for timings and the GPU check.
+_BENCH_SPECS: dict[str, dict[str, Any]] = {
+    "mamba": dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, state_size=16, expand=2,
+                  conv_kernel=4),
+    "mamba2": dict(vocab_size=256, hidden_size=128, num_hidden_layers=4, state_size=16, expand=2,
+                   num_heads=8, head_dim=32, n_groups=1, conv_kernel=4, chunk_size=64),
+}
+
+
+def make_model(family: str, seed: int = 0, size: str = "tiny") -> Any:
+    """A float32 model of ``family`` (one of `HF_FAMILIES` or ``"native"``), eval mode.
+    ``size="bench"`` gives the larger Mamba / Mamba-2 used for timings."""
     import torch
 
     torch.manual_seed(seed)
@@ -70,7 +80,14 @@ def make_model(family: str, seed: int = 0) -> Any:
     import transformers
 
     config_name, model_name, kwargs = _HF_SPECS[family]
-    config = getattr(transformers, config_name)(vocab_size=VOCAB, hidden_size=D_MODEL, **kwargs)
+    if size == "bench":
+        if family not in _BENCH_SPECS:
+            raise ValueError(f"size='bench' exists for {', '.join(_BENCH_SPECS)}, not {family!r}")
+        config = getattr(transformers, config_name)(**_BENCH_SPECS[family])
+    elif size == "tiny":
+        config = getattr(transformers, config_name)(vocab_size=VOCAB, hidden_size=D_MODEL, **kwargs)
+    else:
+        raise ValueError(f"size must be 'tiny' or 'bench', got {size!r}")
     return getattr(transformers, model_name)(config).eval()
 
 
