@@ -10,6 +10,7 @@ from torch import nn
 import archscope
 from archscope import Backend, Edit, SiteError
 from archscope.backends import BackendError
+from archscope.testing import BackendContract
 from archscope_recurrent import AdapterBackend, ModelSpec, SpecError, describe
 
 
@@ -193,3 +194,36 @@ def test_model_unchanged_after_a_run_that_raises():
         backend.run(ids(), edits=[Edit.replace("layer_1.attn", torch.zeros(2, 2))])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+class TestAdapterBackend(BackendContract):
+    """The conformance kit on the hybrid, described without its state (which, like the
+    model, runs on over pad tokens)."""
+
+    backend_name = "custom"
+    distribution = "archscope-recurrent"
+
+    def make_models(self):
+        model = hybrid()
+        model.archscope_spec = ModelSpec(
+            blocks="layers", block_output=0, embed="embed", final_norm="norm", unembed="head",
+            submodules={"attn": ("attn", 0), "mixer": ("mixer", 0)})
+        return {"hybrid": model}
+
+    def make_foreign_models(self):
+        return {"undescribed-hybrid": hybrid()}
+
+    def reference_activations(self, model, batch):
+        # recomputed from the sub-modules, outside the model's forward
+        x = model.embed(batch["input_ids"])
+        ref = {"embed": x}
+        for i, block in enumerate(model.layers):
+            h = block.norm(x)
+            causal = torch.triu(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool), 1)
+            a = block.attn(h, h, h, attn_mask=causal, need_weights=False)[0]
+            m = block.mixer(h)[0]
+            x = x + a + m
+            ref.update({f"layer_{i}.attn": a, f"layer_{i}.mixer": m, f"layer_{i}.residual": x})
+        ref["final_norm"] = model.norm(x)
+        ref["logits"] = model.head(ref["final_norm"])
+        return ref

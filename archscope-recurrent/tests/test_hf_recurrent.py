@@ -58,7 +58,7 @@ def test_rwkv_state_sites_are_slices_of_the_model_state():
         state = model(ids, use_cache=True).state
     backend = RWKVBackend(model)
     names = [n for n, i in backend.sites().items() if i.kind == "state"]
-    assert len(names) == 5 * 2
+    assert len(names) == 6 * 2  # five tensors and their concatenation, per layer
     result = backend.run(ids, capture=names)
     roles = ["ffn_shift_state", "attn_shift_state", "wkv_num_state", "wkv_den_state",
              "wkv_max_state"]
@@ -66,6 +66,12 @@ def test_rwkv_state_sites_are_slices_of_the_model_state():
         for layer in range(2):
             torch.testing.assert_close(result[f"layer_{layer}.{role}"], state[k][:, :, layer],
                                        atol=0, rtol=0)
+    combined = torch.cat([state[k][:, :, 1].float() for k in range(5)], -1)
+    torch.testing.assert_close(result["layer_1.state"], combined, atol=0, rtol=0)
+    with pytest.raises(SiteError, match="read-only"):
+        backend.run(ids, edits=[Edit.add("layer_1.state", 1.0)])
+    with pytest.raises(SiteError, match="not state sites"):
+        backend.run(ids, initial_state={"layer_1.state": combined})
 
 
 def test_xlstm_state_sites_are_the_cache_rnn_state():
@@ -139,7 +145,8 @@ def test_padding_rules(family):
         own = backend.run(batch["input_ids"][row:row + 1, :n], capture=states)
         for name in states:
             torch.testing.assert_close(ragged[name][row:row + 1], own[name], atol=1e-5, rtol=0)
-            torch.testing.assert_close(ragged.state[name], ragged[name], atol=0, rtol=0)
+            if not name.endswith(".state"):  # the concatenation is not part of the state
+                torch.testing.assert_close(ragged.state[name], ragged[name], atol=0, rtol=0)
     with pytest.raises(BackendError, match="cannot apply edits of token sites.*lengths \\[4, 6\\]"):
         backend.run(batch, capture=states[:1], edits=[Edit.add("layer_0.residual", 1.0)])
     left = dict(batch, attention_mask=batch["attention_mask"].flip(-1))

@@ -19,7 +19,6 @@ def to_torch(values, dirs):
 
 
 @pytest.mark.parametrize(("cell", "options"), [("gru", {}), ("lstm", {"proj_size": 8}),
-                                                ("lstm", {"bidirectional": True}),
                                                 ("rnn_tanh", {})], ids=str)
 def test_initial_state_run_equals_torch_module_with_h0_c0(cell, options):
     model = tiny_recurrent_lm(cell, num_layers=2, **options)
@@ -234,3 +233,15 @@ def test_grad_flows_when_asked():
     assert model.rnn.weight_hh_l0.grad is not None
     model.zero_grad()
     assert not backend.run(token_batch(1, 4), capture=["logits"]).logits.requires_grad
+
+
+def test_bidirectional_models_have_no_state_patch():
+    backend = RNNBackend(tiny_recurrent_lm("lstm", bidirectional=True))
+    assert "state_patch" not in backend.capabilities
+    assert "state_patch" in RNNBackend(tiny_recurrent_lm("lstm")).capabilities
+    ids = token_batch(1, 4)["input_ids"]
+    with pytest.raises(BackendError, match="bidirectional model lacks.*capture the"):
+        backend.run(ids, return_state=True)
+    with pytest.raises(BackendError, match="lacks the capability 'state_patch'"):
+        backend.state_patch(ids, ids, ids)
+    assert backend.run(ids, capture=["layer_1.cell_state"])["layer_1.cell_state"].shape == (1, 48)

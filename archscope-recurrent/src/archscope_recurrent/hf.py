@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from archscope import Site, SiteError, SiteInfo
-from archscope.sites import resolve
 from archscope.backends import BackendError, Edit, RunResult
 from archscope.engine import (
     HookBackend,
@@ -24,6 +23,7 @@ from archscope.engine import (
     padding_side,
     prepare_inputs,
 )
+from archscope.sites import resolve
 
 if TYPE_CHECKING:
     import torch
@@ -135,7 +135,11 @@ class _HFRecurrentBackend(HookBackend):
                 f"residual stream after block {i}")
             for spec, value in zip(f.states, state[i], strict=True):
                 add(Site(spec.role, i), "state", spec.shape, int(value.shape[-1]), o + 4, None,
-                    spec.description + "; after the last token; set it with initial_state=")
+                    spec.description + "; after the last token; start from one: initial_state=")
+            add(Site("state", i), "state", ("batch", "d_state"),
+                sum(v[0].numel() for v in state[i]), o + 5, None,
+                f"the whole state ({', '.join(s.role for s in f.states)}) flattened and "
+                "concatenated: one vector per sequence (read-only)", writable=False)
         end = 10.0 * (len(blocks) + 1)
         add(Site("final_norm"), "token", tok, d, end, Hookpoint(self._part(f.final_norm)),
             "final normalised residual")
@@ -178,6 +182,10 @@ class _HFRecurrentBackend(HookBackend):
             capture = [capture]
         capture = [resolve(c, self.sites(), self.name).name for c in capture]
         edits = list(edits)
+        for edit in edits:
+            info = resolve(edit.site, self.sites(), self.name)
+            if not info.writable:
+                raise SiteError(f"site {info.name!r} of backend {self.name!r} is read-only")
         batch = self.prepare_inputs(inputs)
         states = [n for n in capture if self._table[n][0].kind == "state"]
         lengths = batch["attention_mask"].sum(-1)
@@ -200,7 +208,8 @@ class _HFRecurrentBackend(HookBackend):
         for edit in state_edits:
             ctx.edits.setdefault(resolve(edit.site, self.sites(), self.name).name, []).append(edit)
         final = self._edited(ctx, self._ragged_final_state(ctx, lengths))
-        result.activations = {n: final[n] if n in states else result.activations[n]
+        every = self._with_combined(final)
+        result.activations = {n: every[n] if n in states else result.activations[n]
                               for n in capture}
         result.state = final if return_state else None
         return result
@@ -256,15 +265,27 @@ class _HFRecurrentBackend(HookBackend):
         if "logits" in names:
             values["logits"] = output.logits
         if any(n != "logits" for n in names):
-            state = self._edited(ctx, self._state_from_output(output))
+            state = self._with_combined(self._edited(ctx, self._state_from_output(output)))
             values.update({n: state[n] for n in names if n != "logits"})
         return values
+
+    def _with_combined(self, states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Add ``layer_i.state``: the layer's state tensors flattened and concatenated."""
+        import torch
+
+        combined = {}
+        for name, (info, _) in self._table.items():
+            if info.site.role == "state":
+                parts = [states[f"layer_{info.site.layer}.{s.role}"] for s in self.family.states]
+                combined[name] = torch.cat([p.reshape(p.shape[0], -1).float() for p in parts], -1)
+        return {**states, **combined}
 
     def _final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
         return self._edited(ctx, self._state_from_output(output))
 
     def _check_initial(self, initial: Mapping[str, torch.Tensor], batch: int) -> None:
-        states = {n: i for n, (i, _) in self._table.items() if i.kind == "state"}
+        states = {n: i for n, (i, _) in self._table.items()
+                  if i.kind == "state" and i.site.role != "state"}
         unknown = sorted(set(initial) - set(states))
         if unknown:
             raise SiteError(f"initial_state has {unknown}, which are not state sites of backend "

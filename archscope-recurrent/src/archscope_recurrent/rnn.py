@@ -116,6 +116,8 @@ class RNNBackend(Backend):
         self._layers: list[Any] = []
         self._directions: dict[int, tuple[Any, Any]] = {}
         self._table = self._site_table()
+        if self.num_dirs == 2:  # the backward direction reads the future: no continuation
+            self.capabilities = type(self).capabilities - {"state_patch"}  # type: ignore[misc]
         if not _is_reference_model(model):
             self._check_structure()
 
@@ -237,6 +239,13 @@ class RNNBackend(Backend):
         table = self._table
         wanted = [resolve(s, table, self.name).name for s in capture]
         edit_map = self._edit_map(edits)
+        if (initial_state is not None or return_state) and "state_patch" not in self.capabilities:
+            raise BackendError(
+                f"backend {self.name!r}: initial_state / return_state need the 'state_patch' "
+                "capability, which a bidirectional model lacks (its backward direction reads "
+                "the future, so a run cannot continue from a state); capture the "
+                "layer_i.hidden_state / cell_state sites instead"
+            )
         batch = prepare_inputs(inputs, self.device)
         mask = batch["attention_mask"] if "attention_mask" in batch else None
         side = padding_side(mask) if mask is not None else "none"
