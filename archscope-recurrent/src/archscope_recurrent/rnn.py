@@ -117,7 +117,7 @@ class RNNBackend(Backend):
         self._directions: dict[int, tuple[Any, Any]] = {}
         self._table = self._site_table()
         if self.num_dirs == 2:  # the backward direction reads the future: no continuation
-            self.capabilities = type(self).capabilities - {"state_patch"}  # type: ignore[misc]
+            self.capabilities = type(self).capabilities - {"state_patch"}
         if not _is_reference_model(model):
             self._check_structure()
 
