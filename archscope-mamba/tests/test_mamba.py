@@ -317,3 +317,33 @@ def test_non_ssm_stacks_are_explained_when_forced() -> None:
         num_attention_heads=2, num_key_value_heads=1))
     with pytest.raises(BackendError, match="no block list with an SSM mixer"):
         MambaBackend(model)
+
+
+def test_a_base_model_without_head_has_no_logits_and_says_why_it_cannot_unembed() -> None:
+    base = _model("mamba").backbone  # MambaModel: blocks at .layers, no lm_head
+    backend = Backend.for_model(base)
+    assert backend.name == "mamba" and "logits" not in backend.sites()
+    ids = random_ids(2, 5)
+    hs = base(ids, output_hidden_states=True).hidden_states
+    assert _close(backend.run(ids, capture=["layer_1.residual"])["layer_1.residual"], hs[1])
+    with pytest.raises(BackendError, match="no lm_head"):
+        backend.unembed(hs[1])
+
+
+def test_hooks_are_removed_when_a_continued_run_raises() -> None:
+    backend = _backend("mamba")
+    model = backend.model
+    state = backend.run(random_ids(1, 4), return_state=True).state
+
+    def count() -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+    before = count()
+
+    def boom(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("deliberate failure")
+
+    with pytest.raises(RuntimeError, match="deliberate failure"):
+        backend.run(random_ids(1, 3), initial_state=state, capture=["layer_2.residual"],
+                    edits=[Edit.apply("layer_1.residual", boom)])
+    assert count() == before
