@@ -9,6 +9,7 @@ of equal length).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -405,7 +406,11 @@ class XLSTMBackend(_HFRecurrentBackend):
                 for _ in range(c.num_hidden_layers)]
 
     def _state_from_output(self, output: Any) -> dict[str, torch.Tensor]:
-        rnn_state = output.cache.rnn_state
+        cache = getattr(output, "cache", None) or getattr(output, "cache_params", None)
+        if cache is None:
+            raise BackendError("xlstm: the model returned no cache; it was called without "
+                               "use_cache=True")
+        rnn_state = cache.rnn_state
         return {f"layer_{i}.{s.role}": rnn_state[i][k].clone()
                 for i in range(len(rnn_state)) for k, s in enumerate(self.family.states)}
 
@@ -422,7 +427,10 @@ class XLSTMBackend(_HFRecurrentBackend):
                 initial[f"layer_{i}.{s.role}"].to(device=self.device, dtype=zero.dtype).clone()
                 if f"layer_{i}.{s.role}" in initial else zero
                 for s, zero in zip(self.family.states, layer, strict=True))
-        return {"cache": cache}
+        # transformers before 5.24 names the argument cache_params
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
+            else "cache_params"
+        return {name: cache}
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         from transformers.models.xlstm.modeling_xlstm import soft_cap

@@ -10,6 +10,7 @@ edited: then the layer is stepped one time step at a time.
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -277,7 +278,10 @@ class RNNBackend(Backend):
                 store[name] = value if grad else value.detach()
             return value
 
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), warnings.catch_warnings():
+            # cuDNN warns that the shared weights are not one flat buffer; flattening them
+            # would move the model's own parameters, so the (correct) slower path is kept
+            warnings.filterwarnings("ignore", message="RNN module weights are not part")
             if "input_ids" in batch:
                 x = self.parts.embed(batch["input_ids"])
             else:
