@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from archscope_transformer.testing import FAMILY_NAMES
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from transformer_reference import ids_for, model_of
+
 from archscope import Backend, Edit
 from archscope_transformer.testing import tiny_model
-
-from transformer_reference import ids_for, model_of
 
 PATTERNS = [f"layer_{i}.attn_pattern" for i in range(3)]
 

@@ -11,12 +11,12 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from transformer_reference import ids_for
+
 from archscope import Backend
 from archscope_transformer.backend import TransformerBackend
 from archscope_transformer.structure import StructureError
 from archscope_transformer.testing import tiny_model
-
-from transformer_reference import ids_for
 
 # Models other backends serve: (config class, model class, tiny config arguments).
 FOREIGN: dict[str, tuple[str, str, dict[str, Any]]] = {

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformer_reference import hook_snapshot, ids_for, model_of
+
 from archscope import Backend, Edit
 from archscope_transformer.testing import tiny_model
-
-from transformer_reference import hook_snapshot, ids_for, model_of
 
 SITES = ["embed", "layer_0.residual", "layer_1.attn", "layer_1.mlp", "layer_1.mlp_hidden",
          "layer_2.residual", "final_norm", "logits"]

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from archscope import Backend
-
 from transformer_reference import blocks_of, ids_for, model_of
+
+from archscope import Backend
 
 
 def _count_calls(blocks: list) -> tuple[list[int], list]:

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from archscope import Backend, Edit, SiteError
-
 from transformer_reference import REFERENCE, blocks_of, ids_for, model_of
+
+from archscope import Backend, Edit, SiteError
 
 EDITABLE = ["embed", "layer_0.residual", "layer_1.attn", "layer_1.mlp", "layer_1.mlp_hidden",
             "layer_2.residual", "final_norm", "logits"]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archscope import Backend
-
 from transformer_reference import ids_for, model_of
+
+from archscope import Backend
 
 SITES = ["embed", *(f"layer_{i}.{r}" for i in range(3)
                     for r in ("residual", "attn", "mlp", "mlp_hidden")), "final_norm", "logits"]

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformer_reference import REFERENCE, TOL, blocks_of, ids_for, model_of, recording
+
 from archscope import Backend, SiteError
 from archscope_transformer.backend import TransformerBackend
 from archscope_transformer.testing import tiny_model
-
-from transformer_reference import REFERENCE, TOL, blocks_of, ids_for, model_of, recording
 
 ALL_ROLES = ("residual", "attn", "mlp", "mlp_hidden")
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import archscope
 import pytest
 import torch
+
+import archscope
 from archscope import make_tokenize_fn
 from archscope.loader import ModelSourceError
 from archscope_transformer.backend import TransformerBackend
@@ -55,7 +56,7 @@ def test_the_dtype_is_honoured(saved: tuple[Path, torch.nn.Module], dtype: objec
 
 def test_a_folder_without_tokenizer_loads_with_none(tmp_path: Path) -> None:
     tiny_model("gpt2").save_pretrained(tmp_path)
-    model, tokenizer, backend = archscope.load_model(f"hf:{tmp_path}")
+    _, tokenizer, backend = archscope.load_model(f"hf:{tmp_path}")
     assert tokenizer is None and backend.name == "transformer"
 
 

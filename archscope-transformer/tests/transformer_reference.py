@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
+
 from archscope_transformer.testing import tiny_model
 
 # family -> (block list, attention output, MLP output, MLP output projection); paths are
@@ -42,7 +43,7 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
 TOL = 1e-5
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_of(family: str, n_layers: int = 3) -> Any:
     """One shared model per family (tests must leave it as they found it)."""
     return tiny_model(family, n_layers=n_layers)

@@ -32,7 +32,7 @@ TOKEN = ("batch", "seq")
 
 
 def _hookpoint(port: Port) -> Hookpoint:
-    return Hookpoint(port.module, io=port.io, index=port.index, arg=port.arg,  # type: ignore[arg-type]
+    return Hookpoint(port.module, io=port.io, index=port.index, arg=port.arg,
                      clone=port.clone)
 
 
@@ -108,7 +108,7 @@ class TransformerBackend(HookBackend):
                                  ) from None
         if not all(p.mlp_hidden for p in self.structure.parts):
             # e.g. a mixture of experts: no single MLP output projection to read neurons from
-            self.capabilities = TransformerBackend.capabilities - {"mlp_hidden"}  # type: ignore[misc]
+            self.capabilities = TransformerBackend.capabilities - {"mlp_hidden"}
         self._takes_positions = accepts(model.forward, "position_ids")
         self._takes_use_cache = accepts(model.forward, "use_cache")
         super().__init__(model)
@@ -226,7 +226,7 @@ class TransformerBackend(HookBackend):
     def _attach(self, name: str, ctx: RunContext) -> Any:
         handle = super()._attach(name, ctx)
         if name.endswith((".attn", ".mlp", ".mlp_hidden")):
-            return _TokenView(self._table[name][1], handle, ctx)  # type: ignore[arg-type]
+            return _TokenView(self._table[name][1], handle, ctx)
         return handle
 
     # -- unembedding ---------------------------------------------------------------------------
@@ -242,4 +242,4 @@ class TransformerBackend(HookBackend):
             import torch
 
             logits = torch.tanh(logits / s.softcap) * s.softcap
-        return logits  # type: ignore[no-any-return]
+        return logits

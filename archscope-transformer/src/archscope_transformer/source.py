@@ -25,7 +25,7 @@ def load(name: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
         raise ValueError("hf: needs a model name or folder, e.g. 'hf:gpt2' or 'hf:./my_model'")
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # (mypy misreads the decorated .to)
     model.eval()
     tokenizer = None
     # A folder without tokenizer files would get an empty tokenizer from AutoTokenizer.
