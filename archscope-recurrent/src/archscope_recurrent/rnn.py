@@ -472,10 +472,10 @@ class RNNBackend(Backend):
                 if h_edits:
                     new_h = self._edit_step([*outs, out], h_edits, info_h, end, seq, mask)
                     out = torch.cat([out[:, :-1], new_h[:, None]], 1)
-                    h = new_h[None]
+                    h = new_h[None].contiguous()  # cuDNN wants contiguous states
                 if c_edits and c is not None and info_c is not None:
                     c = self._edit_step([*cells, c[0][:, None]], c_edits, info_c, end, seq,
-                                        mask)[None]
+                                        mask)[None].contiguous()
             outs.append(out)
             if lstm and stepping:
                 assert c is not None
