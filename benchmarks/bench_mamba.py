@@ -70,10 +70,12 @@ def bench(family: str, batch: int, seq: int, repeats: int) -> tuple[dict[str, fl
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: least sensitive to other processes)")
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).parent / "results" / "mamba.md")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     rows, ok = [], True
     for family, batch, seq in (("mamba", 8, 64), ("mamba2", 8, 256)):
         result, (ratio, ratio_cache) = bench(family, batch, seq, args.repeats)
@@ -84,7 +86,7 @@ def main() -> int:
         print(rows[-1], flush=True)
     text = "\n".join([
         "# archscope-mamba: cost of reading every `ssm_state`", "",
-        f"Machine: {describe()}.", "",
+        f"Machine: {describe()}; torch threads: {args.threads}.", "",
         f"Median of {args.repeats} interleaved runs after warm-up (ms); ratios are medians of the "
         "ratios of runs made back to back (robust to load from other processes). The "
         "extraction runs the model with `use_cache=True` and reads each layer's state from that "

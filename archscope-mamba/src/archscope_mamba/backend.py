@@ -167,11 +167,6 @@ class NativeInferenceParams:
     key_value_memory_dict: dict[int, Any] = field(default_factory=dict)
     lengths_per_sample: Any = None
 
-    def reset(self, max_seqlen: int, max_batch_size: int) -> None:
-        self.max_seqlen, self.max_batch_size, self.seqlen_offset = max_seqlen, max_batch_size, 0
-        if self.lengths_per_sample is not None:
-            self.lengths_per_sample.zero_()
-
 
 @dataclass
 class _Plan:
@@ -232,10 +227,10 @@ class MambaBackend(HookBackend):
         self.embedding = next((m for m in (_get(self.base, p) for p in EMBED_PATHS)
                                if m is not None), None)
         super().__init__(model)
-        pure_ssm = all(layer.ssm is not None and layer.attn is None for layer in self.layers)
         # Continuing from a swapped state needs every layer's state; attention layers would
-        # also need their key/value cache, which is not a site.
-        if not pure_ssm:
+        # also need their key/value cache, which is not a site (and HF hybrids' caches do not
+        # decode step by step without one).
+        if any(layer.ssm is None or layer.attn is not None for layer in self.layers):
             self.capabilities = type(self).capabilities - {"state_patch"}
         if self.native:
             self.padding = "right"  # native models take no attention mask
@@ -304,6 +299,10 @@ class MambaBackend(HookBackend):
             add("logits", "token", ("batch", "seq", "vocab"), vocab, end + 1, None,
                 writable=False, desc="output logits")
         return table
+
+    @property
+    def ssm_layers(self) -> list[LayerMap]:
+        return [layer for layer in self.layers if layer.ssm is not None]
 
     @property
     def state_sites(self) -> list[str]:
@@ -556,7 +555,7 @@ class MambaBackend(HookBackend):
         if self.native:
             cache = NativeInferenceParams(max_seqlen=steps, max_batch_size=batch,
                                           seqlen_offset=1)
-            for layer in self.layers:
+            for layer in self.ssm_layers:
                 i = layer.index
                 cache.key_value_memory_dict[layer.cache_index] = (
                     given[f"layer_{i}.conv_state"].to(device).clone(),
@@ -565,7 +564,7 @@ class MambaBackend(HookBackend):
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.model.config)
-        for layer in self.layers:
+        for layer in self.ssm_layers:
             i = layer.index
             cache.update_conv_state(given[f"layer_{i}.conv_state"].to(device).clone(),
                                     layer.cache_index)
