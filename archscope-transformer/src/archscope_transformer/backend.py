@@ -145,7 +145,7 @@ class TransformerBackend(HookBackend):
         for i, parts in enumerate(s.parts):
             block = f"{s.blocks_path}.{i}"
             pattern = (f"layer_{i}.attn_pattern", parts.attn_pattern,
-                       ("batch", "head", "query", "key"))
+                       ("batch", "head", "seq", "key"))
             attn = (f"layer_{i}.attn", parts.attn, None)
             # Sites in the order the forward pass produces them (stop-early depends on it).
             # (Read inside the attention module, the attn value comes before the pattern.)
