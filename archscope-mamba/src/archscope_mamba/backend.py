@@ -250,7 +250,7 @@ class MambaBackend(HookBackend):
         def add(name: str, kind: str, shape: tuple[str, ...], dim: int, order: float,
                 hp: Hookpoint | None, writable: bool = True, desc: str = "",
                 **extra: Any) -> None:
-            info = SiteInfo(Site.parse(name), kind, shape, dim, writable=writable,  # type: ignore[arg-type]
+            info = SiteInfo(Site.parse(name), kind, shape, dim, writable=writable,
                             order=order, description=desc, extra=extra)
             table[name] = (info, hp)
 
@@ -309,7 +309,9 @@ class MambaBackend(HookBackend):
         return [n for n, (info, _) in self._table.items() if info.kind == "state"]
 
     def _layer_of_state(self, name: str) -> LayerMap:
-        return self.layers[Site.parse(name).layer]  # type: ignore[index]
+        layer = Site.parse(name).layer
+        assert layer is not None
+        return self.layers[layer]
 
     # -- unembedding ---------------------------------------------------------------------------
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
@@ -327,7 +329,7 @@ class MambaBackend(HookBackend):
         divisor = getattr(self.model, "logits_scaling", None)  # GraniteMoeHybrid
         if divisor is not None:
             logits = logits / divisor
-        return logits  # type: ignore[no-any-return]
+        return logits
 
     # -- running -------------------------------------------------------------------------------
     def _plan(self, ctx: RunContext) -> _Plan:
@@ -375,7 +377,7 @@ class MambaBackend(HookBackend):
             assert mask is not None
             plan.original_mask = mask
             plan.shift = (mask.shape[1] - mask.sum(-1)).to(torch.long)
-        ctx._mamba_plan = plan  # type: ignore[attr-defined]
+        ctx._mamba_plan = plan
         return plan
 
     def _attach(self, name: str, ctx: RunContext) -> Any:
@@ -563,14 +565,14 @@ class MambaBackend(HookBackend):
             return cache
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        hf_cache = DynamicCache(config=self.model.config)
         for layer in self.ssm_layers:
             i = layer.index
-            cache.update_conv_state(given[f"layer_{i}.conv_state"].to(device).clone(),
-                                    layer.cache_index)
-            cache.update_recurrent_state(given[f"layer_{i}.ssm_state"].to(device).clone(),
-                                         layer.cache_index)
-        return cache
+            hf_cache.update_conv_state(given[f"layer_{i}.conv_state"].to(device).clone(),
+                                       layer.cache_index)
+            hf_cache.update_recurrent_state(given[f"layer_{i}.ssm_state"].to(device).clone(),
+                                            layer.cache_index)
+        return hf_cache
 
     def _states(self, plan: _Plan, names: list[str]) -> dict[str, torch.Tensor]:
         if plan.cache is None:

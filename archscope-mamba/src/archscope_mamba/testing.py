@@ -106,7 +106,7 @@ def make_foreign_models() -> dict[str, Any]:
     from torch import nn
 
     torch.manual_seed(0)
-    small = dict(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=2)
+    small: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=D_MODEL, num_hidden_layers=2)
     models: dict[str, Any] = {
         "gpt2": transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=VOCAB, n_embd=D_MODEL, n_layer=2, n_head=4)),
@@ -235,7 +235,7 @@ def stepped_states(model: Any, family: str, input_ids: Any) -> dict[str, Any]:
             for i, (conv, ssm) in sorted(params.key_value_memory_dict.items()):
                 states[f"layer_{i}.conv_state"], states[f"layer_{i}.ssm_state"] = conv, ssm
             return states
-        cache = None
+        cache: Any = None
         hybrid = family not in PURE_SSM_FAMILIES
         for t in range(steps):
             # Some hybrids derive positions from the input length alone: pass them explicitly.
@@ -251,6 +251,9 @@ def stepped_states(model: Any, family: str, input_ids: Any) -> dict[str, Any]:
 
 
 # -- a stand-in for mamba_ssm's MambaLMHeadModel ------------------------------------------------
+_CausalLMOutput = namedtuple("_CausalLMOutput", ["logits"])  # what MambaLMHeadModel returns
+
+
 def _torch_modules() -> Any:
     import torch
     import torch.nn.functional as F
@@ -314,7 +317,7 @@ def _torch_modules() -> Any:
             x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)
             conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
             conv_state[:, :, -1] = x
-            x = (conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
+            x = (conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias  # type: ignore[operator]
             x = F.silu(x)
             dt, b, c = self._ssm_inputs(x)
             a = -torch.exp(self.A_log)
@@ -353,8 +356,8 @@ def _torch_modules() -> Any:
             for layer in self.layers:
                 hidden_states, residual = layer(hidden_states, residual,
                                                 inference_params=inference_params)
-            residual = hidden_states + residual if residual is not None else hidden_states
-            return self.norm_f(residual)
+            stream = hidden_states + residual if residual is not None else hidden_states
+            return self.norm_f(stream)
 
     class NativeStandIn(nn.Module):
         """Same structure and calling convention as mamba_ssm's MambaLMHeadModel."""
@@ -370,7 +373,7 @@ def _torch_modules() -> Any:
             hidden_states = self.backbone(input_ids, inference_params=inference_params)
             if num_last_tokens > 0:
                 hidden_states = hidden_states[:, -num_last_tokens:]
-            return namedtuple("CausalLMOutput", ["logits"])(logits=self.lm_head(hidden_states))
+            return _CausalLMOutput(logits=self.lm_head(hidden_states))
 
     return NativeStandIn
 
