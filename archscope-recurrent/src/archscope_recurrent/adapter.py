@@ -117,7 +117,7 @@ class AdapterBackend(HookBackend):
     ``archscope_spec`` attribute). Capabilities follow from what the spec declares."""
 
     name = "custom"
-    description = "custom models described by an archscope_recurrent.ModelSpec"
+    description = "custom models described by an archscope_recurrent.ModelSpec (capabilities follow the spec)"
     capabilities = frozenset({"residual", "edit"})
     priority = 10
 
