@@ -434,6 +434,8 @@ class BackendContract:
 
         def check(name: str, model: Any, backend: Any) -> None:
             roles = {info.site.role for info in backend.sites().values()}
+            if any(info.kind == "state" for info in backend.sites().values()):
+                roles.add("state")  # any state-kind site is a recurrent state
             for capability, needed in roles_for.items():
                 if capability in backend.capabilities and not roles & needed:
                     _fix(f"{type(backend).__name__} claims {capability!r} but {name!r} has no "
