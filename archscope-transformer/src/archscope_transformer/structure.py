@@ -150,14 +150,16 @@ def _find_blocks(model: Any, n_layers: int) -> tuple[str, Any, Any]:
         if isinstance(module, torch.nn.ModuleList):
             lists.append(f"{path} ({len(module)})")
             if len(module) == n_layers:
-                candidates.append((path.count("."), path, module))
+                # prefer a list of blocks with attention, then the shallowest
+                blockish = len(module) > 0 and _child(module[0], ATTENTION)[1] is not None
+                candidates.append((not blockish, path.count("."), path, module))
     if not candidates:
         raise StructureError(
             f"could not find the block list of {type(model).__name__}: no nn.ModuleList of "
             f"length {n_layers} (the config's layer count) under {type(root).__name__}; "
             f"module lists found: {', '.join(lists) or 'none'}"
         )
-    _, path, blocks = min(candidates, key=lambda c: c[:2])
+    *_, path, blocks = min(candidates, key=lambda c: c[:3])
     parent = root.get_submodule(path.rpartition(".")[0]) if "." in path else root
     prefix = "" if root is model else f"{_attr_name(model, root)}."
     return prefix + path, blocks, parent
