@@ -345,3 +345,16 @@ def test_padding_the_backend_does_not_handle_is_refused(stack):
     right = {"input_ids": torch.tensor([[1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
     assert backend.run(right).logits.shape == (1, 3, 23)
     assert _hook_count(stack) == 0
+
+
+def test_edits_of_sites_without_a_hookpoint_are_refused_unless_the_backend_applies_them(stack, ids):
+    class WithState(StackBackend):
+        def _site_table(self):
+            table = super()._site_table()
+            table["layer_0.state"] = (SiteInfo(Site("state", 0), "state", ("batch", "d_model"), 8,
+                                               order=1.5), None)
+            return table
+
+    with pytest.raises(BackendError, match=r"cannot edit \['layer_0.state'\] during a run"):
+        WithState(stack).run(ids, edits=[Edit.scale("layer_0.state", 0.0)])
+    assert _hook_count(stack) == 0

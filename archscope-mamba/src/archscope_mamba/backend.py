@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from archscope import BackendError, Edit, HookBackend, Hookpoint, Site, SiteError, SiteInfo
-from archscope.engine import RunContext, _apply_edit, _StopForward, padding_side
+from archscope.engine import RunContext, StopForward, apply_edit, padding_side
 
 if TYPE_CHECKING:
     import torch
@@ -401,7 +401,7 @@ class MambaBackend(HookBackend):
             shift, mask = plan.shift, plan.original_mask
 
             def shifted(value: torch.Tensor) -> torch.Tensor:
-                edited = _apply_edit(roll_rows(value, -shift), edit, info, mask)
+                edited = apply_edit(roll_rows(value, -shift), edit, info, mask)
                 return roll_rows(edited, shift)
 
             return Edit.apply(edit.site, shifted)
@@ -412,7 +412,7 @@ class MambaBackend(HookBackend):
             full = value.new_zeros((value.shape[0], plan.steps, *value.shape[2:]))
             full[:, plan.step] = value[:, 0]
             mask = torch.ones(full.shape[:2], dtype=torch.long, device=value.device)
-            return _apply_edit(full, edit, info, mask)[:, plan.step: plan.step + 1]
+            return apply_edit(full, edit, info, mask)[:, plan.step: plan.step + 1]
 
         return Edit.apply(edit.site, one_step)
 
@@ -429,11 +429,11 @@ class MambaBackend(HookBackend):
             hidden, residual = output
             value = hidden + residual if residual is not None else hidden
             for edit in edits:
-                value = _apply_edit(value, edit, info, ctx.attention_mask)
+                value = apply_edit(value, edit, info, ctx.attention_mask)
             if capture:
                 ctx.store[name] = value if ctx.grad else value.detach()
             if stop:
-                raise _StopForward
+                raise StopForward
             if not edits:
                 return None
             kept = residual if residual is not None else hidden
@@ -524,7 +524,7 @@ class MambaBackend(HookBackend):
                 step_logits = self._logits_of(out)
                 if step_logits is not None:
                     logits.append(step_logits)
-            except _StopForward:
+            except StopForward:
                 pass
             for name in token_sites:
                 if name in ctx.store:
@@ -631,6 +631,10 @@ def read_cache_state(cache: Any, index: int, conv: bool) -> Any:
     getter = getattr(cache, "get_conv_state" if conv else "get_recurrent_state", None)
     if getter is not None:
         return getter(index)
+    layers = getattr(cache, "layers", None)
+    if layers is not None:  # 5.x releases before the getters: per-layer {0: tensor} holders
+        held = getattr(layers[index], "conv_states" if conv else "recurrent_states", None)
+        return None if not held else held[0]
     states = getattr(cache, "conv_states" if conv else "ssm_states", None)
     return None if states is None else states[index]
 

@@ -87,6 +87,7 @@ class _HFRecurrentBackend(HookBackend):
     """Shared engine of the RWKV and xLSTM backends; subclasses set ``family``."""
 
     family: ClassVar[Family]
+    edits_unhooked = True  # state edits are applied to the cache's final states
     capabilities = frozenset({"residual", "components", "unembed", "logits", "recurrent_state",
                               "state_patch", "edit"})
     padding = "right"
@@ -242,12 +243,12 @@ class _HFRecurrentBackend(HookBackend):
                 ) -> dict[str, torch.Tensor]:
         """Edits of state sites change the state after the last token (what is captured and
         returned, and what a later run started from it sees)."""
-        from archscope.engine import _apply_edit
+        from archscope.engine import apply_edit
 
         for name, edits in ctx.edits.items():
             if name in states:
                 for edit in edits:
-                    states[name] = _apply_edit(states[name], edit, self._table[name][0],
+                    states[name] = apply_edit(states[name], edit, self._table[name][0],
                                                ctx.attention_mask)
         return states
 

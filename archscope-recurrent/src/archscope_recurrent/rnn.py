@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from archscope import Site, SiteError, SiteInfo
 from archscope.backends import Backend, BackendError, Edit, RunResult
-from archscope.engine import _apply_edit, last_real_index, padding_side, prepare_inputs
+from archscope.engine import apply_edit, last_real_index, padding_side, prepare_inputs
 from archscope.sites import resolve
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ class RNNBackend(Backend):
 
         def site_value(name: str, value: torch.Tensor) -> torch.Tensor:
             for edit in edit_map.get(name, []):
-                value = _apply_edit(value, edit, table[name], mask)
+                value = apply_edit(value, edit, table[name], mask)
             if name in wanted:
                 store[name] = value if grad else value.detach()
             return value
@@ -294,7 +294,7 @@ class RNNBackend(Backend):
                                                      edit_map, f"layer_{i}.cell" in wanted)
                 if self.num_dirs == 2:  # no single recurrence order: edit the layer's output
                     for edit in edit_map.get(f"layer_{i}.hidden", []):
-                        x = _apply_edit(x, edit, table[f"layer_{i}.hidden"], mask)
+                        x = apply_edit(x, edit, table[f"layer_{i}.hidden"], mask)
                 for role, value in (("hidden", x), ("cell", cells)):
                     name = f"layer_{i}.{role}"
                     if name in wanted and value is not None:
@@ -310,7 +310,7 @@ class RNNBackend(Backend):
                     logits = site_value("logits", self.parts.head(x))
         for name in states:  # edits of a state site change the state after the last token
             for edit in edit_map.get(name, []):
-                states[name] = _apply_edit(states[name], edit, table[name], mask)
+                states[name] = apply_edit(states[name], edit, table[name], mask)
         for name in wanted:
             if table[name].kind == "state":
                 store[name] = states[name] if grad else states[name].detach()
@@ -495,7 +495,7 @@ class RNNBackend(Backend):
         steps: set[int] = set()
         for edit in edits:
             assert info is not None
-            probe = _apply_edit(torch.zeros(b, seq, 1), Edit.replace(edit.site, 1.0,
+            probe = apply_edit(torch.zeros(b, seq, 1), Edit.replace(edit.site, 1.0,
                                 edit.positions), info, mask.cpu())
             steps |= set(probe[..., 0].any(0).nonzero().flatten().tolist())
         return steps
@@ -511,7 +511,7 @@ class RNNBackend(Backend):
         full = torch.cat([known, known.new_zeros(known.shape[0], seq - known.shape[1],
                                                  known.shape[2])], 1)
         for edit in edits:
-            full = _apply_edit(full, edit, info, mask)
+            full = apply_edit(full, edit, info, mask)
         return full[:, t]
 
     # -- structure check for models detected by structure --------------------------------------

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from archscope.engine import HookBackend, Hookpoint, RunContext, _apply_edit, padding_side
+from archscope.engine import HookBackend, Hookpoint, RunContext, apply_edit, padding_side
 from archscope.sites import Site, SiteInfo
 
 from .structure import (
@@ -95,6 +95,7 @@ class TransformerBackend(HookBackend):
     """Hugging Face decoder-only LMs (GPT-2, Llama, Qwen, Gemma, ...), mapped by structure."""
 
     name = "transformer"
+    edits_unhooked = True  # logits edits are applied in _forward
     description = "Hugging Face decoder-only language models, mapped by structure"
     capabilities = frozenset({"residual", "components", "mlp_hidden", "unembed", "logits",
                               "attention_patterns", "edit"})
@@ -189,7 +190,7 @@ class TransformerBackend(HookBackend):
         if edits:
             logits = output.logits
             for edit in edits:
-                logits = _apply_edit(logits, edit, self._table["logits"][0], mask)
+                logits = apply_edit(logits, edit, self._table["logits"][0], mask)
             output.logits = logits
         return output
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from .backends import Backend, BackendError, Edit, RunResult
 from .sites import Site, SiteError, SiteInfo, resolve
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised inside a hook to end the forward pass early; never escapes `run`."""
 
 
@@ -153,8 +153,10 @@ def last_real_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
 
 
-def _apply_edit(value: torch.Tensor, edit: Edit, info: SiteInfo,
-                mask: torch.Tensor | None) -> torch.Tensor:
+def apply_edit(value: torch.Tensor, edit: Edit, info: SiteInfo,
+               mask: torch.Tensor | None) -> torch.Tensor:
+    """``value`` with ``edit`` applied (a new tensor): the one implementation of edit semantics,
+    for the engine's hooks and for backends that apply edits themselves."""
     import torch
 
     out = value.clone()
@@ -236,6 +238,10 @@ def _apply_edit(value: torch.Tensor, edit: Edit, info: SiteInfo,
 
 class HookBackend(Backend):
     """A backend that maps sites to module hooks. Subclasses implement `_site_table`."""
+
+    #: Set True when the backend applies edits of hookpoint-less writable sites itself (in
+    #: `_forward` / `_read_unhooked`, with `apply_edit`); otherwise such edits are refused.
+    edits_unhooked: ClassVar[bool] = False
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
@@ -356,6 +362,12 @@ class HookBackend(Backend):
                                                        if hp is not None},
                               key=lambda n: table[n].order)
         unhooked_edits = [n for n in edit_map if self._table[n][1] is None]
+        if unhooked_edits and not self.edits_unhooked:
+            raise BackendError(
+                f"backend {self.name!r} cannot edit {unhooked_edits} during a run (they are not "
+                "module inputs or outputs); recurrent states are set with initial_state= or "
+                "state_patch()"
+            )
         output = None
         try:
             for name in hooked_sites:
@@ -363,7 +375,7 @@ class HookBackend(Backend):
             with self._run_context(ctx), torch.set_grad_enabled(grad):
                 try:
                     output = self._forward(ctx)
-                except _StopForward:
+                except StopForward:
                     output = None
                 if unhooked_edits and output is None:
                     raise BackendError(f"edits of {unhooked_edits} need a full forward pass")
@@ -393,7 +405,7 @@ class HookBackend(Backend):
 
         def process(value: torch.Tensor) -> torch.Tensor:
             for edit in edits:
-                value = _apply_edit(value, edit, info, ctx.attention_mask)
+                value = apply_edit(value, edit, info, ctx.attention_mask)
             if capture:
                 stored = value if ctx.grad else value.detach()
                 ctx.store[name] = stored.clone() if hp.clone else stored
@@ -413,7 +425,7 @@ class HookBackend(Backend):
                     new = process(output)
                     result = new if edits else output
                 if stop:
-                    raise _StopForward
+                    raise StopForward
                 return result if edits else None
 
             return hp.module.register_forward_hook(hook)
@@ -431,7 +443,7 @@ class HookBackend(Backend):
                 raise BackendError(f"site {name!r}: {type(module).__name__} was called without "
                                    f"argument {hp.index} / {hp.arg!r}")
             if stop:
-                raise _StopForward
+                raise StopForward
             return (args, kwargs) if edits else None
 
         return hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True)

@@ -248,7 +248,10 @@ class BackendContract:
                     _fix(f"{site} of {name!r}: token site axis 'seq' is {sizes['seq']}, not {seq}")
                 if info.kind == "token" and "seq" not in info.shape:
                     _fix(f"{site} of {name!r}: a token site must have a 'seq' axis in its shape")
-                if value.shape[-1] != info.dim:
+                if info.shape[-1] == "key":  # attention patterns: the last axis is positions
+                    if value.shape[-1] != seq:
+                        _fix(f"{site} of {name!r}: axis 'key' is {value.shape[-1]}, not {seq}")
+                elif value.shape[-1] != info.dim:
                     _fix(f"{site} of {name!r}: SiteInfo.dim is {info.dim} but the last axis is "
                          f"{value.shape[-1]}")
         self._each(check)
