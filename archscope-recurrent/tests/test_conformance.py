@@ -87,6 +87,7 @@ class TestXLSTMBackend(BackendContract):
     def reference_activations(self, model, batch):
         ref = _hooked(model, "backbone.blocks", "mlstm_layer", "ffn", batch["input_ids"])
         with torch.no_grad():
-            cache = model(batch["input_ids"], use_cache=True).cache
+            out = model(batch["input_ids"], use_cache=True)
+        cache = out.cache if hasattr(out, "cache") else out.cache_params  # renamed within 5.x
         ref["layer_1.c_state"] = cache.rnn_state[1][0]
         return ref

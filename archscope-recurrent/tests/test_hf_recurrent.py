@@ -78,7 +78,8 @@ def test_xlstm_state_sites_are_the_cache_rnn_state():
     model = tiny_xlstm()
     ids = token_batch(2, 6)["input_ids"]
     with torch.no_grad():
-        cache = model(ids, use_cache=True).cache
+        out = model(ids, use_cache=True)
+    cache = out.cache if hasattr(out, "cache") else out.cache_params  # renamed within 5.x
     backend = XLSTMBackend(model)
     result = backend.run(ids, capture=["layer_1.c_state", "layer_1.n_state", "layer_1.m_state"])
     for k, role in enumerate(("c", "n", "m")):
@@ -97,7 +98,8 @@ def test_initial_state_continues_like_the_models_own_cache(family):
     suffix = backend.run(ids[:, 5:], capture=["logits"], initial_state=prefix.state)
     with torch.no_grad():
         own = model(ids[:, :5], use_cache=True)
-        key = "state" if family == "rwkv" else "cache"
+        # xLSTM's cache keyword and output field are cache_params before transformers 5.24
+        key = "state" if family == "rwkv" else "cache" if hasattr(own, "cache") else "cache_params"
         cont = model(ids[:, 5:], use_cache=True, **{key: getattr(own, key)})
         full = model(ids)
     torch.testing.assert_close(suffix.logits, cont.logits, atol=1e-6, rtol=0)

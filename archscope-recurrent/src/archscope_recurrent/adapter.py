@@ -21,8 +21,6 @@ from archscope.engine import (
     Hookpoint,
     RunContext,
     accepted_kwargs,
-    padding_side,
-    prepare_inputs,
 )
 
 if TYPE_CHECKING:
@@ -317,18 +315,11 @@ class AdapterBackend(HookBackend):
         return table
 
     # -- engine overrides ------------------------------------------------------------------------
-    def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
-        batch = prepare_inputs(inputs, self.device)  # checked here first, for a precise message
-        mask = batch.get("attention_mask")
-        side = padding_side(mask) if mask is not None else "none"
-        if side == "mixed" or (side in ("left", "right") and self.spec.padding not in (side, "both")):
-            raise BackendError(
-                f"this custom model is declared with padding={self.spec.padding!r} "
+    def padding_message(self, side: str) -> str:
+        return (f"this custom model is declared with padding={self.spec.padding!r} "
                 f"(ModelSpec.padding) and the batch is {side}-padded; pad on the "
                 f"{'right' if self.spec.padding == 'right' else 'left'}, or declare the "
-                "padding the model handles"
-            )
-        return super().prepare_inputs(batch)
+                "padding the model handles")
 
     def _forward(self, ctx: RunContext) -> Any:
         return self._call(ctx.batch)

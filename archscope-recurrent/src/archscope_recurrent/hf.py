@@ -21,8 +21,6 @@ from archscope.engine import (
     Hookpoint,
     RunContext,
     find_module,
-    padding_side,
-    prepare_inputs,
 )
 from archscope.sites import resolve
 
@@ -164,30 +162,18 @@ class _HFRecurrentBackend(HookBackend):
         raise NotImplementedError
 
     # -- engine overrides ------------------------------------------------------------------------
-    def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
-        batch = prepare_inputs(inputs, self.device)  # checked here first, for a precise message
-        side = padding_side(batch["attention_mask"]) if "attention_mask" in batch else "none"
-        if side in ("left", "mixed"):
-            raise BackendError(
-                f"{self.family.name} ignores attention_mask, so archscope supports right padding "
+    def padding_message(self, side: str) -> str:
+        return (f"{self.family.name} ignores attention_mask, so archscope supports right padding "
                 f"only (real tokens first, then pads); this batch is {side}-padded. Pad on the "
-                "right (tokenizer.padding_side = 'right')"
-            )
-        return super().prepare_inputs(batch)
+                "right (tokenizer.padding_side = 'right')")
 
     def run(self, inputs: Any, capture: Iterable[str | Site] = (), edits: Iterable[Edit] = (),
             *, stop_early: bool = True, initial_state: Mapping[str, torch.Tensor] | None = None,
             return_state: bool = False, grad: bool = False) -> RunResult:
         """The engine's run; on a right-padded batch of unequal lengths the final state is
         computed per row by running the batch in segments that end at each row length."""
-        if isinstance(capture, (str, Site)):
-            capture = [capture]
-        capture = [resolve(c, self.sites(), self.name).name for c in capture]
         edits = list(edits)
-        for edit in edits:
-            info = resolve(edit.site, self.sites(), self.name)
-            if not info.writable:
-                raise SiteError(f"site {info.name!r} of backend {self.name!r} is read-only")
+        capture, _ = self.check_request(capture, edits, initial_state, return_state)
         batch = self.prepare_inputs(inputs)
         states = [n for n in capture if self._table[n][0].kind == "state"]
         lengths = batch["attention_mask"].sum(-1)

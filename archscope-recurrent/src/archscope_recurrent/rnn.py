@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from archscope import Site, SiteError, SiteInfo
 from archscope.backends import Backend, BackendError, Edit, RunResult
-from archscope.engine import apply_edit, last_real_index, padding_side, prepare_inputs
-from archscope.sites import resolve
+from archscope.engine import apply_edit, last_real_index, padding_side
 
 if TYPE_CHECKING:
     import torch
@@ -235,11 +234,7 @@ class RNNBackend(Backend):
     ) -> RunResult:
         import torch
 
-        if isinstance(capture, (str, Site)):
-            capture = [capture]
         table = self._table
-        wanted = [resolve(s, table, self.name).name for s in capture]
-        edit_map = self._edit_map(edits)
         if (initial_state is not None or return_state) and "state_patch" not in self.capabilities:
             raise BackendError(
                 f"backend {self.name!r}: initial_state / return_state need the 'state_patch' "
@@ -247,16 +242,10 @@ class RNNBackend(Backend):
                 "the future, so a run cannot continue from a state); capture the "
                 "layer_i.hidden_state / cell_state sites instead"
             )
-        batch = prepare_inputs(inputs, self.device)
+        wanted, edit_map = self.check_request(capture, edits, initial_state, return_state)
+        batch = self.prepare_inputs(inputs)
         mask = batch["attention_mask"] if "attention_mask" in batch else None
-        side = padding_side(mask) if mask is not None else "none"
-        if side in ("left", "mixed"):
-            raise BackendError(
-                f"backend {self.name!r} supports right padding only (real tokens first, then "
-                f"pads); this attention_mask is {side}-padded. Pad on the right, e.g. "
-                "tokenizer.padding_side = 'right'"
-            )
-        padded = side == "right"
+        padded = mask is not None and padding_side(mask) == "right"
         start = self._initial_hx(initial_state, batch)
 
         n_layers = self.parts.rnn.num_layers
@@ -321,20 +310,15 @@ class RNNBackend(Backend):
                          activations={n: store[n] for n in wanted},
                          attention_mask=batch.get("attention_mask"), state=state)
 
-    def _edit_map(self, edits: Iterable[Edit]) -> dict[str, list[Edit]]:
-        edit_map: dict[str, list[Edit]] = {}
-        for edit in edits:
-            if not isinstance(edit, Edit):
-                raise TypeError(f"edits must be archscope.Edit objects, got {type(edit).__name__}")
-            info = resolve(edit.site, self._table, self.name)
-            if not info.writable:
-                raise SiteError(
-                    f"site {info.name!r} of backend {self.name!r} is read-only: the cell state "
-                    "of a bidirectional layer has no single recomputation order. Writable: "
-                    + ", ".join(n for n, i in self._table.items() if i.writable)
-                )
-            edit_map.setdefault(info.name, []).append(edit)
-        return edit_map
+    def read_only_reason(self, info: SiteInfo) -> str:
+        if info.site.role == "cell":
+            return "the cell state of a bidirectional layer has no single recomputation order"
+        return ""
+
+    def padding_message(self, side: str) -> str:
+        return (f"backend {self.name!r} supports right padding only (real tokens first, then "
+                f"pads); this attention_mask is {side}-padded. Pad on the right, e.g. "
+                "tokenizer.padding_side = 'right'")
 
     def _initial_hx(self, initial_state: Mapping[str, torch.Tensor] | None,
                     batch: dict[str, Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:

@@ -23,6 +23,7 @@ _LAZY = {
     "RunResult": "archscope.backends",
     "BackendError": "archscope.backends",
     "NoBackendError": "archscope.backends",
+    "PaddingError": "archscope.backends",
     "HookBackend": "archscope.engine",
     "Hookpoint": "archscope.engine",
     "load_model": "archscope.loader",

@@ -22,6 +22,10 @@ class BackendError(RuntimeError):
     """A backend cannot serve a model, or a capability it lacks was asked for."""
 
 
+class PaddingError(BackendError, ValueError):
+    """A batch padded on a side the backend cannot handle exactly."""
+
+
 class NoBackendError(BackendError, ValueError):
     """No registered backend can handle a model (or an unknown hint was given)."""
 
@@ -171,6 +175,70 @@ class Backend:
         the state after the last real token in ``RunResult.state``.
         """
         raise NotImplementedError(f"{type(self).__name__} must implement run()")
+
+    def check_request(
+        self,
+        capture: Iterable[str | Site],
+        edits: Iterable[Edit],
+        initial_state: Mapping[str, torch.Tensor] | None = None,
+        return_state: bool = False,
+    ) -> tuple[list[str], dict[str, list[Edit]]]:
+        """Validate what a run asks for: site names to capture and edits grouped by site.
+        Every `run` implementation calls this, so bad requests fail the same way everywhere."""
+        if isinstance(capture, (str, Site)):
+            capture = [capture]
+        table = self.sites()
+        backend = self.name or type(self).__name__
+        wanted = [resolve(s, table, backend).name for s in capture]
+        edit_map: dict[str, list[Edit]] = {}
+        for edit in edits:
+            if not isinstance(edit, Edit):
+                raise TypeError(f"edits must be archscope.Edit objects, got {type(edit).__name__}")
+            info = resolve(edit.site, table, backend)
+            if not info.writable:
+                writable = [n for n, i in table.items() if i.writable]
+                reason = self.read_only_reason(info)
+                raise SiteError(f"site {info.name!r} of backend {backend!r} is read-only"
+                                + (f" ({reason})" if reason else "")
+                                + f"; writable sites include {', '.join(writable[:8]) or 'none'}")
+            edit_map.setdefault(info.name, []).append(edit)
+        if initial_state is not None or return_state:
+            self.require("state_patch")
+        return wanted, edit_map
+
+    def read_only_reason(self, info: SiteInfo) -> str:
+        """Why a site cannot be edited, for the error message (override to explain)."""
+        return ""
+
+    @property
+    def device(self) -> torch.device:
+        import torch
+
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
+        """Validate and batch the inputs on the model's device; refuse padding the backend does
+        not handle (its ``padding`` attribute) instead of returning wrong activations."""
+        from .engine import padding_side, prepare_inputs
+
+        batch = prepare_inputs(inputs, self.device)
+        mask = batch.get("attention_mask")
+        side = padding_side(mask) if mask is not None else "none"
+        if side == "mixed" or (side != "none" and self.padding not in (side, "both")):
+            raise PaddingError(self.padding_message(side))
+        return batch
+
+    def padding_message(self, side: str) -> str:
+        """The error for a batch padded on ``side`` ("left", "right" or "mixed" = gaps)."""
+        if side == "mixed":
+            return (f"backend {self.name!r}: the rows of this attention_mask are not all "
+                    "padded on one side (or have padding between real tokens); pad every row on "
+                    f"the same side{'' if self.padding == 'both' else ' (' + self.padding + ')'}")
+        return (f"backend {self.name!r} handles only {self.padding} padding, but this batch is "
+                f"{side}-padded: pad on the {self.padding} (e.g. tokenizer.padding_side = "
+                f"{self.padding!r}) or run the rows one at a time")
 
     def extract(self, inputs: Any, layers: list[str] | None = None) -> list[ActivationRecord]:
         """Seed API: capture ``layers`` (default: `layer_names()`) as ActivationRecords."""

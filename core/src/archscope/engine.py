@@ -285,14 +285,6 @@ class HookBackend(Backend):
         """Temporary model settings for one run (restored afterwards)."""
         return contextlib.nullcontext()
 
-    @property
-    def device(self) -> torch.device:
-        import torch
-
-        for p in self.model.parameters():
-            return p.device
-        return torch.device("cpu")
-
     # -- the engine ----------------------------------------------------------------------------
     def sites(self) -> dict[str, SiteInfo]:
         return {name: info for name, (info, _) in self._table.items()}
@@ -300,21 +292,6 @@ class HookBackend(Backend):
     def hookpoint(self, site: str | Site) -> Hookpoint | None:
         info = resolve(site, self.sites(), self.name)
         return self._table[info.name][1]
-
-    def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
-        """Validate and batch the inputs; refuse padding the backend does not handle (its
-        ``padding`` attribute) instead of returning wrong activations."""
-        batch = prepare_inputs(inputs, self.device)
-        mask = batch.get("attention_mask")
-        if mask is not None and self.padding != "both":
-            side = padding_side(mask)
-            if side not in ("none", self.padding):
-                raise ValueError(
-                    f"backend {self.name!r} handles only {self.padding} padding, but this batch "
-                    f"is {side}-padded: pad on the {self.padding} (e.g. tokenizer.padding_side = "
-                    f"{self.padding!r}) or run the rows one at a time"
-                )
-        return batch
 
     def run(
         self,
@@ -329,22 +306,8 @@ class HookBackend(Backend):
     ) -> RunResult:
         import torch
 
-        if isinstance(capture, (str, Site)):
-            capture = [capture]
         table = self.sites()
-        wanted = [resolve(s, table, self.name).name for s in capture]
-        edit_map: dict[str, list[Edit]] = {}
-        for edit in edits:
-            if not isinstance(edit, Edit):
-                raise TypeError(f"edits must be archscope.Edit objects, got {type(edit).__name__}")
-            info = resolve(edit.site, table, self.name)
-            if not info.writable:
-                writable = [n for n, i in table.items() if i.writable]
-                raise SiteError(f"site {info.name!r} of backend {self.name!r} is read-only; "
-                                f"writable sites include {', '.join(writable[:8])}")
-            edit_map.setdefault(info.name, []).append(edit)
-        if (initial_state is not None or return_state) and "state_patch" not in self.capabilities:
-            self.require("state_patch")
+        wanted, edit_map = self.check_request(capture, edits, initial_state, return_state)
 
         need_logits = not (stop_early and wanted and "logits" not in wanted) or return_state
         stop_after = None
