@@ -519,7 +519,8 @@ class MambaBackend(HookBackend):
                     out = self.model(ids[:, t: t + 1], inference_params=plan.cache)
                     plan.cache.seqlen_offset += 1
                 else:
-                    out = self.model(input_ids=ids[:, t: t + 1], cache=plan.cache, use_cache=True)
+                    out = self.model(input_ids=ids[:, t: t + 1], use_cache=True,
+                                     **{cache_argument(self.model): plan.cache})
                     plan.cache = output_cache(out) or plan.cache
                 step_logits = self._logits_of(out)
                 if step_logits is not None:
@@ -622,6 +623,21 @@ def output_cache(output: Any) -> Any:
         if value is not None:
             return value
     return None
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword an HF forward takes its cache by: ``cache`` in recent releases,
+    ``cache_params`` (pure SSMs) or ``past_key_values`` (hybrids) in earlier 5.x ones. A cache
+    passed under a name the model does not know is swallowed by ``**kwargs`` and ignored."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters
+    for name in ("cache", "cache_params", "past_key_values"):
+        if name in parameters:
+            return name
+    raise BackendError(f"{type(model).__name__}.forward takes no cache argument (looked for "
+                       "cache, cache_params, past_key_values), so a run cannot continue from a "
+                       "state")
 
 
 def read_cache_state(cache: Any, index: int, conv: bool) -> Any:

@@ -217,6 +217,7 @@ def reference_activations(model: Any, family: str, input_ids: Any) -> dict[str, 
 def stepped_states(model: Any, family: str, input_ids: Any) -> dict[str, Any]:
     """``layer_i.ssm_state`` / ``layer_i.conv_state`` after feeding ``input_ids`` one token at a
     time through the model's own cache (HF ``Cache`` or the native ``inference_params``)."""
+    import inspect
     import types
 
     import torch
@@ -237,16 +238,33 @@ def stepped_states(model: Any, family: str, input_ids: Any) -> dict[str, Any]:
             return states
         cache: Any = None
         hybrid = family not in PURE_SSM_FAMILIES
+        # The cache keyword and output field were renamed within transformers 5.x.
+        known = inspect.signature(model.forward).parameters
+        keyword = next(k for k in ("cache", "cache_params", "past_key_values") if k in known)
+        full_logits = model(input_ids=input_ids).logits
         for t in range(steps):
             # Some hybrids derive positions from the input length alone: pass them explicitly.
             extra = {"position_ids": torch.full((input_ids.shape[0], 1), t)} if hybrid else {}
-            cache = model(input_ids=input_ids[:, t: t + 1], cache=cache, use_cache=True,
-                          **extra).cache
-        for i, _block in enumerate(blocks):
-            linear = cache.is_linear[i] or type(cache.layers[i]).__name__.startswith("LinearAttention")
-            if linear:
-                states[f"layer_{i}.ssm_state"] = cache.get_recurrent_state(i).clone()
-                states[f"layer_{i}.conv_state"] = cache.get_conv_state(i).clone()
+            out = model(input_ids=input_ids[:, t: t + 1], use_cache=True, **{keyword: cache},
+                        **extra)
+            cache = next(getattr(out, f) for f in ("cache", "cache_params", "past_key_values")
+                         if getattr(out, f, None) is not None)
+            # A cache the model silently ignored would restart every step: check the stepping.
+            if not torch.allclose(out.logits[:, 0], full_logits[:, t], atol=1e-4, rtol=0):
+                raise AssertionError(f"{family}: stepping through the cache diverges from the "
+                                     f"full forward at step {t}")
+        for i, block in enumerate(blocks):
+            has_ssm = any(hasattr(m, "conv1d") for m in block.modules())
+            # The layer's own holders (per-state-index dicts), present across 5.x releases; some
+            # releases give non-SSM blocks (attention, MLP) an empty linear-attention layer too.
+            layer = cache.layers[i]
+            ssm, conv = (getattr(layer, f, {}).get(0) for f in ("recurrent_states", "conv_states"))
+            if has_ssm != (ssm is not None and conv is not None):
+                raise AssertionError(f"{family}: block {i} has_ssm={has_ssm} but its cache "
+                                     f"layer holds ssm={ssm is not None}, conv={conv is not None}")
+            if has_ssm:
+                states[f"layer_{i}.ssm_state"] = ssm.clone()
+                states[f"layer_{i}.conv_state"] = conv.clone()
     return states
 
 
