@@ -41,7 +41,7 @@ class _TokenView:
     engine's own hook give it the (batch, seq, ...) view and restore the flat layout after."""
 
     def __init__(self, hp: Hookpoint, engine_handle: Any, ctx: RunContext) -> None:
-        ids = ctx.batch.get("input_ids", ctx.batch.get("inputs_embeds"))
+        ids = ctx.batch["input_ids"] if "input_ids" in ctx.batch else ctx.batch["inputs_embeds"]
         batch, seq = int(ids.shape[0]), int(ids.shape[1])
         module = hp.module
 
@@ -226,8 +226,9 @@ class TransformerBackend(HookBackend):
 
     def _attach(self, name: str, ctx: RunContext) -> Any:
         handle = super()._attach(name, ctx)
-        if name.endswith((".attn", ".mlp", ".mlp_hidden")):
-            return _TokenView(self._table[name][1], handle, ctx)
+        hookpoint = self._table[name][1]
+        if hookpoint is not None and name.endswith((".attn", ".mlp", ".mlp_hidden")):
+            return _TokenView(hookpoint, handle, ctx)
         return handle
 
     # -- unembedding ---------------------------------------------------------------------------

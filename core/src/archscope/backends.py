@@ -115,12 +115,14 @@ class Backend:
     name: ClassVar[str] = ""
     #: One line for `archscope info`.
     description: ClassVar[str] = ""
-    #: Capabilities from `archscope.sites.CAPABILITIES` (and any of the plugin's own).
-    capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: Capabilities from `archscope.sites.CAPABILITIES` (and any of the plugin's own). The
+    #: class value is what `archscope info` shows; an instance may narrow it for one model
+    #: (e.g. a mixture-of-experts model without `mlp_hidden`).
+    capabilities: frozenset[str] = frozenset()
     #: Tie-break between equally confident backends (higher wins).
     priority: ClassVar[int] = 0
-    #: Padding the backend handles at real tokens: "both", "right" or "left".
-    padding: ClassVar[Literal["both", "right", "left"]] = "both"
+    #: Padding the backend handles exactly at real tokens: "both", "right" or "left".
+    padding: str = "both"
     #: The per-layer role `layer_names()` lists (seed API).
     primary_role: ClassVar[str] = "residual"
 

@@ -35,11 +35,15 @@ class Hookpoint:
     """
 
     module: nn.Module
-    io: Literal["output", "input"] = "output"
+    io: str = "output"  # "output" | "input"
     index: int = 0
     arg: str = "hidden_states"
     #: Copy the captured value (for modules whose output a later step modifies in place).
     clone: bool = False
+
+    def __post_init__(self) -> None:
+        if self.io not in ("output", "input"):
+            raise ValueError(f"Hookpoint.io must be 'output' or 'input', got {self.io!r}")
 
 
 @dataclass

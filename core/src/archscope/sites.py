@@ -120,13 +120,21 @@ class SiteInfo:
     """
 
     site: Site
-    kind: SiteKind
+    kind: str  # SiteKind
     shape: tuple[str, ...]
     dim: int
     writable: bool = True
     order: float = 0.0
     description: str = ""
     extra: dict[str, object] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("token", "state"):
+            raise SiteError(f"SiteInfo for {self.site}: kind must be 'token' or 'state', "
+                            f"got {self.kind!r}")
+        if self.kind == "token" and "seq" not in self.shape:
+            raise SiteError(f"SiteInfo for {self.site}: a token site's shape must name a 'seq' "
+                            f"axis, got {self.shape}")
 
     @property
     def name(self) -> str:
