@@ -185,6 +185,10 @@ class TransformerBackend(HookBackend):
             batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         if self._takes_use_cache:
             batch.setdefault("use_cache", False)
+        if any(name.endswith(".attn_pattern") for name in ctx.capture):
+            # Some modelling files (OPT before transformers 5.4) drop the probabilities
+            # inside the attention module unless asked for them.
+            batch.setdefault("output_attentions", True)
         output = self.model(**batch)
         edits = ctx.edits.get("logits")
         if edits:
