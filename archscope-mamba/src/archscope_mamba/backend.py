@@ -648,9 +648,9 @@ def read_cache_state(cache: Any, index: int, conv: bool) -> Any:
     if getter is not None:
         return getter(index)
     layers = getattr(cache, "layers", None)
-    if layers is not None:  # 5.x releases before the getters: per-layer {0: tensor} holders
+    if layers is not None:  # 5.x releases before the getters: a tensor or {0: tensor} per layer
         held = getattr(layers[index], "conv_states" if conv else "recurrent_states", None)
-        return None if not held else held[0]
+        return held.get(0) if isinstance(held, dict) else held
     states = getattr(cache, "conv_states" if conv else "ssm_states", None)
     return None if states is None else states[index]
 

@@ -258,7 +258,8 @@ def stepped_states(model: Any, family: str, input_ids: Any) -> dict[str, Any]:
             # The layer's own holders (per-state-index dicts), present across 5.x releases; some
             # releases give non-SSM blocks (attention, MLP) an empty linear-attention layer too.
             layer = cache.layers[i]
-            ssm, conv = (getattr(layer, f, {}).get(0) for f in ("recurrent_states", "conv_states"))
+            ssm, conv = (getattr(layer, f, None) for f in ("recurrent_states", "conv_states"))
+            ssm, conv = (h.get(0) if isinstance(h, dict) else h for h in (ssm, conv))
             if has_ssm != (ssm is not None and conv is not None):
                 raise AssertionError(f"{family}: block {i} has_ssm={has_ssm} but its cache "
                                      f"layer holds ssm={ssm is not None}, conv={conv is not None}")
