@@ -333,7 +333,7 @@ class MambaBackend(HookBackend):
 
     # -- running -------------------------------------------------------------------------------
     def _plan(self, ctx: RunContext) -> _Plan:
-        plan: _Plan | None = getattr(ctx, "_mamba_plan", None)
+        plan: _Plan | None = ctx.extra.get("mamba_plan")
         if plan is not None:
             return plan
         import torch
@@ -345,10 +345,10 @@ class MambaBackend(HookBackend):
         if ctx.initial_state is not None:
             plan.stepping = True
             plan.steps = int(ctx.batch["input_ids"].shape[1])
-            if side in ("left", "mixed"):
+            if side == "left":  # (rows padded on both sides are refused before this)
                 raise BackendError(
-                    f"a run from initial_state continues each row from its state, so the "
-                    f"suffix may only be right-padded; got a {side}-padded attention_mask"
+                    "a run from initial_state continues each row from its state, so the "
+                    "suffix may only be right-padded; got a left-padded attention_mask"
                 )
             if side == "right" and plan.wants_state:
                 raise BackendError(
@@ -356,10 +356,10 @@ class MambaBackend(HookBackend):
                     "suffixes of equal length when asking for states from a continued run"
                 )
         elif self.native and side != "none":
-            if side != "right":
+            if side == "left":
                 raise BackendError(
-                    f"native mamba_ssm models take no attention mask, so only right padding "
-                    f"keeps real tokens exact; got a {side}-padded batch"
+                    "native mamba_ssm models take no attention mask, so only right padding "
+                    "keeps real tokens exact; got a left-padded batch"
                 )
             if plan.wants_state and ctx.edits:
                 raise BackendError(
@@ -367,9 +367,6 @@ class MambaBackend(HookBackend):
                     "right-padded row is re-computed from its real tokens alone, which cannot "
                     "carry edits: run rows of equal length when editing and reading states"
                 )
-        elif plan.wants_state and side == "mixed":
-            raise BackendError("states need a left- or right-padded attention_mask; got padding "
-                               "on both sides of some row")
         elif plan.wants_state and side == "right":
             # HF models keep updating the state over right pads: run the rows left-padded
             # (pads are masked to zero inputs, so the state stays at zero until the first real
@@ -377,7 +374,7 @@ class MambaBackend(HookBackend):
             assert mask is not None
             plan.original_mask = mask
             plan.shift = (mask.shape[1] - mask.sum(-1)).to(torch.long)
-        ctx._mamba_plan = plan
+        ctx.extra["mamba_plan"] = plan
         return plan
 
     def _attach(self, name: str, ctx: RunContext) -> Any:

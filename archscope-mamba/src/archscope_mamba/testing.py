@@ -264,6 +264,7 @@ def stepped_states(model: Any, family: str, input_ids: Any) -> dict[str, Any]:
                 raise AssertionError(f"{family}: block {i} has_ssm={has_ssm} but its cache "
                                      f"layer holds ssm={ssm is not None}, conv={conv is not None}")
             if has_ssm:
+                assert ssm is not None and conv is not None
                 states[f"layer_{i}.ssm_state"] = ssm.clone()
                 states[f"layer_{i}.conv_state"] = conv.clone()
     return states

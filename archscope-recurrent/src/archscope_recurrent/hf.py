@@ -408,7 +408,7 @@ class XLSTMBackend(_HFRecurrentBackend):
         from transformers.models.xlstm.modeling_xlstm import xLSTMCache
 
         dtype = self._part(self.family.embeddings).weight.dtype
-        cache = xLSTMCache(self.model.config, batch, dtype=dtype, device=self.device)
+        cache = xLSTMCache(self.model.config, batch, dtype=dtype, device=str(self.device))
         for i, layer in cache.rnn_state.items():
             cache.rnn_state[i] = tuple(  # type: ignore[assignment]
                 initial[f"layer_{i}.{s.role}"].to(device=self.device, dtype=zero.dtype).clone()

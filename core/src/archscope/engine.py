@@ -58,6 +58,8 @@ class RunContext:
     initial_state: Mapping[str, torch.Tensor] | None = None
     return_state: bool = False
     grad: bool = False
+    #: Per-run data of a backend's own (e.g. a plan computed once and read by its overrides).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
