@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from archscope import Backend, BackendError, Edit, SiteError
+from archscope.testing import padded_batch
 from archscope_mamba.backend import MambaBackend
 from archscope_mamba.testing import (
     HF_FAMILIES,
@@ -115,15 +116,7 @@ def test_state_shapes(family: str) -> None:
 
 
 # -- padding --------------------------------------------------------------------------------------
-def _padded(ids: torch.Tensor, lengths: list[int], side: str) -> dict[str, torch.Tensor]:
-    width = ids.shape[1]
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        if side == "right":
-            mask[row, :n] = 1
-        else:
-            mask[row, width - n:] = 1
-    return {"input_ids": ids * mask, "attention_mask": mask}
+
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -131,7 +124,7 @@ def _padded(ids: torch.Tensor, lengths: list[int], side: str) -> dict[str, torch
 def test_padded_row_state_equals_the_unpadded_state(family: str, side: str) -> None:
     model, backend = _model(family), _backend(family)
     ids = random_ids(2, 10, seed=4)
-    batch = _padded(ids, [10, 6], side)
+    batch = padded_batch(ids, [10, 6], side)
     names = [n for n, i in backend.sites().items() if i.kind == "state"] + ["layer_0.residual"]
     padded = backend.run(batch, capture=names)
     real = batch["attention_mask"][1].bool()
@@ -152,7 +145,7 @@ def test_padded_row_state_equals_the_unpadded_state(family: str, side: str) -> N
 def test_right_padding_without_handling_would_give_a_wrong_state() -> None:
     """The plain HF forward keeps updating the state over right pads; the backend must not."""
     model, backend = _model("mamba"), _backend("mamba")
-    batch = _padded(random_ids(2, 10, seed=4), [10, 6], "right")
+    batch = padded_batch(random_ids(2, 10, seed=4), [10, 6], "right")
     out = model(**batch, use_cache=True)
     cache = out.cache if hasattr(out, "cache") else out.cache_params  # renamed within 5.x
     naive = cache.layers[0].recurrent_states[0][1]
@@ -165,7 +158,7 @@ def test_right_padding_without_handling_would_give_a_wrong_state() -> None:
 @pytest.mark.parametrize("positions", [[1], "last", None])
 def test_edits_land_on_the_same_tokens_when_states_force_left_padding(positions: Any) -> None:
     backend = _backend("mamba2")
-    batch = _padded(random_ids(2, 8, seed=6), [8, 5], "right")
+    batch = padded_batch(random_ids(2, 8, seed=6), [8, 5], "right")
     vector = torch.randn(backend.d_model)
     edits = [Edit.add("layer_0.residual", vector, positions=positions)]
     tokens_only = backend.run(batch, capture=["layer_2.residual", "logits"], edits=edits)
@@ -241,7 +234,7 @@ def test_continued_run_applies_edits_at_suffix_positions() -> None:
 
 def test_return_state_gives_every_state_site_after_the_last_real_token() -> None:
     backend = _backend("mamba2")
-    batch = _padded(random_ids(2, 9, seed=41), [9, 4], "right")
+    batch = padded_batch(random_ids(2, 9, seed=41), [9, 4], "right")
     state = backend.run(batch, return_state=True).state
     assert state is not None
     assert sorted(state) == sorted(n for n, i in backend.sites().items() if i.kind == "state")
@@ -261,7 +254,7 @@ def test_initial_state_errors_name_what_is_wrong() -> None:
     with pytest.raises(SiteError, match=r"has shape \(2, 64, 8\); expected \(3, 64, 8\)"):
         backend.run(random_ids(3, 3), initial_state=state)
     with pytest.raises(BackendError, match="only be right-padded"):
-        backend.run(_padded(random_ids(2, 3), [3, 2], "left"), initial_state=state)
+        backend.run(padded_batch(random_ids(2, 3), [3, 2], "left"), initial_state=state)
     with pytest.raises(SiteError, match="read-only"):
         backend.run(suffix, edits=[Edit.scale("layer_0.ssm_state", 0.0)])
 
@@ -293,9 +286,9 @@ def test_native_residual_edit_reaches_the_next_block_exactly() -> None:
 def test_native_left_padding_and_edited_padded_states_are_refused() -> None:
     backend = _backend("native")
     with pytest.raises((BackendError, ValueError), match="right.*left-padded"):
-        backend.run(_padded(random_ids(2, 5), [5, 3], "left"), capture=["layer_0.residual"])
+        backend.run(padded_batch(random_ids(2, 5), [5, 3], "left"), capture=["layer_0.residual"])
     with pytest.raises(BackendError, match="cannot carry edits"):
-        backend.run(_padded(random_ids(2, 5), [5, 3], "right"), capture=["layer_0.ssm_state"],
+        backend.run(padded_batch(random_ids(2, 5), [5, 3], "right"), capture=["layer_0.ssm_state"],
                     edits=[Edit.scale("layer_0.residual", 2.0)])
 
 

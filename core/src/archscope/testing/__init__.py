@@ -29,10 +29,27 @@ from typing import Any, ClassVar
 
 import pytest
 
-__all__ = ["HEAVY_MODULES", "BackendContract"]
+__all__ = ["HEAVY_MODULES", "BackendContract", "padded_batch"]
 
 #: Modules that discovery and `can_handle` must not import.
 HEAVY_MODULES = ("torch", "transformers", "mamba_ssm", "jax", "tensorflow")
+
+
+def padded_batch(ids: Any, lengths: list[int], side: str = "right") -> dict[str, Any]:
+    """A batch whose row ``r`` keeps ``lengths[r]`` real tokens of ``ids`` (batch, width),
+    padded on ``side`` ("right" or "left") with id 0 and a matching attention mask."""
+    import torch
+
+    if side not in ("right", "left"):
+        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+    width = ids.shape[1]
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, width - n:] = 1
+    return {"input_ids": ids * mask, "attention_mask": mask}
 
 
 def _fix(message: str) -> None:
@@ -88,17 +105,10 @@ class BackendContract:
 
         rows, seq = self.batch_shape
         lengths = lengths or [seq] * rows
-        width = max(lengths)
         gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(1, self.vocab_size(model), (len(lengths), width), generator=gen)
-        mask = torch.zeros_like(ids)
-        for row, n in enumerate(lengths):
-            if side == "right":
-                mask[row, :n] = 1
-            else:
-                mask[row, width - n:] = 1
-        ids = ids * mask  # pad id 0 at padded positions
-        return {"input_ids": ids.to(self._device(model)), "attention_mask": mask.to(self._device(model))}
+        ids = torch.randint(1, self.vocab_size(model), (len(lengths), max(lengths)), generator=gen)
+        batch = padded_batch(ids, lengths, side)
+        return {k: v.to(self._device(model)) for k, v in batch.items()}
 
     # -- helpers -----------------------------------------------------------------------------
     def _models(self) -> dict[str, Any]:
