@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from archscope.testing import BackendContract
+from archscope.testing import HEAVY_MODULES, BackendContract
 from archscope_mamba.testing import (
     HYBRID_FAMILIES,
     PURE_SSM_FAMILIES,
@@ -33,6 +33,7 @@ def _foreign() -> dict[str, Any]:
 class _MambaContract(BackendContract):
     backend_name = "mamba"
     distribution = "archscope-mamba"
+    heavy_modules = (*HEAVY_MODULES, "mamba_ssm", "causal_conv1d")
     families: tuple[str, ...] = ()
 
     def make_models(self) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def _table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="archscope")
 def cli() -> None:
-    """archscope: one interpretability API for transformers, state-space and recurrent models."""
+    """archscope: one interpretability API for every neural architecture."""
 
 
 @cli.command()
@@ -112,7 +112,7 @@ def info(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def run_method(method: str, model: str, texts: tuple[str, ...], arch: str | None,
                params: tuple[str, ...], as_json: bool) -> None:
-    """Run METHOD on MODEL (a model spec such as zoo:tiny-gpt or hf:PATH) over --text inputs."""
+    """Run METHOD on MODEL (a model spec such as SOURCE:NAME or a local folder) over --text inputs."""
     from .loader import load_model, make_tokenize_fn
     from .plugins import get_manager
 

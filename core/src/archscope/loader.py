@@ -22,13 +22,13 @@ def _split(spec: str) -> tuple[str | None, str]:
 
 def load_model(name: str, arch: str | None = None, dtype: Any = None,
                device: str = "cpu") -> tuple[Any, Any, Backend]:
-    """``load_model("hf:gpt2")`` / ``("zoo:tiny-mamba")`` / ``("./folder")`` →
+    """``load_model("<source>:<name>")`` or ``load_model("./folder")`` →
     ``(model, tokenizer, backend)``. ``arch`` is a backend hint; ``dtype`` a torch dtype or
     its name."""
     from .plugins import get_manager
 
     if not isinstance(name, str) or not name:
-        raise ModelSourceError(f"a model spec is a non-empty string such as 'hf:gpt2', got {name!r}")
+        raise ModelSourceError(f"a model spec is a non-empty string such as '<source>:<name>', got {name!r}")
     manager = get_manager()
     prefix, rest = _split(name)
     source = None
@@ -46,8 +46,8 @@ def load_model(name: str, arch: str | None = None, dtype: Any = None,
         what = f"no model source is registered for prefix {prefix!r}" if prefix else \
             f"no model source claims {name!r}"
         raise ModelSourceError(
-            f"{what}. Registered sources: {known}. Use '<source>:<name>', e.g. 'hf:gpt2' "
-            "(needs archscope-transformer) or 'zoo:<model>' (needs archscope-zoo)."
+            f"{what}. Registered sources: {known}. Use '<source>:<name>' with a registered source "
+            "(`archscope info` lists them), or install the plugin that provides it."
         )
     if isinstance(dtype, str):
         import torch

@@ -30,7 +30,7 @@ LAYER_ROLES: dict[str, str] = {
     "ssm_state": "recurrent SSM state after the last real position",
     "conv_state": "causal-conv state after the last real position",
     "hidden": "RNN hidden output of layer i at every step",
-    "cell": "LSTM cell state of layer i at every step",
+    "cell": "cell state of a gated recurrent layer i at every step",
     "state": "recurrent state of a block after the last real position",
 }
 

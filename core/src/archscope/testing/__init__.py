@@ -8,11 +8,11 @@ the contract and, when it fails, says what to fix. See docs/plugin-authors.md.
 from archscope.testing import BackendContract
 
 class TestMyBackend(BackendContract):
-    backend_name = "minigru"
-    distribution = "archscope-minigru"
+    backend_name = "mymodel"
+    distribution = "archscope-mymodel"
 
     def make_models(self):
-        return {"tiny": build_tiny_minigru()}
+        return {"tiny": build_tiny_model()}
 
     def reference_activations(self, model, batch):
         return {...}  # values computed without archscope, e.g. with your own forward hooks
@@ -32,7 +32,7 @@ import pytest
 __all__ = ["HEAVY_MODULES", "BackendContract", "padded_batch"]
 
 #: Modules that discovery and `can_handle` must not import.
-HEAVY_MODULES = ("torch", "transformers", "mamba_ssm", "jax", "tensorflow")
+HEAVY_MODULES = ("torch", "transformers", "jax", "tensorflow")
 
 
 def padded_batch(ids: Any, lengths: list[int], side: str = "right") -> dict[str, Any]:
@@ -69,6 +69,8 @@ class BackendContract:
     logits_atol: ClassVar[float] = 1e-4
     #: Batch used by the checks: (rows, tokens).
     batch_shape: ClassVar[tuple[int, int]] = (2, 6)
+    #: Modules that plugin discovery and `can_handle` must not import (add your framework's).
+    heavy_modules: ClassVar[tuple[str, ...]] = HEAVY_MODULES
 
     # -- what an author provides -------------------------------------------------------------
     def make_models(self) -> dict[str, Any]:
@@ -204,7 +206,7 @@ class BackendContract:
         from torch import nn
 
         cls = self._manager().backends.get(self.backend_name).obj
-        others: dict[str, Any] = {"object()": object(), "None": None, "a string": "gpt2",
+        others: dict[str, Any] = {"object()": object(), "None": None, "a string": "model-name",
                                   "an int": 3, "nn.Linear": nn.Linear(2, 2),
                                   **self.make_foreign_models()}
         for name, obj in others.items():
@@ -223,7 +225,7 @@ class BackendContract:
             "from archscope.plugins import get_manager\n"
             f"entry = get_manager().backends.get({self.backend_name!r})\n"
             "entry.obj.can_handle(object())\n"
-            f"print(json.dumps([m for m in {list(HEAVY_MODULES)!r} if m in sys.modules]))\n"
+            f"print(json.dumps([m for m in {list(self.heavy_modules)!r} if m in sys.modules]))\n"
         )
         proc = subprocess.run([sys.executable, "-c", "import json\n" + code],
                               capture_output=True, text=True, timeout=120)
