@@ -45,7 +45,11 @@ import torch  # noqa: E402
 
 from archscope import Edit  # noqa: E402
 from archscope_mamba.backend import MambaBackend  # noqa: E402
-from archscope_mamba.testing import make_model  # noqa: E402
+from archscope_mamba.testing import (  # noqa: E402
+    make_model,
+    make_native_model,
+    reference_activations,
+)
 
 #: Relative error ||device - cpu|| / ||cpu|| allowed per dtype.
 REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
@@ -146,41 +150,15 @@ def check_hf(family: str, device: str, runs: int) -> dict[str, Any]:
 
 
 def check_native(layer: str, device: str, runs: int) -> dict[str, Any]:
-    """mamba_ssm's MambaLMHeadModel: states from the fused kernels (prefill with
-    inference_params) against stepping its own cache; residual sums against its plain forward."""
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-    from mamba_ssm.utils.generation import InferenceParams
-
-    torch.manual_seed(0)
-    ssm_cfg: dict[str, Any] = {"layer": layer}
-    if layer == "Mamba2":
-        ssm_cfg.update(headdim=32, d_state=64, chunk_size=64)
-    config = MambaConfig(d_model=128, n_layer=4, vocab_size=256, ssm_cfg=ssm_cfg)
-    model = MambaLMHeadModel(config, device=device, dtype=torch.float32).eval()
+    """mamba_ssm's MambaLMHeadModel: residual sums against its fused forward (own block hooks)
+    and states against stepping its own InferenceParams, via the package's reference."""
+    model = make_native_model(layer, n_layer=4, vocab_size=256, device=device)
     backend = MambaBackend(model)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (BATCH, SEQ), generator=gen).to(device)
-    sums: dict[str, torch.Tensor] = {}
-    handles = [blk.register_forward_hook(
-        lambda m, a, out, i=i: sums.__setitem__(f"layer_{i}.residual", out[0] + out[1]))
-        for i, blk in enumerate(model.backbone.layers)]
-    try:
-        with torch.no_grad():
-            model(ids)  # fused path (no inference_params)
-    finally:
-        for handle in handles:
-            handle.remove()
-    params = InferenceParams(max_seqlen=SEQ, max_batch_size=BATCH)
-    with torch.no_grad():
-        for t in range(SEQ):
-            model(ids[:, t: t + 1], inference_params=params)
-            params.seqlen_offset += 1
-    stepped = {}
-    for name, info in backend.sites().items():
-        if info.kind == "state":
-            conv, ssm = params.key_value_memory_dict[info.site.layer]
-            stepped[name] = (conv if info.site.role == "conv_state" else ssm).float().cpu()
+    reference = reference_activations(model, "native", ids)
+    sums = {k: v for k, v in reference.items() if k.endswith(".residual")}
+    stepped = {k: v.float().cpu() for k, v in reference.items() if k.endswith("_state")}
     got = backend.run(ids, capture=[*sums, *stepped]).activations
     report: dict[str, Any] = {"family": f"native-{layer}", "batch": [BATCH, SEQ]}
     report["residual_vs_fused_forward"] = _compare(got, {k: v.float().cpu()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from archscope import Backend, Edit
+from archscope_mamba.testing import make_native_model, reference_activations
 
 mamba_ssm = pytest.importorskip("mamba_ssm", reason="mamba_ssm (archscope-mamba[cuda]) is not "
                                 "importable here")
@@ -22,15 +23,7 @@ ATOL = 1e-4  # fp32 CUDA kernels against one another
 
 
 def _model(layer: str) -> Any:
-    from mamba_ssm.models.config_mamba import MambaConfig
-    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-
-    torch.manual_seed(0)
-    ssm_cfg = {"layer": layer}
-    if layer == "Mamba2":
-        ssm_cfg.update(headdim=32, d_state=64, chunk_size=64)
-    config = MambaConfig(d_model=128, n_layer=2, vocab_size=128, ssm_cfg=ssm_cfg)
-    return MambaLMHeadModel(config, device="cuda", dtype=torch.float32).eval()
+    return make_native_model(layer, n_layer=2, vocab_size=128)
 
 
 def _ids(batch: int, seq: int, seed: int) -> torch.Tensor:
@@ -39,49 +32,21 @@ def _ids(batch: int, seq: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
-def test_native_sites_match_own_hooks_and_logits(layer: str) -> None:
+def test_native_sites_match_own_hooks_logits_and_stepped_states(layer: str) -> None:
     model = _model(layer)
     backend = Backend.for_model(model)
     assert backend.name == "mamba" and backend.native
     ids = _ids(2, 16, 1)
-    sums: dict[str, torch.Tensor] = {}
-    handles = [block.register_forward_hook(
-        lambda m, a, out, i=i: sums.__setitem__(f"layer_{i}.residual", out[0] + out[1]))
-        for i, block in enumerate(model.backbone.layers)]
-    try:
-        with torch.no_grad():
-            logits = model(ids).logits
-    finally:
-        for handle in handles:
-            handle.remove()
-    result = backend.run(ids, capture=[*sums, "logits"])
-    for name, value in sums.items():
+    # Residual sums from the tests' own block hooks, logits of the fused forward, and states
+    # reached by stepping mamba_ssm's own InferenceParams one token at a time.
+    reference = reference_activations(model, "native", ids)
+    result = backend.run(ids, capture=list(reference))
+    for name, value in reference.items():
         assert torch.allclose(result[name], value, atol=ATOL), name
-    assert torch.allclose(result.logits, logits, atol=ATOL)
     last = backend.unembed(result[f"layer_{backend.n_layers - 1}.residual"])
-    assert torch.allclose(last, logits, atol=1e-3)
+    assert torch.allclose(last, reference["logits"], atol=1e-3)
     same = backend.run(ids, edits=[Edit.apply("layer_0.residual", lambda x: x)]).logits
     assert torch.equal(same, backend.run(ids).logits)
-
-
-@pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
-def test_native_state_equals_stepping_through_inference_params(layer: str) -> None:
-    from mamba_ssm.utils.generation import InferenceParams
-
-    model = _model(layer)
-    backend = Backend.for_model(model)
-    ids = _ids(2, 12, 2)
-    params = InferenceParams(max_seqlen=12, max_batch_size=2)
-    with torch.no_grad():
-        for t in range(12):
-            model(ids[:, t: t + 1], inference_params=params)
-            params.seqlen_offset += 1
-    names = [n for n, i in backend.sites().items() if i.kind == "state"]
-    result = backend.run(ids, capture=names)
-    for name in names:
-        conv, ssm = params.key_value_memory_dict[backend.sites()[name].site.layer]
-        want = conv if name.endswith("conv_state") else ssm
-        assert torch.allclose(result[name], want, atol=ATOL), name
 
 
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])

@@ -91,6 +91,21 @@ def make_model(family: str, seed: int = 0, size: str = "tiny") -> Any:
     return getattr(transformers, model_name)(config).eval()
 
 
+def make_native_model(layer: str = "Mamba1", n_layer: int = 2, vocab_size: int = 128,
+                      device: str = "cuda", seed: int = 0) -> Any:
+    """A real ``mamba_ssm`` MambaLMHeadModel (needs the ``[cuda]`` extra and a GPU), float32."""
+    import torch
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    torch.manual_seed(seed)
+    ssm_cfg: dict[str, Any] = {"layer": layer}
+    if layer == "Mamba2":
+        ssm_cfg.update(headdim=32, d_state=64, chunk_size=64)
+    config = MambaConfig(d_model=128, n_layer=n_layer, vocab_size=vocab_size, ssm_cfg=ssm_cfg)
+    return MambaLMHeadModel(config, device=device, dtype=torch.float32).eval()
+
+
 def random_ids(batch: int, seq: int, seed: int = 1) -> Any:
     """Token ids in [3, VOCAB) (avoids the pad/bos/eos ids of the configs)."""
     import torch
@@ -218,7 +233,6 @@ def stepped_states(model: Any, family: str, input_ids: Any) -> dict[str, Any]:
     """``layer_i.ssm_state`` / ``layer_i.conv_state`` after feeding ``input_ids`` one token at a
     time through the model's own cache (HF ``Cache`` or the native ``inference_params``)."""
     import inspect
-    import types
 
     import torch
 
@@ -227,9 +241,7 @@ def stepped_states(model: Any, family: str, input_ids: Any) -> dict[str, Any]:
     states: dict[str, Any] = {}
     with torch.no_grad():
         if family == "native":
-            params = types.SimpleNamespace(max_seqlen=steps, max_batch_size=input_ids.shape[0],
-                                           seqlen_offset=0, batch_size_offset=0,
-                                           key_value_memory_dict={}, lengths_per_sample=None)
+            params = _inference_params(steps, input_ids.shape[0])
             for t in range(steps):
                 model(input_ids[:, t: t + 1], inference_params=params)
                 params.seqlen_offset += 1
@@ -272,6 +284,20 @@ def stepped_states(model: Any, family: str, input_ids: Any) -> dict[str, Any]:
 
 # -- a stand-in for mamba_ssm's MambaLMHeadModel ------------------------------------------------
 _CausalLMOutput = namedtuple("_CausalLMOutput", ["logits"])  # what MambaLMHeadModel returns
+
+
+def _inference_params(max_seqlen: int, max_batch_size: int) -> Any:
+    """mamba_ssm's own InferenceParams where it is installed, else an object with its fields
+    (what `NativeStandIn` reads)."""
+    import types
+
+    try:
+        from mamba_ssm.utils.generation import InferenceParams
+    except ImportError:
+        return types.SimpleNamespace(max_seqlen=max_seqlen, max_batch_size=max_batch_size,
+                                     seqlen_offset=0, batch_size_offset=0,
+                                     key_value_memory_dict={}, lengths_per_sample=None)
+    return InferenceParams(max_seqlen=max_seqlen, max_batch_size=max_batch_size)
 
 
 def _torch_modules() -> Any:
