@@ -358,3 +358,28 @@ def test_edits_of_sites_without_a_hookpoint_are_refused_unless_the_backend_appli
     with pytest.raises(BackendError, match=r"cannot edit \['layer_0.state'\] during a run"):
         WithState(stack).run(ids, edits=[Edit.scale("layer_0.state", 0.0)])
     assert _hook_count(stack) == 0
+
+
+def test_index_tensors_are_accepted_as_positions_and_units(stack, ids):
+    backend = StackBackend(stack)
+    by_list = backend.run(ids, edits=[Edit.scale("layer_0.residual", 0.0, positions=[1, 2],
+                                                 units=[0, 3])]).logits
+    by_tensor = backend.run(ids, edits=[Edit.scale("layer_0.residual", 0.0,
+                                                   positions=torch.tensor([1, 2]),
+                                                   units=torch.tensor([0, 3]))]).logits
+    assert torch.equal(by_list, by_tensor)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: Edit("layer_0.residual", "bogus", 1.0), "unknown op 'bogus'; use replace, add, scale or fn"),
+    (lambda: Edit.add("layer_0.residual", 1.0, positions="first"), "positions must be None (all), an int"),
+    (lambda: Edit.add("layer_0.residual", 1.0, positions=[1, "x"]), "positions must be None"),
+    (lambda: Edit.add("layer_0.residual", "abc"), "is a number or a tensor, got str"),
+    (lambda: Edit.apply("layer_0.residual", 3), "needs a function tensor -> tensor, got int"),
+    (lambda: Edit.scale("layer_0.residual", 0.0, units=[1.5]), "units must be a list of feature indices"),
+])
+def test_malformed_edits_are_refused_when_made(make, message):
+    with pytest.raises((ValueError, TypeError)) as err:
+        make()
+    assert message in str(err.value)
+    assert "'layer_0.residual'" in str(err.value)

@@ -7,6 +7,7 @@ A backend wraps one model instance. `Backend.for_model` picks the registered bac
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,17 @@ class ActivationRecord:
 
 
 EditOp = Literal["replace", "add", "scale", "fn"]
+
+
+def _is_index(value: Any) -> bool:
+    """An integer index (int, numpy or 0-d torch integer), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
 Positions = None | int | slice | Sequence[int]
 
 
@@ -64,6 +76,33 @@ class Edit:
     value: Any
     positions: Positions = None
     units: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        where = f"Edit of {self.site!r}"
+        if self.op not in ("replace", "add", "scale", "fn"):
+            raise ValueError(f"{where}: unknown op {self.op!r}; use replace, add, scale or fn "
+                             "(Edit.replace / add / scale / apply)")
+        if self.op == "fn" and not callable(self.value):
+            raise TypeError(f"{where}: Edit.apply needs a function tensor -> tensor, got "
+                            f"{type(self.value).__name__}")
+        if self.op != "fn" and (isinstance(self.value, (str, bytes)) or callable(self.value)):
+            raise TypeError(f"{where}: the value of a {self.op} edit is a number or a tensor, "
+                            f"got {type(self.value).__name__}")
+        for field_name in ("positions", "units"):  # tensors / arrays of indices -> lists
+            value = getattr(self, field_name)
+            if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+                object.__setattr__(self, field_name, value.tolist())
+        pos = self.positions
+        ok = (pos is None or pos == "last" or isinstance(pos, slice) or _is_index(pos)
+              or (isinstance(pos, Sequence) and not isinstance(pos, str)
+                  and all(_is_index(p) for p in pos)))
+        if not ok:
+            raise ValueError(f"{where}: positions must be None (all), an int, a slice, a list of "
+                             f"ints or 'last' (each row's last real token); got {pos!r}")
+        if self.units is not None and (isinstance(self.units, str) or not all(
+                _is_index(u) for u in self.units)):
+            raise ValueError(f"{where}: units must be a list of feature indices (ints), got "
+                             f"{self.units!r}")
 
     @classmethod
     def replace(cls, site: str | Site, value: Any, positions: Positions = None,
