@@ -63,3 +63,11 @@ def test_a_folder_without_tokenizer_loads_with_none(tmp_path: Path) -> None:
 def test_folders_without_config_json_are_not_claimed(tmp_path: Path) -> None:
     with pytest.raises(ModelSourceError, match="no model source claims"):
         archscope.load_model(str(tmp_path))
+
+
+def test_missing_or_non_model_folders_get_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no such folder"):
+        archscope.load_model(f"hf:{tmp_path / 'missing'}")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"has no config.json.*notes.txt"):
+        archscope.load_model(f"hf:{tmp_path}")

@@ -133,7 +133,7 @@ def run_method(method: str, model: str, texts: tuple[str, ...], arch: str | None
         _, tokenizer, backend = load_model(model, arch=arch)
         inputs = make_tokenize_fn(tokenizer, max_length=128)(list(texts))
         result = entry.obj(backend, inputs, **kwargs)
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
         raise click.ClickException(f"{method} on {model}: {exc}") from exc
     click.echo(result.to_json() if as_json else result.to_markdown())
 
