@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PACKAGES := core archscope-transformer archscope-mamba archscope-recurrent
-TESTS := core/tests archscope-transformer/tests archscope-mamba/tests archscope-recurrent/tests plugins/template/tests
+TESTS := core/tests archscope-transformer/tests archscope-mamba/tests archscope-recurrent/tests plugins/template/tests tests
 
 .PHONY: setup demo test lint bench clean
 

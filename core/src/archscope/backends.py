@@ -13,22 +13,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from .errors import BackendError, CapabilityError, NoBackendError, PaddingError
 from .sites import Site, SiteError, SiteInfo, resolve
 
 if TYPE_CHECKING:  # torch is imported lazily: discovery and the CLI must not pay for it
     import torch
-
-
-class BackendError(RuntimeError):
-    """A backend cannot serve a model, or a capability it lacks was asked for."""
-
-
-class PaddingError(BackendError, ValueError):
-    """A batch padded on a side the backend cannot handle exactly."""
-
-
-class NoBackendError(BackendError, ValueError):
-    """No registered backend can handle a model (or an unknown hint was given)."""
 
 
 @dataclass
@@ -332,7 +321,7 @@ class Backend:
     # -- helpers -------------------------------------------------------------------------------
     def require(self, capability: str) -> None:
         if capability not in self.capabilities:
-            raise BackendError(
+            raise CapabilityError(
                 f"backend {self.name!r} lacks the capability {capability!r} "
                 f"(it has: {', '.join(sorted(self.capabilities)) or 'none'})"
             )

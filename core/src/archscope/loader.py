@@ -6,10 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .backends import Backend
-
-
-class ModelSourceError(ValueError):
-    """A model spec that no registered source can load."""
+from .errors import ModelSourceError
 
 
 def _split(spec: str) -> tuple[str | None, str]:

@@ -28,6 +28,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .errors import PluginError
 
 ENTRY_POINT_GROUP = "archscope"
 CORE_DISTRIBUTION = "archscope"
@@ -38,10 +39,6 @@ KINDS = ("backends", "methods", "sources", "commands")
 
 class PluginWarning(UserWarning):
     """A plugin failed, or two plugins registered the same name."""
-
-
-class PluginError(RuntimeError):
-    """Raised in strict mode when a plugin fails to load or register."""
 
 
 def _warn(message: str) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .errors import SiteError
+
 #: Model-level sites (no layer index).
 MODEL_ROLES: dict[str, str] = {
     "embed": "embedding output = residual stream before block 0",
@@ -49,10 +51,6 @@ CAPABILITIES: dict[str, str] = {
 
 _LAYER_RE = re.compile(r"^layer_(\d+)\.([a-z][a-z0-9_]*)$")
 _ROLE_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class SiteError(ValueError):
-    """A site name that is malformed or that the model does not have."""
 
 
 @dataclass(frozen=True)
