@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend
-from .errors import ModelSourceError
+from .errors import InputError, ModelSourceError
 
 #: ``package.module:function`` or ``path/to/file.py:function``.
 _CALLABLE_SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|[^:]+\.py):[A-Za-z_][\w.]*$")
@@ -115,16 +115,22 @@ def load_model(name: str, arch: str | None = None, dtype: Any = None,
     return model, tokenizer, Backend.for_model(model, hint=arch)
 
 
-def make_tokenize_fn(tokenizer: Any, max_length: int = 32,
+def make_tokenize_fn(tokenizer: Any, max_length: int | None = None,
                      attention_mask_bool: bool = False) -> Callable[[Any], dict[str, Any]]:
-    """A function ``texts -> {"input_ids", "attention_mask"}`` (padded, truncated to
-    ``max_length``), ready for `Backend.run` / `extract`. Sets a pad token when missing."""
+    """A function ``texts -> {"input_ids", "attention_mask"}`` (right-padded), ready for
+    `Backend.run` / `extract`. Texts are not cut unless ``max_length`` is given, and then with
+    a warning naming how many were. Sets a pad token when the tokenizer has none."""
+    import warnings
+
     if tokenizer is None:
-        raise ValueError("make_tokenize_fn needs a tokenizer; this model was loaded without one")
+        raise InputError("make_tokenize_fn needs a tokenizer; this model was loaded without one")
+    if max_length is not None and max_length < 1:
+        raise InputError(f"max_length must be a positive number of tokens or None, got "
+                         f"{max_length}")
     if getattr(tokenizer, "pad_token", None) is None:
         fallback = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
         if fallback is None:
-            raise ValueError("the tokenizer has no pad, eos or unk token to pad with; set "
+            raise InputError("the tokenizer has no pad, eos or unk token to pad with; set "
                              "tokenizer.pad_token first")
         tokenizer.pad_token = fallback
 
@@ -132,9 +138,16 @@ def make_tokenize_fn(tokenizer: Any, max_length: int = 32,
         if isinstance(texts, str):
             texts = [texts]
         if not texts:
-            raise ValueError("tokenize: give at least one text")
-        enc = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length)
+            raise InputError("tokenize: give at least one text")
+        if max_length is not None:
+            lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
+            cut = sum(n > max_length for n in lengths)
+            if cut:
+                warnings.warn(f"archscope: {cut} of {len(lengths)} texts are longer than "
+                              f"max_length={max_length} tokens (longest {max(lengths)}) and "
+                              "were truncated", stacklevel=2)
+        enc = tokenizer(list(texts), return_tensors="pt", padding=True,
+                        truncation=max_length is not None, max_length=max_length)
         mask = enc["attention_mask"]
         return {"input_ids": enc["input_ids"],
                 "attention_mask": mask.bool() if attention_mask_bool else mask}
