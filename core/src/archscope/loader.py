@@ -36,6 +36,10 @@ def load_callable(spec: str) -> tuple[Any, Any]:
             if "" not in sys.path and os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name.split(".")[0]:
+            raise  # nothing of that name: load_model says which sources exist
+        raise ModelSourceError(f"{spec!r}: importing {module_name!r} failed: {exc}") from None
     except ImportError as exc:
         raise ModelSourceError(f"{spec!r}: cannot import {module_name!r} ({exc}); give "
                                "'package.module:function' importable from the current folder, "
@@ -105,7 +109,18 @@ def load_model(name: str, arch: str | None = None, dtype: Any = None,
             raise ModelSourceError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16'")
         dtype = resolved
     if own_code:
-        model, tokenizer = load_callable(name)
+        try:
+            model, tokenizer = load_callable(name)
+        except ModuleNotFoundError:
+            known = ", ".join(f"{e.name}: ({e.distribution})" for e in manager.sources) \
+                or "(none)"
+            what = (f"no model source is registered for prefix {prefix!r}, and no module "
+                    f"{prefix!r} can be imported" if prefix else
+                    f"{name!r}: no module {name.rpartition(':')[0]!r} can be imported")
+            raise ModelSourceError(
+                f"{what}. Registered sources: {known}. Use '<source>:<name>' with a registered "
+                "source, or name your own code as 'package.module:function' (importable from "
+                "the current folder) or 'path/to/file.py:function'.") from None
         if dtype is not None or device != "cpu":
             model = model.to(device=device, dtype=dtype)
         return model, tokenizer, Backend.for_model(model, hint=arch)
