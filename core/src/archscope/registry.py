@@ -98,7 +98,11 @@ class Method:
                     f"method {self.name!r} needs capabilities {sorted(self.requires)}; backend "
                     f"{getattr(backend, 'name', type(backend).__name__)!r} lacks {missing}")
         values = self.check_params(params)
-        if self.input == "dataset":
+        if self.input == "batch" and isinstance(data, (list, tuple)):
+            from .data import as_dataset, pad_batch, padding_for
+
+            data = pad_batch(as_dataset(list(data)).ids(), padding_for(backends[0]))
+        elif self.input == "dataset":
             from .data import as_dataset
 
             data = as_dataset(data)
