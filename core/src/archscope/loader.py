@@ -13,6 +13,7 @@ from typing import Any
 
 from .backends import Backend
 from .errors import InputError, ModelSourceError
+from .registry import ModelSource
 
 #: ``package.module:function`` or ``path/to/file.py:function``.
 _CALLABLE_SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|[^:]+\.py):[A-Za-z_][\w.]*$")
@@ -69,6 +70,22 @@ def _split(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
+def find_source(name: str) -> tuple[ModelSource | None, str]:
+    """The registered source that loads the spec ``name`` and the rest of the spec it gets
+    (None when no source claims it)."""
+    from .plugins import get_manager
+
+    manager = get_manager()
+    prefix, rest = _split(name)
+    if prefix is not None:
+        entry = manager.sources.get(prefix)
+        if entry is not None:
+            return entry.obj, rest
+    claimants = sorted((e.obj for e in manager.sources if e.obj.claim(name)),
+                       key=lambda s: (-s.priority, s.name))
+    return (claimants[0], name) if claimants else (None, name)
+
+
 def load_model(name: str, arch: str | None = None, dtype: Any = None,
                device: str = "cpu") -> tuple[Any, Any, Backend]:
     """``load_model("<source>:<name>")`` or ``load_model("./folder")`` →
@@ -79,17 +96,8 @@ def load_model(name: str, arch: str | None = None, dtype: Any = None,
     if not isinstance(name, str) or not name:
         raise ModelSourceError(f"a model spec is a non-empty string such as '<source>:<name>', got {name!r}")
     manager = get_manager()
-    prefix, rest = _split(name)
-    source = None
-    if prefix is not None:
-        entry = manager.sources.get(prefix)
-        if entry is not None:
-            source = entry.obj
-    if source is None:
-        claimants = sorted((e.obj for e in manager.sources if e.obj.claim(name)),
-                           key=lambda s: (-s.priority, s.name))
-        if claimants:
-            source, rest = claimants[0], name
+    prefix, _ = _split(name)
+    source, rest = find_source(name)
     own_code = source is None and bool(_CALLABLE_SPEC.match(name))
     if source is None and not own_code:
         known = ", ".join(f"{e.name}: ({e.distribution})" for e in manager.sources) or "(none)"
