@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend
-from .errors import InputError, ModelSourceError
+from .errors import ArchscopeError, InputError, ModelSourceError
 from .registry import ModelSource
 
 #: ``package.module:function`` or ``path/to/file.py:function``.
@@ -133,7 +133,15 @@ def load_model(name: str, arch: str | None = None, dtype: Any = None,
             model = model.to(device=device, dtype=dtype)
         return model, tokenizer, Backend.for_model(model, hint=arch)
     assert source is not None
-    loaded = source(rest, dtype=dtype, device=device)
+    try:
+        loaded = source(rest, dtype=dtype, device=device)
+    except ArchscopeError:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a truncated file, a bad config, ...: one clear message
+        raise ModelSourceError(f"{name!r} could not be loaded by the {source.name!r} source: "
+                               f"{type(exc).__name__}: {exc}") from exc
     model, tokenizer = loaded[0], loaded[1]
     return model, tokenizer, Backend.for_model(model, hint=arch)
 
