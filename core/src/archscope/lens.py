@@ -545,10 +545,20 @@ class TunedLens:
         lens.weight = weight.detach()
         lens.bias = bias.detach()
         kl_logit, kl_tuned, n_eval = lens._evaluate(evals)
+        lens.backend = backend
         lens.report = TunedLensReport(backend=backend.name, layers=names, kl_logit=kl_logit,
                                       kl_tuned=kl_tuned, n_train_tokens=train.n_tokens,
                                       n_eval_tokens=n_eval, epochs=epochs)
         return lens
+
+    def evaluate(self, rows: list[list[int]], batch_size: int = 16
+                 ) -> tuple[list[float], list[float]]:
+        """Mean KL(final ‖ lens) per layer over every real token of ``rows`` (token-id lists):
+        (logit lens, tuned lens)."""
+        if self.backend is None:
+            raise ArtifactError("this tuned lens has no model: load it with load(path, model)")
+        kl_logit, kl_tuned, _ = self._evaluate(_Batches(self.backend, rows, batch_size))
+        return kl_logit, kl_tuned
 
     def _evaluate(self, batches: _Batches) -> tuple[list[float], list[float], int]:
         import torch
@@ -651,7 +661,9 @@ def _lens_kl(backend: Backend, acts: list[torch.Tensor], final: torch.Tensor,
 
 def _lens_loss(backend: Backend, acts: list[torch.Tensor], final: torch.Tensor,
                index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return _lens_kl(backend, acts, final, index, weight, bias).mean(-1).sum()
+    # The last layer keeps the identity (its logit lens is the model's output): train the
+    # others only, so that rounding noise cannot move it (Adam rescales tiny gradients).
+    return _lens_kl(backend, acts[:-1], final, index, weight, bias).mean(-1).sum()
 
 
 class _Batches:

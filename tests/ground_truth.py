@@ -1,4 +1,4 @@
-"""A ground truth for the circuit and lens tests: a 2-layer GPT-2 whose weights are set by hand
+"""Ground truths for the circuit and lens tests. A 2-layer GPT-2 whose weights are set by hand
 so that it provably copies (an induction circuit), and its untrained twin (same config,
 random initialisation).
 
@@ -104,3 +104,41 @@ def trained() -> Any:
         o[:128, OUT] = torch.eye(128) / 13.0
         model.lm_head.weight[:, OUT] = 3.0 * emb
     return model
+
+
+def markov_rows(n: int, length: int = 16, seed: int = 0) -> list[list[int]]:
+    """``n`` token rows from a fixed sparse Markov chain over ids 4..99 (each token has three
+    likely successors): text a small model learns in a few seconds."""
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    successors = torch.randint(4, 100, (100, 3), generator=g)    # the chain, fixed
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.empty(n, length, dtype=torch.long)
+    rows[:, 0] = torch.randint(4, 100, (n,), generator=g)
+    for t in range(1, length):
+        pick = torch.randint(0, 3, (n,), generator=g)
+        rows[:, t] = successors[rows[:, t - 1], pick]
+    return rows.tolist()
+
+
+@cache
+def markov_gpt2() -> Any:
+    """A 3-layer tiny GPT-2 (vocabulary 100) trained for 60 steps on `markov_rows` text:
+    a trained model whose intermediate layers are not yet in the unembedding's basis."""
+    import torch
+    from archscope_transformer.testing import tiny_model
+
+    model = tiny_model("gpt2", n_layers=3, seed=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                       attn_pdrop=0.0)
+    data = torch.tensor(markov_rows(60 * 32, seed=7))
+    torch.manual_seed(0)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for ids in data.split(32):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
