@@ -154,10 +154,13 @@ class _WordTokenizer:
     pad_token = None
     eos_token = "<eos>"
 
-    def __call__(self, texts, return_tensors, padding, truncation, max_length):
+    def __call__(self, texts, return_tensors=None, padding=False, truncation=False,
+                 max_length=None):
         import torch
 
-        ids = [[len(w) for w in t.split()][:max_length] for t in texts]
+        ids = [[len(w) for w in t.split()][:max_length if truncation else None] for t in texts]
+        if return_tensors is None:
+            return {"input_ids": ids}
         width = max(map(len, ids))
         return {"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in ids]),
                 "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])}
@@ -167,8 +170,11 @@ def test_make_tokenize_fn_pads_truncates_and_sets_a_pad_token():
     tokenizer = _WordTokenizer()
     tokenize = make_tokenize_fn(tokenizer, max_length=3)
     assert tokenizer.pad_token == "<eos>"
-    batch = tokenize(["a bb ccc dddd", "ee"])
+    with pytest.warns(UserWarning, match="1 of 2 texts are longer than max_length=3 tokens"):
+        batch = tokenize(["a bb ccc dddd", "ee"])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [2, 0, 0]]
+    whole = make_tokenize_fn(tokenizer)(["a bb ccc dddd", "ee"])  # no silent cut by default
+    assert whole["input_ids"].tolist() == [[1, 2, 3, 4], [2, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert make_tokenize_fn(tokenizer, attention_mask_bool=True)("a")["attention_mask"].dtype.is_floating_point is False
     with pytest.raises(ValueError, match="needs a tokenizer"):
