@@ -38,7 +38,8 @@ def _config() -> Any:
 
     return GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=D, n_layer=2, n_head=HEADS,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      attn_implementation="eager")
 
 
 @cache

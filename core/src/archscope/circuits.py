@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from .errors import CapabilityError, InputError, ParameterError
-from .methods.results import Result
+from .params import Param
+from .results import Result
 
 if TYPE_CHECKING:
     import torch
@@ -81,6 +82,10 @@ def candidate_ids(backend: Backend, tokenizer: Any = None,
             pass
     ids = torch.arange(limit)
     special = set(getattr(tokenizer, "all_special_ids", None) or [])
+    for attr in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if isinstance(value, int):
+            special.add(value)
     if special:
         ids = ids[~torch.isin(ids, torch.tensor(sorted(special), dtype=torch.long))]
     if len(ids) < 2:
@@ -98,24 +103,16 @@ def _random_distinct(generator: torch.Generator, pool: torch.Tensor, rows: int,
     return pool[order]
 
 
-def _pad(rows: Sequence[Sequence[int]], side: str) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Pad token-id rows into one batch on ``side``; also each row's offset (left padding)."""
-    import torch
+def _pad(rows: Sequence[Sequence[int]], backend: Backend
+         ) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Token-id rows as one batch padded as ``backend`` allows, and where each row's first
+    real token sits."""
+    from .data import pad_batch, padding_for
 
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    offsets = []
-    for i, row in enumerate(rows):
-        start = width - len(row) if side == "left" else 0
-        ids[i, start:start + len(row)] = torch.as_tensor(list(row), dtype=torch.long)
-        mask[i, start:start + len(row)] = 1
-        offsets.append(start)
-    return {"input_ids": ids, "attention_mask": mask}, offsets
-
-
-def _pad_side(backend: Backend) -> str:
-    return "left" if backend.padding == "left" else "right"
+    batch = pad_batch(rows, padding_for(backend))
+    width = batch["input_ids"].shape[1]
+    left = padding_for(backend) == "left"
+    return batch, [width - len(r) if left else 0 for r in rows]
 
 
 def _pattern_sites(backend: Backend) -> list[str]:
@@ -283,7 +280,6 @@ def copy_score(
             k += n
         trials.append((sep, words))
 
-    side = _pad_side(backend)
     tok_hits, word_hits, list_hits, first_hits = [], [], [], []
     n_forwards = 0
     for start in range(0, n_trials, batch_size):
@@ -292,11 +288,11 @@ def copy_score(
         for sep, words in chunk:
             flat = [x for w in words for x in w]
             rows.append([sep, *flat, sep, *flat])
-        batch, offsets = _pad(rows, side)
+        batch, offsets = _pad(rows, backend)
         logits = backend.run(batch, capture=["logits"]).logits
         n_forwards += 1
         assert logits is not None
-        pred = logits.argmax(-1).cpu()
+        pred = logits.argmax(-1).cpu()      # top-1 given the true prefix (teacher forcing)
         for r, (sep, words) in enumerate(chunk):
             pos = offsets[r] + 2 + sum(len(w) for w in words)   # first token of the 2nd list
             list_ok = True
@@ -368,10 +364,9 @@ def early_token_attention(
                          "(or texts=None to use random token sequences)")
     if tokenizer is not None:
         chosen = list(texts) if texts is not None else list(DEFAULT_TEXTS)
-        rows = [list(tokenizer(t)["input_ids"]) for t in chosen]
-        rows = [r for r in rows if r]
-        if not rows:
-            raise InputError("every text tokenized to nothing; give non-empty texts")
+        from .data import Dataset
+
+        rows = Dataset.from_texts(chosen, tokenizer=tokenizer).ids()
         source = "texts" if texts is not None else "built-in prompts"
     else:
         pool = candidate_ids(backend)
@@ -379,13 +374,12 @@ def early_token_attention(
         rows = pool[torch.randint(len(pool), (n_random, random_len), generator=g)].tolist()
         source = "random token sequences"
     patterns = _pattern_sites(backend)
-    side = _pad_side(backend)
     last_h, all_h = [], []
     first_attn: dict[str, list[torch.Tensor]] = {s: [] for s in patterns}
     from .engine import last_real_index
 
     for start in range(0, len(rows), batch_size):
-        batch, offsets = _pad(rows[start:start + batch_size], side)
+        batch, offsets = _pad(rows[start:start + batch_size], backend)
         result = backend.run(batch, capture=[*patterns, "logits"])
         mask = result.attention_mask
         assert mask is not None
@@ -451,7 +445,7 @@ class CircuitReport(Result):
     def figure(self) -> Any:
         """Per-head induction and previous-token scores (layers x heads) where the backend has
         attention patterns, else the relative scores as bars."""
-        from .results import pyplot  # type: ignore[attr-defined]
+        from .results import pyplot
 
         plt = pyplot()
         heads = self.scores["induction_head"].raw.get("heads")
@@ -479,11 +473,11 @@ def circuits_method(
     backend: Any,
     data: Any = None,
     *,
-    n_trials: int = 50,
-    n_pairs: int = 20,
-    lead_in: int = 6,
-    n_words: int = 5,
-    batch_size: int = 64,
+    n_trials: Annotated[int, Param(min=1, help="induction and copy trials")] = 50,
+    n_pairs: Annotated[int, Param(min=1, help="scored predictions per induction trial")] = 20,
+    lead_in: Annotated[int, Param(min=0, help="random tokens before the repeated block")] = 6,
+    n_words: Annotated[int, Param(min=1, help="words per copy list")] = 5,
+    batch_size: Annotated[int, Param(min=1, help="trials per forward pass")] = 64,
     seed: int = 0,
 ) -> CircuitReport:
     """The `circuits` method: induction (with per-head scores where attention patterns exist),

@@ -8,15 +8,16 @@ recurrent LMs) and count positions in real tokens only.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from .errors import ArtifactError, InputError, ParameterError
-from .methods.results import Result
+from .artifacts import Artifact, ArtifactFit
+from .params import Param
+from .results import Result
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +89,7 @@ class LensResult(Result):
 
 def _heat_map(grid: list[list[float]], rows: list[str], cols: list[str],
               labels: list[list[str]] | None, title: str) -> Any:
-    from .results import pyplot  # type: ignore[attr-defined]
+    from .results import pyplot
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(1.5 + 0.7 * max(len(cols), 1), 1.2 + 0.45 * len(rows)))
@@ -284,8 +285,14 @@ class LogitLensRun(Result):
                          f"logit lens ({self.backend}): mean KL(final ‖ lens)")
 
 
-def logit_lens_run(backend: Any, data: Any, *, top_k: int = 5, position: int = -1
-                   ) -> LogitLensRun:
+def logit_lens_run(
+    backend: Any,
+    data: Any,
+    *,
+    top_k: Annotated[int, Param(min=1, help="tokens to report per layer")] = 5,
+    position: Annotated[int, Param(help="real-token index per row; negative counts from the "
+                                   "row's last real token")] = -1,
+) -> LogitLensRun:
     """The `logit-lens` method on a token batch: each layer through ``backend.unembed``.
 
     ``position`` counts each row's real tokens (0 = first real token, -1 = last), so rows
@@ -355,7 +362,7 @@ class TunedLensReport(Result):
             "| layer | logit lens | tuned lens |", "|---|---|---|", *rows])
 
     def figure(self) -> Any:
-        from .results import pyplot  # type: ignore[attr-defined]
+        from .results import pyplot
 
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -390,7 +397,7 @@ def unembed_fingerprint(backend: Backend, hidden_dim: int) -> torch.Tensor:
     return (logits - logits.mean(-1, keepdim=True)) @ directions
 
 
-class TunedLens:
+class TunedLens(Artifact):
     """Per-layer affine translators ``h -> h + A h + b`` (A, b zero-initialised: an untrained
     tuned lens is the logit lens), trained so that ``unembed(translate(h))`` matches the
     model's final next-token distribution: KL(final ‖ lens) over every real token position.
@@ -418,6 +425,7 @@ class TunedLens:
             self.layer_names = names
             self.backend_name = self.backend.name
             self.fingerprint = unembed_fingerprint(self.backend, hidden_dim)
+            self.fit = ArtifactFit.of(self.backend, names[0])
         else:
             self.layer_names = [f"layer_{i}" for i in range(n_layers)]
             self.backend_name = ""
@@ -496,10 +504,12 @@ class TunedLens:
         backend = _backend(model, backend_hint)
         if not calibration_texts or isinstance(calibration_texts, str):
             raise InputError("calibration_texts must be a non-empty list of texts")
-        rows = [list(tokenizer(t, truncation=True, max_length=max_len)["input_ids"])
-                for t in calibration_texts]
-        return cls.fit_rows(backend, [r for r in rows if r], epochs=epochs, lr=lr,
-                            held_out=held_out, batch_size=batch_size, seed=seed)
+        from .data import Dataset
+
+        rows = Dataset.from_texts(list(calibration_texts), tokenizer=tokenizer,
+                                  max_length=max_len).ids()
+        return cls.fit_rows(backend, rows, epochs=epochs, lr=lr, held_out=held_out,
+                            batch_size=batch_size, seed=seed)
 
     @classmethod
     def fit_rows(cls, backend: Backend, rows: list[list[int]], *, epochs: int = 30,
@@ -607,36 +617,20 @@ class TunedLens:
             lens.report = TunedLensReport(**config["report"])
         return lens
 
-    def save(self, path: str | Path) -> Path:
-        """A folder with ``weights.safetensors`` and ``artifact.json``."""
-        from safetensors.torch import save_file
-
-        folder = Path(path)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_tensors(), str(folder / "weights.safetensors"))
-        (folder / "artifact.json").write_text(json.dumps(
-            {"kind": self.kind, "config": self.config()}, indent=2))
-        return folder
+    def check_fits(self, backend: Any) -> None:
+        """The base checks (backend, site, dimension), then layers and unembedding."""
+        super().check_fits(backend)
+        self.check_backend(backend)
 
     @classmethod
-    def load(cls, path: str | Path, model: Any = None,
+    def load(cls, path: str | Path, backend: Any = None,  # type: ignore[override]
              backend_hint: str | None = None) -> TunedLens:
-        """Load a saved lens; given a model (or backend), check that it fits it."""
-        from safetensors.torch import load_file
-
-        folder = Path(path)
-        meta_file = folder / "artifact.json"
-        if not meta_file.is_file():
-            raise ArtifactError(f"{folder} holds no artifact.json; give the folder save() wrote")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("kind") != cls.kind:
-            raise ArtifactError(f"{folder} holds a {meta.get('kind')!r} artifact, not a "
-                                f"{cls.kind!r}")
-        lens = cls.from_state(load_file(str(folder / "weights.safetensors")), meta["config"])
-        if model is not None:
-            backend = _backend(model, backend_hint)
-            lens.check_backend(backend)
-            lens.backend = backend
+        """Load a saved lens; given a model or backend, refuse it (`ArtifactError`) unless its
+        layers and unembedding are those the lens was fitted on."""
+        target = _backend(backend, backend_hint) if backend is not None else None
+        lens = super().load(path, target)
+        if target is not None:
+            lens.backend = target
         return lens
 
 
@@ -686,17 +680,14 @@ class _Batches:
     def _compute(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         import torch
 
-        from .circuits import _pad, _pad_side
-        from .pooling import real_tokens
+        from .collect import iter_collect
 
         names = self.backend.layer_names()
-        side = _pad_side(self.backend)
-        for start in range(0, len(self.rows), self.batch_size):
-            batch, _ = _pad(self.rows[start:start + self.batch_size], side)
-            result = self.backend.run(batch, capture=[*names, "logits"])
-            mask = result.attention_mask
-            acts = [real_tokens(result[n], mask).detach() for n in names]
-            final = torch.log_softmax(real_tokens(result["logits"], mask).float(), -1).detach()
+        device = self.backend.device
+        for part in iter_collect(self.backend, self.rows, [*names, "logits"], pool=None,
+                                 batch_size=self.batch_size):
+            acts = [part[n].to(device) for n in names]
+            final = torch.log_softmax(part["logits"].to(device).float(), -1)
             yield acts, final
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
@@ -707,9 +698,17 @@ class _Batches:
 
 # -- the registered method --------------------------------------------------------------------------
 
-def tuned_lens_method(backend: Any, data: Any, *, epochs: int = 30, lr: float = 1e-3,
-                      held_out: float = 0.2, batch_size: int = 16, seed: int = 0
-                      ) -> TunedLensReport:
+def tuned_lens_method(
+    backend: Any,
+    data: Any,
+    *,
+    epochs: Annotated[int, Param(min=1, help="passes over the training texts")] = 30,
+    lr: Annotated[float, Param(min=0, help="Adam learning rate")] = 1e-3,
+    held_out: Annotated[float, Param(min=0, max=1, help="share of texts kept for the "
+                                     "held-out KL")] = 0.2,
+    batch_size: Annotated[int, Param(min=1, help="texts per forward pass")] = 16,
+    seed: int = 0,
+) -> TunedLensReport:
     """The `tuned-lens` method: fit on the dataset's texts (a seeded ``held_out`` share kept
     aside) and report the held-out KL per layer, tuned lens next to logit lens."""
     backend = _backend(backend)
@@ -721,13 +720,7 @@ def tuned_lens_method(backend: Any, data: Any, *, epochs: int = 30, lr: float = 
 
 
 def _rows_of(data: Any) -> list[list[int]]:
-    """Token-id rows (real tokens only) of a token batch or a list of id lists."""
-    import torch
+    """Token-id rows (real tokens only) of anything `archscope.data.as_dataset` takes."""
+    from .data import as_dataset
 
-    if isinstance(data, dict):
-        ids = torch.as_tensor(data["input_ids"])
-        mask = torch.as_tensor(data.get("attention_mask", torch.ones_like(ids)))
-        return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-    if isinstance(data, torch.Tensor):
-        return data.tolist()
-    return [list(map(int, r)) for r in data]
+    return as_dataset(data).ids()
