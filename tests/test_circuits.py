@@ -20,6 +20,7 @@ from archscope.circuits import (
     run_all_circuits,
 )
 from archscope.errors import InputError, ParameterError
+from archscope.testing import MethodContract
 
 
 class ForwardLog:
@@ -38,6 +39,13 @@ class ForwardLog:
 
     def __exit__(self, *exc: object) -> None:
         self.handle.remove()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models run faster on one thread on a shared machine."""
+    with gt.one_thread():
+        yield
 
 
 def test_induction_on_the_copying_model_is_far_above_chance_and_untrained_sits_at_chance():
@@ -178,3 +186,7 @@ def test_run_all_and_the_registered_method():
     assert "layer 1 head 0" in report.to_markdown()
     with pytest.raises(ParameterError, match="n_trials"):
         archscope.run_method("circuits", backend, None, n_trials=0)
+
+
+class TestCircuitsMethodContract(MethodContract):
+    method_name = "circuits"

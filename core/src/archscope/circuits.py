@@ -293,7 +293,7 @@ def copy_score(
         n_forwards += 1
         assert logits is not None
         pred = logits.argmax(-1).cpu()      # top-1 given the true prefix (teacher forcing)
-        for r, (sep, words) in enumerate(chunk):
+        for r, (_sep, words) in enumerate(chunk):
             pos = offsets[r] + 2 + sum(len(w) for w in words)   # first token of the 2nd list
             list_ok = True
             for w in words:
@@ -452,7 +452,7 @@ class CircuitReport(Result):
         if heads:
             layers = sorted(heads["per_layer"], key=lambda k: int(k.split("_")[1]))
             fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.5 * len(layers)))
-            for ax, key in zip(axes, ("induction", "previous_token")):
+            for ax, key in zip(axes, ("induction", "previous_token"), strict=True):
                 grid = [heads["per_layer"][la][key] for la in layers]
                 im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
                 ax.set_yticks(range(len(layers)), layers)

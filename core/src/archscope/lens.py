@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from .errors import ArtifactError, InputError, ParameterError
 from .artifacts import Artifact, ArtifactFit
+from .errors import ArtifactError, InputError, ParameterError
 from .params import Param
 from .results import Result
 
@@ -355,7 +355,7 @@ class TunedLensReport(Result):
 
     def to_markdown(self) -> str:
         rows = [f"| {n} | {a:.4f} | {b:.4f} |"
-                for n, a, b in zip(self.layers, self.kl_logit, self.kl_tuned)]
+                for n, a, b in zip(self.layers, self.kl_logit, self.kl_tuned, strict=True)]
         return "\n".join([
             f"## Tuned lens ({self.backend}): held-out KL(final ‖ lens), {self.n_eval_tokens} "
             f"tokens (trained on {self.n_train_tokens}, {self.epochs} epochs)", "",
@@ -425,7 +425,9 @@ class TunedLens(Artifact):
             self.layer_names = names
             self.backend_name = self.backend.name
             self.fingerprint = unembed_fingerprint(self.backend, hidden_dim)
-            self.fit = ArtifactFit.of(self.backend, names[0])
+            # The instance attribute `fit` is the Artifact's fit record; on the class, `fit` is
+            # 0.2's classmethod that trains a lens (an instance attribute shadows it).
+            self.fit = ArtifactFit.of(self.backend, names[0])  # type: ignore[method-assign,assignment]
         else:
             self.layer_names = [f"layer_{i}" for i in range(n_layers)]
             self.backend_name = ""
@@ -484,7 +486,7 @@ class TunedLens(Artifact):
 
     # -- fitting -------------------------------------------------------------------------------
     @classmethod
-    def fit(
+    def fit(  # type: ignore[override]
         cls,
         model: Any,
         tokenizer: Any,
@@ -623,7 +625,7 @@ class TunedLens(Artifact):
         self.check_backend(backend)
 
     @classmethod
-    def load(cls, path: str | Path, backend: Any = None,  # type: ignore[override]
+    def load(cls, path: str | Path, backend: Any = None,
              backend_hint: str | None = None) -> TunedLens:
         """Load a saved lens; given a model or backend, refuse it (`ArtifactError`) unless its
         layers and unembedding are those the lens was fitted on."""
