@@ -184,7 +184,11 @@ def test_tuned_lens_beats_the_logit_lens_on_held_out_text_of_a_trained_model(mar
 def test_tuned_lens_trains_through_every_backend(name: str):
     a = arch(name)
     texts = words(40, seed=2)
+    before = {k: v.clone() for k, v in a.model.state_dict().items()}
     lens = TunedLens.fit(a.model, a.tokenizer, texts, epochs=8, lr=3e-3, batch_size=8)
+    # Training the translators leaves the model alone: weights, gradients, mode.
+    assert all(torch.equal(before[k], v) for k, v in a.model.state_dict().items())
+    assert all(p.grad is None for p in a.model.parameters()) and not a.model.training
     assert lens.report is not None and len(lens.report.kl_tuned) == lens.n_layers
     rows = [a.tokenizer(t)["input_ids"] for t in texts]
     kl_logit, kl_tuned = lens.evaluate(rows)

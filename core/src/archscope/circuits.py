@@ -456,6 +456,7 @@ class CircuitReport(Result):
                 grid = [heads["per_layer"][la][key] for la in layers]
                 im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
                 ax.set_yticks(range(len(layers)), layers)
+                ax.set_xticks(range(len(grid[0])))
                 ax.set_xlabel("head")
                 ax.set_title(f"{key.replace('_', ' ')} score")
                 fig.colorbar(im, ax=ax)

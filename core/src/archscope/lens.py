@@ -304,6 +304,10 @@ def logit_lens_run(
         raise ParameterError(f"top_k must be >= 1, got {top_k}")
     backend = _backend(backend)
     names = backend.layer_names()
+    if isinstance(data, (list, tuple)):  # token-id rows of any lengths: pad them
+        from .data import as_dataset, pad_batch, padding_for
+
+        data = pad_batch(as_dataset(data).ids(), padding_for(backend))
     result = backend.run(data, capture=[*names, "logits"])
     mask = result.attention_mask
     assert mask is not None
