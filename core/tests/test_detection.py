@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 import archscope
-from archscope import Backend, NoBackendError
+from archscope import Backend, CapabilityError, NoBackendError
 from archscope.loader import ModelSourceError, load_model, make_tokenize_fn
 
 
@@ -203,7 +203,8 @@ def test_info_table_and_version(run_cli, plugin_site):
 def test_run_command_runs_a_method_on_a_loaded_model(run_cli, plugin_site):
     proc = run_cli("run", "activation-stats", "toy:0", "--text", "x", site=plugin_site)
     assert proc.returncode != 0
-    assert "loaded without" in proc.stderr  # the toy source has no tokenizer
+    assert "loaded without a tokenizer" in proc.stderr  # the toy source has none
+    assert "Traceback" not in proc.stderr
     proc = run_cli("run", "nosuch", "toy:0", "--text", "x", site=plugin_site)
     assert proc.returncode != 0 and "unknown method 'nosuch'" in proc.stderr
 
@@ -213,7 +214,7 @@ def test_method_refuses_a_backend_without_its_capabilities(with_plugins):
 
     backend = Backend.for_model(build_toy())
     method = with_plugins.methods.get("needs-state").obj
-    with pytest.raises(ValueError, match=r"lacks \['state_patch'\]"):
+    with pytest.raises(CapabilityError, match=r"lacks \['state_patch'\]"):
         method(backend, [[1, 2, 3]])
     result = with_plugins.methods.get("logit-lens").obj(backend, [[1, 2, 3]], top_k=2)
     assert len(result.layers) == 3 and json.loads(result.to_json())["backend"] == "toy"

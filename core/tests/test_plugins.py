@@ -187,7 +187,7 @@ def test_registration_without_a_name_is_a_clear_plugin_error():
 
 
 def test_a_plugin_that_exits_at_import_is_isolated(run_cli, plugin_site):
-    plugins, stderr = _plugins_json(run_cli, plugin_site)
+    plugins, _ = _plugins_json(run_cli, plugin_site)
     assert plugins["broken-exit"]["status"] == "failed"
     assert "SystemExit: this plugin exits on import on purpose" in plugins["broken-exit"]["error"]
     assert plugins["good"]["status"] == "ok"
@@ -196,7 +196,7 @@ def test_a_plugin_that_exits_at_import_is_isolated(run_cli, plugin_site):
 
 def test_selecting_a_plugin_that_is_not_installed_warns_with_the_installed_ones(run_cli,
                                                                                 plugin_site):
-    plugins, stderr = _plugins_json(run_cli, plugin_site,
+    _, stderr = _plugins_json(run_cli, plugin_site,
                                     env={"ARCHSCOPE_PLUGINS": "archscope-transformr"})
     assert ("ARCHSCOPE_PLUGINS names archscope-transformr, which is not an installed plugin; "
             "installed: ") in stderr

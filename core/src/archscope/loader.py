@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .backends import Backend
-from .errors import InputError, ModelSourceError
+from .errors import ArchscopeError, InputError, ModelSourceError
+from .registry import ModelSource
 
 #: ``package.module:function`` or ``path/to/file.py:function``.
 _CALLABLE_SPEC = re.compile(r"^(?:[A-Za-z_][\w.]*|[^:]+\.py):[A-Za-z_][\w.]*$")
@@ -36,6 +37,10 @@ def load_callable(spec: str) -> tuple[Any, Any]:
             if "" not in sys.path and os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name.split(".")[0]:
+            raise  # nothing of that name: load_model says which sources exist
+        raise ModelSourceError(f"{spec!r}: importing {module_name!r} failed: {exc}") from None
     except ImportError as exc:
         raise ModelSourceError(f"{spec!r}: cannot import {module_name!r} ({exc}); give "
                                "'package.module:function' importable from the current folder, "
@@ -65,6 +70,22 @@ def _split(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
+def find_source(name: str) -> tuple[ModelSource | None, str]:
+    """The registered source that loads the spec ``name`` and the rest of the spec it gets
+    (None when no source claims it)."""
+    from .plugins import get_manager
+
+    manager = get_manager()
+    prefix, rest = _split(name)
+    if prefix is not None:
+        entry = manager.sources.get(prefix)
+        if entry is not None:
+            return entry.obj, rest
+    claimants = sorted((e.obj for e in manager.sources if e.obj.claim(name)),
+                       key=lambda s: (-s.priority, s.name))
+    return (claimants[0], name) if claimants else (None, name)
+
+
 def load_model(name: str, arch: str | None = None, dtype: Any = None,
                device: str = "cpu") -> tuple[Any, Any, Backend]:
     """``load_model("<source>:<name>")`` or ``load_model("./folder")`` →
@@ -75,17 +96,8 @@ def load_model(name: str, arch: str | None = None, dtype: Any = None,
     if not isinstance(name, str) or not name:
         raise ModelSourceError(f"a model spec is a non-empty string such as '<source>:<name>', got {name!r}")
     manager = get_manager()
-    prefix, rest = _split(name)
-    source = None
-    if prefix is not None:
-        entry = manager.sources.get(prefix)
-        if entry is not None:
-            source = entry.obj
-    if source is None:
-        claimants = sorted((e.obj for e in manager.sources if e.obj.claim(name)),
-                           key=lambda s: (-s.priority, s.name))
-        if claimants:
-            source, rest = claimants[0], name
+    prefix, _ = _split(name)
+    source, rest = find_source(name)
     own_code = source is None and bool(_CALLABLE_SPEC.match(name))
     if source is None and not own_code:
         known = ", ".join(f"{e.name}: ({e.distribution})" for e in manager.sources) or "(none)"
@@ -105,12 +117,31 @@ def load_model(name: str, arch: str | None = None, dtype: Any = None,
             raise ModelSourceError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16'")
         dtype = resolved
     if own_code:
-        model, tokenizer = load_callable(name)
+        try:
+            model, tokenizer = load_callable(name)
+        except ModuleNotFoundError:
+            known = ", ".join(f"{e.name}: ({e.distribution})" for e in manager.sources) \
+                or "(none)"
+            what = (f"no model source is registered for prefix {prefix!r}, and no module "
+                    f"{prefix!r} can be imported" if prefix else
+                    f"{name!r}: no module {name.rpartition(':')[0]!r} can be imported")
+            raise ModelSourceError(
+                f"{what}. Registered sources: {known}. Use '<source>:<name>' with a registered "
+                "source, or name your own code as 'package.module:function' (importable from "
+                "the current folder) or 'path/to/file.py:function'.") from None
         if dtype is not None or device != "cpu":
             model = model.to(device=device, dtype=dtype)
         return model, tokenizer, Backend.for_model(model, hint=arch)
     assert source is not None
-    loaded = source(rest, dtype=dtype, device=device)
+    try:
+        loaded = source(rest, dtype=dtype, device=device)
+    except ArchscopeError:
+        raise
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a truncated file, a bad config, ...: one clear message
+        raise ModelSourceError(f"{name!r} could not be loaded by the {source.name!r} source: "
+                               f"{type(exc).__name__}: {exc}") from exc
     model, tokenizer = loaded[0], loaded[1]
     return model, tokenizer, Backend.for_model(model, hint=arch)
 
