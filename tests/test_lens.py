@@ -49,12 +49,13 @@ def test_last_layer_of_the_logit_lens_is_the_models_output(name: str):
     last = result.layers[-1]
     assert last.layer == len(a.backend.layer_names()) - 1
     top = probs[-1].topk(4)
-    assert last.top_ids == top.indices.tolist()
-    assert last.top_probs == pytest.approx(top.values.tolist(), abs=1e-5)
+    assert [t[0] for t in last.top_tokens] == top.indices.tolist()
+    assert [t[1] for t in last.top_tokens] == [a.tokenizer.decode([int(i)]) for i in top.indices]
+    assert [t[2] for t in last.top_tokens] == pytest.approx(top.values.tolist(), abs=1e-5)
     target = a.tokenizer(" w8", add_special_tokens=False)["input_ids"][0]
     assert result.target_token_id == target
     assert last.target_prob == pytest.approx(float(probs[-1, target]), abs=1e-5)
-    assert last.target_rank == int((probs[-1] > probs[-1, target]).sum()) + 1
+    assert last.target_rank == int((probs[-1] > probs[-1, target]).sum())
     entropy = float(-(probs[-1] * probs[-1].log()).sum())
     assert last.entropy == pytest.approx(entropy, abs=1e-4)
     assert last.kl_to_final == pytest.approx(0.0, abs=1e-5)
@@ -73,7 +74,8 @@ def test_intermediate_layers_match_hidden_states_through_the_final_norm_and_head
                for h in out.hidden_states[1:-1]]           # the last one is already normed
     result = logit_lens(a.model, a.tokenizer, PROMPT, layers=[0, 1])
     for layer, probs in zip(result.layers, ref, strict=True):
-        assert layer.top_probs == pytest.approx(probs[-1].topk(5).values.tolist(), abs=1e-5)
+        top = [t[2] for t in layer.top_tokens]
+        assert top == pytest.approx(probs[-1].topk(5).values.tolist(), abs=1e-5)
         tid = result.target_token_id
         assert layer.target_prob == pytest.approx(float(probs[-1, tid]), abs=1e-5)
         final = torch.softmax(out.logits[0], -1)
@@ -196,7 +198,7 @@ def test_tuned_lens_trains_through_every_backend(name: str):
         assert kl_tuned[layer] < kl_logit[layer], (kl_logit, kl_tuned)
     assert kl_tuned[-1] == pytest.approx(kl_logit[-1], abs=1e-6)
     prediction = lens.predict(a.model, a.tokenizer, PROMPT)
-    assert isinstance(prediction, LensResult) and prediction.method == "tuned-lens"
+    assert isinstance(prediction, LensResult) and prediction.method == "tuned_lens"
 
 
 def test_untrained_tuned_lens_is_the_logit_lens():
@@ -205,7 +207,7 @@ def test_untrained_tuned_lens_is_the_logit_lens():
     lens = TunedLens(a.model, len(names), a.backend.site_info(names[0]).dim)
     tuned = lens.predict(a.model, a.tokenizer, PROMPT)
     plain = logit_lens(a.model, a.tokenizer, PROMPT)
-    assert [p.top_probs for p in tuned.layers] == [p.top_probs for p in plain.layers]
+    assert [p.top_tokens for p in tuned.layers] == [p.top_tokens for p in plain.layers]
 
 
 def test_tuned_lens_saves_loads_and_refuses_another_unembedding(markov_lens, tmp_path):
@@ -219,7 +221,7 @@ def test_tuned_lens_saves_loads_and_refuses_another_unembedding(markov_lens, tmp
     ids = gt.markov_rows(1, seed=5)[0]
     a = markov_lens.predict(model, None, ids)
     b = loaded.predict(model, None, ids)
-    assert [p.top_probs for p in a.layers] == [p.top_probs for p in b.layers]
+    assert [p.top_tokens for p in a.layers] == [p.top_tokens for p in b.layers]
     assert archscope.Artifact.load(folder).kind == "tuned-lens"
 
     other = copy.deepcopy(model)

@@ -36,19 +36,18 @@ Translate = Callable[[int, "torch.Tensor"], "torch.Tensor"]
 class LayerPrediction(Result):
     """What one layer predicts at the prompt's last real token.
 
-    ``target_rank`` is 1 for the most probable token; ``entropy`` and ``kl_to_final``
-    (KL(final distribution ‖ this layer's)) are in nats.
+    ``top_tokens``: ``(token_id, text, probability)``, most probable first; ``target_rank``:
+    how many tokens are more probable than the target (0 = top-1); ``entropy`` and
+    ``kl_to_final`` (KL(final distribution ‖ this layer's)) are in nats.
     """
 
     layer: int
     layer_name: str
-    top_tokens: list[str]
+    top_tokens: list[tuple[int, str, float]]
     target_prob: float | None
     target_rank: int | None
     entropy: float
     kl_to_final: float = 0.0
-    top_ids: list[int] = field(default_factory=list)
-    top_probs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -74,7 +73,7 @@ class LensResult(Result):
         for p in self.layers:
             prob = "-" if p.target_prob is None else f"{p.target_prob:.4f}"
             rank = "-" if p.target_rank is None else str(p.target_rank)
-            tops = ", ".join(repr(t) for t in p.top_tokens)
+            tops = ", ".join(f"{text!r} {prob:.3f}" for _, text, prob in p.top_tokens)
             lines.append(f"| {p.layer_name} | {tops} | {prob} | {rank} | {p.entropy:.3f} | "
                          f"{p.kl_to_final:.3f} |")
         return "\n".join(lines)
@@ -212,14 +211,14 @@ def _lens(backend: Backend, tokenizer: Any, prompt: str | Sequence[int],
             logp = torch.log_softmax(backend.unembed(h).float(), -1)     # (seq, vocab)
             last = logp[-1]
             top = last.topk(k)
-            rank = int((last > last[tid]).sum()) + 1
+            rank = int((last > last[tid]).sum())
             kl = _kl(final, logp)
             out.layers.append(LayerPrediction(
                 layer=i, layer_name=names[i],
-                top_tokens=[_decode(tokenizer, int(t)) for t in top.indices],
+                top_tokens=[(int(t), _decode(tokenizer, int(t)), float(v.exp()))
+                            for t, v in zip(top.indices, top.values, strict=True)],
                 target_prob=float(last[tid].exp()), target_rank=rank,
-                entropy=float(_entropy(last)), kl_to_final=float(kl[-1]),
-                top_ids=top.indices.tolist(), top_probs=top.values.exp().tolist()))
+                entropy=float(_entropy(last)), kl_to_final=float(kl[-1])))
             out.kl_grid.append(kl.tolist())
             out.top_grid.append([_decode(tokenizer, int(t)) for t in logp.argmax(-1)])
     return out
@@ -243,7 +242,7 @@ def logit_lens(
     ``target_token`` the target is the model's own top prediction. ``device`` is kept for
     compatibility: inputs go to the model's device."""
     backend = _backend(model, backend_hint)
-    return _lens(backend, tokenizer, prompt, target_token, layers, top_k, None, "logit-lens")
+    return _lens(backend, tokenizer, prompt, target_token, layers, top_k, None, "logit_lens")
 
 
 # -- the batch method ------------------------------------------------------------------------------------
@@ -465,7 +464,7 @@ class TunedLens(Artifact):
         backend = _backend(model, backend_hint)
         self.check_backend(backend)
         return _lens(backend, tokenizer, prompt, target_token, layers, top_k, self.translate,
-                     "tuned-lens")
+                     "tuned_lens")
 
     def check_backend(self, backend: Backend) -> None:
         """Refuse (`ArtifactError`) a backend whose layers or unembedding differ from the
