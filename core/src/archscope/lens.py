@@ -428,9 +428,7 @@ class TunedLens(Artifact):
             self.layer_names = names
             self.backend_name = self.backend.name
             self.fingerprint = unembed_fingerprint(self.backend, hidden_dim)
-            # The instance attribute `fit` is the Artifact's fit record; on the class, `fit` is
-            # 0.2's classmethod that trains a lens (an instance attribute shadows it).
-            self.fit = ArtifactFit.of(self.backend, names[0])  # type: ignore[method-assign,assignment]
+            self.fitted_on = ArtifactFit.of(self.backend, names[0])
         else:
             self.layer_names = [f"layer_{i}" for i in range(n_layers)]
             self.backend_name = ""
@@ -489,7 +487,7 @@ class TunedLens(Artifact):
 
     # -- fitting -------------------------------------------------------------------------------
     @classmethod
-    def fit(  # type: ignore[override]
+    def fit(
         cls,
         model: Any,
         tokenizer: Any,
