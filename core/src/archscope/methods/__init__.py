@@ -26,3 +26,22 @@ def register_methods(register: Callable[..., None]) -> None:
         requires=frozenset({"residual", "unembed"}),
         quick={"top_k": 3},
     ))
+    register(Method(
+        name="neurons",
+        summary="Units whose last-token activation differs most between two prompt sets "
+                "(MLP hidden units where available), to ablate or scale",
+        function="archscope.neurons:neurons_method",
+        requires=frozenset({"residual"}),
+        input="contrast",
+        quick={"top_frac": 0.05},
+    ))
+    register(Method(
+        name="diff",
+        summary="Per-layer activation drift of a fine-tuned model from its base model over "
+                "real tokens",
+        function="archscope.diff:diff_method",
+        requires=frozenset({"residual"}),
+        input="dataset",
+        arity=2,
+        quick={"top_k_units": 5},
+    ))
