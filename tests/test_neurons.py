@@ -213,6 +213,9 @@ def test_apply_hook_removes_everything_on_an_exception(any_arch: Arch) -> None:
     edit = find_neurons(model, first, second, NeuronEditConfig(0.1), tokenizer=any_arch.tokenizer)
     ids = torch.tensor([ids_of(any_arch, first)[0]])
     hooks = hook_count(model)
+    unused = edit.apply_hook(model)  # made but never entered: nothing is attached
+    assert "forward" not in vars(model) and hook_count(model) == hooks
+    del unused
     with torch.no_grad():
         clean = model(ids)
         with pytest.raises(RuntimeError, match="inside"), edit.apply_hook(model):
