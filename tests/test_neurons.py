@@ -65,14 +65,15 @@ def last_logprobs(a: Arch, texts: list[str], edits: list[Edit]) -> torch.Tensor:
     return torch.log_softmax(out[rows, last_real_index(batch["attention_mask"])].double(), -1)
 
 
-def reference_deltas(a: Arch, first: list[str], second: list[str], site: str) -> torch.Tensor:
-    """Mean last-token activation difference, one unpadded text at a time."""
-    def mean(texts: list[str]) -> torch.Tensor:
-        rows = [a.backend.run(torch.tensor([ids]), capture=[site])[site][0, -1].double()
-                for ids in ids_of(a, texts)]
-        return torch.stack(rows).mean(0)
+def reference_deltas(a: Arch, first: list[str], second: list[str],
+                     sites: list[str]) -> dict[str, torch.Tensor]:
+    """Mean last-token activation difference per site, one unpadded text at a time."""
+    def mean(texts: list[str]) -> dict[str, torch.Tensor]:
+        runs = [a.backend.run(torch.tensor([ids]), capture=sites) for ids in ids_of(a, texts)]
+        return {s: torch.stack([r[s][0, -1].double() for r in runs]).mean(0) for s in sites}
 
-    return mean(first) - mean(second)
+    m1, m2 = mean(first), mean(second)
+    return {s: m1[s] - m2[s] for s in sites}
 
 
 def hook_count(model: Any) -> int:
@@ -83,12 +84,13 @@ def hook_count(model: Any) -> int:
 
 
 def test_search_matches_a_per_text_reference(any_arch: Arch) -> None:
-    first, second = contrast()
+    first, second = contrast(10)
     edit = find_neurons(any_arch.model, first, second, NeuronEditConfig(FRAC[any_arch.name]),
                         tokenizer=any_arch.tokenizer)
     assert edit.layer_to_indices
+    reference = reference_deltas(any_arch, first, second, list(edit.layer_to_indices))
     for site, idx in edit.layer_to_indices.items():
-        delta = reference_deltas(any_arch, first, second, site)
+        delta = reference[site]
         k = max(1, int(FRAC[any_arch.name] * delta.numel() + 1e-9))
         expected = torch.topk(delta.abs(), k).indices
         assert idx.tolist() == expected.tolist(), site
