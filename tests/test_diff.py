@@ -22,6 +22,7 @@ import archscope
 from archscope import InputError, ParameterError
 from archscope.data import Dataset
 from archscope.diff import ModelDiff, compare, diff_backends
+from archscope.testing import MethodContract
 
 PERTURBED = 1
 
@@ -194,3 +195,9 @@ def test_bad_input_gets_typed_errors() -> None:
         diff_backends(a.backend, a.backend, texts(2))
     with pytest.raises(ParameterError, match="top_k_units"):
         compare(a.model, a.model, a.tokenizer, texts(2), run_circuits=False, top_k_units=0)
+
+
+class TestDiffMethodContract(MethodContract):
+    """The method conformance kit on the registered ``diff`` method."""
+
+    method_name = "diff"

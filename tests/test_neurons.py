@@ -18,6 +18,7 @@ from archscope import Edit, InputError, ParameterError
 from archscope.data import Contrast, pad_batch
 from archscope.engine import last_real_index
 from archscope.neurons import NeuronEdit, NeuronEditConfig, find_neurons
+from archscope.testing import MethodContract
 
 #: Units kept per site: a few MLP units of 128, a few residual / hidden units of 16..32.
 FRAC = {"gpt2": 0.05, "mamba": 0.1, "hybrid": 0.1, "lstm": 0.1}
@@ -297,3 +298,9 @@ def test_bad_input_gets_typed_errors() -> None:
                                                                    arch("lstm").backend):
         pass
     assert "forward" not in vars(a.model)
+
+
+class TestNeuronsMethodContract(MethodContract):
+    """The method conformance kit on the registered ``neurons`` method."""
+
+    method_name = "neurons"
