@@ -44,3 +44,22 @@ def register_methods(register: Callable[..., None]) -> None:
         input="batch",
         quick={"n_trials": 8, "n_pairs": 5, "lead_in": 2, "n_words": 3},
     ))
+    register(Method(
+        name="neurons",
+        summary="Units whose last-token activation differs most between two prompt sets "
+                "(MLP hidden units where available), to ablate or scale",
+        function="archscope.neurons:neurons_method",
+        requires=frozenset({"residual"}),
+        input="contrast",
+        quick={"top_frac": 0.05},
+    ))
+    register(Method(
+        name="diff",
+        summary="Per-layer activation drift of a fine-tuned model from its base model over "
+                "real tokens",
+        function="archscope.diff:diff_method",
+        requires=frozenset({"residual"}),
+        input="dataset",
+        arity=2,
+        quick={"top_k_units": 5},
+    ))
