@@ -62,8 +62,8 @@ class TestAuroc:
     def test_matches_pair_counting_with_ties(self) -> None:
         scores = [0.1, 0.4, 0.4, 0.35, 0.8, 0.4, 0.2, 0.9]
         labels = [0, 0, 1, 1, 1, 0, 0, 1]
-        pos = [s for s, y in zip(scores, labels) if y == 1]
-        neg = [s for s, y in zip(scores, labels) if y == 0]
+        pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+        neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
         pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)]
         assert auroc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(
             sum(pairs) / len(pairs))
