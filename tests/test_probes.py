@@ -206,6 +206,10 @@ def test_sweep_runs_one_model_pass_per_batch(any_arch: Arch, planted: dict[str, 
         with pytest.raises(archscope.ArchscopeError, match=r"archscope\[plot\]"):
             sweep.plot(tmp_path / "sweep.png")
     else:
+        fig = sweep.figure()  # held-out AUROC per layer is what the figure plots
+        assert list(fig.axes[0].lines[0].get_ydata()) == pytest.approx(
+            [r.heldout_auroc for r in sweep.layers])
+        archscope.results.pyplot().close(fig)
         assert sweep.plot(tmp_path / "sweep.png").stat().st_size > 0
 
 
@@ -267,6 +271,9 @@ class TestArtifact:
         assert loaded.fit is not None and loaded.fit.site == "layer_1.residual"
         assert loaded.metrics is not None and loaded.metrics.val_auroc == fit.metrics.val_auroc
         assert isinstance(archscope.Artifact.load(path), ProbeFit)
+        by_hand = reference_pooled(a, texts[:6], "layer_1.residual")
+        torch.testing.assert_close(loaded.score_data(a.backend, texts[:6], a.tokenizer),
+                                   fit.score(by_hand), atol=1e-5, rtol=1e-5)
         with pytest.raises(ArtifactError, match="backend"):
             ProbeFit.load(path, backend=arch("lstm").backend)
         meta = json.loads((path / "artifact.json").read_text())

@@ -221,3 +221,50 @@ class TestBadInputs:
         with pytest.raises(InputError, match="labelled"):
             archscope.run_method("transfer", a.backend, b.backend,
                                  Dataset.from_texts(words(10), tokenizer=a.tokenizer))
+
+
+def test_0_2_positional_call_with_hints_and_tokenize_functions() -> None:
+    a, b = arch("gpt2"), arch("lstm")
+    result = evaluate_transfer(
+        a.model, b.model, "transformer", "recurrent", tokenize_fn("right"), tokenize_fn("left"),
+        SPLITS["align_texts"], SPLITS["train_pos"], SPLITS["train_neg"], SPLITS["test_pos"],
+        SPLITS["test_neg"], "layer_2.residual", "layer_1.hidden", "gpt2", "lstm")
+    assert (result.source_arch, result.target_layer) == ("gpt2", "layer_1.hidden")
+    assert result.transfer_auroc >= 0.9
+
+
+def test_0_2_signatures() -> None:
+    """The parameters of the 0.2 functions, in order (API-0.2.md); later ones may be added."""
+    import inspect
+
+    import archscope.probes as probes
+    import archscope.transfer as transfer
+
+    expected = {
+        transfer.learn_alignment: ["src_acts", "tgt_acts", "ridge"],
+        transfer.transfer_probe: ["probe_weights_source", "probe_bias_source", "alignment"],
+        transfer.auroc_from_scores: ["scores", "labels"],
+        transfer.evaluate_transfer: [
+            "source_model", "target_model", "source_backend", "target_backend",
+            "source_tokenize", "target_tokenize", "align_texts", "train_pos", "train_neg",
+            "test_pos", "test_neg", "source_layer", "target_layer", "source_arch_name",
+            "target_arch_name"],
+        probes.fit_probe: ["model", "inputs_pos", "inputs_neg", "layer_name", "backend_hint",
+                           "config", "device", "tokenizer", "pos_texts", "neg_texts",
+                           "max_length"],
+        probes.ProbeFit.__init__: ["self", "config", "input_dim", "device"],
+        probes.ProbeFit.train: ["self", "activations", "labels", "epochs", "lr", "batch_size",
+                                "val_split"],
+        probes.ProbeFit.score: ["self", "activations"],
+        probes.Probe.__init__: ["self", "input_dim", "config"],
+    }
+    for function, names in expected.items():
+        params = list(inspect.signature(function).parameters)
+        assert params[:len(names)] == names, function.__qualname__
+    assert [f for f in ("layer_name", "probe_type", "hidden_dim", "target")
+            if f not in probes.ProbeConfig.__dataclass_fields__] == []
+    assert list(TransferResult.__dataclass_fields__)[:9] == [
+        "source_arch", "target_arch", "source_layer", "target_layer", "n_align_pairs",
+        "baseline_source_auroc", "baseline_target_auroc", "transfer_auroc", "transfer_drop"]
+    assert isinstance(probes.ProbeFit.direction, property)
+    assert isinstance(probes.ProbeFit.bias, property)

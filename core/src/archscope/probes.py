@@ -285,6 +285,19 @@ class ProbeFit(Artifact):
         """P(label = 1) per row of (N, input_dim) activations."""
         return torch.sigmoid(self.logits(activations))
 
+    def score_data(self, backend: Backend, data: Any, tokenizer: Any = None,
+                   batch_size: int = 32) -> torch.Tensor:
+        """P(label = 1) per text of ``data``, read at the site and with the pooling the probe
+        was fitted with (the backend must fit the probe's fit record)."""
+        if self.fit is None:
+            raise ArtifactError("this probe has no fit record (it was trained on bare "
+                                "activations): pool the activations yourself and call score()")
+        self.check_fits(backend)
+        site = self.fit.site
+        x = pooled_activations(backend, data, [site], pool=self.probe_config.pool,
+                               batch_size=batch_size, tokenizer=tokenizer)[site]
+        return self.score(x)
+
     @property
     def direction(self) -> torch.Tensor:
         """A linear probe's weight vector on raw activations: logit = x @ direction + bias."""
