@@ -31,6 +31,7 @@ from archscope.probes import (
     fit_probe,
     pooled_activations,
 )
+from archscope.testing import MethodContract
 
 # Tiny tensors: one thread avoids contention overhead and keeps the tests fast.
 torch.set_num_threads(1)
@@ -391,3 +392,11 @@ class TestBadInputs:
         after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in a.model.modules())
         assert after == hooks and a.model.training is mode
         assert all(torch.equal(v, before[k]) for k, v in a.model.state_dict().items())
+
+
+class TestProbeMethodContract(MethodContract):
+    method_name = "probe"
+
+
+class TestProbeSweepMethodContract(MethodContract):
+    method_name = "probe-sweep"

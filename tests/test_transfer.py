@@ -15,6 +15,7 @@ import archscope
 from archscope.data import Dataset
 from archscope.errors import InputError, ParameterError, SiteError
 from archscope.probes import ProbeConfig, ProbeFit, auroc
+from archscope.testing import MethodContract
 from archscope.transfer import (
     Alignment,
     TransferResult,
@@ -221,6 +222,9 @@ class TestBadInputs:
         with pytest.raises(InputError, match="labelled"):
             archscope.run_method("transfer", a.backend, b.backend,
                                  Dataset.from_texts(words(10), tokenizer=a.tokenizer))
+        with pytest.raises(InputError, match="two texts of each label"):
+            archscope.run_method("transfer", a.backend, b.backend, Dataset.from_texts(
+                words(10), [1] + [0] * 9, tokenizer=a.tokenizer))
 
 
 def test_0_2_positional_call_with_hints_and_tokenize_functions() -> None:
@@ -268,3 +272,8 @@ def test_0_2_signatures() -> None:
         "baseline_source_auroc", "baseline_target_auroc", "transfer_auroc", "transfer_drop"]
     assert isinstance(probes.ProbeFit.direction, property)
     assert isinstance(probes.ProbeFit.bias, property)
+
+
+class TestTransferMethodContract(MethodContract):
+    method_name = "transfer"
+    batch_shape = (8, 7)

@@ -284,8 +284,10 @@ def transfer_method(backend_a: Backend, backend_b: Backend, data: Dataset, *,
     alignment fitted on the training texts, against a probe trained on B (held-out AUROC).
     Both models read the same token ids of the dataset."""
     dataset, labels = _labelled(data)
-    if len(dataset) < 8:
-        raise InputError(f"transfer needs at least 8 labelled texts, got {len(dataset)}")
+    counts = [int((labels == c).sum()) for c in (0, 1)]
+    if min(counts) < 2:
+        raise InputError(f"transfer needs at least two texts of each label (to train and to "
+                         f"hold out); got {counts[0]} of label 0 and {counts[1]} of label 1")
     name_a = backend_a.site_info(site_a or default_site(backend_a)).name
     name_b = backend_b.site_info(site_b or default_site(backend_b)).name
     a = pooled_activations(backend_a, dataset, [name_a], pool=pool)[name_a]
