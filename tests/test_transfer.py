@@ -222,6 +222,9 @@ class TestBadInputs:
         with pytest.raises(InputError, match="labelled"):
             archscope.run_method("transfer", a.backend, b.backend,
                                  Dataset.from_texts(words(10), tokenizer=a.tokenizer))
+        big = Dataset.from_ids([[5, 6], [7, 150], [8, 9], [10, 11]], [0, 1, 0, 1])
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            archscope.run_method("transfer", a.backend, b.backend, big)
         with pytest.raises(InputError, match="two texts of each label"):
             archscope.run_method("transfer", a.backend, b.backend, Dataset.from_texts(
                 words(10), [1] + [0] * 9, tokenizer=a.tokenizer))

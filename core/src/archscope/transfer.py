@@ -270,6 +270,25 @@ def evaluate_transfer(source_model: Any, target_model: Any, source_backend: Any,
                     batch_size=batch_size, pool=pool)
 
 
+def _tokens_for(backend: Backend, dataset: Dataset) -> Dataset:
+    """The dataset as this backend reads it: re-tokenized with the backend's own tokenizer
+    when it carries one and the data are texts; otherwise the dataset's token ids, which must
+    fit the model's vocabulary."""
+    own = getattr(backend, "tokenizer", None)
+    if own is not None and dataset.texts is not None:
+        return Dataset.from_texts(dataset.texts, dataset.labels, tokenizer=own,
+                                  max_length=dataset.max_length)
+    if "logits" in backend.sites():
+        vocab = backend.site_info("logits").dim
+        top = max(max(row) for row in dataset.ids())
+        if top >= vocab:
+            raise InputError(
+                f"token id {top} is outside the vocabulary ({vocab}) of backend "
+                f"{backend.name!r}: the two models tokenize differently. Use "
+                "archscope.transfer.evaluate_transfer with each model's tokenizer")
+    return dataset
+
+
 def transfer_method(backend_a: Backend, backend_b: Backend, data: Dataset, *,
                     site_a: str | None = None, site_b: str | None = None,
                     pool: Literal["mean", "last"] = "mean",
@@ -290,8 +309,8 @@ def transfer_method(backend_a: Backend, backend_b: Backend, data: Dataset, *,
                          f"hold out); got {counts[0]} of label 0 and {counts[1]} of label 1")
     name_a = backend_a.site_info(site_a or default_site(backend_a)).name
     name_b = backend_b.site_info(site_b or default_site(backend_b)).name
-    a = pooled_activations(backend_a, dataset, [name_a], pool=pool)[name_a]
-    b = pooled_activations(backend_b, dataset, [name_b], pool=pool)[name_b]
+    a = pooled_activations(backend_a, _tokens_for(backend_a, dataset), [name_a], pool=pool)[name_a]
+    b = pooled_activations(backend_b, _tokens_for(backend_b, dataset), [name_b], pool=pool)[name_b]
     train, test = stratified_split(labels, test_fraction, seed)
     if labels[test].min() == labels[test].max():
         warnings.warn("archscope: the held-out texts have one class; AUROC will be 0.5",
