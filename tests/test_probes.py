@@ -159,11 +159,16 @@ def test_planted_direction_in_model_activations(any_arch: Arch, planted: dict[st
     # The probe fitted on every example scores the activations pooled by hand.
     assert auroc(report.probe.score(p["x"]), torch.tensor(p["labels"])) >= 0.95
 
-    g = torch.Generator().manual_seed(2)
-    shuffled = [p["labels"][i] for i in torch.randperm(len(p["labels"]), generator=g)]
-    data = Dataset.from_texts(p["texts"], shuffled, tokenizer=any_arch.tokenizer)
-    chance = archscope.run_method("probe", any_arch.backend, data, site=p["site"], epochs=60)
-    assert abs(chance.heldout_auroc - 0.5) <= 0.1, chance.to_markdown()
+    # Shuffled labels: held-out AUROC at chance. One shuffle's k-fold mean has a spread of
+    # about 0.05 at this size, so three shuffles are averaged.
+    chance = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        shuffled = [p["labels"][i] for i in torch.randperm(len(p["labels"]), generator=g)]
+        data = Dataset.from_texts(p["texts"], shuffled, tokenizer=any_arch.tokenizer)
+        chance.append(archscope.run_method("probe", any_arch.backend, data, site=p["site"],
+                                           epochs=30, seed=seed).heldout_auroc)
+    assert abs(sum(chance) / 3 - 0.5) <= 0.1, chance
 
 
 class CountForwards:
