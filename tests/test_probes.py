@@ -423,3 +423,14 @@ def test_the_probes_page_examples_run(tmp_path: Path, monkeypatch: pytest.Monkey
         for number, block in enumerate(blocks, 1):
             exec(compile(block, f"docs/probes.md[block {number}]", "exec"), module.__dict__)
     assert (tmp_path / "probe" / "artifact.json").is_file()
+
+
+def test_importing_probes_and_transfer_needs_no_torch() -> None:
+    """`archscope info` reads the method signatures from these modules; torch stays out."""
+    import subprocess
+    import sys
+
+    code = ("import sys, archscope.probes, archscope.transfer\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -9,10 +9,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from .artifacts import Artifact, ArtifactFit
 from .backends import Backend
@@ -20,6 +17,11 @@ from .data import Dataset
 from .errors import ArtifactError, InputError, ParameterError
 from .params import Param
 from .results import Result, pyplot
+
+if TYPE_CHECKING:  # torch is imported when a probe is built: `archscope info` must stay light
+    import torch
+    from torch import nn
+
 
 PROBE_TYPES = ("linear", "mlp")
 POOLS = ("mean", "last")
@@ -29,6 +31,8 @@ POOLS = ("mean", "last")
 def auroc(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[int]) -> float:
     """Area under the ROC curve of ``scores`` for binary ``labels`` (1 = positive), with ties
     counted as half (the Mann-Whitney statistic). One class only: 0.5 and a warning."""
+    import torch
+
     s = torch.as_tensor(scores, dtype=torch.float64).detach().flatten().cpu()
     y = torch.as_tensor(labels).detach().flatten().cpu()
     if s.shape != y.shape:
@@ -89,26 +93,6 @@ class ProbeConfig:
                                  f"{self.weight_decay}")
 
 
-class Probe(nn.Module):
-    """A binary classifier on (N, input_dim) activations returning one logit per row."""
-
-    def __init__(self, input_dim: int, config: ProbeConfig) -> None:
-        super().__init__()
-        if int(input_dim) < 1:
-            raise ParameterError(f"Probe input_dim must be >= 1, got {input_dim}")
-        self.input_dim = int(input_dim)
-        self.config = config
-        self.net: nn.Module
-        if config.probe_type == "linear":
-            self.net = nn.Linear(self.input_dim, 1)
-        else:
-            self.net = nn.Sequential(nn.Linear(self.input_dim, config.hidden_dim), nn.ReLU(),
-                                     nn.Linear(config.hidden_dim, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
-
-
 @dataclass
 class ProbeMetrics(Result):
     """What `ProbeFit.train` reports: AUROC and loss on the training part and on the held-out
@@ -131,6 +115,8 @@ class ProbeMetrics(Result):
 
 
 def _check_xy(activations: Any, labels: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     x = torch.as_tensor(activations)
     y = torch.as_tensor(labels)
     if x.dim() != 2:
@@ -152,6 +138,8 @@ def stratified_split(labels: torch.Tensor, val_split: float,
                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (train, held-out) with about ``val_split`` of each class held out (at least one
     per class when the class has two or more examples)."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     train, val = [], []
     for cls in (0, 1):
@@ -167,6 +155,8 @@ def stratified_split(labels: torch.Tensor, val_split: float,
 
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:
     """``folds`` disjoint index sets covering every example, each class dealt round-robin."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     parts: list[list[int]] = [[] for _ in range(folds)]
     start = 0
@@ -188,6 +178,10 @@ class ProbeFit(Artifact):
     kind = "probe"
 
     def __init__(self, config: ProbeConfig, input_dim: int, device: str = "cpu") -> None:
+        import torch
+
+        from ._probe_net import Probe
+
         self.probe_config = config
         self.input_dim = int(input_dim)
         self.device = torch.device(device)
@@ -239,6 +233,8 @@ class ProbeFit(Artifact):
 
     def _fit_rows(self, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
                   batch_size: int) -> None:
+        import torch
+
         self.mean = x.mean(0)
         std = x.std(0, unbiased=False) if len(x) > 1 else torch.ones(x.shape[1])
         # A constant feature carries no information; dividing by ~0 would only blow it up.
@@ -247,7 +243,7 @@ class ProbeFit(Artifact):
         target = y.float().to(self.device)
         optim = torch.optim.AdamW(self.probe.parameters(), lr=lr,
                                   weight_decay=self.probe_config.weight_decay)
-        loss_fn = nn.BCEWithLogitsLoss()
+        loss_fn = torch.nn.BCEWithLogitsLoss()
         g = torch.Generator().manual_seed(self.probe_config.seed + 1)
         self.probe.train()
         for _ in range(epochs):
@@ -261,10 +257,12 @@ class ProbeFit(Artifact):
         self.probe.eval()
 
     def _loss_and_logits(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+        import torch
+
         logits = self.logits(x)
         if len(y) == 0:
             return math.nan, logits
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, y.float())
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y.float())
         return float(loss), logits
 
     # -- applying --------------------------------------------------------------------------------
@@ -275,6 +273,8 @@ class ProbeFit(Artifact):
 
     def logits(self, activations: torch.Tensor) -> torch.Tensor:
         """The probe's logit per row of (N, input_dim) activations."""
+        import torch
+
         x = torch.as_tensor(activations)
         self._check_dim(x, "ProbeFit.score")
         with torch.no_grad():
@@ -283,6 +283,8 @@ class ProbeFit(Artifact):
 
     def score(self, activations: torch.Tensor) -> torch.Tensor:
         """P(label = 1) per row of (N, input_dim) activations."""
+        import torch
+
         return torch.sigmoid(self.logits(activations))
 
     def score_data(self, backend: Backend, data: Any, tokenizer: Any = None,
@@ -301,21 +303,25 @@ class ProbeFit(Artifact):
     @property
     def direction(self) -> torch.Tensor:
         """A linear probe's weight vector on raw activations: logit = x @ direction + bias."""
+
         linear = self._linear()
         return (linear.weight.detach().cpu()[0] / self.std).clone()
 
     @property
     def bias(self) -> torch.Tensor:
         """A linear probe's bias on raw activations (a 0-d tensor)."""
+
         linear = self._linear()
         w = linear.weight.detach().cpu()[0] / self.std
         return (linear.bias.detach().cpu()[0] - (w * self.mean).sum()).clone()
 
     def _linear(self) -> nn.Linear:
+        import torch
+
         if self.probe_config.probe_type != "linear":
             raise ParameterError(f"direction and bias exist for probe_type='linear'; this probe "
                                  f"is {self.probe_config.probe_type!r} (use score() instead)")
-        assert isinstance(self.probe.net, nn.Linear)
+        assert isinstance(self.probe.net, torch.nn.Linear)
         return self.probe.net
 
     # -- Artifact ---------------------------------------------------------------------------------
@@ -382,6 +388,8 @@ def pooled_activations(backend: Backend, data: Any, sites: Sequence[str], *, poo
                        batch_size: int = 32, tokenizer: Any = None) -> dict[str, torch.Tensor]:
     """One pooled vector per text for each site, from one pass of ``data`` through the model
     (``archscope.collect``; padding never counts)."""
+    import torch
+
     from .collect import collect
 
     if pool not in POOLS:
@@ -415,6 +423,8 @@ def fit_probe(model: Any, inputs_pos: Any = None, inputs_neg: Any = None, layer_
     an `archscope.Backend`) and return the trained `ProbeFit` (``.metrics`` holds train and
     held-out AUROC). Inputs are tokenized dicts (``inputs_pos``/``inputs_neg``, padded on either
     side) or texts with a tokenizer (``pos_texts``/``neg_texts``, cut to ``max_length``)."""
+    import torch
+
     from .data import as_dataset
 
     backend = _as_backend(model, backend_hint)
@@ -452,6 +462,8 @@ def cross_validate(activations: torch.Tensor, labels: torch.Tensor, config: Prob
                    batch_size: int = 64) -> tuple[list[float], list[float]]:
     """Stratified k-fold: per fold, the training AUROC and the held-out AUROC of a probe
     trained on the other folds."""
+    import torch
+
     x, y = _check_xy(activations, labels, "cross_validate")
     if folds < 2:
         raise ParameterError(f"folds must be >= 2, got {folds}")
@@ -504,6 +516,8 @@ class ProbeReport(Result):
 
 
 def _std(values: Sequence[float]) -> float:
+    import torch
+
     return float(torch.tensor(values, dtype=torch.float64).std(unbiased=False)) if values else 0.0
 
 
@@ -610,3 +624,12 @@ def probe_sweep(backend: Backend, data: Dataset, *, sites: list[str] | None = No
         out.layers.append(_report(backend, name, acts[name], labels, config, folds, epochs, lr,
                                   batch_size))
     return out
+
+
+def __getattr__(name: str) -> Any:
+    # `Probe` is an nn.Module, so defining it imports torch; it is built on first use.
+    if name == "Probe":
+        from ._probe_net import Probe
+
+        return Probe
+    raise AttributeError(f"module 'archscope.probes' has no attribute {name!r}")

@@ -7,9 +7,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from .backends import Backend
 from .data import Dataset
@@ -27,6 +25,9 @@ from .probes import (
 )
 from .results import Result
 
+if TYPE_CHECKING:  # torch is imported when something is computed: `archscope info` stays light
+    import torch
+
 
 @dataclass
 class Alignment:
@@ -42,6 +43,8 @@ class Alignment:
 
     def __call__(self, target_acts: torch.Tensor) -> torch.Tensor:
         """Target activations (N, d_target) mapped into the source space (N, d_source)."""
+        import torch
+
         t = torch.as_tensor(target_acts).float()
         if t.dim() != 2 or t.shape[1] != self.matrix.shape[0]:
             raise InputError(f"this alignment maps (n, {self.matrix.shape[0]}) target "
@@ -54,6 +57,8 @@ class Alignment:
 
 
 def _pair(src_acts: Any, tgt_acts: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     s = torch.as_tensor(src_acts)
     t = torch.as_tensor(tgt_acts)
     if s.dim() != 2 or t.dim() != 2:
@@ -75,6 +80,8 @@ def learn_alignment(src_acts: torch.Tensor, tgt_acts: torch.Tensor,
     of each is text i), in closed form: ``(Tc'Tc + ridge·I)⁻¹ Tc'Sc`` on centred data. The
     result maps target activations into the source space, which is the direction a source
     probe needs in order to read target activations (`transfer_probe`)."""
+    import torch
+
     if not ridge >= 0:
         raise ParameterError(f"ridge must be >= 0, got {ridge}")
     s, t = _pair(src_acts, tgt_acts)
@@ -97,6 +104,8 @@ def transfer_probe(probe_weights_source: torch.Tensor, probe_bias_source: torch.
     """A source-space linear probe (logit = s·w + b) as a target-space probe (logit = t·w' + b')
     through ``alignment`` (an `Alignment`, or a bare (d_target, d_source) matrix taken as a
     linear map without offsets). Returns ``(weights, bias)``."""
+    import torch
+
     w = torch.as_tensor(probe_weights_source).float().flatten().cpu()
     b = torch.as_tensor(probe_bias_source).float().reshape(-1).cpu()
     if b.numel() != 1:
@@ -234,6 +243,8 @@ def evaluate_transfer(source_model: Any, target_model: Any, source_backend: Any,
     probes trained in each architecture. ``*_backend`` is a Backend, a backend hint or None
     (detected); ``*_tokenize`` a tokenizer or a ``texts -> batch`` function (the models may
     tokenize differently: activations are pooled per text, then matched text by text)."""
+    import torch
+
     if pool not in ("mean", "last"):
         raise ParameterError(f"pool must be 'mean' or 'last', got {pool!r}")
     backends = []
@@ -303,18 +314,16 @@ def transfer_method(backend_a: Backend, backend_b: Backend, data: Dataset, *,
     alignment fitted on the training texts, against a probe trained on B (held-out AUROC).
     Both models read the same token ids of the dataset."""
     dataset, labels = _labelled(data)
-    counts = [int((labels == c).sum()) for c in (0, 1)]
-    if min(counts) < 2:
-        raise InputError(f"transfer needs at least two texts of each label (to train and to "
-                         f"hold out); got {counts[0]} of label 0 and {counts[1]} of label 1")
     name_a = backend_a.site_info(site_a or default_site(backend_a)).name
     name_b = backend_b.site_info(site_b or default_site(backend_b)).name
     a = pooled_activations(backend_a, _tokens_for(backend_a, dataset), [name_a], pool=pool)[name_a]
     b = pooled_activations(backend_b, _tokens_for(backend_b, dataset), [name_b], pool=pool)[name_b]
     train, test = stratified_split(labels, test_fraction, seed)
-    if labels[test].min() == labels[test].max():
-        warnings.warn("archscope: the held-out texts have one class; AUROC will be 0.5",
-                      stacklevel=2)
+    counts = [int((labels == c).sum()) for c in (0, 1)]
+    if min(counts) < 2:
+        warnings.warn(f"archscope: transfer needs two texts of each label to train and to hold "
+                      f"out; got {counts[0]} of label 0 and {counts[1]} of label 1, so the "
+                      "held-out AUROC is 0.5", stacklevel=2)
     # The alignment sees only training texts, so held-out AUROC stays held out.
     result = _compare(backend_a.name, backend_b.name, name_a, name_b, a[train], b[train],
                       a[train], b[train], labels[train], a[test], b[test], labels[test],
