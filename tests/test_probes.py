@@ -288,6 +288,20 @@ class TestArtifact:
         with pytest.raises(ArtifactError, match="input dimension 31"):
             ProbeFit.load(path)
 
+    def test_a_state_site_is_probed_flattened(self, tmp_path: Path) -> None:
+        a = arch("mamba")
+        texts = words(16, seed=4)
+        data = Dataset.from_texts(texts, [0, 1] * 8, tokenizer=a.tokenizer)
+        report = archscope.run_method("probe", a.backend, data, site="layer_1.ssm_state",
+                                      folds=2, epochs=3)
+        state = a.backend.run({"input_ids": torch.tensor([a.tokenizer(texts[0])["input_ids"]])},
+                              capture=["layer_1.ssm_state"])["layer_1.ssm_state"]
+        assert report.probe.input_dim == state[0].numel()
+        loaded = ProbeFit.load(report.probe.save(tmp_path / "state"), backend=a.backend)
+        torch.testing.assert_close(loaded.score_data(a.backend, texts[:1], a.tokenizer),
+                                   report.probe.score(state.reshape(1, -1).float()),
+                                   atol=1e-5, rtol=1e-5)
+
     def test_mlp_probe_round_trips(self, tmp_path: Path) -> None:
         x = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
         y = torch.tensor([0, 1] * 20)

@@ -362,7 +362,9 @@ class ProbeFit(Artifact):
 
     def check_fits(self, backend: Any) -> None:
         super().check_fits(backend)
-        if self.fit is not None and self.fit.dim != self.input_dim:
+        # A state site is probed flattened, so only a token site's dimension is the input's.
+        if (self.fit is not None and backend.site_info(self.fit.site).kind == "token"
+                and self.fit.dim != self.input_dim):
             raise ArtifactError(f"probe artifact: input dimension {self.input_dim} differs from "
                                 f"its fit record's {self.fit.site} dimension {self.fit.dim}")
 
