@@ -52,19 +52,19 @@ class FakeBackend:
 def test_save_and_load_round_trip_bit_exact(tmp_path: Path) -> None:
     backend = FakeBackend()
     art = Scaler(torch.randn(4))
-    art.fit = ArtifactFit.of(backend, "layer_0.residual")
+    art.fitted_on = ArtifactFit.of(backend, "layer_0.residual")
     folder = art.save(tmp_path / "scaler")
     assert sorted(p.name for p in folder.iterdir()) == ["artifact.json", "weights.safetensors"]
     meta = json.loads((folder / "artifact.json").read_text())
-    assert meta["kind"] == "test-scaler" and meta["fit"]["site"] == "layer_0.residual"
+    assert meta["kind"] == "test-scaler" and meta["fitted_on"]["site"] == "layer_0.residual"
     loaded = Scaler.load(folder, backend=backend)
-    assert torch.equal(loaded.weight, art.weight) and loaded.fit == art.fit
+    assert torch.equal(loaded.weight, art.weight) and loaded.fitted_on == art.fitted_on
     assert isinstance(Artifact.load(folder), Scaler)  # dispatch by kind
 
 
 def test_load_refuses_a_backend_it_does_not_fit(tmp_path: Path) -> None:
     art = Scaler(torch.randn(4))
-    art.fit = ArtifactFit.of(FakeBackend(), "layer_0.residual")
+    art.fitted_on = ArtifactFit.of(FakeBackend(), "layer_0.residual")
     folder = art.save(tmp_path / "a")
     with pytest.raises(ArtifactError, match=r"backend 'other' \(fitted on 'fake'\)"):
         Scaler.load(folder, backend=FakeBackend("other"))

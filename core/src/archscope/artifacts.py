@@ -84,8 +84,8 @@ class Artifact:
     `config` and `from_state`; the base saves, loads and checks the fit."""
 
     kind: ClassVar[str] = ""
-    #: Set when fitted on a backend (`ArtifactFit.of`); saved and checked on load.
-    fit: ArtifactFit | None = None
+    #: Where it was fitted (`ArtifactFit.of(backend, site)`); saved and checked on load.
+    fitted_on: ArtifactFit | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -115,7 +115,7 @@ class Artifact:
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
         save_file(tensors, str(folder / WEIGHTS), metadata={"kind": self.kind})
         meta = {"kind": self.kind, "archscope_version": __version__, "config": self.config(),
-                "fit": None if self.fit is None else dataclasses.asdict(self.fit)}
+                "fitted_on": None if self.fitted_on is None else dataclasses.asdict(self.fitted_on)}
         (folder / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return folder
 
@@ -146,7 +146,7 @@ class Artifact:
         except (SafetensorError, OSError) as exc:
             raise ArtifactError(f"cannot read {folder / WEIGHTS}: {exc}") from None
         obj = target.from_state(tensors, meta.get("config") or {})
-        obj.fit = ArtifactFit(**meta["fit"]) if meta.get("fit") else None
+        obj.fitted_on = ArtifactFit(**meta["fitted_on"]) if meta.get("fitted_on") else None
         if backend is not None:
             obj.check_fits(backend)
         return obj  # type: ignore[return-value]
@@ -154,9 +154,9 @@ class Artifact:
     def check_fits(self, backend: Any) -> None:
         """Refuse a backend this artifact was not fitted for (backend, site, dimension); warn
         when only the model's identity differs (e.g. a fine-tuned copy)."""
-        if self.fit is None:
+        if self.fitted_on is None:
             return
-        fit = self.fit
+        fit = self.fitted_on
         problems = []
         if backend.name != fit.backend:
             problems.append(f"backend {backend.name!r} (fitted on {fit.backend!r})")
