@@ -274,7 +274,7 @@ class TestArtifact:
         loaded = ProbeFit.load(path, backend=a.backend)
         assert torch.equal(loaded.score(x), fit.score(x))
         assert torch.equal(loaded.direction, fit.direction)
-        assert loaded.fit is not None and loaded.fit.site == "layer_1.residual"
+        assert loaded.fitted_on is not None and loaded.fitted_on.site == "layer_1.residual"
         assert loaded.metrics is not None and loaded.metrics.val_auroc == fit.metrics.val_auroc
         assert isinstance(archscope.Artifact.load(path), ProbeFit)
         by_hand = reference_pooled(a, texts[:6], "layer_1.residual")

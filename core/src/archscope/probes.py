@@ -193,7 +193,7 @@ class ProbeFit(Artifact):
         self.mean = torch.zeros(self.input_dim)
         self.std = torch.ones(self.input_dim)
         self.metrics: ProbeMetrics | None = None
-        self.fit: ArtifactFit | None = None
+        self.fitted_on: ArtifactFit | None = None
 
     # -- training --------------------------------------------------------------------------------
     def train(self, activations: torch.Tensor, labels: torch.Tensor, epochs: int = 50,
@@ -291,11 +291,11 @@ class ProbeFit(Artifact):
                    batch_size: int = 32) -> torch.Tensor:
         """P(label = 1) per text of ``data``, read at the site and with the pooling the probe
         was fitted with (the backend must fit the probe's fit record)."""
-        if self.fit is None:
+        if self.fitted_on is None:
             raise ArtifactError("this probe has no fit record (it was trained on bare "
                                 "activations): pool the activations yourself and call score()")
         self.check_fits(backend)
-        site = self.fit.site
+        site = self.fitted_on.site
         x = pooled_activations(backend, data, [site], pool=self.probe_config.pool,
                                batch_size=batch_size, tokenizer=tokenizer)[site]
         return self.score(x)
@@ -363,13 +363,14 @@ class ProbeFit(Artifact):
     def check_fits(self, backend: Any) -> None:
         super().check_fits(backend)
         # A state site is probed flattened, so only a token site's dimension is the input's.
-        if (self.fit is not None and backend.site_info(self.fit.site).kind == "token"
-                and self.fit.dim != self.input_dim):
+        fit = self.fitted_on
+        if (fit is not None and backend.site_info(fit.site).kind == "token"
+                and fit.dim != self.input_dim):
             raise ArtifactError(f"probe artifact: input dimension {self.input_dim} differs from "
-                                f"its fit record's {self.fit.site} dimension {self.fit.dim}")
+                                f"its fit record's {fit.site} dimension {fit.dim}")
 
     def __repr__(self) -> str:
-        where = f" on {self.fit.backend}:{self.fit.site}" if self.fit else ""
+        where = f" on {self.fitted_on.backend}:{self.fitted_on.site}" if self.fitted_on else ""
         return f"<ProbeFit {self.probe_config.probe_type} d={self.input_dim}{where}>"
 
 
@@ -455,7 +456,7 @@ def fit_probe(model: Any, inputs_pos: Any = None, inputs_neg: Any = None, layer_
     labels = torch.tensor([1] * len(pos) + [0] * len(neg))
     fitted.train(x, labels, epochs=epochs, lr=lr, batch_size=batch_size,
                  val_split=val_split)
-    fitted.fit = ArtifactFit.of(backend, config.layer_name)
+    fitted.fitted_on = ArtifactFit.of(backend, config.layer_name)
     return fitted
 
 
@@ -530,7 +531,7 @@ def _report(backend: Backend, site: str, x: torch.Tensor, y: torch.Tensor, confi
     final = ProbeFit(config, x.shape[1])
     # The returned probe uses every example; its quality is the k-fold estimate above.
     final._fit_rows(x, y, epochs, lr, batch_size)
-    final.fit = ArtifactFit.of(backend, site)
+    final.fitted_on = ArtifactFit.of(backend, site)
     return ProbeReport(backend=backend.name, site=site, pool=config.pool,
                        probe_type=config.probe_type, n_examples=len(y), n_positive=int(y.sum()),
                        folds=folds, train_auroc=sum(train) / len(train),
