@@ -63,3 +63,28 @@ def register_methods(register: Callable[..., None]) -> None:
         arity=2,
         quick={"top_k_units": 5},
     ))
+    register(Method(
+        name="probe",
+        summary="Linear or MLP probe on one site of a labelled dataset; k-fold held-out AUROC",
+        function="archscope.probes:probe_method",
+        requires=frozenset({"residual"}),
+        input="dataset",
+        quick={"folds": 2, "epochs": 5},
+    ))
+    register(Method(
+        name="probe-sweep",
+        summary="A probe per layer from one pass of the data; held-out AUROC per layer",
+        function="archscope.probes:probe_sweep",
+        requires=frozenset({"residual"}),
+        input="dataset",
+        quick={"folds": 2, "epochs": 5},
+    ))
+    register(Method(
+        name="transfer",
+        summary="A probe trained on model A, transported to model B by ridge alignment",
+        function="archscope.transfer:transfer_method",
+        requires=frozenset({"residual"}),
+        input="dataset",
+        arity=2,
+        quick={"epochs": 5},
+    ))
