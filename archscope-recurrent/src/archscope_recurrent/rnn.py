@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from archscope import Site, SiteError, SiteInfo
-from archscope.backends import Backend, BackendError, Edit, RunResult
-from archscope.engine import apply_edit, last_real_index, padding_side
+from archscope.backends import Backend, BackendError, Edit, RunRequest, RunResult
+from archscope.batch import last_real_index, padding_side
+from archscope.edits import apply_edit
+from archscope.errors import CapabilityError
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +117,7 @@ class RNNBackend(Backend):
         self.cell_size = rnn.hidden_size * self.num_dirs
         self._layers: list[Any] = []
         self._directions: dict[int, tuple[Any, Any]] = {}
-        self._table = self._site_table()
+        self._table = self.site_table()
         if self.num_dirs == 2:  # the backward direction reads the future: no continuation
             self.capabilities = type(self).capabilities - {"state_patch"}
         if not _is_reference_model(model):
@@ -133,7 +135,7 @@ class RNNBackend(Backend):
             return None
 
     # -- sites ---------------------------------------------------------------------------------
-    def _site_table(self) -> dict[str, SiteInfo]:
+    def site_table(self) -> dict[str, SiteInfo]:
         p = self.parts
         t: dict[str, SiteInfo] = {}
 
@@ -221,29 +223,25 @@ class RNNBackend(Backend):
         return pair
 
     # -- running -------------------------------------------------------------------------------
-    def run(
-        self,
-        inputs: Any,
-        capture: Iterable[str | Site] = (),
-        edits: Iterable[Edit] = (),
-        *,
-        stop_early: bool = True,
-        initial_state: Mapping[str, torch.Tensor] | None = None,
-        return_state: bool = False,
-        grad: bool = False,
-    ) -> RunResult:
-        import torch
-
-        table = self._table
+    def check_request(self, capture: Iterable[str | Site], edits: Iterable[Edit],
+                      initial_state: Mapping[str, torch.Tensor] | None = None,
+                      return_state: bool = False) -> tuple[list[str], dict[str, list[Edit]]]:
         if (initial_state is not None or return_state) and "state_patch" not in self.capabilities:
-            raise BackendError(
+            raise CapabilityError(
                 f"backend {self.name!r}: initial_state / return_state need the 'state_patch' "
                 "capability, which a bidirectional model lacks (its backward direction reads "
                 "the future, so a run cannot continue from a state); capture the "
                 "layer_i.hidden_state / cell_state sites instead"
             )
-        wanted, edit_map = self.check_request(capture, edits, initial_state, return_state)
-        batch = self.prepare_inputs(inputs)
+        return super().check_request(capture, edits, initial_state, return_state)
+
+    def execute(self, request: RunRequest) -> RunResult:
+        import torch
+
+        table = self._table
+        wanted, edit_map, batch = request.capture, request.edits, request.batch
+        stop_early, grad = request.stop_early, request.grad
+        initial_state, return_state = request.initial_state, request.return_state
         mask = batch["attention_mask"] if "attention_mask" in batch else None
         padded = mask is not None and padding_side(mask) == "right"
         start = self._initial_hx(initial_state, batch)

@@ -128,7 +128,7 @@ class TransformerBackend(HookBackend):
         return 0.9
 
     # -- the site map --------------------------------------------------------------------------
-    def _site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
+    def site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
         s = self.structure
         d = s.d_model
         table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
@@ -176,7 +176,7 @@ class TransformerBackend(HookBackend):
         return table
 
     # -- running -------------------------------------------------------------------------------
-    def _forward(self, ctx: RunContext) -> Any:
+    def forward(self, ctx: RunContext) -> Any:
         batch = dict(ctx.batch)
         mask = batch.get("attention_mask")
         if (self._takes_positions and mask is not None and "position_ids" not in batch
@@ -198,11 +198,11 @@ class TransformerBackend(HookBackend):
             output.logits = logits
         return output
 
-    def _read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
+    def read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
         logits = output.logits
         return {"logits": logits if ctx.grad else logits.detach()}
 
-    def _run_context(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
+    def run_settings(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
         if any(name.endswith(".attn_pattern") for name in ctx.capture):
             return self._eager_attention()
         return contextlib.nullcontext()

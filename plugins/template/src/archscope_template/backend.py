@@ -27,7 +27,7 @@ class MinGRUBackend(HookBackend):
             return 1.0
         return None
 
-    def _site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
+    def site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
         model = self.model
         d = model.embed.embedding_dim
         tokens = ("batch", "seq", "d_model")
