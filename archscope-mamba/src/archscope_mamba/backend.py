@@ -11,11 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from archscope import BackendError, Edit, HookBackend, Hookpoint, Site, SiteError, SiteInfo
+from archscope import BackendError, Edit, Site, SiteError, SiteInfo
 from archscope.compat import cache_argument
-from archscope.engine import RunContext, StopForward, apply_edit, padding_side
+from archscope.detection import Confidence
+from archscope.engine import (
+    HookBackend,
+    Hookpoint,
+    RunContext,
+    StopForward,
+    apply_edit,
+    padding_side,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -202,7 +210,7 @@ class MambaBackend(HookBackend):
                 return None
             # Above what a transformer backend claims for a decoder with a layer list, so that
             # hybrids (attention + SSM layers) come here.
-            return 0.95
+            return Confidence.KNOWN
         except Exception:
             return None
 
@@ -330,7 +338,7 @@ class MambaBackend(HookBackend):
         divisor = getattr(self.model, "logits_scaling", None)  # GraniteMoeHybrid
         if divisor is not None:
             logits = logits / divisor
-        return logits
+        return cast("torch.Tensor", logits)
 
     # -- running -------------------------------------------------------------------------------
     def _plan(self, ctx: RunContext) -> _Plan:
@@ -548,7 +556,7 @@ class MambaBackend(HookBackend):
                 + f"state sites are {names}. Take them from run(..., return_state=True).state"
             )
         for name in names:
-            expected = (batch, *self._table[name][0].extra["size"])
+            expected = (batch, *cast("tuple[int, ...]", self._table[name][0].extra["size"]))
             if tuple(given[name].shape) != expected:
                 raise SiteError(f"initial_state[{name!r}] has shape {tuple(given[name].shape)}; "
                                 f"expected {expected} (batch of the suffix, then the site shape)")

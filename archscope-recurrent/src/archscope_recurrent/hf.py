@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from archscope import Site, SiteError, SiteInfo
 from archscope.backends import BackendError, RunRequest, RunResult
 from archscope.compat import cache_argument
+from archscope.detection import Confidence
 from archscope.engine import (
     HookBackend,
     Hookpoint,
@@ -104,7 +105,7 @@ class _HFRecurrentBackend(HookBackend):
         model_cls = type(model)
         if model_cls.__module__.startswith(cls.family.module) and \
                 model_cls.__name__.endswith("ForCausalLM"):
-            return 0.95
+            return Confidence.KNOWN
         return None
 
     def _part(self, path: str) -> Any:
@@ -280,7 +281,7 @@ class _HFRecurrentBackend(HookBackend):
                                 f"{tuple(value.shape)}")
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
-        return self._part(self.family.head)(self._part(self.family.final_norm)(residual))
+        return cast("torch.Tensor", self._part(self.family.head)(self._part(self.family.final_norm)(residual)))
 
 
 class RWKVBackend(_HFRecurrentBackend):
@@ -413,4 +414,4 @@ class XLSTMBackend(_HFRecurrentBackend):
         from transformers.models.xlstm.modeling_xlstm import soft_cap
 
         logits = super().unembed(residual)
-        return soft_cap(logits.float(), self.model.config.output_logit_soft_cap)
+        return cast("torch.Tensor", soft_cap(logits.float(), self.model.config.output_logit_soft_cap))

@@ -13,11 +13,12 @@ import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from archscope import Site, SiteError, SiteInfo
 from archscope.backends import Backend, BackendError, Edit, RunRequest, RunResult
 from archscope.batch import last_real_index, padding_side
+from archscope.detection import Confidence
 from archscope.edits import apply_edit
 from archscope.errors import CapabilityError
 
@@ -129,8 +130,8 @@ class RNNBackend(Backend):
             if getattr(model, "archscope_spec", None) is not None:
                 return None  # described explicitly: the custom adapter's
             if _is_reference_model(model):
-                return 0.95
-            return 0.7 if find_parts(model) is not None else None
+                return Confidence.KNOWN
+            return Confidence.FALLBACK if find_parts(model) is not None else None
         except Exception:
             return None
 
@@ -179,7 +180,7 @@ class RNNBackend(Backend):
             raise BackendError(f"unembed expects a last axis of {self.out_size} (the RNN output "
                                f"size), got shape {tuple(residual.shape)}")
         y = self.parts.norm(residual) if self.parts.norm is not None else residual
-        return self.parts.head(y)
+        return cast("torch.Tensor", self.parts.head(y))
 
     # -- single-layer modules that share the stack's parameters -------------------------------
     def _make_layer(self, i: int, bidirectional: bool, suffix: str = "") -> Any:
@@ -235,7 +236,7 @@ class RNNBackend(Backend):
             )
         return super().check_request(capture, edits, initial_state, return_state)
 
-    def execute(self, request: RunRequest) -> RunResult:
+    def execute(self, request: RunRequest) -> RunResult:  # noqa: C901 - one pass over the layers that edits, captures and carries the state together
         import torch
 
         table = self._table

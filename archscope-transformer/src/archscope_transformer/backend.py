@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from archscope.detection import Confidence
 from archscope.engine import HookBackend, Hookpoint, RunContext, apply_edit, padding_side
 from archscope.sites import Site, SiteInfo
 
@@ -122,10 +123,10 @@ class TransformerBackend(HookBackend):
                 return None
             find_structure(model)
         except StructureError:
-            return 0.1  # an HF decoder LM we cannot map: constructing says what is missing
+            return Confidence.LAST_RESORT  # an HF decoder LM we cannot map: constructing says what is missing
         except Exception:
             return None
-        return 0.9
+        return Confidence.STRUCTURAL
 
     # -- the site map --------------------------------------------------------------------------
     def site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
@@ -248,4 +249,4 @@ class TransformerBackend(HookBackend):
             import torch
 
             logits = torch.tanh(logits / s.softcap) * s.softcap
-        return logits
+        return cast("torch.Tensor", logits)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
+from .detection import Confidence
 from .engine import HookBackend, Hookpoint, RunContext
 from .errors import BackendError
 from .modules import accepted_kwargs, get_module, parameter_names
@@ -136,7 +137,7 @@ class AdapterBackend(HookBackend):
             spec = getattr(model, "archscope_spec", None)
         except Exception:
             return None
-        return 1.0 if isinstance(spec, (ModelSpec, Mapping)) else None
+        return Confidence.EXACT if isinstance(spec, (ModelSpec, Mapping)) else None
 
     # -- declaration checks ----------------------------------------------------------------
     def _resolve_modules(self) -> None:
@@ -183,7 +184,7 @@ class AdapterBackend(HookBackend):
             return self.model(batch["input_ids"], **kwargs)
         return self.model(**kwargs)
 
-    def _probe(self) -> dict[str, tuple[int, ...]]:
+    def _probe(self) -> dict[str, tuple[int, ...]]:  # noqa: C901 - one check per kind of declaration, each with its own message
         """Run two tokens once, checking what every declared module returns; → shapes."""
         import torch
 
@@ -324,7 +325,7 @@ class AdapterBackend(HookBackend):
         if self.head_module is None:
             return super().unembed(residual)
         x = self.norm_module(residual) if self.norm_module is not None else residual
-        return self.head_module(x)
+        return cast("torch.Tensor", self.head_module(x))
 
 
 def describe(model: Any, spec: ModelSpec | Mapping[str, Any], attach: bool = False) -> AdapterBackend:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from .edits import Edit, EditOp, Positions
 from .errors import (
@@ -277,7 +277,7 @@ class Backend:
         import torch
 
         for p in self.model.parameters():
-            return p.device
+            return cast("torch.device", p.device)
         return torch.device("cpu")
 
     def prepare_inputs(self, inputs: Any) -> dict[str, Any]:

@@ -35,23 +35,7 @@ def prepare_inputs(inputs: Any, device: Any = None) -> dict[str, Any]:
     ``attention_mask``) → a batch dict of 2-D tensors on ``device``."""
     import torch
 
-    if isinstance(inputs, str) or (
-        isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)
-    ):
-        raise TextInputError(
-            "run/extract take token ids, not text: tokenize first, e.g. "
-            "archscope.make_tokenize_fn(tokenizer)(texts), or pass {'input_ids': ..., "
-            "'attention_mask': ...}"
-        )
-    if isinstance(inputs, Mapping):
-        batch = {k: v for k, v in inputs.items() if v is not None}
-        if "input_ids" not in batch and "inputs_embeds" not in batch:
-            raise InputError(
-                f"input mapping needs 'input_ids' (and optionally 'attention_mask'); got keys "
-                f"{sorted(inputs)}"
-            )
-    else:
-        batch = {"input_ids": inputs}
+    batch = _as_batch(inputs)
     for key in ("input_ids", "attention_mask"):
         if key in batch and not isinstance(batch[key], torch.Tensor):
             try:
@@ -61,33 +45,58 @@ def prepare_inputs(inputs: Any, device: Any = None) -> dict[str, Any]:
                     f"could not make a tensor of {key}: {exc}. Sequences of different lengths "
                     "must be padded (make_tokenize_fn pads) and come with an attention_mask"
                 ) from None
-    ids = batch.get("input_ids")
-    if ids is not None:
-        if ids.dtype.is_floating_point:
-            raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        if ids.dim() != 2:
-            raise InputError(f"input_ids must be (batch, seq) or (seq,), got shape {tuple(ids.shape)}")
-        if ids.shape[1] == 0:
-            raise InputError("input_ids is empty: give at least one token")
-        batch["input_ids"] = ids
-        mask = batch.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(ids)
-        if mask.dim() == 1:
-            mask = mask.unsqueeze(0)
-        if mask.shape != ids.shape:
-            raise InputError(
-                f"attention_mask shape {tuple(mask.shape)} does not match input_ids "
-                f"shape {tuple(ids.shape)}"
-            )
-        if (mask.sum(-1) == 0).any():
-            raise InputError("a row of attention_mask has no real token")
-        batch["attention_mask"] = mask.long()
+    if batch.get("input_ids") is not None:
+        batch["input_ids"], batch["attention_mask"] = _checked_ids(
+            batch["input_ids"], batch.get("attention_mask"))
     if device is not None:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return batch
+
+
+def _as_batch(inputs: Any) -> dict[str, Any]:
+    if isinstance(inputs, str) or (
+        isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)
+    ):
+        raise TextInputError(
+            "run/extract take token ids, not text: tokenize first, e.g. "
+            "archscope.make_tokenize_fn(tokenizer)(texts), or pass {'input_ids': ..., "
+            "'attention_mask': ...}"
+        )
+    if not isinstance(inputs, Mapping):
+        return {"input_ids": inputs}
+    batch = {k: v for k, v in inputs.items() if v is not None}
+    if "input_ids" not in batch and "inputs_embeds" not in batch:
+        raise InputError(
+            f"input mapping needs 'input_ids' (and optionally 'attention_mask'); got keys "
+            f"{sorted(inputs)}"
+        )
+    return batch
+
+
+def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    if ids.dtype.is_floating_point:
+        raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2:
+        raise InputError(f"input_ids must be (batch, seq) or (seq,), got shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise InputError("input_ids is empty: give at least one token")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    if mask.shape != ids.shape:
+        raise InputError(
+            f"attention_mask shape {tuple(mask.shape)} does not match input_ids "
+            f"shape {tuple(ids.shape)}"
+        )
+    if (mask.sum(-1) == 0).any():
+        raise InputError("a row of attention_mask has no real token")
+    return ids, mask.long()
 
 
 def padding_side(mask: torch.Tensor) -> Literal["none", "left", "right", "mixed"]:

@@ -19,15 +19,20 @@ class Confidence:
     keep first-party backends ordered consistently).
 
     - ``EXACT``: the model is one this backend was written for (its own class or model type).
+    - ``KNOWN``: recognised as a family the backend serves (its module, its class names, a
+      structure only that family has); above ``STRUCTURAL`` so specialised backends win.
     - ``STRUCTURAL``: recognised by its structure (a decoder stack, a recurrent core) rather
       than by name; more specific backends win over it.
     - ``FALLBACK``: the backend could serve the model, but a dedicated one should win.
+    - ``LAST_RESORT``: the model is of the backend's kind but could not be mapped; choosing
+      the backend lets its constructor say what is missing.
     """
 
     EXACT = 1.0
     KNOWN = 0.95
     STRUCTURAL = 0.9
     FALLBACK = 0.7
+    LAST_RESORT = 0.1
 
 
 def _unknown_hint(hint: str, manager: Any) -> NoBackendError:

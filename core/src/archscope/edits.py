@@ -109,80 +109,93 @@ def apply_edit(value: torch.Tensor, edit: Edit, info: SiteInfo,
                mask: torch.Tensor | None) -> torch.Tensor:
     """``value`` with ``edit`` applied (a new tensor): the one implementation of edit semantics,
     for the engine's hooks and for backends that apply edits themselves."""
-    import torch
-
-    out = value.clone()
-    site = edit.site
     if edit.positions is not None and info.kind != "token":
-        raise SiteError(f"edit of {site!r}: positions apply only to token sites; "
-                        f"{site} is a {info.kind} site")
-    units = None
-    if edit.units is not None:
-        units = torch.as_tensor(list(edit.units), dtype=torch.long, device=value.device)
-        if units.numel() and (units.max() >= value.shape[-1] or units.min() < -value.shape[-1]):
-            raise SiteError(f"edit of {site!r}: unit index out of range for dimension "
-                            f"{value.shape[-1]}")
-
-    # Select: rows x positions (token sites) then units.
-    if edit.positions == "last":
-        if mask is None:
-            raise SiteError("positions='last' needs an attention mask")
-        rows = torch.arange(value.shape[0], device=value.device)
-        cols = last_real_index(mask)
-        index: tuple[Any, ...] = (rows, cols)
-    elif edit.positions is None:
-        index = (slice(None),)
-    else:
-        pos = edit.positions
-        seq = value.shape[1]
-        if isinstance(pos, int):
-            pos = [pos]
-        if isinstance(pos, slice):
-            index = (slice(None), pos)
-        else:
-            pos_list = [int(p) for p in pos]
-            bad = [p for p in pos_list if not -seq <= p < seq]
-            if bad:
-                raise SiteError(f"edit of {site!r}: positions {bad} out of range for a "
-                                f"sequence of length {seq}")
-            index = (slice(None), torch.tensor(pos_list, dtype=torch.long, device=value.device))
+        raise SiteError(f"edit of {edit.site!r}: positions apply only to token sites; "
+                        f"{edit.site} is a {info.kind} site")
+    out = value.clone()
+    units = _unit_index(edit, value)
+    index = _position_index(edit, value, mask)  # rows x positions, then units
     selected = out[index]
     target = selected[..., units] if units is not None else selected
-
-    if edit.op == "fn":
-        new = edit.value(target)
-        if not isinstance(new, torch.Tensor) or new.shape != target.shape:
-            raise SiteError(f"edit of {site!r}: the function must return a tensor of shape "
-                            f"{tuple(target.shape)}, got "
-                            f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new)}")
-    else:
-        operand = edit.value
-        if isinstance(operand, (int, float)):
-            if edit.op == "replace":
-                operand = torch.full_like(target, float(operand))
-            else:
-                operand = torch.tensor(float(operand), dtype=target.dtype, device=target.device)
-        else:
-            operand = torch.as_tensor(operand).to(device=target.device, dtype=target.dtype)
-            vector = operand.dim() == 1 and operand.shape[0] == target.shape[-1]
-            if operand.shape != target.shape and not vector:
-                raise SiteError(
-                    f"edit of {site!r}: value of shape {tuple(operand.shape)} does not fit the "
-                    f"selected part of the site, shape {tuple(target.shape)} (site shape "
-                    f"{tuple(value.shape)}); give exactly that shape or a vector of "
-                    f"{target.shape[-1]} to apply at every selected position"
-                )
-        if edit.op == "replace":
-            new = operand.expand_as(target)
-        elif edit.op == "add":
-            new = target + operand
-        elif edit.op == "scale":
-            new = target * operand
-        else:
-            raise SiteError(f"unknown edit op {edit.op!r}: use replace, add, scale or fn")
+    new = _edited(edit, target, value)
     if units is not None:
         selected[..., units] = new.to(selected.dtype)
     else:
         selected = new.to(selected.dtype)
     out[index] = selected
     return out
+
+
+def _unit_index(edit: Edit, value: torch.Tensor) -> torch.Tensor | None:
+    import torch
+
+    if edit.units is None:
+        return None
+    units = torch.as_tensor(list(edit.units), dtype=torch.long, device=value.device)
+    if units.numel() and (units.max() >= value.shape[-1] or units.min() < -value.shape[-1]):
+        raise SiteError(f"edit of {edit.site!r}: unit index out of range for dimension "
+                        f"{value.shape[-1]}")
+    return units
+
+
+def _position_index(edit: Edit, value: torch.Tensor,
+                    mask: torch.Tensor | None) -> tuple[Any, ...]:
+    import torch
+
+    pos = edit.positions
+    if pos == "last":
+        if mask is None:
+            raise SiteError("positions='last' needs an attention mask")
+        return (torch.arange(value.shape[0], device=value.device), last_real_index(mask))
+    if pos is None:
+        return (slice(None),)
+    if isinstance(pos, slice):
+        return (slice(None), pos)
+    seq = value.shape[1]
+    pos_list = [int(p) for p in pos] if isinstance(pos, Sequence) else [operator.index(pos)]
+    bad = [p for p in pos_list if not -seq <= p < seq]
+    if bad:
+        raise SiteError(f"edit of {edit.site!r}: positions {bad} out of range for a "
+                        f"sequence of length {seq}")
+    return (slice(None), torch.tensor(pos_list, dtype=torch.long, device=value.device))
+
+
+def _edited(edit: Edit, target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The new value of the selected part ``target`` of a site's ``value``."""
+    import torch
+
+    if edit.op == "fn":
+        new = edit.value(target)
+        if not isinstance(new, torch.Tensor) or new.shape != target.shape:
+            raise SiteError(f"edit of {edit.site!r}: the function must return a tensor of shape "
+                            f"{tuple(target.shape)}, got "
+                            f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new)}")
+        return new
+    operand = _operand(edit, target, value)
+    if edit.op == "replace":
+        return operand.expand_as(target)
+    if edit.op == "add":
+        return target + operand
+    if edit.op == "scale":
+        return target * operand
+    raise SiteError(f"unknown edit op {edit.op!r}: use replace, add, scale or fn")
+
+
+def _operand(edit: Edit, target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    operand = edit.value
+    if isinstance(operand, (int, float)):
+        if edit.op == "replace":
+            return torch.full_like(target, float(operand))
+        return torch.tensor(float(operand), dtype=target.dtype, device=target.device)
+    operand = torch.as_tensor(operand).to(device=target.device, dtype=target.dtype)
+    vector = operand.dim() == 1 and operand.shape[0] == target.shape[-1]
+    if operand.shape != target.shape and not vector:
+        raise SiteError(
+            f"edit of {edit.site!r}: value of shape {tuple(operand.shape)} does not fit the "
+            f"selected part of the site, shape {tuple(target.shape)} (site shape "
+            f"{tuple(value.shape)}); give exactly that shape or a vector of "
+            f"{target.shape[-1]} to apply at every selected position"
+        )
+    return operand

@@ -10,7 +10,7 @@ cases.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -150,7 +150,7 @@ class HookBackend(Backend):
         info = resolve(site, self.sites(), self.name)
         return self._table[info.name][1]
 
-    def _plan(self, request: RunRequest) -> RunContext:
+    def _context_for(self, request: RunRequest) -> RunContext:
         table = self._table
         wanted = request.capture
         need_logits = (not (request.stop_early and wanted and "logits" not in wanted)
@@ -175,7 +175,7 @@ class HookBackend(Backend):
         import torch
 
         table = self._table
-        ctx = self._plan(request)
+        ctx = self._context_for(request)
         wanted = ctx.capture
         hooked_sites = sorted({*wanted, *ctx.edits} & {n for n, (_, hp) in table.items()
                                                         if hp is not None},
@@ -246,39 +246,53 @@ class HookBackend(Backend):
             return hp.write(value, raw) if edits else raw
 
         if hp.io == "output":
-            def hook(module: nn.Module, args: Any, output: Any) -> Any:
-                result: Any
-                if isinstance(output, (tuple, list)):
-                    new = process(output[hp.index])
-                    result = output
-                    if edits:
-                        items = list(output)
-                        items[hp.index] = new
-                        result = type(output)(items) if isinstance(output, tuple) else items
-                else:
-                    new = process(output)
-                    result = new if edits else output
-                if stop:
-                    raise StopForward
-                return result if edits else None
+            return hp.module.register_forward_hook(_output_hook(hp, process, bool(edits), stop))
+        return hp.module.register_forward_pre_hook(_input_hook(name, hp, process, bool(edits),
+                                                               stop), with_kwargs=True)
 
-            return hp.module.register_forward_hook(hook)
 
-        def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
-            if len(args) > hp.index:
-                new = process(args[hp.index])
-                if edits:
-                    args = (*args[: hp.index], new, *args[hp.index + 1:])
-            elif hp.arg in kwargs:
-                new = process(kwargs[hp.arg])
-                if edits:
-                    kwargs = {**kwargs, hp.arg: new}
-            else:
-                raise BackendError(f"site {name!r}: {type(module).__name__} was called without "
-                                   f"argument {hp.index} / {hp.arg!r}")
-            if stop:
-                raise StopForward
-            return (args, kwargs) if edits else None
+def _output_hook(hp: Hookpoint, process: Callable[[Any], Any], edits: bool,
+                 stop: bool) -> Callable[..., Any]:
+    """A forward hook that reads (and, with edits, replaces) the hookpoint's output."""
 
-        return hp.module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        result: Any
+        if isinstance(output, (tuple, list)):
+            new = process(output[hp.index])
+            result = output
+            if edits:
+                items = list(output)
+                items[hp.index] = new
+                result = type(output)(items) if isinstance(output, tuple) else items
+        else:
+            new = process(output)
+            result = new if edits else output
+        if stop:
+            raise StopForward
+        return result if edits else None
+
+    return hook
+
+
+def _input_hook(name: str, hp: Hookpoint, process: Callable[[Any], Any], edits: bool,
+                stop: bool) -> Callable[..., Any]:
+    """A forward pre-hook that reads (and, with edits, replaces) the hookpoint's input."""
+
+    def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
+        if len(args) > hp.index:
+            new = process(args[hp.index])
+            if edits:
+                args = (*args[: hp.index], new, *args[hp.index + 1:])
+        elif hp.arg in kwargs:
+            new = process(kwargs[hp.arg])
+            if edits:
+                kwargs = {**kwargs, hp.arg: new}
+        else:
+            raise BackendError(f"site {name!r}: {type(module).__name__} was called without "
+                               f"argument {hp.index} / {hp.arg!r}")
+        if stop:
+            raise StopForward
+        return (args, kwargs) if edits else None
+
+    return pre_hook
 

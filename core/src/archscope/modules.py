@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import BackendError
 
@@ -37,7 +37,7 @@ def get_module(root: nn.Module, path: str) -> nn.Module:
             ) from None
         current = children[part]
         walked.append(part)
-    return current  # pragma: no cover - get_submodule found it above
+    return cast("nn.Module", current)  # pragma: no cover - get_submodule found it above
 
 
 def find_module(root: nn.Module, path: str) -> nn.Module | None:
