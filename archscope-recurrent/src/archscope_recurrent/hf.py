@@ -408,7 +408,8 @@ class XLSTMBackend(_HFRecurrentBackend):
                 initial[f"layer_{i}.{s.role}"].to(device=self.device, dtype=zero.dtype).clone()
                 if f"layer_{i}.{s.role}" in initial else zero
                 for s, zero in zip(self.family.states, layer, strict=True))
-        return {cache_argument(self.model, ("cache", "cache_params")): cache}
+        # transformers before 5.24 names the argument cache_params (read from **kwargs)
+        return {cache_argument(self.model, ("cache",), fallback="cache_params"): cache}
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         from transformers.models.xlstm.modeling_xlstm import soft_cap

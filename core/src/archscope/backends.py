@@ -15,7 +15,6 @@ from .edits import Edit, EditOp, Positions
 from .errors import (
     BackendError,
     CapabilityError,
-    InputError,
     NoBackendError,
     PaddingError,
     SiteError,
@@ -211,19 +210,20 @@ class Backend:
             return
         table = self.sites()
         states = [n for n, i in table.items() if i.kind == "state"]
+        unknown = [str(n) for n in initial_state if str(n) not in states]
+        if unknown:
+            raise SiteError(f"initial_state has {unknown}, which are not state sites of backend "
+                            f"{self.name!r}; state sites: {', '.join(states) or '(none)'}")
         rows = next(iter(batch.values())).shape[0]
         for name, value in initial_state.items():
-            info = table.get(str(name))
-            if info is None or info.kind != "state":
-                raise SiteError(f"initial_state has {str(name)!r}, which is not a state site of "
-                                f"backend {self.name!r}; its state sites are "
-                                f"{', '.join(states) or '(none)'}")
+            info = table[str(name)]
             shape = tuple(getattr(value, "shape", ()))
             if len(shape) != len(info.shape) or shape[0] != rows or shape[-1] != info.dim:
-                raise InputError(
-                    f"initial_state[{info.name!r}] has shape {shape}; expected {len(info.shape)} "
-                    f"axes {info.shape} with batch = {rows} rows and {info.shape[-1]} = "
-                    f"{info.dim} (use the RunResult.state of a run on {rows} rows)")
+                axes = ", ".join(info.shape)
+                raise SiteError(
+                    f"initial_state[{info.name!r}] must have shape ({axes}) with batch = {rows} "
+                    f"and {info.shape[-1]} = {info.dim}, got {shape}; take it from the "
+                    f"RunResult.state of a run on {rows} rows")
 
     # -- rows of different lengths -------------------------------------------------------------
     #: True when the model's state outputs are the state after the whole (right-padded) row.

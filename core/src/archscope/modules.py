@@ -48,16 +48,18 @@ def find_module(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-def parameter_names(function: Callable[..., Any]) -> list[str] | None:
-    """The parameter names of ``function`` (without ``self``), or None when it takes
-    ``**kwargs`` or has no inspectable signature."""
+def parameter_names(function: Callable[..., Any], declared: bool = False) -> list[str] | None:
+    """The parameter names of ``function`` (without ``self``), or None when it has no
+    inspectable signature or takes ``**kwargs`` (with ``declared=True``: the named ones even
+    then)."""
     try:
         params = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):
         return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+    if not declared and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
-    return [p.name for p in params if p.name != "self"]
+    return [p.name for p in params
+            if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
 
 
 def accepts(function: Callable[..., Any], name: str) -> bool:
