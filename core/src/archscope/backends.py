@@ -212,18 +212,22 @@ class Backend:
         states = [n for n, i in table.items() if i.kind == "state"]
         unknown = [str(n) for n in initial_state if str(n) not in states]
         if unknown:
-            raise SiteError(f"initial_state has {unknown}, which are not state sites of backend "
-                            f"{self.name!r}; state sites: {', '.join(states) or '(none)'}")
+            raise SiteError(f"initial_state has entries that are not state sites: {unknown}; "
+                            f"state sites of backend {self.name!r}: "
+                            f"{', '.join(states) or '(none)'}")
         rows = next(iter(batch.values())).shape[0]
         for name, value in initial_state.items():
             info = table[str(name)]
             shape = tuple(getattr(value, "shape", ()))
             if len(shape) != len(info.shape) or shape[0] != rows or shape[-1] != info.dim:
                 axes = ", ".join(info.shape)
+                expected = (rows, *shape[1:-1], info.dim) if len(shape) == len(info.shape) \
+                    else f"({axes})"
                 raise SiteError(
                     f"initial_state[{info.name!r}] must have shape ({axes}) with batch = {rows} "
-                    f"and {info.shape[-1]} = {info.dim}, got {shape}; take it from the "
-                    f"RunResult.state of a run on {rows} rows")
+                    f"and {info.shape[-1]} = {info.dim}: initial_state[{info.name!r}] has shape "
+                    f"{shape}; expected {expected}. Take it from the RunResult.state of a run on "
+                    f"{rows} rows")
 
     # -- rows of different lengths -------------------------------------------------------------
     #: True when the model's state outputs are the state after the whole (right-padded) row.
