@@ -38,6 +38,39 @@ def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> l
     return ids
 
 
+def _read_jsonl(path: Path) -> tuple[list[str], list[int]]:
+    texts: list[str] = []
+    labels: list[int] = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or "text" not in obj:
+            raise InputError(f"{path}:{n}: each line needs an object with a 'text' key")
+        texts.append(str(obj["text"]))
+        if "label" in obj:
+            labels.append(int(obj["label"]))
+    return texts, labels
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[int]]:
+    texts: list[str] = []
+    labels: list[int] = []
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or "text" not in reader.fieldnames:
+            raise InputError(f"{path}: a CSV data file needs a 'text' column "
+                             f"(found {reader.fieldnames})")
+        for row in reader:
+            texts.append(row["text"])
+            if row.get("label") not in (None, ""):
+                labels.append(int(row["label"]))
+    return texts, labels
+
+
 def pad_batch(rows: Sequence[Sequence[int]], side: PaddingSide = "right",
               pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Token-id rows of any lengths → ``{"input_ids", "attention_mask"}`` padded on ``side``."""
@@ -121,34 +154,13 @@ class Dataset:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"no such data file: {path}")
-        texts: list[str] = []
-        labels: list[int] = []
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{n}: not JSON ({exc.msg})") from None
-                if not isinstance(obj, dict) or "text" not in obj:
-                    raise InputError(f"{path}:{n}: each line needs an object with a 'text' key")
-                texts.append(str(obj["text"]))
-                if "label" in obj:
-                    labels.append(int(obj["label"]))
+            texts, labels = _read_jsonl(path)
         elif suffix == ".csv":
-            with path.open(newline="") as handle:
-                reader = csv.DictReader(handle)
-                if reader.fieldnames is None or "text" not in reader.fieldnames:
-                    raise InputError(f"{path}: a CSV data file needs a 'text' column "
-                                     f"(found {reader.fieldnames})")
-                for row in reader:
-                    texts.append(row["text"])
-                    if row.get("label") not in (None, ""):
-                        labels.append(int(row["label"]))
+            texts, labels = _read_csv(path)
         else:
-            texts = [line for line in path.read_text().splitlines() if line.strip()]
+            texts, labels = [line for line in path.read_text().splitlines() if line.strip()], []
         if labels and len(labels) != len(texts):
             raise InputError(f"{path}: {len(labels)} of {len(texts)} rows have a label; label "
                              "every row or none")

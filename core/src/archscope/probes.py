@@ -279,7 +279,8 @@ class ProbeFit(Artifact):
         self._check_dim(x, "ProbeFit.score")
         with torch.no_grad():
             z = ((x.float().cpu() - self.mean) / self.std).to(self.device)
-            return self.probe(z).float().cpu()
+            logits: torch.Tensor = self.probe(z)
+            return logits.float().cpu()
 
     def score(self, activations: torch.Tensor) -> torch.Tensor:
         """P(label = 1) per row of (N, input_dim) activations."""
