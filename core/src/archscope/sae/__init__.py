@@ -1,0 +1,23 @@
+"""Sparse autoencoders on any site of any backend: dense (L1), rank-1 factored, TopK and
+BatchTopK SAEs, streaming training, reconstruction and spliced-loss metrics, and SAELens's
+on-disk layout (export and import)."""
+
+from __future__ import annotations
+
+from ._models import (
+    SAE,
+    SAE_TYPES,
+    BatchTopKSAE,
+    DenseSAE,
+    Rank1FactoredSAE,
+    SAEConfig,
+    TopKSAE,
+    build_sae,
+    canonical_sae_type,
+)
+from ._train import fit_sae
+
+__all__ = [
+    "SAE", "SAE_TYPES", "BatchTopKSAE", "DenseSAE", "Rank1FactoredSAE", "SAEConfig", "TopKSAE",
+    "build_sae", "canonical_sae_type", "fit_sae",
+]
