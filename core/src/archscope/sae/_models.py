@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ParameterError
+from ..artifacts import Artifact
+from ..errors import ArtifactError, ParameterError
 
 #: canonical sae_type -> what it is (for messages and `archscope info`)
 SAE_TYPES: dict[str, str] = {
@@ -80,7 +81,7 @@ def _rows_unit(rows: torch.Tensor) -> torch.Tensor:
     return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-class SAE(nn.Module):
+class SAE(nn.Module, Artifact):
     """Base class of every SAE: ``encode(x) -> features``, ``decode(features) -> x_hat``,
     ``forward(x) -> (x_hat, features)``, ``loss(x)`` (the training objective, a scalar).
 
@@ -93,6 +94,9 @@ class SAE(nn.Module):
 
     sae_type: ClassVar[str] = ""
     kind: ClassVar[str] = "sae"
+    input_scale: torch.Tensor
+    b_enc: torch.Tensor
+    b_dec: torch.Tensor
     #: decoder rows are kept at unit norm during training (else the penalty uses their norms)
     unit_decoder: ClassVar[bool] = False
     has_biases: ClassVar[bool] = True
@@ -118,8 +122,10 @@ class SAE(nn.Module):
             self.b_dec = nn.Parameter(torch.zeros(d))
         self.register_buffer("input_scale", torch.ones(()))
         self.last_metrics: dict[str, float] = {}
-        self.fit: Any = None
+        self.fit = None
         self.site: str | None = None
+        #: the hook name an SAE imported from SAELens was trained on
+        self.hook_name: str | None = None
 
     # -- shapes and bookkeeping ------------------------------------------------------------------
     @property
@@ -157,7 +163,7 @@ class SAE(nn.Module):
         """Reconstruction in raw activation space of feature activations ``z``."""
         return self.decode_normalized(z) / self.input_scale
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(reconstruction, features)`` of raw activations ``x``."""
         z = self.encode(x)
         return self.decode(z), z
@@ -177,7 +183,8 @@ class SAE(nn.Module):
         mse = (recon - xn).pow(2).sum(-1).mean()
         l1 = (z @ self.W_dec.norm(dim=1)).mean()
         total = mse + self.cfg.sparsity * l1 if self.penalised else mse
-        self.last_metrics = {"recon": float(mse) / self.input_dim, "l1": float(z.abs().sum(-1).mean()),
+        self.last_metrics = {"recon": float(mse.detach()) / self.input_dim,
+                             "l1": float(z.detach().abs().sum(-1).mean()),
                              "n_active": float((z > 0).sum(-1).float().mean())}
         return total
 
@@ -209,6 +216,9 @@ class SAE(nn.Module):
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> SAE:
         """The SAE saved as ``tensors`` + ``config`` (the inverse of `state_tensors` and
         `config`); the class follows the saved sae_type."""
+        if not isinstance(config.get("sae"), dict):
+            raise ArtifactError("an SAE artifact's config needs an 'sae' entry (SAEConfig "
+                                f"fields); got keys {sorted(config)}")
         sae = build_sae(SAEConfig.from_dict(config["sae"]))
         sae.load_tensors(tensors)
         sae.site = config.get("site")
@@ -222,15 +232,11 @@ class SAE(nn.Module):
         missing = sorted(set(own) - set(tensors))
         extra = sorted(set(tensors) - set(own))
         if missing or extra:
-            from ..errors import ArtifactError
-
             raise ArtifactError(f"a {self.sae_type} SAE has tensors {sorted(own)}; the saved one "
                                 f"lacks {missing} and has unexpected {extra}")
         for name, target in own.items():
             value = tensors[name]
             if tuple(value.shape) != tuple(target.shape):
-                from ..errors import ArtifactError
-
                 raise ArtifactError(f"tensor {name!r} has shape {tuple(value.shape)}; this SAE "
                                     f"needs {tuple(target.shape)} (input_dim "
                                     f"{self.input_dim}, n_features {self.n_features})")
@@ -278,6 +284,7 @@ class BatchTopKSAE(SAE):
     (learned as a running mean of the smallest kept activation), like a JumpReLU."""
 
     sae_type = "batchtopk"
+    threshold: torch.Tensor
     unit_decoder = True
     penalised = False
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from ._models import SAE, BatchTopKSAE, SAEConfig, build_sae, power_of_two_scale
 
 #: what `fit_sae` trains on: one (n, d) tensor, an iterable of (n, d) chunks (re-iterable for
 #: several epochs), or a function returning a fresh iterable on each call
-ActivationSource = Union[torch.Tensor, Iterable[Any], Callable[[], Iterable[Any]]]
+ActivationSource = torch.Tensor | Iterable[Any] | Callable[[], Iterable[Any]]
 
 
 # -- data -------------------------------------------------------------------------------------
@@ -41,19 +41,19 @@ def _epochs_of(source: ActivationSource, epochs: int) -> Iterator[Iterable[Any]]
     """One iterable of chunks per epoch; a one-shot iterator allows one epoch only."""
     if callable(source) and not isinstance(source, torch.Tensor):
         for _ in range(epochs):
-            yield source()  # type: ignore[misc]
+            yield source()
         return
     if isinstance(source, torch.Tensor):
         for _ in range(epochs):
             yield [source]
         return
-    if iter(source) is source and epochs > 1:  # type: ignore[arg-type]
+    if iter(source) is source and epochs > 1:
         raise ParameterError(
             f"epochs={epochs} needs the activations several times, but a one-shot iterator "
             "was given; pass epochs=1, a list of chunks, or a function returning a fresh "
             "iterator (e.g. lambda: archscope.iter_collect(...))")
     for _ in range(epochs):
-        yield source  # type: ignore[misc]
+        yield source
 
 
 def _shuffled_batches(chunks: Iterable[Any], dim: int, batch_size: int, buffer_size: int,
@@ -127,6 +127,31 @@ def _sparse_decode(idx: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor) -
 
 
 # -- the trainer ------------------------------------------------------------------------------
+class _Adam:
+    """Adam (Kingma & Ba), updating the parameters in place. The few SAE tensors need none of
+    `torch.optim`'s machinery, whose first import costs seconds."""
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.params = params
+        self.lr, (self.b1, self.b2), self.eps = lr, betas, eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        step_size = self.lr * math.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
+        eps = self.eps * math.sqrt(1 - self.b2 ** self.t)
+        for p, m, v in zip(self.params, self.m, self.v, strict=True):
+            if p.grad is None:
+                continue
+            m.lerp_(p.grad, 1 - self.b1)
+            v.mul_(self.b2).addcmul_(p.grad, p.grad, value=1 - self.b2)
+            p.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
+
+
 class _Trainer:
     """Holds the optimizer and running statistics of one `fit_sae` call."""
 
@@ -134,10 +159,7 @@ class _Trainer:
         self.sae = sae
         self.cfg = sae.cfg
         self.device = device
-        params = list(sae.parameters())
-        # foreach: one kernel per op over all parameters. (The fused CPU kernel's first use
-        # costs seconds of start-up for a gain of milliseconds per step at these sizes.)
-        self.opt = torch.optim.Adam(params, lr=self.cfg.learning_rate, foreach=True)
+        self.opt = _Adam(list(sae.parameters()), float(self.cfg.learning_rate))
         self.since_fired = torch.zeros(sae.n_features, dtype=torch.long, device=device)
         self.dead_window = self.cfg.dead_window()
         self.aux_k = int(self.cfg.aux_k) if self.cfg.aux_k else max(1, sae.input_dim // 2)
@@ -151,7 +173,8 @@ class _Trainer:
     def step(self, x: torch.Tensor, record: bool) -> None:
         sae = self.sae
         xn = x.to(device=self.device, dtype=sae.W_dec.dtype, non_blocking=True) * sae.input_scale
-        self.opt.zero_grad(set_to_none=True)
+        for p in self.opt.params:
+            p.grad = None
         if self.sparse:
             loss, recon, fired, l1, l0 = self._sparse_forward(xn)
         else:
