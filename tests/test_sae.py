@@ -64,7 +64,7 @@ def _config(sae_type: str, **kw: object) -> SAEConfig:
 @pytest.fixture(scope="session")
 def trained(planted: tuple[torch.Tensor, torch.Tensor]) -> dict[str, SAE]:
     _, x = planted
-    return {t: fit_sae(x, _config(t), epochs=20) for t in VARIANTS}
+    return {t: fit_sae(x, _config(t), epochs=10) for t in VARIANTS}
 
 
 # -- ground truth ---------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def test_training_streams_from_chunks(planted: tuple[torch.Tensor, torch.Tensor]
     """A list of chunks smaller than a batch, through a small shuffle buffer, trains as well."""
     atoms, x = planted
     chunks = list(x.split(100))
-    sae = fit_sae(chunks, _config("topk", buffer_size=2048), epochs=20)
+    sae = fit_sae(chunks, _config("topk", buffer_size=2048), epochs=10)
     assert _recovered(sae, atoms) >= 0.9
     one_shot = fit_sae(iter(chunks), _config("topk", buffer_size=2048), epochs=1)
     assert one_shot.last_metrics["l0"] <= 3.0

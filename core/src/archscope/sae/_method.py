@@ -109,7 +109,8 @@ def sae_method(
     sae.fit = ArtifactFit.of(backend, info.name)
     metrics = reconstruction_metrics(sae, lambda: chunks(eval_set))
     loss = None
-    if {"logits", "edit"} <= set(backend.capabilities) and info.writable:
+    scorable = any(len(ids) > 1 for ids in eval_set.ids())  # a next token to predict
+    if {"logits", "edit"} <= set(backend.capabilities) and info.writable and scorable:
         loss = spliced_loss(sae, backend, eval_set, info.name, batch_size=text_batch_size)
     saved = str(sae.save(save)) if save else None
     exported = str(export_saelens(sae, saelens_dir)) if saelens_dir else None

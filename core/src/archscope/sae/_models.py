@@ -183,7 +183,8 @@ class SAE(nn.Module, Artifact):
         mse = (recon - xn).pow(2).sum(-1).mean()
         l1 = (z @ self.W_dec.norm(dim=1)).mean()
         total = mse + self.cfg.sparsity * l1 if self.penalised else mse
-        self.last_metrics = {"recon": float(mse.detach()) / self.input_dim,
+        scale2 = float(self.input_scale) ** 2  # recon is reported in raw activation space
+        self.last_metrics = {"recon": float(mse.detach()) / self.input_dim / scale2,
                              "l1": float(z.detach().abs().sum(-1).mean()),
                              "n_active": float((z > 0).sum(-1).float().mean())}
         return total

@@ -232,9 +232,10 @@ class _Trainer:
         if n_dead and self.cfg.aux_coefficient > 0:
             # AuxK: the most active dead features reconstruct what the live ones missed
             k_aux = min(self.aux_k, n_dead)
-            with torch.no_grad():
-                aux_idx = pre.masked_fill(~dead, -math.inf).topk(k_aux, dim=1,
-                                                                 sorted=False).indices
+            with torch.no_grad():  # top k_aux among the dead columns only
+                dead_idx = dead.nonzero().squeeze(1)
+                top = pre.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices
+                aux_idx = dead_idx[top]
                 residual = (xn - recon).detach()
             aux_vals = _GatherPre.apply(pre, aux_idx, *enc).relu()
             aux = (_sparse_decode(aux_idx, aux_vals, sae.W_dec) - residual).pow(2).sum(-1).mean()
@@ -267,7 +268,7 @@ class _Trainer:
         dead = float((self.since_fired >= self.dead_window).float().mean())
         return {"recon": sse / n / self.sae.input_dim / scale2, "mse": sse / n / self.sae.input_dim / scale2,
                 "explained_variance": 1.0 - sse / centred if centred > 0 else float("nan"),
-                "l1": l1 / n / float(self.sae.input_scale), "n_active": l0 / n, "l0": l0 / n,
+                "l1": l1 / n, "n_active": l0 / n, "l0": l0 / n,
                 "dead_fraction": dead}
 
 
