@@ -5,6 +5,7 @@ a transformer, a Mamba, a hybrid and an LSTM, the 0.2 calls and the registered m
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,7 +36,16 @@ SETTINGS = {"dense": {"sparsity": 0.3}, "rank1": {"sparsity": 0.3}, "topk": {"k"
             "batchtopk": {"k": 3}}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny matrices gain nothing from threads, and lose much on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def planted() -> tuple[torch.Tensor, torch.Tensor]:
     """64 unit atoms in d=32; each of 8192 samples a positive combination of ~3 of them."""
     gen = torch.Generator().manual_seed(0)
@@ -61,7 +71,7 @@ def _config(sae_type: str, **kw: object) -> SAEConfig:
     return SAEConfig(**base)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def trained(planted: tuple[torch.Tensor, torch.Tensor]) -> dict[str, SAE]:
     _, x = planted
     return {t: fit_sae(x, _config(t), epochs=10) for t in VARIANTS}
