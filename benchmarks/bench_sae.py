@@ -47,14 +47,19 @@ def plain_topk_loop(x: torch.Tensor, d_sae: int, k: int, batch: int, lr: float) 
             w_dec /= w_dec.norm(dim=1, keepdim=True)
 
 
-def tokens_per_second(fn, n_tokens: int, repeats: int) -> tuple[float, float]:
-    fn()  # warm-up
-    rates = []
+def interleaved_rates(cases: dict[str, object], n_tokens: int, repeats: int
+                      ) -> dict[str, tuple[float, float]]:
+    """Median and best tokens/s of each case, timed in interleaved rounds after a warm-up, so
+    load drift on a shared machine affects every case alike."""
+    for fn in cases.values():
+        fn()  # type: ignore[operator]
+    rates: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        rates.append(n_tokens / (time.perf_counter() - start))
-    return statistics.median(rates), max(rates)
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()  # type: ignore[operator]
+            rates[name].append(n_tokens / (time.perf_counter() - start))
+    return {name: (statistics.median(r), max(r)) for name, r in rates.items()}
 
 
 def main() -> None:
@@ -76,17 +81,16 @@ def main() -> None:
     x = torch.randn(n, args.d_in) * torch.linspace(0.2, 3.0, args.d_in)
     x[:, :4] += 20.0
 
-    rows = []
+    cases: dict[str, object] = {}
     for sae_type in ("topk", "batchtopk", "dense", "rank1"):
         cfg = SAEConfig(input_dim=args.d_in, n_features=args.features, sae_type=sae_type,
                         k=args.k, batch_size=args.batch, learning_rate=1e-4)
         sae = build_sae(cfg)
-        med, best = tokens_per_second(lambda sae=sae, cfg=cfg: fit_sae(x, cfg, 1, sae=sae),
-                                      n, args.repeats)
-        rows.append((f"archscope {sae_type}", med, best))
-    med, best = tokens_per_second(
-        lambda: plain_topk_loop(x, args.features, args.k, args.batch, 1e-4), n, args.repeats)
-    rows.append(("plain PyTorch TopK loop", med, best))
+        cases[f"archscope {sae_type}"] = lambda sae=sae, cfg=cfg: fit_sae(x, cfg, 1, sae=sae)
+    cases["plain PyTorch TopK loop"] = lambda: plain_topk_loop(x, args.features, args.k,
+                                                               args.batch, 1e-4)
+    rows = [(name, med, best) for name, (med, best)
+            in interleaved_rates(cases, n, args.repeats).items()]
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     lines = [
@@ -95,14 +99,15 @@ def main() -> None:
         f"Machine: {describe()}.",
         f"d_in {args.d_in}, {args.features} features, batch {args.batch}, k {args.k}, "
         f"{args.threads} torch thread(s); {args.steps} steps per run, median and best of "
-        f"{args.repeats} runs after a warm-up (`python benchmarks/bench_sae.py`).",
+        f"{args.repeats} interleaved runs after a warm-up (`python benchmarks/bench_sae.py`).",
         "",
-        "| trainer | tokens/s (median) | tokens/s (best) | vs SAELens TopK 6.6k |",
+        "| trainer | tokens/s (median) | tokens/s (best) | vs the plain TopK loop (median) |",
         "|---|---|---|---|",
-        *[f"| {name} | {m:,.0f} | {b:,.0f} | {m / 6600:.2f}× |" for name, m, b in rows],
+        *[f"| {name} | {m:,.0f} | {b:,.0f} | {m / rows[-1][1]:.2f}× |" for name, m, b in rows],
         "",
-        f"Load average when done: {load}. SAELens's numbers were measured on the reference "
-        "machine of the methods issue, not in this run; the plain loop is the in-run yardstick.",
+        f"Load average when done: {load}. SAELens was not run here; on the issue's reference "
+        "machine the plain loop reached 13.8k tokens/s and SAELens's TopK 6.6k, so a ratio "
+        "r to the plain loop projects to about 2.1 r × SAELens's TopK.",
         "",
     ]
     text = "\n".join(lines)
