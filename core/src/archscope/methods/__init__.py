@@ -88,3 +88,12 @@ def register_methods(register: Callable[..., None]) -> None:
         arity=2,
         quick={"epochs": 5},
     ))
+    register(Method(
+        name="sae",
+        summary="Train a sparse autoencoder (dense, rank-1, TopK, BatchTopK) on one site; "
+                "reconstruction metrics and next-token loss with it spliced in",
+        function="archscope.sae:sae_method",
+        input="dataset",
+        arity=1,
+        quick={"n_features": 64, "k": 4, "epochs": 2, "batch_size": 256},
+    ))
