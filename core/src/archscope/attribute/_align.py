@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError, SiteError
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 #: ``"all"`` (every real token), ``"last"`` (each row's last real token), or real-token
 #: indices (``0`` = first real token, ``-1`` = last), the same in every row.
-PositionSpec = Union[str, int, Sequence[int]]
+PositionSpec = str | int | Sequence[int]
 
 
 def real_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +126,6 @@ def columns(spec: Any, clean_mask: torch.Tensor, corrupted_mask: torch.Tensor) -
 def aligned_source(clean_value: torch.Tensor, cols: Columns, corrupted_len: int) -> torch.Tensor:
     """The clean activations laid out on the corrupted run's positions (zeros elsewhere):
     (rows, corrupted_len, ...) with ``out[n, cols.corrupted[n, c]] = clean[n, cols.clean[n, c]]``."""
-    import torch
 
     out = clean_value.new_zeros((clean_value.shape[0], corrupted_len, *clean_value.shape[2:]))
     rows, col = cols.valid.nonzero(as_tuple=True)
@@ -137,6 +136,9 @@ def aligned_source(clean_value: torch.Tensor, cols: Columns, corrupted_len: int)
 def check_token_site(backend: Any, site: str) -> None:
     """Patching reads and writes token sites; a state site holds one value per sequence."""
     info = backend.site_info(site)
+    if info.kind == "token" and tuple(info.shape[:2]) != ("batch", "seq"):
+        raise SiteError(f"{info.name!r} has axes {info.shape}; patching needs a token site "
+                        "laid out (batch, seq, ...)")
     if info.kind != "token":
         raise SiteError(
             f"{info.name!r} is a {info.kind} site (one value per sequence, after the last real "

@@ -1,7 +1,7 @@
 """The patching engine: one clean and one corrupted run cached, then many patched runs batched.
 
 A patched run is described by a *spec*: the (site, columns) cells it takes from the clean run.
-`Contrast.run_specs` stacks many specs into one forward pass: the corrupted batch is repeated
+`PatchRuns.run_specs` stacks many specs into one forward pass: the corrupted batch is repeated
 once per spec and each block of rows is patched at its own cells by a per-row function edit,
 so a layer x position sweep costs (cells x pairs / batch_size) forward passes.
 """
@@ -29,7 +29,7 @@ def backend_of(model: Any, hint: str | None = None) -> Backend:
 
 
 @dataclass
-class Contrast:
+class PatchRuns:
     """A clean and a corrupted batch run once each, with what patched runs reuse: the clean
     activations of the patched sites, the metric (fitted on the two runs) and its values."""
 
@@ -47,8 +47,10 @@ class Contrast:
 
     @classmethod
     def build(cls, backend: Backend, clean: Any, corrupted: Any, sites: Sequence[str],
-              positions: Any = "all", metric_fn: MetricFn | None = None) -> Contrast:
+              positions: Any = "all", metric_fn: MetricFn | None = None) -> PatchRuns:
         backend.require("edit")
+        # The backend's own request check first: it names read-only sites and what is valid.
+        backend.check_request([], [Edit.replace(s, 0.0) for s in sites])
         for site in sites:
             check_token_site(backend, site)
         sites = [backend.site_info(s).name for s in sites]

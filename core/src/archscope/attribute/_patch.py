@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ..backends import Backend, Edit
 from ..errors import InputError, SiteError
 from ..sites import Site
-from ._engine import Contrast, Spec, backend_of
+from ._engine import PatchRuns, Spec, backend_of
 from ._metric import MetricFn, gap_fraction, mean_value
 from ._results import DIMResult, PatchResult, PatchSweep
 
@@ -81,7 +81,7 @@ def activation_patch(
         layers = sorted({i for i in (Site.parse(s).layer for s in names) if i is not None})
         if not names:
             raise InputError("sites is empty: give at least one site to patch")
-    ctx = Contrast.build(backend, prompt_source, prompt_target, names, positions, metric_fn)
+    ctx = PatchRuns.build(backend, prompt_source, prompt_target, names, positions, metric_fn)
     cells = list(range(len(ctx.cols)))
     patched = ctx.run_specs([[(s, cells) for s in names]], batch_size=ctx.rows)[0]
     return PatchResult(
@@ -123,7 +123,7 @@ def _grid(backend: Backend, layers: list[int], axis: str, role: str,
 def _pearson(a: list[list[float | None]], b: list[list[float | None]]) -> float | None:
     import torch
 
-    pairs = [(x, y) for ra, rb in zip(a, b) for x, y in zip(ra, rb)
+    pairs = [(x, y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)
              if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
     if len(pairs) < 2:
         return None
@@ -141,6 +141,7 @@ def patch_sweep(
     layers: Sequence[int] | None = None,
     axis: str = "position",
     site: str | None = None,
+    embed: bool = False,
     components: Sequence[str] | None = None,
     positions: Any = "all",
     metric_fn: MetricFn | None = None,
@@ -152,6 +153,9 @@ def patch_sweep(
     """Gap restored by patching each cell alone: layers × positions (``axis="position"``,
     role ``site`` at each real-token position of ``positions``) or layers × components
     (``axis="component"``: attention / mixer / MLP outputs, all ``positions`` at once).
+
+    ``embed=True`` adds the embedding output as a first row (axis "position"): with it the
+    rows are the residual stream before every block and after the last.
 
     ``exact`` runs every patched forward (``batch_size`` rows per forward pass: the corrupted
     batch repeated, each block patched at its own cell). ``attribution`` adds the AtP estimate
@@ -167,9 +171,16 @@ def patch_sweep(
     chosen = _layers(backend, layers)
     role = _role(backend, site)
     columns, grid = _grid(backend, chosen, axis, role, components)
+    row_names = [f"layer_{i}" for i in chosen]
+    if embed:
+        if axis != "position":
+            raise InputError("embed=True adds a row to a layer x position sweep; use "
+                             "axis='position'")
+        grid = [[backend.site_info("embed").name], *grid]
+        row_names = ["embed", *row_names]
     sites = [s for row in grid for s in row if s is not None]
     start = time.perf_counter()
-    ctx = Contrast.build(backend, clean, corrupted, sites, positions, metric_fn)
+    ctx = PatchRuns.build(backend, clean, corrupted, sites, positions, metric_fn)
     seconds = {"cache": time.perf_counter() - start}
     n_cols = len(ctx.cols) if axis == "position" else len(columns)
     all_cols = list(range(len(ctx.cols)))
@@ -181,20 +192,20 @@ def patch_sweep(
         name = grid[r][c]
         return [(name, all_cols)] if name is not None else None
 
-    exact_matrix = None
+    exact_matrix: list[list[float | None]] | None = None
     if exact:
         start = time.perf_counter()
         specs: list[Spec] = []
         where: list[tuple[int, int]] = []
-        for r in range(len(chosen)):
+        for r in range(len(grid)):
             for c in range(n_cols):
                 spec = cell_spec(r, c)
                 if spec is not None:
                     specs.append(spec)
                     where.append((r, c))
         values = ctx.run_specs(specs, batch_size)
-        exact_matrix = [[None] * n_cols for _ in chosen]
-        for (r, c), v in zip(where, values):
+        exact_matrix = [[None for _ in range(n_cols)] for _ in grid]
+        for (r, c), v in zip(where, values, strict=True):
             exact_matrix[r][c] = gap_fraction(v, ctx.corrupted_metric, ctx.clean_metric)
         seconds["exact"] = time.perf_counter() - start
     atp_matrix = None
@@ -205,7 +216,7 @@ def patch_sweep(
     gap_fraction(ctx.clean_metric, ctx.corrupted_metric, ctx.clean_metric, "patch_sweep")
     return PatchSweep(
         backend=backend.name, metric=ctx.metric_name, axis=axis,
-        rows=[f"layer_{i}" for i in chosen],
+        rows=row_names,
         columns=list(ctx.cols.labels) if axis == "position" else columns,
         sites=[[row[0]] * n_cols for row in grid] if axis == "position" else grid,
         clean_metric=ctx.clean_metric, corrupted_metric=ctx.corrupted_metric,
@@ -227,7 +238,7 @@ def attribution_patch(model: Any, clean: Any, corrupted: Any, *, exact: bool = F
     return patch_sweep(model, clean, corrupted, exact=exact, attribution=True, **kwargs)
 
 
-def _attribution(ctx: Contrast, grid: list[list[str | None]], axis: str,
+def _attribution(ctx: PatchRuns, grid: list[list[str | None]], axis: str,
                  n_cols: int) -> list[list[float | None]]:
     """AtP. The gradient is taken with respect to a zero tensor *added* to each site through
     an `Edit`, so it is the derivative of the metric with respect to that site's value as the
@@ -247,7 +258,7 @@ def _attribution(ctx: Contrast, grid: list[list[str | None]], axis: str,
     cols = ctx.cols
     valid = cols.valid
     per_site: dict[str, torch.Tensor] = {}
-    for s, g in zip(sites, grads):
+    for s, g in zip(sites, grads, strict=True):
         diff = ctx.aligned(s) - corrupted.activations[s]
         g = torch.zeros_like(diff) if g is None else g
         contrib = (g.double() * diff.double()).flatten(2).sum(-1)  # (rows, seq)
@@ -308,7 +319,7 @@ def dim_decompose(
         raise SiteError(f"backend {backend.name!r} has no attention, mixer or MLP sites in "
                         f"layers {layers}; name the components to decompose")
     all_sites = [s for names in chosen.values() for s in names]
-    ctx = Contrast.build(backend, prompt_a, prompt_b, all_sites, positions, metric_fn)
+    ctx = PatchRuns.build(backend, prompt_a, prompt_b, all_sites, positions, metric_fn)
     cells = list(range(len(ctx.cols)))
     specs: list[Spec] = [[(s, cells) for s in names] for names in chosen.values()]
     specs.append([(s, cells) for s in all_sites])
@@ -316,10 +327,10 @@ def dim_decompose(
     clean, corr = ctx.clean_metric, ctx.corrupted_metric
     gap_fraction(clean, corr, clean, "dim_decompose")  # warns once on a zero gap
     return DIMResult(
-        components={c: gap_fraction(v, corr, clean) for c, v in zip(chosen, values)},
+        components={c: gap_fraction(v, corr, clean) for c, v in zip(chosen, values, strict=True)},
         total=clean - corr,
         layer_range=(min(layers), max(layers)),
-        effects={c: v - corr for c, v in zip(chosen, values)},
+        effects={c: v - corr for c, v in zip(chosen, values, strict=True)},
         joint=gap_fraction(values[-1], corr, clean),
         sites=chosen, clean_metric=clean, corrupted_metric=corr, metric=ctx.metric_name,
     )

@@ -6,24 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..methods.results import Result
-
-
-def _pyplot() -> Any:
-    try:  # the core's helper, where present, owns the message about the optional extra
-        from ..results import pyplot  # type: ignore[import-not-found,attr-defined,unused-ignore]
-
-        return pyplot()
-    except ImportError:
-        pass
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ImportError("plots need matplotlib: pip install 'archscope[plot]'") from None
-    return plt
+from ..results import Result, pyplot
 
 
 def _fmt(value: float | None) -> str:
@@ -31,7 +14,7 @@ def _fmt(value: float | None) -> str:
         else f"{value:.3f}"
 
 
-def _heatmap(ax: Any, matrix: list[list[float]], rows: list[str], cols: list[Any],
+def _heatmap(ax: Any, matrix: list[list[float | None]], rows: list[str], cols: list[Any],
              title: str) -> Any:
     values = [[math.nan if v is None else v for v in row] for row in matrix]
     finite = [abs(v) for row in values for v in row if not math.isnan(v)]
@@ -133,7 +116,7 @@ class PatchSweep(Result):
 
     def figure(self) -> Any:
         """Heat map(s): layers × columns, red = restores the clean behaviour."""
-        plt = _pyplot()
+        plt = pyplot()
         panels = [(name, m) for name, m in (("exact patching", self.gap_restored),
                                             ("attribution patching", self.attribution))
                   if m is not None]
@@ -141,7 +124,7 @@ class PatchSweep(Result):
                                  figsize=(4 + 0.25 * len(self.columns) * len(panels),
                                           1.5 + 0.4 * len(self.rows)))
         image = None
-        for ax, (name, matrix) in zip(axes[0], panels):
+        for ax, (name, matrix) in zip(axes[0], panels, strict=True):
             image = _heatmap(ax, matrix, self.rows, self.columns, name)
             ax.set_xlabel("position (real tokens)" if self.axis == "position" else "component")
         if image is not None:
@@ -152,15 +135,6 @@ class PatchSweep(Result):
         fig.suptitle(title)
         return fig
 
-    def plot(self, path: Any) -> Any:
-        """Write `figure` as a PNG to ``path``; returns the path."""
-        from pathlib import Path
-
-        fig = self.figure()
-        out = Path(path)
-        fig.savefig(out, dpi=120, bbox_inches="tight")
-        _pyplot().close(fig)
-        return out
 
     def to_markdown(self) -> str:
         lines = [f"## Patching sweep ({self.backend}, {self.metric}), layers × {self.axis}", "",
@@ -172,7 +146,7 @@ class PatchSweep(Result):
             lines += ["", f"### {name}", "", "| layer | " + " | ".join(map(str, self.columns))
                       + " |", "|---" * (len(self.columns) + 1) + "|"]
             lines += [f"| {r} | " + " | ".join(_fmt(v) for v in row) + " |"
-                      for r, row in zip(self.rows, matrix)]
+                      for r, row in zip(self.rows, matrix, strict=True)]
         if self.correlation is not None:
             lines += ["", f"Pearson correlation exact vs AtP: {self.correlation:.3f}"]
         return "\n".join(lines)
@@ -202,28 +176,20 @@ class StatePatchResult(Result):
     suffix_tokens: int
 
     def figure(self) -> Any:
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(3 + 1.2 * (len(self.kinds) + 1),
                                         1.5 + 0.4 * len(self.layers)))
-        matrix = [[*row, per] for row, per in zip(self.gap_restored, self.per_layer)]
+        matrix = [[*row, per] for row, per in zip(self.gap_restored, self.per_layer, strict=True)]
         image = _heatmap(ax, matrix, [f"layer_{i}" for i in self.layers],
                          [*self.kinds, "all"], f"{self.backend}: state patching")
         fig.colorbar(image, ax=ax, label="gap restored")
         return fig
 
-    def plot(self, path: Any) -> Any:
-        from pathlib import Path
-
-        fig = self.figure()
-        out = Path(path)
-        fig.savefig(out, dpi=120, bbox_inches="tight")
-        _pyplot().close(fig)
-        return out
 
     def to_markdown(self) -> str:
         head = "| layer | " + " | ".join(self.kinds) + " | all of the layer |"
         rows = [f"| {i} | " + " | ".join(_fmt(v) for v in row) + f" | {_fmt(per)} |"
-                for i, row, per in zip(self.layers, self.gap_restored, self.per_layer)]
+                for i, row, per in zip(self.layers, self.gap_restored, self.per_layer, strict=True)]
         return "\n".join([
             f"## State patching ({self.backend}, {self.metric})", "",
             f"suffix: last {self.suffix_tokens} token(s); clean {self.clean_metric:.4f}, "

@@ -90,7 +90,7 @@ def state_patch_sweep(
     if len(clean_rows) != len(corr_rows):
         raise InputError(f"clean and corrupted inputs must pair up row by row: got "
                          f"{len(clean_rows)} clean and {len(corr_rows)} corrupted rows")
-    short = [i for i, (a, b) in enumerate(zip(clean_rows, corr_rows))
+    short = [i for i, (a, b) in enumerate(zip(clean_rows, corr_rows, strict=True))
              if len(a) <= k or len(b) <= k]
     if short:
         raise InputError(f"rows {short[:8]} have at most suffix_tokens={k} real tokens: every "
@@ -100,7 +100,7 @@ def state_patch_sweep(
     corr_prefix = [r[:-k] for r in corr_rows]
     n = len(suffix)
     ones = torch.ones(n, k, dtype=torch.long, device=backend.device)
-    clean_logits = _suffix_logits(backend, [p + s for p, s in zip(clean_prefix, suffix)], k)
+    clean_logits = _suffix_logits(backend, [p + s for p, s in zip(clean_prefix, suffix, strict=True)], k)
     corr_logits = _suffix_logits(backend, corr_rows, k)
     metric = (LogitDiff.between(clean_logits, ones, corr_logits, ones) if metric_fn is None
               else as_metric(metric_fn))
