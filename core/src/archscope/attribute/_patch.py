@@ -327,10 +327,11 @@ def dim_decompose(
     clean, corr = ctx.clean_metric, ctx.corrupted_metric
     gap_fraction(clean, corr, clean, "dim_decompose")  # warns once on a zero gap
     return DIMResult(
-        components={c: gap_fraction(v, corr, clean) for c, v in zip(chosen, values, strict=True)},
+        components={c: gap_fraction(v, corr, clean)
+                    for c, v in zip(chosen, values[:-1], strict=True)},
         total=clean - corr,
         layer_range=(min(layers), max(layers)),
-        effects={c: v - corr for c, v in zip(chosen, values, strict=True)},
+        effects={c: v - corr for c, v in zip(chosen, values[:-1], strict=True)},
         joint=gap_fraction(values[-1], corr, clean),
         sites=chosen, clean_metric=clean, corrupted_metric=corr, metric=ctx.metric_name,
     )
