@@ -142,7 +142,12 @@ def _parse_params(method: Any, params: tuple[str, ...], quick: bool) -> dict[str
 def _method_data(method: Any, backend: Any, tokenizer: Any, texts: tuple[str, ...],
                  data: str | None, clean: tuple[str, ...], corrupt: tuple[str, ...]) -> Any:
     from .data import Contrast, Dataset, pad_batch, padding_for
+    from .errors import InputError
 
+    if tokenizer is None:
+        raise InputError(f"the model was loaded without a tokenizer, so the inputs of "
+                         f"{method.name!r} cannot be tokenized; load it from a source that "
+                         "returns one (or have your function return (model, tokenizer))")
     if method.input == "contrast":
         if not clean or len(clean) != len(corrupt):
             raise click.UsageError(f"method {method.name!r} takes a contrast: give --clean TEXT "
