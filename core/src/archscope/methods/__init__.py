@@ -33,6 +33,7 @@ def register_methods(register: Callable[..., None]) -> None:
         function="archscope.attribute.methods:patch_method",
         requires=frozenset({"edit", "logits"}),
         input="contrast",
+        quick={"positions": "last"},
     ))
     register(Method(
         name="patch-sweep",
@@ -40,7 +41,7 @@ def register_methods(register: Callable[..., None]) -> None:
         function="archscope.attribute.methods:patch_sweep_method",
         requires=frozenset({"edit", "logits"}),
         input="contrast",
-        quick={"batch_size": 16},
+        quick={"positions": "last", "batch_size": 16},
     ))
     register(Method(
         name="attribution-patch",
@@ -49,6 +50,7 @@ def register_methods(register: Callable[..., None]) -> None:
         function="archscope.attribute.methods:attribution_patch_method",
         requires=frozenset({"edit", "logits"}),
         input="contrast",
+        quick={"positions": "last"},
     ))
     register(Method(
         name="dim",
@@ -56,6 +58,7 @@ def register_methods(register: Callable[..., None]) -> None:
         function="archscope.attribute.methods:dim_method",
         requires=frozenset({"edit", "components", "logits"}),
         input="contrast",
+        quick={"positions": "last"},
     ))
     register(Method(
         name="state-patch",
