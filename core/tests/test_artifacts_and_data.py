@@ -24,7 +24,7 @@ class Scaler(Artifact):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight}
 
-    def config(self) -> dict[str, Any]:
+    def artifact_config(self) -> dict[str, Any]:
         return {"dim": int(self.weight.shape[0])}
 
     @classmethod
@@ -52,19 +52,19 @@ class FakeBackend:
 def test_save_and_load_round_trip_bit_exact(tmp_path: Path) -> None:
     backend = FakeBackend()
     art = Scaler(torch.randn(4))
-    art.fit = ArtifactFit.of(backend, "layer_0.residual")
+    art.fitted_on = ArtifactFit.of(backend, "layer_0.residual")
     folder = art.save(tmp_path / "scaler")
     assert sorted(p.name for p in folder.iterdir()) == ["artifact.json", "weights.safetensors"]
     meta = json.loads((folder / "artifact.json").read_text())
-    assert meta["kind"] == "test-scaler" and meta["fit"]["site"] == "layer_0.residual"
+    assert meta["kind"] == "test-scaler" and meta["fitted_on"]["site"] == "layer_0.residual"
     loaded = Scaler.load(folder, backend=backend)
-    assert torch.equal(loaded.weight, art.weight) and loaded.fit == art.fit
+    assert torch.equal(loaded.weight, art.weight) and loaded.fitted_on == art.fitted_on
     assert isinstance(Artifact.load(folder), Scaler)  # dispatch by kind
 
 
 def test_load_refuses_a_backend_it_does_not_fit(tmp_path: Path) -> None:
     art = Scaler(torch.randn(4))
-    art.fit = ArtifactFit.of(FakeBackend(), "layer_0.residual")
+    art.fitted_on = ArtifactFit.of(FakeBackend(), "layer_0.residual")
     folder = art.save(tmp_path / "a")
     with pytest.raises(ArtifactError, match=r"backend 'other' \(fitted on 'fake'\)"):
         Scaler.load(folder, backend=FakeBackend("other"))
@@ -135,3 +135,13 @@ def test_dataset_checks_and_subsets() -> None:
     assert as_dataset(left).ids() == [[1], [2, 3]]
     with pytest.raises(InputError, match="as many corrupted inputs as clean"):
         Contrast(["a"], ["b", "c"])
+
+
+def test_subsets_and_relabelling_after_tokenizing_keep_the_tokens() -> None:
+    from archscope_transformer.testing import tiny_tokenizer
+
+    ds = Dataset.from_texts(["w5 w6", "w7", "w8 w9 w10"], [0, 1, 0], tokenizer=tiny_tokenizer())
+    ids = ds.ids()
+    sub = ds.subset([2, 0])
+    assert sub.texts == ["w8 w9 w10", "w5 w6"] and sub.ids() == [ids[2], ids[0]]
+    assert ds.with_labels([1, 1, 1]).ids() == ids

@@ -75,6 +75,9 @@ class Dataset:
     labels: list[int] | None = None
     tokenizer: Any = field(default=None, repr=False, compare=False)
     max_length: int | None = None
+    #: Token ids of ``texts``, filled by `ids` on first use.
+    _tokenized: list[list[int]] | None = field(default=None, init=False, repr=False,
+                                               compare=False)
 
     def __post_init__(self) -> None:
         if (self.texts is None) == (self.token_ids is None):
@@ -164,20 +167,26 @@ class Dataset:
 
     def ids(self) -> list[list[int]]:
         """Every item as token ids (texts are tokenized once and cached)."""
-        if self.token_ids is None:
+        if self.token_ids is not None:
+            return self.token_ids
+        if self._tokenized is None:
             assert self.texts is not None
-            self.token_ids = _tokenize(self.tokenizer, self.texts, self.max_length)
-        return self.token_ids
+            self._tokenized = _tokenize(self.tokenizer, self.texts, self.max_length)
+        return self._tokenized
 
     def subset(self, indices: Sequence[int]) -> Dataset:
         """The items at ``indices`` (labels kept aligned)."""
         idx = [int(i) for i in indices]
         pick = (lambda xs: None if xs is None else [xs[i] for i in idx])  # noqa: E731
-        return replace(self, texts=pick(self.texts), token_ids=pick(self.token_ids),
-                       labels=pick(self.labels))
+        out = replace(self, texts=pick(self.texts), token_ids=pick(self.token_ids),
+                      labels=pick(self.labels))
+        out._tokenized = pick(self._tokenized)
+        return out
 
     def with_labels(self, labels: Sequence[int]) -> Dataset:
-        return replace(self, labels=list(labels))
+        out = replace(self, labels=list(labels))
+        out._tokenized = self._tokenized
+        return out
 
     def batches(self, batch_size: int = 32, side: PaddingSide = "right",
                 pad_id: int | None = None) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
