@@ -240,6 +240,10 @@ class _HFRecurrentBackend(HookBackend):
             kwargs["use_cache"] = True
             kwargs.update(self._state_arguments(ctx.initial_state or {},
                                                 ctx.batch["input_ids"].shape[0]))
+        elif ctx.grad:
+            # The cache is updated in place layer by layer, which autograd cannot go through;
+            # without one the logits are the same.
+            kwargs["use_cache"] = False
         return self.model(**kwargs)
 
     def read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
