@@ -71,7 +71,7 @@ def test_residuals_match_hf_hidden_states(tmp_path):
     texts = words(9, seed=5)
     store = extract(a.backend, texts, ["layer_1.residual"], tmp_path / "s",
                     tokenizer=a.tokenizer, docs_per_shard=4, batch_size=3, progress=False)
-    acts, doc, position, _ = store.read("layer_1.residual", with_index=True)
+    acts, doc, _, _ = store.read("layer_1.residual", with_index=True)
     for d, text in enumerate(texts):
         ids = torch.tensor([a.tokenizer(text)["input_ids"]])
         with torch.no_grad():

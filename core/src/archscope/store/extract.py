@@ -54,7 +54,7 @@ def resolve_dtype(dtype: Any, model: Any) -> torch.dtype:
             raise StoreError(f"unknown activation dtype {dtype!r}; use float32, float16 or "
                              "bfloat16")
         return resolved
-    return dtype  # type: ignore[no-any-return]
+    return dtype
 
 
 def site_records(backend: Backend, sites: Iterable[str] | str,
