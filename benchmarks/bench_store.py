@@ -12,7 +12,7 @@
 Rounds alternate the cases so that a shared machine's load drifting hits both alike; the
 reported ratio is the median of the paired ratios.
 
-    .venv/bin/python benchmarks/bench_store.py [--repeats 3] [--no-ray]
+    .venv/bin/python benchmarks/bench_store.py [--repeats 3] [--parts extraction,reading,ray]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def bench_reading(repeats: int, tmp: Path) -> dict[str, object]:
     from archscope.store.extract import write_shard
     from archscope.store.format import Manifest
 
-    d, per_shard, n_shards = 256, 8192, 16  # 128 MiB of float32 activations
+    d, per_shard, n_shards = 256, 8192, 8  # 64 MiB of float32 activations
     folder = tmp / "read"
     folder.mkdir()
     manifest = Manifest(model={}, tokenizer_hash=None,
@@ -132,7 +132,7 @@ def bench_reading(repeats: int, tmp: Path) -> dict[str, object]:
         return StoreReader(folder, "layer_0.residual", batch, seed=seed, buffer_size=65536)
 
     torch.manual_seed(0)
-    sae_in, d_sae, k = d, 2048, 32
+    sae_in, d_sae, k = d, 512, 32
     w_enc = torch.nn.Parameter(torch.randn(sae_in, d_sae) / sae_in**0.5)
     w_dec = torch.nn.Parameter(w_enc.detach().t().clone())
     opt = torch.optim.Adam([w_enc, w_dec], lr=1e-4)
@@ -156,8 +156,8 @@ def bench_reading(repeats: int, tmp: Path) -> dict[str, object]:
              "train memory": lambda s: train(from_memory(s)),
              "train store": lambda s: train(from_store(s))}
     times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():  # warm-up (page cache, allocator)
-        fn(0)
+    for name in ("read memory", "read store"):  # warm-up (page cache, allocator)
+        cases[name](0)
     for r in range(repeats):
         for name, fn in cases.items():
             start = time.perf_counter()
@@ -172,34 +172,27 @@ def bench_reading(repeats: int, tmp: Path) -> dict[str, object]:
                 times["train memory"], times["train store"], strict=True))}
 
 
-def bench_ray(tmp: Path) -> dict[str, object]:
+def bench_ray(tmp: Path, n_docs: int) -> dict[str, object]:
     import ray
 
     from archscope.store.ray_engine import extract_ray
 
-    rows = documents(384, seed=1)
-    small = rows[:32]
+    rows = documents(n_docs, seed=1)
     spec = f"{MODEL_FILE}:build"
     start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
              log_to_driver=False)
-    init = time.perf_counter() - start
-    out: dict[str, object] = {"n_tokens": sum(map(len, rows)), "ray_init_s": init}
+    out: dict[str, object] = {"n_tokens": sum(map(len, rows)), "n_docs": n_docs,
+                              "ray_init_s": time.perf_counter() - start}
     try:
         for workers in (1, 2):
-            t = {}
-            for name, data in (("small", small), ("large", rows)):
-                folder = tmp / f"ray{workers}{name}"
-                start = time.perf_counter()
-                extract_ray(spec, data, SITES, folder, docs_per_shard=32, batch_size=16,
-                            workers=workers, cpus_per_worker=1.0, threads_per_worker=1,
-                            progress=False)
-                t[name] = time.perf_counter() - start
-            # One shard's run is start-up (actors importing and loading the model) plus one
-            # shard; the difference is the time for the remaining shards.
-            out[f"{workers}w_total_s"] = t["large"]
-            out[f"{workers}w_startup_s"] = t["small"]
-            out[f"{workers}w_work_s"] = t["large"] - t["small"]
+            timings: dict[str, float] = {}
+            extract_ray(spec, rows, SITES, tmp / f"ray{workers}", docs_per_shard=32,
+                        batch_size=16, workers=workers, cpus_per_worker=1.0,
+                        threads_per_worker=1, progress=False, timings=timings)
+            out[f"{workers}w_startup_s"] = timings["startup_s"]
+            out[f"{workers}w_work_s"] = timings["work_s"]
+            out[f"{workers}w_total_s"] = timings["startup_s"] + timings["work_s"]
     finally:
         ray.shutdown()
     out["speedup_total"] = out["1w_total_s"] / out["2w_total_s"]  # type: ignore[operator]
@@ -207,57 +200,84 @@ def bench_ray(tmp: Path) -> dict[str, object]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-ray", action="store_true")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "store.md"))
-    args = parser.parse_args()
-    load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        ext = bench_extraction(args.repeats, tmp)
-        print(ext, flush=True)
-        read = bench_reading(args.repeats, tmp)
-        print(read, flush=True)
-        ray_result = None if args.no_ray else bench_ray(tmp)
-        print(ray_result, flush=True)
-    lines = [
-        "# Activation store throughput", "",
-        describe(), "", f"Load average at the start: {load:.1f} (the machine is shared).", "",
+def extraction_lines(ext: dict[str, object]) -> list[str]:
+    return [
         f"## Extraction ({N_LAYERS}-layer GPT-2, d {D_MODEL}, sites {', '.join(SITES)}, "
         f"{ext['n_tokens']:,} real tokens in 192 documents of 64-128 tokens, batch 16, "
-        f"{int(ext['bytes']) / 2**20:.1f} MiB written)", "",  # type: ignore[call-overload]
+        f"{float(ext['bytes']) / 2**20:.1f} MiB written)", "",  # type: ignore[arg-type]
         "| case | tokens/s |", "| --- | --- |",
         f"| plain `model(**batch)` (no_grad) | {ext['plain_tok_s']:,.0f} |",
         f"| `iter_collect`, nothing written | {ext['collect_tok_s']:,.0f} |",
         f"| `store.extract` (shards, checksums, manifest) | {ext['store_tok_s']:,.0f} |", "",
         f"Extraction including writing: **{ext['ratio_vs_plain']:.2f}x** the plain forward "
-        f"(target >= 0.9x); {ext['ratio_vs_collect']:.2f}x collecting without writing.", "",
-        f"## Reading ({read['rows']:,} rows of d 256, {int(read['bytes']) / 2**20:.0f} MiB, "  # type: ignore[call-overload]
-        "16 shards; batches of 4096, shuffle buffer 65,536 rows)", "",
+        f"(target >= 0.9x; it stops after the deepest site, the plain forward runs the "
+        f"unembedding too); {ext['ratio_vs_collect']:.2f}x collecting without writing.", "",
+    ]
+
+
+def reading_lines(read: dict[str, object]) -> list[str]:
+    return [
+        f"## Reading ({read['rows']:,} rows of d 256, "
+        f"{float(read['bytes']) / 2**20:.0f} MiB in 8 shards; batches of 4096, shuffle "  # type: ignore[arg-type]
+        "buffer 65,536 rows)", "",
         "| case | rows/s |", "| --- | --- |",
         *[f"| {k.removesuffix(' rows/s')} | {v:,.0f} |" for k, v in read.items()
           if k.endswith("rows/s")], "",
         f"Shuffled reading from the store: {read['read ratio']:.2f}x the in-memory tensor; "
-        f"TopK-SAE training (d_sae 2048, k 32) from the store: **{read['train ratio']:.2f}x** "
+        f"TopK-SAE training (d_sae 512, k 32) from the store: **{read['train ratio']:.2f}x** "
         "the throughput from memory (target >= 0.9x).", "",
     ]
-    if ray_result is not None:
-        r = ray_result
-        lines += [
-            f"## Ray ({r['n_tokens']:,} tokens in 384 documents, 12 shards; single-thread "
-            "actors with 1 CPU each)", "",
-            "| actors | total s | start-up s (a 1-shard run) | remaining work s |",
-            "| --- | --- | --- | --- |",
-            *[f"| {w} | {r[f'{w}w_total_s']:.1f} | {r[f'{w}w_startup_s']:.1f} | "
-              f"{r[f'{w}w_work_s']:.1f} |" for w in (1, 2)], "",
-            f"`ray.init` (local, once): {r['ray_init_s']:.1f} s. Speed-up of 2 actors over 1: "
-            f"**{r['speedup_after_startup']:.2f}x** after start-up, "
-            f"{r['speedup_total']:.2f}x including it (target >= 1.5x).", "",
-        ]
-    Path(args.out).write_text("\n".join(lines))
-    print("\n".join(lines))
+
+
+def ray_lines(r: dict[str, object]) -> list[str]:
+    return [
+        f"## Ray ({r['n_tokens']:,} tokens in {r['n_docs']} documents, shards of 32 "
+        "documents; single-thread actors with 1 CPU each)", "",
+        "| actors | total s | start-up s (actors loading the model) | extraction s |",
+        "| --- | --- | --- | --- |",
+        *[f"| {w} | {r[f'{w}w_total_s']:.1f} | {r[f'{w}w_startup_s']:.1f} | "
+          f"{r[f'{w}w_work_s']:.1f} |" for w in (1, 2)], "",
+        f"`ray.init` (local, once): {r['ray_init_s']:.1f} s. Speed-up of 2 actors over 1: "
+        f"**{r['speedup_after_startup']:.2f}x** after start-up, "
+        f"{r['speedup_total']:.2f}x including it (target >= 1.5x).", "",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", default="extraction,reading,ray",
+                        help="comma-separated subset of extraction, reading, ray")
+    parser.add_argument("--ray-docs", type=int, default=384)
+    parser.add_argument("--append", action="store_true",
+                        help="add the sections to --out instead of replacing it")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "store.md"))
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    load = os.getloadavg()[0]
+    lines: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        if "extraction" in parts:
+            ext = bench_extraction(args.repeats, tmp)
+            print(ext, flush=True)
+            lines += extraction_lines(ext)
+        if "reading" in parts:
+            read = bench_reading(args.repeats, tmp)
+            print(read, flush=True)
+            lines += reading_lines(read)
+        if "ray" in parts:
+            result = bench_ray(tmp, args.ray_docs)
+            print(result, flush=True)
+            lines += ray_lines(result)
+    lines.insert(0, f"Load average (1 min) when these sections started: {load:.1f}.\n")
+    out = Path(args.out)
+    if args.append and out.is_file():
+        text = out.read_text().rstrip() + "\n\n" + "\n".join(lines)
+    else:
+        text = "\n".join(["# Activation store throughput", "", describe(), "", *lines])
+    out.write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

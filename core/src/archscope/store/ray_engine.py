@@ -62,20 +62,25 @@ def extract_ray(model: str, data: Any, sites: Sequence[str], out: str | Path, *,
                 split: str | None = None, workers: int = 2, cpus_per_worker: float = 1.0,
                 gpus_per_worker: float = 0.0, threads_per_worker: int = 1,
                 address: str | None = None, overwrite: bool = False,
-                progress: bool | None = None) -> Any:
+                progress: bool | None = None, timings: dict[str, float] | None = None) -> Any:
     """Extract like `archscope.store.extract`, with ``workers`` Ray actors.
 
     ``model`` is a model spec (``load_model``'s argument), loaded once in each actor.
     ``data``: a data file or folder (as for ``archscope extract``), texts, token-id lists or
     a `Dataset`. Connects to ``address`` (``"auto"``, ``"HOST:6379"``) or, if Ray is not yet
     initialised, starts a local Ray. Resumes an interrupted store like the local engine.
+    ``timings``, when given, receives ``startup_s`` (until every actor has loaded the model)
+    and ``work_s`` (extracting and writing the shards).
     """
+    import time
+
     from .cli import load_data
     from .extract import _progress
     from .reader import ActivationStore
 
     ray = _ray()
     started = False
+    clock = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
@@ -86,7 +91,11 @@ def extract_ray(model: str, data: Any, sites: Sequence[str], out: str | Path, *,
                                                       num_gpus=gpus_per_worker)
         actors = [actor_cls.remote(model, arch, device, threads_per_worker)
                   for _ in range(workers)]
-        described = ray.get(actors[0].describe.remote(list(sites), dtype))
+        # Every actor describes its model: all have loaded it (or failed) before work starts.
+        described = ray.get([a.describe.remote(list(sites), dtype) for a in actors])[0]
+        if timings is not None:
+            timings["startup_s"] = time.perf_counter() - clock
+            clock = time.perf_counter()
         tokenizer = described["tokenizer"]
         if isinstance(data, (str, Path)) and Path(data).exists():
             data = load_data(data, tokenizer, text_column=text_column, split=split,
@@ -115,6 +124,8 @@ def extract_ray(model: str, data: Any, sites: Sequence[str], out: str | Path, *,
                 bar.update(shard.n_tokens)
         finally:
             bar.close()
+        if timings is not None:
+            timings["work_s"] = time.perf_counter() - clock
         for actor in actors:
             ray.kill(actor)
     finally:
