@@ -15,7 +15,7 @@ $(VENV)/.installed: $(foreach p,$(PACKAGES),$(p)/pyproject.toml) plugins/templat
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build on local disk; the packages only ask for torch>=2.2
 	$(PIP) install torch==2.13.0
-	$(PIP) install $(foreach p,$(PACKAGES),-e "$(p)[test]") -e "plugins/template[test]" ruff mypy
+	$(PIP) install $(foreach p,$(PACKAGES),-e "$(p)[test]") -e "core[plot]" -e "plugins/template[test]" ruff mypy
 	touch $@
 
 demo: setup

@@ -81,11 +81,12 @@ class ArtifactFit:
 
 class Artifact:
     """Base of fitted objects. A subclass sets ``kind`` and implements `state_tensors`,
-    `config` and `from_state`; the base saves, loads and checks the fit."""
+    `artifact_config` and `from_state`; the base saves, loads and checks the fit. (The names
+    leave ``config`` and ``fit`` free for a subclass's own attributes and methods.)"""
 
     kind: ClassVar[str] = ""
-    #: Set when fitted on a backend (`ArtifactFit.of`); saved and checked on load.
-    fit: ArtifactFit | None = None
+    #: Where it was fitted (`ArtifactFit.of(backend, site)`); saved and checked on load.
+    fitted_on: ArtifactFit | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -96,8 +97,8 @@ class Artifact:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement state_tensors()")
 
-    def config(self) -> dict[str, Any]:
-        raise NotImplementedError(f"{type(self).__name__} must implement config()")
+    def artifact_config(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement artifact_config()")
 
     @classmethod
     def from_state(cls: type[A], tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> A:
@@ -114,8 +115,9 @@ class Artifact:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
         save_file(tensors, str(folder / WEIGHTS), metadata={"kind": self.kind})
-        meta = {"kind": self.kind, "archscope_version": __version__, "config": self.config(),
-                "fit": None if self.fit is None else dataclasses.asdict(self.fit)}
+        meta = {"kind": self.kind, "archscope_version": __version__,
+                "config": self.artifact_config(),
+                "fitted_on": None if self.fitted_on is None else dataclasses.asdict(self.fitted_on)}
         (folder / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return folder
 
@@ -146,7 +148,7 @@ class Artifact:
         except (SafetensorError, OSError) as exc:
             raise ArtifactError(f"cannot read {folder / WEIGHTS}: {exc}") from None
         obj = target.from_state(tensors, meta.get("config") or {})
-        obj.fit = ArtifactFit(**meta["fit"]) if meta.get("fit") else None
+        obj.fitted_on = ArtifactFit(**meta["fitted_on"]) if meta.get("fitted_on") else None
         if backend is not None:
             obj.check_fits(backend)
         return obj  # type: ignore[return-value]
@@ -154,9 +156,9 @@ class Artifact:
     def check_fits(self, backend: Any) -> None:
         """Refuse a backend this artifact was not fitted for (backend, site, dimension); warn
         when only the model's identity differs (e.g. a fine-tuned copy)."""
-        if self.fit is None:
+        if self.fitted_on is None:
             return
-        fit = self.fit
+        fit = self.fitted_on
         problems = []
         if backend.name != fit.backend:
             problems.append(f"backend {backend.name!r} (fitted on {fit.backend!r})")

@@ -118,7 +118,8 @@ def _parse(annotation: Any, text: str) -> Any:
     members = _members(annotation)
     if members is not None:
         errors = []
-        for member in sorted(members, key=lambda m: m is str):  # try str last
+        # "none" means None before it means a one-item list or a string; strings come last
+        for member in sorted(members, key=lambda m: (m is not type(None), m is str)):
             try:
                 return _parse(member, text)
             except (ValueError, TypeError) as exc:

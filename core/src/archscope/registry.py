@@ -98,7 +98,11 @@ class Method:
                     f"method {self.name!r} needs capabilities {sorted(self.requires)}; backend "
                     f"{getattr(backend, 'name', type(backend).__name__)!r} lacks {missing}")
         values = self.check_params(params)
-        if self.input == "dataset":
+        if self.input == "batch" and isinstance(data, (list, tuple)):
+            from .data import as_dataset, pad_batch, padding_for
+
+            data = pad_batch(as_dataset(list(data)).ids(), padding_for(backends[0]))
+        elif self.input == "dataset":
             from .data import as_dataset
 
             data = as_dataset(data)
@@ -128,6 +132,9 @@ class ModelSource:
     ``load(rest, dtype=None, device="cpu")`` returns ``(model, tokenizer)``; the tokenizer may
     be None. ``claims(spec) -> bool`` lets a source take specs without a prefix (a local
     folder, say); sources are asked in order of ``priority`` (highest first), then name.
+    ``examples`` are specs ``archscope bench`` profiles when given no model; ``tasks(rest,
+    tokenizer)`` returns the `archscope.bench.ProfileTasks` (labelled probe sets, texts,
+    contrast pairs) that suit this source's models, when it has any.
     """
 
     name: str
@@ -135,9 +142,15 @@ class ModelSource:
     description: str = ""
     claims: str | Callable[[str], bool] | None = None
     priority: int = 0
+    examples: tuple[str, ...] = ()
+    tasks: str | Callable[..., Any] | None = None
 
     def __call__(self, rest: str, **kwargs: Any) -> Any:
         return _resolve(self.load)(rest, **kwargs)
+
+    def profile_tasks(self, rest: str, tokenizer: Any) -> Any:
+        """This source's profile tasks for the model ``rest`` (None when it has none)."""
+        return None if self.tasks is None else _resolve(self.tasks)(rest, tokenizer)
 
     def claim(self, spec: str) -> bool:
         if self.claims is None:

@@ -1,0 +1,255 @@
+"""Logit and tuned lens tests against independent references: the models' own logits, Hugging
+Face hidden states pushed through the final norm and head by hand, and a trained model
+(`ground_truth.markov_gpt2`) for the tuned lens."""
+
+from __future__ import annotations
+
+import copy
+
+import ground_truth as gt
+import pytest
+import torch
+from archs import ARCH_NAMES, arch, words
+
+import archscope
+from archscope.data import pad_batch
+from archscope.errors import ArtifactError, CapabilityError, InputError, ParameterError
+from archscope.lens import (
+    LensResult,
+    TunedLens,
+    logit_lens,
+    logit_lens_run,
+    unembed_fingerprint,
+)
+from archscope.testing import MethodContract
+
+PROMPT = "w5 w17 w42 w8 w99 w23"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models run faster on one thread on a shared machine."""
+    with gt.one_thread():
+        yield
+
+
+def _model_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """The model's own next-token logits, from a plain forward (no archscope)."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]))
+    return (out if isinstance(out, torch.Tensor) else out.logits)[0].float()
+
+
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_last_layer_of_the_logit_lens_is_the_models_output(name: str):
+    a = arch(name)
+    result = logit_lens(a.model, a.tokenizer, PROMPT, target_token=" w8", top_k=4)
+    ids = a.tokenizer(PROMPT)["input_ids"]
+    probs = torch.softmax(_model_logits(a.model, ids), -1)            # (seq, vocab)
+    last = result.layers[-1]
+    assert last.layer == len(a.backend.layer_names()) - 1
+    top = probs[-1].topk(4)
+    assert [t[0] for t in last.top_tokens] == top.indices.tolist()
+    assert [t[1] for t in last.top_tokens] == [a.tokenizer.decode([int(i)]) for i in top.indices]
+    assert [t[2] for t in last.top_tokens] == pytest.approx(top.values.tolist(), abs=1e-5)
+    target = a.tokenizer(" w8", add_special_tokens=False)["input_ids"][0]
+    assert result.target_token_id == target
+    assert last.target_prob == pytest.approx(float(probs[-1, target]), abs=1e-5)
+    assert last.target_rank == int((probs[-1] > probs[-1, target]).sum())
+    entropy = float(-(probs[-1] * probs[-1].log()).sum())
+    assert last.entropy == pytest.approx(entropy, abs=1e-4)
+    assert last.kl_to_final == pytest.approx(0.0, abs=1e-5)
+    # Layers x positions grids cover every token of the prompt.
+    assert len(result.kl_grid) == len(result.layers) and len(result.kl_grid[0]) == len(ids)
+    assert result.top_grid[-1] == [a.tokenizer.decode([int(i)]) for i in probs.argmax(-1)]
+    assert "| layer_" in result.to_markdown()
+
+
+def test_intermediate_layers_match_hidden_states_through_the_final_norm_and_head():
+    a = arch("gpt2")
+    ids = a.tokenizer(PROMPT)["input_ids"]
+    with torch.no_grad():
+        out = a.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
+        ref = [torch.softmax(a.model.lm_head(a.model.transformer.ln_f(h[0])), -1)
+               for h in out.hidden_states[1:-1]]           # the last one is already normed
+    result = logit_lens(a.model, a.tokenizer, PROMPT, layers=[0, 1])
+    for layer, probs in zip(result.layers, ref, strict=True):
+        top = [t[2] for t in layer.top_tokens]
+        assert top == pytest.approx(probs[-1].topk(5).values.tolist(), abs=1e-5)
+        tid = result.target_token_id
+        assert layer.target_prob == pytest.approx(float(probs[-1, tid]), abs=1e-5)
+        final = torch.softmax(out.logits[0], -1)
+        kl = (final * (final.log() - probs.log())).sum(-1)
+        assert layer.kl_to_final == pytest.approx(float(kl[-1]), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_batch_method_counts_positions_in_real_tokens(name: str):
+    a = arch(name)
+    rows = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    side = "left" if a.backend.padding == "left" else "right"
+    batch = pad_batch(rows, side)
+    for position in (0, 1, -1, -2):
+        run = logit_lens_run(a.backend, batch, position=position, top_k=3)
+        for r, row in enumerate(rows):
+            probs = torch.softmax(_model_logits(a.model, row), -1)[position]
+            last = run.layers[-1]
+            assert last.top_ids[r] == probs.topk(3).indices.tolist(), (position, r)
+            assert last.kl_to_final[r] == pytest.approx(0.0, abs=1e-5)
+            alone = logit_lens_run(a.backend, [row], position=position, top_k=3)
+            for mine, ref in zip(run.layers, alone.layers, strict=True):
+                assert mine.kl_to_final[r] == pytest.approx(ref.kl_to_final[0], abs=1e-5)
+    with pytest.raises(ParameterError, match="shortest row has 2 real tokens"):
+        logit_lens_run(a.backend, batch, position=2)
+    registered = archscope.run_method("logit-lens", a.backend, batch, position=-1)
+    assert len(registered.mean_kl) == len(a.backend.layer_names())
+    assert len(registered.mean_kl[0]) == 5       # real positions of the longest row
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.rnn = torch.nn.GRU(d, d, batch_first=True)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.rnn(h)[0]
+
+
+class _HeadlessRecurrent(torch.nn.Module):
+    """A recurrent stack described by a ModelSpec without an unembedding."""
+
+    def __init__(self) -> None:
+        from archscope_recurrent import ModelSpec
+
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 8)
+        self.blocks = torch.nn.ModuleList(_Block(8) for _ in range(2))
+        self.archscope_spec = ModelSpec(blocks="blocks", embed="embed")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+
+def test_a_backend_without_unembed_gets_a_capability_error_naming_it():
+    model = _HeadlessRecurrent()
+    backend = archscope.Backend.for_model(model)
+    assert "unembed" not in backend.capabilities
+    with pytest.raises(CapabilityError, match=f"{backend.name!r} lacks the capability 'unembed'"):
+        logit_lens(model, None, [5, 6, 7])
+    with pytest.raises(CapabilityError, match="unembed"):
+        TunedLens.fit_rows(backend, [[5, 6, 7], [8, 9]])
+
+
+def test_bad_lens_inputs_are_refused():
+    a = arch("gpt2")
+    with pytest.raises(ParameterError, match="layers 0..2"):
+        logit_lens(a.model, a.tokenizer, PROMPT, layers=[3])
+    with pytest.raises(InputError, match="needs a tokenizer"):
+        logit_lens(a.model, None, PROMPT)
+    with pytest.raises(InputError, match="outside the vocabulary"):
+        logit_lens(a.model, a.tokenizer, PROMPT, target_token=500)
+
+
+@pytest.fixture(scope="module")
+def markov_lens() -> TunedLens:
+    backend = archscope.Backend.for_model(gt.markov_gpt2())
+    return TunedLens.fit_rows(backend, gt.markov_rows(48, seed=11), epochs=10, lr=1e-2)
+
+
+def test_tuned_lens_beats_the_logit_lens_on_held_out_text_of_a_trained_model(markov_lens):
+    report = markov_lens.report
+    assert report is not None and report.n_eval_tokens > 100
+    assert report.layers == ["layer_0.residual", "layer_1.residual", "layer_2.residual"]
+    for layer in range(len(report.layers) - 1):
+        assert report.kl_tuned[layer] < report.kl_logit[layer], report
+    # The last layer keeps the identity: both lenses are the model's output there.
+    assert report.kl_logit[-1] == pytest.approx(0.0, abs=1e-5)
+    assert report.kl_tuned[-1] == pytest.approx(0.0, abs=1e-5)
+    # The held-out KL of the logit lens, recomputed by hand from Hugging Face hidden states.
+    model = gt.markov_gpt2()
+    rows = gt.markov_rows(48, seed=11)
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(0))
+    held = [rows[i] for i in order[:10].tolist()]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(held), output_hidden_states=True)
+        final = torch.log_softmax(out.logits, -1)
+        lens0 = torch.log_softmax(model.lm_head(model.transformer.ln_f(out.hidden_states[1])), -1)
+    hand = float((final.exp() * (final - lens0)).sum(-1).mean())
+    assert report.kl_logit[0] == pytest.approx(hand, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_tuned_lens_trains_through_every_backend(name: str):
+    a = arch(name)
+    texts = words(40, seed=2)
+    before = {k: v.clone() for k, v in a.model.state_dict().items()}
+    lens = TunedLens.fit(a.model, a.tokenizer, texts, epochs=8, lr=3e-3, batch_size=8)
+    # Training the translators leaves the model alone: weights, gradients, mode.
+    assert all(torch.equal(before[k], v) for k, v in a.model.state_dict().items())
+    assert all(p.grad is None for p in a.model.parameters()) and not a.model.training
+    assert lens.report is not None and len(lens.report.kl_tuned) == lens.n_layers
+    rows = [a.tokenizer(t)["input_ids"] for t in texts]
+    kl_logit, kl_tuned = lens.evaluate(rows)
+    for layer in range(lens.n_layers - 1):     # the training objective went down everywhere
+        assert kl_tuned[layer] < kl_logit[layer], (kl_logit, kl_tuned)
+    assert kl_tuned[-1] == pytest.approx(kl_logit[-1], abs=1e-6)
+    prediction = lens.predict(a.model, a.tokenizer, PROMPT)
+    assert isinstance(prediction, LensResult) and prediction.method == "tuned_lens"
+
+
+def test_untrained_tuned_lens_is_the_logit_lens():
+    a = arch("gpt2")
+    names = a.backend.layer_names()
+    lens = TunedLens(a.model, len(names), a.backend.site_info(names[0]).dim)
+    tuned = lens.predict(a.model, a.tokenizer, PROMPT)
+    plain = logit_lens(a.model, a.tokenizer, PROMPT)
+    assert [p.top_tokens for p in tuned.layers] == [p.top_tokens for p in plain.layers]
+
+
+def test_tuned_lens_saves_loads_and_refuses_another_unembedding(markov_lens, tmp_path):
+    model = gt.markov_gpt2()
+    folder = markov_lens.save(tmp_path / "lens")
+    assert {p.name for p in folder.iterdir()} == {"weights.safetensors", "artifact.json"}
+    loaded = TunedLens.load(folder, model)
+    assert torch.equal(loaded.weight, markov_lens.weight)
+    assert torch.equal(loaded.bias, markov_lens.bias)
+    assert loaded.report == markov_lens.report
+    ids = gt.markov_rows(1, seed=5)[0]
+    a = markov_lens.predict(model, None, ids)
+    b = loaded.predict(model, None, ids)
+    assert [p.top_tokens for p in a.layers] == [p.top_tokens for p in b.layers]
+    assert archscope.Artifact.load(folder).kind == "tuned-lens"
+
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.transformer.ln_f.weight.mul_(1.5)      # another final norm, same shapes
+    with pytest.raises(ArtifactError, match="final norm / unembedding differs"):
+        TunedLens.load(folder, other)
+    with pytest.raises(ArtifactError, match="final norm / unembedding differs"):
+        markov_lens.predict(other, None, ids)
+    with pytest.raises(ArtifactError, match="backend 'recurrent'"):
+        TunedLens.load(folder, arch("lstm").model)
+    before = unembed_fingerprint(archscope.Backend.for_model(model), 32)
+    assert torch.allclose(before, markov_lens.fingerprint)
+
+
+def test_registered_tuned_lens_method_reports_held_out_kl():
+    a = arch("mamba")
+    data = archscope.Dataset.from_texts(words(20, seed=3), tokenizer=a.tokenizer)
+    report = archscope.run_method("tuned-lens", a.backend, data, epochs=2, batch_size=8)
+    assert report.layers == a.backend.layer_names()
+    assert report.n_eval_tokens > 0 and "logit lens" in report.to_markdown()
+    with pytest.raises(ParameterError, match="held_out"):
+        archscope.run_method("tuned-lens", a.backend, data, held_out=2.0)
+
+
+class TestLogitLensMethodContract(MethodContract):
+    method_name = "logit-lens"
+
+
+class TestTunedLensMethodContract(MethodContract):
+    method_name = "tuned-lens"
