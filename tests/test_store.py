@@ -301,7 +301,7 @@ def test_reader_memory_stays_bounded_for_a_store_larger_than_it(tmp_path):
 
 # -- CLI -----------------------------------------------------------------------------------------
 def test_cli_extracts_jsonl_and_saved_hf_datasets_alike(tmp_path):
-    datasets = pytest.importorskip("datasets")  # the archscope[datasets] extra
+    import datasets  # the archscope[datasets] extra (installed by make setup)
     texts = words(14, seed=8)
     jsonl = tmp_path / "data.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

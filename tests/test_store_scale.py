@@ -32,7 +32,8 @@ def one_thread() -> Iterator[None]:
 
 @pytest.mark.slow
 def test_ray_extraction_gives_the_single_process_store(tmp_path, one_thread):
-    ray = pytest.importorskip("ray")  # the archscope[ray] extra, installed in CI
+    import ray  # the archscope[ray] extra (installed by make setup)
+
     from archscope.store.ray_engine import extract_ray
 
     texts = words(40, seed=1)
@@ -99,7 +100,8 @@ def test_torchrun_training_matches_single_process_training(tmp_path):
 
 # -- models larger than one device ----------------------------------------------------------------
 def test_dispatched_model_extracts_and_edits_like_the_whole_model(tmp_path):
-    accelerate = pytest.importorskip("accelerate")  # the archscope[accelerate] extra
+    import accelerate  # the archscope[accelerate] extra (installed by make setup)
+
     from archscope_transformer.testing import tiny_model
 
     whole = arch("gpt2")
