@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 import archscope
-from archscope import Backend, NoBackendError
+from archscope import Backend, CapabilityError, NoBackendError
 from archscope.loader import ModelSourceError, load_model, make_tokenize_fn
 
 
@@ -154,10 +154,13 @@ class _WordTokenizer:
     pad_token = None
     eos_token = "<eos>"
 
-    def __call__(self, texts, return_tensors, padding, truncation, max_length):
+    def __call__(self, texts, return_tensors=None, padding=False, truncation=False,
+                 max_length=None):
         import torch
 
-        ids = [[len(w) for w in t.split()][:max_length] for t in texts]
+        ids = [[len(w) for w in t.split()][:max_length if truncation else None] for t in texts]
+        if return_tensors is None:
+            return {"input_ids": ids}
         width = max(map(len, ids))
         return {"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in ids]),
                 "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])}
@@ -167,8 +170,11 @@ def test_make_tokenize_fn_pads_truncates_and_sets_a_pad_token():
     tokenizer = _WordTokenizer()
     tokenize = make_tokenize_fn(tokenizer, max_length=3)
     assert tokenizer.pad_token == "<eos>"
-    batch = tokenize(["a bb ccc dddd", "ee"])
+    with pytest.warns(UserWarning, match="1 of 2 texts are longer than max_length=3 tokens"):
+        batch = tokenize(["a bb ccc dddd", "ee"])
     assert batch["input_ids"].tolist() == [[1, 2, 3], [2, 0, 0]]
+    whole = make_tokenize_fn(tokenizer)(["a bb ccc dddd", "ee"])  # no silent cut by default
+    assert whole["input_ids"].tolist() == [[1, 2, 3, 4], [2, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert make_tokenize_fn(tokenizer, attention_mask_bool=True)("a")["attention_mask"].dtype.is_floating_point is False
     with pytest.raises(ValueError, match="needs a tokenizer"):
@@ -197,7 +203,8 @@ def test_info_table_and_version(run_cli, plugin_site):
 def test_run_command_runs_a_method_on_a_loaded_model(run_cli, plugin_site):
     proc = run_cli("run", "activation-stats", "toy:0", "--text", "x", site=plugin_site)
     assert proc.returncode != 0
-    assert "loaded without" in proc.stderr  # the toy source has no tokenizer
+    assert "loaded without a tokenizer" in proc.stderr  # the toy source has none
+    assert "Traceback" not in proc.stderr
     proc = run_cli("run", "nosuch", "toy:0", "--text", "x", site=plugin_site)
     assert proc.returncode != 0 and "unknown method 'nosuch'" in proc.stderr
 
@@ -207,7 +214,7 @@ def test_method_refuses_a_backend_without_its_capabilities(with_plugins):
 
     backend = Backend.for_model(build_toy())
     method = with_plugins.methods.get("needs-state").obj
-    with pytest.raises(ValueError, match=r"lacks \['state_patch'\]"):
+    with pytest.raises(CapabilityError, match=r"lacks \['state_patch'\]"):
         method(backend, [[1, 2, 3]])
     result = with_plugins.methods.get("logit-lens").obj(backend, [[1, 2, 3]], top_k=2)
     assert len(result.layers) == 3 and json.loads(result.to_json())["backend"] == "toy"

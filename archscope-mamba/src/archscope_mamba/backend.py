@@ -547,7 +547,8 @@ class MambaBackend(HookBackend):
                 + f"state sites are {names}. Take them from run(..., return_state=True).state"
             )
         for name in names:
-            expected = (batch, *self._table[name][0].extra["size"])
+            size: Any = self._table[name][0].extra["size"]
+            expected = (batch, *size)
             if tuple(given[name].shape) != expected:
                 raise SiteError(f"initial_state[{name!r}] has shape {tuple(given[name].shape)}; "
                                 f"expected {expected} (batch of the suffix, then the site shape)")

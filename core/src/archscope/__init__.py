@@ -2,7 +2,8 @@
 
 The core defines the protocols (sites, backends, methods, model sources), discovers plugins
 through entry points, runs the hook engine and the built-in methods. Architecture support
-comes from separately installed plugins. Heavy modules are imported on first use.
+comes from separately installed plugins. Importing archscope imports no torch: the public
+names below are light; torch is imported when a model runs.
 """
 
 from __future__ import annotations
@@ -12,34 +13,51 @@ from typing import Any
 
 __version__ = "0.3.0"
 
+from .artifacts import Artifact, ArtifactFit
+from .backends import ActivationRecord, Backend, Edit, RunResult
+from .collect import Collected, collect, iter_collect
+from .data import Contrast, Dataset
+from .engine import HookBackend, Hookpoint
+from .errors import (
+    ArchscopeError,
+    ArtifactError,
+    BackendError,
+    CapabilityError,
+    InputError,
+    MethodError,
+    ModelSourceError,
+    NoBackendError,
+    PaddingError,
+    ParameterError,
+    PluginError,
+    SiteError,
+)
 from .hookspecs import hookimpl
-from .registry import Method, ModelSource
-from .sites import CAPABILITIES, Site, SiteError, SiteInfo
+from .loader import load_model, make_tokenize_fn
+from .params import Param
+from .pooling import pool
+from .registry import Method, ModelSource, run_method
+from .results import Result
+from .sites import CAPABILITIES, Site, SiteInfo
 
-_LAZY = {
-    "Backend": "archscope.backends",
-    "ActivationRecord": "archscope.backends",
-    "Edit": "archscope.backends",
-    "RunResult": "archscope.backends",
-    "BackendError": "archscope.backends",
-    "NoBackendError": "archscope.backends",
-    "PaddingError": "archscope.backends",
-    "HookBackend": "archscope.engine",
-    "Hookpoint": "archscope.engine",
-    "load_model": "archscope.loader",
-    "make_tokenize_fn": "archscope.loader",
-    "pool": "archscope.pooling",
-}
-_SUBMODULES = {"backends", "engine", "loader", "plugins", "pooling", "sites", "registry",
-               "methods", "testing", "cli", "hookspecs"}
+#: Submodules reachable as attributes (``archscope.probes``), imported on first use.
+_SUBMODULES = {"artifacts", "attribute", "backends", "bench", "circuits", "cli", "collect",
+               "data", "diff", "engine", "errors", "hookspecs", "lens", "loader", "methods",
+               "neurons", "params", "plugins", "pooling", "probes", "registry", "results",
+               "sae", "sites", "store", "testing", "transfer"}
 
-__all__ = ["CAPABILITIES", "Method", "ModelSource", "Site", "SiteError", "SiteInfo",
-           "__version__", "hookimpl", *_LAZY]
+__all__ = [
+    "CAPABILITIES", "ActivationRecord", "ArchscopeError", "Artifact", "ArtifactError",
+    "ArtifactFit", "Backend", "BackendError", "CapabilityError", "Collected", "Contrast",
+    "Dataset", "Edit", "HookBackend", "Hookpoint", "InputError", "Method", "MethodError",
+    "ModelSource", "ModelSourceError", "NoBackendError", "PaddingError", "Param",
+    "ParameterError", "PluginError", "Result", "RunResult", "Site", "SiteError", "SiteInfo",
+    "__version__", "collect", "hookimpl", "iter_collect", "load_model", "make_tokenize_fn",
+    "pool", "run_method",
+]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
     if name in _SUBMODULES:
         return importlib.import_module(f"archscope.{name}")
     raise AttributeError(f"module 'archscope' has no attribute {name!r}")

@@ -21,13 +21,14 @@ def _console() -> Any:
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
     for col in columns:
         table.add_column(col, overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))
     return table
 
 
@@ -62,6 +63,18 @@ def _capabilities(backend_cls: Any) -> set[str]:
     return set(getattr(backend_cls, "capabilities", ()))
 
 
+def _param_rows(method: Any) -> list[dict[str, Any]]:
+    """Each parameter of a method for `info` (its module is imported to read the schema; a
+    method whose module fails to import shows the error instead)."""
+    try:
+        specs = method.params()
+    except Exception as exc:  # a broken method plugin must not take `info` down
+        return [{"name": "?", "text": f"(cannot read parameters: {exc})"}]
+    return [{"name": s.name, "type": s.type_name, "required": s.required,
+             "default": None if s.required else repr(s.default), "help": s.help,
+             "text": s.describe()} for s in specs.values()]
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 def info(as_json: bool) -> None:
@@ -80,7 +93,9 @@ def info(as_json: bool) -> None:
                           "capabilities": sorted(_capabilities(b.obj)),
                           "description": b.obj.description} for b in backends],
             "methods": [{"name": m.name, "distribution": m.distribution,
-                         "requires": sorted(m.obj.requires), "summary": m.obj.summary}
+                         "requires": sorted(m.obj.requires), "summary": m.obj.summary,
+                         "input": m.obj.input, "arity": m.obj.arity,
+                         "parameters": _param_rows(m.obj)}
                         for m in methods],
             "sources": [{"name": s.name, "distribution": s.distribution,
                          "description": s.obj.description} for s in manager.sources],
@@ -92,9 +107,13 @@ def info(as_json: bool) -> None:
     console.print(_table("backends", ["name", "distribution", "capabilities", "description"],
                          [[b.name, b.distribution, ", ".join(sorted(_capabilities(b.obj))),
                            b.obj.description] for b in backends]))
-    console.print(_table("methods", ["name", "distribution", "requires", "summary"],
-                         [[m.name, m.distribution, ", ".join(sorted(m.obj.requires)) or "-",
-                           m.obj.summary] for m in methods]))
+    console.print(_table("methods", ["name", "distribution", "input", "requires", "summary",
+                                     "parameters"],
+                         [[m.name, m.distribution,
+                           m.obj.input + (" x2 models" if m.obj.arity == 2 else ""),
+                           ", ".join(sorted(m.obj.requires)) or "-", m.obj.summary,
+                           "\n".join(p["text"] for p in _param_rows(m.obj)) or "-"]
+                          for m in methods]))
     console.print(_table("model sources", ["prefix", "distribution", "description"],
                          [[s.name, s.distribution, s.obj.description] for s in manager.sources]))
     console.print(_table("methods x backends (yes = the backend has every capability the "
@@ -103,46 +122,124 @@ def info(as_json: bool) -> None:
                           for m in methods]))
 
 
+def _parse_params(method: Any, params: tuple[str, ...], quick: bool) -> dict[str, Any]:
+    from .errors import ParameterError
+
+    specs = method.params()
+    values: dict[str, Any] = dict(method.quick) if quick else {}
+    for item in params:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise click.UsageError(f"--param expects key=value, got {item!r}")
+        if key not in specs:
+            valid = "; ".join(s.describe() for s in specs.values()) or "none"
+            raise ParameterError(f"method {method.name!r} has no parameter {key!r}; its "
+                                 f"parameters: {valid}")
+        values[key] = specs[key].parse(text)
+    return method.check_params(values)
+
+
+def _method_data(method: Any, backend: Any, tokenizer: Any, texts: tuple[str, ...],
+                 data: str | None, clean: tuple[str, ...], corrupt: tuple[str, ...]) -> Any:
+    from .data import Contrast, Dataset, pad_batch, padding_for
+    from .errors import InputError
+
+    if tokenizer is None:
+        raise InputError(f"the model was loaded without a tokenizer, so the inputs of "
+                         f"{method.name!r} cannot be tokenized; load it from a source that "
+                         "returns one (or have your function return (model, tokenizer))")
+    if method.input == "contrast":
+        if not clean or len(clean) != len(corrupt):
+            raise click.UsageError(f"method {method.name!r} takes a contrast: give --clean TEXT "
+                                   "and --corrupt TEXT, as many of each (repeatable)")
+        return Contrast(list(clean), list(corrupt), tokenizer=tokenizer)
+    if data is not None:
+        dataset = Dataset.from_file(data, tokenizer=tokenizer)
+    elif texts:
+        dataset = Dataset.from_texts(list(texts), tokenizer=tokenizer)
+    else:
+        raise click.UsageError(f"method {method.name!r} takes {method.input} input: give --text "
+                               "TEXT (repeatable) or --data FILE (.jsonl/.csv of text,label or "
+                               "one text per line)")
+    if method.input == "dataset":
+        return dataset
+    pad = int(getattr(tokenizer, "pad_token_id", None) or 0)
+    return pad_batch(dataset.ids(), padding_for(backend), pad)
+
+
 @cli.command(name="run")
 @click.argument("method")
-@click.argument("model")
-@click.option("--text", "texts", multiple=True, required=True, help="Input text (repeatable).")
-@click.option("--arch", default=None, help="Backend hint (see `archscope info`).")
-@click.option("--param", "params", multiple=True, help="Method parameter as key=value (JSON value).")
+@click.argument("models", nargs=-1, required=True, metavar="MODEL [MODEL2]")
+@click.option("--text", "texts", multiple=True, help="Input text (repeatable).")
+@click.option("--data", type=click.Path(dir_okay=False), default=None,
+              help="Data file: JSONL/CSV with text[,label], or one text per line.")
+@click.option("--clean", multiple=True, help="Clean input of a contrast (repeatable).")
+@click.option("--corrupt", multiple=True, help="Corrupted input of a contrast (repeatable).")
+@click.option("--arch", "hint", default=None, help="Backend hint (see `archscope info`).")
+@click.option("--param", "params", multiple=True,
+              help="Method parameter as key=value, parsed by its type (`archscope info`).")
+@click.option("--quick", is_flag=True, help="Use the method's quick settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def run_method(method: str, model: str, texts: tuple[str, ...], arch: str | None,
-               params: tuple[str, ...], as_json: bool) -> None:
-    """Run METHOD on MODEL (a model spec such as SOURCE:NAME or a local folder) over --text inputs."""
-    from .loader import load_model, make_tokenize_fn
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result: .json, .md or .png (a figure).")
+def run_method(method: str, models: tuple[str, ...], texts: tuple[str, ...], data: str | None,
+               clean: tuple[str, ...], corrupt: tuple[str, ...], hint: str | None,
+               params: tuple[str, ...], quick: bool, as_json: bool, out: str | None) -> None:
+    """Run METHOD on MODEL (a model spec such as SOURCE:NAME, a local folder, or your own
+    code as package.module:function / file.py:function). Two-model methods take MODEL2."""
+    from .loader import load_model
     from .plugins import get_manager
 
     entry = get_manager().methods.get(method)
     if entry is None:
         raise click.UsageError(f"unknown method {method!r}; registered methods: "
                                f"{', '.join(get_manager().methods.names())}")
-    kwargs: dict[str, Any] = {}
-    for item in params:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.UsageError(f"--param expects key=value, got {item!r}")
-        try:
-            kwargs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            kwargs[key] = value
-    try:
-        _, tokenizer, backend = load_model(model, arch=arch)
-        inputs = make_tokenize_fn(tokenizer, max_length=128)(list(texts))
-        result = entry.obj(backend, inputs, **kwargs)
-    except (ValueError, TypeError, RuntimeError, OSError) as exc:
-        raise click.ClickException(f"{method} on {model}: {exc}") from exc
+    spec = entry.obj
+    if len(models) != spec.arity:
+        raise click.UsageError(f"method {method!r} takes {spec.arity} model"
+                               f"{'s' if spec.arity > 1 else ''}, got {len(models)}")
+    values = _parse_params(spec, params, quick)
+    loaded = [load_model(m, arch=hint) for m in models]
+    tokenizer = loaded[0][1]
+    inputs = _method_data(spec, loaded[0][2], tokenizer, texts, data, clean, corrupt)
+    result = spec(*[b for _, _, b in loaded], inputs, **values)
+    if out is not None:
+        click.echo(f"wrote {result.save(out)}", err=True)
     click.echo(result.to_json() if as_json else result.to_markdown())
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors (archscope's own error classes) print one line and exit 1
+    (usage errors 2); ``--debug`` or ``ARCHSCOPE_DEBUG=1`` shows the traceback instead."""
+    import os
+
+    from .errors import ArchscopeError, ParameterError
     from .plugins import get_manager
 
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("ARCHSCOPE_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
     get_manager().add_commands(cli)
-    cli.main(args=argv, prog_name="archscope")
+    try:
+        cli.main(args=args, prog_name="archscope", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ParameterError as exc:
+        if debug:
+            raise
+        click.echo(f"Usage error: {exc}", err=True)
+        sys.exit(2)
+    except (ArchscopeError, OSError) as exc:
+        if debug:
+            raise
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

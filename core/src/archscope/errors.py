@@ -37,6 +37,10 @@ class ParameterError(ArchscopeError, ValueError):
     """An unknown, mistyped or out-of-range method parameter."""
 
 
+class MethodError(ArchscopeError, LookupError):
+    """No registered method of that name."""
+
+
 class ArtifactError(ArchscopeError, ValueError):
     """A saved artifact that is malformed or does not fit the backend it is applied to."""
 

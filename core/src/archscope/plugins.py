@@ -236,6 +236,14 @@ class PluginManager:
 
         only = _env_list("ARCHSCOPE_PLUGINS")
         disabled = _env_list("ARCHSCOPE_DISABLE_PLUGINS") or set()
+        known = {n for c in candidates for n in c[:2]}
+        for variable, names in (("ARCHSCOPE_PLUGINS", only), ("ARCHSCOPE_DISABLE_PLUGINS",
+                                                              disabled)):
+            unknown = sorted((names or set()) - known)
+            if unknown:
+                installed = sorted({c[1] for c in candidates if c[1] != CORE_DISTRIBUTION})
+                _warn(f"archscope: {variable} names {', '.join(unknown)}, which is not an "
+                      f"installed plugin; installed: {', '.join(installed) or 'none'}")
         for name, dist, version, module_name, load in candidates:
             info = PluginInfo(name=name, distribution=dist, version=version, module=module_name)
             plugin_id = f"{dist}:{name}"
@@ -249,7 +257,8 @@ class PluginManager:
             try:
                 module = load()
                 self.pm.register(module, name=plugin_id)
-            except Exception as exc:  # a broken plugin must not take the rest down
+            except BaseException as exc:
+                # a broken plugin must not take the rest down
                 self._fail(info, "failed to load", exc)
                 continue
             self._register_from(plugin_id, info, module)
@@ -278,7 +287,7 @@ class PluginManager:
                 for impl in getattr(self.pm.hook, hook).get_hookimpls():
                     if impl.plugin_name == plugin_id:
                         impl.function(register=make_register(kind))
-        except Exception as exc:
+        except BaseException as exc:
             self.pm.unregister(name=plugin_id)
             self._fail(info, "failed to register", exc)
             return
@@ -288,6 +297,10 @@ class PluginManager:
                     info.registered[kind].append(entry.name)
 
     def _fail(self, info: PluginInfo, what: str, exc: BaseException) -> None:
+        """Disable a plugin that raised anything (sys.exit() at import included) but
+        KeyboardInterrupt, which the user asked for and which goes on."""
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
         info.status = "failed"
         info.error = f"{type(exc).__name__}: {exc}"
         message = (f"archscope: plugin {info.name!r} from {info.distribution} {info.version} "
@@ -317,7 +330,7 @@ class PluginManager:
                 for impl in impls:
                     impl.function(cli=cli)
                 info.registered["commands"] = sorted(set(getattr(cli, "commands", {})) - before)
-            except Exception as exc:
+            except BaseException as exc:
                 self._fail(info, "failed to add commands", exc)
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from .errors import CapabilityError, MethodError, ParameterError
+from .params import ParamSpec, schema, validate
 
 
 def _resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
@@ -14,34 +17,50 @@ def _resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
         return target
     module, _, attr = target.partition(":")
     if not module or not attr:
-        raise ValueError(f"expected 'package.module:function', got {target!r}")
+        raise ParameterError(f"expected 'package.module:function', got {target!r}")
     obj: Any = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
 
 
+InputKind = Literal["batch", "dataset", "contrast"]
+INPUT_KINDS: dict[str, str] = {
+    "batch": "one token batch (token ids, or a mapping with input_ids and attention_mask)",
+    "dataset": "an archscope.data.Dataset: texts or token ids, optionally labelled",
+    "contrast": "an archscope.data.Contrast: clean / corrupted input pairs",
+}
+
+
 @dataclass(frozen=True)
 class Method:
     """An analysis method as registered by a plugin.
 
-    ``function`` is called as ``function(backend, inputs, **parameters)`` (``inputs``: a token
-    batch as `Backend.run` takes it) and returns a result object
-    (a dataclass with ``to_dict()`` / ``to_markdown()``); give it as ``"module:function"`` so
-    that discovery imports nothing heavy. ``requires`` lists backend capabilities.
+    ``function`` is called as ``function(backend, data, **params)`` (``arity=2``:
+    ``function(backend_a, backend_b, data, **params)``) and returns an `archscope.Result`;
+    give it as ``"module:function"`` so that discovery imports nothing heavy. Its keyword-only
+    parameters are the method's parameters (`archscope.params`). ``input`` says what ``data``
+    is; ``requires`` lists backend capabilities; ``quick`` holds parameter values that make the
+    method run in seconds on a tiny model (the conformance kit and ``archscope run --quick``).
     """
 
     name: str
     summary: str
     function: str | Callable[..., Any]
     requires: frozenset[str] = frozenset()
-    parameters: dict[str, str] = field(default_factory=dict)
-    #: Keyword arguments that make the method run in seconds on a tiny model (used by the
-    #: conformance kit and ``archscope run --quick``).
-    quick: dict[str, Any] = field(default_factory=dict)
+    input: InputKind = "batch"
+    arity: int = 1
+    quick: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requires", frozenset(self.requires))
+        object.__setattr__(self, "quick", dict(self.quick))
+        if self.input not in INPUT_KINDS:
+            raise ParameterError(f"method {self.name!r}: input must be one of "
+                                 f"{', '.join(INPUT_KINDS)}, got {self.input!r}")
+        if self.arity not in (1, 2):
+            raise ParameterError(f"method {self.name!r}: arity is 1 (one model) or 2 (two "
+                                 f"models), got {self.arity!r}")
 
     def supports(self, capabilities: frozenset[str] | set[str]) -> bool:
         return self.requires <= set(capabilities)
@@ -49,15 +68,61 @@ class Method:
     def missing(self, capabilities: frozenset[str] | set[str]) -> list[str]:
         return sorted(self.requires - set(capabilities))
 
-    def __call__(self, backend: Any, inputs: Any, **kwargs: Any) -> Any:
-        caps = set(getattr(backend, "capabilities", ()))
-        missing = self.missing(caps)
-        if missing:
-            raise ValueError(
-                f"method {self.name!r} needs capabilities {sorted(self.requires)}; backend "
-                f"{getattr(backend, 'name', type(backend).__name__)!r} lacks {missing}"
-            )
-        return _resolve(self.function)(backend, inputs, **kwargs)
+    def resolve(self) -> Callable[..., Any]:
+        """The method's function (its module is imported on first use)."""
+        return _resolve(self.function)
+
+    def params(self) -> dict[str, ParamSpec]:
+        """The parameter schema, read from the function's keyword-only parameters."""
+        return schema(self.resolve())
+
+    def check_params(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Validated parameter values (`ParameterError` lists the valid ones)."""
+        return validate(self.params(), values, f"method {self.name!r}")
+
+    def quick_params(self) -> dict[str, Any]:
+        return self.check_params(self.quick)
+
+    def __call__(self, *args: Any, **params: Any) -> Any:
+        """``method(backend, data, **params)`` (two backends for ``arity=2``)."""
+        if len(args) != self.arity + 1:
+            shape = "backend, data" if self.arity == 1 else "backend_a, backend_b, data"
+            raise ParameterError(f"method {self.name!r} is called as method({shape}, **params);"
+                                 f" got {len(args)} positional arguments")
+        *backends, data = args
+        for backend in backends:
+            caps = set(getattr(backend, "capabilities", ()))
+            missing = self.missing(caps)
+            if missing:
+                raise CapabilityError(
+                    f"method {self.name!r} needs capabilities {sorted(self.requires)}; backend "
+                    f"{getattr(backend, 'name', type(backend).__name__)!r} lacks {missing}")
+        values = self.check_params(params)
+        if self.input == "batch" and isinstance(data, (list, tuple)):
+            from .data import as_dataset, pad_batch, padding_for
+
+            data = pad_batch(as_dataset(list(data)).ids(), padding_for(backends[0]))
+        elif self.input == "dataset":
+            from .data import as_dataset
+
+            data = as_dataset(data)
+        elif self.input == "contrast":
+            from .data import as_contrast
+
+            data = as_contrast(data)
+        return self.resolve()(*backends, data, **values)
+
+
+def run_method(name: str, *args: Any, **params: Any) -> Any:
+    """Run the registered method ``name``: ``run_method("probe", backend, data, site=...)``."""
+    from .plugins import get_manager
+
+    entry = get_manager().methods.get(name)
+    if entry is None:
+        raise MethodError(f"no method named {name!r}; registered methods: "
+                          f"{', '.join(get_manager().methods.names()) or '(none)'}")
+    method: Method = entry.obj
+    return method(*args, **params)
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,11 @@ def register_methods(register: Callable[..., None]) -> None:
         summary="Per-site mean norm and variance over real tokens (a first look at any model)",
         function="archscope.methods.stats:activation_stats",
         requires=frozenset({"residual"}),
-        parameters={"sites": "site names (default: every layer's main site)"},
     ))
     register(Method(
         name="logit-lens",
         summary="Each layer's residual through the model's own final norm and unembedding",
         function="archscope.methods.lens:logit_lens_run",
         requires=frozenset({"residual", "unembed"}),
-        parameters={"top_k": "tokens to report per layer", "position": "'last' or an index"},
         quick={"top_k": 3},
     ))

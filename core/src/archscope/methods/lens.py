@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..engine import last_real_index
-from .results import Result
+from ..results import Result
 
 
 @dataclass
@@ -29,7 +29,8 @@ class LogitLensRun(Result):
                           "| layer | top ids | entropy | KL to final |", "|---|---|---|---|", *rows])
 
 
-def logit_lens_run(backend: Any, inputs: Any, top_k: int = 5, position: Any = "last") -> LogitLensRun:
+def logit_lens_run(backend: Any, inputs: Any, *, top_k: int = 5,
+                   position: int | Literal["last"] = "last") -> LogitLensRun:
     import torch
 
     names = backend.layer_names()

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..pooling import real_tokens
-from .results import Result
+from ..results import Result
 
 
 @dataclass
@@ -30,7 +30,9 @@ class ActivationStats(Result):
                           *rows])
 
 
-def activation_stats(backend: Any, inputs: Any, sites: list[str] | None = None) -> ActivationStats:
+def activation_stats(backend: Any, inputs: Any, *,
+                     sites: list[str] | None = None) -> ActivationStats:
+    """Mean L2 norm and variance of each site (default: every layer's main site)."""
     names = sites if sites is not None else backend.layer_names()
     result = backend.run(inputs, capture=names)
     out = ActivationStats(backend=backend.name)

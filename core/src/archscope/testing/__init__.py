@@ -29,7 +29,9 @@ from typing import Any, ClassVar
 
 import pytest
 
-__all__ = ["HEAVY_MODULES", "BackendContract", "padded_batch"]
+from .methods import MethodContract, method_data
+
+__all__ = ["HEAVY_MODULES", "BackendContract", "MethodContract", "method_data", "padded_batch"]
 
 #: Modules that discovery and `can_handle` must not import.
 HEAVY_MODULES = ("torch", "transformers", "jax", "tensorflow")
@@ -518,7 +520,8 @@ class BackendContract:
                 if not method.supports(set(backend.capabilities)):
                     continue
                 try:
-                    result = method(backend, batch, **method.quick)
+                    result = method(*[backend] * method.arity, method_data(method, batch),
+                                    **method.quick_params())
                 except Exception as exc:
                     _fix(f"method {method.name!r} ({entry.distribution}) failed on {name!r}, "
                          f"whose backend claims {sorted(method.requires)}: {exc!r}")
