@@ -25,6 +25,7 @@ HELDOUT_SEED = 1
 PROBE_SEED = 2
 CONTRAST_SEED = 3
 INDUCTION_SEED = 4
+REPEAT_SEED = 5
 
 NAMES = ("anna", "ben", "cara", "dan", "eva", "finn", "gina", "hugo", "iris", "jack", "kate",
          "leo", "mia", "nick", "olga", "paul", "rosa", "sam", "tina", "umar", "vera", "will",
@@ -185,15 +186,16 @@ class Generator:
     def span(self, length: int) -> list[str]:
         return [self.rng.choice(code_words()) for _ in range(length)]
 
-    def clause(self, topic: str, sentiment: str | None) -> list[str]:
+    def clause(self, topic: str, sentiment: str | None, forms: int = 3) -> list[str]:
         """One content sentence about ``topic``; its adjective (if any) is of class
-        ``sentiment`` (neutral when None). Verbs agree in number with their noun."""
+        ``sentiment`` (neutral when None). Verbs agree in number with their noun. ``forms=2``
+        keeps to the two forms that have an adjective."""
         rng = self.rng
         plural = rng.random() < 0.5
         n = 1 if plural else 0
         noun, verb = self.noun(topic)[n], self.verb(topic)[n]
         adjective = rng.choice(SENTIMENT_WORDS[sentiment] if sentiment else NEUTRAL_ADJECTIVES)
-        form = rng.randrange(3)
+        form = rng.randrange(forms)
         if form == 0:
             return ["the", adjective, noun, verb, rng.choice(ADVERBS), "."]
         if form == 1:
@@ -243,7 +245,7 @@ TASKS = ("sentiment", "topic")
 
 
 def probe_set(task: str = "sentiment", n: int = 200, seed: int = PROBE_SEED) -> LabelledSet:
-    """Short passages (two or three content sentences) labelled by ``task``: ``sentiment``
+    """Short passages (two or three sentences with an adjective) labelled by ``task``: ``sentiment``
     (0 negative, 1 positive; the topic varies at random) or ``topic`` (0..3 in `TOPICS`
     order; half the adjectives are neutral, the rest of a random mood). Classes balanced."""
     if task not in TASKS:
@@ -260,7 +262,7 @@ def probe_set(task: str = "sentiment", n: int = 200, seed: int = PROBE_SEED) -> 
         words: list[str] = []
         for _ in range(gen.rng.randint(2, 3)):
             neutral = task == "topic" and gen.rng.random() < 0.5
-            words += gen.clause(topic, None if neutral else mood)
+            words += gen.clause(topic, None if neutral else mood, forms=2)
         texts.append(" ".join(words))
         labels.append(label)
     order = list(range(n))
@@ -309,3 +311,16 @@ def induction_set(n: int = 64, span_length: int = 10, seed: int = INDUCTION_SEED
     rng = random.Random(seed)
     spans = [[rng.choice(code_words()) for _ in range(span_length)] for _ in range(n)]
     return InductionSet([" ".join(s + s) for s in spans], span_length, spans)
+
+
+def with_repeats(texts: list[str], fraction: float, seed: int = REPEAT_SEED) -> list[str]:
+    """``texts`` with about ``fraction`` of them (chosen at random) replaced by a random span
+    of 4 to 24 code words written twice: extra copying practice, so that a small transformer
+    forms its induction head within a short CPU budget."""
+    rng = random.Random(seed)
+    out = list(texts)
+    for i in range(len(out)):
+        if rng.random() < fraction:
+            span = [rng.choice(code_words()) for _ in range(rng.randint(4, 24))]
+            out[i] = " ".join(span + span)
+    return out

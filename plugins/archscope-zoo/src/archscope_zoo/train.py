@@ -37,10 +37,12 @@ class Recipe:
     warmup: int = 50
     weight_decay: float = 0.01
     seed: int = 0
+    #: share of training documents replaced by a random span written twice (`corpus.with_repeats`)
+    repeats: float = 0.0
 
 
 RECIPES: dict[str, Recipe] = {
-    "transformer": Recipe(steps=1200, lr=2e-3),
+    "transformer": Recipe(steps=2000, lr=3e-3, repeats=0.3),
     "mamba": Recipe(steps=400, lr=4e-3),
     "lstm": Recipe(steps=800, lr=3e-3),
 }
@@ -53,19 +55,22 @@ def build_model(name: str, vocab_size: int, seed: int = 0) -> Any:
     import torch
 
     torch.manual_seed(seed)
-    ids = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    ids: dict[str, Any] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
     if name == "transformer":
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-        config = GPT2Config(vocab_size=vocab_size, n_positions=SEQ_LEN, n_embd=64, n_layer=2,
-                            n_head=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
-        return GPT2LMHeadModel(config)
+        # rotary positions make "the previous token" one fixed relative offset, which is what
+        # the first half of an induction circuit needs
+        config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=256,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                             max_position_embeddings=SEQ_LEN, tie_word_embeddings=False, **ids)
+        return LlamaForCausalLM(config)
     if name == "mamba":
         from transformers import MambaConfig, MambaForCausalLM
 
-        config = MambaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
-                             state_size=16, expand=2, conv_kernel=4, **ids)
-        return MambaForCausalLM(config)
+        mamba_config = MambaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
+                                   state_size=16, expand=2, conv_kernel=4, **ids)
+        return MambaForCausalLM(mamba_config)
     if name == "lstm":
         from archscope_recurrent.models import RecurrentLM, RecurrentLMConfig
 
@@ -112,11 +117,11 @@ def _fast_mamba_training() -> Iterator[None]:
     from transformers.models.mamba import modeling_mamba
 
     original = modeling_mamba.mamba_selective_scan
-    modeling_mamba.mamba_selective_scan = _sequential_scan  # type: ignore[assignment]
+    modeling_mamba.mamba_selective_scan = _sequential_scan
     try:
         yield
     finally:
-        modeling_mamba.mamba_selective_scan = original  # type: ignore[assignment]
+        modeling_mamba.mamba_selective_scan = original
 
 
 def encode(tokenizer: Any, texts: list[str], seq_len: int = SEQ_LEN) -> tuple[Any, Any]:
@@ -189,7 +194,10 @@ def train_one(name: str, tokenizer: Any, recipe: Recipe, log: Any = None) -> tup
 
     model = build_model(name, len(tokenizer), seed=recipe.seed)
     n_docs = recipe.steps * recipe.batch
-    ids, mask = encode(tokenizer, corpus.training_texts(n_docs, seed=corpus.TRAIN_SEED + recipe.seed))
+    texts = corpus.training_texts(n_docs, seed=corpus.TRAIN_SEED + recipe.seed)
+    if recipe.repeats:
+        texts = corpus.with_repeats(texts, recipe.repeats, seed=corpus.REPEAT_SEED + recipe.seed)
+    ids, mask = encode(tokenizer, texts)
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr,
                                   weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
 
