@@ -115,13 +115,15 @@ def test_binding_pairs_ask_for_the_object_bound_to_the_queried_name() -> None:
         assert bindings[a[-3]] == good and bindings[b[-3]] == bad and good != bad
 
 
-def test_induction_texts_are_a_span_written_twice() -> None:
+def test_induction_sets_locate_the_repeated_span() -> None:
     data = archscope_zoo.datasets("induction", 30)
     assert isinstance(data, archscope_zoo.InductionSet)
-    for text, span in zip(data.texts, data.spans, strict=True):
+    for text, span, (first, second) in zip(data.texts, data.spans, data.starts, strict=True):
         words = text.split()
-        assert words == span + span and len(span) == data.span_length
-        assert set(words) <= set(corpus.code_words())
+        assert 3 <= len(span) <= 8 and set(span) <= set(corpus.code_words())
+        assert words[first:first + len(span)] == span == words[second:second + len(span)]
+        assert second > first + len(span) and words[second - 3:second] == [words[0], "says", ":"]
+    assert set(data.texts).isdisjoint(corpus.training_texts(2000))
 
 
 def test_unknown_data_set_names_say_what_exists() -> None:

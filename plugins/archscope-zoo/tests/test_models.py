@@ -147,27 +147,28 @@ def test_a_linear_probe_on_a_middle_layer_finds_the_planted_attribute(name: str,
 
 
 # -- induction ---------------------------------------------------------------------------------
-def copy_probability(model: Any, ids: torch.Tensor, span: int) -> float:
-    """Mean probability of the right word at positions 2..L of the second copy."""
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    positions = torch.arange(span, 2 * span - 1)
-    probs = logits[:, positions].softmax(-1)
-    return float(probs.gather(-1, ids[:, positions + 1, None]).mean())
+def copy_probability(model: Any, tokenizer: Any, data: archscope_zoo.InductionSet) -> float:
+    """Mean probability of the right word at words 2..L of each span's second occurrence."""
+    probs = []
+    for text, span, (_, second) in zip(data.texts, data.spans, data.starts, strict=True):
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0]
+        positions = torch.arange(second, second + len(span) - 1)
+        probs.append(logits[positions].softmax(-1).gather(-1, ids[0, positions + 1, None]))
+    return float(torch.cat(probs).mean())
 
 
 def test_the_transformer_copies_repeated_spans_and_an_untrained_copy_does_not() -> None:
     model, tokenizer, _ = zoo("transformer")
     data = archscope_zoo.datasets("induction", 64)
     assert isinstance(data, archscope_zoo.InductionSet)
-    ids = batch_of(tokenizer, data.texts)["input_ids"]
     chance = 1 / len(tokenizer)
-    trained = copy_probability(model, ids, data.span_length)
+    trained = copy_probability(model, tokenizer, data)
     assert trained >= 100 * chance
     torch.manual_seed(0)
     untrained = type(model)(model.config).eval()
-    assert copy_probability(untrained, ids, data.span_length) < 3 * chance
-    # the span words alone say nothing: their unigram frequency in training text is tiny
+    assert copy_probability(untrained, tokenizer, data) < 3 * chance
     assert abs(manifest()["models"]["transformer"]["induction_score"] - trained / chance) < 0.5
 
 
@@ -175,14 +176,15 @@ def test_one_head_attends_from_each_word_to_the_word_after_its_earlier_copy() ->
     _, tokenizer, backend = zoo("transformer")
     data = archscope_zoo.datasets("induction", 32)
     assert isinstance(data, archscope_zoo.InductionSet)
-    span = data.span_length
-    ids = batch_of(tokenizer, data.texts)["input_ids"]
     sites = [f"layer_{i}.attn_pattern" for i in range(backend.n_layers)]
-    result = backend.run(ids, capture=sites)
-    queries = torch.arange(span + 1, 2 * span)  # second copy, from its second word on
-    scores = torch.stack([
-        result[site][:, :, queries, queries - span + 1].mean(dim=(0, 2)) for site in sites
-    ])  # (layer, head): attention from each word to the successor of its first occurrence
+    per_text = []
+    for text, span, (first, second) in zip(data.texts, data.spans, data.starts, strict=True):
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+        result = backend.run(ids, capture=sites)
+        queries = torch.arange(second + 1, second + len(span))  # second copy, 2nd word on
+        keys = queries - (second - first) + 1  # the word after the same word's first copy
+        per_text.append(torch.stack([result[s][0][:, queries, keys].mean(-1) for s in sites]))
+    scores = torch.stack(per_text).mean(0)  # (layer, head)
     layer, head = divmod(int(scores.argmax()), scores.shape[1])
     best = float(scores[layer, head])
     others = scores.flatten()[torch.arange(scores.numel()) != scores.argmax()]

@@ -154,12 +154,13 @@ class ContrastSet:
 
 @dataclass(frozen=True)
 class InductionSet:
-    """Random spans of code words written twice: ``texts[i]`` is ``span span``; positions
-    ``span_length + 1 .. 2 * span_length - 1`` (0-based) can be predicted only by copying."""
+    """Documents of the language whose random span of code words is said twice: in
+    ``texts[i]`` the span ``spans[i]`` starts at word index ``starts[i][0]`` and again at
+    ``starts[i][1]``; words 2..L of the second copy can be predicted only by copying."""
 
     texts: list[str]
-    span_length: int
     spans: list[list[str]] = field(repr=False)
+    starts: list[tuple[int, int]] = field(repr=False)
 
 
 def _tokenizer(tokenizer: Any) -> Any:
@@ -305,12 +306,19 @@ def contrast_pairs(kind: str = "agreement", n: int = 64, seed: int = CONTRAST_SE
     return ContrastSet(kind, clean, corrupted, good, bad)
 
 
-def induction_set(n: int = 64, span_length: int = 10, seed: int = INDUCTION_SEED) -> InductionSet:
-    """``n`` texts ``span span`` with a random span of ``span_length`` code words (no frame
-    around them: the only way to predict the second copy is to copy the first)."""
-    rng = random.Random(seed)
-    spans = [[rng.choice(code_words()) for _ in range(span_length)] for _ in range(n)]
-    return InductionSet([" ".join(s + s) for s in spans], span_length, spans)
+def induction_set(n: int = 64, seed: int = INDUCTION_SEED) -> InductionSet:
+    """``n`` documents (from a seed no model was trained on) with where their repeated span
+    of 3-8 random code words sits."""
+    texts = Generator(seed).documents(n)
+    spans, starts = [], []
+    for text in texts:
+        words = text.split()
+        first = words.index(":") + 1
+        end = words.index(".", first)
+        second = words.index(":", end) + 1
+        spans.append(words[first:end])
+        starts.append((first, second))
+    return InductionSet(texts, spans, starts)
 
 
 def with_repeats(texts: list[str], fraction: float, seed: int = REPEAT_SEED) -> list[str]:

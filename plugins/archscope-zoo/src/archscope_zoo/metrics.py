@@ -7,22 +7,23 @@ from typing import Any
 from . import corpus
 
 
-def induction_score(model: Any, tokenizer: Any, n: int = 64, span_length: int = 10) -> dict:
+def induction_score(model: Any, tokenizer: Any, n: int = 64) -> dict:
     """How well ``model`` copies a repeated random span (`corpus.induction_set`): the mean
-    probability it gives the right word at positions 2..L of the second copy (only copying
-    can predict them), and that probability divided by chance (1 / vocabulary size)."""
+    probability it gives the right word at words 2..L of the span's second occurrence (only
+    copying can predict them), and that probability divided by chance (1 / vocabulary)."""
     import torch
 
-    data = corpus.induction_set(n, span_length)
-    ids = torch.tensor([tokenizer(t, add_special_tokens=False)["input_ids"] for t in data.texts])
+    data = corpus.induction_set(n)
+    probs: list[float] = []
     with torch.no_grad():
-        out = model(input_ids=ids)
-    logits = out.logits if hasattr(out, "logits") else out
-    probs = logits.float().softmax(-1)
-    # position p predicts token p + 1; second copy starts at L; its first word is unpredictable
-    positions = torch.arange(span_length, 2 * span_length - 1)
-    targets = ids[:, positions + 1]
-    p = probs[:, positions].gather(-1, targets[..., None])[..., 0]
-    mean = float(p.mean())
-    return {"probability": mean, "chance": 1 / probs.shape[-1],
-            "score": mean * probs.shape[-1]}
+        for text, span, (_, second) in zip(data.texts, data.spans, data.starts, strict=True):
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+            out = model(input_ids=ids)
+            logits = out.logits if hasattr(out, "logits") else out
+            # position p predicts word p + 1
+            positions = torch.arange(second, second + len(span) - 1)
+            p = logits[0, positions].float().softmax(-1).gather(-1, ids[0, positions + 1, None])
+            probs += p[:, 0].tolist()
+    vocab = len(tokenizer)
+    mean = sum(probs) / len(probs)
+    return {"probability": mean, "chance": 1 / vocab, "score": mean * vocab}

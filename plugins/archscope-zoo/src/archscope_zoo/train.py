@@ -49,7 +49,7 @@ RECIPES: dict[str, Recipe] = {
 
 
 def build_model(name: str, vocab_size: int, seed: int = 0) -> Any:
-    """A freshly initialised (seeded) zoo model of ``name``: ``transformer`` (GPT-2 layout,
+    """A freshly initialised (seeded) zoo model of ``name``: ``transformer`` (Llama layout,
     2 layers, 4 heads, d_model 64), ``mamba`` (Hugging Face Mamba, 2 layers, d_model 64) or
     ``lstm`` (archscope_recurrent's RecurrentLM, 2 LSTM layers of 128)."""
     import torch
