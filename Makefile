@@ -11,11 +11,12 @@ TESTS := core/tests archscope-transformer/tests archscope-mamba/tests archscope-
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: $(foreach p,$(PACKAGES),$(p)/pyproject.toml) plugins/template/pyproject.toml Makefile
+$(VENV)/.installed: $(foreach p,$(PACKAGES),$(p)/pyproject.toml) plugins/template/pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned to the CPU build on local disk; the packages only ask for torch>=2.2
 	$(PIP) install torch==2.13.0
-	$(PIP) install $(foreach p,$(PACKAGES),-e "$(p)[test]") -e "core[plot]" -e "plugins/template[test]" ruff mypy
+	$(PIP) install -c constraints.txt $(foreach p,$(PACKAGES),-e "$(p)[test]") \
+		-e "core[plot,ray,datasets,accelerate]" -e "plugins/template[test]" ruff mypy
 	touch $@
 
 demo: setup

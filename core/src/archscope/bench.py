@@ -32,6 +32,15 @@ class ProfileTasks:
     texts: Dataset
     contrast: Contrast | None = None
     source: str = "generic"
+    #: Token ids the induction test draws its repeated blocks from (default: the vocabulary).
+    induction_ids: list[int] | None = None
+    #: Documents that repeat a span, and (first, second, length) of the span in each: the
+    #: induction score is then read on them (`circuits.repeated_span_score`).
+    induction_rows: list[list[int]] | None = None
+    induction_spans: list[tuple[int, int, int]] | None = None
+    #: The right next token after each clean / corrupted prompt: patching then measures the
+    #: logit difference between them (else the runs' own top tokens).
+    answers: tuple[list[int], list[int]] | None = None
 
 
 _POSITIVE = ["good", "great", "wonderful", "happy", "excellent", "lovely", "nice", "pleasant"]
@@ -281,7 +290,7 @@ def _probe_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks,
 
     for task, dataset in tasks.probes.items():
         sweep = probe_sweep(backend, dataset, folds=3 if quick else 5,
-                            epochs=40 if quick else 100)
+                            epochs=30 if quick else 100)
         profile.probe_auroc[task] = {r.site: float(r.heldout_auroc) for r in sweep.layers}
         profile.probe_train_auroc[task] = {r.site: float(r.train_auroc) for r in sweep.layers}
     best = {task: max(v.values()) for task, v in profile.probe_auroc.items() if v}
@@ -290,12 +299,24 @@ def _probe_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks,
 
 
 def _circuit_part(profile: InterpProfile, backend: Backend, tokenizer: Any,
-                  quick: bool) -> None:
-    from .circuits import copy_score, early_token_attention, induction_head_score
+                  tasks: ProfileTasks, quick: bool) -> None:
+    from .circuits import (
+        copy_score,
+        early_token_attention,
+        induction_head_score,
+        repeated_span_score,
+    )
 
     trials = 16 if quick else 50
-    induction = induction_head_score(backend, tokenizer=tokenizer, n_trials=trials)
+    induction = induction_head_score(backend, tokenizer=tokenizer, n_trials=trials,
+                                     n_pairs=8, candidates=tasks.induction_ids)
     profile.induction_head_relative = float(induction.relative)
+    if tasks.induction_rows and tasks.induction_spans:
+        spans = repeated_span_score(backend, tasks.induction_rows, tasks.induction_spans)
+        profile.induction_head_relative = float(spans.relative)
+        profile.notes.append(f"induction: on the source's repeated-span documents "
+                             f"({spans.score:.3f} = {spans.relative:.0f}x chance); on random "
+                             f"repeated blocks {induction.relative:.1f}x chance")
     heads = induction.raw.get("heads") if isinstance(induction.raw, dict) else None
     if heads:
         profile.per_head = {"induction": heads}
@@ -305,30 +326,22 @@ def _circuit_part(profile: InterpProfile, backend: Backend, tokenizer: Any,
 
 def _sae_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks, site: str,
               quick: bool, seed: int) -> None:
-    import torch
-
     from .collect import collect
-    from .sae import SAEConfig, fit_sae
+    from .sae import SAEConfig, fit_sae, reconstruction_metrics
 
     acts = collect(backend, tasks.texts, [site], pool=None)[site].float()
     train_idx, test_idx = _split_rows(len(acts), 0.2, seed)
     train, test = acts[train_idx], acts[test_idx]
     dim = int(acts.shape[1])
-    epochs = 10 if quick else 40
     profile.sae_site = site
-    for kind, extra in (("dense", {}), ("rank1", {}), ("topk", {"k": max(2, dim // 16)})):
-        config = SAEConfig(input_dim=dim, n_features=4 * dim, sparsity=1e-3, sae_type=kind,
-                           learning_rate=1e-3, batch_size=64, seed=seed, **extra)
-        sae = fit_sae(train, config, epochs=epochs)
-        with torch.no_grad():
-            z = sae.encode(test)
-            recon = sae.decode(z)
-        mse = float(((recon - test) ** 2).mean())
-        total = float(((test - test.mean(0)) ** 2).mean())
-        fired = (z != 0).any(0).float().mean()
-        profile.sae[kind] = {"explained_variance": 1.0 - mse / max(total, 1e-12), "mse": mse,
-                             "l0": float((z != 0).float().sum(-1).mean()),
-                             "dead_fraction": float(1.0 - fired)}
+    for kind in ("dense", "rank1", "topk"):
+        config = SAEConfig(input_dim=dim, n_features=4 * dim, sparsity=0.1, sae_type=kind,
+                           learning_rate=4e-3, batch_size=128, k=max(2, dim // 16), seed=seed)
+        sae = fit_sae(train, config, epochs=4 if quick else 12)
+        metrics = reconstruction_metrics(sae, test)
+        profile.sae[kind] = {"explained_variance": float(metrics.explained_variance),
+                             "mse": float(metrics.mse), "l0": float(metrics.l0),
+                             "dead_fraction": float(metrics.dead_fraction)}
     profile.sae_dense_recon = profile.sae["dense"]["mse"]
     profile.sae_rank1_recon = profile.sae["rank1"]["mse"]
     profile.sae_better = ("dense" if profile.sae["dense"]["explained_variance"]
@@ -347,11 +360,18 @@ def _lens_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks, qu
                        zip(report.layers, report.kl_logit, report.kl_tuned, strict=True)}
 
 
-def _patching_part(profile: InterpProfile, backend: Backend, contrast: Contrast) -> None:
-    from .attribute import patch_sweep
+def _patching_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks) -> None:
+    import torch
 
-    clean, corrupted = contrast.datasets()
-    sweep = patch_sweep(backend, clean.ids()[:1], corrupted.ids()[:1], axis="position")
+    from .attribute import LogitDiff, patch_sweep
+
+    assert tasks.contrast is not None
+    clean, corrupted = tasks.contrast.datasets()
+    metric = None
+    if tasks.answers is not None:
+        metric = LogitDiff(torch.tensor(tasks.answers[0][:1]), torch.tensor(tasks.answers[1][:1]))
+    sweep = patch_sweep(backend, clean.ids()[:1], corrupted.ids()[:1], axis="position",
+                        metric_fn=metric)
     matrix = [[float("nan") if v is None else float(v) for v in row]
               for row in sweep.gap_restored or []]
     finite = [v for row in matrix for v in row if math.isfinite(v)]
@@ -378,9 +398,29 @@ def _state_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks) -
 
 def profile_backend(backend: Backend, tokenizer: Any, *, name: str = "model",
                     arch_family: str | None = None, tasks: ProfileTasks | None = None,
-                    quick: bool = False, seed: int = 0) -> InterpProfile:
+                    quick: bool = False, seed: int = 0,
+                    threads: int | None = None) -> InterpProfile:
     """The profile of the model behind ``backend``: each part runs where the backend has the
-    capabilities it needs; a part that cannot run is named in ``notes``, never hidden."""
+    capabilities it needs; a part that cannot run is named in ``notes``, never hidden.
+
+    ``threads``: torch threads while profiling (restored afterwards). Default: one for models
+    under 50M parameters, whose small matrix products run faster on one thread, and the
+    current setting otherwise.
+    """
+    import torch
+
+    n_params = _n_params(backend.model)
+    previous = torch.get_num_threads()
+    wanted = threads if threads is not None else (1 if n_params < 50_000_000 else previous)
+    torch.set_num_threads(wanted)
+    try:
+        return _profile(backend, tokenizer, name, arch_family, tasks, quick, seed, n_params)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _profile(backend: Backend, tokenizer: Any, name: str, arch_family: str | None,
+             tasks: ProfileTasks | None, quick: bool, seed: int, n_params: int) -> InterpProfile:
     import torch
 
     start = time.perf_counter()
@@ -388,13 +428,13 @@ def profile_backend(backend: Backend, tokenizer: Any, *, name: str = "model",
     layers = backend.layer_names()
     caps = set(backend.capabilities)
     profile = InterpProfile(model_name=name, arch_family=arch_family or backend.name,
-                            n_params=_n_params(backend.model), n_layers=len(layers),
+                            n_params=n_params, n_layers=len(layers),
                             hidden_dim=_hidden_dim(backend), tasks=tasks.source)
     t = profile.timings
     torch.manual_seed(seed)
     _timed(t, "probes", lambda: _probe_part(profile, backend, tasks, quick))
     if "logits" in caps:
-        _timed(t, "circuits", lambda: _circuit_part(profile, backend, tokenizer, quick))
+        _timed(t, "circuits", lambda: _circuit_part(profile, backend, tokenizer, tasks, quick))
     else:
         profile.notes.append("circuits: the backend produces no logits")
     site = layers[len(layers) // 2]
@@ -404,8 +444,7 @@ def profile_backend(backend: Backend, tokenizer: Any, *, name: str = "model",
     else:
         profile.notes.append("lenses: the backend has no 'unembed'")
     if tasks.contrast is not None and {"edit", "logits"} <= caps:
-        contrast = tasks.contrast
-        _timed(t, "patching", lambda: _patching_part(profile, backend, contrast))
+        _timed(t, "patching", lambda: _patching_part(profile, backend, tasks))
     if "recurrent_state" in caps:
         _timed(t, "state", lambda: _state_part(profile, backend, tasks))
     profile.runtime_seconds = round(time.perf_counter() - start, 2)

@@ -142,6 +142,7 @@ def induction_head_score(
     tokenizer: Any = None,
     backend_hint: str | None = None,
     batch_size: int = 64,
+    candidates: Sequence[int] | None = None,
 ) -> CircuitScore:
     """Induction: a random block of ``n_pairs + 1`` distinct tokens is shown twice after a
     random lead-in of ``seq_len`` other tokens; the score is the mean probability of the correct
@@ -152,7 +153,9 @@ def induction_head_score(
     accuracy and, where the backend has attention patterns, each head's induction score
     (attention from a token of the second repeat to the token after its first occurrence) and
     previous-token score (attention to the position before), read from the same forwards.
-    ``device`` is kept for compatibility: inputs go to the model's own device.
+    ``candidates`` restricts the token ids drawn (e.g. the words a corpus repeats); chance
+    stays 1/vocabulary. ``device`` is kept for compatibility: inputs go to the model's own
+    device.
     """
     import torch
 
@@ -162,6 +165,13 @@ def induction_head_score(
     backend = _backend(model, backend_hint)
     n_vocab = _logit_vocab(backend)
     pool = candidate_ids(backend, tokenizer, vocab_size)
+    if candidates is not None:
+        chosen = torch.as_tensor(list(candidates), dtype=torch.long)
+        outside = chosen[~torch.isin(chosen, pool)].tolist()
+        if outside:
+            raise InputError(f"candidates {outside[:5]} are special or outside the model's "
+                             f"vocabulary of {n_vocab} ids")
+        pool = chosen.unique()
     block = n_pairs + 1
     if block > len(pool):
         raise ParameterError(f"n_pairs={n_pairs} needs {block} distinct token ids but the "
@@ -234,6 +244,45 @@ def _head_table(induction: dict[str, torch.Tensor], previous: dict[str, torch.Te
 
 
 # -- copy ------------------------------------------------------------------------------------------
+
+def repeated_span_score(model: Any, rows: Sequence[Sequence[int]],
+                        spans: Sequence[tuple[int, int, int]], *,
+                        backend_hint: str | None = None, batch_size: int = 32) -> CircuitScore:
+    """Induction on given documents: each row of token ids repeats a span, ``(first, second,
+    length)`` = where its two copies start and how long it is. The score is the mean
+    probability of the right token at tokens 2..length of the second copy (predictable only
+    by copying); chance is 1/vocabulary. One forward per batch of rows."""
+    import torch
+
+    from .data import pad_batch, padding_for
+
+    backend = _backend(model, backend_hint)
+    n_vocab = _logit_vocab(backend)
+    if len(rows) != len(spans) or not rows:
+        raise InputError(f"give one (first, second, length) span per row; got {len(rows)} rows "
+                         f"and {len(spans)} spans")
+    for row, (first, second, length) in zip(rows, spans, strict=True):
+        if not (0 <= first and first + length <= second and second + length <= len(row)
+                and length >= 2):
+            raise InputError(f"span ({first}, {second}, {length}) does not fit a row of "
+                             f"{len(row)} tokens with two copies of at least 2 tokens")
+    probs = []
+    side = padding_for(backend)
+    for start in range(0, len(rows), batch_size):
+        chunk = [list(r) for r in rows[start:start + batch_size]]
+        batch = pad_batch(chunk, side)
+        logp = backend.run(batch, capture=["logits"])["logits"].float().log_softmax(-1)
+        width = batch["input_ids"].shape[1]
+        for i, (row, (_, second, length)) in enumerate(
+                zip(chunk, spans[start:start + batch_size], strict=True)):
+            offset = 0 if side == "right" else width - len(row)
+            at = torch.arange(second, second + length - 1) + offset
+            targets = batch["input_ids"][i, at + 1]
+            probs.append(logp[i, at].gather(-1, targets[:, None]).exp()[:, 0])
+    score = float(torch.cat(probs).mean())
+    return CircuitScore("repeated_span", score, 1.0 / n_vocab, score * n_vocab,
+                        {"n_rows": len(rows), "n_tokens": int(sum(len(p) for p in probs))})
+
 
 def copy_score(
     model: Any,

@@ -97,7 +97,8 @@ def mean_value(value: Any) -> torch.Tensor:
 
     if not isinstance(value, torch.Tensor):
         value = torch.tensor(float(value), dtype=torch.float64)
-    return value.double().mean() if value.dim() else value.double()
+    out: torch.Tensor = value.double().mean() if value.dim() else value.double()
+    return out
 
 
 class Readout:

@@ -133,7 +133,7 @@ def _pearson(a: list[list[float | None]], b: list[list[float | None]]) -> float 
     return float((t[:, 0] * t[:, 1]).sum()) / denom if denom > 0 else None
 
 
-def patch_sweep(
+def patch_sweep(  # noqa: C901 - validates each option of the sweep in turn
     model: Any,
     clean: Any,
     corrupted: Any,

@@ -1,4 +1,4 @@
-"""The core's built-in methods, registered through the same hook as any method plugin.
+"""The core's built-in methods and commands, registered through the same hooks as any plugin.
 
 Each method's code lives in its own module and is imported only when the method runs.
 """
@@ -6,9 +6,17 @@ Each method's code lives in its own module and is imported only when the method 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from ..hookspecs import hookimpl
 from ..registry import Method
+
+
+@hookimpl
+def register_commands(cli: Any) -> None:
+    from ..store.cli import add_commands
+
+    add_commands(cli)
 
 
 @hookimpl

@@ -37,7 +37,8 @@ class SAEReport(Result):
     @property
     def sae(self) -> SAE:
         """The trained SAE."""
-        return self._sae
+        sae: SAE = self._sae
+        return sae
 
     def to_markdown(self) -> str:
         m = self.eval
@@ -106,7 +107,7 @@ def sae_method(
                   device=str(backend.device))
     n_train = int(source.shape[0]) if isinstance(source, torch.Tensor) else sum(counted) // epochs
     sae.site = info.name
-    sae.fit = ArtifactFit.of(backend, info.name)
+    sae.fitted_on = ArtifactFit.of(backend, info.name)
     metrics = reconstruction_metrics(sae, lambda: chunks(eval_set))
     loss = None
     scorable = any(len(ids) > 1 for ids in eval_set.ids())  # a next token to predict

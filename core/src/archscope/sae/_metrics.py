@@ -108,7 +108,7 @@ def spliced_loss(sae: SAE, backend: Any, data: Any, site: str | None = None, *,
     from ..backends import Edit
     from ..data import as_dataset, padding_for
 
-    site = site or sae.site or (sae.fit.site if sae.fit is not None else None)
+    site = site or sae.site or (sae.fitted_on.site if sae.fitted_on is not None else None)
     if site is None:
         raise ParameterError("spliced_loss needs the site the SAE reads (site=...); this SAE "
                              "records none")

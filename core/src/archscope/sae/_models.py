@@ -78,7 +78,8 @@ class SAEConfig:
 
 
 def _rows_unit(rows: torch.Tensor) -> torch.Tensor:
-    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    unit: torch.Tensor = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return unit
 
 
 class SAE(nn.Module, Artifact):
@@ -122,7 +123,7 @@ class SAE(nn.Module, Artifact):
             self.b_dec = nn.Parameter(torch.zeros(d))
         self.register_buffer("input_scale", torch.ones(()))
         self.last_metrics: dict[str, float] = {}
-        self.fit = None
+        self.fitted_on = None
         self.site: str | None = None
         #: the hook name an SAE imported from SAELens was trained on
         self.hook_name: str | None = None
@@ -209,7 +210,7 @@ class SAE(nn.Module, Artifact):
                     if not name.startswith("_")})
         return out
 
-    def config(self) -> dict[str, Any]:
+    def artifact_config(self) -> dict[str, Any]:
         """JSON configuration saved next to the tensors (hyper-parameters and site)."""
         return {"sae": self.cfg.to_dict(), "site": self.site}
 

@@ -60,7 +60,7 @@ def export_saelens(sae: SAE, path: str | Path, *, hook_name: str | None = None,
             tensors["threshold"] = sae.threshold
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
               str(folder / WEIGHTS_FILE))
-    site = sae.site or (sae.fit.site if sae.fit is not None else None)
+    site = sae.site or (sae.fitted_on.site if sae.fitted_on is not None else None)
     cfg: dict[str, Any] = {
         "architecture": ARCHITECTURES[sae.sae_type],
         "d_in": sae.input_dim,
@@ -108,7 +108,7 @@ def site_of_hook(hook_name: str | None) -> str | None:
     return None
 
 
-def import_saelens(path: str | Path) -> SAE:
+def import_saelens(path: str | Path) -> SAE:  # noqa: C901 - one check per cfg key
     """Read an SAE written in SAELens's layout (by SAELens or by `export_saelens`).
 
     Architectures ``standard`` (ReLU), ``topk`` and ``jumprelu`` are read (a JumpReLU SAE

@@ -34,7 +34,8 @@ def _as_rows(chunk: Any, dim: int) -> torch.Tensor:
     if chunk.shape[-1] != dim:
         raise ParameterError(f"activation chunks must end in the SAE's input_dim {dim}; got "
                              f"shape {tuple(chunk.shape)}")
-    return chunk.reshape(-1, dim)
+    rows: torch.Tensor = chunk.reshape(-1, dim)
+    return rows
 
 
 def _epochs_of(source: ActivationSource, epochs: int) -> Iterator[Iterable[Any]]:

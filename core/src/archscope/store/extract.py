@@ -46,7 +46,8 @@ def resolve_dtype(dtype: Any, model: Any) -> torch.dtype:
     if dtype is None:
         for p in model.parameters():
             if p.is_floating_point():
-                return p.dtype
+                found: torch.dtype = p.dtype
+                return found
         return torch.float32
     if isinstance(dtype, str):
         resolved = getattr(torch, dtype, None)
@@ -54,7 +55,8 @@ def resolve_dtype(dtype: Any, model: Any) -> torch.dtype:
             raise StoreError(f"unknown activation dtype {dtype!r}; use float32, float16 or "
                              "bfloat16")
         return resolved
-    return dtype
+    given: torch.dtype = dtype
+    return given
 
 
 def site_records(backend: Backend, sites: Iterable[str] | str,

@@ -120,7 +120,8 @@ def _objective(sae: Any) -> Any:
             self.sae = inner
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.sae.loss(x)
+            loss: torch.Tensor = self.sae.loss(x)
+            return loss
 
     return Objective(sae)
 

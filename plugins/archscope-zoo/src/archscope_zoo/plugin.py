@@ -17,6 +17,8 @@ def register_model_sources(register: Callable[..., None]) -> None:
         load="archscope_zoo.source:load",
         description="trained reference models shipped with archscope-zoo "
                     "(zoo:transformer, zoo:mamba, zoo:lstm)",
+        examples=("zoo:transformer", "zoo:mamba", "zoo:lstm"),
+        tasks="archscope_zoo.tasks:profile_tasks",
     ))
 
 
