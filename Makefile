@@ -20,8 +20,7 @@ $(VENV)/.installed: $(foreach p,$(PACKAGES),$(p)/pyproject.toml) plugins/templat
 	touch $@
 
 demo: setup
-	$(VENV)/bin/archscope plugins
-	$(VENV)/bin/archscope info
+	$(VENV)/bin/archscope bench --out report/report.md
 
 test: lint
 	$(PY) -m pytest -q $(TESTS)

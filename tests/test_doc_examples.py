@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["docs/methods.md", "docs/probes.md"]
+PAGES = ["README.md", "docs/methods.md", "docs/probes.md", "docs/sae.md", "docs/patching.md",
+         "docs/store.md"]
 
 
 def python_blocks(page: Path) -> list[str]:
