@@ -46,7 +46,7 @@ def test_cli_arch_that_cannot_serve_the_model_exits_1_without_traceback(
     a.model.save_pretrained(folder)
     a.tokenizer.save_pretrained(folder)
     with pytest.raises(SystemExit) as code:
-        main(["run", "logit_lens", str(folder), "--arch", "recurrent", "--text", "w4 w5"])
+        main(["run", "logit-lens", str(folder), "--arch", "recurrent", "--text", "w4 w5"])
     err = capsys.readouterr().err
     assert code.value.code == 1, err
     assert "Traceback" not in err
