@@ -16,8 +16,8 @@ from archscope.errors import ArchscopeError, InputError
 def _refused_before_forward(a: Arch, inputs: object, pattern: str) -> None:
     """``inputs`` raise InputError matching ``pattern``; no module was called, nothing changed."""
     calls: list[str] = []
-    handle = a.model.register_forward_pre_hook(lambda m, args: calls.append("called"))
     before, hooks = snapshot(a.model), hook_ids(a.model)
+    handle = a.model.register_forward_pre_hook(lambda m, args: calls.append("called"))
     try:
         with pytest.raises(InputError, match=pattern):
             a.backend.run(inputs, capture=["logits"])
@@ -67,7 +67,11 @@ def test_position_limit_counts_padding_columns() -> None:
 def test_input_limits_are_reported_per_backend(any_arch: Arch) -> None:
     limits = any_arch.backend.input_limits()
     assert limits.vocab_size == 100
-    expected = {"gpt2": 64, "mamba": None, "hybrid": None, "lstm": None}[any_arch.name]
+    # learned positions (GPT-2's n_positions) and the context a config names (the hybrid's
+    # max_position_embeddings); a pure SSM and an RNN have no position limit
+    config = getattr(any_arch.model, "config", None)
+    expected = {"gpt2": 64, "mamba": None, "lstm": None,
+                "hybrid": getattr(config, "max_position_embeddings", -1)}[any_arch.name]
     assert limits.max_positions == expected
 
 

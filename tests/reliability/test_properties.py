@@ -20,7 +20,7 @@ from reliability.support import assert_unchanged, batch, hook_ids, snapshot
 from archscope import Edit
 from archscope.errors import ArchscopeError
 
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 30
 #: Recurrent roles: an edit at step t changes every later step of the same site.
 RECURRENT_ROLES = {"hidden", "cell"}
 

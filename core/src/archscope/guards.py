@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -52,10 +52,10 @@ def limits_from_model(model: Any) -> InputLimits:
     return InputLimits(vocab if isinstance(vocab, int) and vocab > 0 else None, positions)
 
 
-def check_inputs(batch: Mapping[str, Any], limits: InputLimits, backend: str) -> None:
+def check_inputs(batch: MutableMapping[str, Any], limits: InputLimits, backend: str) -> None:
     """Refuse a batch the model cannot take (no rows, ids outside the vocabulary, more columns
     than positions), naming the limit. Ids at padding positions are not tokens: they are not
-    checked (`prepare_inputs` replaces out-of-range pad ids by 0 before the forward)."""
+    checked, and one outside the vocabulary is replaced by 0 in ``batch``."""
     ids = batch.get("input_ids")
     first = ids if ids is not None else batch.get("inputs_embeds")
     if first is None:
@@ -72,6 +72,12 @@ def check_inputs(batch: Mapping[str, Any], limits: InputLimits, backend: str) ->
         return
     mask = batch.get("attention_mask")
     real = ids[mask.bool()] if mask is not None else ids.reshape(-1)
+    if mask is not None and limits.vocab_size is not None:
+        # pad ids are not tokens, but the embedding still looks them up: one outside the
+        # vocabulary (e.g. -100) becomes 0, which the mask hides from every real position
+        outside = (ids < 0) | (ids >= limits.vocab_size)
+        if bool(outside.any()):
+            batch["input_ids"] = ids.masked_fill(outside & ~mask.bool(), 0)
     if real.numel() == 0:
         return
     low, high = int(real.min()), int(real.max())
