@@ -1,7 +1,7 @@
-"""Cost of the run guards (per-model lock, inference mode, input limits) on a single-threaded
-run: `Backend.run` against the same request handed straight to `Backend.execute`, which skips
-the guards. Tiny and small models, CPU; each timing of ``run`` directly follows one of
-``execute`` and the reported ratio is the median of these paired ratios.
+"""Cost of the run guards (per-model lock, inference mode, input and device checks) on a
+single-threaded run: `Backend.run` as shipped against `Backend.run` with those guards replaced
+by no-ops. Small models, CPU, one torch thread; each guarded timing directly follows an
+unguarded one and the reported ratio is the median of these paired ratios.
 
     .venv/bin/python benchmarks/bench_guards.py [--repeats 30]
 """
@@ -9,6 +9,7 @@ the guards. Tiny and small models, CPU; each timing of ``run`` directly follows 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 import archscope
-from archscope.backends import RunRequest
+import archscope.guards as guards
 
 
 def _models() -> dict[str, Any]:
@@ -33,6 +34,22 @@ def _models() -> dict[str, Any]:
             "lstm (tiny)": tiny_recurrent_lm("lstm")}
 
 
+@contextlib.contextmanager
+def _without_guards() -> Any:
+    """`Backend.run` with the guards replaced by no-ops (run imports them at each call)."""
+    saved = {n: getattr(guards, n) for n in ("check_device", "check_inputs", "inference_mode",
+                                              "model_lock")}
+    guards.check_device = lambda *a: None
+    guards.check_inputs = lambda *a: None
+    guards.inference_mode = lambda *a: contextlib.nullcontext()  # type: ignore[assignment]
+    guards.model_lock = lambda *a: contextlib.nullcontext()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(guards, name, value)
+
+
 def _time(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
     fn()
@@ -44,20 +61,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| model | run (ms) | execute (ms) | median paired ratio |")
-    print("|---|---|---|---|")
+    print("| model | run, guarded (ms) | run, no guards (ms) | median paired ratio | guards alone (us) |")
+    print("|---|---|---|---|---|")
     for name, model in _models().items():
         backend = archscope.Backend.for_model(model)
         ids = torch.randint(4, 100, (4, 32))
         site = backend.layer_names()[-1]
-        batch = backend.prepare_inputs(ids)
-        request = RunRequest(batch, [site, "logits"], {}, stop_early=False)
 
         def guarded(backend: Any = backend, ids: Any = ids, site: str = site) -> Any:
             return backend.run(ids, capture=[site, "logits"], stop_early=False)
 
-        def bare(backend: Any = backend, request: RunRequest = request) -> Any:
-            return backend.execute(request)
+        def bare() -> Any:
+            with _without_guards():
+                return guarded()
 
         for _ in range(3):  # warm-up
             guarded(), bare()
@@ -68,8 +84,19 @@ def main() -> None:
             ratios.append(g / b)
             runs.append(g)
             bares.append(b)
+        batch = backend.prepare_inputs(ids)
+
+        def guards_alone(backend: Any = backend, batch: Any = batch) -> None:
+            for _ in range(200):
+                guards.check_device(backend.device, backend.name)
+                guards.check_inputs(batch, backend.input_limits(), backend.name)
+                with guards.model_lock(backend.model), guards.inference_mode(backend.model):
+                    pass
+
+        alone = statistics.median(_time(guards_alone) for _ in range(5)) / 200
         print(f"| {name} | {1000 * statistics.median(runs):.2f} | "
-              f"{1000 * statistics.median(bares):.2f} | {statistics.median(ratios):.3f} |")
+              f"{1000 * statistics.median(bares):.2f} | {statistics.median(ratios):.3f} | "
+              f"{1e6 * alone:.0f} |")
 
 
 if __name__ == "__main__":

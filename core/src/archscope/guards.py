@@ -70,6 +70,9 @@ def check_inputs(batch: MutableMapping[str, Any], limits: InputLimits, backend: 
             "the texts (make_tokenize_fn(tokenizer, max_length=...)) or split them")
     if ids is None:
         return
+    if ids.numel() == 0 or (int(ids.min()) >= 0 and (
+            limits.vocab_size is None or int(ids.max()) < limits.vocab_size)):
+        return  # the common case, in two reductions
     mask = batch.get("attention_mask")
     real = ids[mask.bool()] if mask is not None else ids.reshape(-1)
     if mask is not None and limits.vocab_size is not None:
@@ -113,7 +116,7 @@ def check_width(tensor: Any, width: int, what: str) -> None:
 def inference_mode(model: Any, enabled: bool = True) -> Iterator[None]:
     """Run with every module in eval mode (dropout off), restoring each module's own flag
     afterwards, also when the run raises. ``enabled=False`` keeps the model's mode."""
-    training = [m for m in model.modules() if m.training] if enabled else []
+    training = [m for m in _modules(model) if m.training] if enabled else []
     for module in training:
         module.training = False  # per module: model.eval() would also reset mixed modes
     try:
@@ -121,6 +124,17 @@ def inference_mode(model: Any, enabled: bool = True) -> Iterator[None]:
     finally:
         for module in training:
             module.training = True
+
+
+def _modules(model: Any) -> list[Any]:
+    """Every module under ``model`` (a plain walk: `nn.Module.modules` also builds names and a
+    memo, which costs more than the run's mode switch itself on small models)."""
+    found, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        found.append(module)
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return found
 
 
 _locks: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
