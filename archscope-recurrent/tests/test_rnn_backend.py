@@ -8,6 +8,7 @@ import torch
 import archscope
 from archscope import Edit, SiteError
 from archscope.backends import BackendError
+from archscope.errors import InputError
 from archscope_recurrent.models import RecurrentLM
 from archscope_recurrent.rnn import RNNBackend
 from archscope_recurrent.testing import plain_lstm_lm, tiny_recurrent_lm, token_batch
@@ -205,7 +206,7 @@ def test_unembed_of_last_hidden_equals_logits():
     backend = RNNBackend(model)
     result = backend.run(token_batch(2, 4), capture=["layer_1.hidden", "logits"])
     torch.testing.assert_close(backend.unembed(result["layer_1.hidden"]), result.logits)
-    with pytest.raises(BackendError, match="last axis of 8"):
+    with pytest.raises(InputError, match="width 8"):
         backend.unembed(torch.zeros(1, 2, 5))
 
 

@@ -285,6 +285,10 @@ class _HFRecurrentBackend(HookBackend):
                                 f"{tuple(value.shape)}")
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
+        from archscope.guards import check_width
+
+        check_width(residual, self.site_info(self.layer_names()[-1]).dim,
+                    f"backend {self.name!r} unembed")
         return cast("torch.Tensor", self._part(self.family.head)(self._part(self.family.final_norm)(residual)))
 
 

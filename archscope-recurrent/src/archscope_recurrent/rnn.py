@@ -21,6 +21,7 @@ from archscope.batch import last_real_index, padding_side
 from archscope.detection import Confidence
 from archscope.edits import apply_edit
 from archscope.errors import CapabilityError
+from archscope.guards import InputLimits, check_width
 
 if TYPE_CHECKING:
     import torch
@@ -175,10 +176,12 @@ class RNNBackend(Backend):
     def device(self) -> torch.device:
         return self.parts.embed.weight.device
 
+    def input_limits(self) -> InputLimits:
+        # the embedding found by structure is the vocabulary; a recurrence has no position limit
+        return InputLimits(vocab_size=self.parts.embed.num_embeddings)
+
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
-        if residual.shape[-1] != self.out_size:
-            raise BackendError(f"unembed expects a last axis of {self.out_size} (the RNN output "
-                               f"size), got shape {tuple(residual.shape)}")
+        check_width(residual, self.out_size, f"backend {self.name!r} unembed (the RNN output)")
         y = self.parts.norm(residual) if self.parts.norm is not None else residual
         return cast("torch.Tensor", self.parts.head(y))
 
@@ -361,7 +364,6 @@ class RNNBackend(Backend):
         """One layer over the whole sequence → (outputs, per-step cells or None, h_n, c_n) with
         h_n / c_n (batch, dirs*dim) taken after each row's last real token."""
         import torch
-        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
         lstm = self.kind == "lstm"
         h_edits = edit_map.get(f"layer_{i}.hidden", []) if self.num_dirs == 1 else []
@@ -373,22 +375,14 @@ class RNNBackend(Backend):
         else:
             hx_arg = (hx[0], hx[1]) if lstm else hx[0]
 
-        if not stepping and not h_edits:  # fast path: one call for the whole layer
-            layer = self._layer(i)
-            if padded:
-                lengths = mask.sum(-1).cpu()
-                packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-                out, state = layer(packed, hx_arg)
-                out = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
-            else:
-                out, state = layer(x, hx_arg)
-            h_n, c_n = state if lstm else (state, None)
-
-            def flat(s: torch.Tensor) -> torch.Tensor:  # (dirs, batch, d) → (batch, dirs*d)
-                return s.transpose(0, 1).reshape(b, -1)
-
-            return out, None, flat(h_n), flat(c_n) if c_n is not None else None
-
+        if not want_cells:  # fast path: one call for the whole layer
+            fast = self._whole_layer(i, x, mask, padded, hx_arg)
+            # edits that leave every value as it is (identity edits) keep the fused call's
+            # result: stepping would give the same values up to rounding, not bit for bit
+            if not self._changes(fast[0], h_edits, mask, f"layer_{i}.hidden") and not (
+                    c_edits and self._changes(self._cells(i, x, hx_arg, mask), c_edits, mask,
+                                              f"layer_{i}.cell")):
+                return fast
         last = last_real_index(mask)
         rows = torch.arange(b, device=x.device)
         info_h = self._table[f"layer_{i}.hidden"]
@@ -429,6 +423,45 @@ class RNNBackend(Backend):
             out = out * keep
             cells = cells * keep if cells is not None else None
         return out, cells if stepping else None, h_n, c_n if lstm else None
+
+    def _whole_layer(self, i: int, x: torch.Tensor, mask: torch.Tensor, padded: bool, hx_arg: Any
+                     ) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor | None]:
+        """Layer ``i`` over the whole sequence in one call (packed when padded)."""
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        b = x.shape[0]
+        lstm = self.kind == "lstm"
+        layer = self._layer(i)
+        if padded:
+            lengths = mask.sum(-1).cpu()
+            packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            out, state = layer(packed, hx_arg)
+            out = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])[0]
+        else:
+            out, state = layer(x, hx_arg)
+        h_n, c_n = state if lstm else (state, None)
+
+        def flat(s: torch.Tensor) -> torch.Tensor:  # (dirs, batch, d) → (batch, dirs*d)
+            return s.transpose(0, 1).reshape(b, -1)
+
+        return out, None, flat(h_n), flat(c_n) if c_n is not None else None
+
+    def _changes(self, value: torch.Tensor, edits: list[Edit], mask: torch.Tensor,
+                 site: str) -> bool:
+        """Whether ``edits`` change the unedited per-step ``value`` of ``site`` anywhere."""
+        import torch
+
+        edited = value
+        for edit in edits:
+            edited = apply_edit(edited, edit, self._table[site], mask)
+        return not torch.equal(edited, value)
+
+    def _cells(self, i: int, x: torch.Tensor, hx_arg: Any, mask: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s unedited LSTM cell state at every step (stepped)."""
+        info_h, info_c = self._table[f"layer_{i}.hidden"], self._table[f"layer_{i}.cell"]
+        cells = self._unroll(self._layer(i), x, hx_arg, mask, True, [], [], info_h, info_c)[1]
+        assert cells is not None
+        return cells
 
     def _unroll(self, layer: Any, x: torch.Tensor, hx: Any, mask: torch.Tensor, stepping: bool,
                 h_edits: list[Edit], c_edits: list[Edit], info_h: SiteInfo,

@@ -36,6 +36,9 @@ def _hookpoint(port: Port) -> Hookpoint:
     return Hookpoint(port.module, io=port.io, index=port.index, arg=port.arg,
                      clone=port.clone)
 
+#: Attributes transformers sets on a model once it has installed its output-capturing hooks.
+_LIBRARY_HOOK_FLAGS = ("_output_capturing_hooks_installed",)
+
 
 class _TokenView:
     """Some blocks flatten (batch, seq) into one axis around their MLP (OPT). Hooks around the
@@ -205,8 +208,18 @@ class TransformerBackend(HookBackend):
 
     def run_settings(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
         if any(name.endswith(".attn_pattern") for name in ctx.capture):
-            return self._eager_attention()
+            return self._attention_patterns()
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _attention_patterns(self) -> Iterator[None]:
+        """Eager attention for one run, and afterwards exactly the hooks the model had:
+        transformers 5 installs output-capturing hooks on first use of output_attentions and
+        marks the model; both are undone, so the library installs them again when asked."""
+        from archscope.guards import restore_hooks
+
+        with restore_hooks(self.model, _LIBRARY_HOOK_FLAGS), self._eager_attention():
+            yield
 
     @contextlib.contextmanager
     def _eager_attention(self) -> Iterator[None]:
@@ -240,6 +253,10 @@ class TransformerBackend(HookBackend):
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         """Logits from a residual stream: the model's final norm, then its unembedding (and the
         final logit soft-capping of Gemma-2 style configs), as the model itself computes them."""
+        from archscope.guards import check_width
+
+        check_width(residual, self.site_info(self.layer_names()[-1]).dim,
+                    f"backend {self.name!r} unembed")
         s = self.structure
         x = s.final_norm(residual)
         if s.output_projection is not None:

@@ -324,6 +324,10 @@ class AdapterBackend(HookBackend):
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         if self.head_module is None:
             return super().unembed(residual)
+        from .guards import check_width
+
+        check_width(residual, self.site_info(self.layer_names()[-1]).dim,
+                    f"backend {self.name!r} unembed")
         x = self.norm_module(residual) if self.norm_module is not None else residual
         return cast("torch.Tensor", self.head_module(x))
 

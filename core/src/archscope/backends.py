@@ -19,6 +19,7 @@ from .errors import (
     PaddingError,
     SiteError,
 )
+from .guards import InputLimits
 from .sites import Site, SiteInfo, resolve
 
 if TYPE_CHECKING:  # torch is imported lazily: discovery and the CLI must not pay for it
@@ -101,6 +102,10 @@ class Backend:
     #: The per-layer role `layer_names()` lists (seed API).
     primary_role: ClassVar[str] = "residual"
 
+    #: Run with inference semantics (every module in eval mode, so dropout is off), restoring
+    #: each module's mode afterwards. Set False on an instance to run in the model's own mode.
+    inference: bool = True
+
     def __init__(self, model: Any) -> None:
         self.model = model
 
@@ -136,8 +141,8 @@ class Backend:
     def run(
         self,
         inputs: Any,
-        capture: Iterable[str | Site] = (),
-        edits: Iterable[Edit] = (),
+        capture: Iterable[str | Site] | None = (),
+        edits: Iterable[Edit] | Edit | None = (),
         *,
         stop_early: bool = True,
         initial_state: Mapping[str, torch.Tensor] | None = None,
@@ -155,15 +160,32 @@ class Backend:
         the inputs (`prepare_inputs`), checks ``initial_state`` (`check_initial_state`) and
         hands a `RunRequest` to `execute`.
         """
-        edits = list(edits)
-        wanted, edit_map = self.check_request(capture, edits, initial_state, return_state)
+        from .guards import check_device, check_inputs, inference_mode, model_lock
+
+        edits = _edit_list(edits)
+        wanted, edit_map = self.check_request(() if capture is None else capture, edits,
+                                              initial_state, return_state)
+        check_device(self.device, self.name)
         batch = self.prepare_inputs(inputs)
+        check_inputs(batch, self.input_limits(), self.name)
         self.check_initial_state(initial_state, batch)
         request = RunRequest(batch, wanted, edit_map, stop_early=stop_early,
                              initial_state=initial_state, return_state=return_state, grad=grad)
-        if self.regroup_states and self._needs_regrouping(request):
-            return self._execute_regrouped(request)
-        return self.execute(request)
+        # hooks, edits, early stops and mode changes live on the model's shared modules: one
+        # run at a time per model (see docs/architecture.md, "Runs and threads")
+        with model_lock(self.model), inference_mode(self.model, self.inference):
+            if self.regroup_states and self._needs_regrouping(request):
+                return self._execute_regrouped(request)
+            return self.execute(request)
+
+    def input_limits(self) -> InputLimits:
+        """What token batches the model can take (vocabulary size, maximum positions), checked
+        before every forward pass. The default reads the model's input embedding and its
+        config (`archscope.guards.limits_from_model`); override for models that keep them
+        elsewhere (None = no limit)."""
+        from .guards import limits_from_model
+
+        return limits_from_model(self.model)
 
     def execute(self, request: RunRequest) -> RunResult:
         """Run one validated request (the extension point behind `run`; `HookBackend`
@@ -392,9 +414,29 @@ class Backend:
         """The backend for ``model``: the registered one named by ``hint``, else the one whose
         `can_handle` is most confident (ties: priority, then name, with a warning). The
         selection rules live in `archscope.detection`."""
-        from .detection import select_backend
+        from .detection import backend_for
 
-        return select_backend(model, hint)(model)
+        return backend_for(model, hint)
+
+
+def _edit_list(edits: Any) -> list[Edit]:
+    """``edits`` as a list: None = no edits, one Edit = a list of one; anything but Edits is
+    refused with what was given."""
+    from .edits import EditError
+
+    if edits is None:
+        return []
+    if isinstance(edits, Edit):
+        return [edits]
+    if isinstance(edits, (str, bytes, Mapping)) or not isinstance(edits, Iterable):
+        raise EditError(f"edits must be an archscope.Edit or a list of them, got "
+                        f"{type(edits).__name__} {edits!r:.60}; e.g. edits=[Edit.add(site, v)]")
+    listed = list(edits)
+    for edit in listed:
+        if not isinstance(edit, Edit):
+            raise EditError(f"edits must be archscope.Edit objects, got {type(edit).__name__} "
+                            f"{edit!r:.60}; e.g. edits=[Edit.add(site, v)]")
+    return listed
 
 
 def _rows_of(request: RunRequest, rows: Any, length: int, capture: list[str]) -> RunRequest:
@@ -417,6 +459,8 @@ def _edit_rows(edit: Edit, rows: Any, n_rows: int, width: int, length: int) -> E
     if getattr(value, "dim", lambda: 0)() >= 2 and value.shape[0] == n_rows:
         value = value[rows.to(value.device)]
     positions = edit.positions
+    if isinstance(positions, slice):  # explicit, so a slice past a short group stays valid
+        positions = list(range(width)[positions])
     if isinstance(positions, (int, list, tuple)):
         given = [positions] if isinstance(positions, int) else list(positions)
         absolute = [p + width if p < 0 else p for p in given]

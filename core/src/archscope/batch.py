@@ -89,6 +89,13 @@ def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None
         mask = torch.ones_like(ids)
     if mask.dim() == 1:
         mask = mask.unsqueeze(0)
+    if mask.dtype.is_floating_point or mask.dtype == torch.bool:
+        odd = mask[(mask != 0) & (mask != 1)]
+        if odd.numel():  # a soft mask would be cast to 0/1 silently
+            raise InputError(
+                f"attention_mask must hold 0 and 1 (1 = real token, 0 = padding), got values "
+                f"such as {float(odd[0]):g} (dtype {mask.dtype}); archscope runs take a hard "
+                "mask: threshold or round it first")
     if mask.shape != ids.shape:
         raise InputError(
             f"attention_mask shape {tuple(mask.shape)} does not match input_ids "

@@ -11,7 +11,7 @@ from .errors import NoBackendError
 if TYPE_CHECKING:
     from .backends import Backend
 
-__all__ = ["Confidence", "select_backend"]
+__all__ = ["Confidence", "backend_for", "select_backend"]
 
 
 class Confidence:
@@ -64,6 +64,61 @@ def _no_backend(model: Any, manager: Any) -> NoBackendError:
     )
 
 
+def _confidence(entry: Any, model: Any) -> float:
+    """``entry``'s `can_handle` for ``model`` (0 for None, or when it raises, with a warning)."""
+    try:
+        score = entry.obj.can_handle(model)
+    except Exception as exc:  # can_handle must not raise; do not let one break detection
+        warnings.warn(f"archscope: {entry.name}.can_handle raised {exc!r}; ignoring it",
+                      stacklevel=4)
+        return 0.0
+    return float(score) if score is not None and score > 0 else 0.0
+
+
+def _hint_refused(hint: str, name: str, model: Any, manager: Any, cause: Exception
+                  ) -> Exception:
+    """The error for a hinted backend that declines ``model`` and fails to wrap it: the
+    backend's own error class when it is an archscope error (its message kept after ours),
+    else `NoBackendError`."""
+    from .errors import ArchscopeError
+
+    able = [e.name for e in manager.backends if e.name != name and _confidence(e, model)]
+    label = hint if hint == name else f"{hint} ({name})"
+    message = (
+        f"backend {label!r} cannot serve {type(model).__qualname__} (module "
+        f"{type(model).__module__}): its can_handle declines the model and it reports "
+        f"{type(cause).__name__}: {cause}. "
+        + (f"Backends that can: {', '.join(able)}; pass one of them as hint (--arch) or none "
+           "to detect it" if able else
+           "No installed backend recognises it: describe it with a custom-model adapter or "
+           "write a backend plugin (docs/plugin-authors.md)"))
+    if isinstance(cause, ArchscopeError):
+        try:
+            return type(cause)(message)
+        except Exception:  # an error class with another constructor
+            pass
+    return NoBackendError(message)
+
+
+def backend_for(model: Any, hint: str | None = None) -> Backend:
+    """`select_backend`, then the backend instance. A hinted backend whose `can_handle`
+    declines the model is still tried (it may explain what is missing); if it fails, the
+    error says which backend cannot serve which model and which backends can."""
+    from .plugins import get_manager
+
+    chosen = select_backend(model, hint)
+    if hint is None:
+        return chosen(model)
+    entry = get_manager().backends.get(hint)
+    if entry is not None and _confidence(entry, model):
+        return chosen(model)
+    try:
+        return chosen(model)
+    except Exception as exc:
+        raise _hint_refused(hint, entry.name if entry else hint, model, get_manager(),
+                            exc) from exc
+
+
 def select_backend(model: Any, hint: str | None = None) -> type[Backend]:
     """The backend class for ``model``: the registered one named by ``hint``, else the one whose
     `can_handle` is most confident (ties: priority, then name, with a warning)."""
@@ -79,14 +134,9 @@ def select_backend(model: Any, hint: str | None = None) -> type[Backend]:
 
     scored: list[tuple[float, int, str, type[Backend]]] = []
     for entry in manager.backends:
-        try:
-            score = entry.obj.can_handle(model)
-        except Exception as exc:  # can_handle must not raise; do not let one break detection
-            warnings.warn(f"archscope: {entry.name}.can_handle raised {exc!r}; ignoring it",
-                          stacklevel=3)
-            continue
-        if score is not None and score > 0:
-            scored.append((float(score), int(entry.obj.priority), entry.name, entry.obj))
+        score = _confidence(entry, model)
+        if score:
+            scored.append((score, int(entry.obj.priority), entry.name, entry.obj))
     if not scored:
         raise _no_backend(model, manager)
     scored.sort(key=lambda t: (-t[0], -t[1], t[2]))

@@ -150,6 +150,10 @@ def _position_index(edit: Edit, value: torch.Tensor,
     if pos is None:
         return (slice(None),)
     if isinstance(pos, slice):
+        if not range(value.shape[1])[pos]:  # as a list beyond the sequence raises
+            raise SiteError(f"edit of {edit.site!r}: positions {pos} select no position of a "
+                            f"sequence of length {value.shape[1]}; give a slice that overlaps "
+                            f"0..{value.shape[1] - 1}")
         return (slice(None), pos)
     seq = value.shape[1]
     pos_list = [int(p) for p in pos] if isinstance(pos, Sequence) else [operator.index(pos)]
@@ -190,6 +194,8 @@ def _operand(edit: Edit, target: torch.Tensor, value: torch.Tensor) -> torch.Ten
             return torch.full_like(target, float(operand))
         return torch.tensor(float(operand), dtype=target.dtype, device=target.device)
     operand = torch.as_tensor(operand).to(device=target.device, dtype=target.dtype)
+    if operand.dim() == 0:  # a 0-d tensor is a number, as a float is
+        return operand.expand_as(target) if edit.op == "replace" else operand
     vector = operand.dim() == 1 and operand.shape[0] == target.shape[-1]
     if operand.shape != target.shape and not vector:
         raise SiteError(
