@@ -1,0 +1,468 @@
+"""Side-by-side benchmarks of archscope against the libraries users would pick instead.
+
+    .venv/bin/python benchmarks/runner.py [--device cpu|cuda] [--only 1,3] [--quick]
+                                          [--venvs DIR] [--rounds N] [--out FILE]
+
+Each contender runs in its own process (``worker.py``), in its own virtual environment for the
+peers (created from ``requirements/*.txt`` on first use, torch installed first so pip never picks
+another build). Every process loads the same saved random-weight model and the same inputs; the
+runner compares what each library returns with archscope's output (max abs difference) and
+refuses to time a contender that returns something else. Timings are interleaved: in each round
+every process times a plain forward of its own copy of the model and then the contender, one
+process after the other, so load from other programs hits all alike; the ratio reported is the
+median of these paired ratios. Peak memory is the ``ru_maxrss`` of each contender's process,
+read right after its first run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+TORCH = "torch==2.13.0"
+TOLERANCE = 2e-4  # float32 kernels differ (eager vs SDPA attention) by ~1e-6 relative
+
+#: Peer environments: name -> (requirements file, module whose import proves it works).
+VENVS = {
+    "tl": ("tl.txt", "transformer_lens"),
+    "nnsight": ("nnsight.txt", "pyvene"),
+    "tunedlens": ("tunedlens.txt", "tuned_lens"),
+    "archscope02": ("archscope02.txt", "archscope.bench"),
+    "saelens": ("saelens.txt", "sae_lens"),
+}
+#: contender -> (environment, distributions whose versions the table shows, label).
+CONTENDERS = {
+    "plain": ("main", (), "plain forward (transformers)"),
+    "archscope": ("main", ("archscope", "archscope-transformer", "archscope-mamba"), "archscope"),
+    "archscope02": ("archscope02", ("archscope",), "archscope 0.2.2"),
+    "transformer_lens": ("tl", ("transformer-lens",), "TransformerLens (TransformerBridge)"),
+    "nnsight": ("nnsight", ("nnsight",), "nnsight"),
+    "pyvene": ("nnsight", ("pyvene",), "pyvene"),
+    "tuned_lens": ("tunedlens", ("tuned-lens",), "tuned-lens LogitLens"),
+}
+
+
+class BenchError(RuntimeError):
+    """A benchmark that cannot give a fair number (unequal outputs, a failed environment)."""
+
+
+@dataclass
+class Workload:
+    number: int
+    key: str
+    title: str
+    model: str  # key of MODELS
+    batch: int
+    seq: int
+    sites: list[str]
+    contenders: list[str]
+    logits: bool = False
+    stop_after: int | None = None
+    #: contender -> {site: why it differs by design}; other differences refuse the contender.
+    waive: dict[str, dict[str, str]] = field(default_factory=dict)
+    target: str = ""
+
+
+@dataclass
+class Row:
+    contender: str
+    label: str
+    versions: dict[str, str] = field(default_factory=dict)
+    max_diff: float | None = None
+    note: str = ""
+    times: list[float] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    rss_peak_mb: float | None = None
+    rss_added_mb: float | None = None
+    excluded: str = ""
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--only", default="", help="comma-separated workload numbers (1-9)")
+    parser.add_argument("--quick", action="store_true",
+                        help="small batches and 3 rounds: a smoke run of every path")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="timed rounds per workload (default 5, --quick 3)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process (1: least disturbed by other programs)")
+    parser.add_argument("--venvs", type=Path,
+                        default=Path(os.environ.get("ARCHSCOPE_BENCH_VENVS", HERE / ".venvs")),
+                        help="folder of the peers' environments (created when missing); "
+                             "env ARCHSCOPE_BENCH_VENVS")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Markdown file for the tables (default: print only)")
+    args = parser.parse_args(argv)
+    try:
+        args.only = sorted({int(x) for x in args.only.split(",") if x.strip()})
+    except ValueError:
+        parser.error(f"--only takes workload numbers like 1,3,9, got {args.only!r}")
+    if any(n not in range(1, 10) for n in args.only):
+        parser.error(f"--only: workloads are numbered 1-9, got {args.only}")
+    if args.rounds is None:
+        args.rounds = 3 if args.quick else 5
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    return args
+
+
+def compare(reference: dict[str, Any], candidate: dict[str, Any],
+            waive: dict[str, str] | None = None, tolerance: float = TOLERANCE
+            ) -> tuple[float, list[str]]:
+    """Max abs difference of ``candidate`` against ``reference`` over the reference's keys.
+    Raises BenchError naming the first site that is missing, shaped differently or differs by
+    more than ``tolerance``, unless that site is waived; returns the notes on waived sites."""
+    waive = waive or {}
+    worst, notes = 0.0, []
+    for key, ref in reference.items():
+        if key not in candidate:
+            if key in waive:
+                notes.append(f"{key}: not returned ({waive[key]})")
+                continue
+            raise BenchError(f"missing {key!r}; returned {sorted(candidate)}")
+        got = candidate[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise BenchError(f"{key}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
+        diff = float((got.float() - ref.float()).abs().max())
+        if diff > tolerance:
+            if key in waive:
+                notes.append(f"{key} differs by {diff:.3g} ({waive[key]})")
+                continue
+            raise BenchError(f"{key} differs from archscope's by {diff:.3g} "
+                             f"(tolerance {tolerance:g})")
+        worst = max(worst, diff)
+    return worst, notes
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """One Markdown table: timings, paired ratios to the plain forward, memory, equality."""
+    lines = ["| contender | version | max abs diff vs archscope | median ms | min–max ms | "
+             "ratio to plain forward | peak RSS MB | RSS added by the run MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        version = ", ".join(f"{k} {v}" for k, v in row.versions.items()
+                            if k not in ("torch", "transformers")) or "-"
+        diff = "-" if row.max_diff is None else f"{row.max_diff:.2g}"
+        if row.excluded:
+            lines.append(f"| {row.label} | {version} | {diff} | not timed: {row.excluded} "
+                         "| | | | |")
+            continue
+        if row.times:
+            med = _ms(statistics.median(row.times))
+            span = f"{_ms(min(row.times))}–{_ms(max(row.times))}"
+            ratio = f"{statistics.median(row.ratios):.3f}"
+        else:
+            med = span = ratio = "-"
+        peak = "-" if row.rss_peak_mb is None else f"{row.rss_peak_mb:.0f}"
+        added = "-" if row.rss_added_mb is None else f"{row.rss_added_mb:.0f}"
+        lines.append(f"| {row.label} | {version} | {diff} | {med} | {span} | {ratio} | {peak} | "
+                     f"{added} |")
+    notes = [f"- {row.label}: {row.note}" for row in rows if row.note]
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def round_robin(n_workers: int, rounds: int) -> list[list[int]]:
+    """The order of the workers in each round, rotated so no contender always goes first."""
+    return [[(r + i) % n_workers for i in range(n_workers)] for r in range(rounds)]
+
+
+# --------------------------------------------------------------------------- environments
+
+
+def _quiet_pip(python: Path, *args: str) -> None:
+    subprocess.run([str(python), "-m", "pip", "-q", "--disable-pip-version-check", "install",
+                    *args], check=True)
+
+
+def ensure_venv(name: str, root: Path) -> Path:
+    """The python of peer environment ``name`` under ``root``, created if it does not work."""
+    if name == "main":
+        return Path(sys.executable)
+    requirements, module = VENVS[name]
+    python = root / name / "bin" / "python"
+    if python.exists() and subprocess.run([str(python), "-c", f"import {module}"],
+                                          capture_output=True).returncode == 0:
+        return python
+    print(f"creating environment {root / name} ({requirements})", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(root / name)], check=True)
+    _quiet_pip(python, TORCH)  # first, so the peer's own requirement cannot pull another build
+    _quiet_pip(python, TORCH, "-r", str(HERE / "requirements" / requirements))
+    return python
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Worker:
+    """A contender's process; requests and replies are JSON lines."""
+
+    def __init__(self, python: Path, spec: dict[str, Any], log: Path) -> None:
+        self.log = log.open("w")
+        self.proc = subprocess.Popen([str(python), str(HERE / "worker.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, cwd=HERE)
+        self.setup = self.ask({"op": "setup", "spec": spec})
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise BenchError(f"worker exited (see {self.log.name})")
+        reply: dict[str, Any] = json.loads(line)
+        if not reply.get("ok"):
+            raise BenchError(reply.get("error", "failed"))
+        return reply
+
+    def close(self) -> None:
+        try:
+            self.ask({"op": "exit"})
+        except (BenchError, BrokenPipeError):
+            pass
+        self.proc.wait(timeout=60)
+        self.log.close()
+
+
+# --------------------------------------------------------------------------- models, workloads
+
+
+def build_models(folder: Path, device: str) -> dict[str, Path]:
+    """Random-weight models (seeded) saved once; every process loads these same weights."""
+    import torch
+    import transformers
+
+    from archscope_mamba.testing import make_model
+
+    configs = {
+        "gpt2": transformers.GPT2Config(n_layer=6, n_embd=256, n_head=8),
+        "llama": transformers.LlamaConfig(num_hidden_layers=12, hidden_size=256,
+                                          intermediate_size=688, num_attention_heads=8,
+                                          num_key_value_heads=8, vocab_size=32000),
+    }
+    paths = {}
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        paths[name] = folder / name
+        model.save_pretrained(paths[name])
+    torch.manual_seed(0)
+    make_model("mamba", size="bench").save_pretrained(folder / "mamba")
+    paths["mamba"] = folder / "mamba"
+    return paths
+
+
+N_LAYERS = {"gpt2": 6, "llama": 12, "mamba": 4}
+VOCAB = {"gpt2": 50257, "llama": 32000, "mamba": 256}
+
+
+def residuals(model: str) -> list[str]:
+    return [f"layer_{i}.residual" for i in range(N_LAYERS[model])]
+
+
+def workloads(quick: bool) -> list[Workload]:
+    b, t = (4, 64) if quick else (16, 128)
+    last_norm = "0.2.2 returns transformers' last hidden state, taken after the final norm"
+    extraction = ["archscope", "transformer_lens", "nnsight", "pyvene", "archscope02"]
+    return [
+        Workload(1, "gpt2_resid", "all residual sites + logits, 6-layer GPT-2 (d_model 256)",
+                 "gpt2", b, t, residuals("gpt2"), extraction, logits=True,
+                 waive={"archscope02": {"layer_5.residual": last_norm,
+                                        "logits": "0.2.2 returns no logits"}},
+                 target="≤ 1.02× plain forward and ≤ the fastest peer"),
+        Workload(2, "gpt2_early", "layer_1.residual only (stop after block 1), 6-layer GPT-2",
+                 "gpt2", b, t, ["layer_1.residual"],
+                 ["archscope", "transformer_lens", "nnsight", "archscope02"], stop_after=1,
+                 target="≤ 0.33× plain forward"),
+        Workload(3, "llama_resid", "all residual sites + logits, 12-layer Llama (d_model 256)",
+                 "llama", b, t, residuals("llama"), extraction, logits=True,
+                 waive={"archscope02": {"layer_11.residual": last_norm,
+                                        "logits": "0.2.2 returns no logits"}}),
+        Workload(4, "mamba_ssm", "ssm_state of every layer, 4-layer Mamba (d_model 128)",
+                 "mamba", 8 if not quick else 2, 64 if not quick else 32,
+                 [f"layer_{i}.ssm_state" for i in range(4)], ["archscope", "transformer_lens"]),
+        Workload(6, "logit_lens", "logit lens over all layers, 6-layer GPT-2",
+                 "gpt2", 4 if not quick else 2, 64 if not quick else 32, residuals("gpt2"),
+                 ["archscope", "tuned_lens"]),
+    ]
+
+
+def scaling_sizes(quick: bool) -> list[tuple[int, int]]:
+    return [(1, 64), (2, 64), (4, 64), (8, 64)] if quick else [(2, 128), (4, 128), (8, 128),
+                                                               (16, 128)]
+
+
+def save_inputs(path: Path, model: str, batch: int, seq: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB[model], (batch, seq), generator=generator)
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, str(path))
+
+
+def run_workload(work: Workload, args: argparse.Namespace, models: dict[str, Path],
+                 tmp: Path, pythons: dict[str, Path]) -> list[Row]:
+    """Check every contender against archscope, then time the survivors round-robin."""
+    from safetensors.torch import load_file
+
+    inputs = tmp / f"{work.key}.inputs.safetensors"
+    save_inputs(inputs, work.model, work.batch, work.seq)
+    contenders = ["plain", *work.contenders]
+    rows = {name: Row(name, CONTENDERS[name][2]) for name in contenders}
+    workers: dict[str, Worker] = {}
+    outputs: dict[str, dict[str, Any]] = {}
+    for name in contenders:
+        env, dists, _ = CONTENDERS[name]
+        spec = {"workload": work.key, "contender": name, "model_dir": str(models[work.model]),
+                "inputs": str(inputs), "device": args.device, "threads": args.threads,
+                "sites": work.sites, "logits": work.logits, "stop_after": work.stop_after,
+                "dists": list(dists)}
+        try:
+            python = pythons.get(env) or ensure_venv(env, args.venvs)
+            pythons[env] = python
+            worker = Worker(python, spec, tmp / f"{work.key}.{name}.log")
+            rows[name].versions = worker.setup["versions"]
+            path = tmp / f"{work.key}.{name}.safetensors"
+            reply = worker.ask({"op": "check", "path": str(path)})
+            rows[name].rss_peak_mb = reply["rss_peak_mb"]
+            rows[name].rss_added_mb = reply["rss_peak_mb"] - reply["rss_before_mb"]
+            outputs[name] = load_file(str(path))
+            workers[name] = worker
+        except (BenchError, subprocess.CalledProcessError, OSError) as error:
+            rows[name].excluded = f"failed: {error}"[:300]
+            print(f"  {name}: {rows[name].excluded}", flush=True)
+    reference = outputs.get("archscope")
+    if reference is None:
+        raise BenchError(f"workload {work.number}: archscope itself failed "
+                         f"({rows['archscope'].excluded})")
+    for name, out in outputs.items():
+        if name == "archscope":
+            rows[name].max_diff = 0.0
+            continue
+        if name == "plain":
+            ref = {"logits": reference["logits"]} if "logits" in reference else {}
+            cand = out
+        else:
+            ref, cand = reference, out
+        try:
+            rows[name].max_diff, notes = compare(ref, cand, work.waive.get(name))
+            rows[name].note = "; ".join(notes)
+        except BenchError as error:
+            rows[name].excluded = f"unequal output: {error}"
+            workers.pop(name).close()
+        print(f"  {name}: max abs diff {rows[name].max_diff} {rows[name].excluded}", flush=True)
+    names = list(workers)
+    try:
+        for name in names:  # warm-up round (the check above was the first call)
+            workers[name].ask({"op": "time"})
+        for order in round_robin(len(names), args.rounds):
+            for i in order:
+                reply = workers[names[i]].ask({"op": "time"})
+                rows[names[i]].times.append(reply["case"])
+                rows[names[i]].ratios.append(reply["case"] / reply["plain"])
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return list(rows.values())
+
+
+def run_scaling(args: argparse.Namespace, models: dict[str, Path], tmp: Path,
+                pythons: dict[str, Path]) -> tuple[str, list[tuple[int, int, Row, Row]]]:
+    """Workload 9: archscope's all-residual extraction (stops after the last block) as the
+    number of tokens grows; time and peak memory against a plain forward at each size."""
+    results = []
+    for batch, seq in scaling_sizes(args.quick):
+        work = Workload(9, f"scaling_{batch}x{seq}", "", "gpt2", batch, seq, residuals("gpt2"),
+                        [])
+        rows = run_workload(work, args, models, tmp, pythons)
+        results.append((batch, seq, rows[0], rows[1]))
+        print(f"  {batch}x{seq}: done", flush=True)
+    lines = ["| batch × seq | tokens | plain forward ms | archscope all residuals ms | ratio | "
+             "archscope µs per token | peak RSS plain MB | peak RSS archscope MB | "
+             "RSS added by archscope's run MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for batch, seq, plain, ours in results:
+        tokens = batch * seq
+        med = statistics.median(ours.times)
+        lines.append(f"| {batch} × {seq} | {tokens} | {_ms(statistics.median(plain.times))} | "
+                     f"{_ms(med)} | {statistics.median(ours.ratios):.3f} | "
+                     f"{med / tokens * 1e6:.0f} | {plain.rss_peak_mb:.0f} | "
+                     f"{ours.rss_peak_mb:.0f} | {ours.rss_added_mb:.0f} |")
+    return "\n".join(lines), results
+
+
+def machine(device: str) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    if device == "cuda":
+        import torch
+
+        text = f"{torch.cuda.get_device_name()}; " + text
+    return text + f"; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.time()
+    pythons: dict[str, Path] = {}
+    sections = [f"Machine: {machine(args.device)}; torch threads per process: {args.threads}; "
+                f"device {args.device}; {args.rounds} interleaved rounds after one warm-up."]
+    with tempfile.TemporaryDirectory(prefix="archscope-bench-") as name:
+        tmp = Path(name)
+        models = build_models(tmp, args.device)
+        for work in workloads(args.quick):
+            if args.only and work.number not in args.only:
+                continue
+            print(f"== ({work.number}) {work.title}", flush=True)
+            rows = run_workload(work, args, models, tmp, pythons)
+            table = format_table(rows)
+            print(table, flush=True)
+            sections.append(f"## ({work.number}) {work.title}\n\nbatch {work.batch} × "
+                            f"{work.seq} tokens. {('Target: ' + work.target) if work.target else ''}"
+                            f"\n\n{table}")
+        if not args.only or 9 in args.only:
+            print("== (9) scaling", flush=True)
+            table, _ = run_scaling(args, models, tmp, pythons)
+            print(table, flush=True)
+            sections.append(f"## (9) scaling: all residual sites of the 6-layer GPT-2 as "
+                            f"batch × sequence grows\n\n{table}")
+    command = "python benchmarks/runner.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    sections.append(f"Command: `{command.strip()}`; wall time {time.time() - started:.0f} s; "
+                    f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}.")
+    text = "\n\n".join(sections) + "\n"
+    if args.out:
+        args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

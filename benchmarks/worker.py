@@ -1,0 +1,293 @@
+"""One benchmark contender in its own process: loads the saved model and inputs, builds the
+library's way of doing a workload, and answers the runner's requests (check, time) as JSON lines.
+
+It runs inside each peer's virtual environment, so it imports only the standard library, torch,
+transformers and safetensors at module level; each library is imported by its contender only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+Outputs = dict[str, Any]  # site name -> tensor
+
+
+def _load_model(spec: dict[str, Any]) -> Any:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec["model_dir"])
+    return model.eval().to(spec["device"])
+
+
+def _inputs(spec: dict[str, Any]) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    batch = load_file(spec["inputs"])
+    return {k: v.to(spec["device"]) for k, v in batch.items()}
+
+
+def _layer_modules(model: Any) -> list[Any]:
+    # The block list of the two decoder layouts the workloads use (GPT-2, Llama); peers that
+    # address modules by path (nnsight) need it.
+    base = getattr(model, "transformer", None) or getattr(model, "model", None)
+    return list(base.h if hasattr(base, "h") else base.layers)
+
+
+def _index(site: str) -> int:
+    return int(site.split(".", 1)[0].removeprefix("layer_"))
+
+
+def _plain(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+
+    def run() -> Outputs:
+        with torch.no_grad():
+            return {"logits": model(**batch).logits}
+    return run
+
+
+def _archscope(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import archscope
+
+    backend = archscope.Backend.for_model(model)
+    sites = list(spec["sites"])
+    if spec["workload"] == "logit_lens":
+        def lens() -> Outputs:
+            result = backend.run(batch, capture=sites)
+            return {f"{s}.lens": backend.unembed(result.activations[s]) for s in sites}
+        return lens
+    capture = [*sites, "logits"] if spec.get("logits") else sites
+
+    def run() -> Outputs:
+        return dict(backend.run(batch, capture=capture).activations)
+    return run
+
+
+def _archscope02(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    from archscope.backends import Backend  # 0.2.2, in its own environment
+
+    backend = Backend.for_model(model)
+    sites = list(spec["sites"])
+
+    def run() -> Outputs:
+        return {r.layer_name: r.activations for r in backend.extract(batch, layers=sites)}
+    return run
+
+
+def _transformer_lens(model: Any, batch: dict[str, Any],
+                      spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(spec["model_dir"], hf_model=model,
+                                                 device=spec["device"])
+    sites = list(spec["sites"])
+    ids = batch["input_ids"]
+    if spec["workload"] == "mamba_ssm":
+        # TransformerLens exposes the SSM state only on its eager (Python) scan, as the whole
+        # trajectory; the state after the last token is its final step.
+        for block in bridge.blocks:
+            block.mixer.eager_scan = True
+        hooks = {f"blocks.{_index(s)}.mixer.hook_ssm_state": s for s in sites}
+
+        def ssm() -> Outputs:
+            with torch.no_grad():
+                _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n in hooks)
+            return {site: cache[hook][:, :, -1] for hook, site in hooks.items()}
+        return ssm
+    hooks = {f"blocks.{_index(s)}.hook_resid_post": s for s in sites}
+    stop = spec.get("stop_after")
+    kwargs: dict[str, Any] = {} if stop is None else {"stop_at_layer": stop + 1}
+
+    def run() -> Outputs:
+        with torch.no_grad():
+            logits, cache = bridge.run_with_cache(ids, names_filter=lambda n: n in hooks,
+                                                  **kwargs)
+        out = {site: cache[hook] for hook, site in hooks.items()}
+        if spec.get("logits"):
+            out["logits"] = logits
+        return out
+    return run
+
+
+def _nnsight(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+    from nnsight import NNsight
+
+    wrapped = NNsight(model)
+    blocks = _layer_modules(wrapped)
+    sites = list(spec["sites"])
+    stop = spec.get("stop_after")
+
+    def run() -> Outputs:
+        saved = []
+        with torch.no_grad(), wrapped.trace(**batch) as tracer:
+            for site in sites:
+                saved.append(blocks[_index(site)].output.save())
+            if spec.get("logits"):
+                logits = wrapped.output.logits.save()
+            if stop is not None:
+                tracer.stop()
+        out = {site: (v[0] if isinstance(v, tuple) else v) for site, v in zip(sites, saved)}
+        if spec.get("logits"):
+            out["logits"] = logits
+        return out
+    return run
+
+
+def _pyvene(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import pyvene
+    import torch
+
+    sites = list(spec["sites"])
+    config = pyvene.IntervenableConfig([
+        {"layer": _index(s), "component": "block_output",
+         "intervention_type": pyvene.CollectIntervention} for s in sites])
+    wrapped = pyvene.IntervenableModel(config, model)
+    b, t = batch["input_ids"].shape
+    every = {"base": [[list(range(t))] * b for _ in sites]}
+
+    def run() -> Outputs:
+        with torch.no_grad():
+            (_, collected), _ = wrapped(dict(batch), unit_locations=every)
+        return dict(zip(sites, collected))
+    return run
+
+
+def _tuned_lens(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+    from tuned_lens.nn.lenses import LogitLens
+
+    lens = LogitLens.from_model(model)
+    sites = list(spec["sites"])
+
+    def run() -> Outputs:
+        with torch.no_grad():
+            out = model(**batch, output_hidden_states=True)
+            # hidden_states[-1] already went through the final norm; the last layer's lens
+            # logits are the model's logits.
+            hidden = out.hidden_states
+            result = {f"{s}.lens": lens(hidden[_index(s) + 1], _index(s)) for s in sites[:-1]}
+            result[f"{sites[-1]}.lens"] = out.logits
+        return result
+    return run
+
+
+CONTENDERS: dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], Callable[[], Outputs]]] = {
+    "plain": _plain,
+    "archscope": _archscope,
+    "archscope02": _archscope02,
+    "transformer_lens": _transformer_lens,
+    "nnsight": _nnsight,
+    "pyvene": _pyvene,
+    "tuned_lens": _tuned_lens,
+}
+
+
+def _versions(spec: dict[str, Any]) -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for dist in ("torch", "transformers", *spec.get("dists", ())):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _maxrss_mb() -> float:
+    """The process's peak resident memory (MB) since the last `_reset_peak`."""
+    try:  # VmHWM is the value ru_maxrss reports, and one that can be reset
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    # Loading the model peaks above a forward pass; forget that peak so the run's own shows.
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def main() -> None:
+    # Libraries print to stdout; replies go on a private copy of it, everything else to stderr.
+    reply_stream = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
+    def reply(obj: dict[str, Any]) -> None:
+        reply_stream.write(json.dumps(obj) + "\n")
+        reply_stream.flush()
+
+    import torch
+
+    spec: dict[str, Any] = {}
+    run: Callable[[], Outputs] | None = None
+    plain: Callable[[], Outputs] | None = None
+    sync = (lambda: None)
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request["op"]
+        try:
+            if op == "setup":
+                spec = request["spec"]
+                torch.set_num_threads(spec["threads"])
+                torch.manual_seed(0)
+                if spec["device"].startswith("cuda"):
+                    sync = torch.cuda.synchronize
+                model = _load_model(spec)
+                batch = _inputs(spec)
+                rss0 = _maxrss_mb()
+                run = CONTENDERS[spec["contender"]](model, batch, spec)
+                reply({"ok": True, "rss_loaded_mb": rss0, "versions": _versions(spec)})
+            elif op == "check":
+                # The first call of the contender: its peak memory is read right after it,
+                # before the process has run anything else of size.
+                assert run is not None
+                _reset_peak()
+                before = _maxrss_mb()
+                out = run()
+                peak = _maxrss_mb()
+                from safetensors.torch import save_file
+
+                save_file({k: v.detach().float().cpu().contiguous() for k, v in out.items()},
+                          request["path"])
+                reply({"ok": True, "rss_before_mb": before, "rss_peak_mb": peak,
+                       "gpu_peak_mb": (torch.cuda.max_memory_allocated() / 2**20
+                                       if spec["device"].startswith("cuda") else None)})
+            elif op == "time":
+                assert run is not None
+                if plain is None:  # a separate copy: some peers wrap the model they are given
+                    plain = _plain(_load_model(spec), _inputs(spec), spec)
+                times = {}
+                for name, fn in (("plain", plain), ("case", run)):
+                    sync()
+                    start = time.perf_counter()
+                    fn()
+                    sync()
+                    times[name] = time.perf_counter() - start
+                reply({"ok": True, **times})
+            elif op == "exit":
+                reply({"ok": True})
+                return
+        except Exception as error:  # reported to the runner, which excludes the contender
+            reply({"ok": False, "error": f"{type(error).__name__}: {error}"[:500]})
+
+
+if __name__ == "__main__":
+    main()
