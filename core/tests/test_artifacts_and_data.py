@@ -24,7 +24,7 @@ class Scaler(Artifact):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight}
 
-    def config(self) -> dict[str, Any]:
+    def artifact_config(self) -> dict[str, Any]:
         return {"dim": int(self.weight.shape[0])}
 
     @classmethod

@@ -81,7 +81,8 @@ class ArtifactFit:
 
 class Artifact:
     """Base of fitted objects. A subclass sets ``kind`` and implements `state_tensors`,
-    `config` and `from_state`; the base saves, loads and checks the fit."""
+    `artifact_config` and `from_state`; the base saves, loads and checks the fit. (The names
+    leave ``config`` and ``fit`` free for a subclass's own attributes and methods.)"""
 
     kind: ClassVar[str] = ""
     #: Where it was fitted (`ArtifactFit.of(backend, site)`); saved and checked on load.
@@ -96,8 +97,8 @@ class Artifact:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         raise NotImplementedError(f"{type(self).__name__} must implement state_tensors()")
 
-    def config(self) -> dict[str, Any]:
-        raise NotImplementedError(f"{type(self).__name__} must implement config()")
+    def artifact_config(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement artifact_config()")
 
     @classmethod
     def from_state(cls: type[A], tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> A:
@@ -114,7 +115,8 @@ class Artifact:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
         save_file(tensors, str(folder / WEIGHTS), metadata={"kind": self.kind})
-        meta = {"kind": self.kind, "archscope_version": __version__, "config": self.config(),
+        meta = {"kind": self.kind, "archscope_version": __version__,
+                "config": self.artifact_config(),
                 "fitted_on": None if self.fitted_on is None else dataclasses.asdict(self.fitted_on)}
         (folder / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return folder

@@ -208,6 +208,78 @@ def run_method(method: str, models: tuple[str, ...], texts: tuple[str, ...], dat
     click.echo(result.to_json() if as_json else result.to_markdown())
 
 
+@cli.command()
+@click.argument("models", nargs=-1, metavar="[MODEL ...]")
+@click.option("--arch", "hint", default=None, help="Backend hint (0.2's --arch).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the report: .md (with PNG figures beside it) or .json.")
+@click.option("--quick", is_flag=True, help="Fewer epochs and trials (a first look).")
+def bench(models: tuple[str, ...], hint: str | None, out: str | None, quick: bool) -> None:
+    """Profile MODELs side by side: probes per layer (held-out AUROC), circuits, SAE quality,
+    logit vs tuned lens, activation patching, state variance. Without MODEL: the example
+    models installed sources name (the zoo's trained models)."""
+    from .bench import default_models, profile_models, profile_to_markdown, write_report
+
+    specs = list(models) or default_models()
+    if not specs:
+        raise click.UsageError("no MODEL given and no installed model source names example "
+                               "models: pip install archscope-zoo, or name models to profile")
+    profiles = profile_models(specs, hint=hint, quick=quick,
+                              progress=lambda spec: click.echo(f"profiling {spec} ...",
+                                                               err=True))
+    click.echo(profile_to_markdown(profiles))
+    if out is not None:
+        click.echo(f"report written to {write_report(profiles, out)}", err=True)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--target", default=None, help="Token whose probability and rank are tracked.")
+@click.option("--arch", "hint", default=None, help="Backend hint.")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result: .json, .md or .png (layers x positions).")
+def lens(model: str, prompt: str, target: str | None, hint: str | None, top_k: int,
+         out: str | None) -> None:
+    """Logit lens of PROMPT on MODEL: each layer's prediction through the model's own final
+    norm and unembedding."""
+    from .lens import logit_lens
+    from .loader import load_model
+
+    _, tokenizer, backend = load_model(model, arch=hint)
+    result = logit_lens(backend, tokenizer, prompt, target_token=target, top_k=top_k)
+    if out is not None:
+        click.echo(f"wrote {result.save(out)}", err=True)
+    click.echo(result.to_markdown())
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--clean", required=True, help="The clean prompt.")
+@click.option("--corrupt", required=True, help="The corrupted prompt (same length in tokens).")
+@click.option("--arch", "hint", default=None, help="Backend hint.")
+@click.option("--attribution", is_flag=True, help="Also estimate every cell by attribution "
+              "patching (one forward and backward pass) and report the correlation.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Also write the result: .json, .md or .png (the heat map).")
+def patch(model: str, clean: str, corrupt: str, hint: str | None, attribution: bool,
+          out: str | None) -> None:
+    """Activation patching of MODEL: the gap restored by patching each layer x position of
+    the clean run into the corrupted run."""
+    from .attribute import patch_sweep
+    from .data import Contrast
+    from .loader import load_model
+
+    _, tokenizer, backend = load_model(model, arch=hint)
+    clean_ds, corrupt_ds = Contrast([clean], [corrupt], tokenizer=tokenizer).datasets()
+    result = patch_sweep(backend, clean_ds.ids(), corrupt_ds.ids(), axis="position",
+                         attribution=attribution)
+    if out is not None:
+        click.echo(f"wrote {result.save(out)}", err=True)
+    click.echo(result.to_markdown())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors (archscope's own error classes) print one line and exit 1
     (usage errors 2); ``--debug`` or ``ARCHSCOPE_DEBUG=1`` shows the traceback instead."""

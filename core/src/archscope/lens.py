@@ -595,7 +595,7 @@ class TunedLens(Artifact):
         return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous(),
                 "unembed_fingerprint": self.fingerprint.contiguous()}
 
-    def config(self) -> dict[str, Any]:
+    def artifact_config(self) -> dict[str, Any]:
         return {"n_layers": self.n_layers, "hidden_dim": self.hidden_dim,
                 "layer_names": self.layer_names, "backend": self.backend_name,
                 "report": self.report.to_dict() if self.report is not None else None}

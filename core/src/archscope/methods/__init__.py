@@ -44,3 +44,47 @@ def register_methods(register: Callable[..., None]) -> None:
         input="batch",
         quick={"n_trials": 8, "n_pairs": 5, "lead_in": 2, "n_words": 3},
     ))
+    register(Method(
+        name="neurons",
+        summary="Units whose last-token activation differs most between two prompt sets "
+                "(MLP hidden units where available), to ablate or scale",
+        function="archscope.neurons:neurons_method",
+        requires=frozenset({"residual"}),
+        input="contrast",
+        quick={"top_frac": 0.05},
+    ))
+    register(Method(
+        name="diff",
+        summary="Per-layer activation drift of a fine-tuned model from its base model over "
+                "real tokens",
+        function="archscope.diff:diff_method",
+        requires=frozenset({"residual"}),
+        input="dataset",
+        arity=2,
+        quick={"top_k_units": 5},
+    ))
+    register(Method(
+        name="probe",
+        summary="Linear or MLP probe on one site of a labelled dataset; k-fold held-out AUROC",
+        function="archscope.probes:probe_method",
+        requires=frozenset({"residual"}),
+        input="dataset",
+        quick={"folds": 2, "epochs": 5},
+    ))
+    register(Method(
+        name="probe-sweep",
+        summary="A probe per layer from one pass of the data; held-out AUROC per layer",
+        function="archscope.probes:probe_sweep",
+        requires=frozenset({"residual"}),
+        input="dataset",
+        quick={"folds": 2, "epochs": 5},
+    ))
+    register(Method(
+        name="transfer",
+        summary="A probe trained on model A, transported to model B by ridge alignment",
+        function="archscope.transfer:transfer_method",
+        requires=frozenset({"residual"}),
+        input="dataset",
+        arity=2,
+        quick={"epochs": 5},
+    ))

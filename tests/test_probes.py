@@ -1,0 +1,450 @@
+"""Probes on every architecture: held-out AUROC against planted ground truth, one model pass per
+batch for the layer sweep, padding invariance, the Artifact round trip and the 0.2 calls."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from archs import ARCH_NAMES, Arch, arch, words
+
+import archscope
+from archscope.data import Dataset
+from archscope.errors import (
+    ArtifactError,
+    CapabilityError,
+    InputError,
+    ParameterError,
+    SiteError,
+)
+from archscope.probes import (
+    Probe,
+    ProbeConfig,
+    ProbeFit,
+    ProbeSweep,
+    auroc,
+    fit_probe,
+    pooled_activations,
+)
+from archscope.testing import MethodContract
+
+# Tiny tensors: one thread avoids contention overhead and keeps the tests fast.
+torch.set_num_threads(1)
+
+
+def reference_pooled(a: Arch, texts: list[str], site: str, how: str = "mean") -> torch.Tensor:
+    """Each text run alone (no padding at all), pooled by hand: the independent reference."""
+    rows = []
+    for text in texts:
+        ids = torch.tensor([a.tokenizer(text)["input_ids"]])
+        acts = a.backend.run({"input_ids": ids}, capture=[site])[site][0].float()
+        rows.append(acts.mean(0) if how == "mean" else acts[-1])
+    return torch.stack(rows)
+
+
+def planted_labels(x: torch.Tensor, seed: int, margin: float = 0.25) -> tuple[list[int], list[int]]:
+    """Labels from a random linear direction in ``x`` (above/below the median projection);
+    rows within ``margin`` standard deviations of the median are dropped. Returns (kept rows,
+    labels)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(x.shape[1], generator=g)
+    proj = (x - x.mean(0)) @ u
+    centre, spread = proj.median(), proj.std()
+    keep = [i for i in range(len(proj)) if abs(float(proj[i] - centre)) > margin * float(spread)]
+    return keep, [int(proj[i] > centre) for i in keep]
+
+
+class TestAuroc:
+    def test_matches_pair_counting_with_ties(self) -> None:
+        scores = [0.1, 0.4, 0.4, 0.35, 0.8, 0.4, 0.2, 0.9]
+        labels = [0, 0, 1, 1, 1, 0, 0, 1]
+        pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+        neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+        pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)]
+        assert auroc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(
+            sum(pairs) / len(pairs))
+
+    def test_one_class_gives_half_with_a_warning(self) -> None:
+        with pytest.warns(UserWarning, match="one class"):
+            assert auroc(torch.tensor([0.2, 0.9]), torch.tensor([1, 1])) == 0.5
+
+    def test_single_class_held_out_split_reports_half(self) -> None:
+        x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+        y = torch.tensor([0, 1] * 10)
+        with pytest.warns(UserWarning, match="one class"):
+            m = ProbeFit(ProbeConfig(), 4).train(x, y, epochs=2,
+                                                 held_out=(x[:3], torch.ones(3)))
+        assert m.val_auroc == 0.5
+
+
+class TestSyntheticActivations:
+    def planted(self, n: int = 300, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        g = torch.Generator().manual_seed(seed)
+        u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+        y = (torch.rand(n, generator=g) < 0.5).long()
+        x = torch.randn(n, d, generator=g) + 5.0  # off-centre: the probe must learn a bias
+        x = x + (2 * y - 1).float()[:, None] * 2.0 * u
+        return x, y, u
+
+    def test_planted_direction_gives_high_held_out_auroc(self) -> None:
+        x, y, u = self.planted()
+        fit = ProbeFit(ProbeConfig(seed=1), x.shape[1])
+        m = fit.train(x, y, epochs=60, lr=0.01)
+        assert m.val_auroc >= 0.95 and m.n_val == 60 and m.n_train == 240
+        # direction and bias act on raw activations exactly as the probe does.
+        torch.testing.assert_close(x @ fit.direction + fit.bias, fit.logits(x), atol=1e-4,
+                                   rtol=1e-4)
+        cos = torch.nn.functional.cosine_similarity(fit.direction, u, dim=0)
+        assert cos > 0.8
+
+    def test_shuffled_labels_give_chance(self) -> None:
+        x, y, _ = self.planted()
+        y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(7))]
+        from archscope.probes import cross_validate
+
+        _, held = cross_validate(x, y, ProbeConfig(), folds=5, epochs=30)
+        assert abs(sum(held) / len(held) - 0.5) <= 0.1
+
+    def test_mlp_probe_separates_what_a_linear_probe_cannot(self) -> None:
+        g = torch.Generator().manual_seed(3)
+        x = torch.randn(400, 6, generator=g)
+        y = ((x[:, 0] * x[:, 1]) > 0).long()  # XOR of two signs: no linear direction
+        linear = ProbeFit(ProbeConfig(), 6).train(x, y, epochs=60, lr=0.01)
+        mlp = ProbeFit(ProbeConfig(probe_type="mlp", hidden_dim=32), 6).train(
+            x, y, epochs=150, lr=0.01)
+        assert linear.val_auroc < 0.7
+        assert mlp.val_auroc >= 0.9
+
+    def test_same_seed_same_probe_and_global_rng_untouched(self) -> None:
+        x, y, _ = self.planted(n=100)
+        torch.manual_seed(123)
+        before = torch.random.get_rng_state()
+        a = ProbeFit(ProbeConfig(seed=4), x.shape[1])
+        a.train(x, y, epochs=5)
+        assert torch.equal(torch.random.get_rng_state(), before)
+        b = ProbeFit(ProbeConfig(seed=4), x.shape[1])
+        b.train(x, y, epochs=5)
+        assert torch.equal(a.direction, b.direction) and torch.equal(a.bias, b.bias)
+        c = ProbeFit(ProbeConfig(seed=5), x.shape[1])
+        c.train(x, y, epochs=5)
+        assert not torch.equal(a.direction, c.direction)
+
+
+@pytest.fixture(scope="module")
+def planted() -> dict[str, Any]:
+    """Per architecture: texts, the hand-pooled last-layer activations and planted labels."""
+    out = {}
+    for name in ARCH_NAMES:
+        a = arch(name)
+        site = a.backend.layer_names()[-1]
+        texts = words(320, seed=3)
+        x = reference_pooled(a, texts, site)
+        keep, labels = planted_labels(x, seed=11)
+        out[name] = {"site": site, "texts": [texts[i] for i in keep], "labels": labels,
+                     "x": x[keep]}
+    return out
+
+
+def test_planted_direction_in_model_activations(any_arch: Arch, planted: dict[str, Any]) -> None:
+    p = planted[any_arch.name]
+    data = Dataset.from_texts(p["texts"], p["labels"], tokenizer=any_arch.tokenizer)
+    report = archscope.run_method("probe", any_arch.backend, data, site=p["site"], epochs=60)
+    assert report.heldout_auroc >= 0.95, report.to_markdown()
+    assert len(report.heldout_auroc_folds) == 5 and report.n_examples == len(p["labels"])
+    # The probe fitted on every example scores the activations pooled by hand.
+    assert auroc(report.probe.score(p["x"]), torch.tensor(p["labels"])) >= 0.95
+
+    # Shuffled labels: held-out AUROC at chance. One shuffle's k-fold mean has a spread of
+    # about 0.05 at this size, so three shuffles are averaged.
+    chance = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        shuffled = [p["labels"][i] for i in torch.randperm(len(p["labels"]), generator=g)]
+        data = Dataset.from_texts(p["texts"], shuffled, tokenizer=any_arch.tokenizer)
+        chance.append(archscope.run_method("probe", any_arch.backend, data, site=p["site"],
+                                           epochs=30, seed=seed).heldout_auroc)
+    assert abs(sum(chance) / 3 - 0.5) <= 0.1, chance
+
+
+class CountForwards:
+    """Counts forward passes through the model by a pre-hook on its token embedding (the first
+    module of every pass, whatever the architecture)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.module = next(m for m in model.modules() if isinstance(m, torch.nn.Embedding))
+        self.calls = 0
+
+    def __enter__(self) -> CountForwards:
+        def count(module: Any, args: Any) -> None:
+            self.calls += 1
+        self.handle = self.module.register_forward_pre_hook(count)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.handle.remove()
+
+
+def test_sweep_runs_one_model_pass_per_batch(any_arch: Arch, planted: dict[str, Any],
+                                             tmp_path: Path) -> None:
+    p = planted[any_arch.name]
+    data = Dataset.from_texts(p["texts"], p["labels"], tokenizer=any_arch.tokenizer)
+    layers = any_arch.backend.layer_names()
+    assert len(layers) >= 2
+    with CountForwards(any_arch.model) as counter:
+        sweep = archscope.run_method("probe-sweep", any_arch.backend, data, folds=3, epochs=20)
+    batches = -(-len(p["labels"]) // 32)  # collect's default batch size
+    assert counter.calls == batches
+    assert isinstance(sweep, ProbeSweep)
+    assert [r.site for r in sweep.layers] == layers
+    # The labels were planted at the last layer: its probe must find them.
+    assert sweep.layers[-1].heldout_auroc >= 0.9
+    assert all(0.0 <= r.heldout_auroc <= 1.0 for r in sweep.layers)
+    assert "held-out AUROC" in sweep.to_markdown()
+    json.loads(sweep.to_json())
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(archscope.ArchscopeError, match=r"archscope\[plot\]"):
+            sweep.plot(tmp_path / "sweep.png")
+    else:
+        fig = sweep.figure()  # held-out AUROC per layer is what the figure plots
+        assert list(fig.axes[0].lines[0].get_ydata()) == pytest.approx(
+            [r.heldout_auroc for r in sweep.layers])
+        archscope.results.pyplot().close(fig)
+        assert sweep.plot(tmp_path / "sweep.png").stat().st_size > 0
+
+
+def padded(texts: list[str], labels: list[int], side: str) -> dict[str, torch.Tensor]:
+    from archscope_transformer.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()  # a fresh one: the shared tokenizer must not change
+    tok.pad_token = "<pad>"
+    tok.padding_side = side
+    enc = tok(texts, padding=True, return_tensors="pt")
+    assert int(enc["attention_mask"].sum()) < enc["attention_mask"].numel()  # really padded
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+            "labels": torch.tensor(labels)}
+
+
+@pytest.mark.parametrize("how", ["mean", "last"])
+def test_padding_invariance(any_arch: Arch, planted: dict[str, Any], how: str) -> None:
+    p = planted[any_arch.name]
+    texts, labels, site = p["texts"][:40], p["labels"][:40], p["site"]
+    backend = any_arch.backend
+    one_by_one = reference_pooled(any_arch, texts, site, how)
+    right = pooled_activations(backend, padded(texts, labels, "right"), [site], pool=how)[site]
+    left = pooled_activations(backend, padded(texts, labels, "left"), [site], pool=how)[site]
+    single = pooled_activations(backend, Dataset.from_texts(texts, tokenizer=any_arch.tokenizer),
+                                [site], pool=how, batch_size=1)[site]
+    for got in (right, left, single):
+        torch.testing.assert_close(got, one_by_one, atol=1e-5, rtol=1e-5)
+    # A padded batch straight through the backend, on each side it supports, pooled over real
+    # tokens, gives the same vectors the probe sees.
+    for side in ("right", "left"):
+        if backend.padding in (side, "both"):
+            batch = padded(texts, labels, side)
+            acts = backend.run({k: batch[k] for k in ("input_ids", "attention_mask")},
+                               capture=[site])
+            torch.testing.assert_close(archscope.pool(acts[site].float(), acts.attention_mask,
+                                                      how), one_by_one, atol=1e-5, rtol=1e-5)
+    if how == "mean":
+        reports = [archscope.run_method("probe", backend, d, site=site, folds=3, epochs=20)
+                   for d in (padded(texts, labels, "right"), padded(texts, labels, "left"),
+                             Dataset.from_texts(texts, labels, tokenizer=any_arch.tokenizer))]
+        for other in reports[1:]:
+            assert other.heldout_auroc_folds == pytest.approx(reports[0].heldout_auroc_folds,
+                                                              abs=1e-5)
+            torch.testing.assert_close(other.probe.direction, reports[0].probe.direction,
+                                       atol=1e-5, rtol=1e-4)
+
+
+class TestArtifact:
+    def test_save_load_round_trip_and_fit_checks(self, tmp_path: Path) -> None:
+        a = arch("gpt2")
+        texts = words(30, seed=8)
+        fit = fit_probe(a.model, pos_texts=texts[:15], neg_texts=texts[15:],
+                        tokenizer=a.tokenizer, layer_name="layer_1.residual", epochs=5)
+        path = fit.save(tmp_path / "probe")
+        x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+        loaded = ProbeFit.load(path, backend=a.backend)
+        assert torch.equal(loaded.score(x), fit.score(x))
+        assert torch.equal(loaded.direction, fit.direction)
+        assert loaded.fitted_on is not None and loaded.fitted_on.site == "layer_1.residual"
+        assert loaded.metrics is not None and loaded.metrics.val_auroc == fit.metrics.val_auroc
+        assert isinstance(archscope.Artifact.load(path), ProbeFit)
+        by_hand = reference_pooled(a, texts[:6], "layer_1.residual")
+        torch.testing.assert_close(loaded.score_data(a.backend, texts[:6], a.tokenizer),
+                                   fit.score(by_hand), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ArtifactError, match="backend"):
+            ProbeFit.load(path, backend=arch("lstm").backend)
+        meta = json.loads((path / "artifact.json").read_text())
+        meta["config"]["input_dim"] = 31
+        (path / "artifact.json").write_text(json.dumps(meta))
+        with pytest.raises(ArtifactError, match="input dimension 31"):
+            ProbeFit.load(path)
+
+    def test_a_state_site_is_probed_flattened(self, tmp_path: Path) -> None:
+        a = arch("mamba")
+        texts = words(16, seed=4)
+        data = Dataset.from_texts(texts, [0, 1] * 8, tokenizer=a.tokenizer)
+        report = archscope.run_method("probe", a.backend, data, site="layer_1.ssm_state",
+                                      folds=2, epochs=3)
+        state = a.backend.run({"input_ids": torch.tensor([a.tokenizer(texts[0])["input_ids"]])},
+                              capture=["layer_1.ssm_state"])["layer_1.ssm_state"]
+        assert report.probe.input_dim == state[0].numel()
+        loaded = ProbeFit.load(report.probe.save(tmp_path / "state"), backend=a.backend)
+        torch.testing.assert_close(loaded.score_data(a.backend, texts[:1], a.tokenizer),
+                                   report.probe.score(state.reshape(1, -1).float()),
+                                   atol=1e-5, rtol=1e-5)
+
+    def test_mlp_probe_round_trips(self, tmp_path: Path) -> None:
+        x = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
+        y = torch.tensor([0, 1] * 20)
+        fit = ProbeFit(ProbeConfig(probe_type="mlp", hidden_dim=5), 8)
+        fit.train(x, y, epochs=3)
+        loaded = ProbeFit.load(fit.save(tmp_path / "mlp"))
+        assert torch.equal(loaded.score(x), fit.score(x))
+        assert loaded.probe_config.hidden_dim == 5
+
+
+class TestApi02:
+    def test_fit_probe_with_tokenized_dicts_and_with_texts(self) -> None:
+        a = arch("mamba")
+        tokenize = archscope.make_tokenize_fn(padded_tokenizer(), max_length=32)
+        texts = words(40, seed=9)
+        pos = [t + " w5 w5 w5" for t in texts[:20]]
+        neg = [t + " w6 w6 w6" for t in texts[20:]]
+        by_dicts = fit_probe(a.model, tokenize(pos), tokenize(neg), "layer_2.residual",
+                             backend_hint="mamba", epochs=20, lr=0.01)
+        by_texts = fit_probe(a.model, layer_name="layer_2.residual", tokenizer=a.tokenizer,
+                             pos_texts=pos, neg_texts=neg, epochs=20, lr=0.01)
+        for fit in (by_dicts, by_texts):
+            assert isinstance(fit, ProbeFit)
+            assert fit.metrics is not None
+            assert fit.metrics["val_auroc"] >= 0.9 and "train_auroc" in fit.metrics.keys()
+            assert fit.direction.shape == (32,) and fit.bias.dim() == 0
+            scores = fit.score(torch.randn(3, 32))
+            assert scores.shape == (3,) and bool(((scores >= 0) & (scores <= 1)).all())
+        torch.testing.assert_close(by_dicts.direction, by_texts.direction, atol=1e-5, rtol=1e-4)
+
+    def test_config_probe_and_probefit_signatures(self) -> None:
+        config = ProbeConfig(layer_name="layer_0.residual", probe_type="mlp", hidden_dim=8,
+                             target="sentiment")
+        probe = Probe(12, config)
+        assert probe.forward(torch.zeros(3, 12)).shape == (3,)
+        fit = ProbeFit(config, 12, device="cpu")
+        x = torch.randn(50, 12, generator=torch.Generator().manual_seed(0))
+        y = torch.tensor([0, 1] * 25)
+        metrics = fit.train(x, y, epochs=2, lr=0.001, batch_size=16, val_split=0.2)
+        assert {"train_auroc", "val_auroc", "train_loss", "val_loss"} <= set(metrics.keys())
+        with pytest.raises(ParameterError, match="linear"):
+            _ = fit.direction
+
+
+def padded_tokenizer() -> Any:
+    from archscope_transformer.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.pad_token = "<pad>"
+    tok.padding_side = "left"
+    return tok
+
+
+class TestBadInputs:
+    def test_typed_errors(self) -> None:
+        a = arch("gpt2")
+        texts = words(12, seed=1)
+        with pytest.raises(ParameterError, match="probe_type"):
+            ProbeConfig(probe_type="svm")
+        with pytest.raises(ParameterError, match="pool"):
+            ProbeConfig(pool="max")
+        with pytest.raises(ParameterError, match="exactly one"):
+            fit_probe(a.model, {"input_ids": [[5, 6]]}, {"input_ids": [[7, 8]]},
+                      tokenizer=a.tokenizer, pos_texts=texts[:2], neg_texts=texts[2:4])
+        with pytest.raises(ParameterError, match="tokenizer"):
+            fit_probe(a.model, pos_texts=texts[:2], neg_texts=texts[2:4])
+        with pytest.raises(SiteError):
+            fit_probe(a.model, pos_texts=texts[:6], neg_texts=texts[6:], tokenizer=a.tokenizer,
+                      layer_name="layer_9.residual")
+        with pytest.raises(InputError, match="labelled"):
+            archscope.run_method("probe", a.backend, Dataset.from_texts(texts, tokenizer=a.tokenizer))
+        labelled = Dataset.from_texts(texts, [0, 1] * 6, tokenizer=a.tokenizer)
+        with pytest.raises(ParameterError, match="folds"):
+            archscope.run_method("probe", a.backend, labelled, folds=1)
+        with pytest.raises(ParameterError, match="no parameter"):
+            archscope.run_method("probe", a.backend, labelled, layer=1)
+        with pytest.raises(InputError, match="0/1"):
+            archscope.run_method("probe", a.backend, Dataset.from_texts(
+                texts, [0, 1, 2] * 4, tokenizer=a.tokenizer))
+        fit = ProbeFit(ProbeConfig(), 4)
+        with pytest.raises(InputError, match=r"\(n, 4\)"):
+            fit.score(torch.zeros(2, 5))
+        with pytest.raises(InputError, match="one label per row"):
+            fit.train(torch.zeros(6, 4), torch.tensor([0, 1]))
+        with pytest.raises(ParameterError, match="val_split"):
+            fit.train(torch.randn(6, 4), torch.tensor([0, 1] * 3), val_split=0.0)
+        with pytest.raises(InputError, match="0/1"):
+            auroc(torch.zeros(3), torch.tensor([0, 1, 2]))
+
+    def test_a_backend_without_the_capability_is_refused(self) -> None:
+        class Bare:
+            name = "bare"
+            capabilities = frozenset({"logits"})
+
+        with pytest.raises(CapabilityError, match="residual"):
+            archscope.run_method("probe", Bare(), Dataset.from_ids([[1, 2]], [1]))
+
+    def test_no_hook_left_and_model_unchanged(self) -> None:
+        a = arch("lstm")
+        before = {k: v.clone() for k, v in a.model.state_dict().items()}
+        mode = a.model.training
+        hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in a.model.modules())
+        data = Dataset.from_texts(words(12, seed=2), [0, 1] * 6, tokenizer=a.tokenizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            archscope.run_method("probe-sweep", a.backend, data, folds=2, epochs=2)
+        after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in a.model.modules())
+        assert after == hooks and a.model.training is mode
+        assert all(torch.equal(v, before[k]) for k, v in a.model.state_dict().items())
+
+
+class TestProbeMethodContract(MethodContract):
+    method_name = "probe"
+
+
+class TestProbeSweepMethodContract(MethodContract):
+    method_name = "probe-sweep"
+
+
+def test_the_probes_page_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+    import sys
+    import types
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "probes.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    module = types.ModuleType("probes_doc_example")
+    monkeypatch.setitem(sys.modules, "probes_doc_example", module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for number, block in enumerate(blocks, 1):
+            exec(compile(block, f"docs/probes.md[block {number}]", "exec"), module.__dict__)
+    assert (tmp_path / "probe" / "artifact.json").is_file()
+
+
+def test_importing_probes_and_transfer_needs_no_torch() -> None:
+    """`archscope info` reads the method signatures from these modules; torch stays out."""
+    import subprocess
+    import sys
+
+    code = ("import sys, archscope.probes, archscope.transfer\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
