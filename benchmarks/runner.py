@@ -51,6 +51,8 @@ CONTENDERS = {
     "nnsight": ("nnsight", ("nnsight",), "nnsight"),
     "pyvene": ("nnsight", ("pyvene",), "pyvene"),
     "tuned_lens": ("tunedlens", ("tuned-lens",), "tuned-lens LogitLens"),
+    "sae_lens": ("saelens", ("sae-lens",), "SAELens (SAETrainer)"),
+    "sae_lens_export": ("saelens", ("sae-lens",), "archscope SAE loaded by SAELens"),
 }
 
 
@@ -73,6 +75,12 @@ class Workload:
     #: contender -> {site: why it differs by design}; other differences refuse the contender.
     waive: dict[str, dict[str, str]] = field(default_factory=dict)
     target: str = ""
+    rounds: int | None = None  # fewer for long workloads
+    #: keys compared with archscope's (None: every key archscope returns)
+    compare_keys: list[str] | None = None
+    untimed: list[str] = field(default_factory=list)  # checked only
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to the workers
+    note: str = ""
 
 
 @dataclass
@@ -157,28 +165,31 @@ def _ms(seconds: float) -> str:
 def format_table(rows: Sequence[Row]) -> str:
     """One Markdown table: timings, paired ratios to the plain forward, memory, equality."""
     lines = ["| contender | version | max abs diff vs archscope | median ms | min–max ms | "
-             "ratio to plain forward | peak RSS MB | RSS added by the run MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "ratio to plain forward | its time / archscope's | peak RSS MB | "
+             "RSS added by the run MB |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    ours = [statistics.median(r.times) for r in rows if r.contender == "archscope" and r.times]
     for row in rows:
         version = ", ".join(f"{k} {v}" for k, v in row.versions.items()
                             if k not in ("torch", "transformers")) or "-"
         diff = "-" if row.max_diff is None else f"{row.max_diff:.2g}"
         if row.excluded:
             lines.append(f"| {row.label} | {version} | {diff} | not timed: {row.excluded} "
-                         "| | | | |")
+                         "| | | | | |")
             continue
         if row.times:
             med = _ms(statistics.median(row.times))
             span = f"{_ms(min(row.times))}–{_ms(max(row.times))}"
             ratio = f"{statistics.median(row.ratios):.3f}"
+            versus = f"{statistics.median(row.times) / ours[0]:.2f}×" if ours else "-"
         else:
-            med = span = ratio = "-"
+            med = span = ratio = versus = "-"
         peak = "-" if row.rss_peak_mb is None else f"{row.rss_peak_mb:.0f}"
         added = "-" if row.rss_added_mb is None else f"{row.rss_added_mb:.0f}"
-        lines.append(f"| {row.label} | {version} | {diff} | {med} | {span} | {ratio} | {peak} | "
-                     f"{added} |")
+        lines.append(f"| {row.label} | {version} | {diff} | {med} | {span} | {ratio} | "
+                     f"{versus} | {peak} | {added} |")
     notes = [f"- {row.label}: {row.note}" for row in rows if row.note]
-    return "\n".join(lines + ([""] + notes if notes else []))
+    return "\n".join(lines + (["", *notes] if notes else []))
 
 
 def round_robin(n_workers: int, rounds: int) -> list[list[int]]:
@@ -214,19 +225,24 @@ def ensure_venv(name: str, root: Path) -> Path:
 
 
 class Worker:
-    """A contender's process; requests and replies are JSON lines."""
+    """A contender's process; requests and replies are JSON lines. ``send`` and ``receive``
+    are separate so that several processes can start (import, load) at the same time."""
 
     def __init__(self, python: Path, spec: dict[str, Any], log: Path) -> None:
         self.log = log.open("w")
         self.proc = subprocess.Popen([str(python), str(HERE / "worker.py")],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, cwd=HERE)
-        self.setup = self.ask({"op": "setup", "spec": spec})
+        self.setup: dict[str, Any] = {}
+        self.send({"op": "setup", "spec": spec})
 
-    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+    def send(self, request: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
+
+    def receive(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
             raise BenchError(f"worker exited (see {self.log.name})")
@@ -235,12 +251,19 @@ class Worker:
             raise BenchError(reply.get("error", "failed"))
         return reply
 
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.send(request)
+        return self.receive()
+
     def close(self) -> None:
         try:
             self.ask({"op": "exit"})
-        except (BenchError, BrokenPipeError):
+        except (BenchError, BrokenPipeError, ValueError):
             pass
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
         self.log.close()
 
 
@@ -266,6 +289,19 @@ def build_models(folder: Path, device: str) -> dict[str, Path]:
         model = transformers.AutoModelForCausalLM.from_config(config)
         paths[name] = folder / name
         model.save_pretrained(paths[name])
+    # A word-level tokenizer for the profiles (their texts are English words; the model is
+    # random, so only the cost matters), saved next to the GPT-2 weights.
+    from archscope.bench import generic_tasks
+    from archscope_transformer.testing import tiny_tokenizer
+
+    tasks = generic_tasks(None)
+    texts = [t for d in (*tasks.probes.values(), tasks.texts) for t in (d.texts or [])]
+    if tasks.contrast is not None:
+        texts += [*tasks.contrast.clean, *tasks.contrast.corrupted]
+    words = sorted({w for text in texts for w in text.split()})
+    tokenizer = tiny_tokenizer(words=words)
+    tokenizer.pad_token = "<pad>"
+    tokenizer.save_pretrained(paths["gpt2"])
     torch.manual_seed(0)
     make_model("mamba", size="bench").save_pretrained(folder / "mamba")
     paths["mamba"] = folder / "mamba"
@@ -284,7 +320,7 @@ def workloads(quick: bool) -> list[Workload]:
     b, t = (4, 64) if quick else (16, 128)
     last_norm = "0.2.2 returns transformers' last hidden state, taken after the final norm"
     extraction = ["archscope", "transformer_lens", "nnsight", "pyvene", "archscope02"]
-    return [
+    return sorted([
         Workload(1, "gpt2_resid", "all residual sites + logits, 6-layer GPT-2 (d_model 256)",
                  "gpt2", b, t, residuals("gpt2"), extraction, logits=True,
                  waive={"archscope02": {"layer_5.residual": last_norm,
@@ -301,10 +337,34 @@ def workloads(quick: bool) -> list[Workload]:
         Workload(4, "mamba_ssm", "ssm_state of every layer, 4-layer Mamba (d_model 128)",
                  "mamba", 8 if not quick else 2, 64 if not quick else 32,
                  [f"layer_{i}.ssm_state" for i in range(4)], ["archscope", "transformer_lens"]),
+        Workload(8, "profile", "the profile (archscope.bench.benchmark) of the 6-layer GPT-2",
+                 "gpt2", 1, 8, [], ["archscope", "archscope02"], rounds=1 if quick else 2,
+                 target="≥ 5× faster than archscope 0.2.2",
+                 note="Each library's own profile of the same model and tokenizer (word-level, "
+                      "the model is random so only the cost matters); the two compute "
+                      "different things, so no outputs are compared. The 'ratio' column "
+                      "divides by a plain forward of 1 × 8 tokens and means little here."),
+        *(Workload(7, f"sae_{kind}", f"SAE training throughput, {kind} SAE (d_in 256, "
+                   f"4096 features, batch 4096{', k 32' if kind == 'topk' else ''}), "
+                   "cached layer_3.residual activations of the 6-layer GPT-2",
+                   "gpt2", 0, 0, [], ["archscope", "sae_lens", "sae_lens_export"],
+                   rounds=2 if quick else 3, compare_keys=["reconstruction"],
+                   untimed=["sae_lens_export"],
+                   extra={"sae_type": kind, "features": 4096, "batch": 4096, "k": 32,
+                          "lr": 1e-4, "l1": 5.0},
+                   target="≥ 1.5× SAELens throughput" if kind == "topk" else "",
+                   note="Each run trains a fresh SAE for one epoch over the same cached "
+                        "activations; 'plain forward' here is a plain PyTorch training loop "
+                        "of the same architecture (dense matmuls, Adam), the in-run "
+                        "yardstick. The archscope SAE is exported with "
+                        "`archscope.sae.export_saelens` and loaded by SAELens "
+                        "(`SAE.load_from_disk`): its row compares SAELens's reconstruction "
+                        "with archscope's on held-out activations.")
+          for kind in ("topk", "standard")),
         Workload(6, "logit_lens", "logit lens over all layers, 6-layer GPT-2",
                  "gpt2", 4 if not quick else 2, 64 if not quick else 32, residuals("gpt2"),
                  ["archscope", "tuned_lens"]),
-    ]
+    ], key=lambda w: w.number)
 
 
 def scaling_sizes(quick: bool) -> list[tuple[int, int]]:
@@ -321,38 +381,89 @@ def save_inputs(path: Path, model: str, batch: int, seq: int) -> None:
     save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, str(path))
 
 
+def cache_activations(path: Path, model_dir: Path, n_train: int, n_eval: int) -> None:
+    """layer_3.residual of the GPT-2 over random tokens, shuffled: the SAE training data
+    every trainer reads."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    import archscope
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    backend = archscope.Backend.for_model(model)
+    seq = 128
+    n_rows = -(-(n_train + n_eval) // seq)
+    ids = torch.randint(0, VOCAB["gpt2"], (n_rows, seq), generator=torch.Generator().manual_seed(2))
+    chunks = [backend.run(ids[i:i + 32], capture=["layer_3.residual"])["layer_3.residual"]
+              for i in range(0, n_rows, 32)]
+    acts = torch.cat(chunks).reshape(-1, 256)
+    acts = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(3))]
+    save_file({"train": acts[:n_train].contiguous(),
+               "eval": acts[n_train:n_train + n_eval].contiguous()}, str(path))
+
+
 def run_workload(work: Workload, args: argparse.Namespace, models: dict[str, Path],
                  tmp: Path, pythons: dict[str, Path]) -> list[Row]:
     """Check every contender against archscope, then time the survivors round-robin."""
     from safetensors.torch import load_file
 
     inputs = tmp / f"{work.key}.inputs.safetensors"
-    save_inputs(inputs, work.model, work.batch, work.seq)
+    if work.key.startswith("sae"):
+        acts = tmp / "sae.activations.safetensors"
+        if not acts.exists():
+            steps = 2 if args.quick else 8
+            cache_activations(acts, models["gpt2"], 4096 * steps, 2048)
+        work.extra["acts"] = str(acts)
+    save_inputs(inputs, work.model, max(work.batch, 1), max(work.seq, 1))
     contenders = ["plain", *work.contenders]
     rows = {name: Row(name, CONTENDERS[name][2]) for name in contenders}
     workers: dict[str, Worker] = {}
     outputs: dict[str, dict[str, Any]] = {}
-    for name in contenders:
+
+    def fail(name: str, error: Exception) -> None:
+        rows[name].excluded = f"failed: {error}"[:300]
+        print(f"  {name}: {rows[name].excluded}", flush=True)
+        if name in workers:
+            workers.pop(name).close()
+
+    for name in contenders:  # all processes start (import, load the model) at once
         env, dists, _ = CONTENDERS[name]
         spec = {"workload": work.key, "contender": name, "model_dir": str(models[work.model]),
                 "inputs": str(inputs), "device": args.device, "threads": args.threads,
                 "sites": work.sites, "logits": work.logits, "stop_after": work.stop_after,
-                "dists": list(dists)}
+                "dists": list(dists), "tmp": str(tmp), **work.extra}
         try:
             python = pythons.get(env) or ensure_venv(env, args.venvs)
             pythons[env] = python
-            worker = Worker(python, spec, tmp / f"{work.key}.{name}.log")
-            rows[name].versions = worker.setup["versions"]
-            path = tmp / f"{work.key}.{name}.safetensors"
-            reply = worker.ask({"op": "check", "path": str(path)})
+            workers[name] = Worker(python, spec, tmp / f"{work.key}.{name}.log")
+        except (subprocess.CalledProcessError, OSError) as error:
+            fail(name, error)
+    for name in list(workers):
+        try:
+            workers[name].setup = workers[name].receive()
+            rows[name].versions = workers[name].setup["versions"]
+        except BenchError as error:
+            fail(name, error)
+    # First calls, at once too (peak memory is per process); archscope's first, since a
+    # contender may read what it wrote (the SAE export).
+    order = sorted(workers, key=lambda n: n != "archscope")
+    for group in (order[:1], order[1:]):
+        for name in group:
+            workers[name].send({"op": "check", "path": str(tmp / f"{work.key}.{name}.st")})
+        for name in group:
+            try:
+                reply = workers[name].receive()
+            except BenchError as error:
+                fail(name, error)
+                continue
             rows[name].rss_peak_mb = reply["rss_peak_mb"]
             rows[name].rss_added_mb = reply["rss_peak_mb"] - reply["rss_before_mb"]
-            outputs[name] = load_file(str(path))
-            workers[name] = worker
-        except (BenchError, subprocess.CalledProcessError, OSError) as error:
-            rows[name].excluded = f"failed: {error}"[:300]
-            print(f"  {name}: {rows[name].excluded}", flush=True)
+            outputs[name] = load_file(str(tmp / f"{work.key}.{name}.st"))
+            rows[name].note = "; ".join(f"{k}: {v}" for k, v in reply.get("report", {}).items())
     reference = outputs.get("archscope")
+    if reference is None and work.compare_keys is not None:
+        reference = {}  # the peers are still timed against the plain yardstick
     if reference is None:
         raise BenchError(f"workload {work.number}: archscope itself failed "
                          f"({rows['archscope'].excluded})")
@@ -360,23 +471,28 @@ def run_workload(work: Workload, args: argparse.Namespace, models: dict[str, Pat
         if name == "archscope":
             rows[name].max_diff = 0.0
             continue
+        keys = set(reference) if work.compare_keys is None else set(work.compare_keys)
         if name == "plain":
-            ref = {"logits": reference["logits"]} if "logits" in reference else {}
-            cand = out
-        else:
-            ref, cand = reference, out
+            keys &= {"logits"}  # a plain forward returns only what the model returns
+        if work.compare_keys is not None:
+            keys &= set(out)  # contenders that return no comparable output are not compared
+        ref = {k: v for k, v in reference.items() if k in keys}
         try:
-            rows[name].max_diff, notes = compare(ref, cand, work.waive.get(name))
-            rows[name].note = "; ".join(notes)
+            if ref:
+                rows[name].max_diff, notes = compare(ref, out, work.waive.get(name))
+                rows[name].note = "; ".join(x for x in [rows[name].note, *notes] if x)
         except BenchError as error:
             rows[name].excluded = f"unequal output: {error}"
             workers.pop(name).close()
         print(f"  {name}: max abs diff {rows[name].max_diff} {rows[name].excluded}", flush=True)
+    for name in work.untimed:
+        if name in workers:
+            workers.pop(name).close()
     names = list(workers)
     try:
         for name in names:  # warm-up round (the check above was the first call)
             workers[name].ask({"op": "time"})
-        for order in round_robin(len(names), args.rounds):
+        for order in round_robin(len(names), work.rounds or args.rounds):
             for i in order:
                 reply = workers[names[i]].ask({"op": "time"})
                 rows[names[i]].times.append(reply["case"])
@@ -394,7 +510,7 @@ def run_scaling(args: argparse.Namespace, models: dict[str, Path], tmp: Path,
     results = []
     for batch, seq in scaling_sizes(args.quick):
         work = Workload(9, f"scaling_{batch}x{seq}", "", "gpt2", batch, seq, residuals("gpt2"),
-                        [])
+                        ["archscope"])
         rows = run_workload(work, args, models, tmp, pythons)
         results.append((batch, seq, rows[0], rows[1]))
         print(f"  {batch}x{seq}: done", flush=True)
@@ -442,12 +558,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.only and work.number not in args.only:
                 continue
             print(f"== ({work.number}) {work.title}", flush=True)
-            rows = run_workload(work, args, models, tmp, pythons)
+            try:
+                rows = run_workload(work, args, models, tmp, pythons)
+            except BenchError as error:
+                print(f"  not measured: {error}", flush=True)
+                sections.append(f"## ({work.number}) {work.title}\n\nNot measured: {error}")
+                continue
             table = format_table(rows)
+            if work.key.startswith("sae"):
+                n = 4096 * (2 if args.quick else 8)
+                table += "\n\nTraining throughput, tokens/s (median): " + ", ".join(
+                    f"{r.label} {n / statistics.median(r.times):,.0f}" for r in rows if r.times)
             print(table, flush=True)
             sections.append(f"## ({work.number}) {work.title}\n\nbatch {work.batch} × "
                             f"{work.seq} tokens. {('Target: ' + work.target) if work.target else ''}"
-                            f"\n\n{table}")
+                            f" {work.note}\n\n{table}")
         if not args.only or 9 in args.only:
             print("== (9) scaling", flush=True)
             table, _ = run_scaling(args, models, tmp, pythons)

@@ -32,6 +32,12 @@ def _inputs(spec: dict[str, Any]) -> dict[str, Any]:
     return {k: v.to(spec["device"]) for k, v in batch.items()}
 
 
+def _tokenizer(spec: dict[str, Any]) -> Any:
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(spec["model_dir"])
+
+
 def _layer_modules(model: Any) -> list[Any]:
     # The block list of the two decoder layouts the workloads use (GPT-2, Llama); peers that
     # address modules by path (nnsight) need it.
@@ -55,6 +61,15 @@ def _plain(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[
 def _archscope(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
     import archscope
 
+    if spec["workload"] == "profile":
+        from archscope.bench import benchmark
+
+        tokenizer = _tokenizer(spec)
+
+        def profile() -> Outputs:
+            benchmark("bench-gpt2", model, tokenizer)
+            return {}
+        return profile
     backend = archscope.Backend.for_model(model)
     sites = list(spec["sites"])
     if spec["workload"] == "logit_lens":
@@ -71,6 +86,19 @@ def _archscope(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Calla
 
 def _archscope02(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
     from archscope.backends import Backend  # 0.2.2, in its own environment
+
+    if spec["workload"] == "profile":
+        from archscope.bench import benchmark
+
+        tokenizer = _tokenizer(spec)
+
+        def tokenize(texts: list[str]) -> dict[str, Any]:
+            return dict(tokenizer(texts, return_tensors="pt", padding=True))
+
+        def profile() -> Outputs:
+            benchmark("bench-gpt2", model, tokenizer, "transformer", tokenize_fn=tokenize)
+            return {}
+        return profile
 
     backend = Backend.for_model(model)
     sites = list(spec["sites"])
@@ -134,7 +162,7 @@ def _nnsight(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callabl
                 logits = wrapped.output.logits.save()
             if stop is not None:
                 tracer.stop()
-        out = {site: (v[0] if isinstance(v, tuple) else v) for site, v in zip(sites, saved)}
+        out = {site: (v[0] if isinstance(v, tuple) else v) for site, v in zip(sites, saved, strict=True)}
         if spec.get("logits"):
             out["logits"] = logits
         return out
@@ -156,7 +184,7 @@ def _pyvene(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable
     def run() -> Outputs:
         with torch.no_grad():
             (_, collected), _ = wrapped(dict(batch), unit_locations=every)
-        return dict(zip(sites, collected))
+        return dict(zip(sites, collected, strict=False))
     return run
 
 
@@ -177,6 +205,141 @@ def _tuned_lens(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Call
             result[f"{sites[-1]}.lens"] = out.logits
         return result
     return run
+
+
+def _sae_data(spec: dict[str, Any]) -> tuple[Any, Any]:
+    from safetensors.torch import load_file
+
+    acts = load_file(spec["acts"])
+    return acts["train"], acts["eval"]
+
+
+def _explained(x: Any, x_hat: Any) -> float:
+    return float(1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def _plain_sae(spec: dict[str, Any]) -> Callable[[], Outputs]:
+    """The yardstick for SAE training: the straightforward loop (dense matmuls both ways,
+    Adam, unit-norm decoder rows after each step), one epoch over the cached activations."""
+    import torch
+
+    train, _ = _sae_data(spec)
+    d_in, d_sae, k, batch = train.shape[1], spec["features"], spec["k"], spec["batch"]
+
+    def run() -> Outputs:
+        torch.manual_seed(0)
+        w_dec = torch.nn.Parameter(torch.randn(d_sae, d_in) / d_in ** 0.5)
+        w_enc = torch.nn.Parameter(w_dec.detach().t().clone())
+        b_enc = torch.nn.Parameter(torch.zeros(d_sae))
+        b_dec = torch.nn.Parameter(torch.zeros(d_in))
+        opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=spec["lr"])
+        for start in range(0, len(train), batch):
+            xb = train[start:start + batch]
+            pre = (xb - b_dec) @ w_enc + b_enc
+            if spec["sae_type"] == "topk":
+                top = pre.topk(k, dim=-1)
+                z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+                loss = ((z @ w_dec + b_dec - xb) ** 2).sum(-1).mean()
+            else:
+                z = pre.relu()
+                loss = (((z @ w_dec + b_dec - xb) ** 2).sum(-1).mean()
+                        + spec["l1"] * z.abs().sum(-1).mean())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                w_dec /= w_dec.norm(dim=1, keepdim=True)
+        return {}
+    return run
+
+
+def _archscope_sae(spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+
+    from archscope.sae import SAEConfig, build_sae, export_saelens, fit_sae
+
+    train, held_out = _sae_data(spec)
+    config = SAEConfig(input_dim=train.shape[1], n_features=spec["features"],
+                       sae_type=spec["sae_type"], k=spec["k"], batch_size=spec["batch"],
+                       learning_rate=spec["lr"], **({"sparsity": spec["l1"]}
+                                                    if spec["sae_type"] != "topk" else {}))
+    exported = [False]
+
+    def run() -> Outputs:
+        torch.manual_seed(0)
+        sae = fit_sae(train, config, 1, sae=build_sae(config))
+        if exported[0]:
+            return {}
+        exported[0] = True  # the first run: held-out quality and the SAELens export
+        export_saelens(sae, spec["tmp"] + f"/{spec['workload']}.export")
+        with torch.no_grad():
+            x_hat = sae.reconstruct(held_out)
+        return {"reconstruction": x_hat,
+                "report.held-out explained variance": torch.tensor(_explained(held_out, x_hat))}
+    return run
+
+
+def _sae_lens(spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+    from sae_lens import (
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    train, held_out = _sae_data(spec)
+    batch = spec["batch"]
+    first = [True]
+
+    def batches() -> Any:
+        while True:
+            for start in range(0, len(train), batch):
+                yield train[start:start + batch]
+
+    def run() -> Outputs:
+        torch.manual_seed(0)
+        if spec["sae_type"] == "topk":
+            sae: Any = TopKTrainingSAE(TopKTrainingSAEConfig(
+                d_in=train.shape[1], d_sae=spec["features"], k=spec["k"]))
+        else:
+            sae = StandardTrainingSAE(StandardTrainingSAEConfig(
+                d_in=train.shape[1], d_sae=spec["features"], l1_coefficient=spec["l1"]))
+        config = SAETrainerConfig(total_training_samples=len(train),
+                                  train_batch_size_samples=batch, lr=spec["lr"],
+                                  lr_end=spec["lr"])
+        SAETrainer(config, sae, batches()).fit()
+        if not first[0]:
+            return {}
+        first[0] = False
+        with torch.no_grad():
+            x_hat = sae.decode(sae.encode(held_out))
+        return {"report.held-out explained variance": torch.tensor(_explained(held_out,
+                                                                             x_hat))}
+    return run
+
+
+def _sae_lens_export(spec: dict[str, Any]) -> Callable[[], Outputs]:
+    """archscope's SAE as SAELens loads it from the exported folder."""
+    import torch
+    from sae_lens import SAE
+
+    _, held_out = _sae_data(spec)
+
+    def run() -> Outputs:
+        sae = SAE.load_from_disk(spec["tmp"] + f"/{spec['workload']}.export")
+        with torch.no_grad():
+            return {"reconstruction": sae.decode(sae.encode(held_out))}
+    return run
+
+
+def _sae(contender: str) -> Callable[[Any, dict[str, Any], dict[str, Any]],
+                                     Callable[[], Outputs]]:
+    makers = {"plain": _plain_sae, "archscope": _archscope_sae, "sae_lens": _sae_lens,
+              "sae_lens_export": _sae_lens_export}
+    return lambda model, batch, spec: makers[contender](spec)
 
 
 CONTENDERS: dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], Callable[[], Outputs]]] = {
@@ -225,6 +388,10 @@ def _reset_peak() -> None:
         pass
 
 
+def _no_sync() -> None:
+    pass
+
+
 def main() -> None:
     # Libraries print to stdout; replies go on a private copy of it, everything else to stderr.
     reply_stream = os.fdopen(os.dup(1), "w")
@@ -239,7 +406,7 @@ def main() -> None:
     spec: dict[str, Any] = {}
     run: Callable[[], Outputs] | None = None
     plain: Callable[[], Outputs] | None = None
-    sync = (lambda: None)
+    sync: Callable[[], None] = _no_sync
     for line in sys.stdin:
         request = json.loads(line)
         op = request["op"]
@@ -250,10 +417,12 @@ def main() -> None:
                 torch.manual_seed(0)
                 if spec["device"].startswith("cuda"):
                     sync = torch.cuda.synchronize
-                model = _load_model(spec)
-                batch = _inputs(spec)
+                sae = spec["workload"].startswith("sae")
+                model = None if sae else _load_model(spec)
+                batch = {} if sae else _inputs(spec)
                 rss0 = _maxrss_mb()
-                run = CONTENDERS[spec["contender"]](model, batch, spec)
+                make = _sae(spec["contender"]) if sae else CONTENDERS[spec["contender"]]
+                run = make(model, batch, spec)
                 reply({"ok": True, "rss_loaded_mb": rss0, "versions": _versions(spec)})
             elif op == "check":
                 # The first call of the contender: its peak memory is read right after it,
@@ -265,14 +434,18 @@ def main() -> None:
                 peak = _maxrss_mb()
                 from safetensors.torch import save_file
 
+                report = {k.removeprefix("report."): round(float(out.pop(k)), 4)
+                          for k in list(out) if k.startswith("report.")}
                 save_file({k: v.detach().float().cpu().contiguous() for k, v in out.items()},
                           request["path"])
-                reply({"ok": True, "rss_before_mb": before, "rss_peak_mb": peak,
+                reply({"ok": True, "rss_before_mb": before, "rss_peak_mb": peak, "report": report,
                        "gpu_peak_mb": (torch.cuda.max_memory_allocated() / 2**20
                                        if spec["device"].startswith("cuda") else None)})
             elif op == "time":
                 assert run is not None
-                if plain is None:  # a separate copy: some peers wrap the model they are given
+                if plain is None and spec["workload"].startswith("sae"):
+                    plain = _plain_sae(spec)
+                elif plain is None:  # a separate copy: some peers wrap the model they are given
                     plain = _plain(_load_model(spec), _inputs(spec), spec)
                 times = {}
                 for name, fn in (("plain", plain), ("case", run)):
