@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-PACKAGES := core archscope-transformer archscope-mamba archscope-recurrent
-TESTS := core/tests archscope-transformer/tests archscope-mamba/tests archscope-recurrent/tests plugins/template/tests tests
+PACKAGES := core archscope-transformer archscope-mamba archscope-recurrent plugins/archscope-zoo
+TESTS := core/tests archscope-transformer/tests archscope-mamba/tests archscope-recurrent/tests plugins/template/tests plugins/archscope-zoo/tests tests
 
 .PHONY: setup demo test lint bench clean
 

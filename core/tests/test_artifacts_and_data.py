@@ -135,3 +135,13 @@ def test_dataset_checks_and_subsets() -> None:
     assert as_dataset(left).ids() == [[1], [2, 3]]
     with pytest.raises(InputError, match="as many corrupted inputs as clean"):
         Contrast(["a"], ["b", "c"])
+
+
+def test_subsets_and_relabelling_after_tokenizing_keep_the_tokens() -> None:
+    from archscope_transformer.testing import tiny_tokenizer
+
+    ds = Dataset.from_texts(["w5 w6", "w7", "w8 w9 w10"], [0, 1, 0], tokenizer=tiny_tokenizer())
+    ids = ds.ids()
+    sub = ds.subset([2, 0])
+    assert sub.texts == ["w8 w9 w10", "w5 w6"] and sub.ids() == [ids[2], ids[0]]
+    assert ds.with_labels([1, 1, 1]).ids() == ids

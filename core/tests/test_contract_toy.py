@@ -17,6 +17,10 @@ class TestToyBackendContract(BackendContract):
     def _installed(self, with_plugins):
         yield
 
+    def model_names(self):
+        # the toy plugin is importable only inside the with_plugins fixture, after collection
+        return ["toy-3", "toy-5"]
+
     def make_models(self):
         from archscope_testplugin_good.backend import build_toy
 

@@ -22,7 +22,7 @@ CASES = {
         "src/archscope_template/plugin.py", "    register(MinGRUBackend)\n", "    pass\n",
         "no backend named 'mingru' was registered by archscope-template"),
     "no-can-handle": (
-        "src/archscope_template/backend.py", "            return 1.0\n", "            return None\n",
+        "src/archscope_template/backend.py", "            return Confidence.EXACT\n", "            return None\n",
         "can_handle returned None for your own model"),
     "heavy-import": (
         "src/archscope_template/plugin.py", "import archscope\n", "import archscope\nimport torch  # noqa\n",

@@ -11,10 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from archscope import BackendError, Edit, HookBackend, Hookpoint, Site, SiteError, SiteInfo
-from archscope.engine import RunContext, StopForward, apply_edit, padding_side
+from archscope import BackendError, Edit, Site, SiteError, SiteInfo
+from archscope.compat import cache_argument
+from archscope.detection import Confidence
+from archscope.engine import (
+    HookBackend,
+    Hookpoint,
+    RunContext,
+    StopForward,
+    apply_edit,
+    padding_side,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -201,7 +210,7 @@ class MambaBackend(HookBackend):
                 return None
             # Above what a transformer backend claims for a decoder with a layer list, so that
             # hybrids (attention + SSM layers) come here.
-            return 0.95
+            return Confidence.KNOWN
         except Exception:
             return None
 
@@ -242,7 +251,7 @@ class MambaBackend(HookBackend):
             return int(weight.shape[-1])
         return int(_first_attr(getattr(self.model, "config", None), ("hidden_size", "d_model")))
 
-    def _site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
+    def site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
         d = self.d_model
         tok = ("batch", "seq", "d_model")
         table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
@@ -329,7 +338,7 @@ class MambaBackend(HookBackend):
         divisor = getattr(self.model, "logits_scaling", None)  # GraniteMoeHybrid
         if divisor is not None:
             logits = logits / divisor
-        return logits
+        return cast("torch.Tensor", logits)
 
     # -- running -------------------------------------------------------------------------------
     def _plan(self, ctx: RunContext) -> _Plan:
@@ -438,7 +447,7 @@ class MambaBackend(HookBackend):
 
         return hookpoint.module.register_forward_hook(hook)
 
-    def _forward(self, ctx: RunContext) -> Any:
+    def forward(self, ctx: RunContext) -> Any:
         plan = self._plan(ctx)
         if plan.stepping:
             return self._continue_from_state(ctx, plan)
@@ -519,7 +528,7 @@ class MambaBackend(HookBackend):
                     out = self.model(input_ids=ids[:, t: t + 1], use_cache=True,
                                      **{cache_argument(self.model): plan.cache})
                     plan.cache = output_cache(out) or plan.cache
-                step_logits = self._logits_of(out)
+                step_logits = self.logits_of(out)
                 if step_logits is not None:
                     logits.append(step_logits)
             except StopForward:
@@ -547,8 +556,7 @@ class MambaBackend(HookBackend):
                 + f"state sites are {names}. Take them from run(..., return_state=True).state"
             )
         for name in names:
-            size: Any = self._table[name][0].extra["size"]
-            expected = (batch, *size)
+            expected = (batch, *cast("tuple[int, ...]", self._table[name][0].extra["size"]))
             if tuple(given[name].shape) != expected:
                 raise SiteError(f"initial_state[{name!r}] has shape {tuple(given[name].shape)}; "
                                 f"expected {expected} (batch of the suffix, then the site shape)")
@@ -590,17 +598,17 @@ class MambaBackend(HookBackend):
             out[name] = value.detach().clone()
         return out
 
-    def _read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
+    def read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
         plan = self._plan(ctx)
         values: dict[str, Any] = {}
         if "logits" in names:
-            values["logits"] = self._logits_of(output) if output is not None else None
+            values["logits"] = self.logits_of(output) if output is not None else None
         states = [n for n in names if n != "logits"]
         if states:
             values.update(self._states(plan, states))
         return {k: v for k, v in values.items() if v is not None}
 
-    def _final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
+    def final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
         self.require("state_patch")
         return self._states(self._plan(ctx), self.state_sites)
 
@@ -621,21 +629,6 @@ def output_cache(output: Any) -> Any:
         if value is not None:
             return value
     return None
-
-
-def cache_argument(model: Any) -> str:
-    """The keyword an HF forward takes its cache by: ``cache`` in recent releases,
-    ``cache_params`` (pure SSMs) or ``past_key_values`` (hybrids) in earlier 5.x ones. A cache
-    passed under a name the model does not know is swallowed by ``**kwargs`` and ignored."""
-    import inspect
-
-    parameters = inspect.signature(model.forward).parameters
-    for name in ("cache", "cache_params", "past_key_values"):
-        if name in parameters:
-            return name
-    raise BackendError(f"{type(model).__name__}.forward takes no cache argument (looked for "
-                       "cache, cache_params, past_key_values), so a run cannot continue from a "
-                       "state")
 
 
 def read_cache_state(cache: Any, index: int, conv: bool) -> Any:

@@ -9,20 +9,21 @@ of equal length).
 from __future__ import annotations
 
 import contextlib
-import inspect
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from archscope import Site, SiteError, SiteInfo
-from archscope.backends import BackendError, Edit, RunResult
+from archscope.backends import BackendError, RunRequest, RunResult
+from archscope.compat import cache_argument
+from archscope.detection import Confidence
 from archscope.engine import (
     HookBackend,
     Hookpoint,
     RunContext,
     find_module,
+    get_module,
 )
-from archscope.sites import resolve
 
 if TYPE_CHECKING:
     import torch
@@ -104,13 +105,13 @@ class _HFRecurrentBackend(HookBackend):
         model_cls = type(model)
         if model_cls.__module__.startswith(cls.family.module) and \
                 model_cls.__name__.endswith("ForCausalLM"):
-            return 0.95
+            return Confidence.KNOWN
         return None
 
     def _part(self, path: str) -> Any:
-        return find_module(self.model, path)
+        return get_module(self.model, path)
 
-    def _site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
+    def site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
         f = self.family
         blocks = self._part(f.blocks)
         d = self._part(f.embeddings).embedding_dim
@@ -167,39 +168,32 @@ class _HFRecurrentBackend(HookBackend):
                 f"only (real tokens first, then pads); this batch is {side}-padded. Pad on the "
                 "right (tokenizer.padding_side = 'right')")
 
-    def run(self, inputs: Any, capture: Iterable[str | Site] = (), edits: Iterable[Edit] = (),
-            *, stop_early: bool = True, initial_state: Mapping[str, torch.Tensor] | None = None,
-            return_state: bool = False, grad: bool = False) -> RunResult:
-        """The engine's run; on a right-padded batch of unequal lengths the final state is
+    def execute(self, request: RunRequest) -> RunResult:
+        """The engine's execute; on a right-padded batch of unequal lengths the final state is
         computed per row by running the batch in segments that end at each row length."""
-        edits = list(edits)
-        capture, _ = self.check_request(capture, edits, initial_state, return_state)
-        batch = self.prepare_inputs(inputs)
+        capture, batch = request.capture, request.batch
         states = [n for n in capture if self._table[n][0].kind == "state"]
         lengths = batch["attention_mask"].sum(-1)
-        if not (states or return_state) or bool((lengths == lengths[0]).all()):
-            return super().run(batch, capture, edits, stop_early=stop_early,
-                               initial_state=initial_state, return_state=return_state, grad=grad)
-        state_edits = [e for e in edits if self._table[resolve(e.site, self.sites(),
-                                                               self.name).name][0].kind == "state"]
-        if len(state_edits) != len(edits):
+        if not (states or request.return_state) or bool((lengths == lengths[0]).all()):
+            return super().execute(request)
+        state_edits = {n: e for n, e in request.edits.items() if self._table[n][0].kind == "state"}
+        if len(state_edits) != len(request.edits):
             raise BackendError(
                 f"{self.family.name} ignores attention_mask, so the state after each row's last "
                 "real token of a right-padded batch is computed in a separate pass that cannot "
                 "apply edits of token sites; run rows of equal length (or one row) when editing "
                 f"and reading the state (row lengths {sorted(set(lengths.tolist()))})"
             )
-        result = super().run(batch, [n for n in capture if n not in states], (),
-                             stop_early=stop_early, initial_state=initial_state, grad=grad)
-        ctx = RunContext(batch=batch, capture=capture, edits={}, stop_after=None,
-                         initial_state=initial_state, return_state=return_state, grad=grad)
-        for edit in state_edits:
-            ctx.edits.setdefault(resolve(edit.site, self.sites(), self.name).name, []).append(edit)
+        result = super().execute(replace(request, capture=[n for n in capture if n not in states],
+                                         edits={}, return_state=False))
+        ctx = RunContext(batch=batch, capture=capture, edits=state_edits, stop_after=None,
+                         initial_state=request.initial_state,
+                         return_state=request.return_state, grad=request.grad)
         final = self._edited(ctx, self._ragged_final_state(ctx, lengths))
         every = self._with_combined(final)
         result.activations = {n: every[n] if n in states else result.activations[n]
                               for n in capture}
-        result.state = final if return_state else None
+        result.state = final if request.return_state else None
         return result
 
     def _ragged_final_state(self, ctx: RunContext, lengths: torch.Tensor
@@ -213,7 +207,7 @@ class _HFRecurrentBackend(HookBackend):
         current = dict(ctx.initial_state or {})
         final: dict[str, torch.Tensor] = {}
         begin = 0
-        with self._run_context(ctx), torch.set_grad_enabled(ctx.grad):
+        with self.run_settings(ctx), torch.set_grad_enabled(ctx.grad):
             for end in sorted(set(lengths.tolist())):
                 output = self.model(input_ids=ids[:, begin:end], use_cache=True,
                                     **self._state_arguments(current, ids.shape[0]))
@@ -238,7 +232,7 @@ class _HFRecurrentBackend(HookBackend):
                                                ctx.attention_mask)
         return states
 
-    def _forward(self, ctx: RunContext) -> Any:
+    def forward(self, ctx: RunContext) -> Any:
         need_state = ctx.return_state or bool(ctx.initial_state) or any(
             self._table[n][0].kind == "state" for n in (*ctx.capture, *ctx.edits))
         kwargs: dict[str, Any] = {"input_ids": ctx.batch["input_ids"]}
@@ -246,9 +240,13 @@ class _HFRecurrentBackend(HookBackend):
             kwargs["use_cache"] = True
             kwargs.update(self._state_arguments(ctx.initial_state or {},
                                                 ctx.batch["input_ids"].shape[0]))
+        elif ctx.grad:
+            # The cache is updated in place layer by layer, which autograd cannot go through;
+            # without one the logits are the same.
+            kwargs["use_cache"] = False
         return self.model(**kwargs)
 
-    def _read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
+    def read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
         values: dict[str, Any] = {}
         if "logits" in names:
             values["logits"] = output.logits
@@ -268,7 +266,7 @@ class _HFRecurrentBackend(HookBackend):
                 combined[name] = torch.cat([p.reshape(p.shape[0], -1).float() for p in parts], -1)
         return {**states, **combined}
 
-    def _final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
+    def final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
         return self._edited(ctx, self._state_from_output(output))
 
     def _check_initial(self, initial: Mapping[str, torch.Tensor], batch: int) -> None:
@@ -287,7 +285,7 @@ class _HFRecurrentBackend(HookBackend):
                                 f"{tuple(value.shape)}")
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
-        return self._part(self.family.head)(self._part(self.family.final_norm)(residual))
+        return cast("torch.Tensor", self._part(self.family.head)(self._part(self.family.final_norm)(residual)))
 
 
 class RWKVBackend(_HFRecurrentBackend):
@@ -338,7 +336,7 @@ class RWKVBackend(_HFRecurrentBackend):
             state.append(torch.stack(layers, -1).contiguous())  # the model updates it in place
         return {"state": state}
 
-    def _run_context(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
+    def run_settings(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
         return self._no_rescaling()
 
     @contextlib.contextmanager
@@ -414,13 +412,11 @@ class XLSTMBackend(_HFRecurrentBackend):
                 initial[f"layer_{i}.{s.role}"].to(device=self.device, dtype=zero.dtype).clone()
                 if f"layer_{i}.{s.role}" in initial else zero
                 for s, zero in zip(self.family.states, layer, strict=True))
-        # transformers before 5.24 names the argument cache_params
-        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters \
-            else "cache_params"
-        return {name: cache}
+        # transformers before 5.24 names the argument cache_params (read from **kwargs)
+        return {cache_argument(self.model, ("cache",), fallback="cache_params"): cache}
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         from transformers.models.xlstm.modeling_xlstm import soft_cap
 
         logits = super().unembed(residual)
-        return soft_cap(logits.float(), self.model.config.output_logit_soft_cap)
+        return cast("torch.Tensor", soft_cap(logits.float(), self.model.config.output_logit_soft_cap))

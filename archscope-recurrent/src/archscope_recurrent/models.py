@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -95,7 +95,7 @@ class RecurrentLM(nn.Module):
             y, _ = self.rnn(x, hx)
         if self.norm is not None:
             y = self.norm(y)
-        return self.head(y)
+        return cast("torch.Tensor", self.head(y))
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:

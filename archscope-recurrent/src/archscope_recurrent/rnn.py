@@ -13,11 +13,14 @@ import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from archscope import Site, SiteError, SiteInfo
-from archscope.backends import Backend, BackendError, Edit, RunResult
-from archscope.engine import apply_edit, last_real_index, padding_side
+from archscope.backends import Backend, BackendError, Edit, RunRequest, RunResult
+from archscope.batch import last_real_index, padding_side
+from archscope.detection import Confidence
+from archscope.edits import apply_edit
+from archscope.errors import CapabilityError
 
 if TYPE_CHECKING:
     import torch
@@ -115,7 +118,7 @@ class RNNBackend(Backend):
         self.cell_size = rnn.hidden_size * self.num_dirs
         self._layers: list[Any] = []
         self._directions: dict[int, tuple[Any, Any]] = {}
-        self._table = self._site_table()
+        self._table = self.site_table()
         if self.num_dirs == 2:  # the backward direction reads the future: no continuation
             self.capabilities = type(self).capabilities - {"state_patch"}
         if not _is_reference_model(model):
@@ -127,13 +130,13 @@ class RNNBackend(Backend):
             if getattr(model, "archscope_spec", None) is not None:
                 return None  # described explicitly: the custom adapter's
             if _is_reference_model(model):
-                return 0.95
-            return 0.7 if find_parts(model) is not None else None
+                return Confidence.KNOWN
+            return Confidence.FALLBACK if find_parts(model) is not None else None
         except Exception:
             return None
 
     # -- sites ---------------------------------------------------------------------------------
-    def _site_table(self) -> dict[str, SiteInfo]:
+    def site_table(self) -> dict[str, SiteInfo]:
         p = self.parts
         t: dict[str, SiteInfo] = {}
 
@@ -177,7 +180,7 @@ class RNNBackend(Backend):
             raise BackendError(f"unembed expects a last axis of {self.out_size} (the RNN output "
                                f"size), got shape {tuple(residual.shape)}")
         y = self.parts.norm(residual) if self.parts.norm is not None else residual
-        return self.parts.head(y)
+        return cast("torch.Tensor", self.parts.head(y))
 
     # -- single-layer modules that share the stack's parameters -------------------------------
     def _make_layer(self, i: int, bidirectional: bool, suffix: str = "") -> Any:
@@ -221,29 +224,25 @@ class RNNBackend(Backend):
         return pair
 
     # -- running -------------------------------------------------------------------------------
-    def run(
-        self,
-        inputs: Any,
-        capture: Iterable[str | Site] = (),
-        edits: Iterable[Edit] = (),
-        *,
-        stop_early: bool = True,
-        initial_state: Mapping[str, torch.Tensor] | None = None,
-        return_state: bool = False,
-        grad: bool = False,
-    ) -> RunResult:
-        import torch
-
-        table = self._table
+    def check_request(self, capture: Iterable[str | Site], edits: Iterable[Edit],
+                      initial_state: Mapping[str, torch.Tensor] | None = None,
+                      return_state: bool = False) -> tuple[list[str], dict[str, list[Edit]]]:
         if (initial_state is not None or return_state) and "state_patch" not in self.capabilities:
-            raise BackendError(
+            raise CapabilityError(
                 f"backend {self.name!r}: initial_state / return_state need the 'state_patch' "
                 "capability, which a bidirectional model lacks (its backward direction reads "
                 "the future, so a run cannot continue from a state); capture the "
                 "layer_i.hidden_state / cell_state sites instead"
             )
-        wanted, edit_map = self.check_request(capture, edits, initial_state, return_state)
-        batch = self.prepare_inputs(inputs)
+        return super().check_request(capture, edits, initial_state, return_state)
+
+    def execute(self, request: RunRequest) -> RunResult:  # noqa: C901 - one pass over the layers that edits, captures and carries the state together
+        import torch
+
+        table = self._table
+        wanted, edit_map, batch = request.capture, request.edits, request.batch
+        stop_early, grad = request.stop_early, request.grad
+        initial_state, return_state = request.initial_state, request.return_state
         mask = batch["attention_mask"] if "attention_mask" in batch else None
         padded = mask is not None and padding_side(mask) == "right"
         start = self._initial_hx(initial_state, batch)

@@ -3,7 +3,7 @@ conformance kit. Every factory is seeded and returns a model in eval mode."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -33,7 +33,7 @@ class PlainLSTMLM(torch.nn.Module):
         self.out = torch.nn.Linear(hidden, vocab_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.out(self.lstm(self.tok(input_ids))[0])
+        return cast("torch.Tensor", self.out(self.lstm(self.tok(input_ids))[0]))
 
 
 def plain_lstm_lm(seed: int = 0) -> PlainLSTMLM:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from archscope.detection import Confidence
 from archscope.engine import HookBackend, Hookpoint, RunContext, apply_edit, padding_side
 from archscope.sites import Site, SiteInfo
 
@@ -122,13 +123,13 @@ class TransformerBackend(HookBackend):
                 return None
             find_structure(model)
         except StructureError:
-            return 0.1  # an HF decoder LM we cannot map: constructing says what is missing
+            return Confidence.LAST_RESORT  # an HF decoder LM we cannot map: constructing says what is missing
         except Exception:
             return None
-        return 0.9
+        return Confidence.STRUCTURAL
 
     # -- the site map --------------------------------------------------------------------------
-    def _site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
+    def site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
         s = self.structure
         d = s.d_model
         table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
@@ -176,7 +177,7 @@ class TransformerBackend(HookBackend):
         return table
 
     # -- running -------------------------------------------------------------------------------
-    def _forward(self, ctx: RunContext) -> Any:
+    def forward(self, ctx: RunContext) -> Any:
         batch = dict(ctx.batch)
         mask = batch.get("attention_mask")
         if (self._takes_positions and mask is not None and "position_ids" not in batch
@@ -198,11 +199,11 @@ class TransformerBackend(HookBackend):
             output.logits = logits
         return output
 
-    def _read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
+    def read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
         logits = output.logits
         return {"logits": logits if ctx.grad else logits.detach()}
 
-    def _run_context(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
+    def run_settings(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
         if any(name.endswith(".attn_pattern") for name in ctx.capture):
             return self._eager_attention()
         return contextlib.nullcontext()
@@ -248,4 +249,4 @@ class TransformerBackend(HookBackend):
             import torch
 
             logits = torch.tanh(logits / s.softcap) * s.softcap
-        return logits
+        return cast("torch.Tensor", logits)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 # -- the site map, as tables of candidate attribute names (first match wins) --------------------
 
@@ -168,7 +168,7 @@ def _find_blocks(model: Any, n_layers: int) -> tuple[str, Any, Any]:
 def _attr_name(model: Any, child: Any) -> str:
     for name, module in model.named_children():
         if module is child:
-            return name
+            return cast(str, name)
     return type(child).__name__
 
 

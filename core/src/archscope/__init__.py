@@ -13,11 +13,15 @@ from typing import Any
 
 __version__ = "0.3.0"
 
+from .adapter import ModelSpec
 from .artifacts import Artifact, ArtifactFit
-from .backends import ActivationRecord, Backend, Edit, RunResult
+from .backends import ActivationRecord, Backend, RunRequest, RunResult
+from .batch import pool
 from .collect import Collected, collect, iter_collect
 from .data import Contrast, Dataset
-from .engine import HookBackend, Hookpoint
+from .detection import Confidence
+from .edits import Edit
+from .engine import HookBackend
 from .errors import (
     ArchscopeError,
     ArtifactError,
@@ -32,26 +36,28 @@ from .errors import (
     PluginError,
     SiteError,
 )
+from .hookpoints import Hookpoint, SiteTable
 from .hookspecs import hookimpl
 from .loader import load_model, make_tokenize_fn
 from .params import Param
-from .pooling import pool
 from .registry import Method, ModelSource, run_method
 from .results import Result
 from .sites import CAPABILITIES, Site, SiteInfo
 
 #: Submodules reachable as attributes (``archscope.probes``), imported on first use.
-_SUBMODULES = {"artifacts", "attribute", "backends", "bench", "circuits", "cli", "collect",
-               "data", "diff", "engine", "errors", "hookspecs", "lens", "loader", "methods",
+_SUBMODULES = {"adapter", "artifacts", "attribute", "backends", "batch", "bench", "circuits",
+               "cli", "collect", "compat", "data", "detection", "diff", "edits", "engine",
+               "errors", "hookpoints", "hookspecs", "lens", "loader", "methods", "modules",
                "neurons", "params", "plugins", "pooling", "probes", "registry", "results",
                "sae", "sites", "store", "testing", "transfer"}
 
 __all__ = [
     "CAPABILITIES", "ActivationRecord", "ArchscopeError", "Artifact", "ArtifactError",
-    "ArtifactFit", "Backend", "BackendError", "CapabilityError", "Collected", "Contrast",
-    "Dataset", "Edit", "HookBackend", "Hookpoint", "InputError", "Method", "MethodError",
-    "ModelSource", "ModelSourceError", "NoBackendError", "PaddingError", "Param",
-    "ParameterError", "PluginError", "Result", "RunResult", "Site", "SiteError", "SiteInfo",
+    "ArtifactFit", "Backend", "BackendError", "CapabilityError", "Collected", "Confidence",
+    "Contrast", "Dataset", "Edit", "HookBackend", "Hookpoint", "InputError", "Method",
+    "MethodError", "ModelSource", "ModelSourceError", "ModelSpec", "NoBackendError",
+    "PaddingError", "Param", "ParameterError", "PluginError", "Result", "RunRequest",
+    "RunResult", "Site", "SiteError", "SiteInfo", "SiteTable",
     "__version__", "collect", "hookimpl", "iter_collect", "load_model", "make_tokenize_fn",
     "pool", "run_method",
 ]

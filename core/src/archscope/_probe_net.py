@@ -31,4 +31,5 @@ class Probe(nn.Module):
                                      nn.Linear(config.hidden_dim, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).squeeze(-1)
+        logits: torch.Tensor = self.net(x)
+        return logits.squeeze(-1)

@@ -7,17 +7,26 @@ A backend wraps one model instance. `Backend.for_model` picks the registered bac
 
 from __future__ import annotations
 
-import operator
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from .errors import BackendError, CapabilityError, NoBackendError, PaddingError
-from .sites import Site, SiteError, SiteInfo, resolve
+from .edits import Edit, EditOp, Positions
+from .errors import (
+    BackendError,
+    CapabilityError,
+    NoBackendError,
+    PaddingError,
+    SiteError,
+)
+from .sites import Site, SiteInfo, resolve
 
 if TYPE_CHECKING:  # torch is imported lazily: discovery and the CLI must not pay for it
     import torch
+
+__all__ = ["ActivationRecord", "Backend", "BackendError", "CapabilityError", "Edit", "EditOp",
+           "NoBackendError", "PaddingError", "Positions", "RunRequest",
+           "RunResult"]
 
 
 @dataclass
@@ -32,86 +41,6 @@ class ActivationRecord:
     @property
     def site(self) -> Site:
         return Site.parse(self.layer_name)
-
-
-EditOp = Literal["replace", "add", "scale", "fn"]
-
-
-def _is_index(value: Any) -> bool:
-    """An integer index (int, numpy or 0-d torch integer), not a bool."""
-    if isinstance(value, bool):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
-Positions = None | int | slice | Sequence[int]
-
-
-@dataclass(frozen=True)
-class Edit:
-    """A change to a site's value during a run.
-
-    ``op``: ``replace`` (patch), ``add`` (steer), ``scale`` (multiply; 0 ablates) or ``fn``
-    (call ``value(tensor) -> tensor``). ``positions`` selects sequence positions of token sites
-    (None = all). ``units`` selects feature indices (neurons) of the last axis (None = all).
-    A tensor ``value`` must have exactly the selected shape, or be a vector over the selected
-    units, which is then applied at every selected position; anything else is an error.
-    """
-
-    site: str
-    op: EditOp
-    value: Any
-    positions: Positions = None
-    units: Sequence[int] | None = None
-
-    def __post_init__(self) -> None:
-        where = f"Edit of {self.site!r}"
-        if self.op not in ("replace", "add", "scale", "fn"):
-            raise ValueError(f"{where}: unknown op {self.op!r}; use replace, add, scale or fn "
-                             "(Edit.replace / add / scale / apply)")
-        if self.op == "fn" and not callable(self.value):
-            raise TypeError(f"{where}: Edit.apply needs a function tensor -> tensor, got "
-                            f"{type(self.value).__name__}")
-        if self.op != "fn" and (isinstance(self.value, (str, bytes)) or callable(self.value)):
-            raise TypeError(f"{where}: the value of a {self.op} edit is a number or a tensor, "
-                            f"got {type(self.value).__name__}")
-        for field_name in ("positions", "units"):  # tensors / arrays of indices -> lists
-            value = getattr(self, field_name)
-            if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-                object.__setattr__(self, field_name, value.tolist())
-        pos = self.positions
-        ok = (pos is None or pos == "last" or isinstance(pos, slice) or _is_index(pos)
-              or (isinstance(pos, Sequence) and not isinstance(pos, str)
-                  and all(_is_index(p) for p in pos)))
-        if not ok:
-            raise ValueError(f"{where}: positions must be None (all), an int, a slice, a list of "
-                             f"ints or 'last' (each row's last real token); got {pos!r}")
-        if self.units is not None and (isinstance(self.units, str) or not all(
-                _is_index(u) for u in self.units)):
-            raise ValueError(f"{where}: units must be a list of feature indices (ints), got "
-                             f"{self.units!r}")
-
-    @classmethod
-    def replace(cls, site: str | Site, value: Any, positions: Positions = None,
-                units: Sequence[int] | None = None) -> Edit:
-        return cls(str(site), "replace", value, positions, units)
-
-    @classmethod
-    def add(cls, site: str | Site, value: Any, positions: Positions = None,
-            units: Sequence[int] | None = None) -> Edit:
-        return cls(str(site), "add", value, positions, units)
-
-    @classmethod
-    def scale(cls, site: str | Site, factor: Any, positions: Positions = None,
-              units: Sequence[int] | None = None) -> Edit:
-        return cls(str(site), "scale", factor, positions, units)
-
-    @classmethod
-    def apply(cls, site: str | Site, fn: Callable[[Any], Any], positions: Positions = None,
-              units: Sequence[int] | None = None) -> Edit:
-        return cls(str(site), "fn", fn, positions, units)
 
 
 @dataclass
@@ -133,6 +62,24 @@ class RunResult:
 
     def __contains__(self, site: object) -> bool:
         return isinstance(site, (str, Site)) and str(site) in self.activations
+
+
+@dataclass
+class RunRequest:
+    """A validated run request, as `Backend.execute` receives it: the prepared batch, the site
+    names to capture, the edits grouped by site name, and the run options."""
+
+    batch: dict[str, Any]
+    capture: list[str]
+    edits: dict[str, list[Edit]]
+    stop_early: bool = True
+    initial_state: Mapping[str, torch.Tensor] | None = None
+    return_state: bool = False
+    grad: bool = False
+
+    @property
+    def attention_mask(self) -> torch.Tensor | None:
+        return self.batch.get("attention_mask")
 
 
 class Backend:
@@ -203,8 +150,25 @@ class Backend:
         stops after the deepest captured site and ``logits`` is None. ``initial_state`` starts
         the run from a recurrent state (capability ``state_patch``); ``return_state`` returns
         the state after the last real token in ``RunResult.state``.
+
+        Backends do not override this: it validates the request (`check_request`), prepares
+        the inputs (`prepare_inputs`), checks ``initial_state`` (`check_initial_state`) and
+        hands a `RunRequest` to `execute`.
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement run()")
+        edits = list(edits)
+        wanted, edit_map = self.check_request(capture, edits, initial_state, return_state)
+        batch = self.prepare_inputs(inputs)
+        self.check_initial_state(initial_state, batch)
+        request = RunRequest(batch, wanted, edit_map, stop_early=stop_early,
+                             initial_state=initial_state, return_state=return_state, grad=grad)
+        if self.regroup_states and self._needs_regrouping(request):
+            return self._execute_regrouped(request)
+        return self.execute(request)
+
+    def execute(self, request: RunRequest) -> RunResult:
+        """Run one validated request (the extension point behind `run`; `HookBackend`
+        implements it with module hooks)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement execute(request)")
 
     def check_request(
         self,
@@ -214,7 +178,7 @@ class Backend:
         return_state: bool = False,
     ) -> tuple[list[str], dict[str, list[Edit]]]:
         """Validate what a run asks for: site names to capture and edits grouped by site.
-        Every `run` implementation calls this, so bad requests fail the same way everywhere."""
+        `run` calls this once, so bad requests fail the same way everywhere."""
         if isinstance(capture, (str, Site)):
             capture = [capture]
         table = self.sites()
@@ -236,6 +200,78 @@ class Backend:
             self.require("state_patch")
         return wanted, edit_map
 
+    def check_initial_state(self, initial_state: Mapping[str, torch.Tensor] | None,
+                            batch: Mapping[str, Any]) -> None:
+        """The one ``initial_state`` policy: every key is a state site of this backend; each
+        value has one row per batch row and the site's number of axes and feature size. Sites
+        left out start from the model's own initial state (as in a run without
+        ``initial_state``)."""
+        if not initial_state:
+            return
+        table = self.sites()
+        states = [n for n, i in table.items() if i.kind == "state"]
+        unknown = [str(n) for n in initial_state if str(n) not in states]
+        if unknown:
+            raise SiteError(f"initial_state has entries that are not state sites: {unknown}; "
+                            f"state sites of backend {self.name!r}: "
+                            f"{', '.join(states) or '(none)'}")
+        rows = next(iter(batch.values())).shape[0]
+        for name, value in initial_state.items():
+            info = table[str(name)]
+            shape = tuple(getattr(value, "shape", ()))
+            if len(shape) != len(info.shape) or shape[0] != rows or shape[-1] != info.dim:
+                axes = ", ".join(info.shape)
+                expected = (rows, *shape[1:-1], info.dim) if len(shape) == len(info.shape) \
+                    else f"({axes})"
+                raise SiteError(
+                    f"initial_state[{info.name!r}] must have shape ({axes}) with batch = {rows} "
+                    f"and {info.shape[-1]} = {info.dim}: initial_state[{info.name!r}] has shape "
+                    f"{shape}; expected {expected}. Take it from the RunResult.state of a run on "
+                    f"{rows} rows")
+
+    # -- rows of different lengths -------------------------------------------------------------
+    #: True when the model's state outputs are the state after the whole (right-padded) row.
+    #: `run` then reads state sites, and the returned state, from one extra pass per group of
+    #: equal-length rows trimmed to their length: the state after each row's last real token.
+    regroup_states: ClassVar[bool] = False
+
+    def _needs_regrouping(self, request: RunRequest) -> bool:
+        from .batch import padding_side
+
+        mask = request.attention_mask
+        if mask is None or padding_side(mask) != "right":
+            return False
+        table = self.sites()
+        return request.return_state or any(
+            table[n].kind == "state" for n in (*request.capture, *request.edits))
+
+    def _execute_regrouped(self, request: RunRequest) -> RunResult:
+        from .batch import length_groups, scatter_rows
+
+        table = self.sites()
+        states = [n for n in request.capture if table[n].kind == "state"]
+        token_edits = {n: e for n, e in request.edits.items() if table[n].kind != "state"}
+        result = self.execute(replace(request, capture=[n for n in request.capture
+                                                        if n not in states],
+                                      edits=token_edits, return_state=False))
+        mask = request.attention_mask
+        assert mask is not None
+        parts: dict[str, list[tuple[Any, Any]]] = {}
+        state_parts: dict[str, list[tuple[Any, Any]]] = {}
+        for rows, length in length_groups(mask):
+            group = self.execute(_rows_of(request, rows, length, states))
+            for name in states:
+                parts.setdefault(name, []).append((rows, group.activations[name]))
+            for name, value in (group.state or {}).items():
+                state_parts.setdefault(name, []).append((rows, value))
+        n_rows = mask.shape[0]
+        for name in states:
+            result.activations[name] = scatter_rows(parts[name], n_rows)
+        result.activations = {n: result.activations[n] for n in request.capture}
+        if request.return_state:
+            result.state = {n: scatter_rows(p, n_rows) for n, p in state_parts.items()}
+        return result
+
     def read_only_reason(self, info: SiteInfo) -> str:
         """Why a site cannot be edited, for the error message (override to explain)."""
         return ""
@@ -245,13 +281,13 @@ class Backend:
         import torch
 
         for p in self.model.parameters():
-            return p.device
+            return cast("torch.device", p.device)
         return torch.device("cpu")
 
     def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
         """Validate and batch the inputs on the model's device; refuse padding the backend does
         not handle (its ``padding`` attribute) instead of returning wrong activations."""
-        from .engine import padding_side, prepare_inputs
+        from .batch import padding_side, prepare_inputs
 
         batch = prepare_inputs(inputs, self.device)
         mask = batch.get("attention_mask")
@@ -354,60 +390,38 @@ class Backend:
     @classmethod
     def for_model(cls, model: Any, hint: str | None = None) -> Backend:
         """The backend for ``model``: the registered one named by ``hint``, else the one whose
-        `can_handle` is most confident (ties: priority, then name, with a warning)."""
-        from .plugins import get_manager, suggest_distribution
+        `can_handle` is most confident (ties: priority, then name, with a warning). The
+        selection rules live in `archscope.detection`."""
+        from .detection import select_backend
 
-        manager = get_manager()
-        if hint is not None:
-            entry = manager.backends.get(hint)
-            if entry is None:
-                aliases = manager.backends.aliases()
-                raise NoBackendError(
-                    f"unknown backend hint {hint!r}; registered backends: "
-                    f"{', '.join(manager.backends.names()) or '(none)'}"
-                    + (f"; aliases: {', '.join(f'{a}->{n}' for a, n in sorted(aliases.items()))}"
-                       if aliases else "")
-                )
-            backend_cls: type[Backend] = entry.obj
-            return backend_cls(model)
+        return select_backend(model, hint)(model)
 
-        scored: list[tuple[float, int, str, type[Backend]]] = []
-        for entry in manager.backends:
-            try:
-                score = entry.obj.can_handle(model)
-            except Exception as exc:  # can_handle must not raise; do not let one break detection
-                warnings.warn(f"archscope: {entry.name}.can_handle raised {exc!r}; ignoring it",
-                              stacklevel=2)
-                continue
-            if score is not None and score > 0:
-                scored.append((float(score), int(entry.obj.priority), entry.name, entry.obj))
-        if not scored:
-            model_cls = type(model)
-            installed = ", ".join(
-                f"{e.name} ({e.distribution})" for e in manager.backends) or "(none)"
-            suggestion = suggest_distribution(model)
-            hint_text = (
-                f"install {suggestion} (pip install {suggestion})"
-                if suggestion and suggestion not in {e.distribution for e in manager.backends}
-                else "describe the model with a custom-model adapter or write a backend plugin "
-                "(see docs/plugin-authors.md), or pass hint=<backend name>"
-            )
-            raise NoBackendError(
-                f"no installed archscope backend can handle {model_cls.__qualname__} "
-                f"(module {model_cls.__module__}). Installed backends: {installed}. "
-                f"To fix: {hint_text}."
-            )
-        scored.sort(key=lambda t: (-t[0], -t[1], t[2]))
-        best = scored[0]
-        ties = [s for s in scored if s[0] == best[0]]
-        if len(ties) > 1:
-            warnings.warn(
-                f"archscope: backends {', '.join(t[2] for t in ties)} are equally confident "
-                f"({best[0]}) for {type(model).__name__}; using {best[2]} (pass hint= to choose)",
-                stacklevel=2,
-            )
-        return best[3](model)
 
+def _rows_of(request: RunRequest, rows: Any, length: int, capture: list[str]) -> RunRequest:
+    """``request`` restricted to ``rows``, trimmed to their ``length`` real tokens."""
+    batch = {k: v[rows, :length] if getattr(v, "dim", lambda: 0)() == 2 else v
+             for k, v in request.batch.items()}
+    width = request.batch["input_ids"].shape[1] if "input_ids" in request.batch else length
+    n_rows = next(iter(request.batch.values())).shape[0]
+    edits = {n: [_edit_rows(e, rows, n_rows, width, length) for e in es]
+             for n, es in request.edits.items()}
+    initial = ({k: v[rows] for k, v in request.initial_state.items()}
+               if request.initial_state else None)
+    return replace(request, batch=batch, capture=capture, edits=edits, initial_state=initial)
+
+
+def _edit_rows(edit: Edit, rows: Any, n_rows: int, width: int, length: int) -> Edit:
+    """An edit made for the full batch, for a group of its rows trimmed to ``length``:
+    per-row values are sliced; explicit positions are kept when they fall inside the group."""
+    value = edit.value
+    if getattr(value, "dim", lambda: 0)() >= 2 and value.shape[0] == n_rows:
+        value = value[rows.to(value.device)]
+    positions = edit.positions
+    if isinstance(positions, (int, list, tuple)):
+        given = [positions] if isinstance(positions, int) else list(positions)
+        absolute = [p + width if p < 0 else p for p in given]
+        positions = [p for p in absolute if p < length]
+    return Edit(edit.site, edit.op, value, positions, edit.units)
 
 def __getattr__(name: str) -> Any:
     # 0.2 exposed per-architecture classes here (e.g. a "...Backend" class per family); they now

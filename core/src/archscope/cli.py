@@ -136,7 +136,8 @@ def _parse_params(method: Any, params: tuple[str, ...], quick: bool) -> dict[str
             raise ParameterError(f"method {method.name!r} has no parameter {key!r}; its "
                                  f"parameters: {valid}")
         values[key] = specs[key].parse(text)
-    return method.check_params(values)
+    checked: dict[str, Any] = method.check_params(values)
+    return checked
 
 
 def _method_data(method: Any, backend: Any, tokenizer: Any, texts: tuple[str, ...],

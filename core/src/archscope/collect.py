@@ -8,10 +8,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from .batch import pool as pool_tokens
+from .batch import real_tokens
 from .data import as_dataset, padding_for
 from .errors import InputError, SiteError
-from .pooling import pool as pool_tokens
-from .pooling import real_tokens
 
 if TYPE_CHECKING:
     import torch

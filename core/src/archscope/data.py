@@ -38,6 +38,39 @@ def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> l
     return ids
 
 
+def _read_jsonl(path: Path) -> tuple[list[str], list[int]]:
+    texts: list[str] = []
+    labels: list[int] = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        if not isinstance(obj, dict) or "text" not in obj:
+            raise InputError(f"{path}:{n}: each line needs an object with a 'text' key")
+        texts.append(str(obj["text"]))
+        if "label" in obj:
+            labels.append(int(obj["label"]))
+    return texts, labels
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[int]]:
+    texts: list[str] = []
+    labels: list[int] = []
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames is None or "text" not in reader.fieldnames:
+            raise InputError(f"{path}: a CSV data file needs a 'text' column "
+                             f"(found {reader.fieldnames})")
+        for row in reader:
+            texts.append(row["text"])
+            if row.get("label") not in (None, ""):
+                labels.append(int(row["label"]))
+    return texts, labels
+
+
 def pad_batch(rows: Sequence[Sequence[int]], side: PaddingSide = "right",
               pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Token-id rows of any lengths → ``{"input_ids", "attention_mask"}`` padded on ``side``."""
@@ -75,6 +108,9 @@ class Dataset:
     labels: list[int] | None = None
     tokenizer: Any = field(default=None, repr=False, compare=False)
     max_length: int | None = None
+    #: Token ids of ``texts``, filled by `ids` on first use.
+    _tokenized: list[list[int]] | None = field(default=None, init=False, repr=False,
+                                               compare=False)
 
     def __post_init__(self) -> None:
         if (self.texts is None) == (self.token_ids is None):
@@ -118,34 +154,13 @@ class Dataset:
         path = Path(path)
         if not path.is_file():
             raise InputError(f"no such data file: {path}")
-        texts: list[str] = []
-        labels: list[int] = []
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{n}: not JSON ({exc.msg})") from None
-                if not isinstance(obj, dict) or "text" not in obj:
-                    raise InputError(f"{path}:{n}: each line needs an object with a 'text' key")
-                texts.append(str(obj["text"]))
-                if "label" in obj:
-                    labels.append(int(obj["label"]))
+            texts, labels = _read_jsonl(path)
         elif suffix == ".csv":
-            with path.open(newline="") as handle:
-                reader = csv.DictReader(handle)
-                if reader.fieldnames is None or "text" not in reader.fieldnames:
-                    raise InputError(f"{path}: a CSV data file needs a 'text' column "
-                                     f"(found {reader.fieldnames})")
-                for row in reader:
-                    texts.append(row["text"])
-                    if row.get("label") not in (None, ""):
-                        labels.append(int(row["label"]))
+            texts, labels = _read_csv(path)
         else:
-            texts = [line for line in path.read_text().splitlines() if line.strip()]
+            texts, labels = [line for line in path.read_text().splitlines() if line.strip()], []
         if labels and len(labels) != len(texts):
             raise InputError(f"{path}: {len(labels)} of {len(texts)} rows have a label; label "
                              "every row or none")
@@ -164,20 +179,26 @@ class Dataset:
 
     def ids(self) -> list[list[int]]:
         """Every item as token ids (texts are tokenized once and cached)."""
-        if self.token_ids is None:
+        if self.token_ids is not None:
+            return self.token_ids
+        if self._tokenized is None:
             assert self.texts is not None
-            self.token_ids = _tokenize(self.tokenizer, self.texts, self.max_length)
-        return self.token_ids
+            self._tokenized = _tokenize(self.tokenizer, self.texts, self.max_length)
+        return self._tokenized
 
     def subset(self, indices: Sequence[int]) -> Dataset:
         """The items at ``indices`` (labels kept aligned)."""
         idx = [int(i) for i in indices]
         pick = (lambda xs: None if xs is None else [xs[i] for i in idx])  # noqa: E731
-        return replace(self, texts=pick(self.texts), token_ids=pick(self.token_ids),
-                       labels=pick(self.labels))
+        out = replace(self, texts=pick(self.texts), token_ids=pick(self.token_ids),
+                      labels=pick(self.labels))
+        out._tokenized = pick(self._tokenized)
+        return out
 
     def with_labels(self, labels: Sequence[int]) -> Dataset:
-        return replace(self, labels=list(labels))
+        out = replace(self, labels=list(labels))
+        out._tokenized = self._tokenized
+        return out
 
     def batches(self, batch_size: int = 32, side: PaddingSide = "right",
                 pad_id: int | None = None) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:

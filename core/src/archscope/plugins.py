@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 
@@ -49,7 +49,7 @@ def _warn(message: str) -> None:
 
 def _catalogue() -> dict[str, Any]:
     text = resources.files("archscope").joinpath("_catalogue.json").read_text()
-    return json.loads(text)
+    return cast("dict[str, Any]", json.loads(text))
 
 
 def first_party() -> frozenset[str]:

@@ -182,7 +182,7 @@ class ProbeFit(Artifact):
 
         from ._probe_net import Probe
 
-        self.probe_config = config
+        self.config = config
         self.input_dim = int(input_dim)
         self.device = torch.device(device)
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
@@ -215,7 +215,7 @@ class ProbeFit(Artifact):
             if not 0.0 < val_split < 1.0:
                 raise ParameterError(f"val_split must be in (0, 1) so that AUROC is measured on "
                                      f"held-out rows; got {val_split}")
-            tr, va = stratified_split(y, val_split, self.probe_config.seed)
+            tr, va = stratified_split(y, val_split, self.config.seed)
             if len(va) == 0 or len(tr) == 0:
                 raise InputError(f"ProbeFit.train: {len(y)} examples are too few to hold "
                                  f"{val_split:.0%} out; give more examples")
@@ -242,9 +242,9 @@ class ProbeFit(Artifact):
         z = ((x - self.mean) / self.std).to(self.device)
         target = y.float().to(self.device)
         optim = torch.optim.AdamW(self.probe.parameters(), lr=lr,
-                                  weight_decay=self.probe_config.weight_decay)
+                                  weight_decay=self.config.weight_decay)
         loss_fn = torch.nn.BCEWithLogitsLoss()
-        g = torch.Generator().manual_seed(self.probe_config.seed + 1)
+        g = torch.Generator().manual_seed(self.config.seed + 1)
         self.probe.train()
         for _ in range(epochs):
             order = torch.randperm(len(z), generator=g).to(self.device)
@@ -279,7 +279,8 @@ class ProbeFit(Artifact):
         self._check_dim(x, "ProbeFit.score")
         with torch.no_grad():
             z = ((x.float().cpu() - self.mean) / self.std).to(self.device)
-            return self.probe(z).float().cpu()
+            logits: torch.Tensor = self.probe(z)
+            return logits.float().cpu()
 
     def score(self, activations: torch.Tensor) -> torch.Tensor:
         """P(label = 1) per row of (N, input_dim) activations."""
@@ -296,7 +297,7 @@ class ProbeFit(Artifact):
                                 "activations): pool the activations yourself and call score()")
         self.check_fits(backend)
         site = self.fitted_on.site
-        x = pooled_activations(backend, data, [site], pool=self.probe_config.pool,
+        x = pooled_activations(backend, data, [site], pool=self.config.pool,
                                batch_size=batch_size, tokenizer=tokenizer)[site]
         return self.score(x)
 
@@ -318,9 +319,9 @@ class ProbeFit(Artifact):
     def _linear(self) -> nn.Linear:
         import torch
 
-        if self.probe_config.probe_type != "linear":
+        if self.config.probe_type != "linear":
             raise ParameterError(f"direction and bias exist for probe_type='linear'; this probe "
-                                 f"is {self.probe_config.probe_type!r} (use score() instead)")
+                                 f"is {self.config.probe_type!r} (use score() instead)")
         assert isinstance(self.probe.net, torch.nn.Linear)
         return self.probe.net
 
@@ -331,8 +332,8 @@ class ProbeFit(Artifact):
         tensors["input_std"] = self.std
         return tensors
 
-    def config(self) -> dict[str, Any]:
-        return {"probe": dataclasses.asdict(self.probe_config), "input_dim": self.input_dim,
+    def artifact_config(self) -> dict[str, Any]:
+        return {"probe": dataclasses.asdict(self.config), "input_dim": self.input_dim,
                 "metrics": None if self.metrics is None else self.metrics.to_dict()}
 
     @classmethod
@@ -371,7 +372,7 @@ class ProbeFit(Artifact):
 
     def __repr__(self) -> str:
         where = f" on {self.fitted_on.backend}:{self.fitted_on.site}" if self.fitted_on else ""
-        return f"<ProbeFit {self.probe_config.probe_type} d={self.input_dim}{where}>"
+        return f"<ProbeFit {self.config.probe_type} d={self.input_dim}{where}>"
 
 
 # -- activations of a backend ---------------------------------------------------------------

@@ -88,3 +88,54 @@ def register_methods(register: Callable[..., None]) -> None:
         arity=2,
         quick={"epochs": 5},
     ))
+    register(Method(
+        name="sae",
+        summary="Train a sparse autoencoder (dense, rank-1, TopK, BatchTopK) on one site; "
+                "reconstruction metrics and next-token loss with it spliced in",
+        function="archscope.sae:sae_method",
+        input="dataset",
+        arity=1,
+        quick={"n_features": 64, "k": 4, "epochs": 2, "batch_size": 256},
+    ))
+    register(Method(
+        name="patch",
+        summary="Activation patching: clean activations at chosen sites and positions patched "
+                "into the corrupted run; gap restored",
+        function="archscope.attribute.methods:patch_method",
+        requires=frozenset({"edit", "logits"}),
+        input="contrast",
+        quick={"positions": "last"},
+    ))
+    register(Method(
+        name="patch-sweep",
+        summary="Gap restored per layer x position (or layer x component), batched patched runs",
+        function="archscope.attribute.methods:patch_sweep_method",
+        requires=frozenset({"edit", "logits"}),
+        input="contrast",
+        quick={"positions": "last", "batch_size": 16},
+    ))
+    register(Method(
+        name="attribution-patch",
+        summary="Attribution patching (AtP): a whole sweep from one forward and one backward "
+                "pass, optionally beside the exact sweep",
+        function="archscope.attribute.methods:attribution_patch_method",
+        requires=frozenset({"edit", "logits"}),
+        input="contrast",
+        quick={"positions": "last"},
+    ))
+    register(Method(
+        name="dim",
+        summary="DIM decomposition: share of the gap carried by attention / mixer / MLP outputs",
+        function="archscope.attribute.methods:dim_method",
+        requires=frozenset({"edit", "components", "logits"}),
+        input="contrast",
+        quick={"positions": "last"},
+    ))
+    register(Method(
+        name="state-patch",
+        summary="State patching: swap each layer's recurrent state (per kind) after a prefix; "
+                "gap restored",
+        function="archscope.attribute.methods:state_patch_method",
+        requires=frozenset({"state_patch", "logits"}),
+        input="contrast",
+    ))

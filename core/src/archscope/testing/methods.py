@@ -51,7 +51,7 @@ def toy_model(seed: int = 0, vocab: int = 23, d_model: int = 8, d_mlp: int = 16,
             self.up, self.act, self.down = nn.Linear(d_model, d_mlp), nn.GELU(), \
                 nn.Linear(d_mlp, d_model)
 
-        def forward(self, h: torch.Tensor) -> torch.Tensor:
+        def forward(self, h: torch.Tensor) -> Any:
             return self.down(self.act(self.up(h)))
 
     class Block(nn.Module):
@@ -59,7 +59,7 @@ def toy_model(seed: int = 0, vocab: int = 23, d_model: int = 8, d_mlp: int = 16,
             super().__init__()
             self.mlp = Mlp()
 
-        def forward(self, h: torch.Tensor) -> torch.Tensor:
+        def forward(self, h: torch.Tensor) -> Any:
             return h + self.mlp(h)
 
     class ToyMethodModel(nn.Module):
@@ -71,7 +71,7 @@ def toy_model(seed: int = 0, vocab: int = 23, d_model: int = 8, d_mlp: int = 16,
             self.norm = nn.LayerNorm(d_model)
             self.head = nn.Linear(d_model, vocab)
 
-        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        def forward(self, input_ids: torch.Tensor) -> Any:
             h = self.embed(input_ids)
             for block in self.blocks:
                 h = block(h)

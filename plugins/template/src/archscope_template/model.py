@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -35,7 +37,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.mixer(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        return cast("torch.Tensor", x + self.mlp(self.norm2(x)))
 
 
 class MinGRULM(nn.Module):
@@ -54,4 +56,4 @@ class MinGRULM(nn.Module):
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return cast("torch.Tensor", self.head(self.norm(x)))

@@ -1,0 +1,171 @@
+"""Batches: turning inputs into a validated token batch, which side it is padded on, where
+each row's last real token is, pooling over real tokens, and regrouping rows by length."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "Pool",
+    "TextInputError",
+    "last_real_index",
+    "length_groups",
+    "padding_side",
+    "pool",
+    "prepare_inputs",
+    "real_tokens",
+    "scatter_rows",
+]
+
+Pool = Literal["mean", "last"]
+
+
+class TextInputError(InputError, TypeError):
+    """Text given where token ids are needed."""
+
+
+def prepare_inputs(inputs: Any, device: Any = None) -> dict[str, Any]:
+    """Token ids (tensor, list of lists, or a mapping with ``input_ids`` and optionally
+    ``attention_mask``) → a batch dict of 2-D tensors on ``device``."""
+    import torch
+
+    batch = _as_batch(inputs)
+    for key in ("input_ids", "attention_mask"):
+        if key in batch and not isinstance(batch[key], torch.Tensor):
+            try:
+                batch[key] = torch.tensor(batch[key], dtype=torch.long)
+            except (ValueError, TypeError) as exc:
+                raise InputError(
+                    f"could not make a tensor of {key}: {exc}. Sequences of different lengths "
+                    "must be padded (make_tokenize_fn pads) and come with an attention_mask"
+                ) from None
+    if batch.get("input_ids") is not None:
+        batch["input_ids"], batch["attention_mask"] = _checked_ids(
+            batch["input_ids"], batch.get("attention_mask"))
+    if device is not None:
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return batch
+
+
+def _as_batch(inputs: Any) -> dict[str, Any]:
+    if isinstance(inputs, str) or (
+        isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)
+    ):
+        raise TextInputError(
+            "run/extract take token ids, not text: tokenize first, e.g. "
+            "archscope.make_tokenize_fn(tokenizer)(texts), or pass {'input_ids': ..., "
+            "'attention_mask': ...}"
+        )
+    if not isinstance(inputs, Mapping):
+        return {"input_ids": inputs}
+    batch = {k: v for k, v in inputs.items() if v is not None}
+    if "input_ids" not in batch and "inputs_embeds" not in batch:
+        raise InputError(
+            f"input mapping needs 'input_ids' (and optionally 'attention_mask'); got keys "
+            f"{sorted(inputs)}"
+        )
+    return batch
+
+
+def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    if ids.dtype.is_floating_point:
+        raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids.unsqueeze(0)
+    if ids.dim() != 2:
+        raise InputError(f"input_ids must be (batch, seq) or (seq,), got shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise InputError("input_ids is empty: give at least one token")
+    if mask is None:
+        mask = torch.ones_like(ids)
+    if mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    if mask.shape != ids.shape:
+        raise InputError(
+            f"attention_mask shape {tuple(mask.shape)} does not match input_ids "
+            f"shape {tuple(ids.shape)}"
+        )
+    if (mask.sum(-1) == 0).any():
+        raise InputError("a row of attention_mask has no real token")
+    return ids, mask.long()
+
+
+def padding_side(mask: torch.Tensor) -> Literal["none", "left", "right", "mixed"]:
+    """Which side a (batch, seq) attention mask pads on."""
+    if bool(mask.all()):
+        return "none"
+    if bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return "right"
+    if bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        return "left"
+    return "mixed"
+
+
+def last_real_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token, for left or right padding."""
+    import torch
+
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def pool(acts: torch.Tensor, mask: torch.Tensor | None, how: Pool = "mean") -> torch.Tensor:
+    """Mean over real tokens, or the last real token, of a token site; padding never counts.
+
+    A (batch, features) tensor (a state site, one value per sequence) passes through.
+    """
+    import torch
+
+    if acts.dim() == 2:
+        return acts
+    if mask is None:
+        mask = torch.ones(acts.shape[:2], dtype=torch.long, device=acts.device)
+    if mask.shape != acts.shape[:2]:
+        raise InputError(f"attention mask {tuple(mask.shape)} does not match activations "
+                         f"{tuple(acts.shape[:2])}")
+    if how == "mean":
+        weights = mask.to(acts.dtype).unsqueeze(-1)
+        return (acts * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    if how == "last":
+        rows = torch.arange(acts.shape[0], device=acts.device)
+        return acts[rows, last_real_index(mask)]
+    raise InputError(f"unknown pooling {how!r}: use 'mean' or 'last'")
+
+
+def real_tokens(acts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """All real-token vectors of a token site, stacked: (n_real_tokens, d)."""
+    if mask is None:
+        return acts.reshape(-1, acts.shape[-1])
+    return acts[mask.bool()]
+
+
+def length_groups(mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+    """The rows of a right-padded (batch, seq) mask grouped by their number of real tokens:
+    ``[(row indices, length), ...]`` in increasing length. Running ``ids[rows, :length]`` of each
+    group gives, for every row, the values after its own last real token."""
+    import torch
+
+    lengths = mask.sum(-1)
+    return [(torch.nonzero(lengths == n).flatten(), int(n))
+            for n in torch.unique(lengths).tolist()]
+
+
+def scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], n_rows: int) -> torch.Tensor:
+    """Reassemble per-group tensors ``[(row indices, value), ...]`` (each value's first axis is
+    its group's rows) into one tensor of ``n_rows`` rows in the original order."""
+    import torch
+
+    first = parts[0][1]
+    out = torch.zeros((n_rows, *first.shape[1:]), dtype=first.dtype, device=first.device)
+    for rows, value in parts:
+        out[rows.to(value.device)] = value
+    return out

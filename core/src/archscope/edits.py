@@ -1,0 +1,201 @@
+"""Edits: a change to a site's value during a run (`Edit`), and `apply_edit`, the one
+implementation of what an edit does to a tensor (positions, units, shape checks)."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from .batch import last_real_index
+from .errors import SiteError
+from .sites import Site, SiteInfo
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Edit", "EditError", "EditOp", "Positions", "apply_edit"]
+
+
+class EditError(SiteError, TypeError):
+    """A malformed edit (unknown op, positions that are not indices, a value of the wrong
+    type); also a `TypeError`, as 0.2 raised for some of these."""
+
+
+EditOp = Literal["replace", "add", "scale", "fn"]
+
+
+def _is_index(value: Any) -> bool:
+    """An integer index (int, numpy or 0-d torch integer), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+Positions = None | int | slice | Sequence[int]
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A change to a site's value during a run.
+
+    ``op``: ``replace`` (patch), ``add`` (steer), ``scale`` (multiply; 0 ablates) or ``fn``
+    (call ``value(tensor) -> tensor``). ``positions`` selects sequence positions of token sites
+    (None = all). ``units`` selects feature indices (neurons) of the last axis (None = all).
+    A tensor ``value`` must have exactly the selected shape, or be a vector over the selected
+    units, which is then applied at every selected position; anything else is an error.
+    """
+
+    site: str
+    op: EditOp
+    value: Any
+    positions: Positions = None
+    units: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        where = f"Edit of {self.site!r}"
+        if self.op not in ("replace", "add", "scale", "fn"):
+            raise EditError(f"{where}: unknown op {self.op!r}; use replace, add, scale or fn "
+                             "(Edit.replace / add / scale / apply)")
+        if self.op == "fn" and not callable(self.value):
+            raise EditError(f"{where}: Edit.apply needs a function tensor -> tensor, got "
+                            f"{type(self.value).__name__}")
+        if self.op != "fn" and (isinstance(self.value, (str, bytes)) or callable(self.value)):
+            raise EditError(f"{where}: the value of a {self.op} edit is a number or a tensor, "
+                            f"got {type(self.value).__name__}")
+        for field_name in ("positions", "units"):  # tensors / arrays of indices -> lists
+            value = getattr(self, field_name)
+            if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+                object.__setattr__(self, field_name, value.tolist())
+        pos = self.positions
+        ok = (pos is None or pos == "last" or isinstance(pos, slice) or _is_index(pos)
+              or (isinstance(pos, Sequence) and not isinstance(pos, str)
+                  and all(_is_index(p) for p in pos)))
+        if not ok:
+            raise EditError(f"{where}: positions must be None (all), an int, a slice, a list of "
+                             f"ints or 'last' (each row's last real token); got {pos!r}")
+        if self.units is not None and (isinstance(self.units, str) or not all(
+                _is_index(u) for u in self.units)):
+            raise EditError(f"{where}: units must be a list of feature indices (ints), got "
+                             f"{self.units!r}")
+
+    @classmethod
+    def replace(cls, site: str | Site, value: Any, positions: Positions = None,
+                units: Sequence[int] | None = None) -> Edit:
+        return cls(str(site), "replace", value, positions, units)
+
+    @classmethod
+    def add(cls, site: str | Site, value: Any, positions: Positions = None,
+            units: Sequence[int] | None = None) -> Edit:
+        return cls(str(site), "add", value, positions, units)
+
+    @classmethod
+    def scale(cls, site: str | Site, factor: Any, positions: Positions = None,
+              units: Sequence[int] | None = None) -> Edit:
+        return cls(str(site), "scale", factor, positions, units)
+
+    @classmethod
+    def apply(cls, site: str | Site, fn: Callable[[Any], Any], positions: Positions = None,
+              units: Sequence[int] | None = None) -> Edit:
+        return cls(str(site), "fn", fn, positions, units)
+
+
+def apply_edit(value: torch.Tensor, edit: Edit, info: SiteInfo,
+               mask: torch.Tensor | None) -> torch.Tensor:
+    """``value`` with ``edit`` applied (a new tensor): the one implementation of edit semantics,
+    for the engine's hooks and for backends that apply edits themselves."""
+    if edit.positions is not None and info.kind != "token":
+        raise SiteError(f"edit of {edit.site!r}: positions apply only to token sites; "
+                        f"{edit.site} is a {info.kind} site")
+    out = value.clone()
+    units = _unit_index(edit, value)
+    index = _position_index(edit, value, mask)  # rows x positions, then units
+    selected = out[index]
+    target = selected[..., units] if units is not None else selected
+    new = _edited(edit, target, value)
+    if units is not None:
+        selected[..., units] = new.to(selected.dtype)
+    else:
+        selected = new.to(selected.dtype)
+    out[index] = selected
+    return out
+
+
+def _unit_index(edit: Edit, value: torch.Tensor) -> torch.Tensor | None:
+    import torch
+
+    if edit.units is None:
+        return None
+    units = torch.as_tensor(list(edit.units), dtype=torch.long, device=value.device)
+    if units.numel() and (units.max() >= value.shape[-1] or units.min() < -value.shape[-1]):
+        raise SiteError(f"edit of {edit.site!r}: unit index out of range for dimension "
+                        f"{value.shape[-1]}")
+    return units
+
+
+def _position_index(edit: Edit, value: torch.Tensor,
+                    mask: torch.Tensor | None) -> tuple[Any, ...]:
+    import torch
+
+    pos = edit.positions
+    if pos == "last":
+        if mask is None:
+            raise SiteError("positions='last' needs an attention mask")
+        return (torch.arange(value.shape[0], device=value.device), last_real_index(mask))
+    if pos is None:
+        return (slice(None),)
+    if isinstance(pos, slice):
+        return (slice(None), pos)
+    seq = value.shape[1]
+    pos_list = [int(p) for p in pos] if isinstance(pos, Sequence) else [operator.index(pos)]
+    bad = [p for p in pos_list if not -seq <= p < seq]
+    if bad:
+        raise SiteError(f"edit of {edit.site!r}: positions {bad} out of range for a "
+                        f"sequence of length {seq}")
+    return (slice(None), torch.tensor(pos_list, dtype=torch.long, device=value.device))
+
+
+def _edited(edit: Edit, target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The new value of the selected part ``target`` of a site's ``value``."""
+    import torch
+
+    if edit.op == "fn":
+        new = edit.value(target)
+        if not isinstance(new, torch.Tensor) or new.shape != target.shape:
+            raise SiteError(f"edit of {edit.site!r}: the function must return a tensor of shape "
+                            f"{tuple(target.shape)}, got "
+                            f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new)}")
+        return new
+    operand = _operand(edit, target, value)
+    if edit.op == "replace":
+        return operand.expand_as(target)
+    if edit.op == "add":
+        return target + operand
+    if edit.op == "scale":
+        return target * operand
+    raise SiteError(f"unknown edit op {edit.op!r}: use replace, add, scale or fn")
+
+
+def _operand(edit: Edit, target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    operand = edit.value
+    if isinstance(operand, (int, float)):
+        if edit.op == "replace":
+            return torch.full_like(target, float(operand))
+        return torch.tensor(float(operand), dtype=target.dtype, device=target.device)
+    operand = torch.as_tensor(operand).to(device=target.device, dtype=target.dtype)
+    vector = operand.dim() == 1 and operand.shape[0] == target.shape[-1]
+    if operand.shape != target.shape and not vector:
+        raise SiteError(
+            f"edit of {edit.site!r}: value of shape {tuple(operand.shape)} does not fit the "
+            f"selected part of the site, shape {tuple(target.shape)} (site shape "
+            f"{tuple(value.shape)}); give exactly that shape or a vector of "
+            f"{target.shape[-1]} to apply at every selected position"
+        )
+    return operand

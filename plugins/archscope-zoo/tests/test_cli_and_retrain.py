@@ -1,0 +1,49 @@
+"""``archscope zoo list`` shows the shipped models; retraining reproduces the shipped losses
+(slow: run with ``pytest -m slow``, or ``python -m archscope_zoo.train --out DIR --check``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from archscope.cli import cli
+from archscope.plugins import get_manager
+from archscope_zoo import MODEL_NAMES, manifest
+
+
+def _zoo_cli() -> object:
+    get_manager().add_commands(cli)  # what `archscope` does before parsing its arguments
+    return cli
+
+
+def test_zoo_list_shows_every_shipped_model_with_its_size_and_loss() -> None:
+    result = CliRunner().invoke(_zoo_cli(), ["zoo", "list"])  # type: ignore[arg-type]
+    assert result.exit_code == 0, result.output
+    for name in MODEL_NAMES:
+        record = manifest()["models"][name]
+        row = next(line for line in result.output.splitlines() if f"zoo:{name}" in line)
+        assert f"{record['heldout_loss']:.3f}" in row
+        assert f"{record['bytes'] / 1e6:.2f} MB" in row
+        assert record["class"] in row
+    as_json = CliRunner().invoke(_zoo_cli(), ["zoo", "list", "--json"])  # type: ignore[arg-type]
+    assert json.loads(as_json.output) == manifest()
+
+
+def test_the_zoo_source_is_registered_by_the_plugin() -> None:
+    assert "zoo" in [entry.name for entry in get_manager().sources]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_retraining_reproduces_the_shipped_held_out_loss(name: str, tmp_path: Path) -> None:
+    from archscope_zoo.train import main
+
+    assert main(["--models", name, "--out", str(tmp_path), "--check"]) == 0
+    retrained = json.loads((tmp_path / "manifest.json").read_text())["models"][name]
+    shipped = manifest()["models"][name]
+    assert abs(retrained["heldout_loss"] - shipped["heldout_loss"]) <= 0.03 * shipped["heldout_loss"]
+    if name == "transformer":
+        assert retrained["induction_score"] >= 100
