@@ -51,6 +51,7 @@ CONTENDERS = {
     "nnsight": ("nnsight", ("nnsight",), "nnsight"),
     "pyvene": ("nnsight", ("pyvene",), "pyvene"),
     "tuned_lens": ("tunedlens", ("tuned-lens",), "tuned-lens LogitLens"),
+    "archscope_atp": ("main", ("archscope",), "archscope attribution patching (AtP)"),
     "sae_lens": ("saelens", ("sae-lens",), "SAELens (SAETrainer)"),
     "sae_lens_export": ("saelens", ("sae-lens",), "archscope SAE loaded by SAELens"),
 }
@@ -337,6 +338,17 @@ def workloads(quick: bool) -> list[Workload]:
         Workload(4, "mamba_ssm", "ssm_state of every layer, 4-layer Mamba (d_model 128)",
                  "mamba", 8 if not quick else 2, 64 if not quick else 32,
                  [f"layer_{i}.ssm_state" for i in range(4)], ["archscope", "transformer_lens"]),
+        Workload(5, "patching", "layer × position activation patching sweep, 6-layer GPT-2",
+                 "gpt2", 4 if not quick else 2, 64 if not quick else 16, [],
+                 ["archscope", "transformer_lens", "archscope_atp"], rounds=2,
+                 compare_keys=["gap_restored"], extra={"rows": 64},
+                 target="≥ 4× faster than TransformerLens's sweep; attribution patching ≥ 100×",
+                 note="Residual stream before every block (TransformerLens's `resid_pre`, "
+                      "archscope's `patch_sweep(embed=True)` rows) × every position; metric: "
+                      "the clean run's top last token's logit minus the corrupted run's, as "
+                      "the fraction of the gap restored (archscope's default, written out "
+                      "for TransformerLens). Corrupted inputs: the clean ids with 4 positions "
+                      "replaced. AtP is an estimate and is not compared."),
         Workload(8, "profile", "the profile (archscope.bench.benchmark) of the 6-layer GPT-2",
                  "gpt2", 1, 8, [], ["archscope", "archscope02"], rounds=1 if quick else 2,
                  target="≥ 5× faster than archscope 0.2.2",
@@ -378,7 +390,11 @@ def save_inputs(path: Path, model: str, batch: int, seq: int) -> None:
 
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB[model], (batch, seq), generator=generator)
-    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, str(path))
+    corrupted = ids.clone()  # for the patching sweep: 4 positions of every row replaced
+    where = torch.randperm(seq, generator=generator)[:4]
+    corrupted[:, where] = torch.randint(0, VOCAB[model], (batch, len(where)), generator=generator)
+    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids),
+               "corrupted_ids": corrupted}, str(path))
 
 
 def cache_activations(path: Path, model_dir: Path, n_train: int, n_eval: int) -> None:
@@ -403,104 +419,137 @@ def cache_activations(path: Path, model_dir: Path, n_train: int, n_eval: int) ->
                "eval": acts[n_train:n_train + n_eval].contiguous()}, str(path))
 
 
-def run_workload(work: Workload, args: argparse.Namespace, models: dict[str, Path],
-                 tmp: Path, pythons: dict[str, Path]) -> list[Row]:
-    """Check every contender against archscope, then time the survivors round-robin."""
-    from safetensors.torch import load_file
-
+def _prepare_inputs(work: Workload, args: argparse.Namespace, models: dict[str, Path],
+                    tmp: Path) -> Path:
     inputs = tmp / f"{work.key}.inputs.safetensors"
     if work.key.startswith("sae"):
         acts = tmp / "sae.activations.safetensors"
         if not acts.exists():
-            steps = 2 if args.quick else 8
-            cache_activations(acts, models["gpt2"], 4096 * steps, 2048)
+            cache_activations(acts, models["gpt2"], 4096 * (2 if args.quick else 8), 2048)
         work.extra["acts"] = str(acts)
     save_inputs(inputs, work.model, max(work.batch, 1), max(work.seq, 1))
-    contenders = ["plain", *work.contenders]
-    rows = {name: Row(name, CONTENDERS[name][2]) for name in contenders}
-    workers: dict[str, Worker] = {}
-    outputs: dict[str, dict[str, Any]] = {}
+    return inputs
 
-    def fail(name: str, error: Exception) -> None:
-        rows[name].excluded = f"failed: {error}"[:300]
-        print(f"  {name}: {rows[name].excluded}", flush=True)
-        if name in workers:
-            workers.pop(name).close()
 
-    for name in contenders:  # all processes start (import, load the model) at once
-        env, dists, _ = CONTENDERS[name]
-        spec = {"workload": work.key, "contender": name, "model_dir": str(models[work.model]),
-                "inputs": str(inputs), "device": args.device, "threads": args.threads,
-                "sites": work.sites, "logits": work.logits, "stop_after": work.stop_after,
-                "dists": list(dists), "tmp": str(tmp), **work.extra}
-        try:
-            python = pythons.get(env) or ensure_venv(env, args.venvs)
-            pythons[env] = python
-            workers[name] = Worker(python, spec, tmp / f"{work.key}.{name}.log")
-        except (subprocess.CalledProcessError, OSError) as error:
-            fail(name, error)
-    for name in list(workers):
-        try:
-            workers[name].setup = workers[name].receive()
-            rows[name].versions = workers[name].setup["versions"]
-        except BenchError as error:
-            fail(name, error)
-    # First calls, at once too (peak memory is per process); archscope's first, since a
-    # contender may read what it wrote (the SAE export).
-    order = sorted(workers, key=lambda n: n != "archscope")
-    for group in (order[:1], order[1:]):
-        for name in group:
-            workers[name].send({"op": "check", "path": str(tmp / f"{work.key}.{name}.st")})
-        for name in group:
+class Session:
+    """The contenders' processes of one workload and what they reported."""
+
+    def __init__(self, work: Workload, args: argparse.Namespace, tmp: Path) -> None:
+        self.work, self.args, self.tmp = work, args, tmp
+        self.contenders = ["plain", *work.contenders]
+        self.rows = {name: Row(name, CONTENDERS[name][2]) for name in self.contenders}
+        self.workers: dict[str, Worker] = {}
+        self.outputs: dict[str, dict[str, Any]] = {}
+
+    def fail(self, name: str, error: Exception, what: str = "failed") -> None:
+        self.rows[name].excluded = f"{what}: {error}"[:300]
+        print(f"  {name}: {self.rows[name].excluded}", flush=True)
+        if name in self.workers:
+            self.workers.pop(name).close()
+
+    def start(self, models: dict[str, Path], inputs: Path, pythons: dict[str, Path]) -> None:
+        """All processes start (import, load the model) at once."""
+        work, args = self.work, self.args
+        for name in self.contenders:
+            env, dists, _ = CONTENDERS[name]
+            spec = {"workload": work.key, "contender": name,
+                    "model_dir": str(models[work.model]), "inputs": str(inputs),
+                    "device": args.device, "threads": args.threads, "sites": work.sites,
+                    "logits": work.logits, "stop_after": work.stop_after,
+                    "dists": list(dists), "tmp": str(self.tmp), **work.extra}
             try:
-                reply = workers[name].receive()
+                pythons[env] = pythons.get(env) or ensure_venv(env, args.venvs)
+                self.workers[name] = Worker(pythons[env], spec,
+                                            self.tmp / f"{work.key}.{name}.log")
+            except (subprocess.CalledProcessError, OSError) as error:
+                self.fail(name, error)
+        for name in list(self.workers):
+            try:
+                self.workers[name].setup = self.workers[name].receive()
+                self.rows[name].versions = self.workers[name].setup["versions"]
             except BenchError as error:
-                fail(name, error)
-                continue
-            rows[name].rss_peak_mb = reply["rss_peak_mb"]
-            rows[name].rss_added_mb = reply["rss_peak_mb"] - reply["rss_before_mb"]
-            outputs[name] = load_file(str(tmp / f"{work.key}.{name}.st"))
-            rows[name].note = "; ".join(f"{k}: {v}" for k, v in reply.get("report", {}).items())
-    reference = outputs.get("archscope")
-    if reference is None and work.compare_keys is not None:
-        reference = {}  # the peers are still timed against the plain yardstick
-    if reference is None:
-        raise BenchError(f"workload {work.number}: archscope itself failed "
-                         f"({rows['archscope'].excluded})")
-    for name, out in outputs.items():
-        if name == "archscope":
-            rows[name].max_diff = 0.0
-            continue
-        keys = set(reference) if work.compare_keys is None else set(work.compare_keys)
-        if name == "plain":
-            keys &= {"logits"}  # a plain forward returns only what the model returns
-        if work.compare_keys is not None:
-            keys &= set(out)  # contenders that return no comparable output are not compared
-        ref = {k: v for k, v in reference.items() if k in keys}
-        try:
-            if ref:
-                rows[name].max_diff, notes = compare(ref, out, work.waive.get(name))
-                rows[name].note = "; ".join(x for x in [rows[name].note, *notes] if x)
-        except BenchError as error:
-            rows[name].excluded = f"unequal output: {error}"
-            workers.pop(name).close()
-        print(f"  {name}: max abs diff {rows[name].max_diff} {rows[name].excluded}", flush=True)
-    for name in work.untimed:
-        if name in workers:
-            workers.pop(name).close()
-    names = list(workers)
-    try:
-        for name in names:  # warm-up round (the check above was the first call)
-            workers[name].ask({"op": "time"})
-        for order in round_robin(len(names), work.rounds or args.rounds):
+                self.fail(name, error)
+
+    def first_calls(self) -> None:
+        """At once too (peak memory is per process); archscope's first, since a contender
+        may read what it wrote (the SAE export)."""
+        from safetensors.torch import load_file
+
+        order = sorted(self.workers, key=lambda n: n != "archscope")
+        for group in (order[:1], order[1:]):
+            for name in group:
+                path = self.tmp / f"{self.work.key}.{name}.st"
+                self.workers[name].send({"op": "check", "path": str(path)})
+            for name in group:
+                try:
+                    reply = self.workers[name].receive()
+                except BenchError as error:
+                    self.fail(name, error)
+                    continue
+                row = self.rows[name]
+                row.rss_peak_mb = reply["rss_peak_mb"]
+                row.rss_added_mb = reply["rss_peak_mb"] - reply["rss_before_mb"]
+                self.outputs[name] = load_file(str(self.tmp / f"{self.work.key}.{name}.st"))
+                row.note = "; ".join(f"{k}: {v}" for k, v in reply.get("report", {}).items())
+
+    def check(self) -> None:
+        """Every contender's output against archscope's; unequal ones are not timed."""
+        work = self.work
+        reference = self.outputs.get("archscope")
+        if reference is None and work.compare_keys is not None:
+            reference = {}  # the peers are still timed against the plain yardstick
+        if reference is None:
+            raise BenchError(f"workload {work.number}: archscope itself failed "
+                             f"({self.rows['archscope'].excluded})")
+        for name, out in self.outputs.items():
+            row = self.rows[name]
+            keys = set(reference) if work.compare_keys is None else set(work.compare_keys)
+            if name == "plain":
+                keys &= {"logits"}  # a plain forward returns only what the model returns
+            if work.compare_keys is not None:
+                keys &= set(out)  # contenders with no comparable output are not compared
+            ref = {k: v for k, v in reference.items() if k in keys}
+            try:
+                if ref and name != "archscope":
+                    row.max_diff, notes = compare(ref, out, work.waive.get(name))
+                    row.note = "; ".join(x for x in [row.note, *notes] if x)
+                elif name == "archscope":
+                    row.max_diff = 0.0
+            except BenchError as error:
+                self.fail(name, error, "unequal output")
+            print(f"  {name}: max abs diff {row.max_diff} {row.excluded}", flush=True)
+        for name in work.untimed:
+            if name in self.workers:
+                self.workers.pop(name).close()
+
+    def time(self) -> None:
+        names = list(self.workers)
+        for name in names:  # warm-up round (the first call above was the first warm-up)
+            self.workers[name].ask({"op": "time"})
+        for order in round_robin(len(names), self.work.rounds or self.args.rounds):
             for i in order:
-                reply = workers[names[i]].ask({"op": "time"})
-                rows[names[i]].times.append(reply["case"])
-                rows[names[i]].ratios.append(reply["case"] / reply["plain"])
-    finally:
-        for worker in workers.values():
+                reply = self.workers[names[i]].ask({"op": "time"})
+                self.rows[names[i]].times.append(reply["case"])
+                self.rows[names[i]].ratios.append(reply["case"] / reply["plain"])
+
+    def close(self) -> None:
+        for worker in self.workers.values():
             worker.close()
-    return list(rows.values())
+
+
+def run_workload(work: Workload, args: argparse.Namespace, models: dict[str, Path],
+                 tmp: Path, pythons: dict[str, Path]) -> list[Row]:
+    """Check every contender against archscope, then time the survivors round-robin."""
+    inputs = _prepare_inputs(work, args, models, tmp)
+    session = Session(work, args, tmp)
+    try:
+        session.start(models, inputs, pythons)
+        session.first_calls()
+        session.check()
+        session.time()
+    finally:
+        session.close()
+    return list(session.rows.values())
 
 
 def run_scaling(args: argparse.Namespace, models: dict[str, Path], tmp: Path,

@@ -29,6 +29,8 @@ def _inputs(spec: dict[str, Any]) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     batch = load_file(spec["inputs"])
+    if spec["workload"] != "patching":
+        batch.pop("corrupted_ids", None)
     return {k: v.to(spec["device"]) for k, v in batch.items()}
 
 
@@ -52,9 +54,11 @@ def _index(site: str) -> int:
 def _plain(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
     import torch
 
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+
     def run() -> Outputs:
         with torch.no_grad():
-            return {"logits": model(**batch).logits}
+            return {"logits": model(**inputs).logits}
     return run
 
 
@@ -342,6 +346,60 @@ def _sae(contender: str) -> Callable[[Any, dict[str, Any], dict[str, Any]],
     return lambda model, batch, spec: makers[contender](spec)
 
 
+def _contrast(batch: dict[str, Any]) -> tuple[Any, Any]:
+    # The saved inputs hold the clean ids and their corrupted copy (same length).
+    return batch["input_ids"], batch["corrupted_ids"]
+
+
+def _archscope_patch(model: Any, batch: dict[str, Any],
+                     spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+
+    from archscope.attribute import attribution_patch, patch_sweep
+
+    clean, corrupted = _contrast(batch)
+
+    def exact() -> Outputs:
+        # embed=True: rows are the residual before every block (TransformerLens's resid_pre)
+        sweep = patch_sweep(model, clean, corrupted, embed=True, batch_size=spec["rows"])
+        grid = torch.tensor(sweep.gap_restored, dtype=torch.float32)
+        return {"gap_restored": grid[:-1]}  # the last row (after the last block) has no peer
+
+    def estimate() -> Outputs:
+        sweep = attribution_patch(model, clean, corrupted, embed=True)
+        return {"attribution": torch.tensor(sweep.attribution, dtype=torch.float32)}
+    return estimate if spec["contender"] == "archscope_atp" else exact
+
+
+def _transformer_lens_patch(model: Any, batch: dict[str, Any],
+                            spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+    from transformer_lens import patching
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(spec["model_dir"], hf_model=model,
+                                                 device=spec["device"])
+    clean, corrupted = _contrast(batch)
+
+    def run() -> Outputs:
+        # The same metric as archscope's default: the logit of the clean run's top last
+        # token minus the corrupted run's, as the fraction of the clean-corrupted gap.
+        with torch.no_grad():
+            clean_logits, cache = bridge.run_with_cache(clean)
+            corrupted_logits = bridge(corrupted)
+            a = clean_logits[:, -1].argmax(-1)[:, None]
+            b = corrupted_logits[:, -1].argmax(-1)[:, None]
+
+            def diff(logits: Any) -> Any:
+                last = logits[:, -1]
+                return (last.gather(1, a) - last.gather(1, b)).mean()
+            high, low = diff(clean_logits), diff(corrupted_logits)
+            grid = patching.get_act_patch_resid_pre(
+                bridge, corrupted, cache, lambda logits: (diff(logits) - low) / (high - low))
+        return {"gap_restored": torch.as_tensor(grid, dtype=torch.float32)}
+    return run
+
+
 CONTENDERS: dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], Callable[[], Outputs]]] = {
     "plain": _plain,
     "archscope": _archscope,
@@ -351,6 +409,8 @@ CONTENDERS: dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], Callable[[
     "pyvene": _pyvene,
     "tuned_lens": _tuned_lens,
 }
+PATCHING = {"archscope": _archscope_patch, "archscope_atp": _archscope_patch,
+            "transformer_lens": _transformer_lens_patch}
 
 
 def _versions(spec: dict[str, Any]) -> dict[str, str]:
@@ -421,7 +481,8 @@ def main() -> None:
                 model = None if sae else _load_model(spec)
                 batch = {} if sae else _inputs(spec)
                 rss0 = _maxrss_mb()
-                make = _sae(spec["contender"]) if sae else CONTENDERS[spec["contender"]]
+                make = (_sae(spec["contender"]) if sae else PATCHING[spec["contender"]]
+                        if spec["workload"] == "patching" else CONTENDERS[spec["contender"]])
                 run = make(model, batch, spec)
                 reply({"ok": True, "rss_loaded_mb": rss0, "versions": _versions(spec)})
             elif op == "check":
