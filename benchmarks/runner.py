@@ -148,7 +148,13 @@ def compare(reference: dict[str, Any], candidate: dict[str, Any],
         got = candidate[key]
         if tuple(got.shape) != tuple(ref.shape):
             raise BenchError(f"{key}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
-        diff = float((got.float() - ref.float()).abs().max())
+        got, ref = got.float(), ref.float()
+        if not bool((got.isnan() == ref.isnan()).all()):
+            raise BenchError(f"{key}: NaN at other places than archscope's")
+        finite = ~ref.isnan()
+        if not bool(finite.any()):
+            raise BenchError(f"{key}: no finite values to compare (all NaN)")
+        diff = float((got[finite] - ref[finite]).abs().max())
         if diff > tolerance:
             if key in waive:
                 notes.append(f"{key} differs by {diff:.3g} ({waive[key]})")
@@ -348,7 +354,7 @@ def workloads(quick: bool) -> list[Workload]:
                       "the clean run's top last token's logit minus the corrupted run's, as "
                       "the fraction of the gap restored (archscope's default, written out "
                       "for TransformerLens). Corrupted inputs: the clean ids with 4 positions "
-                      "replaced. AtP is an estimate and is not compared."),
+                      "replaced, the last among them. AtP is an estimate and is not compared."),
         Workload(8, "profile", "the profile (archscope.bench.benchmark) of the 6-layer GPT-2",
                  "gpt2", 1, 8, [], ["archscope", "archscope02"], rounds=1 if quick else 2,
                  target="≥ 5× faster than archscope 0.2.2",
@@ -390,8 +396,9 @@ def save_inputs(path: Path, model: str, batch: int, seq: int) -> None:
 
     generator = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB[model], (batch, seq), generator=generator)
-    corrupted = ids.clone()  # for the patching sweep: 4 positions of every row replaced
-    where = torch.randperm(seq, generator=generator)[:4]
+    corrupted = ids.clone()  # for the patching sweep: 4 positions of every row replaced,
+    # the last among them, so the clean and corrupted runs' top next tokens differ
+    where = torch.cat([torch.randperm(seq - 1, generator=generator)[:3], torch.tensor([seq - 1])])
     corrupted[:, where] = torch.randint(0, VOCAB[model], (batch, len(where)), generator=generator)
     save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids),
                "corrupted_ids": corrupted}, str(path))

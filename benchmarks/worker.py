@@ -409,7 +409,7 @@ CONTENDERS: dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], Callable[[
     "pyvene": _pyvene,
     "tuned_lens": _tuned_lens,
 }
-PATCHING = {"archscope": _archscope_patch, "archscope_atp": _archscope_patch,
+PATCHING = {"plain": _plain, "archscope": _archscope_patch, "archscope_atp": _archscope_patch,
             "transformer_lens": _transformer_lens_patch}
 
 

@@ -55,6 +55,19 @@ def test_unequal_outputs_are_refused(runner):
         runner.compare(ref, {"layer_1.residual": torch.zeros(2, 3, 4)})
 
 
+def test_nan_is_never_equal_by_accident(runner):
+    # NaN compares False with everything, so a naive max-difference check would pass it.
+    nan = torch.full((2, 3), float("nan"))
+    with pytest.raises(runner.BenchError, match="all NaN"):
+        runner.compare({"grid": nan}, {"grid": nan.clone()})
+    half = torch.zeros(2, 3)
+    half[0] = float("nan")
+    with pytest.raises(runner.BenchError, match="NaN at other places"):
+        runner.compare({"grid": half}, {"grid": torch.zeros(2, 3)})
+    worst, _ = runner.compare({"grid": half}, {"grid": half + 1e-6})
+    assert worst == pytest.approx(1e-6)
+
+
 def test_a_waived_site_is_reported_not_hidden(runner):
     ref = {"a": torch.zeros(3), "b": torch.zeros(3)}
     worst, notes = runner.compare(ref, {"a": torch.zeros(3), "b": torch.ones(3)},
