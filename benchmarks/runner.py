@@ -308,10 +308,11 @@ def build_models(folder: Path, device: str) -> dict[str, Path]:
     words = sorted({w for text in texts for w in text.split()})
     tokenizer = tiny_tokenizer(words=words)
     tokenizer.pad_token = "<pad>"
-    tokenizer.save_pretrained(paths["gpt2"])
     torch.manual_seed(0)
     make_model("mamba", size="bench").save_pretrained(folder / "mamba")
     paths["mamba"] = folder / "mamba"
+    for path in paths.values():  # some peers load a tokenizer with the model
+        tokenizer.save_pretrained(path)
     return paths
 
 

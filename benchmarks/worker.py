@@ -118,7 +118,8 @@ def _transformer_lens(model: Any, batch: dict[str, Any],
     from transformer_lens.model_bridge import TransformerBridge
 
     bridge = TransformerBridge.boot_transformers(spec["model_dir"], hf_model=model,
-                                                 device=spec["device"])
+                                                 device=spec["device"],
+                                                 tokenizer=_tokenizer(spec))
     sites = list(spec["sites"])
     ids = batch["input_ids"]
     if spec["workload"] == "mamba_ssm":
@@ -378,7 +379,8 @@ def _transformer_lens_patch(model: Any, batch: dict[str, Any],
     from transformer_lens.model_bridge import TransformerBridge
 
     bridge = TransformerBridge.boot_transformers(spec["model_dir"], hf_model=model,
-                                                 device=spec["device"])
+                                                 device=spec["device"],
+                                                 tokenizer=_tokenizer(spec))
     clean, corrupted = _contrast(batch)
 
     def run() -> Outputs:
