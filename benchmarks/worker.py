@@ -1,0 +1,529 @@
+"""One benchmark contender in its own process: loads the saved model and inputs, builds the
+library's way of doing a workload, and answers the runner's requests (check, time) as JSON lines.
+
+It runs inside each peer's virtual environment, so it imports only the standard library, torch,
+transformers and safetensors at module level; each library is imported by its contender only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+Outputs = dict[str, Any]  # site name -> tensor
+
+
+def _load_model(spec: dict[str, Any]) -> Any:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(spec["model_dir"])
+    return model.eval().to(spec["device"])
+
+
+def _inputs(spec: dict[str, Any]) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    batch = load_file(spec["inputs"])
+    if spec["workload"] != "patching":
+        batch.pop("corrupted_ids", None)
+    return {k: v.to(spec["device"]) for k, v in batch.items()}
+
+
+def _tokenizer(spec: dict[str, Any]) -> Any:
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(spec["model_dir"])
+
+
+def _layer_modules(model: Any) -> list[Any]:
+    # The block list of the two decoder layouts the workloads use (GPT-2, Llama); peers that
+    # address modules by path (nnsight) need it.
+    base = getattr(model, "transformer", None) or getattr(model, "model", None)
+    return list(base.h if hasattr(base, "h") else base.layers)
+
+
+def _index(site: str) -> int:
+    return int(site.split(".", 1)[0].removeprefix("layer_"))
+
+
+def _plain(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+    def run() -> Outputs:
+        with torch.no_grad():
+            return {"logits": model(**inputs).logits}
+    return run
+
+
+def _archscope(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import archscope
+
+    if spec["workload"] == "profile":
+        from archscope.bench import benchmark
+
+        tokenizer = _tokenizer(spec)
+
+        def profile() -> Outputs:
+            benchmark("bench-gpt2", model, tokenizer)
+            return {}
+        return profile
+    backend = archscope.Backend.for_model(model)
+    sites = list(spec["sites"])
+    if spec["workload"] == "logit_lens":
+        def lens() -> Outputs:
+            result = backend.run(batch, capture=sites)
+            return {f"{s}.lens": backend.unembed(result.activations[s]) for s in sites}
+        return lens
+    capture = [*sites, "logits"] if spec.get("logits") else sites
+
+    def run() -> Outputs:
+        return dict(backend.run(batch, capture=capture).activations)
+    return run
+
+
+def _archscope02(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    from archscope.backends import Backend  # 0.2.2, in its own environment
+
+    if spec["workload"] == "profile":
+        from archscope.bench import benchmark
+
+        tokenizer = _tokenizer(spec)
+
+        def tokenize(texts: list[str]) -> dict[str, Any]:
+            return dict(tokenizer(texts, return_tensors="pt", padding=True))
+
+        def profile() -> Outputs:
+            benchmark("bench-gpt2", model, tokenizer, "transformer", tokenize_fn=tokenize)
+            return {}
+        return profile
+
+    backend = Backend.for_model(model)
+    sites = list(spec["sites"])
+
+    def run() -> Outputs:
+        return {r.layer_name: r.activations for r in backend.extract(batch, layers=sites)}
+    return run
+
+
+def _transformer_lens(model: Any, batch: dict[str, Any],
+                      spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(spec["model_dir"], hf_model=model,
+                                                 device=spec["device"],
+                                                 tokenizer=_tokenizer(spec))
+    sites = list(spec["sites"])
+    ids = batch["input_ids"]
+    if spec["workload"] == "mamba_ssm":
+        # TransformerLens exposes the SSM state only on its eager (Python) scan, as the whole
+        # trajectory; the state after the last token is its final step.
+        for block in bridge.blocks:
+            block.mixer.eager_scan = True
+        hooks = {f"blocks.{_index(s)}.mixer.hook_ssm_state": s for s in sites}
+
+        def ssm() -> Outputs:
+            with torch.no_grad():
+                _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n in hooks)
+            return {site: cache[hook][:, :, -1] for hook, site in hooks.items()}
+        return ssm
+    hooks = {f"blocks.{_index(s)}.hook_resid_post": s for s in sites}
+    stop = spec.get("stop_after")
+    kwargs: dict[str, Any] = {} if stop is None else {"stop_at_layer": stop + 1}
+
+    def run() -> Outputs:
+        with torch.no_grad():
+            logits, cache = bridge.run_with_cache(ids, names_filter=lambda n: n in hooks,
+                                                  **kwargs)
+        out = {site: cache[hook] for hook, site in hooks.items()}
+        if spec.get("logits"):
+            out["logits"] = logits
+        return out
+    return run
+
+
+def _nnsight(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+    from nnsight import NNsight
+
+    wrapped = NNsight(model)
+    blocks = _layer_modules(wrapped)
+    sites = list(spec["sites"])
+    stop = spec.get("stop_after")
+
+    def run() -> Outputs:
+        saved = []
+        with torch.no_grad(), wrapped.trace(**batch) as tracer:
+            for site in sites:
+                saved.append(blocks[_index(site)].output.save())
+            if spec.get("logits"):
+                logits = wrapped.output.logits.save()
+            if stop is not None:
+                tracer.stop()
+        out = {site: (v[0] if isinstance(v, tuple) else v) for site, v in zip(sites, saved, strict=True)}
+        if spec.get("logits"):
+            out["logits"] = logits
+        return out
+    return run
+
+
+def _pyvene(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import pyvene
+    import torch
+
+    sites = list(spec["sites"])
+    config = pyvene.IntervenableConfig([
+        {"layer": _index(s), "component": "block_output",
+         "intervention_type": pyvene.CollectIntervention} for s in sites])
+    wrapped = pyvene.IntervenableModel(config, model)
+    b, t = batch["input_ids"].shape
+    every = {"base": [[list(range(t))] * b for _ in sites]}
+
+    def run() -> Outputs:
+        with torch.no_grad():
+            (_, collected), _ = wrapped(dict(batch), unit_locations=every)
+        return dict(zip(sites, collected, strict=False))
+    return run
+
+
+def _tuned_lens(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+    from tuned_lens.nn.lenses import LogitLens
+
+    lens = LogitLens.from_model(model)
+    sites = list(spec["sites"])
+
+    def run() -> Outputs:
+        with torch.no_grad():
+            out = model(**batch, output_hidden_states=True)
+            # hidden_states[-1] already went through the final norm; the last layer's lens
+            # logits are the model's logits.
+            hidden = out.hidden_states
+            result = {f"{s}.lens": lens(hidden[_index(s) + 1], _index(s)) for s in sites[:-1]}
+            result[f"{sites[-1]}.lens"] = out.logits
+        return result
+    return run
+
+
+def _sae_data(spec: dict[str, Any]) -> tuple[Any, Any]:
+    from safetensors.torch import load_file
+
+    acts = load_file(spec["acts"])
+    return acts["train"], acts["eval"]
+
+
+def _explained(x: Any, x_hat: Any) -> float:
+    return float(1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+
+
+def _plain_sae(spec: dict[str, Any]) -> Callable[[], Outputs]:
+    """The yardstick for SAE training: the straightforward loop (dense matmuls both ways,
+    Adam, unit-norm decoder rows after each step), one epoch over the cached activations."""
+    import torch
+
+    train, _ = _sae_data(spec)
+    d_in, d_sae, k, batch = train.shape[1], spec["features"], spec["k"], spec["batch"]
+
+    def run() -> Outputs:
+        torch.manual_seed(0)
+        w_dec = torch.nn.Parameter(torch.randn(d_sae, d_in) / d_in ** 0.5)
+        w_enc = torch.nn.Parameter(w_dec.detach().t().clone())
+        b_enc = torch.nn.Parameter(torch.zeros(d_sae))
+        b_dec = torch.nn.Parameter(torch.zeros(d_in))
+        opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=spec["lr"])
+        for start in range(0, len(train), batch):
+            xb = train[start:start + batch]
+            pre = (xb - b_dec) @ w_enc + b_enc
+            if spec["sae_type"] == "topk":
+                top = pre.topk(k, dim=-1)
+                z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
+                loss = ((z @ w_dec + b_dec - xb) ** 2).sum(-1).mean()
+            else:
+                z = pre.relu()
+                loss = (((z @ w_dec + b_dec - xb) ** 2).sum(-1).mean()
+                        + spec["l1"] * z.abs().sum(-1).mean())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                w_dec /= w_dec.norm(dim=1, keepdim=True)
+        return {}
+    return run
+
+
+def _archscope_sae(spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+
+    from archscope.sae import SAEConfig, build_sae, export_saelens, fit_sae
+
+    train, held_out = _sae_data(spec)
+    config = SAEConfig(input_dim=train.shape[1], n_features=spec["features"],
+                       sae_type=spec["sae_type"], k=spec["k"], batch_size=spec["batch"],
+                       learning_rate=spec["lr"], **({"sparsity": spec["l1"]}
+                                                    if spec["sae_type"] != "topk" else {}))
+    exported = [False]
+
+    def run() -> Outputs:
+        torch.manual_seed(0)
+        sae = fit_sae(train, config, 1, sae=build_sae(config))
+        if exported[0]:
+            return {}
+        exported[0] = True  # the first run: held-out quality and the SAELens export
+        export_saelens(sae, spec["tmp"] + f"/{spec['workload']}.export")
+        with torch.no_grad():
+            x_hat = sae.reconstruct(held_out)
+        return {"reconstruction": x_hat,
+                "report.held-out explained variance": torch.tensor(_explained(held_out, x_hat))}
+    return run
+
+
+def _sae_lens(spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+    from sae_lens import (
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    train, held_out = _sae_data(spec)
+    batch = spec["batch"]
+    first = [True]
+
+    def batches() -> Any:
+        while True:
+            for start in range(0, len(train), batch):
+                yield train[start:start + batch]
+
+    def run() -> Outputs:
+        torch.manual_seed(0)
+        if spec["sae_type"] == "topk":
+            sae: Any = TopKTrainingSAE(TopKTrainingSAEConfig(
+                d_in=train.shape[1], d_sae=spec["features"], k=spec["k"]))
+        else:
+            sae = StandardTrainingSAE(StandardTrainingSAEConfig(
+                d_in=train.shape[1], d_sae=spec["features"], l1_coefficient=spec["l1"]))
+        config = SAETrainerConfig(total_training_samples=len(train),
+                                  train_batch_size_samples=batch, lr=spec["lr"],
+                                  lr_end=spec["lr"])
+        SAETrainer(config, sae, batches()).fit()
+        if not first[0]:
+            return {}
+        first[0] = False
+        with torch.no_grad():
+            x_hat = sae.decode(sae.encode(held_out))
+        return {"report.held-out explained variance": torch.tensor(_explained(held_out,
+                                                                             x_hat))}
+    return run
+
+
+def _sae_lens_export(spec: dict[str, Any]) -> Callable[[], Outputs]:
+    """archscope's SAE as SAELens loads it from the exported folder."""
+    import torch
+    from sae_lens import SAE
+
+    _, held_out = _sae_data(spec)
+
+    def run() -> Outputs:
+        sae = SAE.load_from_disk(spec["tmp"] + f"/{spec['workload']}.export")
+        with torch.no_grad():
+            return {"reconstruction": sae.decode(sae.encode(held_out))}
+    return run
+
+
+def _sae(contender: str) -> Callable[[Any, dict[str, Any], dict[str, Any]],
+                                     Callable[[], Outputs]]:
+    makers = {"plain": _plain_sae, "archscope": _archscope_sae, "sae_lens": _sae_lens,
+              "sae_lens_export": _sae_lens_export}
+    return lambda model, batch, spec: makers[contender](spec)
+
+
+def _contrast(batch: dict[str, Any]) -> tuple[Any, Any]:
+    # The saved inputs hold the clean ids and their corrupted copy (same length).
+    return batch["input_ids"], batch["corrupted_ids"]
+
+
+def _archscope_patch(model: Any, batch: dict[str, Any],
+                     spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+
+    from archscope.attribute import attribution_patch, patch_sweep
+
+    clean, corrupted = _contrast(batch)
+
+    def exact() -> Outputs:
+        # embed=True: rows are the residual before every block (TransformerLens's resid_pre)
+        sweep = patch_sweep(model, clean, corrupted, embed=True, batch_size=spec["rows"])
+        grid = torch.tensor(sweep.gap_restored, dtype=torch.float32)
+        return {"gap_restored": grid[:-1]}  # the last row (after the last block) has no peer
+
+    def estimate() -> Outputs:
+        sweep = attribution_patch(model, clean, corrupted, embed=True)
+        return {"attribution": torch.tensor(sweep.attribution, dtype=torch.float32)}
+    return estimate if spec["contender"] == "archscope_atp" else exact
+
+
+def _transformer_lens_patch(model: Any, batch: dict[str, Any],
+                            spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import torch
+    from transformer_lens import patching
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(spec["model_dir"], hf_model=model,
+                                                 device=spec["device"],
+                                                 tokenizer=_tokenizer(spec))
+    clean, corrupted = _contrast(batch)
+
+    def run() -> Outputs:
+        # The same metric as archscope's default: the logit of the clean run's top last
+        # token minus the corrupted run's, as the fraction of the clean-corrupted gap.
+        with torch.no_grad():
+            clean_logits, cache = bridge.run_with_cache(clean)
+            corrupted_logits = bridge(corrupted)
+            a = clean_logits[:, -1].argmax(-1)[:, None]
+            b = corrupted_logits[:, -1].argmax(-1)[:, None]
+
+            def diff(logits: Any) -> Any:
+                last = logits[:, -1]
+                return (last.gather(1, a) - last.gather(1, b)).mean()
+            high, low = diff(clean_logits), diff(corrupted_logits)
+            grid = patching.get_act_patch_resid_pre(
+                bridge, corrupted, cache, lambda logits: (diff(logits) - low) / (high - low))
+        return {"gap_restored": torch.as_tensor(grid, dtype=torch.float32)}
+    return run
+
+
+CONTENDERS: dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], Callable[[], Outputs]]] = {
+    "plain": _plain,
+    "archscope": _archscope,
+    "archscope02": _archscope02,
+    "transformer_lens": _transformer_lens,
+    "nnsight": _nnsight,
+    "pyvene": _pyvene,
+    "tuned_lens": _tuned_lens,
+}
+PATCHING = {"plain": _plain, "archscope": _archscope_patch, "archscope_atp": _archscope_patch,
+            "transformer_lens": _transformer_lens_patch}
+
+
+def _versions(spec: dict[str, Any]) -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for dist in ("torch", "transformers", *spec.get("dists", ())):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _maxrss_mb() -> float:
+    """The process's peak resident memory (MB) since the last `_reset_peak`."""
+    try:  # VmHWM is the value ru_maxrss reports, and one that can be reset
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _reset_peak() -> None:
+    # Loading the model peaks above a forward pass; forget that peak so the run's own shows.
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _no_sync() -> None:
+    pass
+
+
+def main() -> None:
+    # Libraries print to stdout; replies go on a private copy of it, everything else to stderr.
+    reply_stream = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+
+    def reply(obj: dict[str, Any]) -> None:
+        reply_stream.write(json.dumps(obj) + "\n")
+        reply_stream.flush()
+
+    import torch
+
+    spec: dict[str, Any] = {}
+    run: Callable[[], Outputs] | None = None
+    plain: Callable[[], Outputs] | None = None
+    sync: Callable[[], None] = _no_sync
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request["op"]
+        try:
+            if op == "setup":
+                spec = request["spec"]
+                torch.set_num_threads(spec["threads"])
+                torch.manual_seed(0)
+                if spec["device"].startswith("cuda"):
+                    sync = torch.cuda.synchronize
+                sae = spec["workload"].startswith("sae")
+                model = None if sae else _load_model(spec)
+                batch = {} if sae else _inputs(spec)
+                rss0 = _maxrss_mb()
+                make = (_sae(spec["contender"]) if sae else PATCHING[spec["contender"]]
+                        if spec["workload"] == "patching" else CONTENDERS[spec["contender"]])
+                run = make(model, batch, spec)
+                reply({"ok": True, "rss_loaded_mb": rss0, "versions": _versions(spec)})
+            elif op == "check":
+                # The first call of the contender: its peak memory is read right after it,
+                # before the process has run anything else of size.
+                assert run is not None
+                _reset_peak()
+                before = _maxrss_mb()
+                out = run()
+                peak = _maxrss_mb()
+                from safetensors.torch import save_file
+
+                report = {k.removeprefix("report."): round(float(out.pop(k)), 4)
+                          for k in list(out) if k.startswith("report.")}
+                save_file({k: v.detach().float().cpu().contiguous() for k, v in out.items()},
+                          request["path"])
+                reply({"ok": True, "rss_before_mb": before, "rss_peak_mb": peak, "report": report,
+                       "gpu_peak_mb": (torch.cuda.max_memory_allocated() / 2**20
+                                       if spec["device"].startswith("cuda") else None)})
+            elif op == "time":
+                assert run is not None
+                if plain is None and spec["workload"].startswith("sae"):
+                    plain = _plain_sae(spec)
+                elif plain is None:  # a separate copy: some peers wrap the model they are given
+                    plain = _plain(_load_model(spec), _inputs(spec), spec)
+                times = {}
+                for name, fn in (("plain", plain), ("case", run)):
+                    sync()
+                    start = time.perf_counter()
+                    fn()
+                    sync()
+                    times[name] = time.perf_counter() - start
+                reply({"ok": True, **times})
+            elif op == "exit":
+                reply({"ok": True})
+                return
+        except Exception as error:  # reported to the runner, which excludes the contender
+            reply({"ok": False, "error": f"{type(error).__name__}: {error}"[:500]})
+
+
+if __name__ == "__main__":
+    main()
