@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ["README.md", "docs/methods.md", "docs/probes.md", "docs/sae.md", "docs/patching.md",
-         "docs/store.md"]
+         "docs/store.md", "docs/architecture.md", "docs/backend-transformer.md",
+         "docs/backend-mamba.md", "docs/backend-recurrent.md", "docs/custom-models.md"]
 
 
 def python_blocks(page: Path) -> list[str]:
