@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
-import types
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -112,12 +110,6 @@ class _Score:
     raw: Any = None
 
 
-def _circuits_module(run_all: Any) -> types.ModuleType:
-    module = types.ModuleType("archscope.circuits")
-    module.run_all_circuits = run_all  # type: ignore[attr-defined]
-    return module
-
-
 def test_circuit_deltas_are_computed_and_failures_raise(monkeypatch: pytest.MonkeyPatch) -> None:
     a = arch("gpt2")
     ft = perturbed("gpt2")
@@ -129,7 +121,7 @@ def test_circuit_deltas_are_computed_and_failures_raise(monkeypatch: pytest.Monk
         calls.append((tokenizer, device))
         return scores[id(model)]
 
-    monkeypatch.setitem(sys.modules, "archscope.circuits", _circuits_module(run_all))
+    monkeypatch.setattr(archscope.circuits, "run_all_circuits", run_all)
     diff = compare(a.model, ft.model, a.tokenizer, texts(4))
     assert calls == [(a.tokenizer, "cpu")] * 2
     got = {c.name: c for c in diff.circuit_deltas}
@@ -141,7 +133,7 @@ def test_circuit_deltas_are_computed_and_failures_raise(monkeypatch: pytest.Monk
     def broken(model: Any, tokenizer: Any = None, device: str = "cpu") -> list[_Score]:
         raise RuntimeError("circuit test failed")
 
-    monkeypatch.setitem(sys.modules, "archscope.circuits", _circuits_module(broken))
+    monkeypatch.setattr(archscope.circuits, "run_all_circuits", broken)
     with pytest.raises(RuntimeError, match="circuit test failed"):
         compare(a.model, ft.model, a.tokenizer, texts(4))
 

@@ -279,7 +279,7 @@ def test_artifact_save_load_round_trip_and_fit_check(tmp_path) -> None:
     with torch.no_grad():
         sae.threshold.fill_(0.25)
     sae.site = "layer_0.residual"
-    sae.fit = archscope.artifacts.ArtifactFit.of(a.backend, "layer_0.residual")
+    sae.fitted_on = archscope.artifacts.ArtifactFit.of(a.backend, "layer_0.residual")
     sae.save(tmp_path)
     back = SAE.load(tmp_path, backend=a.backend)
     assert isinstance(back, BatchTopKSAE) and back.cfg == sae.cfg

@@ -8,7 +8,7 @@ import torch
 import archscope
 from archscope import Edit, SiteError
 from archscope.backends import BackendError
-from archscope.errors import InputError
+from archscope.errors import InputError, ModelSourceError
 from archscope_recurrent.models import RecurrentLM
 from archscope_recurrent.rnn import RNNBackend
 from archscope_recurrent.testing import plain_lstm_lm, tiny_recurrent_lm, token_batch
@@ -222,7 +222,7 @@ def test_save_and_load_round_trip_and_model_source(tmp_path):
     again, tokenizer, backend = archscope.load_model(str(tmp_path / "lm"))
     assert tokenizer is None and backend.name == "recurrent"
     assert again.config == model.config
-    with pytest.raises(FileNotFoundError, match="recurrent_lm.json is missing"):
+    with pytest.raises(ModelSourceError, match="recurrent_lm.json is missing"):
         archscope.load_model(f"recurrent:{tmp_path}")
 
 

@@ -448,9 +448,13 @@ class RNNBackend(Backend):
 
     def _changes(self, value: torch.Tensor, edits: list[Edit], mask: torch.Tensor,
                  site: str) -> bool:
-        """Whether ``edits`` change the unedited per-step ``value`` of ``site`` anywhere."""
+        """Whether ``edits`` change the unedited per-step ``value`` of ``site`` anywhere. An
+        edit whose value needs a gradient always counts: a zero ``add`` is how gradients with
+        respect to a site are taken, and it must stay in the graph."""
         import torch
 
+        if any(isinstance(e.value, torch.Tensor) and e.value.requires_grad for e in edits):
+            return True
         edited = value
         for edit in edits:
             edited = apply_edit(edited, edit, self._table[site], mask)

@@ -187,13 +187,7 @@ def circuit_deltas(base_model: Any, fine_tuned_model: Any, tokenizer: Any,
                    device: str = "cpu") -> list[CircuitDelta]:
     """Circuit scores of both models (`archscope.circuits.run_all_circuits`) and their change.
     Any failure propagates: a missing circuit score is an error, never a note."""
-    try:
-        from . import circuits
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.circuits":
-            raise
-        raise MethodError("circuit deltas need archscope.circuits, which is not installed in "
-                          "this archscope; pass run_circuits=False") from None
+    from . import circuits
 
     def scores(model: Any) -> dict[str, float]:
         run = circuits.run_all_circuits

@@ -4,21 +4,44 @@ on-disk layout (export and import)."""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._method import SAEReport, sae_method
-from ._metrics import SAEMetrics, SplicedLoss, reconstruction_metrics, spliced_loss
-from ._models import (
-    SAE,
-    SAE_TYPES,
-    BatchTopKSAE,
-    DenseSAE,
-    Rank1FactoredSAE,
-    SAEConfig,
-    TopKSAE,
-    build_sae,
-    canonical_sae_type,
-)
-from ._saelens import export_saelens, import_saelens
-from ._train import fit_sae
+
+if TYPE_CHECKING:
+    from ._metrics import SAEMetrics, SplicedLoss, reconstruction_metrics, spliced_loss
+    from ._models import (
+        SAE,
+        SAE_TYPES,
+        BatchTopKSAE,
+        DenseSAE,
+        Rank1FactoredSAE,
+        SAEConfig,
+        TopKSAE,
+        build_sae,
+        canonical_sae_type,
+    )
+    from ._saelens import export_saelens, import_saelens
+    from ._train import fit_sae
+
+#: Public names defined in modules that import torch, loaded on first use so that reading the
+#: ``sae`` method's parameters (``archscope info``) imports no torch.
+_LAZY = {
+    **dict.fromkeys(["SAEMetrics", "SplicedLoss", "reconstruction_metrics", "spliced_loss"],
+                    "._metrics"),
+    **dict.fromkeys(["SAE", "SAE_TYPES", "BatchTopKSAE", "DenseSAE", "Rank1FactoredSAE",
+                     "SAEConfig", "TopKSAE", "build_sae", "canonical_sae_type"], "._models"),
+    **dict.fromkeys(["export_saelens", "import_saelens"], "._saelens"),
+    "fit_sae": "._train",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "SAE", "SAE_TYPES", "BatchTopKSAE", "DenseSAE", "Rank1FactoredSAE", "SAEConfig",

@@ -4,15 +4,14 @@ report reconstruction metrics and the spliced next-token loss on held-out texts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from ..params import Param
 from ..results import Result
-from ._metrics import SAEMetrics, SplicedLoss, reconstruction_metrics, spliced_loss
-from ._models import SAE, SAEConfig
-from ._train import fit_sae
+
+if TYPE_CHECKING:  # torch is imported when the method runs: `archscope info` stays light
+    from ._metrics import SAEMetrics, SplicedLoss
+    from ._models import SAE
 
 
 @dataclass
@@ -78,10 +77,15 @@ def sae_method(
 ) -> SAEReport:
     """Train an SAE on ``site`` over the real tokens of ``data`` (held-out texts excluded),
     then measure it on the held-out texts."""
+    import torch
+
     from ..artifacts import ArtifactFit
     from ..collect import iter_collect
     from ..data import as_dataset
+    from ._metrics import reconstruction_metrics, spliced_loss
+    from ._models import SAEConfig
     from ._saelens import export_saelens
+    from ._train import fit_sae
 
     data = as_dataset(data)
     names = backend.layer_names()
