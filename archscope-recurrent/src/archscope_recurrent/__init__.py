@@ -17,8 +17,8 @@ _LAZY = {
     "RecurrentLM": "archscope_recurrent.models",
     "RecurrentLMConfig": "archscope_recurrent.models",
     "RNNBackend": "archscope_recurrent.rnn",
-    "RWKVBackend": "archscope_recurrent.hf",
-    "XLSTMBackend": "archscope_recurrent.hf",
+    "RWKVBackend": "archscope_recurrent.rwkv",
+    "XLSTMBackend": "archscope_recurrent.xlstm",
 }
 
 __all__ = ["AdapterBackend", "ModelSpec", "SpecError", "__version__", "describe", *_LAZY]

@@ -16,8 +16,9 @@ CONFIG_NAME = "recurrent_lm.json"  # = archscope_recurrent.models.CONFIG_NAME (k
 @archscope.hookimpl
 def register_backends(register: Callable[..., None]) -> None:
     from .adapter import AdapterBackend
-    from .hf import RWKVBackend, XLSTMBackend
     from .rnn import RNNBackend
+    from .rwkv import RWKVBackend
+    from .xlstm import XLSTMBackend
 
     register(RNNBackend)
     register(RWKVBackend)

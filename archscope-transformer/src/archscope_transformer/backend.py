@@ -242,6 +242,8 @@ class TransformerBackend(HookBackend):
         else:  # older modelling files read the config at every call
             model.config._attn_implementation = wanted
 
+    # Not a hookpoint view: unflattening needs this run's (batch, seq), which a view (fixed in
+    # the site table built once per backend) cannot see; views would need the run context.
     def _attach(self, name: str, ctx: RunContext) -> Any:
         handle = super()._attach(name, ctx)
         hookpoint = self._table[name][1]

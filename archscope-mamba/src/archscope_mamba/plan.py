@@ -1,0 +1,110 @@
+"""How one run of a Mamba-family model is carried out: the plan decided from the padding and the
+request (left-shifting right-padded rows, stepping from a given state), and edits expressed on
+the tensors the hooks see under that plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from archscope import BackendError, Edit, SiteInfo
+from archscope.engine import RunContext, apply_edit, padding_side
+
+if TYPE_CHECKING:
+    import torch
+
+    from .backend import MambaBackend
+
+
+@dataclass
+class _Plan:
+    """How one run is carried out (decided once per run, before hooks are attached)."""
+
+    wants_state: bool
+    #: Per-row right shift that turns a right-padded batch into a left-padded one.
+    shift: torch.Tensor | None = None
+    original_mask: torch.Tensor | None = None
+    stepping: bool = False
+    step: int = 0
+    steps: int = 0
+    cache: Any = None
+
+
+def run_plan(backend: MambaBackend, ctx: RunContext) -> _Plan:
+    """The plan of the run ``ctx`` (decided on first call, then kept in ``ctx.extra``)."""
+    plan: _Plan | None = ctx.extra.get("mamba_plan")
+    if plan is not None:
+        return plan
+    import torch
+
+    states = set(backend.state_sites)
+    plan = _Plan(wants_state=ctx.return_state or any(n in states for n in ctx.capture))
+    mask = ctx.attention_mask
+    side = padding_side(mask) if mask is not None else "none"
+    if ctx.initial_state is not None:
+        plan.stepping = True
+        plan.steps = int(ctx.batch["input_ids"].shape[1])
+        if side == "left":  # (rows padded on both sides are refused before this)
+            raise BackendError(
+                "a run from initial_state continues each row from its state, so the "
+                "suffix may only be right-padded; got a left-padded attention_mask"
+            )
+        if side == "right" and plan.wants_state:
+            raise BackendError(
+                "the state after a right-padded suffix would include the pads: give "
+                "suffixes of equal length when asking for states from a continued run"
+            )
+    elif backend.native and side != "none":
+        if side == "left":
+            raise BackendError(
+                "native mamba_ssm models take no attention mask, so only right padding "
+                "keeps real tokens exact; got a left-padded batch"
+            )
+        if plan.wants_state and ctx.edits:
+            raise BackendError(
+                "native mamba_ssm models take no attention mask, so the state of a "
+                "right-padded row is re-computed from its real tokens alone, which cannot "
+                "carry edits: run rows of equal length when editing and reading states"
+            )
+    elif plan.wants_state and side == "right":
+        # HF models keep updating the state over right pads: run the rows left-padded
+        # (pads are masked to zero inputs, so the state stays at zero until the first real
+        # token) and give token sites back in the caller's layout.
+        assert mask is not None
+        plan.original_mask = mask
+        plan.shift = (mask.shape[1] - mask.sum(-1)).to(torch.long)
+    ctx.extra["mamba_plan"] = plan
+    return plan
+
+
+def wrap_edit(edit: Edit, info: SiteInfo, plan: _Plan) -> Edit:
+    """The same edit, expressed on the tensor the hook really sees (shifted rows, or one
+    decoding step), as a function of that tensor."""
+    if plan.shift is not None:
+        shift, mask = plan.shift, plan.original_mask
+
+        def shifted(value: torch.Tensor) -> torch.Tensor:
+            edited = apply_edit(roll_rows(value, -shift), edit, info, mask)
+            return roll_rows(edited, shift)
+
+        return Edit.apply(edit.site, shifted)
+
+    def one_step(value: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        full = value.new_zeros((value.shape[0], plan.steps, *value.shape[2:]))
+        full[:, plan.step] = value[:, 0]
+        mask = torch.ones(full.shape[:2], dtype=torch.long, device=value.device)
+        return apply_edit(full, edit, info, mask)[:, plan.step: plan.step + 1]
+
+    return Edit.apply(edit.site, one_step)
+
+
+def roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate each row of ``x`` (batch, seq, ...) right along seq by ``shift[row]``."""
+    import torch
+
+    seq = x.shape[1]
+    index = (torch.arange(seq, device=x.device)[None, :] - shift.to(x.device)[:, None]) % seq
+    index = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    return torch.gather(x, 1, index)
