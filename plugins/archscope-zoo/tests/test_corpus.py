@@ -55,6 +55,21 @@ def test_documents_repeat_their_span_and_recall_a_binding() -> None:
         assert bindings[name] == thing
 
 
+def test_each_document_closes_with_the_verdict_of_its_mood() -> None:
+    moods_seen = set()
+    for text in corpus.training_texts(300):
+        verdicts = re.findall(r"\. it was (\w+) \.", text)
+        assert len(verdicts) == 1, text
+        before = text[:text.index(" it was ")].split()
+        moods = {SENTIMENT_OF[w] for w in before if w in SENTIMENT_OF}
+        assert len(moods) <= 1, text  # one mood per document
+        if moods:  # (all sentences neutral leaves nothing to agree with)
+            mood = moods.pop()
+            assert corpus.VERDICTS[mood] == verdicts[0], text
+            moods_seen.add(mood)
+    assert moods_seen == set(corpus.SENTIMENTS)
+
+
 def _clauses(text: str) -> list[list[str]]:
     return [c.split() for c in text.split(" .") if c.strip()]
 

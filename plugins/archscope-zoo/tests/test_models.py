@@ -122,11 +122,10 @@ def test_unknown_zoo_names_list_the_shipped_ones() -> None:
 
 
 # -- planted attributes ------------------------------------------------------------------------
-#: Held-out AUROC each probe must reach. Topic is written in every noun and verb, so every
-#: model's middle layer separates it almost perfectly (measured ≥ 0.99). Sentiment is 2-3
-#: adjectives per passage; the short CPU training leaves it weakly encoded (measured:
-#: transformer 0.70, Mamba 0.82, LSTM 0.87 on 200 training passages), above chance only.
-PROBE_FLOOR = {"topic": 0.95, "sentiment": 0.65}
+#: Held-out AUROC each probe must reach. Topic is written in every noun and verb; the mood
+#: of a training document decides its closing verdict (``it was good .``), so every model
+#: carries it along from the sentiment adjectives (measured values in the package README).
+PROBE_FLOOR = {"topic": 0.95, "sentiment": 0.95}
 
 
 @pytest.mark.parametrize("task", ["sentiment", "topic"])

@@ -71,7 +71,12 @@ NEUTRAL_ADJECTIVES = ("red", "blue", "green", "yellow", "small", "large", "old",
                       "tall", "wide", "narrow")
 ADVERBS = ("today", "often", "slowly", "quickly", "daily", "rarely", "early", "late", "soon",
            "twice")
-FUNCTION_WORDS = ("the", "of", "is", "are", "thinks", "likes", "says", "so", "then", ":", ".")
+FUNCTION_WORDS = ("the", "of", "is", "are", "thinks", "likes", "says", "so", "then", ":", ".",
+                  "it", "was")
+
+#: sentiment -> the closing verdict of a document of that mood (``it was good .``): a word that
+#: only the mood of the earlier adjectives predicts, so every model must carry the mood along.
+VERDICTS = {"negative": "bad", "positive": "good"}
 
 N_CODE_WORDS = 100
 
@@ -208,8 +213,9 @@ class Generator:
     # -- documents -------------------------------------------------------------------------
     def document(self) -> tuple[str, int, int]:
         """``(text, sentiment, topic)``: a span said by someone, two name→object bindings,
-        two or three content sentences of one topic and mood, then the binding recalled and
-        the span said again."""
+        two or three content sentences of one topic and mood, the mood's verdict
+        (``it was good .`` or ``it was bad .``), then the binding recalled and the span said
+        again."""
         rng = self.rng
         topic, sentiment = rng.randrange(len(TOPICS)), rng.randrange(len(SENTIMENTS))
         t, s = TOPICS[topic], SENTIMENTS[sentiment]
@@ -221,6 +227,7 @@ class Generator:
         words += [second, "likes", "the", objects[1][0], "."]
         for _ in range(rng.randint(2, 3)):
             words += self.clause(t, s if rng.random() < 0.8 else None)
+        words += ["it", "was", VERDICTS[s], "."]
         who = rng.randrange(2)
         recall = ["so", (first, second)[who], "likes", "the", objects[who][0], "."]
         repeat = ["then", speaker, "says", ":", *span, "."]

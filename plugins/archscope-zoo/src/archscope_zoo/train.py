@@ -22,7 +22,7 @@ from typing import Any
 from . import corpus
 from .store import MANIFEST_NAME, MODEL_NAMES, TOKENIZER_DIR, models_dir
 
-SEQ_LEN = 64
+SEQ_LEN = 72  # the longest document (with its verdict) and its </s> fit
 N_HELDOUT = 256
 
 
@@ -43,7 +43,7 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "transformer": Recipe(steps=2000, lr=3e-3, repeats=0.3),
-    "mamba": Recipe(steps=400, lr=4e-3),
+    "mamba": Recipe(steps=600, lr=4e-3),
     "lstm": Recipe(steps=800, lr=3e-3),
 }
 
