@@ -29,13 +29,13 @@ def zoo_profiles() -> dict[str, InterpProfile]:
     return {p.model_name: p for p in profile_models(specs)}
 
 
-def test_planted_topic_is_found_by_held_out_probes(zoo_profiles: dict[str, InterpProfile]
-                                                   ) -> None:
+def test_planted_attributes_are_found_by_held_out_probes(
+        zoo_profiles: dict[str, InterpProfile]) -> None:
     for profile in zoo_profiles.values():
-        assert max(profile.probe_auroc["topic"].values()) >= 0.95, profile.model_name
-        # held-out next to train, never train alone
-        assert set(profile.probe_train_auroc["topic"]) == set(profile.probe_auroc["topic"])
-        assert max(profile.probe_auroc["sentiment"].values()) > 0.6, profile.model_name
+        for task in ("topic", "sentiment"):
+            assert max(profile.probe_auroc[task].values()) >= 0.95, (profile.model_name, task)
+            # held-out next to train, never train alone
+            assert set(profile.probe_train_auroc[task]) == set(profile.probe_auroc[task])
 
 
 def test_the_zoo_transformer_copies_and_the_lenses_and_patching_behave(
