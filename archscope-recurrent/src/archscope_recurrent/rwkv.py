@@ -92,8 +92,10 @@ class RWKVBackend(_HFRecurrentBackend):
         rwkv, config = self.model.rwkv, self.model.config
         every, rescaled = config.rescale_every, rwkv.layers_are_rescaled
         undo = bool(rescaled and every > 0)
+        # factors of 1 are skipped: an in-place no-op would still bump the weights' version and
+        # break the backward pass of a run with gradients (attribution patching)
         weights = [(b.attention.output.weight, b.feed_forward.value.weight, 2 ** (i // every))
-                   for i, b in enumerate(rwkv.blocks)] if undo else []
+                   for i, b in enumerate(rwkv.blocks) if i // every > 0] if undo else []
         if any(hasattr(w, "SCB") or hasattr(w, "quant_state") for a, v, _ in weights
                for w in (a, v)):
             raise BackendError("rwkv: cannot undo the inference rescaling of quantized weights; "
