@@ -109,3 +109,9 @@ def test_run_method_by_name(with_plugins: object) -> None:
     assert result.sites[0].site == "layer_0.residual"
     with pytest.raises(MethodError, match="no method named 'nope'; registered methods: "):
         run_method("nope", backend, [[1]])
+
+
+def test_a_bad_parameter_is_named_before_a_missing_capability() -> None:
+    method = Method("needs", "x", toy_method, requires={"unembed"})
+    with pytest.raises(ParameterError, match="has no parameter 'layr'"):
+        method(FakeBackend(), [[1]], layr=1)

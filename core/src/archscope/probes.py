@@ -24,6 +24,14 @@ if TYPE_CHECKING:  # torch is imported when a probe is built: `archscope info` m
 
 
 PROBE_TYPES = ("linear", "mlp")
+
+# Parameters the `probe` and `probe-sweep` methods share (their schema, read by the CLI).
+HiddenDim = Annotated[int, Param(min=1, help="MLP probe width")]
+Folds = Annotated[int, Param(min=2, help="k of stratified k-fold")]
+Epochs = Annotated[int, Param(min=1)]
+LearningRate = Annotated[float, Param(min=0.0, help="AdamW learning rate")]
+WeightDecay = Annotated[float, Param(min=0.0)]
+BatchSize = Annotated[int, Param(min=1)]
 POOLS = ("mean", "last")
 
 
@@ -543,12 +551,9 @@ def _report(backend: Backend, site: str, x: torch.Tensor, y: torch.Tensor, confi
 def probe_method(backend: Backend, data: Dataset, *, site: str | None = None,
                  pool: Literal["mean", "last"] = "mean",
                  probe_type: Literal["linear", "mlp"] = "linear",
-                 hidden_dim: Annotated[int, Param(min=1, help="MLP probe width")] = 64,
-                 folds: Annotated[int, Param(min=2, help="k of stratified k-fold")] = 5,
-                 epochs: Annotated[int, Param(min=1)] = 100,
-                 lr: Annotated[float, Param(min=0.0, help="AdamW learning rate")] = 0.01,
-                 weight_decay: Annotated[float, Param(min=0.0)] = 1e-4,
-                 batch_size: Annotated[int, Param(min=1)] = 64,
+                 hidden_dim: HiddenDim = 64, folds: Folds = 5, epochs: Epochs = 100,
+                 lr: LearningRate = 0.01, weight_decay: WeightDecay = 1e-4,
+                 batch_size: BatchSize = 64,
                  seed: int = 0) -> ProbeReport:
     """``probe``: fit a probe on one site (default: the middle layer's main site) of a
     labelled dataset; held-out AUROC by stratified k-fold."""
@@ -607,12 +612,9 @@ class ProbeSweep(Result):
 def probe_sweep(backend: Backend, data: Dataset, *, sites: list[str] | None = None,
                 pool: Literal["mean", "last"] = "mean",
                 probe_type: Literal["linear", "mlp"] = "linear",
-                hidden_dim: Annotated[int, Param(min=1, help="MLP probe width")] = 64,
-                folds: Annotated[int, Param(min=2, help="k of stratified k-fold")] = 5,
-                epochs: Annotated[int, Param(min=1)] = 100,
-                lr: Annotated[float, Param(min=0.0, help="AdamW learning rate")] = 0.01,
-                weight_decay: Annotated[float, Param(min=0.0)] = 1e-4,
-                batch_size: Annotated[int, Param(min=1)] = 64,
+                hidden_dim: HiddenDim = 64, folds: Folds = 5, epochs: Epochs = 100,
+                lr: LearningRate = 0.01, weight_decay: WeightDecay = 1e-4,
+                batch_size: BatchSize = 64,
                 seed: int = 0) -> ProbeSweep:
     """``probe-sweep``: a probe per layer (default: every layer's main site), every site
     captured in the same forward pass of each batch; held-out AUROC per layer."""

@@ -90,6 +90,7 @@ class Method:
             raise ParameterError(f"method {self.name!r} is called as method({shape}, **params);"
                                  f" got {len(args)} positional arguments")
         *backends, data = args
+        values = self.check_params(params)  # first, so a bad parameter is named on any backend
         for backend in backends:
             caps = set(getattr(backend, "capabilities", ()))
             missing = self.missing(caps)
@@ -97,7 +98,6 @@ class Method:
                 raise CapabilityError(
                     f"method {self.name!r} needs capabilities {sorted(self.requires)}; backend "
                     f"{getattr(backend, 'name', type(backend).__name__)!r} lacks {missing}")
-        values = self.check_params(params)
         if self.input == "batch" and isinstance(data, (list, tuple)):
             from .data import as_dataset, pad_batch, padding_for
 
