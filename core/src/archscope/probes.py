@@ -24,13 +24,16 @@ if TYPE_CHECKING:  # torch is imported when a probe is built: `archscope info` m
 
 
 PROBE_TYPES = ("linear", "mlp")
+SOLVERS = ("adamw", "lbfgs")
 
 # Parameters the `probe` and `probe-sweep` methods share (their schema, read by the CLI).
 HiddenDim = Annotated[int, Param(min=1, help="MLP probe width")]
 Folds = Annotated[int, Param(min=2, help="k of stratified k-fold")]
-Epochs = Annotated[int, Param(min=1)]
+Epochs = Annotated[int, Param(min=1, help="AdamW passes over the data; L-BFGS iterations")]
 LearningRate = Annotated[float, Param(min=0.0, help="AdamW learning rate")]
-WeightDecay = Annotated[float, Param(min=0.0)]
+WeightDecay = Annotated[float, Param(min=0.0, help="AdamW's decoupled decay; L-BFGS's L2 "
+                                   "penalty (weight_decay / 2 * |w|^2)")]
+Solver = Literal["adamw", "lbfgs"]
 BatchSize = Annotated[int, Param(min=1)]
 POOLS = ("mean", "last")
 
@@ -77,7 +80,11 @@ def auroc(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequenc
 class ProbeConfig:
     """What to probe and with what: ``layer_name`` (a site), ``probe_type`` ("linear" or
     "mlp"), ``hidden_dim`` (MLP width), ``target`` (a name for what the labels mean), ``pool``
-    (mean over real tokens, or the last real token), ``weight_decay`` and ``seed``."""
+    (mean over real tokens, or the last real token), ``weight_decay``, ``seed`` and ``solver``:
+    "adamw" (minibatch AdamW for ``epochs``) or "lbfgs" (full-batch L-BFGS with a strong-Wolfe
+    line search, at most ``epochs`` iterations, on the mean loss plus an L2 penalty
+    ``weight_decay / 2 * |w|^2``: the usual fit of a linear probe, converged in a few dozen
+    iterations on the small sets probes are fitted on)."""
 
     layer_name: str = ""
     probe_type: str = "linear"
@@ -86,6 +93,7 @@ class ProbeConfig:
     pool: str = "mean"
     weight_decay: float = 1e-4
     seed: int = 0
+    solver: str = "adamw"
 
     def __post_init__(self) -> None:
         if self.probe_type not in PROBE_TYPES:
@@ -94,6 +102,9 @@ class ProbeConfig:
         if self.pool not in POOLS:
             raise ParameterError(f"ProbeConfig.pool {self.pool!r} is unknown; use 'mean' (over "
                                  "real tokens) or 'last' (the last real token)")
+        if self.solver not in SOLVERS:
+            raise ParameterError(f"ProbeConfig.solver {self.solver!r} is unknown; use one of "
+                                 f"{', '.join(SOLVERS)}")
         if int(self.hidden_dim) < 1:
             raise ParameterError(f"ProbeConfig.hidden_dim must be >= 1, got {self.hidden_dim}")
         if self.weight_decay < 0:
@@ -249,6 +260,9 @@ class ProbeFit(Artifact):
         self.std = torch.where(std > 1e-8, std, torch.ones_like(std))
         z = ((x - self.mean) / self.std).to(self.device)
         target = y.float().to(self.device)
+        if self.config.solver == "lbfgs":
+            self._fit_lbfgs(z, target, epochs)
+            return
         optim = torch.optim.AdamW(self.probe.parameters(), lr=lr,
                                   weight_decay=self.config.weight_decay)
         loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -262,6 +276,25 @@ class ProbeFit(Artifact):
                 loss = loss_fn(self.probe(z[rows]), target[rows])
                 loss.backward()
                 optim.step()
+        self.probe.eval()
+
+    def _fit_lbfgs(self, z: torch.Tensor, target: torch.Tensor, iterations: int) -> None:
+        import torch
+
+        weights = [p for n, p in self.probe.named_parameters() if n.endswith("weight")]
+        optim = torch.optim.LBFGS(self.probe.parameters(), lr=1.0, max_iter=iterations,
+                                  line_search_fn="strong_wolfe")
+        decay = self.config.weight_decay / 2
+
+        def closure() -> torch.Tensor:
+            optim.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(self.probe(z), target)
+            loss = loss + decay * sum(w.pow(2).sum() for w in weights)
+            loss.backward()
+            return loss
+
+        self.probe.train()
+        optim.step(closure)
         self.probe.eval()
 
     def _loss_and_logits(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -553,14 +586,14 @@ def probe_method(backend: Backend, data: Dataset, *, site: str | None = None,
                  probe_type: Literal["linear", "mlp"] = "linear",
                  hidden_dim: HiddenDim = 64, folds: Folds = 5, epochs: Epochs = 100,
                  lr: LearningRate = 0.01, weight_decay: WeightDecay = 1e-4,
-                 batch_size: BatchSize = 64,
+                 batch_size: BatchSize = 64, solver: Solver = "adamw",
                  seed: int = 0) -> ProbeReport:
     """``probe``: fit a probe on one site (default: the middle layer's main site) of a
     labelled dataset; held-out AUROC by stratified k-fold."""
     dataset, labels = _labelled(data)
     name = backend.site_info(site or default_site(backend)).name
     config = ProbeConfig(layer_name=name, probe_type=probe_type, hidden_dim=hidden_dim,
-                         pool=pool, weight_decay=weight_decay, seed=seed)
+                         pool=pool, weight_decay=weight_decay, seed=seed, solver=solver)
     x = pooled_activations(backend, dataset, [name], pool=pool)[name]
     return _report(backend, name, x, labels, config, folds, epochs, lr, batch_size)
 
@@ -614,7 +647,7 @@ def probe_sweep(backend: Backend, data: Dataset, *, sites: list[str] | None = No
                 probe_type: Literal["linear", "mlp"] = "linear",
                 hidden_dim: HiddenDim = 64, folds: Folds = 5, epochs: Epochs = 100,
                 lr: LearningRate = 0.01, weight_decay: WeightDecay = 1e-4,
-                batch_size: BatchSize = 64,
+                batch_size: BatchSize = 64, solver: Solver = "adamw",
                 seed: int = 0) -> ProbeSweep:
     """``probe-sweep``: a probe per layer (default: every layer's main site), every site
     captured in the same forward pass of each batch; held-out AUROC per layer."""
@@ -626,7 +659,7 @@ def probe_sweep(backend: Backend, data: Dataset, *, sites: list[str] | None = No
     out = ProbeSweep(backend=backend.name, pool=pool, probe_type=probe_type, folds=folds)
     for name in names:
         config = ProbeConfig(layer_name=name, probe_type=probe_type, hidden_dim=hidden_dim,
-                             pool=pool, weight_decay=weight_decay, seed=seed)
+                             pool=pool, weight_decay=weight_decay, seed=seed, solver=solver)
         out.layers.append(_report(backend, name, acts[name], labels, config, folds, epochs, lr,
                                   batch_size))
     return out
