@@ -272,16 +272,26 @@ def _archscope_sae(spec: dict[str, Any]) -> Callable[[], Outputs]:
 
     def run() -> Outputs:
         torch.manual_seed(0)
-        sae = fit_sae(train, config, 1, sae=build_sae(config))
+        # the first run trains check_epochs (results to compare), the timed ones one epoch
+        sae = fit_sae(train, config, 1 if exported[0] else spec["check_epochs"],
+                      sae=build_sae(config))
         if exported[0]:
             return {}
         exported[0] = True  # the first run: held-out quality and the SAELens export
         export_saelens(sae, spec["tmp"] + f"/{spec['workload']}.export")
         with torch.no_grad():
             x_hat = sae.reconstruct(held_out)
-        return {"reconstruction": x_hat,
-                "report.held-out explained variance": torch.tensor(_explained(held_out, x_hat))}
+            l0 = (sae.encode(held_out) != 0).float().sum(-1).mean()
+        return {"reconstruction": x_hat, **_quality(held_out, x_hat, l0, spec)}
     return run
+
+
+def _quality(held_out: Any, x_hat: Any, l0: Any, spec: dict[str, Any]) -> Outputs:
+    import torch
+
+    after = f"after {spec['check_epochs']} epochs"
+    return {f"report.held-out explained variance {after}": torch.tensor(
+        _explained(held_out, x_hat)), f"report.held-out L0 {after}": l0}
 
 
 def _sae_lens(spec: dict[str, Any]) -> Callable[[], Outputs]:
@@ -312,7 +322,8 @@ def _sae_lens(spec: dict[str, Any]) -> Callable[[], Outputs]:
         else:
             sae = StandardTrainingSAE(StandardTrainingSAEConfig(
                 d_in=train.shape[1], d_sae=spec["features"], l1_coefficient=spec["l1"]))
-        config = SAETrainerConfig(total_training_samples=len(train),
+        epochs = spec["check_epochs"] if first[0] else 1
+        config = SAETrainerConfig(total_training_samples=len(train) * epochs,
                                   train_batch_size_samples=batch, lr=spec["lr"],
                                   lr_end=spec["lr"])
         SAETrainer(config, sae, batches()).fit()
@@ -320,9 +331,9 @@ def _sae_lens(spec: dict[str, Any]) -> Callable[[], Outputs]:
             return {}
         first[0] = False
         with torch.no_grad():
-            x_hat = sae.decode(sae.encode(held_out))
-        return {"report.held-out explained variance": torch.tensor(_explained(held_out,
-                                                                             x_hat))}
+            z = sae.encode(held_out)
+            x_hat = sae.decode(z)
+        return _quality(held_out, x_hat, (z != 0).float().sum(-1).mean(), spec)
     return run
 
 
@@ -415,6 +426,110 @@ PATCHING = {"plain": _plain, "archscope": _archscope_patch, "archscope_atp": _ar
             "transformer_lens": _transformer_lens_patch}
 
 
+# -- (6b) tuned-lens training: held-out KL after each epoch against training time ----------
+def _heldout_kl(model: Any, ids: Any, predict: Callable[[int, Any], Any]) -> float:
+    """Mean over the block outputs both lenses translate (all but the last block's, whose
+    lens is the model's output) and over every held-out token of KL(final || lens).
+    ``predict(i, h)``: the lens's logits for block i's output ``h`` (``hidden_states[i+1]``)."""
+    import torch
+
+    totals: list[float] = []
+    n = 0
+    with torch.no_grad():
+        for start in range(0, len(ids), 16):
+            out = model(input_ids=ids[start:start + 16], output_hidden_states=True)
+            final = out.logits.float().log_softmax(-1)
+            for i, h in enumerate(out.hidden_states[1:-1]):
+                logp = predict(i, h).float().log_softmax(-1)
+                kl = float((final.exp() * (final - logp)).sum(-1).sum())
+                totals[i:i + 1] = [(totals[i] if i < len(totals) else 0.0) + kl]
+            n += final.shape[0] * final.shape[1]
+    return sum(t / n for t in totals) / len(totals)
+
+
+class _Clock:
+    """Training time with the held-out evaluations taken out."""
+
+    def __init__(self) -> None:
+        self.seconds, self.curve, self.started = 0.0, [], time.perf_counter()
+
+    def record(self, kl: Callable[[], float]) -> None:
+        self.seconds += time.perf_counter() - self.started
+        self.curve.append((self.seconds, kl()))
+        self.started = time.perf_counter()
+
+    def outputs(self) -> Outputs:
+        import torch
+
+        return {"seconds": torch.tensor([t for t, _ in self.curve]),
+                "heldout_kl": torch.tensor([k for _, k in self.curve])}
+
+
+def _archscope_lens_training(model: Any, batch: dict[str, Any],
+                             spec: dict[str, Any]) -> Callable[[], Outputs]:
+    import archscope
+    from archscope.lens import TunedLens
+
+    backend = archscope.Backend.for_model(model)
+    rows, held = batch["train_ids"].tolist(), batch["eval_ids"]
+
+    def run() -> Outputs:
+        clock = _Clock()
+
+        def progress(epoch: int, lens: TunedLens) -> None:
+            clock.record(lambda: _heldout_kl(
+                model, held, lambda i, h: backend.unembed(lens.translate(i, h))))
+        TunedLens.fit_rows(backend, rows, epochs=spec["epochs"], lr=spec["lr"],
+                           batch_size=16, eval_rows=rows[:1], progress=progress)
+        return clock.outputs()
+    return run
+
+
+def _tuned_lens_training(model: Any, batch: dict[str, Any],
+                         spec: dict[str, Any]) -> Callable[[], Outputs]:
+    """tuned-lens's `TunedLens` trained the way its `train` command does (its optimiser
+    defaults: SGD with Nesterov momentum 0.9 at lr 1.0 x (1 - 0.9), weight decay 1e-3, linear
+    decay; gradient norm clipped to 1; KL to the final logits at every hidden state but the
+    last, under bfloat16 autocast), one optimiser step per batch of 16 rows."""
+    import torch
+    from transformers import get_linear_schedule_with_warmup
+    from tuned_lens import TunedLens
+
+    train, held = batch["train_ids"], batch["eval_ids"]
+    batches = [train[i:i + 16] for i in range(0, len(train), 16)]
+
+    def run() -> Outputs:
+        torch.manual_seed(0)
+        clock = _Clock()
+        lens = TunedLens.from_model(model)
+        params = [p for p in lens.parameters() if p.requires_grad]
+        # tuned_lens.scripts.ingredients.Optimizer's defaults, written out: that module
+        # imports torchdata.dataloader2, which current torchdata no longer has.
+        opt = torch.optim.SGD(params, lr=1.0 * (1 - 0.9), momentum=0.9, nesterov=True,
+                              weight_decay=1e-3)
+        schedule = get_linear_schedule_with_warmup(opt, 0, spec["epochs"] * len(batches))
+        for _ in range(spec["epochs"]):
+            for ids in batches:
+                with torch.no_grad():
+                    out = model(input_ids=ids, output_hidden_states=True)
+                labels = out.logits.float().log_softmax(-1)
+                for i, h in enumerate(out.hidden_states[:-1]):
+                    with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+                        logits = lens(h, idx=i)
+                        loss = (labels.exp() * (labels - logits.log_softmax(-1))).sum(-1).mean()
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=False)
+                schedule.step()
+            clock.record(lambda: _heldout_kl(model, held, lambda i, h: lens(h, idx=i + 1)))
+        return clock.outputs()
+    return run
+
+
+LENS_TRAINING = {"archscope": _archscope_lens_training, "tuned_lens_train": _tuned_lens_training}
+
+
 def _versions(spec: dict[str, Any]) -> dict[str, str]:
     from importlib import metadata
 
@@ -484,7 +599,8 @@ def main() -> None:
                 batch = {} if sae else _inputs(spec)
                 rss0 = _maxrss_mb()
                 make = (_sae(spec["contender"]) if sae else PATCHING[spec["contender"]]
-                        if spec["workload"] == "patching" else CONTENDERS[spec["contender"]])
+                        if spec["workload"] == "patching" else LENS_TRAINING[spec["contender"]]
+                        if spec["workload"] == "lens_training" else CONTENDERS[spec["contender"]])
                 run = make(model, batch, spec)
                 reply({"ok": True, "rss_loaded_mb": rss0, "versions": _versions(spec)})
             elif op == "check":

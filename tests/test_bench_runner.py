@@ -94,3 +94,10 @@ def test_table(runner):
     assert lines[3] == "| Peer | peer 1.0 | 1e-06 | 33.0 | 30.0–36.0 | 3.000 | 3.00× | - | - |"
     assert "not timed: unequal output: x differs" in lines[4]
     assert lines[6] == "- Peer: one site waived"
+
+
+def test_time_to_a_held_out_kl(runner):
+    curve = ([1.0, 2.5, 4.0], [0.9, 0.62, 0.60])
+    assert runner.time_to(curve, 0.62) == 2.5  # the first epoch at or below the target
+    assert runner.time_to(curve, 0.60) == 4.0
+    assert runner.time_to(curve, 0.5) is None  # never reached: no time is made up

@@ -182,6 +182,24 @@ def test_tuned_lens_beats_the_logit_lens_on_held_out_text_of_a_trained_model(mar
     assert report.kl_logit[0] == pytest.approx(hand, rel=1e-4)
 
 
+def test_progress_gives_a_held_out_curve_ending_at_the_fitted_lens():
+    backend = archscope.Backend.for_model(gt.markov_gpt2())
+    rows = gt.markov_rows(40, seed=12)
+    curve: list[tuple[int, float]] = []
+    last: dict[str, torch.Tensor] = {}
+
+    def progress(epoch: int, lens: TunedLens) -> None:
+        curve.append((epoch, sum(lens.evaluate(rows[:8])[1][:-1])))
+        last.update(weight=lens.weight, bias=lens.bias)
+    lens = TunedLens.fit_rows(backend, rows[8:], epochs=4, lr=1e-2, eval_rows=rows[:8],
+                              progress=progress)
+    assert [e for e, _ in curve] == [0, 1, 2, 3]
+    assert torch.equal(last["weight"], lens.weight) and torch.equal(last["bias"], lens.bias)
+    assert curve[-1][1] < curve[0][1]  # the held-out KL falls as the lens trains
+    assert lens.report is not None
+    assert curve[-1][1] == pytest.approx(sum(lens.report.kl_tuned[:-1]), rel=1e-5)
+
+
 @pytest.mark.parametrize("name", ARCH_NAMES)
 def test_tuned_lens_trains_through_every_backend(name: str):
     a = arch(name)

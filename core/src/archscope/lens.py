@@ -517,9 +517,11 @@ class TunedLens(Artifact):
     @classmethod
     def fit_rows(cls, backend: Backend, rows: list[list[int]], *, epochs: int = 30,
                  lr: float = 1e-3, held_out: float = 0.2, batch_size: int = 16, seed: int = 0,
-                 eval_rows: list[list[int]] | None = None) -> TunedLens:
+                 eval_rows: list[list[int]] | None = None,
+                 progress: Callable[[int, TunedLens], None] | None = None) -> TunedLens:
         """Fit on token-id rows (``eval_rows``, or a seeded ``held_out`` share of ``rows``, is
-        the held-out set)."""
+        the held-out set). ``progress(epoch, lens)`` is called after each epoch with a lens
+        holding the translators so far (e.g. to record a held-out curve with `evaluate`)."""
         import torch
 
         if epochs < 1 or lr <= 0 or batch_size < 1:
@@ -545,7 +547,7 @@ class TunedLens(Artifact):
         opt = torch.optim.Adam([weight, bias], lr=lr)
         g = torch.Generator().manual_seed(seed)
         with torch.enable_grad():
-            for _ in range(epochs):
+            for epoch in range(epochs):
                 for acts, final in train:
                     # Minibatches of real tokens, shuffled across the rows of the batch.
                     perm = torch.randperm(final.shape[0], generator=g)
@@ -555,6 +557,9 @@ class TunedLens(Artifact):
                         gw, gb = torch.autograd.grad(loss, [weight, bias])
                         weight.grad, bias.grad = gw, gb
                         opt.step()
+                if progress is not None:
+                    lens.weight, lens.bias = weight.detach().clone(), bias.detach().clone()
+                    progress(epoch, lens)
         lens.weight = weight.detach()
         lens.bias = bias.detach()
         kl_logit, kl_tuned, n_eval = lens._evaluate(evals)
