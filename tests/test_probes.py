@@ -135,34 +135,48 @@ class TestSyntheticActivations:
         assert not torch.equal(a.direction, c.direction)
 
 
-    def test_lbfgs_reaches_the_penalised_logistic_optimum(self) -> None:
-        # Independent reference: Newton's method in float64 on the same convex objective
-        # (mean BCE on standardised inputs + weight_decay / 2 * |w|^2, bias unpenalised).
+    def test_newton_reaches_the_penalised_logistic_optimum(self) -> None:
         x, y, _ = self.planted(n=200, d=8)
         x = x + 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
         decay = 0.05
-        fit = ProbeFit(ProbeConfig(solver="lbfgs", weight_decay=decay), x.shape[1])
-        m = fit.train(x, y, epochs=100, held_out=(x, y))
+        fit = ProbeFit(ProbeConfig(solver="newton", weight_decay=decay), x.shape[1])
+        m = fit.train(x, y, epochs=50, held_out=(x, y))
+        assert m.train_auroc > 0.9
         z = ((x - x.mean(0)) / x.std(0, unbiased=False)).double()
         a = torch.cat([z, torch.ones(len(z), 1, dtype=torch.float64)], 1)
-        w = torch.zeros(a.shape[1], dtype=torch.float64)
-        penalty = torch.full((a.shape[1],), decay, dtype=torch.float64)
-        penalty[-1] = 0.0
-        for _ in range(30):
-            p = torch.sigmoid(a @ w)
-            grad = a.T @ (p - y.double()) / len(y) + penalty * w
-            hess = (a.T * (p * (1 - p))) @ a / len(y) + torch.diag(penalty)
-            w = w - torch.linalg.solve(hess, grad)
-        torch.testing.assert_close(fit.logits(x).double(), a @ w, atol=2e-3, rtol=2e-3)
-        assert m.train_auroc > 0.9
+        net = fit.probe.net
+        found = torch.cat([net.weight.detach().flatten(), net.bias.detach()]).double()
+
+        def objective(w: torch.Tensor) -> torch.Tensor:
+            return (torch.nn.functional.binary_cross_entropy_with_logits(a @ w, y.double())
+                    + decay / 2 * w[:-1].pow(2).sum())
+        # Independent checks of the optimum of this strictly convex objective: its gradient
+        # (by autograd) vanishes there, and torch's L-BFGS lands on the same logits.
+        w = found.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(w), w)
+        assert float(grad.abs().max()) < 1e-5
+        ref = torch.zeros(a.shape[1], dtype=torch.float64, requires_grad=True)
+        lbfgs = torch.optim.LBFGS([ref], max_iter=500, tolerance_grad=1e-12,
+                                  tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            lbfgs.zero_grad()
+            loss = objective(ref)
+            loss.backward()
+            return loss
+        lbfgs.step(closure)
+        torch.testing.assert_close(fit.logits(x).double(), (a @ ref).detach(), atol=1e-4,
+                                   rtol=1e-4)
         # The AdamW fit of the same data ranks the rows alike.
         adam = ProbeFit(ProbeConfig(seed=1), x.shape[1]).train(x, y, epochs=60, lr=0.01,
                                                                held_out=(x, y))
         assert abs(adam.train_auroc - m.train_auroc) < 0.02
 
     def test_unknown_solver_is_refused_with_the_valid_ones(self) -> None:
-        with pytest.raises(ParameterError, match="adamw, lbfgs"):
+        with pytest.raises(ParameterError, match="adamw, newton"):
             ProbeConfig(solver="sgd")
+        with pytest.raises(ParameterError, match="linear probes"):
+            ProbeConfig(solver="newton", probe_type="mlp")
 
 @pytest.fixture(scope="module")
 def planted() -> dict[str, Any]:

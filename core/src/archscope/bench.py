@@ -289,9 +289,9 @@ def _probe_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks,
     from .probes import probe_sweep
 
     for task, dataset in tasks.probes.items():
-        # L-BFGS fits these small linear probes to convergence in a few dozen iterations
-        # (equal held-out AUROC to 100 AdamW epochs on the zoo's tasks, ~4x less time).
-        sweep = probe_sweep(backend, dataset, folds=3 if quick else 5, solver="lbfgs",
+        # Newton's method solves these small penalised logistic regressions in ~10 iterations
+        # (the held-out AUROC of 100 AdamW epochs on the zoo's tasks, in far less time).
+        sweep = probe_sweep(backend, dataset, folds=3 if quick else 5, solver="newton",
                             epochs=50, weight_decay=1e-2)
         profile.probe_auroc[task] = {r.site: float(r.heldout_auroc) for r in sweep.layers}
         profile.probe_train_auroc[task] = {r.site: float(r.train_auroc) for r in sweep.layers}
