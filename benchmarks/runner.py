@@ -371,7 +371,7 @@ def workloads(quick: bool) -> list[Workload]:
                    rounds=2 if quick else 3, compare_keys=["reconstruction"],
                    untimed=["sae_lens_export"],
                    extra={"sae_type": kind, "features": 4096, "batch": 4096, "k": 32,
-                          "lr": 1e-3, "l1": 5.0, "check_epochs": 2 if quick else 20},
+                          "lr": 1e-3, "l1": 0.2, "check_epochs": 2 if quick else 20},
                    target="≥ 1.5× SAELens throughput" if kind == "topk" else "",
                    note="Each timed run trains a fresh SAE for one epoch over the same cached "
                         "activations; 'plain forward' here is a plain PyTorch training loop "

@@ -524,7 +524,7 @@ def _tuned_lens_training(model: Any, batch: dict[str, Any],
                 opt.step()
                 opt.zero_grad(set_to_none=False)
                 schedule.step()
-            clock.record(lambda: _heldout_kl(model, held, lambda i, h: lens(h, idx=i + 1)))
+            clock.record(lambda: _heldout_kl(model, held, lambda layer, hidden: lens(hidden, idx=layer + 1)))
         return clock.outputs()
     return run
 
