@@ -390,8 +390,10 @@ def workloads(quick: bool) -> list[Workload]:
 
 
 def scaling_sizes(quick: bool) -> list[tuple[int, int]]:
-    return [(1, 64), (2, 64), (4, 64), (8, 64)] if quick else [(2, 128), (4, 128), (8, 128),
-                                                               (16, 128)]
+    """(batch, seq): the batch grows at a fixed length, then the length at a fixed batch."""
+    if quick:
+        return [(1, 64), (2, 64), (4, 64), (2, 32), (2, 128)]
+    return [(2, 128), (4, 128), (8, 128), (16, 128), (4, 64), (4, 256), (4, 512)]
 
 
 def save_inputs(path: Path, model: str, batch: int, seq: int) -> None:
