@@ -188,6 +188,76 @@ def test_position_sweep_equals_single_patched_runs(any_arch: Arch) -> None:
             ref.assert_fraction(sweep.gap_restored[i][p], patches, (site, p))
 
 
+def _inner_calls(backend: Any, sweep: Any) -> tuple[Any, int]:
+    """(result, calls of block 0's first parametrised submodule): a replayed block runs none
+    of its submodules."""
+    block = backend.hookpoint(backend.layer_names()[0]).module
+    inner = next(m for m in block.modules() if m is not block and any(
+        True for _ in m.parameters(recurse=False)))
+    calls = []
+    handle = inner.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        return sweep(), len(calls)
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mamba", "hybrid"])
+def test_sweeps_replay_the_blocks_before_the_patched_layer(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Patched runs replay the corrupted run's block outputs before the patched cell instead of
+    computing them: fewer block passes, the same grid as running every block."""
+    from archscope.attribute import _engine
+
+    backend = arch(name).backend
+    clean, corrupted, *_ = _batches(arch(name), [5, 4])
+
+    def sweep() -> Any:
+        return patch_sweep(backend, clean, corrupted, embed=True, batch_size=4).gap_restored
+
+    fast, fast_calls = _inner_calls(backend, sweep)
+    monkeypatch.setattr(_engine.BlockReplay, "of", classmethod(lambda cls, b: None))
+    slow, slow_calls = _inner_calls(backend, sweep)
+    torch.testing.assert_close(torch.tensor(fast, dtype=torch.float64),
+                               torch.tensor(slow, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    # block 0 runs in the runs patched at the embedding and at its own output only when
+    # nothing is replayed; with replay, only in the embedding row's runs and the check
+    assert fast_calls < slow_calls, (fast_calls, slow_calls)
+
+
+def test_blocks_that_talk_past_their_outputs_are_not_replayed() -> None:
+    """A model whose last block reads something the first block leaves aside (as a shared
+    key/value cache would) fails the replay check: the sweep runs every block and still
+    equals single patched runs; the blocks' own forward attributes are restored."""
+    a = arch("gpt2")
+    blocks = a.model.transformer.h
+    side: dict[str, torch.Tensor] = {}
+    first_forward, last_forward = blocks[0].forward, blocks[-1].forward
+
+    def first(*args: Any, **kwargs: Any) -> Any:
+        out = first_forward(*args, **kwargs)
+        side["x"] = out
+        return out
+
+    def last(*args: Any, **kwargs: Any) -> Any:
+        out = last_forward(*args, **kwargs)
+        return out + 0.5 * side.pop("x", torch.zeros_like(out))
+
+    blocks[0].forward, blocks[-1].forward = first, last
+    try:
+        clean, corrupted, c_rows, r_rows = _batches(a, [4, 3])
+        sweep = patch_sweep(a.backend, clean, corrupted, embed=True, batch_size=4)
+        assert blocks[0].forward is first and blocks[-1].forward is last
+        assert sweep.gap_restored is not None
+        ref = Reference(a.backend, c_rows, r_rows, ["layer_0.residual", "layer_2.residual"])
+        for i, site in [(1, "layer_0.residual"), (3, "layer_2.residual")]:
+            for p in range(3):
+                patches = {n: [(site, [p])] for n, r in enumerate(r_rows) if p < len(r)}
+                ref.assert_fraction(sweep.gap_restored[i][p], patches, (site, p))
+    finally:
+        del blocks[0].forward, blocks[-1].forward
+
+
 @pytest.mark.parametrize("name", ["gpt2", "hybrid"])
 def test_component_sweep_equals_single_patched_runs(name: str) -> None:
     a = arch(name)
