@@ -305,12 +305,16 @@ class ProbeFit(Artifact):
                 break
             step = torch.linalg.solve((a.T * (p * (1 - p) / len(y))) @ a + ridge, grad)
             t, slope = 1.0, float(grad @ step)
-            while True:  # backtrack until the loss falls enough (Armijo)
+            # backtrack until the loss falls enough (Armijo); no such step: at the optimum
+            # within float precision
+            while t >= 1e-8:
                 candidate = w - t * step
                 new = objective(candidate)
-                if new <= value - 1e-4 * t * slope or t < 1e-8:
+                if new <= value - 1e-4 * t * slope:
                     break
                 t /= 2
+            else:
+                break
             w, value = candidate, new
         linear = self.probe.net
         assert isinstance(linear, torch.nn.Linear)
