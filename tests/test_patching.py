@@ -225,6 +225,21 @@ def test_sweeps_replay_the_blocks_before_the_patched_layer(
     assert fast_calls < slow_calls, (fast_calls, slow_calls)
 
 
+def test_a_single_patched_run_costs_three_forwards() -> None:
+    """Clean, corrupted, patched: the replay check (one more forward) is paid only by sweeps
+    that run more than one patched forward."""
+    a = arch("gpt2")
+    clean, corrupted, *_ = _batches(a, [5, 4])
+    calls = []
+    handle = a.model.get_input_embeddings().register_forward_pre_hook(
+        lambda *args: calls.append(1))
+    try:
+        activation_patch(a.backend, clean, corrupted, [1], None)
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+
+
 def test_blocks_that_talk_past_their_outputs_are_not_replayed() -> None:
     """A model whose last block reads something the first block leaves aside (as a shared
     key/value cache would) fails the replay check: the sweep runs every block and still

@@ -110,15 +110,18 @@ class PatchRuns:
                   progress: Any = None) -> list[float]:
         """The metric (mean over rows) of one patched run per spec, batched."""
         per_forward = max(1, batch_size // self.rows)
+        # replay repays its one-time check only when more than one forward pass is run
+        replay = self.replay if len(specs) > per_forward else None
         values: list[float] = []
         for start in range(0, len(specs), per_forward):
             chunk = specs[start:start + per_forward]
-            values.extend(self._run_chunk(chunk))
+            values.extend(self._run_chunk(chunk, replay))
             if progress is not None:
                 progress(len(chunk))
         return values
 
-    def _run_chunk(self, chunk: Sequence[Spec]) -> list[float]:
+    def _run_chunk(self, chunk: Sequence[Spec], replay: BlockReplay | None = None
+                   ) -> list[float]:
         import torch
 
         n, k = self.rows, len(chunk)
@@ -132,13 +135,12 @@ class PatchRuns:
                     rows = valid[:, c].nonzero().flatten()
                     sel[j * n + rows, self.cols.corrupted[rows, c]] = True
         edits = [self._edit(site, sel, k) for site, sel in select.items() if bool(sel.any())]
-        depth = (min(self.replay.depth(site) for site in select)
-                 if self.replay is not None and select else 0)
-        if depth and self.replay is not None and not self.replay.verified(self.corrupted,
-                                                                          self.readout):
-            self.replay = None
-        with (self.replay.replaying(depth, k) if self.replay is not None and depth
-              else contextlib.nullcontext()):
+        depth = min((replay.depth(site) for site in select), default=0) if replay else 0
+        if depth and replay is not None and replay.verified(self.corrupted, self.readout):
+            context: Any = replay.replaying(depth, k)
+        else:
+            context = contextlib.nullcontext()
+        with context:
             result = self.backend.run(replicate(self.corrupted, k),
                                       capture=self.readout.capture, edits=edits)
         logits, mask = self.readout.logits(result)
