@@ -11,7 +11,6 @@ after warm-up, for HF Mamba (sequential scan on CPU) and Mamba-2 (chunked scan).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe
+import machine
 
 from archscope_mamba.backend import MambaBackend
 from archscope_mamba.testing import make_model
@@ -68,13 +67,7 @@ def bench(family: str, batch: int, seq: int, repeats: int) -> tuple[dict[str, fl
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: least sensitive to other processes)")
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).parent / "results" / "mamba.md")
-    args = parser.parse_args()
+    args = machine.parser(__doc__, "mamba.md", repeats=15).parse_args()
     torch.set_num_threads(args.threads)
     rows, ok = [], True
     for family, batch, seq in (("mamba", 8, 64), ("mamba2", 8, 256)):
@@ -86,7 +79,7 @@ def main() -> int:
         print(rows[-1], flush=True)
     text = "\n".join([
         "# archscope-mamba: cost of reading every `ssm_state`", "",
-        f"Machine: {describe()}; torch threads: {args.threads}.", "",
+        f"Machine: {machine.describe()}; torch threads: {args.threads}.", "",
         f"Median of {args.repeats} interleaved runs after warm-up (ms); ratios are medians of the "
         "ratios of runs made back to back (robust to load from other processes). The "
         "extraction runs the model with `use_cache=True` and reads each layer's state from that "
@@ -99,9 +92,7 @@ def main() -> int:
         "timings vary by ±10% or more between invocations; the paired ratios are the stable "
         "figure. Reading a state adds only the cache the model builds by default "
         "(`config.use_cache=True`) and a copy of each state.", ""])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    machine.write(text, args.out)
     return 0 if ok else 1
 
 

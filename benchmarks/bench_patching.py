@@ -12,7 +12,6 @@ only the position the default metric reads. Both compute the same matrix (checke
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe
+import machine
 
 import archscope
 from archscope.attribute import attribution_patch, patch_sweep
@@ -82,13 +81,7 @@ def hook_loop(model: Any, clean: torch.Tensor, corrupted: torch.Tensor) -> list[
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: least sensitive to other processes)")
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).parent / "results" / "patching.md")
-    args = parser.parse_args()
+    args = machine.parser(__doc__, "patching.md", repeats=3).parse_args()
     torch.set_num_threads(args.threads)
     model = make_model()
     backend = archscope.Backend.for_model(model)
@@ -131,7 +124,7 @@ def main() -> int:
             for name, v in samples.items()]
     text = "\n".join([
         "# Patching sweep: archscope vs a plain loop of single patched forwards", "",
-        f"Machine: {describe()}; torch threads: {args.threads}.", "",
+        f"Machine: {machine.describe()}; torch threads: {args.threads}.", "",
         f"GPT-2, {LAYERS} layers, d {D_MODEL}, vocabulary {VOCAB}; one pair of {SEQ} tokens; "
         f"residual stream (block outputs) × {SEQ} positions = {LAYERS * SEQ} cells. Median of "
         f"{args.repeats} interleaved runs after a warm-up (seconds; with 0 repeats, the first "
@@ -140,9 +133,7 @@ def main() -> int:
         f"Largest difference between the loop's and patch_sweep's gap restored: {diff:.2e}. "
         f"Pearson correlation of AtP with the exact sweep on this random-weight model: "
         f"{corr:.3f}.", ""])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+    machine.write(text, args.out)
     return 0 if diff < 1e-4 else 1
 
 

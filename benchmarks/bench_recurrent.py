@@ -10,7 +10,6 @@ model's parameters; the target is ≤ 1.10× the plain forward. Timings are medi
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from machine import describe
+import machine
 
 from archscope_recurrent.models import RecurrentLM, RecurrentLMConfig
 from archscope_recurrent.rnn import RNNBackend
@@ -67,23 +66,18 @@ def bench(cell: str, batch: int, seq: int, dim: int, repeats: int) -> dict[str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=100)
+    parser = machine.parser(__doc__, "recurrent.md", repeats=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1 keeps timings stable on a shared machine)")
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).parent / "results" / "recurrent.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    machine = describe()
+    described = machine.describe()
     lines = [
         "# RNN backend: per-layer hidden states vs a plain forward",
         "",
-        f"Machine: {machine}.",
+        f"Machine: {described}.",
         f"3-layer RecurrentLM, d_model = hidden = {args.dim}, vocab 1000, batch {args.batch} × "
         f"{args.seq} tokens, no padding, {args.threads} torch thread(s); median of "
         f"{args.repeats} interleaved runs after 3 warm-up runs "
@@ -109,9 +103,7 @@ def main() -> None:
               "Target: ≤ 1.10× the plain forward. `all layer_i.hidden` stops after the last "
               "layer (no head); `hidden + logits` runs the whole model.", ""]
     text = "\n".join(lines)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    machine.write(text, args.out)
 
 
 if __name__ == "__main__":

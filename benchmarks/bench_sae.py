@@ -4,9 +4,8 @@ timed in the same process.
 
     python benchmarks/bench_sae.py [--threads 2] [--steps 8] [--k 32] [--out results/sae.md]
 
-Size of the comparison in the methods issue: d_in 256, 4096 features, batch 4096. Reference
-numbers measured elsewhere on that setting: SAELens 6.54 TopK 6.6k tokens/s, standard 9.4k;
-plain TopK loop 13.8k. Target: archscope TopK >= 1.5 x SAELens's TopK.
+Default size: d_in 256, 4096 features, batch 4096. SAELens itself is measured side by side,
+in its own environment and at equal results, by `runner.py` (workload 7, `RESULTS.md`).
 """
 
 from __future__ import annotations
@@ -105,9 +104,8 @@ def main() -> None:
         "|---|---|---|---|",
         *[f"| {name} | {m:,.0f} | {b:,.0f} | {m / rows[-1][1]:.2f}× |" for name, m, b in rows],
         "",
-        f"Load average when done: {load}. SAELens was not run here; on the issue's reference "
-        "machine the plain loop reached 13.8k tokens/s and SAELens's TopK 6.6k, so a ratio "
-        "r to the plain loop projects to about 2.1 r × SAELens's TopK.",
+        f"Load average when done: {load}. SAELens is measured side by side with archscope "
+        "by `runner.py` (workload 7 in `RESULTS.md`).",
         "",
     ]
     text = "\n".join(lines)

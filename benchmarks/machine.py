@@ -1,10 +1,31 @@
-"""A one-paragraph description of the machine and versions, for benchmark result files."""
+"""What every per-package benchmark script shares: its common arguments, a one-paragraph
+description of the machine and versions, and writing its Markdown result."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 from importlib import metadata
+from pathlib import Path
+
+
+def parser(doc: str | None, result: str, repeats: int, threads: int = 1
+           ) -> argparse.ArgumentParser:
+    """``--repeats``, ``--threads`` and ``--out`` (default ``results/<result>``)."""
+    p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--threads", type=int, default=threads,
+                   help="torch CPU threads (1: least sensitive to other processes)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / result)
+    return p
+
+
+def write(text: str, out: Path) -> None:
+    """Print the result and write it to ``out``."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
 
 
 def describe() -> str:
