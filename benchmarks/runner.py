@@ -98,6 +98,12 @@ class Row:
     rss_added_mb: float | None = None
     excluded: str = ""
 
+    @property
+    def version(self) -> str:
+        """The contender's own distributions (torch and transformers are the same for all)."""
+        return ", ".join(f"{k} {v}" for k, v in self.versions.items()
+                         if k not in ("torch", "transformers")) or "-"
+
 
 # --------------------------------------------------------------------------- pure parts
 
@@ -178,8 +184,7 @@ def format_table(rows: Sequence[Row]) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     ours = [statistics.median(r.times) for r in rows if r.contender == "archscope" and r.times]
     for row in rows:
-        version = ", ".join(f"{k} {v}" for k, v in row.versions.items()
-                            if k not in ("torch", "transformers")) or "-"
+        version = row.version
         diff = "-" if row.max_diff is None else f"{row.max_diff:.2g}"
         if row.excluded:
             lines.append(f"| {row.label} | {version} | {diff} | not timed: {row.excluded} "
@@ -447,9 +452,11 @@ def _prepare_inputs(work: Workload, args: argparse.Namespace, models: dict[str, 
 class Session:
     """The contenders' processes of one workload and what they reported."""
 
-    def __init__(self, work: Workload, args: argparse.Namespace, tmp: Path) -> None:
+    def __init__(self, work: Workload, args: argparse.Namespace, tmp: Path,
+                 plain: bool = True) -> None:
         self.work, self.args, self.tmp = work, args, tmp
-        self.contenders = ["plain", *work.contenders]
+        # plain: a plain forward in its own process, the yardstick of timed workloads
+        self.contenders = ["plain", *work.contenders] if plain else list(work.contenders)
         self.rows = {name: Row(name, CONTENDERS[name][2]) for name in self.contenders}
         self.workers: dict[str, Worker] = {}
         self.outputs: dict[str, dict[str, Any]] = {}
@@ -624,8 +631,7 @@ def run_lens_training(args: argparse.Namespace, tmp: Path, pythons: dict[str, Pa
                     compare_keys=[], extra={"epochs": epochs, "lr": 1e-2})
     inputs = tmp / "lens_training.inputs.safetensors"
     lens_rows(inputs)
-    session = Session(work, args, tmp)
-    session.contenders = list(work.contenders)
+    session = Session(work, args, tmp, plain=False)
     try:
         session.start({"zoo": models_dir() / "transformer"}, inputs, pythons)
         session.first_calls()
@@ -643,9 +649,7 @@ def run_lens_training(args: argparse.Namespace, tmp: Path, pythons: dict[str, Pa
     for name, (seconds, kl) in curves.items():
         row = session.rows[name]
         reached = time_to((seconds, kl), target)
-        version = ", ".join(f"{k} {v}" for k, v in row.versions.items()
-                            if k not in ("torch", "transformers"))
-        lines.append(f"| {row.label} | {version}"
+        lines.append(f"| {row.label} | {row.version}"
                      f" | {' '.join(f'{k:.3f}' for k in kl)} | {min(kl):.4f} | "
                      f"{'-' if reached is None else f'{reached:.2f}'} | {seconds[-1]:.2f} | "
                      f"{row.rss_peak_mb or 0:.0f} |")
