@@ -435,7 +435,7 @@ def _heldout_kl(model: Any, ids: Any, predict: Callable[[int, Any], Any]) -> flo
     ``predict(i, h)``: the lens's logits for block i's output ``h`` (``hidden_states[i+1]``)."""
     import torch
 
-    totals: list[float] = []
+    totals: dict[int, float] = {}  # block index -> summed KL
     n = 0
     with torch.no_grad():
         for start in range(0, len(ids), 16):
@@ -444,9 +444,9 @@ def _heldout_kl(model: Any, ids: Any, predict: Callable[[int, Any], Any]) -> flo
             for i, h in enumerate(out.hidden_states[1:-1]):
                 logp = predict(i, h).float().log_softmax(-1)
                 kl = float((final.exp() * (final - logp)).sum(-1).sum())
-                totals[i:i + 1] = [(totals[i] if i < len(totals) else 0.0) + kl]
+                totals[i] = totals.get(i, 0.0) + kl
             n += final.shape[0] * final.shape[1]
-    return sum(t / n for t in totals) / len(totals)
+    return sum(totals.values()) / n / len(totals)
 
 
 class _Clock:
@@ -524,12 +524,23 @@ def _tuned_lens_training(model: Any, batch: dict[str, Any],
                 opt.step()
                 opt.zero_grad(set_to_none=False)
                 schedule.step()
-            clock.record(lambda: _heldout_kl(model, held, lambda layer, hidden: lens(hidden, idx=layer + 1)))
+            # tuned-lens's index 0 is the embedding output; block i's output is index i + 1
+            clock.record(lambda: _heldout_kl(
+                model, held, lambda layer, hidden: lens(hidden, idx=layer + 1)))
         return clock.outputs()
     return run
 
 
 LENS_TRAINING = {"archscope": _archscope_lens_training, "tuned_lens_train": _tuned_lens_training}
+
+
+def _maker(spec: dict[str, Any]) -> Callable[..., Callable[[], Outputs]]:
+    """The function that builds the contender's run for this workload."""
+    contender, workload = spec["contender"], spec["workload"]
+    if workload.startswith("sae"):
+        return _sae(contender)
+    table = {"patching": PATCHING, "lens_training": LENS_TRAINING}.get(workload, CONTENDERS)
+    return table[contender]
 
 
 def _versions(spec: dict[str, Any]) -> dict[str, str]:
@@ -600,10 +611,7 @@ def main() -> None:
                 model = None if sae else _load_model(spec)
                 batch = {} if sae else _inputs(spec)
                 rss0 = _maxrss_mb()
-                make = (_sae(spec["contender"]) if sae else PATCHING[spec["contender"]]
-                        if spec["workload"] == "patching" else LENS_TRAINING[spec["contender"]]
-                        if spec["workload"] == "lens_training" else CONTENDERS[spec["contender"]])
-                run = make(model, batch, spec)
+                run = _maker(spec)(model, batch, spec)
                 reply({"ok": True, "rss_loaded_mb": rss0, "versions": _versions(spec)})
             elif op == "check":
                 # The first call of the contender: its peak memory is read right after it,
