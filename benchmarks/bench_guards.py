@@ -28,17 +28,23 @@ def _models() -> dict[str, Any]:
     from archscope_recurrent.testing import tiny_recurrent_lm
 
     torch.manual_seed(0)
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=4, n_embd=128, n_head=4, vocab_size=1000)).eval()
-    return {"gpt2 4x128": gpt2, "mamba (tiny)": make_model("mamba"),
-            "lstm (tiny)": tiny_recurrent_lm("lstm")}
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(n_layer=4, n_embd=128, n_head=4, vocab_size=1000)
+    ).eval()
+    return {
+        "gpt2 4x128": gpt2,
+        "mamba (tiny)": make_model("mamba"),
+        "lstm (tiny)": tiny_recurrent_lm("lstm"),
+    }
 
 
 @contextlib.contextmanager
 def _without_guards() -> Any:
     """`Backend.run` with the guards replaced by no-ops (run imports them at each call)."""
-    saved = {n: getattr(guards, n) for n in ("check_device", "check_inputs", "inference_mode",
-                                              "model_lock")}
+    saved = {
+        n: getattr(guards, n)
+        for n in ("check_device", "check_inputs", "inference_mode", "model_lock")
+    }
     guards.check_device = lambda *a: None
     guards.check_inputs = lambda *a: None
     guards.inference_mode = lambda *a: contextlib.nullcontext()  # type: ignore[assignment]
@@ -61,7 +67,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print("| model | run, guarded (ms) | run, no guards (ms) | median paired ratio | guards alone (us) |")
+    print(
+        "| model | run, guarded (ms) | run, no guards (ms) | median paired ratio | guards alone (us) |"
+    )
     print("|---|---|---|---|---|")
     for name, model in _models().items():
         backend = archscope.Backend.for_model(model)
@@ -94,9 +102,11 @@ def main() -> None:
                     pass
 
         alone = statistics.median(_time(guards_alone) for _ in range(5)) / 200
-        print(f"| {name} | {1000 * statistics.median(runs):.2f} | "
-              f"{1000 * statistics.median(bares):.2f} | {statistics.median(ratios):.3f} | "
-              f"{1e6 * alone:.0f} |")
+        print(
+            f"| {name} | {1000 * statistics.median(runs):.2f} | "
+            f"{1000 * statistics.median(bares):.2f} | {statistics.median(ratios):.3f} | "
+            f"{1e6 * alone:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -46,9 +46,11 @@ def bench(family: str, batch: int, seq: int, repeats: int) -> tuple[dict[str, fl
     def extract() -> None:
         backend.run(ids, capture=states)
 
-    cases = {"plain forward (use_cache=False)": plain,
-             "plain forward (use_cache=True)": plain_cache,
-             f"all {len(states)} ssm_state sites": extract}
+    cases = {
+        "plain forward (use_cache=False)": plain,
+        "plain forward (use_cache=True)": plain_cache,
+        f"all {len(states)} ssm_state sites": extract,
+    }
     for fn in cases.values():  # warm-up
         for _ in range(2):
             fn()
@@ -61,8 +63,10 @@ def bench(family: str, batch: int, seq: int, repeats: int) -> tuple[dict[str, fl
     medians = {name: statistics.median(values) for name, values in samples.items()}
     # Ratios of runs made back to back, so load from other processes cancels out.
     plain_s, cache_s, extract_s = samples.values()
-    paired = [statistics.median(e / p for e, p in zip(extract_s, plain_s, strict=True)),
-              statistics.median(e / c for e, c in zip(extract_s, cache_s, strict=True))]
+    paired = [
+        statistics.median(e / p for e, p in zip(extract_s, plain_s, strict=True)),
+        statistics.median(e / c for e, c in zip(extract_s, cache_s, strict=True)),
+    ]
     return medians, paired
 
 
@@ -74,24 +78,34 @@ def main() -> int:
         result, (ratio, ratio_cache) = bench(family, batch, seq, args.repeats)
         base, base_cache, extract = result.values()
         ok &= ratio <= TARGET
-        rows.append(f"| {family} (d 128, 4 layers) | {batch} × {seq} | {base:.1f} | "
-                    f"{base_cache:.1f} | {extract:.1f} | {ratio:.3f}× | {ratio_cache:.3f}× |")
+        rows.append(
+            f"| {family} (d 128, 4 layers) | {batch} × {seq} | {base:.1f} | "
+            f"{base_cache:.1f} | {extract:.1f} | {ratio:.3f}× | {ratio_cache:.3f}× |"
+        )
         print(rows[-1], flush=True)
-    text = "\n".join([
-        "# archscope-mamba: cost of reading every `ssm_state`", "",
-        f"Machine: {machine.describe()}; torch threads: {args.threads}.", "",
-        f"Median of {args.repeats} interleaved runs after warm-up (ms); ratios are medians of the "
-        "ratios of runs made back to back (robust to load from other processes). The "
-        "extraction runs the model with `use_cache=True` and reads each layer's state from that "
-        f"cache; target ≤ {TARGET}× the plain forward without a cache.", "",
-        "| model | batch × tokens | plain forward, no cache | plain forward, cache | "
-        "all ssm_state | ratio vs no cache | ratio vs cache |",
-        "|---|---|---|---|---|---|---|",
-        *rows, "",
-        f"Target met: {'yes' if ok else 'NO'}. On a machine shared with other processes single "
-        "timings vary by ±10% or more between invocations; the paired ratios are the stable "
-        "figure. Reading a state adds only the cache the model builds by default "
-        "(`config.use_cache=True`) and a copy of each state.", ""])
+    text = "\n".join(
+        [
+            "# archscope-mamba: cost of reading every `ssm_state`",
+            "",
+            f"Machine: {machine.describe()}; torch threads: {args.threads}.",
+            "",
+            f"Median of {args.repeats} interleaved runs after warm-up (ms); ratios are medians of the "
+            "ratios of runs made back to back (robust to load from other processes). The "
+            "extraction runs the model with `use_cache=True` and reads each layer's state from that "
+            f"cache; target ≤ {TARGET}× the plain forward without a cache.",
+            "",
+            "| model | batch × tokens | plain forward, no cache | plain forward, cache | "
+            "all ssm_state | ratio vs no cache | ratio vs cache |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Target met: {'yes' if ok else 'NO'}. On a machine shared with other processes single "
+            "timings vary by ±10% or more between invocations; the paired ratios are the stable "
+            "figure. Reading a state adds only the cache the model builds by default "
+            "(`config.use_cache=True`) and a copy of each state.",
+            "",
+        ]
+    )
     machine.write(text, args.out)
     return 0 if ok else 1
 

@@ -35,8 +35,9 @@ def make_model() -> Any:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=D_MODEL, n_head=HEADS, n_layer=LAYERS,
-                        n_positions=SEQ)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=D_MODEL, n_head=HEADS, n_layer=LAYERS, n_positions=SEQ
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -56,8 +57,7 @@ def hook_loop(model: Any, clean: torch.Tensor, corrupted: torch.Tensor) -> list[
     corr_m = float(r_logits[a] - r_logits[b])
     # Block outputs of the clean run (hidden_states[-1] is after ln_f, so read them by hook).
     sources: list[torch.Tensor] = []
-    handles = [b.register_forward_hook(lambda m, a_, o: sources.append(_hidden(o)))
-               for b in blocks]
+    handles = [b.register_forward_hook(lambda m, a_, o: sources.append(_hidden(o))) for b in blocks]
     with torch.no_grad():
         model(clean)
     for handle in handles:
@@ -66,6 +66,7 @@ def hook_loop(model: Any, clean: torch.Tensor, corrupted: torch.Tensor) -> list[
     for block, source in zip(blocks, sources, strict=True):
         row = []
         for p in range(clean.shape[1]):
+
             def patch(m: Any, args: Any, output: Any, p: int = p, src: Any = source) -> Any:
                 hidden = _hidden(output).clone()
                 hidden[:, p] = src[:, p]
@@ -92,12 +93,15 @@ def main() -> int:
     corrupted[0, -1] = (clean[0, -1] + 1) % VOCAB
 
     cases = {
-        "plain loop of 384 single forwards (HF hooks, full logits)":
-            lambda: hook_loop(model, clean, corrupted),
-        "archscope patch_sweep (64 cells per forward)":
-            lambda: patch_sweep(backend, clean, corrupted, batch_size=64).gap_restored,
-        "archscope attribution_patch (1 forward + 1 backward)":
-            lambda: attribution_patch(backend, clean, corrupted).attribution,
+        "plain loop of 384 single forwards (HF hooks, full logits)": lambda: hook_loop(
+            model, clean, corrupted
+        ),
+        "archscope patch_sweep (64 cells per forward)": lambda: (
+            patch_sweep(backend, clean, corrupted, batch_size=64).gap_restored
+        ),
+        "archscope attribution_patch (1 forward + 1 backward)": lambda: (
+            attribution_patch(backend, clean, corrupted).attribution
+        ),
     }
     # The first run of each warms up and gives the values to compare; with --repeats 0 its
     # time is the one reported (for loaded machines).
@@ -114,25 +118,37 @@ def main() -> int:
             fn()
             samples[name].append(time.perf_counter() - start)
     loop, sweep, atp = (results[k] for k in cases)
-    diff = max(abs(x - y) for ra, rb in zip(loop, sweep, strict=True)
-               for x, y in zip(ra, rb, strict=True))
-    flat = torch.tensor([[x for row in m for x in row] for m in (sweep, atp)],
-                        dtype=torch.float64)
+    diff = max(
+        abs(x - y) for ra, rb in zip(loop, sweep, strict=True) for x, y in zip(ra, rb, strict=True)
+    )
+    flat = torch.tensor([[x for row in m for x in row] for m in (sweep, atp)], dtype=torch.float64)
     corr = float(torch.corrcoef(flat)[0, 1])
     base = statistics.median(samples[next(iter(cases))])
-    rows = [f"| {name} | {statistics.median(v):.2f} | {base / statistics.median(v):.1f}× |"
-            for name, v in samples.items()]
-    text = "\n".join([
-        "# Patching sweep: archscope vs a plain loop of single patched forwards", "",
-        f"Machine: {machine.describe()}; torch threads: {args.threads}.", "",
-        f"GPT-2, {LAYERS} layers, d {D_MODEL}, vocabulary {VOCAB}; one pair of {SEQ} tokens; "
-        f"residual stream (block outputs) × {SEQ} positions = {LAYERS * SEQ} cells. Median of "
-        f"{args.repeats} interleaved runs after a warm-up (seconds; with 0 repeats, the first "
-        "run).", "",
-        "| method | seconds | speed-up vs the loop |", "|---|---|---|", *rows, "",
-        f"Largest difference between the loop's and patch_sweep's gap restored: {diff:.2e}. "
-        f"Pearson correlation of AtP with the exact sweep on this random-weight model: "
-        f"{corr:.3f}.", ""])
+    rows = [
+        f"| {name} | {statistics.median(v):.2f} | {base / statistics.median(v):.1f}× |"
+        for name, v in samples.items()
+    ]
+    text = "\n".join(
+        [
+            "# Patching sweep: archscope vs a plain loop of single patched forwards",
+            "",
+            f"Machine: {machine.describe()}; torch threads: {args.threads}.",
+            "",
+            f"GPT-2, {LAYERS} layers, d {D_MODEL}, vocabulary {VOCAB}; one pair of {SEQ} tokens; "
+            f"residual stream (block outputs) × {SEQ} positions = {LAYERS * SEQ} cells. Median of "
+            f"{args.repeats} interleaved runs after a warm-up (seconds; with 0 repeats, the first "
+            "run).",
+            "",
+            "| method | seconds | speed-up vs the loop |",
+            "|---|---|---|",
+            *rows,
+            "",
+            f"Largest difference between the loop's and patch_sweep's gap restored: {diff:.2e}. "
+            f"Pearson correlation of AtP with the exact sweep on this random-weight model: "
+            f"{corr:.3f}.",
+            "",
+        ]
+    )
     machine.write(text, args.out)
     return 0 if diff < 1e-4 else 1
 

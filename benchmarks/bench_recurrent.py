@@ -36,8 +36,9 @@ def median_ms(fn, repeats: int) -> list[float]:
 
 def bench(cell: str, batch: int, seq: int, dim: int, repeats: int) -> dict[str, float]:
     torch.manual_seed(0)
-    model = RecurrentLM(RecurrentLMConfig(vocab_size=1000, d_model=dim, hidden_size=dim,
-                                          num_layers=3, cell=cell)).eval()
+    model = RecurrentLM(
+        RecurrentLMConfig(vocab_size=1000, d_model=dim, hidden_size=dim, num_layers=3, cell=cell)
+    ).eval()
     backend = RNNBackend(model)
     ids = torch.randint(0, 1000, (batch, seq))
     hidden = [f"layer_{i}.hidden" for i in range(3)]
@@ -52,8 +53,11 @@ def bench(cell: str, batch: int, seq: int, dim: int, repeats: int) -> dict[str, 
     def capture_all() -> None:
         backend.run(ids, capture=[*hidden, "logits"])
 
-    cases = {"plain forward": plain, "all layer_i.hidden": capture_hidden,
-             "all layer_i.hidden + logits": capture_all}
+    cases = {
+        "plain forward": plain,
+        "all layer_i.hidden": capture_hidden,
+        "all layer_i.hidden + logits": capture_all,
+    }
     for fn in cases.values():  # warm-up
         for _ in range(3):
             fn()
@@ -61,8 +65,10 @@ def bench(cell: str, batch: int, seq: int, dim: int, repeats: int) -> dict[str, 
     for _ in range(repeats):  # interleaved, so drift affects every case alike
         for name, fn in cases.items():
             samples[name] += median_ms(fn, 1)
-    return {**{name: statistics.median(values) for name, values in samples.items()},
-            **{f"min {name}": min(values) for name, values in samples.items()}}
+    return {
+        **{name: statistics.median(values) for name, values in samples.items()},
+        **{f"min {name}": min(values) for name, values in samples.items()},
+    }
 
 
 def main() -> None:
@@ -98,10 +104,15 @@ def main() -> None:
             f"{r['min all layer_i.hidden + logits'] / r['min plain forward']:.3f}× |"
         )
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    lines += ["", f"Load average when done: {load} (the machine may be shared: compare ratios, "
-              "which are measured in the same interleaved loop).", "",
-              "Target: ≤ 1.10× the plain forward. `all layer_i.hidden` stops after the last "
-              "layer (no head); `hidden + logits` runs the whole model.", ""]
+    lines += [
+        "",
+        f"Load average when done: {load} (the machine may be shared: compare ratios, "
+        "which are measured in the same interleaved loop).",
+        "",
+        "Target: ≤ 1.10× the plain forward. `all layer_i.hidden` stops after the last "
+        "layer (no head); `hidden + logits` runs the whole model.",
+        "",
+    ]
     text = "\n".join(lines)
     machine.write(text, args.out)
 

@@ -28,13 +28,13 @@ from archscope.sae import SAEConfig, build_sae, fit_sae
 def plain_topk_loop(x: torch.Tensor, d_sae: int, k: int, batch: int, lr: float) -> None:
     """The straightforward loop: dense matmuls both ways, unit-norm decoder after each step."""
     d_in = x.shape[1]
-    w_dec = torch.nn.Parameter(torch.randn(d_sae, d_in) / d_in ** 0.5)
+    w_dec = torch.nn.Parameter(torch.randn(d_sae, d_in) / d_in**0.5)
     w_enc = torch.nn.Parameter(w_dec.detach().t().clone())
     b_enc = torch.nn.Parameter(torch.zeros(d_sae))
     b_dec = torch.nn.Parameter(torch.zeros(d_in))
     opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=lr)
     for start in range(0, len(x), batch):
-        xb = x[start:start + batch]
+        xb = x[start : start + batch]
         pre = (xb - b_dec) @ w_enc + b_enc
         top = pre.topk(k, dim=-1)
         z = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu())
@@ -46,8 +46,9 @@ def plain_topk_loop(x: torch.Tensor, d_sae: int, k: int, batch: int, lr: float) 
             w_dec /= w_dec.norm(dim=1, keepdim=True)
 
 
-def interleaved_rates(cases: dict[str, object], n_tokens: int, repeats: int
-                      ) -> dict[str, tuple[float, float]]:
+def interleaved_rates(
+    cases: dict[str, object], n_tokens: int, repeats: int
+) -> dict[str, tuple[float, float]]:
     """Median and best tokens/s of each case, timed in interleaved rounds after a warm-up, so
     load drift on a shared machine affects every case alike."""
     for fn in cases.values():
@@ -70,8 +71,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="training steps per timed run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).parent / "results" / "sae.md")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "sae.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -82,14 +82,22 @@ def main() -> None:
 
     cases: dict[str, object] = {}
     for sae_type in ("topk", "batchtopk", "dense", "rank1"):
-        cfg = SAEConfig(input_dim=args.d_in, n_features=args.features, sae_type=sae_type,
-                        k=args.k, batch_size=args.batch, learning_rate=1e-4)
+        cfg = SAEConfig(
+            input_dim=args.d_in,
+            n_features=args.features,
+            sae_type=sae_type,
+            k=args.k,
+            batch_size=args.batch,
+            learning_rate=1e-4,
+        )
         sae = build_sae(cfg)
         cases[f"archscope {sae_type}"] = lambda sae=sae, cfg=cfg: fit_sae(x, cfg, 1, sae=sae)
-    cases["plain PyTorch TopK loop"] = lambda: plain_topk_loop(x, args.features, args.k,
-                                                               args.batch, 1e-4)
-    rows = [(name, med, best) for name, (med, best)
-            in interleaved_rates(cases, n, args.repeats).items()]
+    cases["plain PyTorch TopK loop"] = lambda: plain_topk_loop(
+        x, args.features, args.k, args.batch, 1e-4
+    )
+    rows = [
+        (name, med, best) for name, (med, best) in interleaved_rates(cases, n, args.repeats).items()
+    ]
 
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     lines = [

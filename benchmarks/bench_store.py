@@ -68,14 +68,14 @@ def bench_extraction(repeats: int, tmp: Path) -> dict[str, object]:
                 model(**batch)
 
     def collect_only() -> None:
-        for _ in archscope.iter_collect(backend, data, SITES, pool=None, batch_size=16,
-                                        progress=False):
+        for _ in archscope.iter_collect(
+            backend, data, SITES, pool=None, batch_size=16, progress=False
+        ):
             pass
 
     def store() -> None:
         shutil.rmtree(tmp / "x", ignore_errors=True)
-        extract(backend, data, SITES, tmp / "x", docs_per_shard=32, batch_size=16,
-                progress=False)
+        extract(backend, data, SITES, tmp / "x", docs_per_shard=32, batch_size=16, progress=False)
 
     def timed(fn: object) -> float:
         start = time.perf_counter()
@@ -87,14 +87,20 @@ def bench_extraction(repeats: int, tmp: Path) -> dict[str, object]:
     for _ in range(repeats):
         for name, fn in (("plain", plain), ("collect", collect_only), ("store", store)):
             times[name].append(timed(fn))
-    ratio_plain = statistics.median(p / s for p, s in zip(times["plain"], times["store"],
-                                                          strict=True))
-    ratio_collect = statistics.median(c / s for c, s in zip(times["collect"], times["store"],
-                                                            strict=True))
+    ratio_plain = statistics.median(
+        p / s for p, s in zip(times["plain"], times["store"], strict=True)
+    )
+    ratio_collect = statistics.median(
+        c / s for c, s in zip(times["collect"], times["store"], strict=True)
+    )
     size = sum(f.stat().st_size for f in (tmp / "x").iterdir())
-    return {"n_tokens": n_tokens, "bytes": size,
-            **{f"{k}_tok_s": n_tokens / statistics.median(v) for k, v in times.items()},
-            "ratio_vs_plain": ratio_plain, "ratio_vs_collect": ratio_collect}
+    return {
+        "n_tokens": n_tokens,
+        "bytes": size,
+        **{f"{k}_tok_s": n_tokens / statistics.median(v) for k, v in times.items()},
+        "ratio_vs_plain": ratio_plain,
+        "ratio_vs_collect": ratio_collect,
+    }
 
 
 def bench_reading(repeats: int, tmp: Path) -> dict[str, object]:
@@ -104,20 +110,30 @@ def bench_reading(repeats: int, tmp: Path) -> dict[str, object]:
     d, per_shard, n_shards = 256, 8192, 8  # 64 MiB of float32 activations
     folder = tmp / "read"
     folder.mkdir()
-    manifest = Manifest(model={}, tokenizer_hash=None,
-                        sites={"layer_0.residual": {"shape": [d], "dtype": "float32"}},
-                        dataset={"fingerprint": "synthetic", "n_docs": n_shards,
-                                 "n_tokens": n_shards * per_shard},
-                        layout={"docs_per_shard": 1, "batch_size": 1, "n_shards": n_shards})
+    manifest = Manifest(
+        model={},
+        tokenizer_hash=None,
+        sites={"layer_0.residual": {"shape": [d], "dtype": "float32"}},
+        dataset={"fingerprint": "synthetic", "n_docs": n_shards, "n_tokens": n_shards * per_shard},
+        layout={"docs_per_shard": 1, "batch_size": 1, "n_shards": n_shards},
+    )
     gen = torch.Generator().manual_seed(0)
     parts = []
     for i in range(n_shards):
         x = torch.randn(per_shard, d, generator=gen)
         parts.append(x)
         idx = torch.full((per_shard,), i)
-        manifest.shards[i] = write_shard(folder, i, (i, i + 1), {
-            "layer_0.residual": x, "doc": idx, "position": torch.arange(per_shard),
-            "token_ids": idx.clone()})
+        manifest.shards[i] = write_shard(
+            folder,
+            i,
+            (i, i + 1),
+            {
+                "layer_0.residual": x,
+                "doc": idx,
+                "position": torch.arange(per_shard),
+                "token_ids": idx.clone(),
+            },
+        )
     manifest.complete = True
     manifest.save(folder)
     memory = torch.cat(parts)
@@ -126,7 +142,7 @@ def bench_reading(repeats: int, tmp: Path) -> dict[str, object]:
     def from_memory(seed: int) -> object:
         perm = torch.randperm(len(memory), generator=torch.Generator().manual_seed(seed))
         for s in range(0, len(memory), batch):
-            yield memory[perm[s:s + batch]]
+            yield memory[perm[s : s + batch]]
 
     def from_store(seed: int) -> object:
         return StoreReader(folder, "layer_0.residual", batch, seed=seed, buffer_size=65536)
@@ -151,10 +167,12 @@ def bench_reading(repeats: int, tmp: Path) -> dict[str, object]:
         for _ in source:  # type: ignore[attr-defined]
             pass
 
-    cases = {"read memory": lambda s: drain(from_memory(s)),
-             "read store": lambda s: drain(from_store(s)),
-             "train memory": lambda s: train(from_memory(s)),
-             "train store": lambda s: train(from_store(s))}
+    cases = {
+        "read memory": lambda s: drain(from_memory(s)),
+        "read store": lambda s: drain(from_store(s)),
+        "train memory": lambda s: train(from_memory(s)),
+        "train store": lambda s: train(from_store(s)),
+    }
     times: dict[str, list[float]] = {name: [] for name in cases}
     for name in ("read memory", "read store"):  # warm-up (page cache, allocator)
         cases[name](0)
@@ -164,12 +182,17 @@ def bench_reading(repeats: int, tmp: Path) -> dict[str, object]:
             fn(r + 1)
             times[name].append(time.perf_counter() - start)
     n = len(memory)
-    return {"rows": n, "bytes": sum(rec.bytes for rec in manifest.shards.values()),
-            **{f"{name} rows/s": n / statistics.median(v) for name, v in times.items()},
-            "read ratio": statistics.median(m / s for m, s in zip(
-                times["read memory"], times["read store"], strict=True)),
-            "train ratio": statistics.median(m / s for m, s in zip(
-                times["train memory"], times["train store"], strict=True))}
+    return {
+        "rows": n,
+        "bytes": sum(rec.bytes for rec in manifest.shards.values()),
+        **{f"{name} rows/s": n / statistics.median(v) for name, v in times.items()},
+        "read ratio": statistics.median(
+            m / s for m, s in zip(times["read memory"], times["read store"], strict=True)
+        ),
+        "train ratio": statistics.median(
+            m / s for m, s in zip(times["train memory"], times["train store"], strict=True)
+        ),
+    }
 
 
 def bench_ray(tmp: Path, n_docs: int) -> dict[str, object]:
@@ -180,16 +203,30 @@ def bench_ray(tmp: Path, n_docs: int) -> dict[str, object]:
     rows = documents(n_docs, seed=1)
     spec = f"{MODEL_FILE}:build"
     start = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20,
-             log_to_driver=False)
-    out: dict[str, object] = {"n_tokens": sum(map(len, rows)), "n_docs": n_docs,
-                              "ray_init_s": time.perf_counter() - start}
+    ray.init(
+        num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20, log_to_driver=False
+    )
+    out: dict[str, object] = {
+        "n_tokens": sum(map(len, rows)),
+        "n_docs": n_docs,
+        "ray_init_s": time.perf_counter() - start,
+    }
     try:
         for workers in (1, 2):
             timings: dict[str, float] = {}
-            extract_ray(spec, rows, SITES, tmp / f"ray{workers}", docs_per_shard=32,
-                        batch_size=16, workers=workers, cpus_per_worker=1.0,
-                        threads_per_worker=1, progress=False, timings=timings)
+            extract_ray(
+                spec,
+                rows,
+                SITES,
+                tmp / f"ray{workers}",
+                docs_per_shard=32,
+                batch_size=16,
+                workers=workers,
+                cpus_per_worker=1.0,
+                threads_per_worker=1,
+                progress=False,
+                timings=timings,
+            )
             out[f"{workers}w_startup_s"] = timings["startup_s"]
             out[f"{workers}w_work_s"] = timings["work_s"]
             out[f"{workers}w_total_s"] = timings["startup_s"] + timings["work_s"]
@@ -204,14 +241,18 @@ def extraction_lines(ext: dict[str, object]) -> list[str]:
     return [
         f"## Extraction ({N_LAYERS}-layer GPT-2, d {D_MODEL}, sites {', '.join(SITES)}, "
         f"{ext['n_tokens']:,} real tokens in 192 documents of 64-128 tokens, batch 16, "
-        f"{float(ext['bytes']) / 2**20:.1f} MiB written)", "",  # type: ignore[arg-type]
-        "| case | tokens/s |", "| --- | --- |",
+        f"{float(ext['bytes']) / 2**20:.1f} MiB written)",
+        "",  # type: ignore[arg-type]
+        "| case | tokens/s |",
+        "| --- | --- |",
         f"| plain `model(**batch)` (no_grad) | {ext['plain_tok_s']:,.0f} |",
         f"| `iter_collect`, nothing written | {ext['collect_tok_s']:,.0f} |",
-        f"| `store.extract` (shards, checksums, manifest) | {ext['store_tok_s']:,.0f} |", "",
+        f"| `store.extract` (shards, checksums, manifest) | {ext['store_tok_s']:,.0f} |",
+        "",
         f"Extraction including writing: **{ext['ratio_vs_plain']:.2f}x** the plain forward "
         f"(target >= 0.9x; it stops after the deepest site, the plain forward runs the "
-        f"unembedding too); {ext['ratio_vs_collect']:.2f}x collecting without writing.", "",
+        f"unembedding too); {ext['ratio_vs_collect']:.2f}x collecting without writing.",
+        "",
     ]
 
 
@@ -219,38 +260,55 @@ def reading_lines(read: dict[str, object]) -> list[str]:
     return [
         f"## Reading ({read['rows']:,} rows of d 256, "
         f"{float(read['bytes']) / 2**20:.0f} MiB in 8 shards; batches of 4096, shuffle "  # type: ignore[arg-type]
-        "buffer 65,536 rows)", "",
-        "| case | rows/s |", "| --- | --- |",
-        *[f"| {k.removesuffix(' rows/s')} | {v:,.0f} |" for k, v in read.items()
-          if k.endswith("rows/s")], "",
+        "buffer 65,536 rows)",
+        "",
+        "| case | rows/s |",
+        "| --- | --- |",
+        *[
+            f"| {k.removesuffix(' rows/s')} | {v:,.0f} |"
+            for k, v in read.items()
+            if k.endswith("rows/s")
+        ],
+        "",
         f"Shuffled reading from the store: {read['read ratio']:.2f}x the in-memory tensor; "
         f"TopK-SAE training (d_sae 512, k 32) from the store: **{read['train ratio']:.2f}x** "
-        "the throughput from memory (target >= 0.9x).", "",
+        "the throughput from memory (target >= 0.9x).",
+        "",
     ]
 
 
 def ray_lines(r: dict[str, object]) -> list[str]:
     return [
         f"## Ray ({r['n_tokens']:,} tokens in {r['n_docs']} documents, shards of 32 "
-        "documents; single-thread actors with 1 CPU each)", "",
+        "documents; single-thread actors with 1 CPU each)",
+        "",
         "| actors | total s | start-up s (actors loading the model) | extraction s |",
         "| --- | --- | --- | --- |",
-        *[f"| {w} | {r[f'{w}w_total_s']:.1f} | {r[f'{w}w_startup_s']:.1f} | "
-          f"{r[f'{w}w_work_s']:.1f} |" for w in (1, 2)], "",
+        *[
+            f"| {w} | {r[f'{w}w_total_s']:.1f} | {r[f'{w}w_startup_s']:.1f} | "
+            f"{r[f'{w}w_work_s']:.1f} |"
+            for w in (1, 2)
+        ],
+        "",
         f"`ray.init` (local, once): {r['ray_init_s']:.1f} s. Speed-up of 2 actors over 1: "
         f"**{r['speedup_after_startup']:.2f}x** after start-up, "
-        f"{r['speedup_total']:.2f}x including it (target >= 1.5x).", "",
+        f"{r['speedup_total']:.2f}x including it (target >= 1.5x).",
+        "",
     ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--parts", default="extraction,reading,ray",
-                        help="comma-separated subset of extraction, reading, ray")
+    parser.add_argument(
+        "--parts",
+        default="extraction,reading,ray",
+        help="comma-separated subset of extraction, reading, ray",
+    )
     parser.add_argument("--ray-docs", type=int, default=384)
-    parser.add_argument("--append", action="store_true",
-                        help="add the sections to --out instead of replacing it")
+    parser.add_argument(
+        "--append", action="store_true", help="add the sections to --out instead of replacing it"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "store.md"))
     args = parser.parse_args()
     parts = set(args.parts.split(","))

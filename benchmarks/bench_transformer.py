@@ -50,8 +50,10 @@ def main() -> None:
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=N_LAYERS, n_embd=D_MODEL, n_head=8)
     model = transformers.GPT2LMHeadModel(config).eval().to(args.device)
-    batch = {"input_ids": torch.randint(0, config.vocab_size, (BATCH, SEQ)),
-             "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.randint(0, config.vocab_size, (BATCH, SEQ)),
+        "attention_mask": torch.ones(BATCH, SEQ, dtype=torch.long),
+    }
     batch = {k: v.to(args.device) for k, v in batch.items()}
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     backend = TransformerBackend(model)
@@ -63,12 +65,17 @@ def main() -> None:
     cases: dict[str, Callable[[], object]] = {
         "plain forward (baseline)": plain,
         "all residual sites + logits": lambda: backend.run(batch, capture=[*RESIDUAL, "logits"]),
-        "all residual sites (stops after the last block)": lambda: backend.run(batch, capture=RESIDUAL),
+        "all residual sites (stops after the last block)": lambda: backend.run(
+            batch, capture=RESIDUAL
+        ),
         "layer_1.residual only": lambda: backend.run(batch, capture=["layer_1.residual"]),
         "all attn + mlp sites + logits": lambda: backend.run(
-            batch, capture=[f"layer_{i}.{r}" for i in range(N_LAYERS) for r in ("attn", "mlp")]
-            + ["logits"]),
+            batch,
+            capture=[f"layer_{i}.{r}" for i in range(N_LAYERS) for r in ("attn", "mlp")]
+            + ["logits"],
+        ),
     }
+
     def timed(run: Callable[[], object]) -> float:
         sync()
         start = time.perf_counter()
@@ -88,29 +95,39 @@ def main() -> None:
             times[name].append(elapsed)
             ratios[name].append(elapsed / base)
 
-    rows = ["| case | median ms | ratio to plain forward (median of paired ratios) | target |",
-            "|---|---:|---:|---:|"]
+    rows = [
+        "| case | median ms | ratio to plain forward (median of paired ratios) | target |",
+        "|---|---:|---:|---:|",
+    ]
     for name, values in times.items():
         ratio = statistics.median(ratios[name])
         target = TARGETS.get(name)
-        verdict = "" if target is None else f"<= {target:.2f} " + (
-            "(met)" if ratio <= target else "(MISSED)")
-        rows.append(f"| {name} | {statistics.median(values) * 1e3:.1f} | {ratio:.3f} | "
-                    f"{verdict} |")
+        verdict = (
+            ""
+            if target is None
+            else f"<= {target:.2f} " + ("(met)" if ratio <= target else "(MISSED)")
+        )
+        rows.append(f"| {name} | {statistics.median(values) * 1e3:.1f} | {ratio:.3f} | {verdict} |")
     table = "\n".join(rows)
-    gpu = (f"GPU: {torch.cuda.get_device_name()}; " if args.device.startswith("cuda") else "")
-    machine = (f"{gpu}CPU: {cpu_model()}; {os.cpu_count()} cores; torch threads "
-               f"{torch.get_num_threads()}; torch {torch.__version__}; transformers "
-               f"{transformers.__version__}; Python {platform.python_version()}")
-    setup = (f"GPT-2, {N_LAYERS} layers, d_model {D_MODEL}, vocabulary {config.vocab_size}, "
-             f"batch {BATCH} x {SEQ} tokens, float32 on {args.device}, {args.repeats} runs per "
-             "case, each paired with a baseline run just before it (one process, after 2 "
-             "warm-up rounds)")
+    gpu = f"GPU: {torch.cuda.get_device_name()}; " if args.device.startswith("cuda") else ""
+    machine = (
+        f"{gpu}CPU: {cpu_model()}; {os.cpu_count()} cores; torch threads "
+        f"{torch.get_num_threads()}; torch {torch.__version__}; transformers "
+        f"{transformers.__version__}; Python {platform.python_version()}"
+    )
+    setup = (
+        f"GPT-2, {N_LAYERS} layers, d_model {D_MODEL}, vocabulary {config.vocab_size}, "
+        f"batch {BATCH} x {SEQ} tokens, float32 on {args.device}, {args.repeats} runs per "
+        "case, each paired with a baseline run just before it (one process, after 2 "
+        "warm-up rounds)"
+    )
     print(table)
     print()
     print(machine)
-    text = (f"# archscope-transformer benchmark\n\n{setup}.\n\n{machine}.\n\n{table}\n\n"
-            "Produced by `benchmarks/bench_transformer.py`.\n")
+    text = (
+        f"# archscope-transformer benchmark\n\n{setup}.\n\n{machine}.\n\n{table}\n\n"
+        "Produced by `benchmarks/bench_transformer.py`.\n"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
 

@@ -10,13 +10,16 @@ from importlib import metadata
 from pathlib import Path
 
 
-def parser(doc: str | None, result: str, repeats: int, threads: int = 1
-           ) -> argparse.ArgumentParser:
+def parser(doc: str | None, result: str, repeats: int, threads: int = 1) -> argparse.ArgumentParser:
     """``--repeats``, ``--threads`` and ``--out`` (default ``results/<result>``)."""
     p = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
     p.add_argument("--repeats", type=int, default=repeats)
-    p.add_argument("--threads", type=int, default=threads,
-                   help="torch CPU threads (1: least sensitive to other processes)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=threads,
+        help="torch CPU threads (1: least sensitive to other processes)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / result)
     return p
 
@@ -44,5 +47,7 @@ def describe() -> str:
             versions.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
             pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}; " + ", ".join(versions))
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"{platform.system()} {platform.release()}; " + ", ".join(versions)
+    )

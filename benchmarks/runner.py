@@ -101,8 +101,12 @@ class Row:
     @property
     def version(self) -> str:
         """The contender's own distributions (torch and transformers are the same for all)."""
-        return ", ".join(f"{k} {v}" for k, v in self.versions.items()
-                         if k not in ("torch", "transformers")) or "-"
+        return (
+            ", ".join(
+                f"{k} {v}" for k, v in self.versions.items() if k not in ("torch", "transformers")
+            )
+            or "-"
+        )
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -112,18 +116,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--only", default="", help="comma-separated workload numbers (1-9)")
-    parser.add_argument("--quick", action="store_true",
-                        help="small batches and 3 rounds: a smoke run of every path")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="timed rounds per workload (default 5, --quick 3)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per process (1: least disturbed by other programs)")
-    parser.add_argument("--venvs", type=Path,
-                        default=Path(os.environ.get("ARCHSCOPE_BENCH_VENVS", HERE / ".venvs")),
-                        help="folder of the peers' environments (created when missing); "
-                             "env ARCHSCOPE_BENCH_VENVS")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="Markdown file for the tables (default: print only)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small batches and 3 rounds: a smoke run of every path"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds per workload (default 5, --quick 3)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (1: least disturbed by other programs)",
+    )
+    parser.add_argument(
+        "--venvs",
+        type=Path,
+        default=Path(os.environ.get("ARCHSCOPE_BENCH_VENVS", HERE / ".venvs")),
+        help="folder of the peers' environments (created when missing); env ARCHSCOPE_BENCH_VENVS",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="Markdown file for the tables (default: print only)"
+    )
     args = parser.parse_args(argv)
     try:
         args.only = sorted({int(x) for x in args.only.split(",") if x.strip()})
@@ -138,9 +151,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def compare(reference: dict[str, Any], candidate: dict[str, Any],
-            waive: dict[str, str] | None = None, tolerance: float = TOLERANCE
-            ) -> tuple[float, list[str]]:
+def compare(
+    reference: dict[str, Any],
+    candidate: dict[str, Any],
+    waive: dict[str, str] | None = None,
+    tolerance: float = TOLERANCE,
+) -> tuple[float, list[str]]:
     """Max abs difference of ``candidate`` against ``reference`` over the reference's keys.
     Raises BenchError naming the first site that is missing, shaped differently or differs by
     more than ``tolerance``, unless that site is waived; returns the notes on waived sites."""
@@ -166,8 +182,9 @@ def compare(reference: dict[str, Any], candidate: dict[str, Any],
             if key in waive:
                 notes.append(f"{key} differs by {diff:.3g} ({waive[key]})")
                 continue
-            raise BenchError(f"{key} differs from archscope's by {diff:.3g} "
-                             f"(tolerance {tolerance:g})")
+            raise BenchError(
+                f"{key} differs from archscope's by {diff:.3g} (tolerance {tolerance:g})"
+            )
         worst = max(worst, diff)
     return worst, notes
 
@@ -178,17 +195,20 @@ def _ms(seconds: float) -> str:
 
 def format_table(rows: Sequence[Row]) -> str:
     """One Markdown table: timings, paired ratios to the plain forward, memory, equality."""
-    lines = ["| contender | version | max abs diff vs archscope | median ms | min–max ms | "
-             "ratio to plain forward | its time / archscope's | peak RSS MB | "
-             "RSS added by the run MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| contender | version | max abs diff vs archscope | median ms | min–max ms | "
+        "ratio to plain forward | its time / archscope's | peak RSS MB | "
+        "RSS added by the run MB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     ours = [statistics.median(r.times) for r in rows if r.contender == "archscope" and r.times]
     for row in rows:
         version = row.version
         diff = "-" if row.max_diff is None else f"{row.max_diff:.2g}"
         if row.excluded:
-            lines.append(f"| {row.label} | {version} | {diff} | not timed: {row.excluded} "
-                         "| | | | | |")
+            lines.append(
+                f"| {row.label} | {version} | {diff} | not timed: {row.excluded} | | | | | |"
+            )
             continue
         if row.times:
             med = _ms(statistics.median(row.times))
@@ -199,8 +219,10 @@ def format_table(rows: Sequence[Row]) -> str:
             med = span = ratio = versus = "-"
         peak = "-" if row.rss_peak_mb is None else f"{row.rss_peak_mb:.0f}"
         added = "-" if row.rss_added_mb is None else f"{row.rss_added_mb:.0f}"
-        lines.append(f"| {row.label} | {version} | {diff} | {med} | {span} | {ratio} | "
-                     f"{versus} | {peak} | {added} |")
+        lines.append(
+            f"| {row.label} | {version} | {diff} | {med} | {span} | {ratio} | "
+            f"{versus} | {peak} | {added} |"
+        )
     notes = [f"- {row.label}: {row.note}" for row in rows if row.note]
     return "\n".join(lines + (["", *notes] if notes else []))
 
@@ -214,8 +236,10 @@ def round_robin(n_workers: int, rounds: int) -> list[list[int]]:
 
 
 def _quiet_pip(python: Path, *args: str) -> None:
-    subprocess.run([str(python), "-m", "pip", "-q", "--disable-pip-version-check", "install",
-                    *args], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "-q", "--disable-pip-version-check", "install", *args],
+        check=True,
+    )
 
 
 def ensure_venv(name: str, root: Path) -> Path:
@@ -224,8 +248,11 @@ def ensure_venv(name: str, root: Path) -> Path:
         return Path(sys.executable)
     requirements, module = VENVS[name]
     python = root / name / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", f"import {module}"],
-                                          capture_output=True).returncode == 0:
+    if (
+        python.exists()
+        and subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode
+        == 0
+    ):
         return python
     print(f"creating environment {root / name} ({requirements})", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(root / name)], check=True)
@@ -243,9 +270,14 @@ class Worker:
 
     def __init__(self, python: Path, spec: dict[str, Any], log: Path) -> None:
         self.log = log.open("w")
-        self.proc = subprocess.Popen([str(python), str(HERE / "worker.py")],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True, cwd=HERE)
+        self.proc = subprocess.Popen(
+            [str(python), str(HERE / "worker.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+            cwd=HERE,
+        )
         self.setup: dict[str, Any] = {}
         self.send({"op": "setup", "spec": spec})
 
@@ -292,9 +324,14 @@ def build_models(folder: Path, device: str) -> dict[str, Path]:
 
     configs = {
         "gpt2": transformers.GPT2Config(n_layer=6, n_embd=256, n_head=8),
-        "llama": transformers.LlamaConfig(num_hidden_layers=12, hidden_size=256,
-                                          intermediate_size=688, num_attention_heads=8,
-                                          num_key_value_heads=8, vocab_size=32000),
+        "llama": transformers.LlamaConfig(
+            num_hidden_layers=12,
+            hidden_size=256,
+            intermediate_size=688,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=32000,
+        ),
     }
     paths = {}
     for name, config in configs.items():
@@ -334,64 +371,151 @@ def workloads(quick: bool) -> list[Workload]:
     b, t = (4, 64) if quick else (16, 128)
     last_norm = "0.2.2 returns transformers' last hidden state, taken after the final norm"
     extraction = ["archscope", "transformer_lens", "nnsight", "pyvene", "archscope02"]
-    return sorted([
-        Workload(1, "gpt2_resid", "all residual sites + logits, 6-layer GPT-2 (d_model 256)",
-                 "gpt2", b, t, residuals("gpt2"), extraction, logits=True,
-                 waive={"archscope02": {"layer_5.residual": last_norm,
-                                        "logits": "0.2.2 returns no logits"}},
-                 target="≤ 1.02× plain forward and ≤ the fastest peer"),
-        Workload(2, "gpt2_early", "layer_1.residual only (stop after block 1), 6-layer GPT-2",
-                 "gpt2", b, t, ["layer_1.residual"],
-                 ["archscope", "transformer_lens", "nnsight", "archscope02"], stop_after=1,
-                 target="≤ 0.33× plain forward"),
-        Workload(3, "llama_resid", "all residual sites + logits, 12-layer Llama (d_model 256)",
-                 "llama", b, t, residuals("llama"), extraction, logits=True,
-                 waive={"archscope02": {"layer_11.residual": last_norm,
-                                        "logits": "0.2.2 returns no logits"}}),
-        Workload(4, "mamba_ssm", "ssm_state of every layer, 4-layer Mamba (d_model 128)",
-                 "mamba", 8 if not quick else 2, 64 if not quick else 32,
-                 [f"layer_{i}.ssm_state" for i in range(4)], ["archscope", "transformer_lens"]),
-        Workload(5, "patching", "layer × position activation patching sweep, 6-layer GPT-2",
-                 "gpt2", 4 if not quick else 2, 64 if not quick else 16, [],
-                 ["archscope", "transformer_lens", "archscope_atp"], rounds=2,
-                 compare_keys=["gap_restored"], extra={"rows": 64},
-                 target="≥ 4× faster than TransformerLens's sweep; attribution patching ≥ 100×",
-                 note="Residual stream before every block (TransformerLens's `resid_pre`, "
-                      "archscope's `patch_sweep(embed=True)` rows) × every position; metric: "
-                      "the clean run's top last token's logit minus the corrupted run's, as "
-                      "the fraction of the gap restored (archscope's default, written out "
-                      "for TransformerLens). Corrupted inputs: the clean ids with 4 positions "
-                      "replaced, the last among them. AtP is an estimate and is not compared."),
-        Workload(8, "profile", "the profile (archscope.bench.benchmark) of the 6-layer GPT-2",
-                 "gpt2", 1, 8, [], ["archscope", "archscope02"], rounds=1 if quick else 2,
-                 target="≥ 5× faster than archscope 0.2.2",
-                 note="Each library's own profile of the same model and tokenizer (word-level, "
-                      "the model is random so only the cost matters); the two compute "
-                      "different things, so no outputs are compared. The 'ratio' column "
-                      "divides by a plain forward of 1 × 8 tokens and means little here."),
-        *(Workload(7, f"sae_{kind}", f"SAE training throughput, {kind} SAE (d_in 256, "
-                   f"4096 features, batch 4096{', k 32' if kind == 'topk' else ''}), "
-                   "cached layer_3.residual activations of the 6-layer GPT-2",
-                   "gpt2", 0, 0, [], ["archscope", "sae_lens", "sae_lens_export"],
-                   rounds=2 if quick else 3, compare_keys=["reconstruction"],
-                   untimed=["sae_lens_export"],
-                   extra={"sae_type": kind, "features": 4096, "batch": 4096, "k": 32,
-                          "lr": 1e-3, "l1": 0.2, "check_epochs": 2 if quick else 20},
-                   target="≥ 1.5× SAELens throughput" if kind == "topk" else "",
-                   note="Each timed run trains a fresh SAE for one epoch over the same cached "
-                        "activations; 'plain forward' here is a plain PyTorch training loop "
-                        "of the same architecture (dense matmuls, Adam), the in-run "
-                        "yardstick. The archscope SAE is exported with "
-                        "`archscope.sae.export_saelens` and loaded by SAELens "
-                        "(`SAE.load_from_disk`): its row compares SAELens's reconstruction "
-                        "with archscope's on held-out activations. Results: the first, untimed "
-                        "run of each trainer trains the same SAE for more epochs (the number "
-                        "in the notes) and reports held-out explained variance and L0.")
-          for kind in ("topk", "standard")),
-        Workload(6, "logit_lens", "logit lens over all layers, 6-layer GPT-2",
-                 "gpt2", 4 if not quick else 2, 64 if not quick else 32, residuals("gpt2"),
-                 ["archscope", "tuned_lens"]),
-    ], key=lambda w: w.number)
+    return sorted(
+        [
+            Workload(
+                1,
+                "gpt2_resid",
+                "all residual sites + logits, 6-layer GPT-2 (d_model 256)",
+                "gpt2",
+                b,
+                t,
+                residuals("gpt2"),
+                extraction,
+                logits=True,
+                waive={
+                    "archscope02": {
+                        "layer_5.residual": last_norm,
+                        "logits": "0.2.2 returns no logits",
+                    }
+                },
+                target="≤ 1.02× plain forward and ≤ the fastest peer",
+            ),
+            Workload(
+                2,
+                "gpt2_early",
+                "layer_1.residual only (stop after block 1), 6-layer GPT-2",
+                "gpt2",
+                b,
+                t,
+                ["layer_1.residual"],
+                ["archscope", "transformer_lens", "nnsight", "archscope02"],
+                stop_after=1,
+                target="≤ 0.33× plain forward",
+            ),
+            Workload(
+                3,
+                "llama_resid",
+                "all residual sites + logits, 12-layer Llama (d_model 256)",
+                "llama",
+                b,
+                t,
+                residuals("llama"),
+                extraction,
+                logits=True,
+                waive={
+                    "archscope02": {
+                        "layer_11.residual": last_norm,
+                        "logits": "0.2.2 returns no logits",
+                    }
+                },
+            ),
+            Workload(
+                4,
+                "mamba_ssm",
+                "ssm_state of every layer, 4-layer Mamba (d_model 128)",
+                "mamba",
+                8 if not quick else 2,
+                64 if not quick else 32,
+                [f"layer_{i}.ssm_state" for i in range(4)],
+                ["archscope", "transformer_lens"],
+            ),
+            Workload(
+                5,
+                "patching",
+                "layer × position activation patching sweep, 6-layer GPT-2",
+                "gpt2",
+                4 if not quick else 2,
+                64 if not quick else 16,
+                [],
+                ["archscope", "transformer_lens", "archscope_atp"],
+                rounds=2,
+                compare_keys=["gap_restored"],
+                extra={"rows": 64},
+                target="≥ 4× faster than TransformerLens's sweep; attribution patching ≥ 100×",
+                note="Residual stream before every block (TransformerLens's `resid_pre`, "
+                "archscope's `patch_sweep(embed=True)` rows) × every position; metric: "
+                "the clean run's top last token's logit minus the corrupted run's, as "
+                "the fraction of the gap restored (archscope's default, written out "
+                "for TransformerLens). Corrupted inputs: the clean ids with 4 positions "
+                "replaced, the last among them. AtP is an estimate and is not compared.",
+            ),
+            Workload(
+                8,
+                "profile",
+                "the profile (archscope.bench.benchmark) of the 6-layer GPT-2",
+                "gpt2",
+                1,
+                8,
+                [],
+                ["archscope", "archscope02"],
+                rounds=1 if quick else 2,
+                target="≥ 5× faster than archscope 0.2.2",
+                note="Each library's own profile of the same model and tokenizer (word-level, "
+                "the model is random so only the cost matters); the two compute "
+                "different things, so no outputs are compared. The 'ratio' column "
+                "divides by a plain forward of 1 × 8 tokens and means little here.",
+            ),
+            *(
+                Workload(
+                    7,
+                    f"sae_{kind}",
+                    f"SAE training throughput, {kind} SAE (d_in 256, "
+                    f"4096 features, batch 4096{', k 32' if kind == 'topk' else ''}), "
+                    "cached layer_3.residual activations of the 6-layer GPT-2",
+                    "gpt2",
+                    0,
+                    0,
+                    [],
+                    ["archscope", "sae_lens", "sae_lens_export"],
+                    rounds=2 if quick else 3,
+                    compare_keys=["reconstruction"],
+                    untimed=["sae_lens_export"],
+                    extra={
+                        "sae_type": kind,
+                        "features": 4096,
+                        "batch": 4096,
+                        "k": 32,
+                        "lr": 1e-3,
+                        "l1": 0.2,
+                        "check_epochs": 2 if quick else 20,
+                    },
+                    target="≥ 1.5× SAELens throughput" if kind == "topk" else "",
+                    note="Each timed run trains a fresh SAE for one epoch over the same cached "
+                    "activations; 'plain forward' here is a plain PyTorch training loop "
+                    "of the same architecture (dense matmuls, Adam), the in-run "
+                    "yardstick. The archscope SAE is exported with "
+                    "`archscope.sae.export_saelens` and loaded by SAELens "
+                    "(`SAE.load_from_disk`): its row compares SAELens's reconstruction "
+                    "with archscope's on held-out activations. Results: the first, untimed "
+                    "run of each trainer trains the same SAE for more epochs (the number "
+                    "in the notes) and reports held-out explained variance and L0.",
+                )
+                for kind in ("topk", "standard")
+            ),
+            Workload(
+                6,
+                "logit_lens",
+                "logit lens over all layers, 6-layer GPT-2",
+                "gpt2",
+                4 if not quick else 2,
+                64 if not quick else 32,
+                residuals("gpt2"),
+                ["archscope", "tuned_lens"],
+            ),
+        ],
+        key=lambda w: w.number,
+    )
 
 
 def scaling_sizes(quick: bool) -> list[tuple[int, int]]:
@@ -411,8 +535,10 @@ def save_inputs(path: Path, model: str, batch: int, seq: int) -> None:
     # the last among them, so the clean and corrupted runs' top next tokens differ
     where = torch.cat([torch.randperm(seq - 1, generator=generator)[:3], torch.tensor([seq - 1])])
     corrupted[:, where] = torch.randint(0, VOCAB[model], (batch, len(where)), generator=generator)
-    save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids),
-               "corrupted_ids": corrupted}, str(path))
+    save_file(
+        {"input_ids": ids, "attention_mask": torch.ones_like(ids), "corrupted_ids": corrupted},
+        str(path),
+    )
 
 
 def cache_activations(path: Path, model_dir: Path, n_train: int, n_eval: int) -> None:
@@ -429,16 +555,24 @@ def cache_activations(path: Path, model_dir: Path, n_train: int, n_eval: int) ->
     seq = 128
     n_rows = -(-(n_train + n_eval) // seq)
     ids = torch.randint(0, VOCAB["gpt2"], (n_rows, seq), generator=torch.Generator().manual_seed(2))
-    chunks = [backend.run(ids[i:i + 32], capture=["layer_3.residual"])["layer_3.residual"]
-              for i in range(0, n_rows, 32)]
+    chunks = [
+        backend.run(ids[i : i + 32], capture=["layer_3.residual"])["layer_3.residual"]
+        for i in range(0, n_rows, 32)
+    ]
     acts = torch.cat(chunks).reshape(-1, 256)
     acts = acts[torch.randperm(len(acts), generator=torch.Generator().manual_seed(3))]
-    save_file({"train": acts[:n_train].contiguous(),
-               "eval": acts[n_train:n_train + n_eval].contiguous()}, str(path))
+    save_file(
+        {
+            "train": acts[:n_train].contiguous(),
+            "eval": acts[n_train : n_train + n_eval].contiguous(),
+        },
+        str(path),
+    )
 
 
-def _prepare_inputs(work: Workload, args: argparse.Namespace, models: dict[str, Path],
-                    tmp: Path) -> Path:
+def _prepare_inputs(
+    work: Workload, args: argparse.Namespace, models: dict[str, Path], tmp: Path
+) -> Path:
     inputs = tmp / f"{work.key}.inputs.safetensors"
     if work.key.startswith("sae"):
         acts = tmp / "sae.activations.safetensors"
@@ -452,8 +586,9 @@ def _prepare_inputs(work: Workload, args: argparse.Namespace, models: dict[str, 
 class Session:
     """The contenders' processes of one workload and what they reported."""
 
-    def __init__(self, work: Workload, args: argparse.Namespace, tmp: Path,
-                 plain: bool = True) -> None:
+    def __init__(
+        self, work: Workload, args: argparse.Namespace, tmp: Path, plain: bool = True
+    ) -> None:
         self.work, self.args, self.tmp = work, args, tmp
         # plain: a plain forward in its own process, the yardstick of timed workloads
         self.contenders = ["plain", *work.contenders] if plain else list(work.contenders)
@@ -472,15 +607,23 @@ class Session:
         work, args = self.work, self.args
         for name in self.contenders:
             env, dists, _ = CONTENDERS[name]
-            spec = {"workload": work.key, "contender": name,
-                    "model_dir": str(models[work.model]), "inputs": str(inputs),
-                    "device": args.device, "threads": args.threads, "sites": work.sites,
-                    "logits": work.logits, "stop_after": work.stop_after,
-                    "dists": list(dists), "tmp": str(self.tmp), **work.extra}
+            spec = {
+                "workload": work.key,
+                "contender": name,
+                "model_dir": str(models[work.model]),
+                "inputs": str(inputs),
+                "device": args.device,
+                "threads": args.threads,
+                "sites": work.sites,
+                "logits": work.logits,
+                "stop_after": work.stop_after,
+                "dists": list(dists),
+                "tmp": str(self.tmp),
+                **work.extra,
+            }
             try:
                 pythons[env] = pythons.get(env) or ensure_venv(env, args.venvs)
-                self.workers[name] = Worker(pythons[env], spec,
-                                            self.tmp / f"{work.key}.{name}.log")
+                self.workers[name] = Worker(pythons[env], spec, self.tmp / f"{work.key}.{name}.log")
             except (subprocess.CalledProcessError, OSError) as error:
                 self.fail(name, error)
         for name in list(self.workers):
@@ -519,8 +662,10 @@ class Session:
         if reference is None and work.compare_keys is not None:
             reference = {}  # the peers are still timed against the plain yardstick
         if reference is None:
-            raise BenchError(f"workload {work.number}: archscope itself failed "
-                             f"({self.rows['archscope'].excluded})")
+            raise BenchError(
+                f"workload {work.number}: archscope itself failed "
+                f"({self.rows['archscope'].excluded})"
+            )
         for name, out in self.outputs.items():
             row = self.rows[name]
             keys = set(reference) if work.compare_keys is None else set(work.compare_keys)
@@ -557,8 +702,13 @@ class Session:
             worker.close()
 
 
-def run_workload(work: Workload, args: argparse.Namespace, models: dict[str, Path],
-                 tmp: Path, pythons: dict[str, Path]) -> list[Row]:
+def run_workload(
+    work: Workload,
+    args: argparse.Namespace,
+    models: dict[str, Path],
+    tmp: Path,
+    pythons: dict[str, Path],
+) -> list[Row]:
     """Check every contender against archscope, then time the survivors round-robin."""
     inputs = _prepare_inputs(work, args, models, tmp)
     session = Session(work, args, tmp)
@@ -572,28 +722,34 @@ def run_workload(work: Workload, args: argparse.Namespace, models: dict[str, Pat
     return list(session.rows.values())
 
 
-def run_scaling(args: argparse.Namespace, models: dict[str, Path], tmp: Path,
-                pythons: dict[str, Path]) -> tuple[str, list[tuple[int, int, Row, Row]]]:
+def run_scaling(
+    args: argparse.Namespace, models: dict[str, Path], tmp: Path, pythons: dict[str, Path]
+) -> tuple[str, list[tuple[int, int, Row, Row]]]:
     """Workload 9: archscope's all-residual extraction (stops after the last block) as the
     number of tokens grows; time and peak memory against a plain forward at each size."""
     results = []
     for batch, seq in scaling_sizes(args.quick):
-        work = Workload(9, f"scaling_{batch}x{seq}", "", "gpt2", batch, seq, residuals("gpt2"),
-                        ["archscope"])
+        work = Workload(
+            9, f"scaling_{batch}x{seq}", "", "gpt2", batch, seq, residuals("gpt2"), ["archscope"]
+        )
         rows = run_workload(work, args, models, tmp, pythons)
         results.append((batch, seq, rows[0], rows[1]))
         print(f"  {batch}x{seq}: done", flush=True)
-    lines = ["| batch × seq | tokens | plain forward ms | archscope all residuals ms | ratio | "
-             "archscope µs per token | peak RSS plain MB | peak RSS archscope MB | "
-             "RSS added by archscope's run MB |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| batch × seq | tokens | plain forward ms | archscope all residuals ms | ratio | "
+        "archscope µs per token | peak RSS plain MB | peak RSS archscope MB | "
+        "RSS added by archscope's run MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for batch, seq, plain, ours in results:
         tokens = batch * seq
         med = statistics.median(ours.times)
-        lines.append(f"| {batch} × {seq} | {tokens} | {_ms(statistics.median(plain.times))} | "
-                     f"{_ms(med)} | {statistics.median(ours.ratios):.3f} | "
-                     f"{med / tokens * 1e6:.0f} | {plain.rss_peak_mb:.0f} | "
-                     f"{ours.rss_peak_mb:.0f} | {ours.rss_added_mb:.0f} |")
+        lines.append(
+            f"| {batch} × {seq} | {tokens} | {_ms(statistics.median(plain.times))} | "
+            f"{_ms(med)} | {statistics.median(ours.ratios):.3f} | "
+            f"{med / tokens * 1e6:.0f} | {plain.rss_peak_mb:.0f} | "
+            f"{ours.rss_peak_mb:.0f} | {ours.rss_added_mb:.0f} |"
+        )
     return "\n".join(lines), results
 
 
@@ -611,9 +767,12 @@ def lens_rows(path: Path, seq: int = 64) -> None:
 
     def rows(texts: list[str]) -> torch.Tensor:
         stream = [t for row in Dataset.from_texts(texts, tokenizer=tokenizer).ids() for t in row]
-        return torch.tensor(stream[:len(stream) // seq * seq]).reshape(-1, seq)
-    save_file({"train_ids": rows(corpus.training_texts(400)),
-               "eval_ids": rows(corpus.heldout_texts(96))}, str(path))
+        return torch.tensor(stream[: len(stream) // seq * seq]).reshape(-1, seq)
+
+    save_file(
+        {"train_ids": rows(corpus.training_texts(400)), "eval_ids": rows(corpus.heldout_texts(96))},
+        str(path),
+    )
 
 
 def time_to(curve: tuple[list[float], list[float]], target: float) -> float | None:
@@ -627,8 +786,18 @@ def run_lens_training(args: argparse.Namespace, tmp: Path, pythons: dict[str, Pa
     from archscope_zoo.store import models_dir
 
     epochs = 4 if args.quick else 12
-    work = Workload(6, "lens_training", "", "zoo", 0, 0, [], ["archscope", "tuned_lens_train"],
-                    compare_keys=[], extra={"epochs": epochs, "lr": 1e-2})
+    work = Workload(
+        6,
+        "lens_training",
+        "",
+        "zoo",
+        0,
+        0,
+        [],
+        ["archscope", "tuned_lens_train"],
+        compare_keys=[],
+        extra={"epochs": epochs, "lr": 1e-2},
+    )
     inputs = tmp / "lens_training.inputs.safetensors"
     lens_rows(inputs)
     session = Session(work, args, tmp, plain=False)
@@ -637,22 +806,30 @@ def run_lens_training(args: argparse.Namespace, tmp: Path, pythons: dict[str, Pa
         session.first_calls()
     finally:
         session.close()
-    curves = {name: (out["seconds"].tolist(), out["heldout_kl"].tolist())
-              for name, out in session.outputs.items()}
+    curves = {
+        name: (out["seconds"].tolist(), out["heldout_kl"].tolist())
+        for name, out in session.outputs.items()
+    }
     if len(curves) < 2:
         failed = "; ".join(f"{r.label}: {r.excluded}" for r in session.rows.values() if r.excluded)
         raise BenchError(f"a trainer failed: {failed}")
     target = max(min(kl) for _, kl in curves.values())
-    lines = [f"Held-out KL target: {target:.4f} nats (the best both reach in {epochs} epochs).",
-             "", "| trainer | version | held-out KL after each epoch | best | training s to "
-             "the target | total training s | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"Held-out KL target: {target:.4f} nats (the best both reach in {epochs} epochs).",
+        "",
+        "| trainer | version | held-out KL after each epoch | best | training s to "
+        "the target | total training s | peak RSS MB |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for name, (seconds, kl) in curves.items():
         row = session.rows[name]
         reached = time_to((seconds, kl), target)
-        lines.append(f"| {row.label} | {row.version}"
-                     f" | {' '.join(f'{k:.3f}' for k in kl)} | {min(kl):.4f} | "
-                     f"{'-' if reached is None else f'{reached:.2f}'} | {seconds[-1]:.2f} | "
-                     f"{row.rss_peak_mb or 0:.0f} |")
+        lines.append(
+            f"| {row.label} | {row.version}"
+            f" | {' '.join(f'{k:.3f}' for k in kl)} | {min(kl):.4f} | "
+            f"{'-' if reached is None else f'{reached:.2f}'} | {seconds[-1]:.2f} | "
+            f"{row.rss_peak_mb or 0:.0f} |"
+        )
     ours, theirs = (time_to(curves[n], target) for n in ("archscope", "tuned_lens_train"))
     if ours and theirs:
         lines += ["", f"archscope reaches the target in {theirs / ours:.1f}x less training time."]
@@ -680,8 +857,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
     pythons: dict[str, Path] = {}
-    sections = [f"Machine: {machine(args.device)}; torch threads per process: {args.threads}; "
-                f"device {args.device}; {args.rounds} interleaved rounds after one warm-up."]
+    sections = [
+        f"Machine: {machine(args.device)}; torch threads per process: {args.threads}; "
+        f"device {args.device}; {args.rounds} interleaved rounds after one warm-up."
+    ]
     with tempfile.TemporaryDirectory(prefix="archscope-bench-") as name:
         tmp = Path(name)
         models = build_models(tmp, args.device)
@@ -699,11 +878,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if work.key.startswith("sae"):
                 n = 4096 * (2 if args.quick else 8)
                 table += "\n\nTraining throughput, tokens/s (median): " + ", ".join(
-                    f"{r.label} {n / statistics.median(r.times):,.0f}" for r in rows if r.times)
+                    f"{r.label} {n / statistics.median(r.times):,.0f}" for r in rows if r.times
+                )
             print(table, flush=True)
-            sections.append(f"## ({work.number}) {work.title}\n\nbatch {work.batch} × "
-                            f"{work.seq} tokens. {('Target: ' + work.target) if work.target else ''}"
-                            f" {work.note}\n\n{table}")
+            sections.append(
+                f"## ({work.number}) {work.title}\n\nbatch {work.batch} × "
+                f"{work.seq} tokens. {('Target: ' + work.target) if work.target else ''}"
+                f" {work.note}\n\n{table}"
+            )
         if not args.only or 6 in args.only:
             print("== (6) tuned-lens training time to equal held-out KL", flush=True)
             try:
@@ -711,17 +893,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             except BenchError as error:
                 table = f"Not measured: {error}"
             print(table, flush=True)
-            sections.append("## (6) tuned-lens training time to equal held-out KL (the zoo's "
-                            "2-layer Llama-style transformer, d_model 64)\n\n" + table)
+            sections.append(
+                "## (6) tuned-lens training time to equal held-out KL (the zoo's "
+                "2-layer Llama-style transformer, d_model 64)\n\n" + table
+            )
         if not args.only or 9 in args.only:
             print("== (9) scaling", flush=True)
             table, _ = run_scaling(args, models, tmp, pythons)
             print(table, flush=True)
-            sections.append(f"## (9) scaling: all residual sites of the 6-layer GPT-2 as "
-                            f"batch × sequence grows\n\n{table}")
+            sections.append(
+                f"## (9) scaling: all residual sites of the 6-layer GPT-2 as "
+                f"batch × sequence grows\n\n{table}"
+            )
     command = "python benchmarks/runner.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    sections.append(f"Command: `{command.strip()}`; wall time {time.time() - started:.0f} s; "
-                    f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}.")
+    sections.append(
+        f"Command: `{command.strip()}`; wall time {time.time() - started:.0f} s; "
+        f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}."
+    )
     text = "\n\n".join(sections) + "\n"
     if args.out:
         args.out.write_text(text)

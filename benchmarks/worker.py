@@ -59,6 +59,7 @@ def _plain(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable[
     def run() -> Outputs:
         with torch.no_grad():
             return {"logits": model(**inputs).logits}
+
     return run
 
 
@@ -75,18 +76,22 @@ def _archscope(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Calla
 
             timings = benchmark("bench-gpt2", model, tokenizer).timings
             return {f"report.{part} s": torch.tensor(sec) for part, sec in timings.items()}
+
         return profile
     backend = archscope.Backend.for_model(model)
     sites = list(spec["sites"])
     if spec["workload"] == "logit_lens":
+
         def lens() -> Outputs:
             result = backend.run(batch, capture=sites)
             return {f"{s}.lens": backend.unembed(result.activations[s]) for s in sites}
+
         return lens
     capture = [*sites, "logits"] if spec.get("logits") else sites
 
     def run() -> Outputs:
         return dict(backend.run(batch, capture=capture).activations)
+
     return run
 
 
@@ -104,6 +109,7 @@ def _archscope02(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Cal
         def profile() -> Outputs:
             benchmark("bench-gpt2", model, tokenizer, "transformer", tokenize_fn=tokenize)
             return {}
+
         return profile
 
     backend = Backend.for_model(model)
@@ -111,17 +117,19 @@ def _archscope02(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Cal
 
     def run() -> Outputs:
         return {r.layer_name: r.activations for r in backend.extract(batch, layers=sites)}
+
     return run
 
 
-def _transformer_lens(model: Any, batch: dict[str, Any],
-                      spec: dict[str, Any]) -> Callable[[], Outputs]:
+def _transformer_lens(
+    model: Any, batch: dict[str, Any], spec: dict[str, Any]
+) -> Callable[[], Outputs]:
     import torch
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(spec["model_dir"], hf_model=model,
-                                                 device=spec["device"],
-                                                 tokenizer=_tokenizer(spec))
+    bridge = TransformerBridge.boot_transformers(
+        spec["model_dir"], hf_model=model, device=spec["device"], tokenizer=_tokenizer(spec)
+    )
     sites = list(spec["sites"])
     ids = batch["input_ids"]
     if spec["workload"] == "mamba_ssm":
@@ -135,6 +143,7 @@ def _transformer_lens(model: Any, batch: dict[str, Any],
             with torch.no_grad():
                 _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n in hooks)
             return {site: cache[hook][:, :, -1] for hook, site in hooks.items()}
+
         return ssm
     hooks = {f"blocks.{_index(s)}.hook_resid_post": s for s in sites}
     stop = spec.get("stop_after")
@@ -142,12 +151,12 @@ def _transformer_lens(model: Any, batch: dict[str, Any],
 
     def run() -> Outputs:
         with torch.no_grad():
-            logits, cache = bridge.run_with_cache(ids, names_filter=lambda n: n in hooks,
-                                                  **kwargs)
+            logits, cache = bridge.run_with_cache(ids, names_filter=lambda n: n in hooks, **kwargs)
         out = {site: cache[hook] for hook, site in hooks.items()}
         if spec.get("logits"):
             out["logits"] = logits
         return out
+
     return run
 
 
@@ -169,10 +178,14 @@ def _nnsight(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callabl
                 logits = wrapped.output.logits.save()
             if stop is not None:
                 tracer.stop()
-        out = {site: (v[0] if isinstance(v, tuple) else v) for site, v in zip(sites, saved, strict=True)}
+        out = {
+            site: (v[0] if isinstance(v, tuple) else v)
+            for site, v in zip(sites, saved, strict=True)
+        }
         if spec.get("logits"):
             out["logits"] = logits
         return out
+
     return run
 
 
@@ -181,9 +194,16 @@ def _pyvene(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable
     import torch
 
     sites = list(spec["sites"])
-    config = pyvene.IntervenableConfig([
-        {"layer": _index(s), "component": "block_output",
-         "intervention_type": pyvene.CollectIntervention} for s in sites])
+    config = pyvene.IntervenableConfig(
+        [
+            {
+                "layer": _index(s),
+                "component": "block_output",
+                "intervention_type": pyvene.CollectIntervention,
+            }
+            for s in sites
+        ]
+    )
     wrapped = pyvene.IntervenableModel(config, model)
     b, t = batch["input_ids"].shape
     every = {"base": [[list(range(t))] * b for _ in sites]}
@@ -192,6 +212,7 @@ def _pyvene(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Callable
         with torch.no_grad():
             (_, collected), _ = wrapped(dict(batch), unit_locations=every)
         return dict(zip(sites, collected, strict=False))
+
     return run
 
 
@@ -211,6 +232,7 @@ def _tuned_lens(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Call
             result = {f"{s}.lens": lens(hidden[_index(s) + 1], _index(s)) for s in sites[:-1]}
             result[f"{sites[-1]}.lens"] = out.logits
         return result
+
     return run
 
 
@@ -235,13 +257,13 @@ def _plain_sae(spec: dict[str, Any]) -> Callable[[], Outputs]:
 
     def run() -> Outputs:
         torch.manual_seed(0)
-        w_dec = torch.nn.Parameter(torch.randn(d_sae, d_in) / d_in ** 0.5)
+        w_dec = torch.nn.Parameter(torch.randn(d_sae, d_in) / d_in**0.5)
         w_enc = torch.nn.Parameter(w_dec.detach().t().clone())
         b_enc = torch.nn.Parameter(torch.zeros(d_sae))
         b_dec = torch.nn.Parameter(torch.zeros(d_in))
         opt = torch.optim.Adam([w_enc, b_enc, w_dec, b_dec], lr=spec["lr"])
         for start in range(0, len(train), batch):
-            xb = train[start:start + batch]
+            xb = train[start : start + batch]
             pre = (xb - b_dec) @ w_enc + b_enc
             if spec["sae_type"] == "topk":
                 top = pre.topk(k, dim=-1)
@@ -249,14 +271,16 @@ def _plain_sae(spec: dict[str, Any]) -> Callable[[], Outputs]:
                 loss = ((z @ w_dec + b_dec - xb) ** 2).sum(-1).mean()
             else:
                 z = pre.relu()
-                loss = (((z @ w_dec + b_dec - xb) ** 2).sum(-1).mean()
-                        + spec["l1"] * z.abs().sum(-1).mean())
+                loss = ((z @ w_dec + b_dec - xb) ** 2).sum(-1).mean() + spec["l1"] * z.abs().sum(
+                    -1
+                ).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
                 w_dec /= w_dec.norm(dim=1, keepdim=True)
         return {}
+
     return run
 
 
@@ -266,17 +290,23 @@ def _archscope_sae(spec: dict[str, Any]) -> Callable[[], Outputs]:
     from archscope.sae import SAEConfig, build_sae, export_saelens, fit_sae
 
     train, held_out = _sae_data(spec)
-    config = SAEConfig(input_dim=train.shape[1], n_features=spec["features"],
-                       sae_type=spec["sae_type"], k=spec["k"], batch_size=spec["batch"],
-                       learning_rate=spec["lr"], **({"sparsity": spec["l1"]}
-                                                    if spec["sae_type"] != "topk" else {}))
+    config = SAEConfig(
+        input_dim=train.shape[1],
+        n_features=spec["features"],
+        sae_type=spec["sae_type"],
+        k=spec["k"],
+        batch_size=spec["batch"],
+        learning_rate=spec["lr"],
+        **({"sparsity": spec["l1"]} if spec["sae_type"] != "topk" else {}),
+    )
     exported = [False]
 
     def run() -> Outputs:
         torch.manual_seed(0)
         # the first run trains check_epochs (results to compare), the timed ones one epoch
-        sae = fit_sae(train, config, 1 if exported[0] else spec["check_epochs"],
-                      sae=build_sae(config))
+        sae = fit_sae(
+            train, config, 1 if exported[0] else spec["check_epochs"], sae=build_sae(config)
+        )
         if exported[0]:
             return {}
         exported[0] = True  # the first run: held-out quality and the SAELens export
@@ -285,6 +315,7 @@ def _archscope_sae(spec: dict[str, Any]) -> Callable[[], Outputs]:
             x_hat = sae.reconstruct(held_out)
             l0 = (sae.encode(held_out) != 0).float().sum(-1).mean()
         return {"reconstruction": x_hat, **_quality(held_out, x_hat, l0, spec)}
+
     return run
 
 
@@ -292,8 +323,10 @@ def _quality(held_out: Any, x_hat: Any, l0: Any, spec: dict[str, Any]) -> Output
     import torch
 
     after = f"after {spec['check_epochs']} epochs"
-    return {f"report.held-out explained variance {after}": torch.tensor(
-        _explained(held_out, x_hat)), f"report.held-out L0 {after}": l0}
+    return {
+        f"report.held-out explained variance {after}": torch.tensor(_explained(held_out, x_hat)),
+        f"report.held-out L0 {after}": l0,
+    }
 
 
 def _sae_lens(spec: dict[str, Any]) -> Callable[[], Outputs]:
@@ -314,20 +347,27 @@ def _sae_lens(spec: dict[str, Any]) -> Callable[[], Outputs]:
     def batches() -> Any:
         while True:
             for start in range(0, len(train), batch):
-                yield train[start:start + batch]
+                yield train[start : start + batch]
 
     def run() -> Outputs:
         torch.manual_seed(0)
         if spec["sae_type"] == "topk":
-            sae: Any = TopKTrainingSAE(TopKTrainingSAEConfig(
-                d_in=train.shape[1], d_sae=spec["features"], k=spec["k"]))
+            sae: Any = TopKTrainingSAE(
+                TopKTrainingSAEConfig(d_in=train.shape[1], d_sae=spec["features"], k=spec["k"])
+            )
         else:
-            sae = StandardTrainingSAE(StandardTrainingSAEConfig(
-                d_in=train.shape[1], d_sae=spec["features"], l1_coefficient=spec["l1"]))
+            sae = StandardTrainingSAE(
+                StandardTrainingSAEConfig(
+                    d_in=train.shape[1], d_sae=spec["features"], l1_coefficient=spec["l1"]
+                )
+            )
         epochs = spec["check_epochs"] if first[0] else 1
-        config = SAETrainerConfig(total_training_samples=len(train) * epochs,
-                                  train_batch_size_samples=batch, lr=spec["lr"],
-                                  lr_end=spec["lr"])
+        config = SAETrainerConfig(
+            total_training_samples=len(train) * epochs,
+            train_batch_size_samples=batch,
+            lr=spec["lr"],
+            lr_end=spec["lr"],
+        )
         SAETrainer(config, sae, batches()).fit()
         if not first[0]:
             return {}
@@ -336,6 +376,7 @@ def _sae_lens(spec: dict[str, Any]) -> Callable[[], Outputs]:
             z = sae.encode(held_out)
             x_hat = sae.decode(z)
         return _quality(held_out, x_hat, (z != 0).float().sum(-1).mean(), spec)
+
     return run
 
 
@@ -350,13 +391,17 @@ def _sae_lens_export(spec: dict[str, Any]) -> Callable[[], Outputs]:
         sae = SAE.load_from_disk(spec["tmp"] + f"/{spec['workload']}.export")
         with torch.no_grad():
             return {"reconstruction": sae.decode(sae.encode(held_out))}
+
     return run
 
 
-def _sae(contender: str) -> Callable[[Any, dict[str, Any], dict[str, Any]],
-                                     Callable[[], Outputs]]:
-    makers = {"plain": _plain_sae, "archscope": _archscope_sae, "sae_lens": _sae_lens,
-              "sae_lens_export": _sae_lens_export}
+def _sae(contender: str) -> Callable[[Any, dict[str, Any], dict[str, Any]], Callable[[], Outputs]]:
+    makers = {
+        "plain": _plain_sae,
+        "archscope": _archscope_sae,
+        "sae_lens": _sae_lens,
+        "sae_lens_export": _sae_lens_export,
+    }
     return lambda model, batch, spec: makers[contender](spec)
 
 
@@ -365,8 +410,9 @@ def _contrast(batch: dict[str, Any]) -> tuple[Any, Any]:
     return batch["input_ids"], batch["corrupted_ids"]
 
 
-def _archscope_patch(model: Any, batch: dict[str, Any],
-                     spec: dict[str, Any]) -> Callable[[], Outputs]:
+def _archscope_patch(
+    model: Any, batch: dict[str, Any], spec: dict[str, Any]
+) -> Callable[[], Outputs]:
     import torch
 
     from archscope.attribute import attribution_patch, patch_sweep
@@ -382,18 +428,20 @@ def _archscope_patch(model: Any, batch: dict[str, Any],
     def estimate() -> Outputs:
         sweep = attribution_patch(model, clean, corrupted, embed=True)
         return {"attribution": torch.tensor(sweep.attribution, dtype=torch.float32)}
+
     return estimate if spec["contender"] == "archscope_atp" else exact
 
 
-def _transformer_lens_patch(model: Any, batch: dict[str, Any],
-                            spec: dict[str, Any]) -> Callable[[], Outputs]:
+def _transformer_lens_patch(
+    model: Any, batch: dict[str, Any], spec: dict[str, Any]
+) -> Callable[[], Outputs]:
     import torch
     from transformer_lens import patching
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(spec["model_dir"], hf_model=model,
-                                                 device=spec["device"],
-                                                 tokenizer=_tokenizer(spec))
+    bridge = TransformerBridge.boot_transformers(
+        spec["model_dir"], hf_model=model, device=spec["device"], tokenizer=_tokenizer(spec)
+    )
     clean, corrupted = _contrast(batch)
 
     def run() -> Outputs:
@@ -408,10 +456,13 @@ def _transformer_lens_patch(model: Any, batch: dict[str, Any],
             def diff(logits: Any) -> Any:
                 last = logits[:, -1]
                 return (last.gather(1, a) - last.gather(1, b)).mean()
+
             high, low = diff(clean_logits), diff(corrupted_logits)
             grid = patching.get_act_patch_resid_pre(
-                bridge, corrupted, cache, lambda logits: (diff(logits) - low) / (high - low))
+                bridge, corrupted, cache, lambda logits: (diff(logits) - low) / (high - low)
+            )
         return {"gap_restored": torch.as_tensor(grid, dtype=torch.float32)}
+
     return run
 
 
@@ -424,8 +475,12 @@ CONTENDERS: dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], Callable[[
     "pyvene": _pyvene,
     "tuned_lens": _tuned_lens,
 }
-PATCHING = {"plain": _plain, "archscope": _archscope_patch, "archscope_atp": _archscope_patch,
-            "transformer_lens": _transformer_lens_patch}
+PATCHING = {
+    "plain": _plain,
+    "archscope": _archscope_patch,
+    "archscope_atp": _archscope_patch,
+    "transformer_lens": _transformer_lens_patch,
+}
 
 
 # -- (6b) tuned-lens training: held-out KL after each epoch against training time ----------
@@ -439,7 +494,7 @@ def _heldout_kl(model: Any, ids: Any, predict: Callable[[int, Any], Any]) -> flo
     n = 0
     with torch.no_grad():
         for start in range(0, len(ids), 16):
-            out = model(input_ids=ids[start:start + 16], output_hidden_states=True)
+            out = model(input_ids=ids[start : start + 16], output_hidden_states=True)
             final = out.logits.float().log_softmax(-1)
             for i, h in enumerate(out.hidden_states[1:-1]):
                 logp = predict(i, h).float().log_softmax(-1)
@@ -463,12 +518,15 @@ class _Clock:
     def outputs(self) -> Outputs:
         import torch
 
-        return {"seconds": torch.tensor([t for t, _ in self.curve]),
-                "heldout_kl": torch.tensor([k for _, k in self.curve])}
+        return {
+            "seconds": torch.tensor([t for t, _ in self.curve]),
+            "heldout_kl": torch.tensor([k for _, k in self.curve]),
+        }
 
 
-def _archscope_lens_training(model: Any, batch: dict[str, Any],
-                             spec: dict[str, Any]) -> Callable[[], Outputs]:
+def _archscope_lens_training(
+    model: Any, batch: dict[str, Any], spec: dict[str, Any]
+) -> Callable[[], Outputs]:
     import archscope
     from archscope.lens import TunedLens
 
@@ -479,16 +537,27 @@ def _archscope_lens_training(model: Any, batch: dict[str, Any],
         clock = _Clock()
 
         def progress(epoch: int, lens: TunedLens) -> None:
-            clock.record(lambda: _heldout_kl(
-                model, held, lambda i, h: backend.unembed(lens.translate(i, h))))
-        TunedLens.fit_rows(backend, rows, epochs=spec["epochs"], lr=spec["lr"],
-                           batch_size=16, eval_rows=rows[:1], progress=progress)
+            clock.record(
+                lambda: _heldout_kl(model, held, lambda i, h: backend.unembed(lens.translate(i, h)))
+            )
+
+        TunedLens.fit_rows(
+            backend,
+            rows,
+            epochs=spec["epochs"],
+            lr=spec["lr"],
+            batch_size=16,
+            eval_rows=rows[:1],
+            progress=progress,
+        )
         return clock.outputs()
+
     return run
 
 
-def _tuned_lens_training(model: Any, batch: dict[str, Any],
-                         spec: dict[str, Any]) -> Callable[[], Outputs]:
+def _tuned_lens_training(
+    model: Any, batch: dict[str, Any], spec: dict[str, Any]
+) -> Callable[[], Outputs]:
     """tuned-lens's `TunedLens` trained the way its `train` command does (its optimiser
     defaults: SGD with Nesterov momentum 0.9 at lr 1.0 x (1 - 0.9), weight decay 1e-3, linear
     decay; gradient norm clipped to 1; KL to the final logits at every hidden state but the
@@ -498,7 +567,7 @@ def _tuned_lens_training(model: Any, batch: dict[str, Any],
     from tuned_lens import TunedLens
 
     train, held = batch["train_ids"], batch["eval_ids"]
-    batches = [train[i:i + 16] for i in range(0, len(train), 16)]
+    batches = [train[i : i + 16] for i in range(0, len(train), 16)]
 
     def run() -> Outputs:
         torch.manual_seed(0)
@@ -507,8 +576,9 @@ def _tuned_lens_training(model: Any, batch: dict[str, Any],
         params = [p for p in lens.parameters() if p.requires_grad]
         # tuned_lens.scripts.ingredients.Optimizer's defaults, written out: that module
         # imports torchdata.dataloader2, which current torchdata no longer has.
-        opt = torch.optim.SGD(params, lr=1.0 * (1 - 0.9), momentum=0.9, nesterov=True,
-                              weight_decay=1e-3)
+        opt = torch.optim.SGD(
+            params, lr=1.0 * (1 - 0.9), momentum=0.9, nesterov=True, weight_decay=1e-3
+        )
         schedule = get_linear_schedule_with_warmup(opt, 0, spec["epochs"] * len(batches))
         for _ in range(spec["epochs"]):
             for ids in batches:
@@ -525,9 +595,11 @@ def _tuned_lens_training(model: Any, batch: dict[str, Any],
                 opt.zero_grad(set_to_none=False)
                 schedule.step()
             # tuned-lens's index 0 is the embedding output; block i's output is index i + 1
-            clock.record(lambda: _heldout_kl(
-                model, held, lambda layer, hidden: lens(hidden, idx=layer + 1)))
+            clock.record(
+                lambda: _heldout_kl(model, held, lambda layer, hidden: lens(hidden, idx=layer + 1))
+            )
         return clock.outputs()
+
     return run
 
 
@@ -623,13 +695,28 @@ def main() -> None:
                 peak = _maxrss_mb()
                 from safetensors.torch import save_file
 
-                report = {k.removeprefix("report."): round(float(out.pop(k)), 4)
-                          for k in list(out) if k.startswith("report.")}
-                save_file({k: v.detach().float().cpu().contiguous() for k, v in out.items()},
-                          request["path"])
-                reply({"ok": True, "rss_before_mb": before, "rss_peak_mb": peak, "report": report,
-                       "gpu_peak_mb": (torch.cuda.max_memory_allocated() / 2**20
-                                       if spec["device"].startswith("cuda") else None)})
+                report = {
+                    k.removeprefix("report."): round(float(out.pop(k)), 4)
+                    for k in list(out)
+                    if k.startswith("report.")
+                }
+                save_file(
+                    {k: v.detach().float().cpu().contiguous() for k, v in out.items()},
+                    request["path"],
+                )
+                reply(
+                    {
+                        "ok": True,
+                        "rss_before_mb": before,
+                        "rss_peak_mb": peak,
+                        "report": report,
+                        "gpu_peak_mb": (
+                            torch.cuda.max_memory_allocated() / 2**20
+                            if spec["device"].startswith("cuda")
+                            else None
+                        ),
+                    }
+                )
             elif op == "time":
                 assert run is not None
                 if plain is None and spec["workload"].startswith("sae"):

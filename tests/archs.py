@@ -57,7 +57,11 @@ def _lstm() -> Any:
 
 #: name -> factory. ``ARCH_NAMES`` covers a transformer, a Mamba, a hybrid and a recurrent LM.
 FACTORIES: dict[str, Callable[[], Any]] = {
-    "gpt2": _gpt2, "llama": _llama, "mamba": _mamba, "hybrid": _hybrid, "lstm": _lstm,
+    "gpt2": _gpt2,
+    "llama": _llama,
+    "mamba": _mamba,
+    "hybrid": _hybrid,
+    "lstm": _lstm,
 }
 ARCH_NAMES = ("gpt2", "mamba", "hybrid", "lstm")
 
@@ -83,5 +87,6 @@ def words(n: int, seed: int = 0) -> list[str]:
     import random
 
     rng = random.Random(seed)
-    return [" ".join(f"w{rng.randrange(4, 100)}" for _ in range(rng.randrange(3, 10)))
-            for _ in range(n)]
+    return [
+        " ".join(f"w{rng.randrange(4, 100)}" for _ in range(rng.randrange(3, 10))) for _ in range(n)
+    ]

@@ -21,7 +21,12 @@ def run_cli_root():
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHSCOPE_")}
-        return subprocess.run([sys.executable, "-m", "archscope", *args], capture_output=True,
-                              text=True, env=env, timeout=600)
+        return subprocess.run(
+            [sys.executable, "-m", "archscope", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
 
     return run

@@ -52,10 +52,21 @@ def one_thread() -> Iterator[None]:
 def _config() -> Any:
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=D, n_layer=2, n_head=HEADS,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                      attn_implementation="eager")
+    return GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=D,
+        n_layer=2,
+        n_head=HEADS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="eager",
+    )
 
 
 @cache
@@ -77,7 +88,7 @@ def trained() -> Any:
     model = GPT2LMHeadModel(_config()).eval()
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(VOCAB, TOK.stop - TOK.start, generator=g)
-    emb = emb / emb.norm(dim=-1, keepdim=True)           # near-orthogonal token codes
+    emb = emb / emb.norm(dim=-1, keepdim=True)  # near-orthogonal token codes
     tr = model.transformer
     with torch.no_grad():
         for p in model.parameters():
@@ -97,8 +108,8 @@ def trained() -> Any:
             w = tr.h[layer].attn.c_attn.weight
             cols = slice(head * HEAD_DIM, (head + 1) * HEAD_DIM)
             q = w[:, cols]
-            k = w[:, D + cols.start:D + cols.stop]
-            v = w[:, 2 * D + cols.start:2 * D + cols.stop]
+            k = w[:, D + cols.start : D + cols.stop]
+            v = w[:, 2 * D + cols.start : 2 * D + cols.stop]
             o = tr.h[layer].attn.c_proj.weight[cols, :]
             return q, k, v, o
 
@@ -107,12 +118,12 @@ def trained() -> Any:
         q, k, v, o = qkv(*PREV_HEAD)
         for f in range(N_FREQ):
             c, s = math.cos(freqs[f]), math.sin(freqs[f])
-            rot = torch.tensor([[c, s], [-s, c]])             # p_t -> p_{t-1}
+            rot = torch.tensor([[c, s], [-s, c]])  # p_t -> p_{t-1}
             rows = slice(POS.start + 2 * f, POS.start + 2 * f + 2)
-            q[rows, 2 * f:2 * f + 2] = 8.0 * rot.T
-            k[rows, 2 * f:2 * f + 2] = torch.eye(2)
+            q[rows, 2 * f : 2 * f + 2] = 8.0 * rot.T
+            k[rows, 2 * f : 2 * f + 2] = torch.eye(2)
         v[TOK, :128] = torch.eye(128)
-        o[:128, PREV] = torch.eye(128) / 16.0                 # undo the layer norm's gain
+        o[:128, PREV] = torch.eye(128) / 16.0  # undo the layer norm's gain
         # Layer 1 head 0: induction head: current token against the previous-token subspace.
         q, k, v, o = qkv(*INDUCTION_HEAD)
         q[TOK, :128] = 2.0 * torch.eye(128)
@@ -129,7 +140,7 @@ def markov_rows(n: int, length: int = 16, seed: int = 0) -> list[list[int]]:
     import torch
 
     g = torch.Generator().manual_seed(1234)
-    successors = torch.randint(4, 100, (100, 3), generator=g)    # the chain, fixed
+    successors = torch.randint(4, 100, (100, 3), generator=g)  # the chain, fixed
     g = torch.Generator().manual_seed(seed)
     rows = torch.empty(n, length, dtype=torch.long)
     rows[:, 0] = torch.randint(4, 100, (n,), generator=g)
@@ -147,8 +158,7 @@ def markov_gpt2() -> Any:
 
     from archscope_transformer.testing import tiny_model
 
-    model = tiny_model("gpt2", n_layers=3, seed=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                       attn_pdrop=0.0)
+    model = tiny_model("gpt2", n_layers=3, seed=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     data = torch.tensor(markov_rows(40 * 16, seed=7))
     torch.manual_seed(0)
     model.train()

@@ -30,7 +30,8 @@ def zoo_profiles() -> dict[str, InterpProfile]:
 
 
 def test_planted_attributes_are_found_by_held_out_probes(
-        zoo_profiles: dict[str, InterpProfile]) -> None:
+    zoo_profiles: dict[str, InterpProfile],
+) -> None:
     for profile in zoo_profiles.values():
         for task in ("topic", "sentiment"):
             assert max(profile.probe_auroc[task].values()) >= 0.95, (profile.model_name, task)
@@ -39,7 +40,8 @@ def test_planted_attributes_are_found_by_held_out_probes(
 
 
 def test_the_zoo_transformer_copies_and_the_lenses_and_patching_behave(
-        zoo_profiles: dict[str, InterpProfile]) -> None:
+    zoo_profiles: dict[str, InterpProfile],
+) -> None:
     transformer = zoo_profiles["zoo:transformer"]
     assert transformer.induction_head_relative is not None
     assert transformer.induction_head_relative >= 100
@@ -64,14 +66,12 @@ def test_report_with_figures(zoo_profiles: dict[str, InterpProfile], tmp_path: P
     text = report.read_text()
     assert "| induction (x chance) |" in text
     pngs = sorted(tmp_path.glob("*.png"))
-    assert [p.name for p in pngs] == ["report-layers.png", "report-patching.png",
-                                      "report-sae.png"]
+    assert [p.name for p in pngs] == ["report-layers.png", "report-patching.png", "report-sae.png"]
     for png in pngs:
         assert f"]({png.name})" in text
         image = imread(png)
         assert image.shape[0] > 100 and image.shape[1] > 100
-    data = json.loads(write_report(list(zoo_profiles.values()), tmp_path / "r.json")
-                      .read_text())
+    data = json.loads(write_report(list(zoo_profiles.values()), tmp_path / "r.json").read_text())
     assert [d["model_name"] for d in data] == list(zoo_profiles)
     with pytest.raises(InputError, match=r"\.md .*or \.json"):
         write_report(list(zoo_profiles.values()), tmp_path / "r.txt")
@@ -90,8 +90,14 @@ def test_every_family_profiles_with_generic_tasks(name: str) -> None:
 
 def test_the_02_entry_point_still_works() -> None:
     a = arch("gpt2")
-    profile = benchmark("tiny", a.model, a.tokenizer, "transformer", quick=True,
-                        tasks=generic_tasks(a.tokenizer, n=16))
+    profile = benchmark(
+        "tiny",
+        a.model,
+        a.tokenizer,
+        "transformer",
+        quick=True,
+        tasks=generic_tasks(a.tokenizer, n=16),
+    )
     assert profile.model_name == "tiny" and profile.arch_family == "transformer"
     assert profile.probe_sentiment_auroc is not None
 

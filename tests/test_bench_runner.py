@@ -25,10 +25,16 @@ def runner():
 
 def test_arguments(runner, tmp_path):
     args = runner.parse_args([])
-    assert (args.device, args.only, args.quick, args.rounds, args.threads) == ("cpu", [], False,
-                                                                              5, 1)
-    args = runner.parse_args(["--only", "9,1,3", "--quick", "--device", "cuda",
-                              "--venvs", str(tmp_path)])
+    assert (args.device, args.only, args.quick, args.rounds, args.threads) == (
+        "cpu",
+        [],
+        False,
+        5,
+        1,
+    )
+    args = runner.parse_args(
+        ["--only", "9,1,3", "--quick", "--device", "cuda", "--venvs", str(tmp_path)]
+    )
     assert (args.only, args.rounds, args.device, args.venvs) == ([1, 3, 9], 3, "cuda", tmp_path)
     for bad in (["--only", "1,x"], ["--only", "12"], ["--device", "tpu"], ["--rounds", "0"]):
         with pytest.raises(SystemExit):
@@ -37,8 +43,11 @@ def test_arguments(runner, tmp_path):
 
 def test_equal_outputs_pass_with_their_difference(runner):
     ref = {"layer_0.residual": torch.zeros(2, 3, 4), "logits": torch.ones(2, 3, 5)}
-    got = {"layer_0.residual": torch.full((2, 3, 4), 1e-5), "logits": torch.ones(2, 3, 5),
-           "extra": torch.zeros(1)}
+    got = {
+        "layer_0.residual": torch.full((2, 3, 4), 1e-5),
+        "logits": torch.ones(2, 3, 5),
+        "extra": torch.zeros(1),
+    }
     worst, notes = runner.compare(ref, got)
     assert worst == pytest.approx(1e-5) and notes == []
 
@@ -70,8 +79,9 @@ def test_nan_is_never_equal_by_accident(runner):
 
 def test_a_waived_site_is_reported_not_hidden(runner):
     ref = {"a": torch.zeros(3), "b": torch.zeros(3)}
-    worst, notes = runner.compare(ref, {"a": torch.zeros(3), "b": torch.ones(3)},
-                                  waive={"b": "taken after the final norm"})
+    worst, notes = runner.compare(
+        ref, {"a": torch.zeros(3), "b": torch.ones(3)}, waive={"b": "taken after the final norm"}
+    )
     assert worst == 0.0
     assert notes == ["b differs by 1 (taken after the final norm)"]
 
@@ -81,16 +91,31 @@ def test_round_robin_rotates(runner):
 
 
 def test_table(runner):
-    ours = runner.Row("archscope", "archscope", {"torch": "2", "archscope": "0.3.0"}, 0.0,
-                      times=[0.010, 0.012, 0.011], ratios=[0.9, 1.0, 0.95],
-                      rss_peak_mb=500.4, rss_added_mb=20.0)
-    peer = runner.Row("peer", "Peer", {"peer": "1.0"}, 1e-6, note="one site waived",
-                      times=[0.033, 0.030, 0.036], ratios=[3.0, 3.1, 2.9])
+    ours = runner.Row(
+        "archscope",
+        "archscope",
+        {"torch": "2", "archscope": "0.3.0"},
+        0.0,
+        times=[0.010, 0.012, 0.011],
+        ratios=[0.9, 1.0, 0.95],
+        rss_peak_mb=500.4,
+        rss_added_mb=20.0,
+    )
+    peer = runner.Row(
+        "peer",
+        "Peer",
+        {"peer": "1.0"},
+        1e-6,
+        note="one site waived",
+        times=[0.033, 0.030, 0.036],
+        ratios=[3.0, 3.1, 2.9],
+    )
     gone = runner.Row("other", "Other", excluded="unequal output: x differs")
     lines = runner.format_table([ours, peer, gone]).splitlines()
     assert lines[0].startswith("| contender |") and len(lines) == 7
-    assert lines[2] == ("| archscope | archscope 0.3.0 | 0 | 11.0 | 10.0–12.0 | 0.950 | 1.00× | "
-                        "500 | 20 |")
+    assert lines[2] == (
+        "| archscope | archscope 0.3.0 | 0 | 11.0 | 10.0–12.0 | 0.950 | 1.00× | 500 | 20 |"
+    )
     assert lines[3] == "| Peer | peer 1.0 | 1e-06 | 33.0 | 30.0–36.0 | 3.000 | 3.00× | - | - |"
     assert "not timed: unequal output: x differs" in lines[4]
     assert lines[6] == "- Peer: one site waived"

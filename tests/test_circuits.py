@@ -79,11 +79,11 @@ def test_per_head_scores_single_out_the_planted_heads_as_the_attention_shows():
 
     # By hand, on one sequence: lead-in 4, block of 13, block again.
     g = torch.Generator().manual_seed(3)
-    block = (torch.randperm(gt.VOCAB - 4, generator=g)[:13] + 4)
+    block = torch.randperm(gt.VOCAB - 4, generator=g)[:13] + 4
     ids = torch.cat([torch.tensor([7, 8, 9, 10]), block, block]).unsqueeze(0)
     att = _hand_attention(model, ids)
-    q = torch.arange(4 + 13, 4 + 13 + 12)          # second repeat, tokens with a continuation
-    k = torch.arange(4 + 1, 4 + 1 + 12)            # the token after their first occurrence
+    q = torch.arange(4 + 13, 4 + 13 + 12)  # second repeat, tokens with a continuation
+    k = torch.arange(4 + 1, 4 + 1 + 12)  # the token after their first occurrence
     hand_induction = att[1][0, :, q, k].mean(-1)
     pos = torch.arange(1, ids.shape[1])
     hand_previous = att[0][0, :, pos, pos - 1].mean(-1)
@@ -137,8 +137,9 @@ def test_copy_scores_every_token_of_each_word():
     one_token = copy_score(gt.trained(), None, n_trials=20, n_words=5, max_word_tokens=1)
     # Multi-token words: more tokens scored than words, each word judged on all its tokens.
     assert copier.raw["tokens_scored"] > 20 * 5 == one_token.raw["tokens_scored"]
-    assert one_token.raw["word_accuracy"] == one_token.raw["first_token_accuracy"] \
-        == one_token.score
+    assert (
+        one_token.raw["word_accuracy"] == one_token.raw["first_token_accuracy"] == one_token.score
+    )
     assert copier.score > 0.9 and copier.raw["word_accuracy"] > 0.85
     assert copier.relative > 100
     blank = copy_score(gt.untrained(), None, n_trials=20)
@@ -149,7 +150,7 @@ def test_copy_scores_every_token_of_each_word():
 @pytest.mark.parametrize("name", ARCH_NAMES)
 def test_concentration_matches_entropies_computed_by_hand(name: str):
     a = arch(name)
-    texts = words(5, seed=4)        # ragged lengths: padding must not count
+    texts = words(5, seed=4)  # ragged lengths: padding must not count
     score = early_token_attention(a.model, a.tokenizer, texts=texts)
     hand = []
     for text in texts:

@@ -35,10 +35,12 @@ def test_pooled_and_per_token_match_one_text_at_a_time(any_arch: Arch) -> None:
     tokens = archscope.collect(any_arch.backend, data, sites, pool=None, batch_size=4)
     for site in sites:
         reference = _per_text(any_arch, texts, site)
-        torch.testing.assert_close(mean[site], torch.stack([r.mean(0) for r in reference]),
-                                   atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(last[site], torch.stack([r[-1] for r in reference]),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            mean[site], torch.stack([r.mean(0) for r in reference]), atol=1e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            last[site], torch.stack([r[-1] for r in reference]), atol=1e-5, rtol=1e-5
+        )
         torch.testing.assert_close(tokens[site], torch.cat(reference), atol=1e-5, rtol=1e-5)
     lengths = [len(any_arch.tokenizer(t)["input_ids"]) for t in texts]
     assert tokens.doc.tolist() == [i for i, n in enumerate(lengths) for _ in range(n)]
@@ -54,8 +56,9 @@ def test_one_forward_per_batch_for_all_sites() -> None:
     calls = []
     handle = a.model.register_forward_pre_hook(lambda *args: calls.append(1))
     try:
-        archscope.collect(a.backend, words(10), a.backend.layer_names(), tokenizer=a.tokenizer,
-                          batch_size=4)
+        archscope.collect(
+            a.backend, words(10), a.backend.layer_names(), tokenizer=a.tokenizer, batch_size=4
+        )
     finally:
         handle.remove()
     assert len(calls) == 3
@@ -84,8 +87,11 @@ def test_bad_requests_are_refused_clearly() -> None:
 
 def test_iter_collect_streams_batches_with_global_doc_indices() -> None:
     a = arch("lstm")
-    parts = list(archscope.iter_collect(a.backend, words(5), ["layer_1.hidden"],
-                                        tokenizer=a.tokenizer, batch_size=2, pool=None))
+    parts = list(
+        archscope.iter_collect(
+            a.backend, words(5), ["layer_1.hidden"], tokenizer=a.tokenizer, batch_size=2, pool=None
+        )
+    )
     assert len(parts) == 3
     docs = torch.cat([p.doc for p in parts]).unique().tolist()
     assert docs == [0, 1, 2, 3, 4]

@@ -52,8 +52,12 @@ def test_a_model_against_itself_is_exactly_zero(any_arch: Arch) -> None:
         diff = compare(any_arch.model, other, any_arch.tokenizer, texts(), run_circuits=False)
         assert [d.layer_name for d in diff.layer_drift] == any_arch.backend.layer_names()
         for d in diff.layer_drift:
-            assert (d.mean_l2_delta, d.relative_drift, d.cosine_similarity, d.local_drift) == \
-                (0.0, 0.0, 1.0, 0.0)
+            assert (d.mean_l2_delta, d.relative_drift, d.cosine_similarity, d.local_drift) == (
+                0.0,
+                0.0,
+                1.0,
+                0.0,
+            )
             assert d.top_shifted_neurons == []
 
 
@@ -61,8 +65,10 @@ def test_one_perturbed_layer_is_where_the_drift_starts_and_peaks(any_arch: Arch)
     ft = perturbed(any_arch.name)
     diff = compare(any_arch.model, ft.model, any_arch.tokenizer, texts(), run_circuits=False)
     drift = {d.layer: d for d in diff.layer_drift}
-    print(any_arch.name, [(d.layer, round(d.relative_drift, 4), d.local_drift)
-                          for d in diff.layer_drift])
+    print(
+        any_arch.name,
+        [(d.layer, round(d.relative_drift, 4), d.local_drift) for d in diff.layer_drift],
+    )
     for layer, d in drift.items():
         if layer < PERTURBED:
             assert d.mean_l2_delta == 0.0 and d.cosine_similarity == 1.0
@@ -98,7 +104,9 @@ def test_drift_is_over_real_tokens_and_padding_invariant(any_arch: Arch) -> None
     for x, y in zip(one.layer_drift, batched.layer_drift, strict=True):
         for field in ("mean_l2_delta", "relative_drift", "cosine_similarity", "local_drift"):
             assert abs(getattr(x, field) - getattr(y, field)) < 1e-5, field
-        assert [u for u, _ in x.top_shifted_neurons[:3]] == [u for u, _ in y.top_shifted_neurons[:3]]
+        assert [u for u, _ in x.top_shifted_neurons[:3]] == [
+            u for u, _ in y.top_shifted_neurons[:3]
+        ]
 
 
 @dataclass
@@ -113,8 +121,10 @@ class _Score:
 def test_circuit_deltas_are_computed_and_failures_raise(monkeypatch: pytest.MonkeyPatch) -> None:
     a = arch("gpt2")
     ft = perturbed("gpt2")
-    scores = {id(a.model): [_Score("induction", 0.5), _Score("copy", 0.0)],
-              id(ft.model): [_Score("induction", 0.8), _Score("copy", 0.0)]}
+    scores = {
+        id(a.model): [_Score("induction", 0.5), _Score("copy", 0.0)],
+        id(ft.model): [_Score("induction", 0.8), _Score("copy", 0.0)],
+    }
     calls: list[Any] = []
 
     def run_all(model: Any, tokenizer: Any = None, device: str = "cpu") -> list[_Score]:
@@ -141,8 +151,16 @@ def test_circuit_deltas_are_computed_and_failures_raise(monkeypatch: pytest.Monk
 def test_02_call_report_and_plot(tmp_path: Path) -> None:
     a = arch("gpt2")
     ft = perturbed("gpt2")
-    diff = compare(a.model, ft.model, a.tokenizer, texts(4), backend_hint="transformer",
-                   run_circuits=False, max_length=32, device="cpu")
+    diff = compare(
+        a.model,
+        ft.model,
+        a.tokenizer,
+        texts(4),
+        backend_hint="transformer",
+        run_circuits=False,
+        max_length=32,
+        device="cpu",
+    )
     assert isinstance(diff, ModelDiff)
     assert (diff.arch_family, diff.n_layers, diff.n_calibration_texts) == ("transformer", 3, 4)
     top = diff.top_changed_layers(k=2)

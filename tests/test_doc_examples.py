@@ -12,9 +12,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ["README.md", "docs/methods.md", "docs/probes.md", "docs/sae.md", "docs/patching.md",
-         "docs/store.md", "docs/architecture.md", "docs/backend-transformer.md",
-         "docs/backend-mamba.md", "docs/backend-recurrent.md", "docs/custom-models.md"]
+PAGES = [
+    "README.md",
+    "docs/methods.md",
+    "docs/probes.md",
+    "docs/sae.md",
+    "docs/patching.md",
+    "docs/store.md",
+    "docs/architecture.md",
+    "docs/backend-transformer.md",
+    "docs/backend-mamba.md",
+    "docs/backend-recurrent.md",
+    "docs/custom-models.md",
+]
 
 
 def python_blocks(page: Path) -> list[str]:
@@ -26,8 +36,9 @@ def test_python_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.Monk
     blocks = python_blocks(ROOT / page)
     assert blocks, f"{page} has no python examples"
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "texts.jsonl").write_text('{"text": "w5 w6", "label": 1}\n'
-                                          '{"text": "w7", "label": 0}\n')
+    (tmp_path / "texts.jsonl").write_text(
+        '{"text": "w5 w6", "label": 1}\n{"text": "w7", "label": 0}\n'
+    )
     module = types.ModuleType("doc_example")  # dataclasses look their module up
     monkeypatch.setitem(sys.modules, "doc_example", module)
     namespace = module.__dict__

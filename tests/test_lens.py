@@ -45,7 +45,7 @@ def test_last_layer_of_the_logit_lens_is_the_models_output(name: str):
     a = arch(name)
     result = logit_lens(a.model, a.tokenizer, PROMPT, target_token=" w8", top_k=4)
     ids = a.tokenizer(PROMPT)["input_ids"]
-    probs = torch.softmax(_model_logits(a.model, ids), -1)            # (seq, vocab)
+    probs = torch.softmax(_model_logits(a.model, ids), -1)  # (seq, vocab)
     last = result.layers[-1]
     assert last.layer == len(a.backend.layer_names()) - 1
     top = probs[-1].topk(4)
@@ -70,8 +70,10 @@ def test_intermediate_layers_match_hidden_states_through_the_final_norm_and_head
     ids = a.tokenizer(PROMPT)["input_ids"]
     with torch.no_grad():
         out = a.model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-        ref = [torch.softmax(a.model.lm_head(a.model.transformer.ln_f(h[0])), -1)
-               for h in out.hidden_states[1:-1]]           # the last one is already normed
+        ref = [
+            torch.softmax(a.model.lm_head(a.model.transformer.ln_f(h[0])), -1)
+            for h in out.hidden_states[1:-1]
+        ]  # the last one is already normed
     result = logit_lens(a.model, a.tokenizer, PROMPT, layers=[0, 1])
     for layer, probs in zip(result.layers, ref, strict=True):
         top = [t[2] for t in layer.top_tokens]
@@ -103,7 +105,7 @@ def test_batch_method_counts_positions_in_real_tokens(name: str):
         logit_lens_run(a.backend, batch, position=2)
     registered = archscope.run_method("logit-lens", a.backend, batch, position=-1)
     assert len(registered.mean_kl) == len(a.backend.layer_names())
-    assert len(registered.mean_kl[0]) == 5       # real positions of the longest row
+    assert len(registered.mean_kl[0]) == 5  # real positions of the longest row
 
 
 class _Block(torch.nn.Module):
@@ -126,8 +128,9 @@ class _HeadlessRecurrent(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(_Block(8) for _ in range(2))
         self.archscope_spec = ModelSpec(blocks="blocks", embed="embed")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.embed(input_ids)
         for block in self.blocks:
             h = block(h)
@@ -191,8 +194,10 @@ def test_progress_gives_a_held_out_curve_ending_at_the_fitted_lens():
     def progress(epoch: int, lens: TunedLens) -> None:
         curve.append((epoch, sum(lens.evaluate(rows[:8])[1][:-1])))
         last.update(weight=lens.weight, bias=lens.bias)
-    lens = TunedLens.fit_rows(backend, rows[8:], epochs=4, lr=1e-2, eval_rows=rows[:8],
-                              progress=progress)
+
+    lens = TunedLens.fit_rows(
+        backend, rows[8:], epochs=4, lr=1e-2, eval_rows=rows[:8], progress=progress
+    )
     assert [e for e, _ in curve] == [0, 1, 2, 3]
     assert torch.equal(last["weight"], lens.weight) and torch.equal(last["bias"], lens.bias)
     assert curve[-1][1] < curve[0][1]  # the held-out KL falls as the lens trains
@@ -212,7 +217,7 @@ def test_tuned_lens_trains_through_every_backend(name: str):
     assert lens.report is not None and len(lens.report.kl_tuned) == lens.n_layers
     rows = [a.tokenizer(t)["input_ids"] for t in texts]
     kl_logit, kl_tuned = lens.evaluate(rows)
-    for layer in range(lens.n_layers - 1):     # the training objective went down everywhere
+    for layer in range(lens.n_layers - 1):  # the training objective went down everywhere
         assert kl_tuned[layer] < kl_logit[layer], (kl_logit, kl_tuned)
     assert kl_tuned[-1] == pytest.approx(kl_logit[-1], abs=1e-6)
     prediction = lens.predict(a.model, a.tokenizer, PROMPT)
@@ -244,7 +249,7 @@ def test_tuned_lens_saves_loads_and_refuses_another_unembedding(markov_lens, tmp
 
     other = copy.deepcopy(model)
     with torch.no_grad():
-        other.transformer.ln_f.weight.mul_(1.5)      # another final norm, same shapes
+        other.transformer.ln_f.weight.mul_(1.5)  # another final norm, same shapes
     with pytest.raises(ArtifactError, match="final norm / unembedding differs"):
         TunedLens.load(folder, other)
     with pytest.raises(ArtifactError, match="final norm / unembedding differs"):

@@ -41,8 +41,9 @@ def _rows(lengths: list[int], seed: int = 0) -> tuple[list[list[int]], list[list
     return clean, corrupted
 
 
-def _batches(a: Arch, lengths: list[int], side: str | None = None
-             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list, list]:
+def _batches(
+    a: Arch, lengths: list[int], side: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list, list]:
     clean, corrupted = _rows(lengths)
     side = side or padding_for(a.backend)
     return pad_batch(clean, side), pad_batch(corrupted, side), clean, corrupted
@@ -56,15 +57,20 @@ class Reference:
     """The logit-difference metric computed one unpadded row at a time: each row's clean and
     corrupted runs once, then any set of cells patched with `Edit.replace`."""
 
-    def __init__(self, backend: Any, clean: list[list[int]], corrupted: list[list[int]],
-                 sites: list[str]) -> None:
+    def __init__(
+        self, backend: Any, clean: list[list[int]], corrupted: list[list[int]], sites: list[str]
+    ) -> None:
         self.backend, self.corrupted = backend, corrupted
-        self.clean_runs = [backend.run(torch.tensor([r]), capture=[*sites, "logits"])
-                           for r in clean]
-        corr_logits = [backend.run(torch.tensor([r]), capture=["logits"])["logits"][0, -1]
-                       for r in corrupted]
-        self.tops = [(int(c["logits"][0, -1].argmax()), int(r.argmax()))
-                     for c, r in zip(self.clean_runs, corr_logits, strict=True)]
+        self.clean_runs = [
+            backend.run(torch.tensor([r]), capture=[*sites, "logits"]) for r in clean
+        ]
+        corr_logits = [
+            backend.run(torch.tensor([r]), capture=["logits"])["logits"][0, -1] for r in corrupted
+        ]
+        self.tops = [
+            (int(c["logits"][0, -1].argmax()), int(r.argmax()))
+            for c, r in zip(self.clean_runs, corr_logits, strict=True)
+        ]
         self.clean = self._mean([c["logits"][0, -1] for c in self.clean_runs])
         self.corr_rows = [self._diff(n, x) for n, x in enumerate(corr_logits)]
         self.corr = sum(self.corr_rows) / len(self.corr_rows)
@@ -84,8 +90,11 @@ class Reference:
             if not cells:
                 values.append(self.corr_rows[n])
                 continue
-            edits = [Edit.replace(s, self.clean_runs[n][s][0, p], positions=[p])
-                     for s, ps in cells for p in ps]
+            edits = [
+                Edit.replace(s, self.clean_runs[n][s][0, p], positions=[p])
+                for s, ps in cells
+                for p in ps
+            ]
             run = self.backend.run(torch.tensor([row]), capture=["logits"], edits=edits)
             values.append(self._diff(n, run["logits"][0, -1]))
         return sum(values) / len(values)
@@ -93,8 +102,9 @@ class Reference:
     def fraction(self, patches: dict[int, list[tuple[str, list[int]]]]) -> float:
         return (self.patched(patches) - self.corr) / (self.clean - self.corr)
 
-    def assert_fraction(self, got: float | None, patches: dict[int, list[tuple[str, list[int]]]],
-                        what: Any = "") -> None:
+    def assert_fraction(
+        self, got: float | None, patches: dict[int, list[tuple[str, list[int]]]], what: Any = ""
+    ) -> None:
         """Compared in metric units (1e-5), not as a fraction of a possibly small gap."""
         assert got is not None
         gap = self.clean - self.corr
@@ -107,8 +117,9 @@ def test_identity_patch_changes_nothing(any_arch: Arch) -> None:
     corrupted ones at every layer of a causal model: patching them restores nothing."""
     clean, corrupted, *_ = _batches(any_arch, [6, 4, 5])
     backend = any_arch.backend
-    result = activation_patch(backend, clean, corrupted, list(range(backend.n_layers)), None,
-                              positions=[0])
+    result = activation_patch(
+        backend, clean, corrupted, list(range(backend.n_layers)), None, positions=[0]
+    )
     assert abs(result.gap_restored) < 1e-6
     assert abs(result.patched_metric - result.baseline_metric) < 1e-6
     assert result.clean_metric != pytest.approx(result.baseline_metric)
@@ -129,10 +140,16 @@ def test_patching_the_last_layer_everywhere_restores_exactly_one(any_arch: Arch)
 def test_legacy_one_argument_metric_gets_outputs_with_logits() -> None:
     a = arch("gpt2")
     clean, corrupted, *_ = _batches(a, [5, 5])
-    new = activation_patch(a.backend, clean, corrupted, [1],
-                           lambda logits, mask: logits[:, -1, 7] - logits[:, -1, 9])
-    old = activation_patch(a.backend, clean, corrupted, [1],
-                           lambda out: (out.logits[:, -1, 7] - out.logits[:, -1, 9]).mean())
+    new = activation_patch(
+        a.backend, clean, corrupted, [1], lambda logits, mask: logits[:, -1, 7] - logits[:, -1, 9]
+    )
+    old = activation_patch(
+        a.backend,
+        clean,
+        corrupted,
+        [1],
+        lambda out: (out.logits[:, -1, 7] - out.logits[:, -1, 9]).mean(),
+    )
     assert old.gap_restored == pytest.approx(new.gap_restored, abs=1e-9)
     assert old.clean_metric == pytest.approx(new.clean_metric, abs=1e-9)
 
@@ -192,8 +209,11 @@ def _inner_calls(backend: Any, sweep: Any) -> tuple[Any, int]:
     """(result, calls of block 0's first parametrised submodule): a replayed block runs none
     of its submodules."""
     block = backend.hookpoint(backend.layer_names()[0]).module
-    inner = next(m for m in block.modules() if m is not block and any(
-        True for _ in m.parameters(recurse=False)))
+    inner = next(
+        m
+        for m in block.modules()
+        if m is not block and any(True for _ in m.parameters(recurse=False))
+    )
     calls = []
     handle = inner.register_forward_hook(lambda *args: calls.append(1))
     try:
@@ -204,7 +224,8 @@ def _inner_calls(backend: Any, sweep: Any) -> tuple[Any, int]:
 
 @pytest.mark.parametrize("name", ["gpt2", "mamba", "hybrid"])
 def test_sweeps_replay_the_blocks_before_the_patched_layer(
-        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Patched runs replay the corrupted run's block outputs before the patched cell instead of
     computing them: fewer block passes, the same grid as running every block."""
     from archscope.attribute import _engine
@@ -218,8 +239,12 @@ def test_sweeps_replay_the_blocks_before_the_patched_layer(
     fast, fast_calls = _inner_calls(backend, sweep)
     monkeypatch.setattr(_engine.BlockReplay, "of", classmethod(lambda cls, b: None))
     slow, slow_calls = _inner_calls(backend, sweep)
-    torch.testing.assert_close(torch.tensor(fast, dtype=torch.float64),
-                               torch.tensor(slow, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(fast, dtype=torch.float64),
+        torch.tensor(slow, dtype=torch.float64),
+        atol=1e-5,
+        rtol=1e-5,
+    )
     # block 0 runs in the runs patched at the embedding and at its own output only when
     # nothing is replayed; with replay, only in the embedding row's runs and the check
     assert fast_calls < slow_calls, (fast_calls, slow_calls)
@@ -231,8 +256,7 @@ def test_a_single_patched_run_costs_three_forwards() -> None:
     a = arch("gpt2")
     clean, corrupted, *_ = _batches(a, [5, 4])
     calls = []
-    handle = a.model.get_input_embeddings().register_forward_pre_hook(
-        lambda *args: calls.append(1))
+    handle = a.model.get_input_embeddings().register_forward_pre_hook(lambda *args: calls.append(1))
     try:
         activation_patch(a.backend, clean, corrupted, [1], None)
     finally:
@@ -281,11 +305,15 @@ def test_component_sweep_equals_single_patched_runs(name: str) -> None:
     sweep = patch_sweep(backend, clean, corrupted, axis="component", batch_size=4)
     assert sweep.gap_restored is not None
     sites = backend.sites()
-    expected_cols = [r for r in ("attn", "mixer", "mlp")
-                     if any(f"layer_{i}.{r}" in sites for i in range(backend.n_layers))]
+    expected_cols = [
+        r
+        for r in ("attn", "mixer", "mlp")
+        if any(f"layer_{i}.{r}" in sites for i in range(backend.n_layers))
+    ]
     assert sweep.columns == expected_cols
-    ref = Reference(backend, c_rows, r_rows,
-                    [s for row in sweep.sites for s in row if s is not None])
+    ref = Reference(
+        backend, c_rows, r_rows, [s for row in sweep.sites for s in row if s is not None]
+    )
     for i in range(backend.n_layers):
         for c, role in enumerate(sweep.columns):
             site = f"layer_{i}.{role}"
@@ -303,8 +331,9 @@ def test_positions_are_counted_in_real_tokens_whatever_the_padding() -> None:
     left = _batches(a, [5, 3], "left")
     sweeps = [patch_sweep(backend, b[0], b[1], positions=[-1, 2]) for b in (right, left)]
     _, _, c_rows, r_rows = right
-    ref = Reference(backend, c_rows, r_rows,
-                    [f"layer_{i}.residual" for i in range(backend.n_layers)])
+    ref = Reference(
+        backend, c_rows, r_rows, [f"layer_{i}.residual" for i in range(backend.n_layers)]
+    )
     for i in range(backend.n_layers):
         for c, p in enumerate([-1, 2]):
             patches = {n: [(f"layer_{i}.residual", [p % len(r)])] for n, r in enumerate(r_rows)}
@@ -315,7 +344,8 @@ def test_positions_are_counted_in_real_tokens_whatever_the_padding() -> None:
     assert last.columns == ["last"]
     assert last.gap_restored is not None and sweeps[1].gap_restored is not None
     assert [r[0] for r in last.gap_restored] == pytest.approx(
-        [r[0] for r in sweeps[1].gap_restored], abs=TOL)
+        [r[0] for r in sweeps[1].gap_restored], abs=TOL
+    )
 
 
 def _count_hooks(model: torch.nn.Module) -> int:
@@ -354,8 +384,10 @@ def test_attribution_equals_a_hand_computed_gradient_on_gpt2() -> None:
     layers = range(a.backend.n_layers - 1)  # the last entry of hidden_states is after ln_f
     grads = torch.autograd.grad(metric, [hidden[i + 1] for i in layers])
     with torch.no_grad():
-        c_metric = (c_out.logits[:, -1].gather(1, a_tok[:, None])
-                    - c_out.logits[:, -1].gather(1, b_tok[:, None])).mean()
+        c_metric = (
+            c_out.logits[:, -1].gather(1, a_tok[:, None])
+            - c_out.logits[:, -1].gather(1, b_tok[:, None])
+        ).mean()
     gap = float(c_metric - metric.detach())
     for i, g in zip(layers, grads, strict=True):
         diff = c_out.hidden_states[i + 1] - hidden[i + 1].detach()
@@ -380,17 +412,20 @@ def test_attribution_is_the_first_order_change_of_an_exact_patch(name: str) -> N
     delta = torch.zeros_like(r_val)
     delta[:, p] = eps * (c_val[:, p] - r_val[:, p])
     metric = lambda run: float(  # noqa: E731
-        (run.logits[:, -1].gather(1, tops[0][:, None])
-         - run.logits[:, -1].gather(1, tops[1][:, None])).mean())
-    tops = [backend.run(b, capture=["logits"]).logits[:, -1].argmax(-1)
-            for b in (clean, corrupted)]
+        (
+            run.logits[:, -1].gather(1, tops[0][:, None])
+            - run.logits[:, -1].gather(1, tops[1][:, None])
+        ).mean()
+    )
+    tops = [backend.run(b, capture=["logits"]).logits[:, -1].argmax(-1) for b in (clean, corrupted)]
     # a central difference of two edited runs: both take the backend's edited path, so the
     # rounding difference between an RNN's fused call and its stepped one cancels out
     up = metric(backend.run(corrupted, capture=["logits"], edits=[Edit.add(site, delta)]))
     down = metric(backend.run(corrupted, capture=["logits"], edits=[Edit.add(site, -delta)]))
     gap = sweep.clean_metric - sweep.corrupted_metric
-    assert sweep.attribution[0][p] == pytest.approx((up - down) / (2 * eps) / gap, rel=2e-2,
-                                                    abs=1e-3)
+    assert sweep.attribution[0][p] == pytest.approx(
+        (up - down) / (2 * eps) / gap, rel=2e-2, abs=1e-3
+    )
 
 
 # -- DIM -------------------------------------------------------------------------------------
@@ -402,8 +437,11 @@ def test_dim_shares_equal_patching_each_component(name: str) -> None:
     layers = list(range(backend.n_layers))
     result = dim_decompose(backend, clean, corrupted, layers, None)
     table = backend.sites()
-    roles = {"gpt2": ["attention", "mlp"], "mamba": ["mixer"],
-             "hybrid": ["attention", "mixer", "mlp"]}[name]
+    roles = {
+        "gpt2": ["attention", "mlp"],
+        "mamba": ["mixer"],
+        "hybrid": ["attention", "mixer", "mlp"],
+    }[name]
     assert list(result.components) == roles
     ref = Reference(backend, c_rows, r_rows, [s for v in result.sites.values() for s in v])
     assert result.total == pytest.approx(ref.clean - ref.corr, abs=TOL)
@@ -437,8 +475,9 @@ def test_state_patching_reproduces_the_source_run_and_single_swaps(name: str) ->
     backend = a.backend
     c_rows, r_rows = _rows([5, 4], seed=3)
     k = 2
-    result = state_patch_sweep(backend, pad_batch(c_rows), pad_batch(r_rows), suffix_tokens=k,
-                               metric_fn=_logprob7)
+    result = state_patch_sweep(
+        backend, pad_batch(c_rows), pad_batch(r_rows), suffix_tokens=k, metric_fn=_logprob7
+    )
     # swapping every state reproduces the plain run of clean prefix + suffix
     assert result.all_states == pytest.approx(1.0, abs=TOL)
     assert result.all_states_metric == pytest.approx(result.clean_metric, abs=TOL)
@@ -447,8 +486,7 @@ def test_state_patching_reproduces_the_source_run_and_single_swaps(name: str) ->
         source = backend.run(torch.tensor([c_row[:-k]]), return_state=True, stop_early=False)
         swapped = backend.run(suffix, capture=["logits"], initial_state=source.state)
         plain = backend.run(torch.tensor([c_row[:-k] + r_row[-k:]]), capture=["logits"])
-        torch.testing.assert_close(swapped["logits"][0], plain["logits"][0, -k:], atol=TOL,
-                                   rtol=0)
+        torch.testing.assert_close(swapped["logits"][0], plain["logits"][0, -k:], atol=TOL, rtol=0)
     # each single swap equals the backend's own state_patch, row by row
     kinds = {"mamba": ["ssm_state", "conv_state"], "lstm": ["hidden_state", "cell_state"]}
     assert result.kinds == kinds[name]
@@ -457,17 +495,28 @@ def test_state_patching_reproduces_the_source_run_and_single_swaps(name: str) ->
         return sum(float(_logprob7(r["logits"], None)) for r in runs) / len(runs)  # type: ignore[arg-type]
 
     corr = mean_metric([backend.run(torch.tensor([r]), capture=["logits"]) for r in r_rows])
-    cl = mean_metric([backend.run(torch.tensor([c[:-k] + r[-k:]]), capture=["logits"])
-                      for c, r in zip(c_rows, r_rows, strict=True)])
+    cl = mean_metric(
+        [
+            backend.run(torch.tensor([c[:-k] + r[-k:]]), capture=["logits"])
+            for c, r in zip(c_rows, r_rows, strict=True)
+        ]
+    )
     assert result.corrupted_metric == pytest.approx(corr, abs=TOL)
     assert result.clean_metric == pytest.approx(cl, abs=TOL)
     for i in result.layers:
         for j, kind in enumerate(result.kinds):
-            patched = mean_metric([
-                backend.state_patch(torch.tensor([r[:-k]]), torch.tensor([c[:-k]]),
-                                    torch.tensor([r[-k:]]), sites=[f"layer_{i}.{kind}"],
-                                    capture=["logits"])
-                for c, r in zip(c_rows, r_rows, strict=True)])
+            patched = mean_metric(
+                [
+                    backend.state_patch(
+                        torch.tensor([r[:-k]]),
+                        torch.tensor([c[:-k]]),
+                        torch.tensor([r[-k:]]),
+                        sites=[f"layer_{i}.{kind}"],
+                        capture=["logits"],
+                    )
+                    for c, r in zip(c_rows, r_rows, strict=True)
+                ]
+            )
             got = result.gap_restored[i][j]
             assert got is not None
             assert abs(got * (cl - corr) - (patched - corr)) <= TOL, (i, kind)
@@ -488,16 +537,16 @@ def test_registered_methods_run_on_a_contrast_of_texts(tmp_path: Any) -> None:
     data = Contrast(*texts, tokenizer=g.tokenizer)
     patched = archscope.run_method("patch", g.backend, data, layers=[2])
     assert patched.gap_restored == 1.0
-    sweep = archscope.run_method("patch-sweep", g.backend, data, positions="0,-1",
-                                 batch_size=4)
+    sweep = archscope.run_method("patch-sweep", g.backend, data, positions="0,-1", batch_size=4)
     assert sweep.columns == [0, -1] and sweep.gap_restored[2][1] == pytest.approx(1.0, abs=TOL)
     atp = archscope.run_method("attribution-patch", g.backend, data, exact=True)
     assert atp.correlation is not None and atp.gap_restored is not None
     dim = archscope.run_method("dim", g.backend, data, components=["mlp"])
     assert list(dim.components) == ["mlp"]
     lstm = arch("lstm")
-    state = archscope.run_method("state-patch", lstm.backend,
-                                 Contrast(*texts, tokenizer=lstm.tokenizer), suffix_tokens=1)
+    state = archscope.run_method(
+        "state-patch", lstm.backend, Contrast(*texts, tokenizer=lstm.tokenizer), suffix_tokens=1
+    )
     assert state.kinds == ["hidden_state", "cell_state"]
     for result in (patched, sweep, atp, dim, state):
         assert result.to_dict() and result.to_markdown().startswith("##")
@@ -536,8 +585,9 @@ def induction_model() -> Any:
             span = torch.randint(4, 100, (16, INDUCTION_SPAN), generator=g)
             ids = torch.cat([span, span], 1)
             logits = model(input_ids=ids).logits[:, INDUCTION_SPAN:-1]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                     ids[:, INDUCTION_SPAN + 1:].reshape(-1))
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, INDUCTION_SPAN + 1 :].reshape(-1)
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -547,7 +597,8 @@ def induction_model() -> Any:
 
 
 def test_attribution_correlates_with_exact_patching_on_a_trained_model(
-        induction_model: Any) -> None:
+    induction_model: Any,
+) -> None:
     """Clean: a span and the start of its repeat (the model predicts the span's 4th token);
     corrupted: the span's 4th token changed. Exact patching localises the copy (embedding of
     that token, then the last position); AtP over the same embed + layer x position sweep

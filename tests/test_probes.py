@@ -67,7 +67,8 @@ class TestAuroc:
         neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
         pairs = [1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)]
         assert auroc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(
-            sum(pairs) / len(pairs))
+            sum(pairs) / len(pairs)
+        )
 
     def test_one_class_gives_half_with_a_warning(self) -> None:
         with pytest.warns(UserWarning, match="one class"):
@@ -77,8 +78,7 @@ class TestAuroc:
         x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
         y = torch.tensor([0, 1] * 10)
         with pytest.warns(UserWarning, match="one class"):
-            m = ProbeFit(ProbeConfig(), 4).train(x, y, epochs=2,
-                                                 held_out=(x[:3], torch.ones(3)))
+            m = ProbeFit(ProbeConfig(), 4).train(x, y, epochs=2, held_out=(x[:3], torch.ones(3)))
         assert m.val_auroc == 0.5
 
 
@@ -97,8 +97,9 @@ class TestSyntheticActivations:
         m = fit.train(x, y, epochs=60, lr=0.01)
         assert m.val_auroc >= 0.95 and m.n_val == 60 and m.n_train == 240
         # direction and bias act on raw activations exactly as the probe does.
-        torch.testing.assert_close(x @ fit.direction + fit.bias, fit.logits(x), atol=1e-4,
-                                   rtol=1e-4)
+        torch.testing.assert_close(
+            x @ fit.direction + fit.bias, fit.logits(x), atol=1e-4, rtol=1e-4
+        )
         cos = torch.nn.functional.cosine_similarity(fit.direction, u, dim=0)
         assert cos > 0.8
 
@@ -116,7 +117,8 @@ class TestSyntheticActivations:
         y = ((x[:, 0] * x[:, 1]) > 0).long()  # XOR of two signs: no linear direction
         linear = ProbeFit(ProbeConfig(), 6).train(x, y, epochs=60, lr=0.01)
         mlp = ProbeFit(ProbeConfig(probe_type="mlp", hidden_dim=32), 6).train(
-            x, y, epochs=150, lr=0.01)
+            x, y, epochs=150, lr=0.01
+        )
         assert linear.val_auroc < 0.7
         assert mlp.val_auroc >= 0.9
 
@@ -134,7 +136,6 @@ class TestSyntheticActivations:
         c.train(x, y, epochs=5)
         assert not torch.equal(a.direction, c.direction)
 
-
     def test_newton_reaches_the_penalised_logistic_optimum(self) -> None:
         x, y, _ = self.planted(n=200, d=8)
         x = x + 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
@@ -148,28 +149,37 @@ class TestSyntheticActivations:
         found = torch.cat([net.weight.detach().flatten(), net.bias.detach()]).double()
 
         def objective(w: torch.Tensor) -> torch.Tensor:
-            return (torch.nn.functional.binary_cross_entropy_with_logits(a @ w, y.double())
-                    + decay / 2 * w[:-1].pow(2).sum())
+            return (
+                torch.nn.functional.binary_cross_entropy_with_logits(a @ w, y.double())
+                + decay / 2 * w[:-1].pow(2).sum()
+            )
+
         # Independent checks of the optimum of this strictly convex objective: its gradient
         # (by autograd) vanishes there, and torch's L-BFGS lands on the same logits.
         w = found.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(objective(w), w)
         assert float(grad.abs().max()) < 1e-5
         ref = torch.zeros(a.shape[1], dtype=torch.float64, requires_grad=True)
-        lbfgs = torch.optim.LBFGS([ref], max_iter=500, tolerance_grad=1e-12,
-                                  tolerance_change=1e-15, line_search_fn="strong_wolfe")
+        lbfgs = torch.optim.LBFGS(
+            [ref],
+            max_iter=500,
+            tolerance_grad=1e-12,
+            tolerance_change=1e-15,
+            line_search_fn="strong_wolfe",
+        )
 
         def closure() -> torch.Tensor:
             lbfgs.zero_grad()
             loss = objective(ref)
             loss.backward()
             return loss
+
         lbfgs.step(closure)
-        torch.testing.assert_close(fit.logits(x).double(), (a @ ref).detach(), atol=1e-4,
-                                   rtol=1e-4)
+        torch.testing.assert_close(fit.logits(x).double(), (a @ ref).detach(), atol=1e-4, rtol=1e-4)
         # The AdamW fit of the same data ranks the rows alike.
-        adam = ProbeFit(ProbeConfig(seed=1), x.shape[1]).train(x, y, epochs=60, lr=0.01,
-                                                               held_out=(x, y))
+        adam = ProbeFit(ProbeConfig(seed=1), x.shape[1]).train(
+            x, y, epochs=60, lr=0.01, held_out=(x, y)
+        )
         assert abs(adam.train_auroc - m.train_auroc) < 0.02
 
     def test_unknown_solver_is_refused_with_the_valid_ones(self) -> None:
@@ -177,6 +187,7 @@ class TestSyntheticActivations:
             ProbeConfig(solver="sgd")
         with pytest.raises(ParameterError, match="linear probes"):
             ProbeConfig(solver="newton", probe_type="mlp")
+
 
 @pytest.fixture(scope="module")
 def planted() -> dict[str, Any]:
@@ -188,8 +199,12 @@ def planted() -> dict[str, Any]:
         texts = words(320, seed=3)
         x = reference_pooled(a, texts, site)
         keep, labels = planted_labels(x, seed=11)
-        out[name] = {"site": site, "texts": [texts[i] for i in keep], "labels": labels,
-                     "x": x[keep]}
+        out[name] = {
+            "site": site,
+            "texts": [texts[i] for i in keep],
+            "labels": labels,
+            "x": x[keep],
+        }
     return out
 
 
@@ -209,8 +224,11 @@ def test_planted_direction_in_model_activations(any_arch: Arch, planted: dict[st
         g = torch.Generator().manual_seed(seed)
         shuffled = [p["labels"][i] for i in torch.randperm(len(p["labels"]), generator=g)]
         data = Dataset.from_texts(p["texts"], shuffled, tokenizer=any_arch.tokenizer)
-        chance.append(archscope.run_method("probe", any_arch.backend, data, site=p["site"],
-                                           epochs=30, seed=seed).heldout_auroc)
+        chance.append(
+            archscope.run_method(
+                "probe", any_arch.backend, data, site=p["site"], epochs=30, seed=seed
+            ).heldout_auroc
+        )
     assert abs(sum(chance) / 3 - 0.5) <= 0.1, chance
 
 
@@ -225,6 +243,7 @@ class CountForwards:
     def __enter__(self) -> CountForwards:
         def count(module: Any, args: Any) -> None:
             self.calls += 1
+
         self.handle = self.module.register_forward_pre_hook(count)
         return self
 
@@ -232,8 +251,9 @@ class CountForwards:
         self.handle.remove()
 
 
-def test_sweep_runs_one_model_pass_per_batch(any_arch: Arch, planted: dict[str, Any],
-                                             tmp_path: Path) -> None:
+def test_sweep_runs_one_model_pass_per_batch(
+    any_arch: Arch, planted: dict[str, Any], tmp_path: Path
+) -> None:
     p = planted[any_arch.name]
     data = Dataset.from_texts(p["texts"], p["labels"], tokenizer=any_arch.tokenizer)
     layers = any_arch.backend.layer_names()
@@ -257,7 +277,8 @@ def test_sweep_runs_one_model_pass_per_batch(any_arch: Arch, planted: dict[str, 
     else:
         fig = sweep.figure()  # held-out AUROC per layer is what the figure plots
         assert list(fig.axes[0].lines[0].get_ydata()) == pytest.approx(
-            [r.heldout_auroc for r in sweep.layers])
+            [r.heldout_auroc for r in sweep.layers]
+        )
         archscope.results.pyplot().close(fig)
         assert sweep.plot(tmp_path / "sweep.png").stat().st_size > 0
 
@@ -270,8 +291,11 @@ def padded(texts: list[str], labels: list[int], side: str) -> dict[str, torch.Te
     tok.padding_side = side
     enc = tok(texts, padding=True, return_tensors="pt")
     assert int(enc["attention_mask"].sum()) < enc["attention_mask"].numel()  # really padded
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
-            "labels": torch.tensor(labels)}
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": torch.tensor(labels),
+    }
 
 
 @pytest.mark.parametrize("how", ["mean", "last"])
@@ -282,8 +306,13 @@ def test_padding_invariance(any_arch: Arch, planted: dict[str, Any], how: str) -
     one_by_one = reference_pooled(any_arch, texts, site, how)
     right = pooled_activations(backend, padded(texts, labels, "right"), [site], pool=how)[site]
     left = pooled_activations(backend, padded(texts, labels, "left"), [site], pool=how)[site]
-    single = pooled_activations(backend, Dataset.from_texts(texts, tokenizer=any_arch.tokenizer),
-                                [site], pool=how, batch_size=1)[site]
+    single = pooled_activations(
+        backend,
+        Dataset.from_texts(texts, tokenizer=any_arch.tokenizer),
+        [site],
+        pool=how,
+        batch_size=1,
+    )[site]
     for got in (right, left, single):
         torch.testing.assert_close(got, one_by_one, atol=1e-5, rtol=1e-5)
     # A padded batch straight through the backend, on each side it supports, pooled over real
@@ -291,27 +320,45 @@ def test_padding_invariance(any_arch: Arch, planted: dict[str, Any], how: str) -
     for side in ("right", "left"):
         if backend.padding in (side, "both"):
             batch = padded(texts, labels, side)
-            acts = backend.run({k: batch[k] for k in ("input_ids", "attention_mask")},
-                               capture=[site])
-            torch.testing.assert_close(archscope.pool(acts[site].float(), acts.attention_mask,
-                                                      how), one_by_one, atol=1e-5, rtol=1e-5)
+            acts = backend.run(
+                {k: batch[k] for k in ("input_ids", "attention_mask")}, capture=[site]
+            )
+            torch.testing.assert_close(
+                archscope.pool(acts[site].float(), acts.attention_mask, how),
+                one_by_one,
+                atol=1e-5,
+                rtol=1e-5,
+            )
     if how == "mean":
-        reports = [archscope.run_method("probe", backend, d, site=site, folds=3, epochs=20)
-                   for d in (padded(texts, labels, "right"), padded(texts, labels, "left"),
-                             Dataset.from_texts(texts, labels, tokenizer=any_arch.tokenizer))]
+        reports = [
+            archscope.run_method("probe", backend, d, site=site, folds=3, epochs=20)
+            for d in (
+                padded(texts, labels, "right"),
+                padded(texts, labels, "left"),
+                Dataset.from_texts(texts, labels, tokenizer=any_arch.tokenizer),
+            )
+        ]
         for other in reports[1:]:
-            assert other.heldout_auroc_folds == pytest.approx(reports[0].heldout_auroc_folds,
-                                                              abs=1e-5)
-            torch.testing.assert_close(other.probe.direction, reports[0].probe.direction,
-                                       atol=1e-5, rtol=1e-4)
+            assert other.heldout_auroc_folds == pytest.approx(
+                reports[0].heldout_auroc_folds, abs=1e-5
+            )
+            torch.testing.assert_close(
+                other.probe.direction, reports[0].probe.direction, atol=1e-5, rtol=1e-4
+            )
 
 
 class TestArtifact:
     def test_save_load_round_trip_and_fit_checks(self, tmp_path: Path) -> None:
         a = arch("gpt2")
         texts = words(30, seed=8)
-        fit = fit_probe(a.model, pos_texts=texts[:15], neg_texts=texts[15:],
-                        tokenizer=a.tokenizer, layer_name="layer_1.residual", epochs=5)
+        fit = fit_probe(
+            a.model,
+            pos_texts=texts[:15],
+            neg_texts=texts[15:],
+            tokenizer=a.tokenizer,
+            layer_name="layer_1.residual",
+            epochs=5,
+        )
         path = fit.save(tmp_path / "probe")
         x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
         loaded = ProbeFit.load(path, backend=a.backend)
@@ -321,8 +368,12 @@ class TestArtifact:
         assert loaded.metrics is not None and loaded.metrics.val_auroc == fit.metrics.val_auroc
         assert isinstance(archscope.Artifact.load(path), ProbeFit)
         by_hand = reference_pooled(a, texts[:6], "layer_1.residual")
-        torch.testing.assert_close(loaded.score_data(a.backend, texts[:6], a.tokenizer),
-                                   fit.score(by_hand), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            loaded.score_data(a.backend, texts[:6], a.tokenizer),
+            fit.score(by_hand),
+            atol=1e-5,
+            rtol=1e-5,
+        )
         with pytest.raises(ArtifactError, match="backend"):
             ProbeFit.load(path, backend=arch("lstm").backend)
         meta = json.loads((path / "artifact.json").read_text())
@@ -335,15 +386,21 @@ class TestArtifact:
         a = arch("mamba")
         texts = words(16, seed=4)
         data = Dataset.from_texts(texts, [0, 1] * 8, tokenizer=a.tokenizer)
-        report = archscope.run_method("probe", a.backend, data, site="layer_1.ssm_state",
-                                      folds=2, epochs=3)
-        state = a.backend.run({"input_ids": torch.tensor([a.tokenizer(texts[0])["input_ids"]])},
-                              capture=["layer_1.ssm_state"])["layer_1.ssm_state"]
+        report = archscope.run_method(
+            "probe", a.backend, data, site="layer_1.ssm_state", folds=2, epochs=3
+        )
+        state = a.backend.run(
+            {"input_ids": torch.tensor([a.tokenizer(texts[0])["input_ids"]])},
+            capture=["layer_1.ssm_state"],
+        )["layer_1.ssm_state"]
         assert report.probe.input_dim == state[0].numel()
         loaded = ProbeFit.load(report.probe.save(tmp_path / "state"), backend=a.backend)
-        torch.testing.assert_close(loaded.score_data(a.backend, texts[:1], a.tokenizer),
-                                   report.probe.score(state.reshape(1, -1).float()),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            loaded.score_data(a.backend, texts[:1], a.tokenizer),
+            report.probe.score(state.reshape(1, -1).float()),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
     def test_mlp_probe_round_trips(self, tmp_path: Path) -> None:
         x = torch.randn(40, 8, generator=torch.Generator().manual_seed(1))
@@ -362,10 +419,24 @@ class TestApi02:
         texts = words(40, seed=9)
         pos = [t + " w5 w5 w5" for t in texts[:20]]
         neg = [t + " w6 w6 w6" for t in texts[20:]]
-        by_dicts = fit_probe(a.model, tokenize(pos), tokenize(neg), "layer_2.residual",
-                             backend_hint="mamba", epochs=20, lr=0.01)
-        by_texts = fit_probe(a.model, layer_name="layer_2.residual", tokenizer=a.tokenizer,
-                             pos_texts=pos, neg_texts=neg, epochs=20, lr=0.01)
+        by_dicts = fit_probe(
+            a.model,
+            tokenize(pos),
+            tokenize(neg),
+            "layer_2.residual",
+            backend_hint="mamba",
+            epochs=20,
+            lr=0.01,
+        )
+        by_texts = fit_probe(
+            a.model,
+            layer_name="layer_2.residual",
+            tokenizer=a.tokenizer,
+            pos_texts=pos,
+            neg_texts=neg,
+            epochs=20,
+            lr=0.01,
+        )
         for fit in (by_dicts, by_texts):
             assert isinstance(fit, ProbeFit)
             assert fit.metrics is not None
@@ -376,8 +447,9 @@ class TestApi02:
         torch.testing.assert_close(by_dicts.direction, by_texts.direction, atol=1e-5, rtol=1e-4)
 
     def test_config_probe_and_probefit_signatures(self) -> None:
-        config = ProbeConfig(layer_name="layer_0.residual", probe_type="mlp", hidden_dim=8,
-                             target="sentiment")
+        config = ProbeConfig(
+            layer_name="layer_0.residual", probe_type="mlp", hidden_dim=8, target="sentiment"
+        )
         probe = Probe(12, config)
         assert probe.forward(torch.zeros(3, 12)).shape == (3,)
         fit = ProbeFit(config, 12, device="cpu")
@@ -407,23 +479,37 @@ class TestBadInputs:
         with pytest.raises(ParameterError, match="pool"):
             ProbeConfig(pool="max")
         with pytest.raises(ParameterError, match="exactly one"):
-            fit_probe(a.model, {"input_ids": [[5, 6]]}, {"input_ids": [[7, 8]]},
-                      tokenizer=a.tokenizer, pos_texts=texts[:2], neg_texts=texts[2:4])
+            fit_probe(
+                a.model,
+                {"input_ids": [[5, 6]]},
+                {"input_ids": [[7, 8]]},
+                tokenizer=a.tokenizer,
+                pos_texts=texts[:2],
+                neg_texts=texts[2:4],
+            )
         with pytest.raises(ParameterError, match="tokenizer"):
             fit_probe(a.model, pos_texts=texts[:2], neg_texts=texts[2:4])
         with pytest.raises(SiteError):
-            fit_probe(a.model, pos_texts=texts[:6], neg_texts=texts[6:], tokenizer=a.tokenizer,
-                      layer_name="layer_9.residual")
+            fit_probe(
+                a.model,
+                pos_texts=texts[:6],
+                neg_texts=texts[6:],
+                tokenizer=a.tokenizer,
+                layer_name="layer_9.residual",
+            )
         with pytest.raises(InputError, match="labelled"):
-            archscope.run_method("probe", a.backend, Dataset.from_texts(texts, tokenizer=a.tokenizer))
+            archscope.run_method(
+                "probe", a.backend, Dataset.from_texts(texts, tokenizer=a.tokenizer)
+            )
         labelled = Dataset.from_texts(texts, [0, 1] * 6, tokenizer=a.tokenizer)
         with pytest.raises(ParameterError, match="folds"):
             archscope.run_method("probe", a.backend, labelled, folds=1)
         with pytest.raises(ParameterError, match="no parameter"):
             archscope.run_method("probe", a.backend, labelled, layer=1)
         with pytest.raises(InputError, match="0/1"):
-            archscope.run_method("probe", a.backend, Dataset.from_texts(
-                texts, [0, 1, 2] * 4, tokenizer=a.tokenizer))
+            archscope.run_method(
+                "probe", a.backend, Dataset.from_texts(texts, [0, 1, 2] * 4, tokenizer=a.tokenizer)
+            )
         fit = ProbeFit(ProbeConfig(), 4)
         with pytest.raises(InputError, match=r"\(n, 4\)"):
             fit.score(torch.zeros(2, 5))
@@ -469,7 +555,9 @@ def test_importing_probes_and_transfer_needs_no_torch() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, archscope.probes, archscope.transfer\n"
-            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, archscope.probes, archscope.transfer\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -32,8 +32,12 @@ from archscope.sae import (
 
 VARIANTS = ("dense", "rank1", "topk", "batchtopk")
 #: per-variant settings under which each variant is expected to recover the planted atoms
-SETTINGS = {"dense": {"sparsity": 0.3}, "rank1": {"sparsity": 0.3}, "topk": {"k": 3},
-            "batchtopk": {"k": 3}}
+SETTINGS = {
+    "dense": {"sparsity": 0.3},
+    "rank1": {"sparsity": 0.3},
+    "topk": {"k": 3},
+    "batchtopk": {"k": 3},
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,8 +68,9 @@ def _recovered(sae: SAE, atoms: torch.Tensor) -> float:
 
 
 def _config(sae_type: str, **kw: object) -> SAEConfig:
-    base: dict[str, object] = dict(input_dim=32, n_features=128, sae_type=sae_type,
-                                   learning_rate=3e-3, batch_size=256)
+    base: dict[str, object] = dict(
+        input_dim=32, n_features=128, sae_type=sae_type, learning_rate=3e-3, batch_size=256
+    )
     base.update(SETTINGS[sae_type])
     base.update(kw)
     return SAEConfig(**base)  # type: ignore[arg-type]
@@ -79,9 +84,9 @@ def trained(planted: tuple[torch.Tensor, torch.Tensor]) -> dict[str, SAE]:
 
 # -- ground truth ---------------------------------------------------------------------------
 @pytest.mark.parametrize("sae_type", VARIANTS)
-def test_every_variant_recovers_the_planted_atoms(sae_type: str, trained: dict[str, SAE],
-                                                  planted: tuple[torch.Tensor, torch.Tensor]
-                                                  ) -> None:
+def test_every_variant_recovers_the_planted_atoms(
+    sae_type: str, trained: dict[str, SAE], planted: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     atoms, _ = planted
     assert _recovered(trained[sae_type], atoms) >= 0.9
 
@@ -97,7 +102,8 @@ def test_training_streams_from_chunks(planted: tuple[torch.Tensor, torch.Tensor]
 
 
 def test_several_epochs_over_a_one_shot_iterator_are_refused(
-        planted: tuple[torch.Tensor, torch.Tensor]) -> None:
+    planted: tuple[torch.Tensor, torch.Tensor],
+) -> None:
     _, x = planted
     with pytest.raises(ParameterError, match="one-shot iterator"):
         fit_sae(iter(x.split(100)), _config("topk"), epochs=2)
@@ -109,8 +115,9 @@ def test_auxk_revives_dead_features(planted: tuple[torch.Tensor, torch.Tensor]) 
     _, x = planted
     dead = {}
     for coefficient in (1 / 32, 0.0):
-        cfg = _config("topk", n_features=64, learning_rate=1e-2, aux_coefficient=coefficient,
-                      dead_after=2048)
+        cfg = _config(
+            "topk", n_features=64, learning_rate=1e-2, aux_coefficient=coefficient, dead_after=2048
+        )
         sae = build_sae(cfg)
         with torch.no_grad():
             sae.b_enc[32:] = -1.0
@@ -122,7 +129,8 @@ def test_auxk_revives_dead_features(planted: tuple[torch.Tensor, torch.Tensor]) 
 
 
 def test_topk_keeps_k_features_per_input_and_batchtopk_k_on_average(
-        trained: dict[str, SAE], planted: tuple[torch.Tensor, torch.Tensor]) -> None:
+    trained: dict[str, SAE], planted: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     _, x = planted
     z = trained["topk"].encode(x[:512])
     assert int((z != 0).sum(1).max()) <= 3
@@ -132,7 +140,8 @@ def test_topk_keeps_k_features_per_input_and_batchtopk_k_on_average(
 
 # -- metrics --------------------------------------------------------------------------------
 def test_reconstruction_metrics_match_a_hand_computation(
-        trained: dict[str, SAE], planted: tuple[torch.Tensor, torch.Tensor]) -> None:
+    trained: dict[str, SAE], planted: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     _, x = planted
     sae = trained["dense"]
     got = reconstruction_metrics(sae, list(x[:1000].split(300)), batch_size=128)
@@ -166,10 +175,20 @@ def _hand_loss(a: Arch, texts: list[str], edit: Edit | None) -> float:
     total, count = 0.0, 0
     for text in texts:
         ids = torch.tensor([a.tokenizer(text)["input_ids"]])
-        edits = [] if edit is None else [Edit.replace(edit.site, torch.zeros(
-            1, ids.shape[1], a.backend.site_info(edit.site).dim))]
-        logits = a.backend.run({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                               capture=["logits"], edits=edits).logits
+        edits = (
+            []
+            if edit is None
+            else [
+                Edit.replace(
+                    edit.site, torch.zeros(1, ids.shape[1], a.backend.site_info(edit.site).dim)
+                )
+            ]
+        )
+        logits = a.backend.run(
+            {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+            capture=["logits"],
+            edits=edits,
+        ).logits
         total += float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="sum"))
         count += ids.shape[1] - 1
     return total / count
@@ -184,7 +203,8 @@ def test_spliced_loss_identity_is_clean_and_zero_ablation_matches_hand(any_arch:
     assert got.spliced == got.clean
     assert got.clean == pytest.approx(_hand_loss(any_arch, texts, None), abs=1e-5)
     assert got.zero_ablated == pytest.approx(
-        _hand_loss(any_arch, texts, Edit.replace(site, 0.0)), abs=1e-5)
+        _hand_loss(any_arch, texts, Edit.replace(site, 0.0)), abs=1e-5
+    )
     assert got.n_tokens == sum(len(t.split()) - 1 for t in texts)
 
 
@@ -199,9 +219,9 @@ def _scaled_trained(sae_type: str, planted: tuple[torch.Tensor, torch.Tensor]) -
 
 
 @pytest.mark.parametrize("sae_type", VARIANTS)
-def test_saelens_export_then_import_is_bit_exact(sae_type: str, tmp_path,
-                                                 planted: tuple[torch.Tensor, torch.Tensor]
-                                                 ) -> None:
+def test_saelens_export_then_import_is_bit_exact(
+    sae_type: str, tmp_path, planted: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     sae = _scaled_trained(sae_type, planted)
     export_saelens(sae, tmp_path / "a", model_name="tiny")
     back = import_saelens(tmp_path / "a")
@@ -218,7 +238,8 @@ def test_saelens_export_then_import_is_bit_exact(sae_type: str, tmp_path,
 
 @pytest.mark.parametrize("sae_type", VARIANTS)
 def test_saelens_files_reconstruct_raw_activations_by_saelens_rules(
-        sae_type: str, tmp_path, planted: tuple[torch.Tensor, torch.Tensor]) -> None:
+    sae_type: str, tmp_path, planted: tuple[torch.Tensor, torch.Tensor]
+) -> None:
     """SAELens's forward (read from its docs), applied to the exported tensors on raw inputs,
     gives the archscope SAE's reconstruction."""
     from safetensors.torch import load_file
@@ -250,21 +271,36 @@ def test_saelens_import_of_a_file_written_elsewhere(tmp_path) -> None:
     from safetensors.torch import save_file
 
     gen = torch.Generator().manual_seed(1)
-    w = {"W_enc": torch.randn(8, 20, generator=gen), "b_enc": torch.randn(20, generator=gen),
-         "W_dec": torch.randn(20, 8, generator=gen), "b_dec": torch.randn(8, generator=gen)}
+    w = {
+        "W_enc": torch.randn(8, 20, generator=gen),
+        "b_enc": torch.randn(20, generator=gen),
+        "W_dec": torch.randn(20, 8, generator=gen),
+        "b_dec": torch.randn(8, generator=gen),
+    }
     save_file(w, str(tmp_path / "sae_weights.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({
-        "architecture": "topk", "d_in": 8, "d_sae": 20, "k": 5, "dtype": "float32",
-        "apply_b_dec_to_input": False, "normalize_activations": "none",
-        "meta": {"hook_name": "blocks.3.hook_resid_post", "model_name": "gpt2"}}))
+    (tmp_path / "cfg.json").write_text(
+        json.dumps(
+            {
+                "architecture": "topk",
+                "d_in": 8,
+                "d_sae": 20,
+                "k": 5,
+                "dtype": "float32",
+                "apply_b_dec_to_input": False,
+                "normalize_activations": "none",
+                "meta": {"hook_name": "blocks.3.hook_resid_post", "model_name": "gpt2"},
+            }
+        )
+    )
     sae = import_saelens(tmp_path)
     assert isinstance(sae, TopKSAE) and sae.cfg.k == 5
     assert sae.site == "layer_3.residual" and sae.hook_name == "blocks.3.hook_resid_post"
     x = torch.randn(16, 8, generator=gen)
     pre = x @ w["W_enc"] + w["b_enc"]
     top = pre.topk(5, dim=-1)
-    expected = torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu()) @ w["W_dec"] \
-        + w["b_dec"]
+    expected = (
+        torch.zeros_like(pre).scatter(-1, top.indices, top.values.relu()) @ w["W_dec"] + w["b_dec"]
+    )
     with torch.no_grad():
         assert torch.allclose(sae.reconstruct(x), expected, atol=1e-4)
     (tmp_path / "cfg.json").write_text(json.dumps({"architecture": "gated", "d_in": 8}))
@@ -274,8 +310,9 @@ def test_saelens_import_of_a_file_written_elsewhere(tmp_path) -> None:
 
 def test_artifact_save_load_round_trip_and_fit_check(tmp_path) -> None:
     a = arch("gpt2")
-    sae = build_sae(SAEConfig(a.backend.site_info("layer_0.residual").dim, 16,
-                              sae_type="batchtopk"))
+    sae = build_sae(
+        SAEConfig(a.backend.site_info("layer_0.residual").dim, 16, sae_type="batchtopk")
+    )
     with torch.no_grad():
         sae.threshold.fill_(0.25)
     sae.site = "layer_0.residual"
@@ -300,8 +337,14 @@ def test_unknown_sae_type_names_the_valid_ones() -> None:
 
 def test_calls_of_archscope_0_2() -> None:
     torch.manual_seed(0)
-    config = SAEConfig(input_dim=16, n_features=32, sparsity=1e-3, sae_type="dense",
-                       learning_rate=1e-3, batch_size=64)
+    config = SAEConfig(
+        input_dim=16,
+        n_features=32,
+        sparsity=1e-3,
+        sae_type="dense",
+        learning_rate=1e-3,
+        batch_size=64,
+    )
     dense = build_sae(config)
     assert isinstance(dense, DenseSAE)
     x = torch.randn(10, 16)
@@ -330,12 +373,14 @@ def test_sae_method_runs_on_every_architecture(any_arch: Arch) -> None:
 
     data = Dataset.from_texts(words(12, seed=5), tokenizer=any_arch.tokenizer)
     site = any_arch.backend.layer_names()[0]
-    report = archscope.run_method("sae", any_arch.backend, data, site=site, n_features=32,
-                                  k=4, epochs=2, batch_size=64)
+    report = archscope.run_method(
+        "sae", any_arch.backend, data, site=site, n_features=32, k=4, epochs=2, batch_size=64
+    )
     assert report.site == site and report.sae.site == site
     assert report.eval.l0 <= 4.0 and report.eval.n_inputs > 0
     assert report.loss is not None and report.loss.n_tokens > 0
     assert report.n_train_tokens + report.eval.n_inputs == sum(
-        len(t.split()) for t in words(12, seed=5))
+        len(t.split()) for t in words(12, seed=5)
+    )
     assert "| loss recovered |" in report.to_markdown()
     json.loads(report.to_json())

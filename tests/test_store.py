@@ -48,8 +48,16 @@ def _shards_equal(a: ActivationStore, b: ActivationStore) -> None:
 def test_store_holds_every_real_token_as_an_unbatched_run_gives_it(any_arch, tmp_path):
     texts = words(13, seed=3)
     sites = [any_arch.backend.layer_names()[0], any_arch.backend.layer_names()[-1]]
-    store = extract(any_arch.backend, texts, sites, tmp_path / "s", tokenizer=any_arch.tokenizer,
-                    docs_per_shard=4, batch_size=3, progress=False)
+    store = extract(
+        any_arch.backend,
+        texts,
+        sites,
+        tmp_path / "s",
+        tokenizer=any_arch.tokenizer,
+        docs_per_shard=4,
+        batch_size=3,
+        progress=False,
+    )
     ids = [any_arch.tokenizer(t)["input_ids"] for t in texts]
     assert store.complete and store.n_tokens == sum(map(len, ids))  # no padding stored
     assert len(store.manifest.shards) == 4 and store.verify() == []
@@ -63,15 +71,22 @@ def test_store_holds_every_real_token_as_an_unbatched_run_gives_it(any_arch, tmp
             sel = doc == d
             assert position[sel].tolist() == list(range(len(row)))
             assert token_ids[sel].tolist() == row
-            torch.testing.assert_close(acts[sel], alone.activations[site][0], atol=2e-5,
-                                       rtol=1e-4)
+            torch.testing.assert_close(acts[sel], alone.activations[site][0], atol=2e-5, rtol=1e-4)
 
 
 def test_residuals_match_hf_hidden_states(tmp_path):
     a = arch("gpt2")
     texts = words(9, seed=5)
-    store = extract(a.backend, texts, ["layer_1.residual"], tmp_path / "s",
-                    tokenizer=a.tokenizer, docs_per_shard=4, batch_size=3, progress=False)
+    store = extract(
+        a.backend,
+        texts,
+        ["layer_1.residual"],
+        tmp_path / "s",
+        tokenizer=a.tokenizer,
+        docs_per_shard=4,
+        batch_size=3,
+        progress=False,
+    )
     acts, doc, _, _ = store.read("layer_1.residual", with_index=True)
     for d, text in enumerate(texts):
         ids = torch.tensor([a.tokenizer(text)["input_ids"]])
@@ -82,8 +97,16 @@ def test_residuals_match_hf_hidden_states(tmp_path):
 
 def test_manifest_records_identity_and_shards(tmp_path):
     a = arch("gpt2")
-    store = extract(a.backend, words(10), ["layer_0.residual"], tmp_path / "s",
-                    tokenizer=a.tokenizer, docs_per_shard=4, dtype="float16", progress=False)
+    store = extract(
+        a.backend,
+        words(10),
+        ["layer_0.residual"],
+        tmp_path / "s",
+        tokenizer=a.tokenizer,
+        docs_per_shard=4,
+        dtype="float16",
+        progress=False,
+    )
     m = json.loads((tmp_path / "s" / MANIFEST).read_text())
     assert m["complete"] is True and m["archscope_version"] == archscope.__version__
     assert m["model"]["class"].endswith("GPT2LMHeadModel") and len(m["model"]["weights_hash"])
@@ -104,17 +127,39 @@ def test_state_sites_are_refused():
     a = arch("lstm")
     state = next(n for n, i in a.backend.sites().items() if i.kind == "state")
     with pytest.raises(archscope.SiteError, match="one vector per real token"):
-        extract(a.backend, words(2), [state], "/nonexistent/never-created",
-                tokenizer=a.tokenizer, progress=False)
+        extract(
+            a.backend,
+            words(2),
+            [state],
+            "/nonexistent/never-created",
+            tokenizer=a.tokenizer,
+            progress=False,
+        )
 
 
 # -- resume --------------------------------------------------------------------------------------
 def _extract_cmd(data: Path, out: Path) -> list[str]:
-    code = ("from archscope.cli import cli; from archscope.store.cli import add_commands; "
-            "add_commands(cli); cli()")
-    return [sys.executable, "-c", code, "extract", f"{MODELS}:gpt2", str(data),
-            "--sites", "layer_0.residual,layer_2.residual", "--out", str(out),
-            "--docs-per-shard", "3", "--batch-size", "3", "--no-progress"]
+    code = (
+        "from archscope.cli import cli; from archscope.store.cli import add_commands; "
+        "add_commands(cli); cli()"
+    )
+    return [
+        sys.executable,
+        "-c",
+        code,
+        "extract",
+        f"{MODELS}:gpt2",
+        str(data),
+        "--sites",
+        "layer_0.residual,layer_2.residual",
+        "--out",
+        str(out),
+        "--docs-per-shard",
+        "3",
+        "--batch-size",
+        "3",
+        "--no-progress",
+    ]
 
 
 @pytest.mark.slow
@@ -123,15 +168,23 @@ def test_resume_after_sigkill_gives_the_uninterrupted_store(tmp_path):
     data = tmp_path / "data.txt"
     data.write_text("\n".join(texts) + "\n")
     a = arch("gpt2")
-    reference = extract(a.backend, texts, ["layer_0.residual", "layer_2.residual"],
-                        tmp_path / "ref", tokenizer=a.tokenizer, docs_per_shard=3,
-                        batch_size=3, progress=False)
+    reference = extract(
+        a.backend,
+        texts,
+        ["layer_0.residual", "layer_2.residual"],
+        tmp_path / "ref",
+        tokenizer=a.tokenizer,
+        docs_per_shard=3,
+        batch_size=3,
+        progress=False,
+    )
     n_shards = reference.manifest.n_shards
     seed = random.SystemRandom().randrange(2**32)
     rng = random.Random(seed)
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_extract_cmd(data, out), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _extract_cmd(data, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     target = rng.randrange(1, n_shards // 2)
     deadline = time.monotonic() + 120
     written = 0
@@ -146,16 +199,19 @@ def test_resume_after_sigkill_gives_the_uninterrupted_store(tmp_path):
     proc.wait()
     killed = json.loads((out / MANIFEST).read_text())
     assert written >= 1 and not killed["complete"], (
-        f"seed {seed}: the run was not interrupted ({len(killed['shards'])} shards)")
+        f"seed {seed}: the run was not interrupted ({len(killed['shards'])} shards)"
+    )
     result = CliRunner().invoke(_cli(), _extract_cmd(data, out)[3:])
     assert result.exit_code == 0, result.output
     resumed = ActivationStore(out)
     assert resumed.complete and resumed.manifest.n_shards == n_shards
     _shards_equal(resumed, reference)
-    assert [r.sha256 for r in resumed.manifest.shards.values()] == \
-        [r.sha256 for r in reference.manifest.shards.values()]
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "ref")
-                                                          .iterdir()), "stray files remain"
+    assert [r.sha256 for r in resumed.manifest.shards.values()] == [
+        r.sha256 for r in reference.manifest.shards.values()
+    ]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in (tmp_path / "ref").iterdir()
+    ), "stray files remain"
 
 
 def test_a_store_of_another_extraction_is_refused(tmp_path):
@@ -164,15 +220,27 @@ def test_a_store_of_another_extraction_is_refused(tmp_path):
     a = arch("gpt2")
     texts = words(12, seed=2)
     out = tmp_path / "s"
-    extract(a.backend, texts, ["layer_1.residual"], out, tokenizer=a.tokenizer,
-            docs_per_shard=5, progress=False)
+    extract(
+        a.backend,
+        texts,
+        ["layer_1.residual"],
+        out,
+        tokenizer=a.tokenizer,
+        docs_per_shard=5,
+        progress=False,
+    )
     other_model = archscope.Backend.for_model(tiny_model("gpt2", seed=1))
     other_tok = tiny_tokenizer([f"w{i}" for i in reversed(range(4, 100))])
     cases = [
         (other_model, texts, ["layer_1.residual"], a.tokenizer, r"model .*weights_hash"),
         (a.backend, texts, ["layer_1.residual"], other_tok, r"tokenizer differs"),
-        (a.backend, texts, ["layer_1.residual", "layer_2.residual"], a.tokenizer,
-         r"site list .*layer_2.residual"),
+        (
+            a.backend,
+            texts,
+            ["layer_1.residual", "layer_2.residual"],
+            a.tokenizer,
+            r"site list .*layer_2.residual",
+        ),
         (a.backend, texts[:-1], ["layer_1.residual"], a.tokenizer, r"dataset .*fingerprint"),
     ]
     for backend, data, sites, tok, what in cases:
@@ -181,34 +249,61 @@ def test_a_store_of_another_extraction_is_refused(tmp_path):
         assert isinstance(info.value, archscope.ArchscopeError)
         assert "cannot be resumed" in str(info.value)
     # Overwriting is explicit; a foreign folder is never written into.
-    extract(a.backend, texts[:-1], ["layer_1.residual"], out, tokenizer=a.tokenizer,
-            docs_per_shard=5, overwrite=True, progress=False)
+    extract(
+        a.backend,
+        texts[:-1],
+        ["layer_1.residual"],
+        out,
+        tokenizer=a.tokenizer,
+        docs_per_shard=5,
+        overwrite=True,
+        progress=False,
+    )
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(StoreError, match="not empty"):
-        extract(a.backend, texts, ["layer_1.residual"], tmp_path / "mine", tokenizer=a.tokenizer,
-                progress=False)
+        extract(
+            a.backend,
+            texts,
+            ["layer_1.residual"],
+            tmp_path / "mine",
+            tokenizer=a.tokenizer,
+            progress=False,
+        )
 
 
 # -- reading -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory: pytest.TempPathFactory) -> ActivationStore:
     a = arch("gpt2")
-    return extract(a.backend, words(60, seed=4), ["layer_2.residual"],
-                   tmp_path_factory.mktemp("store") / "s", tokenizer=a.tokenizer,
-                   docs_per_shard=5, batch_size=8, progress=False)
+    return extract(
+        a.backend,
+        words(60, seed=4),
+        ["layer_2.residual"],
+        tmp_path_factory.mktemp("store") / "s",
+        tokenizer=a.tokenizer,
+        docs_per_shard=5,
+        batch_size=8,
+        progress=False,
+    )
 
 
 def _batches(store: ActivationStore, **kw: object) -> list[tuple[torch.Tensor, ...]]:
-    return list(StoreReader(store, "layer_2.residual", 16, with_index=True, buffer_size=64,
-                            chunk_size=12, **kw))  # type: ignore[arg-type]
+    return list(
+        StoreReader(
+            store, "layer_2.residual", 16, with_index=True, buffer_size=64, chunk_size=12, **kw
+        )
+    )  # type: ignore[arg-type]
 
 
 def test_reader_is_deterministic_shuffled_and_complete(small_store):
     acts, doc, position, _ = small_store.read("layer_2.residual", with_index=True)
     first, again, other = (_batches(small_store, seed=s) for s in (0, 0, 1))
-    assert all(torch.equal(x, y) for b, c in zip(first, again, strict=True)
-               for x, y in zip(b, c, strict=True))
+    assert all(
+        torch.equal(x, y)
+        for b, c in zip(first, again, strict=True)
+        for x, y in zip(b, c, strict=True)
+    )
     order = torch.cat([b[1] * 1000 + b[2] for b in first])
     assert not torch.equal(order, torch.cat([b[1] * 1000 + b[2] for b in other]))
     assert not torch.equal(order, doc * 1000 + position)  # shuffled, not document order
@@ -228,8 +323,9 @@ def test_reader_is_deterministic_shuffled_and_complete(small_store):
 def test_reader_ranks_are_disjoint_and_cover_the_store(small_store):
     keys = []
     for rank in range(3):
-        reader = StoreReader(small_store, "layer_2.residual", 8, rank=rank, world_size=3,
-                             with_index=True, seed=7)
+        reader = StoreReader(
+            small_store, "layer_2.residual", 8, rank=rank, world_size=3, with_index=True, seed=7
+        )
         got = [b[1] * 1000 + b[2] for b in reader]
         assert len(got) == len(reader)
         assert sum(len(g) for g in got) == reader.tokens_of(rank)
@@ -273,26 +369,44 @@ def test_reader_memory_stays_bounded_for_a_store_larger_than_it(tmp_path):
     d, rows_per_shard, n_shards = 256, 4096, 48  # 48 x 4 MiB = 192 MiB of activations
     folder = tmp_path / "big"
     folder.mkdir()
-    manifest = Manifest(model={}, tokenizer_hash=None,
-                        sites={"layer_0.residual": {"shape": [d], "dtype": "float32"}},
-                        dataset={"fingerprint": "synthetic", "n_docs": n_shards,
-                                 "n_tokens": n_shards * rows_per_shard},
-                        layout={"docs_per_shard": 1, "batch_size": 1, "n_shards": n_shards})
+    manifest = Manifest(
+        model={},
+        tokenizer_hash=None,
+        sites={"layer_0.residual": {"shape": [d], "dtype": "float32"}},
+        dataset={
+            "fingerprint": "synthetic",
+            "n_docs": n_shards,
+            "n_tokens": n_shards * rows_per_shard,
+        },
+        layout={"docs_per_shard": 1, "batch_size": 1, "n_shards": n_shards},
+    )
     gen = torch.Generator().manual_seed(0)
     for i in range(n_shards):
         x = torch.randn(rows_per_shard, d, generator=gen)
         x[:, 0] = torch.arange(i * rows_per_shard, (i + 1) * rows_per_shard)  # row id
         idx = torch.full((rows_per_shard,), i)
-        manifest.shards[i] = write_shard(folder, i, (i, i + 1), {
-            "layer_0.residual": x, "doc": idx, "position": torch.arange(rows_per_shard),
-            "token_ids": idx.clone()})
+        manifest.shards[i] = write_shard(
+            folder,
+            i,
+            (i, i + 1),
+            {
+                "layer_0.residual": x,
+                "doc": idx,
+                "position": torch.arange(rows_per_shard),
+                "token_ids": idx.clone(),
+            },
+        )
     manifest.complete = True
     manifest.save(folder)
     size = sum(r.bytes for r in manifest.shards.values())
     limit = 64 * 2**20
     assert size > 2.5 * limit
-    out = subprocess.run([sys.executable, "-c", BOUNDED_READ, str(folder)], check=True,
-                         capture_output=True, text=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", BOUNDED_READ, str(folder)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     n, col0, peak = int(out[0]), float(out[1]), int(out[2])
     total = n_shards * rows_per_shard
     assert n == total and col0 == total * (total - 1) / 2  # every row read once
@@ -302,17 +416,30 @@ def test_reader_memory_stays_bounded_for_a_store_larger_than_it(tmp_path):
 # -- CLI -----------------------------------------------------------------------------------------
 def test_cli_extracts_jsonl_and_saved_hf_datasets_alike(tmp_path):
     import datasets  # the archscope[datasets] extra (installed by make setup)
+
     texts = words(14, seed=8)
     jsonl = tmp_path / "data.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})}) \
-        .save_to_disk(str(tmp_path / "hf"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": texts})}).save_to_disk(
+        str(tmp_path / "hf")
+    )
     cli = _cli()
     runner = CliRunner()
     for source, out in ((jsonl, "a"), (tmp_path / "hf", "b")):
-        result = runner.invoke(cli, ["extract", f"{MODELS}:gpt2", str(source), "--sites",
-                                     "layer_1.residual", "--out", str(tmp_path / out),
-                                     "--docs-per-shard", "4"])
+        result = runner.invoke(
+            cli,
+            [
+                "extract",
+                f"{MODELS}:gpt2",
+                str(source),
+                "--sites",
+                "layer_1.residual",
+                "--out",
+                str(tmp_path / out),
+                "--docs-per-shard",
+                "4",
+            ],
+        )
         assert result.exit_code == 0, result.output
         assert "stored" in result.output
     _shards_equal(ActivationStore(tmp_path / "a"), ActivationStore(tmp_path / "b"))
@@ -322,8 +449,18 @@ def test_cli_extracts_jsonl_and_saved_hf_datasets_alike(tmp_path):
     assert parsed["complete"] and parsed["verify"] == [] and parsed["n_docs"] == 14
     text = runner.invoke(cli, ["store", "info", str(tmp_path / "a")]).output
     assert "| layer_1.residual | 32 | float32 |" in text and "complete" in text
-    bad = runner.invoke(cli, ["extract", f"{MODELS}:gpt2", str(jsonl), "--sites", "layer_9.bogus",
-                              "--out", str(tmp_path / "c")])
+    bad = runner.invoke(
+        cli,
+        [
+            "extract",
+            f"{MODELS}:gpt2",
+            str(jsonl),
+            "--sites",
+            "layer_9.bogus",
+            "--out",
+            str(tmp_path / "c"),
+        ],
+    )
     assert bad.exit_code != 0 and "layer_9" in bad.output
     missing = runner.invoke(cli, ["store", "info", str(tmp_path)])
     assert missing.exit_code != 0 and "not an activation store" in missing.output

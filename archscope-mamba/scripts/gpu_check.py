@@ -38,7 +38,8 @@ try:  # archscope's hookspecs need pluggy; the backend itself does not
 except ImportError:
     stub = types.ModuleType("pluggy")
     stub.HookspecMarker = stub.HookimplMarker = lambda name: (  # type: ignore[attr-defined]
-        lambda fn=None, **kw: fn if fn is not None else (lambda f: f))
+        lambda fn=None, **kw: fn if fn is not None else (lambda f: f)
+    )
     sys.modules["pluggy"] = stub
 
 import torch  # noqa: E402
@@ -83,8 +84,12 @@ def _compare(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dic
         if rel >= worst_rel:
             worst_rel, worst_site = rel, name
         worst_abs = max(worst_abs, float((value - ref).abs().max()))
-    return {"max_rel": worst_rel, "max_abs": worst_abs, "worst_site": worst_site,
-            "sites": len(want)}
+    return {
+        "max_rel": worst_rel,
+        "max_abs": worst_abs,
+        "worst_site": worst_site,
+        "sites": len(want),
+    }
 
 
 def kernel_paths() -> dict[str, bool]:
@@ -103,16 +108,21 @@ def check_hf(family: str, device: str, runs: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 256, (BATCH, SEQ), generator=gen)
     cpu_backend = MambaBackend(cpu_model)
-    names = [n for n, i in cpu_backend.sites().items()
-             if i.site.role in ("residual", "ssm_state", "conv_state")] + ["logits"]
+    names = [
+        n
+        for n, i in cpu_backend.sites().items()
+        if i.site.role in ("residual", "ssm_state", "conv_state")
+    ] + ["logits"]
     state_names = [n for n, i in cpu_backend.sites().items() if i.site.role == "ssm_state"]
     reference = cpu_backend.run(ids, capture=names).activations
     report: dict[str, Any] = {"family": family, "batch": [BATCH, SEQ], "dtypes": {}}
     with torch.no_grad():
-        report["cpu_plain_ms"] = _median_ms(lambda: cpu_model(ids, use_cache=False), "cpu",
-                                            max(3, runs // 3))
-    report["cpu_states_ms"] = _median_ms(lambda: cpu_backend.run(ids, capture=state_names),
-                                         "cpu", max(3, runs // 3))
+        report["cpu_plain_ms"] = _median_ms(
+            lambda: cpu_model(ids, use_cache=False), "cpu", max(3, runs // 3)
+        )
+    report["cpu_states_ms"] = _median_ms(
+        lambda: cpu_backend.run(ids, capture=state_names), "cpu", max(3, runs // 3)
+    )
     for dtype in (torch.float32, torch.bfloat16):
         entry: dict[str, Any] = {}
         try:
@@ -123,15 +133,19 @@ def check_hf(family: str, device: str, runs: int) -> dict[str, Any]:
             entry.update(_compare(got, reference))
             entry["ok"] = entry["max_rel"] <= REL_TOL[dtype]
             with torch.no_grad():
-                entry["plain_ms"] = _median_ms(lambda m=model, x=dev_ids: m(x, use_cache=False),
-                                               device, runs)
-                entry["plain_cache_ms"] = _median_ms(lambda m=model, x=dev_ids: m(x, use_cache=True),
-                                                     device, runs)
+                entry["plain_ms"] = _median_ms(
+                    lambda m=model, x=dev_ids: m(x, use_cache=False), device, runs
+                )
+                entry["plain_cache_ms"] = _median_ms(
+                    lambda m=model, x=dev_ids: m(x, use_cache=True), device, runs
+                )
             entry["states_ms"] = _median_ms(
-                lambda b=backend, x=dev_ids: b.run(x, capture=state_names), device, runs)
+                lambda b=backend, x=dev_ids: b.run(x, capture=state_names), device, runs
+            )
             same = backend.run(dev_ids, edits=[Edit.apply("layer_1.residual", lambda x: x)])
-            entry["identity_edit_bit_identical"] = bool(torch.equal(
-                same.logits, backend.run(dev_ids).logits))
+            entry["identity_edit_bit_identical"] = bool(
+                torch.equal(same.logits, backend.run(dev_ids).logits)
+            )
             if dtype == torch.float32:  # reported apart: it leans on the HF cache API
                 try:
                     a, b, suffix = dev_ids[:, :16], dev_ids[:, 16:40], dev_ids[:, 40:48]
@@ -143,8 +157,11 @@ def check_hf(family: str, device: str, runs: int) -> dict[str, Any]:
                     entry["state_patch_max_abs"] = f"error: {type(exc).__name__}: {exc}"[:200]
                     entry["state_patch_ok"] = False
         except Exception as exc:
-            entry = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                     "trace": traceback.format_exc(limit=4)}
+            entry = {
+                "ok": False,
+                "error": f"{type(exc).__name__}: {exc}",
+                "trace": traceback.format_exc(limit=4),
+            }
         report["dtypes"][str(dtype).removeprefix("torch.")] = entry
     return report
 
@@ -161,11 +178,14 @@ def check_native(layer: str, device: str, runs: int) -> dict[str, Any]:
     stepped = {k: v.float().cpu() for k, v in reference.items() if k.endswith("_state")}
     got = backend.run(ids, capture=[*sums, *stepped]).activations
     report: dict[str, Any] = {"family": f"native-{layer}", "batch": [BATCH, SEQ]}
-    report["residual_vs_fused_forward"] = _compare(got, {k: v.float().cpu()
-                                                         for k, v in sums.items()})
+    report["residual_vs_fused_forward"] = _compare(
+        got, {k: v.float().cpu() for k, v in sums.items()}
+    )
     report["state_vs_stepping"] = _compare(got, stepped)
-    report["ok"] = (report["residual_vs_fused_forward"]["max_rel"] <= 1e-4
-                    and report["state_vs_stepping"]["max_rel"] <= 1e-3)
+    report["ok"] = (
+        report["residual_vs_fused_forward"]["max_rel"] <= 1e-4
+        and report["state_vs_stepping"]["max_rel"] <= 1e-3
+    )
     state_names = [n for n in stepped if n.endswith("ssm_state")]
     with torch.no_grad():
         report["plain_ms"] = _median_ms(lambda: model(ids), device, runs)
@@ -175,26 +195,34 @@ def check_native(layer: str, device: str, runs: int) -> dict[str, Any]:
 
 def to_markdown(summary: dict[str, Any]) -> str:
     env = summary["environment"]
-    lines = ["# archscope-mamba GPU check", "",
-             f"- device: {env['device_name']} ({summary['device']}); torch {env['torch']}, "
-             f"transformers {env['transformers']}; kernels: {env['kernels']}",
-             f"- batch {BATCH} x {SEQ} tokens; reference: the same sites on CPU in float32", "",
-             "| model | dtype | max rel. error | worst site | plain fwd ms | fwd+cache ms "
-             "| all ssm_state ms | identity edit exact | state patch max abs | ok |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# archscope-mamba GPU check",
+        "",
+        f"- device: {env['device_name']} ({summary['device']}); torch {env['torch']}, "
+        f"transformers {env['transformers']}; kernels: {env['kernels']}",
+        f"- batch {BATCH} x {SEQ} tokens; reference: the same sites on CPU in float32",
+        "",
+        "| model | dtype | max rel. error | worst site | plain fwd ms | fwd+cache ms "
+        "| all ssm_state ms | identity edit exact | state patch max abs | ok |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for item in summary["hf"]:
         for dtype, e in item["dtypes"].items():
             if "error" in e:
-                lines.append(f"| {item['family']} | {dtype} | error: {e['error'][:80]} "
-                             "| | | | | | | no |")
+                lines.append(
+                    f"| {item['family']} | {dtype} | error: {e['error'][:80]} | | | | | | | no |"
+                )
                 continue
             lines.append(
                 f"| {item['family']} | {dtype} | {e['max_rel']:.2e} | {e['worst_site']} | "
                 f"{e['plain_ms']:.2f} | {e['plain_cache_ms']:.2f} | {e['states_ms']:.2f} | "
                 f"{e['identity_edit_bit_identical']} | {e.get('state_patch_max_abs', '-')} | "
-                f"{'yes' if e['ok'] else 'NO'} |")
-        lines.append(f"| {item['family']} | float32 on CPU | - | - | {item['cpu_plain_ms']:.2f} | "
-                     f"- | {item['cpu_states_ms']:.2f} | - | - | - |")
+                f"{'yes' if e['ok'] else 'NO'} |"
+            )
+        lines.append(
+            f"| {item['family']} | float32 on CPU | - | - | {item['cpu_plain_ms']:.2f} | "
+            f"- | {item['cpu_states_ms']:.2f} | - | - | - |"
+        )
     for item in summary["native"]:
         if "error" in item:
             lines.append(f"\n- {item['family']}: error {item['error']}")
@@ -203,11 +231,14 @@ def to_markdown(summary: dict[str, Any]) -> str:
             f"\n- {item['family']}: residual vs fused forward rel. "
             f"{item['residual_vs_fused_forward']['max_rel']:.2e}, state vs stepping rel. "
             f"{item['state_vs_stepping']['max_rel']:.2e}; plain {item['plain_ms']:.2f} ms, "
-            f"all ssm_state {item['states_ms']:.2f} ms; ok: {item['ok']}")
+            f"all ssm_state {item['states_ms']:.2f} ms; ok: {item['ok']}"
+        )
     if summary.get("native_skipped"):
         lines.append(f"\n- native mamba_ssm: not run ({summary['native_skipped']})")
-    lines.append(f"\nall site comparisons ok: {summary['all_ok']}; state patching ok: "
-                 f"{summary['state_patch_ok']}; wall time {summary['wall_s']:.1f} s")
+    lines.append(
+        f"\nall site comparisons ok: {summary['all_ok']}; state patching ok: "
+        f"{summary['state_patch_ok']}; wall time {summary['wall_s']:.1f} s"
+    )
     return "\n".join(lines)
 
 
@@ -230,10 +261,16 @@ def main() -> int:
     summary: dict[str, Any] = {
         "device": args.device,
         "environment": {
-            "device_name": (torch.cuda.get_device_name(0) if args.device.startswith("cuda")
-                            else platform.processor() or platform.machine()),
-            "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "kernels": kernels},
+            "device_name": (
+                torch.cuda.get_device_name(0)
+                if args.device.startswith("cuda")
+                else platform.processor() or platform.machine()
+            ),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "kernels": kernels,
+        },
         "hf": [check_hf(family, args.device, args.runs) for family in ("mamba", "mamba2")],
         "native": [],
     }
@@ -242,15 +279,23 @@ def main() -> int:
             try:
                 summary["native"].append(check_native(layer, args.device, args.runs))
             except Exception as exc:
-                summary["native"].append({"family": f"native-{layer}", "ok": False,
-                                          "error": f"{type(exc).__name__}: {exc}"})
+                summary["native"].append(
+                    {
+                        "family": f"native-{layer}",
+                        "ok": False,
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                )
     else:
-        summary["native_skipped"] = ("mamba_ssm is not importable" if not kernels["mamba_ssm"]
-                                     else "needs a CUDA device")
-    summary["all_ok"] = (all(e.get("ok") for h in summary["hf"] for e in h["dtypes"].values())
-                         and all(n.get("ok") for n in summary["native"]))
-    summary["state_patch_ok"] = all(h["dtypes"]["float32"].get("state_patch_ok", False)
-                                    for h in summary["hf"])
+        summary["native_skipped"] = (
+            "mamba_ssm is not importable" if not kernels["mamba_ssm"] else "needs a CUDA device"
+        )
+    summary["all_ok"] = all(
+        e.get("ok") for h in summary["hf"] for e in h["dtypes"].values()
+    ) and all(n.get("ok") for n in summary["native"])
+    summary["state_patch_ok"] = all(
+        h["dtypes"]["float32"].get("state_patch_ok", False) for h in summary["hf"]
+    )
     summary["wall_s"] = time.perf_counter() - started
     markdown = to_markdown(summary)
     print(markdown)

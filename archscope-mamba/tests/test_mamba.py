@@ -48,8 +48,9 @@ def test_pure_ssm_hidden_states_have_no_embedding_entry(family: str) -> None:
     ids = random_ids(2, 7)
     hs = model(ids, output_hidden_states=True).hidden_states
     n = backend.n_layers
-    result = backend.run(ids, capture=[*(f"layer_{i}.residual" for i in range(n)), "embed",
-                                       "final_norm"])
+    result = backend.run(
+        ids, capture=[*(f"layer_{i}.residual" for i in range(n)), "embed", "final_norm"]
+    )
     assert len(hs) == n + 1
     for i in range(n):  # hidden_states[i] is the output of block i
         assert _close(result[f"layer_{i}.residual"], hs[i])
@@ -63,8 +64,9 @@ def test_hybrid_hidden_states_start_with_the_embedding(family: str) -> None:
     ids = random_ids(2, 7)
     hs = model(ids, output_hidden_states=True).hidden_states
     n = backend.n_layers
-    result = backend.run(ids, capture=[*(f"layer_{i}.residual" for i in range(n)), "embed",
-                                       "final_norm"])
+    result = backend.run(
+        ids, capture=[*(f"layer_{i}.residual" for i in range(n)), "embed", "final_norm"]
+    )
     assert _close(result["embed"], hs[0])
     for i in range(n - 1):
         assert _close(result[f"layer_{i}.residual"], hs[i + 1])
@@ -118,7 +120,6 @@ def test_state_shapes(family: str) -> None:
 # -- padding --------------------------------------------------------------------------------------
 
 
-
 @pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("family", ["mamba", "mamba2", "jamba", "bamba"])
 def test_padded_row_state_equals_the_unpadded_state(family: str, side: str) -> None:
@@ -162,8 +163,9 @@ def test_edits_land_on_the_same_tokens_when_states_force_left_padding(positions:
     vector = torch.randn(backend.d_model)
     edits = [Edit.add("layer_0.residual", vector, positions=positions)]
     tokens_only = backend.run(batch, capture=["layer_2.residual", "logits"], edits=edits)
-    with_state = backend.run(batch, capture=["layer_2.residual", "logits", "layer_2.ssm_state"],
-                             edits=edits)
+    with_state = backend.run(
+        batch, capture=["layer_2.residual", "logits", "layer_2.ssm_state"], edits=edits
+    )
     mask = batch["attention_mask"].bool()
     assert _close(with_state["layer_2.residual"][mask], tokens_only["layer_2.residual"][mask])
     assert _close(with_state.logits[mask], tokens_only.logits[mask])
@@ -177,8 +179,9 @@ def test_mixed_padding_is_refused_for_states() -> None:
     backend = _backend("mamba")
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 0]])
     with pytest.raises(BackendError, match="not all padded on one side"):
-        backend.run({"input_ids": random_ids(2, 4), "attention_mask": mask},
-                    capture=["layer_0.ssm_state"])
+        backend.run(
+            {"input_ids": random_ids(2, 4), "attention_mask": mask}, capture=["layer_0.ssm_state"]
+        )
 
 
 # -- state patching -------------------------------------------------------------------------------
@@ -194,8 +197,9 @@ def test_swapping_every_state_continues_the_source_prompt(family: str) -> None:
     backend = _backend(family)
     a, b, suffix = random_ids(2, 5, seed=11), random_ids(2, 7, seed=12), random_ids(2, 4, seed=13)
     patched = backend.state_patch(a, b, suffix, capture=["layer_1.residual", "layer_1.ssm_state"])
-    full = backend.run(_join(b, suffix), capture=["layer_1.residual", "logits",
-                                                  "layer_1.ssm_state"])
+    full = backend.run(
+        _join(b, suffix), capture=["layer_1.residual", "logits", "layer_1.ssm_state"]
+    )
     assert _close(patched.logits, full.logits[:, 7:])
     assert _close(patched["layer_1.residual"], full["layer_1.residual"][:, 7:])
     assert _close(patched["layer_1.ssm_state"], full["layer_1.ssm_state"])
@@ -214,8 +218,9 @@ def test_swapping_some_states_changes_the_continuation_partially(family: str) ->
     some = first.logits
     assert not _close(some, none, atol=1e-4) and not _close(some, every, atol=1e-4)
     # Layer 0's output depends only on its own state: there the partial swap equals the full one.
-    got = backend.state_patch(a, b, suffix, sites=["layer_0.ssm_state", "layer_0.conv_state"],
-                              capture=["layer_0.mixer"])["layer_0.mixer"]
+    got = backend.state_patch(
+        a, b, suffix, sites=["layer_0.ssm_state", "layer_0.conv_state"], capture=["layer_0.mixer"]
+    )["layer_0.mixer"]
     want = backend.state_patch(a, b, suffix, capture=["layer_0.mixer"])["layer_0.mixer"]
     assert _close(got, want)
 
@@ -225,10 +230,12 @@ def test_continued_run_applies_edits_at_suffix_positions() -> None:
     prefix, suffix = random_ids(2, 5, seed=31), random_ids(2, 4, seed=32)
     state = backend.run(prefix, return_state=True).state
     vector = torch.randn(backend.d_model)
-    continued = backend.run(suffix, initial_state=state,
-                            edits=[Edit.add("layer_1.residual", vector, positions=[2])])
-    full = backend.run(_join(prefix, suffix),
-                       edits=[Edit.add("layer_1.residual", vector, positions=[5 + 2])])
+    continued = backend.run(
+        suffix, initial_state=state, edits=[Edit.add("layer_1.residual", vector, positions=[2])]
+    )
+    full = backend.run(
+        _join(prefix, suffix), edits=[Edit.add("layer_1.residual", vector, positions=[5 + 2])]
+    )
     assert _close(continued.logits, full.logits[:, 5:])
 
 
@@ -275,8 +282,11 @@ def test_native_residual_edit_reaches_the_next_block_exactly() -> None:
     assert backend.native and backend.padding == "right"
     ids = random_ids(2, 6)
     clean = backend.run(ids, capture=["layer_0.residual", "layer_1.residual"])
-    replaced = backend.run(ids, capture=["layer_1.residual"], edits=[
-        Edit.replace("layer_0.residual", clean["layer_0.residual"] * 2.0)])
+    replaced = backend.run(
+        ids,
+        capture=["layer_1.residual"],
+        edits=[Edit.replace("layer_0.residual", clean["layer_0.residual"] * 2.0)],
+    )
     blocks = backend.model.backbone.layers
     with torch.no_grad():  # block 1 fed (doubled stream, no separate residual) by hand
         hidden, residual = blocks[1](clean["layer_0.residual"] * 2.0, None)
@@ -288,8 +298,11 @@ def test_native_left_padding_and_edited_padded_states_are_refused() -> None:
     with pytest.raises((BackendError, ValueError), match="right.*left-padded"):
         backend.run(padded_batch(random_ids(2, 5), [5, 3], "left"), capture=["layer_0.residual"])
     with pytest.raises(BackendError, match="cannot carry edits"):
-        backend.run(padded_batch(random_ids(2, 5), [5, 3], "right"), capture=["layer_0.ssm_state"],
-                    edits=[Edit.scale("layer_0.residual", 2.0)])
+        backend.run(
+            padded_batch(random_ids(2, 5), [5, 3], "right"),
+            capture=["layer_0.ssm_state"],
+            edits=[Edit.scale("layer_0.residual", 2.0)],
+        )
 
 
 # -- detection ------------------------------------------------------------------------------------
@@ -307,9 +320,16 @@ def test_hybrids_go_to_this_backend_even_with_a_transformer_backend_installed(fa
 def test_non_ssm_stacks_are_explained_when_forced() -> None:
     import transformers
 
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, intermediate_size=32,
-        num_attention_heads=2, num_key_value_heads=1))
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=50,
+            hidden_size=16,
+            num_hidden_layers=1,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(BackendError, match="no block list with an SSM mixer"):
         MambaBackend(model)
 
@@ -339,6 +359,10 @@ def test_hooks_are_removed_when_a_continued_run_raises() -> None:
         raise RuntimeError("deliberate failure")
 
     with pytest.raises(RuntimeError, match="deliberate failure"):
-        backend.run(random_ids(1, 3), initial_state=state, capture=["layer_2.residual"],
-                    edits=[Edit.apply("layer_1.residual", boom)])
+        backend.run(
+            random_ids(1, 3),
+            initial_state=state,
+            capture=["layer_2.residual"],
+            edits=[Edit.apply("layer_1.residual", boom)],
+        )
     assert count() == before

@@ -14,10 +14,13 @@ import torch
 from archscope import Backend, Edit
 from archscope_mamba.testing import make_native_model, reference_activations
 
-mamba_ssm = pytest.importorskip("mamba_ssm", reason="mamba_ssm (archscope-mamba[cuda]) is not "
-                                "importable here")
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+mamba_ssm = pytest.importorskip(
+    "mamba_ssm", reason="mamba_ssm (archscope-mamba[cuda]) is not importable here"
+)
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 ATOL = 1e-4  # fp32 CUDA kernels against one another
 

@@ -64,9 +64,15 @@ class HybridLM(nn.Module):
         return self.head(self.norm(x)), states
 
 
-SPEC = ModelSpec(blocks="layers", block_output=0, embed="embed", final_norm="norm",
-                 unembed="head", submodules={"attn": ("attn", 0), "mixer": ("mixer", 0)},
-                 states={"state": 1, "mixer_state": lambda output, layer: output[1][layer]})
+SPEC = ModelSpec(
+    blocks="layers",
+    block_output=0,
+    embed="embed",
+    final_norm="norm",
+    unembed="head",
+    submodules={"attn": ("attn", 0), "mixer": ("mixer", 0)},
+    states={"state": 1, "mixer_state": lambda output, layer: output[1][layer]},
+)
 
 
 def hybrid(seed: int = 0) -> HybridLM:
@@ -84,12 +90,23 @@ def test_declared_sites_equal_an_independent_hook_capture():
     seen = {}
     handles = [model.embed.register_forward_hook(lambda m, a, o: seen.__setitem__("embed", o))]
     for i, block in enumerate(model.layers):
-        handles.append(block.register_forward_hook(
-            lambda m, a, o, i=i: seen.update({f"layer_{i}.residual": o[0], f"layer_{i}.state": o[1]})))
-        handles.append(block.attn.register_forward_hook(
-            lambda m, a, o, i=i: seen.__setitem__(f"layer_{i}.attn", o[0])))
-        handles.append(block.mixer.register_forward_hook(
-            lambda m, a, o, i=i: seen.__setitem__(f"layer_{i}.mixer", o[0])))
+        handles.append(
+            block.register_forward_hook(
+                lambda m, a, o, i=i: seen.update(
+                    {f"layer_{i}.residual": o[0], f"layer_{i}.state": o[1]}
+                )
+            )
+        )
+        handles.append(
+            block.attn.register_forward_hook(
+                lambda m, a, o, i=i: seen.__setitem__(f"layer_{i}.attn", o[0])
+            )
+        )
+        handles.append(
+            block.mixer.register_forward_hook(
+                lambda m, a, o, i=i: seen.__setitem__(f"layer_{i}.mixer", o[0])
+            )
+        )
     with torch.no_grad():
         logits, states = model(tokens)
     for h in handles:
@@ -103,8 +120,14 @@ def test_declared_sites_equal_an_independent_hook_capture():
     torch.testing.assert_close(result["layer_1.mixer_state"], states[1], atol=0, rtol=0)
     torch.testing.assert_close(result.logits, logits, atol=0, rtol=0)
     torch.testing.assert_close(backend.unembed(result["layer_1.residual"]), logits)
-    assert backend.capabilities >= {"residual", "components", "unembed", "logits",
-                                    "recurrent_state", "edit"}
+    assert backend.capabilities >= {
+        "residual",
+        "components",
+        "unembed",
+        "logits",
+        "recurrent_state",
+        "edit",
+    }
     assert backend.sites()["layer_0.state"].kind == "state"
     assert backend.layer_names() == ["layer_0.residual", "layer_1.residual"]
 
@@ -116,8 +139,11 @@ def test_edits_reach_the_output_and_identity_edits_do_not():
     plain = backend.run(tokens, capture=["logits"])
     same = backend.run(tokens, capture=["logits"], edits=[Edit.scale("layer_0.mixer", 1.0)])
     assert torch.equal(plain.logits, same.logits)
-    ablated = backend.run(tokens, capture=["logits", "layer_0.mixer"],
-                          edits=[Edit.scale("layer_0.mixer", 0.0, positions=[2])])
+    ablated = backend.run(
+        tokens,
+        capture=["logits", "layer_0.mixer"],
+        edits=[Edit.scale("layer_0.mixer", 0.0, positions=[2])],
+    )
     assert torch.equal(ablated["layer_0.mixer"][:, 2], torch.zeros(2, 16))
     assert torch.equal(ablated.logits[:, :2], plain.logits[:, :2])  # causal: earlier unchanged
     assert not torch.allclose(ablated.logits[:, 2:], plain.logits[:, 2:])
@@ -145,35 +171,53 @@ def test_detection_through_an_attached_spec_and_the_kazdov_alias():
 
 
 def test_wrong_paths_name_what_exists():
-    with pytest.raises(SpecError, match=r"ModelSpec.blocks = 'layerz'.*no attribute 'layerz'.*"
-                                        r"embed, layers, norm, head"):
+    with pytest.raises(
+        SpecError,
+        match=r"ModelSpec.blocks = 'layerz'.*no attribute 'layerz'.*"
+        r"embed, layers, norm, head",
+    ):
         describe(hybrid(), ModelSpec(blocks="layerz"))
-    with pytest.raises(SpecError, match=r"submodules\['mixer'\] in block 0.*'mixr'.*"
-                                        r"norm, attn, mixer"):
-        describe(hybrid(), ModelSpec(blocks="layers", block_output=0,
-                                     submodules={"mixer": "mixr"}))
+    with pytest.raises(
+        SpecError,
+        match=r"submodules\['mixer'\] in block 0.*'mixr'.*"
+        r"norm, attn, mixer",
+    ):
+        describe(hybrid(), ModelSpec(blocks="layers", block_output=0, submodules={"mixer": "mixr"}))
     with pytest.raises(SpecError, match="ModelSpec.final_norm = 'ln_f'"):
         describe(hybrid(), ModelSpec(blocks="layers", block_output=0, final_norm="ln_f"))
     with pytest.raises(SpecError, match="is a Linear, not a list of blocks"):
         describe(hybrid(), ModelSpec(blocks="head"))
     with pytest.raises(SpecError, match="roles are lower-case identifiers"):
-        describe(hybrid(), ModelSpec(blocks="layers", block_output=0,
-                                     submodules={"Mixer": "mixer"}))
+        describe(
+            hybrid(), ModelSpec(blocks="layers", block_output=0, submodules={"Mixer": "mixer"})
+        )
 
 
 def test_wrong_output_arity_names_what_the_block_returned():
-    with pytest.raises(SpecError, match=r"block 0 \(layers.0, HybridBlock\).*declared to return "
-                                        r"a tensor but returned a tuple of 2 \(a tensor of shape "
-                                        r"\(1, 2, 16\), a tensor of shape \(1, 16\)\)"):
+    with pytest.raises(
+        SpecError,
+        match=r"block 0 \(layers.0, HybridBlock\).*declared to return "
+        r"a tensor but returned a tuple of 2 \(a tensor of shape "
+        r"\(1, 2, 16\), a tensor of shape \(1, 16\)\)",
+    ):
         describe(hybrid(), ModelSpec(blocks="layers"))
     with pytest.raises(SpecError, match="tensor at index 3 but returned a tuple of 2"):
         describe(hybrid(), ModelSpec(blocks="layers", block_output=3))
-    with pytest.raises(SpecError, match=r"submodules\['attn'\].*MultiheadAttention.*returned a "
-                                        r"tuple of 2"):
+    with pytest.raises(
+        SpecError,
+        match=r"submodules\['attn'\].*MultiheadAttention.*returned a "
+        r"tuple of 2",
+    ):
         describe(hybrid(), ModelSpec(blocks="layers", block_output=0, submodules={"attn": "attn"}))
-    with pytest.raises(SpecError, match=r"states\['s'\]\(output, 0\) returned a list of 2.*not a tensor"):
-        describe(hybrid(), ModelSpec(blocks="layers", block_output=0,
-                                     states={"s": lambda output, layer: output[1]}))
+    with pytest.raises(
+        SpecError, match=r"states\['s'\]\(output, 0\) returned a list of 2.*not a tensor"
+    ):
+        describe(
+            hybrid(),
+            ModelSpec(
+                blocks="layers", block_output=0, states={"s": lambda output, layer: output[1]}
+            ),
+        )
 
 
 def test_padding_follows_the_declaration():
@@ -181,8 +225,9 @@ def test_padding_follows_the_declaration():
     mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
     with pytest.raises(BackendError, match="declared with padding='right'.*left-padded"):
         backend.run({"input_ids": ids(), "attention_mask": mask}, capture=["layer_0.residual"])
-    right = backend.run({"input_ids": ids(), "attention_mask": mask.flip(-1)},
-                        capture=["layer_0.residual"])
+    right = backend.run(
+        {"input_ids": ids(), "attention_mask": mask.flip(-1)}, capture=["layer_0.residual"]
+    )
     assert right["layer_0.residual"].shape == (2, 5, 16)
 
 
@@ -206,8 +251,13 @@ class TestAdapterBackend(BackendContract):
     def make_models(self):
         model = hybrid()
         model.archscope_spec = ModelSpec(
-            blocks="layers", block_output=0, embed="embed", final_norm="norm", unembed="head",
-            submodules={"attn": ("attn", 0), "mixer": ("mixer", 0)})
+            blocks="layers",
+            block_output=0,
+            embed="embed",
+            final_norm="norm",
+            unembed="head",
+            submodules={"attn": ("attn", 0), "mixer": ("mixer", 0)},
+        )
         return {"hybrid": model}
 
     def make_foreign_models(self):

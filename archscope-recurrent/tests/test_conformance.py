@@ -15,10 +15,12 @@ class TestRNNBackend(BackendContract):
     distribution = "archscope-recurrent"
 
     def make_models(self):
-        return {"gru": tiny_recurrent_lm("gru"),
-                "lstm-proj": tiny_recurrent_lm("lstm", proj_size=8),
-                "bidirectional-lstm": tiny_recurrent_lm("lstm", bidirectional=True),
-                "plain-lstm": plain_lstm_lm()}
+        return {
+            "gru": tiny_recurrent_lm("gru"),
+            "lstm-proj": tiny_recurrent_lm("lstm", proj_size=8),
+            "bidirectional-lstm": tiny_recurrent_lm("lstm", bidirectional=True),
+            "plain-lstm": plain_lstm_lm(),
+        }
 
     def make_foreign_models(self):
         return {"rwkv": tiny_rwkv(), "gru-module": nn.GRU(4, 4)}
@@ -36,8 +38,12 @@ class TestRNNBackend(BackendContract):
         def flat(s):
             return s[-dirs:].transpose(0, 1).reshape(s.shape[1], -1)
 
-        ref = {"embed": x, f"layer_{last}.hidden": out, f"layer_{last}.hidden_state": flat(h_n),
-               "logits": model(batch["input_ids"])}
+        ref = {
+            "embed": x,
+            f"layer_{last}.hidden": out,
+            f"layer_{last}.hidden_state": flat(h_n),
+            "logits": model(batch["input_ids"]),
+        }
         if c_n is not None:
             ref[f"layer_{last}.cell_state"] = flat(c_n)
         return ref
@@ -47,11 +53,18 @@ def _hooked(model, blocks, mixer, mlp, ids):
     seen = {}
     handles = []
     for i, block in enumerate(model.get_submodule(blocks)):
-        for role, module in (("residual", block), ("mixer", getattr(block, mixer)),
-                             ("mlp", getattr(block, mlp))):
-            handles.append(module.register_forward_hook(
-                lambda _m, _a, o, key=f"layer_{i}.{role}": seen.__setitem__(
-                    key, (o[0] if isinstance(o, tuple) else o).clone())))
+        for role, module in (
+            ("residual", block),
+            ("mixer", getattr(block, mixer)),
+            ("mlp", getattr(block, mlp)),
+        ):
+            handles.append(
+                module.register_forward_hook(
+                    lambda _m, _a, o, key=f"layer_{i}.{role}": seen.__setitem__(
+                        key, (o[0] if isinstance(o, tuple) else o).clone()
+                    )
+                )
+            )
     try:
         seen["logits"] = model(ids).logits
     finally:

@@ -19,13 +19,17 @@ from archscope_recurrent.testing import plain_lstm_lm, tiny_recurrent_lm, tiny_r
 OURS = (RNNBackend, RWKVBackend, XLSTMBackend, AdapterBackend)
 
 
-@pytest.mark.parametrize(("make", "expected"), [
-    (lambda: tiny_recurrent_lm("gru"), RNNBackend),
-    (lambda: tiny_recurrent_lm("lstm", bidirectional=True, proj_size=4), RNNBackend),
-    (plain_lstm_lm, RNNBackend),
-    (tiny_rwkv, RWKVBackend),
-    (tiny_xlstm, XLSTMBackend),
-], ids=["recurrent-lm", "bidirectional-lstm", "plain-lstm", "rwkv", "xlstm"])
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (lambda: tiny_recurrent_lm("gru"), RNNBackend),
+        (lambda: tiny_recurrent_lm("lstm", bidirectional=True, proj_size=4), RNNBackend),
+        (plain_lstm_lm, RNNBackend),
+        (tiny_rwkv, RWKVBackend),
+        (tiny_xlstm, XLSTMBackend),
+    ],
+    ids=["recurrent-lm", "bidirectional-lstm", "plain-lstm", "rwkv", "xlstm"],
+)
 def test_for_model_picks_the_backend_without_a_hint(make, expected):
     backend = Backend.for_model(make())
     assert type(backend) is expected
@@ -44,9 +48,16 @@ def _foreign_models():
     small = {"vocab_size": 100}
     return {
         "gpt2": GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, **small)),
-        "llama": LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32,
-                                              num_hidden_layers=2, num_attention_heads=2,
-                                              num_key_value_heads=2, **small)),
+        "llama": LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+                **small,
+            )
+        ),
         "mamba": MambaForCausalLM(MambaConfig(hidden_size=16, num_hidden_layers=2, **small)),
         "linear": torch.nn.Linear(3, 3),
         "gru-cell": torch.nn.GRUCell(3, 3),

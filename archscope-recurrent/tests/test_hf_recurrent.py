@@ -22,10 +22,15 @@ def hook_capture(model, blocks_path, mixer, mlp, ids):
     seen: dict[str, torch.Tensor] = {}
     handles = []
     for i, block in enumerate(blocks):
-        for role, module in (("residual", block), ("mixer", getattr(block, mixer)),
-                             ("mlp", getattr(block, mlp))):
+        for role, module in (
+            ("residual", block),
+            ("mixer", getattr(block, mixer)),
+            ("mlp", getattr(block, mlp)),
+        ):
+
             def hook(_m, _a, out, key=f"layer_{i}.{role}"):
                 seen[key] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+
             handles.append(module.register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -47,8 +52,9 @@ def test_sub_layer_sites_equal_an_independent_hook_capture(family):
     for name, value in reference.items():
         torch.testing.assert_close(result[name], value, atol=0, rtol=0, msg=name)
     torch.testing.assert_close(result.logits, output.logits, atol=0, rtol=0)
-    torch.testing.assert_close(backend.unembed(result["layer_1.residual"]), output.logits,
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        backend.unembed(result["layer_1.residual"]), output.logits, atol=1e-5, rtol=0
+    )
 
 
 def test_rwkv_state_sites_are_slices_of_the_model_state():
@@ -60,12 +66,18 @@ def test_rwkv_state_sites_are_slices_of_the_model_state():
     names = [n for n, i in backend.sites().items() if i.kind == "state"]
     assert len(names) == 6 * 2  # five tensors and their concatenation, per layer
     result = backend.run(ids, capture=names)
-    roles = ["ffn_shift_state", "attn_shift_state", "wkv_num_state", "wkv_den_state",
-             "wkv_max_state"]
+    roles = [
+        "ffn_shift_state",
+        "attn_shift_state",
+        "wkv_num_state",
+        "wkv_den_state",
+        "wkv_max_state",
+    ]
     for k, role in enumerate(roles):
         for layer in range(2):
-            torch.testing.assert_close(result[f"layer_{layer}.{role}"], state[k][:, :, layer],
-                                       atol=0, rtol=0)
+            torch.testing.assert_close(
+                result[f"layer_{layer}.{role}"], state[k][:, :, layer], atol=0, rtol=0
+            )
     combined = torch.cat([state[k][:, :, 1].float() for k in range(5)], -1)
     torch.testing.assert_close(result["layer_1.state"], combined, atol=0, rtol=0)
     with pytest.raises(SiteError, match="read-only"):
@@ -83,8 +95,9 @@ def test_xlstm_state_sites_are_the_cache_rnn_state():
     backend = XLSTMBackend(model)
     result = backend.run(ids, capture=["layer_1.c_state", "layer_1.n_state", "layer_1.m_state"])
     for k, role in enumerate(("c", "n", "m")):
-        torch.testing.assert_close(result[f"layer_1.{role}_state"], cache.rnn_state[1][k],
-                                   atol=0, rtol=0)
+        torch.testing.assert_close(
+            result[f"layer_1.{role}_state"], cache.rnn_state[1][k], atol=0, rtol=0
+        )
     assert backend.sites()["layer_0.c_state"].shape == ("batch", "head", "d_qk", "d_v")
 
 
@@ -123,8 +136,9 @@ def test_rwkv_runs_without_rescaling_and_restores_the_model():
 
     backend = RWKVBackend(model)
     result = backend.run(ids, capture=["layer_2.residual", "layer_1.residual", "logits"])
-    torch.testing.assert_close(result["layer_2.residual"], reference["layer_2.residual"],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        result["layer_2.residual"], reference["layer_2.residual"], atol=1e-5, rtol=1e-5
+    )
     torch.testing.assert_close(result.logits, output.logits, atol=1e-5, rtol=1e-5)
     assert model.config.rescale_every == 1 and model.rwkv.layers_are_rescaled
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
@@ -139,21 +153,23 @@ def test_padding_rules(family):
     batch = token_batch(2, 6, lengths=[6, 4])
     right = backend.run(batch, capture=["layer_1.residual"])
     alone = backend.run(batch["input_ids"][1:, :4], capture=["layer_1.residual"])
-    torch.testing.assert_close(right["layer_1.residual"][1:, :4], alone["layer_1.residual"],
-                               atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        right["layer_1.residual"][1:, :4], alone["layer_1.residual"], atol=1e-6, rtol=0
+    )
     states = [n for n, i in backend.sites().items() if i.kind == "state"]
     ragged = backend.run(batch, capture=states, return_state=True)
     for row, n in enumerate([6, 4]):
-        own = backend.run(batch["input_ids"][row:row + 1, :n], capture=states)
+        own = backend.run(batch["input_ids"][row : row + 1, :n], capture=states)
         for name in states:
-            torch.testing.assert_close(ragged[name][row:row + 1], own[name], atol=1e-5, rtol=0)
+            torch.testing.assert_close(ragged[name][row : row + 1], own[name], atol=1e-5, rtol=0)
             if not name.endswith(".state"):  # the concatenation is not part of the state
                 torch.testing.assert_close(ragged.state[name], ragged[name], atol=0, rtol=0)
     with pytest.raises(BackendError, match="cannot apply edits of token sites.*lengths \\[4, 6\\]"):
         backend.run(batch, capture=states[:1], edits=[Edit.add("layer_0.residual", 1.0)])
     left = dict(batch, attention_mask=batch["attention_mask"].flip(-1))
-    with pytest.raises(BackendError, match=f"{family} ignores attention_mask.*right padding only"
-                                           ".*left-padded"):
+    with pytest.raises(
+        BackendError, match=f"{family} ignores attention_mask.*right padding only.*left-padded"
+    ):
         backend.run(left, capture=["layer_0.residual"])
 
 
@@ -165,8 +181,11 @@ def test_identity_edit_leaves_logits_bit_identical_and_hooks_are_removed(family)
     ids = token_batch(2, 5)["input_ids"]
     plain = backend.run(ids, capture=["logits"])
     hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
-    edited = backend.run(ids, capture=["logits"], edits=[Edit.add("layer_0.mixer", 0.0),
-                                                         Edit.scale("layer_1.residual", 1.0)])
+    edited = backend.run(
+        ids,
+        capture=["logits"],
+        edits=[Edit.add("layer_0.mixer", 0.0), Edit.scale("layer_1.residual", 1.0)],
+    )
     assert torch.equal(plain.logits, edited.logits)
     steered = backend.run(ids, capture=["logits"], edits=[Edit.add("layer_0.residual", 1.0)])
     assert not torch.equal(plain.logits, steered.logits)
@@ -181,8 +200,12 @@ def test_xlstm_logits_are_read_only_and_bad_state_is_refused():
     with pytest.raises(SiteError, match="read-only"):
         backend.run(ids, edits=[Edit.add("logits", 1.0)])
     plain = backend.run(ids, return_state=True)
-    edited = backend.run(ids, capture=["layer_0.n_state"], return_state=True,
-                         edits=[Edit.scale("layer_0.n_state", 2.0)])
+    edited = backend.run(
+        ids,
+        capture=["layer_0.n_state"],
+        return_state=True,
+        edits=[Edit.scale("layer_0.n_state", 2.0)],
+    )
     torch.testing.assert_close(edited["layer_0.n_state"], 2 * plain.state["layer_0.n_state"])
     torch.testing.assert_close(edited.state["layer_0.n_state"], edited["layer_0.n_state"])
     assert torch.equal(edited.logits, plain.logits)  # the state after the last token

@@ -19,21 +19,29 @@ def to_torch(values, dirs):
     return torch.cat([v.reshape(v.shape[0], dirs, -1).transpose(0, 1) for v in values])
 
 
-@pytest.mark.parametrize(("cell", "options"), [("gru", {}), ("lstm", {"proj_size": 8}),
-                                                ("rnn_tanh", {})], ids=str)
+@pytest.mark.parametrize(
+    ("cell", "options"), [("gru", {}), ("lstm", {"proj_size": 8}), ("rnn_tanh", {})], ids=str
+)
 def test_initial_state_run_equals_torch_module_with_h0_c0(cell, options):
     model = tiny_recurrent_lm(cell, num_layers=2, **options)
     backend = RNNBackend(model)
     ids = token_batch(2, 5)["input_ids"]
     g = torch.Generator().manual_seed(3)
-    state = {name: torch.randn(2, info.dim, generator=g)
-             for name, info in backend.sites().items() if info.kind == "state"}
-    result = backend.run(ids, capture=["layer_1.hidden", "logits"], initial_state=state,
-                         return_state=True)
+    state = {
+        name: torch.randn(2, info.dim, generator=g)
+        for name, info in backend.sites().items()
+        if info.kind == "state"
+    }
+    result = backend.run(
+        ids, capture=["layer_1.hidden", "logits"], initial_state=state, return_state=True
+    )
     dirs = backend.num_dirs
     h0 = to_torch([state[f"layer_{i}.hidden_state"] for i in range(2)], dirs)
-    hx = (h0, to_torch([state[f"layer_{i}.cell_state"] for i in range(2)], dirs)) \
-        if cell == "lstm" else h0
+    hx = (
+        (h0, to_torch([state[f"layer_{i}.cell_state"] for i in range(2)], dirs))
+        if cell == "lstm"
+        else h0
+    )
     with torch.no_grad():
         out, final = model.rnn(model.embed(ids), hx)
         logits = model.head(model.norm(out))
@@ -47,8 +55,9 @@ def test_initial_state_run_equals_torch_module_with_h0_c0(cell, options):
         torch.testing.assert_close(ours_c, final[1], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize(("cell", "options"), [("gru", {}), ("lstm", {}),
-                                                ("lstm", {"bidirectional": True})], ids=str)
+@pytest.mark.parametrize(
+    ("cell", "options"), [("gru", {}), ("lstm", {}), ("lstm", {"bidirectional": True})], ids=str
+)
 def test_right_padded_rows_equal_unpadded_runs(cell, options):
     model = tiny_recurrent_lm(cell, num_layers=2, **options)
     backend = RNNBackend(model)
@@ -57,9 +66,9 @@ def test_right_padded_rows_equal_unpadded_runs(cell, options):
     names = list(backend.sites())
     padded = backend.run(batch, capture=names)
     for row, n in enumerate(lengths):
-        alone = backend.run(batch["input_ids"][row:row + 1, :n], capture=names)
+        alone = backend.run(batch["input_ids"][row : row + 1, :n], capture=names)
         for name in names:
-            value = padded[name][row:row + 1]
+            value = padded[name][row : row + 1]
             if backend.sites()[name].kind == "token":
                 value = value[:, :n]
             torch.testing.assert_close(value, alone[name], atol=1e-5, rtol=0, msg=name)
@@ -98,8 +107,12 @@ def test_identity_edits_leave_logits_bit_identical():
     backend = RNNBackend(model)
     ids = token_batch(2, 6)["input_ids"]
     plain = backend.run(ids, capture=["logits"])
-    for edit in (Edit.add("layer_0.hidden", 0.0, positions=[2]), Edit.scale("layer_1.cell", 1.0),
-                 Edit.add("embed", 0.0), Edit.scale("logits", 1.0)):
+    for edit in (
+        Edit.add("layer_0.hidden", 0.0, positions=[2]),
+        Edit.scale("layer_1.cell", 1.0),
+        Edit.add("embed", 0.0),
+        Edit.scale("logits", 1.0),
+    ):
         edited = backend.run(ids, capture=["logits"], edits=[edit])
         assert torch.equal(edited.logits, plain.logits), edit
 
@@ -110,8 +123,10 @@ def test_model_unchanged_after_a_run_that_raises():
     params = dict(model.named_parameters())
     backend = RNNBackend(model)
     with pytest.raises(SiteError, match="does not fit"):
-        backend.run(token_batch(2, 5), edits=[Edit.replace("layer_0.hidden", torch.ones(3, 3),
-                                                           positions=[1])])
+        backend.run(
+            token_batch(2, 5),
+            edits=[Edit.replace("layer_0.hidden", torch.ones(3, 3), positions=[1])],
+        )
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not model.training
@@ -140,15 +155,23 @@ def test_bidirectional_hidden_edit_changes_the_layer_output_seen_by_the_next_lay
     backend = RNNBackend(model)
     ids = token_batch(2, 5)["input_ids"]
     value = torch.ones(backend.out_size)
-    result = backend.run(ids, capture=["layer_0.hidden", "layer_1.hidden"],
-                         edits=[Edit.replace("layer_0.hidden", value, positions=[2])])
+    result = backend.run(
+        ids,
+        capture=["layer_0.hidden", "layer_1.hidden"],
+        edits=[Edit.replace("layer_0.hidden", value, positions=[2])],
+    )
     rnn = model.rnn
 
     def single(i):  # layer i of the stack as its own module, loaded from the state dict
-        module = torch.nn.GRU(rnn.input_size if i == 0 else 2 * rnn.hidden_size, rnn.hidden_size,
-                              batch_first=True, bidirectional=True)
-        module.load_state_dict({k.replace(f"_l{i}", "_l0"): v for k, v in rnn.state_dict().items()
-                                if f"_l{i}" in k})
+        module = torch.nn.GRU(
+            rnn.input_size if i == 0 else 2 * rnn.hidden_size,
+            rnn.hidden_size,
+            batch_first=True,
+            bidirectional=True,
+        )
+        module.load_state_dict(
+            {k.replace(f"_l{i}", "_l0"): v for k, v in rnn.state_dict().items() if f"_l{i}" in k}
+        )
         return module
 
     with torch.no_grad():
@@ -164,13 +187,18 @@ def test_editing_a_final_state_changes_the_returned_state_only():
     backend = RNNBackend(model)
     ids = token_batch(2, 5)["input_ids"]
     plain = backend.run(ids, return_state=True)
-    edited = backend.run(ids, capture=["layer_1.cell_state"], return_state=True,
-                         edits=[Edit.scale("layer_1.cell_state", 0.0)])
+    edited = backend.run(
+        ids,
+        capture=["layer_1.cell_state"],
+        return_state=True,
+        edits=[Edit.scale("layer_1.cell_state", 0.0)],
+    )
     assert torch.equal(edited.logits, plain.logits)
     assert torch.equal(edited["layer_1.cell_state"], torch.zeros_like(edited["layer_1.cell_state"]))
     assert torch.equal(edited.state["layer_1.cell_state"], edited["layer_1.cell_state"])
-    torch.testing.assert_close(edited.state["layer_0.cell_state"],
-                               plain.state["layer_0.cell_state"], atol=0, rtol=0)
+    torch.testing.assert_close(
+        edited.state["layer_0.cell_state"], plain.state["layer_0.cell_state"], atol=0, rtol=0
+    )
 
 
 def test_parameters_replaced_after_construction_are_used():
@@ -213,8 +241,10 @@ def test_unembed_of_last_hidden_equals_logits():
 def test_save_and_load_round_trip_and_model_source(tmp_path):
     model = tiny_recurrent_lm("lstm", num_layers=2, proj_size=8)
     model.save_pretrained(tmp_path / "lm")
-    assert sorted(p.name for p in (tmp_path / "lm").iterdir()) == ["model.safetensors",
-                                                                 "recurrent_lm.json"]
+    assert sorted(p.name for p in (tmp_path / "lm").iterdir()) == [
+        "model.safetensors",
+        "recurrent_lm.json",
+    ]
     loaded = RecurrentLM.from_pretrained(tmp_path / "lm")
     ids = token_batch(2, 5)["input_ids"]
     with torch.no_grad():

@@ -12,8 +12,9 @@ from archscope_recurrent.testing import tiny_recurrent_lm, token_batch
 ATOL = 1e-5
 
 
-def cell_step(kind: str, w: dict[str, torch.Tensor], x: torch.Tensor, h: torch.Tensor,
-              c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def cell_step(
+    kind: str, w: dict[str, torch.Tensor], x: torch.Tensor, h: torch.Tensor, c: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One time step of torch's GRU / LSTM / tanh-RNN, written out gate by gate."""
     gi = x @ w["weight_ih"].T + w["bias_ih"]
     gh = h @ w["weight_hh"].T + w["bias_hh"]
@@ -45,20 +46,26 @@ def manual_unroll(model, ids, edit=None):
     """Per-layer per-step hidden outputs and cells of ``model`` by explicit unrolling.
     ``edit = (layer, role, t, value)`` replaces that state at step t and continues from it."""
     rnn = model.rnn
-    kind = "gru" if isinstance(rnn, torch.nn.GRU) else "lstm" if isinstance(rnn, torch.nn.LSTM) else "rnn"
+    kind = (
+        "gru"
+        if isinstance(rnn, torch.nn.GRU)
+        else "lstm"
+        if isinstance(rnn, torch.nn.LSTM)
+        else "rnn"
+    )
     x = model.embed(ids)
     b, seq = ids.shape
     h_dim = rnn.proj_size or rnn.hidden_size
     hiddens, cells = [], []
     for layer in range(rnn.num_layers):
         outs, cs = [], []
-        for reverse in ([False, True] if rnn.bidirectional else [False]):
+        for reverse in [False, True] if rnn.bidirectional else [False]:
             w = weights(rnn, layer, reverse)
             h = torch.zeros(b, h_dim)
             c = torch.zeros(b, rnn.hidden_size) if kind == "lstm" else None
             out = [None] * seq
             cell = [None] * seq
-            for t in (reversed(range(seq)) if reverse else range(seq)):
+            for t in reversed(range(seq)) if reverse else range(seq):
                 h, c = cell_step(kind, w, x[:, t], h, c)
                 if edit is not None and edit[0] == layer and edit[2] == t:
                     if edit[1] == "hidden":
@@ -113,18 +120,29 @@ def test_last_layer_equals_stacked_module_output(cell, options):
     assert result.logits is None  # stopped after the last layer: no head
 
 
-@pytest.mark.parametrize(("cell", "options", "role"), [
-    ("gru", {}, "hidden"), ("rnn_tanh", {}, "hidden"), ("lstm", {}, "hidden"),
-    ("lstm", {}, "cell"), ("lstm", {"proj_size": 8}, "hidden"), ("lstm", {"proj_size": 8}, "cell"),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("cell", "options", "role"),
+    [
+        ("gru", {}, "hidden"),
+        ("rnn_tanh", {}, "hidden"),
+        ("lstm", {}, "hidden"),
+        ("lstm", {}, "cell"),
+        ("lstm", {"proj_size": 8}, "hidden"),
+        ("lstm", {"proj_size": 8}, "cell"),
+    ],
+    ids=lambda v: str(v),
+)
 def test_state_edit_at_step_t_equals_manual_recomputation(cell, options, role):
     model = tiny_recurrent_lm(cell, num_layers=2, **options)
     backend = RNNBackend(model)
     ids = token_batch(2, 7)["input_ids"]
     dim = backend.sites()[f"layer_0.{role}"].dim
     value = torch.linspace(-1, 1, dim)
-    edited = backend.run(ids, capture=["layer_0.hidden", "layer_1.hidden", "logits"],
-                         edits=[Edit.replace(f"layer_0.{role}", value, positions=[3])])
+    edited = backend.run(
+        ids,
+        capture=["layer_0.hidden", "layer_1.hidden", "logits"],
+        edits=[Edit.replace(f"layer_0.{role}", value, positions=[3])],
+    )
     with torch.no_grad():
         hiddens, _, logits = manual_unroll(model, ids, edit=(0, role, 3, value))
         plain, _, _ = manual_unroll(model, ids)

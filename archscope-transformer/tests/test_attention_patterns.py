@@ -43,8 +43,12 @@ def test_the_attention_implementation_is_restored_also_after_an_error() -> None:
         raise RuntimeError("edit failed on purpose")
 
     try:
-        backend.run(ids, capture=["layer_0.attn_pattern"],
-                    edits=[Edit.apply("layer_0.residual", fail)], stop_early=False)
+        backend.run(
+            ids,
+            capture=["layer_0.attn_pattern"],
+            edits=[Edit.apply("layer_0.residual", fail)],
+            stop_early=False,
+        )
     except RuntimeError as exc:
         assert "on purpose" in str(exc)
     else:

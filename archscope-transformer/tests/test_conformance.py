@@ -27,17 +27,25 @@ class TestTransformerBackendContract(BackendContract):
     def make_foreign_models(self) -> dict[str, Any]:
         import transformers
 
-        return {"mamba": transformers.MambaForCausalLM(transformers.MambaConfig(
-            vocab_size=100, hidden_size=32, num_hidden_layers=2, state_size=4)),
-                "torch lstm": torch.nn.LSTM(4, 4)}
+        return {
+            "mamba": transformers.MambaForCausalLM(
+                transformers.MambaConfig(
+                    vocab_size=100, hidden_size=32, num_hidden_layers=2, state_size=4
+                )
+            ),
+            "torch lstm": torch.nn.LSTM(4, 4),
+        }
 
     def reference_activations(self, model: Any, batch: dict[str, Any]) -> dict[str, Any]:
         family = next(f for f, m in self.make_models().items() if m is model)
         with recording(model, family) as own:
             out = model(**batch, output_hidden_states=True)
         shape = batch["input_ids"].shape
-        values = {"embed": out.hidden_states[0], "final_norm": out.hidden_states[-1],
-                  "logits": out.logits}
+        values = {
+            "embed": out.hidden_states[0],
+            "final_norm": out.hidden_states[-1],
+            "logits": out.logits,
+        }
         for i in range(3):
             values[f"layer_{i}.residual"] = own[f"{i}.block"]
             for role in ("attn", "mlp", "mlp_hidden"):

@@ -11,15 +11,26 @@ from archscope import Edit
 from archscope_transformer.backend import TransformerBackend
 from archscope_transformer.testing import tiny_model
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
-SITES = ["embed", "layer_0.residual", "layer_1.attn", "layer_1.mlp", "layer_1.mlp_hidden",
-         "layer_2.residual", "final_norm", "logits"]
+SITES = [
+    "embed",
+    "layer_0.residual",
+    "layer_1.attn",
+    "layer_1.mlp",
+    "layer_1.mlp_hidden",
+    "layer_2.residual",
+    "final_norm",
+    "logits",
+]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
-                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"]
+)
 def test_cuda_models_keep_activations_on_their_device(family: str, dtype: torch.dtype) -> None:
     model = tiny_model(family).to("cuda", dtype)
     backend = TransformerBackend(model)
@@ -33,12 +44,14 @@ def test_cuda_models_keep_activations_on_their_device(family: str, dtype: torch.
     assert torch.equal(result["final_norm"], reference.hidden_states[-1])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(result.logits, reference.logits, atol=tol, rtol=tol)
-    torch.testing.assert_close(backend.unembed(result["layer_2.residual"]), reference.logits,
-                               atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        backend.unembed(result["layer_2.residual"]), reference.logits, atol=tol, rtol=tol
+    )
     pattern = backend.run(ids, capture=["layer_0.attn_pattern"])["layer_0.attn_pattern"]
     assert pattern.device.type == "cuda"
-    steered = backend.run(ids, capture=["logits"], edits=[
-        Edit.add("layer_0.residual", torch.ones(32), positions=[1])])  # a CPU vector
+    steered = backend.run(
+        ids, capture=["logits"], edits=[Edit.add("layer_0.residual", torch.ones(32), positions=[1])]
+    )  # a CPU vector
     assert steered.logits.device.type == "cuda"
     assert all(p.device.type == "cuda" and p.dtype == dtype for p in model.parameters())
 

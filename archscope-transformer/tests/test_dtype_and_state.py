@@ -9,8 +9,16 @@ from transformer_reference import hook_snapshot, ids_for, model_of
 from archscope import Backend, Edit
 from archscope_transformer.testing import tiny_model
 
-SITES = ["embed", "layer_0.residual", "layer_1.attn", "layer_1.mlp", "layer_1.mlp_hidden",
-         "layer_2.residual", "final_norm", "logits"]
+SITES = [
+    "embed",
+    "layer_0.residual",
+    "layer_1.attn",
+    "layer_1.mlp",
+    "layer_1.mlp_hidden",
+    "layer_2.residual",
+    "final_norm",
+    "logits",
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -34,8 +42,9 @@ def test_half_precision_models_run_in_their_own_dtype(family: str, dtype: torch.
     torch.testing.assert_close(unembedded, reference.logits)
     pattern = backend.run(ids, capture=["layer_1.attn_pattern"])["layer_1.attn_pattern"]
     assert pattern.dtype == dtype
-    torch.testing.assert_close(pattern.float().sum(-1), torch.ones(pattern.shape[:-1]),
-                               atol=2e-2, rtol=0)
+    torch.testing.assert_close(
+        pattern.float().sum(-1), torch.ones(pattern.shape[:-1]), atol=2e-2, rtol=0
+    )
     assert all(p.dtype == dtype and p.device.type == "cpu" for p in model.parameters())
 
 
@@ -48,13 +57,22 @@ def test_runs_leave_weights_mode_and_hooks_unchanged(family: str) -> None:
     backend = Backend.for_model(model)
     weights, hooks = _state(model), hook_snapshot(model)
     ids = ids_for(17)
-    backend.run(ids, capture=[*SITES, "layer_0.attn_pattern"],
-                edits=[Edit.scale("layer_1.mlp_hidden", 0.0, units=[1]),
-                       Edit.add("layer_0.residual", 1.0)])
+    backend.run(
+        ids,
+        capture=[*SITES, "layer_0.attn_pattern"],
+        edits=[Edit.scale("layer_1.mlp_hidden", 0.0, units=[1]), Edit.add("layer_0.residual", 1.0)],
+    )
     backend.run(ids, capture=["layer_0.residual"])  # stopped early
     with pytest.raises(RuntimeError, match="on purpose"):
-        backend.run(ids, capture=["logits"], edits=[Edit.apply(
-            "layer_1.mlp", lambda v: (_ for _ in ()).throw(RuntimeError("on purpose")))])
+        backend.run(
+            ids,
+            capture=["logits"],
+            edits=[
+                Edit.apply(
+                    "layer_1.mlp", lambda v: (_ for _ in ()).throw(RuntimeError("on purpose"))
+                )
+            ],
+        )
     assert not model.training
     assert hook_snapshot(model) == hooks
     after = model.state_dict()
@@ -72,4 +90,6 @@ def test_gradients_flow_when_asked() -> None:
     backend = Backend.for_model(model_of("gpt2"))
     result = backend.run(ids_for(), capture=["layer_1.residual"], grad=True)
     assert result["layer_1.residual"].requires_grad
-    assert not backend.run(ids_for(), capture=["layer_1.residual"])["layer_1.residual"].requires_grad
+    assert not backend.run(ids_for(), capture=["layer_1.residual"])[
+        "layer_1.residual"
+    ].requires_grad

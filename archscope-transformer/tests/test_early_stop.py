@@ -14,6 +14,7 @@ def _count_calls(blocks: list) -> tuple[list[int], list]:
     def counter(i: int):
         def hook(module, args, output):
             calls[i] += 1
+
         return hook
 
     return calls, [b.register_forward_hook(counter(i)) for i, b in enumerate(blocks)]

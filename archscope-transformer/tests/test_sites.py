@@ -15,8 +15,12 @@ ALL_ROLES = ("residual", "attn", "mlp", "mlp_hidden")
 
 
 def _all_sites(n_layers: int) -> list[str]:
-    return ["embed", *(f"layer_{i}.{r}" for i in range(n_layers) for r in ALL_ROLES),
-            "final_norm", "logits"]
+    return [
+        "embed",
+        *(f"layer_{i}.{r}" for i in range(n_layers) for r in ALL_ROLES),
+        "final_norm",
+        "logits",
+    ]
 
 
 def test_detected_without_hint_through_the_entry_point(family: str) -> None:
@@ -77,12 +81,21 @@ def test_mlp_hidden_feeds_the_mlp_output_projection(family: str) -> None:
     result = backend.run(ids, capture=["layer_1.mlp_hidden"])
     hidden = result["layer_1.mlp_hidden"]
     assert hidden.shape[-1] == backend.hidden_dim("layer_1.mlp_hidden") == 64 or family in {
-        "gpt2", "gptj", "gpt_neo", "bloom", "falcon", "mpt"}  # 4 x d_model by config
+        "gpt2",
+        "gptj",
+        "gpt_neo",
+        "bloom",
+        "falcon",
+        "mpt",
+    }  # 4 x d_model by config
     assert hidden.shape[-1] == backend.hidden_dim("layer_1.mlp_hidden")
     with torch.no_grad():
-        torch.testing.assert_close(projection(hidden),
-                                   projection(own["1.mlp_hidden"]).reshape(*ids.shape, -1),
-                                   atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            projection(hidden),
+            projection(own["1.mlp_hidden"]).reshape(*ids.shape, -1),
+            atol=TOL,
+            rtol=0,
+        )
 
 
 def test_unembed_of_the_final_residual_gives_the_logits(family: str) -> None:
@@ -93,8 +106,9 @@ def test_unembed_of_the_final_residual_gives_the_logits(family: str) -> None:
         logits = model(ids).logits
         result = backend.run(ids, capture=["layer_2.residual"])
         assert result.logits is None  # stopped before the head
-        torch.testing.assert_close(backend.unembed(result["layer_2.residual"]), logits,
-                                   atol=TOL, rtol=0)
+        torch.testing.assert_close(
+            backend.unembed(result["layer_2.residual"]), logits, atol=TOL, rtol=0
+        )
 
 
 def test_gemma2_unembed_applies_the_final_logit_softcapping() -> None:
@@ -125,8 +139,15 @@ def test_site_metadata_matches_the_captured_shapes(family: str) -> None:
         assert len(info.shape) == value.dim(), name
     orders = [sites[n].order for n in sites]
     assert orders == sorted(orders)
-    assert set(backend.capabilities) == {"residual", "components", "mlp_hidden", "unembed",
-                                         "logits", "attention_patterns", "edit"}
+    assert set(backend.capabilities) == {
+        "residual",
+        "components",
+        "mlp_hidden",
+        "unembed",
+        "logits",
+        "attention_patterns",
+        "edit",
+    }
     assert backend.layer_names() == ["layer_0.residual", "layer_1.residual", "layer_2.residual"]
 
 

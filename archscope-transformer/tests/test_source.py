@@ -50,8 +50,12 @@ def test_the_dtype_is_honoured(saved: tuple[Path, torch.nn.Module], dtype: objec
     model, _, backend = archscope.load_model(f"hf:{saved[0]}", dtype=dtype)
     expected = torch.bfloat16 if dtype is torch.bfloat16 else torch.float16
     assert all(p.dtype == expected for p in model.parameters())
-    assert backend.run(torch.tensor([[5, 6, 7]]), capture=["layer_0.residual"])[
-        "layer_0.residual"].dtype == expected
+    assert (
+        backend.run(torch.tensor([[5, 6, 7]]), capture=["layer_0.residual"])[
+            "layer_0.residual"
+        ].dtype
+        == expected
+    )
 
 
 def test_a_folder_without_tokenizer_loads_with_none(tmp_path: Path) -> None:

@@ -34,8 +34,12 @@ REFERENCE: dict[str, tuple[str, str, str, str]] = {
     "phi": ("model.layers", "self_attn[0]", "mlp", "mlp.fc2"),
     "phi3": ("model.layers", "self_attn[0]", "mlp", "mlp.down_proj"),
     "gemma": ("model.layers", "self_attn[0]", "mlp", "mlp.down_proj"),
-    "gemma2": ("model.layers", "post_attention_layernorm", "post_feedforward_layernorm",
-               "mlp.down_proj"),
+    "gemma2": (
+        "model.layers",
+        "post_attention_layernorm",
+        "post_feedforward_layernorm",
+        "mlp.down_proj",
+    ),
     "starcoder2": ("model.layers", "self_attn[0]", "mlp", "mlp.c_proj"),
     "olmo": ("model.layers", "self_attn[0]", "mlp", "mlp.down_proj"),
 }
@@ -73,11 +77,13 @@ def recording(model: Any, family: str) -> Iterator[dict[str, torch.Tensor]]:
             if isinstance(value, tuple):
                 value = value[0]
             seen[key] = value.detach().clone()
+
         return hook
 
     def keep_input(key: str) -> Callable[..., None]:
         def hook(module: Any, args: Any) -> None:
             seen[key] = args[0].detach().clone()
+
         return hook
 
     try:
@@ -85,10 +91,14 @@ def recording(model: Any, family: str) -> Iterator[dict[str, torch.Tensor]]:
             handles.append(block.register_forward_hook(keep(f"{i}.block", None)))
             for role, spec in (("attn", attn_spec), ("mlp", mlp_spec)):
                 path, index = _split(spec)
-                handles.append(block.get_submodule(path).register_forward_hook(
-                    keep(f"{i}.{role}", index)))
-            handles.append(block.get_submodule(proj_spec).register_forward_pre_hook(
-                keep_input(f"{i}.mlp_hidden")))
+                handles.append(
+                    block.get_submodule(path).register_forward_hook(keep(f"{i}.{role}", index))
+                )
+            handles.append(
+                block.get_submodule(proj_spec).register_forward_pre_hook(
+                    keep_input(f"{i}.mlp_hidden")
+                )
+            )
         yield seen
     finally:
         for handle in handles:
@@ -102,8 +112,10 @@ def own_hook_count(model: Any) -> int:
 def hook_snapshot(model: Any) -> dict[str, tuple[int, int]]:
     """Per module, how many forward (pre-)hooks it has; transformers' own output-capturing
     hooks are installed once and stay, so tests compare snapshots around a backend call."""
-    return {name: (len(m._forward_hooks), len(m._forward_pre_hooks))
-            for name, m in model.named_modules()}
+    return {
+        name: (len(m._forward_hooks), len(m._forward_pre_hooks))
+        for name, m in model.named_modules()
+    }
 
 
 def ids_for(seed: int = 0, batch: int = 2, seq: int = 7) -> torch.Tensor:

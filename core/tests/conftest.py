@@ -21,9 +21,19 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     dist-info and entry points are real); put it on a path to make them visible."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--disable-pip-version-check", "--target", str(target),
-         *(str(PLUGINS / name) for name in ("good", "broken", "conflict"))],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            *(str(PLUGINS / name) for name in ("good", "broken", "conflict")),
+        ],
         check=True,
     )
     return target
@@ -54,8 +64,9 @@ def _visible(plugin_site: Path, monkeypatch: pytest.MonkeyPatch):
     archscope.plugins.refresh()
 
 
-def _run_cli(*args: str, site: Path | None = None, env: dict[str, str] | None = None,
-             code: str | None = None) -> subprocess.CompletedProcess[str]:
+def _run_cli(
+    *args: str, site: Path | None = None, env: dict[str, str] | None = None, code: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `archscope ARGS` (or python -c CODE) in a fresh interpreter."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHSCOPE_")}
     if site is not None:

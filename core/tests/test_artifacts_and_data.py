@@ -39,8 +39,9 @@ class FakeBackend:
 
         self.name = name
         self.model = torch.nn.Linear(dim, dim)
-        self._sites = {"layer_0.residual": SiteInfo(Site("residual", 0), "token",
-                                                    ("batch", "seq", "d"), dim)}
+        self._sites = {
+            "layer_0.residual": SiteInfo(Site("residual", 0), "token", ("batch", "seq", "d"), dim)
+        }
 
     def sites(self) -> dict[str, Any]:
         return self._sites

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-USER_CODE = '''
+USER_CODE = """
 import torch
 from torch import nn
 
@@ -29,15 +29,26 @@ def build():
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t0", pad_token="t0")
     return TinyRNN().eval(), tok
-'''
+"""
 
 
 def test_run_on_a_model_from_a_file_of_the_users_code(run_cli, tmp_path: Path) -> None:
     (tmp_path / "mymodel.py").write_text(USER_CODE)
     out = tmp_path / "stats.json"
-    done = run_cli("run", "activation-stats", f"{tmp_path / 'mymodel.py'}:build", "--text",
-                   "t1 t2 t3", "--text", "t4 t5", "--param", "sites=layer_0.hidden,layer_1.hidden",
-                   "--out", str(out), "--json")
+    done = run_cli(
+        "run",
+        "activation-stats",
+        f"{tmp_path / 'mymodel.py'}:build",
+        "--text",
+        "t1 t2 t3",
+        "--text",
+        "t4 t5",
+        "--param",
+        "sites=layer_0.hidden,layer_1.hidden",
+        "--out",
+        str(out),
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
     assert [s["site"] for s in result["sites"]] == ["layer_0.hidden", "layer_1.hidden"]
@@ -51,17 +62,38 @@ def test_run_on_a_module_importable_from_the_current_folder(tmp_path: Path) -> N
 
     (tmp_path / "mymodel.py").write_text(USER_CODE)
     env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHSCOPE_")}
-    done = subprocess.run([sys.executable, "-m", "archscope", "run", "activation-stats",
-                           "mymodel:build", "--text", "t1 t2"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "archscope",
+            "run",
+            "activation-stats",
+            "mymodel:build",
+            "--text",
+            "t1 t2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "layer_0.hidden" in done.stdout
 
 
 def test_bad_parameter_is_a_usage_error_listing_valid_ones(run_cli, tmp_path: Path) -> None:
     (tmp_path / "m.py").write_text(USER_CODE)
-    done = run_cli("run", "activation-stats", f"{tmp_path / 'm.py'}:build", "--text", "t1",
-                   "--param", "site=layer_0.hidden")
+    done = run_cli(
+        "run",
+        "activation-stats",
+        f"{tmp_path / 'm.py'}:build",
+        "--text",
+        "t1",
+        "--param",
+        "site=layer_0.hidden",
+    )
     assert done.returncode == 2
     assert "has no parameter 'site'; its parameters: sites: list[str] | None" in done.stderr
     assert "Traceback" not in done.stderr
@@ -71,8 +103,9 @@ def test_runtime_errors_have_no_traceback_unless_debug(run_cli, tmp_path: Path) 
     done = run_cli("run", "activation-stats", f"{tmp_path / 'missing.py'}:build", "--text", "x")
     assert done.returncode == 1 and "no such file" in done.stderr
     assert "Traceback" not in done.stderr
-    debug = run_cli("--debug", "run", "activation-stats", f"{tmp_path / 'missing.py'}:build",
-                    "--text", "x")
+    debug = run_cli(
+        "--debug", "run", "activation-stats", f"{tmp_path / 'missing.py'}:build", "--text", "x"
+    )
     assert debug.returncode == 1 and "Traceback" in debug.stderr
 
 

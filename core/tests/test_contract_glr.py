@@ -23,9 +23,22 @@ PLUGIN = Path(__file__).parent / "plugins" / "glr"
 @pytest.fixture(scope="session")
 def glr_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("glr-site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--disable-pip-version-check", "--target",
-                    str(target), str(PLUGIN)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--disable-pip-version-check",
+            "--target",
+            str(target),
+            str(PLUGIN),
+        ],
+        check=True,
+    )
     return target
 
 
@@ -98,16 +111,18 @@ def test_state_after_last_real_token_under_right_padding(with_glr):
     for row, n in enumerate(lengths):
         mask[row, :n] = 1
     sites = ["layer_0.state", "layer_2.state", "layer_1.residual"]
-    result = backend.run({"input_ids": ids * mask, "attention_mask": mask}, capture=sites,
-                         return_state=True)
+    result = backend.run(
+        {"input_ids": ids * mask, "attention_mask": mask}, capture=sites, return_state=True
+    )
     with torch.no_grad():
         for row, n in enumerate(lengths):
-            alone = _unroll(model, ids[row:row + 1, :n])
+            alone = _unroll(model, ids[row : row + 1, :n])
             for site in ("layer_0.state", "layer_2.state"):
                 torch.testing.assert_close(result[site][row], alone[site][0])
                 torch.testing.assert_close(result.state[site][row], alone[site][0])
-            torch.testing.assert_close(result["layer_1.residual"][row, :n],
-                                       alone["layer_1.residual"][0])
+            torch.testing.assert_close(
+                result["layer_1.residual"][row, :n], alone["layer_1.residual"][0]
+            )
     # the model's own final state (after the padding) differs for the short rows
     with torch.no_grad():
         after_padding = model(ids * mask)["states"][0]
@@ -116,6 +131,10 @@ def test_state_after_last_real_token_under_right_padding(with_glr):
 
 def test_backend_and_registration_fit_in_80_lines():
     src = PLUGIN / "src" / "archscope_testplugin_glr"
-    lines = [line for f in ("backend.py", "plugin.py")
-             for line in (src / f).read_text().splitlines() if line.strip()]
+    lines = [
+        line
+        for f in ("backend.py", "plugin.py")
+        for line in (src / f).read_text().splitlines()
+        if line.strip()
+    ]
     assert len(lines) <= 80, len(lines)

@@ -53,10 +53,16 @@ def test_no_match_suggests_the_package_that_serves_the_family(monkeypatch):
     monkeypatch.setenv("ARCHSCOPE_PLUGINS", "none-at-all")
     plugins.refresh()
     try:
-        FakeMamba = type("MambaForCausalLM", (), {"__module__": "transformers.models.mamba.modeling_mamba"})
-        with pytest.raises(NoBackendError, match=r"install archscope-mamba \(pip install archscope-mamba\)"):
+        FakeMamba = type(
+            "MambaForCausalLM", (), {"__module__": "transformers.models.mamba.modeling_mamba"}
+        )
+        with pytest.raises(
+            NoBackendError, match=r"install archscope-mamba \(pip install archscope-mamba\)"
+        ):
             Backend.for_model(FakeMamba())
-        FakeGPT = type("GPT2LMHeadModel", (), {"__module__": "transformers.models.gpt2.modeling_gpt2"})
+        FakeGPT = type(
+            "GPT2LMHeadModel", (), {"__module__": "transformers.models.gpt2.modeling_gpt2"}
+        )
         with pytest.raises(NoBackendError, match="install archscope-transformer"):
             Backend.for_model(FakeGPT())
     finally:
@@ -82,8 +88,9 @@ def test_in_process_registration_and_ties(with_plugins):
             chosen = Backend.for_model(build_toy())
         # Equal confidence and priority: the name decides, and the user is told.
         assert chosen.name == "toy"
-        assert any("equally confident" in str(w.message) and "toy-twin" in str(w.message)
-                   for w in caught)
+        assert any(
+            "equally confident" in str(w.message) and "toy-twin" in str(w.message) for w in caught
+        )
         TwinBackend.priority = 5
         assert Backend.for_model(build_toy()).name == "toy-twin"
     finally:
@@ -154,16 +161,19 @@ class _WordTokenizer:
     pad_token = None
     eos_token = "<eos>"
 
-    def __call__(self, texts, return_tensors=None, padding=False, truncation=False,
-                 max_length=None):
+    def __call__(
+        self, texts, return_tensors=None, padding=False, truncation=False, max_length=None
+    ):
         import torch
 
-        ids = [[len(w) for w in t.split()][:max_length if truncation else None] for t in texts]
+        ids = [[len(w) for w in t.split()][: max_length if truncation else None] for t in texts]
         if return_tensors is None:
             return {"input_ids": ids}
         width = max(map(len, ids))
-        return {"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in ids]),
-                "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids])}
+        return {
+            "input_ids": torch.tensor([r + [0] * (width - len(r)) for r in ids]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids]),
+        }
 
 
 def test_make_tokenize_fn_pads_truncates_and_sets_a_pad_token():
@@ -176,7 +186,12 @@ def test_make_tokenize_fn_pads_truncates_and_sets_a_pad_token():
     whole = make_tokenize_fn(tokenizer)(["a bb ccc dddd", "ee"])  # no silent cut by default
     assert whole["input_ids"].tolist() == [[1, 2, 3, 4], [2, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert make_tokenize_fn(tokenizer, attention_mask_bool=True)("a")["attention_mask"].dtype.is_floating_point is False
+    assert (
+        make_tokenize_fn(tokenizer, attention_mask_bool=True)("a")[
+            "attention_mask"
+        ].dtype.is_floating_point
+        is False
+    )
     with pytest.raises(ValueError, match="needs a tokenizer"):
         make_tokenize_fn(None)
 

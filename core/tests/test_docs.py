@@ -14,8 +14,11 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def _hookspec_names() -> list[str]:
-    return [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
-            if hasattr(fn, "archscope_spec")]
+    return [
+        name
+        for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        if hasattr(fn, "archscope_spec")
+    ]
 
 
 def test_every_hookspec_is_documented_for_plugin_authors():
@@ -47,10 +50,14 @@ def _guide_program() -> str:
     """The Python blocks of the backend walk-through (sections 3 to 5) as one program; imports
     of the walk-through's own package are dropped, since everything lives in one namespace."""
     text = (DOCS / "plugin-authors.md").read_text()
-    walk = text[text.index("## 3. The backend"):text.index("## 6. Publishing")]
+    walk = text[text.index("## 3. The backend") : text.index("## 6. Publishing")]
     blocks = re.findall(r"```python\n(.*?)```", walk, re.S)
-    lines = [line for block in blocks for line in block.splitlines()
-             if not re.match(r"\s*from (\.|archscope_mymodel)", line)]
+    lines = [
+        line
+        for block in blocks
+        for line in block.splitlines()
+        if not re.match(r"\s*from (\.|archscope_mymodel)", line)
+    ]
     return "\n".join(lines)
 
 
@@ -66,12 +73,15 @@ def test_backend_walk_through_runs_and_its_backend_passes_the_kit():
         # the kit's checks that need no installed distribution, on the guide's own backend
         contract = namespace["TestMyModelBackend"]()
         for name in contract.model_names():
-            for check in ("test_run_returns_logits", "test_site_metadata_matches_real_tensors",
-                          "test_extraction_matches_independent_reference",
-                          "test_early_stop_gives_identical_activations",
-                          "test_padding_handled_as_declared",
-                          "test_state_patch_reproduces_the_source_run",
-                          "test_unembed_reproduces_logits"):
+            for check in (
+                "test_run_returns_logits",
+                "test_site_metadata_matches_real_tensors",
+                "test_extraction_matches_independent_reference",
+                "test_early_stop_gives_identical_activations",
+                "test_padding_handled_as_declared",
+                "test_state_patch_reproduces_the_source_run",
+                "test_unembed_reproduces_logits",
+            ):
                 getattr(contract, check)(name)
     finally:
         _manager._in_process[:] = [t for t in _manager._in_process if t[1].name != "mymodel"]

@@ -59,17 +59,33 @@ class StackBackend(HookBackend):
         m = self.model
         d = m.emb.embedding_dim
         tok = ("batch", "seq", "d_model")
-        table = {"embed": (SiteInfo(Site("embed"), "token", tok, d, order=0),
-                           Hookpoint(m.blocks[0], io="input", arg="h"))}
+        table = {
+            "embed": (
+                SiteInfo(Site("embed"), "token", tok, d, order=0),
+                Hookpoint(m.blocks[0], io="input", arg="h"),
+            )
+        }
         for i, block in enumerate(m.blocks):
-            table[f"layer_{i}.residual"] = (SiteInfo(Site("residual", i), "token", tok, d,
-                                                     order=i + 1), Hookpoint(block, index=0))
+            table[f"layer_{i}.residual"] = (
+                SiteInfo(Site("residual", i), "token", tok, d, order=i + 1),
+                Hookpoint(block, index=0),
+            )
         n = len(m.blocks)
-        table["final_norm"] = (SiteInfo(Site("final_norm"), "token", tok, d, order=n + 1),
-                               Hookpoint(m.norm))
-        table["logits"] = (SiteInfo(Site("logits"), "token", ("batch", "seq", "vocab"),
-                                    m.head.out_features, writable=False, order=n + 2),
-                           Hookpoint(m.head))
+        table["final_norm"] = (
+            SiteInfo(Site("final_norm"), "token", tok, d, order=n + 1),
+            Hookpoint(m.norm),
+        )
+        table["logits"] = (
+            SiteInfo(
+                Site("logits"),
+                "token",
+                ("batch", "seq", "vocab"),
+                m.head.out_features,
+                writable=False,
+                order=n + 2,
+            ),
+            Hookpoint(m.head),
+        )
         return table
 
     def unembed(self, residual):
@@ -157,18 +173,25 @@ def test_add_scale_and_fn_edits_at_chosen_positions_and_units(stack, ids):
     backend = StackBackend(stack)
     base = backend.run(ids, capture=["layer_0.residual"])["layer_0.residual"]
     vec = torch.arange(8, dtype=torch.float32)
-    added = backend.run(ids, capture=["layer_0.residual"],
-                        edits=[Edit.add("layer_0.residual", vec, positions=[2, -1])])["layer_0.residual"]
+    added = backend.run(
+        ids,
+        capture=["layer_0.residual"],
+        edits=[Edit.add("layer_0.residual", vec, positions=[2, -1])],
+    )["layer_0.residual"]
     expected = base.clone()
     expected[:, [2, 6]] += vec
     torch.testing.assert_close(added, expected)
-    scaled = backend.run(ids, capture=["layer_0.residual"],
-                         edits=[Edit.scale("layer_0.residual", 0.0, units=[1, 3])])["layer_0.residual"]
+    scaled = backend.run(
+        ids, capture=["layer_0.residual"], edits=[Edit.scale("layer_0.residual", 0.0, units=[1, 3])]
+    )["layer_0.residual"]
     expected = base.clone()
     expected[..., [1, 3]] = 0
     torch.testing.assert_close(scaled, expected)
-    fn = backend.run(ids, capture=["layer_0.residual"],
-                     edits=[Edit.apply("layer_0.residual", lambda x: -x, positions=slice(0, 2))])
+    fn = backend.run(
+        ids,
+        capture=["layer_0.residual"],
+        edits=[Edit.apply("layer_0.residual", lambda x: -x, positions=slice(0, 2))],
+    )
     expected = base.clone()
     expected[:, :2] = -expected[:, :2]
     torch.testing.assert_close(fn["layer_0.residual"], expected)
@@ -177,8 +200,9 @@ def test_add_scale_and_fn_edits_at_chosen_positions_and_units(stack, ids):
 def test_an_edit_changes_everything_downstream(stack, ids):
     backend = StackBackend(stack)
     clean = backend.run(ids, capture=["layer_3.residual", "logits"])
-    edited = backend.run(ids, capture=["layer_3.residual", "logits"],
-                         edits=[Edit.scale("layer_1.residual", 0.0)])
+    edited = backend.run(
+        ids, capture=["layer_3.residual", "logits"], edits=[Edit.scale("layer_1.residual", 0.0)]
+    )
     with torch.no_grad():
         h = torch.zeros_like(clean["layer_3.residual"])
         for block in stack.blocks[2:4]:
@@ -189,11 +213,16 @@ def test_an_edit_changes_everything_downstream(stack, ids):
 
 def test_edit_at_each_rows_last_real_token(stack):
     backend = StackBackend(stack)
-    batch = {"input_ids": torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]),
-             "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+    }
     base = backend.run(batch, capture=["layer_0.residual"])["layer_0.residual"]
-    out = backend.run(batch, capture=["layer_0.residual"],
-                      edits=[Edit.replace("layer_0.residual", torch.ones(8), positions="last")])
+    out = backend.run(
+        batch,
+        capture=["layer_0.residual"],
+        edits=[Edit.replace("layer_0.residual", torch.ones(8), positions="last")],
+    )
     expected = base.clone()
     expected[0, 2] = 1
     expected[1, 1] = 1
@@ -204,7 +233,9 @@ def test_edit_with_misaligned_shape_is_a_clear_error(stack, ids):
     backend = StackBackend(stack)
     with pytest.raises(SiteError, match=r"shape \(3, 5, 8\) does not fit .* shape \(3, 7, 8\)"):
         backend.run(ids, edits=[Edit.replace("layer_0.residual", torch.zeros(3, 5, 8))])
-    with pytest.raises(SiteError, match="positions \\[9\\] out of range for a sequence of length 7"):
+    with pytest.raises(
+        SiteError, match="positions \\[9\\] out of range for a sequence of length 7"
+    ):
         backend.run(ids, edits=[Edit.add("layer_0.residual", torch.zeros(8), positions=[9])])
     with pytest.raises(SiteError, match="unit index out of range for dimension 8"):
         backend.run(ids, edits=[Edit.scale("layer_0.residual", 2.0, units=[8])])
@@ -214,7 +245,9 @@ def test_edit_with_misaligned_shape_is_a_clear_error(stack, ids):
 
 
 def test_read_only_site_cannot_be_edited(stack, ids):
-    with pytest.raises(SiteError, match="'logits' of backend 'stack' is read-only; writable sites include embed"):
+    with pytest.raises(
+        SiteError, match="'logits' of backend 'stack' is read-only; writable sites include embed"
+    ):
         StackBackend(stack).run(ids, edits=[Edit.scale("logits", 2.0)])
 
 
@@ -260,8 +293,10 @@ def test_grad_flag_keeps_the_graph(stack, ids):
 
 def test_extract_returns_records_with_mask_and_metadata(stack):
     backend = StackBackend(stack)
-    batch = {"input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
-             "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 3], [4, 5, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+    }
     records = backend.extract(batch)
     assert [r.layer_name for r in records] == [f"layer_{i}.residual" for i in range(6)]
     assert records[0].meta["kind"] == "token" and records[0].meta["dim"] == 8
@@ -278,7 +313,9 @@ def test_inputs_are_validated_with_clear_messages(stack):
         backend.run({"ids": torch.ones(1, 2)})
     with pytest.raises(ValueError, match="must be padded"):
         backend.run([[1, 2, 3], [1, 2]])
-    with pytest.raises(ValueError, match=r"attention_mask shape \(1, 2\) does not match input_ids shape \(1, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"attention_mask shape \(1, 2\) does not match input_ids shape \(1, 3\)"
+    ):
         backend.run({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 2)})
     with pytest.raises(ValueError, match="integer token ids"):
         backend.run(torch.rand(1, 3))
@@ -335,9 +372,13 @@ def test_padding_the_backend_does_not_handle_is_refused(stack):
         padding = "right"
 
     backend = RightOnly(stack)
-    left = {"input_ids": torch.tensor([[0, 1, 2], [3, 4, 5]]),
-            "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])}
-    with pytest.raises(ValueError, match="handles only right padding, but this batch is left-padded"):
+    left = {
+        "input_ids": torch.tensor([[0, 1, 2], [3, 4, 5]]),
+        "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]]),
+    }
+    with pytest.raises(
+        ValueError, match="handles only right padding, but this batch is left-padded"
+    ):
         backend.run(left)
     gaps = {"input_ids": torch.tensor([[1, 0, 2]]), "attention_mask": torch.tensor([[1, 0, 1]])}
     with pytest.raises(ValueError, match="not all padded on one side"):
@@ -351,8 +392,10 @@ def test_edits_of_sites_without_a_hookpoint_are_refused_unless_the_backend_appli
     class WithState(StackBackend):
         def _site_table(self):
             table = super()._site_table()
-            table["layer_0.state"] = (SiteInfo(Site("state", 0), "state", ("batch", "d_model"), 8,
-                                               order=1.5), None)
+            table["layer_0.state"] = (
+                SiteInfo(Site("state", 0), "state", ("batch", "d_model"), 8, order=1.5),
+                None,
+            )
             return table
 
     with pytest.raises(BackendError, match=r"cannot edit \['layer_0.state'\] during a run"):
@@ -362,22 +405,40 @@ def test_edits_of_sites_without_a_hookpoint_are_refused_unless_the_backend_appli
 
 def test_index_tensors_are_accepted_as_positions_and_units(stack, ids):
     backend = StackBackend(stack)
-    by_list = backend.run(ids, edits=[Edit.scale("layer_0.residual", 0.0, positions=[1, 2],
-                                                 units=[0, 3])]).logits
-    by_tensor = backend.run(ids, edits=[Edit.scale("layer_0.residual", 0.0,
-                                                   positions=torch.tensor([1, 2]),
-                                                   units=torch.tensor([0, 3]))]).logits
+    by_list = backend.run(
+        ids, edits=[Edit.scale("layer_0.residual", 0.0, positions=[1, 2], units=[0, 3])]
+    ).logits
+    by_tensor = backend.run(
+        ids,
+        edits=[
+            Edit.scale(
+                "layer_0.residual", 0.0, positions=torch.tensor([1, 2]), units=torch.tensor([0, 3])
+            )
+        ],
+    ).logits
     assert torch.equal(by_list, by_tensor)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: Edit("layer_0.residual", "bogus", 1.0), "unknown op 'bogus'; use replace, add, scale or fn"),
-    (lambda: Edit.add("layer_0.residual", 1.0, positions="first"), "positions must be None (all), an int"),
-    (lambda: Edit.add("layer_0.residual", 1.0, positions=[1, "x"]), "positions must be None"),
-    (lambda: Edit.add("layer_0.residual", "abc"), "is a number or a tensor, got str"),
-    (lambda: Edit.apply("layer_0.residual", 3), "needs a function tensor -> tensor, got int"),
-    (lambda: Edit.scale("layer_0.residual", 0.0, units=[1.5]), "units must be a list of feature indices"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda: Edit("layer_0.residual", "bogus", 1.0),
+            "unknown op 'bogus'; use replace, add, scale or fn",
+        ),
+        (
+            lambda: Edit.add("layer_0.residual", 1.0, positions="first"),
+            "positions must be None (all), an int",
+        ),
+        (lambda: Edit.add("layer_0.residual", 1.0, positions=[1, "x"]), "positions must be None"),
+        (lambda: Edit.add("layer_0.residual", "abc"), "is a number or a tensor, got str"),
+        (lambda: Edit.apply("layer_0.residual", 3), "needs a function tensor -> tensor, got int"),
+        (
+            lambda: Edit.scale("layer_0.residual", 0.0, units=[1.5]),
+            "units must be a list of feature indices",
+        ),
+    ],
+)
 def test_malformed_edits_are_refused_when_made(make, message):
     with pytest.raises((ValueError, TypeError)) as err:
         make()

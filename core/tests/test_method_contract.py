@@ -23,8 +23,9 @@ def test_toy_backend_matches_its_model() -> None:
     model = toy_model()
     backend = ToyMethodBackend(model)
     ids = torch.tensor([[1, 2, 3, 4]])
-    run = backend.run(ids, capture=["layer_2.residual", "final_norm", "logits",
-                                    "layer_0.mlp_hidden"])
+    run = backend.run(
+        ids, capture=["layer_2.residual", "final_norm", "logits", "layer_0.mlp_hidden"]
+    )
     h = model.embed(ids)
     for block in model.blocks:
         h = h + block.mlp(h)

@@ -13,12 +13,26 @@ from archscope.errors import CapabilityError, MethodError, ParameterError
 from archscope.registry import run_method
 
 
-def toy_method(backend: object, data: object, *, layer: Annotated[int, Param(min=0, max=8,
-               help="which layer")] = 1, pool: Literal["mean", "last"] = "mean",
-               scale: float = 1.0, sites: list[str] | None = None, flag: bool = False,
-               position: int | Literal["last"] = "last") -> dict:
-    return {"data": data, "layer": layer, "pool": pool, "scale": scale, "sites": sites,
-            "flag": flag, "position": position}
+def toy_method(
+    backend: object,
+    data: object,
+    *,
+    layer: Annotated[int, Param(min=0, max=8, help="which layer")] = 1,
+    pool: Literal["mean", "last"] = "mean",
+    scale: float = 1.0,
+    sites: list[str] | None = None,
+    flag: bool = False,
+    position: int | Literal["last"] = "last",
+) -> dict:
+    return {
+        "data": data,
+        "layer": layer,
+        "pool": pool,
+        "scale": scale,
+        "sites": sites,
+        "flag": flag,
+        "position": position,
+    }
 
 
 class FakeBackend:
@@ -37,23 +51,33 @@ def test_schema_lists_types_defaults_help_and_bounds() -> None:
     assert specs["sites"].type_name == "list[str] | None"
 
 
-@pytest.mark.parametrize(("name", "text", "value"), [
-    ("layer", "3", 3), ("pool", "last", "last"), ("scale", "0.5", 0.5),
-    ("sites", "layer_0.residual,layer_1.residual", ["layer_0.residual", "layer_1.residual"]),
-    ("sites", "none", None), ("flag", "true", True), ("position", "4", 4),
-    ("position", "last", "last"),
-])
+@pytest.mark.parametrize(
+    ("name", "text", "value"),
+    [
+        ("layer", "3", 3),
+        ("pool", "last", "last"),
+        ("scale", "0.5", 0.5),
+        ("sites", "layer_0.residual,layer_1.residual", ["layer_0.residual", "layer_1.residual"]),
+        ("sites", "none", None),
+        ("flag", "true", True),
+        ("position", "4", 4),
+        ("position", "last", "last"),
+    ],
+)
 def test_command_line_values_are_parsed_by_type(name: str, text: str, value: object) -> None:
     assert METHOD.params()[name].parse(text) == value
 
 
-@pytest.mark.parametrize(("values", "message"), [
-    ({"layr": 1}, "has no parameter 'layr'; its parameters: layer: int = 1"),
-    ({"layer": 9}, "'layer' must be <= 8, got 9"),
-    ({"layer": "two"}, "'layer' expects int"),
-    ({"pool": "max"}, "choose one of 'mean', 'last'"),
-    ({"flag": "yes"}, "'flag' expects bool"),
-])
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"layr": 1}, "has no parameter 'layr'; its parameters: layer: int = 1"),
+        ({"layer": 9}, "'layer' must be <= 8, got 9"),
+        ({"layer": "two"}, "'layer' expects int"),
+        ({"pool": "max"}, "choose one of 'mean', 'last'"),
+        ({"flag": "yes"}, "'flag' expects bool"),
+    ],
+)
 def test_bad_parameters_are_refused_with_the_valid_ones(values: dict, message: str) -> None:
     with pytest.raises(ParameterError, match=message.replace("[", r"\[")):
         METHOD(FakeBackend(), [[1, 2]], **values)

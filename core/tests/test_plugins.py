@@ -29,8 +29,9 @@ def test_plugins_command_lists_installed_distributions_with_versions(run_cli, pl
     assert plugins["archscope"]["registered"]["methods"]  # built-ins register like any plugin
     import importlib_metadata
 
-    installed = {ep.dist.name: ep.dist.version
-                 for ep in importlib_metadata.entry_points(group="archscope")}
+    installed = {
+        ep.dist.name: ep.dist.version for ep in importlib_metadata.entry_points(group="archscope")
+    }
     listed = {p["distribution"]: p["version"] for p in plugins.values()}
     for distribution, version in installed.items():
         assert listed[distribution] == version
@@ -84,15 +85,19 @@ def test_only_env_var_loads_named_plugins(run_cli, plugin_site):
 
 
 def test_only_env_var_accepts_distribution_names(run_cli, plugin_site):
-    plugins, _ = _plugins_json(run_cli, plugin_site,
-                               env={"ARCHSCOPE_PLUGINS": "archscope-testplugin-broken"})
+    plugins, _ = _plugins_json(
+        run_cli, plugin_site, env={"ARCHSCOPE_PLUGINS": "archscope-testplugin-broken"}
+    )
     assert plugins["broken-register"]["status"] == "failed"
     assert plugins["good"]["status"] == "disabled"
 
 
 def test_disable_env_var_skips_named_plugins(run_cli, plugin_site):
     plugins, stderr = _plugins_json(
-        run_cli, plugin_site, env={"ARCHSCOPE_DISABLE_PLUGINS": "archscope-testplugin-broken, conflict"})
+        run_cli,
+        plugin_site,
+        env={"ARCHSCOPE_DISABLE_PLUGINS": "archscope-testplugin-broken, conflict"},
+    )
     assert plugins["broken-import"]["status"] == "disabled"
     assert plugins["broken-register"]["status"] == "disabled"
     assert plugins["conflict"]["status"] == "disabled"
@@ -106,7 +111,9 @@ def test_conflicting_names_warn_with_both_distributions(with_all_plugins):
         manager = archscope.plugins.refresh()
     messages = [str(w.message) for w in caught if issubclass(w.category, PluginWarning)]
     toy = [m for m in messages if "'toy'" in m]
-    assert toy and "archscope-testplugin-good" in toy[0] and "archscope-testplugin-conflict" in toy[0]
+    assert (
+        toy and "archscope-testplugin-good" in toy[0] and "archscope-testplugin-conflict" in toy[0]
+    )
     # Deterministic winner between third parties: the alphabetically first distribution.
     assert manager.backends.get("toy").distribution == "archscope-testplugin-conflict"
 
@@ -160,7 +167,9 @@ def test_plugins_and_help_do_not_import_torch_or_transformers(run_cli, plugin_si
 
 
 def test_import_archscope_needs_only_the_core(run_cli):
-    proc = run_cli(code="import archscope, sys; print(archscope.__version__, 'torch' in sys.modules)")
+    proc = run_cli(
+        code="import archscope, sys; print(archscope.__version__, 'torch' in sys.modules)"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [archscope.__version__, "False"]
 
@@ -194,10 +203,14 @@ def test_a_plugin_that_exits_at_import_is_isolated(run_cli, plugin_site):
     assert run_cli("--help", site=plugin_site).returncode == 0
 
 
-def test_selecting_a_plugin_that_is_not_installed_warns_with_the_installed_ones(run_cli,
-                                                                                plugin_site):
-    _, stderr = _plugins_json(run_cli, plugin_site,
-                                    env={"ARCHSCOPE_PLUGINS": "archscope-transformr"})
-    assert ("ARCHSCOPE_PLUGINS names archscope-transformr, which is not an installed plugin; "
-            "installed: ") in stderr
+def test_selecting_a_plugin_that_is_not_installed_warns_with_the_installed_ones(
+    run_cli, plugin_site
+):
+    _, stderr = _plugins_json(
+        run_cli, plugin_site, env={"ARCHSCOPE_PLUGINS": "archscope-transformr"}
+    )
+    assert (
+        "ARCHSCOPE_PLUGINS names archscope-transformr, which is not an installed plugin; "
+        "installed: "
+    ) in stderr
     assert "archscope-testplugin-good" in stderr.split("installed: ")[1]

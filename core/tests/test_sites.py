@@ -8,8 +8,18 @@ from archscope import Site, SiteError
 from archscope.sites import SiteInfo, resolve
 
 
-@pytest.mark.parametrize("text", ["embed", "final_norm", "logits", "layer_0.residual",
-                                  "layer_12.mlp_hidden", "layer_3.ssm_state", "layer_1.cell"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "embed",
+        "final_norm",
+        "logits",
+        "layer_0.residual",
+        "layer_12.mlp_hidden",
+        "layer_3.ssm_state",
+        "layer_1.cell",
+    ],
+)
 def test_parse_and_format_round_trip(text):
     assert str(Site.parse(text)) == text
     assert Site.parse(Site.parse(text)) == Site.parse(text)
@@ -21,13 +31,16 @@ def test_parsed_fields():
     assert Site.parse("embed").layer is None
 
 
-@pytest.mark.parametrize("bad, fragment", [
-    ("layer_x.residual", "expected 'layer_<i>.<role>'"),
-    ("residual", "'residual' is not a model-level site"),
-    ("layer_1", "'layer_1' is not a model-level site"),
-    ("layer_1.Residual", "expected 'layer_<i>.<role>'"),
-    ("", "expected 'layer_<i>.<role>'"),
-])
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ("layer_x.residual", "expected 'layer_<i>.<role>'"),
+        ("residual", "'residual' is not a model-level site"),
+        ("layer_1", "'layer_1' is not a model-level site"),
+        ("layer_1.Residual", "expected 'layer_<i>.<role>'"),
+        ("", "expected 'layer_<i>.<role>'"),
+    ],
+)
 def test_bad_names_say_what_is_valid(bad, fragment):
     with pytest.raises(SiteError) as err:
         Site.parse(bad)
@@ -46,8 +59,10 @@ def test_negative_layer_rejected():
 
 
 def test_resolve_lists_what_the_backend_has():
-    table = {str(s): SiteInfo(s, "token", ("batch", "seq", "d"), 4)
-             for s in (Site("embed"), Site("residual", 0), Site("residual", 1), Site("mlp", 1))}
+    table = {
+        str(s): SiteInfo(s, "token", ("batch", "seq", "d"), 4)
+        for s in (Site("embed"), Site("residual", 0), Site("residual", 1), Site("mlp", 1))
+    }
     with pytest.raises(SiteError) as err:
         resolve("layer_2.residual", table, "toy")
     message = str(err.value)

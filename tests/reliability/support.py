@@ -12,8 +12,12 @@ def hook_ids(model: Any) -> set[tuple[str, str, int]]:
     """Every forward / pre-forward / backward hook on every module, by module and id."""
     found = set()
     for name, module in model.named_modules():
-        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks"):
+        for kind in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+        ):
             for key in getattr(module, kind, {}):
                 found.add((name, kind, int(key)))
     return found
@@ -26,8 +30,7 @@ def snapshot(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
     return weights, modes
 
 
-def assert_unchanged(model: Any, before: tuple[dict[str, torch.Tensor], dict[str, bool]]
-                     ) -> None:
+def assert_unchanged(model: Any, before: tuple[dict[str, torch.Tensor], dict[str, bool]]) -> None:
     weights, modes = before
     now = model.state_dict()
     assert set(now) == set(weights)
@@ -36,8 +39,9 @@ def assert_unchanged(model: Any, before: tuple[dict[str, torch.Tensor], dict[str
     assert {n: m.training for n, m in model.named_modules()} == modes, "module modes changed"
 
 
-def batch(lengths: list[int], side: str = "right", vocab: int = 100, seed: int = 0
-          ) -> dict[str, torch.Tensor]:
+def batch(
+    lengths: list[int], side: str = "right", vocab: int = 100, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Random ids 4..vocab-1 for rows of ``lengths`` real tokens, padded on ``side`` with 0."""
     g = torch.Generator().manual_seed(seed)
     seq = max(lengths)
@@ -48,5 +52,5 @@ def batch(lengths: list[int], side: str = "right", vocab: int = 100, seed: int =
         if side == "right":
             ids[r, :n], mask[r, :n] = row, 1
         else:
-            ids[r, seq - n:], mask[r, seq - n:] = row, 1
+            ids[r, seq - n :], mask[r, seq - n :] = row, 1
     return {"input_ids": ids, "attention_mask": mask}

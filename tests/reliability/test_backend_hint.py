@@ -14,9 +14,14 @@ import archscope
 from archscope.errors import BackendError, NoBackendError
 
 
-@pytest.mark.parametrize(("name", "hint", "fits"), [("lstm", "transformer", "recurrent"),
-                                                    ("gpt2", "recurrent", "transformer"),
-                                                    ("gpt2", "mamba", "transformer")])
+@pytest.mark.parametrize(
+    ("name", "hint", "fits"),
+    [
+        ("lstm", "transformer", "recurrent"),
+        ("gpt2", "recurrent", "transformer"),
+        ("gpt2", "mamba", "transformer"),
+    ],
+)
 def test_hint_that_cannot_serve_the_model(name: str, hint: str, fits: str) -> None:
     model = arch(name).model
     with pytest.raises(BackendError) as info:  # NoBackendError, or the backend's own class
@@ -38,7 +43,8 @@ def test_unknown_hint_lists_registered_backends() -> None:
 
 
 def test_cli_arch_that_cannot_serve_the_model_exits_1_without_traceback(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from archscope.cli import main
 
     a = arch("gpt2")

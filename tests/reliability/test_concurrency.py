@@ -44,10 +44,8 @@ def _run(backend: Any, inputs: Any, request: dict[str, Any]) -> dict[str, torch.
 
 def _stress(backends: list[Any], model: Any) -> None:
     inputs = batch([6, 4, 5], seed=3)
-    jobs = [(i % len(backends), i % len(_requests(backends[0]))) for i in range(
-        N_THREADS * N_RUNS)]
-    reference = {r: _run(backends[0], inputs, req)
-                 for r, req in enumerate(_requests(backends[0]))}
+    jobs = [(i % len(backends), i % len(_requests(backends[0]))) for i in range(N_THREADS * N_RUNS)]
+    reference = {r: _run(backends[0], inputs, req) for r, req in enumerate(_requests(backends[0]))}
     before, hooks = snapshot(model), hook_ids(model)
     failures: list[str] = []
     barrier = threading.Barrier(N_THREADS)
@@ -62,8 +60,9 @@ def _stress(backends: list[Any], model: Any) -> None:
                 continue
             want = reference[r]
             if set(got) != set(want) or not all(torch.equal(got[k], want[k]) for k in want):
-                failures.append(f"thread {t} request {r}: result differs from the "
-                                "single-threaded reference")
+                failures.append(
+                    f"thread {t} request {r}: result differs from the single-threaded reference"
+                )
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(N_THREADS)]
     for th in threads:

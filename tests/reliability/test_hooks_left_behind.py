@@ -28,8 +28,9 @@ def test_attention_capture_leaves_exactly_the_hooks_the_model_had(kind: str) -> 
     backend = archscope.Backend.for_model(model)
     ids = batch([5, 3])
     clean = backend.run(ids, capture=["logits"]).logits
-    result = backend.run(ids, capture=["layer_0.attn_pattern", "layer_1.attn_pattern",
-                                       "logits"], stop_early=False)
+    result = backend.run(
+        ids, capture=["layer_0.attn_pattern", "layer_1.attn_pattern", "logits"], stop_early=False
+    )
     assert hook_ids(model) == before
     pattern = result["layer_0.attn_pattern"]
     rows = pattern[0].sum(-1)  # probabilities over keys sum to 1 at every real query
@@ -41,4 +42,3 @@ def test_attention_capture_leaves_exactly_the_hooks_the_model_had(kind: str) -> 
 
 def handle_module(model: Any, kind: str) -> str:
     return "transformer.h.0" if kind == "gpt2" else "model.layers.0"
-

@@ -70,14 +70,17 @@ def test_input_limits_are_reported_per_backend(any_arch: Arch) -> None:
     # learned positions (GPT-2's n_positions) and the context a config names (the hybrid's
     # max_position_embeddings); a pure SSM and an RNN have no position limit
     config = getattr(any_arch.model, "config", None)
-    expected = {"gpt2": 64, "mamba": None, "lstm": None,
-                "hybrid": getattr(config, "max_position_embeddings", -1)}[any_arch.name]
+    expected = {
+        "gpt2": 64,
+        "mamba": None,
+        "lstm": None,
+        "hybrid": getattr(config, "max_position_embeddings", -1),
+    }[any_arch.name]
     assert limits.max_positions == expected
 
 
 def test_empty_batch(any_arch: Arch) -> None:
-    _refused_before_forward(any_arch, torch.zeros(0, 4, dtype=torch.long),
-                            r"no rows.*\(0, 4\)")
+    _refused_before_forward(any_arch, torch.zeros(0, 4, dtype=torch.long), r"no rows.*\(0, 4\)")
 
 
 def test_meta_device_model() -> None:

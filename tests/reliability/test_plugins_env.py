@@ -11,8 +11,7 @@ import pytest
 import archscope.plugins as plugins
 
 
-def test_unknown_plugin_name_warns_with_installed_names(monkeypatch: pytest.MonkeyPatch
-                                                       ) -> None:
+def test_unknown_plugin_name_warns_with_installed_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ARCHSCOPE_PLUGINS", "archscope-transformer,no-such-plugin")
     try:
         with warnings.catch_warnings(record=True) as caught:

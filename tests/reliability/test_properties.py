@@ -55,20 +55,29 @@ class Case:
 
 
 def cases(backend: Any) -> st.SearchStrategy[Case]:
-    writable = [n for n, i in backend.sites().items() if i.writable and i.kind == "token"
-                and n != "logits"]
+    writable = [
+        n for n, i in backend.sites().items() if i.writable and i.kind == "token" and n != "logits"
+    ]
     sites = st.sampled_from([*writable, "layer_9.residual", "layer_0.nope"])
     positions = st.one_of(
-        st.none(), st.integers(-8, 8), st.lists(st.integers(-8, 8), min_size=1, max_size=2),
+        st.none(),
+        st.integers(-8, 8),
+        st.lists(st.integers(-8, 8), min_size=1, max_size=2),
         st.builds(slice, st.integers(-8, 8) | st.none(), st.integers(-8, 8) | st.none()),
-        st.just("last"))
+        st.just("last"),
+    )
     units = st.none() | st.lists(st.integers(-40, 40), min_size=1, max_size=3, unique=True)
     return st.builds(
-        Case, lengths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
-        side=st.sampled_from(["right", "left"]), site=sites,
-        op=st.sampled_from(["replace", "add", "scale"]), positions=positions, units=units,
+        Case,
+        lengths=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+        side=st.sampled_from(["right", "left"]),
+        site=sites,
+        op=st.sampled_from(["replace", "add", "scale"]),
+        positions=positions,
+        units=units,
         value=st.sampled_from(["float", "zero_d", "vector", "wrong_vector", "identity"]),
-        dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64]))
+        dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.int64]),
+    )
 
 
 def _selected_positions(case: Case, mask: torch.Tensor) -> list[list[int]] | None:
@@ -95,8 +104,11 @@ def _operand(case: Case, n_units: int) -> Any:
     if case.value == "float":
         return 0.5
     if case.value == "zero_d":
-        return torch.tensor(2, dtype=case.dtype) if case.dtype == torch.int64 else torch.tensor(
-            0.5, dtype=case.dtype)
+        return (
+            torch.tensor(2, dtype=case.dtype)
+            if case.dtype == torch.int64
+            else torch.tensor(0.5, dtype=case.dtype)
+        )
     size = n_units if case.value == "vector" else n_units + 1
     return torch.arange(size, dtype=case.dtype) - size // 2
 
@@ -112,8 +124,9 @@ def _expected_valid(case: Case, backend: Any, mask: torch.Tensor) -> bool:
     return case.value != "wrong_vector" and _selected_positions(case, mask) is not None
 
 
-def _hand_edit(clean: torch.Tensor, case: Case, operand: Any, rows: list[list[int]]
-               ) -> torch.Tensor:
+def _hand_edit(
+    clean: torch.Tensor, case: Case, operand: Any, rows: list[list[int]]
+) -> torch.Tensor:
     out = clean.clone()
     d = clean.shape[-1]
     units = list(range(d)) if case.units is None else sorted({u % d for u in case.units})
@@ -154,8 +167,7 @@ def check(name: str, case: Case) -> str:
         edit = Edit(case.site, case.op, operand, case.positions, case.units)  # type: ignore[arg-type]
     before, hooks = snapshot(model), hook_ids(model)
     try:
-        result = backend.run(inputs, capture=[case.site, "logits"], edits=[edit],
-                             stop_early=False)
+        result = backend.run(inputs, capture=[case.site, "logits"], edits=[edit], stop_early=False)
     except ArchscopeError as exc:
         assert not valid, f"valid request refused: {type(exc).__name__}: {exc}"
         outcome = "error"
@@ -182,9 +194,9 @@ def check(name: str, case: Case) -> str:
                 assert torch.allclose(got[keep], want[keep], atol=1e-5), "edited site differs"
                 keep_logits = real.clone()
                 keep_logits[first:] = False
-                assert torch.allclose(result.logits[r][keep_logits],
-                                      clean.logits[r][keep_logits], atol=1e-5), \
-                    "logits before the first edited position changed"
+                assert torch.allclose(
+                    result.logits[r][keep_logits], clean.logits[r][keep_logits], atol=1e-5
+                ), "logits before the first edited position changed"
     assert hook_ids(model) == hooks
     assert_unchanged(model, before)
     return outcome
@@ -198,9 +210,14 @@ def test_run_is_a_typed_error_or_the_reference(name: str) -> None:
     _, backend = _family(name)
     counts = COUNTS.setdefault(name, {"error": 0, "result": 0})
 
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
-              phases=[Phase.explicit, Phase.generate],  # no shrinking: keeps failures fast
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],  # no shrinking: keeps failures fast
+        suppress_health_check=[HealthCheck.too_slow],
+    )
     @given(cases(backend))
     def prop(case: Case) -> None:
         counts[check(name, case)] += 1

@@ -32,8 +32,9 @@ def test_edit_slice_partly_inside_edits_the_inside_part(any_arch: Arch) -> None:
     b, site = any_arch.backend, _site(any_arch)
     ids = batch([5])
     clean = b.run(ids, capture=[site])[site]
-    edited = b.run(ids, capture=[site], edits=[Edit.replace(site, 0.0,
-                                                               positions=slice(3, 50))])[site]
+    edited = b.run(ids, capture=[site], edits=[Edit.replace(site, 0.0, positions=slice(3, 50))])[
+        site
+    ]
     assert torch.equal(edited[:, :3], clean[:, :3])
     assert bool((edited[:, 3:] == 0).all())
 
@@ -42,11 +43,11 @@ def test_zero_dim_tensor_value_acts_like_the_float(any_arch: Arch) -> None:
     b, site = any_arch.backend, _site(any_arch)
     ids = batch([4, 6])
     with_float = b.run(ids, capture=["logits"], edits=[Edit.scale(site, 0.5)]).logits
-    with_tensor = b.run(ids, capture=["logits"],
-                        edits=[Edit.scale(site, torch.tensor(0.5))]).logits
+    with_tensor = b.run(ids, capture=["logits"], edits=[Edit.scale(site, torch.tensor(0.5))]).logits
     assert torch.equal(with_float, with_tensor)
-    added = b.run(ids, capture=[site], edits=[Edit.add(site, torch.tensor(2.0),
-                                                         positions=[0])])[site]
+    added = b.run(ids, capture=[site], edits=[Edit.add(site, torch.tensor(2.0), positions=[0])])[
+        site
+    ]
     clean = b.run(ids, capture=[site])[site]
     assert torch.allclose(added[:, 0], clean[:, 0] + 2.0)
 
@@ -55,16 +56,19 @@ def test_fractional_float_mask_refused(any_arch: Arch) -> None:
     ids = batch([5, 5])
     mask = torch.ones(2, 5) * 0.5
     with pytest.raises(InputError, match=r"attention_mask.*0 and 1.*0\.5"):
-        any_arch.backend.run({"input_ids": ids["input_ids"], "attention_mask": mask},
-                             capture=["logits"])
+        any_arch.backend.run(
+            {"input_ids": ids["input_ids"], "attention_mask": mask}, capture=["logits"]
+        )
 
 
 def test_float_mask_of_zeros_and_ones_accepted(any_arch: Arch) -> None:
     ids = batch([5, 3])
     b = any_arch.backend
     as_int = b.run(ids, capture=["logits"]).logits
-    as_float = b.run({"input_ids": ids["input_ids"],
-                      "attention_mask": ids["attention_mask"].float()}, capture=["logits"]).logits
+    as_float = b.run(
+        {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"].float()},
+        capture=["logits"],
+    ).logits
     assert torch.equal(as_int, as_float)
 
 

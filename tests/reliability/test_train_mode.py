@@ -60,8 +60,11 @@ def test_train_mode_model_runs_in_inference_mode_and_keeps_its_mode(name: str) -
     backend = archscope.Backend.for_model(model)
     assert backend.inference is True
     seen: list[bool] = []
-    handles = [m.register_forward_pre_hook(lambda mod, a: seen.append(mod.training))
-               for m in model.modules() if not next(m.children(), None)]
+    handles = [
+        m.register_forward_pre_hook(lambda mod, a: seen.append(mod.training))
+        for m in model.modules()
+        if not next(m.children(), None)
+    ]
     try:
         first = backend.run(ids, capture=["logits"]).logits
         second = backend.run(ids, capture=["logits"]).logits
@@ -98,6 +101,9 @@ def test_mode_restored_when_the_run_fails() -> None:
     with pytest.raises(archscope.errors.ArchscopeError):
         backend.run(batch([3]), capture=["layer_9.residual"])
     with pytest.raises(archscope.errors.SiteError):
-        backend.run(batch([3]), capture=["logits"],
-                    edits=[archscope.Edit.add("layer_0.residual", torch.zeros(5))])
+        backend.run(
+            batch([3]),
+            capture=["logits"],
+            edits=[archscope.Edit.add("layer_0.residual", torch.zeros(5))],
+        )
     assert all(m.training for m in model.modules())

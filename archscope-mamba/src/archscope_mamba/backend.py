@@ -40,20 +40,37 @@ if TYPE_CHECKING:
     import torch
 
 # Names that lived here before the backend was split by concept (kept importable from here).
-__all__ = ["ATTN_PATHS", "EMBED_PATHS", "FINAL_NORM_PATHS", "MLP_PATHS", "SSM_PATHS",
-           "STACK_PATHS", "LayerMap", "MambaBackend", "NativeInferenceParams", "describe_layer",
-           "find_stack", "is_native", "is_ssm_mixer", "output_cache", "read_cache_state",
-           "roll_rows"]
+__all__ = [
+    "ATTN_PATHS",
+    "EMBED_PATHS",
+    "FINAL_NORM_PATHS",
+    "MLP_PATHS",
+    "SSM_PATHS",
+    "STACK_PATHS",
+    "LayerMap",
+    "MambaBackend",
+    "NativeInferenceParams",
+    "describe_layer",
+    "find_stack",
+    "is_native",
+    "is_ssm_mixer",
+    "output_cache",
+    "read_cache_state",
+    "roll_rows",
+]
 
 
 class MambaBackend(HookBackend):
     """Sites of Mamba / Mamba-2 stacks and hybrid SSM/attention stacks."""
 
     name = "mamba"
-    description = ("state-space and hybrid models: HF Mamba, Mamba-2, Falcon-Mamba, Jamba, Bamba, "
-                   "Zamba2, Falcon-H1, GraniteMoeHybrid, Nemotron-H; native mamba_ssm")
-    capabilities = frozenset({"residual", "components", "unembed", "logits", "recurrent_state",
-                              "state_patch", "edit"})
+    description = (
+        "state-space and hybrid models: HF Mamba, Mamba-2, Falcon-Mamba, Jamba, Bamba, "
+        "Zamba2, Falcon-H1, GraniteMoeHybrid, Nemotron-H; native mamba_ssm"
+    )
+    capabilities = frozenset(
+        {"residual", "components", "unembed", "logits", "recurrent_state", "state_patch", "edit"}
+    )
     priority = 10
     padding = "both"
 
@@ -80,16 +97,19 @@ class MambaBackend(HookBackend):
             )
         self.stack_path, self.blocks = stack
         self.native = is_native(model)
-        self.base = _get(model, self.stack_path.rsplit(".", 1)[0]) if "." in self.stack_path \
-            else model
+        self.base = (
+            _get(model, self.stack_path.rsplit(".", 1)[0]) if "." in self.stack_path else model
+        )
         self.layers = [describe_layer(i, b) for i, b in enumerate(self.blocks)]
         self.lm_head = _get(model, "lm_head")
         if self.lm_head is None and hasattr(model, "get_output_embeddings"):
             self.lm_head = model.get_output_embeddings()
-        self.final_norm = next((m for m in (_get(self.base, p) for p in FINAL_NORM_PATHS)
-                                if m is not None), None)
-        self.embedding = next((m for m in (_get(self.base, p) for p in EMBED_PATHS)
-                               if m is not None), None)
+        self.final_norm = next(
+            (m for m in (_get(self.base, p) for p in FINAL_NORM_PATHS) if m is not None), None
+        )
+        self.embedding = next(
+            (m for m in (_get(self.base, p) for p in EMBED_PATHS) if m is not None), None
+        )
         super().__init__(model)
         # Continuing from a swapped state needs every layer's state; attention layers would
         # also need their key/value cache, which is not a site (and HF hybrids' caches do not
@@ -132,8 +152,9 @@ class MambaBackend(HookBackend):
             )
         from archscope.guards import check_width
 
-        check_width(residual, self.site_info(self.layer_names()[-1]).dim,
-                    f"backend {self.name!r} unembed")
+        check_width(
+            residual, self.site_info(self.layer_names()[-1]).dim, f"backend {self.name!r} unembed"
+        )
         normed = self.final_norm(residual.to(dtype=self.final_norm.weight.dtype))
         logits = self.lm_head(normed)
         scale = getattr(self.base, "lm_head_multiplier", None)  # Falcon-H1
@@ -174,16 +195,19 @@ class MambaBackend(HookBackend):
             ids = ctx.batch["input_ids"]
             if not plan.wants_state:
                 return self.model(ids)
-            plan.cache = NativeInferenceParams(max_seqlen=int(ids.shape[1]),
-                                               max_batch_size=int(ids.shape[0]))
+            plan.cache = NativeInferenceParams(
+                max_seqlen=int(ids.shape[1]), max_batch_size=int(ids.shape[0])
+            )
             output = self.model(ids, inference_params=plan.cache)
             native_states_of_padded_rows(self, ctx, plan)
             return output
 
         batch = ctx.batch
         if plan.shift is not None:
-            ctx.batch = {k: roll_rows(v, plan.shift) if k in ("input_ids", "attention_mask")
-                         else v for k, v in batch.items()}
+            ctx.batch = {
+                k: roll_rows(v, plan.shift) if k in ("input_ids", "attention_mask") else v
+                for k, v in batch.items()
+            }
         inputs = dict(ctx.batch)
         mask = inputs.get("attention_mask")
         if mask is not None and bool(mask.all()):
@@ -216,4 +240,3 @@ class MambaBackend(HookBackend):
     def final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
         self.require("state_patch")
         return read_states(self, self._plan(ctx), self.state_sites)
-

@@ -29,21 +29,28 @@ def continue_from_state(backend: MambaBackend, ctx: RunContext, plan: _Plan) -> 
 
     backend.require("state_patch")
     ids = ctx.batch["input_ids"]
-    plan.cache = cache_from_state(backend, ctx.initial_state or {}, int(ids.shape[0]),
-                                        int(ids.shape[1]))
-    token_sites = [n for n in ctx.capture if backend._table[n][0].kind == "token"
-                   and backend._table[n][1] is not None]
+    plan.cache = cache_from_state(
+        backend, ctx.initial_state or {}, int(ids.shape[0]), int(ids.shape[1])
+    )
+    token_sites = [
+        n
+        for n in ctx.capture
+        if backend._table[n][0].kind == "token" and backend._table[n][1] is not None
+    ]
     collected: dict[str, list[torch.Tensor]] = {n: [] for n in token_sites}
     logits: list[torch.Tensor] = []
     for t in range(plan.steps):
         plan.step = t
         try:
             if backend.native:
-                out = backend.model(ids[:, t: t + 1], inference_params=plan.cache)
+                out = backend.model(ids[:, t : t + 1], inference_params=plan.cache)
                 plan.cache.seqlen_offset += 1
             else:
-                out = backend.model(input_ids=ids[:, t: t + 1], use_cache=True,
-                                 **{cache_argument(backend.model): plan.cache})
+                out = backend.model(
+                    input_ids=ids[:, t : t + 1],
+                    use_cache=True,
+                    **{cache_argument(backend.model): plan.cache},
+                )
                 plan.cache = output_cache(out) or plan.cache
             step_logits = backend.logits_of(out)
             if step_logits is not None:
@@ -56,12 +63,12 @@ def continue_from_state(backend: MambaBackend, ctx: RunContext, plan: _Plan) -> 
     for name, parts in collected.items():
         if len(parts) == plan.steps:
             ctx.store[name] = torch.cat(parts, dim=1)
-    return _Continued(torch.cat(logits, dim=1) if len(logits) == plan.steps else None,
-                      plan.cache)
+    return _Continued(torch.cat(logits, dim=1) if len(logits) == plan.steps else None, plan.cache)
 
 
-def cache_from_state(backend: MambaBackend, state: Mapping[str, torch.Tensor], batch: int,
-                     steps: int) -> Any:
+def cache_from_state(
+    backend: MambaBackend, state: Mapping[str, torch.Tensor], batch: int, steps: int
+) -> Any:
     """A cache holding ``state`` (every state site, checked), ready to decode ``steps`` tokens."""
     names = backend.state_sites
     given = {str(Site.parse(k)): v for k, v in state.items()}
@@ -77,27 +84,31 @@ def cache_from_state(backend: MambaBackend, state: Mapping[str, torch.Tensor], b
     for name in names:
         expected = (batch, *cast("tuple[int, ...]", backend._table[name][0].extra["size"]))
         if tuple(given[name].shape) != expected:
-            raise SiteError(f"initial_state[{name!r}] has shape {tuple(given[name].shape)}; "
-                            f"expected {expected} (batch of the suffix, then the site shape)")
+            raise SiteError(
+                f"initial_state[{name!r}] has shape {tuple(given[name].shape)}; "
+                f"expected {expected} (batch of the suffix, then the site shape)"
+            )
     device = backend.device
     if backend.native:
-        cache = NativeInferenceParams(max_seqlen=steps, max_batch_size=batch,
-                                      seqlen_offset=1)
+        cache = NativeInferenceParams(max_seqlen=steps, max_batch_size=batch, seqlen_offset=1)
         for layer in backend.ssm_layers:
             i = layer.index
             cache.key_value_memory_dict[layer.cache_index] = (
                 given[f"layer_{i}.conv_state"].to(device).clone(),
-                given[f"layer_{i}.ssm_state"].to(device).clone())
+                given[f"layer_{i}.ssm_state"].to(device).clone(),
+            )
         return cache
     from transformers import DynamicCache
 
     hf_cache = DynamicCache(config=backend.model.config)
     for layer in backend.ssm_layers:
         i = layer.index
-        hf_cache.update_conv_state(given[f"layer_{i}.conv_state"].to(device).clone(),
-                                   layer.cache_index)
-        hf_cache.update_recurrent_state(given[f"layer_{i}.ssm_state"].to(device).clone(),
-                                        layer.cache_index)
+        hf_cache.update_conv_state(
+            given[f"layer_{i}.conv_state"].to(device).clone(), layer.cache_index
+        )
+        hf_cache.update_recurrent_state(
+            given[f"layer_{i}.ssm_state"].to(device).clone(), layer.cache_index
+        )
     return hf_cache
 
 

@@ -70,9 +70,11 @@ def native_states_of_padded_rows(backend: MambaBackend, ctx: RunContext, plan: _
                 continue
             ctx.store = {}
             alone = NativeInferenceParams(max_seqlen=int(n), max_batch_size=1)
-            backend.model(ctx.batch["input_ids"][row: row + 1, : int(n)], inference_params=alone)
+            backend.model(ctx.batch["input_ids"][row : row + 1, : int(n)], inference_params=alone)
             for index, states in alone.key_value_memory_dict.items():
-                for full, single in zip(plan.cache.key_value_memory_dict[index], states, strict=True):
+                for full, single in zip(
+                    plan.cache.key_value_memory_dict[index], states, strict=True
+                ):
                     full[row] = single[0]
     finally:
         ctx.store = store

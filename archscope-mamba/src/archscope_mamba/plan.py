@@ -95,7 +95,7 @@ def wrap_edit(edit: Edit, info: SiteInfo, plan: _Plan) -> Edit:
         full = value.new_zeros((value.shape[0], plan.steps, *value.shape[2:]))
         full[:, plan.step] = value[:, 0]
         mask = torch.ones(full.shape[:2], dtype=torch.long, device=value.device)
-        return apply_edit(full, edit, info, mask)[:, plan.step: plan.step + 1]
+        return apply_edit(full, edit, info, mask)[:, plan.step : plan.step + 1]
 
     return Edit.apply(edit.site, one_step)
 

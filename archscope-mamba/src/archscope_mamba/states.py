@@ -14,12 +14,13 @@ if TYPE_CHECKING:
     from .plan import _Plan
 
 
-def read_states(backend: MambaBackend, plan: _Plan, names: list[str]
-                ) -> dict[str, torch.Tensor]:
+def read_states(backend: MambaBackend, plan: _Plan, names: list[str]) -> dict[str, torch.Tensor]:
     """The recurrent states ``names`` from the cache the run left in ``plan``."""
     if plan.cache is None:
-        raise BackendError(f"backend {backend.name!r}: the forward pass returned no cache, so "
-                           f"{names} cannot be read")
+        raise BackendError(
+            f"backend {backend.name!r}: the forward pass returned no cache, so "
+            f"{names} cannot be read"
+        )
     out = {}
     for name in names:
         layer = backend._layer_of_state(name)

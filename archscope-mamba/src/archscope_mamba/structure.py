@@ -26,8 +26,15 @@ EMBED_PATHS = ("embeddings", "embed_tokens", "embedding")
 FINAL_NORM_PATHS = ("norm_f", "final_layernorm", "norm")
 
 #: Site order inside layer i is ``1 + 10 * i + offset`` (forward order, for stopping early).
-_ORDER = {"attn_first": 1, "mixer": 2, "attn": 3, "mlp": 4, "residual": 5, "ssm_state": 6,
-          "conv_state": 7}
+_ORDER = {
+    "attn_first": 1,
+    "mixer": 2,
+    "attn": 3,
+    "mlp": 4,
+    "residual": 5,
+    "ssm_state": 6,
+    "conv_state": 7,
+}
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -44,8 +51,11 @@ def _get(obj: Any, path: str) -> Any:
 def is_ssm_mixer(module: Any) -> bool:
     """A selective-SSM mixer: ``A_log`` and ``conv1d``, and ``dt_bias`` (Mamba-2) or
     ``dt_proj`` (Mamba)."""
-    return (_get(module, "A_log") is not None and _get(module, "conv1d") is not None
-            and (_get(module, "dt_bias") is not None or _get(module, "dt_proj") is not None))
+    return (
+        _get(module, "A_log") is not None
+        and _get(module, "conv1d") is not None
+        and (_get(module, "dt_bias") is not None or _get(module, "dt_proj") is not None)
+    )
 
 
 def _is_attention(module: Any) -> bool:
@@ -90,9 +100,9 @@ def is_native(model: Any) -> bool:
     if stack is None:
         return False
     first = next(iter(stack[1]))
-    return (type(model).__module__.startswith("mamba_ssm")
-            or (_get(model, "backbone.embedding") is not None
-                and hasattr(first, "fused_add_norm")))
+    return type(model).__module__.startswith("mamba_ssm") or (
+        _get(model, "backbone.embedding") is not None and hasattr(first, "fused_add_norm")
+    )
 
 
 # -- per-layer description ---------------------------------------------------------------------
@@ -117,12 +127,17 @@ def describe_layer(i: int, block: Any) -> LayerMap:
     if _get(block, "shared_transformer") is not None and _get(block, "linear") is not None:
         layer.attn = "linear"  # Zamba2 hybrid layer
     else:
-        layer.attn = next((p for p in ATTN_PATHS if p not in used and p != "linear"
-                           and _is_attention(_get(block, p))), None)
+        layer.attn = next(
+            (
+                p
+                for p in ATTN_PATHS
+                if p not in used and p != "linear" and _is_attention(_get(block, p))
+            ),
+            None,
+        )
     used.add(layer.attn)
     if _get(block, "block_sparse_moe") is None:  # GraniteMoeHybrid with experts: no one module
-        layer.mlp = next((p for p in MLP_PATHS if p not in used and _is_mlp(_get(block, p))),
-                         None)
+        layer.mlp = next((p for p in MLP_PATHS if p not in used and _is_mlp(_get(block, p))), None)
     if layer.ssm is not None:
         mixer = _get(block, layer.ssm)
         layer.cache_index = int(getattr(mixer, "layer_idx", i))
@@ -146,7 +161,6 @@ def _first_attr(obj: Any, names: tuple[str, ...]) -> Any:
     raise BackendError(f"{type(obj).__name__} has none of the attributes {names}")
 
 
-
 def build_site_table(backend: MambaBackend) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
     """The site table of ``backend``: each layer's sub-layers, its residual stream and its
     recurrent states (read from the cache, so without a hookpoint), in forward order."""
@@ -154,11 +168,27 @@ def build_site_table(backend: MambaBackend) -> dict[str, tuple[SiteInfo, Hookpoi
     tok = ("batch", "seq", "d_model")
     table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
 
-    def add(name: str, kind: str, shape: tuple[str, ...], dim: int, order: float,
-            hp: Hookpoint | None, writable: bool = True, desc: str = "",
-            **extra: Any) -> None:
-        info = SiteInfo(Site.parse(name), kind, shape, dim, writable=writable,
-                        order=order, description=desc, extra=extra)
+    def add(
+        name: str,
+        kind: str,
+        shape: tuple[str, ...],
+        dim: int,
+        order: float,
+        hp: Hookpoint | None,
+        writable: bool = True,
+        desc: str = "",
+        **extra: Any,
+    ) -> None:
+        info = SiteInfo(
+            Site.parse(name),
+            kind,
+            shape,
+            dim,
+            writable=writable,
+            order=order,
+            description=desc,
+            extra=extra,
+        )
         table[name] = (info, hp)
 
     config = getattr(backend.model, "config", None)
@@ -173,27 +203,74 @@ def build_site_table(backend: MambaBackend) -> dict[str, tuple[SiteInfo, Hookpoi
         i, base = layer.index, 1 + 10 * layer.index
         if layer.attn is not None:
             offset = _ORDER["attn_first"] if layer.attn == "linear" else _ORDER["attn"]
-            add(f"layer_{i}.attn", "token", tok, d, base + offset,
-                Hookpoint(_get(layer.block, layer.attn)), desc="attention sub-layer output")
+            add(
+                f"layer_{i}.attn",
+                "token",
+                tok,
+                d,
+                base + offset,
+                Hookpoint(_get(layer.block, layer.attn)),
+                desc="attention sub-layer output",
+            )
         if layer.ssm is not None:
-            add(f"layer_{i}.mixer", "token", tok, d, base + _ORDER["mixer"],
-                Hookpoint(_get(layer.block, layer.ssm)), desc="SSM mixer output")
+            add(
+                f"layer_{i}.mixer",
+                "token",
+                tok,
+                d,
+                base + _ORDER["mixer"],
+                Hookpoint(_get(layer.block, layer.ssm)),
+                desc="SSM mixer output",
+            )
         if layer.mlp is not None:
-            add(f"layer_{i}.mlp", "token", tok, d, base + _ORDER["mlp"],
-                Hookpoint(_get(layer.block, layer.mlp)), desc="MLP / MoE output")
-        add(f"layer_{i}.residual", "token", tok, d, base + _ORDER["residual"],
-            Hookpoint(layer.block, index=0), desc="residual stream after the block")
+            add(
+                f"layer_{i}.mlp",
+                "token",
+                tok,
+                d,
+                base + _ORDER["mlp"],
+                Hookpoint(_get(layer.block, layer.mlp)),
+                desc="MLP / MoE output",
+            )
+        add(
+            f"layer_{i}.residual",
+            "token",
+            tok,
+            d,
+            base + _ORDER["residual"],
+            Hookpoint(layer.block, index=0),
+            desc="residual stream after the block",
+        )
         if layer.ssm is not None:
             kind, *sizes = layer.state_shape
-            shape = (("batch", "d_inner", "d_state") if kind == "mamba"
-                     else ("batch", "heads", "head_dim", "d_state"))
+            shape = (
+                ("batch", "d_inner", "d_state")
+                if kind == "mamba"
+                else ("batch", "heads", "head_dim", "d_state")
+            )
             # States are set through run(initial_state=...) / state_patch, not edits.
-            add(f"layer_{i}.ssm_state", "state", shape, sizes[-1], base + _ORDER["ssm_state"],
-                None, writable=False, desc="SSM state after the last real token", size=tuple(sizes))
-            add(f"layer_{i}.conv_state", "state", ("batch", "channels", "kernel"),
-                layer.conv_shape[1], base + _ORDER["conv_state"], None, writable=False,
+            add(
+                f"layer_{i}.ssm_state",
+                "state",
+                shape,
+                sizes[-1],
+                base + _ORDER["ssm_state"],
+                None,
+                writable=False,
+                desc="SSM state after the last real token",
+                size=tuple(sizes),
+            )
+            add(
+                f"layer_{i}.conv_state",
+                "state",
+                ("batch", "channels", "kernel"),
+                layer.conv_shape[1],
+                base + _ORDER["conv_state"],
+                None,
+                writable=False,
                 desc="causal-conv input window after the last real token",
-                size=layer.conv_shape)
+                size=layer.conv_shape,
+            )
 
     end = 1 + 10 * len(backend.layers)
     if backend.native and backend.lm_head is not None:
@@ -203,6 +280,14 @@ def build_site_table(backend: MambaBackend) -> dict[str, tuple[SiteInfo, Hookpoi
         add("final_norm", "token", tok, d, end, Hookpoint(backend.final_norm))
     if backend.lm_head is not None:
         vocab = int(backend.lm_head.weight.shape[0])
-        add("logits", "token", ("batch", "seq", "vocab"), vocab, end + 1, None,
-            writable=False, desc="output logits")
+        add(
+            "logits",
+            "token",
+            ("batch", "seq", "vocab"),
+            vocab,
+            end + 1,
+            None,
+            writable=False,
+            desc="output logits",
+        )
     return table

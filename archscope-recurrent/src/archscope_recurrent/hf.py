@@ -8,5 +8,12 @@ from .hf_shared import Family, StateTensor, _HFRecurrentBackend
 from .rwkv import RWKV, RWKVBackend
 from .xlstm import XLSTM, XLSTMBackend
 
-__all__ = ["RWKV", "XLSTM", "Family", "RWKVBackend", "StateTensor", "XLSTMBackend",
-           "_HFRecurrentBackend"]
+__all__ = [
+    "RWKV",
+    "XLSTM",
+    "Family",
+    "RWKVBackend",
+    "StateTensor",
+    "XLSTMBackend",
+    "_HFRecurrentBackend",
+]

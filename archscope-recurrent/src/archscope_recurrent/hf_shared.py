@@ -56,24 +56,35 @@ class _HFRecurrentBackend(HookBackend):
 
     family: ClassVar[Family]
     edits_unhooked = True  # state edits are applied to the cache's final states
-    capabilities = frozenset({"residual", "components", "unembed", "logits", "recurrent_state",
-                              "state_patch", "edit"})
+    capabilities = frozenset(
+        {"residual", "components", "unembed", "logits", "recurrent_state", "state_patch", "edit"}
+    )
     padding = "right"
 
     def __init__(self, model: Any) -> None:
-        missing = [p for p in (self.family.blocks, self.family.embeddings,
-                               self.family.final_norm, self.family.head)
-                   if find_module(model, p) is None]
+        missing = [
+            p
+            for p in (
+                self.family.blocks,
+                self.family.embeddings,
+                self.family.final_norm,
+                self.family.head,
+            )
+            if find_module(model, p) is None
+        ]
         if missing:
-            raise BackendError(f"{type(model).__qualname__} has no {', '.join(missing)}: backend "
-                               f"{self.family.name!r} serves {self.family.module} causal LMs")
+            raise BackendError(
+                f"{type(model).__qualname__} has no {', '.join(missing)}: backend "
+                f"{self.family.name!r} serves {self.family.module} causal LMs"
+            )
         super().__init__(model)
 
     @classmethod
     def can_handle(cls, model: Any) -> float | None:
         model_cls = type(model)
-        if model_cls.__module__.startswith(cls.family.module) and \
-                model_cls.__name__.endswith("ForCausalLM"):
+        if model_cls.__module__.startswith(cls.family.module) and model_cls.__name__.endswith(
+            "ForCausalLM"
+        ):
             return Confidence.KNOWN
         return None
 
@@ -86,38 +97,100 @@ class _HFRecurrentBackend(HookBackend):
         d = self._part(f.embeddings).embedding_dim
         table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
 
-        def add(site: Site, kind: str, shape: tuple[str, ...], dim: int, order: float,
-                hp: Hookpoint | None, desc: str, writable: bool = True) -> None:
-            table[str(site)] = (SiteInfo(site, kind, shape, dim, writable,
-                                         order, desc), hp)
+        def add(
+            site: Site,
+            kind: str,
+            shape: tuple[str, ...],
+            dim: int,
+            order: float,
+            hp: Hookpoint | None,
+            desc: str,
+            writable: bool = True,
+        ) -> None:
+            table[str(site)] = (SiteInfo(site, kind, shape, dim, writable, order, desc), hp)
 
         tok = ("batch", "seq", "d_model")
-        add(Site("embed"), "token", tok, d, 0, Hookpoint(self._part(f.embeddings)),
-            "embedding output")
+        add(
+            Site("embed"),
+            "token",
+            tok,
+            d,
+            0,
+            Hookpoint(self._part(f.embeddings)),
+            "embedding output",
+        )
         state = self._state_example()
         for i, block in enumerate(blocks):
             o = 10.0 * (i + 1)
-            add(Site("mixer", i), "token", tok, d, o + 1, Hookpoint(getattr(block, f.mixer)),
-                f"sequence-mixer output added to the residual ({f.blocks}.{i}.{f.mixer})")
-            add(Site("mlp", i), "token", tok, d, o + 2, Hookpoint(getattr(block, f.mlp)),
-                f"channel-mix / feed-forward output added to the residual ({f.blocks}.{i}.{f.mlp})")
-            add(Site("residual", i), "token", tok, d, o + 3, Hookpoint(block),
-                f"residual stream after block {i}")
+            add(
+                Site("mixer", i),
+                "token",
+                tok,
+                d,
+                o + 1,
+                Hookpoint(getattr(block, f.mixer)),
+                f"sequence-mixer output added to the residual ({f.blocks}.{i}.{f.mixer})",
+            )
+            add(
+                Site("mlp", i),
+                "token",
+                tok,
+                d,
+                o + 2,
+                Hookpoint(getattr(block, f.mlp)),
+                f"channel-mix / feed-forward output added to the residual ({f.blocks}.{i}.{f.mlp})",
+            )
+            add(
+                Site("residual", i),
+                "token",
+                tok,
+                d,
+                o + 3,
+                Hookpoint(block),
+                f"residual stream after block {i}",
+            )
             for spec, value in zip(f.states, state[i], strict=True):
-                add(Site(spec.role, i), "state", spec.shape, int(value.shape[-1]), o + 4, None,
-                    spec.description + "; after the last token; start from one: initial_state=")
-            add(Site("state", i), "state", ("batch", "d_state"),
-                sum(v[0].numel() for v in state[i]), o + 5, None,
+                add(
+                    Site(spec.role, i),
+                    "state",
+                    spec.shape,
+                    int(value.shape[-1]),
+                    o + 4,
+                    None,
+                    spec.description + "; after the last token; start from one: initial_state=",
+                )
+            add(
+                Site("state", i),
+                "state",
+                ("batch", "d_state"),
+                sum(v[0].numel() for v in state[i]),
+                o + 5,
+                None,
                 f"the whole state ({', '.join(s.role for s in f.states)}) flattened and "
-                "concatenated: one vector per sequence (read-only)", writable=False)
+                "concatenated: one vector per sequence (read-only)",
+                writable=False,
+            )
         end = 10.0 * (len(blocks) + 1)
-        add(Site("final_norm"), "token", tok, d, end, Hookpoint(self._part(f.final_norm)),
-            "final normalised residual")
+        add(
+            Site("final_norm"),
+            "token",
+            tok,
+            d,
+            end,
+            Hookpoint(self._part(f.final_norm)),
+            "final normalised residual",
+        )
         head = self._part(f.head)
-        add(Site("logits"), "token", ("batch", "seq", "vocab"), head.out_features, end + 1,
+        add(
+            Site("logits"),
+            "token",
+            ("batch", "seq", "vocab"),
+            head.out_features,
+            end + 1,
             Hookpoint(head) if f.head_is_logits else None,
             "output logits" if f.head_is_logits else "output logits (soft-capped; read-only)",
-            writable=f.head_is_logits)
+            writable=f.head_is_logits,
+        )
         return table
 
     # -- what each family does differently ---------------------------------------------------
@@ -133,9 +206,11 @@ class _HFRecurrentBackend(HookBackend):
 
     # -- engine overrides ------------------------------------------------------------------------
     def padding_message(self, side: str) -> str:
-        return (f"{self.family.name} ignores attention_mask, so archscope supports right padding "
-                f"only (real tokens first, then pads); this batch is {side}-padded. Pad on the "
-                "right (tokenizer.padding_side = 'right')")
+        return (
+            f"{self.family.name} ignores attention_mask, so archscope supports right padding "
+            f"only (real tokens first, then pads); this batch is {side}-padded. Pad on the "
+            "right (tokenizer.padding_side = 'right')"
+        )
 
     def execute(self, request: RunRequest) -> RunResult:
         """The engine's execute; on a right-padded batch of unequal lengths the final state is
@@ -153,20 +228,34 @@ class _HFRecurrentBackend(HookBackend):
                 "apply edits of token sites; run rows of equal length (or one row) when editing "
                 f"and reading the state (row lengths {sorted(set(lengths.tolist()))})"
             )
-        result = super().execute(replace(request, capture=[n for n in capture if n not in states],
-                                         edits={}, return_state=False))
-        ctx = RunContext(batch=batch, capture=capture, edits=state_edits, stop_after=None,
-                         initial_state=request.initial_state,
-                         return_state=request.return_state, grad=request.grad)
+        result = super().execute(
+            replace(
+                request,
+                capture=[n for n in capture if n not in states],
+                edits={},
+                return_state=False,
+            )
+        )
+        ctx = RunContext(
+            batch=batch,
+            capture=capture,
+            edits=state_edits,
+            stop_after=None,
+            initial_state=request.initial_state,
+            return_state=request.return_state,
+            grad=request.grad,
+        )
         final = self._edited(ctx, self._ragged_final_state(ctx, lengths))
         every = self._with_combined(final)
-        result.activations = {n: every[n] if n in states else result.activations[n]
-                              for n in capture}
+        result.activations = {
+            n: every[n] if n in states else result.activations[n] for n in capture
+        }
         result.state = final if request.return_state else None
         return result
 
-    def _ragged_final_state(self, ctx: RunContext, lengths: torch.Tensor
-                            ) -> dict[str, torch.Tensor]:
+    def _ragged_final_state(
+        self, ctx: RunContext, lengths: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Run the batch in segments ending at each distinct row length, carrying the state;
         each row's final state is taken at the end of its own last segment (continuing from a
         state is exact for both families)."""
@@ -178,8 +267,11 @@ class _HFRecurrentBackend(HookBackend):
         begin = 0
         with self.run_settings(ctx), torch.set_grad_enabled(ctx.grad):
             for end in sorted(set(lengths.tolist())):
-                output = self.model(input_ids=ids[:, begin:end], use_cache=True,
-                                    **self._state_arguments(current, ids.shape[0]))
+                output = self.model(
+                    input_ids=ids[:, begin:end],
+                    use_cache=True,
+                    **self._state_arguments(current, ids.shape[0]),
+                )
                 current = {k: v.clone() for k, v in self._state_from_output(output).items()}
                 rows = lengths == end
                 for name, value in current.items():
@@ -188,8 +280,7 @@ class _HFRecurrentBackend(HookBackend):
                 begin = end
         return {k: v if ctx.grad else v.detach() for k, v in final.items()}
 
-    def _edited(self, ctx: RunContext, states: dict[str, torch.Tensor]
-                ) -> dict[str, torch.Tensor]:
+    def _edited(self, ctx: RunContext, states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Edits of state sites change the state after the last token (what is captured and
         returned, and what a later run started from it sees)."""
         from archscope.engine import apply_edit
@@ -197,18 +288,23 @@ class _HFRecurrentBackend(HookBackend):
         for name, edits in ctx.edits.items():
             if name in states:
                 for edit in edits:
-                    states[name] = apply_edit(states[name], edit, self._table[name][0],
-                                               ctx.attention_mask)
+                    states[name] = apply_edit(
+                        states[name], edit, self._table[name][0], ctx.attention_mask
+                    )
         return states
 
     def forward(self, ctx: RunContext) -> Any:
-        need_state = ctx.return_state or bool(ctx.initial_state) or any(
-            self._table[n][0].kind == "state" for n in (*ctx.capture, *ctx.edits))
+        need_state = (
+            ctx.return_state
+            or bool(ctx.initial_state)
+            or any(self._table[n][0].kind == "state" for n in (*ctx.capture, *ctx.edits))
+        )
         kwargs: dict[str, Any] = {"input_ids": ctx.batch["input_ids"]}
         if need_state:
             kwargs["use_cache"] = True
-            kwargs.update(self._state_arguments(ctx.initial_state or {},
-                                                ctx.batch["input_ids"].shape[0]))
+            kwargs.update(
+                self._state_arguments(ctx.initial_state or {}, ctx.batch["input_ids"].shape[0])
+            )
         elif ctx.grad:
             # The cache is updated in place layer by layer, which autograd cannot go through;
             # without one the logits are the same.
@@ -239,23 +335,36 @@ class _HFRecurrentBackend(HookBackend):
         return self._edited(ctx, self._state_from_output(output))
 
     def _check_initial(self, initial: Mapping[str, torch.Tensor], batch: int) -> None:
-        states = {n: i for n, (i, _) in self._table.items()
-                  if i.kind == "state" and i.site.role != "state"}
+        states = {
+            n: i
+            for n, (i, _) in self._table.items()
+            if i.kind == "state" and i.site.role != "state"
+        }
         unknown = sorted(set(initial) - set(states))
         if unknown:
-            raise SiteError(f"initial_state has {unknown}, which are not state sites of backend "
-                            f"{self.name!r}; state sites: {', '.join(states)}")
-        example = {f"layer_{i}.{s.role}": v for i, layer in enumerate(self._state_example())
-                   for s, v in zip(self.family.states, layer, strict=True)}
+            raise SiteError(
+                f"initial_state has {unknown}, which are not state sites of backend "
+                f"{self.name!r}; state sites: {', '.join(states)}"
+            )
+        example = {
+            f"layer_{i}.{s.role}": v
+            for i, layer in enumerate(self._state_example())
+            for s, v in zip(self.family.states, layer, strict=True)
+        }
         for name, value in initial.items():
             want = (batch, *example[name].shape[1:])
             if tuple(value.shape) != want:
-                raise SiteError(f"initial_state[{name!r}] must have shape {want}, got "
-                                f"{tuple(value.shape)}")
+                raise SiteError(
+                    f"initial_state[{name!r}] must have shape {want}, got {tuple(value.shape)}"
+                )
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         from archscope.guards import check_width
 
-        check_width(residual, self.site_info(self.layer_names()[-1]).dim,
-                    f"backend {self.name!r} unembed")
-        return cast("torch.Tensor", self._part(self.family.head)(self._part(self.family.final_norm)(residual)))
+        check_width(
+            residual, self.site_info(self.layer_names()[-1]).dim, f"backend {self.name!r} unembed"
+        )
+        return cast(
+            "torch.Tensor",
+            self._part(self.family.head)(self._part(self.family.final_norm)(residual)),
+        )

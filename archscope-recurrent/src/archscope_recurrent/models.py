@@ -35,8 +35,9 @@ class RecurrentLMConfig:
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
-            raise ValueError(f"RecurrentLMConfig.cell must be one of {', '.join(CELLS)}, "
-                             f"got {self.cell!r}")
+            raise ValueError(
+                f"RecurrentLMConfig.cell must be one of {', '.join(CELLS)}, got {self.cell!r}"
+            )
         if self.proj_size and self.cell != "lstm":
             raise ValueError(f"proj_size is only supported by LSTM cells, got cell={self.cell!r}")
 
@@ -70,8 +71,12 @@ class RecurrentLM(nn.Module):
         self.config = config if config is not None else RecurrentLMConfig(**kwargs)
         c = self.config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        common: dict[str, Any] = {"num_layers": c.num_layers, "batch_first": True,
-                                  "bidirectional": c.bidirectional, "dropout": c.dropout}
+        common: dict[str, Any] = {
+            "num_layers": c.num_layers,
+            "batch_first": True,
+            "bidirectional": c.bidirectional,
+            "dropout": c.dropout,
+        }
         if c.cell == "gru":
             self.rnn: nn.RNNBase = nn.GRU(c.d_model, c.hidden_size, **common)
         elif c.cell == "lstm":
@@ -81,16 +86,17 @@ class RecurrentLM(nn.Module):
         self.norm = nn.LayerNorm(c.output_size) if c.norm else None
         self.head = nn.Linear(c.output_size, c.vocab_size)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                hx: Any = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, hx: Any = None
+    ) -> torch.Tensor:
         x = self.embed(input_ids)
         if attention_mask is not None and not bool(attention_mask.all()):
             lengths = attention_mask.sum(-1).cpu()
-            packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
-                                                       enforce_sorted=False)
+            packed = nn.utils.rnn.pack_padded_sequence(
+                x, lengths, batch_first=True, enforce_sorted=False
+            )
             out, _ = self.rnn(packed, hx)
-            y, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True,
-                                                    total_length=x.shape[1])
+            y, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
         else:
             y, _ = self.rnn(x, hx)
         if self.norm is not None:
@@ -110,8 +116,9 @@ class RecurrentLM(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, dtype: Any = None,
-                        device: Any = "cpu") -> RecurrentLM:
+    def from_pretrained(
+        cls, directory: str | Path, dtype: Any = None, device: Any = "cpu"
+    ) -> RecurrentLM:
         """Load a folder written by `save_pretrained` (weights must match the config exactly)."""
         from safetensors.torch import load_file
 

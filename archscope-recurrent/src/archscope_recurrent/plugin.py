@@ -37,8 +37,10 @@ def load(rest: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
 
     folder = os.path.expanduser(rest)
     if not claims(folder):
-        raise FileNotFoundError(f"recurrent: {rest!r} is not a RecurrentLM folder ({CONFIG_NAME} "
-                                "is missing); write one with RecurrentLM.save_pretrained(folder)")
+        raise FileNotFoundError(
+            f"recurrent: {rest!r} is not a RecurrentLM folder ({CONFIG_NAME} "
+            "is missing); write one with RecurrentLM.save_pretrained(folder)"
+        )
     model = RecurrentLM.from_pretrained(folder, dtype=dtype, device=device)
     tokenizer = None
     if os.path.isfile(os.path.join(folder, "tokenizer.json")):
@@ -50,10 +52,12 @@ def load(rest: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
 
 @archscope.hookimpl
 def register_model_sources(register: Callable[..., None]) -> None:
-    register(ModelSource(
-        name="recurrent",
-        load="archscope_recurrent.plugin:load",
-        description="RecurrentLM folders (recurrent_lm.json + model.safetensors)",
-        claims="archscope_recurrent.plugin:claims",
-        priority=10,
-    ))
+    register(
+        ModelSource(
+            name="recurrent",
+            load="archscope_recurrent.plugin:load",
+            description="RecurrentLM folders (recurrent_lm.json + model.safetensors)",
+            claims="archscope_recurrent.plugin:claims",
+            priority=10,
+        )
+    )

@@ -97,8 +97,9 @@ class RNNBackend(Backend):
 
     name = "recurrent"
     description = "torch nn.RNN/GRU/LSTM language models (RecurrentLM, embedding → RNN → head)"
-    capabilities = frozenset({"residual", "logits", "unembed", "recurrent_state", "state_patch",
-                              "edit"})
+    capabilities = frozenset(
+        {"residual", "logits", "unembed", "recurrent_state", "state_patch", "edit"}
+    )
     padding = "right"
     primary_role = "hidden"
 
@@ -141,32 +142,87 @@ class RNNBackend(Backend):
         p = self.parts
         t: dict[str, SiteInfo] = {}
 
-        def add(site: Site, kind: str, shape: tuple[str, ...], dim: int, order: float,
-                writable: bool, description: str) -> None:
-            t[str(site)] = SiteInfo(site, kind, shape, dim, writable, order,
-                                    description)
+        def add(
+            site: Site,
+            kind: str,
+            shape: tuple[str, ...],
+            dim: int,
+            order: float,
+            writable: bool,
+            description: str,
+        ) -> None:
+            t[str(site)] = SiteInfo(site, kind, shape, dim, writable, order, description)
 
-        add(Site("embed"), "token", ("batch", "seq", "d_model"), p.embed.embedding_dim, 0, True,
-            "embedding output (input of layer 0)")
+        add(
+            Site("embed"),
+            "token",
+            ("batch", "seq", "d_model"),
+            p.embed.embedding_dim,
+            0,
+            True,
+            "embedding output (input of layer 0)",
+        )
         uni = self.num_dirs == 1
         for i in range(p.rnn.num_layers):
             o = 10.0 * (i + 1)
-            add(Site("hidden", i), "token", ("batch", "seq", "d_hidden"), self.out_size, o, True,
-                "hidden output at every step (directions concatenated)")
+            add(
+                Site("hidden", i),
+                "token",
+                ("batch", "seq", "d_hidden"),
+                self.out_size,
+                o,
+                True,
+                "hidden output at every step (directions concatenated)",
+            )
             if self.kind == "lstm":
-                add(Site("cell", i), "token", ("batch", "seq", "d_cell"), self.cell_size, o + 1,
-                    uni, "LSTM cell state at every step (stepped one time step at a time)")
-            add(Site("hidden_state", i), "state", ("batch", "d_hidden"), self.out_size, o + 2,
-                True, "hidden state after the last real token (start from one: initial_state=)")
+                add(
+                    Site("cell", i),
+                    "token",
+                    ("batch", "seq", "d_cell"),
+                    self.cell_size,
+                    o + 1,
+                    uni,
+                    "LSTM cell state at every step (stepped one time step at a time)",
+                )
+            add(
+                Site("hidden_state", i),
+                "state",
+                ("batch", "d_hidden"),
+                self.out_size,
+                o + 2,
+                True,
+                "hidden state after the last real token (start from one: initial_state=)",
+            )
             if self.kind == "lstm":
-                add(Site("cell_state", i), "state", ("batch", "d_cell"), self.cell_size, o + 3,
-                    True, "cell state after the last real token (start from one: initial_state=)")
+                add(
+                    Site("cell_state", i),
+                    "state",
+                    ("batch", "d_cell"),
+                    self.cell_size,
+                    o + 3,
+                    True,
+                    "cell state after the last real token (start from one: initial_state=)",
+                )
         end = 10.0 * (p.rnn.num_layers + 1)
         if p.norm is not None:
-            add(Site("final_norm"), "token", ("batch", "seq", "d_hidden"), self.out_size, end,
-                True, "normalised output of the last layer")
-        add(Site("logits"), "token", ("batch", "seq", "vocab"), p.head.out_features, end + 1,
-            True, "output logits")
+            add(
+                Site("final_norm"),
+                "token",
+                ("batch", "seq", "d_hidden"),
+                self.out_size,
+                end,
+                True,
+                "normalised output of the last layer",
+            )
+        add(
+            Site("logits"),
+            "token",
+            ("batch", "seq", "vocab"),
+            p.head.out_features,
+            end + 1,
+            True,
+            "output logits",
+        )
         return t
 
     def sites(self) -> dict[str, SiteInfo]:
@@ -191,11 +247,17 @@ class RNNBackend(Backend):
 
         rnn = self.parts.rnn
         input_size = rnn.input_size if i == 0 else self.out_size
-        kwargs: dict[str, Any] = {"num_layers": 1, "bias": rnn.bias, "batch_first": True,
-                                  "bidirectional": bidirectional, "device": "meta"}
+        kwargs: dict[str, Any] = {
+            "num_layers": 1,
+            "bias": rnn.bias,
+            "batch_first": True,
+            "bidirectional": bidirectional,
+            "device": "meta",
+        }
         if isinstance(rnn, nn.LSTM):
-            layer: nn.RNNBase = nn.LSTM(input_size, rnn.hidden_size, proj_size=rnn.proj_size,
-                                        **kwargs)
+            layer: nn.RNNBase = nn.LSTM(
+                input_size, rnn.hidden_size, proj_size=rnn.proj_size, **kwargs
+            )
         elif isinstance(rnn, nn.GRU):
             layer = nn.GRU(input_size, rnn.hidden_size, **kwargs)
         else:
@@ -209,14 +271,23 @@ class RNNBackend(Backend):
 
     def _shared(self, layer: Any, i: int, suffix: str = "") -> bool:
         rnn = self.parts.rnn
-        return all(getattr(layer, n) is getattr(rnn, n.replace("_l0", f"_l{i}", 1) + (
-            suffix if suffix and not n.endswith(suffix) else "")) for n in layer._flat_weights_names)
+        return all(
+            getattr(layer, n)
+            is getattr(
+                rnn,
+                n.replace("_l0", f"_l{i}", 1)
+                + (suffix if suffix and not n.endswith(suffix) else ""),
+            )
+            for n in layer._flat_weights_names
+        )
 
     def _layer(self, i: int) -> Any:
         if len(self._layers) != self.parts.rnn.num_layers or not self._shared(self._layers[i], i):
             # (re)built when the stack's parameters were replaced since the last run
-            self._layers = [self._make_layer(j, bool(self.parts.rnn.bidirectional))
-                            for j in range(self.parts.rnn.num_layers)]
+            self._layers = [
+                self._make_layer(j, bool(self.parts.rnn.bidirectional))
+                for j in range(self.parts.rnn.num_layers)
+            ]
         return self._layers[i]
 
     def _direction_layers(self, i: int) -> tuple[Any, Any]:
@@ -227,9 +298,13 @@ class RNNBackend(Backend):
         return pair
 
     # -- running -------------------------------------------------------------------------------
-    def check_request(self, capture: Iterable[str | Site], edits: Iterable[Edit],
-                      initial_state: Mapping[str, torch.Tensor] | None = None,
-                      return_state: bool = False) -> tuple[list[str], dict[str, list[Edit]]]:
+    def check_request(
+        self,
+        capture: Iterable[str | Site],
+        edits: Iterable[Edit],
+        initial_state: Mapping[str, torch.Tensor] | None = None,
+        return_state: bool = False,
+    ) -> tuple[list[str], dict[str, list[Edit]]]:
         if (initial_state is not None or return_state) and "state_patch" not in self.capabilities:
             raise CapabilityError(
                 f"backend {self.name!r}: initial_state / return_state need the 'state_patch' "
@@ -281,8 +356,9 @@ class RNNBackend(Backend):
             if mask is None:
                 mask = torch.ones(x.shape[:2], dtype=torch.long, device=x.device)
             for i in range(last_layer + 1):
-                x, cells, h_n, c_n = self._run_layer(i, x, mask, padded, start.get(i),
-                                                     edit_map, f"layer_{i}.cell" in wanted)
+                x, cells, h_n, c_n = self._run_layer(
+                    i, x, mask, padded, start.get(i), edit_map, f"layer_{i}.cell" in wanted
+                )
                 if self.num_dirs == 2:  # no single recurrence order: edit the layer's output
                     for edit in edit_map.get(f"layer_{i}.hidden", []):
                         x = apply_edit(x, edit, table[f"layer_{i}.hidden"], mask)
@@ -308,9 +384,12 @@ class RNNBackend(Backend):
         state = None
         if return_state:
             state = {n: v if grad else v.detach() for n, v in states.items()}
-        return RunResult(logits=logits if grad or logits is None else logits.detach(),
-                         activations={n: store[n] for n in wanted},
-                         attention_mask=batch.get("attention_mask"), state=state)
+        return RunResult(
+            logits=logits if grad or logits is None else logits.detach(),
+            activations={n: store[n] for n in wanted},
+            attention_mask=batch.get("attention_mask"),
+            state=state,
+        )
 
     def read_only_reason(self, info: SiteInfo) -> str:
         if info.site.role == "cell":
@@ -318,12 +397,15 @@ class RNNBackend(Backend):
         return ""
 
     def padding_message(self, side: str) -> str:
-        return (f"backend {self.name!r} supports right padding only (real tokens first, then "
-                f"pads); this attention_mask is {side}-padded. Pad on the right, e.g. "
-                "tokenizer.padding_side = 'right'")
+        return (
+            f"backend {self.name!r} supports right padding only (real tokens first, then "
+            f"pads); this attention_mask is {side}-padded. Pad on the right, e.g. "
+            "tokenizer.padding_side = 'right'"
+        )
 
-    def _initial_hx(self, initial_state: Mapping[str, torch.Tensor] | None,
-                    batch: dict[str, Any]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    def _initial_hx(
+        self, initial_state: Mapping[str, torch.Tensor] | None, batch: dict[str, Any]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
         """``initial_state`` → per layer (h0, c0) shaped (dirs, batch, dim); missing → zeros."""
         import torch
 
@@ -332,8 +414,10 @@ class RNNBackend(Backend):
         state_sites = [n for n, i in self._table.items() if i.kind == "state"]
         unknown = sorted(set(initial_state) - set(state_sites))
         if unknown:
-            raise SiteError(f"initial_state has {unknown}, which are not state sites of backend "
-                            f"{self.name!r}; state sites: {', '.join(state_sites)}")
+            raise SiteError(
+                f"initial_state has {unknown}, which are not state sites of backend "
+                f"{self.name!r}; state sites: {', '.join(state_sites)}"
+            )
         b = int(batch["input_ids" if "input_ids" in batch else "inputs_embeds"].shape[0])
         dtype = self.parts.embed.weight.dtype
         out: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -349,18 +433,26 @@ class RNNBackend(Backend):
                     value = torch.zeros(b, dim, dtype=dtype, device=self.device)
                 value = torch.as_tensor(value).to(device=self.device, dtype=dtype)
                 if tuple(value.shape) != (b, dim):
-                    raise SiteError(f"initial_state[{name!r}] must have shape (batch, {dim}) = "
-                                    f"{(b, dim)}, got {tuple(value.shape)}")
+                    raise SiteError(
+                        f"initial_state[{name!r}] must have shape (batch, {dim}) = "
+                        f"{(b, dim)}, got {tuple(value.shape)}"
+                    )
                 pair.append(value.reshape(b, self.num_dirs, -1).transpose(0, 1).contiguous())
             h0 = pair[0]
             assert h0 is not None
             out[i] = (h0, pair[1])
         return out
 
-    def _run_layer(self, i: int, x: torch.Tensor, mask: torch.Tensor, padded: bool,
-                   hx: tuple[torch.Tensor, torch.Tensor | None] | None,
-                   edit_map: dict[str, list[Edit]], want_cells: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    def _run_layer(
+        self,
+        i: int,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        padded: bool,
+        hx: tuple[torch.Tensor, torch.Tensor | None] | None,
+        edit_map: dict[str, list[Edit]],
+        want_cells: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """One layer over the whole sequence → (outputs, per-step cells or None, h_n, c_n) with
         h_n / c_n (batch, dirs*dim) taken after each row's last real token."""
         import torch
@@ -380,8 +472,9 @@ class RNNBackend(Backend):
             # edits that leave every value as it is (identity edits) keep the fused call's
             # result: stepping would give the same values up to rounding, not bit for bit
             if not self._changes(fast[0], h_edits, mask, f"layer_{i}.hidden") and not (
-                    c_edits and self._changes(self._cells(i, x, hx_arg, mask), c_edits, mask,
-                                              f"layer_{i}.cell")):
+                c_edits
+                and self._changes(self._cells(i, x, hx_arg, mask), c_edits, mask, f"layer_{i}.cell")
+            ):
                 return fast
         last = last_real_index(mask)
         rows = torch.arange(b, device=x.device)
@@ -389,8 +482,17 @@ class RNNBackend(Backend):
         info_c = self._table.get(f"layer_{i}.cell")
         if self.num_dirs == 1:
             # with padding, an LSTM's final cell state is read per row, so it is stepped
-            out, cells, c_last = self._unroll(self._layer(i), x, hx_arg, mask, stepping or (
-                padded and lstm), h_edits, c_edits, info_h, info_c)
+            out, cells, c_last = self._unroll(
+                self._layer(i),
+                x,
+                hx_arg,
+                mask,
+                stepping or (padded and lstm),
+                h_edits,
+                c_edits,
+                info_h,
+                info_c,
+            )
             h_n = out[rows, last]
             if lstm:
                 c_n = cells[rows, last] if cells is not None else c_last
@@ -399,18 +501,20 @@ class RNNBackend(Backend):
             split: list[Any] = [None, None]
             if hx is not None:
                 h0, c0 = hx
-                split = [(h0[d:d + 1], c0[d:d + 1]) if c0 is not None else h0[d:d + 1]
-                         for d in (0, 1)]
+                split = [
+                    (h0[d : d + 1], c0[d : d + 1]) if c0 is not None else h0[d : d + 1]
+                    for d in (0, 1)
+                ]
             positions = torch.arange(x.shape[1], device=x.device).expand(b, -1)
             reverse = torch.where(positions <= last[:, None], last[:, None] - positions, positions)
 
             def flip(t: torch.Tensor) -> torch.Tensor:  # reverse each row's real tokens
                 return t.gather(1, reverse[..., None].expand(-1, -1, t.shape[-1]))
 
-            out_f, cells_f, _ = self._unroll(fwd, x, split[0], mask, True, [], [], info_h,
-                                             info_c)
-            out_b, cells_b, _ = self._unroll(bwd, flip(x), split[1], mask, True, [], [], info_h,
-                                             info_c)
+            out_f, cells_f, _ = self._unroll(fwd, x, split[0], mask, True, [], [], info_h, info_c)
+            out_b, cells_b, _ = self._unroll(
+                bwd, flip(x), split[1], mask, True, [], [], info_h, info_c
+            )
             out_b, cells_b = flip(out_b), flip(cells_b) if cells_b is not None else None
             out = torch.cat([out_f, out_b], -1)
             h_n = torch.cat([out_f[rows, last], out_b[:, 0]], -1)
@@ -424,8 +528,9 @@ class RNNBackend(Backend):
             cells = cells * keep if cells is not None else None
         return out, cells if stepping else None, h_n, c_n if lstm else None
 
-    def _whole_layer(self, i: int, x: torch.Tensor, mask: torch.Tensor, padded: bool, hx_arg: Any
-                     ) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor | None]:
+    def _whole_layer(
+        self, i: int, x: torch.Tensor, mask: torch.Tensor, padded: bool, hx_arg: Any
+    ) -> tuple[torch.Tensor, None, torch.Tensor, torch.Tensor | None]:
         """Layer ``i`` over the whole sequence in one call (packed when padded)."""
         from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -446,8 +551,9 @@ class RNNBackend(Backend):
 
         return out, None, flat(h_n), flat(c_n) if c_n is not None else None
 
-    def _changes(self, value: torch.Tensor, edits: list[Edit], mask: torch.Tensor,
-                 site: str) -> bool:
+    def _changes(
+        self, value: torch.Tensor, edits: list[Edit], mask: torch.Tensor, site: str
+    ) -> bool:
         """Whether ``edits`` change the unedited per-step ``value`` of ``site`` anywhere. An
         edit whose value needs a gradient always counts: a zero ``add`` is how gradients with
         respect to a site are taken, and it must stay in the graph."""
@@ -467,10 +573,18 @@ class RNNBackend(Backend):
         assert cells is not None
         return cells
 
-    def _unroll(self, layer: Any, x: torch.Tensor, hx: Any, mask: torch.Tensor, stepping: bool,
-                h_edits: list[Edit], c_edits: list[Edit], info_h: SiteInfo,
-                info_c: SiteInfo | None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def _unroll(
+        self,
+        layer: Any,
+        x: torch.Tensor,
+        hx: Any,
+        mask: torch.Tensor,
+        stepping: bool,
+        h_edits: list[Edit],
+        c_edits: list[Edit],
+        info_h: SiteInfo,
+        info_c: SiteInfo | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Run a unidirectional layer in segments that end at edited steps (or one step at a
         time), editing the recurrent state there and continuing from the edited state.
         Returns (outputs, per-step cells when stepping, the cell state after the last step)."""
@@ -480,13 +594,14 @@ class RNNBackend(Backend):
         lstm = self.kind == "lstm"
         steps = set(range(seq)) if stepping else set()
         edited = self._edited_steps(h_edits, info_h, b, seq, mask) | (
-            self._edited_steps(c_edits, info_c, b, seq, mask) if info_c is not None else set())
+            self._edited_steps(c_edits, info_c, b, seq, mask) if info_c is not None else set()
+        )
         bounds = sorted(steps | edited | {seq - 1})
         outs: list[torch.Tensor] = []
         cells: list[torch.Tensor] = []
         begin = 0
         for end in bounds:
-            out, state = layer(x[:, begin:end + 1], hx)
+            out, state = layer(x[:, begin : end + 1], hx)
             h, c = state if lstm else (state, None)
             if end in edited:
                 if h_edits:
@@ -494,8 +609,9 @@ class RNNBackend(Backend):
                     out = torch.cat([out[:, :-1], new_h[:, None]], 1)
                     h = new_h[None].contiguous()  # cuDNN wants contiguous states
                 if c_edits and c is not None and info_c is not None:
-                    c = self._edit_step([*cells, c[0][:, None]], c_edits, info_c, end, seq,
-                                        mask)[None].contiguous()
+                    c = self._edit_step([*cells, c[0][:, None]], c_edits, info_c, end, seq, mask)[
+                        None
+                    ].contiguous()
             outs.append(out)
             if lstm and stepping:
                 assert c is not None
@@ -506,8 +622,9 @@ class RNNBackend(Backend):
         return torch.cat(outs, 1), torch.cat(cells, 1) if cells else None, c_last
 
     @staticmethod
-    def _edited_steps(edits: list[Edit], info: SiteInfo | None, b: int, seq: int,
-                      mask: torch.Tensor) -> set[int]:
+    def _edited_steps(
+        edits: list[Edit], info: SiteInfo | None, b: int, seq: int, mask: torch.Tensor
+    ) -> set[int]:
         """The time steps an edit list touches (any row), found by applying each edit's
         position selection to a probe."""
         import torch
@@ -515,21 +632,32 @@ class RNNBackend(Backend):
         steps: set[int] = set()
         for edit in edits:
             assert info is not None
-            probe = apply_edit(torch.zeros(b, seq, 1), Edit.replace(edit.site, 1.0,
-                                edit.positions), info, mask.cpu())
+            probe = apply_edit(
+                torch.zeros(b, seq, 1),
+                Edit.replace(edit.site, 1.0, edit.positions),
+                info,
+                mask.cpu(),
+            )
             steps |= set(probe[..., 0].any(0).nonzero().flatten().tolist())
         return steps
 
     @staticmethod
-    def _edit_step(parts: list[torch.Tensor], edits: list[Edit], info: SiteInfo, t: int,
-                   seq: int, mask: torch.Tensor) -> torch.Tensor:
+    def _edit_step(
+        parts: list[torch.Tensor],
+        edits: list[Edit],
+        info: SiteInfo,
+        t: int,
+        seq: int,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
         """Apply ``edits`` to step ``t`` of a site whose steps 0..t are known (later steps are
         zeros here and are recomputed afterwards); returns the edited step (batch, dim)."""
         import torch
 
         known = torch.cat(parts, 1)
-        full = torch.cat([known, known.new_zeros(known.shape[0], seq - known.shape[1],
-                                                 known.shape[2])], 1)
+        full = torch.cat(
+            [known, known.new_zeros(known.shape[0], seq - known.shape[1], known.shape[2])], 1
+        )
         for edit in edits:
             full = apply_edit(full, edit, info, mask)
         return full[:, t]

@@ -17,14 +17,26 @@ if TYPE_CHECKING:
 
 
 RWKV = Family(
-    name="rwkv", module="transformers.models.rwkv", blocks="rwkv.blocks",
-    embeddings="rwkv.embeddings", final_norm="rwkv.ln_out", head="head",
-    mixer="attention", mlp="feed_forward", head_is_logits=True,
+    name="rwkv",
+    module="transformers.models.rwkv",
+    blocks="rwkv.blocks",
+    embeddings="rwkv.embeddings",
+    final_norm="rwkv.ln_out",
+    head="head",
+    mixer="attention",
+    mlp="feed_forward",
+    head_is_logits=True,
     states=(
-        StateTensor("ffn_shift_state", ("batch", "d_model"),
-                    "channel-mix token shift: its normalised input at the last token (state[0])"),
-        StateTensor("attn_shift_state", ("batch", "d_model"),
-                    "time-mix token shift: its normalised input at the last token (state[1])"),
+        StateTensor(
+            "ffn_shift_state",
+            ("batch", "d_model"),
+            "channel-mix token shift: its normalised input at the last token (state[0])",
+        ),
+        StateTensor(
+            "attn_shift_state",
+            ("batch", "d_model"),
+            "time-mix token shift: its normalised input at the last token (state[1])",
+        ),
         StateTensor("wkv_num_state", ("batch", "d_attn"), "WKV numerator (state[2])"),
         StateTensor("wkv_den_state", ("batch", "d_attn"), "WKV denominator (state[3])"),
         StateTensor("wkv_max_state", ("batch", "d_attn"), "WKV running maximum (state[4])"),
@@ -55,9 +67,11 @@ class RWKVBackend(_HFRecurrentBackend):
 
     def _state_from_output(self, output: Any) -> dict[str, torch.Tensor]:
         state = output.state
-        return {f"layer_{i}.{s.role}": state[k][:, :, i].clone()
-                for i in range(self.model.config.num_hidden_layers)
-                for k, s in enumerate(self.family.states)}
+        return {
+            f"layer_{i}.{s.role}": state[k][:, :, i].clone()
+            for i in range(self.model.config.num_hidden_layers)
+            for k, s in enumerate(self.family.states)
+        }
 
     def _state_arguments(self, initial: Mapping[str, torch.Tensor], batch: int) -> dict[str, Any]:
         import torch
@@ -75,8 +89,7 @@ class RWKVBackend(_HFRecurrentBackend):
                 if value is None:  # the model's own starting state
                     d = config.hidden_size if k < 2 else config.attention_hidden_size
                     value = torch.full((batch, d), -1e30 if k == 4 else 0.0)
-                layers.append(value.to(device=self.device,
-                                       dtype=dtype if k < 2 else torch.float32))
+                layers.append(value.to(device=self.device, dtype=dtype if k < 2 else torch.float32))
             state.append(torch.stack(layers, -1).contiguous())  # the model updates it in place
         return {"state": state}
 
@@ -94,12 +107,22 @@ class RWKVBackend(_HFRecurrentBackend):
         undo = bool(rescaled and every > 0)
         # factors of 1 are skipped: an in-place no-op would still bump the weights' version and
         # break the backward pass of a run with gradients (attribution patching)
-        weights = [(b.attention.output.weight, b.feed_forward.value.weight, 2 ** (i // every))
-                   for i, b in enumerate(rwkv.blocks) if i // every > 0] if undo else []
-        if any(hasattr(w, "SCB") or hasattr(w, "quant_state") for a, v, _ in weights
-               for w in (a, v)):
-            raise BackendError("rwkv: cannot undo the inference rescaling of quantized weights; "
-                               "load the model with rescale_every=0")
+        weights = (
+            [
+                (b.attention.output.weight, b.feed_forward.value.weight, 2 ** (i // every))
+                for i, b in enumerate(rwkv.blocks)
+                if i // every > 0
+            ]
+            if undo
+            else []
+        )
+        if any(
+            hasattr(w, "SCB") or hasattr(w, "quant_state") for a, v, _ in weights for w in (a, v)
+        ):
+            raise BackendError(
+                "rwkv: cannot undo the inference rescaling of quantized weights; "
+                "load the model with rescale_every=0"
+            )
         with torch.no_grad():
             for a, v, factor in weights:
                 a.mul_(factor)

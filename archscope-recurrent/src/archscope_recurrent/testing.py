@@ -12,14 +12,30 @@ from .models import RecurrentLM, RecurrentLMConfig
 VOCAB = 100
 
 
-def tiny_recurrent_lm(cell: str = "gru", *, num_layers: int = 2, d_model: int = 16,
-                      hidden_size: int = 24, bidirectional: bool = False, proj_size: int = 0,
-                      norm: bool = True, vocab_size: int = VOCAB, seed: int = 0) -> RecurrentLM:
+def tiny_recurrent_lm(
+    cell: str = "gru",
+    *,
+    num_layers: int = 2,
+    d_model: int = 16,
+    hidden_size: int = 24,
+    bidirectional: bool = False,
+    proj_size: int = 0,
+    norm: bool = True,
+    vocab_size: int = VOCAB,
+    seed: int = 0,
+) -> RecurrentLM:
     """A `RecurrentLM` (cell: gru, lstm, rnn_tanh, rnn_relu)."""
     torch.manual_seed(seed)
-    config = RecurrentLMConfig(vocab_size=vocab_size, d_model=d_model, hidden_size=hidden_size,
-                               num_layers=num_layers, cell=cell, bidirectional=bidirectional,
-                               proj_size=proj_size, norm=norm)
+    config = RecurrentLMConfig(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        cell=cell,
+        bidirectional=bidirectional,
+        proj_size=proj_size,
+        norm=norm,
+    )
     return RecurrentLM(config).eval()
 
 
@@ -46,9 +62,15 @@ def tiny_rwkv(num_layers: int = 2, rescale_every: int = 6, seed: int = 0) -> Any
     from transformers import RwkvConfig, RwkvForCausalLM
 
     torch.manual_seed(seed)
-    config = RwkvConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=num_layers,
-                        attention_hidden_size=32, intermediate_size=64, context_length=64,
-                        rescale_every=rescale_every)
+    config = RwkvConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=num_layers,
+        attention_hidden_size=32,
+        intermediate_size=64,
+        context_length=64,
+        rescale_every=rescale_every,
+    )
     return RwkvForCausalLM(config).eval()
 
 
@@ -58,14 +80,26 @@ def tiny_xlstm(num_layers: int = 2, seed: int = 0) -> Any:
     from transformers import xLSTMConfig, xLSTMForCausalLM
 
     torch.manual_seed(seed)
-    config = xLSTMConfig(vocab_size=VOCAB, hidden_size=64, embedding_dim=64,
-                         num_hidden_layers=num_layers, num_blocks=num_layers, num_heads=4,
-                         qk_dim_factor=1.0, v_dim_factor=1.0)
+    config = xLSTMConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        embedding_dim=64,
+        num_hidden_layers=num_layers,
+        num_blocks=num_layers,
+        num_heads=4,
+        qk_dim_factor=1.0,
+        v_dim_factor=1.0,
+    )
     return xLSTMForCausalLM(config).eval()
 
 
-def token_batch(batch: int = 2, seq: int = 7, lengths: list[int] | None = None,
-                vocab_size: int = VOCAB, seed: int = 1) -> dict[str, torch.Tensor]:
+def token_batch(
+    batch: int = 2,
+    seq: int = 7,
+    lengths: list[int] | None = None,
+    vocab_size: int = VOCAB,
+    seed: int = 1,
+) -> dict[str, torch.Tensor]:
     """Random token ids with an attention mask (right-padded to ``seq`` when ``lengths``)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab_size, (batch, seq), generator=g)

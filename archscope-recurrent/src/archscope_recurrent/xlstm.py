@@ -16,9 +16,15 @@ if TYPE_CHECKING:
 
 
 XLSTM = Family(
-    name="xlstm", module="transformers.models.xlstm", blocks="backbone.blocks",
-    embeddings="backbone.embeddings", final_norm="backbone.out_norm", head="lm_head",
-    mixer="mlstm_layer", mlp="ffn", head_is_logits=False,
+    name="xlstm",
+    module="transformers.models.xlstm",
+    blocks="backbone.blocks",
+    embeddings="backbone.embeddings",
+    final_norm="backbone.out_norm",
+    head="lm_head",
+    mixer="mlstm_layer",
+    mlp="ffn",
+    head_is_logits=False,
     states=(
         StateTensor("c_state", ("batch", "head", "d_qk", "d_v"), "mLSTM matrix memory C"),
         StateTensor("n_state", ("batch", "head", "d_qk"), "mLSTM normaliser n"),
@@ -42,18 +48,27 @@ class XLSTMBackend(_HFRecurrentBackend):
         import torch
 
         c = self.model.config
-        return [(torch.zeros(1, c.num_heads, c.qk_head_dim, c.v_head_dim),
-                 torch.zeros(1, c.num_heads, c.qk_head_dim), torch.zeros(1, c.num_heads, 1))
-                for _ in range(c.num_hidden_layers)]
+        return [
+            (
+                torch.zeros(1, c.num_heads, c.qk_head_dim, c.v_head_dim),
+                torch.zeros(1, c.num_heads, c.qk_head_dim),
+                torch.zeros(1, c.num_heads, 1),
+            )
+            for _ in range(c.num_hidden_layers)
+        ]
 
     def _state_from_output(self, output: Any) -> dict[str, torch.Tensor]:
         cache = getattr(output, "cache", None) or getattr(output, "cache_params", None)
         if cache is None:
-            raise BackendError("xlstm: the model returned no cache; it was called without "
-                               "use_cache=True")
+            raise BackendError(
+                "xlstm: the model returned no cache; it was called without use_cache=True"
+            )
         rnn_state = cache.rnn_state
-        return {f"layer_{i}.{s.role}": rnn_state[i][k].clone()
-                for i in range(len(rnn_state)) for k, s in enumerate(self.family.states)}
+        return {
+            f"layer_{i}.{s.role}": rnn_state[i][k].clone()
+            for i in range(len(rnn_state))
+            for k, s in enumerate(self.family.states)
+        }
 
     def _state_arguments(self, initial: Mapping[str, torch.Tensor], batch: int) -> dict[str, Any]:
         if not initial:
@@ -66,8 +81,10 @@ class XLSTMBackend(_HFRecurrentBackend):
         for i, layer in cache.rnn_state.items():
             cache.rnn_state[i] = tuple(  # type: ignore[assignment]
                 initial[f"layer_{i}.{s.role}"].to(device=self.device, dtype=zero.dtype).clone()
-                if f"layer_{i}.{s.role}" in initial else zero
-                for s, zero in zip(self.family.states, layer, strict=True))
+                if f"layer_{i}.{s.role}" in initial
+                else zero
+                for s, zero in zip(self.family.states, layer, strict=True)
+            )
         # transformers before 5.24 names the argument cache_params (read from **kwargs)
         return {cache_argument(self.model, ("cache",), fallback="cache_params"): cache}
 
@@ -75,4 +92,6 @@ class XLSTMBackend(_HFRecurrentBackend):
         from transformers.models.xlstm.modeling_xlstm import soft_cap
 
         logits = super().unembed(residual)
-        return cast("torch.Tensor", soft_cap(logits.float(), self.model.config.output_logit_soft_cap))
+        return cast(
+            "torch.Tensor", soft_cap(logits.float(), self.model.config.output_logit_soft_cap)
+        )

@@ -33,8 +33,8 @@ TOKEN = ("batch", "seq")
 
 
 def _hookpoint(port: Port) -> Hookpoint:
-    return Hookpoint(port.module, io=port.io, index=port.index, arg=port.arg,
-                     clone=port.clone)
+    return Hookpoint(port.module, io=port.io, index=port.index, arg=port.arg, clone=port.clone)
+
 
 #: Attributes transformers sets on a model once it has installed its output-capturing hooks.
 _LIBRARY_HOOK_FLAGS = ("_output_capturing_hooks_installed",)
@@ -62,6 +62,7 @@ class _TokenView:
         self.flattened = False
         self.engine_handle = engine_handle
         if hp.io == "output":
+
             def before(m: Any, args: Any, output: Any) -> Any:
                 new = unflat(output) if not isinstance(output, tuple) else output
                 self.flattened = new is not output
@@ -73,6 +74,7 @@ class _TokenView:
             first = module.register_forward_hook(before, prepend=True)
             last = module.register_forward_hook(after)
         else:
+
             def before_pre(m: Any, args: Any) -> Any:
                 if args and not isinstance(args[0], tuple):
                     new = unflat(args[0])
@@ -101,16 +103,18 @@ class TransformerBackend(HookBackend):
     name = "transformer"
     edits_unhooked = True  # logits edits are applied in _forward
     description = "Hugging Face decoder-only language models, mapped by structure"
-    capabilities = frozenset({"residual", "components", "mlp_hidden", "unembed", "logits",
-                              "attention_patterns", "edit"})
+    capabilities = frozenset(
+        {"residual", "components", "mlp_hidden", "unembed", "logits", "attention_patterns", "edit"}
+    )
     padding = "both"
 
     def __init__(self, model: Any) -> None:
         try:
             self.structure: Structure = find_structure(model)
         except StructureError as exc:
-            raise StructureError(f"archscope-transformer cannot map {type(model).__name__}: {exc}"
-                                 ) from None
+            raise StructureError(
+                f"archscope-transformer cannot map {type(model).__name__}: {exc}"
+            ) from None
         if not all(p.mlp_hidden for p in self.structure.parts):
             # e.g. a mixture of experts: no single MLP output projection to read neurons from
             self.capabilities = TransformerBackend.capabilities - {"mlp_hidden"}
@@ -126,7 +130,9 @@ class TransformerBackend(HookBackend):
                 return None
             find_structure(model)
         except StructureError:
-            return Confidence.LAST_RESORT  # an HF decoder LM we cannot map: constructing says what is missing
+            return (
+                Confidence.LAST_RESORT
+            )  # an HF decoder LM we cannot map: constructing says what is missing
         except Exception:
             return None
         return Confidence.STRUCTURAL
@@ -137,20 +143,41 @@ class TransformerBackend(HookBackend):
         d = s.d_model
         table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
 
-        def add(site: Site, dim: int, order: float, port: Port | None, desc: str,
-                shape: tuple[str, ...] = (*TOKEN, "d_model"), writable: bool = True) -> None:
-            info = SiteInfo(site, "token", shape, dim, writable=writable, order=order,
-                            description=desc + (f" ({port.path})" if port else ""))
+        def add(
+            site: Site,
+            dim: int,
+            order: float,
+            port: Port | None,
+            desc: str,
+            shape: tuple[str, ...] = (*TOKEN, "d_model"),
+            writable: bool = True,
+        ) -> None:
+            info = SiteInfo(
+                site,
+                "token",
+                shape,
+                dim,
+                writable=writable,
+                order=order,
+                description=desc + (f" ({port.path})" if port else ""),
+            )
             table[str(site)] = (info, _hookpoint(port) if port else None)
 
         block0 = s.blocks[0]
-        add(Site("embed"), d, 0.0,
+        add(
+            Site("embed"),
+            d,
+            0.0,
             Port(block0, f"{s.blocks_path}.0", io="input", arg=first_param(block0.forward)),
-            "input of block 0")
+            "input of block 0",
+        )
         for i, parts in enumerate(s.parts):
             block = f"{s.blocks_path}.{i}"
-            pattern = (f"layer_{i}.attn_pattern", parts.attn_pattern,
-                       ("batch", "head", "seq", "key"))
+            pattern = (
+                f"layer_{i}.attn_pattern",
+                parts.attn_pattern,
+                ("batch", "head", "seq", "key"),
+            )
             attn = (f"layer_{i}.attn", parts.attn, None)
             # Sites in the order the forward pass produces them (stop-early depends on it).
             # (Read inside the attention module, the attn value comes before the pattern.)
@@ -164,27 +191,61 @@ class TransformerBackend(HookBackend):
                 site = Site.parse(name)
                 order = i + (k + 1) / 10
                 if site.role == "attn_pattern":
-                    add(site, 0, order, port, "attention probabilities per head; needs eager "
-                        "attention, switched on for the run", shape=shape, writable=False)
+                    add(
+                        site,
+                        0,
+                        order,
+                        port,
+                        "attention probabilities per head; needs eager "
+                        "attention, switched on for the run",
+                        shape=shape,
+                        writable=False,
+                    )
                 elif site.role == "mlp_hidden":
-                    add(site, parts.d_mlp or 0, order, port,
-                        "MLP hidden units (input of the output projection)", shape=shape)
+                    add(
+                        site,
+                        parts.d_mlp or 0,
+                        order,
+                        port,
+                        "MLP hidden units (input of the output projection)",
+                        shape=shape,
+                    )
                 else:
                     add(site, d, order, port, f"{site.role} output added to the residual")
-            add(Site("residual", i), d, i + 1.0,
-                Port(parts.block, block, index=0), f"output of block {i}")
-        add(Site("final_norm"), d, len(s.parts) + 0.5,
-            Port(s.final_norm, s.final_norm_path), "final norm output")
-        add(Site("logits"), s.vocab, len(s.parts) + 1.0, None,
-            "the model's output logits", shape=(*TOKEN, "vocab"))
+            add(
+                Site("residual", i),
+                d,
+                i + 1.0,
+                Port(parts.block, block, index=0),
+                f"output of block {i}",
+            )
+        add(
+            Site("final_norm"),
+            d,
+            len(s.parts) + 0.5,
+            Port(s.final_norm, s.final_norm_path),
+            "final norm output",
+        )
+        add(
+            Site("logits"),
+            s.vocab,
+            len(s.parts) + 1.0,
+            None,
+            "the model's output logits",
+            shape=(*TOKEN, "vocab"),
+        )
         return table
 
     # -- running -------------------------------------------------------------------------------
     def forward(self, ctx: RunContext) -> Any:
         batch = dict(ctx.batch)
         mask = batch.get("attention_mask")
-        if (self._takes_positions and mask is not None and "position_ids" not in batch
-                and padding_side(mask) in ("left", "mixed")):
+        if (
+            self._takes_positions
+            and mask is not None
+            and "position_ids" not in batch
+            and padding_side(mask) in ("left", "mixed")
+        ):
             # Absolute position embeddings (GPT-2) count from the first real token.
             batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         if self._takes_use_cache:
@@ -257,8 +318,9 @@ class TransformerBackend(HookBackend):
         final logit soft-capping of Gemma-2 style configs), as the model itself computes them."""
         from archscope.guards import check_width
 
-        check_width(residual, self.site_info(self.layer_names()[-1]).dim,
-                    f"backend {self.name!r} unembed")
+        check_width(
+            residual, self.site_info(self.layer_names()[-1]).dim, f"backend {self.name!r} unembed"
+        )
         s = self.structure
         x = s.final_norm(residual)
         if s.output_projection is not None:

@@ -21,9 +21,11 @@ def register_backends(register: Callable[..., None]) -> None:
 
 @archscope.hookimpl
 def register_model_sources(register: Callable[..., None]) -> None:
-    register(ModelSource(
-        name="hf",
-        load="archscope_transformer.source:load",
-        description="Hugging Face causal LMs: a Hub name or a local save_pretrained folder",
-        claims="archscope_transformer.source:claims",
-    ))
+    register(
+        ModelSource(
+            name="hf",
+            load="archscope_transformer.source:load",
+            description="Hugging Face causal LMs: a Hub name or a local save_pretrained folder",
+            claims="archscope_transformer.source:claims",
+        )
+    )

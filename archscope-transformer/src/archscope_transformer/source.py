@@ -6,8 +6,15 @@ import os
 from typing import Any
 
 #: Files any of which means a saved folder has a tokenizer.
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt",
-                   "tokenizer.model", "spiece.model", "merges.txt"}
+TOKENIZER_FILES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "merges.txt",
+}
 
 
 def claims(spec: str) -> bool:
@@ -27,11 +34,15 @@ def load(name: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name):
         folder = os.path.expanduser(name)
         if not os.path.isdir(folder):
-            raise ValueError(f"hf:{name}: no such folder (give a folder written by "
-                             "save_pretrained, or a Hub name such as 'org/model')")
+            raise ValueError(
+                f"hf:{name}: no such folder (give a folder written by "
+                "save_pretrained, or a Hub name such as 'org/model')"
+            )
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise ValueError(f"hf:{name}: the folder has no config.json, so it is not a saved "
-                             f"Hugging Face model; it holds {sorted(os.listdir(folder))[:10]}")
+            raise ValueError(
+                f"hf:{name}: the folder has no config.json, so it is not a saved "
+                f"Hugging Face model; it holds {sorted(os.listdir(folder))[:10]}"
+            )
         name = folder
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(name, **kwargs)

@@ -18,8 +18,7 @@ from typing import Any, cast
 #: Config attributes holding the number of blocks.
 LAYER_COUNT = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
 #: The final norm: a child of the module that holds the block list.
-FINAL_NORM = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "ln_out",
-              "out_norm")
+FINAL_NORM = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "ln_out", "out_norm")
 #: A projection between the final norm and the unembedding (OPT-350m style), if present.
 OUTPUT_PROJECTION = ("project_out",)
 #: Inside a block: the attention sub-module.
@@ -101,12 +100,17 @@ def accepts(fn: Any, name: str) -> bool:
 def is_hf_causal_lm(model: Any) -> bool:
     """A transformers `PreTrainedModel` with generation support and no encoder (by its MRO)."""
     mro = type(model).__mro__
-    is_pretrained = any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers")
-                        for c in mro)
+    is_pretrained = any(
+        c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in mro
+    )
     generates = any(c.__name__ == "GenerationMixin" for c in mro)
     config = getattr(model, "config", None)
-    return (is_pretrained and generates and config is not None
-            and not getattr(config, "is_encoder_decoder", False))
+    return (
+        is_pretrained
+        and generates
+        and config is not None
+        and not getattr(config, "is_encoder_decoder", False)
+    )
 
 
 def recurrent_layers(model: Any) -> list[str]:
@@ -137,8 +141,10 @@ def _layer_count(config: Any) -> int:
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
             return value
-    raise StructureError(f"the config ({type(config).__name__}) has none of {', '.join(LAYER_COUNT)}"
-                         ": cannot tell how many blocks the model has")
+    raise StructureError(
+        f"the config ({type(config).__name__}) has none of {', '.join(LAYER_COUNT)}"
+        ": cannot tell how many blocks the model has"
+    )
 
 
 def _find_blocks(model: Any, n_layers: int) -> tuple[str, Any, Any]:
@@ -196,18 +202,22 @@ def _block_parts(block: Any, path: str) -> BlockParts:
     pattern = Port(attention, attn_path, index=1)
     attn = Port(attention, attn_path, index=0, clone=True)
     mlp_port = Port(mlp, mlp_path, index=0, clone=True)
-        # A sub-module that takes the residual as an argument adds it itself (Bloom, MPT): read
+    # A sub-module that takes the residual as an argument adds it itself (Bloom, MPT): read
     # its output projection instead, which is what it adds.
     if accepts(attention.forward, "residual"):
         name, proj = _child(attention, ATTENTION_OUTPUT)
         if proj is None:
-            raise StructureError(f"{attn_path} adds the residual itself but has no output "
-                                 f"projection named {', '.join(ATTENTION_OUTPUT)}")
+            raise StructureError(
+                f"{attn_path} adds the residual itself but has no output "
+                f"projection named {', '.join(ATTENTION_OUTPUT)}"
+            )
         attn = Port(proj, f"{attn_path}.{name}", clone=True)
     if mlp is not block and accepts(mlp.forward, "residual"):
         if mlp_out is None:
-            raise StructureError(f"{mlp_path} adds the residual itself but has no output "
-                                 f"projection named {', '.join(MLP_OUTPUT)}")
+            raise StructureError(
+                f"{mlp_path} adds the residual itself but has no output "
+                f"projection named {', '.join(MLP_OUTPUT)}"
+            )
         mlp_port = Port(mlp_out, f"{mlp_path}.{out_name}", clone=True)
     elif mlp is block:
         mlp_port = Port(mlp_out, f"{mlp_path}.{out_name}", clone=True)
@@ -218,11 +228,19 @@ def _block_parts(block: Any, path: str) -> BlockParts:
     hidden = None
     d_mlp = None
     if mlp_out is not None:
-        hidden = Port(mlp_out, f"{mlp_path}.{out_name}", io="input",
-                      arg=first_param(mlp_out.forward, "input"))
+        hidden = Port(
+            mlp_out, f"{mlp_path}.{out_name}", io="input", arg=first_param(mlp_out.forward, "input")
+        )
         d_mlp = _in_features(mlp_out)
-    return BlockParts(block=block, attention=attention, attn_pattern=pattern, attn=attn,
-                      mlp_hidden=hidden, mlp=mlp_port, d_mlp=d_mlp)
+    return BlockParts(
+        block=block,
+        attention=attention,
+        attn_pattern=pattern,
+        attn=attn,
+        mlp_hidden=hidden,
+        mlp=mlp_port,
+        d_mlp=d_mlp,
+    )
 
 
 def _in_features(linear: Any) -> int | None:
@@ -254,9 +272,11 @@ def find_structure(model: Any) -> Structure:
     parent_path = blocks_path.rpartition(".")[0]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
-        raise StructureError(f"{type(model).__name__}.get_output_embeddings() returned None: "
-                             "the model has no unembedding (load it with an LM head, e.g. "
-                             "AutoModelForCausalLM)")
+        raise StructureError(
+            f"{type(model).__name__}.get_output_embeddings() returned None: "
+            "the model has no unembedding (load it with an LM head, e.g. "
+            "AutoModelForCausalLM)"
+        )
     _, projection = _child(parent, OUTPUT_PROJECTION)
     parts = [_block_parts(block, f"{blocks_path}.{i}") for i, block in enumerate(blocks)]
     d_model = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
@@ -264,9 +284,15 @@ def find_structure(model: Any) -> Structure:
     n_heads = getattr(config, "num_attention_heads", None)
     softcap = getattr(config, "final_logit_softcapping", None)
     return Structure(
-        blocks_path=blocks_path, blocks=list(blocks), final_norm=norm,
+        blocks_path=blocks_path,
+        blocks=list(blocks),
+        final_norm=norm,
         final_norm_path=f"{parent_path}.{norm_name}" if parent_path else str(norm_name),
-        output_projection=projection, head=head, parts=parts, d_model=int(d_model or 0),
-        vocab=int(vocab or 0), n_heads=int(n_heads) if n_heads else None,
+        output_projection=projection,
+        head=head,
+        parts=parts,
+        d_model=int(d_model or 0),
+        vocab=int(vocab or 0),
+        n_heads=int(n_heads) if n_heads else None,
         softcap=float(softcap) if softcap else None,
     )

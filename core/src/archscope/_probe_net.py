@@ -27,8 +27,11 @@ class Probe(nn.Module):
         if config.probe_type == "linear":
             self.net = nn.Linear(self.input_dim, 1)
         else:
-            self.net = nn.Sequential(nn.Linear(self.input_dim, config.hidden_dim), nn.ReLU(),
-                                     nn.Linear(config.hidden_dim, 1))
+            self.net = nn.Sequential(
+                nn.Linear(self.input_dim, config.hidden_dim),
+                nn.ReLU(),
+                nn.Linear(config.hidden_dim, 1),
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits: torch.Tensor = self.net(x)

@@ -69,10 +69,13 @@ class ModelSpec:
             try:
                 return cls(**spec)
             except TypeError as exc:
-                raise SpecError(f"bad ModelSpec mapping: {exc}; fields are "
-                                f"{', '.join(cls.__dataclass_fields__)}") from None
-        raise SpecError(f"a model spec is an archscope.adapter.ModelSpec or a dict, got "
-                        f"{type(spec).__name__}")
+                raise SpecError(
+                    f"bad ModelSpec mapping: {exc}; fields are "
+                    f"{', '.join(cls.__dataclass_fields__)}"
+                ) from None
+        raise SpecError(
+            f"a model spec is an archscope.adapter.ModelSpec or a dict, got {type(spec).__name__}"
+        )
 
 
 def resolve_path(root: Any, path: str, what: str) -> Any:
@@ -90,7 +93,9 @@ def _describe(value: Any) -> str:
     if isinstance(value, torch.Tensor):
         return f"a tensor of shape {tuple(value.shape)}"
     if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {len(value)} ({', '.join(_describe(v) for v in value)})"
+        return (
+            f"a {type(value).__name__} of {len(value)} ({', '.join(_describe(v) for v in value)})"
+        )
     return f"{type(value).__name__}"
 
 
@@ -99,7 +104,9 @@ class AdapterBackend(HookBackend):
     ``archscope_spec`` attribute). Capabilities follow from what the spec declares."""
 
     name = "custom"
-    description = "custom models described by an archscope.adapter.ModelSpec (capabilities follow the spec)"
+    description = (
+        "custom models described by an archscope.adapter.ModelSpec (capabilities follow the spec)"
+    )
     capabilities = frozenset({"residual", "edit"})
     priority = 10
 
@@ -146,19 +153,27 @@ class AdapterBackend(HookBackend):
         try:
             self.blocks = list(blocks)
         except TypeError:
-            raise SpecError(f"ModelSpec.blocks = {s.blocks!r} is a {type(blocks).__name__}, not a "
-                            "list of blocks (nn.ModuleList or nn.Sequential)") from None
+            raise SpecError(
+                f"ModelSpec.blocks = {s.blocks!r} is a {type(blocks).__name__}, not a "
+                "list of blocks (nn.ModuleList or nn.Sequential)"
+            ) from None
         if not self.blocks:
             raise SpecError(f"ModelSpec.blocks = {s.blocks!r} is empty")
-        self.embed_module = resolve_path(self.model, s.embed, "ModelSpec.embed") if s.embed else None
-        self.norm_module = (resolve_path(self.model, s.final_norm, "ModelSpec.final_norm")
-                            if s.final_norm else None)
-        self.head_module = (resolve_path(self.model, s.unembed, "ModelSpec.unembed")
-                            if s.unembed else None)
+        self.embed_module = (
+            resolve_path(self.model, s.embed, "ModelSpec.embed") if s.embed else None
+        )
+        self.norm_module = (
+            resolve_path(self.model, s.final_norm, "ModelSpec.final_norm") if s.final_norm else None
+        )
+        self.head_module = (
+            resolve_path(self.model, s.unembed, "ModelSpec.unembed") if s.unembed else None
+        )
         for role in [*s.submodules, *s.states]:
             if not _ROLE.match(role) or role in _RESERVED:
-                raise SpecError(f"role {role!r} in ModelSpec: roles are lower-case identifiers "
-                                f"other than {', '.join(sorted(_RESERVED))}")
+                raise SpecError(
+                    f"role {role!r} in ModelSpec: roles are lower-case identifiers "
+                    f"other than {', '.join(sorted(_RESERVED))}"
+                )
         clash = set(s.submodules) & set(s.states)
         if clash:
             raise SpecError(f"roles {sorted(clash)} are declared as both submodules and states")
@@ -167,14 +182,18 @@ class AdapterBackend(HookBackend):
             found = {}
             for role, where in s.submodules.items():
                 path, index = (where, None) if isinstance(where, str) else (where[0], where[1])
-                found[role] = (resolve_path(block, path,
-                                            f"ModelSpec.submodules[{role!r}] in block {i}"), index)
+                found[role] = (
+                    resolve_path(block, path, f"ModelSpec.submodules[{role!r}] in block {i}"),
+                    index,
+                )
             self.subs.append(found)
         for role, accessor in s.states.items():
             if not (isinstance(accessor, int) or callable(accessor)):
-                raise SpecError(f"ModelSpec.states[{role!r}] must be an index into the block's "
-                                f"output tuple or a function (model_output, layer) -> tensor, "
-                                f"got {type(accessor).__name__}")
+                raise SpecError(
+                    f"ModelSpec.states[{role!r}] must be an index into the block's "
+                    f"output tuple or a function (model_output, layer) -> tensor, "
+                    f"got {type(accessor).__name__}"
+                )
 
     def _call(self, batch: dict[str, Any]) -> Any:
         if self.spec.forward is not None:
@@ -195,15 +214,22 @@ class AdapterBackend(HookBackend):
         def pick(value: Any, index: int | None, what: str, key: str) -> None:
             if index is None:
                 if not isinstance(value, torch.Tensor):
-                    errors.append(f"{what} was declared to return a tensor but returned "
-                                  f"{_describe(value)}; declare the index of the tensor to use")
+                    errors.append(
+                        f"{what} was declared to return a tensor but returned "
+                        f"{_describe(value)}; declare the index of the tensor to use"
+                    )
                     return
                 shapes[key] = tuple(value.shape)
                 return
-            if not isinstance(value, (tuple, list)) or len(value) <= index or \
-                    not isinstance(value[index], torch.Tensor):
-                errors.append(f"{what} was declared to return a tuple with a tensor at index "
-                              f"{index} but returned {_describe(value)}")
+            if (
+                not isinstance(value, (tuple, list))
+                or len(value) <= index
+                or not isinstance(value[index], torch.Tensor)
+            ):
+                errors.append(
+                    f"{what} was declared to return a tuple with a tensor at index "
+                    f"{index} but returned {_describe(value)}"
+                )
                 return
             shapes[key] = tuple(value[index].shape)
 
@@ -217,17 +243,39 @@ class AdapterBackend(HookBackend):
         try:
             for i, block in enumerate(self.blocks):
                 what = f"block {i} ({s.blocks}.{i}, {type(block).__name__})"
-                handles.append(watch(block, s.block_output, what + " [ModelSpec.block_output]",
-                                     f"layer_{i}.residual"))
+                handles.append(
+                    watch(
+                        block,
+                        s.block_output,
+                        what + " [ModelSpec.block_output]",
+                        f"layer_{i}.residual",
+                    )
+                )
                 for role, acc in s.states.items():
                     if isinstance(acc, int):
-                        handles.append(watch(block, acc, what + f" [ModelSpec.states[{role!r}]]",
-                                             f"layer_{i}.{role}"))
+                        handles.append(
+                            watch(
+                                block,
+                                acc,
+                                what + f" [ModelSpec.states[{role!r}]]",
+                                f"layer_{i}.{role}",
+                            )
+                        )
                 for role, (module, index) in self.subs[i].items():
-                    handles.append(watch(module, index, f"ModelSpec.submodules[{role!r}] of block "
-                                         f"{i} ({type(module).__name__})", f"layer_{i}.{role}"))
-            for key, module in (("embed", self.embed_module), ("final_norm", self.norm_module),
-                                ("logits", self.head_module)):
+                    handles.append(
+                        watch(
+                            module,
+                            index,
+                            f"ModelSpec.submodules[{role!r}] of block "
+                            f"{i} ({type(module).__name__})",
+                            f"layer_{i}.{role}",
+                        )
+                    )
+            for key, module in (
+                ("embed", self.embed_module),
+                ("final_norm", self.norm_module),
+                ("logits", self.head_module),
+            ):
                 if module is not None:
                     handles.append(watch(module, None, f"ModelSpec {key} module", key))
             ids = torch.zeros(1, 2, dtype=torch.long, device=self.device)
@@ -237,8 +285,10 @@ class AdapterBackend(HookBackend):
             for h in handles:
                 h.remove()
         if errors:
-            raise SpecError("the ModelSpec does not match what the model returns: "
-                            + "; ".join(dict.fromkeys(errors)))
+            raise SpecError(
+                "the ModelSpec does not match what the model returns: "
+                + "; ".join(dict.fromkeys(errors))
+            )
         if "layer_0.residual" not in shapes:
             raise SpecError(f"the model's forward never called the blocks at {s.blocks!r}")
         if "logits" not in shapes:
@@ -250,8 +300,10 @@ class AdapterBackend(HookBackend):
                 for i in range(len(self.blocks)):
                     value = acc(output, i)
                     if not isinstance(value, torch.Tensor):
-                        raise SpecError(f"ModelSpec.states[{role!r}](output, {i}) returned "
-                                        f"{_describe(value)}, not a tensor")
+                        raise SpecError(
+                            f"ModelSpec.states[{role!r}](output, {i}) returned "
+                            f"{_describe(value)}, not a tensor"
+                        )
                     shapes[f"layer_{i}.{role}"] = tuple(value.shape)
         if "embed" not in shapes:
             shapes["embed"] = shapes["layer_0.residual"]
@@ -262,48 +314,84 @@ class AdapterBackend(HookBackend):
         s, sh = self.spec, self._shapes
         table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
 
-        def add(name: str, site: Site, order: float, hp: Hookpoint | None, desc: str,
-                kind: str = "token", writable: bool = True) -> None:
+        def add(
+            name: str,
+            site: Site,
+            order: float,
+            hp: Hookpoint | None,
+            desc: str,
+            kind: str = "token",
+            writable: bool = True,
+        ) -> None:
             shape = sh[name]
-            axes = ("batch", "seq", *(f"d{k}" for k in range(len(shape) - 2))) \
-                if kind == "token" else ("batch", *(f"d{k}" for k in range(len(shape) - 1)))
-            table[name] = (SiteInfo(site, kind, axes, int(shape[-1]), writable,
-                                    order, desc), hp)
+            axes = (
+                ("batch", "seq", *(f"d{k}" for k in range(len(shape) - 2)))
+                if kind == "token"
+                else ("batch", *(f"d{k}" for k in range(len(shape) - 1)))
+            )
+            table[name] = (SiteInfo(site, kind, axes, int(shape[-1]), writable, order, desc), hp)
 
         if self.embed_module is not None:
             add("embed", Site("embed"), 0, Hookpoint(self.embed_module), f"output of {s.embed}")
         else:
             params = parameter_names(self.blocks[0].forward) or []
-            add("embed", Site("embed"), 0, Hookpoint(self.blocks[0], io="input", index=0,
-                                                     arg=params[0] if params else "x"),
-                "input of block 0")
+            add(
+                "embed",
+                Site("embed"),
+                0,
+                Hookpoint(self.blocks[0], io="input", index=0, arg=params[0] if params else "x"),
+                "input of block 0",
+            )
         for i, block in enumerate(self.blocks):
             o = 10.0 * (i + 1)
             for k, (role, (module, index)) in enumerate(self.subs[i].items()):
-                add(f"layer_{i}.{role}", Site(role, i), o + 1 + k / 100,
-                    Hookpoint(module, index=index or 0), f"output of {s.submodules[role]}")
-            add(f"layer_{i}.residual", Site("residual", i), o + 2,
-                Hookpoint(block, index=s.block_output or 0), f"output of {s.blocks}.{i}")
+                add(
+                    f"layer_{i}.{role}",
+                    Site(role, i),
+                    o + 1 + k / 100,
+                    Hookpoint(module, index=index or 0),
+                    f"output of {s.submodules[role]}",
+                )
+            add(
+                f"layer_{i}.residual",
+                Site("residual", i),
+                o + 2,
+                Hookpoint(block, index=s.block_output or 0),
+                f"output of {s.blocks}.{i}",
+            )
             for role, acc in s.states.items():
                 hp = Hookpoint(block, index=acc) if isinstance(acc, int) else None
-                add(f"layer_{i}.{role}", Site(role, i), o + 3, hp,
-                    "recurrent state declared in ModelSpec.states", kind="state", writable=False)
+                add(
+                    f"layer_{i}.{role}",
+                    Site(role, i),
+                    o + 3,
+                    hp,
+                    "recurrent state declared in ModelSpec.states",
+                    kind="state",
+                    writable=False,
+                )
         end = 10.0 * (len(self.blocks) + 1)
         if self.norm_module is not None:
-            add("final_norm", Site("final_norm"), end, Hookpoint(self.norm_module),
-                f"output of {s.final_norm}")
+            add(
+                "final_norm",
+                Site("final_norm"),
+                end,
+                Hookpoint(self.norm_module),
+                f"output of {s.final_norm}",
+            )
         if "logits" in sh:
             hp = Hookpoint(self.head_module) if self.head_module is not None else None
-            add("logits", Site("logits"), end + 1, hp, "output logits",
-                writable=hp is not None)
+            add("logits", Site("logits"), end + 1, hp, "output logits", writable=hp is not None)
         return table
 
     # -- engine overrides ------------------------------------------------------------------------
     def padding_message(self, side: str) -> str:
-        return (f"this custom model is declared with padding={self.spec.padding!r} "
-                f"(ModelSpec.padding) and the batch is {side}-padded; pad on the "
-                f"{'right' if self.spec.padding == 'right' else 'left'}, or declare the "
-                "padding the model handles")
+        return (
+            f"this custom model is declared with padding={self.spec.padding!r} "
+            f"(ModelSpec.padding) and the batch is {side}-padded; pad on the "
+            f"{'right' if self.spec.padding == 'right' else 'left'}, or declare the "
+            "padding the model handles"
+        )
 
     def forward(self, ctx: RunContext) -> Any:
         return self._call(ctx.batch)
@@ -326,13 +414,16 @@ class AdapterBackend(HookBackend):
             return super().unembed(residual)
         from .guards import check_width
 
-        check_width(residual, self.site_info(self.layer_names()[-1]).dim,
-                    f"backend {self.name!r} unembed")
+        check_width(
+            residual, self.site_info(self.layer_names()[-1]).dim, f"backend {self.name!r} unembed"
+        )
         x = self.norm_module(residual) if self.norm_module is not None else residual
         return cast("torch.Tensor", self.head_module(x))
 
 
-def describe(model: Any, spec: ModelSpec | Mapping[str, Any], attach: bool = False) -> AdapterBackend:
+def describe(
+    model: Any, spec: ModelSpec | Mapping[str, Any], attach: bool = False
+) -> AdapterBackend:
     """The adapter backend for ``model`` laid out as ``spec``; with ``attach=True`` the spec is
     also stored as ``model.archscope_spec`` so that ``archscope.Backend.for_model`` finds it."""
     backend = AdapterBackend(model, spec=spec)

@@ -41,8 +41,11 @@ def model_identity(model: Any) -> dict[str, Any]:
     else:
         config_dict = None
     if isinstance(config_dict, dict):  # fields that name the library version, not the model
-        config_dict = {k: v for k, v in config_dict.items()
-                       if k not in ("transformers_version", "_name_or_path")}
+        config_dict = {
+            k: v
+            for k, v in config_dict.items()
+            if k not in ("transformers_version", "_name_or_path")
+        }
     params = getattr(model, "parameters", None)
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
@@ -75,8 +78,12 @@ class ArtifactFit:
     @classmethod
     def of(cls, backend: Any, site: str) -> ArtifactFit:
         info = backend.site_info(site)
-        return cls(backend=backend.name, site=info.name, dim=int(info.dim),
-                   model=model_identity(backend.model))
+        return cls(
+            backend=backend.name,
+            site=info.name,
+            dim=int(info.dim),
+            model=model_identity(backend.model),
+        )
 
 
 class Artifact:
@@ -115,9 +122,12 @@ class Artifact:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_tensors().items()}
         save_file(tensors, str(folder / WEIGHTS), metadata={"kind": self.kind})
-        meta = {"kind": self.kind, "archscope_version": __version__,
-                "config": self.artifact_config(),
-                "fitted_on": None if self.fitted_on is None else dataclasses.asdict(self.fitted_on)}
+        meta = {
+            "kind": self.kind,
+            "archscope_version": __version__,
+            "config": self.artifact_config(),
+            "fitted_on": None if self.fitted_on is None else dataclasses.asdict(self.fitted_on),
+        }
         (folder / METADATA).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return folder
 
@@ -129,8 +139,9 @@ class Artifact:
 
         folder = Path(path)
         if not (folder / METADATA).is_file() or not (folder / WEIGHTS).is_file():
-            raise ArtifactError(f"{folder} is not a saved archscope artifact (it needs "
-                                f"{METADATA} and {WEIGHTS})")
+            raise ArtifactError(
+                f"{folder} is not a saved archscope artifact (it needs {METADATA} and {WEIGHTS})"
+            )
         try:
             meta = json.loads((folder / METADATA).read_text())
         except json.JSONDecodeError as exc:
@@ -138,11 +149,14 @@ class Artifact:
         kind = meta.get("kind")
         target: type[Artifact] | None = cls if cls.kind else _KINDS.get(str(kind))
         if target is None:
-            raise ArtifactError(f"{folder} holds a {kind!r} artifact, whose class is not "
-                                f"imported; known kinds: {', '.join(sorted(_KINDS)) or 'none'}")
+            raise ArtifactError(
+                f"{folder} holds a {kind!r} artifact, whose class is not "
+                f"imported; known kinds: {', '.join(sorted(_KINDS)) or 'none'}"
+            )
         if kind != target.kind:
-            raise ArtifactError(f"{folder} holds a {kind!r} artifact, not a {target.kind!r} "
-                                f"({target.__name__})")
+            raise ArtifactError(
+                f"{folder} holds a {kind!r} artifact, not a {target.kind!r} ({target.__name__})"
+            )
         try:
             tensors = load_file(str(folder / WEIGHTS))
         except (SafetensorError, OSError) as exc:
@@ -165,14 +179,19 @@ class Artifact:
         if fit.site not in backend.sites():
             problems.append(f"no site {fit.site!r}")
         elif backend.site_info(fit.site).dim != fit.dim:
-            problems.append(f"{fit.site} has dimension {backend.site_info(fit.site).dim} "
-                            f"(fitted on {fit.dim})")
+            problems.append(
+                f"{fit.site} has dimension {backend.site_info(fit.site).dim} (fitted on {fit.dim})"
+            )
         if problems:
-            raise ArtifactError(f"this {self.kind} artifact does not fit the given backend: "
-                                + "; ".join(problems))
+            raise ArtifactError(
+                f"this {self.kind} artifact does not fit the given backend: " + "; ".join(problems)
+            )
         identity = model_identity(backend.model)
         if fit.model and identity != fit.model:
-            warnings.warn(f"archscope: this {self.kind} artifact was fitted on another model "
-                          f"({fit.model.get('class')}, config {fit.model.get('config_hash')}); "
-                          f"applying it to {identity['class']} (config "
-                          f"{identity['config_hash']})", stacklevel=2)
+            warnings.warn(
+                f"archscope: this {self.kind} artifact was fitted on another model "
+                f"({fit.model.get('class')}, config {fit.model.get('config_hash')}); "
+                f"applying it to {identity['class']} (config "
+                f"{identity['config_hash']})",
+                stacklevel=2,
+            )

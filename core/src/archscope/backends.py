@@ -25,9 +25,19 @@ from .sites import Site, SiteInfo, resolve
 if TYPE_CHECKING:  # torch is imported lazily: discovery and the CLI must not pay for it
     import torch
 
-__all__ = ["ActivationRecord", "Backend", "BackendError", "CapabilityError", "Edit", "EditOp",
-           "NoBackendError", "PaddingError", "Positions", "RunRequest",
-           "RunResult"]
+__all__ = [
+    "ActivationRecord",
+    "Backend",
+    "BackendError",
+    "CapabilityError",
+    "Edit",
+    "EditOp",
+    "NoBackendError",
+    "PaddingError",
+    "Positions",
+    "RunRequest",
+    "RunResult",
+]
 
 
 @dataclass
@@ -163,14 +173,22 @@ class Backend:
         from .guards import check_device, check_inputs, inference_mode, model_lock
 
         edits = _edit_list(edits)
-        wanted, edit_map = self.check_request(() if capture is None else capture, edits,
-                                              initial_state, return_state)
+        wanted, edit_map = self.check_request(
+            () if capture is None else capture, edits, initial_state, return_state
+        )
         check_device(self.device, self.name)
         batch = self.prepare_inputs(inputs)
         check_inputs(batch, self.input_limits(), self.name)
         self.check_initial_state(initial_state, batch)
-        request = RunRequest(batch, wanted, edit_map, stop_early=stop_early,
-                             initial_state=initial_state, return_state=return_state, grad=grad)
+        request = RunRequest(
+            batch,
+            wanted,
+            edit_map,
+            stop_early=stop_early,
+            initial_state=initial_state,
+            return_state=return_state,
+            grad=grad,
+        )
         # hooks, edits, early stops and mode changes live on the model's shared modules: one
         # run at a time per model (see docs/architecture.md, "Runs and threads")
         with model_lock(self.model), inference_mode(self.model, self.inference):
@@ -214,16 +232,19 @@ class Backend:
             if not info.writable:
                 writable = [n for n, i in table.items() if i.writable]
                 reason = self.read_only_reason(info)
-                raise SiteError(f"site {info.name!r} of backend {backend!r} is read-only"
-                                + (f" ({reason})" if reason else "")
-                                + f"; writable sites include {', '.join(writable[:8]) or 'none'}")
+                raise SiteError(
+                    f"site {info.name!r} of backend {backend!r} is read-only"
+                    + (f" ({reason})" if reason else "")
+                    + f"; writable sites include {', '.join(writable[:8]) or 'none'}"
+                )
             edit_map.setdefault(info.name, []).append(edit)
         if initial_state is not None or return_state:
             self.require("state_patch")
         return wanted, edit_map
 
-    def check_initial_state(self, initial_state: Mapping[str, torch.Tensor] | None,
-                            batch: Mapping[str, Any]) -> None:
+    def check_initial_state(
+        self, initial_state: Mapping[str, torch.Tensor] | None, batch: Mapping[str, Any]
+    ) -> None:
         """The one ``initial_state`` policy: every key is a state site of this backend; each
         value has one row per batch row and the site's number of axes and feature size. Sites
         left out start from the model's own initial state (as in a run without
@@ -234,22 +255,26 @@ class Backend:
         states = [n for n, i in table.items() if i.kind == "state"]
         unknown = [str(n) for n in initial_state if str(n) not in states]
         if unknown:
-            raise SiteError(f"initial_state has entries that are not state sites: {unknown}; "
-                            f"state sites of backend {self.name!r}: "
-                            f"{', '.join(states) or '(none)'}")
+            raise SiteError(
+                f"initial_state has entries that are not state sites: {unknown}; "
+                f"state sites of backend {self.name!r}: "
+                f"{', '.join(states) or '(none)'}"
+            )
         rows = next(iter(batch.values())).shape[0]
         for name, value in initial_state.items():
             info = table[str(name)]
             shape = tuple(getattr(value, "shape", ()))
             if len(shape) != len(info.shape) or shape[0] != rows or shape[-1] != info.dim:
                 axes = ", ".join(info.shape)
-                expected = (rows, *shape[1:-1], info.dim) if len(shape) == len(info.shape) \
-                    else f"({axes})"
+                expected = (
+                    (rows, *shape[1:-1], info.dim) if len(shape) == len(info.shape) else f"({axes})"
+                )
                 raise SiteError(
                     f"initial_state[{info.name!r}] must have shape ({axes}) with batch = {rows} "
                     f"and {info.shape[-1]} = {info.dim}: initial_state[{info.name!r}] has shape "
                     f"{shape}; expected {expected}. Take it from the RunResult.state of a run on "
-                    f"{rows} rows")
+                    f"{rows} rows"
+                )
 
     # -- rows of different lengths -------------------------------------------------------------
     #: True when the model's state outputs are the state after the whole (right-padded) row.
@@ -265,7 +290,8 @@ class Backend:
             return False
         table = self.sites()
         return request.return_state or any(
-            table[n].kind == "state" for n in (*request.capture, *request.edits))
+            table[n].kind == "state" for n in (*request.capture, *request.edits)
+        )
 
     def _execute_regrouped(self, request: RunRequest) -> RunResult:
         from .batch import length_groups, scatter_rows
@@ -273,9 +299,14 @@ class Backend:
         table = self.sites()
         states = [n for n in request.capture if table[n].kind == "state"]
         token_edits = {n: e for n, e in request.edits.items() if table[n].kind != "state"}
-        result = self.execute(replace(request, capture=[n for n in request.capture
-                                                        if n not in states],
-                                      edits=token_edits, return_state=False))
+        result = self.execute(
+            replace(
+                request,
+                capture=[n for n in request.capture if n not in states],
+                edits=token_edits,
+                return_state=False,
+            )
+        )
         mask = request.attention_mask
         assert mask is not None
         parts: dict[str, list[tuple[Any, Any]]] = {}
@@ -321,12 +352,16 @@ class Backend:
     def padding_message(self, side: str) -> str:
         """The error for a batch padded on ``side`` ("left", "right" or "mixed" = gaps)."""
         if side == "mixed":
-            return (f"backend {self.name!r}: the rows of this attention_mask are not all "
-                    "padded on one side (or have padding between real tokens); pad every row on "
-                    f"the same side{'' if self.padding == 'both' else ' (' + self.padding + ')'}")
-        return (f"backend {self.name!r} handles only {self.padding} padding, but this batch is "
-                f"{side}-padded: pad on the {self.padding} (e.g. tokenizer.padding_side = "
-                f"{self.padding!r}) or run the rows one at a time")
+            return (
+                f"backend {self.name!r}: the rows of this attention_mask are not all "
+                "padded on one side (or have padding between real tokens); pad every row on "
+                f"the same side{'' if self.padding == 'both' else ' (' + self.padding + ')'}"
+            )
+        return (
+            f"backend {self.name!r} handles only {self.padding} padding, but this batch is "
+            f"{side}-padded: pad on the {self.padding} (e.g. tokenizer.padding_side = "
+            f"{self.padding!r}) or run the rows one at a time"
+        )
 
     def extract(self, inputs: Any, layers: list[str] | None = None) -> list[ActivationRecord]:
         """Seed API: capture ``layers`` (default: `layer_names()`) as ActivationRecords."""
@@ -335,13 +370,20 @@ class Backend:
         records = []
         for name in names:
             info = self.site_info(name)
-            records.append(ActivationRecord(
-                layer_name=name,
-                activations=result.activations[name],
-                meta={"kind": info.kind, "shape": info.shape, "dim": info.dim,
-                      "backend": self.name, "site": name},
-                attention_mask=result.attention_mask,
-            ))
+            records.append(
+                ActivationRecord(
+                    layer_name=name,
+                    activations=result.activations[name],
+                    meta={
+                        "kind": info.kind,
+                        "shape": info.shape,
+                        "dim": info.dim,
+                        "backend": self.name,
+                        "site": name,
+                    },
+                    attention_mask=result.attention_mask,
+                )
+            )
         return records
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
@@ -429,26 +471,35 @@ def _edit_list(edits: Any) -> list[Edit]:
     if isinstance(edits, Edit):
         return [edits]
     if isinstance(edits, (str, bytes, Mapping)) or not isinstance(edits, Iterable):
-        raise EditError(f"edits must be an archscope.Edit or a list of them, got "
-                        f"{type(edits).__name__} {edits!r:.60}; e.g. edits=[Edit.add(site, v)]")
+        raise EditError(
+            f"edits must be an archscope.Edit or a list of them, got "
+            f"{type(edits).__name__} {edits!r:.60}; e.g. edits=[Edit.add(site, v)]"
+        )
     listed = list(edits)
     for edit in listed:
         if not isinstance(edit, Edit):
-            raise EditError(f"edits must be archscope.Edit objects, got {type(edit).__name__} "
-                            f"{edit!r:.60}; e.g. edits=[Edit.add(site, v)]")
+            raise EditError(
+                f"edits must be archscope.Edit objects, got {type(edit).__name__} "
+                f"{edit!r:.60}; e.g. edits=[Edit.add(site, v)]"
+            )
     return listed
 
 
 def _rows_of(request: RunRequest, rows: Any, length: int, capture: list[str]) -> RunRequest:
     """``request`` restricted to ``rows``, trimmed to their ``length`` real tokens."""
-    batch = {k: v[rows, :length] if getattr(v, "dim", lambda: 0)() == 2 else v
-             for k, v in request.batch.items()}
+    batch = {
+        k: v[rows, :length] if getattr(v, "dim", lambda: 0)() == 2 else v
+        for k, v in request.batch.items()
+    }
     width = request.batch["input_ids"].shape[1] if "input_ids" in request.batch else length
     n_rows = next(iter(request.batch.values())).shape[0]
-    edits = {n: [_edit_rows(e, rows, n_rows, width, length) for e in es]
-             for n, es in request.edits.items()}
-    initial = ({k: v[rows] for k, v in request.initial_state.items()}
-               if request.initial_state else None)
+    edits = {
+        n: [_edit_rows(e, rows, n_rows, width, length) for e in es]
+        for n, es in request.edits.items()
+    }
+    initial = (
+        {k: v[rows] for k, v in request.initial_state.items()} if request.initial_state else None
+    )
     return replace(request, batch=batch, capture=capture, edits=edits, initial_state=initial)
 
 
@@ -466,6 +517,7 @@ def _edit_rows(edit: Edit, rows: Any, n_rows: int, width: int, length: int) -> E
         absolute = [p + width if p < 0 else p for p in given]
         positions = [p for p in absolute if p < length]
     return Edit(edit.site, edit.op, value, positions, edit.units)
+
 
 def __getattr__(name: str) -> Any:
     # 0.2 exposed per-architecture classes here (e.g. a "...Backend" class per family); they now

@@ -47,7 +47,8 @@ def prepare_inputs(inputs: Any, device: Any = None) -> dict[str, Any]:
                 ) from None
     if batch.get("input_ids") is not None:
         batch["input_ids"], batch["attention_mask"] = _checked_ids(
-            batch["input_ids"], batch.get("attention_mask"))
+            batch["input_ids"], batch.get("attention_mask")
+        )
     if device is not None:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     return batch
@@ -73,8 +74,7 @@ def _as_batch(inputs: Any) -> dict[str, Any]:
     return batch
 
 
-def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
     if ids.dtype.is_floating_point:
@@ -95,7 +95,8 @@ def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None
             raise InputError(
                 f"attention_mask must hold 0 and 1 (1 = real token, 0 = padding), got values "
                 f"such as {float(odd[0]):g} (dtype {mask.dtype}); archscope runs take a hard "
-                "mask: threshold or round it first")
+                "mask: threshold or round it first"
+            )
     if mask.shape != ids.shape:
         raise InputError(
             f"attention_mask shape {tuple(mask.shape)} does not match input_ids "
@@ -137,8 +138,9 @@ def pool(acts: torch.Tensor, mask: torch.Tensor | None, how: Pool = "mean") -> t
     if mask is None:
         mask = torch.ones(acts.shape[:2], dtype=torch.long, device=acts.device)
     if mask.shape != acts.shape[:2]:
-        raise InputError(f"attention mask {tuple(mask.shape)} does not match activations "
-                         f"{tuple(acts.shape[:2])}")
+        raise InputError(
+            f"attention mask {tuple(mask.shape)} does not match activations {tuple(acts.shape[:2])}"
+        )
     if how == "mean":
         weights = mask.to(acts.dtype).unsqueeze(-1)
         return (acts * weights).sum(1) / weights.sum(1).clamp_min(1.0)
@@ -162,8 +164,7 @@ def length_groups(mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
     import torch
 
     lengths = mask.sum(-1)
-    return [(torch.nonzero(lengths == n).flatten(), int(n))
-            for n in torch.unique(lengths).tolist()]
+    return [(torch.nonzero(lengths == n).flatten(), int(n)) for n in torch.unique(lengths).tolist()]
 
 
 def scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], n_rows: int) -> torch.Tensor:

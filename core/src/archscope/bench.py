@@ -45,14 +45,36 @@ class ProfileTasks:
 
 _POSITIVE = ["good", "great", "wonderful", "happy", "excellent", "lovely", "nice", "pleasant"]
 _NEGATIVE = ["bad", "awful", "terrible", "sad", "horrible", "nasty", "poor", "dreadful"]
-_SUBJECTS = ["the film", "the meal", "the day", "my trip", "the book", "the song", "the show",
-             "our visit"]
-_MATH = ["two plus three is five", "seven times six equals forty two", "the sum of four and "
-         "five is nine", "ten minus three is seven", "eight divided by two is four",
-         "the square of three is nine", "one plus one makes two", "six times two is twelve"]
-_PROSE = ["the cat sat on the warm mat", "she walked to the old market", "the river ran past "
-          "the town", "he opened the window at dawn", "the bird sang in the tall tree",
-          "they met at the small cafe", "the wind moved the dry leaves", "we read by the fire"]
+_SUBJECTS = [
+    "the film",
+    "the meal",
+    "the day",
+    "my trip",
+    "the book",
+    "the song",
+    "the show",
+    "our visit",
+]
+_MATH = [
+    "two plus three is five",
+    "seven times six equals forty two",
+    "the sum of four and five is nine",
+    "ten minus three is seven",
+    "eight divided by two is four",
+    "the square of three is nine",
+    "one plus one makes two",
+    "six times two is twelve",
+]
+_PROSE = [
+    "the cat sat on the warm mat",
+    "she walked to the old market",
+    "the river ran past the town",
+    "he opened the window at dawn",
+    "the bird sang in the tall tree",
+    "they met at the small cafe",
+    "the wind moved the dry leaves",
+    "we read by the fire",
+]
 
 
 def generic_tasks(tokenizer: Any, n: int = 48, seed: int = 0) -> ProfileTasks:
@@ -70,10 +92,13 @@ def generic_tasks(tokenizer: Any, n: int = 48, seed: int = 0) -> ProfileTasks:
     clean = [f"{s} and it was" for s in _SUBJECTS[:4]]
     corrupt = [f"{s} and it is" for s in _SUBJECTS[:4]]
     return ProfileTasks(
-        probes={"sentiment": Dataset.from_texts(sentiment, labels, tokenizer=tokenizer),
-                "math": Dataset.from_texts(math_texts, math_labels, tokenizer=tokenizer)},
+        probes={
+            "sentiment": Dataset.from_texts(sentiment, labels, tokenizer=tokenizer),
+            "math": Dataset.from_texts(math_texts, math_labels, tokenizer=tokenizer),
+        },
         texts=Dataset.from_texts(texts, tokenizer=tokenizer),
-        contrast=Contrast(clean, corrupt, tokenizer=tokenizer))
+        contrast=Contrast(clean, corrupt, tokenizer=tokenizer),
+    )
 
 
 # -- the profile --------------------------------------------------------------------------------
@@ -131,15 +156,28 @@ _HEADLINE = [
     ("parameters", lambda p: f"{p.n_params:,}"),
     ("layers", lambda p: str(p.n_layers)),
     ("hidden size", lambda p: str(p.hidden_dim)),
-    ("probe AUROC, best layer (held-out)", lambda p: "; ".join(
-        f"{task} {_fmt(max(v.values()))}" for task, v in p.probe_auroc.items() if v) or "-"),
+    (
+        "probe AUROC, best layer (held-out)",
+        lambda p: (
+            "; ".join(f"{task} {_fmt(max(v.values()))}" for task, v in p.probe_auroc.items() if v)
+            or "-"
+        ),
+    ),
     ("induction (x chance)", lambda p: _fmt(p.induction_head_relative, 1)),
     ("copy accuracy", lambda p: _fmt(p.copy_accuracy)),
     ("next-token concentration", lambda p: _fmt(p.concentration_relative)),
-    ("SAE explained variance (dense / rank-1 / TopK)", lambda p: " / ".join(
-        _fmt(p.sae.get(t, {}).get("explained_variance")) for t in ("dense", "rank1", "topk"))),
-    ("SAE L0 (dense / rank-1 / TopK)", lambda p: " / ".join(
-        _fmt(p.sae.get(t, {}).get("l0"), 1) for t in ("dense", "rank1", "topk"))),
+    (
+        "SAE explained variance (dense / rank-1 / TopK)",
+        lambda p: " / ".join(
+            _fmt(p.sae.get(t, {}).get("explained_variance")) for t in ("dense", "rank1", "topk")
+        ),
+    ),
+    (
+        "SAE L0 (dense / rank-1 / TopK)",
+        lambda p: " / ".join(
+            _fmt(p.sae.get(t, {}).get("l0"), 1) for t in ("dense", "rank1", "topk")
+        ),
+    ),
     ("tuned lens beats logit lens (layers)", lambda p: _lens_wins(p)),
     ("patching: max gap restored", lambda p: _fmt(p.patching.get("max"))),
     ("state variance ratio", lambda p: _fmt(p.ssm_state_variance_ratio)),
@@ -162,20 +200,25 @@ def profile_to_markdown(profile: InterpProfile | Sequence[InterpProfile]) -> str
     if not profiles:
         raise InputError("profile_to_markdown needs at least one profile")
     head = "| | " + " | ".join(f"{p.model_name} ({p.arch_family})" for p in profiles) + " |"
-    lines = ["## Interpretability profile", "", head,
-             "|---|" + "---:|" * len(profiles)]
+    lines = ["## Interpretability profile", "", head, "|---|" + "---:|" * len(profiles)]
     for label, get in _HEADLINE:
         lines.append(f"| {label} | " + " | ".join(get(p) for p in profiles) + " |")
     for p in profiles:
         lines += ["", f"### {p.model_name}: per layer (tasks: {p.tasks})", ""]
         tasks = list(p.probe_auroc)
-        lines.append("| layer | " + " | ".join(f"{t} AUROC (held-out / train)" for t in tasks)
-                     + " | logit-lens KL | tuned-lens KL |")
+        lines.append(
+            "| layer | "
+            + " | ".join(f"{t} AUROC (held-out / train)" for t in tasks)
+            + " | logit-lens KL | tuned-lens KL |"
+        )
         lines.append("|---|" + "---:|" * (len(tasks) + 2))
         sites = list(dict.fromkeys([s for t in tasks for s in p.probe_auroc[t]] + list(p.lens_kl)))
         for site in sites:
-            cells = [f"{_fmt(p.probe_auroc[t].get(site))} / "
-                     f"{_fmt(p.probe_train_auroc.get(t, {}).get(site))}" for t in tasks]
+            cells = [
+                f"{_fmt(p.probe_auroc[t].get(site))} / "
+                f"{_fmt(p.probe_train_auroc.get(t, {}).get(site))}"
+                for t in tasks
+            ]
             kl = p.lens_kl.get(site, {})
             cells += [_fmt(kl.get("logit")), _fmt(kl.get("tuned"))]
             lines.append(f"| {site} | " + " | ".join(cells) + " |")
@@ -191,19 +234,29 @@ def comparison_figure(profiles: Sequence[InterpProfile]) -> Any:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for p in profiles:
         for task, curve in p.probe_auroc.items():
-            left.plot(range(len(curve)), list(curve.values()), marker="o",
-                      label=f"{p.model_name}: {task}")
+            left.plot(
+                range(len(curve)), list(curve.values()), marker="o", label=f"{p.model_name}: {task}"
+            )
         if p.lens_kl:
             xs = range(len(p.lens_kl))
-            right.plot(xs, [v["logit"] for v in p.lens_kl.values()], "--", marker="o",
-                       label=f"{p.model_name}: logit lens")
-            right.plot(xs, [v["tuned"] for v in p.lens_kl.values()], marker="o",
-                       label=f"{p.model_name}: tuned lens")
-    left.set(title="Probe AUROC per layer (held-out)", xlabel="layer", ylabel="AUROC",
-             ylim=(0.4, 1.02))
+            right.plot(
+                xs,
+                [v["logit"] for v in p.lens_kl.values()],
+                "--",
+                marker="o",
+                label=f"{p.model_name}: logit lens",
+            )
+            right.plot(
+                xs,
+                [v["tuned"] for v in p.lens_kl.values()],
+                marker="o",
+                label=f"{p.model_name}: tuned lens",
+            )
+    left.set(
+        title="Probe AUROC per layer (held-out)", xlabel="layer", ylabel="AUROC", ylim=(0.4, 1.02)
+    )
     left.axhline(0.5, color="grey", lw=0.5)
-    right.set(title="KL to the final distribution (held-out)", xlabel="layer",
-              ylabel="KL (nats)")
+    right.set(title="KL to the final distribution (held-out)", xlabel="layer", ylabel="KL (nats)")
     for ax in (left, right):
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -232,11 +285,15 @@ def sae_figure(profiles: Sequence[InterpProfile]) -> Any:
     markers = {"dense": "o", "rank1": "s", "topk": "^"}
     for p in profiles:
         for kind, metrics in p.sae.items():
-            ax.scatter(metrics.get("l0", float("nan")), metrics.get("explained_variance",
-                                                                    float("nan")),
-                       marker=markers.get(kind, "x"), label=f"{p.model_name}: {kind}")
-    ax.set(title="SAE quality", xlabel="L0 (active features per token)",
-           ylabel="explained variance")
+            ax.scatter(
+                metrics.get("l0", float("nan")),
+                metrics.get("explained_variance", float("nan")),
+                marker=markers.get(kind, "x"),
+                label=f"{p.model_name}: {kind}",
+            )
+    ax.set(
+        title="SAE quality", xlabel="L0 (active features per token)", ylabel="explained variance"
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -254,10 +311,11 @@ def write_report(profiles: Sequence[InterpProfile], path: str | Path) -> Path:
     if path.suffix.lower() != ".md":
         raise InputError(f"write the report as .md (with figures) or .json, not {path.name}")
     stem = path.with_suffix("")
-    figures = [("Probe AUROC and lens KL per layer", comparison_figure,
-                f"{stem.name}-layers.png"),
-               ("Activation patching", patching_figure, f"{stem.name}-patching.png"),
-               ("SAE quality", sae_figure, f"{stem.name}-sae.png")]
+    figures = [
+        ("Probe AUROC and lens KL per layer", comparison_figure, f"{stem.name}-layers.png"),
+        ("Activation patching", patching_figure, f"{stem.name}-patching.png"),
+        ("SAE quality", sae_figure, f"{stem.name}-sae.png"),
+    ]
     parts = [profile_to_markdown(profiles), ""]
     plt = None
     try:
@@ -284,15 +342,15 @@ def _split_rows(n: int, held_out: float, seed: int) -> tuple[list[int], list[int
     return order[cut:], order[:cut]
 
 
-def _probe_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks,
-                quick: bool) -> None:
+def _probe_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks, quick: bool) -> None:
     from .probes import probe_sweep
 
     for task, dataset in tasks.probes.items():
         # Newton's method solves these small penalised logistic regressions in ~10 iterations
         # (the held-out AUROC of 100 AdamW epochs on the zoo's tasks, in far less time).
-        sweep = probe_sweep(backend, dataset, folds=3 if quick else 5, solver="newton",
-                            epochs=50, weight_decay=1e-2)
+        sweep = probe_sweep(
+            backend, dataset, folds=3 if quick else 5, solver="newton", epochs=50, weight_decay=1e-2
+        )
         profile.probe_auroc[task] = {r.site: float(r.heldout_auroc) for r in sweep.layers}
         profile.probe_train_auroc[task] = {r.site: float(r.train_auroc) for r in sweep.layers}
     best = {task: max(v.values()) for task, v in profile.probe_auroc.items() if v}
@@ -300,8 +358,9 @@ def _probe_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks,
     profile.probe_math_auroc = best.get("math", best.get("topic"))
 
 
-def _circuit_part(profile: InterpProfile, backend: Backend, tokenizer: Any,
-                  tasks: ProfileTasks, quick: bool) -> None:
+def _circuit_part(
+    profile: InterpProfile, backend: Backend, tokenizer: Any, tasks: ProfileTasks, quick: bool
+) -> None:
     from .circuits import (
         copy_score,
         early_token_attention,
@@ -310,15 +369,18 @@ def _circuit_part(profile: InterpProfile, backend: Backend, tokenizer: Any,
     )
 
     trials = 16 if quick else 50
-    induction = induction_head_score(backend, tokenizer=tokenizer, n_trials=trials,
-                                     n_pairs=8, candidates=tasks.induction_ids)
+    induction = induction_head_score(
+        backend, tokenizer=tokenizer, n_trials=trials, n_pairs=8, candidates=tasks.induction_ids
+    )
     profile.induction_head_relative = float(induction.relative)
     if tasks.induction_rows and tasks.induction_spans:
         spans = repeated_span_score(backend, tasks.induction_rows, tasks.induction_spans)
         profile.induction_head_relative = float(spans.relative)
-        profile.notes.append(f"induction: on the source's repeated-span documents "
-                             f"({spans.score:.3f} = {spans.relative:.0f}x chance); on random "
-                             f"repeated blocks {induction.relative:.1f}x chance")
+        profile.notes.append(
+            f"induction: on the source's repeated-span documents "
+            f"({spans.score:.3f} = {spans.relative:.0f}x chance); on random "
+            f"repeated blocks {induction.relative:.1f}x chance"
+        )
     heads = induction.raw.get("heads") if isinstance(induction.raw, dict) else None
     if heads:
         profile.per_head = {"induction": heads}
@@ -326,8 +388,9 @@ def _circuit_part(profile: InterpProfile, backend: Backend, tokenizer: Any,
     profile.concentration_relative = float(early_token_attention(backend, tokenizer).relative)
 
 
-def _sae_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks, site: str,
-              quick: bool, seed: int) -> None:
+def _sae_part(
+    profile: InterpProfile, backend: Backend, tasks: ProfileTasks, site: str, quick: bool, seed: int
+) -> None:
     from .collect import collect
     from .sae import SAEConfig, fit_sae, reconstruction_metrics
 
@@ -337,30 +400,48 @@ def _sae_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks, sit
     dim = int(acts.shape[1])
     profile.sae_site = site
     for kind in ("dense", "rank1", "topk"):
-        config = SAEConfig(input_dim=dim, n_features=4 * dim, sparsity=0.1, sae_type=kind,
-                           learning_rate=4e-3, batch_size=128, k=max(2, dim // 16), seed=seed)
+        config = SAEConfig(
+            input_dim=dim,
+            n_features=4 * dim,
+            sparsity=0.1,
+            sae_type=kind,
+            learning_rate=4e-3,
+            batch_size=128,
+            k=max(2, dim // 16),
+            seed=seed,
+        )
         sae = fit_sae(train, config, epochs=4 if quick else 12)
         metrics = reconstruction_metrics(sae, test)
-        profile.sae[kind] = {"explained_variance": float(metrics.explained_variance),
-                             "mse": float(metrics.mse), "l0": float(metrics.l0),
-                             "dead_fraction": float(metrics.dead_fraction)}
+        profile.sae[kind] = {
+            "explained_variance": float(metrics.explained_variance),
+            "mse": float(metrics.mse),
+            "l0": float(metrics.l0),
+            "dead_fraction": float(metrics.dead_fraction),
+        }
     profile.sae_dense_recon = profile.sae["dense"]["mse"]
     profile.sae_rank1_recon = profile.sae["rank1"]["mse"]
-    profile.sae_better = ("dense" if profile.sae["dense"]["explained_variance"]
-                          >= profile.sae["rank1"]["explained_variance"] else "rank1")
+    profile.sae_better = (
+        "dense"
+        if profile.sae["dense"]["explained_variance"] >= profile.sae["rank1"]["explained_variance"]
+        else "rank1"
+    )
 
 
-def _lens_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks, quick: bool,
-               seed: int) -> None:
+def _lens_part(
+    profile: InterpProfile, backend: Backend, tasks: ProfileTasks, quick: bool, seed: int
+) -> None:
     from .lens import TunedLens
 
     # lr 1e-2 for 3 epochs reaches the held-out KL of 12 epochs at 1e-3 on the zoo's models
-    lens = TunedLens.fit_rows(backend, tasks.texts.ids(), epochs=1 if quick else 3, lr=1e-2,
-                              held_out=0.25, seed=seed)
+    lens = TunedLens.fit_rows(
+        backend, tasks.texts.ids(), epochs=1 if quick else 3, lr=1e-2, held_out=0.25, seed=seed
+    )
     report = lens.report
     assert report is not None  # fit_rows always evaluates on held-out rows
-    profile.lens_kl = {site: {"logit": float(a), "tuned": float(b)} for site, a, b in
-                       zip(report.layers, report.kl_logit, report.kl_tuned, strict=True)}
+    profile.lens_kl = {
+        site: {"logit": float(a), "tuned": float(b)}
+        for site, a, b in zip(report.layers, report.kl_logit, report.kl_tuned, strict=True)
+    }
 
 
 def _patching_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks) -> None:
@@ -373,14 +454,19 @@ def _patching_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks
     metric = None
     if tasks.answers is not None:
         metric = LogitDiff(torch.tensor(tasks.answers[0][:1]), torch.tensor(tasks.answers[1][:1]))
-    sweep = patch_sweep(backend, clean.ids()[:1], corrupted.ids()[:1], axis="position",
-                        metric_fn=metric)
-    matrix = [[float("nan") if v is None else float(v) for v in row]
-              for row in sweep.gap_restored or []]
+    sweep = patch_sweep(
+        backend, clean.ids()[:1], corrupted.ids()[:1], axis="position", metric_fn=metric
+    )
+    matrix = [
+        [float("nan") if v is None else float(v) for v in row] for row in sweep.gap_restored or []
+    ]
     finite = [v for row in matrix for v in row if math.isfinite(v)]
-    profile.patching = {"matrix": matrix, "rows": list(sweep.rows),
-                        "columns": [str(c) for c in sweep.columns],
-                        "max": max(finite) if finite else None}
+    profile.patching = {
+        "matrix": matrix,
+        "rows": list(sweep.rows),
+        "columns": [str(c) for c in sweep.columns],
+        "max": max(finite) if finite else None,
+    }
 
 
 def _state_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks) -> None:
@@ -399,10 +485,17 @@ def _state_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks) -
     profile.ssm_state_variance_ratio = sum(ratios) / len(ratios)
 
 
-def profile_backend(backend: Backend, tokenizer: Any, *, name: str = "model",
-                    arch_family: str | None = None, tasks: ProfileTasks | None = None,
-                    quick: bool = False, seed: int = 0,
-                    threads: int | None = None) -> InterpProfile:
+def profile_backend(
+    backend: Backend,
+    tokenizer: Any,
+    *,
+    name: str = "model",
+    arch_family: str | None = None,
+    tasks: ProfileTasks | None = None,
+    quick: bool = False,
+    seed: int = 0,
+    threads: int | None = None,
+) -> InterpProfile:
     """The profile of the model behind ``backend``: each part runs where the backend has the
     capabilities it needs; a part that cannot run is named in ``notes``, never hidden.
 
@@ -422,17 +515,30 @@ def profile_backend(backend: Backend, tokenizer: Any, *, name: str = "model",
         torch.set_num_threads(previous)
 
 
-def _profile(backend: Backend, tokenizer: Any, name: str, arch_family: str | None,
-             tasks: ProfileTasks | None, quick: bool, seed: int, n_params: int) -> InterpProfile:
+def _profile(
+    backend: Backend,
+    tokenizer: Any,
+    name: str,
+    arch_family: str | None,
+    tasks: ProfileTasks | None,
+    quick: bool,
+    seed: int,
+    n_params: int,
+) -> InterpProfile:
     import torch
 
     start = time.perf_counter()
     tasks = tasks or generic_tasks(tokenizer, seed=seed)
     layers = backend.layer_names()
     caps = set(backend.capabilities)
-    profile = InterpProfile(model_name=name, arch_family=arch_family or backend.name,
-                            n_params=n_params, n_layers=len(layers),
-                            hidden_dim=_hidden_dim(backend), tasks=tasks.source)
+    profile = InterpProfile(
+        model_name=name,
+        arch_family=arch_family or backend.name,
+        n_params=n_params,
+        n_layers=len(layers),
+        hidden_dim=_hidden_dim(backend),
+        tasks=tasks.source,
+    )
     t = profile.timings
     torch.manual_seed(seed)
     _timed(t, "probes", lambda: _probe_part(profile, backend, tasks, quick))
@@ -454,11 +560,21 @@ def _profile(backend: Backend, tokenizer: Any, name: str, arch_family: str | Non
     return profile
 
 
-def benchmark(model_name: str, model: Any, tokenizer: Any, backend_hint: str | None = None,
-              arch_family: str = "transformer", tokenize_fn: Any = None,
-              sentiment_layer: int | None = None, math_layer: int | None = None,
-              sae_layer: int | None = None, ssm_layer: int | None = None, *,
-              tasks: ProfileTasks | None = None, quick: bool = False) -> InterpProfile:
+def benchmark(
+    model_name: str,
+    model: Any,
+    tokenizer: Any,
+    backend_hint: str | None = None,
+    arch_family: str = "transformer",
+    tokenize_fn: Any = None,
+    sentiment_layer: int | None = None,
+    math_layer: int | None = None,
+    sae_layer: int | None = None,
+    ssm_layer: int | None = None,
+    *,
+    tasks: ProfileTasks | None = None,
+    quick: bool = False,
+) -> InterpProfile:
     """archscope 0.2's entry point: the profile of ``model`` (see `profile_backend`). The
     per-task layer arguments are accepted for compatibility: every layer is now probed and
     the best held-out layer reported. ``tokenize_fn`` is not needed (texts are tokenized with
@@ -466,12 +582,18 @@ def benchmark(model_name: str, model: Any, tokenizer: Any, backend_hint: str | N
     from .backends import Backend
 
     backend = Backend.for_model(model, hint=backend_hint)
-    return profile_backend(backend, tokenizer, name=model_name, arch_family=arch_family,
-                           tasks=tasks, quick=quick)
+    return profile_backend(
+        backend, tokenizer, name=model_name, arch_family=arch_family, tasks=tasks, quick=quick
+    )
 
 
-def profile_models(specs: Sequence[str], *, hint: str | None = None, quick: bool = False,
-                   progress: Callable[[str], None] | None = None) -> list[InterpProfile]:
+def profile_models(
+    specs: Sequence[str],
+    *,
+    hint: str | None = None,
+    quick: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[InterpProfile]:
     """Load each model spec and profile it, with the tasks its model source supplies (the
     zoo's planted attributes) or the generic English ones."""
     from .loader import find_source, load_model
@@ -485,8 +607,7 @@ def profile_models(specs: Sequence[str], *, hint: str | None = None, quick: bool
             raise InputError(f"{spec} has no tokenizer; the profile needs one for its texts")
         source, rest = find_source(spec)
         tasks = source.profile_tasks(rest, tokenizer) if source is not None else None
-        profiles.append(profile_backend(backend, tokenizer, name=spec, tasks=tasks,
-                                        quick=quick))
+        profiles.append(profile_backend(backend, tokenizer, name=spec, tasks=tasks, quick=quick))
     return profiles
 
 

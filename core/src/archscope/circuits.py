@@ -22,8 +22,15 @@ if TYPE_CHECKING:
 
     from .backends import Backend
 
-__all__ = ["CircuitReport", "CircuitScore", "circuits_method", "copy_score",
-           "early_token_attention", "induction_head_score", "run_all_circuits"]
+__all__ = [
+    "CircuitReport",
+    "CircuitScore",
+    "circuits_method",
+    "copy_score",
+    "early_token_attention",
+    "induction_head_score",
+    "run_all_circuits",
+]
 
 
 @dataclass
@@ -43,6 +50,7 @@ class CircuitScore(Result):
 
 # -- shared helpers ------------------------------------------------------------------------------
 
+
 def _backend(model: Any, hint: str | None = None) -> Backend:
     """The backend of ``model`` (a model, or a backend already)."""
     from .backends import Backend
@@ -57,12 +65,14 @@ def _logit_vocab(backend: Backend) -> int:
     if "logits" not in backend.capabilities or "logits" not in backend.sites():
         raise CapabilityError(
             f"circuit tests read next-token logits, but backend {backend.name!r} has no "
-            f"'logits' capability (it has: {', '.join(sorted(backend.capabilities))})")
+            f"'logits' capability (it has: {', '.join(sorted(backend.capabilities))})"
+        )
     return int(backend.site_info("logits").dim)
 
 
-def candidate_ids(backend: Backend, tokenizer: Any = None,
-                  vocab_size: int | None = None) -> torch.Tensor:
+def candidate_ids(
+    backend: Backend, tokenizer: Any = None, vocab_size: int | None = None
+) -> torch.Tensor:
     """Token ids a test may draw: ``0 .. V-1`` of the model's own vocabulary (``vocab_size``
     narrows it; a tokenizer's length narrows it to ids it can decode), without the
     tokenizer's special ids (padding, BOS/EOS, unknown)."""
@@ -72,8 +82,10 @@ def candidate_ids(backend: Backend, tokenizer: Any = None,
     limit = n_logits
     if vocab_size is not None:
         if not 1 <= vocab_size <= n_logits:
-            raise ParameterError(f"vocab_size={vocab_size} is outside the model's vocabulary "
-                                 f"of {n_logits} ids; give 1..{n_logits} or None (all)")
+            raise ParameterError(
+                f"vocab_size={vocab_size} is outside the model's vocabulary "
+                f"of {n_logits} ids; give 1..{n_logits} or None (all)"
+            )
         limit = vocab_size
     if tokenizer is not None:
         try:
@@ -89,13 +101,16 @@ def candidate_ids(backend: Backend, tokenizer: Any = None,
     if special:
         ids = ids[~torch.isin(ids, torch.tensor(sorted(special), dtype=torch.long))]
     if len(ids) < 2:
-        raise InputError(f"only {len(ids)} usable token id(s) (vocabulary {n_logits}, special "
-                         f"ids {sorted(special)}); the circuit tests need at least 2")
+        raise InputError(
+            f"only {len(ids)} usable token id(s) (vocabulary {n_logits}, special "
+            f"ids {sorted(special)}); the circuit tests need at least 2"
+        )
     return ids
 
 
-def _random_distinct(generator: torch.Generator, pool: torch.Tensor, rows: int,
-                     k: int) -> torch.Tensor:
+def _random_distinct(
+    generator: torch.Generator, pool: torch.Tensor, rows: int, k: int
+) -> torch.Tensor:
     """``rows`` x ``k`` ids from ``pool``, distinct within each row (needs k <= len(pool))."""
     import torch
 
@@ -103,8 +118,9 @@ def _random_distinct(generator: torch.Generator, pool: torch.Tensor, rows: int,
     return pool[order]
 
 
-def _pad(rows: Sequence[Sequence[int]], backend: Backend
-         ) -> tuple[dict[str, torch.Tensor], list[int]]:
+def _pad(
+    rows: Sequence[Sequence[int]], backend: Backend
+) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Token-id rows as one batch padded as ``backend`` allows, and where each row's first
     real token sits."""
     from .data import pad_batch, padding_for
@@ -129,6 +145,7 @@ def _check_positive(**values: int) -> None:
 
 
 # -- induction -------------------------------------------------------------------------------------
+
 
 def induction_head_score(
     model: Any,
@@ -169,23 +186,27 @@ def induction_head_score(
         chosen = torch.as_tensor(list(candidates), dtype=torch.long)
         outside = chosen[~torch.isin(chosen, pool)].tolist()
         if outside:
-            raise InputError(f"candidates {outside[:5]} are special or outside the model's "
-                             f"vocabulary of {n_vocab} ids")
+            raise InputError(
+                f"candidates {outside[:5]} are special or outside the model's "
+                f"vocabulary of {n_vocab} ids"
+            )
         pool = chosen.unique()
     block = n_pairs + 1
     if block > len(pool):
-        raise ParameterError(f"n_pairs={n_pairs} needs {block} distinct token ids but the "
-                             f"vocabulary has {len(pool)} usable ids; lower n_pairs")
+        raise ParameterError(
+            f"n_pairs={n_pairs} needs {block} distinct token ids but the "
+            f"vocabulary has {len(pool)} usable ids; lower n_pairs"
+        )
     g = torch.Generator().manual_seed(seed)
     drawn = _random_distinct(g, pool, n_trials, min(len(pool), block + seq_len))
     blocks = drawn[:, :block]
     if drawn.shape[1] >= block + seq_len:  # lead-in from tokens outside the block
-        lead = drawn[:, block:block + seq_len]
+        lead = drawn[:, block : block + seq_len]
     else:  # small vocabulary: the lead-in may share tokens with the block
         lead = pool[torch.randint(len(pool), (n_trials, seq_len), generator=g)]
     ids = torch.cat([lead, blocks, blocks], dim=1)
-    first = seq_len                      # position of the block's first token, first repeat
-    second = seq_len + block             # ... second repeat
+    first = seq_len  # position of the block's first token, first repeat
+    second = seq_len + block  # ... second repeat
     steps = torch.arange(n_pairs)
     patterns = _pattern_sites(backend)
 
@@ -194,11 +215,11 @@ def induction_head_score(
     previous: dict[str, list[torch.Tensor]] = {s: [] for s in patterns}
     n_forwards = 0
     for start in range(0, n_trials, batch_size):
-        chunk = ids[start:start + batch_size]
+        chunk = ids[start : start + batch_size]
         result = backend.run(chunk, capture=[*patterns, "logits"])
         n_forwards += 1
         logp = torch.log_softmax(result["logits"].float(), dim=-1).cpu()
-        targets = chunk[:, 1:][:, first + steps]           # the continuation in the block
+        targets = chunk[:, 1:][:, first + steps]  # the continuation in the block
         rows = torch.arange(len(chunk)).unsqueeze(1)
         at_second = logp[rows, second + steps, targets]
         at_first = logp[rows, first + steps, targets]
@@ -206,7 +227,7 @@ def induction_head_score(
         p_first.append(at_first.exp())
         top1.append(logp[rows, second + steps].argmax(-1) == targets)
         for site in patterns:
-            pattern = result[site].float().cpu()            # (batch, head, query, key)
+            pattern = result[site].float().cpu()  # (batch, head, query, key)
             queries = second + steps
             induction[site].append(pattern[:, :, queries, first + steps + 1].mean(-1))
             pos = torch.arange(1, ids.shape[1])
@@ -218,36 +239,53 @@ def induction_head_score(
         "second_repeat_prob": score,
         "first_repeat_prob": float(torch.cat(p_first).mean()),
         "top1_accuracy": float(torch.cat(top1).float().mean()),
-        "n_trials": n_trials, "n_pairs": n_pairs, "lead_in": seq_len,
-        "vocab_size": n_vocab, "candidate_ids": len(pool), "n_forwards": n_forwards,
+        "n_trials": n_trials,
+        "n_pairs": n_pairs,
+        "lead_in": seq_len,
+        "vocab_size": n_vocab,
+        "candidate_ids": len(pool),
+        "n_forwards": n_forwards,
     }
     if patterns:
         raw["heads"] = _head_table(
             {s: torch.cat(v).mean(0) for s, v in induction.items()},
-            {s: torch.cat(v).mean(0) for s, v in previous.items()}, backend)
+            {s: torch.cat(v).mean(0) for s, v in previous.items()},
+            backend,
+        )
     return CircuitScore("induction_head", score, baseline, score / baseline, raw)
 
 
-def _head_table(induction: dict[str, torch.Tensor], previous: dict[str, torch.Tensor],
-                backend: Backend) -> dict[str, Any]:
+def _head_table(
+    induction: dict[str, torch.Tensor], previous: dict[str, torch.Tensor], backend: Backend
+) -> dict[str, Any]:
     """Per-head scores keyed by layer (``layer_i``), plus the heads ranked by induction score."""
     by_layer = {}
     ranked = []
     for site, scores in induction.items():
         layer = backend.site_info(site).site.layer
-        by_layer[f"layer_{layer}"] = {"induction": scores.tolist(),
-                                      "previous_token": previous[site].tolist()}
+        by_layer[f"layer_{layer}"] = {
+            "induction": scores.tolist(),
+            "previous_token": previous[site].tolist(),
+        }
         ranked += [(layer, h, float(s)) for h, s in enumerate(scores)]
     ranked.sort(key=lambda t: -t[2])
-    return {"per_layer": by_layer,
-            "top_induction": [{"layer": la, "head": h, "score": s} for la, h, s in ranked[:5]]}
+    return {
+        "per_layer": by_layer,
+        "top_induction": [{"layer": la, "head": h, "score": s} for la, h, s in ranked[:5]],
+    }
 
 
 # -- copy ------------------------------------------------------------------------------------------
 
-def repeated_span_score(model: Any, rows: Sequence[Sequence[int]],
-                        spans: Sequence[tuple[int, int, int]], *,
-                        backend_hint: str | None = None, batch_size: int = 32) -> CircuitScore:
+
+def repeated_span_score(
+    model: Any,
+    rows: Sequence[Sequence[int]],
+    spans: Sequence[tuple[int, int, int]],
+    *,
+    backend_hint: str | None = None,
+    batch_size: int = 32,
+) -> CircuitScore:
     """Induction on given documents: each row of token ids repeats a span, ``(first, second,
     length)`` = where its two copies start and how long it is. The score is the mean
     probability of the right token at tokens 2..length of the second copy (predictable only
@@ -259,29 +297,40 @@ def repeated_span_score(model: Any, rows: Sequence[Sequence[int]],
     backend = _backend(model, backend_hint)
     n_vocab = _logit_vocab(backend)
     if len(rows) != len(spans) or not rows:
-        raise InputError(f"give one (first, second, length) span per row; got {len(rows)} rows "
-                         f"and {len(spans)} spans")
+        raise InputError(
+            f"give one (first, second, length) span per row; got {len(rows)} rows "
+            f"and {len(spans)} spans"
+        )
     for row, (first, second, length) in zip(rows, spans, strict=True):
-        if not (0 <= first and first + length <= second and second + length <= len(row)
-                and length >= 2):
-            raise InputError(f"span ({first}, {second}, {length}) does not fit a row of "
-                             f"{len(row)} tokens with two copies of at least 2 tokens")
+        if not (
+            0 <= first and first + length <= second and second + length <= len(row) and length >= 2
+        ):
+            raise InputError(
+                f"span ({first}, {second}, {length}) does not fit a row of "
+                f"{len(row)} tokens with two copies of at least 2 tokens"
+            )
     probs = []
     side = padding_for(backend)
     for start in range(0, len(rows), batch_size):
-        chunk = [list(r) for r in rows[start:start + batch_size]]
+        chunk = [list(r) for r in rows[start : start + batch_size]]
         batch = pad_batch(chunk, side)
         logp = backend.run(batch, capture=["logits"])["logits"].float().log_softmax(-1)
         width = batch["input_ids"].shape[1]
         for i, (row, (_, second, length)) in enumerate(
-                zip(chunk, spans[start:start + batch_size], strict=True)):
+            zip(chunk, spans[start : start + batch_size], strict=True)
+        ):
             offset = 0 if side == "right" else width - len(row)
             at = torch.arange(second, second + length - 1) + offset
             targets = batch["input_ids"][i, at + 1]
             probs.append(logp[i, at].gather(-1, targets[:, None]).exp()[:, 0])
     score = float(torch.cat(probs).mean())
-    return CircuitScore("repeated_span", score, 1.0 / n_vocab, score * n_vocab,
-                        {"n_rows": len(rows), "n_tokens": int(sum(len(p) for p in probs))})
+    return CircuitScore(
+        "repeated_span",
+        score,
+        1.0 / n_vocab,
+        score * n_vocab,
+        {"n_rows": len(rows), "n_tokens": int(sum(len(p) for p in probs))},
+    )
 
 
 def copy_score(
@@ -307,15 +356,16 @@ def copy_score(
     """
     import torch
 
-    _check_positive(n_trials=n_trials, n_words=n_words, max_word_tokens=max_word_tokens,
-                    batch_size=batch_size)
+    _check_positive(
+        n_trials=n_trials, n_words=n_words, max_word_tokens=max_word_tokens, batch_size=batch_size
+    )
     backend = _backend(model, backend_hint)
     n_vocab = _logit_vocab(backend)
     pool = candidate_ids(backend, tokenizer)
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, max_word_tokens + 1, (n_trials, n_words), generator=g)
     need = int(lengths.sum(1).max()) + 1
-    distinct = need <= len(pool)     # every token of a trial distinct, when the vocabulary allows
+    distinct = need <= len(pool)  # every token of a trial distinct, when the vocabulary allows
     trials = []
     for t in range(n_trials):
         if distinct:
@@ -325,14 +375,14 @@ def copy_score(
         sep, rest = int(toks[0]), toks[1:].tolist()
         words, k = [], 0
         for n in lengths[t].tolist():
-            words.append(rest[k:k + n])
+            words.append(rest[k : k + n])
             k += n
         trials.append((sep, words))
 
     tok_hits, word_hits, list_hits, first_hits = [], [], [], []
     n_forwards = 0
     for start in range(0, n_trials, batch_size):
-        chunk = trials[start:start + batch_size]
+        chunk = trials[start : start + batch_size]
         rows = []
         for sep, words in chunk:
             flat = [x for w in words for x in w]
@@ -341,9 +391,9 @@ def copy_score(
         logits = backend.run(batch, capture=["logits"]).logits
         n_forwards += 1
         assert logits is not None
-        pred = logits.argmax(-1).cpu()      # top-1 given the true prefix (teacher forcing)
+        pred = logits.argmax(-1).cpu()  # top-1 given the true prefix (teacher forcing)
         for r, (_sep, words) in enumerate(chunk):
-            pos = offsets[r] + 2 + sum(len(w) for w in words)   # first token of the 2nd list
+            pos = offsets[r] + 2 + sum(len(w) for w in words)  # first token of the 2nd list
             list_ok = True
             for w in words:
                 hits = [bool(pred[r, pos + j - 1] == w[j]) for j in range(len(w))]
@@ -364,8 +414,12 @@ def copy_score(
         "word_accuracy": sum(word_hits) / len(word_hits),
         "list_accuracy": sum(list_hits) / len(list_hits),
         "first_token_accuracy": sum(first_hits) / len(first_hits),
-        "n_trials": n_trials, "n_words": n_words, "max_word_tokens": max_word_tokens,
-        "tokens_scored": len(tok_hits), "vocab_size": n_vocab, "n_forwards": n_forwards,
+        "n_trials": n_trials,
+        "n_words": n_words,
+        "max_word_tokens": max_word_tokens,
+        "tokens_scored": len(tok_hits),
+        "vocab_size": n_vocab,
+        "n_forwards": n_forwards,
         "example_words": example,
     }
     return CircuitScore("copy_circuit", score, baseline, score / baseline, raw)
@@ -375,10 +429,14 @@ def copy_score(
 
 #: Prompts used when a tokenizer is given and no texts are.
 DEFAULT_TEXTS = (
-    "The river ran past the old", "After the storm the village",
-    "She opened the letter and", "The first rule of the game is",
-    "Two plus three equals", "In the morning the market",
-    "He put the book back on the", "The results of the experiment",
+    "The river ran past the old",
+    "After the storm the village",
+    "She opened the letter and",
+    "The first rule of the game is",
+    "Two plus three equals",
+    "In the morning the market",
+    "He put the book back on the",
+    "The results of the experiment",
 )
 
 
@@ -409,8 +467,10 @@ def early_token_attention(
     backend = _backend(model, backend_hint)
     n_vocab = _logit_vocab(backend)
     if texts is not None and tokenizer is None:
-        raise InputError("early_token_attention got texts but no tokenizer: pass tokenizer= "
-                         "(or texts=None to use random token sequences)")
+        raise InputError(
+            "early_token_attention got texts but no tokenizer: pass tokenizer= "
+            "(or texts=None to use random token sequences)"
+        )
     if tokenizer is not None:
         chosen = list(texts) if texts is not None else list(DEFAULT_TEXTS)
         from .data import Dataset
@@ -428,19 +488,19 @@ def early_token_attention(
     from .engine import last_real_index
 
     for start in range(0, len(rows), batch_size):
-        batch, offsets = _pad(rows[start:start + batch_size], backend)
+        batch, offsets = _pad(rows[start : start + batch_size], backend)
         result = backend.run(batch, capture=[*patterns, "logits"])
         mask = result.attention_mask
         assert mask is not None
         logp = torch.log_softmax(result["logits"].float(), -1)
-        ent = -(logp.exp() * logp).sum(-1)                     # (batch, seq)
+        ent = -(logp.exp() * logp).sum(-1)  # (batch, seq)
         idx = torch.arange(len(offsets))
         last_h.append(ent[idx, last_real_index(mask)].cpu())
         all_h.append(ent[mask.bool()].cpu())
         first = torch.as_tensor(offsets, device=mask.device)
         for site in patterns:
-            pattern = result[site].float()                      # (batch, head, query, key)
-            to_first = pattern[idx, :, :, first]                # (batch, head, query)
+            pattern = result[site].float()  # (batch, head, query, key)
+            to_first = pattern[idx, :, :, first]  # (batch, head, query)
             m = mask.unsqueeze(1).to(to_first.dtype)
             first_attn[site].append(((to_first * m).sum(-1) / m.sum(-1)).mean(-1).cpu())
     score = float(torch.cat(last_h).mean())
@@ -448,18 +508,27 @@ def early_token_attention(
     raw: dict[str, Any] = {
         "per_text_entropy": torch.cat(last_h).tolist(),
         "all_positions_entropy": float(torch.cat(all_h).mean()),
-        "max_entropy": baseline, "concentration": 1.0 - score / baseline,
-        "inputs": source, "n_texts": len(rows),
+        "max_entropy": baseline,
+        "concentration": 1.0 - score / baseline,
+        "inputs": source,
+        "n_texts": len(rows),
     }
     if patterns:
         raw["first_token_attention"] = {
             f"layer_{backend.site_info(s).site.layer}": float(torch.cat(v).mean())
-            for s, v in first_attn.items()}
+            for s, v in first_attn.items()
+        }
     return CircuitScore("early_token_concentration", score, baseline, score / baseline, raw)
 
 
-def run_all_circuits(model: Any, tokenizer: Any = None, device: str = "cpu", *,
-                     backend_hint: str | None = None, seed: int = 0) -> dict[str, CircuitScore]:
+def run_all_circuits(
+    model: Any,
+    tokenizer: Any = None,
+    device: str = "cpu",
+    *,
+    backend_hint: str | None = None,
+    seed: int = 0,
+) -> dict[str, CircuitScore]:
     """Every circuit test, keyed by name (``induction_head``, ``copy_circuit``,
     ``early_token_concentration``). All run without a tokenizer (random token ids)."""
     backend = _backend(model, backend_hint)
@@ -472,6 +541,7 @@ def run_all_circuits(model: Any, tokenizer: Any = None, device: str = "cpu", *,
 
 # -- the registered method ---------------------------------------------------------------------------
 
+
 @dataclass
 class CircuitReport(Result):
     """The `circuits` method's result: every circuit score of one backend."""
@@ -480,15 +550,24 @@ class CircuitReport(Result):
     scores: dict[str, CircuitScore]
 
     def to_markdown(self) -> str:
-        lines = [f"## Circuit scores ({self.backend})", "",
-                 "| test | score | baseline | relative |", "|---|---|---|---|"]
+        lines = [
+            f"## Circuit scores ({self.backend})",
+            "",
+            "| test | score | baseline | relative |",
+            "|---|---|---|---|",
+        ]
         for s in self.scores.values():
             lines.append(f"| {s.name} | {s.score:.4g} | {s.baseline:.4g} | {s.relative:.4g} |")
         heads = self.scores["induction_head"].raw.get("heads") if self.scores else None
         if heads:
-            lines += ["", "Top induction heads: " + ", ".join(
-                f"layer {h['layer']} head {h['head']} ({h['score']:.2f})"
-                for h in heads["top_induction"][:3])]
+            lines += [
+                "",
+                "Top induction heads: "
+                + ", ".join(
+                    f"layer {h['layer']} head {h['head']} ({h['score']:.2f})"
+                    for h in heads["top_induction"][:3]
+                ),
+            ]
         return "\n".join(lines)
 
     def figure(self) -> Any:
@@ -534,15 +613,22 @@ def circuits_method(
     copy and next-token concentration. ``data`` (optional token batch) replaces the random
     sequences of the concentration test."""
     scores = {
-        "induction_head": induction_head_score(backend, n_pairs=n_pairs, seq_len=lead_in,
-                                               n_trials=n_trials, seed=seed,
-                                               batch_size=batch_size),
-        "copy_circuit": copy_score(backend, None, n_trials=n_trials, n_words=n_words, seed=seed,
-                                   batch_size=batch_size),
+        "induction_head": induction_head_score(
+            backend,
+            n_pairs=n_pairs,
+            seq_len=lead_in,
+            n_trials=n_trials,
+            seed=seed,
+            batch_size=batch_size,
+        ),
+        "copy_circuit": copy_score(
+            backend, None, n_trials=n_trials, n_words=n_words, seed=seed, batch_size=batch_size
+        ),
     }
     if data is None:
-        scores["early_token_concentration"] = early_token_attention(backend, seed=seed,
-                                                                    batch_size=batch_size)
+        scores["early_token_concentration"] = early_token_attention(
+            backend, seed=seed, batch_size=batch_size
+        )
     else:
         scores["early_token_concentration"] = _concentration_of_batch(backend, data)
     return CircuitReport(backend=backend.name, scores=scores)
@@ -562,8 +648,17 @@ def _concentration_of_batch(backend: Any, data: Any) -> CircuitScore:
     last = ent[rows, last_real_index(mask)].cpu()
     baseline = math.log(logp.shape[-1])
     score = float(last.mean())
-    return CircuitScore("early_token_concentration", score, baseline, score / baseline,
-                        {"per_text_entropy": last.tolist(),
-                         "all_positions_entropy": float(ent[mask.bool()].mean()),
-                         "max_entropy": baseline, "concentration": 1 - score / baseline,
-                         "inputs": "given batch", "n_texts": int(ent.shape[0])})
+    return CircuitScore(
+        "early_token_concentration",
+        score,
+        baseline,
+        score / baseline,
+        {
+            "per_text_entropy": last.tolist(),
+            "all_positions_entropy": float(ent[mask.bool()].mean()),
+            "max_entropy": baseline,
+            "concentration": 1 - score / baseline,
+            "inputs": "given batch",
+            "n_texts": int(ent.shape[0]),
+        },
+    )

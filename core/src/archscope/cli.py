@@ -51,12 +51,16 @@ def plugins(as_json: bool) -> None:
         return
     rows = []
     for info in infos:
-        what = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info.registered.items()
-                         if names)
+        what = "; ".join(
+            f"{kind}: {', '.join(names)}" for kind, names in info.registered.items() if names
+        )
         status = info.status if info.error is None else f"{info.status}: {info.error}"
         rows.append([info.distribution, info.version, info.name, status, what or "-"])
-    _console().print(_table("archscope plugins",
-                            ["distribution", "version", "plugin", "status", "registered"], rows))
+    _console().print(
+        _table(
+            "archscope plugins", ["distribution", "version", "plugin", "status", "registered"], rows
+        )
+    )
 
 
 def _capabilities(backend_cls: Any) -> set[str]:
@@ -70,9 +74,17 @@ def _param_rows(method: Any) -> list[dict[str, Any]]:
         specs = method.params()
     except Exception as exc:  # a broken method plugin must not take `info` down
         return [{"name": "?", "text": f"(cannot read parameters: {exc})"}]
-    return [{"name": s.name, "type": s.type_name, "required": s.required,
-             "default": None if s.required else repr(s.default), "help": s.help,
-             "text": s.describe()} for s in specs.values()]
+    return [
+        {
+            "name": s.name,
+            "type": s.type_name,
+            "required": s.required,
+            "default": None if s.required else repr(s.default),
+            "help": s.help,
+            "text": s.describe(),
+        }
+        for s in specs.values()
+    ]
 
 
 @cli.command()
@@ -84,42 +96,95 @@ def info(as_json: bool) -> None:
     manager = get_manager()
     backends = manager.backends.entries()
     methods = manager.methods.entries()
-    matrix = {m.name: {b.name: m.obj.supports(_capabilities(b.obj)) for b in backends}
-              for m in methods}
+    matrix = {
+        m.name: {b.name: m.obj.supports(_capabilities(b.obj)) for b in backends} for m in methods
+    }
     if as_json:
-        click.echo(json.dumps({
-            "version": __version__,
-            "backends": [{"name": b.name, "distribution": b.distribution,
-                          "capabilities": sorted(_capabilities(b.obj)),
-                          "description": b.obj.description} for b in backends],
-            "methods": [{"name": m.name, "distribution": m.distribution,
-                         "requires": sorted(m.obj.requires), "summary": m.obj.summary,
-                         "input": m.obj.input, "arity": m.obj.arity,
-                         "parameters": _param_rows(m.obj)}
-                        for m in methods],
-            "sources": [{"name": s.name, "distribution": s.distribution,
-                         "description": s.obj.description} for s in manager.sources],
-            "matrix": matrix,
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "version": __version__,
+                    "backends": [
+                        {
+                            "name": b.name,
+                            "distribution": b.distribution,
+                            "capabilities": sorted(_capabilities(b.obj)),
+                            "description": b.obj.description,
+                        }
+                        for b in backends
+                    ],
+                    "methods": [
+                        {
+                            "name": m.name,
+                            "distribution": m.distribution,
+                            "requires": sorted(m.obj.requires),
+                            "summary": m.obj.summary,
+                            "input": m.obj.input,
+                            "arity": m.obj.arity,
+                            "parameters": _param_rows(m.obj),
+                        }
+                        for m in methods
+                    ],
+                    "sources": [
+                        {
+                            "name": s.name,
+                            "distribution": s.distribution,
+                            "description": s.obj.description,
+                        }
+                        for s in manager.sources
+                    ],
+                    "matrix": matrix,
+                },
+                indent=2,
+            )
+        )
         return
     console = _console()
     console.print(f"archscope {__version__}")
-    console.print(_table("backends", ["name", "distribution", "capabilities", "description"],
-                         [[b.name, b.distribution, ", ".join(sorted(_capabilities(b.obj))),
-                           b.obj.description] for b in backends]))
-    console.print(_table("methods", ["name", "distribution", "input", "requires", "summary",
-                                     "parameters"],
-                         [[m.name, m.distribution,
-                           m.obj.input + (" x2 models" if m.obj.arity == 2 else ""),
-                           ", ".join(sorted(m.obj.requires)) or "-", m.obj.summary,
-                           "\n".join(p["text"] for p in _param_rows(m.obj)) or "-"]
-                          for m in methods]))
-    console.print(_table("model sources", ["prefix", "distribution", "description"],
-                         [[s.name, s.distribution, s.obj.description] for s in manager.sources]))
-    console.print(_table("methods x backends (yes = the backend has every capability the "
-                         "method needs)", ["method", *[b.name for b in backends]],
-                         [[m.name, *["yes" if matrix[m.name][b.name] else "-" for b in backends]]
-                          for m in methods]))
+    console.print(
+        _table(
+            "backends",
+            ["name", "distribution", "capabilities", "description"],
+            [
+                [b.name, b.distribution, ", ".join(sorted(_capabilities(b.obj))), b.obj.description]
+                for b in backends
+            ],
+        )
+    )
+    console.print(
+        _table(
+            "methods",
+            ["name", "distribution", "input", "requires", "summary", "parameters"],
+            [
+                [
+                    m.name,
+                    m.distribution,
+                    m.obj.input + (" x2 models" if m.obj.arity == 2 else ""),
+                    ", ".join(sorted(m.obj.requires)) or "-",
+                    m.obj.summary,
+                    "\n".join(p["text"] for p in _param_rows(m.obj)) or "-",
+                ]
+                for m in methods
+            ],
+        )
+    )
+    console.print(
+        _table(
+            "model sources",
+            ["prefix", "distribution", "description"],
+            [[s.name, s.distribution, s.obj.description] for s in manager.sources],
+        )
+    )
+    console.print(
+        _table(
+            "methods x backends (yes = the backend has every capability the method needs)",
+            ["method", *[b.name for b in backends]],
+            [
+                [m.name, *["yes" if matrix[m.name][b.name] else "-" for b in backends]]
+                for m in methods
+            ],
+        )
+    )
 
 
 def _parse_params(method: Any, params: tuple[str, ...], quick: bool) -> dict[str, Any]:
@@ -133,35 +198,49 @@ def _parse_params(method: Any, params: tuple[str, ...], quick: bool) -> dict[str
             raise click.UsageError(f"--param expects key=value, got {item!r}")
         if key not in specs:
             valid = "; ".join(s.describe() for s in specs.values()) or "none"
-            raise ParameterError(f"method {method.name!r} has no parameter {key!r}; its "
-                                 f"parameters: {valid}")
+            raise ParameterError(
+                f"method {method.name!r} has no parameter {key!r}; its parameters: {valid}"
+            )
         values[key] = specs[key].parse(text)
     checked: dict[str, Any] = method.check_params(values)
     return checked
 
 
-def _method_data(method: Any, backend: Any, tokenizer: Any, texts: tuple[str, ...],
-                 data: str | None, clean: tuple[str, ...], corrupt: tuple[str, ...]) -> Any:
+def _method_data(
+    method: Any,
+    backend: Any,
+    tokenizer: Any,
+    texts: tuple[str, ...],
+    data: str | None,
+    clean: tuple[str, ...],
+    corrupt: tuple[str, ...],
+) -> Any:
     from .data import Contrast, Dataset, pad_batch, padding_for
     from .errors import InputError
 
     if tokenizer is None:
-        raise InputError(f"the model was loaded without a tokenizer, so the inputs of "
-                         f"{method.name!r} cannot be tokenized; load it from a source that "
-                         "returns one (or have your function return (model, tokenizer))")
+        raise InputError(
+            f"the model was loaded without a tokenizer, so the inputs of "
+            f"{method.name!r} cannot be tokenized; load it from a source that "
+            "returns one (or have your function return (model, tokenizer))"
+        )
     if method.input == "contrast":
         if not clean or len(clean) != len(corrupt):
-            raise click.UsageError(f"method {method.name!r} takes a contrast: give --clean TEXT "
-                                   "and --corrupt TEXT, as many of each (repeatable)")
+            raise click.UsageError(
+                f"method {method.name!r} takes a contrast: give --clean TEXT "
+                "and --corrupt TEXT, as many of each (repeatable)"
+            )
         return Contrast(list(clean), list(corrupt), tokenizer=tokenizer)
     if data is not None:
         dataset = Dataset.from_file(data, tokenizer=tokenizer)
     elif texts:
         dataset = Dataset.from_texts(list(texts), tokenizer=tokenizer)
     else:
-        raise click.UsageError(f"method {method.name!r} takes {method.input} input: give --text "
-                               "TEXT (repeatable) or --data FILE (.jsonl/.csv of text,label or "
-                               "one text per line)")
+        raise click.UsageError(
+            f"method {method.name!r} takes {method.input} input: give --text "
+            "TEXT (repeatable) or --data FILE (.jsonl/.csv of text,label or "
+            "one text per line)"
+        )
     if method.input == "dataset":
         return dataset
     pad = int(getattr(tokenizer, "pad_token_id", None) or 0)
@@ -172,20 +251,42 @@ def _method_data(method: Any, backend: Any, tokenizer: Any, texts: tuple[str, ..
 @click.argument("method")
 @click.argument("models", nargs=-1, required=True, metavar="MODEL [MODEL2]")
 @click.option("--text", "texts", multiple=True, help="Input text (repeatable).")
-@click.option("--data", type=click.Path(dir_okay=False), default=None,
-              help="Data file: JSONL/CSV with text[,label], or one text per line.")
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Data file: JSONL/CSV with text[,label], or one text per line.",
+)
 @click.option("--clean", multiple=True, help="Clean input of a contrast (repeatable).")
 @click.option("--corrupt", multiple=True, help="Corrupted input of a contrast (repeatable).")
 @click.option("--arch", "hint", default=None, help="Backend hint (see `archscope info`).")
-@click.option("--param", "params", multiple=True,
-              help="Method parameter as key=value, parsed by its type (`archscope info`).")
+@click.option(
+    "--param",
+    "params",
+    multiple=True,
+    help="Method parameter as key=value, parsed by its type (`archscope info`).",
+)
 @click.option("--quick", is_flag=True, help="Use the method's quick settings.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Also write the result: .json, .md or .png (a figure).")
-def run_method(method: str, models: tuple[str, ...], texts: tuple[str, ...], data: str | None,
-               clean: tuple[str, ...], corrupt: tuple[str, ...], hint: str | None,
-               params: tuple[str, ...], quick: bool, as_json: bool, out: str | None) -> None:
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the result: .json, .md or .png (a figure).",
+)
+def run_method(
+    method: str,
+    models: tuple[str, ...],
+    texts: tuple[str, ...],
+    data: str | None,
+    clean: tuple[str, ...],
+    corrupt: tuple[str, ...],
+    hint: str | None,
+    params: tuple[str, ...],
+    quick: bool,
+    as_json: bool,
+    out: str | None,
+) -> None:
     """Run METHOD on MODEL (a model spec such as SOURCE:NAME, a local folder, or your own
     code as package.module:function / file.py:function). Two-model methods take MODEL2."""
     from .loader import load_model
@@ -193,12 +294,16 @@ def run_method(method: str, models: tuple[str, ...], texts: tuple[str, ...], dat
 
     entry = get_manager().methods.get(method)
     if entry is None:
-        raise click.UsageError(f"unknown method {method!r}; registered methods: "
-                               f"{', '.join(get_manager().methods.names())}")
+        raise click.UsageError(
+            f"unknown method {method!r}; registered methods: "
+            f"{', '.join(get_manager().methods.names())}"
+        )
     spec = entry.obj
     if len(models) != spec.arity:
-        raise click.UsageError(f"method {method!r} takes {spec.arity} model"
-                               f"{'s' if spec.arity > 1 else ''}, got {len(models)}")
+        raise click.UsageError(
+            f"method {method!r} takes {spec.arity} model"
+            f"{'s' if spec.arity > 1 else ''}, got {len(models)}"
+        )
     values = _parse_params(spec, params, quick)
     loaded = [load_model(m, arch=hint) for m in models]
     tokenizer = loaded[0][1]
@@ -212,8 +317,12 @@ def run_method(method: str, models: tuple[str, ...], texts: tuple[str, ...], dat
 @cli.command()
 @click.argument("models", nargs=-1, metavar="[MODEL ...]")
 @click.option("--arch", "hint", default=None, help="Backend hint (0.2's --arch).")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Write the report: .md (with PNG figures beside it) or .json.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the report: .md (with PNG figures beside it) or .json.",
+)
 @click.option("--quick", is_flag=True, help="Fewer epochs and trials (a first look).")
 def bench(models: tuple[str, ...], hint: str | None, out: str | None, quick: bool) -> None:
     """Profile MODELs side by side: probes per layer (held-out AUROC), circuits, SAE quality,
@@ -223,11 +332,16 @@ def bench(models: tuple[str, ...], hint: str | None, out: str | None, quick: boo
 
     specs = list(models) or default_models()
     if not specs:
-        raise click.UsageError("no MODEL given and no installed model source names example "
-                               "models: pip install archscope-zoo, or name models to profile")
-    profiles = profile_models(specs, hint=hint, quick=quick,
-                              progress=lambda spec: click.echo(f"profiling {spec} ...",
-                                                               err=True))
+        raise click.UsageError(
+            "no MODEL given and no installed model source names example "
+            "models: pip install archscope-zoo, or name models to profile"
+        )
+    profiles = profile_models(
+        specs,
+        hint=hint,
+        quick=quick,
+        progress=lambda spec: click.echo(f"profiling {spec} ...", err=True),
+    )
     click.echo(profile_to_markdown(profiles))
     if out is not None:
         click.echo(f"report written to {write_report(profiles, out)}", err=True)
@@ -239,10 +353,15 @@ def bench(models: tuple[str, ...], hint: str | None, out: str | None, quick: boo
 @click.option("--target", default=None, help="Token whose probability and rank are tracked.")
 @click.option("--arch", "hint", default=None, help="Backend hint.")
 @click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=1))
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Also write the result: .json, .md or .png (layers x positions).")
-def lens(model: str, prompt: str, target: str | None, hint: str | None, top_k: int,
-         out: str | None) -> None:
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the result: .json, .md or .png (layers x positions).",
+)
+def lens(
+    model: str, prompt: str, target: str | None, hint: str | None, top_k: int, out: str | None
+) -> None:
     """Logit lens of PROMPT on MODEL: each layer's prediction through the model's own final
     norm and unembedding."""
     from .lens import logit_lens
@@ -260,12 +379,21 @@ def lens(model: str, prompt: str, target: str | None, hint: str | None, top_k: i
 @click.option("--clean", required=True, help="The clean prompt.")
 @click.option("--corrupt", required=True, help="The corrupted prompt (same length in tokens).")
 @click.option("--arch", "hint", default=None, help="Backend hint.")
-@click.option("--attribution", is_flag=True, help="Also estimate every cell by attribution "
-              "patching (one forward and backward pass) and report the correlation.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Also write the result: .json, .md or .png (the heat map).")
-def patch(model: str, clean: str, corrupt: str, hint: str | None, attribution: bool,
-          out: str | None) -> None:
+@click.option(
+    "--attribution",
+    is_flag=True,
+    help="Also estimate every cell by attribution "
+    "patching (one forward and backward pass) and report the correlation.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also write the result: .json, .md or .png (the heat map).",
+)
+def patch(
+    model: str, clean: str, corrupt: str, hint: str | None, attribution: bool, out: str | None
+) -> None:
     """Activation patching of MODEL: the gap restored by patching each layer x position of
     the clean run into the corrupted run."""
     from .attribute import patch_sweep
@@ -274,8 +402,9 @@ def patch(model: str, clean: str, corrupt: str, hint: str | None, attribution: b
 
     _, tokenizer, backend = load_model(model, arch=hint)
     clean_ds, corrupt_ds = Contrast([clean], [corrupt], tokenizer=tokenizer).datasets()
-    result = patch_sweep(backend, clean_ds.ids(), corrupt_ds.ids(), axis="position",
-                         attribution=attribution)
+    result = patch_sweep(
+        backend, clean_ds.ids(), corrupt_ds.ids(), axis="position", attribution=attribution
+    )
     if out is not None:
         click.echo(f"wrote {result.save(out)}", err=True)
     click.echo(result.to_markdown())

@@ -56,13 +56,22 @@ class Collected:
 
         if not parts:
             raise InputError("nothing was collected (the data was empty)")
-        cat = (lambda name: None if getattr(parts[0], name) is None  # noqa: E731
-               else torch.cat([getattr(p, name) for p in parts]))
-        return cls(activations={k: torch.cat([p.activations[k] for p in parts])
-                                for k in parts[0].activations},
-                   doc=torch.cat([p.doc for p in parts]), labels=cat("labels"),
-                   position=cat("position"), token_ids=cat("token_ids"), pool=parts[0].pool,
-                   meta=dict(parts[0].meta))
+
+        def cat(name: str) -> Any:
+            first = getattr(parts[0], name)
+            return None if first is None else torch.cat([getattr(p, name) for p in parts])
+
+        return cls(
+            activations={
+                k: torch.cat([p.activations[k] for p in parts]) for k in parts[0].activations
+            },
+            doc=torch.cat([p.doc for p in parts]),
+            labels=cat("labels"),
+            position=cat("position"),
+            token_ids=cat("token_ids"),
+            pool=parts[0].pool,
+            meta=dict(parts[0].meta),
+        )
 
 
 def _site_names(backend: Backend, sites: Iterable[str] | str, pool: Pooling) -> list[str]:
@@ -72,21 +81,33 @@ def _site_names(backend: Backend, sites: Iterable[str] | str, pool: Pooling) -> 
     for site in sites:
         info = backend.site_info(site)
         if info.kind == "token" and len(info.shape) != 3:
-            raise SiteError(f"collect reads (batch, seq, features) sites; {info.name} has axes "
-                            f"{info.shape}; read it with backend.run instead")
+            raise SiteError(
+                f"collect reads (batch, seq, features) sites; {info.name} has axes "
+                f"{info.shape}; read it with backend.run instead"
+            )
         if info.kind == "state" and pool is None:
-            raise SiteError(f"{info.name} is a state site (one value per sequence): collect it "
-                            "with pool='last' or pool='mean', not per token")
+            raise SiteError(
+                f"{info.name} is a state site (one value per sequence): collect it "
+                "with pool='last' or pool='mean', not per token"
+            )
         names.append(info.name)
     if not names:
         raise InputError("collect needs at least one site")
     return names
 
 
-def iter_collect(backend: Backend, data: Any, sites: Iterable[str] | str, *,
-                 pool: Pooling = "mean", batch_size: int = 32, tokenizer: Any = None,
-                 edits: Sequence[Edit] = (), progress: bool | None = None,
-                 dtype: torch.dtype | None = None) -> Iterator[Collected]:
+def iter_collect(
+    backend: Backend,
+    data: Any,
+    sites: Iterable[str] | str,
+    *,
+    pool: Pooling = "mean",
+    batch_size: int = 32,
+    tokenizer: Any = None,
+    edits: Sequence[Edit] = (),
+    progress: bool | None = None,
+    dtype: torch.dtype | None = None,
+) -> Iterator[Collected]:
     """`collect`, one `Collected` per batch (``doc`` holds indices into the whole dataset)."""
     import torch
 
@@ -97,16 +118,23 @@ def iter_collect(backend: Backend, data: Any, sites: Iterable[str] | str, *,
     labels = dataset.label_tensor
     n_batches = -(-len(dataset) // max(batch_size, 1))
     batches: Iterable[tuple[list[int], dict[str, torch.Tensor]]] = dataset.batches(
-        batch_size, padding_for(backend))
+        batch_size, padding_for(backend)
+    )
     if progress or (progress is None and n_batches >= 20):
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, total=n_batches, desc="collect", unit="batch",
-                       disable=None if progress is None else not progress)
+        batches = tqdm(
+            batches,
+            total=n_batches,
+            desc="collect",
+            unit="batch",
+            disable=None if progress is None else not progress,
+        )
     for idx, batch in batches:
         result = backend.run(batch, capture=names, edits=list(edits))
-        mask = batch["attention_mask"].to(result.attention_mask.device
-                                          if result.attention_mask is not None else "cpu")
+        mask = batch["attention_mask"].to(
+            result.attention_mask.device if result.attention_mask is not None else "cpu"
+        )
         doc = torch.tensor(idx, dtype=torch.long)
         acts: dict[str, torch.Tensor] = {}
         for name in names:
@@ -124,16 +152,25 @@ def iter_collect(backend: Backend, data: Any, sites: Iterable[str] | str, *,
             rows = doc.repeat_interleave(lengths)
             position = torch.cat([torch.arange(int(n)) for n in lengths])
             token_ids = batch["input_ids"][batch["attention_mask"].bool()]
-            yield Collected(acts, rows, None if labels is None else labels[rows], position,
-                            token_ids, pool)
+            yield Collected(
+                acts, rows, None if labels is None else labels[rows], position, token_ids, pool
+            )
         else:
             yield Collected(acts, doc, None if labels is None else labels[doc], pool=pool)
 
 
-def collect(backend: Backend, data: Any, sites: Iterable[str] | str, *,
-            pool: Pooling = "mean", batch_size: int = 32, tokenizer: Any = None,
-            edits: Sequence[Edit] = (), progress: bool | None = None,
-            dtype: torch.dtype | None = None) -> Collected:
+def collect(
+    backend: Backend,
+    data: Any,
+    sites: Iterable[str] | str,
+    *,
+    pool: Pooling = "mean",
+    batch_size: int = 32,
+    tokenizer: Any = None,
+    edits: Sequence[Edit] = (),
+    progress: bool | None = None,
+    dtype: torch.dtype | None = None,
+) -> Collected:
     """Run ``data`` through ``backend`` in batches and return the activations of ``sites``.
 
     ``data``: an `archscope.data.Dataset`, texts (with ``tokenizer``), token-id lists, a token
@@ -141,6 +178,18 @@ def collect(backend: Backend, data: Any, sites: Iterable[str] | str, *,
     tokens (state sites: their flattened value); ``pool=None`` every real token. Padding never
     counts; every site comes from one forward pass per batch, stopped after the deepest site.
     """
-    return Collected.concat(list(iter_collect(
-        backend, data, sites, pool=pool, batch_size=batch_size, tokenizer=tokenizer,
-        edits=edits, progress=progress, dtype=dtype)))
+    return Collected.concat(
+        list(
+            iter_collect(
+                backend,
+                data,
+                sites,
+                pool=pool,
+                batch_size=batch_size,
+                tokenizer=tokenizer,
+                edits=edits,
+                progress=progress,
+                dtype=dtype,
+            )
+        )
+    )

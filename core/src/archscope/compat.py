@@ -16,8 +16,9 @@ __all__ = ["CACHE_ARGUMENTS", "cache_argument"]
 CACHE_ARGUMENTS = ("cache", "cache_params", "past_key_values")
 
 
-def cache_argument(model: Any, names: tuple[str, ...] = CACHE_ARGUMENTS,
-                   fallback: str | None = None) -> str:
+def cache_argument(
+    model: Any, names: tuple[str, ...] = CACHE_ARGUMENTS, fallback: str | None = None
+) -> str:
     """The keyword ``model.forward`` takes its cache by: the first of ``names`` it declares,
     else ``fallback`` (for a model known to read it from ``**kwargs``). A cache passed under a
     name the model does not know would be swallowed by ``**kwargs`` and ignored, so without a
@@ -28,5 +29,7 @@ def cache_argument(model: Any, names: tuple[str, ...] = CACHE_ARGUMENTS,
             return name
     if fallback is not None:
         return fallback
-    raise BackendError(f"{type(model).__name__}.forward takes no cache argument (looked for "
-                       f"{', '.join(names)}), so a run cannot continue from a state")
+    raise BackendError(
+        f"{type(model).__name__}.forward takes no cache argument (looked for "
+        f"{', '.join(names)}), so a run cannot continue from a state"
+    )

@@ -23,8 +23,10 @@ def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> l
     """Token ids of each text, never cut silently: truncation only with ``max_length``, and
     then with a warning naming how many texts were cut."""
     if tokenizer is None:
-        raise InputError("these inputs are texts, but no tokenizer was given: pass tokenizer=... "
-                         "(load_model returns one) or give token ids")
+        raise InputError(
+            "these inputs are texts, but no tokenizer was given: pass tokenizer=... "
+            "(load_model returns one) or give token ids"
+        )
     ids = [list(map(int, row)) for row in tokenizer(list(texts))["input_ids"]]
     empty = [i for i, row in enumerate(ids) if not row]
     if empty:
@@ -32,8 +34,11 @@ def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> l
     if max_length is not None:
         cut = sum(len(row) > max_length for row in ids)
         if cut:
-            warnings.warn(f"archscope: {cut} of {len(ids)} texts are longer than max_length="
-                          f"{max_length} tokens and were truncated", stacklevel=3)
+            warnings.warn(
+                f"archscope: {cut} of {len(ids)} texts are longer than max_length="
+                f"{max_length} tokens and were truncated",
+                stacklevel=3,
+            )
             ids = [row[:max_length] for row in ids]
     return ids
 
@@ -62,8 +67,9 @@ def _read_csv(path: Path) -> tuple[list[str], list[int]]:
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or "text" not in reader.fieldnames:
-            raise InputError(f"{path}: a CSV data file needs a 'text' column "
-                             f"(found {reader.fieldnames})")
+            raise InputError(
+                f"{path}: a CSV data file needs a 'text' column (found {reader.fieldnames})"
+            )
         for row in reader:
             texts.append(row["text"])
             if row.get("label") not in (None, ""):
@@ -71,8 +77,9 @@ def _read_csv(path: Path) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
-def pad_batch(rows: Sequence[Sequence[int]], side: PaddingSide = "right",
-              pad_id: int = 0) -> dict[str, torch.Tensor]:
+def pad_batch(
+    rows: Sequence[Sequence[int]], side: PaddingSide = "right", pad_id: int = 0
+) -> dict[str, torch.Tensor]:
     """Token-id rows of any lengths → ``{"input_ids", "attention_mask"}`` padded on ``side``."""
     import torch
 
@@ -109,8 +116,7 @@ class Dataset:
     tokenizer: Any = field(default=None, repr=False, compare=False)
     max_length: int | None = None
     #: Token ids of ``texts``, filled by `ids` on first use.
-    _tokenized: list[list[int]] | None = field(default=None, init=False, repr=False,
-                                               compare=False)
+    _tokenized: list[list[int]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.texts is None) == (self.token_ids is None):
@@ -130,25 +136,38 @@ class Dataset:
             labels = self.labels.tolist() if hasattr(self.labels, "tolist") else self.labels
             self.labels = [int(v) for v in labels]
             if len(self.labels) != len(self):
-                raise InputError(f"{len(self.labels)} labels for {len(self)} items; give one "
-                                 "label per text")
+                raise InputError(
+                    f"{len(self.labels)} labels for {len(self)} items; give one label per text"
+                )
 
     # -- construction --------------------------------------------------------------------------
     @classmethod
-    def from_texts(cls, texts: Sequence[str], labels: Sequence[int] | None = None,
-                   tokenizer: Any = None, max_length: int | None = None) -> Dataset:
-        return cls(texts=list(texts), labels=None if labels is None else list(labels),
-                   tokenizer=tokenizer, max_length=max_length)
+    def from_texts(
+        cls,
+        texts: Sequence[str],
+        labels: Sequence[int] | None = None,
+        tokenizer: Any = None,
+        max_length: int | None = None,
+    ) -> Dataset:
+        return cls(
+            texts=list(texts),
+            labels=None if labels is None else list(labels),
+            tokenizer=tokenizer,
+            max_length=max_length,
+        )
 
     @classmethod
-    def from_ids(cls, token_ids: Sequence[Sequence[int]],
-                 labels: Sequence[int] | None = None) -> Dataset:
-        return cls(token_ids=[list(r) for r in token_ids],
-                   labels=None if labels is None else list(labels))
+    def from_ids(
+        cls, token_ids: Sequence[Sequence[int]], labels: Sequence[int] | None = None
+    ) -> Dataset:
+        return cls(
+            token_ids=[list(r) for r in token_ids], labels=None if labels is None else list(labels)
+        )
 
     @classmethod
-    def from_file(cls, path: str | Path, tokenizer: Any = None,
-                  max_length: int | None = None) -> Dataset:
+    def from_file(
+        cls, path: str | Path, tokenizer: Any = None, max_length: int | None = None
+    ) -> Dataset:
         """A JSONL file of ``{"text": ..., "label": ...}`` objects, a CSV file with a ``text``
         column (and optionally ``label``), or a plain text file with one text per line."""
         path = Path(path)
@@ -162,10 +181,10 @@ class Dataset:
         else:
             texts, labels = [line for line in path.read_text().splitlines() if line.strip()], []
         if labels and len(labels) != len(texts):
-            raise InputError(f"{path}: {len(labels)} of {len(texts)} rows have a label; label "
-                             "every row or none")
-        return cls(texts=texts, labels=labels or None, tokenizer=tokenizer,
-                   max_length=max_length)
+            raise InputError(
+                f"{path}: {len(labels)} of {len(texts)} rows have a label; label every row or none"
+            )
+        return cls(texts=texts, labels=labels or None, tokenizer=tokenizer, max_length=max_length)
 
     # -- access --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -189,9 +208,10 @@ class Dataset:
     def subset(self, indices: Sequence[int]) -> Dataset:
         """The items at ``indices`` (labels kept aligned)."""
         idx = [int(i) for i in indices]
-        pick = (lambda xs: None if xs is None else [xs[i] for i in idx])  # noqa: E731
-        out = replace(self, texts=pick(self.texts), token_ids=pick(self.token_ids),
-                      labels=pick(self.labels))
+        pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+        out = replace(
+            self, texts=pick(self.texts), token_ids=pick(self.token_ids), labels=pick(self.labels)
+        )
         out._tokenized = pick(self._tokenized)
         return out
 
@@ -200,8 +220,9 @@ class Dataset:
         out._tokenized = self._tokenized
         return out
 
-    def batches(self, batch_size: int = 32, side: PaddingSide = "right",
-                pad_id: int | None = None) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    def batches(
+        self, batch_size: int = 32, side: PaddingSide = "right", pad_id: int | None = None
+    ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
         """``(indices, batch)`` pairs: consecutive items, padded on ``side``."""
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -223,12 +244,15 @@ class Contrast:
 
     def __post_init__(self) -> None:
         self.clean = [self.clean] if isinstance(self.clean, str) else list(self.clean)
-        self.corrupted = [self.corrupted] if isinstance(self.corrupted, str) else \
-            list(self.corrupted)
+        self.corrupted = (
+            [self.corrupted] if isinstance(self.corrupted, str) else list(self.corrupted)
+        )
         if len(self.clean) != len(self.corrupted) or not self.clean:
-            raise InputError(f"a Contrast needs as many corrupted inputs as clean ones (at least "
-                             f"one); got {len(self.clean)} clean and {len(self.corrupted)} "
-                             "corrupted")
+            raise InputError(
+                f"a Contrast needs as many corrupted inputs as clean ones (at least "
+                f"one); got {len(self.clean)} clean and {len(self.corrupted)} "
+                "corrupted"
+            )
 
     def datasets(self) -> tuple[Dataset, Dataset]:
         """The clean and the corrupted side, each as a `Dataset`."""
@@ -272,21 +296,26 @@ def as_dataset(data: Any, tokenizer: Any = None) -> Dataset:
         if all(isinstance(t, str) for t in data):
             return Dataset.from_texts(list(data), tokenizer=tokenizer)
         if all(isinstance(r, Sequence) or hasattr(r, "tolist") for r in data):
-            return Dataset.from_ids([r.tolist() if hasattr(r, "tolist") else list(r)
-                                     for r in data])
+            return Dataset.from_ids([r.tolist() if hasattr(r, "tolist") else list(r) for r in data])
     raise InputError(
         f"cannot use {type(data).__name__} as data: give an archscope.data.Dataset, a list of "
         "texts (with tokenizer=), a list of token-id lists, a token batch "
-        "{'input_ids', 'attention_mask'} or a (batch, seq) tensor of ids")
+        "{'input_ids', 'attention_mask'} or a (batch, seq) tensor of ids"
+    )
 
 
 def as_contrast(data: Any, tokenizer: Any = None) -> Contrast:
     """A `Contrast`, or a ``(clean, corrupted)`` pair of input lists, as a `Contrast`."""
     if isinstance(data, Contrast):
-        return data if data.tokenizer is not None or tokenizer is None else \
-            replace(data, tokenizer=tokenizer)
+        return (
+            data
+            if data.tokenizer is not None or tokenizer is None
+            else replace(data, tokenizer=tokenizer)
+        )
     if isinstance(data, tuple) and len(data) == 2:
         clean, corrupted = ([d] if isinstance(d, str) else list(d) for d in data)
         return Contrast(clean, corrupted, tokenizer=tokenizer)
-    raise InputError(f"a contrast is an archscope.data.Contrast or a (clean, corrupted) pair of "
-                     f"input lists; got {type(data).__name__}")
+    raise InputError(
+        f"a contrast is an archscope.data.Contrast or a (clean, corrupted) pair of "
+        f"input lists; got {type(data).__name__}"
+    )

@@ -40,8 +40,11 @@ def _unknown_hint(hint: str, manager: Any) -> NoBackendError:
     return NoBackendError(
         f"unknown backend hint {hint!r}; registered backends: "
         f"{', '.join(manager.backends.names()) or '(none)'}"
-        + (f"; aliases: {', '.join(f'{a}->{n}' for a, n in sorted(aliases.items()))}"
-           if aliases else "")
+        + (
+            f"; aliases: {', '.join(f'{a}->{n}' for a, n in sorted(aliases.items()))}"
+            if aliases
+            else ""
+        )
     )
 
 
@@ -69,14 +72,14 @@ def _confidence(entry: Any, model: Any) -> float:
     try:
         score = entry.obj.can_handle(model)
     except Exception as exc:  # can_handle must not raise; do not let one break detection
-        warnings.warn(f"archscope: {entry.name}.can_handle raised {exc!r}; ignoring it",
-                      stacklevel=4)
+        warnings.warn(
+            f"archscope: {entry.name}.can_handle raised {exc!r}; ignoring it", stacklevel=4
+        )
         return 0.0
     return float(score) if score is not None and score > 0 else 0.0
 
 
-def _hint_refused(hint: str, name: str, model: Any, manager: Any, cause: Exception
-                  ) -> Exception:
+def _hint_refused(hint: str, name: str, model: Any, manager: Any, cause: Exception) -> Exception:
     """The error for a hinted backend that declines ``model`` and fails to wrap it: the
     backend's own error class when it is an archscope error (its message kept after ours),
     else `NoBackendError`."""
@@ -88,10 +91,14 @@ def _hint_refused(hint: str, name: str, model: Any, manager: Any, cause: Excepti
         f"backend {label!r} cannot serve {type(model).__qualname__} (module "
         f"{type(model).__module__}): its can_handle declines the model and it reports "
         f"{type(cause).__name__}: {cause}. "
-        + (f"Backends that can: {', '.join(able)}; pass one of them as hint (--arch) or none "
-           "to detect it" if able else
-           "No installed backend recognises it: describe it with a custom-model adapter or "
-           "write a backend plugin (docs/plugin-authors.md)"))
+        + (
+            f"Backends that can: {', '.join(able)}; pass one of them as hint (--arch) or none "
+            "to detect it"
+            if able
+            else "No installed backend recognises it: describe it with a custom-model adapter or "
+            "write a backend plugin (docs/plugin-authors.md)"
+        )
+    )
     if isinstance(cause, ArchscopeError):
         try:
             return type(cause)(message)
@@ -115,8 +122,7 @@ def backend_for(model: Any, hint: str | None = None) -> Backend:
     try:
         return chosen(model)
     except Exception as exc:
-        raise _hint_refused(hint, entry.name if entry else hint, model, get_manager(),
-                            exc) from exc
+        raise _hint_refused(hint, entry.name if entry else hint, model, get_manager(), exc) from exc
 
 
 def select_backend(model: Any, hint: str | None = None) -> type[Backend]:

@@ -71,25 +71,42 @@ class ModelDiff(Result):
         return sorted(self.layer_drift, key=lambda d: -d.relative_drift)[:k]
 
     def to_markdown(self) -> str:
-        lines = [f"## Model diff ({self.arch_family}, {self.n_layers} layers)", "",
-                 f"{self.n_calibration_texts} calibration texts, {self.n_tokens} real tokens "
-                 "(padding excluded).", "",
-                 "| layer | site | mean ‖Δa‖ | relative | cosine | local ‖Δ‖ | top shifted units |",
-                 "|---:|---|---:|---:|---:|---:|---|"]
+        lines = [
+            f"## Model diff ({self.arch_family}, {self.n_layers} layers)",
+            "",
+            f"{self.n_calibration_texts} calibration texts, {self.n_tokens} real tokens "
+            "(padding excluded).",
+            "",
+            "| layer | site | mean ‖Δa‖ | relative | cosine | local ‖Δ‖ | top shifted units |",
+            "|---:|---|---:|---:|---:|---:|---|",
+        ]
         for d in self.layer_drift:
             local = "—" if d.local_drift is None else f"{d.local_drift:.4g}"
             top = ", ".join(f"{u} ({v:.3g})" for u, v in d.top_shifted_neurons[:5])
-            lines.append(f"| {d.layer} | {d.layer_name} | {d.mean_l2_delta:.4g} | "
-                         f"{d.relative_drift:.2%} | {d.cosine_similarity:.4f} | {local} | {top} |")
+            lines.append(
+                f"| {d.layer} | {d.layer_name} | {d.mean_l2_delta:.4g} | "
+                f"{d.relative_drift:.2%} | {d.cosine_similarity:.4f} | {local} | {top} |"
+            )
         if self.layer_drift:
-            lines += ["", "Most changed layers: " + ", ".join(
-                f"{d.layer_name} ({d.relative_drift:.2%})" for d in self.top_changed_layers(3))]
+            lines += [
+                "",
+                "Most changed layers: "
+                + ", ".join(
+                    f"{d.layer_name} ({d.relative_drift:.2%})" for d in self.top_changed_layers(3)
+                ),
+            ]
         if self.circuit_deltas:
-            lines += ["", "| circuit | base | fine-tuned | Δ | Δ relative |", "|---|---:|---:|---:|---:|"]
+            lines += [
+                "",
+                "| circuit | base | fine-tuned | Δ | Δ relative |",
+                "|---|---:|---:|---:|---:|",
+            ]
             for c in self.circuit_deltas:
                 rel = "—" if math.isnan(c.relative_change) else f"{c.relative_change:+.1%}"
-                lines.append(f"| {c.name} | {c.base_score:.4g} | {c.fine_tuned_score:.4g} | "
-                             f"{c.delta:+.4g} | {rel} |")
+                lines.append(
+                    f"| {c.name} | {c.base_score:.4g} | {c.fine_tuned_score:.4g} | "
+                    f"{c.delta:+.4g} | {rel} |"
+                )
         if self.notes:
             lines += ["", *(f"- {n}" for n in self.notes)]
         return "\n".join(lines)
@@ -99,20 +116,36 @@ class ModelDiff(Result):
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         layers = [d.layer for d in self.layer_drift]
-        ax.plot(layers, [d.relative_drift for d in self.layer_drift], marker="o",
-                label="relative drift")
+        ax.plot(
+            layers, [d.relative_drift for d in self.layer_drift], marker="o", label="relative drift"
+        )
         if any(d.local_drift is not None for d in self.layer_drift):
-            base = [d.mean_l2_delta / d.relative_drift if d.relative_drift else 0.0
-                    for d in self.layer_drift]
-            ax.plot(layers, [(d.local_drift or 0.0) / b if b else 0.0
-                             for d, b in zip(self.layer_drift, base, strict=True)],
-                    marker="s", linestyle="--", label="local drift (relative)")
+            base = [
+                d.mean_l2_delta / d.relative_drift if d.relative_drift else 0.0
+                for d in self.layer_drift
+            ]
+            ax.plot(
+                layers,
+                [
+                    (d.local_drift or 0.0) / b if b else 0.0
+                    for d, b in zip(self.layer_drift, base, strict=True)
+                ],
+                marker="s",
+                linestyle="--",
+                label="local drift (relative)",
+            )
         ax.set_xlabel("layer")
         ax.set_ylabel("‖Δa‖ / ‖a_base‖")
         ax.set_xticks(layers)
         twin = ax.twinx()
-        twin.plot(layers, [d.cosine_similarity for d in self.layer_drift], color="grey",
-                  marker=".", alpha=0.6, label="cosine")
+        twin.plot(
+            layers,
+            [d.cosine_similarity for d in self.layer_drift],
+            color="grey",
+            marker=".",
+            alpha=0.6,
+            label="cosine",
+        )
         twin.set_ylabel("cosine similarity")
         ax.legend(loc="upper left")
         ax.set_title(f"Model diff ({self.arch_family})")
@@ -120,8 +153,9 @@ class ModelDiff(Result):
         return fig
 
 
-def _drift(base: torch.Tensor, tuned: torch.Tensor, top_k: int) -> tuple[float, float, float,
-                                                                         list[tuple[int, float]]]:
+def _drift(
+    base: torch.Tensor, tuned: torch.Tensor, top_k: int
+) -> tuple[float, float, float, list[tuple[int, float]]]:
     import torch
 
     a, b = base.to(torch.float64), tuned.to(torch.float64)
@@ -131,25 +165,37 @@ def _drift(base: torch.Tensor, tuned: torch.Tensor, top_k: int) -> tuple[float, 
     base_norm = float(a.norm(dim=-1).mean())
     relative = mean_l2 / base_norm if base_norm > 0 else (0.0 if mean_l2 == 0 else math.inf)
     # identical vectors have cosine exactly 1 (the formula's rounding would say 1 - 1e-16)
-    cos = torch.where(dist == 0, torch.ones_like(dist),
-                      torch.nn.functional.cosine_similarity(a, b, dim=-1))
+    cos = torch.where(
+        dist == 0, torch.ones_like(dist), torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    )
     shift = delta.abs().mean(0)
     top = torch.topk(shift, min(top_k, shift.numel()))
-    return mean_l2, relative, float(cos.mean()), [
-        (int(i), float(v)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
-        if v > 0]
+    return (
+        mean_l2,
+        relative,
+        float(cos.mean()),
+        [
+            (int(i), float(v))
+            for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+            if v > 0
+        ],
+    )
 
 
 def _check_pair(base: Backend, tuned: Backend) -> list[str]:
     if base.name != tuned.name:
-        raise InputError(f"model diff compares two models of one architecture; the base model "
-                         f"is served by backend {base.name!r}, the fine-tuned one by "
-                         f"{tuned.name!r}")
+        raise InputError(
+            f"model diff compares two models of one architecture; the base model "
+            f"is served by backend {base.name!r}, the fine-tuned one by "
+            f"{tuned.name!r}"
+        )
     sites = base.layer_names()
     other = tuned.layer_names()
     if sites != other:
-        raise InputError(f"the two models have different layers: base {sites}, fine-tuned "
-                         f"{other}; give a fine-tuned copy of the base model")
+        raise InputError(
+            f"the two models have different layers: base {sites}, fine-tuned "
+            f"{other}; give a fine-tuned copy of the base model"
+        )
     dims = {s: (base.site_info(s).dim, tuned.site_info(s).dim) for s in sites}
     bad = {s: d for s, d in dims.items() if d[0] != d[1]}
     if bad:
@@ -157,8 +203,9 @@ def _check_pair(base: Backend, tuned: Backend) -> list[str]:
     return sites
 
 
-def _local_drift(base: Backend, tuned: Backend, data: Dataset, sites: list[str],
-                 batch_size: int) -> dict[str, float] | None:
+def _local_drift(
+    base: Backend, tuned: Backend, data: Dataset, sites: list[str], batch_size: int
+) -> dict[str, float] | None:
     """Per layer, mean ‖f_ft(x) − f_base(x)‖ over real tokens with x the base model's input
     to that layer (patched into the fine-tuned run): zero wherever the layer is unchanged."""
     import torch
@@ -166,7 +213,8 @@ def _local_drift(base: Backend, tuned: Backend, data: Dataset, sites: list[str],
     inputs = ["embed", *sites[:-1]]
     table = tuned.sites()
     if "edit" not in tuned.capabilities or any(
-            s not in table or not table[s].writable or table[s].kind != "token" for s in inputs):
+        s not in table or not table[s].writable or table[s].kind != "token" for s in inputs
+    ):
         return None
     sums = dict.fromkeys(sites, 0.0)
     count = 0
@@ -174,17 +222,20 @@ def _local_drift(base: Backend, tuned: Backend, data: Dataset, sites: list[str],
         ref = base.run(batch, capture=sorted({*inputs, *sites}))
         mask = batch["attention_mask"]
         for prev, site in zip(inputs, sites, strict=True):
-            patched = tuned.run(batch, capture=[site],
-                                edits=[Edit.replace(prev, ref[prev].to(tuned.device))])
-            gap = real_tokens(patched[site].to(torch.float64).cpu()
-                              - ref[site].to(torch.float64).cpu(), mask)
+            patched = tuned.run(
+                batch, capture=[site], edits=[Edit.replace(prev, ref[prev].to(tuned.device))]
+            )
+            gap = real_tokens(
+                patched[site].to(torch.float64).cpu() - ref[site].to(torch.float64).cpu(), mask
+            )
             sums[site] += float(gap.norm(dim=-1).sum())
         count += int(mask.sum())
     return {s: v / count for s, v in sums.items()}
 
 
-def circuit_deltas(base_model: Any, fine_tuned_model: Any, tokenizer: Any,
-                   device: str = "cpu") -> list[CircuitDelta]:
+def circuit_deltas(
+    base_model: Any, fine_tuned_model: Any, tokenizer: Any, device: str = "cpu"
+) -> list[CircuitDelta]:
     """Circuit scores of both models (`archscope.circuits.run_all_circuits`) and their change.
     Any failure propagates: a missing circuit score is an error, never a note."""
     from . import circuits
@@ -200,8 +251,10 @@ def circuit_deltas(base_model: Any, fine_tuned_model: Any, tokenizer: Any,
 
     base, tuned = scores(base_model), scores(fine_tuned_model)
     if set(base) != set(tuned):
-        raise MethodError(f"circuit scores differ in kind between the models: base "
-                          f"{sorted(base)}, fine-tuned {sorted(tuned)}")
+        raise MethodError(
+            f"circuit scores differ in kind between the models: base "
+            f"{sorted(base)}, fine-tuned {sorted(tuned)}"
+        )
     out = []
     for name, b in base.items():
         d = tuned[name] - b
@@ -210,8 +263,16 @@ def circuit_deltas(base_model: Any, fine_tuned_model: Any, tokenizer: Any,
     return out
 
 
-def diff_backends(base: Backend, tuned: Backend, data: Any, *, tokenizer: Any = None,
-                  top_k_units: int = 10, batch_size: int = 32, local: bool = True) -> ModelDiff:
+def diff_backends(
+    base: Backend,
+    tuned: Backend,
+    data: Any,
+    *,
+    tokenizer: Any = None,
+    top_k_units: int = 10,
+    batch_size: int = 32,
+    local: bool = True,
+) -> ModelDiff:
     """Per-layer drift of ``tuned`` from ``base`` over the real tokens of ``data``."""
     import torch
 
@@ -225,37 +286,64 @@ def diff_backends(base: Backend, tuned: Backend, data: Any, *, tokenizer: Any = 
     got_tuned = collect(tuned, dataset, sites, pool=None, batch_size=batch_size)
     assert torch.equal(got_base.doc, got_tuned.doc)  # same tokens in the same order
     locals_ = _local_drift(base, tuned, dataset, sites, batch_size) if local else None
-    result = ModelDiff(arch_family=base.name, n_layers=len(sites),
-                       n_calibration_texts=len(dataset), n_tokens=len(got_base))
+    result = ModelDiff(
+        arch_family=base.name,
+        n_layers=len(sites),
+        n_calibration_texts=len(dataset),
+        n_tokens=len(got_base),
+    )
     for site in sites:
         mean_l2, rel, cos, top = _drift(got_base[site], got_tuned[site], top_k_units)
         layer = Site.parse(site).layer
-        result.layer_drift.append(LayerDrift(
-            layer=layer if layer is not None else -1, layer_name=site, mean_l2_delta=mean_l2,
-            relative_drift=rel, cosine_similarity=cos, top_shifted_neurons=top,
-            local_drift=None if locals_ is None else locals_[site]))
+        result.layer_drift.append(
+            LayerDrift(
+                layer=layer if layer is not None else -1,
+                layer_name=site,
+                mean_l2_delta=mean_l2,
+                relative_drift=rel,
+                cosine_similarity=cos,
+                top_shifted_neurons=top,
+                local_drift=None if locals_ is None else locals_[site],
+            )
+        )
     if locals_ is None and local:
-        result.notes.append(f"local drift not measured: backend {tuned.name!r} cannot replace "
-                            "each layer's input during a run")
+        result.notes.append(
+            f"local drift not measured: backend {tuned.name!r} cannot replace "
+            "each layer's input during a run"
+        )
     return result
 
 
-def compare(base_model: Any, fine_tuned_model: Any, tokenizer: Any,
-            calibration_texts: list[str], backend_hint: str | None = None,
-            run_circuits: bool = True, max_length: int = 32, device: str = "cpu", *,
-            top_k_units: int = 10, batch_size: int = 32) -> ModelDiff:
+def compare(
+    base_model: Any,
+    fine_tuned_model: Any,
+    tokenizer: Any,
+    calibration_texts: list[str],
+    backend_hint: str | None = None,
+    run_circuits: bool = True,
+    max_length: int = 32,
+    device: str = "cpu",
+    *,
+    top_k_units: int = 10,
+    batch_size: int = 32,
+) -> ModelDiff:
     """Compare a fine-tuned model with its base model on ``calibration_texts`` (each cut to
     ``max_length`` tokens): per-layer drift over real tokens and, with ``run_circuits``,
     circuit-score deltas (a circuit failure raises). Inputs go to each model's own device;
     ``device`` is passed to the circuit tests."""
-    if isinstance(calibration_texts, str) or not isinstance(calibration_texts, Sequence) or \
-            not calibration_texts or not all(isinstance(t, str) for t in calibration_texts):
-        raise InputError("calibration_texts must be a non-empty list of strings, got "
-                         f"{type(calibration_texts).__name__}")
+    if (
+        isinstance(calibration_texts, str)
+        or not isinstance(calibration_texts, Sequence)
+        or not calibration_texts
+        or not all(isinstance(t, str) for t in calibration_texts)
+    ):
+        raise InputError(
+            "calibration_texts must be a non-empty list of strings, got "
+            f"{type(calibration_texts).__name__}"
+        )
     base = Backend.for_model(base_model, hint=backend_hint)
     tuned = Backend.for_model(fine_tuned_model, hint=backend_hint)
-    data = Dataset.from_texts(list(calibration_texts), tokenizer=tokenizer,
-                              max_length=max_length)
+    data = Dataset.from_texts(list(calibration_texts), tokenizer=tokenizer, max_length=max_length)
     result = diff_backends(base, tuned, data, top_k_units=top_k_units, batch_size=batch_size)
     if run_circuits:
         result.circuit_deltas = circuit_deltas(base_model, fine_tuned_model, tokenizer, device)
@@ -263,15 +351,19 @@ def compare(base_model: Any, fine_tuned_model: Any, tokenizer: Any,
 
 
 def diff_method(
-    backend_a: Backend, backend_b: Backend, data: Dataset, *,
+    backend_a: Backend,
+    backend_b: Backend,
+    data: Dataset,
+    *,
     top_k_units: Annotated[int, Param(min=1, help="most shifted units listed per layer")] = 10,
     batch_size: Annotated[int, Param(min=1)] = 32,
     local: Annotated[bool, Param(help="also measure each layer's own change")] = True,
     circuits: Annotated[bool, Param(help="also compare circuit scores")] = False,
 ) -> ModelDiff:
     """The registered ``diff`` method: model A is the base, model B the fine-tuned one."""
-    result = diff_backends(backend_a, backend_b, data, top_k_units=top_k_units,
-                           batch_size=batch_size, local=local)
+    result = diff_backends(
+        backend_a, backend_b, data, top_k_units=top_k_units, batch_size=batch_size, local=local
+    )
     if circuits:
         result.circuit_deltas = circuit_deltas(backend_a.model, backend_b.model, data.tokenizer)
     return result

@@ -60,58 +60,99 @@ class Edit:
     def __post_init__(self) -> None:
         where = f"Edit of {self.site!r}"
         if self.op not in ("replace", "add", "scale", "fn"):
-            raise EditError(f"{where}: unknown op {self.op!r}; use replace, add, scale or fn "
-                             "(Edit.replace / add / scale / apply)")
+            raise EditError(
+                f"{where}: unknown op {self.op!r}; use replace, add, scale or fn "
+                "(Edit.replace / add / scale / apply)"
+            )
         if self.op == "fn" and not callable(self.value):
-            raise EditError(f"{where}: Edit.apply needs a function tensor -> tensor, got "
-                            f"{type(self.value).__name__}")
+            raise EditError(
+                f"{where}: Edit.apply needs a function tensor -> tensor, got "
+                f"{type(self.value).__name__}"
+            )
         if self.op != "fn" and (isinstance(self.value, (str, bytes)) or callable(self.value)):
-            raise EditError(f"{where}: the value of a {self.op} edit is a number or a tensor, "
-                            f"got {type(self.value).__name__}")
+            raise EditError(
+                f"{where}: the value of a {self.op} edit is a number or a tensor, "
+                f"got {type(self.value).__name__}"
+            )
         for field_name in ("positions", "units"):  # tensors / arrays of indices -> lists
             value = getattr(self, field_name)
             if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
                 object.__setattr__(self, field_name, value.tolist())
         pos = self.positions
-        ok = (pos is None or pos == "last" or isinstance(pos, slice) or _is_index(pos)
-              or (isinstance(pos, Sequence) and not isinstance(pos, str)
-                  and all(_is_index(p) for p in pos)))
+        ok = (
+            pos is None
+            or pos == "last"
+            or isinstance(pos, slice)
+            or _is_index(pos)
+            or (
+                isinstance(pos, Sequence)
+                and not isinstance(pos, str)
+                and all(_is_index(p) for p in pos)
+            )
+        )
         if not ok:
-            raise EditError(f"{where}: positions must be None (all), an int, a slice, a list of "
-                             f"ints or 'last' (each row's last real token); got {pos!r}")
-        if self.units is not None and (isinstance(self.units, str) or not all(
-                _is_index(u) for u in self.units)):
-            raise EditError(f"{where}: units must be a list of feature indices (ints), got "
-                             f"{self.units!r}")
+            raise EditError(
+                f"{where}: positions must be None (all), an int, a slice, a list of "
+                f"ints or 'last' (each row's last real token); got {pos!r}"
+            )
+        if self.units is not None and (
+            isinstance(self.units, str) or not all(_is_index(u) for u in self.units)
+        ):
+            raise EditError(
+                f"{where}: units must be a list of feature indices (ints), got {self.units!r}"
+            )
 
     @classmethod
-    def replace(cls, site: str | Site, value: Any, positions: Positions = None,
-                units: Sequence[int] | None = None) -> Edit:
+    def replace(
+        cls,
+        site: str | Site,
+        value: Any,
+        positions: Positions = None,
+        units: Sequence[int] | None = None,
+    ) -> Edit:
         return cls(str(site), "replace", value, positions, units)
 
     @classmethod
-    def add(cls, site: str | Site, value: Any, positions: Positions = None,
-            units: Sequence[int] | None = None) -> Edit:
+    def add(
+        cls,
+        site: str | Site,
+        value: Any,
+        positions: Positions = None,
+        units: Sequence[int] | None = None,
+    ) -> Edit:
         return cls(str(site), "add", value, positions, units)
 
     @classmethod
-    def scale(cls, site: str | Site, factor: Any, positions: Positions = None,
-              units: Sequence[int] | None = None) -> Edit:
+    def scale(
+        cls,
+        site: str | Site,
+        factor: Any,
+        positions: Positions = None,
+        units: Sequence[int] | None = None,
+    ) -> Edit:
         return cls(str(site), "scale", factor, positions, units)
 
     @classmethod
-    def apply(cls, site: str | Site, fn: Callable[[Any], Any], positions: Positions = None,
-              units: Sequence[int] | None = None) -> Edit:
+    def apply(
+        cls,
+        site: str | Site,
+        fn: Callable[[Any], Any],
+        positions: Positions = None,
+        units: Sequence[int] | None = None,
+    ) -> Edit:
         return cls(str(site), "fn", fn, positions, units)
 
 
-def apply_edit(value: torch.Tensor, edit: Edit, info: SiteInfo,
-               mask: torch.Tensor | None) -> torch.Tensor:
+def apply_edit(
+    value: torch.Tensor, edit: Edit, info: SiteInfo, mask: torch.Tensor | None
+) -> torch.Tensor:
     """``value`` with ``edit`` applied (a new tensor): the one implementation of edit semantics,
     for the engine's hooks and for backends that apply edits themselves."""
     if edit.positions is not None and info.kind != "token":
-        raise SiteError(f"edit of {edit.site!r}: positions apply only to token sites; "
-                        f"{edit.site} is a {info.kind} site")
+        raise SiteError(
+            f"edit of {edit.site!r}: positions apply only to token sites; "
+            f"{edit.site} is a {info.kind} site"
+        )
     out = value.clone()
     units = _unit_index(edit, value)
     index = _position_index(edit, value, mask)  # rows x positions, then units
@@ -133,13 +174,13 @@ def _unit_index(edit: Edit, value: torch.Tensor) -> torch.Tensor | None:
         return None
     units = torch.as_tensor(list(edit.units), dtype=torch.long, device=value.device)
     if units.numel() and (units.max() >= value.shape[-1] or units.min() < -value.shape[-1]):
-        raise SiteError(f"edit of {edit.site!r}: unit index out of range for dimension "
-                        f"{value.shape[-1]}")
+        raise SiteError(
+            f"edit of {edit.site!r}: unit index out of range for dimension {value.shape[-1]}"
+        )
     return units
 
 
-def _position_index(edit: Edit, value: torch.Tensor,
-                    mask: torch.Tensor | None) -> tuple[Any, ...]:
+def _position_index(edit: Edit, value: torch.Tensor, mask: torch.Tensor | None) -> tuple[Any, ...]:
     import torch
 
     pos = edit.positions
@@ -151,16 +192,19 @@ def _position_index(edit: Edit, value: torch.Tensor,
         return (slice(None),)
     if isinstance(pos, slice):
         if not range(value.shape[1])[pos]:  # as a list beyond the sequence raises
-            raise SiteError(f"edit of {edit.site!r}: positions {pos} select no position of a "
-                            f"sequence of length {value.shape[1]}; give a slice that overlaps "
-                            f"0..{value.shape[1] - 1}")
+            raise SiteError(
+                f"edit of {edit.site!r}: positions {pos} select no position of a "
+                f"sequence of length {value.shape[1]}; give a slice that overlaps "
+                f"0..{value.shape[1] - 1}"
+            )
         return (slice(None), pos)
     seq = value.shape[1]
     pos_list = [int(p) for p in pos] if isinstance(pos, Sequence) else [operator.index(pos)]
     bad = [p for p in pos_list if not -seq <= p < seq]
     if bad:
-        raise SiteError(f"edit of {edit.site!r}: positions {bad} out of range for a "
-                        f"sequence of length {seq}")
+        raise SiteError(
+            f"edit of {edit.site!r}: positions {bad} out of range for a sequence of length {seq}"
+        )
     return (slice(None), torch.tensor(pos_list, dtype=torch.long, device=value.device))
 
 
@@ -171,9 +215,11 @@ def _edited(edit: Edit, target: torch.Tensor, value: torch.Tensor) -> torch.Tens
     if edit.op == "fn":
         new = edit.value(target)
         if not isinstance(new, torch.Tensor) or new.shape != target.shape:
-            raise SiteError(f"edit of {edit.site!r}: the function must return a tensor of shape "
-                            f"{tuple(target.shape)}, got "
-                            f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new)}")
+            raise SiteError(
+                f"edit of {edit.site!r}: the function must return a tensor of shape "
+                f"{tuple(target.shape)}, got "
+                f"{tuple(new.shape) if isinstance(new, torch.Tensor) else type(new)}"
+            )
         return new
     operand = _operand(edit, target, value)
     if edit.op == "replace":

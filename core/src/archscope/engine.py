@@ -26,13 +26,30 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["LOGITS_FORMS", "HookBackend", "Hookpoint", "RunContext", "SiteTable", "StopForward",
-           "accepted_kwargs", "apply_edit", "find_module", "get_module", "last_real_index",
-           "logits_from", "padding_side", "prepare_inputs"]
+__all__ = [
+    "LOGITS_FORMS",
+    "HookBackend",
+    "Hookpoint",
+    "RunContext",
+    "SiteTable",
+    "StopForward",
+    "accepted_kwargs",
+    "apply_edit",
+    "find_module",
+    "get_module",
+    "last_real_index",
+    "logits_from",
+    "padding_side",
+    "prepare_inputs",
+]
 
 #: The model outputs logits are found in, for error messages.
-LOGITS_FORMS = ("a tensor", "a tuple or list whose first element is the logits",
-                "an object with a .logits attribute", "a mapping with a 'logits' key")
+LOGITS_FORMS = (
+    "a tensor",
+    "a tuple or list whose first element is the logits",
+    "an object with a .logits attribute",
+    "a mapping with a 'logits' key",
+)
 
 
 class StopForward(Exception):
@@ -75,9 +92,14 @@ def logits_from(output: Any) -> torch.Tensor | None:
 
 
 #: 0.2 names of the extension points → their public names (0.2 subclasses keep working).
-_RENAMED = {"_site_table": "site_table", "_forward": "forward", "_logits_of": "logits_of",
-            "_read_unhooked": "read_unhooked", "_final_state": "final_state",
-            "_run_context": "run_settings"}
+_RENAMED = {
+    "_site_table": "site_table",
+    "_forward": "forward",
+    "_logits_of": "logits_of",
+    "_read_unhooked": "read_unhooked",
+    "_final_state": "final_state",
+    "_run_context": "run_settings",
+}
 
 
 class HookBackend(Backend):
@@ -126,16 +148,20 @@ class HookBackend(Backend):
 
     def read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
         """Values of sites that have no hookpoint (after the forward pass)."""
-        raise BackendError(f"{type(self).__name__} declares sites {names} without a hookpoint "
-                           "but does not implement read_unhooked()")
+        raise BackendError(
+            f"{type(self).__name__} declares sites {names} without a hookpoint "
+            "but does not implement read_unhooked()"
+        )
 
     def final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
         """The recurrent state after each row's last real token (``return_state=True``); by
         default the values of the backend's state sites."""
         names = [n for n, (info, _) in self._table.items() if info.kind == "state"]
         if "state_patch" not in self.capabilities or not names:
-            raise BackendError(f"backend {self.name!r} cannot return a recurrent state "
-                               "(no 'state_patch' capability)")
+            raise BackendError(
+                f"backend {self.name!r} cannot return a recurrent state "
+                "(no 'state_patch' capability)"
+            )
         return {n: ctx.store[n] for n in names}
 
     def run_settings(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
@@ -153,8 +179,9 @@ class HookBackend(Backend):
     def _context_for(self, request: RunRequest) -> RunContext:
         table = self._table
         wanted = request.capture
-        need_logits = (not (request.stop_early and wanted and "logits" not in wanted)
-                       or request.return_state)
+        need_logits = (
+            not (request.stop_early and wanted and "logits" not in wanted) or request.return_state
+        )
         stop_after = None
         if not need_logits:
             hooked = [n for n in wanted if table[n][1] is not None]
@@ -167,9 +194,15 @@ class HookBackend(Backend):
                 "module inputs or outputs); recurrent states are set with initial_state= or "
                 "state_patch()"
             )
-        return RunContext(batch=request.batch, capture=wanted, edits=request.edits,
-                          stop_after=stop_after, initial_state=request.initial_state,
-                          return_state=request.return_state, grad=request.grad)
+        return RunContext(
+            batch=request.batch,
+            capture=wanted,
+            edits=request.edits,
+            stop_after=stop_after,
+            initial_state=request.initial_state,
+            return_state=request.return_state,
+            grad=request.grad,
+        )
 
     def execute(self, request: RunRequest) -> RunResult:
         import torch
@@ -177,16 +210,20 @@ class HookBackend(Backend):
         table = self._table
         ctx = self._context_for(request)
         wanted = ctx.capture
-        hooked_sites = sorted({*wanted, *ctx.edits} & {n for n, (_, hp) in table.items()
-                                                        if hp is not None},
-                              key=lambda n: table[n][0].order)
+        hooked_sites = sorted(
+            {*wanted, *ctx.edits} & {n for n, (_, hp) in table.items() if hp is not None},
+            key=lambda n: table[n][0].order,
+        )
         state_names = [n for n, (info, _) in table.items() if info.kind == "state"]
         if ctx.return_state:  # the default final_state reads the state sites' hooks
-            hooked_sites = sorted({*hooked_sites, *(n for n in state_names
-                                                    if table[n][1] is not None)},
-                                  key=lambda n: table[n][0].order)
-            ctx.capture = [*wanted, *(n for n in state_names
-                                      if n not in wanted and table[n][1] is not None)]
+            hooked_sites = sorted(
+                {*hooked_sites, *(n for n in state_names if table[n][1] is not None)},
+                key=lambda n: table[n][0].order,
+            )
+            ctx.capture = [
+                *wanted,
+                *(n for n in state_names if n not in wanted and table[n][1] is not None),
+            ]
         handles = []
         output = None
         state = None
@@ -213,10 +250,16 @@ class HookBackend(Backend):
             ctx.store["logits"] = logits
         missing = [n for n in wanted if n not in ctx.store]
         if missing:
-            raise BackendError(f"backend {self.name!r} did not produce {missing}: the forward "
-                               "pass never reached their modules")
-        return RunResult(logits=logits, activations={n: ctx.store[n] for n in wanted},
-                         attention_mask=ctx.attention_mask, state=state)
+            raise BackendError(
+                f"backend {self.name!r} did not produce {missing}: the forward "
+                "pass never reached their modules"
+            )
+        return RunResult(
+            logits=logits,
+            activations={n: ctx.store[n] for n in wanted},
+            attention_mask=ctx.attention_mask,
+            state=state,
+        )
 
     def _find_logits(self, output: Any) -> torch.Tensor | None:
         if output is None:
@@ -226,7 +269,8 @@ class HookBackend(Backend):
             raise BackendError(
                 f"backend {self.name!r} claims 'logits' but found none in the model's output "
                 f"({type(output).__name__}); the engine accepts {', '.join(LOGITS_FORMS)}. "
-                "Return one of these from the model, or override logits_of(output)")
+                "Return one of these from the model, or override logits_of(output)"
+            )
         return logits
 
     def _attach(self, name: str, ctx: RunContext) -> Any:
@@ -247,12 +291,14 @@ class HookBackend(Backend):
 
         if hp.io == "output":
             return hp.module.register_forward_hook(_output_hook(hp, process, bool(edits), stop))
-        return hp.module.register_forward_pre_hook(_input_hook(name, hp, process, bool(edits),
-                                                               stop), with_kwargs=True)
+        return hp.module.register_forward_pre_hook(
+            _input_hook(name, hp, process, bool(edits), stop), with_kwargs=True
+        )
 
 
-def _output_hook(hp: Hookpoint, process: Callable[[Any], Any], edits: bool,
-                 stop: bool) -> Callable[..., Any]:
+def _output_hook(
+    hp: Hookpoint, process: Callable[[Any], Any], edits: bool, stop: bool
+) -> Callable[..., Any]:
     """A forward hook that reads (and, with edits, replaces) the hookpoint's output."""
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
@@ -274,25 +320,27 @@ def _output_hook(hp: Hookpoint, process: Callable[[Any], Any], edits: bool,
     return hook
 
 
-def _input_hook(name: str, hp: Hookpoint, process: Callable[[Any], Any], edits: bool,
-                stop: bool) -> Callable[..., Any]:
+def _input_hook(
+    name: str, hp: Hookpoint, process: Callable[[Any], Any], edits: bool, stop: bool
+) -> Callable[..., Any]:
     """A forward pre-hook that reads (and, with edits, replaces) the hookpoint's input."""
 
     def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
         if len(args) > hp.index:
             new = process(args[hp.index])
             if edits:
-                args = (*args[: hp.index], new, *args[hp.index + 1:])
+                args = (*args[: hp.index], new, *args[hp.index + 1 :])
         elif hp.arg in kwargs:
             new = process(kwargs[hp.arg])
             if edits:
                 kwargs = {**kwargs, hp.arg: new}
         else:
-            raise BackendError(f"site {name!r}: {type(module).__name__} was called without "
-                               f"argument {hp.index} / {hp.arg!r}")
+            raise BackendError(
+                f"site {name!r}: {type(module).__name__} was called without "
+                f"argument {hp.index} / {hp.arg!r}"
+            )
         if stop:
             raise StopForward
         return (args, kwargs) if edits else None
 
     return pre_hook
-

@@ -16,8 +16,15 @@ from .errors import InputError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["InputLimits", "check_inputs", "check_width", "inference_mode", "limits_from_model",
-           "model_lock", "restore_hooks"]
+__all__ = [
+    "InputLimits",
+    "check_inputs",
+    "check_width",
+    "inference_mode",
+    "limits_from_model",
+    "model_lock",
+    "restore_hooks",
+]
 
 #: Config attributes that hold a model's position limit, in the order they are looked up.
 _POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_seq_len")
@@ -61,17 +68,20 @@ def check_inputs(batch: MutableMapping[str, Any], limits: InputLimits, backend: 
     if first is None:
         return
     if first.shape[0] == 0:
-        raise InputError(f"the batch has no rows (input shape {tuple(first.shape)}); give at "
-                         "least one sequence")
+        raise InputError(
+            f"the batch has no rows (input shape {tuple(first.shape)}); give at least one sequence"
+        )
     if limits.max_positions is not None and first.shape[1] > limits.max_positions:
         raise InputError(
             f"the batch has {first.shape[1]} tokens per row (padding included) but the model "
             f"takes at most {limits.max_positions} positions (backend {backend!r}); shorten "
-            "the texts (make_tokenize_fn(tokenizer, max_length=...)) or split them")
+            "the texts (make_tokenize_fn(tokenizer, max_length=...)) or split them"
+        )
     if ids is None:
         return
-    if ids.numel() == 0 or (int(ids.min()) >= 0 and (
-            limits.vocab_size is None or int(ids.max()) < limits.vocab_size)):
+    if ids.numel() == 0 or (
+        int(ids.min()) >= 0 and (limits.vocab_size is None or int(ids.max()) < limits.vocab_size)
+    ):
         return  # the common case, in two reductions
     mask = batch.get("attention_mask")
     real = ids[mask.bool()] if mask is not None else ids.reshape(-1)
@@ -85,14 +95,17 @@ def check_inputs(batch: MutableMapping[str, Any], limits: InputLimits, backend: 
         return
     low, high = int(real.min()), int(real.max())
     if low < 0:
-        raise InputError(f"negative token id {low} in input_ids: token ids are 0.."
-                         f"{'' if limits.vocab_size is None else limits.vocab_size - 1}; mark "
-                         "padding with attention_mask = 0 instead")
+        raise InputError(
+            f"negative token id {low} in input_ids: token ids are 0.."
+            f"{'' if limits.vocab_size is None else limits.vocab_size - 1}; mark "
+            "padding with attention_mask = 0 instead"
+        )
     if limits.vocab_size is not None and high >= limits.vocab_size:
         raise InputError(
             f"token id {high} is outside the vocabulary of {limits.vocab_size} tokens (ids 0.."
             f"{limits.vocab_size - 1}) of this model (backend {backend!r}); use the model's own "
-            "tokenizer")
+            "tokenizer"
+        )
 
 
 def check_device(device: torch.device, backend: str) -> None:
@@ -101,15 +114,18 @@ def check_device(device: torch.device, backend: str) -> None:
         raise InputError(
             f"backend {backend!r}: the model's parameters are on the meta device (shapes "
             "only, no values), so it cannot run; load the weights first (e.g. "
-            "from_pretrained, or model.to_empty(device='cpu') then load_state_dict)")
+            "from_pretrained, or model.to_empty(device='cpu') then load_state_dict)"
+        )
 
 
 def check_width(tensor: Any, width: int, what: str) -> None:
     """Refuse a tensor whose last axis is not ``width`` (e.g. the input of `unembed`)."""
     shape = tuple(getattr(tensor, "shape", ()))
     if not shape or shape[-1] != width:
-        raise InputError(f"{what} takes a tensor whose last axis has width {width}, got shape "
-                         f"{shape}; pass a residual-stream tensor of this model")
+        raise InputError(
+            f"{what} takes a tensor whose last axis has width {width}, got shape "
+            f"{shape}; pass a residual-stream tensor of this model"
+        )
 
 
 @contextlib.contextmanager
@@ -171,8 +187,11 @@ def restore_hooks(model: Any, attributes: tuple[str, ...] = ()) -> Iterator[None
                 hooks = getattr(module, kind)
                 for key in [k for k in hooks if k not in keys[kind]]:
                     del hooks[key]
-                    for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                                  "_forward_pre_hooks_with_kwargs"):
+                    for extra in (
+                        "_forward_hooks_with_kwargs",
+                        "_forward_hooks_always_called",
+                        "_forward_pre_hooks_with_kwargs",
+                    ):
                         getattr(module, extra, {}).pop(key, None)
             for name, value in saved.items():
                 if value is missing:

@@ -53,8 +53,10 @@ class Hookpoint:
         if self.from_site is not None:
             return self.from_site(value, raw)
         if self.to_site is not None:
-            raise BackendError("this hookpoint has a to_site view but no from_site: the site "
-                               "cannot be edited (declare it writable=False or give from_site)")
+            raise BackendError(
+                "this hookpoint has a to_site view but no from_site: the site "
+                "cannot be edited (declare it writable=False or give from_site)"
+            )
         return value
 
 
@@ -89,10 +91,18 @@ class SiteTable(dict[str, tuple[SiteInfo, "Hookpoint | None"]]):
             table.add(f"layer_{i}.residual", Hookpoint(block), dim=d)
     """
 
-    def add(self, site: str | Site, where: Hookpoint | None, dim: int, *,
-            kind: str | None = None, shape: tuple[str, ...] | None = None,
-            writable: bool | None = None, description: str | None = None,
-            **extra: object) -> SiteInfo:
+    def add(
+        self,
+        site: str | Site,
+        where: Hookpoint | None,
+        dim: int,
+        *,
+        kind: str | None = None,
+        shape: tuple[str, ...] | None = None,
+        writable: bool | None = None,
+        description: str | None = None,
+        **extra: object,
+    ) -> SiteInfo:
         """Add ``site`` (reached after every site added before it); returns its `SiteInfo`.
         ``where`` None means the backend produces the value itself (`read_unhooked`)."""
         parsed = Site.parse(site)
@@ -100,16 +110,20 @@ class SiteTable(dict[str, tuple[SiteInfo, "Hookpoint | None"]]):
         if name in self:
             raise BackendError(f"site {name!r} was added to the site table twice")
         default_kind, default_shape, default_writable = ROLE_DEFAULTS.get(
-            parsed.role, ("token", ("batch", "seq", "d_model"), True))
-        kind = kind or (default_kind if shape is None else
-                        ("token" if "seq" in shape else "state"))
+            parsed.role, ("token", ("batch", "seq", "d_model"), True)
+        )
+        kind = kind or (default_kind if shape is None else ("token" if "seq" in shape else "state"))
         if shape is None:
             shape = default_shape if kind == default_kind else ("batch", "d_state")
         info = SiteInfo(
-            parsed, kind, shape, int(dim),
+            parsed,
+            kind,
+            shape,
+            int(dim),
             writable=default_writable if writable is None else writable,
             order=float(len(self)),
-            description=description or LAYER_ROLES.get(parsed.role)
+            description=description
+            or LAYER_ROLES.get(parsed.role)
             or MODEL_ROLES.get(parsed.role, ""),
             extra=dict(extra),
         )

@@ -24,13 +24,22 @@ if TYPE_CHECKING:
 
     from .backends import Backend
 
-__all__ = ["LayerPrediction", "LensResult", "LogitLensRun", "TunedLens", "TunedLensReport",
-           "logit_lens", "logit_lens_run", "tuned_lens_method"]
+__all__ = [
+    "LayerPrediction",
+    "LensResult",
+    "LogitLensRun",
+    "TunedLens",
+    "TunedLensReport",
+    "logit_lens",
+    "logit_lens_run",
+    "tuned_lens_method",
+]
 
 Translate = Callable[[int, "torch.Tensor"], "torch.Tensor"]
 
 
 # -- results ---------------------------------------------------------------------------------------
+
 
 @dataclass
 class LayerPrediction(Result):
@@ -65,29 +74,46 @@ class LensResult(Result):
     top_grid: list[list[str]] = field(default_factory=list)
 
     def to_markdown(self) -> str:
-        target = (f"target {self.target_token!r} (id {self.target_token_id})"
-                  if self.target_token_id is not None else "no target")
-        lines = [f"## {self.method} over {self.prompt!r}, {target}", "",
-                 "| layer | top tokens | target prob | target rank | entropy | KL to final |",
-                 "|---|---|---|---|---|---|"]
+        target = (
+            f"target {self.target_token!r} (id {self.target_token_id})"
+            if self.target_token_id is not None
+            else "no target"
+        )
+        lines = [
+            f"## {self.method} over {self.prompt!r}, {target}",
+            "",
+            "| layer | top tokens | target prob | target rank | entropy | KL to final |",
+            "|---|---|---|---|---|---|",
+        ]
         for p in self.layers:
             prob = "-" if p.target_prob is None else f"{p.target_prob:.4f}"
             rank = "-" if p.target_rank is None else str(p.target_rank)
             tops = ", ".join(f"{text!r} {prob:.3f}" for _, text, prob in p.top_tokens)
-            lines.append(f"| {p.layer_name} | {tops} | {prob} | {rank} | {p.entropy:.3f} | "
-                         f"{p.kl_to_final:.3f} |")
+            lines.append(
+                f"| {p.layer_name} | {tops} | {prob} | {rank} | {p.entropy:.3f} | "
+                f"{p.kl_to_final:.3f} |"
+            )
         return "\n".join(lines)
 
     def figure(self) -> Any:
         """Heat map of KL(final ‖ lens) over layers x positions, each cell labelled with the
         layer's top-1 token there."""
-        return _heat_map(self.kl_grid, [p.layer_name for p in self.layers],
-                         self.position_tokens, self.top_grid,
-                         f"{self.method}: KL(final ‖ lens) per layer and position")
+        return _heat_map(
+            self.kl_grid,
+            [p.layer_name for p in self.layers],
+            self.position_tokens,
+            self.top_grid,
+            f"{self.method}: KL(final ‖ lens) per layer and position",
+        )
 
 
-def _heat_map(grid: list[list[float]], rows: list[str], cols: list[str],
-              labels: list[list[str]] | None, title: str) -> Any:
+def _heat_map(
+    grid: list[list[float]],
+    rows: list[str],
+    cols: list[str],
+    labels: list[list[str]] | None,
+    title: str,
+) -> Any:
     from .results import pyplot
 
     plt = pyplot()
@@ -106,6 +132,7 @@ def _heat_map(grid: list[list[float]], rows: list[str], cols: list[str],
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+
 
 def _backend(model: Any, hint: str | None = None) -> Backend:
     from .backends import Backend
@@ -129,8 +156,10 @@ def _decode(tokenizer: Any, token_id: int) -> str:
 def _prompt_ids(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
     if isinstance(prompt, str):
         if tokenizer is None:
-            raise InputError("a text prompt needs a tokenizer: pass tokenizer=, or give the "
-                             "prompt as a list of token ids")
+            raise InputError(
+                "a text prompt needs a tokenizer: pass tokenizer=, or give the "
+                "prompt as a list of token ids"
+            )
         ids = list(tokenizer(prompt)["input_ids"])
     else:
         ids = [int(i) for i in prompt]
@@ -149,8 +178,10 @@ def _target_id(tokenizer: Any, target: str | int | None, n_vocab: int) -> int | 
             raise InputError("target_token as text needs a tokenizer (or give its id)")
         ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
         if not ids:
-            raise InputError(f"target_token {target!r} tokenizes to nothing; give a token "
-                             "the vocabulary has (e.g. ' Paris' with its leading space)")
+            raise InputError(
+                f"target_token {target!r} tokenizes to nothing; give a token "
+                "the vocabulary has (e.g. ' Paris' with its leading space)"
+            )
         tid = ids[0]  # a multi-token target is judged by its first token
     if not 0 <= tid < n_vocab:
         raise InputError(f"target token id {tid} is outside the vocabulary 0..{n_vocab - 1}")
@@ -164,8 +195,10 @@ def _layer_indices(backend: Backend, layers: Sequence[int] | None) -> list[int]:
     chosen = []
     for i in layers:
         if not -n <= int(i) < n:
-            raise ParameterError(f"layer {i} does not exist: the model has layers 0..{n - 1} "
-                                 f"({n} of them); negative indices count from the last")
+            raise ParameterError(
+                f"layer {i} does not exist: the model has layers 0..{n - 1} "
+                f"({n} of them); negative indices count from the last"
+            )
         chosen.append(int(i) % n)
     return chosen
 
@@ -179,9 +212,16 @@ def _entropy(logp: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _lens(backend: Backend, tokenizer: Any, prompt: str | Sequence[int],
-          target_token: str | int | None, layers: Sequence[int] | None, top_k: int,
-          translate: Translate | None, method: str) -> LensResult:
+def _lens(
+    backend: Backend,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    target_token: str | int | None,
+    layers: Sequence[int] | None,
+    top_k: int,
+    translate: Translate | None,
+    method: str,
+) -> LensResult:
     """One lens pass over one prompt (the logit lens when ``translate`` is None)."""
     import torch
 
@@ -191,7 +231,7 @@ def _lens(backend: Backend, tokenizer: Any, prompt: str | Sequence[int],
     names = backend.layer_names()
     chosen = _layer_indices(backend, layers)
     result = backend.run([ids], capture=[*(names[i] for i in chosen), "logits"])
-    final = torch.log_softmax(result["logits"][0].float(), -1)          # (seq, vocab)
+    final = torch.log_softmax(result["logits"][0].float(), -1)  # (seq, vocab)
     n_vocab = final.shape[-1]
     tid = _target_id(tokenizer, target_token, n_vocab)
     if tid is None:  # judge each layer by the model's own next-token prediction
@@ -200,31 +240,45 @@ def _lens(backend: Backend, tokenizer: Any, prompt: str | Sequence[int],
     else:
         target_text = target_token if isinstance(target_token, str) else _decode(tokenizer, tid)
     k = min(top_k, n_vocab)
-    out = LensResult(prompt=prompt if isinstance(prompt, str) else " ".join(map(str, ids)),
-                     target_token=target_text, target_token_id=tid, layers=[], method=method,
-                     position_tokens=[_decode(tokenizer, i) for i in ids])
+    out = LensResult(
+        prompt=prompt if isinstance(prompt, str) else " ".join(map(str, ids)),
+        target_token=target_text,
+        target_token_id=tid,
+        layers=[],
+        method=method,
+        position_tokens=[_decode(tokenizer, i) for i in ids],
+    )
     with torch.no_grad():
         for i in chosen:
             h = result[names[i]][0]
             if translate is not None:
                 h = translate(i, h)
-            logp = torch.log_softmax(backend.unembed(h).float(), -1)     # (seq, vocab)
+            logp = torch.log_softmax(backend.unembed(h).float(), -1)  # (seq, vocab)
             last = logp[-1]
             top = last.topk(k)
             rank = int((last > last[tid]).sum())
             kl = _kl(final, logp)
-            out.layers.append(LayerPrediction(
-                layer=i, layer_name=names[i],
-                top_tokens=[(int(t), _decode(tokenizer, int(t)), float(v.exp()))
-                            for t, v in zip(top.indices, top.values, strict=True)],
-                target_prob=float(last[tid].exp()), target_rank=rank,
-                entropy=float(_entropy(last)), kl_to_final=float(kl[-1])))
+            out.layers.append(
+                LayerPrediction(
+                    layer=i,
+                    layer_name=names[i],
+                    top_tokens=[
+                        (int(t), _decode(tokenizer, int(t)), float(v.exp()))
+                        for t, v in zip(top.indices, top.values, strict=True)
+                    ],
+                    target_prob=float(last[tid].exp()),
+                    target_rank=rank,
+                    entropy=float(_entropy(last)),
+                    kl_to_final=float(kl[-1]),
+                )
+            )
             out.kl_grid.append(kl.tolist())
             out.top_grid.append([_decode(tokenizer, int(t)) for t in logp.argmax(-1)])
     return out
 
 
 # -- the logit lens ------------------------------------------------------------------------------------
+
 
 def logit_lens(
     model: Any,
@@ -246,6 +300,7 @@ def logit_lens(
 
 
 # -- the batch method ------------------------------------------------------------------------------------
+
 
 @dataclass
 class LensLayer(Result):
@@ -269,19 +324,32 @@ class LogitLensRun(Result):
     mean_kl: list[list[float]] = field(default_factory=list)
 
     def to_markdown(self) -> str:
-        rows = [f"| {ly.layer_name} | {ly.top_ids[0]} | {ly.entropy[0]:.3f} | "
-                f"{ly.kl_to_final[0]:.3f} | {sum(ly.kl_to_final) / len(ly.kl_to_final):.3f} |"
-                for ly in self.layers]
-        return "\n".join([f"## Logit lens ({self.backend}), real-token position {self.position}",
-                          "", "| layer | top ids (row 0) | entropy (row 0) | KL to final (row 0)"
-                          " | mean KL over rows |", "|---|---|---|---|---|", *rows])
+        rows = [
+            f"| {ly.layer_name} | {ly.top_ids[0]} | {ly.entropy[0]:.3f} | "
+            f"{ly.kl_to_final[0]:.3f} | {sum(ly.kl_to_final) / len(ly.kl_to_final):.3f} |"
+            for ly in self.layers
+        ]
+        return "\n".join(
+            [
+                f"## Logit lens ({self.backend}), real-token position {self.position}",
+                "",
+                "| layer | top ids (row 0) | entropy (row 0) | KL to final (row 0)"
+                " | mean KL over rows |",
+                "|---|---|---|---|---|",
+                *rows,
+            ]
+        )
 
     def figure(self) -> Any:
         """Heat map of the mean KL to final over layers x real-token positions."""
         width = max((len(r) for r in self.mean_kl), default=0)
-        return _heat_map(self.mean_kl, [ly.layer_name for ly in self.layers],
-                         [str(i) for i in range(width)], None,
-                         f"logit lens ({self.backend}): mean KL(final ‖ lens)")
+        return _heat_map(
+            self.mean_kl,
+            [ly.layer_name for ly in self.layers],
+            [str(i) for i in range(width)],
+            None,
+            f"logit lens ({self.backend}): mean KL(final ‖ lens)",
+        )
 
 
 def logit_lens_run(
@@ -289,8 +357,9 @@ def logit_lens_run(
     data: Any,
     *,
     top_k: Annotated[int, Param(min=1, help="tokens to report per layer")] = 5,
-    position: Annotated[int, Param(help="real-token index per row; negative counts from the "
-                                   "row's last real token")] = -1,
+    position: Annotated[
+        int, Param(help="real-token index per row; negative counts from the row's last real token")
+    ] = -1,
 ) -> LogitLensRun:
     """The `logit-lens` method on a token batch: each layer through ``backend.unembed``.
 
@@ -313,9 +382,11 @@ def logit_lens_run(
     lengths = mask.sum(-1)
     shortest = int(lengths.min())
     if not -shortest <= position < shortest:
-        raise ParameterError(f"position={position} is not a real token of every row: the "
-                             f"shortest row has {shortest} real tokens (valid: "
-                             f"{-shortest}..{shortest - 1})")
+        raise ParameterError(
+            f"position={position} is not a real token of every row: the "
+            f"shortest row has {shortest} real tokens (valid: "
+            f"{-shortest}..{shortest - 1})"
+        )
     # Real-token index r of each row -> its column in the padded batch (left or right padding).
     first = (mask.long().cumsum(-1) == 0).sum(-1)
     rank = position if position >= 0 else lengths + position
@@ -324,7 +395,7 @@ def logit_lens_run(
     final_all = torch.log_softmax(result["logits"].float(), -1)
     final = final_all[rows, cols]
     width = int(lengths.max())
-    real_col = first.unsqueeze(1) + torch.arange(width, device=mask.device)   # (batch, width)
+    real_col = first.unsqueeze(1) + torch.arange(width, device=mask.device)  # (batch, width)
     present = torch.arange(width, device=mask.device) < lengths.unsqueeze(1)
     real_col = real_col.clamp(max=mask.shape[1] - 1)
     out = LogitLensRun(backend=backend.name, position=position)
@@ -332,17 +403,22 @@ def logit_lens_run(
         for name in names:
             logp_all = torch.log_softmax(backend.unembed(result[name]).float(), -1)
             logp = logp_all[rows, cols]
-            out.layers.append(LensLayer(
-                layer_name=name,
-                top_ids=logp.topk(min(top_k, logp.shape[-1])).indices.tolist(),
-                entropy=_entropy(logp).tolist(), kl_to_final=_kl(final, logp).tolist()))
-            kl_grid = _kl(final_all, logp_all).gather(1, real_col)              # (batch, width)
+            out.layers.append(
+                LensLayer(
+                    layer_name=name,
+                    top_ids=logp.topk(min(top_k, logp.shape[-1])).indices.tolist(),
+                    entropy=_entropy(logp).tolist(),
+                    kl_to_final=_kl(final, logp).tolist(),
+                )
+            )
+            kl_grid = _kl(final_all, logp_all).gather(1, real_col)  # (batch, width)
             kl_grid = (kl_grid * present).sum(0) / present.sum(0)
             out.mean_kl.append(kl_grid.tolist())
     return out
 
 
 # -- the tuned lens --------------------------------------------------------------------------------------
+
 
 @dataclass
 class TunedLensReport(Result):
@@ -357,12 +433,20 @@ class TunedLensReport(Result):
     epochs: int
 
     def to_markdown(self) -> str:
-        rows = [f"| {n} | {a:.4f} | {b:.4f} |"
-                for n, a, b in zip(self.layers, self.kl_logit, self.kl_tuned, strict=True)]
-        return "\n".join([
-            f"## Tuned lens ({self.backend}): held-out KL(final ‖ lens), {self.n_eval_tokens} "
-            f"tokens (trained on {self.n_train_tokens}, {self.epochs} epochs)", "",
-            "| layer | logit lens | tuned lens |", "|---|---|---|", *rows])
+        rows = [
+            f"| {n} | {a:.4f} | {b:.4f} |"
+            for n, a, b in zip(self.layers, self.kl_logit, self.kl_tuned, strict=True)
+        ]
+        return "\n".join(
+            [
+                f"## Tuned lens ({self.backend}): held-out KL(final ‖ lens), {self.n_eval_tokens} "
+                f"tokens (trained on {self.n_train_tokens}, {self.epochs} epochs)",
+                "",
+                "| layer | logit lens | tuned lens |",
+                "|---|---|---|",
+                *rows,
+            ]
+        )
 
     def figure(self) -> Any:
         from .results import pyplot
@@ -396,7 +480,8 @@ def unembed_fingerprint(backend: Backend, hidden_dim: int) -> torch.Tensor:
     with torch.no_grad():
         logits = backend.unembed(probe.to(device=backend.device, dtype=dtype)).float().cpu()
     directions = torch.randn(logits.shape[-1], _PROBE_COLS, generator=g) / math.sqrt(
-        logits.shape[-1])
+        logits.shape[-1]
+    )
     return (logits - logits.mean(-1, keepdim=True)) @ directions
 
 
@@ -411,20 +496,22 @@ class TunedLens(Artifact):
 
     kind: ClassVar[str] = "tuned-lens"
 
-    def __init__(self, model: Any, n_layers: int, hidden_dim: int,
-                 backend_hint: str | None = None) -> None:
+    def __init__(
+        self, model: Any, n_layers: int, hidden_dim: int, backend_hint: str | None = None
+    ) -> None:
         import torch
 
         self.backend = _backend(model, backend_hint) if model is not None else None
         if self.backend is not None:
             names = self.backend.layer_names()
             if n_layers != len(names):
-                raise ParameterError(f"n_layers={n_layers} but the model has {len(names)} "
-                                     f"layers ({names[0]} .. {names[-1]})")
+                raise ParameterError(
+                    f"n_layers={n_layers} but the model has {len(names)} "
+                    f"layers ({names[0]} .. {names[-1]})"
+                )
             dim = self.backend.site_info(names[0]).dim
             if hidden_dim != dim:
-                raise ParameterError(f"hidden_dim={hidden_dim} but {names[0]} has {dim} "
-                                     "features")
+                raise ParameterError(f"hidden_dim={hidden_dim} but {names[0]} has {dim} features")
             self.layer_names = names
             self.backend_name = self.backend.name
             self.fingerprint = unembed_fingerprint(self.backend, hidden_dim)
@@ -461,8 +548,9 @@ class TunedLens(Artifact):
         """The tuned lens over ``prompt`` (fields as `logit_lens`)."""
         backend = _backend(model, backend_hint)
         self.check_backend(backend)
-        return _lens(backend, tokenizer, prompt, target_token, layers, top_k, self.translate,
-                     "tuned_lens")
+        return _lens(
+            backend, tokenizer, prompt, target_token, layers, top_k, self.translate, "tuned_lens"
+        )
 
     def check_backend(self, backend: Backend) -> None:
         """Refuse (`ArtifactError`) a backend whose layers or unembedding differ from the
@@ -471,19 +559,23 @@ class TunedLens(Artifact):
 
         names = backend.layer_names()
         if names != self.layer_names:
-            raise ArtifactError(f"this tuned lens was fitted on layers {self.layer_names}; "
-                                f"the model has {names}")
+            raise ArtifactError(
+                f"this tuned lens was fitted on layers {self.layer_names}; the model has {names}"
+            )
         dim = backend.site_info(names[0]).dim
         if dim != self.hidden_dim:
-            raise ArtifactError(f"this tuned lens translates {self.hidden_dim}-dimensional "
-                                f"residuals; {names[0]} has {dim}")
+            raise ArtifactError(
+                f"this tuned lens translates {self.hidden_dim}-dimensional "
+                f"residuals; {names[0]} has {dim}"
+            )
         now = unembed_fingerprint(backend, self.hidden_dim)
         scale = float(self.fingerprint.abs().max()) or 1.0
         if not torch.allclose(now, self.fingerprint, rtol=1e-3, atol=1e-3 * scale):
             raise ArtifactError(
                 "the model's final norm / unembedding differs from the one this tuned lens was "
                 f"fitted on (fingerprint distance {float((now - self.fingerprint).abs().max()):.3g}"
-                f", tolerance {1e-3 * scale:.3g}); refit the lens on this model")
+                f", tolerance {1e-3 * scale:.3g}); refit the lens on this model"
+            )
 
     # -- fitting -------------------------------------------------------------------------------
     @classmethod
@@ -509,28 +601,42 @@ class TunedLens(Artifact):
             raise InputError("calibration_texts must be a non-empty list of texts")
         from .data import Dataset
 
-        rows = Dataset.from_texts(list(calibration_texts), tokenizer=tokenizer,
-                                  max_length=max_len).ids()
-        return cls.fit_rows(backend, rows, epochs=epochs, lr=lr, held_out=held_out,
-                            batch_size=batch_size, seed=seed)
+        rows = Dataset.from_texts(
+            list(calibration_texts), tokenizer=tokenizer, max_length=max_len
+        ).ids()
+        return cls.fit_rows(
+            backend, rows, epochs=epochs, lr=lr, held_out=held_out, batch_size=batch_size, seed=seed
+        )
 
     @classmethod
-    def fit_rows(cls, backend: Backend, rows: list[list[int]], *, epochs: int = 30,
-                 lr: float = 1e-3, held_out: float = 0.2, batch_size: int = 16, seed: int = 0,
-                 eval_rows: list[list[int]] | None = None,
-                 progress: Callable[[int, TunedLens], None] | None = None) -> TunedLens:
+    def fit_rows(
+        cls,
+        backend: Backend,
+        rows: list[list[int]],
+        *,
+        epochs: int = 30,
+        lr: float = 1e-3,
+        held_out: float = 0.2,
+        batch_size: int = 16,
+        seed: int = 0,
+        eval_rows: list[list[int]] | None = None,
+        progress: Callable[[int, TunedLens], None] | None = None,
+    ) -> TunedLens:
         """Fit on token-id rows (``eval_rows``, or a seeded ``held_out`` share of ``rows``, is
         the held-out set). ``progress(epoch, lens)`` is called after each epoch with a lens
         holding the translators so far (e.g. to record a held-out curve with `evaluate`)."""
         import torch
 
         if epochs < 1 or lr <= 0 or batch_size < 1:
-            raise ParameterError(f"need epochs >= 1, lr > 0, batch_size >= 1; got epochs="
-                                 f"{epochs}, lr={lr}, batch_size={batch_size}")
+            raise ParameterError(
+                f"need epochs >= 1, lr > 0, batch_size >= 1; got epochs="
+                f"{epochs}, lr={lr}, batch_size={batch_size}"
+            )
         if eval_rows is None:
             if not 0 < held_out < 1:
-                raise ParameterError(f"held_out is the share of texts kept for evaluation, "
-                                     f"in (0, 1); got {held_out}")
+                raise ParameterError(
+                    f"held_out is the share of texts kept for evaluation, in (0, 1); got {held_out}"
+                )
             if len(rows) < 2:
                 raise InputError(f"need at least 2 texts (one held out), got {len(rows)}")
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
@@ -564,13 +670,20 @@ class TunedLens(Artifact):
         lens.bias = bias.detach()
         kl_logit, kl_tuned, n_eval = lens._evaluate(evals)
         lens.backend = backend
-        lens.report = TunedLensReport(backend=backend.name, layers=names, kl_logit=kl_logit,
-                                      kl_tuned=kl_tuned, n_train_tokens=train.n_tokens,
-                                      n_eval_tokens=n_eval, epochs=epochs)
+        lens.report = TunedLensReport(
+            backend=backend.name,
+            layers=names,
+            kl_logit=kl_logit,
+            kl_tuned=kl_tuned,
+            n_train_tokens=train.n_tokens,
+            n_eval_tokens=n_eval,
+            epochs=epochs,
+        )
         return lens
 
-    def evaluate(self, rows: list[list[int]], batch_size: int = 16
-                 ) -> tuple[list[float], list[float]]:
+    def evaluate(
+        self, rows: list[list[int]], batch_size: int = 16
+    ) -> tuple[list[float], list[float]]:
         """Mean KL(final ‖ lens) per layer over every real token of ``rows`` (token-id lists):
         (logit lens, tuned lens)."""
         if self.backend is None:
@@ -590,20 +703,26 @@ class TunedLens(Artifact):
             for acts, final in batches:
                 every = torch.arange(final.shape[0])
                 logit += _lens_kl(self.backend, acts, final, every, zero_w, zero_b).sum(-1)
-                tuned += _lens_kl(self.backend, acts, final, every, self.weight,
-                                  self.bias).sum(-1)
+                tuned += _lens_kl(self.backend, acts, final, every, self.weight, self.bias).sum(-1)
                 n += final.shape[0]
         return (logit / n).tolist(), (tuned / n).tolist(), n
 
     # -- saving ----------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight.contiguous(), "bias": self.bias.contiguous(),
-                "unembed_fingerprint": self.fingerprint.contiguous()}
+        return {
+            "weight": self.weight.contiguous(),
+            "bias": self.bias.contiguous(),
+            "unembed_fingerprint": self.fingerprint.contiguous(),
+        }
 
     def artifact_config(self) -> dict[str, Any]:
-        return {"n_layers": self.n_layers, "hidden_dim": self.hidden_dim,
-                "layer_names": self.layer_names, "backend": self.backend_name,
-                "report": self.report.to_dict() if self.report is not None else None}
+        return {
+            "n_layers": self.n_layers,
+            "hidden_dim": self.hidden_dim,
+            "layer_names": self.layer_names,
+            "backend": self.backend_name,
+            "report": self.report.to_dict() if self.report is not None else None,
+        }
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> TunedLens:
@@ -615,12 +734,15 @@ class TunedLens(Artifact):
             lens.bias = tensors["bias"].float()
             lens.fingerprint = tensors["unembed_fingerprint"].float()
         except KeyError as exc:
-            raise ArtifactError(f"tuned-lens weights lack {exc}; the file is not a tuned lens "
-                                "saved by archscope") from None
+            raise ArtifactError(
+                f"tuned-lens weights lack {exc}; the file is not a tuned lens saved by archscope"
+            ) from None
         want = (lens.n_layers, lens.hidden_dim, lens.hidden_dim)
         if tuple(lens.weight.shape) != want or tuple(lens.bias.shape) != want[:2]:
-            raise ArtifactError(f"tuned-lens weights have shapes {tuple(lens.weight.shape)} / "
-                                f"{tuple(lens.bias.shape)}; the config says {want}")
+            raise ArtifactError(
+                f"tuned-lens weights have shapes {tuple(lens.weight.shape)} / "
+                f"{tuple(lens.bias.shape)}; the config says {want}"
+            )
         if config.get("report"):
             lens.report = TunedLensReport(**config["report"])
         return lens
@@ -631,8 +753,9 @@ class TunedLens(Artifact):
         self.check_backend(backend)
 
     @classmethod
-    def load(cls, path: str | Path, backend: Any = None,
-             backend_hint: str | None = None) -> TunedLens:
+    def load(
+        cls, path: str | Path, backend: Any = None, backend_hint: str | None = None
+    ) -> TunedLens:
         """Load a saved lens; given a model or backend, refuse it (`ArtifactError`) unless its
         layers and unembedding are those the lens was fitted on."""
         target = _backend(backend, backend_hint) if backend is not None else None
@@ -646,8 +769,14 @@ class TunedLens(Artifact):
 _TOKENS_PER_STEP = 512
 
 
-def _lens_kl(backend: Backend, acts: list[torch.Tensor], final: torch.Tensor,
-             index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _lens_kl(
+    backend: Backend,
+    acts: list[torch.Tensor],
+    final: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
     """KL(final ‖ tuned lens) per layer and token: (layers, len(index))."""
     import torch
 
@@ -661,8 +790,14 @@ def _lens_kl(backend: Backend, acts: list[torch.Tensor], final: torch.Tensor,
     return torch.stack(out)
 
 
-def _lens_loss(backend: Backend, acts: list[torch.Tensor], final: torch.Tensor,
-               index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _lens_loss(
+    backend: Backend,
+    acts: list[torch.Tensor],
+    final: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
     # The last layer keeps the identity (its logit lens is the model's output): train the
     # others only, so that rounding noise cannot move it (Adam rescales tiny gradients).
     return _lens_kl(backend, acts[:-1], final, index, weight, bias).mean(-1).sum()
@@ -692,8 +827,9 @@ class _Batches:
 
         names = self.backend.layer_names()
         device = self.backend.device
-        for part in iter_collect(self.backend, self.rows, [*names, "logits"], pool=None,
-                                 batch_size=self.batch_size):
+        for part in iter_collect(
+            self.backend, self.rows, [*names, "logits"], pool=None, batch_size=self.batch_size
+        ):
             acts = [part[n].to(device) for n in names]
             final = torch.log_softmax(part["logits"].to(device).float(), -1)
             yield acts, final
@@ -706,14 +842,16 @@ class _Batches:
 
 # -- the registered method --------------------------------------------------------------------------
 
+
 def tuned_lens_method(
     backend: Any,
     data: Any,
     *,
     epochs: Annotated[int, Param(min=1, help="passes over the training texts")] = 30,
     lr: Annotated[float, Param(min=0, help="Adam learning rate")] = 1e-3,
-    held_out: Annotated[float, Param(min=0, max=1, help="share of texts kept for the "
-                                     "held-out KL")] = 0.2,
+    held_out: Annotated[
+        float, Param(min=0, max=1, help="share of texts kept for the held-out KL")
+    ] = 0.2,
     batch_size: Annotated[int, Param(min=1, help="texts per forward pass")] = 16,
     seed: int = 0,
 ) -> TunedLensReport:
@@ -721,8 +859,9 @@ def tuned_lens_method(
     aside) and report the held-out KL per layer, tuned lens next to logit lens."""
     backend = _backend(backend)
     rows = _rows_of(data)
-    lens = TunedLens.fit_rows(backend, rows, epochs=epochs, lr=lr, held_out=held_out,
-                              batch_size=batch_size, seed=seed)
+    lens = TunedLens.fit_rows(
+        backend, rows, epochs=epochs, lr=lr, held_out=held_out, batch_size=batch_size, seed=seed
+    )
     assert lens.report is not None
     return lens.report
 

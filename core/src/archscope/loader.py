@@ -42,22 +42,27 @@ def load_callable(spec: str) -> tuple[Any, Any]:
             raise  # nothing of that name: load_model says which sources exist
         raise ModelSourceError(f"{spec!r}: importing {module_name!r} failed: {exc}") from None
     except ImportError as exc:
-        raise ModelSourceError(f"{spec!r}: cannot import {module_name!r} ({exc}); give "
-                               "'package.module:function' importable from the current folder, "
-                               "or 'path/to/file.py:function'") from None
+        raise ModelSourceError(
+            f"{spec!r}: cannot import {module_name!r} ({exc}); give "
+            "'package.module:function' importable from the current folder, "
+            "or 'path/to/file.py:function'"
+        ) from None
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ModelSourceError(f"{spec!r}: {module_name} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ModelSourceError(f"{spec!r}: {attr} is not callable; name a function that "
-                               "returns a model or (model, tokenizer)")
+        raise ModelSourceError(
+            f"{spec!r}: {attr} is not callable; name a function that "
+            "returns a model or (model, tokenizer)"
+        )
     made = obj()
     if isinstance(made, tuple):
         if len(made) != 2:
-            raise ModelSourceError(f"{spec!r} returned a tuple of {len(made)}; return a model "
-                                   "or (model, tokenizer)")
+            raise ModelSourceError(
+                f"{spec!r} returned a tuple of {len(made)}; return a model or (model, tokenizer)"
+            )
         return made[0], made[1]
     return made, None
 
@@ -81,28 +86,35 @@ def find_source(name: str) -> tuple[ModelSource | None, str]:
         entry = manager.sources.get(prefix)
         if entry is not None:
             return entry.obj, rest
-    claimants = sorted((e.obj for e in manager.sources if e.obj.claim(name)),
-                       key=lambda s: (-s.priority, s.name))
+    claimants = sorted(
+        (e.obj for e in manager.sources if e.obj.claim(name)), key=lambda s: (-s.priority, s.name)
+    )
     return (claimants[0], name) if claimants else (None, name)
 
 
-def load_model(name: str, arch: str | None = None, dtype: Any = None,
-               device: str = "cpu") -> tuple[Any, Any, Backend]:
+def load_model(
+    name: str, arch: str | None = None, dtype: Any = None, device: str = "cpu"
+) -> tuple[Any, Any, Backend]:
     """``load_model("<source>:<name>")`` or ``load_model("./folder")`` →
     ``(model, tokenizer, backend)``. ``arch`` is a backend hint; ``dtype`` a torch dtype or
     its name."""
     from .plugins import get_manager
 
     if not isinstance(name, str) or not name:
-        raise ModelSourceError(f"a model spec is a non-empty string such as '<source>:<name>', got {name!r}")
+        raise ModelSourceError(
+            f"a model spec is a non-empty string such as '<source>:<name>', got {name!r}"
+        )
     manager = get_manager()
     prefix, _ = _split(name)
     source, rest = find_source(name)
     own_code = source is None and bool(_CALLABLE_SPEC.match(name))
     if source is None and not own_code:
         known = ", ".join(f"{e.name}: ({e.distribution})" for e in manager.sources) or "(none)"
-        what = f"no model source is registered for prefix {prefix!r}" if prefix else \
-            f"no model source claims {name!r}"
+        what = (
+            f"no model source is registered for prefix {prefix!r}"
+            if prefix
+            else f"no model source claims {name!r}"
+        )
         raise ModelSourceError(
             f"{what}. Registered sources: {known}. Use '<source>:<name>' with a registered source "
             "(`archscope info` lists them), install the plugin that provides it, or name your "
@@ -120,15 +132,18 @@ def load_model(name: str, arch: str | None = None, dtype: Any = None,
         try:
             model, tokenizer = load_callable(name)
         except ModuleNotFoundError:
-            known = ", ".join(f"{e.name}: ({e.distribution})" for e in manager.sources) \
-                or "(none)"
-            what = (f"no model source is registered for prefix {prefix!r}, and no module "
-                    f"{prefix!r} can be imported" if prefix else
-                    f"{name!r}: no module {name.rpartition(':')[0]!r} can be imported")
+            known = ", ".join(f"{e.name}: ({e.distribution})" for e in manager.sources) or "(none)"
+            what = (
+                f"no model source is registered for prefix {prefix!r}, and no module "
+                f"{prefix!r} can be imported"
+                if prefix
+                else f"{name!r}: no module {name.rpartition(':')[0]!r} can be imported"
+            )
             raise ModelSourceError(
                 f"{what}. Registered sources: {known}. Use '<source>:<name>' with a registered "
                 "source, or name your own code as 'package.module:function' (importable from "
-                "the current folder) or 'path/to/file.py:function'.") from None
+                "the current folder) or 'path/to/file.py:function'."
+            ) from None
         if dtype is not None or device != "cpu":
             model = model.to(device=device, dtype=dtype)
         return model, tokenizer, Backend.for_model(model, hint=arch)
@@ -140,14 +155,17 @@ def load_model(name: str, arch: str | None = None, dtype: Any = None,
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # a truncated file, a bad config, ...: one clear message
-        raise ModelSourceError(f"{name!r} could not be loaded by the {source.name!r} source: "
-                               f"{type(exc).__name__}: {exc}") from exc
+        raise ModelSourceError(
+            f"{name!r} could not be loaded by the {source.name!r} source: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
     model, tokenizer = loaded[0], loaded[1]
     return model, tokenizer, Backend.for_model(model, hint=arch)
 
 
-def make_tokenize_fn(tokenizer: Any, max_length: int | None = None,
-                     attention_mask_bool: bool = False) -> Callable[[Any], dict[str, Any]]:
+def make_tokenize_fn(
+    tokenizer: Any, max_length: int | None = None, attention_mask_bool: bool = False
+) -> Callable[[Any], dict[str, Any]]:
     """A function ``texts -> {"input_ids", "attention_mask"}`` (right-padded), ready for
     `Backend.run` / `extract`. Texts are not cut unless ``max_length`` is given, and then with
     a warning naming how many were. Sets a pad token when the tokenizer has none."""
@@ -156,13 +174,16 @@ def make_tokenize_fn(tokenizer: Any, max_length: int | None = None,
     if tokenizer is None:
         raise InputError("make_tokenize_fn needs a tokenizer; this model was loaded without one")
     if max_length is not None and max_length < 1:
-        raise InputError(f"max_length must be a positive number of tokens or None, got "
-                         f"{max_length}")
+        raise InputError(
+            f"max_length must be a positive number of tokens or None, got {max_length}"
+        )
     if getattr(tokenizer, "pad_token", None) is None:
         fallback = getattr(tokenizer, "eos_token", None) or getattr(tokenizer, "unk_token", None)
         if fallback is None:
-            raise InputError("the tokenizer has no pad, eos or unk token to pad with; set "
-                             "tokenizer.pad_token first")
+            raise InputError(
+                "the tokenizer has no pad, eos or unk token to pad with; set "
+                "tokenizer.pad_token first"
+            )
         tokenizer.pad_token = fallback
 
     def tokenize(texts: str | list[str]) -> dict[str, Any]:
@@ -174,13 +195,23 @@ def make_tokenize_fn(tokenizer: Any, max_length: int | None = None,
             lengths = [len(ids) for ids in tokenizer(list(texts))["input_ids"]]
             cut = sum(n > max_length for n in lengths)
             if cut:
-                warnings.warn(f"archscope: {cut} of {len(lengths)} texts are longer than "
-                              f"max_length={max_length} tokens (longest {max(lengths)}) and "
-                              "were truncated", stacklevel=2)
-        enc = tokenizer(list(texts), return_tensors="pt", padding=True,
-                        truncation=max_length is not None, max_length=max_length)
+                warnings.warn(
+                    f"archscope: {cut} of {len(lengths)} texts are longer than "
+                    f"max_length={max_length} tokens (longest {max(lengths)}) and "
+                    "were truncated",
+                    stacklevel=2,
+                )
+        enc = tokenizer(
+            list(texts),
+            return_tensors="pt",
+            padding=True,
+            truncation=max_length is not None,
+            max_length=max_length,
+        )
         mask = enc["attention_mask"]
-        return {"input_ids": enc["input_ids"],
-                "attention_mask": mask.bool() if attention_mask_bool else mask}
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": mask.bool() if attention_mask_bool else mask,
+        }
 
     return tokenize

@@ -58,8 +58,9 @@ def parameter_names(function: Callable[..., Any], declared: bool = False) -> lis
         return None
     if not declared and any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
         return None
-    return [p.name for p in params
-            if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return [
+        p.name for p in params if p.name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
 
 
 def accepts(function: Callable[..., Any], name: str) -> bool:

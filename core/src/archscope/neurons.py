@@ -53,14 +53,19 @@ class NeuronEditConfig:
     def __post_init__(self) -> None:
         frac = self.top_frac
         if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac <= 1:
-            raise ParameterError(f"NeuronEditConfig.top_frac must be a number in (0, 1] (the "
-                                 f"fraction of units kept per site), got {frac!r}")
+            raise ParameterError(
+                f"NeuronEditConfig.top_frac must be a number in (0, 1] (the "
+                f"fraction of units kept per site), got {frac!r}"
+            )
         if self.mode not in _MODES:
-            raise ParameterError(f"NeuronEditConfig.mode must be one of {', '.join(_MODES)} "
-                                 f"('ablate' sets the units to zero), got {self.mode!r}")
+            raise ParameterError(
+                f"NeuronEditConfig.mode must be one of {', '.join(_MODES)} "
+                f"('ablate' sets the units to zero), got {self.mode!r}"
+            )
         if self.units not in _UNITS:
-            raise ParameterError(f"NeuronEditConfig.units must be one of {', '.join(_UNITS)}, "
-                                 f"got {self.units!r}")
+            raise ParameterError(
+                f"NeuronEditConfig.units must be one of {', '.join(_UNITS)}, got {self.units!r}"
+            )
 
 
 @dataclass
@@ -93,11 +98,15 @@ class NeuronEdit(Result):
 
     def edits(self) -> list[Edit]:
         """One scale edit per site, over every position (``factor`` 0 ablates)."""
-        return [Edit.scale(site, self.factor, units=[int(i) for i in idx.tolist()])
-                for site, idx in self.layer_to_indices.items() if idx.numel()]
+        return [
+            Edit.scale(site, self.factor, units=[int(i) for i in idx.tolist()])
+            for site, idx in self.layer_to_indices.items()
+            if idx.numel()
+        ]
 
-    def apply_hook(self, model: Any, backend: Backend | str | None = None
-                   ) -> contextlib.AbstractContextManager[Any]:
+    def apply_hook(
+        self, model: Any, backend: Backend | str | None = None
+    ) -> contextlib.AbstractContextManager[Any]:
         """A context manager under which plain ``model(...)`` calls have the units scaled.
         Nothing is attached before ``with`` is entered, and everything is removed when the
         block ends, also on an exception. ``backend``: a Backend of ``model``, a backend name,
@@ -107,15 +116,22 @@ class NeuronEdit(Result):
         return edited(model, self.edits(), backend)
 
     def to_markdown(self) -> str:
-        lines = [f"## Neuron edit ({self.backend or 'backend'}): {self.n_units} units, "
-                 f"{'ablate' if self.config.mode == 'ablate' else f'x{self.multiplier:g}'}", "",
-                 f"Contrast: {self.n_harmful} vs {self.n_benign} prompts, last real token; "
-                 f"top {self.config.top_frac:g} of units per site by |mean difference|.", "",
-                 "| site | units | largest differences (unit: delta) |", "|---|---:|---|"]
+        lines = [
+            f"## Neuron edit ({self.backend or 'backend'}): {self.n_units} units, "
+            f"{'ablate' if self.config.mode == 'ablate' else f'x{self.multiplier:g}'}",
+            "",
+            f"Contrast: {self.n_harmful} vs {self.n_benign} prompts, last real token; "
+            f"top {self.config.top_frac:g} of units per site by |mean difference|.",
+            "",
+            "| site | units | largest differences (unit: delta) |",
+            "|---|---:|---|",
+        ]
         for site, idx in self.layer_to_indices.items():
             deltas = self.layer_to_deltas[site]
-            top = ", ".join(f"{int(i)}: {float(d):+.3g}"
-                            for i, d in zip(idx[:5].tolist(), deltas[:5].tolist(), strict=True))
+            top = ", ".join(
+                f"{int(i)}: {float(d):+.3g}"
+                for i, d in zip(idx[:5].tolist(), deltas[:5].tolist(), strict=True)
+            )
             lines.append(f"| {site} | {int(idx.numel())} | {top} |")
         return "\n".join(lines)
 
@@ -138,12 +154,16 @@ def edited(model: Any, edits: Sequence[Edit], backend: Backend | None = None) ->
     if backend is None:
         backend = Backend.for_model(model)
     if backend.model is not model:
-        raise InputError(f"the backend given wraps a {type(backend.model).__name__} object, not "
-                         f"the model being edited; pass Backend.for_model(model) or None")
+        raise InputError(
+            f"the backend given wraps a {type(backend.model).__name__} object, not "
+            f"the model being edited; pass Backend.for_model(model) or None"
+        )
     edits = list(edits)
     if edits and "edit" not in backend.capabilities:
-        raise CapabilityError(f"backend {backend.name!r} cannot edit sites during a run (no "
-                              f"'edit' capability; it has {sorted(backend.capabilities)})")
+        raise CapabilityError(
+            f"backend {backend.name!r} cannot edit sites during a run (no "
+            f"'edit' capability; it has {sorted(backend.capabilities)})"
+        )
     backend.check_request((), edits)  # unknown or read-only sites fail before anything runs
 
     own = vars(model)
@@ -164,18 +184,22 @@ def edited(model: Any, edits: Sequence[Edit], backend: Backend | None = None) ->
         outputs.clear()
         inside = True
         try:
-            result = backend.run(batch, edits=edits, stop_early=False,
-                                 grad=torch.is_grad_enabled())
+            result = backend.run(batch, edits=edits, stop_early=False, grad=torch.is_grad_enabled())
         finally:
             inside = False
         if outputs:
             return outputs[-1]
-        extra = sorted(k for k, v in kwargs.items()
-                       if v is not None and k not in ("input_ids", "attention_mask"))
+        extra = sorted(
+            k
+            for k, v in kwargs.items()
+            if v is not None and k not in ("input_ids", "attention_mask")
+        )
         if extra or len(args) > 1:
-            raise InputError(f"backend {backend.name!r} computes the forward pass itself, so "
-                             "edited calls take only input_ids and attention_mask; got "
-                             f"{extra or f'{len(args)} positional arguments'}")
+            raise InputError(
+                f"backend {backend.name!r} computes the forward pass itself, so "
+                "edited calls take only input_ids and attention_mask; got "
+                f"{extra or f'{len(args)} positional arguments'}"
+            )
         return result.logits
 
     model.forward = forward
@@ -213,13 +237,17 @@ def candidate_sites(backend: Backend, units: str = "auto") -> list[str]:
         raise ParameterError(f"units must be one of {', '.join(_UNITS)}, got {units!r}")
     if units == "mlp_hidden" or (units == "auto" and "mlp_hidden" in backend.capabilities):
         backend.require("mlp_hidden")
-        infos = [i for i in backend.sites().values()
-                 if i.site.role == "mlp_hidden" and i.kind == "token" and i.dim > 0]
+        infos = [
+            i
+            for i in backend.sites().values()
+            if i.site.role == "mlp_hidden" and i.kind == "token" and i.dim > 0
+        ]
         if infos:
             return [i.name for i in sorted(infos, key=lambda i: (i.site.layer or 0, i.order))]
         if units == "mlp_hidden":
-            raise CapabilityError(f"backend {backend.name!r} declares 'mlp_hidden' but has no "
-                                  "layer_i.mlp_hidden site")
+            raise CapabilityError(
+                f"backend {backend.name!r} declares 'mlp_hidden' but has no layer_i.mlp_hidden site"
+            )
     names = backend.layer_names()
     if not names:
         raise BackendError(f"backend {backend.name!r} lists no per-layer sites (layer_names())")
@@ -242,30 +270,43 @@ def filter_sites(names: list[str], layer_filter: LayerFilter) -> list[str]:
     error that lists the sites searched."""
     if layer_filter is None:
         return list(names)
-    items: list[str | int] = ([layer_filter] if isinstance(layer_filter, (str, int))
-                              else list(layer_filter))
+    items: list[str | int] = (
+        [layer_filter] if isinstance(layer_filter, (str, int)) else list(layer_filter)
+    )
     bad = [i for i in items if isinstance(i, bool) or not isinstance(i, (str, int))]
     if bad or not items:
-        raise ParameterError(f"layer_filter takes a site name, a layer ('layer_1' or 1), a "
-                             f"substring such as 'mlp', or a list of these; got {layer_filter!r}")
+        raise ParameterError(
+            f"layer_filter takes a site name, a layer ('layer_1' or 1), a "
+            f"substring such as 'mlp', or a list of these; got {layer_filter!r}"
+        )
     kept = [n for n in names if any(_matches(n, i) for i in items)]
     if not kept:
-        raise ParameterError(f"layer_filter {layer_filter!r} matches none of the searched sites "
-                             f"({', '.join(names)}); give one of them, a layer index, or None")
+        raise ParameterError(
+            f"layer_filter {layer_filter!r} matches none of the searched sites "
+            f"({', '.join(names)}); give one of them, a layer index, or None"
+        )
     return kept
 
 
-def _last_token_means(backend: Backend, data: Dataset, sites: list[str],
-                      batch_size: int) -> tuple[dict[str, torch.Tensor], int]:
+def _last_token_means(
+    backend: Backend, data: Dataset, sites: list[str], batch_size: int
+) -> tuple[dict[str, torch.Tensor], int]:
     import torch
 
     got = collect(backend, data, sites, pool="last", batch_size=batch_size)
     return {s: got[s].to(torch.float64).mean(0) for s in sites}, len(got)
 
 
-def search(backend: Backend, harmful: Any, benign: Any, config: NeuronEditConfig | None = None,
-           *, tokenizer: Any = None, batch_size: int = 32, multiplier: float = 0.0
-           ) -> NeuronEdit:
+def search(
+    backend: Backend,
+    harmful: Any,
+    benign: Any,
+    config: NeuronEditConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 32,
+    multiplier: float = 0.0,
+) -> NeuronEdit:
     """Contrastive search on ``backend`` (see `find_neurons`)."""
     import torch
 
@@ -290,10 +331,17 @@ def search(backend: Backend, harmful: Any, benign: Any, config: NeuronEditConfig
     return NeuronEdit(indices, deltas, config, multiplier, backend.name, n_a, n_b)
 
 
-def find_neurons(model: Any, inputs_harmful: Any, inputs_benign: Any,
-                 config: NeuronEditConfig | None = None, backend_hint: str | None = None,
-                 *, tokenizer: Any = None, batch_size: int = 32,
-                 multiplier: float = 0.0) -> NeuronEdit:
+def find_neurons(
+    model: Any,
+    inputs_harmful: Any,
+    inputs_benign: Any,
+    config: NeuronEditConfig | None = None,
+    backend_hint: str | None = None,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 32,
+    multiplier: float = 0.0,
+) -> NeuronEdit:
     """Units whose mean activation at each prompt's last real token differs most between
     ``inputs_harmful`` and ``inputs_benign`` (per searched site, the top ``config.top_frac``
     by |difference|).
@@ -303,18 +351,30 @@ def find_neurons(model: Any, inputs_harmful: Any, inputs_benign: Any,
     ``model`` may also be a `Backend`. Returns a `NeuronEdit` (multiplier 0: ablation).
     """
     backend = model if isinstance(model, Backend) else Backend.for_model(model, hint=backend_hint)
-    return search(backend, inputs_harmful, inputs_benign, config, tokenizer=tokenizer,
-                  batch_size=batch_size, multiplier=multiplier)
+    return search(
+        backend,
+        inputs_harmful,
+        inputs_benign,
+        config,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        multiplier=multiplier,
+    )
 
 
 def neurons_method(
-    backend: Backend, data: Contrast, *,
-    top_frac: Annotated[float, Param(min=1e-9, max=1.0,
-                                     help="fraction of each site's units kept")] = 0.01,
-    layer_filter: Annotated[list[str] | None, Param(
-        help="sites, layers (layer_1) or substrings to search; default all")] = None,
-    units: Annotated[Units, Param(help="MLP hidden units where available (auto), or each "
-                                       "layer's main site")] = "auto",
+    backend: Backend,
+    data: Contrast,
+    *,
+    top_frac: Annotated[
+        float, Param(min=1e-9, max=1.0, help="fraction of each site's units kept")
+    ] = 0.01,
+    layer_filter: Annotated[
+        list[str] | None, Param(help="sites, layers (layer_1) or substrings to search; default all")
+    ] = None,
+    units: Annotated[
+        Units, Param(help="MLP hidden units where available (auto), or each layer's main site")
+    ] = "auto",
     multiplier: Annotated[float, Param(help="scale applied by the edit (0 ablates)")] = 0.0,
     batch_size: Annotated[int, Param(min=1)] = 32,
 ) -> NeuronEdit:

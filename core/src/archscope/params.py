@@ -50,8 +50,10 @@ class ParamSpec:
     def describe(self) -> str:
         text = f"{self.name}: {self.type_name}"
         text += " (required)" if self.required else f" = {self.default!r}"
-        bounds = [f">= {self.min:g}" if self.min is not None else "",
-                  f"<= {self.max:g}" if self.max is not None else ""]
+        bounds = [
+            f">= {self.min:g}" if self.min is not None else "",
+            f"<= {self.max:g}" if self.max is not None else "",
+        ]
         if any(bounds):
             text += f" [{', '.join(b for b in bounds if b)}]"
         return text + (f" — {self.help}" if self.help else "")
@@ -61,8 +63,9 @@ class ParamSpec:
         try:
             value = _parse(self.annotation, text)
         except (ValueError, TypeError) as exc:
-            raise ParameterError(f"parameter {self.name!r} expects {self.type_name}, got "
-                                 f"{text!r} ({exc})") from None
+            raise ParameterError(
+                f"parameter {self.name!r} expects {self.type_name}, got {text!r} ({exc})"
+            ) from None
         return self.check(value)
 
     def check(self, value: Any) -> Any:
@@ -70,15 +73,18 @@ class ParamSpec:
         try:
             value = _coerce(self.annotation, value)
         except (ValueError, TypeError) as exc:
-            raise ParameterError(f"parameter {self.name!r} expects {self.type_name}, got "
-                                 f"{value!r} ({exc})") from None
+            raise ParameterError(
+                f"parameter {self.name!r} expects {self.type_name}, got {value!r} ({exc})"
+            ) from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if self.min is not None and value < self.min:
-                raise ParameterError(f"parameter {self.name!r} must be >= {self.min:g}, got "
-                                     f"{value!r}")
+                raise ParameterError(
+                    f"parameter {self.name!r} must be >= {self.min:g}, got {value!r}"
+                )
             if self.max is not None and value > self.max:
-                raise ParameterError(f"parameter {self.name!r} must be <= {self.max:g}, got "
-                                     f"{value!r}")
+                raise ParameterError(
+                    f"parameter {self.name!r} must be <= {self.max:g}, got {value!r}"
+                )
         return value
 
 
@@ -218,22 +224,31 @@ def schema(function: Callable[..., Any]) -> dict[str, ParamSpec]:
         if p.kind is not inspect.Parameter.KEYWORD_ONLY:
             continue
         base, meta = _split_annotated(hints.get(p.name, Any))
-        specs[p.name] = ParamSpec(p.name, base, p.default, meta.help if meta else "",
-                                  meta.min if meta else None, meta.max if meta else None)
+        specs[p.name] = ParamSpec(
+            p.name,
+            base,
+            p.default,
+            meta.help if meta else "",
+            meta.min if meta else None,
+            meta.max if meta else None,
+        )
     return specs
 
 
-def validate(specs: Mapping[str, ParamSpec], values: Mapping[str, Any],
-             owner: str = "method") -> dict[str, Any]:
+def validate(
+    specs: Mapping[str, ParamSpec], values: Mapping[str, Any], owner: str = "method"
+) -> dict[str, Any]:
     """Check ``values`` against ``specs``: unknown names and missing required ones are refused
     with the list of valid parameters."""
     valid = "; ".join(s.describe() for s in specs.values()) or "none"
     unknown = sorted(set(values) - set(specs))
     if unknown:
-        raise ParameterError(f"{owner} has no parameter {', '.join(map(repr, unknown))}; its "
-                             f"parameters: {valid}")
+        raise ParameterError(
+            f"{owner} has no parameter {', '.join(map(repr, unknown))}; its parameters: {valid}"
+        )
     missing = [n for n, s in specs.items() if s.required and n not in values]
     if missing:
-        raise ParameterError(f"{owner} needs parameter {', '.join(map(repr, missing))}; its "
-                             f"parameters: {valid}")
+        raise ParameterError(
+            f"{owner} needs parameter {', '.join(map(repr, missing))}; its parameters: {valid}"
+        )
     return {name: specs[name].check(value) for name, value in values.items()}

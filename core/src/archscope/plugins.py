@@ -43,8 +43,9 @@ class PluginWarning(UserWarning):
 
 def _warn(message: str) -> None:
     # warn_explicit with a pseudo file name prints exactly one line (no source line below it).
-    warnings.warn_explicit(message, PluginWarning, filename="archscope", lineno=0,
-                           module="archscope.plugins")
+    warnings.warn_explicit(
+        message, PluginWarning, filename="archscope", lineno=0, module="archscope.plugins"
+    )
 
 
 def _catalogue() -> dict[str, Any]:
@@ -220,12 +221,19 @@ class PluginManager:
 
         for module in _BUILTIN_MODULES:
             candidates.append(
-                (CORE_DISTRIBUTION, CORE_DISTRIBUTION, __version__, module,
-                 functools.partial(importlib.import_module, module))
+                (
+                    CORE_DISTRIBUTION,
+                    CORE_DISTRIBUTION,
+                    __version__,
+                    module,
+                    functools.partial(importlib.import_module, module),
+                )
             )
         seen: set[tuple[str, str]] = set()
-        for ep in sorted(importlib_metadata.entry_points(group=ENTRY_POINT_GROUP),
-                         key=lambda e: (e.dist.name if e.dist else "", e.name)):
+        for ep in sorted(
+            importlib_metadata.entry_points(group=ENTRY_POINT_GROUP),
+            key=lambda e: (e.dist.name if e.dist else "", e.name),
+        ):
             dist = ep.dist.name if ep.dist is not None else "<unknown>"
             key = (dist, ep.name)
             if key in seen:  # the same distribution visible twice on sys.path
@@ -237,13 +245,17 @@ class PluginManager:
         only = _env_list("ARCHSCOPE_PLUGINS")
         disabled = _env_list("ARCHSCOPE_DISABLE_PLUGINS") or set()
         known = {n for c in candidates for n in c[:2]}
-        for variable, names in (("ARCHSCOPE_PLUGINS", only), ("ARCHSCOPE_DISABLE_PLUGINS",
-                                                              disabled)):
+        for variable, names in (
+            ("ARCHSCOPE_PLUGINS", only),
+            ("ARCHSCOPE_DISABLE_PLUGINS", disabled),
+        ):
             unknown = sorted((names or set()) - known)
             if unknown:
                 installed = sorted({c[1] for c in candidates if c[1] != CORE_DISTRIBUTION})
-                _warn(f"archscope: {variable} names {', '.join(unknown)}, which is not an "
-                      f"installed plugin; installed: {', '.join(installed) or 'none'}")
+                _warn(
+                    f"archscope: {variable} names {', '.join(unknown)}, which is not an "
+                    f"installed plugin; installed: {', '.join(installed) or 'none'}"
+                )
         for name, dist, version, module_name, load in candidates:
             info = PluginInfo(name=name, distribution=dist, version=version, module=module_name)
             plugin_id = f"{dist}:{name}"
@@ -266,24 +278,38 @@ class PluginManager:
             self._registry(kind).add(entry, replace=replace)
 
     def _register_from(self, plugin_id: str, info: PluginInfo, module: Any) -> None:
-        staged: dict[str, list[tuple[Entry, bool]]] = {k: [] for k in ("backends", "methods", "sources")}
+        staged: dict[str, list[tuple[Entry, bool]]] = {
+            k: [] for k in ("backends", "methods", "sources")
+        }
 
         def make_register(kind: str) -> Callable[..., None]:
-            def register(obj: Any, name: str | None = None, aliases: tuple[str, ...] = (),
-                         replace: bool = False) -> None:
+            def register(
+                obj: Any,
+                name: str | None = None,
+                aliases: tuple[str, ...] = (),
+                replace: bool = False,
+            ) -> None:
                 entry_name = name or getattr(obj, "name", None)
                 if not entry_name or not isinstance(entry_name, str):
                     raise PluginError(
                         f"{info.distribution} registered a {kind[:-1]} without a name: "
                         f"give the object a 'name' attribute or pass name=..."
                     )
-                staged[kind].append((Entry(entry_name, obj, info.distribution, info.version,
-                                           tuple(aliases)), replace))
+                staged[kind].append(
+                    (
+                        Entry(entry_name, obj, info.distribution, info.version, tuple(aliases)),
+                        replace,
+                    )
+                )
+
             return register
 
         try:
-            for kind, hook in (("backends", "register_backends"), ("methods", "register_methods"),
-                               ("sources", "register_model_sources")):
+            for kind, hook in (
+                ("backends", "register_backends"),
+                ("methods", "register_methods"),
+                ("sources", "register_model_sources"),
+            ):
                 for impl in getattr(self.pm.hook, hook).get_hookimpls():
                     if impl.plugin_name == plugin_id:
                         impl.function(register=make_register(kind))
@@ -303,8 +329,10 @@ class PluginManager:
             raise exc
         info.status = "failed"
         info.error = f"{type(exc).__name__}: {exc}"
-        message = (f"archscope: plugin {info.name!r} from {info.distribution} {info.version} "
-                   f"{what} and is disabled: {info.error}")
+        message = (
+            f"archscope: plugin {info.name!r} from {info.distribution} {info.version} "
+            f"{what} and is disabled: {info.error}"
+        )
         if strict():
             raise PluginError(message) from exc
         _warn(message)
@@ -323,8 +351,11 @@ class PluginManager:
     def add_commands(self, cli: Any) -> None:
         self.ensure_loaded()
         for plugin_id, info in self.plugins.items():
-            impls = [i for i in self.pm.hook.register_commands.get_hookimpls()
-                     if i.plugin_name == plugin_id]
+            impls = [
+                i
+                for i in self.pm.hook.register_commands.get_hookimpls()
+                if i.plugin_name == plugin_id
+            ]
             before = set(getattr(cli, "commands", {}))
             try:
                 for impl in impls:

@@ -31,8 +31,10 @@ HiddenDim = Annotated[int, Param(min=1, help="MLP probe width")]
 Folds = Annotated[int, Param(min=2, help="k of stratified k-fold")]
 Epochs = Annotated[int, Param(min=1, help="AdamW passes over the data; Newton iterations")]
 LearningRate = Annotated[float, Param(min=0.0, help="AdamW learning rate")]
-WeightDecay = Annotated[float, Param(min=0.0, help="AdamW's decoupled decay; Newton's L2 "
-                                   "penalty (weight_decay / 2 * |w|^2)")]
+WeightDecay = Annotated[
+    float,
+    Param(min=0.0, help="AdamW's decoupled decay; Newton's L2 penalty (weight_decay / 2 * |w|^2)"),
+]
 Solver = Literal["adamw", "newton"]
 BatchSize = Annotated[int, Param(min=1)]
 POOLS = ("mean", "last")
@@ -47,8 +49,9 @@ def auroc(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequenc
     s = torch.as_tensor(scores, dtype=torch.float64).detach().flatten().cpu()
     y = torch.as_tensor(labels).detach().flatten().cpu()
     if s.shape != y.shape:
-        raise InputError(f"auroc: {s.numel()} scores for {y.numel()} labels; give one score per "
-                         "label")
+        raise InputError(
+            f"auroc: {s.numel()} scores for {y.numel()} labels; give one score per label"
+        )
     if not bool(((y == 0) | (y == 1)).all()):
         raise InputError(f"auroc needs binary labels 0/1, got values {sorted(set(y.tolist()))[:6]}")
     if not bool(torch.isfinite(s).all()):
@@ -56,8 +59,11 @@ def auroc(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequenc
     n_pos = int(y.sum())
     n_neg = int(y.numel()) - n_pos
     if n_pos == 0 or n_neg == 0:
-        warnings.warn(f"archscope: AUROC is undefined on a split with one class ({n_pos} positive,"
-                      f" {n_neg} negative); reporting 0.5", stacklevel=2)
+        warnings.warn(
+            f"archscope: AUROC is undefined on a split with one class ({n_pos} positive,"
+            f" {n_neg} negative); reporting 0.5",
+            stacklevel=2,
+        )
         return 0.5
     # Average ranks make tied scores count one half, as the AUROC definition requires.
     order = torch.argsort(s)
@@ -69,7 +75,7 @@ def auroc(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequenc
         j = i
         while j + 1 < n and sorted_s[j + 1] == sorted_s[i]:
             j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2.0 + 1.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
         i = j + 1
     rank_sum = float(ranks[y == 1].sum())
     return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
@@ -97,22 +103,27 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         if self.probe_type not in PROBE_TYPES:
-            raise ParameterError(f"ProbeConfig.probe_type {self.probe_type!r} is unknown; use "
-                                 f"one of {', '.join(PROBE_TYPES)}")
+            raise ParameterError(
+                f"ProbeConfig.probe_type {self.probe_type!r} is unknown; use "
+                f"one of {', '.join(PROBE_TYPES)}"
+            )
         if self.pool not in POOLS:
-            raise ParameterError(f"ProbeConfig.pool {self.pool!r} is unknown; use 'mean' (over "
-                                 "real tokens) or 'last' (the last real token)")
+            raise ParameterError(
+                f"ProbeConfig.pool {self.pool!r} is unknown; use 'mean' (over "
+                "real tokens) or 'last' (the last real token)"
+            )
         if self.solver not in SOLVERS:
-            raise ParameterError(f"ProbeConfig.solver {self.solver!r} is unknown; use one of "
-                                 f"{', '.join(SOLVERS)}")
+            raise ParameterError(
+                f"ProbeConfig.solver {self.solver!r} is unknown; use one of {', '.join(SOLVERS)}"
+            )
         if self.solver == "newton" and self.probe_type != "linear":
-            raise ParameterError("ProbeConfig.solver 'newton' fits linear probes; an MLP probe "
-                                 "needs solver='adamw'")
+            raise ParameterError(
+                "ProbeConfig.solver 'newton' fits linear probes; an MLP probe needs solver='adamw'"
+            )
         if int(self.hidden_dim) < 1:
             raise ParameterError(f"ProbeConfig.hidden_dim must be >= 1, got {self.hidden_dim}")
         if self.weight_decay < 0:
-            raise ParameterError(f"ProbeConfig.weight_decay must be >= 0, got "
-                                 f"{self.weight_decay}")
+            raise ParameterError(f"ProbeConfig.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass
@@ -142,13 +153,16 @@ def _check_xy(activations: Any, labels: Any, where: str) -> tuple[torch.Tensor, 
     x = torch.as_tensor(activations)
     y = torch.as_tensor(labels)
     if x.dim() != 2:
-        raise InputError(f"{where}: activations must be (n_examples, features), got shape "
-                         f"{tuple(x.shape)}; pool token sites first (archscope.collect with "
-                         "pool='mean' or 'last')")
+        raise InputError(
+            f"{where}: activations must be (n_examples, features), got shape "
+            f"{tuple(x.shape)}; pool token sites first (archscope.collect with "
+            "pool='mean' or 'last')"
+        )
     y = y.flatten()
     if y.numel() != x.shape[0]:
-        raise InputError(f"{where}: {y.numel()} labels for {x.shape[0]} examples; give one label"
-                         " per row")
+        raise InputError(
+            f"{where}: {y.numel()} labels for {x.shape[0]} examples; give one label per row"
+        )
     if not bool(((y == 0) | (y == 1)).all()):
         raise InputError(f"{where}: labels must be 0/1, got values {sorted(set(y.tolist()))[:6]}")
     if not x.dtype.is_floating_point or not bool(torch.isfinite(x).all()):
@@ -156,8 +170,9 @@ def _check_xy(activations: Any, labels: Any, where: str) -> tuple[torch.Tensor, 
     return x.float().cpu(), y.long().cpu()
 
 
-def stratified_split(labels: torch.Tensor, val_split: float,
-                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def stratified_split(
+    labels: torch.Tensor, val_split: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (train, held-out) with about ``val_split`` of each class held out (at least one
     per class when the class has two or more examples)."""
     import torch
@@ -218,43 +233,66 @@ class ProbeFit(Artifact):
         self.fitted_on: ArtifactFit | None = None
 
     # -- training --------------------------------------------------------------------------------
-    def train(self, activations: torch.Tensor, labels: torch.Tensor, epochs: int = 50,
-              lr: float = 0.001, batch_size: int = 64, val_split: float = 0.2, *,
-              held_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> ProbeMetrics:
+    def train(
+        self,
+        activations: torch.Tensor,
+        labels: torch.Tensor,
+        epochs: int = 50,
+        lr: float = 0.001,
+        batch_size: int = 64,
+        val_split: float = 0.2,
+        *,
+        held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> ProbeMetrics:
         """Fit on a stratified ``1 - val_split`` of the rows and report AUROC and loss on the
         training part and the held-out part. With ``held_out=(acts, labels)`` it trains on
         every given row and reports on that separate held-out set instead."""
         x, y = _check_xy(activations, labels, "ProbeFit.train")
         self._check_dim(x, "ProbeFit.train")
         if epochs < 1 or batch_size < 1 or not lr > 0:
-            raise ParameterError(f"ProbeFit.train needs epochs >= 1, batch_size >= 1, lr > 0; got"
-                                 f" epochs={epochs}, batch_size={batch_size}, lr={lr}")
+            raise ParameterError(
+                f"ProbeFit.train needs epochs >= 1, batch_size >= 1, lr > 0; got"
+                f" epochs={epochs}, batch_size={batch_size}, lr={lr}"
+            )
         if held_out is not None:
             xv, yv = _check_xy(held_out[0], held_out[1], "ProbeFit.train(held_out=...)")
             self._check_dim(xv, "ProbeFit.train(held_out=...)")
             xt, yt = x, y
         else:
             if not 0.0 < val_split < 1.0:
-                raise ParameterError(f"val_split must be in (0, 1) so that AUROC is measured on "
-                                     f"held-out rows; got {val_split}")
+                raise ParameterError(
+                    f"val_split must be in (0, 1) so that AUROC is measured on "
+                    f"held-out rows; got {val_split}"
+                )
             tr, va = stratified_split(y, val_split, self.config.seed)
             if len(va) == 0 or len(tr) == 0:
-                raise InputError(f"ProbeFit.train: {len(y)} examples are too few to hold "
-                                 f"{val_split:.0%} out; give more examples")
+                raise InputError(
+                    f"ProbeFit.train: {len(y)} examples are too few to hold "
+                    f"{val_split:.0%} out; give more examples"
+                )
             xt, yt, xv, yv = x[tr], y[tr], x[va], y[va]
         if yt.min() == yt.max():
-            warnings.warn("archscope: the probe's training rows all have one class; the probe "
-                          "cannot learn to separate anything", stacklevel=2)
+            warnings.warn(
+                "archscope: the probe's training rows all have one class; the probe "
+                "cannot learn to separate anything",
+                stacklevel=2,
+            )
         self._fit_rows(xt, yt, epochs, lr, batch_size)
         train_loss, train_scores = self._loss_and_logits(xt, yt)
         val_loss, val_scores = self._loss_and_logits(xv, yv)
         self.metrics = ProbeMetrics(
-            train_auroc=auroc(train_scores, yt), val_auroc=auroc(val_scores, yv),
-            train_loss=train_loss, val_loss=val_loss, n_train=len(yt), n_val=len(yv))
+            train_auroc=auroc(train_scores, yt),
+            val_auroc=auroc(val_scores, yv),
+            train_loss=train_loss,
+            val_loss=val_loss,
+            n_train=len(yt),
+            n_val=len(yv),
+        )
         return self.metrics
 
-    def _fit_rows(self, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
-                  batch_size: int) -> None:
+    def _fit_rows(
+        self, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, batch_size: int
+    ) -> None:
         import torch
 
         self.mean = x.mean(0)
@@ -266,15 +304,16 @@ class ProbeFit(Artifact):
         if self.config.solver == "newton":
             self._fit_newton(z, target, epochs)
             return
-        optim = torch.optim.AdamW(self.probe.parameters(), lr=lr,
-                                  weight_decay=self.config.weight_decay)
+        optim = torch.optim.AdamW(
+            self.probe.parameters(), lr=lr, weight_decay=self.config.weight_decay
+        )
         loss_fn = torch.nn.BCEWithLogitsLoss()
         g = torch.Generator().manual_seed(self.config.seed + 1)
         self.probe.train()
         for _ in range(epochs):
             order = torch.randperm(len(z), generator=g).to(self.device)
             for start in range(0, len(z), batch_size):
-                rows = order[start:start + batch_size]
+                rows = order[start : start + batch_size]
                 optim.zero_grad(set_to_none=True)
                 loss = loss_fn(self.probe(z[rows]), target[rows])
                 loss.backward()
@@ -285,11 +324,11 @@ class ProbeFit(Artifact):
         import torch
         from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
-        a = torch.cat([z.double(), torch.ones(len(z), 1, dtype=torch.float64,
-                                              device=z.device)], 1)
+        a = torch.cat([z.double(), torch.ones(len(z), 1, dtype=torch.float64, device=z.device)], 1)
         y = target.double()
-        penalty = torch.full((a.shape[1],), float(self.config.weight_decay),
-                             dtype=torch.float64, device=z.device)
+        penalty = torch.full(
+            (a.shape[1],), float(self.config.weight_decay), dtype=torch.float64, device=z.device
+        )
         penalty[-1] = 0.0  # the bias is not penalised
         ridge = torch.diag(penalty + 1e-10)  # + a jitter: one class only leaves H singular
 
@@ -334,8 +373,10 @@ class ProbeFit(Artifact):
     # -- applying --------------------------------------------------------------------------------
     def _check_dim(self, x: torch.Tensor, where: str) -> None:
         if x.dim() != 2 or x.shape[1] != self.input_dim:
-            raise InputError(f"{where}: this probe takes (n, {self.input_dim}) activations, got "
-                             f"shape {tuple(x.shape)}")
+            raise InputError(
+                f"{where}: this probe takes (n, {self.input_dim}) activations, got "
+                f"shape {tuple(x.shape)}"
+            )
 
     def logits(self, activations: torch.Tensor) -> torch.Tensor:
         """The probe's logit per row of (N, input_dim) activations."""
@@ -354,17 +395,21 @@ class ProbeFit(Artifact):
 
         return torch.sigmoid(self.logits(activations))
 
-    def score_data(self, backend: Backend, data: Any, tokenizer: Any = None,
-                   batch_size: int = 32) -> torch.Tensor:
+    def score_data(
+        self, backend: Backend, data: Any, tokenizer: Any = None, batch_size: int = 32
+    ) -> torch.Tensor:
         """P(label = 1) per text of ``data``, read at the site and with the pooling the probe
         was fitted with (the backend must fit the probe's fit record)."""
         if self.fitted_on is None:
-            raise ArtifactError("this probe has no fit record (it was trained on bare "
-                                "activations): pool the activations yourself and call score()")
+            raise ArtifactError(
+                "this probe has no fit record (it was trained on bare "
+                "activations): pool the activations yourself and call score()"
+            )
         self.check_fits(backend)
         site = self.fitted_on.site
-        x = pooled_activations(backend, data, [site], pool=self.config.pool,
-                               batch_size=batch_size, tokenizer=tokenizer)[site]
+        x = pooled_activations(
+            backend, data, [site], pool=self.config.pool, batch_size=batch_size, tokenizer=tokenizer
+        )[site]
         return self.score(x)
 
     @property
@@ -386,8 +431,10 @@ class ProbeFit(Artifact):
         import torch
 
         if self.config.probe_type != "linear":
-            raise ParameterError(f"direction and bias exist for probe_type='linear'; this probe "
-                                 f"is {self.config.probe_type!r} (use score() instead)")
+            raise ParameterError(
+                f"direction and bias exist for probe_type='linear'; this probe "
+                f"is {self.config.probe_type!r} (use score() instead)"
+            )
         assert isinstance(self.probe.net, torch.nn.Linear)
         return self.probe.net
 
@@ -399,8 +446,11 @@ class ProbeFit(Artifact):
         return tensors
 
     def artifact_config(self) -> dict[str, Any]:
-        return {"probe": dataclasses.asdict(self.config), "input_dim": self.input_dim,
-                "metrics": None if self.metrics is None else self.metrics.to_dict()}
+        return {
+            "probe": dataclasses.asdict(self.config),
+            "input_dim": self.input_dim,
+            "metrics": None if self.metrics is None else self.metrics.to_dict(),
+        }
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> ProbeFit:
@@ -408,15 +458,18 @@ class ProbeFit(Artifact):
             probe_config = ProbeConfig(**config["probe"])
             input_dim = int(config["input_dim"])
         except (KeyError, TypeError, ParameterError) as exc:
-            raise ArtifactError(f"probe artifact config is malformed ({exc}); it needs 'probe' "
-                                "(ProbeConfig fields) and 'input_dim'") from None
+            raise ArtifactError(
+                f"probe artifact config is malformed ({exc}); it needs 'probe' "
+                "(ProbeConfig fields) and 'input_dim'"
+            ) from None
         fit = cls(probe_config, input_dim)
-        state = {k[len("probe."):]: v for k, v in tensors.items() if k.startswith("probe.")}
+        state = {k[len("probe.") :]: v for k, v in tensors.items() if k.startswith("probe.")}
         expected = fit.probe.state_dict()
         if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
             raise ArtifactError(
                 f"probe weights do not match a {probe_config.probe_type} probe of input "
-                f"dimension {input_dim}: got {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in state.items())}}}")
+                f"dimension {input_dim}: got {{{', '.join(f'{k}: {tuple(v.shape)}' for k, v in state.items())}}}"
+            )
         for key in ("input_mean", "input_std"):
             if key not in tensors or tuple(tensors[key].shape) != (input_dim,):
                 raise ArtifactError(f"probe artifact lacks {key!r} of shape ({input_dim},)")
@@ -431,10 +484,15 @@ class ProbeFit(Artifact):
         super().check_fits(backend)
         # A state site is probed flattened, so only a token site's dimension is the input's.
         fit = self.fitted_on
-        if (fit is not None and backend.site_info(fit.site).kind == "token"
-                and fit.dim != self.input_dim):
-            raise ArtifactError(f"probe artifact: input dimension {self.input_dim} differs from "
-                                f"its fit record's {fit.site} dimension {fit.dim}")
+        if (
+            fit is not None
+            and backend.site_info(fit.site).kind == "token"
+            and fit.dim != self.input_dim
+        ):
+            raise ArtifactError(
+                f"probe artifact: input dimension {self.input_dim} differs from "
+                f"its fit record's {fit.site} dimension {fit.dim}"
+            )
 
     def __repr__(self) -> str:
         where = f" on {self.fitted_on.backend}:{self.fitted_on.site}" if self.fitted_on else ""
@@ -454,8 +512,15 @@ def default_site(backend: Backend) -> str:
     return names[len(names) // 2]
 
 
-def pooled_activations(backend: Backend, data: Any, sites: Sequence[str], *, pool: str = "mean",
-                       batch_size: int = 32, tokenizer: Any = None) -> dict[str, torch.Tensor]:
+def pooled_activations(
+    backend: Backend,
+    data: Any,
+    sites: Sequence[str],
+    *,
+    pool: str = "mean",
+    batch_size: int = 32,
+    tokenizer: Any = None,
+) -> dict[str, torch.Tensor]:
     """One pooled vector per text for each site, from one pass of ``data`` through the model
     (``archscope.collect``; padding never counts)."""
     import torch
@@ -464,8 +529,15 @@ def pooled_activations(backend: Backend, data: Any, sites: Sequence[str], *, poo
 
     if pool not in POOLS:
         raise ParameterError(f"pool must be 'mean' or 'last', got {pool!r}")
-    got = collect(backend, data, list(sites), pool=pool,  # type: ignore[arg-type]
-                  batch_size=batch_size, tokenizer=tokenizer, dtype=torch.float32)
+    got = collect(
+        backend,
+        data,
+        list(sites),
+        pool=pool,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        tokenizer=tokenizer,
+        dtype=torch.float32,
+    )
     return {name: got.activations[name] for name in got.activations}
 
 
@@ -475,20 +547,34 @@ def _labelled(data: Any, tokenizer: Any = None) -> tuple[Dataset, torch.Tensor]:
     dataset = as_dataset(data, tokenizer)
     labels = dataset.label_tensor
     if labels is None:
-        raise InputError("probing needs labelled data: give a Dataset with labels (0/1 per text;"
-                         " a JSONL file with 'text' and 'label', or Dataset.from_texts(texts, "
-                         "labels, tokenizer))")
+        raise InputError(
+            "probing needs labelled data: give a Dataset with labels (0/1 per text;"
+            " a JSONL file with 'text' and 'label', or Dataset.from_texts(texts, "
+            "labels, tokenizer))"
+        )
     if not bool(((labels == 0) | (labels == 1)).all()):
         raise InputError(f"probe labels must be 0/1, got {sorted(set(labels.tolist()))[:6]}")
     return dataset, labels
 
 
-def fit_probe(model: Any, inputs_pos: Any = None, inputs_neg: Any = None, layer_name: str = "",
-              backend_hint: str | None = None, config: ProbeConfig | None = None,
-              device: str = "cpu", *, tokenizer: Any = None,
-              pos_texts: list[str] | None = None, neg_texts: list[str] | None = None,
-              max_length: int = 32, epochs: int = 50, lr: float = 0.001, batch_size: int = 64,
-              val_split: float = 0.2) -> ProbeFit:
+def fit_probe(
+    model: Any,
+    inputs_pos: Any = None,
+    inputs_neg: Any = None,
+    layer_name: str = "",
+    backend_hint: str | None = None,
+    config: ProbeConfig | None = None,
+    device: str = "cpu",
+    *,
+    tokenizer: Any = None,
+    pos_texts: list[str] | None = None,
+    neg_texts: list[str] | None = None,
+    max_length: int = 32,
+    epochs: int = 50,
+    lr: float = 0.001,
+    batch_size: int = 64,
+    val_split: float = 0.2,
+) -> ProbeFit:
     """Fit a probe separating positive from negative inputs at one site of ``model`` (a model or
     an `archscope.Backend`) and return the trained `ProbeFit` (``.metrics`` holds train and
     held-out AUROC). Inputs are tokenized dicts (``inputs_pos``/``inputs_neg``, padded on either
@@ -504,8 +590,10 @@ def fit_probe(model: Any, inputs_pos: Any = None, inputs_neg: Any = None, layer_
     given_dicts = inputs_pos is not None or inputs_neg is not None
     given_texts = pos_texts is not None or neg_texts is not None
     if given_dicts == given_texts:
-        raise ParameterError("fit_probe takes either inputs_pos and inputs_neg (tokenized "
-                             "dicts) or pos_texts and neg_texts with tokenizer=, exactly one pair")
+        raise ParameterError(
+            "fit_probe takes either inputs_pos and inputs_neg (tokenized "
+            "dicts) or pos_texts and neg_texts with tokenizer=, exactly one pair"
+        )
     if given_texts:
         if pos_texts is None or neg_texts is None or tokenizer is None:
             raise ParameterError("fit_probe with texts needs pos_texts, neg_texts and tokenizer=")
@@ -521,15 +609,21 @@ def fit_probe(model: Any, inputs_pos: Any = None, inputs_neg: Any = None, layer_
     x = acts[config.layer_name]
     fitted = ProbeFit(config, x.shape[1], device=device)
     labels = torch.tensor([1] * len(pos) + [0] * len(neg))
-    fitted.train(x, labels, epochs=epochs, lr=lr, batch_size=batch_size,
-                 val_split=val_split)
+    fitted.train(x, labels, epochs=epochs, lr=lr, batch_size=batch_size, val_split=val_split)
     fitted.fitted_on = ArtifactFit.of(backend, config.layer_name)
     return fitted
 
 
-def cross_validate(activations: torch.Tensor, labels: torch.Tensor, config: ProbeConfig, *,
-                   folds: int = 5, epochs: int = 100, lr: float = 0.01,
-                   batch_size: int = 64) -> tuple[list[float], list[float]]:
+def cross_validate(
+    activations: torch.Tensor,
+    labels: torch.Tensor,
+    config: ProbeConfig,
+    *,
+    folds: int = 5,
+    epochs: int = 100,
+    lr: float = 0.01,
+    batch_size: int = 64,
+) -> tuple[list[float], list[float]]:
     """Stratified k-fold: per fold, the training AUROC and the held-out AUROC of a probe
     trained on the other folds."""
     import torch
@@ -544,8 +638,14 @@ def cross_validate(activations: torch.Tensor, labels: torch.Tensor, config: Prob
     for k, test in enumerate(parts):
         train = torch.cat([p for j, p in enumerate(parts) if j != k])
         fit = ProbeFit(config, x.shape[1])
-        m = fit.train(x[train], y[train], epochs=epochs, lr=lr, batch_size=batch_size,
-                      held_out=(x[test], y[test]))
+        m = fit.train(
+            x[train],
+            y[train],
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            held_out=(x[test], y[test]),
+        )
         train_scores.append(m.train_auroc)
         test_scores.append(m.val_auroc)
     return train_scores, test_scores
@@ -576,13 +676,17 @@ class ProbeReport(Result):
         return self._probe
 
     def to_markdown(self) -> str:
-        return "\n".join([
-            f"## Probe on {self.site} ({self.backend})", "",
-            "| probe | pool | examples (pos) | folds | train AUROC | held-out AUROC |",
-            "|---|---|---|---|---|---|",
-            f"| {self.probe_type} | {self.pool} | {self.n_examples} ({self.n_positive}) | "
-            f"{self.folds} | {self.train_auroc:.3f} | {self.heldout_auroc:.3f} "
-            f"± {self.heldout_auroc_std:.3f} |"])
+        return "\n".join(
+            [
+                f"## Probe on {self.site} ({self.backend})",
+                "",
+                "| probe | pool | examples (pos) | folds | train AUROC | held-out AUROC |",
+                "|---|---|---|---|---|---|",
+                f"| {self.probe_type} | {self.pool} | {self.n_examples} ({self.n_positive}) | "
+                f"{self.folds} | {self.train_auroc:.3f} | {self.heldout_auroc:.3f} "
+                f"± {self.heldout_auroc_std:.3f} |",
+            ]
+        )
 
 
 def _std(values: Sequence[float]) -> float:
@@ -591,34 +695,69 @@ def _std(values: Sequence[float]) -> float:
     return float(torch.tensor(values, dtype=torch.float64).std(unbiased=False)) if values else 0.0
 
 
-def _report(backend: Backend, site: str, x: torch.Tensor, y: torch.Tensor, config: ProbeConfig,
-            folds: int, epochs: int, lr: float, batch_size: int) -> ProbeReport:
-    train, held = cross_validate(x, y, config, folds=folds, epochs=epochs, lr=lr,
-                                 batch_size=batch_size)
+def _report(
+    backend: Backend,
+    site: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: ProbeConfig,
+    folds: int,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+) -> ProbeReport:
+    train, held = cross_validate(
+        x, y, config, folds=folds, epochs=epochs, lr=lr, batch_size=batch_size
+    )
     final = ProbeFit(config, x.shape[1])
     # The returned probe uses every example; its quality is the k-fold estimate above.
     final._fit_rows(x, y, epochs, lr, batch_size)
     final.fitted_on = ArtifactFit.of(backend, site)
-    return ProbeReport(backend=backend.name, site=site, pool=config.pool,
-                       probe_type=config.probe_type, n_examples=len(y), n_positive=int(y.sum()),
-                       folds=folds, train_auroc=sum(train) / len(train),
-                       heldout_auroc=sum(held) / len(held), heldout_auroc_std=_std(held),
-                       heldout_auroc_folds=held, _probe=final)
+    return ProbeReport(
+        backend=backend.name,
+        site=site,
+        pool=config.pool,
+        probe_type=config.probe_type,
+        n_examples=len(y),
+        n_positive=int(y.sum()),
+        folds=folds,
+        train_auroc=sum(train) / len(train),
+        heldout_auroc=sum(held) / len(held),
+        heldout_auroc_std=_std(held),
+        heldout_auroc_folds=held,
+        _probe=final,
+    )
 
 
-def probe_method(backend: Backend, data: Dataset, *, site: str | None = None,
-                 pool: Literal["mean", "last"] = "mean",
-                 probe_type: Literal["linear", "mlp"] = "linear",
-                 hidden_dim: HiddenDim = 64, folds: Folds = 5, epochs: Epochs = 100,
-                 lr: LearningRate = 0.01, weight_decay: WeightDecay = 1e-4,
-                 batch_size: BatchSize = 64, solver: Solver = "adamw",
-                 seed: int = 0) -> ProbeReport:
+def probe_method(
+    backend: Backend,
+    data: Dataset,
+    *,
+    site: str | None = None,
+    pool: Literal["mean", "last"] = "mean",
+    probe_type: Literal["linear", "mlp"] = "linear",
+    hidden_dim: HiddenDim = 64,
+    folds: Folds = 5,
+    epochs: Epochs = 100,
+    lr: LearningRate = 0.01,
+    weight_decay: WeightDecay = 1e-4,
+    batch_size: BatchSize = 64,
+    solver: Solver = "adamw",
+    seed: int = 0,
+) -> ProbeReport:
     """``probe``: fit a probe on one site (default: the middle layer's main site) of a
     labelled dataset; held-out AUROC by stratified k-fold."""
     dataset, labels = _labelled(data)
     name = backend.site_info(site or default_site(backend)).name
-    config = ProbeConfig(layer_name=name, probe_type=probe_type, hidden_dim=hidden_dim,
-                         pool=pool, weight_decay=weight_decay, seed=seed, solver=solver)
+    config = ProbeConfig(
+        layer_name=name,
+        probe_type=probe_type,
+        hidden_dim=hidden_dim,
+        pool=pool,
+        weight_decay=weight_decay,
+        seed=seed,
+        solver=solver,
+    )
     x = pooled_activations(backend, dataset, [name], pool=pool)[name]
     return _report(backend, name, x, labels, config, folds, epochs, lr, batch_size)
 
@@ -642,21 +781,43 @@ class ProbeSweep(Result):
         return {r.site: r.heldout_auroc for r in self.layers}
 
     def to_markdown(self) -> str:
-        rows = [f"| {r.site} | {r.train_auroc:.3f} | {r.heldout_auroc:.3f} ± "
-                f"{r.heldout_auroc_std:.3f} |" for r in self.layers]
-        return "\n".join([f"## Probe sweep ({self.backend}, {self.probe_type}, pool={self.pool}, "
-                          f"{self.folds}-fold)", "", "| site | train AUROC | held-out AUROC |",
-                          "|---|---|---|", *rows])
+        rows = [
+            f"| {r.site} | {r.train_auroc:.3f} | {r.heldout_auroc:.3f} ± "
+            f"{r.heldout_auroc_std:.3f} |"
+            for r in self.layers
+        ]
+        return "\n".join(
+            [
+                f"## Probe sweep ({self.backend}, {self.probe_type}, pool={self.pool}, "
+                f"{self.folds}-fold)",
+                "",
+                "| site | train AUROC | held-out AUROC |",
+                "|---|---|---|",
+                *rows,
+            ]
+        )
 
     def figure(self) -> Any:
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(max(4.0, 0.5 * len(self.layers) + 2), 3.2))
         xs = list(range(len(self.layers)))
         held = [r.heldout_auroc for r in self.layers]
-        ax.errorbar(xs, held, yerr=[r.heldout_auroc_std for r in self.layers], marker="o",
-                    capsize=3, label=f"held-out ({self.folds}-fold)")
-        ax.plot(xs, [r.train_auroc for r in self.layers], marker=".", linestyle="--",
-                alpha=0.6, label="train")
+        ax.errorbar(
+            xs,
+            held,
+            yerr=[r.heldout_auroc_std for r in self.layers],
+            marker="o",
+            capsize=3,
+            label=f"held-out ({self.folds}-fold)",
+        )
+        ax.plot(
+            xs,
+            [r.train_auroc for r in self.layers],
+            marker=".",
+            linestyle="--",
+            alpha=0.6,
+            label="train",
+        )
         ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
         ax.set_xticks(xs, [r.site for r in self.layers], rotation=45, ha="right")
         ax.set_ylim(0.0, 1.02)
@@ -667,13 +828,22 @@ class ProbeSweep(Result):
         return fig
 
 
-def probe_sweep(backend: Backend, data: Dataset, *, sites: list[str] | None = None,
-                pool: Literal["mean", "last"] = "mean",
-                probe_type: Literal["linear", "mlp"] = "linear",
-                hidden_dim: HiddenDim = 64, folds: Folds = 5, epochs: Epochs = 100,
-                lr: LearningRate = 0.01, weight_decay: WeightDecay = 1e-4,
-                batch_size: BatchSize = 64, solver: Solver = "adamw",
-                seed: int = 0) -> ProbeSweep:
+def probe_sweep(
+    backend: Backend,
+    data: Dataset,
+    *,
+    sites: list[str] | None = None,
+    pool: Literal["mean", "last"] = "mean",
+    probe_type: Literal["linear", "mlp"] = "linear",
+    hidden_dim: HiddenDim = 64,
+    folds: Folds = 5,
+    epochs: Epochs = 100,
+    lr: LearningRate = 0.01,
+    weight_decay: WeightDecay = 1e-4,
+    batch_size: BatchSize = 64,
+    solver: Solver = "adamw",
+    seed: int = 0,
+) -> ProbeSweep:
     """``probe-sweep``: a probe per layer (default: every layer's main site), every site
     captured in the same forward pass of each batch; held-out AUROC per layer."""
     dataset, labels = _labelled(data)
@@ -683,10 +853,18 @@ def probe_sweep(backend: Backend, data: Dataset, *, sites: list[str] | None = No
     acts = pooled_activations(backend, dataset, names, pool=pool)
     out = ProbeSweep(backend=backend.name, pool=pool, probe_type=probe_type, folds=folds)
     for name in names:
-        config = ProbeConfig(layer_name=name, probe_type=probe_type, hidden_dim=hidden_dim,
-                             pool=pool, weight_decay=weight_decay, seed=seed, solver=solver)
-        out.layers.append(_report(backend, name, acts[name], labels, config, folds, epochs, lr,
-                                  batch_size))
+        config = ProbeConfig(
+            layer_name=name,
+            probe_type=probe_type,
+            hidden_dim=hidden_dim,
+            pool=pool,
+            weight_decay=weight_decay,
+            seed=seed,
+            solver=solver,
+        )
+        out.layers.append(
+            _report(backend, name, acts[name], labels, config, folds, epochs, lr, batch_size)
+        )
     return out
 
 

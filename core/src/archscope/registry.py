@@ -56,11 +56,15 @@ class Method:
         object.__setattr__(self, "requires", frozenset(self.requires))
         object.__setattr__(self, "quick", dict(self.quick))
         if self.input not in INPUT_KINDS:
-            raise ParameterError(f"method {self.name!r}: input must be one of "
-                                 f"{', '.join(INPUT_KINDS)}, got {self.input!r}")
+            raise ParameterError(
+                f"method {self.name!r}: input must be one of "
+                f"{', '.join(INPUT_KINDS)}, got {self.input!r}"
+            )
         if self.arity not in (1, 2):
-            raise ParameterError(f"method {self.name!r}: arity is 1 (one model) or 2 (two "
-                                 f"models), got {self.arity!r}")
+            raise ParameterError(
+                f"method {self.name!r}: arity is 1 (one model) or 2 (two "
+                f"models), got {self.arity!r}"
+            )
 
     def supports(self, capabilities: frozenset[str] | set[str]) -> bool:
         return self.requires <= set(capabilities)
@@ -87,8 +91,10 @@ class Method:
         """``method(backend, data, **params)`` (two backends for ``arity=2``)."""
         if len(args) != self.arity + 1:
             shape = "backend, data" if self.arity == 1 else "backend_a, backend_b, data"
-            raise ParameterError(f"method {self.name!r} is called as method({shape}, **params);"
-                                 f" got {len(args)} positional arguments")
+            raise ParameterError(
+                f"method {self.name!r} is called as method({shape}, **params);"
+                f" got {len(args)} positional arguments"
+            )
         *backends, data = args
         values = self.check_params(params)  # first, so a bad parameter is named on any backend
         for backend in backends:
@@ -97,7 +103,8 @@ class Method:
             if missing:
                 raise CapabilityError(
                     f"method {self.name!r} needs capabilities {sorted(self.requires)}; backend "
-                    f"{getattr(backend, 'name', type(backend).__name__)!r} lacks {missing}")
+                    f"{getattr(backend, 'name', type(backend).__name__)!r} lacks {missing}"
+                )
         if self.input == "batch" and isinstance(data, (list, tuple)):
             from .data import as_dataset, pad_batch, padding_for
 
@@ -119,8 +126,10 @@ def run_method(name: str, *args: Any, **params: Any) -> Any:
 
     entry = get_manager().methods.get(name)
     if entry is None:
-        raise MethodError(f"no method named {name!r}; registered methods: "
-                          f"{', '.join(get_manager().methods.names()) or '(none)'}")
+        raise MethodError(
+            f"no method named {name!r}; registered methods: "
+            f"{', '.join(get_manager().methods.names()) or '(none)'}"
+        )
     method: Method = entry.obj
     return method(*args, **params)
 

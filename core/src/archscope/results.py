@@ -14,8 +14,11 @@ from .errors import ArchscopeError
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if not f.name.startswith("_")}
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if not f.name.startswith("_")
+        }
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -65,8 +68,7 @@ class Result:
 
     def figure(self) -> Any:
         """A matplotlib Figure of this result (override where a picture says more)."""
-        raise ArchscopeError(f"{type(self).__name__} has no figure; use to_markdown() or "
-                             "to_json()")
+        raise ArchscopeError(f"{type(self).__name__} has no figure; use to_markdown() or to_json()")
 
     def plot(self, path: str | Path) -> Path:
         """Write `figure` as a PNG to ``path`` and return the path."""
@@ -87,8 +89,10 @@ class Result:
         if suffix == ".png":
             return self.plot(path)
         if suffix not in (".json", ".md"):
-            raise ArchscopeError(f"cannot write a result as {suffix or 'a file without suffix'}"
-                                 "; use .json, .md or .png")
+            raise ArchscopeError(
+                f"cannot write a result as {suffix or 'a file without suffix'}"
+                "; use .json, .md or .png"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json() if suffix == ".json" else self.to_markdown() + "\n")
         return path

@@ -128,11 +128,14 @@ class SiteInfo:
 
     def __post_init__(self) -> None:
         if self.kind not in ("token", "state"):
-            raise SiteError(f"SiteInfo for {self.site}: kind must be 'token' or 'state', "
-                            f"got {self.kind!r}")
+            raise SiteError(
+                f"SiteInfo for {self.site}: kind must be 'token' or 'state', got {self.kind!r}"
+            )
         if self.kind == "token" and "seq" not in self.shape:
-            raise SiteError(f"SiteInfo for {self.site}: a token site's shape must name a 'seq' "
-                            f"axis, got {self.shape}")
+            raise SiteError(
+                f"SiteInfo for {self.site}: a token site's shape must name a 'seq' "
+                f"axis, got {self.shape}"
+            )
 
     @property
     def name(self) -> str:
@@ -153,7 +156,9 @@ def resolve(name: str | Site, available: dict[str, SiteInfo], backend: str) -> S
     if info is None:
         layer_roles = sorted({i.site.role for i in available.values() if i.site.layer is not None})
         model_level = [n for n, i in available.items() if i.site.layer is None]
-        n_layers = 1 + max((i.site.layer for i in available.values() if i.site.layer is not None), default=-1)
+        n_layers = 1 + max(
+            (i.site.layer for i in available.values() if i.site.layer is not None), default=-1
+        )
         raise SiteError(
             f"site {str(site)!r} does not exist for backend {backend!r}. "
             f"This model has layers 0..{n_layers - 1} with roles {', '.join(layer_roles) or '(none)'}"

@@ -44,6 +44,8 @@ def test_retraining_reproduces_the_shipped_held_out_loss(name: str, tmp_path: Pa
     assert main(["--models", name, "--out", str(tmp_path), "--check"]) == 0
     retrained = json.loads((tmp_path / "manifest.json").read_text())["models"][name]
     shipped = manifest()["models"][name]
-    assert abs(retrained["heldout_loss"] - shipped["heldout_loss"]) <= 0.03 * shipped["heldout_loss"]
+    assert (
+        abs(retrained["heldout_loss"] - shipped["heldout_loss"]) <= 0.03 * shipped["heldout_loss"]
+    )
     if name == "transformer":
         assert retrained["induction_score"] >= 100

@@ -13,8 +13,9 @@ from archscope_zoo.corpus import SENTIMENT_WORDS, TOPIC_WORDS
 from archscope_zoo.tokenizer import build_tokenizer
 
 SENTIMENT_OF = {w: s for s, words in SENTIMENT_WORDS.items() for w in words}
-TOPIC_OF = {w: t for t, (nouns, verbs) in TOPIC_WORDS.items()
-            for pair in (*nouns, *verbs) for w in pair}
+TOPIC_OF = {
+    w: t for t, (nouns, verbs) in TOPIC_WORDS.items() for pair in (*nouns, *verbs) for w in pair
+}
 SINGULAR_NOUNS = {p[0] for nouns, _ in TOPIC_WORDS.values() for p in nouns}
 PLURAL_NOUNS = {p[1] for nouns, _ in TOPIC_WORDS.values() for p in nouns}
 SINGULAR_VERBS = {p[0] for _, verbs in TOPIC_WORDS.values() for p in verbs}
@@ -27,7 +28,9 @@ def test_same_seed_same_texts_other_seed_other_texts() -> None:
     assert corpus.heldout_texts(50) != corpus.training_texts(50)
     for name in archscope_zoo.DATASETS:
         assert archscope_zoo.datasets(name, 20) == archscope_zoo.datasets(name, 20)
-    assert archscope_zoo.datasets("sentiment", 20, seed=9) != archscope_zoo.datasets("sentiment", 20)
+    assert archscope_zoo.datasets("sentiment", 20, seed=9) != archscope_zoo.datasets(
+        "sentiment", 20
+    )
 
 
 def test_every_word_is_in_the_vocabulary_and_the_tokenizer_maps_words_to_single_ids() -> None:
@@ -60,7 +63,7 @@ def test_each_document_closes_with_the_verdict_of_its_mood() -> None:
     for text in corpus.training_texts(300):
         verdicts = re.findall(r"\. it was (\w+) \.", text)
         assert len(verdicts) == 1, text
-        before = text[:text.index(" it was ")].split()
+        before = text[: text.index(" it was ")].split()
         moods = {SENTIMENT_OF[w] for w in before if w in SENTIMENT_OF}
         assert len(moods) <= 1, text  # one mood per document
         if moods:  # (all sentences neutral leaves nothing to agree with)
@@ -109,8 +112,9 @@ def test_probe_labels_are_the_planted_attribute(task: str) -> None:
 def test_agreement_pairs_differ_in_one_word_that_flips_the_verb_number() -> None:
     data = archscope_zoo.datasets("agreement", 40)
     assert isinstance(data, archscope_zoo.ContrastSet)
-    for clean, corrupt, good, bad in zip(data.clean, data.corrupted, data.clean_answers,
-                                         data.corrupted_answers, strict=True):
+    for clean, corrupt, good, bad in zip(
+        data.clean, data.corrupted, data.clean_answers, data.corrupted_answers, strict=True
+    ):
         a, b = clean.split(), corrupt.split()
         assert len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) == 1
         assert a[1] in SINGULAR_NOUNS and b[1] in PLURAL_NOUNS
@@ -122,8 +126,9 @@ def test_agreement_pairs_differ_in_one_word_that_flips_the_verb_number() -> None
 def test_binding_pairs_ask_for_the_object_bound_to_the_queried_name() -> None:
     data = archscope_zoo.datasets("binding", 40)
     assert isinstance(data, archscope_zoo.ContrastSet)
-    for clean, corrupt, good, bad in zip(data.clean, data.corrupted, data.clean_answers,
-                                         data.corrupted_answers, strict=True):
+    for clean, corrupt, good, bad in zip(
+        data.clean, data.corrupted, data.clean_answers, data.corrupted_answers, strict=True
+    ):
         a, b = clean.split(), corrupt.split()
         assert len(a) == len(b) and [i for i in range(len(a)) if a[i] != b[i]] == [len(a) - 3]
         bindings = dict(re.findall(r"(\w+) likes the (\w+) \.", clean))
@@ -136,8 +141,8 @@ def test_induction_sets_locate_the_repeated_span() -> None:
     for text, span, (first, second) in zip(data.texts, data.spans, data.starts, strict=True):
         words = text.split()
         assert 3 <= len(span) <= 8 and set(span) <= set(corpus.code_words())
-        assert words[first:first + len(span)] == span == words[second:second + len(span)]
-        assert second > first + len(span) and words[second - 3:second] == [words[0], "says", ":"]
+        assert words[first : first + len(span)] == span == words[second : second + len(span)]
+        assert second > first + len(span) and words[second - 3 : second] == [words[0], "says", ":"]
     assert set(data.texts).isdisjoint(corpus.training_texts(2000))
 
 

@@ -27,14 +27,15 @@ def zoo(name: str) -> tuple[Any, Any, Any]:
 
 def batch_of(tokenizer: Any, texts: list[str], eos: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded ids and mask of ``texts`` (each followed by ``</s>`` when ``eos``)."""
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + ([2] if eos else [])
-            for t in texts]
+    rows = [
+        tokenizer(t, add_special_tokens=False)["input_ids"] + ([2] if eos else []) for t in texts
+    ]
     width = max(map(len, rows))
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -55,8 +56,10 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tens
 
     def closure() -> torch.Tensor:
         optimiser.zero_grad()
-        loss = torch.nn.functional.cross_entropy(features @ weights, y) \
+        loss = (
+            torch.nn.functional.cross_entropy(features @ weights, y)
             + 1e-2 * weights[:-1].pow(2).sum()
+        )
         loss.backward()
         return loss
 
@@ -73,9 +76,14 @@ def probe_auroc(features: torch.Tensor, labels: torch.Tensor, n_classes: int) ->
     weights = fit_logistic(x[:half], labels[:half], n_classes)
     scores = torch.cat([x[half:], torch.ones(len(x) - half, 1)], dim=1) @ weights
     test = labels[half:]
-    return sum(auroc(scores[:, k] - scores.logsumexp(-1), (test == k).long())
-               for k in range(n_classes)) / n_classes if n_classes > 2 else \
-        auroc(scores[:, 1] - scores[:, 0], test)
+    return (
+        sum(
+            auroc(scores[:, k] - scores.logsumexp(-1), (test == k).long()) for k in range(n_classes)
+        )
+        / n_classes
+        if n_classes > 2
+        else auroc(scores[:, 1] - scores[:, 0], test)
+    )
 
 
 # -- shipping ----------------------------------------------------------------------------------

@@ -63,17 +63,19 @@ def parse_positions(spec: Any) -> PositionSpec:
         try:
             return [int(p) for p in text.split(",") if p.strip()]
         except ValueError:
-            raise ParameterError(f"positions {spec!r}: use 'all', 'last' or real-token indices "
-                                 "such as '0,3,-1' (counted among real tokens; -1 = last)"
-                                 ) from None
+            raise ParameterError(
+                f"positions {spec!r}: use 'all', 'last' or real-token indices "
+                "such as '0,3,-1' (counted among real tokens; -1 = last)"
+            ) from None
     if hasattr(spec, "tolist"):
         spec = spec.tolist()
     if isinstance(spec, bool) or spec is None:
         raise ParameterError(f"positions {spec!r}: use 'all', 'last' or a list of ints")
     if isinstance(spec, int):
         return [spec]
-    if isinstance(spec, Sequence) and all(isinstance(p, int) and not isinstance(p, bool)
-                                          for p in spec):
+    if isinstance(spec, Sequence) and all(
+        isinstance(p, int) and not isinstance(p, bool) for p in spec
+    ):
         return [int(p) for p in spec]
     raise ParameterError(f"positions {spec!r}: use 'all', 'last' or a list of ints")
 
@@ -84,15 +86,18 @@ def columns(spec: Any, clean_mask: torch.Tensor, corrupted_mask: torch.Tensor) -
 
     spec = parse_positions(spec)
     if clean_mask.shape[0] != corrupted_mask.shape[0]:
-        raise InputError(f"clean and corrupted inputs must pair up row by row: got "
-                         f"{clean_mask.shape[0]} clean and {corrupted_mask.shape[0]} corrupted "
-                         "rows; give the same number of each")
+        raise InputError(
+            f"clean and corrupted inputs must pair up row by row: got "
+            f"{clean_mask.shape[0]} clean and {corrupted_mask.shape[0]} corrupted "
+            "rows; give the same number of each"
+        )
     clean_idx, clean_n = real_index(clean_mask)
     corr_idx, corr_n = real_index(corrupted_mask)
     rows = torch.arange(len(clean_n), device=clean_n.device)
     if spec == "last":
-        return Columns(["last"], corr_idx[rows, corr_n - 1][:, None],
-                       clean_idx[rows, clean_n - 1][:, None])
+        return Columns(
+            ["last"], corr_idx[rows, corr_n - 1][:, None], clean_idx[rows, clean_n - 1][:, None]
+        )
     if spec == "all":
         differ = (clean_n != corr_n).nonzero().flatten().tolist()
         if differ:
@@ -137,8 +142,10 @@ def check_token_site(backend: Any, site: str) -> None:
     """Patching reads and writes token sites; a state site holds one value per sequence."""
     info = backend.site_info(site)
     if info.kind == "token" and tuple(info.shape[:2]) != ("batch", "seq"):
-        raise SiteError(f"{info.name!r} has axes {info.shape}; patching needs a token site "
-                        "laid out (batch, seq, ...)")
+        raise SiteError(
+            f"{info.name!r} has axes {info.shape}; patching needs a token site "
+            "laid out (batch, seq, ...)"
+        )
     if info.kind != "token":
         raise SiteError(
             f"{info.name!r} is a {info.kind} site (one value per sequence, after the last real "
@@ -151,5 +158,7 @@ def replicate(batch: dict[str, Any], times: int) -> dict[str, Any]:
     """The batch with every row repeated ``times`` times, block after block."""
     import torch
 
-    return {k: v.repeat(times, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) else v
-            for k, v in batch.items()}
+    return {
+        k: v.repeat(times, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }

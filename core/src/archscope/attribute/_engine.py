@@ -56,8 +56,15 @@ class PatchRuns:
     _aligned: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, backend: Backend, clean: Any, corrupted: Any, sites: Sequence[str],
-              positions: Any = "all", metric_fn: MetricFn | None = None) -> PatchRuns:
+    def build(
+        cls,
+        backend: Backend,
+        clean: Any,
+        corrupted: Any,
+        sites: Sequence[str],
+        positions: Any = "all",
+        metric_fn: MetricFn | None = None,
+    ) -> PatchRuns:
         backend.require("edit")
         # The backend's own request check first: it names read-only sites and what is valid.
         backend.check_request([], [Edit.replace(s, 0.0) for s in sites])
@@ -78,12 +85,15 @@ class PatchRuns:
         if replay is not None:
             replay.reference = corr_logits
         if metric_fn is None:
-            metric: MetricFn = LogitDiff.between(clean_logits, clean_mask, corr_logits,
-                                                 corr_mask)
+            metric: MetricFn = LogitDiff.between(clean_logits, clean_mask, corr_logits, corr_mask)
         else:
             metric = as_metric(metric_fn)
         return cls(
-            backend=backend, clean=clean_b, corrupted=corr_b, metric=metric, readout=readout,
+            backend=backend,
+            clean=clean_b,
+            corrupted=corr_b,
+            metric=metric,
+            readout=readout,
             cols=cols,
             clean_metric=float(mean_value(metric(clean_logits, clean_mask))),
             corrupted_metric=float(mean_value(metric(corr_logits, corr_mask))),
@@ -106,22 +116,22 @@ class PatchRuns:
             self._aligned[site] = aligned_source(self.clean_acts[site], self.cols, self.seq)
         return self._aligned[site]
 
-    def run_specs(self, specs: Sequence[Spec], batch_size: int = 64,
-                  progress: Any = None) -> list[float]:
+    def run_specs(
+        self, specs: Sequence[Spec], batch_size: int = 64, progress: Any = None
+    ) -> list[float]:
         """The metric (mean over rows) of one patched run per spec, batched."""
         per_forward = max(1, batch_size // self.rows)
         # replay repays its one-time check only when more than one forward pass is run
         replay = self.replay if len(specs) > per_forward else None
         values: list[float] = []
         for start in range(0, len(specs), per_forward):
-            chunk = specs[start:start + per_forward]
+            chunk = specs[start : start + per_forward]
             values.extend(self._run_chunk(chunk, replay))
             if progress is not None:
                 progress(len(chunk))
         return values
 
-    def _run_chunk(self, chunk: Sequence[Spec], replay: BlockReplay | None = None
-                   ) -> list[float]:
+    def _run_chunk(self, chunk: Sequence[Spec], replay: BlockReplay | None = None) -> list[float]:
         import torch
 
         n, k = self.rows, len(chunk)
@@ -129,8 +139,9 @@ class PatchRuns:
         select: dict[str, torch.Tensor] = {}
         for j, spec in enumerate(chunk):
             for site, cols in spec:
-                sel = select.setdefault(site, torch.zeros(k * n, self.seq, dtype=torch.bool,
-                                                          device=valid.device))
+                sel = select.setdefault(
+                    site, torch.zeros(k * n, self.seq, dtype=torch.bool, device=valid.device)
+                )
                 for c in cols:
                     rows = valid[:, c].nonzero().flatten()
                     sel[j * n + rows, self.cols.corrupted[rows, c]] = True
@@ -141,11 +152,14 @@ class PatchRuns:
         else:
             context = contextlib.nullcontext()
         with context:
-            result = self.backend.run(replicate(self.corrupted, k),
-                                      capture=self.readout.capture, edits=edits)
+            result = self.backend.run(
+                replicate(self.corrupted, k), capture=self.readout.capture, edits=edits
+            )
         logits, mask = self.readout.logits(result)
-        return [float(mean_value(self.metric(logits[j * n:(j + 1) * n], mask[j * n:(j + 1) * n])))
-                for j in range(k)]
+        return [
+            float(mean_value(self.metric(logits[j * n : (j + 1) * n], mask[j * n : (j + 1) * n])))
+            for j in range(k)
+        ]
 
     def _edit(self, site: str, sel: torch.Tensor, k: int) -> Edit:
         """A function edit that puts the clean values where ``sel`` (rows, seq) is set."""
@@ -157,8 +171,7 @@ class PatchRuns:
         source = source.repeat(k, *([1] * (source.dim() - 1)))
 
         def patch(value: torch.Tensor) -> torch.Tensor:
-            return torch.where(where.to(value.device), source.to(value.device, value.dtype),
-                               value)
+            return torch.where(where.to(value.device), source.to(value.device, value.dtype), value)
 
         return Edit.apply(site, patch, positions=positions)
 
@@ -207,6 +220,7 @@ class BlockReplay:
         def keep(i: int) -> Any:
             def hook(module: Any, args: Any, output: Any) -> None:
                 self.outputs[i] = _replayable(output)
+
             return hook
 
         handles = [b.register_forward_hook(keep(i)) for i, b in enumerate(self.blocks)]
@@ -265,8 +279,12 @@ def _replayable(output: Any) -> Any:
 
     if isinstance(output, torch.Tensor):
         return output.detach().clone()
-    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor) and all(
-            x is None for x in output[1:]):
+    if (
+        isinstance(output, tuple)
+        and output
+        and isinstance(output[0], torch.Tensor)
+        and all(x is None for x in output[1:])
+    ):
         return (output[0].detach().clone(), *output[1:])
     return None
 
@@ -283,4 +301,5 @@ def _tiled(output: Any, times: int) -> Any:
 def _returning(value: Any) -> Any:
     def forward(*args: Any, **kwargs: Any) -> Any:
         return value
+
     return forward

@@ -42,17 +42,25 @@ class LogitDiff:
     name = "logit_diff"
 
     @classmethod
-    def between(cls, clean_logits: torch.Tensor, clean_mask: torch.Tensor,
-                corrupted_logits: torch.Tensor, corrupted_mask: torch.Tensor) -> LogitDiff:
-        return cls(_last(clean_logits, clean_mask).argmax(-1),
-                   _last(corrupted_logits, corrupted_mask).argmax(-1))
+    def between(
+        cls,
+        clean_logits: torch.Tensor,
+        clean_mask: torch.Tensor,
+        corrupted_logits: torch.Tensor,
+        corrupted_mask: torch.Tensor,
+    ) -> LogitDiff:
+        return cls(
+            _last(clean_logits, clean_mask).argmax(-1),
+            _last(corrupted_logits, corrupted_mask).argmax(-1),
+        )
 
     def __call__(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         last = _last(logits, mask)
         rows = self.clean_token.shape[0]
         if last.shape[0] != rows:
-            raise ValueError(f"LogitDiff was fitted on {rows} rows, got logits of "
-                             f"{last.shape[0]} rows")
+            raise ValueError(
+                f"LogitDiff was fitted on {rows} rows, got logits of {last.shape[0]} rows"
+            )
         a = last.gather(1, self.clean_token[:, None].to(last.device))
         b = last.gather(1, self.corrupted_token[:, None].to(last.device))
         return (a - b)[:, 0]
@@ -71,14 +79,18 @@ def as_metric(metric_fn: MetricFn) -> MetricFn:
     """``metric_fn(logits, mask)``; a one-argument function gets archscope 0.2's argument
     instead, an object with ``.logits`` (and ``.attention_mask``)."""
     try:
-        params = [p for p in inspect.signature(metric_fn).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-                  and p.default is p.empty]
-        var = any(p.kind is p.VAR_POSITIONAL
-                  for p in inspect.signature(metric_fn).parameters.values())
+        params = [
+            p
+            for p in inspect.signature(metric_fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        ]
+        var = any(
+            p.kind is p.VAR_POSITIONAL for p in inspect.signature(metric_fn).parameters.values()
+        )
     except (TypeError, ValueError):
         return metric_fn
     if len(params) == 1 and not var:
+
         def legacy(logits: torch.Tensor, mask: torch.Tensor) -> Any:
             return metric_fn(SimpleNamespace(logits=logits, attention_mask=mask))
 

@@ -36,8 +36,7 @@ def _layers(backend: Backend, layers: Sequence[int] | None) -> list[int]:
         raise InputError("layer_indices is empty: give at least one layer index")
     bad = [i for i in chosen if not 0 <= i < n]
     if bad:
-        raise SiteError(f"layer indices {bad} out of range: the model has {n} layers "
-                        f"(0..{n - 1})")
+        raise SiteError(f"layer indices {bad} out of range: the model has {n} layers (0..{n - 1})")
     return chosen
 
 
@@ -86,8 +85,9 @@ def activation_patch(
     patched = ctx.run_specs([[(s, cells) for s in names]], batch_size=ctx.rows)[0]
     return PatchResult(
         layer_range=(min(layers), max(layers)) if layers else (-1, -1),
-        gap_restored=float(gap_fraction(patched, ctx.corrupted_metric, ctx.clean_metric,
-                                        "activation_patch")),
+        gap_restored=float(
+            gap_fraction(patched, ctx.corrupted_metric, ctx.clean_metric, "activation_patch")
+        ),
         target_metric=ctx.metric_name,
         baseline_metric=ctx.corrupted_metric,
         patched_metric=patched,
@@ -97,34 +97,46 @@ def activation_patch(
     )
 
 
-def _grid(backend: Backend, layers: list[int], axis: str, role: str,
-          components: Sequence[str] | None) -> tuple[list[str], list[list[str | None]]]:
+def _grid(
+    backend: Backend, layers: list[int], axis: str, role: str, components: Sequence[str] | None
+) -> tuple[list[str], list[list[str | None]]]:
     """Component columns (axis "component") and the site of each (layer, column) cell."""
     if axis == "position":
         return [role], [[_site(backend, i, role)] for i in layers]
     table = backend.sites()
     if components is None:
-        roles = [r for r in _COMPONENT_ORDER
-                 if any(str(Site(r, i)) in table for i in layers)]
+        roles = [r for r in _COMPONENT_ORDER if any(str(Site(r, i)) in table for i in layers)]
     else:
-        unknown = [c for c in components if c not in COMPONENT_ROLES
-                   and not any(str(Site(c, i)) in table for i in layers)]
+        unknown = [
+            c
+            for c in components
+            if c not in COMPONENT_ROLES and not any(str(Site(c, i)) in table for i in layers)
+        ]
         if unknown:
-            raise SiteError(f"components {unknown} are not sites of these layers; valid: "
-                            "attention (attn), mixer, mlp, or any per-layer role the backend has")
+            raise SiteError(
+                f"components {unknown} are not sites of these layers; valid: "
+                "attention (attn), mixer, mlp, or any per-layer role the backend has"
+            )
         roles = [COMPONENT_ROLES.get(c, c) for c in components]
     if not roles:
-        raise SiteError(f"backend {backend.name!r} has no attention, mixer or MLP sites in "
-                        f"layers {layers}; sweep over positions instead")
-    return roles, [[str(Site(r, i)) if str(Site(r, i)) in table else None for r in roles]
-                   for i in layers]
+        raise SiteError(
+            f"backend {backend.name!r} has no attention, mixer or MLP sites in "
+            f"layers {layers}; sweep over positions instead"
+        )
+    return roles, [
+        [str(Site(r, i)) if str(Site(r, i)) in table else None for r in roles] for i in layers
+    ]
 
 
 def _pearson(a: list[list[float | None]], b: list[list[float | None]]) -> float | None:
     import torch
 
-    pairs = [(x, y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True)
-             if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    pairs = [
+        (x, y)
+        for ra, rb in zip(a, b, strict=True)
+        for x, y in zip(ra, rb, strict=True)
+        if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+    ]
     if len(pairs) < 2:
         return None
     t = torch.tensor(pairs, dtype=torch.float64)
@@ -174,8 +186,9 @@ def patch_sweep(  # noqa: C901 - validates each option of the sweep in turn
     row_names = [f"layer_{i}" for i in chosen]
     if embed:
         if axis != "position":
-            raise InputError("embed=True adds a row to a layer x position sweep; use "
-                             "axis='position'")
+            raise InputError(
+                "embed=True adds a row to a layer x position sweep; use axis='position'"
+            )
         grid = [[backend.site_info("embed").name], *grid]
         row_names = ["embed", *row_names]
     sites = [s for row in grid for s in row if s is not None]
@@ -215,21 +228,29 @@ def patch_sweep(  # noqa: C901 - validates each option of the sweep in turn
         seconds["attribution"] = time.perf_counter() - start
     gap_fraction(ctx.clean_metric, ctx.corrupted_metric, ctx.clean_metric, "patch_sweep")
     return PatchSweep(
-        backend=backend.name, metric=ctx.metric_name, axis=axis,
+        backend=backend.name,
+        metric=ctx.metric_name,
+        axis=axis,
         rows=row_names,
         columns=list(ctx.cols.labels) if axis == "position" else columns,
         sites=[[row[0]] * n_cols for row in grid] if axis == "position" else grid,
-        clean_metric=ctx.clean_metric, corrupted_metric=ctx.corrupted_metric,
+        clean_metric=ctx.clean_metric,
+        corrupted_metric=ctx.corrupted_metric,
         positions=positions if isinstance(positions, str) else list(ctx.cols.labels),
-        gap_restored=exact_matrix, attribution=atp_matrix,
-        correlation=(_pearson(exact_matrix, atp_matrix)
-                     if exact_matrix is not None and atp_matrix is not None else None),
+        gap_restored=exact_matrix,
+        attribution=atp_matrix,
+        correlation=(
+            _pearson(exact_matrix, atp_matrix)
+            if exact_matrix is not None and atp_matrix is not None
+            else None
+        ),
         seconds=seconds,
     )
 
 
-def attribution_patch(model: Any, clean: Any, corrupted: Any, *, exact: bool = False,
-                      **kwargs: Any) -> PatchSweep:
+def attribution_patch(
+    model: Any, clean: Any, corrupted: Any, *, exact: bool = False, **kwargs: Any
+) -> PatchSweep:
     """Attribution patching (AtP; Nanda 2023, Kramár et al. 2024): every cell of a sweep
     estimated to first order from one forward and one backward pass on the corrupted input,
     ``grad(metric) · (clean − corrupted)`` summed over the cell, as a fraction of the gap.
@@ -238,8 +259,9 @@ def attribution_patch(model: Any, clean: Any, corrupted: Any, *, exact: bool = F
     return patch_sweep(model, clean, corrupted, exact=exact, attribution=True, **kwargs)
 
 
-def _attribution(ctx: PatchRuns, grid: list[list[str | None]], axis: str,
-                 n_cols: int) -> list[list[float | None]]:
+def _attribution(
+    ctx: PatchRuns, grid: list[list[str | None]], axis: str, n_cols: int
+) -> list[list[float | None]]:
     """AtP. The gradient is taken with respect to a zero tensor *added* to each site through
     an `Edit`, so it is the derivative of the metric with respect to that site's value as the
     backend's own edit semantics define it (for recurrent layers, the state at that step and
@@ -250,8 +272,12 @@ def _attribution(ctx: PatchRuns, grid: list[list[str | None]], axis: str,
     sites = list(dict.fromkeys(s for row in grid for s in row if s is not None))
     corrupted = backend.run(ctx.corrupted, capture=sites)
     deltas = {s: torch.zeros_like(corrupted.activations[s], requires_grad=True) for s in sites}
-    result = backend.run(ctx.corrupted, capture=ctx.readout.capture,
-                         edits=[Edit.add(s, deltas[s]) for s in sites], grad=True)
+    result = backend.run(
+        ctx.corrupted,
+        capture=ctx.readout.capture,
+        edits=[Edit.add(s, deltas[s]) for s in sites],
+        grad=True,
+    )
     logits, mask = ctx.readout.logits(result, grad=True)
     value = mean_value(ctx.metric(logits, mask))
     grads = torch.autograd.grad(value, [deltas[s] for s in sites], allow_unused=True)
@@ -273,8 +299,11 @@ def _attribution(ctx: PatchRuns, grid: list[list[str | None]], axis: str,
                 line.append(None)
                 continue
             change = per_site[name][c] if axis == "position" else per_site[name].sum()
-            line.append(gap_fraction(ctx.corrupted_metric + float(change),
-                                     ctx.corrupted_metric, ctx.clean_metric))
+            line.append(
+                gap_fraction(
+                    ctx.corrupted_metric + float(change), ctx.corrupted_metric, ctx.clean_metric
+                )
+            )
         out.append(line)
     return out
 
@@ -312,12 +341,16 @@ def dim_decompose(
         names = [str(Site(role, i)) for i in layers if str(Site(role, i)) in table]
         if not names:
             roles = sorted({n.split(".", 1)[1] for n in table if n.startswith("layer_")})
-            raise SiteError(f"component {comp!r} (site role {role!r}) is in none of layers "
-                            f"{layers}; roles of backend {backend.name!r}: {', '.join(roles)}")
+            raise SiteError(
+                f"component {comp!r} (site role {role!r}) is in none of layers "
+                f"{layers}; roles of backend {backend.name!r}: {', '.join(roles)}"
+            )
         chosen[comp] = names
     if not chosen:
-        raise SiteError(f"backend {backend.name!r} has no attention, mixer or MLP sites in "
-                        f"layers {layers}; name the components to decompose")
+        raise SiteError(
+            f"backend {backend.name!r} has no attention, mixer or MLP sites in "
+            f"layers {layers}; name the components to decompose"
+        )
     all_sites = [s for names in chosen.values() for s in names]
     ctx = PatchRuns.build(backend, prompt_a, prompt_b, all_sites, positions, metric_fn)
     cells = list(range(len(ctx.cols)))
@@ -327,12 +360,15 @@ def dim_decompose(
     clean, corr = ctx.clean_metric, ctx.corrupted_metric
     gap_fraction(clean, corr, clean, "dim_decompose")  # warns once on a zero gap
     return DIMResult(
-        components={c: gap_fraction(v, corr, clean)
-                    for c, v in zip(chosen, values[:-1], strict=True)},
+        components={
+            c: gap_fraction(v, corr, clean) for c, v in zip(chosen, values[:-1], strict=True)
+        },
         total=clean - corr,
         layer_range=(min(layers), max(layers)),
         effects={c: v - corr for c, v in zip(chosen, values[:-1], strict=True)},
         joint=gap_fraction(values[-1], corr, clean),
-        sites=chosen, clean_metric=clean, corrupted_metric=corr, metric=ctx.metric_name,
+        sites=chosen,
+        clean_metric=clean,
+        corrupted_metric=corr,
+        metric=ctx.metric_name,
     )
-

@@ -10,17 +10,20 @@ from ..results import Result, pyplot
 
 
 def _fmt(value: float | None) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) \
-        else f"{value:.3f}"
+    return (
+        "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+    )
 
 
-def _heatmap(ax: Any, matrix: list[list[float | None]], rows: list[str], cols: list[Any],
-             title: str) -> Any:
+def _heatmap(
+    ax: Any, matrix: list[list[float | None]], rows: list[str], cols: list[Any], title: str
+) -> Any:
     values = [[math.nan if v is None else v for v in row] for row in matrix]
     finite = [abs(v) for row in values for v in row if not math.isnan(v)]
     bound = max([1.0, *finite])
-    image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto",
-                      interpolation="nearest")
+    image = ax.imshow(
+        values, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest"
+    )
     ax.set_yticks(range(len(rows)), rows)
     step = max(1, len(cols) // 16)
     ax.set_xticks(range(0, len(cols), step), [str(c) for c in cols[::step]])
@@ -49,16 +52,22 @@ class PatchResult(Result):
     positions: Any = "all"
 
     def to_markdown(self) -> str:
-        return "\n".join([
-            "## Activation patching", "",
-            f"- sites: {', '.join(self.sites)} (positions: {self.positions})",
-            f"- metric: {self.target_metric}",
-            "", "| run | metric |", "|---|---|",
-            f"| clean (source) | {self.clean_metric:.4f} |",
-            f"| corrupted (target) | {self.baseline_metric:.4f} |",
-            f"| patched | {self.patched_metric:.4f} |",
-            "", f"**gap restored: {_fmt(self.gap_restored)}**",
-        ])
+        return "\n".join(
+            [
+                "## Activation patching",
+                "",
+                f"- sites: {', '.join(self.sites)} (positions: {self.positions})",
+                f"- metric: {self.target_metric}",
+                "",
+                "| run | metric |",
+                "|---|---|",
+                f"| clean (source) | {self.clean_metric:.4f} |",
+                f"| corrupted (target) | {self.baseline_metric:.4f} |",
+                f"| patched | {self.patched_metric:.4f} |",
+                "",
+                f"**gap restored: {_fmt(self.gap_restored)}**",
+            ]
+        )
 
 
 @dataclass
@@ -83,14 +92,23 @@ class DIMResult(Result):
     metric: str = "custom"
 
     def to_markdown(self) -> str:
-        rows = [f"| {c} | {_fmt(v)} | {self.effects.get(c, math.nan):.4f} | "
-                f"{', '.join(self.sites.get(c, []))} |" for c, v in self.components.items()]
-        return "\n".join([
-            f"## DIM decomposition (layers {self.layer_range[0]}–{self.layer_range[1]})", "",
-            f"gap (a − b) = {self.total:.4f} ({self.metric}); all components together restore "
-            f"{_fmt(self.joint)}", "",
-            "| component | share of gap | metric change | sites |", "|---|---|---|---|", *rows,
-        ])
+        rows = [
+            f"| {c} | {_fmt(v)} | {self.effects.get(c, math.nan):.4f} | "
+            f"{', '.join(self.sites.get(c, []))} |"
+            for c, v in self.components.items()
+        ]
+        return "\n".join(
+            [
+                f"## DIM decomposition (layers {self.layer_range[0]}–{self.layer_range[1]})",
+                "",
+                f"gap (a − b) = {self.total:.4f} ({self.metric}); all components together restore "
+                f"{_fmt(self.joint)}",
+                "",
+                "| component | share of gap | metric change | sites |",
+                "|---|---|---|---|",
+                *rows,
+            ]
+        )
 
 
 @dataclass
@@ -117,12 +135,20 @@ class PatchSweep(Result):
     def figure(self) -> Any:
         """Heat map(s): layers × columns, red = restores the clean behaviour."""
         plt = pyplot()
-        panels = [(name, m) for name, m in (("exact patching", self.gap_restored),
-                                            ("attribution patching", self.attribution))
-                  if m is not None]
-        fig, axes = plt.subplots(1, len(panels), squeeze=False,
-                                 figsize=(4 + 0.25 * len(self.columns) * len(panels),
-                                          1.5 + 0.4 * len(self.rows)))
+        panels = [
+            (name, m)
+            for name, m in (
+                ("exact patching", self.gap_restored),
+                ("attribution patching", self.attribution),
+            )
+            if m is not None
+        ]
+        fig, axes = plt.subplots(
+            1,
+            len(panels),
+            squeeze=False,
+            figsize=(4 + 0.25 * len(self.columns) * len(panels), 1.5 + 0.4 * len(self.rows)),
+        )
         image = None
         for ax, (name, matrix) in zip(axes[0], panels, strict=True):
             image = _heatmap(ax, matrix, self.rows, self.columns, name)
@@ -135,18 +161,29 @@ class PatchSweep(Result):
         fig.suptitle(title)
         return fig
 
-
     def to_markdown(self) -> str:
-        lines = [f"## Patching sweep ({self.backend}, {self.metric}), layers × {self.axis}", "",
-                 f"clean {self.clean_metric:.4f}, corrupted {self.corrupted_metric:.4f}"]
-        for name, matrix in (("gap restored", self.gap_restored),
-                             ("attribution (AtP)", self.attribution)):
+        lines = [
+            f"## Patching sweep ({self.backend}, {self.metric}), layers × {self.axis}",
+            "",
+            f"clean {self.clean_metric:.4f}, corrupted {self.corrupted_metric:.4f}",
+        ]
+        for name, matrix in (
+            ("gap restored", self.gap_restored),
+            ("attribution (AtP)", self.attribution),
+        ):
             if matrix is None:
                 continue
-            lines += ["", f"### {name}", "", "| layer | " + " | ".join(map(str, self.columns))
-                      + " |", "|---" * (len(self.columns) + 1) + "|"]
-            lines += [f"| {r} | " + " | ".join(_fmt(v) for v in row) + " |"
-                      for r, row in zip(self.rows, matrix, strict=True)]
+            lines += [
+                "",
+                f"### {name}",
+                "",
+                "| layer | " + " | ".join(map(str, self.columns)) + " |",
+                "|---" * (len(self.columns) + 1) + "|",
+            ]
+            lines += [
+                f"| {r} | " + " | ".join(_fmt(v) for v in row) + " |"
+                for r, row in zip(self.rows, matrix, strict=True)
+            ]
         if self.correlation is not None:
             lines += ["", f"Pearson correlation exact vs AtP: {self.correlation:.3f}"]
         return "\n".join(lines)
@@ -177,22 +214,36 @@ class StatePatchResult(Result):
 
     def figure(self) -> Any:
         plt = pyplot()
-        fig, ax = plt.subplots(figsize=(3 + 1.2 * (len(self.kinds) + 1),
-                                        1.5 + 0.4 * len(self.layers)))
+        fig, ax = plt.subplots(
+            figsize=(3 + 1.2 * (len(self.kinds) + 1), 1.5 + 0.4 * len(self.layers))
+        )
         matrix = [[*row, per] for row, per in zip(self.gap_restored, self.per_layer, strict=True)]
-        image = _heatmap(ax, matrix, [f"layer_{i}" for i in self.layers],
-                         [*self.kinds, "all"], f"{self.backend}: state patching")
+        image = _heatmap(
+            ax,
+            matrix,
+            [f"layer_{i}" for i in self.layers],
+            [*self.kinds, "all"],
+            f"{self.backend}: state patching",
+        )
         fig.colorbar(image, ax=ax, label="gap restored")
         return fig
 
-
     def to_markdown(self) -> str:
         head = "| layer | " + " | ".join(self.kinds) + " | all of the layer |"
-        rows = [f"| {i} | " + " | ".join(_fmt(v) for v in row) + f" | {_fmt(per)} |"
-                for i, row, per in zip(self.layers, self.gap_restored, self.per_layer, strict=True)]
-        return "\n".join([
-            f"## State patching ({self.backend}, {self.metric})", "",
-            f"suffix: last {self.suffix_tokens} token(s); clean {self.clean_metric:.4f}, "
-            f"corrupted {self.corrupted_metric:.4f}; every state swapped: "
-            f"{_fmt(self.all_states)}", "", head, "|---" * (len(self.kinds) + 2) + "|", *rows,
-        ])
+        rows = [
+            f"| {i} | " + " | ".join(_fmt(v) for v in row) + f" | {_fmt(per)} |"
+            for i, row, per in zip(self.layers, self.gap_restored, self.per_layer, strict=True)
+        ]
+        return "\n".join(
+            [
+                f"## State patching ({self.backend}, {self.metric})",
+                "",
+                f"suffix: last {self.suffix_tokens} token(s); clean {self.clean_metric:.4f}, "
+                f"corrupted {self.corrupted_metric:.4f}; every state swapped: "
+                f"{_fmt(self.all_states)}",
+                "",
+                head,
+                "|---" * (len(self.kinds) + 2) + "|",
+                *rows,
+            ]
+        )

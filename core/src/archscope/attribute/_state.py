@@ -28,7 +28,7 @@ def _rows(batch: dict[str, Any]) -> list[list[int]]:
     """Each row's real token ids, in order."""
     index, counts = real_index(batch["attention_mask"])
     ids = batch["input_ids"]
-    return [ids[r, index[r, :int(counts[r])]].tolist() for r in range(ids.shape[0])]
+    return [ids[r, index[r, : int(counts[r])]].tolist() for r in range(ids.shape[0])]
 
 
 def _pad(rows: list[list[int]], device: Any) -> dict[str, torch.Tensor]:
@@ -39,8 +39,8 @@ def _pad(rows: list[list[int]], device: Any) -> dict[str, torch.Tensor]:
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
@@ -88,22 +88,34 @@ def state_patch_sweep(
     clean_rows = _rows(backend.prepare_inputs(clean))
     corr_rows = _rows(backend.prepare_inputs(corrupted))
     if len(clean_rows) != len(corr_rows):
-        raise InputError(f"clean and corrupted inputs must pair up row by row: got "
-                         f"{len(clean_rows)} clean and {len(corr_rows)} corrupted rows")
-    short = [i for i, (a, b) in enumerate(zip(clean_rows, corr_rows, strict=True))
-             if len(a) <= k or len(b) <= k]
+        raise InputError(
+            f"clean and corrupted inputs must pair up row by row: got "
+            f"{len(clean_rows)} clean and {len(corr_rows)} corrupted rows"
+        )
+    short = [
+        i
+        for i, (a, b) in enumerate(zip(clean_rows, corr_rows, strict=True))
+        if len(a) <= k or len(b) <= k
+    ]
     if short:
-        raise InputError(f"rows {short[:8]} have at most suffix_tokens={k} real tokens: every "
-                         "row needs a prefix of at least one token before the suffix")
+        raise InputError(
+            f"rows {short[:8]} have at most suffix_tokens={k} real tokens: every "
+            "row needs a prefix of at least one token before the suffix"
+        )
     suffix = [r[-k:] for r in corr_rows]
     clean_prefix = [r[:-k] for r in clean_rows]
     corr_prefix = [r[:-k] for r in corr_rows]
     n = len(suffix)
     ones = torch.ones(n, k, dtype=torch.long, device=backend.device)
-    clean_logits = _suffix_logits(backend, [p + s for p, s in zip(clean_prefix, suffix, strict=True)], k)
+    clean_logits = _suffix_logits(
+        backend, [p + s for p, s in zip(clean_prefix, suffix, strict=True)], k
+    )
     corr_logits = _suffix_logits(backend, corr_rows, k)
-    metric = (LogitDiff.between(clean_logits, ones, corr_logits, ones) if metric_fn is None
-              else as_metric(metric_fn))
+    metric = (
+        LogitDiff.between(clean_logits, ones, corr_logits, ones)
+        if metric_fn is None
+        else as_metric(metric_fn)
+    )
     clean_metric = float(mean_value(metric(clean_logits, ones)))
     corr_metric = float(mean_value(metric(corr_logits, ones)))
 
@@ -127,30 +139,41 @@ def state_patch_sweep(
     per_forward = max(1, batch_size // n)
     suffix_batch = _pad(suffix, backend.device)
     for start in range(0, len(specs), per_forward):
-        chunk = specs[start:start + per_forward]
+        chunk = specs[start : start + per_forward]
         state = {}
         for name, value in state_of["corrupted"].items():
             blocks = [state_of["clean"][name] if name in spec else value for spec in chunk]
             state[name] = torch.cat(blocks, 0)
         reps = len(chunk)
-        run = backend.run({key: v.repeat(reps, 1) for key, v in suffix_batch.items()},
-                          capture=["logits"], initial_state=state, stop_early=False)
+        run = backend.run(
+            {key: v.repeat(reps, 1) for key, v in suffix_batch.items()},
+            capture=["logits"],
+            initial_state=state,
+            stop_early=False,
+        )
         logits = run["logits"]
-        values += [float(mean_value(metric(logits[j * n:(j + 1) * n], ones)))
-                   for j in range(reps)]
+        values += [
+            float(mean_value(metric(logits[j * n : (j + 1) * n], ones))) for j in range(reps)
+        ]
 
     def frac(v: float) -> float:
         return gap_fraction(v, corr_metric, clean_metric)
 
     gap_fraction(clean_metric, corr_metric, clean_metric, "state_patch_sweep")
     it = iter(values)
-    matrix = [[frac(next(it)) if (i, kind) in by_cell else None for kind in kinds]
-              for i in chosen]
+    matrix = [[frac(next(it)) if (i, kind) in by_cell else None for kind in kinds] for i in chosen]
     per_layer = [frac(next(it)) for _ in chosen]
     all_states = next(it)
     return StatePatchResult(
-        backend=backend.name, metric=metric_name(metric_fn if metric_fn is not None else metric),
-        layers=chosen, kinds=kinds, gap_restored=matrix, per_layer=per_layer,
-        all_states=frac(all_states), all_states_metric=all_states,
-        clean_metric=clean_metric, corrupted_metric=corr_metric, suffix_tokens=k,
+        backend=backend.name,
+        metric=metric_name(metric_fn if metric_fn is not None else metric),
+        layers=chosen,
+        kinds=kinds,
+        gap_restored=matrix,
+        per_layer=per_layer,
+        all_states=frac(all_states),
+        all_states_metric=all_states,
+        clean_metric=clean_metric,
+        corrupted_metric=corr_metric,
+        suffix_tokens=k,
     )

@@ -23,15 +23,24 @@ class ActivationStats(Result):
     sites: list[SiteStats] = field(default_factory=list)
 
     def to_markdown(self) -> str:
-        rows = [f"| {s.site} | {s.mean_norm:.4g} | {s.variance:.4g} | {s.n_vectors} |"
-                for s in self.sites]
-        return "\n".join([f"## Activation statistics ({self.backend})", "",
-                          "| site | mean L2 norm | variance | vectors |", "|---|---|---|---|",
-                          *rows])
+        rows = [
+            f"| {s.site} | {s.mean_norm:.4g} | {s.variance:.4g} | {s.n_vectors} |"
+            for s in self.sites
+        ]
+        return "\n".join(
+            [
+                f"## Activation statistics ({self.backend})",
+                "",
+                "| site | mean L2 norm | variance | vectors |",
+                "|---|---|---|---|",
+                *rows,
+            ]
+        )
 
 
-def activation_stats(backend: Any, inputs: Any, *,
-                     sites: list[str] | None = None) -> ActivationStats:
+def activation_stats(
+    backend: Any, inputs: Any, *, sites: list[str] | None = None
+) -> ActivationStats:
     """Mean L2 norm and variance of each site (default: every layer's main site)."""
     names = sites if sites is not None else backend.layer_names()
     result = backend.run(inputs, capture=names)
@@ -39,8 +48,15 @@ def activation_stats(backend: Any, inputs: Any, *,
     for name in names:
         acts = result[name].float()
         info = backend.site_info(name)
-        vectors = real_tokens(acts, result.attention_mask) if info.kind == "token" else acts.flatten(1)
-        out.sites.append(SiteStats(site=str(name), mean_norm=float(vectors.norm(dim=-1).mean()),
-                                   variance=float(vectors.var(dim=0).mean()) if len(vectors) > 1 else 0.0,
-                                   n_vectors=len(vectors)))
+        vectors = (
+            real_tokens(acts, result.attention_mask) if info.kind == "token" else acts.flatten(1)
+        )
+        out.sites.append(
+            SiteStats(
+                site=str(name),
+                mean_norm=float(vectors.norm(dim=-1).mean()),
+                variance=float(vectors.var(dim=0).mean()) if len(vectors) > 1 else 0.0,
+                n_vectors=len(vectors),
+            )
+        )
     return out

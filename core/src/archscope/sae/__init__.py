@@ -28,10 +28,23 @@ if TYPE_CHECKING:
 #: Public names defined in modules that import torch, loaded on first use so that reading the
 #: ``sae`` method's parameters (``archscope info``) imports no torch.
 _LAZY = {
-    **dict.fromkeys(["SAEMetrics", "SplicedLoss", "reconstruction_metrics", "spliced_loss"],
-                    "._metrics"),
-    **dict.fromkeys(["SAE", "SAE_TYPES", "BatchTopKSAE", "DenseSAE", "Rank1FactoredSAE",
-                     "SAEConfig", "TopKSAE", "build_sae", "canonical_sae_type"], "._models"),
+    **dict.fromkeys(
+        ["SAEMetrics", "SplicedLoss", "reconstruction_metrics", "spliced_loss"], "._metrics"
+    ),
+    **dict.fromkeys(
+        [
+            "SAE",
+            "SAE_TYPES",
+            "BatchTopKSAE",
+            "DenseSAE",
+            "Rank1FactoredSAE",
+            "SAEConfig",
+            "TopKSAE",
+            "build_sae",
+            "canonical_sae_type",
+        ],
+        "._models",
+    ),
     **dict.fromkeys(["export_saelens", "import_saelens"], "._saelens"),
     "fit_sae": "._train",
 }
@@ -44,8 +57,22 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "SAE", "SAE_TYPES", "BatchTopKSAE", "DenseSAE", "Rank1FactoredSAE", "SAEConfig",
-    "SAEMetrics", "SAEReport", "SplicedLoss", "TopKSAE", "build_sae", "canonical_sae_type",
-    "export_saelens", "fit_sae", "import_saelens", "reconstruction_metrics", "sae_method",
+    "SAE",
+    "SAE_TYPES",
+    "BatchTopKSAE",
+    "DenseSAE",
+    "Rank1FactoredSAE",
+    "SAEConfig",
+    "SAEMetrics",
+    "SAEReport",
+    "SplicedLoss",
+    "TopKSAE",
+    "build_sae",
+    "canonical_sae_type",
+    "export_saelens",
+    "fit_sae",
+    "import_saelens",
+    "reconstruction_metrics",
+    "sae_method",
     "spliced_loss",
 ]

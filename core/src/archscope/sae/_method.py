@@ -41,23 +41,42 @@ class SAEReport(Result):
 
     def to_markdown(self) -> str:
         m = self.eval
-        rows = [("MSE", f"{m.mse:.4g}"), ("explained variance", f"{m.explained_variance:.4f}"),
-                ("L0 (active per token)", f"{m.l0:.2f}"), ("dead fraction", f"{m.dead_fraction:.3f}")]
+        rows = [
+            ("MSE", f"{m.mse:.4g}"),
+            ("explained variance", f"{m.explained_variance:.4f}"),
+            ("L0 (active per token)", f"{m.l0:.2f}"),
+            ("dead fraction", f"{m.dead_fraction:.3f}"),
+        ]
         if self.loss is not None:
-            rows += [("next-token loss, clean", f"{self.loss.clean:.4f}"),
-                     ("next-token loss, SAE spliced in", f"{self.loss.spliced:.4f}"),
-                     ("next-token loss, site zeroed", f"{self.loss.zero_ablated:.4f}"),
-                     ("loss recovered", f"{self.loss.loss_recovered:.4f}")]
+            rows += [
+                ("next-token loss, clean", f"{self.loss.clean:.4f}"),
+                ("next-token loss, SAE spliced in", f"{self.loss.spliced:.4f}"),
+                ("next-token loss, site zeroed", f"{self.loss.zero_ablated:.4f}"),
+                ("loss recovered", f"{self.loss.loss_recovered:.4f}"),
+            ]
         k = f", k={self.k}" if self.k is not None else ""
-        head = (f"## SAE on {self.site} ({self.backend}): {self.sae_type}, "
-                f"{self.n_features} features{k}")
-        return "\n".join([head, "", f"Trained on {self.n_train_tokens} tokens; evaluated on "
-                          f"{m.n_inputs} held-out tokens.", "", "| metric | value |",
-                          "|---|---|", *[f"| {a} | {b} |" for a, b in rows]])
+        head = (
+            f"## SAE on {self.site} ({self.backend}): {self.sae_type}, "
+            f"{self.n_features} features{k}"
+        )
+        return "\n".join(
+            [
+                head,
+                "",
+                f"Trained on {self.n_train_tokens} tokens; evaluated on "
+                f"{m.n_inputs} held-out tokens.",
+                "",
+                "| metric | value |",
+                "|---|---|",
+                *[f"| {a} | {b} |" for a, b in rows],
+            ]
+        )
 
 
 def sae_method(
-    backend: Any, data: Any, *,
+    backend: Any,
+    data: Any,
+    *,
     site: Annotated[str | None, Param(help="token site (default: the middle layer's)")] = None,
     sae_type: Literal["dense", "rank1", "topk", "batchtopk"] = "topk",
     n_features: Annotated[int | None, Param(min=1, help="default: 8 x site dimension")] = None,
@@ -66,10 +85,10 @@ def sae_method(
     epochs: Annotated[int, Param(min=1)] = 10,
     batch_size: Annotated[int, Param(min=1, help="tokens per training step")] = 4096,
     learning_rate: Annotated[float, Param(min=0)] = 1e-3,
-    eval_fraction: Annotated[float, Param(min=0, max=0.9,
-                                          help="share of texts held out")] = 0.2,
-    stream: Annotated[bool, Param(help="re-run the model each epoch instead of keeping "
-                                        "activations in memory")] = False,
+    eval_fraction: Annotated[float, Param(min=0, max=0.9, help="share of texts held out")] = 0.2,
+    stream: Annotated[
+        bool, Param(help="re-run the model each epoch instead of keeping activations in memory")
+    ] = False,
     text_batch_size: Annotated[int, Param(min=1, help="texts per forward pass")] = 32,
     seed: int = 0,
     save: Annotated[str | None, Param(help="folder to save the SAE artifact to")] = None,
@@ -98,17 +117,31 @@ def sae_method(
     train_set = data.subset(sorted(order[n_eval:])) if n_eval else data
 
     def chunks(dataset: Any) -> Any:
-        return (c.activations[info.name] for c in iter_collect(
-            backend, dataset, [info.name], pool=None, batch_size=text_batch_size,
-            progress=False))
+        return (
+            c.activations[info.name]
+            for c in iter_collect(
+                backend, dataset, [info.name], pool=None, batch_size=text_batch_size, progress=False
+            )
+        )
 
-    config = SAEConfig(input_dim=info.dim, n_features=n_features or 8 * info.dim,
-                       sparsity=sparsity, sae_type=sae_type, learning_rate=learning_rate,
-                       batch_size=batch_size, k=k, seed=seed)
+    config = SAEConfig(
+        input_dim=info.dim,
+        n_features=n_features or 8 * info.dim,
+        sparsity=sparsity,
+        sae_type=sae_type,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        k=k,
+        seed=seed,
+    )
     source: Any = (lambda: chunks(train_set)) if stream else torch.cat(list(chunks(train_set)))
     counted: list[int] = []
-    sae = fit_sae(source if not stream else _counting(source, counted), config, epochs=epochs,
-                  device=str(backend.device))
+    sae = fit_sae(
+        source if not stream else _counting(source, counted),
+        config,
+        epochs=epochs,
+        device=str(backend.device),
+    )
     n_train = int(source.shape[0]) if isinstance(source, torch.Tensor) else sum(counted) // epochs
     sae.site = info.name
     sae.fitted_on = ArtifactFit.of(backend, info.name)
@@ -119,18 +152,28 @@ def sae_method(
         loss = spliced_loss(sae, backend, eval_set, info.name, batch_size=text_batch_size)
     saved = str(sae.save(save)) if save else None
     exported = str(export_saelens(sae, saelens_dir)) if saelens_dir else None
-    return SAEReport(backend=backend.name, site=info.name, sae_type=sae.sae_type,
-                     n_features=sae.n_features,
-                     k=k if sae.sae_type in ("topk", "batchtopk") else None,
-                     n_train_tokens=n_train, eval=metrics, loss=loss,
-                     train_metrics=dict(sae.last_metrics), saved_to=saved,
-                     saelens_dir=exported, _sae=sae)
+    return SAEReport(
+        backend=backend.name,
+        site=info.name,
+        sae_type=sae.sae_type,
+        n_features=sae.n_features,
+        k=k if sae.sae_type in ("topk", "batchtopk") else None,
+        n_train_tokens=n_train,
+        eval=metrics,
+        loss=loss,
+        train_metrics=dict(sae.last_metrics),
+        saved_to=saved,
+        saelens_dir=exported,
+        _sae=sae,
+    )
 
 
 def _counting(make: Any, counted: list[int]) -> Any:
     """Wrap a chunk-iterable factory so the rows it yields are counted."""
+
     def fresh() -> Any:
         for chunk in make():
             counted.append(len(chunk))
             yield chunk
+
     return fresh

@@ -34,8 +34,9 @@ class SAEMetrics(Result):
 
 
 @torch.no_grad()
-def reconstruction_metrics(sae: SAE, activations: ActivationSource,
-                           batch_size: int = 4096) -> SAEMetrics:
+def reconstruction_metrics(
+    sae: SAE, activations: ActivationSource, batch_size: int = 4096
+) -> SAEMetrics:
     """`SAEMetrics` of ``sae`` over activations (a tensor, an iterable of chunks or a function
     returning one), read in batches so the data need not fit in memory."""
     dim = sae.input_dim
@@ -51,12 +52,18 @@ def reconstruction_metrics(sae: SAE, activations: ActivationSource,
             for chunk in chunks:
                 rows = _as_rows(chunk, dim)
                 for start in range(0, len(rows), batch_size):
-                    x = rows[start:start + batch_size].to(dev, sae.W_dec.dtype)
+                    x = rows[start : start + batch_size].to(dev, sae.W_dec.dtype)
                     z = sae.encode(x)
                     recon = sae.decode(z)
                     xd = x.double()
-                    acc += torch.stack([(recon.double() - xd).pow(2).sum(), xd.pow(2).sum(),
-                                        z.double().abs().sum(), (z != 0).sum().double()]).cpu()
+                    acc += torch.stack(
+                        [
+                            (recon.double() - xd).pow(2).sum(),
+                            xd.pow(2).sum(),
+                            z.double().abs().sum(),
+                            (z != 0).sum().double(),
+                        ]
+                    ).cpu()
                     total += xd.sum(0).cpu()
                     fired |= (z != 0).any(0)
                     n += len(x)
@@ -66,10 +73,14 @@ def reconstruction_metrics(sae: SAE, activations: ActivationSource,
         raise ParameterError("reconstruction_metrics got no activations")
     sse, sumsq, l1, active = (float(v) for v in acc)
     centred = sumsq - float(total.pow(2).sum()) / n
-    return SAEMetrics(mse=sse / (n * dim),
-                      explained_variance=1.0 - sse / centred if centred > 0 else float("nan"),
-                      l0=active / n, l1=l1 / n,
-                      dead_fraction=float((~fired).float().mean()), n_inputs=n)
+    return SAEMetrics(
+        mse=sse / (n * dim),
+        explained_variance=1.0 - sse / centred if centred > 0 else float("nan"),
+        l0=active / n,
+        l1=l1 / n,
+        dead_fraction=float((~fired).float().mean()),
+        n_inputs=n,
+    )
 
 
 @dataclass
@@ -87,20 +98,29 @@ class SplicedLoss(Result):
     n_tokens: int
 
 
-def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
-                     ) -> tuple[float, int]:
+def _next_token_loss(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
+) -> tuple[float, int]:
     """Summed cross-entropy of each real token predicting the next real token, and the count."""
     valid = (mask[:, :-1] & mask[:, 1:]).reshape(-1)
     logp = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     target = ids[:, 1:].reshape(-1).to(logits.device)
-    losses = F.cross_entropy(logp[valid.to(logp.device)], target[valid.to(target.device)],
-                             reduction="sum")
+    losses = F.cross_entropy(
+        logp[valid.to(logp.device)], target[valid.to(target.device)], reduction="sum"
+    )
     return float(losses), int(valid.sum())
 
 
 @torch.no_grad()
-def spliced_loss(sae: SAE, backend: Any, data: Any, site: str | None = None, *,
-                 batch_size: int = 8, tokenizer: Any = None) -> SplicedLoss:
+def spliced_loss(
+    sae: SAE,
+    backend: Any,
+    data: Any,
+    site: str | None = None,
+    *,
+    batch_size: int = 8,
+    tokenizer: Any = None,
+) -> SplicedLoss:
     """Next-token loss over ``data`` (a Dataset, texts with ``tokenizer``, token ids) with the
     SAE's reconstruction spliced in at ``site`` (default: the site it was fitted on) versus
     the clean and zero-ablated model. Only real tokens are edited and scored; padding is left
@@ -110,13 +130,16 @@ def spliced_loss(sae: SAE, backend: Any, data: Any, site: str | None = None, *,
 
     site = site or sae.site or (sae.fitted_on.site if sae.fitted_on is not None else None)
     if site is None:
-        raise ParameterError("spliced_loss needs the site the SAE reads (site=...); this SAE "
-                             "records none")
+        raise ParameterError(
+            "spliced_loss needs the site the SAE reads (site=...); this SAE records none"
+        )
     info = backend.site_info(site)
     if info.kind != "token" or info.dim != sae.input_dim:
-        raise SiteError(f"site {info.name!r} of backend {backend.name!r} is a {info.kind} site "
-                        f"of dimension {info.dim}; the SAE reads token sites of dimension "
-                        f"{sae.input_dim}")
+        raise SiteError(
+            f"site {info.name!r} of backend {backend.name!r} is a {info.kind} site "
+            f"of dimension {info.dim}; the SAE reads token sites of dimension "
+            f"{sae.input_dim}"
+        )
     backend.require("logits")
     dataset = as_dataset(data, tokenizer)
     was_training = sae.training
@@ -137,9 +160,13 @@ def spliced_loss(sae: SAE, backend: Any, data: Any, site: str | None = None, *,
             # "clean" passes the site through unchanged by an edit, so all three runs take
             # the same (edited) path through the backend, whose kernels may differ slightly
             # from an unedited run's
-            for i, edits in enumerate(([Edit.apply(info.name, lambda t: t)],
-                                       [Edit.apply(info.name, splice)],
-                                       [Edit.apply(info.name, zero)])):
+            for i, edits in enumerate(
+                (
+                    [Edit.apply(info.name, lambda t: t)],
+                    [Edit.apply(info.name, splice)],
+                    [Edit.apply(info.name, zero)],
+                )
+            ):
                 logits = backend.run(batch, capture=["logits"], edits=edits).logits
                 loss, n = _next_token_loss(logits, ids, mask)
                 totals[i] += loss
@@ -150,6 +177,11 @@ def spliced_loss(sae: SAE, backend: Any, data: Any, site: str | None = None, *,
         raise ParameterError("spliced_loss needs texts of at least two tokens")
     clean, spliced, zero_loss = (t / count for t in totals)
     gap = zero_loss - clean
-    return SplicedLoss(site=info.name, clean=clean, spliced=spliced, zero_ablated=zero_loss,
-                       loss_recovered=(zero_loss - spliced) / gap if gap != 0 else float("nan"),
-                       n_tokens=count)
+    return SplicedLoss(
+        site=info.name,
+        clean=clean,
+        spliced=spliced,
+        zero_ablated=zero_loss,
+        loss_recovered=(zero_loss - spliced) / gap if gap != 0 else float("nan"),
+        n_tokens=count,
+    )

@@ -20,8 +20,14 @@ SAE_TYPES: dict[str, str] = {
     "topk": "the k largest pre-activations of each input kept (unit-norm decoder rows, AuxK)",
     "batchtopk": "the k * batch largest pre-activations of a batch kept; a threshold at inference",
 }
-_ALIASES = {"standard": "dense", "relu": "dense", "rank1_factored": "rank1",
-            "factored": "rank1", "top_k": "topk", "batch_topk": "batchtopk"}
+_ALIASES = {
+    "standard": "dense",
+    "relu": "dense",
+    "rank1_factored": "rank1",
+    "factored": "rank1",
+    "top_k": "topk",
+    "batch_topk": "batchtopk",
+}
 
 
 def canonical_sae_type(sae_type: str) -> str:
@@ -31,7 +37,8 @@ def canonical_sae_type(sae_type: str) -> str:
     if name not in SAE_TYPES:
         raise ParameterError(
             f"unknown sae_type {sae_type!r}; valid types: {', '.join(SAE_TYPES)} "
-            f"(aliases: {', '.join(sorted(_ALIASES))}). Pass one of them in SAEConfig.sae_type.")
+            f"(aliases: {', '.join(sorted(_ALIASES))}). Pass one of them in SAEConfig.sae_type."
+        )
     return name
 
 
@@ -185,9 +192,11 @@ class SAE(nn.Module, Artifact):
         l1 = (z @ self.W_dec.norm(dim=1)).mean()
         total = mse + self.cfg.sparsity * l1 if self.penalised else mse
         scale2 = float(self.input_scale) ** 2  # recon is reported in raw activation space
-        self.last_metrics = {"recon": float(mse.detach()) / self.input_dim / scale2,
-                             "l1": float(z.detach().abs().sum(-1).mean()),
-                             "n_active": float((z > 0).sum(-1).float().mean())}
+        self.last_metrics = {
+            "recon": float(mse.detach()) / self.input_dim / scale2,
+            "l1": float(z.detach().abs().sum(-1).mean()),
+            "n_active": float((z > 0).sum(-1).float().mean()),
+        }
         return total
 
     penalised: ClassVar[bool] = True
@@ -206,8 +215,13 @@ class SAE(nn.Module, Artifact):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers under SAELens's names, contiguous, for safetensors."""
         out = {name: t.detach().contiguous() for name, t in self.named_parameters()}
-        out.update({name: t.detach().contiguous() for name, t in self.named_buffers()
-                    if not name.startswith("_")})
+        out.update(
+            {
+                name: t.detach().contiguous()
+                for name, t in self.named_buffers()
+                if not name.startswith("_")
+            }
+        )
         return out
 
     def artifact_config(self) -> dict[str, Any]:
@@ -219,8 +233,10 @@ class SAE(nn.Module, Artifact):
         """The SAE saved as ``tensors`` + ``config`` (the inverse of `state_tensors` and
         `config`); the class follows the saved sae_type."""
         if not isinstance(config.get("sae"), dict):
-            raise ArtifactError("an SAE artifact's config needs an 'sae' entry (SAEConfig "
-                                f"fields); got keys {sorted(config)}")
+            raise ArtifactError(
+                "an SAE artifact's config needs an 'sae' entry (SAEConfig "
+                f"fields); got keys {sorted(config)}"
+            )
         sae = build_sae(SAEConfig.from_dict(config["sae"]))
         sae.load_tensors(tensors)
         sae.site = config.get("site")
@@ -234,14 +250,18 @@ class SAE(nn.Module, Artifact):
         missing = sorted(set(own) - set(tensors))
         extra = sorted(set(tensors) - set(own))
         if missing or extra:
-            raise ArtifactError(f"a {self.sae_type} SAE has tensors {sorted(own)}; the saved one "
-                                f"lacks {missing} and has unexpected {extra}")
+            raise ArtifactError(
+                f"a {self.sae_type} SAE has tensors {sorted(own)}; the saved one "
+                f"lacks {missing} and has unexpected {extra}"
+            )
         for name, target in own.items():
             value = tensors[name]
             if tuple(value.shape) != tuple(target.shape):
-                raise ArtifactError(f"tensor {name!r} has shape {tuple(value.shape)}; this SAE "
-                                    f"needs {tuple(target.shape)} (input_dim "
-                                    f"{self.input_dim}, n_features {self.n_features})")
+                raise ArtifactError(
+                    f"tensor {name!r} has shape {tuple(value.shape)}; this SAE "
+                    f"needs {tuple(target.shape)} (input_dim "
+                    f"{self.input_dim}, n_features {self.n_features})"
+                )
             target.copy_(value)
 
 
@@ -306,7 +326,10 @@ class BatchTopKSAE(SAE):
 
 
 _CLASSES: dict[str, type[SAE]] = {
-    "dense": DenseSAE, "rank1": Rank1FactoredSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE,
+    "dense": DenseSAE,
+    "rank1": Rank1FactoredSAE,
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
 }
 
 

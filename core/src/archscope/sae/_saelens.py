@@ -24,18 +24,22 @@ from ._models import SAE, BatchTopKSAE, SAEConfig, build_sae, canonical_sae_type
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 #: archscope sae_type -> SAELens architecture
-ARCHITECTURES = {"dense": "standard", "rank1": "standard", "topk": "topk",
-                 "batchtopk": "jumprelu"}
-_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
-           torch.bfloat16: "bfloat16"}
+ARCHITECTURES = {"dense": "standard", "rank1": "standard", "topk": "topk", "batchtopk": "jumprelu"}
+_DTYPES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return _DTYPES.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def export_saelens(sae: SAE, path: str | Path, *, hook_name: str | None = None,
-                   model_name: str | None = None) -> Path:
+def export_saelens(
+    sae: SAE, path: str | Path, *, hook_name: str | None = None, model_name: str | None = None
+) -> Path:
     """Write ``sae`` in SAELens's layout to the folder ``path`` (created if needed).
 
     ``hook_name`` is what SAELens records as the hook point (default: the archscope site the
@@ -58,8 +62,9 @@ def export_saelens(sae: SAE, path: str | Path, *, hook_name: str | None = None,
         }
         if isinstance(sae, BatchTopKSAE):
             tensors["threshold"] = sae.threshold
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-              str(folder / WEIGHTS_FILE))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(folder / WEIGHTS_FILE)
+    )
     site = sae.site or (sae.fitted_on.site if sae.fitted_on is not None else None)
     cfg: dict[str, Any] = {
         "architecture": ARCHITECTURES[sae.sae_type],
@@ -86,8 +91,10 @@ _TL_SITES = [  # TransformerLens hook names -> archscope sites
     (re.compile(r"blocks\.(\d+)\.hook_resid_post$"), lambda i: f"layer_{i}.residual"),
     (re.compile(r"blocks\.(\d+)\.hook_mlp_out$"), lambda i: f"layer_{i}.mlp"),
     (re.compile(r"blocks\.(\d+)\.hook_attn_out$"), lambda i: f"layer_{i}.attn"),
-    (re.compile(r"blocks\.(\d+)\.hook_resid_pre$"),
-     lambda i: "embed" if i == 0 else f"layer_{i - 1}.residual"),
+    (
+        re.compile(r"blocks\.(\d+)\.hook_resid_pre$"),
+        lambda i: "embed" if i == 0 else f"layer_{i - 1}.residual",
+    ),
 ]
 
 
@@ -121,8 +128,9 @@ def import_saelens(path: str | Path) -> SAE:  # noqa: C901 - one check per cfg k
 
     folder = Path(path)
     if not (folder / CFG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise ArtifactError(f"{folder} is not an SAELens SAE folder (it needs {CFG_FILE} and "
-                            f"{WEIGHTS_FILE})")
+        raise ArtifactError(
+            f"{folder} is not an SAELens SAE folder (it needs {CFG_FILE} and {WEIGHTS_FILE})"
+        )
     try:
         cfg = json.loads((folder / CFG_FILE).read_text())
         tensors = load_file(str(folder / WEIGHTS_FILE))
@@ -134,35 +142,51 @@ def import_saelens(path: str | Path) -> SAE:  # noqa: C901 - one check per cfg k
     wanted = cfg.get("archscope_sae_type")
     types = {"standard": "dense", "topk": "topk", "jumprelu": "batchtopk"}
     if arch not in types:
-        raise ArtifactError(f"SAELens architecture {arch!r} cannot be read; readable: "
-                            f"{', '.join(types)}")
-    sae_type = wanted if wanted in ARCHITECTURES and ARCHITECTURES[wanted] == arch \
-        else types[arch]
+        raise ArtifactError(
+            f"SAELens architecture {arch!r} cannot be read; readable: {', '.join(types)}"
+        )
+    sae_type = wanted if wanted in ARCHITECTURES and ARCHITECTURES[wanted] == arch else types[arch]
     missing = [n for n in ("W_enc", "W_dec", "b_enc", "b_dec") if n not in tensors]
     if arch == "jumprelu" and "threshold" not in tensors:
         missing.append("threshold")
     if missing:
-        raise ArtifactError(f"{folder / WEIGHTS_FILE} lacks {missing}; it holds "
-                            f"{sorted(tensors)}")
+        raise ArtifactError(f"{folder / WEIGHTS_FILE} lacks {missing}; it holds {sorted(tensors)}")
     d_in, d_sae = (int(n) for n in tensors["W_enc"].shape)
-    if (tuple(tensors["W_dec"].shape) != (d_sae, d_in)
-            or (cfg.get("d_in", d_in), cfg.get("d_sae", d_sae)) != (d_in, d_sae)):
-        raise ArtifactError(f"inconsistent shapes in {folder}: W_enc {tuple(tensors['W_enc'].shape)}"
-                            f", W_dec {tuple(tensors['W_dec'].shape)}, cfg d_in "
-                            f"{cfg.get('d_in')} d_sae {cfg.get('d_sae')}")
+    if tuple(tensors["W_dec"].shape) != (d_sae, d_in) or (
+        cfg.get("d_in", d_in),
+        cfg.get("d_sae", d_sae),
+    ) != (d_in, d_sae):
+        raise ArtifactError(
+            f"inconsistent shapes in {folder}: W_enc {tuple(tensors['W_enc'].shape)}"
+            f", W_dec {tuple(tensors['W_dec'].shape)}, cfg d_in "
+            f"{cfg.get('d_in')} d_sae {cfg.get('d_sae')}"
+        )
     norm = cfg.get("normalize_activations", "none")
     if norm not in ("none", None, "expected_average_only_in"):
-        raise ArtifactError(f"normalize_activations {norm!r} is not supported; readable: "
-                            "'none' (or 'expected_average_only_in' with the factor folded in)")
+        raise ArtifactError(
+            f"normalize_activations {norm!r} is not supported; readable: "
+            "'none' (or 'expected_average_only_in' with the factor folded in)"
+        )
     if norm == "expected_average_only_in":
-        warnings.warn("archscope: this SAE expects inputs scaled by a factor SAELens keeps "
-                      "outside the file; it is read as if that factor were folded in",
-                      stacklevel=2)
+        warnings.warn(
+            "archscope: this SAE expects inputs scaled by a factor SAELens keeps "
+            "outside the file; it is read as if that factor were folded in",
+            stacklevel=2,
+        )
     stored = cfg.get("archscope_config")
-    config = SAEConfig.from_dict(stored) if isinstance(stored, dict) else SAEConfig(
-        input_dim=d_in, n_features=d_sae, sae_type=sae_type)
-    config = SAEConfig.from_dict({**config.to_dict(), "input_dim": d_in, "n_features": d_sae,
-                                  "sae_type": canonical_sae_type(sae_type)})
+    config = (
+        SAEConfig.from_dict(stored)
+        if isinstance(stored, dict)
+        else SAEConfig(input_dim=d_in, n_features=d_sae, sae_type=sae_type)
+    )
+    config = SAEConfig.from_dict(
+        {
+            **config.to_dict(),
+            "input_dim": d_in,
+            "n_features": d_sae,
+            "sae_type": canonical_sae_type(sae_type),
+        }
+    )
     k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
     if k is not None:
         config.k = int(k)

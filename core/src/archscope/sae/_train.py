@@ -29,11 +29,14 @@ def _as_rows(chunk: Any, dim: int) -> torch.Tensor:
         if isinstance(acts, dict) and len(acts) == 1:
             chunk = next(iter(acts.values()))
         else:
-            raise ParameterError(f"activation chunks must be tensors (n, {dim}); got "
-                                 f"{type(chunk).__name__}")
+            raise ParameterError(
+                f"activation chunks must be tensors (n, {dim}); got {type(chunk).__name__}"
+            )
     if chunk.shape[-1] != dim:
-        raise ParameterError(f"activation chunks must end in the SAE's input_dim {dim}; got "
-                             f"shape {tuple(chunk.shape)}")
+        raise ParameterError(
+            f"activation chunks must end in the SAE's input_dim {dim}; got "
+            f"shape {tuple(chunk.shape)}"
+        )
     rows: torch.Tensor = chunk.reshape(-1, dim)
     return rows
 
@@ -52,13 +55,15 @@ def _epochs_of(source: ActivationSource, epochs: int) -> Iterator[Iterable[Any]]
         raise ParameterError(
             f"epochs={epochs} needs the activations several times, but a one-shot iterator "
             "was given; pass epochs=1, a list of chunks, or a function returning a fresh "
-            "iterator (e.g. lambda: archscope.iter_collect(...))")
+            "iterator (e.g. lambda: archscope.iter_collect(...))"
+        )
     for _ in range(epochs):
         yield source
 
 
-def _shuffled_batches(chunks: Iterable[Any], dim: int, batch_size: int, buffer_size: int,
-                      gen: torch.Generator) -> Iterator[torch.Tensor]:
+def _shuffled_batches(
+    chunks: Iterable[Any], dim: int, batch_size: int, buffer_size: int, gen: torch.Generator
+) -> Iterator[torch.Tensor]:
     """Minibatches drawn from a shuffled buffer of up to ``buffer_size`` rows; half the
     buffer is emitted whenever it fills, so rows of one chunk are spread over many batches."""
     pending: list[torch.Tensor] = []
@@ -74,20 +79,21 @@ def _shuffled_batches(chunks: Iterable[Any], dim: int, batch_size: int, buffer_s
             buf = buf[torch.randperm(len(buf), generator=gen)]
             n_out = max(batch_size, (len(buf) // 2) // batch_size * batch_size)
             for start in range(0, n_out, batch_size):
-                yield buf[start:start + batch_size]
+                yield buf[start : start + batch_size]
             pending, held = [buf[n_out:]], len(buf) - n_out
     if held:
         buf = torch.cat(pending)
         buf = buf[torch.randperm(len(buf), generator=gen)]
         for start in range(0, len(buf), batch_size):
-            yield buf[start:start + batch_size]
+            yield buf[start : start + batch_size]
 
 
-def _tensor_batches(x: torch.Tensor, batch_size: int, gen: torch.Generator
-                    ) -> Iterator[torch.Tensor]:
+def _tensor_batches(
+    x: torch.Tensor, batch_size: int, gen: torch.Generator
+) -> Iterator[torch.Tensor]:
     perm = torch.randperm(len(x), generator=gen)
     for start in range(0, len(x), batch_size):
-        yield x.index_select(0, perm[start:start + batch_size].to(x.device))
+        yield x.index_select(0, perm[start : start + batch_size].to(x.device))
 
 
 # -- sparse pieces of the TopK steps --------------------------------------------------------
@@ -98,8 +104,15 @@ class _GatherPre(torch.autograd.Function):
     (batch x features) one)."""
 
     @staticmethod
-    def forward(ctx: Any, pre: torch.Tensor, idx: torch.Tensor, xc: torch.Tensor,
-                w_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        pre: torch.Tensor,
+        idx: torch.Tensor,
+        xc: torch.Tensor,
+        w_enc: torch.Tensor,
+        b_enc: torch.Tensor,
+        b_dec: torch.Tensor,
+    ) -> torch.Tensor:
         ctx.save_for_backward(idx, xc, w_enc)
         return pre.gather(1, idx)
 
@@ -113,11 +126,11 @@ class _GatherPre(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[3]:
             rows = torch.arange(idx.shape[0], device=idx.device).repeat_interleave(idx.shape[1])
-            sparse = torch.sparse_coo_tensor(torch.stack([flat_idx, rows]), g,
-                                             (n_feat, idx.shape[0]), check_invariants=False)
+            sparse = torch.sparse_coo_tensor(
+                torch.stack([flat_idx, rows]), g, (n_feat, idx.shape[0]), check_invariants=False
+            )
             grad_w = torch.sparse.mm(sparse, xc).t()  # (d, features), feature-major like W_enc
-        per_feature = torch.zeros(n_feat, dtype=g.dtype, device=g.device).index_add_(
-            0, flat_idx, g)
+        per_feature = torch.zeros(n_feat, dtype=g.dtype, device=g.device).index_add_(0, flat_idx, g)
         grad_b_dec = -(w_enc @ per_feature) if ctx.needs_input_grad[5] else None
         return None, None, None, grad_w, per_feature, grad_b_dec
 
@@ -132,8 +145,13 @@ class _Adam:
     """Adam (Kingma & Ba), updating the parameters in place. The few SAE tensors need none of
     `torch.optim`'s machinery, whose first import costs seconds."""
 
-    def __init__(self, params: list[torch.nn.Parameter], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    def __init__(
+        self,
+        params: list[torch.nn.Parameter],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
         self.params = params
         self.lr, (self.b1, self.b2), self.eps = lr, betas, eps
         self.m = [torch.zeros_like(p) for p in params]
@@ -143,8 +161,8 @@ class _Adam:
     @torch.no_grad()
     def step(self) -> None:
         self.t += 1
-        step_size = self.lr * math.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t)
-        eps = self.eps * math.sqrt(1 - self.b2 ** self.t)
+        step_size = self.lr * math.sqrt(1 - self.b2**self.t) / (1 - self.b1**self.t)
+        eps = self.eps * math.sqrt(1 - self.b2**self.t)
         for p, m, v in zip(self.params, self.m, self.v, strict=True):
             if p.grad is None:
                 continue
@@ -195,9 +213,15 @@ class _Trainer:
             if record:
                 err = (recon - xn).pow(2).sum()
                 centred = (xn - xn.mean(0)).pow(2).sum()
-                self.stats += torch.stack([err.double(), centred.double(), l1.double(),
-                                           l0.double(), torch.tensor(float(len(x)),
-                                                                     dtype=torch.float64)])
+                self.stats += torch.stack(
+                    [
+                        err.double(),
+                        centred.double(),
+                        l1.double(),
+                        l0.double(),
+                        torch.tensor(float(len(x)), dtype=torch.float64),
+                    ]
+                )
 
     def _dense_forward(self, xn: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sae = self.sae
@@ -267,10 +291,15 @@ class _Trainer:
         n = max(n, 1.0)
         scale2 = float(self.sae.input_scale) ** 2
         dead = float((self.since_fired >= self.dead_window).float().mean())
-        return {"recon": sse / n / self.sae.input_dim / scale2, "mse": sse / n / self.sae.input_dim / scale2,
-                "explained_variance": 1.0 - sse / centred if centred > 0 else float("nan"),
-                "l1": l1 / n, "n_active": l0 / n, "l0": l0 / n,
-                "dead_fraction": dead}
+        return {
+            "recon": sse / n / self.sae.input_dim / scale2,
+            "mse": sse / n / self.sae.input_dim / scale2,
+            "explained_variance": 1.0 - sse / centred if centred > 0 else float("nan"),
+            "l1": l1 / n,
+            "n_active": l0 / n,
+            "l0": l0 / n,
+            "dead_fraction": dead,
+        }
 
 
 @torch.no_grad()
@@ -283,9 +312,15 @@ def _initialise(sae: SAE, sample: torch.Tensor) -> None:
         sae.b_dec.copy_(sample.mean(0) * sae.input_scale)
 
 
-def fit_sae(activations: ActivationSource, config: SAEConfig, epochs: int = 100,
-            device: str = "cpu", *, sae: SAE | None = None,
-            progress: Callable[[int, dict[str, float]], None] | None = None) -> SAE:
+def fit_sae(
+    activations: ActivationSource,
+    config: SAEConfig,
+    epochs: int = 100,
+    device: str = "cpu",
+    *,
+    sae: SAE | None = None,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> SAE:
     """Train an SAE of ``config.sae_type`` on activations and return it.
 
     ``activations``: an (n, input_dim) tensor (any leading shape is flattened), an iterable of
@@ -312,7 +347,7 @@ def fit_sae(activations: ActivationSource, config: SAEConfig, epochs: int = 100,
     # the first buffer-full of rows initialises scale and bias; it is then trained on as usual
     if isinstance(activations, torch.Tensor):
         rows = _as_rows(activations, dim)
-        pick = torch.randperm(len(rows), generator=gen)[:config.buffer_size].to(rows.device)
+        pick = torch.randperm(len(rows), generator=gen)[: config.buffer_size].to(rows.device)
         sample = rows.index_select(0, pick)
         first_chunks: Iterable[Any] = first
     else:

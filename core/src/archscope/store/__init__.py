@@ -14,5 +14,12 @@ from .extract import extract
 from .format import Manifest, ShardRecord, StoreError
 from .reader import ActivationStore, StoreInfo, StoreReader
 
-__all__ = ["ActivationStore", "Manifest", "ShardRecord", "StoreError", "StoreInfo",
-           "StoreReader", "extract"]
+__all__ = [
+    "ActivationStore",
+    "Manifest",
+    "ShardRecord",
+    "StoreError",
+    "StoreInfo",
+    "StoreReader",
+    "extract",
+]

@@ -81,9 +81,12 @@ def tokenizer_hash(tokenizer: Any) -> str | None:
     if backend is not None and hasattr(backend, "to_str"):
         text = backend.to_str()
     elif hasattr(tokenizer, "get_vocab"):
-        text = json.dumps({"vocab": sorted(tokenizer.get_vocab().items()),
-                           "special": sorted(map(str, getattr(tokenizer, "all_special_tokens",
-                                                              [])))})
+        text = json.dumps(
+            {
+                "vocab": sorted(tokenizer.get_vocab().items()),
+                "special": sorted(map(str, getattr(tokenizer, "all_special_tokens", []))),
+            }
+        )
     if text is None:
         text = repr(tokenizer)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -97,7 +100,7 @@ def dataset_fingerprint(rows: Sequence[Sequence[int]]) -> str:
     h = hashlib.sha256()
     h.update(np.asarray([len(r) for r in rows], dtype=np.int64).tobytes())
     for start in range(0, len(rows), 4096):  # in blocks: no single huge array
-        block = [t for r in rows[start:start + 4096] for t in r]
+        block = [t for r in rows[start : start + 4096] for t in r]
         h.update(np.asarray(block, dtype=np.int64).tobytes())
     return h.hexdigest()[:32]
 
@@ -110,8 +113,10 @@ def _meta_tensor_source(model: Any, name: str) -> Any:
     hook = getattr(module, "_hf_hook", None)
     weights = getattr(hook, "weights_map", None)
     if weights is None:
-        raise StoreError(f"parameter {name} is on the meta device and no offload map holds it; "
-                         "load the model fully before extracting")
+        raise StoreError(
+            f"parameter {name} is on the meta device and no offload map holds it; "
+            "load the model fully before extracting"
+        )
     return weights[leaf]
 
 
@@ -149,13 +154,25 @@ class ShardRecord:
     bytes: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "file": self.file, "docs": list(self.docs),
-                "n_tokens": self.n_tokens, "sha256": self.sha256, "bytes": self.bytes}
+        return {
+            "index": self.index,
+            "file": self.file,
+            "docs": list(self.docs),
+            "n_tokens": self.n_tokens,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ShardRecord:
-        return cls(int(d["index"]), str(d["file"]), (int(d["docs"][0]), int(d["docs"][1])),
-                   int(d["n_tokens"]), str(d["sha256"]), int(d["bytes"]))
+        return cls(
+            int(d["index"]),
+            str(d["file"]),
+            (int(d["docs"][0]), int(d["docs"][1])),
+            int(d["n_tokens"]),
+            str(d["sha256"]),
+            int(d["bytes"]),
+        )
 
 
 #: Manifest keys that must agree for an existing folder to be resumed, with what they mean.
@@ -199,32 +216,48 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "format": FORMAT, "format_version": FORMAT_VERSION,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
             "archscope_version": self.archscope_version,
             "complete": self.complete,
             "n_tokens": self.n_tokens,
-            "model": self.model, "tokenizer_hash": self.tokenizer_hash,
-            "sites": self.sites, "dataset": self.dataset, "layout": self.layout,
+            "model": self.model,
+            "tokenizer_hash": self.tokenizer_hash,
+            "sites": self.sites,
+            "dataset": self.dataset,
+            "layout": self.layout,
             "shards": [self.shards[i].to_dict() for i in sorted(self.shards)],
         }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = "manifest") -> Manifest:
         if d.get("format") != FORMAT:
-            raise StoreError(f"{where} is not an archscope activation store manifest (format "
-                             f"{d.get('format')!r}, expected {FORMAT!r})")
+            raise StoreError(
+                f"{where} is not an archscope activation store manifest (format "
+                f"{d.get('format')!r}, expected {FORMAT!r})"
+            )
         if int(d.get("format_version", -1)) > FORMAT_VERSION:
-            raise StoreError(f"{where} has format version {d.get('format_version')}; this "
-                             f"archscope reads up to {FORMAT_VERSION}: upgrade archscope")
+            raise StoreError(
+                f"{where} has format version {d.get('format_version')}; this "
+                f"archscope reads up to {FORMAT_VERSION}: upgrade archscope"
+            )
         try:
             shards = {int(s["index"]): ShardRecord.from_dict(s) for s in d["shards"]}
-            return cls(model=dict(d["model"]), tokenizer_hash=d["tokenizer_hash"],
-                       sites=dict(d["sites"]), dataset=dict(d["dataset"]),
-                       layout=dict(d["layout"]), shards=shards, complete=bool(d["complete"]),
-                       archscope_version=str(d.get("archscope_version", "")))
+            return cls(
+                model=dict(d["model"]),
+                tokenizer_hash=d["tokenizer_hash"],
+                sites=dict(d["sites"]),
+                dataset=dict(d["dataset"]),
+                layout=dict(d["layout"]),
+                shards=shards,
+                complete=bool(d["complete"]),
+                archscope_version=str(d.get("archscope_version", "")),
+            )
         except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(f"{where} is malformed ({type(exc).__name__}: {exc}); delete the "
-                             "folder and extract again") from None
+            raise StoreError(
+                f"{where} is malformed ({type(exc).__name__}: {exc}); delete the "
+                "folder and extract again"
+            ) from None
 
     def save(self, folder: Path) -> None:
         atomic_write(folder / MANIFEST, json.dumps(self.to_dict(), indent=1).encode())
@@ -233,13 +266,16 @@ class Manifest:
     def load(cls, folder: Path) -> Manifest:
         path = folder / MANIFEST
         if not path.is_file():
-            raise StoreError(f"{folder} holds no {MANIFEST}: it is not an activation store "
-                             "(create one with archscope.store.extract or `archscope extract`)")
+            raise StoreError(
+                f"{folder} holds no {MANIFEST}: it is not an activation store "
+                "(create one with archscope.store.extract or `archscope extract`)"
+            )
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
-            raise StoreError(f"{path} is not valid JSON ({exc.msg}); delete the folder and "
-                             "extract again") from None
+            raise StoreError(
+                f"{path} is not valid JSON ({exc.msg}); delete the folder and extract again"
+            ) from None
         return cls.from_dict(data, str(path))
 
     def differences(self, other: Manifest) -> list[str]:
@@ -249,10 +285,13 @@ class Manifest:
             mine, theirs = getattr(self, key), getattr(other, key)
             if mine != theirs:
                 if isinstance(mine, dict) and isinstance(theirs, dict):
-                    keys = sorted(k for k in set(mine) | set(theirs) if mine.get(k) !=
-                                  theirs.get(k))
-                    detail = "; ".join(f"{k}: store has {mine.get(k)!r}, request has "
-                                       f"{theirs.get(k)!r}" for k in keys)
+                    keys = sorted(
+                        k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k)
+                    )
+                    detail = "; ".join(
+                        f"{k}: store has {mine.get(k)!r}, request has {theirs.get(k)!r}"
+                        for k in keys
+                    )
                 else:
                     detail = f"store has {mine!r}, request has {theirs!r}"
                 lines.append(f"{what} differs ({detail})")

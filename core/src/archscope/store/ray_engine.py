@@ -35,13 +35,23 @@ class ExtractWorker:
 
     def describe(self, sites: Sequence[str], dtype: str | None) -> dict[str, Any]:
         torch_dtype = resolve_dtype(dtype, self.backend.model)
-        return {"model": model_record(self.backend.model, self.backend.name),
-                "sites": site_records(self.backend, sites, torch_dtype),
-                "padding": getattr(self.backend, "padding", "both"),
-                "tokenizer": self.tokenizer}
+        return {
+            "model": model_record(self.backend.model, self.backend.name),
+            "sites": site_records(self.backend, sites, torch_dtype),
+            "padding": getattr(self.backend, "padding", "both"),
+            "tokenizer": self.tokenizer,
+        }
 
-    def run(self, folder: str, index: int, docs: tuple[int, int], rows: list[list[int]],
-            sites: list[str], batch_size: int, dtype: str) -> dict[str, Any]:
+    def run(
+        self,
+        folder: str,
+        index: int,
+        docs: tuple[int, int],
+        rows: list[list[int]],
+        sites: list[str],
+        batch_size: int,
+        dtype: str,
+    ) -> dict[str, Any]:
         torch_dtype = resolve_dtype(dtype, self.backend.model)
         tensors = block_tensors(self.backend, rows, docs[0], sites, batch_size, torch_dtype)
         return write_shard(Path(folder), index, docs, tensors).to_dict()
@@ -55,14 +65,28 @@ def _ray() -> Any:
     return ray
 
 
-def extract_ray(model: str, data: Any, sites: Sequence[str], out: str | Path, *,
-                arch: str | None = None, batch_size: int = 32,
-                docs_per_shard: int = DEFAULT_DOCS_PER_SHARD, dtype: str | None = None,
-                max_length: int | None = None, text_column: str = "text",
-                split: str | None = None, workers: int = 2, cpus_per_worker: float = 1.0,
-                gpus_per_worker: float = 0.0, threads_per_worker: int = 1,
-                address: str | None = None, overwrite: bool = False,
-                progress: bool | None = None, timings: dict[str, float] | None = None) -> Any:
+def extract_ray(
+    model: str,
+    data: Any,
+    sites: Sequence[str],
+    out: str | Path,
+    *,
+    arch: str | None = None,
+    batch_size: int = 32,
+    docs_per_shard: int = DEFAULT_DOCS_PER_SHARD,
+    dtype: str | None = None,
+    max_length: int | None = None,
+    text_column: str = "text",
+    split: str | None = None,
+    workers: int = 2,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+    threads_per_worker: int = 1,
+    address: str | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    timings: dict[str, float] | None = None,
+) -> Any:
     """Extract like `archscope.store.extract`, with ``workers`` Ray actors.
 
     ``model`` is a model spec (``load_model``'s argument), loaded once in each actor.
@@ -82,15 +106,16 @@ def extract_ray(model: str, data: Any, sites: Sequence[str], out: str | Path, *,
     started = False
     clock = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(
+            address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
+        )
         started = True
     try:
         device = "cuda" if gpus_per_worker > 0 else "cpu"
-        actor_cls = ray.remote(ExtractWorker).options(num_cpus=cpus_per_worker,
-                                                      num_gpus=gpus_per_worker)
-        actors = [actor_cls.remote(model, arch, device, threads_per_worker)
-                  for _ in range(workers)]
+        actor_cls = ray.remote(ExtractWorker).options(
+            num_cpus=cpus_per_worker, num_gpus=gpus_per_worker
+        )
+        actors = [actor_cls.remote(model, arch, device, threads_per_worker) for _ in range(workers)]
         # Every actor describes its model: all have loaded it (or failed) before work starts.
         described = ray.get([a.describe.remote(list(sites), dtype) for a in actors])[0]
         if timings is not None:
@@ -98,11 +123,18 @@ def extract_ray(model: str, data: Any, sites: Sequence[str], out: str | Path, *,
             clock = time.perf_counter()
         tokenizer = described["tokenizer"]
         if isinstance(data, (str, Path)) and Path(data).exists():
-            data = load_data(data, tokenizer, text_column=text_column, split=split,
-                             max_length=max_length)
-        wanted, rows = plan_from(described["model"], described["sites"], described["padding"],
-                                 data, tokenizer=tokenizer, docs_per_shard=docs_per_shard,
-                                 batch_size=batch_size)
+            data = load_data(
+                data, tokenizer, text_column=text_column, split=split, max_length=max_length
+            )
+        wanted, rows = plan_from(
+            described["model"],
+            described["sites"],
+            described["padding"],
+            data,
+            tokenizer=tokenizer,
+            docs_per_shard=docs_per_shard,
+            batch_size=batch_size,
+        )
         folder = Path(out)
         manifest = prepare(folder, wanted, overwrite=overwrite)
         names = list(manifest.sites)
@@ -112,8 +144,15 @@ def extract_ray(model: str, data: Any, sites: Sequence[str], out: str | Path, *,
 
         def submit(actor: Any, index: int) -> Any:
             start, end = manifest.shard_docs(index)
-            return actor.run.remote(str(folder.resolve()), index, (start, end), rows[start:end],
-                                    names, batch_size, dtype_name)
+            return actor.run.remote(
+                str(folder.resolve()),
+                index,
+                (start, end),
+                rows[start:end],
+                names,
+                batch_size,
+                dtype_name,
+            )
 
         try:
             for record in pool.map_unordered(submit, manifest.missing()):

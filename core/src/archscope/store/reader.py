@@ -40,18 +40,25 @@ class StoreInfo:
         return asdict(self)
 
     def to_markdown(self) -> str:
-        status = "complete" if self.complete else \
-            f"INCOMPLETE ({self.shards_written}/{self.n_shards} shards; extract again to resume)"
+        status = (
+            "complete"
+            if self.complete
+            else f"INCOMPLETE ({self.shards_written}/{self.n_shards} shards; extract again to resume)"
+        )
         lines = [
-            f"# Activation store {self.path}", "",
+            f"# Activation store {self.path}",
+            "",
             f"- status: {status}",
             f"- tokens: {self.n_tokens:,} stored from {self.n_docs:,} documents",
             f"- shards: {self.shards_written} ({self.bytes / 2**20:.1f} MiB)",
             f"- model: {self.model.get('class')} (backend {self.model.get('backend')}, "
             f"{self.model.get('n_params')} parameters, weights {self.model.get('weights_hash')})",
-            f"- tokenizer: {self.tokenizer_hash}", f"- dataset: {self.dataset_fingerprint}",
-            f"- written by archscope {self.archscope_version}", "",
-            "| site | dim | dtype |", "| --- | --- | --- |",
+            f"- tokenizer: {self.tokenizer_hash}",
+            f"- dataset: {self.dataset_fingerprint}",
+            f"- written by archscope {self.archscope_version}",
+            "",
+            "| site | dim | dtype |",
+            "| --- | --- | --- |",
         ]
         lines += [f"| {s} | {r['shape'][0]} | {r['dtype']} |" for s, r in self.sites.items()]
         return "\n".join(lines)
@@ -87,8 +94,10 @@ class ActivationStore:
         except SiteError:
             name = site
         if name not in self.manifest.sites:
-            raise SiteError(f"{site!r} is not in the store {self.path}; it holds "
-                            f"{', '.join(self.manifest.sites)}")
+            raise SiteError(
+                f"{site!r} is not in the store {self.path}; it holds "
+                f"{', '.join(self.manifest.sites)}"
+            )
         return name
 
     def shard_files(self) -> list[Path]:
@@ -96,9 +105,11 @@ class ActivationStore:
 
     def require_complete(self) -> None:
         if not self.complete:
-            raise StoreError(f"{self.path} is incomplete ({len(self.manifest.shards)} of "
-                             f"{self.manifest.n_shards} shards): run the same extraction again "
-                             "to resume it, or pass allow_incomplete=True")
+            raise StoreError(
+                f"{self.path} is incomplete ({len(self.manifest.shards)} of "
+                f"{self.manifest.n_shards} shards): run the same extraction again "
+                "to resume it, or pass allow_incomplete=True"
+            )
 
     def shard(self, index: int, fields: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """The tensors of one shard (all of them, or ``fields``), read from disk."""
@@ -134,18 +145,28 @@ class ActivationStore:
     def info(self) -> StoreInfo:
         m = self.manifest
         return StoreInfo(
-            path=str(self.path), complete=m.complete, n_docs=int(m.dataset["n_docs"]),
-            n_tokens=m.n_tokens, n_shards=m.n_shards, shards_written=len(m.shards),
-            bytes=sum(r.bytes for r in m.shards.values()), sites=m.sites, model=m.model,
-            tokenizer_hash=m.tokenizer_hash, dataset_fingerprint=m.dataset["fingerprint"],
-            archscope_version=m.archscope_version)
+            path=str(self.path),
+            complete=m.complete,
+            n_docs=int(m.dataset["n_docs"]),
+            n_tokens=m.n_tokens,
+            n_shards=m.n_shards,
+            shards_written=len(m.shards),
+            bytes=sum(r.bytes for r in m.shards.values()),
+            sites=m.sites,
+            model=m.model,
+            tokenizer_hash=m.tokenizer_hash,
+            dataset_fingerprint=m.dataset["fingerprint"],
+            archscope_version=m.archscope_version,
+        )
 
     def reader(self, site: str, batch_size: int = 4096, **kwargs: Any) -> StoreReader:
         return StoreReader(self, site, batch_size, **kwargs)
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.path)!r}, sites={self.sites}, "
-                f"tokens={self.n_tokens}, complete={self.complete})")
+        return (
+            f"ActivationStore({str(self.path)!r}, sites={self.sites}, "
+            f"tokens={self.n_tokens}, complete={self.complete})"
+        )
 
 
 class StoreReader:
@@ -161,26 +182,42 @@ class StoreReader:
     ``(acts, doc, position, token_ids)``.
     """
 
-    def __init__(self, store: ActivationStore | str | Path, site: str, batch_size: int = 4096,
-                 *, shuffle: bool = True, seed: int = 0, buffer_size: int = 65536,
-                 chunk_size: int = 8192, rank: int = 0, world_size: int = 1,
-                 drop_last: bool = False, with_index: bool = False,
-                 allow_incomplete: bool = False, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        store: ActivationStore | str | Path,
+        site: str,
+        batch_size: int = 4096,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_size: int = 65536,
+        chunk_size: int = 8192,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+        with_index: bool = False,
+        allow_incomplete: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.store = store if isinstance(store, ActivationStore) else ActivationStore(store)
         if not allow_incomplete:
             self.store.require_complete()
         self.site = self.store.site_name(site)
         if batch_size < 1 or chunk_size < 1:
-            raise StoreError(f"batch_size and chunk_size must be >= 1, got {batch_size} and "
-                             f"{chunk_size}")
+            raise StoreError(
+                f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}"
+            )
         if world_size < 1 or not 0 <= rank < world_size:
-            raise StoreError(f"rank must be in 0..world_size-1, got rank={rank}, "
-                             f"world_size={world_size}")
+            raise StoreError(
+                f"rank must be in 0..world_size-1, got rank={rank}, world_size={world_size}"
+            )
         n_shards = len(self.store.manifest.shards)
         if world_size > n_shards:
-            raise StoreError(f"world_size={world_size} ranks but the store has only {n_shards} "
-                             "shards, and ranks split by shard: extract with fewer "
-                             "docs_per_shard, or use fewer ranks")
+            raise StoreError(
+                f"world_size={world_size} ranks but the store has only {n_shards} "
+                "shards, and ranks split by shard: extract with fewer "
+                "docs_per_shard, or use fewer ranks"
+            )
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_size = max(buffer_size, batch_size) if shuffle else 0
         self.chunk_size, self.rank, self.world_size = chunk_size, rank, world_size
@@ -206,7 +243,7 @@ class StoreReader:
         if self.shuffle:  # shard-to-rank assignment is shared by all ranks: one common seed
             order = torch.randperm(len(indices), generator=self._generator(0)).tolist()
             indices = [indices[i] for i in order]
-        return sorted(indices[rank::self.world_size])
+        return sorted(indices[rank :: self.world_size])
 
     def tokens_of(self, rank: int) -> int:
         shards = self.store.manifest.shards
@@ -227,8 +264,10 @@ class StoreReader:
         chunks = []
         for index in self.shards_of(self.rank):
             n = self.store.manifest.shards[index].n_tokens
-            chunks += [(index, start, min(start + self.chunk_size, n))
-                       for start in range(0, n, self.chunk_size)]
+            chunks += [
+                (index, start, min(start + self.chunk_size, n))
+                for start in range(0, n, self.chunk_size)
+            ]
         if self.shuffle:
             order = torch.randperm(len(chunks), generator=self._generator(1 + self.rank))
             chunks = [chunks[i] for i in order.tolist()]
@@ -261,15 +300,15 @@ class StoreReader:
             if not self.shuffle:
                 while held >= self.batch_size:
                     buf = [torch.cat(cols) for cols in zip(*pending, strict=True)]
-                    yield self._emit([b[:self.batch_size] for b in buf])
-                    pending, held = [[b[self.batch_size:] for b in buf]], held - self.batch_size
+                    yield self._emit([b[: self.batch_size] for b in buf])
+                    pending, held = [[b[self.batch_size :] for b in buf]], held - self.batch_size
             elif held >= self.buffer_size:
                 perm = torch.randperm(held, generator=gen)
                 buf = [torch.cat(cols)[perm] for cols in zip(*pending, strict=True)]
                 # Emit half the buffer, keep the rest to mix with the next chunks.
                 n_out = max(self.batch_size, (held // 2) // self.batch_size * self.batch_size)
                 for s in range(0, n_out, self.batch_size):
-                    yield self._emit([b[s:s + self.batch_size] for b in buf])
+                    yield self._emit([b[s : s + self.batch_size] for b in buf])
                 pending, held = [[b[n_out:] for b in buf]], held - n_out
         if held:
             perm = torch.randperm(held, generator=gen) if self.shuffle else torch.arange(held)
@@ -277,4 +316,4 @@ class StoreReader:
             for s in range(0, held, self.batch_size):
                 if self.drop_last and s + self.batch_size > held:
                     break
-                yield self._emit([b[s:s + self.batch_size] for b in buf])
+                yield self._emit([b[s : s + self.batch_size] for b in buf])

@@ -59,24 +59,44 @@ def default_sae(input_dim: int, config: TrainConfig) -> Any:
     would differ between ranks)."""
     from ..sae import SAEConfig, build_sae
 
-    return build_sae(SAEConfig(input_dim=input_dim, n_features=config.d_sae, sae_type="topk",
-                               k=config.k, learning_rate=config.lr, normalize=False,
-                               seed=config.seed))
+    return build_sae(
+        SAEConfig(
+            input_dim=input_dim,
+            n_features=config.d_sae,
+            sae_type="topk",
+            k=config.k,
+            learning_rate=config.lr,
+            normalize=False,
+            seed=config.seed,
+        )
+    )
 
 
-def rank_batches(store: ActivationStore, config: TrainConfig, rank: int,
-                 world_size: int) -> Iterator[Any]:
+def rank_batches(
+    store: ActivationStore, config: TrainConfig, rank: int, world_size: int
+) -> Iterator[Any]:
     """``config.steps`` batches of ``batch_size // world_size`` rows of ``rank``'s shards,
     epoch after epoch (each epoch reshuffled); every rank yields the same number."""
     if config.batch_size % world_size:
-        raise StoreError(f"the global batch size {config.batch_size} must divide evenly over "
-                         f"{world_size} ranks")
-    reader = StoreReader(store, config.site, config.batch_size // world_size, seed=config.seed,
-                         rank=rank, world_size=world_size, drop_last=True,
-                         buffer_size=config.buffer_size, chunk_size=config.chunk_size)
+        raise StoreError(
+            f"the global batch size {config.batch_size} must divide evenly over {world_size} ranks"
+        )
+    reader = StoreReader(
+        store,
+        config.site,
+        config.batch_size // world_size,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        drop_last=True,
+        buffer_size=config.buffer_size,
+        chunk_size=config.chunk_size,
+    )
     if reader.steps() == 0:
-        raise StoreError(f"a rank's part of the store holds fewer than "
-                         f"{reader.batch_size} tokens: use a smaller batch or fewer ranks")
+        raise StoreError(
+            f"a rank's part of the store holds fewer than "
+            f"{reader.batch_size} tokens: use a smaller batch or fewer ranks"
+        )
     done, epoch = 0, 0
     while done < config.steps:
         reader.set_epoch(epoch)
@@ -89,8 +109,7 @@ def rank_batches(store: ActivationStore, config: TrainConfig, rank: int,
         epoch += 1
 
 
-def global_batches(store: ActivationStore, config: TrainConfig,
-                   world_size: int) -> Iterator[Any]:
+def global_batches(store: ActivationStore, config: TrainConfig, world_size: int) -> Iterator[Any]:
     """The global batches of a ``world_size``-rank run, in one process: each is the ranks'
     batches of that step, concatenated in rank order."""
     import torch
@@ -106,8 +125,10 @@ def _factory(spec: str) -> Any:
     try:
         return _resolve(spec)
     except (ImportError, AttributeError, ValueError) as exc:
-        raise StoreError(f"cannot import the SAE factory {spec!r} ({exc}); give "
-                         "'package.module:function' importable in every rank") from None
+        raise StoreError(
+            f"cannot import the SAE factory {spec!r} ({exc}); give "
+            "'package.module:function' importable in every rank"
+        ) from None
 
 
 def _objective(sae: Any) -> Any:
@@ -126,8 +147,9 @@ def _objective(sae: Any) -> Any:
     return Objective(sae)
 
 
-def train(batches: Iterable[Any], input_dim: int, config: TrainConfig,
-          device: Any = "cpu") -> tuple[Any, list[float]]:
+def train(
+    batches: Iterable[Any], input_dim: int, config: TrainConfig, device: Any = "cpu"
+) -> tuple[Any, list[float]]:
     """Train an SAE on ``batches``; under torch.distributed, with gradients all-reduced
     (DDP) and the reported loss averaged over ranks. Returns the SAE and the loss per step."""
     import torch
@@ -141,7 +163,8 @@ def train(batches: Iterable[Any], input_dim: int, config: TrainConfig,
         from torch.nn.parallel import DistributedDataParallel
 
         objective = DistributedDataParallel(
-            objective, device_ids=None if str(device) == "cpu" else [device])
+            objective, device_ids=None if str(device) == "cpu" else [device]
+        )
     optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
     losses: list[float] = []
     for batch in batches:
@@ -164,8 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    parser = argparse.ArgumentParser(prog="archscope.store.train_distributed",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="archscope.store.train_distributed", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("store")
     parser.add_argument("--out", required=True)
     parser.add_argument("--config", default=None, help="TrainConfig as JSON (overrides flags)")
@@ -174,8 +198,11 @@ def main(argv: list[str] | None = None) -> None:
         kind = {int: int, float: float}.get(type(f.default), str)
         parser.add_argument(flag, type=kind, default=None)
     args = parser.parse_args(argv)
-    settings = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
-                if getattr(args, f.name) is not None}
+    settings = {
+        f.name: getattr(args, f.name)
+        for f in fields(TrainConfig)
+        if getattr(args, f.name) is not None
+    }
     if args.config:
         settings.update(json.loads(args.config))
     if "site" not in settings:
@@ -189,16 +216,27 @@ def main(argv: list[str] | None = None) -> None:
     device: Any = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
     store = ActivationStore(args.store)
     try:
-        sae, losses = train(rank_batches(store, config, rank, world_size),
-                            store.dim(config.site), config, device)
+        sae, losses = train(
+            rank_batches(store, config, rank, world_size), store.dim(config.site), config, device
+        )
         if rank == 0:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()},
-                      out / "weights.safetensors")
-            (out / "train.json").write_text(json.dumps(
-                {"config": config.to_dict(), "world_size": world_size, "losses": losses,
-                 "store": str(store.path)}, indent=1))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()},
+                out / "weights.safetensors",
+            )
+            (out / "train.json").write_text(
+                json.dumps(
+                    {
+                        "config": config.to_dict(),
+                        "world_size": world_size,
+                        "losses": losses,
+                        "store": str(store.path),
+                    },
+                    indent=1,
+                )
+            )
     finally:
         if world_size > 1:
             dist.destroy_process_group()

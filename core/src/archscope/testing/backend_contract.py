@@ -41,7 +41,8 @@ class BackendContract:
         """Small models of your architecture, by name (eval mode, seeded)."""
         raise NotImplementedError(
             f"{type(self).__name__}.make_models() must return {{name: model}} with at least one "
-            "small model of the architecture your backend serves")
+            "small model of the architecture your backend serves"
+        )
 
     def make_foreign_models(self) -> dict[str, Any]:
         """Models of other architectures that your backend must not claim."""
@@ -53,7 +54,8 @@ class BackendContract:
         raise NotImplementedError(
             f"{type(self).__name__}.reference_activations(model, batch) must return "
             "{site: tensor} computed without archscope (e.g. with your own forward hooks), so "
-            "the kit can check extraction against an independent reference")
+            "the kit can check extraction against an independent reference"
+        )
 
     def vocab_size(self, model: Any) -> int:
         config = getattr(model, "config", None)
@@ -64,8 +66,9 @@ class BackendContract:
                     return value
         return int(self._backend(model).site_info("logits").dim)
 
-    def make_batch(self, model: Any, lengths: list[int] | None = None,
-                   side: str = "right", seed: int = 0) -> dict[str, Any]:
+    def make_batch(
+        self, model: Any, lengths: list[int] | None = None, side: str = "right", seed: int = 0
+    ) -> dict[str, Any]:
         """Random token ids; rows shorter than the longest are padded on ``side``."""
         import torch
 
@@ -118,8 +121,9 @@ class BackendContract:
     def _each(self, check: Callable[[str, Any, Any], None], model_name: str) -> None:
         models = self._models()
         if model_name not in models:
-            _fix(f"model_names() lists {model_name!r}, but make_models() gives only "
-                 f"{sorted(models)}")
+            _fix(
+                f"model_names() lists {model_name!r}, but make_models() gives only {sorted(models)}"
+            )
         model = models[model_name]
         check(model_name, model, self._backend(model))
 
@@ -142,19 +146,26 @@ class BackendContract:
             import torch
 
             if not isinstance(logits, torch.Tensor):
-                _fix(f"run() on {name!r} returned logits={logits!r}: the model's output must be "
-                     f"{', '.join(LOGITS_FORMS)}, or the backend must override logits_of(output)")
+                _fix(
+                    f"run() on {name!r} returned logits={logits!r}: the model's output must be "
+                    f"{', '.join(LOGITS_FORMS)}, or the backend must override logits_of(output)"
+                )
             rows, seq = self.make_batch(model)["input_ids"].shape
             if tuple(logits.shape[:2]) != (rows, seq):
-                _fix(f"run() on {name!r} returned logits of shape {tuple(logits.shape)}; expected "
-                     f"(batch={rows}, seq={seq}, vocab)")
+                _fix(
+                    f"run() on {name!r} returned logits of shape {tuple(logits.shape)}; expected "
+                    f"(batch={rows}, seq={seq}, vocab)"
+                )
+
         self._each(check, model_name)
 
     # -- registration ------------------------------------------------------------------------
     def test_names_are_set(self) -> None:
         if not self.backend_name or not self.distribution:
-            _fix(f"{type(self).__name__} must set backend_name (the registry name) and "
-                 "distribution (the pip name of your package)")
+            _fix(
+                f"{type(self).__name__} must set backend_name (the registry name) and "
+                "distribution (the pip name of your package)"
+            )
 
     def test_entry_point_is_declared(self) -> None:
         import importlib_metadata
@@ -162,13 +173,17 @@ class BackendContract:
         try:
             dist = importlib_metadata.distribution(self.distribution)
         except importlib_metadata.PackageNotFoundError:
-            _fix(f"distribution {self.distribution!r} is not installed: pip install -e <your "
-                 "package folder>")
+            _fix(
+                f"distribution {self.distribution!r} is not installed: pip install -e <your "
+                "package folder>"
+            )
         eps = [ep for ep in dist.entry_points if ep.group == "archscope"]
         if not eps:
-            _fix(f"{self.distribution} declares no entry point in the group 'archscope': add\n"
-                 "[project.entry-points.archscope]\n<name> = \"<your_package>.plugin\"\n"
-                 "to its pyproject.toml and reinstall it")
+            _fix(
+                f"{self.distribution} declares no entry point in the group 'archscope': add\n"
+                '[project.entry-points.archscope]\n<name> = "<your_package>.plugin"\n'
+                "to its pyproject.toml and reinstall it"
+            )
 
     def test_backend_is_registered_exactly_once(self) -> None:
         manager = self._manager()
@@ -179,13 +194,17 @@ class BackendContract:
         registrations = sum(i.registered["backends"].count(self.backend_name) for i in infos)
         entry = manager.backends.get(self.backend_name)
         if entry is None or registrations == 0:
-            _fix(f"no backend named {self.backend_name!r} was registered by {self.distribution}: "
-                 "implement register_backends(register) with @archscope.hookimpl in the entry-point "
-                 "module and call register(YourBackend) (the class's `name` attribute must be "
-                 f"{self.backend_name!r})")
+            _fix(
+                f"no backend named {self.backend_name!r} was registered by {self.distribution}: "
+                "implement register_backends(register) with @archscope.hookimpl in the entry-point "
+                "module and call register(YourBackend) (the class's `name` attribute must be "
+                f"{self.backend_name!r})"
+            )
         if entry.distribution != self.distribution:
-            _fix(f"the name {self.backend_name!r} is registered by {entry.distribution}, not "
-                 f"{self.distribution}: choose another name")
+            _fix(
+                f"the name {self.backend_name!r} is registered by {entry.distribution}, not "
+                f"{self.distribution}: choose another name"
+            )
         if registrations != 1:
             _fix(f"{self.distribution} registered {self.backend_name!r} {registrations} times")
 
@@ -195,34 +214,49 @@ class BackendContract:
 
         entry = self._manager().backends.get(self.backend_name)
         if entry is None:
-            _fix(f"backend {self.backend_name!r} is not registered (see "
-                 "test_backend_is_registered_exactly_once)")
+            _fix(
+                f"backend {self.backend_name!r} is not registered (see "
+                "test_backend_is_registered_exactly_once)"
+            )
         for name, model in [(model_name, self._models()[model_name])]:
             score = entry.obj.can_handle(model)
             if score is None or not 0 < score <= 1:
-                _fix(f"{entry.obj.__name__}.can_handle returned {score!r} for your own model "
-                     f"{name!r}; it must return a confidence in (0, 1] for models it serves")
+                _fix(
+                    f"{entry.obj.__name__}.can_handle returned {score!r} for your own model "
+                    f"{name!r}; it must return a confidence in (0, 1] for models it serves"
+                )
             chosen = Backend.for_model(model)
             if chosen.name != self.backend_name:
-                _fix(f"Backend.for_model picked {chosen.name!r} for {name!r}, not "
-                     f"{self.backend_name!r}: raise your can_handle confidence or priority")
+                _fix(
+                    f"Backend.for_model picked {chosen.name!r} for {name!r}, not "
+                    f"{self.backend_name!r}: raise your can_handle confidence or priority"
+                )
 
     def test_can_handle_declines_foreign_models_and_arbitrary_objects(self) -> None:
         from torch import nn
 
         cls = self._manager().backends.get(self.backend_name).obj
-        others: dict[str, Any] = {"object()": object(), "None": None, "a string": "model-name",
-                                  "an int": 3, "nn.Linear": nn.Linear(2, 2),
-                                  **self.make_foreign_models()}
+        others: dict[str, Any] = {
+            "object()": object(),
+            "None": None,
+            "a string": "model-name",
+            "an int": 3,
+            "nn.Linear": nn.Linear(2, 2),
+            **self.make_foreign_models(),
+        }
         for name, obj in others.items():
             try:
                 score = cls.can_handle(obj)
             except Exception as exc:
-                _fix(f"{cls.__name__}.can_handle raised {exc!r} on {name}: it must never raise; "
-                     "return None for models it does not serve")
+                _fix(
+                    f"{cls.__name__}.can_handle raised {exc!r} on {name}: it must never raise; "
+                    "return None for models it does not serve"
+                )
             if score is not None:
-                _fix(f"{cls.__name__}.can_handle returned {score!r} for {name}, which it does "
-                     "not serve; return None")
+                _fix(
+                    f"{cls.__name__}.can_handle returned {score!r} for {name}, which it does "
+                    "not serve; return None"
+                )
 
     def test_discovery_and_can_handle_import_nothing_heavy(self) -> None:
         code = (
@@ -232,17 +266,23 @@ class BackendContract:
             "entry.obj.can_handle(object())\n"
             f"print(json.dumps([m for m in {list(self.heavy_modules)!r} if m in sys.modules]))\n"
         )
-        proc = subprocess.run([sys.executable, "-c", "import json\n" + code],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", "import json\n" + code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if proc.returncode != 0:
             _fix(f"loading the plugins failed in a fresh interpreter:\n{proc.stderr[-2000:]}")
         heavy = json.loads(proc.stdout.strip().splitlines()[-1])
         if heavy:
-            _fix(f"discovering plugins and calling can_handle imported {heavy}: import them "
-                 "inside the functions that need them, never at module level of the entry-point "
-                 "module, the backend module or the package's __init__.py (which Python imports "
-                 "first); decide in can_handle from type(model).__module__, class names and "
-                 "attributes")
+            _fix(
+                f"discovering plugins and calling can_handle imported {heavy}: import them "
+                "inside the functions that need them, never at module level of the entry-point "
+                "module, the backend module or the package's __init__.py (which Python imports "
+                "first); decide in can_handle from type(model).__module__, class names and "
+                "attributes"
+            )
 
     # -- sites -------------------------------------------------------------------------------
     def test_site_metadata_matches_real_tensors(self, model_name: str) -> None:
@@ -256,8 +296,10 @@ class BackendContract:
             for site, info in sites.items():
                 value = result[site]
                 if len(info.shape) != value.dim():
-                    _fix(f"{site} of {name!r}: SiteInfo.shape names {len(info.shape)} axes "
-                         f"{info.shape} but the tensor has shape {tuple(value.shape)}")
+                    _fix(
+                        f"{site} of {name!r}: SiteInfo.shape names {len(info.shape)} axes "
+                        f"{info.shape} but the tensor has shape {tuple(value.shape)}"
+                    )
                 sizes = dict(zip(info.shape, value.shape, strict=True))
                 if sizes.get("batch", rows) != rows:
                     _fix(f"{site} of {name!r}: axis 'batch' has size {sizes['batch']}, not {rows}")
@@ -269,22 +311,28 @@ class BackendContract:
                     if value.shape[-1] != seq:
                         _fix(f"{site} of {name!r}: axis 'key' is {value.shape[-1]}, not {seq}")
                 elif value.shape[-1] != info.dim:
-                    _fix(f"{site} of {name!r}: SiteInfo.dim is {info.dim} but the last axis is "
-                         f"{value.shape[-1]}")
+                    _fix(
+                        f"{site} of {name!r}: SiteInfo.dim is {info.dim} but the last axis is "
+                        f"{value.shape[-1]}"
+                    )
+
         self._each(check, model_name)
 
     def test_seed_api_layer_names_and_hidden_dim(self, model_name: str) -> None:
         def check(name: str, model: Any, backend: Any) -> None:
             names = backend.layer_names()
             if not names:
-                _fix(f"layer_names() is empty for {name!r}: set primary_role to your main "
-                     "per-layer role")
+                _fix(
+                    f"layer_names() is empty for {name!r}: set primary_role to your main "
+                    "per-layer role"
+                )
             records = backend.extract(self.make_batch(model), layers=names[:2])
             for record in records:
                 if record.activations.shape[-1] != backend.hidden_dim(record.layer_name):
                     _fix(f"hidden_dim({record.layer_name!r}) disagrees with the extracted tensor")
                 if record.attention_mask is None:
                     _fix("ActivationRecord.attention_mask is missing")
+
         self._each(check, model_name)
 
     def test_unknown_site_error_lists_valid_sites(self, model_name: str) -> None:
@@ -295,6 +343,7 @@ class BackendContract:
                 backend.run(self.make_batch(model), capture=["layer_999.residual"])
             if next(iter(backend.sites())) not in str(err.value):
                 _fix(f"the error for an unknown site should list valid ones; got: {err.value}")
+
         self._each(check, model_name)
 
     def test_extraction_matches_independent_reference(self, model_name: str) -> None:
@@ -310,11 +359,16 @@ class BackendContract:
             for site, expected in reference.items():
                 got = result[site].float()
                 expected = expected.float()
-                if got.shape != expected.shape or not torch.allclose(got, expected, atol=self.atol,
-                                                                      rtol=0):
-                    diff = ((got - expected).abs().max().item() if got.shape == expected.shape
-                            else f"shape {tuple(got.shape)} vs {tuple(expected.shape)}")
+                if got.shape != expected.shape or not torch.allclose(
+                    got, expected, atol=self.atol, rtol=0
+                ):
+                    diff = (
+                        (got - expected).abs().max().item()
+                        if got.shape == expected.shape
+                        else f"shape {tuple(got.shape)} vs {tuple(expected.shape)}"
+                    )
                     _fix(f"{site} of {name!r} differs from the independent reference: {diff}")
+
         self._each(check, model_name)
 
     # -- running -----------------------------------------------------------------------------
@@ -330,8 +384,11 @@ class BackendContract:
                     _fix(f"{site} of {name!r}: stopping early changed the value")
             first = backend.layer_names()[0]
             if backend.run(batch, capture=[first]).logits is not None:
-                _fix(f"capturing only {first} of {name!r} still ran the model to the logits: "
-                     "stop the forward pass after the deepest captured site")
+                _fix(
+                    f"capturing only {first} of {name!r} still ran the model to the logits: "
+                    "stop the forward pass after the deepest captured site"
+                )
+
         self._each(check, model_name)
 
     def test_identity_edit_leaves_logits_bit_identical(self, model_name: str) -> None:
@@ -350,6 +407,7 @@ class BackendContract:
                 out = backend.run(batch, edits=[Edit.apply(site, lambda x: x)]).logits
                 if not torch.equal(out, clean):
                     _fix(f"an identity edit of {site} changed the logits of {name!r}")
+
         self._each(check, model_name)
 
     def test_an_edit_reaches_the_output(self, model_name: str) -> None:
@@ -364,6 +422,7 @@ class BackendContract:
             out = backend.run(batch, edits=[Edit.scale(site, 0.0)]).logits
             if torch.equal(out, clean):
                 _fix(f"zeroing {site} of {name!r} did not change the logits: edits are not applied")
+
         self._each(check, model_name)
 
     def test_padding_handled_as_declared(self, model_name: str) -> None:
@@ -382,19 +441,25 @@ class BackendContract:
                         backend.run(batch, capture=backend.layer_names()[:1])
                     except (ValueError, BackendError) as err:
                         if "pad" not in str(err):
-                            _fix(f"the error for {side}-padded input to {name!r} must mention "
-                                 f"padding; got: {err}")
+                            _fix(
+                                f"the error for {side}-padded input to {name!r} must mention "
+                                f"padding; got: {err}"
+                            )
                     else:
-                        _fix(f"{side}-padded input to {name!r} ran, but the backend declares "
-                             f"padding={backend.padding!r}: declare 'both' if {side} padding is "
-                             "exact, or reject it in prepare_inputs with an error that mentions "
-                             "padding")
+                        _fix(
+                            f"{side}-padded input to {name!r} ran, but the backend declares "
+                            f"padding={backend.padding!r}: declare 'both' if {side} padding is "
+                            "exact, or reject it in prepare_inputs with an error that mentions "
+                            "padding"
+                        )
                     continue
                 sites = list(backend.sites())
                 padded = backend.run(batch, capture=sites, stop_early=False)
                 real = batch["attention_mask"][1].bool()
-                alone = {"input_ids": batch["input_ids"][1:, real],
-                         "attention_mask": batch["attention_mask"][1:, real]}
+                alone = {
+                    "input_ids": batch["input_ids"][1:, real],
+                    "attention_mask": batch["attention_mask"][1:, real],
+                }
                 single = backend.run(alone, capture=sites, stop_early=False)
                 for site, info in backend.sites().items():
                     got = padded[site][1:2]
@@ -406,13 +471,19 @@ class BackendContract:
                         for extra, ax_name in enumerate(info.shape):
                             if ax_name == "key":  # attention patterns: keys are positions too
                                 got = got.index_select(extra, index)
-                    if got.shape != want.shape or not torch.allclose(got.float(), want.float(),
-                                                                      atol=1e-4, rtol=1e-4):
-                        _fix(f"{site} of {name!r}: {side}-padded row differs from the unpadded "
-                             "sequence at real tokens")
+                    if got.shape != want.shape or not torch.allclose(
+                        got.float(), want.float(), atol=1e-4, rtol=1e-4
+                    ):
+                        _fix(
+                            f"{site} of {name!r}: {side}-padded row differs from the unpadded "
+                            "sequence at real tokens"
+                        )
+
         self._each(check, model_name)
 
-    def test_hooks_removed_and_model_unchanged_after_a_failing_forward(self, model_name: str) -> None:
+    def test_hooks_removed_and_model_unchanged_after_a_failing_forward(
+        self, model_name: str
+    ) -> None:
         import torch
 
         from archscope import Edit
@@ -430,11 +501,14 @@ class BackendContract:
                 raise RuntimeError("archscope contract: deliberate failure")
 
             with pytest.raises(RuntimeError, match="deliberate failure"):
-                backend.run(batch, capture=backend.layer_names()[-1:],
-                            edits=[Edit.apply(target, boom)])
+                backend.run(
+                    batch, capture=backend.layer_names()[-1:], edits=[Edit.apply(target, boom)]
+                )
             if self._hook_count(model) != hooks:
-                _fix(f"hooks were left on {name!r} after a forward that raised (edit at "
-                     f"{target}): remove them in a finally block")
+                _fix(
+                    f"hooks were left on {name!r} after a forward that raised (edit at "
+                    f"{target}): remove them in a finally block"
+                )
             if [m.training for m in model.modules()] != modes:
                 _fix(f"the training/eval mode of {name!r} changed after a run")
             for key, value in model.state_dict().items():
@@ -442,15 +516,19 @@ class BackendContract:
                     _fix(f"weight {key} of {name!r} changed after a run")
             if not torch.equal(backend.run(batch).logits, clean):
                 _fix(f"a run after the failure gives different logits for {name!r}")
+
         self._each(check, model_name)
 
     # -- capabilities ------------------------------------------------------------------------
     def test_claimed_capabilities_have_their_sites(self, model_name: str) -> None:
         import torch
 
-        roles_for = {"components": {"attn", "mlp", "mixer"}, "mlp_hidden": {"mlp_hidden"},
-                     "attention_patterns": {"attn_pattern"},
-                     "recurrent_state": {"ssm_state", "conv_state", "hidden", "cell", "state"}}
+        roles_for = {
+            "components": {"attn", "mlp", "mixer"},
+            "mlp_hidden": {"mlp_hidden"},
+            "attention_patterns": {"attn_pattern"},
+            "recurrent_state": {"ssm_state", "conv_state", "hidden", "cell", "state"},
+        }
 
         def check(name: str, model: Any, backend: Any) -> None:
             roles = {info.site.role for info in backend.sites().values()}
@@ -458,13 +536,16 @@ class BackendContract:
                 roles.add("state")  # any state-kind site is a recurrent state
             for capability, needed in roles_for.items():
                 if capability in backend.capabilities and not roles & needed:
-                    _fix(f"{type(backend).__name__} claims {capability!r} but {name!r} has no "
-                         f"site with role {sorted(needed)}")
+                    _fix(
+                        f"{type(backend).__name__} claims {capability!r} but {name!r} has no "
+                        f"site with role {sorted(needed)}"
+                    )
             if "attention_patterns" in backend.capabilities:
                 sites = [s for s, i in backend.sites().items() if i.site.role == "attn_pattern"]
                 pattern = backend.run(self.make_batch(model), capture=sites[:1])[sites[0]]
                 if not torch.allclose(pattern.float().sum(-1), torch.ones(()), atol=1e-3):
                     _fix(f"{sites[0]} rows do not sum to 1")
+
         self._each(check, model_name)
 
     def test_unembed_reproduces_logits(self, model_name: str) -> None:
@@ -481,11 +562,15 @@ class BackendContract:
                 return
             result = backend.run(batch, capture=[last, "logits"])
             logits = backend.unembed(result[last])
-            if not torch.allclose(logits.float(), result.logits.float(), atol=self.logits_atol,
-                                  rtol=0):
-                _fix(f"unembed({last}) of {name!r} differs from the logits by "
-                     f"{(logits.float() - result.logits.float()).abs().max().item():.3g}: apply "
-                     "the model's own final norm and head")
+            if not torch.allclose(
+                logits.float(), result.logits.float(), atol=self.logits_atol, rtol=0
+            ):
+                _fix(
+                    f"unembed({last}) of {name!r} differs from the logits by "
+                    f"{(logits.float() - result.logits.float()).abs().max().item():.3g}: apply "
+                    "the model's own final norm and head"
+                )
+
         self._each(check, model_name)
 
     def test_state_patch_reproduces_the_source_run(self, model_name: str) -> None:
@@ -498,19 +583,27 @@ class BackendContract:
             b = self.make_batch(model, lengths=[4, 4], seed=2)
             suffix = self.make_batch(model, lengths=[3, 3], seed=3)
             patched = backend.state_patch(a, b, suffix)
-            joined = {k: torch.cat([b[k], suffix[k]], dim=1) for k in ("input_ids", "attention_mask")}
+            joined = {
+                k: torch.cat([b[k], suffix[k]], dim=1) for k in ("input_ids", "attention_mask")
+            }
             reference = backend.run(joined).logits[:, 4:]
-            if not torch.allclose(patched.logits.float(), reference.float(), atol=self.logits_atol,
-                                  rtol=0):
-                _fix(f"state_patch on {name!r}: continuing prefix A with prefix B's state does "
-                     f"not reproduce running B + suffix (max diff "
-                     f"{(patched.logits.float() - reference.float()).abs().max().item():.3g})")
+            if not torch.allclose(
+                patched.logits.float(), reference.float(), atol=self.logits_atol, rtol=0
+            ):
+                _fix(
+                    f"state_patch on {name!r}: continuing prefix A with prefix B's state does "
+                    f"not reproduce running B + suffix (max diff "
+                    f"{(patched.logits.float() - reference.float()).abs().max().item():.3g})"
+                )
             unpatched = backend.state_patch(a, a, suffix)
-            own = backend.run({k: torch.cat([a[k], suffix[k]], 1) for k in ("input_ids",
-                                                                             "attention_mask")})
-            if not torch.allclose(unpatched.logits.float(), own.logits[:, 4:].float(),
-                                  atol=self.logits_atol, rtol=0):
+            own = backend.run(
+                {k: torch.cat([a[k], suffix[k]], 1) for k in ("input_ids", "attention_mask")}
+            )
+            if not torch.allclose(
+                unpatched.logits.float(), own.logits[:, 4:].float(), atol=self.logits_atol, rtol=0
+            ):
                 _fix(f"state_patch on {name!r} with its own state does not reproduce the plain run")
+
         self._each(check, model_name)
 
     def test_registered_methods_run_end_to_end(self, model_name: str) -> None:
@@ -523,14 +616,22 @@ class BackendContract:
                 if not method.supports(set(backend.capabilities)):
                     continue
                 try:
-                    result = method(*[backend] * method.arity, method_data(method, batch),
-                                    **method.quick_params())
+                    result = method(
+                        *[backend] * method.arity,
+                        method_data(method, batch),
+                        **method.quick_params(),
+                    )
                 except Exception as exc:
-                    _fix(f"method {method.name!r} ({entry.distribution}) failed on {name!r}, "
-                         f"whose backend claims {sorted(method.requires)}: {exc!r}")
+                    _fix(
+                        f"method {method.name!r} ({entry.distribution}) failed on {name!r}, "
+                        f"whose backend claims {sorted(method.requires)}: {exc!r}"
+                    )
                 for attr in ("to_dict", "to_markdown"):
                     if not callable(getattr(result, attr, None)):
-                        _fix(f"method {method.name!r} returned {type(result).__name__} without "
-                             f"{attr}()")
+                        _fix(
+                            f"method {method.name!r} returned {type(result).__name__} without "
+                            f"{attr}()"
+                        )
                 json.dumps(result.to_dict())
+
         self._each(check, model_name)

@@ -23,5 +23,5 @@ def padded_batch(ids: Any, lengths: list[int], side: str = "right") -> dict[str,
         if side == "right":
             mask[row, :n] = 1
         else:
-            mask[row, width - n:] = 1
+            mask[row, width - n :] = 1
     return {"input_ids": ids * mask, "attention_mask": mask}

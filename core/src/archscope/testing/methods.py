@@ -38,8 +38,9 @@ def method_data(method: Any, batch: dict[str, Any]) -> Any:
     return Contrast(rows, rows[::-1])
 
 
-def toy_model(seed: int = 0, vocab: int = 23, d_model: int = 8, d_mlp: int = 16,
-              n_layers: int = 3) -> Any:
+def toy_model(
+    seed: int = 0, vocab: int = 23, d_model: int = 8, d_mlp: int = 16, n_layers: int = 3
+) -> Any:
     """A tiny residual MLP language model (embedding, blocks of mlp(h) added to h, a final
     norm and a head), in eval mode."""
     import torch
@@ -48,8 +49,11 @@ def toy_model(seed: int = 0, vocab: int = 23, d_model: int = 8, d_mlp: int = 16,
     class Mlp(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.up, self.act, self.down = nn.Linear(d_model, d_mlp), nn.GELU(), \
-                nn.Linear(d_mlp, d_model)
+            self.up, self.act, self.down = (
+                nn.Linear(d_model, d_mlp),
+                nn.GELU(),
+                nn.Linear(d_mlp, d_model),
+            )
 
         def forward(self, h: torch.Tensor) -> Any:
             return self.down(self.act(self.up(h)))
@@ -86,27 +90,49 @@ class ToyMethodBackend(HookBackend):
 
     name = "toy-methods"
     description = "residual MLP toy model of the method conformance kit"
-    capabilities = frozenset({"residual", "components", "mlp_hidden", "unembed", "logits",
-                              "edit"})
+    capabilities = frozenset({"residual", "components", "mlp_hidden", "unembed", "logits", "edit"})
     padding = "right"
 
     def _site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
         m = self.model
         d, token = m.d_model, ("batch", "seq", "d_model")
         table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {
-            "embed": (SiteInfo(Site("embed"), "token", token, d, order=0), Hookpoint(m.embed))}
+            "embed": (SiteInfo(Site("embed"), "token", token, d, order=0), Hookpoint(m.embed))
+        }
         for i, block in enumerate(m.blocks):
-            table[f"layer_{i}.mlp_hidden"] = (SiteInfo(
-                Site("mlp_hidden", i), "token", ("batch", "seq", "d_mlp"),
-                block.mlp.up.out_features, order=i + 0.3), Hookpoint(block.mlp.act))
-            table[f"layer_{i}.mlp"] = (SiteInfo(Site("mlp", i), "token", token, d,
-                                                order=i + 0.6), Hookpoint(block.mlp))
-            table[f"layer_{i}.residual"] = (SiteInfo(Site("residual", i), "token", token, d,
-                                                     order=i + 1), Hookpoint(block))
-        table["final_norm"] = (SiteInfo(Site("final_norm"), "token", token, d,
-                                        order=len(m.blocks) + 1), Hookpoint(m.norm))
-        table["logits"] = (SiteInfo(Site("logits"), "token", ("batch", "seq", "vocab"), m.vocab,
-                                    writable=False, order=len(m.blocks) + 2), Hookpoint(m.head))
+            table[f"layer_{i}.mlp_hidden"] = (
+                SiteInfo(
+                    Site("mlp_hidden", i),
+                    "token",
+                    ("batch", "seq", "d_mlp"),
+                    block.mlp.up.out_features,
+                    order=i + 0.3,
+                ),
+                Hookpoint(block.mlp.act),
+            )
+            table[f"layer_{i}.mlp"] = (
+                SiteInfo(Site("mlp", i), "token", token, d, order=i + 0.6),
+                Hookpoint(block.mlp),
+            )
+            table[f"layer_{i}.residual"] = (
+                SiteInfo(Site("residual", i), "token", token, d, order=i + 1),
+                Hookpoint(block),
+            )
+        table["final_norm"] = (
+            SiteInfo(Site("final_norm"), "token", token, d, order=len(m.blocks) + 1),
+            Hookpoint(m.norm),
+        )
+        table["logits"] = (
+            SiteInfo(
+                Site("logits"),
+                "token",
+                ("batch", "seq", "vocab"),
+                m.vocab,
+                writable=False,
+                order=len(m.blocks) + 2,
+            ),
+            Hookpoint(m.head),
+        )
         return table
 
     def unembed(self, residual: Any) -> Any:
@@ -135,8 +161,9 @@ class MethodContract:
         rows, seq = self.batch_shape
         vocab = backend.site_info("logits").dim if "logits" in backend.sites() else 20
         gen = torch.Generator().manual_seed(seed)
-        ids = [torch.randint(1, vocab, (seq - (r % 3),), generator=gen).tolist()
-               for r in range(rows)]
+        ids = [
+            torch.randint(1, vocab, (seq - (r % 3),), generator=gen).tolist() for r in range(rows)
+        ]
         return pad_batch(ids, padding_for(backend))
 
     # -- helpers -----------------------------------------------------------------------------
@@ -145,9 +172,11 @@ class MethodContract:
 
         entry = refresh().methods.get(self.method_name)
         if entry is None:
-            pytest.fail(f"no method {self.method_name!r} is registered; register it from a "
-                        "plugin's register_methods hook (see docs/plugin-authors.md)",
-                        pytrace=False)
+            pytest.fail(
+                f"no method {self.method_name!r} is registered; register it from a "
+                "plugin's register_methods hook (see docs/plugin-authors.md)",
+                pytrace=False,
+            )
         return entry.obj
 
     def _run(self, method: Any, backend: Any, **params: Any) -> Any:
@@ -163,8 +192,10 @@ class MethodContract:
             _fix(f"the quick settings of {method.name!r} do not fit its parameters: {exc}")
         for spec in method.params().values():
             if spec.type_name == "any":
-                _fix(f"parameter {spec.name!r} of {method.name!r} has no type annotation; "
-                     "annotate it (int, float, bool, str, Literal[...], list[...], X | None)")
+                _fix(
+                    f"parameter {spec.name!r} of {method.name!r} has no type annotation; "
+                    "annotate it (int, float, bool, str, Literal[...], list[...], X | None)"
+                )
 
     def test_runs_end_to_end_and_returns_a_serialisable_result(self) -> None:
         method = self._method()
@@ -177,8 +208,10 @@ class MethodContract:
                 _fix(f"method {method.name!r} failed on {name!r}: {exc!r}")
             for attr in ("to_dict", "to_json", "to_markdown"):
                 if not callable(getattr(result, attr, None)):
-                    _fix(f"{method.name!r} returned {type(result).__name__} without {attr}(); "
-                         "subclass archscope.Result in a dataclass")
+                    _fix(
+                        f"{method.name!r} returned {type(result).__name__} without {attr}(); "
+                        "subclass archscope.Result in a dataclass"
+                    )
             json.loads(result.to_json())
             if not result.to_markdown().strip():
                 _fix(f"{method.name!r}: to_markdown() is empty")
@@ -199,7 +232,8 @@ class MethodContract:
             return
         backend = next(iter(self.make_backends().values()))
         bare = type("NoCapabilities", (type(backend),), {"capabilities": frozenset()})(
-            backend.model)
+            backend.model
+        )
         with pytest.raises(CapabilityError):
             self._run(method, bare, **method.quick_params())
 
@@ -213,14 +247,15 @@ class MethodContract:
             model = backend.model
             before = {k: v.clone() for k, v in model.state_dict().items()}
             modes = [m.training for m in model.modules()]
-            hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
-                        for m in model.modules())
+            hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
             self._run(method, backend, **method.quick_params())
             after = model.state_dict()
             if any(not torch.equal(before[k], after[k]) for k in before):
                 _fix(f"{method.name!r} changed the model's weights")
             if [m.training for m in model.modules()] != modes:
                 _fix(f"{method.name!r} changed the model's train/eval mode")
-            if sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
-                   for m in model.modules()) != hooks:
+            if (
+                sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+                != hooks
+            ):
                 _fix(f"{method.name!r} left hooks on the model")

@@ -10,4 +10,5 @@ from typing import Any
 
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line(
-        "markers", "archscope_contract: a test inherited from archscope.testing.BackendContract")
+        "markers", "archscope_contract: a test inherited from archscope.testing.BackendContract"
+    )

@@ -30,8 +30,9 @@ DATASETS: dict[str, tuple[str, int]] = {
 }
 
 
-def datasets(name: str, n: int | None = None,
-             seed: int | None = None) -> LabelledSet | ContrastSet | InductionSet | list[str]:
+def datasets(
+    name: str, n: int | None = None, seed: int | None = None
+) -> LabelledSet | ContrastSet | InductionSet | list[str]:
     """A standard zoo data set, the same on every call for the same ``n`` and ``seed``:
 
     - ``"sentiment"`` / ``"topic"``: a `LabelledSet` (``.texts``, ``.labels``,
@@ -46,8 +47,9 @@ def datasets(name: str, n: int | None = None,
     if name not in DATASETS:
         from archscope.errors import ParameterError
 
-        raise ParameterError(f"archscope_zoo.datasets: no data set {name!r}; the zoo has "
-                             f"{', '.join(DATASETS)}")
+        raise ParameterError(
+            f"archscope_zoo.datasets: no data set {name!r}; the zoo has {', '.join(DATASETS)}"
+        )
     kind, default = DATASETS[name]
     size = default if n is None else n
     extra: dict[str, Any] = {} if seed is None else {"seed": seed}

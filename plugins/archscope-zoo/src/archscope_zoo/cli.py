@@ -31,16 +31,23 @@ def list_models(as_json: bool) -> None:
     from rich.table import Table
 
     table = Table(title=f"archscope zoo ({models_dir()})")
-    for column in ("model", "class", "parameters", "size", "held-out loss", "steps",
-                   "train time"):
+    for column in ("model", "class", "parameters", "size", "held-out loss", "steps", "train time"):
         table.add_column(column)
     for name in MODEL_NAMES:
         m = data["models"].get(name)
         if m is None:
             continue
-        table.add_row(f"zoo:{name}", m["class"], f"{m['parameters']:,}",
-                      f"{m['bytes'] / 1e6:.2f} MB", f"{m['heldout_loss']:.3f}",
-                      str(m["train_steps"]), f"{m['train_wall_s']:.0f} s")
+        table.add_row(
+            f"zoo:{name}",
+            m["class"],
+            f"{m['parameters']:,}",
+            f"{m['bytes'] / 1e6:.2f} MB",
+            f"{m['heldout_loss']:.3f}",
+            str(m["train_steps"]),
+            f"{m['train_wall_s']:.0f} s",
+        )
     Console(soft_wrap=False, width=100).print(table)
-    click.echo(f"vocabulary {data['vocab_size']} words; held-out loss in nats per token on "
-               f"{data['models'][MODEL_NAMES[0]]['heldout_docs']} held-out documents")
+    click.echo(
+        f"vocabulary {data['vocab_size']} words; held-out loss in nats per token on "
+        f"{data['models'][MODEL_NAMES[0]]['heldout_docs']} held-out documents"
+    )

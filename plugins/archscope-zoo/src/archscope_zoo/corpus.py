@@ -27,52 +27,177 @@ CONTRAST_SEED = 3
 INDUCTION_SEED = 4
 REPEAT_SEED = 5
 
-NAMES = ("anna", "ben", "cara", "dan", "eva", "finn", "gina", "hugo", "iris", "jack", "kate",
-         "leo", "mia", "nick", "olga", "paul", "rosa", "sam", "tina", "umar", "vera", "will",
-         "zoe", "yuri")
+NAMES = (
+    "anna",
+    "ben",
+    "cara",
+    "dan",
+    "eva",
+    "finn",
+    "gina",
+    "hugo",
+    "iris",
+    "jack",
+    "kate",
+    "leo",
+    "mia",
+    "nick",
+    "olga",
+    "paul",
+    "rosa",
+    "sam",
+    "tina",
+    "umar",
+    "vera",
+    "will",
+    "zoe",
+    "yuri",
+)
 
 #: topic -> (nouns as (singular, plural), verbs as (singular, plural)).
 TOPIC_WORDS: dict[str, tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]] = {
     "sports": (
-        (("team", "teams"), ("player", "players"), ("ball", "balls"), ("coach", "coaches"),
-         ("match", "matches"), ("goal", "goals"), ("race", "races"), ("runner", "runners"),
-         ("field", "fields"), ("referee", "referees")),
+        (
+            ("team", "teams"),
+            ("player", "players"),
+            ("ball", "balls"),
+            ("coach", "coaches"),
+            ("match", "matches"),
+            ("goal", "goals"),
+            ("race", "races"),
+            ("runner", "runners"),
+            ("field", "fields"),
+            ("referee", "referees"),
+        ),
         (("wins", "win"), ("plays", "play"), ("trains", "train"), ("scores", "score")),
     ),
     "food": (
-        (("soup", "soups"), ("cake", "cakes"), ("bread", "breads"), ("apple", "apples"),
-         ("chef", "chefs"), ("dish", "dishes"), ("pie", "pies"), ("salad", "salads"),
-         ("kitchen", "kitchens"), ("baker", "bakers")),
+        (
+            ("soup", "soups"),
+            ("cake", "cakes"),
+            ("bread", "breads"),
+            ("apple", "apples"),
+            ("chef", "chefs"),
+            ("dish", "dishes"),
+            ("pie", "pies"),
+            ("salad", "salads"),
+            ("kitchen", "kitchens"),
+            ("baker", "bakers"),
+        ),
         (("tastes", "taste"), ("smells", "smell"), ("cools", "cool"), ("boils", "boil")),
     ),
     "weather": (
-        (("cloud", "clouds"), ("storm", "storms"), ("wind", "winds"), ("sky", "skies"),
-         ("day", "days"), ("season", "seasons"), ("breeze", "breezes"), ("sun", "suns"),
-         ("morning", "mornings"), ("forecast", "forecasts")),
+        (
+            ("cloud", "clouds"),
+            ("storm", "storms"),
+            ("wind", "winds"),
+            ("sky", "skies"),
+            ("day", "days"),
+            ("season", "seasons"),
+            ("breeze", "breezes"),
+            ("sun", "suns"),
+            ("morning", "mornings"),
+            ("forecast", "forecasts"),
+        ),
         (("changes", "change"), ("passes", "pass"), ("clears", "clear"), ("lingers", "linger")),
     ),
     "music": (
-        (("song", "songs"), ("band", "bands"), ("singer", "singers"), ("guitar", "guitars"),
-         ("drum", "drums"), ("concert", "concerts"), ("album", "albums"), ("piano", "pianos"),
-         ("melody", "melodies"), ("choir", "choirs")),
+        (
+            ("song", "songs"),
+            ("band", "bands"),
+            ("singer", "singers"),
+            ("guitar", "guitars"),
+            ("drum", "drums"),
+            ("concert", "concerts"),
+            ("album", "albums"),
+            ("piano", "pianos"),
+            ("melody", "melodies"),
+            ("choir", "choirs"),
+        ),
         (("sounds", "sound"), ("echoes", "echo"), ("starts", "start"), ("fades", "fade")),
     ),
 }
 
 #: sentiment -> adjectives of that class.
 SENTIMENT_WORDS: dict[str, tuple[str, ...]] = {
-    "positive": ("good", "great", "lovely", "happy", "bright", "wonderful", "pleasant",
-                 "cheerful", "superb", "fine", "brilliant", "delightful", "charming",
-                 "excellent", "joyful", "splendid"),
-    "negative": ("bad", "awful", "terrible", "sad", "dull", "horrible", "nasty", "gloomy",
-                 "poor", "dreadful", "miserable", "ugly", "boring", "grim", "rotten", "bitter"),
+    "positive": (
+        "good",
+        "great",
+        "lovely",
+        "happy",
+        "bright",
+        "wonderful",
+        "pleasant",
+        "cheerful",
+        "superb",
+        "fine",
+        "brilliant",
+        "delightful",
+        "charming",
+        "excellent",
+        "joyful",
+        "splendid",
+    ),
+    "negative": (
+        "bad",
+        "awful",
+        "terrible",
+        "sad",
+        "dull",
+        "horrible",
+        "nasty",
+        "gloomy",
+        "poor",
+        "dreadful",
+        "miserable",
+        "ugly",
+        "boring",
+        "grim",
+        "rotten",
+        "bitter",
+    ),
 }
-NEUTRAL_ADJECTIVES = ("red", "blue", "green", "yellow", "small", "large", "old", "new", "round",
-                      "tall", "wide", "narrow")
-ADVERBS = ("today", "often", "slowly", "quickly", "daily", "rarely", "early", "late", "soon",
-           "twice")
-FUNCTION_WORDS = ("the", "of", "is", "are", "thinks", "likes", "says", "so", "then", ":", ".",
-                  "it", "was")
+NEUTRAL_ADJECTIVES = (
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "small",
+    "large",
+    "old",
+    "new",
+    "round",
+    "tall",
+    "wide",
+    "narrow",
+)
+ADVERBS = (
+    "today",
+    "often",
+    "slowly",
+    "quickly",
+    "daily",
+    "rarely",
+    "early",
+    "late",
+    "soon",
+    "twice",
+)
+FUNCTION_WORDS = (
+    "the",
+    "of",
+    "is",
+    "are",
+    "thinks",
+    "likes",
+    "says",
+    "so",
+    "then",
+    ":",
+    ".",
+    "it",
+    "was",
+)
 
 #: sentiment -> the closing verdict of a document of that mood (``it was good .``): a word that
 #: only the mood of the earlier adjectives predicts, so every model must carry the mood along.
@@ -153,8 +278,10 @@ class ContrastSet:
     def answer_ids(self, tokenizer: Any = None) -> tuple[list[int], list[int]]:
         """Token ids of the clean and the corrupted answers (each answer is one word)."""
         tok = _tokenizer(tokenizer)
-        return (tok.convert_tokens_to_ids(self.clean_answers),
-                tok.convert_tokens_to_ids(self.corrupted_answers))
+        return (
+            tok.convert_tokens_to_ids(self.clean_answers),
+            tok.convert_tokens_to_ids(self.corrupted_answers),
+        )
 
 
 @dataclass(frozen=True)
@@ -205,8 +332,15 @@ class Generator:
         if form == 0:
             return ["the", adjective, noun, verb, rng.choice(ADVERBS), "."]
         if form == 1:
-            return [rng.choice(NAMES), "thinks", "the", noun, "are" if plural else "is",
-                    adjective, "."]
+            return [
+                rng.choice(NAMES),
+                "thinks",
+                "the",
+                noun,
+                "are" if plural else "is",
+                adjective,
+                ".",
+            ]
         # the verb agrees with a noun two words back, across a name
         return ["the", noun, "of", rng.choice(NAMES), verb, rng.choice(ADVERBS), "."]
 

@@ -12,14 +12,16 @@ from archscope import ModelSource
 
 @archscope.hookimpl
 def register_model_sources(register: Callable[..., None]) -> None:
-    register(ModelSource(
-        name="zoo",
-        load="archscope_zoo.source:load",
-        description="trained reference models shipped with archscope-zoo "
-                    "(zoo:transformer, zoo:mamba, zoo:lstm)",
-        examples=("zoo:transformer", "zoo:mamba", "zoo:lstm"),
-        tasks="archscope_zoo.tasks:profile_tasks",
-    ))
+    register(
+        ModelSource(
+            name="zoo",
+            load="archscope_zoo.source:load",
+            description="trained reference models shipped with archscope-zoo "
+            "(zoo:transformer, zoo:mamba, zoo:lstm)",
+            examples=("zoo:transformer", "zoo:mamba", "zoo:lstm"),
+            tasks="archscope_zoo.tasks:profile_tasks",
+        )
+    )
 
 
 @archscope.hookimpl

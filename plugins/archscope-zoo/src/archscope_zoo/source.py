@@ -16,8 +16,10 @@ def load_tokenizer() -> Any:
     if not (folder / "tokenizer.json").is_file():
         from archscope.errors import ModelSourceError
 
-        raise ModelSourceError(f"the zoo tokenizer is missing from {folder}; reinstall "
-                               "archscope-zoo or run `python -m archscope_zoo.train`")
+        raise ModelSourceError(
+            f"the zoo tokenizer is missing from {folder}; reinstall "
+            "archscope-zoo or run `python -m archscope_zoo.train`"
+        )
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
@@ -31,7 +33,8 @@ def load(name: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
         raise ModelSourceError(
             f"zoo:{name!r} is not a zoo model; the zoo ships "
             f"{', '.join('zoo:' + n for n in MODEL_NAMES if n in shipped)} "
-            "(`archscope zoo list` shows them with sizes and losses)")
+            "(`archscope zoo list` shows them with sizes and losses)"
+        )
     folder = models_dir() / name
     if shipped[name]["class"] == "RecurrentLM":
         from archscope_recurrent.models import RecurrentLM

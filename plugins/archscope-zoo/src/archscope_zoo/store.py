@@ -24,8 +24,10 @@ def manifest() -> dict[str, Any]:
     if not path.is_file():
         from archscope.errors import ModelSourceError
 
-        raise ModelSourceError(f"the zoo manifest {path} is missing: this installation of "
-                               "archscope-zoo ships no models; reinstall it, or run "
-                               "`python -m archscope_zoo.train` to train them")
+        raise ModelSourceError(
+            f"the zoo manifest {path} is missing: this installation of "
+            "archscope-zoo ships no models; reinstall it, or run "
+            "`python -m archscope_zoo.train` to train them"
+        )
     data: dict[str, Any] = json.loads(path.read_text())
     return data

@@ -28,18 +28,21 @@ def profile_tasks(rest: str, tokenizer: Any, n: int = 160) -> Any:
     assert isinstance(repeats, InductionSet)
     keep = [i for i, label in enumerate(topic.labels) if label in (0, 1)]
     return ProfileTasks(
-        probes={"sentiment": sentiment.to_dataset(tokenizer),
-                "topic": Dataset.from_texts([topic.texts[i] for i in keep],
-                                            [topic.labels[i] for i in keep],
-                                            tokenizer=tokenizer)},
+        probes={
+            "sentiment": sentiment.to_dataset(tokenizer),
+            "topic": Dataset.from_texts(
+                [topic.texts[i] for i in keep], [topic.labels[i] for i in keep], tokenizer=tokenizer
+            ),
+        },
         texts=Dataset.from_texts(heldout, tokenizer=tokenizer),
         contrast=pairs.to_contrast(tokenizer),
         induction_ids=[int(i) for i in tokenizer.convert_tokens_to_ids(list(code_words()))],
         # one token per word (the zoo tokenizer is word-level), so word indices are positions
-        induction_rows=[tokenizer(t, add_special_tokens=False)["input_ids"]
-                        for t in repeats.texts],
-        induction_spans=[(a, b, len(span)) for (a, b), span in
-                         zip(repeats.starts, repeats.spans, strict=True)],
+        induction_rows=[tokenizer(t, add_special_tokens=False)["input_ids"] for t in repeats.texts],
+        induction_spans=[
+            (a, b, len(span)) for (a, b), span in zip(repeats.starts, repeats.spans, strict=True)
+        ],
         answers=pairs.answer_ids(tokenizer),
         source=f"zoo corpus (sentiment; topic {topic.label_names[0]} vs "
-               f"{topic.label_names[1]}; agreement pairs)")
+        f"{topic.label_names[1]}; agreement pairs)",
+    )

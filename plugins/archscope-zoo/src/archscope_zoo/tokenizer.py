@@ -18,5 +18,6 @@ def build_tokenizer() -> Any:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     pad, bos, eos, unk = SPECIALS
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=pad, bos_token=bos,
-                                   eos_token=eos, unk_token=unk)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=pad, bos_token=bos, eos_token=eos, unk_token=unk
+    )

@@ -61,27 +61,60 @@ def build_model(name: str, vocab_size: int, seed: int = 0) -> Any:
 
         # rotary positions make "the previous token" one fixed relative offset, which is what
         # the first half of an induction circuit needs
-        config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=256,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                             max_position_embeddings=SEQ_LEN, tie_word_embeddings=False, **ids)
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=SEQ_LEN,
+            tie_word_embeddings=False,
+            **ids,
+        )
         return LlamaForCausalLM(config)
     if name == "mamba":
         from transformers import MambaConfig, MambaForCausalLM
 
-        mamba_config = MambaConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2,
-                                   state_size=16, expand=2, conv_kernel=4, **ids)
+        mamba_config = MambaConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            num_hidden_layers=2,
+            state_size=16,
+            expand=2,
+            conv_kernel=4,
+            **ids,
+        )
         return MambaForCausalLM(mamba_config)
     if name == "lstm":
         from archscope_recurrent.models import RecurrentLM, RecurrentLMConfig
 
-        return RecurrentLM(RecurrentLMConfig(vocab_size=vocab_size, d_model=64, hidden_size=128,
-                                             num_layers=2, cell="lstm", norm=True))
+        return RecurrentLM(
+            RecurrentLMConfig(
+                vocab_size=vocab_size,
+                d_model=64,
+                hidden_size=128,
+                num_layers=2,
+                cell="lstm",
+                norm=True,
+            )
+        )
     raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(MODEL_NAMES)}")
 
 
-def _sequential_scan(hidden_states: Any, dt: Any, A: Any, B: Any, C: Any, D: Any = None,
-                     z: Any = None, delta_bias: Any = None, delta_softplus: bool = False,
-                     return_last_state: bool = False, **_: Any) -> Any:
+def _sequential_scan(
+    hidden_states: Any,
+    dt: Any,
+    A: Any,
+    B: Any,
+    C: Any,
+    D: Any = None,
+    z: Any = None,
+    delta_bias: Any = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    **_: Any,
+) -> Any:
     """The selective scan of Hugging Face's reference Mamba path, step for step the same
     arithmetic, but reading each time step through ``unbind``: the reference indexes the
     discretised tensors once per step, whose backward writes a full-size gradient per step
@@ -96,11 +129,15 @@ def _sequential_scan(hidden_states: Any, dt: Any, A: Any, B: Any, C: Any, D: Any
     B, C = B.transpose(1, 2), C.transpose(1, 2)
     discrete_a = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
     delta_bu = dt[:, :, :, None] * B[:, None, :, :].float() * hidden_states[:, :, :, None].float()
-    state = torch.zeros(hidden_states.shape[0], hidden_states.shape[1], A.shape[-1],
-                        dtype=hidden_states.dtype, device=hidden_states.device)
+    state = torch.zeros(
+        hidden_states.shape[0],
+        hidden_states.shape[1],
+        A.shape[-1],
+        dtype=hidden_states.dtype,
+        device=hidden_states.device,
+    )
     outputs = []
-    for a_t, bu_t, c_t in zip(discrete_a.unbind(2), delta_bu.unbind(2), C.unbind(1),
-                              strict=True):
+    for a_t, bu_t, c_t in zip(discrete_a.unbind(2), delta_bu.unbind(2), C.unbind(1), strict=True):
         state = a_t * state + bu_t
         outputs.append(torch.matmul(state.to(hidden_states.dtype), c_t.unsqueeze(-1))[:, :, 0])
     out = torch.stack(outputs, dim=-1)
@@ -134,8 +171,8 @@ def encode(tokenizer: Any, texts: list[str], seq_len: int = SEQ_LEN) -> tuple[An
     encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
     for row, tokens in enumerate(encoded):
         tokens = [*tokens, tokenizer.eos_token_id][:seq_len]
-        ids[row, :len(tokens)] = torch.tensor(tokens)
-        mask[row, :len(tokens)] = 1
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
     return ids, mask
 
 
@@ -151,8 +188,9 @@ def lm_loss(logits: Any, ids: Any, mask: Any) -> Any:
 
     target = ids[:, 1:].clone()
     target[mask[:, 1:] == 0] = -100
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
-                           ignore_index=-100)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100
+    )
 
 
 def heldout_loss(model: Any, tokenizer: Any, n: int = N_HELDOUT, batch: int = 64) -> float:
@@ -163,15 +201,24 @@ def heldout_loss(model: Any, tokenizer: Any, n: int = N_HELDOUT, batch: int = 64
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, n, batch):
-            i, m = ids[start:start + batch], mask[start:start + batch]
+            i, m = ids[start : start + batch], mask[start : start + batch]
             tokens = int(m[:, 1:].sum())
             total += float(lm_loss(logits_of(model, i, m), i, m)) * tokens
             count += tokens
     return total / count
 
 
-def _loop(model: Any, ids: Any, mask: Any, optimiser: Any, scheduler: Any, recipe: Recipe,
-          name: str, start: float, log: Any) -> None:
+def _loop(
+    model: Any,
+    ids: Any,
+    mask: Any,
+    optimiser: Any,
+    scheduler: Any,
+    recipe: Recipe,
+    name: str,
+    start: float,
+    log: Any,
+) -> None:
     import torch
 
     for step in range(recipe.steps):
@@ -184,8 +231,11 @@ def _loop(model: Any, ids: Any, mask: Any, optimiser: Any, scheduler: Any, recip
         optimiser.step()
         scheduler.step()
         if log is not None and (step % 100 == 0 or step == recipe.steps - 1):
-            log(f"{name} step {step:5d} loss {float(loss.detach()):.4f} "
-                f"({time.perf_counter() - start:.0f} s)", flush=True)
+            log(
+                f"{name} step {step:5d} loss {float(loss.detach()):.4f} "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
 
 
 def train_one(name: str, tokenizer: Any, recipe: Recipe, log: Any = None) -> tuple[Any, dict]:
@@ -198,8 +248,9 @@ def train_one(name: str, tokenizer: Any, recipe: Recipe, log: Any = None) -> tup
     if recipe.repeats:
         texts = corpus.with_repeats(texts, recipe.repeats, seed=corpus.REPEAT_SEED + recipe.seed)
     ids, mask = encode(tokenizer, texts)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr,
-                                  weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98)
+    )
 
     def schedule(step: int) -> float:
         if step < recipe.warmup:
@@ -242,11 +293,18 @@ def save(name: str, model: Any, out: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m archscope_zoo.train", description=__doc__)
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="folder to write to (default: the package's shipped models)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder to write to (default: the package's shipped models)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="override every recipe's steps")
-    parser.add_argument("--check", action="store_true",
-                        help="compare held-out losses with the shipped manifest (rel. tol. 3%%)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare held-out losses with the shipped manifest (rel. tol. 3%%)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -261,13 +319,23 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = build_tokenizer()
     tokenizer.save_pretrained(out / TOKENIZER_DIR)
     manifest_path = out / MANIFEST_NAME
-    manifest: dict[str, Any] = (json.loads(manifest_path.read_text())
-                                if manifest_path.is_file() else {"models": {}})
-    manifest.update({"seq_len": SEQ_LEN, "vocab_size": len(tokenizer),
-                     "tokenizer": TOKENIZER_DIR, "torch": torch.__version__,
-                     "transformers": transformers.__version__})
-    shipped = json.loads((models_dir() / MANIFEST_NAME).read_text()) \
-        if (models_dir() / MANIFEST_NAME).is_file() else {"models": {}}
+    manifest: dict[str, Any] = (
+        json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"models": {}}
+    )
+    manifest.update(
+        {
+            "seq_len": SEQ_LEN,
+            "vocab_size": len(tokenizer),
+            "tokenizer": TOKENIZER_DIR,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        }
+    )
+    shipped = (
+        json.loads((models_dir() / MANIFEST_NAME).read_text())
+        if (models_dir() / MANIFEST_NAME).is_file()
+        else {"models": {}}
+    )
     failures = []
     for name in args.models:
         recipe = RECIPES[name]
@@ -284,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.check and name in shipped["models"]:
             want, got = shipped["models"][name]["heldout_loss"], record["heldout_loss"]
             ok = abs(got - want) <= 0.03 * want
-            print(f"{name}: held-out loss {got:.4f} vs shipped {want:.4f}: "
-                  f"{'reproduced' if ok else 'DIFFERS'}")
+            print(
+                f"{name}: held-out loss {got:.4f} vs shipped {want:.4f}: "
+                f"{'reproduced' if ok else 'DIFFERS'}"
+            )
             if not ok:
                 failures.append(name)
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

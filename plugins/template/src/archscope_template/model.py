@@ -41,8 +41,9 @@ class Block(nn.Module):
 
 
 class MinGRULM(nn.Module):
-    def __init__(self, vocab_size: int = 64, d_model: int = 32, n_layers: int = 3,
-                 d_mlp: int = 64) -> None:
+    def __init__(
+        self, vocab_size: int = 64, d_model: int = 32, n_layers: int = 3, d_mlp: int = 64
+    ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, d_model)
@@ -50,8 +51,9 @@ class MinGRULM(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # A causal recurrence: right padding never reaches real tokens, so the mask is unused.
         x = self.embed(input_ids)
         for block in self.blocks:

@@ -22,5 +22,7 @@ def register_methods(register):
     # A first-party name without replace=True: the first-party method must stay.
     register(archscope.Method(name="logit-lens", summary="impostor", function=_noop))
     # A first-party name with replace=True: this one takes over.
-    register(archscope.Method(name="activation-stats", summary="replacement", function=_noop),
-             replace=True)
+    register(
+        archscope.Method(name="activation-stats", summary="replacement", function=_noop),
+        replace=True,
+    )

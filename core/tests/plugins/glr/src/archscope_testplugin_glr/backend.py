@@ -11,8 +11,9 @@ from archscope.engine import HookBackend, Hookpoint, RunContext, SiteTable
 class GLRBackend(HookBackend):
     name = "glr"
     description = "gated linear recurrence LMs (GLRLM)"
-    capabilities = frozenset({"residual", "components", "recurrent_state", "state_patch",
-                              "unembed", "logits", "edit"})
+    capabilities = frozenset(
+        {"residual", "components", "recurrent_state", "state_patch", "unembed", "logits", "edit"}
+    )
     padding = "right"  # the recurrence is causal; the model ignores attention masks
     regroup_states = True  # the model's states are the ones after the padding
 

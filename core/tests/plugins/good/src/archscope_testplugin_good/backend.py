@@ -18,14 +18,28 @@ class ToyBackend(HookBackend):
     def _site_table(self):
         m = self.model
         d = m.d_model
-        table = {"embed": (SiteInfo(Site("embed"), "token", ("batch", "seq", "d_model"), d, order=0),
-                           Hookpoint(m.blocks[0], io="input", arg="h"))}
+        table = {
+            "embed": (
+                SiteInfo(Site("embed"), "token", ("batch", "seq", "d_model"), d, order=0),
+                Hookpoint(m.blocks[0], io="input", arg="h"),
+            )
+        }
         for i, block in enumerate(m.blocks):
             table[f"layer_{i}.residual"] = (
                 SiteInfo(Site("residual", i), "token", ("batch", "seq", "d_model"), d, order=i + 1),
-                Hookpoint(block))
-        table["logits"] = (SiteInfo(Site("logits"), "token", ("batch", "seq", "vocab"), m.vocab,
-                                    writable=False, order=len(m.blocks) + 1), Hookpoint(m.head))
+                Hookpoint(block),
+            )
+        table["logits"] = (
+            SiteInfo(
+                Site("logits"),
+                "token",
+                ("batch", "seq", "vocab"),
+                m.vocab,
+                writable=False,
+                order=len(m.blocks) + 1,
+            ),
+            Hookpoint(m.head),
+        )
         return table
 
     def unembed(self, residual):

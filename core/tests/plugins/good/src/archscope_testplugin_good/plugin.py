@@ -16,28 +16,34 @@ def register_backends(register):
 
 @archscope.hookimpl
 def register_methods(register):
-    register(archscope.Method(
-        name="toy-norms",
-        summary="Norm of every residual site (test plugin)",
-        function="archscope_testplugin_good.backend:toy_norms",
-        requires=frozenset({"residual"}),
-    ))
-    register(archscope.Method(
-        name="needs-state",
-        summary="A method no toy backend can run",
-        function="archscope_testplugin_good.backend:toy_norms",
-        requires=frozenset({"residual", "state_patch"}),
-    ))
+    register(
+        archscope.Method(
+            name="toy-norms",
+            summary="Norm of every residual site (test plugin)",
+            function="archscope_testplugin_good.backend:toy_norms",
+            requires=frozenset({"residual"}),
+        )
+    )
+    register(
+        archscope.Method(
+            name="needs-state",
+            summary="A method no toy backend can run",
+            function="archscope_testplugin_good.backend:toy_norms",
+            requires=frozenset({"residual", "state_patch"}),
+        )
+    )
 
 
 @archscope.hookimpl
 def register_model_sources(register):
-    register(archscope.ModelSource(
-        name="toy",
-        load="archscope_testplugin_good.backend:load_toy",
-        description="toy models built from a seed: toy:<seed>",
-        claims="archscope_testplugin_good.backend:claims",
-    ))
+    register(
+        archscope.ModelSource(
+            name="toy",
+            load="archscope_testplugin_good.backend:load_toy",
+            description="toy models built from a seed: toy:<seed>",
+            claims="archscope_testplugin_good.backend:claims",
+        )
+    )
 
 
 @archscope.hookimpl
