@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 
 from archscope import Backend, BackendError, Edit, SiteError
 from archscope.testing import padded_batch
@@ -42,20 +44,66 @@ def _close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
 
 
 # -- layout ---------------------------------------------------------------------------------------
+def _hf_starts_with_embedding(family: str) -> bool:
+    """Hugging Face's own layout of `hidden_states` for the pure SSMs, by release: Mamba and
+    Falcon-Mamba have no embedding entry (checked on transformers 5.6-5.25); Mamba-2 had none up
+    to 5.24 and starts with the embedding from 5.25 on (FACTS.md)."""
+    if family == "mamba2":
+        return Version(transformers.__version__) >= Version("5.25")
+    return False
+
+
+def _block_outputs(model: Any, backend: MambaBackend, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Each block's raw output, read with plain forward hooks (independent of the backend)."""
+    seen: list[torch.Tensor] = []
+    blocks = [model.get_submodule(path) for path in _block_paths(model, backend.n_layers)]
+    handles = [
+        block.register_forward_hook(
+            lambda _m, _i, out: seen.append((out[0] if isinstance(out, tuple) else out).detach())
+        )
+        for block in blocks
+    ]
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _block_paths(model: Any, n: int) -> list[str]:
+    for prefix in ("backbone.layers", "model.layers"):
+        try:
+            model.get_submodule(f"{prefix}.0")
+        except AttributeError:
+            continue
+        return [f"{prefix}.{i}" for i in range(n)]
+    raise AssertionError("no block list found")
+
+
 @pytest.mark.parametrize("family", PURE_SSM_FAMILIES)
-def test_pure_ssm_hidden_states_have_no_embedding_entry(family: str) -> None:
+def test_pure_ssm_residuals_equal_block_outputs_and_hf_hidden_states(family: str) -> None:
     model, backend = _model(family), _backend(family)
     ids = random_ids(2, 7)
-    hs = model(ids, output_hidden_states=True).hidden_states
     n = backend.n_layers
     result = backend.run(
         ids, capture=[*(f"layer_{i}.residual" for i in range(n)), "embed", "final_norm"]
     )
+    blocks = _block_outputs(model, backend, ids)
+    for i in range(n):  # the raw output of block i, whatever the HF layout
+        assert _close(result[f"layer_{i}.residual"], blocks[i])
+    hs = model(ids, output_hidden_states=True).hidden_states
     assert len(hs) == n + 1
-    for i in range(n):  # hidden_states[i] is the output of block i
-        assert _close(result[f"layer_{i}.residual"], hs[i])
-    assert _close(result["final_norm"], hs[n])
-    assert not _close(result["embed"], hs[0])
+    assert _close(result["final_norm"], hs[n])  # the last entry is after the final norm
+    if _hf_starts_with_embedding(family):
+        assert _close(result["embed"], hs[0])
+        for i in range(n - 1):
+            assert _close(result[f"layer_{i}.residual"], hs[i + 1])
+    else:
+        assert not _close(result["embed"], hs[0])
+        for i in range(n):  # hidden_states[i] is the output of block i
+            assert _close(result[f"layer_{i}.residual"], hs[i])
 
 
 @pytest.mark.parametrize("family", HYBRID_FAMILIES)
