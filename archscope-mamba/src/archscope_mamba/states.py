@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from archscope import BackendError, Site
+from archscope import BackendError
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +22,7 @@ def read_states(backend: MambaStack, plan: _Plan, names: list[str]) -> dict[str,
         )
     out = {}
     for name in names:
-        site = Site.parse(name)
+        site = backend.table.info(name).site  # names are canonical: no parsing
         assert site.layer is not None
         layer = backend.layers[site.layer]
         conv = site.role == "conv_state"

@@ -17,7 +17,6 @@ from .detection import Confidence
 from .engine import HookBackend, Hookpoint, RunContext, SiteTable
 from .errors import BackendError
 from .modules import accepted_kwargs, get_module, parameter_names
-from .sites import Site
 
 if TYPE_CHECKING:
     import torch
@@ -378,7 +377,7 @@ class AdapterBackend(HookBackend):
             if name == "logits":
                 values[name] = self.logits_of(output)
                 continue
-            site = Site.parse(name)
+            site = self.table.info(name).site
             accessor = self.spec.states[site.role]
             assert callable(accessor) and site.layer is not None
             value = accessor(output, site.layer)

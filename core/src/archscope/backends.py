@@ -284,11 +284,13 @@ class Backend:
 
     def extract(self, inputs: Any, layers: list[str] | None = None) -> list[ActivationRecord]:
         """Seed API: capture ``layers`` (default: `layer_names()`) as ActivationRecords."""
-        names = [str(Site.parse(n)) for n in (layers if layers is not None else self.layer_names())]
-        result = self.run(inputs, capture=names)
+        parsed = [Site.parse(n) for n in (layers if layers is not None else self.layer_names())]
+        result = self.run(inputs, capture=parsed)  # Site objects: not parsed again
+        names = [str(s) for s in parsed]
+        table = self.sites()
         records = []
         for name in names:
-            info = self.site_info(name)
+            info = table[name]
             records.append(
                 ActivationRecord(
                     layer_name=name,

@@ -28,6 +28,8 @@ class RunResult:
     state: dict[str, torch.Tensor] | None = None
 
     def __getitem__(self, site: str | Site) -> torch.Tensor:
+        if isinstance(site, str) and site in self.activations:  # canonical: no parsing
+            return self.activations[site]
         key = str(Site.parse(site))
         if key not in self.activations:
             raise KeyError(f"{key!r} was not captured; captured: {sorted(self.activations)}")
