@@ -59,7 +59,8 @@ class ActivationRecord:
 
 class Backend:
     """Base class of every backend. Subclasses set the class attributes and implement
-    `can_handle`, `sites` and `run` (the hook engine in `archscope.engine` does the last)."""
+    `can_handle`, `site_table` (built with `SiteTable`, the one way to declare sites) and
+    `execute` (the hook engine, `archscope.engine.HookBackend`, does the last)."""
 
     #: Registry name, accepted as ``hint=``.
     name: ClassVar[str] = ""
