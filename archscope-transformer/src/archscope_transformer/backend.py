@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 from archscope.detection import Confidence
@@ -24,7 +25,6 @@ from archscope.engine import (
 )
 
 from .structure import (
-    Port,
     Structure,
     StructureError,
     accepts,
@@ -59,18 +59,6 @@ class TokenView(View):
 
 
 _TOKEN_VIEW = TokenView()
-
-
-def _hookpoint(port: Port, flat: bool = False) -> Hookpoint:
-    """The hookpoint of ``port``; ``flat``: the value may be stored with (batch, seq) flattened."""
-    return Hookpoint(
-        port.module,
-        io=port.io,
-        index=port.index,
-        arg=port.arg,
-        clone=port.clone,
-        view=_TOKEN_VIEW if flat else None,
-    )
 
 
 class TransformerBackend(HookBackend):
@@ -119,20 +107,20 @@ class TransformerBackend(HookBackend):
         d = s.d_model
         table = SiteTable(self.model)
 
-        def add(name: str, dim: int, port: Port | None, desc: str, **kw: Any) -> None:
-            flat = name.endswith((".attn", ".mlp", ".mlp_hidden"))
-            where = _hookpoint(port, flat) if port else None
-            path = f" ({port.path})" if port else ""
+        def add(name: str, dim: int, where: Hookpoint | None, desc: str, **kw: Any) -> None:
+            path = f" ({where.module})" if where else ""
+            if where is not None and name.endswith((".attn", ".mlp", ".mlp_hidden")):
+                where = replace(where, view=_TOKEN_VIEW)  # may be stored (batch * seq, ·)
             kw.setdefault("writable", True)
             table.add(name, where, dim, description=desc + path, **kw)
 
         block0 = s.blocks[0]
-        embed = Port(block0, f"{s.blocks_path}.0", io="input", arg=first_param(block0.forward))
+        embed = Hookpoint(f"{s.blocks_path}.0", io="input", arg=first_param(block0.forward))
         add("embed", d, embed, "input of block 0")
         for i, parts in enumerate(s.parts):
             # Sites in the order the forward pass produces them (stop-early depends on it).
             # (Read inside the attention module, the attn value comes before the pattern.)
-            attn: tuple[str, int, Port, str, dict[str, Any]] = (
+            attn: tuple[str, int, Hookpoint, str, dict[str, Any]] = (
                 f"layer_{i}.attn",
                 d,
                 parts.attn,
@@ -146,7 +134,7 @@ class TransformerBackend(HookBackend):
                 "attention probabilities per head; needs eager attention, switched on for the run",
                 {"shape": ("batch", "head", "seq", "key"), "writable": False},
             )
-            inside = parts.attn.path.startswith(parts.attn_pattern.path + ".")
+            inside = str(parts.attn.module).startswith(f"{parts.attn_pattern.module}.")
             steps = [attn, pattern] if inside else [pattern, attn]
             if parts.mlp_hidden is not None:
                 hidden = "MLP hidden units (input of the output projection)"
@@ -159,10 +147,10 @@ class TransformerBackend(HookBackend):
             add(
                 f"layer_{i}.residual",
                 d,
-                Port(parts.block, f"{s.blocks_path}.{i}"),
+                Hookpoint(f"{s.blocks_path}.{i}"),
                 f"output of block {i}",
             )
-        add("final_norm", d, Port(s.final_norm, s.final_norm_path), "final norm output")
+        add("final_norm", d, Hookpoint(s.final_norm_path), "final norm output")
         add("logits", s.vocab, None, "the model's output logits")
         return table
 
