@@ -18,7 +18,7 @@ from archscope.engine import HookBackend, Hookpoint, RunContext, SiteTable
 
 from .continuing import continue_from_state
 from .native import NativeInferenceParams, NativeResidualView, native_states_of_padded_rows
-from .plan import RowsView, _Plan, roll_rows, run_plan
+from .plan import RowsView, RunPlan, roll_rows, run_plan
 from .states import output_cache, read_cache_state, read_states
 from .structure import (
     ATTN_PATHS,
@@ -226,7 +226,7 @@ class MambaBackend(HookBackend):
         return cast("torch.Tensor", logits)
 
     # -- running -------------------------------------------------------------------------------
-    def _plan(self, ctx: RunContext) -> _Plan:
+    def _plan(self, ctx: RunContext) -> RunPlan:
         return run_plan(self, ctx)
 
     def forward(self, ctx: RunContext) -> Any:

@@ -18,11 +18,11 @@ from .states import output_cache
 if TYPE_CHECKING:
     import torch
 
-    from .plan import _Plan
+    from .plan import RunPlan
     from .structure import MambaStack
 
 
-def continue_from_state(backend: MambaStack, ctx: RunRequest, plan: _Plan) -> Any:
+def continue_from_state(backend: MambaStack, ctx: RunRequest, plan: RunPlan) -> Any:
     """Decode the batch token by token from ``ctx.initial_state`` (the only way the models'
     caches reproduce a full run); token sites and logits are concatenated over steps."""
     import torch

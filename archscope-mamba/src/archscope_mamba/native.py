@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from archscope.engine import RunRequest
 
-from .plan import RowsView, _Plan
+from .plan import RowsView, RunPlan
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +44,7 @@ class NativeResidualView(RowsView):
         return (hidden.new_zeros(hidden.shape), value.to(kept.dtype))
 
 
-def native_states_of_padded_rows(model: Any, ctx: RunRequest, plan: _Plan) -> None:
+def native_states_of_padded_rows(model: Any, ctx: RunRequest, plan: RunPlan) -> None:
     """Native models run pads like tokens: give each right-padded row the state its real
     tokens reach alone (one extra pass per padded row, its captures discarded)."""
     mask = ctx.attention_mask

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class _Plan:
+class RunPlan:
     """How one run is carried out (decided once per run, before hooks are attached)."""
 
     wants_state: bool
@@ -31,15 +31,15 @@ class _Plan:
     cache: Any = None
 
 
-def run_plan(backend: MambaStack, ctx: RunRequest) -> _Plan:
+def run_plan(backend: MambaStack, ctx: RunRequest) -> RunPlan:
     """The plan of the run ``ctx`` (decided on first call, then kept in ``ctx.extra``)."""
-    plan: _Plan | None = ctx.extra.get("mamba_plan")
+    plan: RunPlan | None = ctx.extra.get("mamba_plan")
     if plan is not None:
         return plan
     import torch
 
     states = set(backend.state_sites)
-    plan = _Plan(wants_state=ctx.return_state or any(n in states for n in ctx.capture))
+    plan = RunPlan(wants_state=ctx.return_state or any(n in states for n in ctx.capture))
     mask = ctx.attention_mask
     side = padding_side(mask) if mask is not None else "none"
     if ctx.initial_state is not None:
@@ -83,7 +83,7 @@ class RowsView(View):
     edited, with the caller's mask) in the caller's layout; during a run continued from a state,
     an edit sees the whole suffix, of which the hook holds one decoding step."""
 
-    def __init__(self, plan_of: Callable[[RunRequest], _Plan]) -> None:
+    def __init__(self, plan_of: Callable[[RunRequest], RunPlan]) -> None:
         self.plan_of = plan_of
 
     def read(self, raw: Any, run: RunRequest) -> torch.Tensor:

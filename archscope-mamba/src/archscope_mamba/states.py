@@ -10,11 +10,11 @@ from archscope import BackendError
 if TYPE_CHECKING:
     import torch
 
-    from .plan import _Plan
+    from .plan import RunPlan
     from .structure import MambaStack
 
 
-def read_states(backend: MambaStack, plan: _Plan, names: list[str]) -> dict[str, torch.Tensor]:
+def read_states(backend: MambaStack, plan: RunPlan, names: list[str]) -> dict[str, torch.Tensor]:
     """The recurrent states ``names`` from the cache the run left in ``plan``."""
     if plan.cache is None:
         raise BackendError(

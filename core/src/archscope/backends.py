@@ -148,7 +148,8 @@ class Backend:
         the state after the last real token in ``RunResult.state``.
 
         Backends do not override this: it validates the request (`check_request`), prepares
-        the inputs (`prepare_inputs`), checks ``initial_state`` (`check_initial_state`) and
+        the inputs (`prepare_inputs`), checks ``initial_state``
+        (`archscope.state_patch.check_initial_state`) and
         hands a `RunRequest` to `execute`.
         """
         from .guards import check_device, check_inputs, inference_mode, model_lock
@@ -160,7 +161,10 @@ class Backend:
         check_device(self.device, self.name)
         batch = self.prepare_inputs(inputs)
         check_inputs(batch, self.input_limits(), self.name)
-        self.check_initial_state(initial_state, batch)
+        if initial_state:
+            from .state_patch import check_initial_state
+
+            check_initial_state(self, initial_state, batch)
         request = RunRequest(
             batch,
             wanted,
@@ -225,19 +229,6 @@ class Backend:
         if initial_state is not None or return_state:
             self.require("state_patch")
         return wanted, edit_map
-
-    def check_initial_state(
-        self, initial_state: Mapping[str, torch.Tensor] | None, batch: Mapping[str, Any]
-    ) -> None:
-        """The one ``initial_state`` policy: every key is a state site of this backend; each
-        value has one row per batch row and the site's number of axes and feature size. Sites
-        left out start from the model's own initial state (as in a run without
-        ``initial_state``)."""
-        if not initial_state:
-            return
-        from .state_patch import check_initial_state
-
-        check_initial_state(self, initial_state, batch)
 
     # -- rows of different lengths -------------------------------------------------------------
     #: True when the model's state outputs are the state after the whole (right-padded) row.
