@@ -9,15 +9,16 @@ are read from the model's own cache, so reading them runs the same kernels as a 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, cast
 
-from archscope import BackendError, Site, SiteInfo
+from archscope import BackendError
 from archscope.detection import Confidence
-from archscope.engine import HookBackend, Hookpoint, RunContext
+from archscope.engine import HookBackend, Hookpoint, RunContext, SiteTable
 
 from .continuing import continue_from_state
-from .native import NativeInferenceParams, attach_native_residual, native_states_of_padded_rows
-from .plan import _Plan, roll_rows, run_plan, wrap_edit
+from .native import NativeInferenceParams, NativeResidualView, native_states_of_padded_rows
+from .plan import RowsView, RunPlan, roll_rows, run_plan
 from .states import output_cache, read_cache_state, read_states
 from .structure import (
     ATTN_PATHS,
@@ -29,7 +30,6 @@ from .structure import (
     LayerMap,
     _first_attr,
     _get,
-    build_site_table,
     describe_layer,
     find_stack,
     is_native,
@@ -126,21 +126,81 @@ class MambaBackend(HookBackend):
             return int(weight.shape[-1])
         return int(_first_attr(getattr(self.model, "config", None), ("hidden_size", "d_model")))
 
-    def site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
-        return build_site_table(self)
+    def site_table(self) -> SiteTable:
+        """Each layer's sub-layers, its residual stream and its recurrent states (read from the
+        cache, so without a hookpoint), in forward order. Token sites are read through the
+        run's plan (`RowsView`)."""
+        d = self.d_model
+        rows = RowsView(self._plan)
+        table = SiteTable(self.model)
+
+        def token(name: str, module: Any, description: str, **kw: Any) -> None:
+            table.add(name, Hookpoint(module, view=rows, **kw), d, description=description)
+
+        config = getattr(self.model, "config", None)
+        scaled_embedding = float(getattr(config, "embedding_multiplier", 1.0) or 1.0) != 1.0
+        if self.embedding is not None and not scaled_embedding and not self.native:
+            token("embed", self.embedding, "residual stream before block 0")
+        else:  # the embedding is scaled (or native): read the stream where block 0 takes it
+            token("embed", self.layers[0].block, "residual stream before block 0", io="input")
+        for layer in self.layers:
+            i, block = layer.index, layer.block
+            # Zamba2's hybrid layers add the shared transformer's output (``linear``) into the
+            # mixer's input: there the attention comes first.
+            attn = (f"layer_{i}.attn", layer.attn, "attention sub-layer output")
+            mixer = (f"layer_{i}.mixer", layer.ssm, "SSM mixer output")
+            mlp = (f"layer_{i}.mlp", layer.mlp, "MLP / MoE output")
+            steps = [attn, mixer, mlp] if layer.attn == "linear" else [mixer, attn, mlp]
+            for name, path, description in steps:
+                if path is not None:
+                    token(name, _get(block, path), description)
+            if self.native:
+                where = Hookpoint(block, index=None, view=NativeResidualView(self._plan))
+                table.add(
+                    f"layer_{i}.residual", where, d, description="residual stream after the block"
+                )
+            else:
+                token(f"layer_{i}.residual", block, "residual stream after the block")
+            if layer.ssm is not None:
+                kind, *sizes = layer.state_shape
+                shape = (
+                    ("batch", "d_inner", "d_state")
+                    if kind == "mamba"
+                    else ("batch", "heads", "head_dim", "d_state")
+                )
+                # States are set through run(initial_state=...) / state_patch, not edits.
+                table.add(
+                    f"layer_{i}.ssm_state",
+                    None,
+                    sizes[-1],
+                    shape=shape,
+                    description="SSM state after the last real token",
+                    size=tuple(sizes),
+                )
+                table.add(
+                    f"layer_{i}.conv_state",
+                    None,
+                    layer.conv_shape[1],
+                    description="causal-conv input window after the last real token",
+                    size=layer.conv_shape,
+                )
+        if self.native and self.lm_head is not None:
+            # The fused add+norm path calls a kernel, not norm_f: read the head's input instead.
+            token("final_norm", self.lm_head, "", io="input", arg="input")
+        elif self.final_norm is not None:
+            token("final_norm", self.final_norm, "")
+        if self.lm_head is not None:
+            vocab = int(self.lm_head.weight.shape[0])
+            table.add("logits", None, vocab, description="output logits")
+        return table
 
     @property
     def ssm_layers(self) -> list[LayerMap]:
         return [layer for layer in self.layers if layer.ssm is not None]
 
-    @property
+    @functools.cached_property
     def state_sites(self) -> list[str]:
-        return [n for n, (info, _) in self._table.items() if info.kind == "state"]
-
-    def _layer_of_state(self, name: str) -> LayerMap:
-        layer = Site.parse(name).layer
-        assert layer is not None
-        return self.layers[layer]
+        return self.table.names(kind="state")
 
     # -- unembedding ---------------------------------------------------------------------------
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
@@ -166,26 +226,8 @@ class MambaBackend(HookBackend):
         return cast("torch.Tensor", logits)
 
     # -- running -------------------------------------------------------------------------------
-    def _plan(self, ctx: RunContext) -> _Plan:
+    def _plan(self, ctx: RunContext) -> RunPlan:
         return run_plan(self, ctx)
-
-    # Not hookpoint views: what an edit is applied to depends on the run (rows shifted from right
-    # to left padding, or one decoding step of a continued run), while the views live in the site
-    # table built once per backend; and a native block's residual stream is the sum of both
-    # elements of its output tuple, while a view sees one element.
-    def _attach(self, name: str, ctx: RunContext) -> Any:
-        plan = self._plan(ctx)
-        info = self._table[name][0]
-        original = ctx.edits.get(name)
-        if original and info.kind == "token" and (plan.shift is not None or plan.stepping):
-            ctx.edits[name] = [wrap_edit(e, info, plan) for e in original]
-        try:
-            if self.native and info.site.role == "residual":
-                return attach_native_residual(self, name, ctx)
-            return super()._attach(name, ctx)
-        finally:
-            if original is not None:
-                ctx.edits[name] = original
 
     def forward(self, ctx: RunContext) -> Any:
         plan = self._plan(ctx)
@@ -199,28 +241,19 @@ class MambaBackend(HookBackend):
                 max_seqlen=int(ids.shape[1]), max_batch_size=int(ids.shape[0])
             )
             output = self.model(ids, inference_params=plan.cache)
-            native_states_of_padded_rows(self, ctx, plan)
+            native_states_of_padded_rows(self.model, ctx, plan)
             return output
 
-        batch = ctx.batch
-        if plan.shift is not None:
-            ctx.batch = {
-                k: roll_rows(v, plan.shift) if k in ("input_ids", "attention_mask") else v
-                for k, v in batch.items()
-            }
         inputs = dict(ctx.batch)
+        if plan.shift is not None:  # the hooks' views show token sites in the caller's layout
+            for key in ("input_ids", "attention_mask"):
+                if key in inputs:
+                    inputs[key] = roll_rows(inputs[key], plan.shift)
         mask = inputs.get("attention_mask")
         if mask is not None and bool(mask.all()):
             # An all-ones mask changes nothing but costs two multiplications per SSM layer.
             del inputs["attention_mask"]
-        try:
-            output = self.model(**inputs, use_cache=plan.wants_state)
-        finally:
-            ctx.batch = batch
-            if plan.shift is not None:
-                for key, value in ctx.store.items():
-                    if self._table[key][0].kind == "token":
-                        ctx.store[key] = roll_rows(value, -plan.shift)
+        output = self.model(**inputs, use_cache=plan.wants_state)
         if plan.shift is not None and getattr(output, "logits", None) is not None:
             output.logits = roll_rows(output.logits, -plan.shift)
         if plan.wants_state:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from archscope import Site, SiteError
 from archscope.compat import cache_argument
-from archscope.engine import RunContext, StopForward
+from archscope.engine import RunRequest, StopForward
 
 from .native import NativeInferenceParams
 from .states import output_cache
@@ -18,11 +18,11 @@ from .states import output_cache
 if TYPE_CHECKING:
     import torch
 
-    from .backend import MambaBackend
-    from .plan import _Plan
+    from .plan import RunPlan
+    from .structure import MambaStack
 
 
-def continue_from_state(backend: MambaBackend, ctx: RunContext, plan: _Plan) -> Any:
+def continue_from_state(backend: MambaStack, ctx: RunRequest, plan: RunPlan) -> Any:
     """Decode the batch token by token from ``ctx.initial_state`` (the only way the models'
     caches reproduce a full run); token sites and logits are concatenated over steps."""
     import torch
@@ -32,11 +32,8 @@ def continue_from_state(backend: MambaBackend, ctx: RunContext, plan: _Plan) -> 
     plan.cache = cache_from_state(
         backend, ctx.initial_state or {}, int(ids.shape[0]), int(ids.shape[1])
     )
-    token_sites = [
-        n
-        for n in ctx.capture
-        if backend._table[n][0].kind == "token" and backend._table[n][1] is not None
-    ]
+    hooked_tokens = set(backend.table.names(kind="token", hooked=True))
+    token_sites = [n for n in ctx.capture if n in hooked_tokens]
     collected: dict[str, list[torch.Tensor]] = {n: [] for n in token_sites}
     logits: list[torch.Tensor] = []
     for t in range(plan.steps):
@@ -67,7 +64,7 @@ def continue_from_state(backend: MambaBackend, ctx: RunContext, plan: _Plan) -> 
 
 
 def cache_from_state(
-    backend: MambaBackend, state: Mapping[str, torch.Tensor], batch: int, steps: int
+    backend: MambaStack, state: Mapping[str, torch.Tensor], batch: int, steps: int
 ) -> Any:
     """A cache holding ``state`` (every state site, checked), ready to decode ``steps`` tokens."""
     names = backend.state_sites
@@ -82,7 +79,7 @@ def cache_from_state(
             + f"state sites are {names}. Take them from run(..., return_state=True).state"
         )
     for name in names:
-        expected = (batch, *cast("tuple[int, ...]", backend._table[name][0].extra["size"]))
+        expected = (batch, *cast("tuple[int, ...]", backend.table.info(name).extra["size"]))
         if tuple(given[name].shape) != expected:
             raise SiteError(
                 f"initial_state[{name!r}] has shape {tuple(given[name].shape)}; "

@@ -7,13 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from archscope.engine import RunContext, StopForward, apply_edit
+from archscope.engine import RunRequest
+
+from .plan import RowsView, RunPlan
 
 if TYPE_CHECKING:
-    from torch import nn
-
-    from .backend import MambaBackend
-    from .plan import _Plan
+    import torch
 
 
 @dataclass
@@ -30,33 +29,22 @@ class NativeInferenceParams:
     lengths_per_sample: Any = None
 
 
-def attach_native_residual(backend: MambaBackend, name: str, ctx: RunContext) -> Any:
-    """Native blocks return ``(hidden_states, residual)``; the stream is their sum. An edit
-    returns ``(zeros, edited sum)`` so the next block's ``hidden + residual`` is exact."""
-    info, hookpoint = backend._table[name]
-    assert hookpoint is not None
-    edits = ctx.edits.get(name, [])
-    capture = name in ctx.capture
-    stop = name == ctx.stop_after
+class NativeResidualView(RowsView):
+    """Native blocks return ``(hidden_states, residual)``; the stream is their sum. An edited
+    stream is written as ``(zeros, edited sum)`` so the next block's ``hidden + residual`` is
+    exact. (Used with ``Hookpoint(index=None)``: the view sees the whole output.)"""
 
-    def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        hidden, residual = output
-        value = hidden + residual if residual is not None else hidden
-        for edit in edits:
-            value = apply_edit(value, edit, info, ctx.attention_mask)
-        if capture:
-            ctx.store[name] = value if ctx.grad else value.detach()
-        if stop:
-            raise StopForward
-        if not edits:
-            return None
+    def read(self, raw: Any, run: RunRequest) -> torch.Tensor:
+        hidden, residual = raw
+        return hidden + residual if residual is not None else hidden  # type: ignore[no-any-return]
+
+    def write(self, value: torch.Tensor, raw: Any, run: RunRequest) -> Any:
+        hidden, residual = raw
         kept = residual if residual is not None else hidden
         return (hidden.new_zeros(hidden.shape), value.to(kept.dtype))
 
-    return hookpoint.module.register_forward_hook(hook)
 
-
-def native_states_of_padded_rows(backend: MambaBackend, ctx: RunContext, plan: _Plan) -> None:
+def native_states_of_padded_rows(model: Any, ctx: RunRequest, plan: RunPlan) -> None:
     """Native models run pads like tokens: give each right-padded row the state its real
     tokens reach alone (one extra pass per padded row, its captures discarded)."""
     mask = ctx.attention_mask
@@ -70,7 +58,7 @@ def native_states_of_padded_rows(backend: MambaBackend, ctx: RunContext, plan: _
                 continue
             ctx.store = {}
             alone = NativeInferenceParams(max_seqlen=int(n), max_batch_size=1)
-            backend.model(ctx.batch["input_ids"][row : row + 1, : int(n)], inference_params=alone)
+            model(ctx.batch["input_ids"][row : row + 1, : int(n)], inference_params=alone)
             for index, states in alone.key_value_memory_dict.items():
                 for full, single in zip(
                     plan.cache.key_value_memory_dict[index], states, strict=True

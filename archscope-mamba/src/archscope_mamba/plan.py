@@ -1,23 +1,24 @@
 """How one run of a Mamba-family model is carried out: the plan decided from the padding and the
-request (left-shifting right-padded rows, stepping from a given state), and edits expressed on
-the tensors the hooks see under that plan."""
+request (left-shifting right-padded rows, stepping from a given state), and the views that show
+token sites in the caller's layout under that plan."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from archscope import BackendError, Edit, SiteInfo
-from archscope.engine import RunContext, apply_edit, padding_side
+from archscope.engine import RunRequest, View, apply_edit, padding_side
 
 if TYPE_CHECKING:
     import torch
 
-    from .backend import MambaBackend
+    from .structure import MambaStack
 
 
 @dataclass
-class _Plan:
+class RunPlan:
     """How one run is carried out (decided once per run, before hooks are attached)."""
 
     wants_state: bool
@@ -30,15 +31,15 @@ class _Plan:
     cache: Any = None
 
 
-def run_plan(backend: MambaBackend, ctx: RunContext) -> _Plan:
+def run_plan(backend: MambaStack, ctx: RunRequest) -> RunPlan:
     """The plan of the run ``ctx`` (decided on first call, then kept in ``ctx.extra``)."""
-    plan: _Plan | None = ctx.extra.get("mamba_plan")
+    plan: RunPlan | None = ctx.extra.get("mamba_plan")
     if plan is not None:
         return plan
     import torch
 
     states = set(backend.state_sites)
-    plan = _Plan(wants_state=ctx.return_state or any(n in states for n in ctx.capture))
+    plan = RunPlan(wants_state=ctx.return_state or any(n in states for n in ctx.capture))
     mask = ctx.attention_mask
     side = padding_side(mask) if mask is not None else "none"
     if ctx.initial_state is not None:
@@ -77,27 +78,34 @@ def run_plan(backend: MambaBackend, ctx: RunContext) -> _Plan:
     return plan
 
 
-def wrap_edit(edit: Edit, info: SiteInfo, plan: _Plan) -> Edit:
-    """The same edit, expressed on the tensor the hook really sees (shifted rows, or one
-    decoding step), as a function of that tensor."""
-    if plan.shift is not None:
-        shift, mask = plan.shift, plan.original_mask
+class RowsView(View):
+    """Token sites under the run's plan: rows shifted from right to left padding are shown (and
+    edited, with the caller's mask) in the caller's layout; during a run continued from a state,
+    an edit sees the whole suffix, of which the hook holds one decoding step."""
 
-        def shifted(value: torch.Tensor) -> torch.Tensor:
-            edited = apply_edit(roll_rows(value, -shift), edit, info, mask)
-            return roll_rows(edited, shift)
+    def __init__(self, plan_of: Callable[[RunRequest], RunPlan]) -> None:
+        self.plan_of = plan_of
 
-        return Edit.apply(edit.site, shifted)
+    def read(self, raw: Any, run: RunRequest) -> torch.Tensor:
+        shift = self.plan_of(run).shift
+        return raw if shift is None else roll_rows(raw, -shift)
 
-    def one_step(value: torch.Tensor) -> torch.Tensor:
+    def write(self, value: torch.Tensor, raw: Any, run: RunRequest) -> Any:
+        shift = self.plan_of(run).shift
+        return value if shift is None else roll_rows(value, shift)
+
+    def edit(
+        self, value: torch.Tensor, edit: Edit, info: SiteInfo, run: RunRequest
+    ) -> torch.Tensor:
+        plan = self.plan_of(run)
+        if not plan.stepping:
+            return apply_edit(value, edit, info, run.attention_mask)
         import torch
 
         full = value.new_zeros((value.shape[0], plan.steps, *value.shape[2:]))
         full[:, plan.step] = value[:, 0]
         mask = torch.ones(full.shape[:2], dtype=torch.long, device=value.device)
         return apply_edit(full, edit, info, mask)[:, plan.step : plan.step + 1]
-
-    return Edit.apply(edit.site, one_step)
 
 
 def roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -5,26 +5,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from archscope import BackendError, Site
+from archscope import BackendError
 
 if TYPE_CHECKING:
     import torch
 
-    from .backend import MambaBackend
-    from .plan import _Plan
+    from .plan import RunPlan
+    from .structure import MambaStack
 
 
-def read_states(backend: MambaBackend, plan: _Plan, names: list[str]) -> dict[str, torch.Tensor]:
+def read_states(backend: MambaStack, plan: RunPlan, names: list[str]) -> dict[str, torch.Tensor]:
     """The recurrent states ``names`` from the cache the run left in ``plan``."""
     if plan.cache is None:
         raise BackendError(
-            f"backend {backend.name!r}: the forward pass returned no cache, so "
-            f"{names} cannot be read"
+            f"backend 'mamba': the forward pass returned no cache, so {names} cannot be read"
         )
     out = {}
     for name in names:
-        layer = backend._layer_of_state(name)
-        conv = Site.parse(name).role == "conv_state"
+        site = backend.table.info(name).site  # names are canonical: no parsing
+        assert site.layer is not None
+        layer = backend.layers[site.layer]
+        conv = site.role == "conv_state"
         if backend.native:
             value = plan.cache.key_value_memory_dict[layer.cache_index][0 if conv else 1]
         else:

@@ -4,13 +4,14 @@ attention and MLP by structure, and the site table built from what each layer ha
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from archscope import BackendError, Site, SiteInfo
-from archscope.engine import Hookpoint
+from archscope import BackendError
 
 if TYPE_CHECKING:
-    from .backend import MambaBackend
+    import torch
+
+    from archscope.engine import SiteTable
 
 # -- where things live -------------------------------------------------------------------------
 #: Block lists: Mamba-style ``backbone.layers``, hybrids ``model.layers``, base models ``layers``.
@@ -24,17 +25,6 @@ ATTN_PATHS = ("self_attn", "mixer", "linear")
 MLP_PATHS = ("feed_forward", "mlp", "mixer", "shared_mlp")
 EMBED_PATHS = ("embeddings", "embed_tokens", "embedding")
 FINAL_NORM_PATHS = ("norm_f", "final_layernorm", "norm")
-
-#: Site order inside layer i is ``1 + 10 * i + offset`` (forward order, for stopping early).
-_ORDER = {
-    "attn_first": 1,
-    "mixer": 2,
-    "attn": 3,
-    "mlp": 4,
-    "residual": 5,
-    "ssm_state": 6,
-    "conv_state": 7,
-}
 
 
 def _get(obj: Any, path: str) -> Any:
@@ -161,133 +151,26 @@ def _first_attr(obj: Any, names: tuple[str, ...]) -> Any:
     raise BackendError(f"{type(obj).__name__} has none of the attributes {names}")
 
 
-def build_site_table(backend: MambaBackend) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
-    """The site table of ``backend``: each layer's sub-layers, its residual stream and its
-    recurrent states (read from the cache, so without a hookpoint), in forward order."""
-    d = backend.d_model
-    tok = ("batch", "seq", "d_model")
-    table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
+class MambaStack(Protocol):
+    """What the run helpers (plan, states, native, continuing) read from the backend: they take
+    this view of it instead of the backend class, so no helper imports the backend."""
 
-    def add(
-        name: str,
-        kind: str,
-        shape: tuple[str, ...],
-        dim: int,
-        order: float,
-        hp: Hookpoint | None,
-        writable: bool = True,
-        desc: str = "",
-        **extra: Any,
-    ) -> None:
-        info = SiteInfo(
-            Site.parse(name),
-            kind,
-            shape,
-            dim,
-            writable=writable,
-            order=order,
-            description=desc,
-            extra=extra,
-        )
-        table[name] = (info, hp)
+    model: Any
+    native: bool
+    layers: list[LayerMap]
 
-    config = getattr(backend.model, "config", None)
-    scaled_embedding = float(getattr(config, "embedding_multiplier", 1.0) or 1.0) != 1.0
-    if backend.embedding is not None and not scaled_embedding and not backend.native:
-        embed_hp = Hookpoint(backend.embedding)
-    else:  # the embedding is scaled (or native): read the stream where block 0 takes it
-        embed_hp = Hookpoint(backend.layers[0].block, io="input", index=0, arg="hidden_states")
-    add("embed", "token", tok, d, 0, embed_hp, desc="residual stream before block 0")
+    @property
+    def table(self) -> SiteTable: ...
 
-    for layer in backend.layers:
-        i, base = layer.index, 1 + 10 * layer.index
-        if layer.attn is not None:
-            offset = _ORDER["attn_first"] if layer.attn == "linear" else _ORDER["attn"]
-            add(
-                f"layer_{i}.attn",
-                "token",
-                tok,
-                d,
-                base + offset,
-                Hookpoint(_get(layer.block, layer.attn)),
-                desc="attention sub-layer output",
-            )
-        if layer.ssm is not None:
-            add(
-                f"layer_{i}.mixer",
-                "token",
-                tok,
-                d,
-                base + _ORDER["mixer"],
-                Hookpoint(_get(layer.block, layer.ssm)),
-                desc="SSM mixer output",
-            )
-        if layer.mlp is not None:
-            add(
-                f"layer_{i}.mlp",
-                "token",
-                tok,
-                d,
-                base + _ORDER["mlp"],
-                Hookpoint(_get(layer.block, layer.mlp)),
-                desc="MLP / MoE output",
-            )
-        add(
-            f"layer_{i}.residual",
-            "token",
-            tok,
-            d,
-            base + _ORDER["residual"],
-            Hookpoint(layer.block, index=0),
-            desc="residual stream after the block",
-        )
-        if layer.ssm is not None:
-            kind, *sizes = layer.state_shape
-            shape = (
-                ("batch", "d_inner", "d_state")
-                if kind == "mamba"
-                else ("batch", "heads", "head_dim", "d_state")
-            )
-            # States are set through run(initial_state=...) / state_patch, not edits.
-            add(
-                f"layer_{i}.ssm_state",
-                "state",
-                shape,
-                sizes[-1],
-                base + _ORDER["ssm_state"],
-                None,
-                writable=False,
-                desc="SSM state after the last real token",
-                size=tuple(sizes),
-            )
-            add(
-                f"layer_{i}.conv_state",
-                "state",
-                ("batch", "channels", "kernel"),
-                layer.conv_shape[1],
-                base + _ORDER["conv_state"],
-                None,
-                writable=False,
-                desc="causal-conv input window after the last real token",
-                size=layer.conv_shape,
-            )
+    @property
+    def state_sites(self) -> list[str]: ...
 
-    end = 1 + 10 * len(backend.layers)
-    if backend.native and backend.lm_head is not None:
-        # The fused add+norm path calls a kernel, not norm_f: read the head's input instead.
-        add("final_norm", "token", tok, d, end, Hookpoint(backend.lm_head, io="input", arg="input"))
-    elif backend.final_norm is not None:
-        add("final_norm", "token", tok, d, end, Hookpoint(backend.final_norm))
-    if backend.lm_head is not None:
-        vocab = int(backend.lm_head.weight.shape[0])
-        add(
-            "logits",
-            "token",
-            ("batch", "seq", "vocab"),
-            vocab,
-            end + 1,
-            None,
-            writable=False,
-            desc="output logits",
-        )
-    return table
+    @property
+    def ssm_layers(self) -> list[LayerMap]: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def require(self, capability: str) -> None: ...
+
+    def logits_of(self, output: Any) -> torch.Tensor | None: ...

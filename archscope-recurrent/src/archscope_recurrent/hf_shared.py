@@ -10,13 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from archscope import Site, SiteError, SiteInfo
+from archscope import SiteError
 from archscope.backends import BackendError, RunRequest, RunResult
 from archscope.detection import Confidence
 from archscope.engine import (
     HookBackend,
     Hookpoint,
     RunContext,
+    SiteTable,
     find_module,
     get_module,
 )
@@ -91,105 +92,59 @@ class _HFRecurrentBackend(HookBackend):
     def _part(self, path: str) -> Any:
         return get_module(self.model, path)
 
-    def site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
+    def site_table(self) -> SiteTable:
         f = self.family
-        blocks = self._part(f.blocks)
         d = self._part(f.embeddings).embedding_dim
-        table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
-
-        def add(
-            site: Site,
-            kind: str,
-            shape: tuple[str, ...],
-            dim: int,
-            order: float,
-            hp: Hookpoint | None,
-            desc: str,
-            writable: bool = True,
-        ) -> None:
-            table[str(site)] = (SiteInfo(site, kind, shape, dim, writable, order, desc), hp)
-
-        tok = ("batch", "seq", "d_model")
-        add(
-            Site("embed"),
-            "token",
-            tok,
-            d,
-            0,
-            Hookpoint(self._part(f.embeddings)),
-            "embedding output",
-        )
+        table = SiteTable(self.model)
+        table.add("embed", Hookpoint(f.embeddings), d, description="embedding output")
         state = self._state_example()
-        for i, block in enumerate(blocks):
-            o = 10.0 * (i + 1)
-            add(
-                Site("mixer", i),
-                "token",
-                tok,
+        for i in range(len(self._part(f.blocks))):
+            block = f"{f.blocks}.{i}"
+            mixer, mlp = f"{block}.{f.mixer}", f"{block}.{f.mlp}"
+            table.add(
+                f"layer_{i}.mixer",
+                Hookpoint(mixer),
                 d,
-                o + 1,
-                Hookpoint(getattr(block, f.mixer)),
-                f"sequence-mixer output added to the residual ({f.blocks}.{i}.{f.mixer})",
+                description=f"sequence-mixer output added to the residual ({mixer})",
             )
-            add(
-                Site("mlp", i),
-                "token",
-                tok,
+            table.add(
+                f"layer_{i}.mlp",
+                Hookpoint(mlp),
                 d,
-                o + 2,
-                Hookpoint(getattr(block, f.mlp)),
-                f"channel-mix / feed-forward output added to the residual ({f.blocks}.{i}.{f.mlp})",
+                description=f"channel-mix / feed-forward output added to the residual ({mlp})",
             )
-            add(
-                Site("residual", i),
-                "token",
-                tok,
-                d,
-                o + 3,
+            table.add(
+                f"layer_{i}.residual",
                 Hookpoint(block),
-                f"residual stream after block {i}",
+                d,
+                description=f"residual stream after block {i}",
             )
             for spec, value in zip(f.states, state[i], strict=True):
-                add(
-                    Site(spec.role, i),
-                    "state",
-                    spec.shape,
-                    int(value.shape[-1]),
-                    o + 4,
+                table.add(
+                    f"layer_{i}.{spec.role}",
                     None,
-                    spec.description + "; after the last token; start from one: initial_state=",
+                    int(value.shape[-1]),
+                    shape=spec.shape,
+                    writable=True,
+                    description=spec.description
+                    + "; after the last token; start from one: initial_state=",
                 )
-            add(
-                Site("state", i),
-                "state",
-                ("batch", "d_state"),
-                sum(v[0].numel() for v in state[i]),
-                o + 5,
+            table.add(
+                f"layer_{i}.state",
                 None,
-                f"the whole state ({', '.join(s.role for s in f.states)}) flattened and "
-                "concatenated: one vector per sequence (read-only)",
-                writable=False,
+                sum(v[0].numel() for v in state[i]),
+                description=f"the whole state ({', '.join(s.role for s in f.states)}) flattened "
+                "and concatenated: one vector per sequence (read-only)",
             )
-        end = 10.0 * (len(blocks) + 1)
-        add(
-            Site("final_norm"),
-            "token",
-            tok,
-            d,
-            end,
-            Hookpoint(self._part(f.final_norm)),
-            "final normalised residual",
-        )
-        head = self._part(f.head)
-        add(
-            Site("logits"),
-            "token",
-            ("batch", "seq", "vocab"),
-            head.out_features,
-            end + 1,
-            Hookpoint(head) if f.head_is_logits else None,
-            "output logits" if f.head_is_logits else "output logits (soft-capped; read-only)",
+        table.add("final_norm", Hookpoint(f.final_norm), d, description="final normalised residual")
+        table.add(
+            "logits",
+            Hookpoint(f.head) if f.head_is_logits else None,
+            self._part(f.head).out_features,
             writable=f.head_is_logits,
+            description="output logits"
+            if f.head_is_logits
+            else "output logits (soft-capped; read-only)",
         )
         return table
 
@@ -216,11 +171,12 @@ class _HFRecurrentBackend(HookBackend):
         """The engine's execute; on a right-padded batch of unequal lengths the final state is
         computed per row by running the batch in segments that end at each row length."""
         capture, batch = request.capture, request.batch
-        states = [n for n in capture if self._table[n][0].kind == "state"]
+        kinds = self.table.infos()
+        states = [n for n in capture if kinds[n].kind == "state"]
         lengths = batch["attention_mask"].sum(-1)
         if not (states or request.return_state) or bool((lengths == lengths[0]).all()):
             return super().execute(request)
-        state_edits = {n: e for n, e in request.edits.items() if self._table[n][0].kind == "state"}
+        state_edits = {n: e for n, e in request.edits.items() if kinds[n].kind == "state"}
         if len(state_edits) != len(request.edits):
             raise BackendError(
                 f"{self.family.name} ignores attention_mask, so the state after each row's last "
@@ -236,15 +192,7 @@ class _HFRecurrentBackend(HookBackend):
                 return_state=False,
             )
         )
-        ctx = RunContext(
-            batch=batch,
-            capture=capture,
-            edits=state_edits,
-            stop_after=None,
-            initial_state=request.initial_state,
-            return_state=request.return_state,
-            grad=request.grad,
-        )
+        ctx = request.fresh(edits=state_edits)
         final = self._edited(ctx, self._ragged_final_state(ctx, lengths))
         every = self._with_combined(final)
         result.activations = {
@@ -289,7 +237,7 @@ class _HFRecurrentBackend(HookBackend):
             if name in states:
                 for edit in edits:
                     states[name] = apply_edit(
-                        states[name], edit, self._table[name][0], ctx.attention_mask
+                        states[name], edit, self.table.info(name), ctx.attention_mask
                     )
         return states
 
@@ -297,7 +245,7 @@ class _HFRecurrentBackend(HookBackend):
         need_state = (
             ctx.return_state
             or bool(ctx.initial_state)
-            or any(self._table[n][0].kind == "state" for n in (*ctx.capture, *ctx.edits))
+            or any(self.table.info(n).kind == "state" for n in (*ctx.capture, *ctx.edits))
         )
         kwargs: dict[str, Any] = {"input_ids": ctx.batch["input_ids"]}
         if need_state:
@@ -325,7 +273,7 @@ class _HFRecurrentBackend(HookBackend):
         import torch
 
         combined = {}
-        for name, (info, _) in self._table.items():
+        for name, info in self.table.infos().items():
             if info.site.role == "state":
                 parts = [states[f"layer_{info.site.layer}.{s.role}"] for s in self.family.states]
                 combined[name] = torch.cat([p.reshape(p.shape[0], -1).float() for p in parts], -1)
@@ -337,7 +285,7 @@ class _HFRecurrentBackend(HookBackend):
     def _check_initial(self, initial: Mapping[str, torch.Tensor], batch: int) -> None:
         states = {
             n: i
-            for n, (i, _) in self._table.items()
+            for n, i in self.table.infos().items()
             if i.kind == "state" and i.site.role != "state"
         }
         unknown = sorted(set(initial) - set(states))

@@ -22,6 +22,7 @@ from archscope.detection import Confidence
 from archscope.edits import apply_edit
 from archscope.errors import CapabilityError
 from archscope.guards import InputLimits, check_width
+from archscope.hookpoints import SiteTable
 
 if TYPE_CHECKING:
     import torch
@@ -120,7 +121,6 @@ class RNNBackend(Backend):
         self.cell_size = rnn.hidden_size * self.num_dirs
         self._layers: list[Any] = []
         self._directions: dict[int, tuple[Any, Any]] = {}
-        self._table = self.site_table()
         if self.num_dirs == 2:  # the backward direction reads the future: no continuation
             self.capabilities = type(self).capabilities - {"state_patch"}
         if not _is_reference_model(model):
@@ -138,95 +138,58 @@ class RNNBackend(Backend):
             return None
 
     # -- sites ---------------------------------------------------------------------------------
-    def site_table(self) -> dict[str, SiteInfo]:
+    def site_table(self) -> SiteTable:
+        """Every site (the backend computes them all itself: no hookpoints), in forward order."""
         p = self.parts
-        t: dict[str, SiteInfo] = {}
-
-        def add(
-            site: Site,
-            kind: str,
-            shape: tuple[str, ...],
-            dim: int,
-            order: float,
-            writable: bool,
-            description: str,
-        ) -> None:
-            t[str(site)] = SiteInfo(site, kind, shape, dim, writable, order, description)
-
-        add(
-            Site("embed"),
-            "token",
-            ("batch", "seq", "d_model"),
-            p.embed.embedding_dim,
-            0,
-            True,
-            "embedding output (input of layer 0)",
+        table = SiteTable(self.model)
+        table.add(
+            "embed", None, p.embed.embedding_dim, description="embedding output (input of layer 0)"
         )
-        uni = self.num_dirs == 1
+        bidirectional = self.num_dirs == 2
+        lstm = self.kind == "lstm"
         for i in range(p.rnn.num_layers):
-            o = 10.0 * (i + 1)
-            add(
-                Site("hidden", i),
-                "token",
-                ("batch", "seq", "d_hidden"),
+            table.add(
+                f"layer_{i}.hidden",
+                None,
                 self.out_size,
-                o,
-                True,
-                "hidden output at every step (directions concatenated)",
+                description="hidden output at every step (directions concatenated)",
             )
-            if self.kind == "lstm":
-                add(
-                    Site("cell", i),
-                    "token",
-                    ("batch", "seq", "d_cell"),
+            if lstm:
+                table.add(
+                    f"layer_{i}.cell",
+                    None,
                     self.cell_size,
-                    o + 1,
-                    uni,
-                    "LSTM cell state at every step (stepped one time step at a time)",
+                    shape=("batch", "seq", "d_cell"),
+                    writable=not bidirectional,
+                    description="LSTM cell state at every step (stepped one time step at a time)",
                 )
-            add(
-                Site("hidden_state", i),
-                "state",
-                ("batch", "d_hidden"),
+            table.add(
+                f"layer_{i}.hidden_state",
+                None,
                 self.out_size,
-                o + 2,
-                True,
-                "hidden state after the last real token (start from one: initial_state=)",
+                shape=("batch", "d_hidden"),
+                writable=True,
+                description="hidden state after the last real token (start from one: initial_state=)",
             )
-            if self.kind == "lstm":
-                add(
-                    Site("cell_state", i),
-                    "state",
-                    ("batch", "d_cell"),
+            if lstm:
+                table.add(
+                    f"layer_{i}.cell_state",
+                    None,
                     self.cell_size,
-                    o + 3,
-                    True,
-                    "cell state after the last real token (start from one: initial_state=)",
+                    shape=("batch", "d_cell"),
+                    writable=True,
+                    description="cell state after the last real token (start from one: initial_state=)",
                 )
-        end = 10.0 * (p.rnn.num_layers + 1)
         if p.norm is not None:
-            add(
-                Site("final_norm"),
-                "token",
-                ("batch", "seq", "d_hidden"),
+            table.add(
+                "final_norm",
+                None,
                 self.out_size,
-                end,
-                True,
-                "normalised output of the last layer",
+                shape=("batch", "seq", "d_hidden"),
+                description="normalised output of the last layer",
             )
-        add(
-            Site("logits"),
-            "token",
-            ("batch", "seq", "vocab"),
-            p.head.out_features,
-            end + 1,
-            True,
-            "output logits",
-        )
-        return t
-
-    def sites(self) -> dict[str, SiteInfo]:
-        return dict(self._table)
+        table.add("logits", None, p.head.out_features, writable=True, description="output logits")
+        return table
 
     @property
     def device(self) -> torch.device:
@@ -317,7 +280,7 @@ class RNNBackend(Backend):
     def execute(self, request: RunRequest) -> RunResult:  # noqa: C901 - one pass over the layers that edits, captures and carries the state together
         import torch
 
-        table = self._table
+        table = self.sites()
         wanted, edit_map, batch = request.capture, request.edits, request.batch
         stop_early, grad = request.stop_early, request.grad
         initial_state, return_state = request.initial_state, request.return_state
@@ -411,7 +374,7 @@ class RNNBackend(Backend):
 
         if not initial_state:
             return {}
-        state_sites = [n for n, i in self._table.items() if i.kind == "state"]
+        state_sites = [n for n, i in self.table.infos().items() if i.kind == "state"]
         unknown = sorted(set(initial_state) - set(state_sites))
         if unknown:
             raise SiteError(
@@ -425,7 +388,7 @@ class RNNBackend(Backend):
             pair: list[torch.Tensor | None] = []
             for role, dim in (("hidden_state", self.out_size), ("cell_state", self.cell_size)):
                 name = f"layer_{i}.{role}"
-                if name not in self._table:
+                if name not in self.table:
                     pair.append(None)
                     continue
                 value = initial_state.get(name)
@@ -478,8 +441,8 @@ class RNNBackend(Backend):
                 return fast
         last = last_real_index(mask)
         rows = torch.arange(b, device=x.device)
-        info_h = self._table[f"layer_{i}.hidden"]
-        info_c = self._table.get(f"layer_{i}.cell")
+        info_h = self.table.info(f"layer_{i}.hidden")
+        info_c = self.table.infos().get(f"layer_{i}.cell")
         if self.num_dirs == 1:
             # with padding, an LSTM's final cell state is read per row, so it is stepped
             out, cells, c_last = self._unroll(
@@ -563,12 +526,12 @@ class RNNBackend(Backend):
             return True
         edited = value
         for edit in edits:
-            edited = apply_edit(edited, edit, self._table[site], mask)
+            edited = apply_edit(edited, edit, self.table.info(site), mask)
         return not torch.equal(edited, value)
 
     def _cells(self, i: int, x: torch.Tensor, hx_arg: Any, mask: torch.Tensor) -> torch.Tensor:
         """Layer ``i``'s unedited LSTM cell state at every step (stepped)."""
-        info_h, info_c = self._table[f"layer_{i}.hidden"], self._table[f"layer_{i}.cell"]
+        info_h, info_c = self.table.info(f"layer_{i}.hidden"), self.table.info(f"layer_{i}.cell")
         cells = self._unroll(self._layer(i), x, hx_arg, mask, True, [], [], info_h, info_c)[1]
         assert cells is not None
         return cells

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
 
 from archscope.detection import Confidence
-from archscope.engine import HookBackend, Hookpoint, RunContext, apply_edit, padding_side
-from archscope.sites import Site, SiteInfo
+from archscope.engine import (
+    HookBackend,
+    Hookpoint,
+    RunContext,
+    RunRequest,
+    SiteTable,
+    View,
+    apply_edit,
+    padding_side,
+)
 
 from .structure import (
-    Port,
     Structure,
     StructureError,
     accepts,
@@ -29,72 +37,28 @@ from .structure import (
 if TYPE_CHECKING:
     import torch
 
-TOKEN = ("batch", "seq")
-
-
-def _hookpoint(port: Port) -> Hookpoint:
-    return Hookpoint(port.module, io=port.io, index=port.index, arg=port.arg, clone=port.clone)
-
 
 #: Attributes transformers sets on a model once it has installed its output-capturing hooks.
 _LIBRARY_HOOK_FLAGS = ("_output_capturing_hooks_installed",)
 
 
-class _TokenView:
-    """Some blocks flatten (batch, seq) into one axis around their MLP (OPT). Hooks around the
-    engine's own hook give it the (batch, seq, ...) view and restore the flat layout after."""
+class TokenView(View):
+    """Some blocks flatten (batch, seq) into one axis around their MLP (OPT): the site sees
+    the run's (batch, seq, ...) layout and edits are written back flat."""
 
-    def __init__(self, hp: Hookpoint, engine_handle: Any, ctx: RunContext) -> None:
-        ids = ctx.batch["input_ids"] if "input_ids" in ctx.batch else ctx.batch["inputs_embeds"]
-        batch, seq = int(ids.shape[0]), int(ids.shape[1])
-        module = hp.module
+    def read(self, raw: Any, run: RunRequest) -> torch.Tensor:
+        batch, seq = run.batch_size, run.seq_len
+        if hasattr(raw, "dim") and raw.dim() == 2 and raw.shape[0] == batch * seq:
+            return cast("torch.Tensor", raw.view(batch, seq, raw.shape[-1]))
+        return cast("torch.Tensor", raw)
 
-        def unflat(value: Any) -> Any:
-            if hasattr(value, "dim") and value.dim() == 2 and value.shape[0] == batch * seq:
-                return value.view(batch, seq, value.shape[-1])
-            return value
+    def write(self, value: torch.Tensor, raw: Any, run: RunRequest) -> Any:
+        if hasattr(raw, "dim") and raw.dim() == 2 and value.dim() == 3:
+            return value.reshape(raw.shape[0], value.shape[-1])
+        return value
 
-        def flat(value: Any) -> Any:
-            if hasattr(value, "dim") and value.dim() == 3 and self.flattened:
-                return value.reshape(batch * seq, value.shape[-1])
-            return value
 
-        self.flattened = False
-        self.engine_handle = engine_handle
-        if hp.io == "output":
-
-            def before(m: Any, args: Any, output: Any) -> Any:
-                new = unflat(output) if not isinstance(output, tuple) else output
-                self.flattened = new is not output
-                return new if self.flattened else None
-
-            def after(m: Any, args: Any, output: Any) -> Any:
-                return flat(output) if self.flattened else None
-
-            first = module.register_forward_hook(before, prepend=True)
-            last = module.register_forward_hook(after)
-        else:
-
-            def before_pre(m: Any, args: Any) -> Any:
-                if args and not isinstance(args[0], tuple):
-                    new = unflat(args[0])
-                    self.flattened = new is not args[0]
-                    return (new, *args[1:]) if self.flattened else None
-                return None
-
-            def after_pre(m: Any, args: Any) -> Any:
-                if self.flattened and args:
-                    return (flat(args[0]), *args[1:])
-                return None
-
-            first = module.register_forward_pre_hook(before_pre, prepend=True)
-            last = module.register_forward_pre_hook(after_pre)
-        self.handles = [first, last]
-
-    def remove(self) -> None:
-        self.engine_handle.remove()
-        for handle in self.handles:
-            handle.remove()
+_TOKEN_VIEW = TokenView()
 
 
 class TransformerBackend(HookBackend):
@@ -138,102 +102,56 @@ class TransformerBackend(HookBackend):
         return Confidence.STRUCTURAL
 
     # -- the site map --------------------------------------------------------------------------
-    def site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
+    def site_table(self) -> SiteTable:
         s = self.structure
         d = s.d_model
-        table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
+        table = SiteTable(self.model)
 
-        def add(
-            site: Site,
-            dim: int,
-            order: float,
-            port: Port | None,
-            desc: str,
-            shape: tuple[str, ...] = (*TOKEN, "d_model"),
-            writable: bool = True,
-        ) -> None:
-            info = SiteInfo(
-                site,
-                "token",
-                shape,
-                dim,
-                writable=writable,
-                order=order,
-                description=desc + (f" ({port.path})" if port else ""),
-            )
-            table[str(site)] = (info, _hookpoint(port) if port else None)
+        def add(name: str, dim: int, where: Hookpoint | None, desc: str, **kw: Any) -> None:
+            path = f" ({where.module})" if where else ""
+            if where is not None and name.endswith((".attn", ".mlp", ".mlp_hidden")):
+                where = replace(where, view=_TOKEN_VIEW)  # may be stored (batch * seq, ·)
+            kw.setdefault("writable", True)
+            table.add(name, where, dim, description=desc + path, **kw)
 
         block0 = s.blocks[0]
-        add(
-            Site("embed"),
-            d,
-            0.0,
-            Port(block0, f"{s.blocks_path}.0", io="input", arg=first_param(block0.forward)),
-            "input of block 0",
-        )
+        embed = Hookpoint(f"{s.blocks_path}.0", io="input", arg=first_param(block0.forward))
+        add("embed", d, embed, "input of block 0")
         for i, parts in enumerate(s.parts):
-            block = f"{s.blocks_path}.{i}"
-            pattern = (
-                f"layer_{i}.attn_pattern",
-                parts.attn_pattern,
-                ("batch", "head", "seq", "key"),
-            )
-            attn = (f"layer_{i}.attn", parts.attn, None)
             # Sites in the order the forward pass produces them (stop-early depends on it).
             # (Read inside the attention module, the attn value comes before the pattern.)
-            inside = parts.attn.path.startswith(parts.attn_pattern.path + ".")
-            first = [attn, pattern] if inside else [pattern, attn]
-            steps: list[tuple[str, Port | None, Any]] = [*first]
-            if parts.mlp_hidden is not None:
-                steps.append((f"layer_{i}.mlp_hidden", parts.mlp_hidden, ("batch", "seq", "d_mlp")))
-            steps.append((f"layer_{i}.mlp", parts.mlp, None))
-            for k, (name, port, shape) in enumerate(steps):
-                site = Site.parse(name)
-                order = i + (k + 1) / 10
-                if site.role == "attn_pattern":
-                    add(
-                        site,
-                        0,
-                        order,
-                        port,
-                        "attention probabilities per head; needs eager "
-                        "attention, switched on for the run",
-                        shape=shape,
-                        writable=False,
-                    )
-                elif site.role == "mlp_hidden":
-                    add(
-                        site,
-                        parts.d_mlp or 0,
-                        order,
-                        port,
-                        "MLP hidden units (input of the output projection)",
-                        shape=shape,
-                    )
-                else:
-                    add(site, d, order, port, f"{site.role} output added to the residual")
-            add(
-                Site("residual", i),
+            attn: tuple[str, int, Hookpoint, str, dict[str, Any]] = (
+                f"layer_{i}.attn",
                 d,
-                i + 1.0,
-                Port(parts.block, block, index=0),
+                parts.attn,
+                "attn output added to the residual",
+                {},
+            )
+            pattern = (
+                f"layer_{i}.attn_pattern",
+                0,
+                parts.attn_pattern,
+                "attention probabilities per head; needs eager attention, switched on for the run",
+                {"shape": ("batch", "head", "seq", "key"), "writable": False},
+            )
+            inside = str(parts.attn.module).startswith(f"{parts.attn_pattern.module}.")
+            steps = [attn, pattern] if inside else [pattern, attn]
+            if parts.mlp_hidden is not None:
+                hidden = "MLP hidden units (input of the output projection)"
+                steps.append(
+                    (f"layer_{i}.mlp_hidden", parts.d_mlp or 0, parts.mlp_hidden, hidden, {})
+                )
+            steps.append((f"layer_{i}.mlp", d, parts.mlp, "mlp output added to the residual", {}))
+            for name, dim, port, desc, kw in steps:
+                add(name, dim, port, desc, **kw)
+            add(
+                f"layer_{i}.residual",
+                d,
+                Hookpoint(f"{s.blocks_path}.{i}"),
                 f"output of block {i}",
             )
-        add(
-            Site("final_norm"),
-            d,
-            len(s.parts) + 0.5,
-            Port(s.final_norm, s.final_norm_path),
-            "final norm output",
-        )
-        add(
-            Site("logits"),
-            s.vocab,
-            len(s.parts) + 1.0,
-            None,
-            "the model's output logits",
-            shape=(*TOKEN, "vocab"),
-        )
+        add("final_norm", d, Hookpoint(s.final_norm_path), "final norm output")
+        add("logits", s.vocab, None, "the model's output logits")
         return table
 
     # -- running -------------------------------------------------------------------------------
@@ -259,7 +177,7 @@ class TransformerBackend(HookBackend):
         if edits:
             logits = output.logits
             for edit in edits:
-                logits = apply_edit(logits, edit, self._table["logits"][0], mask)
+                logits = apply_edit(logits, edit, self.table.info("logits"), mask)
             output.logits = logits
         return output
 
@@ -302,15 +220,6 @@ class TransformerBackend(HookBackend):
             model.set_attn_implementation(wanted)
         else:  # older modelling files read the config at every call
             model.config._attn_implementation = wanted
-
-    # Not a hookpoint view: unflattening needs this run's (batch, seq), which a view (fixed in
-    # the site table built once per backend) cannot see; views would need the run context.
-    def _attach(self, name: str, ctx: RunContext) -> Any:
-        handle = super()._attach(name, ctx)
-        hookpoint = self._table[name][1]
-        if hookpoint is not None and name.endswith((".attn", ".mlp", ".mlp_hidden")):
-            return _TokenView(hookpoint, handle, ctx)
-        return handle
 
     # -- unembedding ---------------------------------------------------------------------------
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, cast
 
+from archscope.engine import Hookpoint
+
 # -- the site map, as tables of candidate attribute names (first match wins) --------------------
 
 #: Config attributes holding the number of blocks.
@@ -42,28 +44,16 @@ class StructureError(ValueError):
 
 
 @dataclass(frozen=True)
-class Port:
-    """One value in the forward pass: the output (or input) of ``module``; ``index`` picks a
-    tuple element; ``arg`` is the keyword name of an input; ``path`` is for messages."""
-
-    module: Any
-    path: str
-    io: str = "output"
-    index: int = 0
-    arg: str = "hidden_states"
-    clone: bool = False
-
-
-@dataclass(frozen=True)
 class BlockParts:
-    """The sites of one block, in the order the forward pass produces them."""
+    """The sites of one block, in the order the forward pass produces them: where each value
+    lives, as a `Hookpoint` naming its module by its path under the model."""
 
     block: Any
     attention: Any
-    attn_pattern: Port
-    attn: Port
-    mlp_hidden: Port | None
-    mlp: Port
+    attn_pattern: Hookpoint
+    attn: Hookpoint
+    mlp_hidden: Hookpoint | None
+    mlp: Hookpoint
     d_mlp: int | None
 
 
@@ -199,9 +189,9 @@ def _block_parts(block: Any, path: str) -> BlockParts:
             f"block; its children are {', '.join(children)}"
         )
     attn_path = f"{path}.{attn_name}"
-    pattern = Port(attention, attn_path, index=1)
-    attn = Port(attention, attn_path, index=0, clone=True)
-    mlp_port = Port(mlp, mlp_path, index=0, clone=True)
+    pattern = Hookpoint(attn_path, index=1)
+    attn = Hookpoint(attn_path, index=0, clone=True)
+    mlp_port = Hookpoint(mlp_path, index=0, clone=True)
     # A sub-module that takes the residual as an argument adds it itself (Bloom, MPT): read
     # its output projection instead, which is what it adds.
     if accepts(attention.forward, "residual"):
@@ -211,25 +201,24 @@ def _block_parts(block: Any, path: str) -> BlockParts:
                 f"{attn_path} adds the residual itself but has no output "
                 f"projection named {', '.join(ATTENTION_OUTPUT)}"
             )
-        attn = Port(proj, f"{attn_path}.{name}", clone=True)
+        attn = Hookpoint(f"{attn_path}.{name}", clone=True)
     if mlp is not block and accepts(mlp.forward, "residual"):
         if mlp_out is None:
             raise StructureError(
                 f"{mlp_path} adds the residual itself but has no output "
                 f"projection named {', '.join(MLP_OUTPUT)}"
             )
-        mlp_port = Port(mlp_out, f"{mlp_path}.{out_name}", clone=True)
+        mlp_port = Hookpoint(f"{mlp_path}.{out_name}", clone=True)
     elif mlp is block:
-        mlp_port = Port(mlp_out, f"{mlp_path}.{out_name}", clone=True)
+        mlp_port = Hookpoint(f"{mlp_path}.{out_name}", clone=True)
     if all(getattr(block, n, None) is not None for n in POST_NORMS):
-        attn_norm, mlp_norm = (getattr(block, n) for n in POST_NORMS)
-        attn = Port(attn_norm, f"{path}.{POST_NORMS[0]}", clone=True)
-        mlp_port = Port(mlp_norm, f"{path}.{POST_NORMS[1]}", clone=True)
+        attn = Hookpoint(f"{path}.{POST_NORMS[0]}", clone=True)
+        mlp_port = Hookpoint(f"{path}.{POST_NORMS[1]}", clone=True)
     hidden = None
     d_mlp = None
     if mlp_out is not None:
-        hidden = Port(
-            mlp_out, f"{mlp_path}.{out_name}", io="input", arg=first_param(mlp_out.forward, "input")
+        hidden = Hookpoint(
+            f"{mlp_path}.{out_name}", io="input", arg=first_param(mlp_out.forward, "input")
         )
         d_mlp = _in_features(mlp_out)
     return BlockParts(

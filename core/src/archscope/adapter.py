@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from .detection import Confidence
-from .engine import HookBackend, Hookpoint, RunContext
+from .engine import HookBackend, Hookpoint, RunContext, SiteTable
 from .errors import BackendError
 from .modules import accepted_kwargs, get_module, parameter_names
-from .sites import Site, SiteInfo
 
 if TYPE_CHECKING:
     import torch
@@ -310,78 +309,54 @@ class AdapterBackend(HookBackend):
         return shapes
 
     # -- the site map --------------------------------------------------------------------------
-    def site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
+    def site_table(self) -> SiteTable:
         s, sh = self.spec, self._shapes
-        table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {}
+        table = SiteTable(self.model)
 
-        def add(
-            name: str,
-            site: Site,
-            order: float,
-            hp: Hookpoint | None,
-            desc: str,
-            kind: str = "token",
-            writable: bool = True,
-        ) -> None:
+        def add(name: str, hp: Hookpoint | None, desc: str, kind: str = "token", **kw: Any) -> None:
             shape = sh[name]
             axes = (
                 ("batch", "seq", *(f"d{k}" for k in range(len(shape) - 2)))
                 if kind == "token"
                 else ("batch", *(f"d{k}" for k in range(len(shape) - 1)))
             )
-            table[name] = (SiteInfo(site, kind, axes, int(shape[-1]), writable, order, desc), hp)
+            kw.setdefault("writable", True)
+            table.add(name, hp, int(shape[-1]), kind=kind, shape=axes, description=desc, **kw)
 
         if self.embed_module is not None:
-            add("embed", Site("embed"), 0, Hookpoint(self.embed_module), f"output of {s.embed}")
+            add("embed", Hookpoint(self.embed_module), f"output of {s.embed}")
         else:
             params = parameter_names(self.blocks[0].forward) or []
             add(
                 "embed",
-                Site("embed"),
-                0,
                 Hookpoint(self.blocks[0], io="input", index=0, arg=params[0] if params else "x"),
                 "input of block 0",
             )
         for i, block in enumerate(self.blocks):
-            o = 10.0 * (i + 1)
-            for k, (role, (module, index)) in enumerate(self.subs[i].items()):
+            for role, (module, index) in self.subs[i].items():
                 add(
                     f"layer_{i}.{role}",
-                    Site(role, i),
-                    o + 1 + k / 100,
                     Hookpoint(module, index=index or 0),
                     f"output of {s.submodules[role]}",
                 )
             add(
                 f"layer_{i}.residual",
-                Site("residual", i),
-                o + 2,
                 Hookpoint(block, index=s.block_output or 0),
                 f"output of {s.blocks}.{i}",
             )
             for role, acc in s.states.items():
-                hp = Hookpoint(block, index=acc) if isinstance(acc, int) else None
                 add(
                     f"layer_{i}.{role}",
-                    Site(role, i),
-                    o + 3,
-                    hp,
+                    Hookpoint(block, index=acc) if isinstance(acc, int) else None,
                     "recurrent state declared in ModelSpec.states",
                     kind="state",
                     writable=False,
                 )
-        end = 10.0 * (len(self.blocks) + 1)
         if self.norm_module is not None:
-            add(
-                "final_norm",
-                Site("final_norm"),
-                end,
-                Hookpoint(self.norm_module),
-                f"output of {s.final_norm}",
-            )
+            add("final_norm", Hookpoint(self.norm_module), f"output of {s.final_norm}")
         if "logits" in sh:
             hp = Hookpoint(self.head_module) if self.head_module is not None else None
-            add("logits", Site("logits"), end + 1, hp, "output logits", writable=hp is not None)
+            add("logits", hp, "output logits", writable=hp is not None)
         return table
 
     # -- engine overrides ------------------------------------------------------------------------
@@ -402,7 +377,7 @@ class AdapterBackend(HookBackend):
             if name == "logits":
                 values[name] = self.logits_of(output)
                 continue
-            site = Site.parse(name)
+            site = self.table.info(name).site
             accessor = self.spec.states[site.role]
             assert callable(accessor) and site.layer is not None
             value = accessor(output, site.layer)

@@ -7,8 +7,9 @@ A backend wraps one model instance. `Backend.for_model` picks the registered bac
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from .edits import Edit, EditOp, Positions
@@ -20,6 +21,8 @@ from .errors import (
     SiteError,
 )
 from .guards import InputLimits
+from .hookpoints import SiteTable
+from .runs import RunRequest, RunResult
 from .sites import Site, SiteInfo, resolve
 
 if TYPE_CHECKING:  # torch is imported lazily: discovery and the CLI must not pay for it
@@ -54,48 +57,10 @@ class ActivationRecord:
         return Site.parse(self.layer_name)
 
 
-@dataclass
-class RunResult:
-    """What `Backend.run` returns."""
-
-    logits: torch.Tensor | None
-    activations: dict[str, torch.Tensor]
-    attention_mask: torch.Tensor | None
-    #: The recurrent state after the last real token (``return_state=True``), usable as
-    #: ``initial_state`` of a later run.
-    state: dict[str, torch.Tensor] | None = None
-
-    def __getitem__(self, site: str | Site) -> torch.Tensor:
-        key = str(Site.parse(site))
-        if key not in self.activations:
-            raise KeyError(f"{key!r} was not captured; captured: {sorted(self.activations)}")
-        return self.activations[key]
-
-    def __contains__(self, site: object) -> bool:
-        return isinstance(site, (str, Site)) and str(site) in self.activations
-
-
-@dataclass
-class RunRequest:
-    """A validated run request, as `Backend.execute` receives it: the prepared batch, the site
-    names to capture, the edits grouped by site name, and the run options."""
-
-    batch: dict[str, Any]
-    capture: list[str]
-    edits: dict[str, list[Edit]]
-    stop_early: bool = True
-    initial_state: Mapping[str, torch.Tensor] | None = None
-    return_state: bool = False
-    grad: bool = False
-
-    @property
-    def attention_mask(self) -> torch.Tensor | None:
-        return self.batch.get("attention_mask")
-
-
 class Backend:
     """Base class of every backend. Subclasses set the class attributes and implement
-    `can_handle`, `sites` and `run` (the hook engine in `archscope.engine` does the last)."""
+    `can_handle`, `site_table` (built with `SiteTable`, the one way to declare sites) and
+    `execute` (the hook engine, `archscope.engine.HookBackend`, does the last)."""
 
     #: Registry name, accepted as ``hint=``.
     name: ClassVar[str] = ""
@@ -127,9 +92,25 @@ class Backend:
         return None
 
     # -- sites ---------------------------------------------------------------------------------
+    def site_table(self) -> SiteTable | Mapping[str, Any]:
+        """The backend's sites, in forward order, built with `SiteTable` (the one way to
+        declare sites): site name → (`SiteInfo`, `Hookpoint` or None; None = the backend
+        produces the value itself). Called once per backend, on first use (`table`)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement site_table()")
+
+    @functools.cached_property
+    def table(self) -> SiteTable:
+        """The site table (`site_table()`, built on first use, so a subclass may set its own
+        attributes in ``__init__`` before or after calling ``super().__init__()``)."""
+        return SiteTable.of(self.site_table())
+
     def sites(self) -> dict[str, SiteInfo]:
         """Every site of the wrapped model, in forward order."""
-        raise NotImplementedError(f"{type(self).__name__} must implement sites()")
+        return dict(self._site_infos)
+
+    @functools.cached_property
+    def _site_infos(self) -> dict[str, SiteInfo]:
+        return self.table.infos()
 
     def site_info(self, site: str | Site) -> SiteInfo:
         return resolve(site, self.sites(), self.name or type(self).__name__)
@@ -167,7 +148,8 @@ class Backend:
         the state after the last real token in ``RunResult.state``.
 
         Backends do not override this: it validates the request (`check_request`), prepares
-        the inputs (`prepare_inputs`), checks ``initial_state`` (`check_initial_state`) and
+        the inputs (`prepare_inputs`), checks ``initial_state``
+        (`archscope.state_patch.check_initial_state`) and
         hands a `RunRequest` to `execute`.
         """
         from .guards import check_device, check_inputs, inference_mode, model_lock
@@ -179,7 +161,10 @@ class Backend:
         check_device(self.device, self.name)
         batch = self.prepare_inputs(inputs)
         check_inputs(batch, self.input_limits(), self.name)
-        self.check_initial_state(initial_state, batch)
+        if initial_state:
+            from .state_patch import check_initial_state
+
+            check_initial_state(self, initial_state, batch)
         request = RunRequest(
             batch,
             wanted,
@@ -192,8 +177,11 @@ class Backend:
         # hooks, edits, early stops and mode changes live on the model's shared modules: one
         # run at a time per model (see docs/architecture.md, "Runs and threads")
         with model_lock(self.model), inference_mode(self.model, self.inference):
-            if self.regroup_states and self._needs_regrouping(request):
-                return self._execute_regrouped(request)
+            if self.regroup_states:
+                from .regroup import execute_regrouped, needs_regrouping
+
+                if needs_regrouping(self, request):
+                    return execute_regrouped(self, request)
             return self.execute(request)
 
     def input_limits(self) -> InputLimits:
@@ -242,88 +230,11 @@ class Backend:
             self.require("state_patch")
         return wanted, edit_map
 
-    def check_initial_state(
-        self, initial_state: Mapping[str, torch.Tensor] | None, batch: Mapping[str, Any]
-    ) -> None:
-        """The one ``initial_state`` policy: every key is a state site of this backend; each
-        value has one row per batch row and the site's number of axes and feature size. Sites
-        left out start from the model's own initial state (as in a run without
-        ``initial_state``)."""
-        if not initial_state:
-            return
-        table = self.sites()
-        states = [n for n, i in table.items() if i.kind == "state"]
-        unknown = [str(n) for n in initial_state if str(n) not in states]
-        if unknown:
-            raise SiteError(
-                f"initial_state has entries that are not state sites: {unknown}; "
-                f"state sites of backend {self.name!r}: "
-                f"{', '.join(states) or '(none)'}"
-            )
-        rows = next(iter(batch.values())).shape[0]
-        for name, value in initial_state.items():
-            info = table[str(name)]
-            shape = tuple(getattr(value, "shape", ()))
-            if len(shape) != len(info.shape) or shape[0] != rows or shape[-1] != info.dim:
-                axes = ", ".join(info.shape)
-                expected = (
-                    (rows, *shape[1:-1], info.dim) if len(shape) == len(info.shape) else f"({axes})"
-                )
-                raise SiteError(
-                    f"initial_state[{info.name!r}] must have shape ({axes}) with batch = {rows} "
-                    f"and {info.shape[-1]} = {info.dim}: initial_state[{info.name!r}] has shape "
-                    f"{shape}; expected {expected}. Take it from the RunResult.state of a run on "
-                    f"{rows} rows"
-                )
-
     # -- rows of different lengths -------------------------------------------------------------
     #: True when the model's state outputs are the state after the whole (right-padded) row.
     #: `run` then reads state sites, and the returned state, from one extra pass per group of
     #: equal-length rows trimmed to their length: the state after each row's last real token.
     regroup_states: ClassVar[bool] = False
-
-    def _needs_regrouping(self, request: RunRequest) -> bool:
-        from .batch import padding_side
-
-        mask = request.attention_mask
-        if mask is None or padding_side(mask) != "right":
-            return False
-        table = self.sites()
-        return request.return_state or any(
-            table[n].kind == "state" for n in (*request.capture, *request.edits)
-        )
-
-    def _execute_regrouped(self, request: RunRequest) -> RunResult:
-        from .batch import length_groups, scatter_rows
-
-        table = self.sites()
-        states = [n for n in request.capture if table[n].kind == "state"]
-        token_edits = {n: e for n, e in request.edits.items() if table[n].kind != "state"}
-        result = self.execute(
-            replace(
-                request,
-                capture=[n for n in request.capture if n not in states],
-                edits=token_edits,
-                return_state=False,
-            )
-        )
-        mask = request.attention_mask
-        assert mask is not None
-        parts: dict[str, list[tuple[Any, Any]]] = {}
-        state_parts: dict[str, list[tuple[Any, Any]]] = {}
-        for rows, length in length_groups(mask):
-            group = self.execute(_rows_of(request, rows, length, states))
-            for name in states:
-                parts.setdefault(name, []).append((rows, group.activations[name]))
-            for name, value in (group.state or {}).items():
-                state_parts.setdefault(name, []).append((rows, value))
-        n_rows = mask.shape[0]
-        for name in states:
-            result.activations[name] = scatter_rows(parts[name], n_rows)
-        result.activations = {n: result.activations[n] for n in request.capture}
-        if request.return_state:
-            result.state = {n: scatter_rows(p, n_rows) for n, p in state_parts.items()}
-        return result
 
     def read_only_reason(self, info: SiteInfo) -> str:
         """Why a site cannot be edited, for the error message (override to explain)."""
@@ -365,11 +276,13 @@ class Backend:
 
     def extract(self, inputs: Any, layers: list[str] | None = None) -> list[ActivationRecord]:
         """Seed API: capture ``layers`` (default: `layer_names()`) as ActivationRecords."""
-        names = [str(Site.parse(n)) for n in (layers if layers is not None else self.layer_names())]
-        result = self.run(inputs, capture=names)
+        parsed = [Site.parse(n) for n in (layers if layers is not None else self.layer_names())]
+        result = self.run(inputs, capture=parsed)  # Site objects: not parsed again
+        names = [str(s) for s in parsed]
+        table = self.sites()
         records = []
         for name in names:
-            info = self.site_info(name)
+            info = table[name]
             records.append(
                 ActivationRecord(
                     layer_name=name,
@@ -403,20 +316,9 @@ class Backend:
     ) -> RunResult:
         """Run ``prefix``; swap in the recurrent state that ``source_prefix`` reached at
         ``sites`` (default: all state sites); continue on ``suffix``; return the suffix run."""
-        self.require("state_patch")
-        target = self.run(prefix, return_state=True, stop_early=False)
-        source = self.run(source_prefix, return_state=True, stop_early=False)
-        assert target.state is not None and source.state is not None
-        merged = dict(target.state)
-        chosen = list(source.state) if sites is None else [str(Site.parse(s)) for s in sites]
-        for name in chosen:
-            if name not in source.state:
-                raise SiteError(
-                    f"{name!r} is not part of the recurrent state of backend {self.name!r}; "
-                    f"state sites: {sorted(source.state)}"
-                )
-            merged[name] = source.state[name]
-        return self.run(suffix, capture=capture, initial_state=merged, stop_early=False)
+        from .state_patch import state_patch
+
+        return state_patch(self, prefix, source_prefix, suffix, sites, capture)
 
     # -- helpers -------------------------------------------------------------------------------
     def require(self, capability: str) -> None:
@@ -458,7 +360,7 @@ class Backend:
         selection rules live in `archscope.detection`."""
         from .detection import backend_for
 
-        return backend_for(model, hint)
+        return cast("Backend", backend_for(model, hint))
 
 
 def _edit_list(edits: Any) -> list[Edit]:
@@ -483,40 +385,6 @@ def _edit_list(edits: Any) -> list[Edit]:
                 f"{edit!r:.60}; e.g. edits=[Edit.add(site, v)]"
             )
     return listed
-
-
-def _rows_of(request: RunRequest, rows: Any, length: int, capture: list[str]) -> RunRequest:
-    """``request`` restricted to ``rows``, trimmed to their ``length`` real tokens."""
-    batch = {
-        k: v[rows, :length] if getattr(v, "dim", lambda: 0)() == 2 else v
-        for k, v in request.batch.items()
-    }
-    width = request.batch["input_ids"].shape[1] if "input_ids" in request.batch else length
-    n_rows = next(iter(request.batch.values())).shape[0]
-    edits = {
-        n: [_edit_rows(e, rows, n_rows, width, length) for e in es]
-        for n, es in request.edits.items()
-    }
-    initial = (
-        {k: v[rows] for k, v in request.initial_state.items()} if request.initial_state else None
-    )
-    return replace(request, batch=batch, capture=capture, edits=edits, initial_state=initial)
-
-
-def _edit_rows(edit: Edit, rows: Any, n_rows: int, width: int, length: int) -> Edit:
-    """An edit made for the full batch, for a group of its rows trimmed to ``length``:
-    per-row values are sliced; explicit positions are kept when they fall inside the group."""
-    value = edit.value
-    if getattr(value, "dim", lambda: 0)() >= 2 and value.shape[0] == n_rows:
-        value = value[rows.to(value.device)]
-    positions = edit.positions
-    if isinstance(positions, slice):  # explicit, so a slice past a short group stays valid
-        positions = list(range(width)[positions])
-    if isinstance(positions, (int, list, tuple)):
-        given = [positions] if isinstance(positions, int) else list(positions)
-        absolute = [p + width if p < 0 else p for p in given]
-        positions = [p for p in absolute if p < length]
-    return Edit(edit.site, edit.op, value, positions, edit.units)
 
 
 def __getattr__(name: str) -> Any:

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import NoBackendError
 
-if TYPE_CHECKING:
-    from .backends import Backend
+#: A backend class (`archscope.backends.Backend` subclass). Detection works on the registry's
+#: entries and never imports the Backend module, which imports this one.
+BackendClass = type
 
 __all__ = ["Confidence", "backend_for", "select_backend"]
 
@@ -107,7 +108,7 @@ def _hint_refused(hint: str, name: str, model: Any, manager: Any, cause: Excepti
     return NoBackendError(message)
 
 
-def backend_for(model: Any, hint: str | None = None) -> Backend:
+def backend_for(model: Any, hint: str | None = None) -> Any:
     """`select_backend`, then the backend instance. A hinted backend whose `can_handle`
     declines the model is still tried (it may explain what is missing); if it fails, the
     error says which backend cannot serve which model and which backends can."""
@@ -125,7 +126,7 @@ def backend_for(model: Any, hint: str | None = None) -> Backend:
         raise _hint_refused(hint, entry.name if entry else hint, model, get_manager(), exc) from exc
 
 
-def select_backend(model: Any, hint: str | None = None) -> type[Backend]:
+def select_backend(model: Any, hint: str | None = None) -> BackendClass:
     """The backend class for ``model``: the registered one named by ``hint``, else the one whose
     `can_handle` is most confident (ties: priority, then name, with a warning)."""
     from .plugins import get_manager
@@ -135,10 +136,10 @@ def select_backend(model: Any, hint: str | None = None) -> type[Backend]:
         entry = manager.backends.get(hint)
         if entry is None:
             raise _unknown_hint(hint, manager)
-        chosen: type[Backend] = entry.obj
+        chosen: BackendClass = entry.obj
         return chosen
 
-    scored: list[tuple[float, int, str, type[Backend]]] = []
+    scored: list[tuple[float, int, str, BackendClass]] = []
     for entry in manager.backends:
         score = _confidence(entry, model)
         if score:

@@ -1,7 +1,8 @@
 """The hook engine: `HookBackend` implements `Backend.execute` from a site table.
 
-A backend built on `HookBackend` supplies `site_table()`: each site with a `Hookpoint` (which
-module, whether its input or output, which element of a tuple, optional views). The engine
+A backend built on `HookBackend` supplies `site_table()`, built with `SiteTable`: each site with
+a `Hookpoint` (which module, whether its input or output, which element of a tuple, optional
+`View`). The engine
 attaches hooks only for the requested sites, applies edits, stops the forward pass after the
 deepest captured site when logits are not needed, and removes every hook it attached in all
 cases.
@@ -11,16 +12,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .backends import Backend, RunRequest, RunResult
+from .backends import Backend
 from .batch import last_real_index, padding_side, prepare_inputs
-from .edits import Edit, apply_edit
+from .edits import apply_edit
 from .errors import BackendError
-from .hookpoints import Hookpoint, SiteTable
+from .hookpoints import Hookpoint, SiteTable, View
 from .modules import accepted_kwargs, find_module, get_module
-from .sites import Site, SiteInfo, resolve
+from .runs import RunRequest, RunResult
+from .sites import Site, resolve
 
 if TYPE_CHECKING:
     import torch
@@ -31,8 +33,10 @@ __all__ = [
     "HookBackend",
     "Hookpoint",
     "RunContext",
+    "RunRequest",
     "SiteTable",
     "StopForward",
+    "View",
     "accepted_kwargs",
     "apply_edit",
     "find_module",
@@ -56,24 +60,8 @@ class StopForward(Exception):
     """Raised inside a hook to end the forward pass early; never escapes `run`."""
 
 
-@dataclass
-class RunContext:
-    """Everything one run needs; backends read it in their extension points."""
-
-    batch: dict[str, Any]
-    capture: list[str]
-    edits: dict[str, list[Edit]]
-    stop_after: str | None
-    store: dict[str, torch.Tensor] = field(default_factory=dict)
-    initial_state: Mapping[str, torch.Tensor] | None = None
-    return_state: bool = False
-    grad: bool = False
-    #: Per-run data of a backend's own (e.g. a plan computed once and read by its overrides).
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def attention_mask(self) -> torch.Tensor | None:
-        return self.batch.get("attention_mask")
+#: The run as the extension points receive it (one class with the request `Backend.run` built).
+RunContext = RunRequest
 
 
 def logits_from(output: Any) -> torch.Tensor | None:
@@ -117,22 +105,7 @@ class HookBackend(Backend):
             if old in cls.__dict__ and new not in cls.__dict__:
                 setattr(cls, new, cls.__dict__[old])
 
-    @property
-    def _table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
-        # Built on first use, so a subclass may set its own attributes in __init__ before or
-        # after calling super().__init__().
-        table = self.__dict__.get("_site_table_cache")
-        if table is None:
-            table = self.__dict__["_site_table_cache"] = dict(self.site_table())
-        return table
-
     # -- extension points ----------------------------------------------------------------------
-    def site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
-        """Site name → (metadata, hookpoint), in forward order (build it with `SiteTable`). A
-        None hookpoint means the backend produces the value itself in `read_unhooked` (e.g. a
-        recurrent state read from a cache). Called once, on first use."""
-        raise NotImplementedError(f"{type(self).__name__} must implement site_table()")
-
     def forward(self, ctx: RunContext) -> Any:
         """Call the model on ``ctx.batch``, passing only the keys its ``forward`` accepts (a
         model without an ``attention_mask`` argument gets none). Override to add arguments
@@ -156,7 +129,7 @@ class HookBackend(Backend):
     def final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
         """The recurrent state after each row's last real token (``return_state=True``); by
         default the values of the backend's state sites."""
-        names = [n for n, (info, _) in self._table.items() if info.kind == "state"]
+        names = self.table.names(kind="state")
         if "state_patch" not in self.capabilities or not names:
             raise BackendError(
                 f"backend {self.name!r} cannot return a recurrent state "
@@ -169,15 +142,13 @@ class HookBackend(Backend):
         return contextlib.nullcontext()
 
     # -- the engine ----------------------------------------------------------------------------
-    def sites(self) -> dict[str, SiteInfo]:
-        return {name: info for name, (info, _) in self._table.items()}
-
     def hookpoint(self, site: str | Site) -> Hookpoint | None:
         info = resolve(site, self.sites(), self.name)
-        return self._table[info.name][1]
+        return self.table.hookpoint(info.name)
 
-    def _context_for(self, request: RunRequest) -> RunContext:
-        table = self._table
+    def _start(self, request: RunRequest) -> RunRequest:
+        """The run: ``request`` with nothing captured yet and the site to stop after."""
+        table = self.table
         wanted = request.capture
         need_logits = (
             not (request.stop_early and wanted and "logits" not in wanted) or request.return_state
@@ -194,36 +165,20 @@ class HookBackend(Backend):
                 "module inputs or outputs); recurrent states are set with initial_state= or "
                 "state_patch()"
             )
-        return RunContext(
-            batch=request.batch,
-            capture=wanted,
-            edits=request.edits,
-            stop_after=stop_after,
-            initial_state=request.initial_state,
-            return_state=request.return_state,
-            grad=request.grad,
-        )
+        return replace(request, capture=list(wanted), stop_after=stop_after, store={}, extra={})
 
     def execute(self, request: RunRequest) -> RunResult:
         import torch
 
-        table = self._table
-        ctx = self._context_for(request)
-        wanted = ctx.capture
-        hooked_sites = sorted(
-            {*wanted, *ctx.edits} & {n for n, (_, hp) in table.items() if hp is not None},
-            key=lambda n: table[n][0].order,
-        )
-        state_names = [n for n, (info, _) in table.items() if info.kind == "state"]
+        table = self.table
+        ctx = self._start(request)
+        wanted = request.capture
+        order = {n: i.order for n, (i, hp) in table.items() if hp is not None}  # hooked sites
+        hooked_sites = sorted({*wanted, *ctx.edits} & order.keys(), key=order.__getitem__)
         if ctx.return_state:  # the default final_state reads the state sites' hooks
-            hooked_sites = sorted(
-                {*hooked_sites, *(n for n in state_names if table[n][1] is not None)},
-                key=lambda n: table[n][0].order,
-            )
-            ctx.capture = [
-                *wanted,
-                *(n for n in state_names if n not in wanted and table[n][1] is not None),
-            ]
+            state_hooks = [n for n in order if table[n][0].kind == "state"]
+            hooked_sites = sorted({*hooked_sites, *state_hooks}, key=order.__getitem__)
+            ctx.capture = [*wanted, *(n for n in state_hooks if n not in wanted)]
         handles = []
         output = None
         state = None
@@ -235,9 +190,9 @@ class HookBackend(Backend):
                     output = self.forward(ctx)
                 except StopForward:
                     output = None
-                if any(table[n][1] is None for n in ctx.edits) and output is None:
+                if any(n not in order for n in ctx.edits) and output is None:
                     raise BackendError(f"edits of {list(ctx.edits)} need a full forward pass")
-                extra = [n for n in wanted if table[n][1] is None]
+                extra = [n for n in wanted if n not in order]
                 if extra:
                     ctx.store.update(self.read_unhooked(ctx, output, extra))
                 if ctx.return_state:
@@ -257,7 +212,7 @@ class HookBackend(Backend):
         return RunResult(
             logits=logits,
             activations={n: ctx.store[n] for n in wanted},
-            attention_mask=ctx.attention_mask,
+            attention_mask=ctx.batch.get("attention_mask"),
             state=state,
         )
 
@@ -273,25 +228,42 @@ class HookBackend(Backend):
             )
         return logits
 
-    def _attach(self, name: str, ctx: RunContext) -> Any:
-        info, hp = self._table[name]
+    def _attach(self, name: str, run: RunRequest) -> Any:
+        info, hp = self.table[name]
         assert hp is not None
-        capture = name in ctx.capture
-        edits = ctx.edits.get(name, [])
-        stop = name == ctx.stop_after
+        capture = name in run.capture
+        edits = run.edits.get(name, [])
+        stop = name == run.stop_after
+
+        # the hookpoint's view: raw module value -> site tensor (and back, for edits)
+        view = hp.view
+        converted = hp.to_site is not None or hp.from_site is not None
+        mask = run.batch.get("attention_mask")
 
         def process(raw: Any) -> Any:
-            value = hp.read(raw)  # the hookpoint's view: raw module value -> site tensor
+            if view is not None:
+                value = view.read(raw, run)
+            else:
+                value = hp.read(raw) if converted else raw
             for edit in edits:
-                value = apply_edit(value, edit, info, ctx.attention_mask)
+                if view is not None:
+                    value = view.edit(value, edit, info, run)
+                else:
+                    value = apply_edit(value, edit, info, mask)
             if capture:
-                stored = value if ctx.grad else value.detach()
-                ctx.store[name] = stored.clone() if hp.clone else stored
-            return hp.write(value, raw) if edits else raw
+                stored = value if run.grad else value.detach()
+                run.store[name] = stored.clone() if hp.clone else stored
+            if not edits:
+                return raw
+            if view is not None:
+                return view.write(value, raw, run)
+            return hp.write(value, raw) if converted else value
 
+        module = hp.module
+        assert not isinstance(module, str), "SiteTable resolves module paths"
         if hp.io == "output":
-            return hp.module.register_forward_hook(_output_hook(hp, process, bool(edits), stop))
-        return hp.module.register_forward_pre_hook(
+            return module.register_forward_hook(_output_hook(hp, process, bool(edits), stop))
+        return module.register_forward_pre_hook(
             _input_hook(name, hp, process, bool(edits), stop), with_kwargs=True
         )
 
@@ -303,7 +275,7 @@ def _output_hook(
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
         result: Any
-        if isinstance(output, (tuple, list)):
+        if hp.index is not None and isinstance(output, (tuple, list)):
             new = process(output[hp.index])
             result = output
             if edits:
@@ -326,6 +298,7 @@ def _input_hook(
     """A forward pre-hook that reads (and, with edits, replaces) the hookpoint's input."""
 
     def pre_hook(module: nn.Module, args: Any, kwargs: Any) -> Any:
+        assert hp.index is not None
         if len(args) > hp.index:
             new = process(args[hp.index])
             if edits:

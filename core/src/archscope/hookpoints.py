@@ -1,11 +1,14 @@
-"""Where site values live in a model (`Hookpoint`) and the builder of a backend's site table
-(`SiteTable`), which fills kinds, shapes and descriptions from the role vocabulary and records
-forward order from the order sites are added."""
+"""How a backend declares its sites: where each value lives in the model (`Hookpoint`), how it
+is stored there for one run (`View`), and the builder of the site table (`SiteTable`), which
+fills kinds, shapes and descriptions from the role vocabulary and records forward order from the
+order sites are added.
+
+This is the one way every backend declares its sites (first-party and plugins alike)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from .errors import BackendError
@@ -15,41 +18,91 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["ROLE_DEFAULTS", "Hookpoint", "SiteTable"]
+    from .edits import Edit
+    from .runs import RunRequest
+
+__all__ = ["ROLE_DEFAULTS", "Hookpoint", "SiteTable", "View"]
+
+
+class View:
+    """How a site's value is stored at its hookpoint during one run. The default view is the
+    identity; subclass it for values that are not stored the way the site is defined.
+
+    Every method receives the run (`archscope.backends.RunRequest`): its batch and sequence
+    shape (``run.batch_size``, ``run.seq_len``), its attention mask, and ``run.extra``, where a
+    backend keeps per-run data (e.g. a row shift decided once per run). With
+    ``Hookpoint(index=None)`` the raw value is the module's whole output (e.g. a tuple).
+    """
+
+    def read(self, raw: Any, run: RunRequest) -> torch.Tensor:
+        """The site's value (the tensor edits see and captures store) from the raw value."""
+        return raw  # type: ignore[no-any-return]
+
+    def write(self, value: torch.Tensor, raw: Any, run: RunRequest) -> Any:
+        """The raw value that carries the edited site ``value`` (called only with edits)."""
+        return value
+
+    def edit(
+        self, value: torch.Tensor, edit: Edit, info: SiteInfo, run: RunRequest
+    ) -> torch.Tensor:
+        """``value`` with ``edit`` applied (override when the run sees only part of the site,
+        e.g. one decoding step)."""
+        from .edits import apply_edit
+
+        return apply_edit(value, edit, info, run.attention_mask)
+
+
+_IDENTITY = View()
 
 
 @dataclass(frozen=True)
 class Hookpoint:
     """Where a site's value lives: the ``output`` (or ``input``) of ``module``.
 
-    ``index`` picks an element when the value is a tuple/list (block outputs such as
-    ``(hidden, cache)``); for ``input``, ``index`` is the positional argument and ``arg`` the
-    keyword name used when the argument is passed by keyword. ``clone`` copies the captured
-    value (for modules whose output a later step modifies in place).
+    ``module`` is the module itself or its dotted path (resolved by `SiteTable` against the
+    model it was given). ``index`` picks an element when the value is a tuple/list (block
+    outputs such as ``(hidden, cache)``); ``None`` hands the whole output to the ``view``. For
+    ``input``, ``index`` is the positional argument and ``arg`` the keyword name used when the
+    argument is passed by keyword. ``clone`` copies the captured value (for modules whose output
+    a later step modifies in place).
 
-    Views convert values that are not stored the way the site is defined: ``to_site(raw)``
-    turns the raw value into the site's tensor; ``from_site(value, raw)`` turns an edited site
-    tensor back into the raw form (needed for edits; without it the site must be read-only).
+    Views convert values that are not stored the way the site is defined. ``to_site(raw)`` /
+    ``from_site(value, raw)`` are the short form for conversions that do not depend on the run
+    (without ``from_site`` the site must be read-only); ``view`` (a `View`) sees the run.
     """
 
-    module: nn.Module
+    module: nn.Module | str
     io: str = "output"  # "output" | "input"
-    index: int = 0
+    index: int | None = 0
     arg: str = "hidden_states"
     clone: bool = False
     to_site: Callable[[Any], torch.Tensor] | None = None
     from_site: Callable[[torch.Tensor, Any], Any] | None = None
+    view: View | None = None
 
     def __post_init__(self) -> None:
         if self.io not in ("output", "input"):
             raise BackendError(f"Hookpoint.io must be 'output' or 'input', got {self.io!r}")
+        if self.index is None and self.io == "input":
+            raise BackendError("Hookpoint(io='input') needs the argument's index, got None")
+        if self.view is not None and (self.to_site is not None or self.from_site is not None):
+            raise BackendError(
+                "Hookpoint takes either a view or to_site/from_site, not both; fold the "
+                "conversion into the view"
+            )
 
-    def read(self, raw: Any) -> torch.Tensor:
+    def read(self, raw: Any, run: RunRequest | None = None) -> torch.Tensor:
         """The site's value from the raw module value."""
+        if self.view is not None:
+            assert run is not None, "a Hookpoint with a view reads values only during a run"
+            return self.view.read(raw, run)
         return self.to_site(raw) if self.to_site is not None else raw
 
-    def write(self, value: torch.Tensor, raw: Any) -> Any:
+    def write(self, value: torch.Tensor, raw: Any, run: RunRequest | None = None) -> Any:
         """The raw module value that carries the (edited) site value."""
+        if self.view is not None:
+            assert run is not None, "a Hookpoint with a view writes values only during a run"
+            return self.view.write(value, raw, run)
         if self.from_site is not None:
             return self.from_site(value, raw)
         if self.to_site is not None:
@@ -58,6 +111,12 @@ class Hookpoint:
                 "cannot be edited (declare it writable=False or give from_site)"
             )
         return value
+
+    def edit(
+        self, value: torch.Tensor, edit: Edit, info: SiteInfo, run: RunRequest
+    ) -> torch.Tensor:
+        """``value`` with ``edit`` applied, as the view places it."""
+        return (self.view or _IDENTITY).edit(value, edit, info, run)
 
 
 #: Role → (kind, axis names, writable) used when a backend does not give them.
@@ -82,14 +141,19 @@ ROLE_DEFAULTS: dict[str, tuple[str, tuple[str, ...], bool]] = {
 class SiteTable(dict[str, tuple[SiteInfo, "Hookpoint | None"]]):
     """A backend's site table: site name → (`SiteInfo`, `Hookpoint` or None), in forward order.
 
-    Add sites in the order the forward pass reaches them; kind, shape, writability and the
-    description come from the role vocabulary unless given::
+    Add sites in the order the forward pass reaches them (the table records that order; stopping
+    early relies on it); kind, shape, writability and the description come from the role
+    vocabulary unless given. Hookpoint modules may be dotted paths under ``root``::
 
-        table = SiteTable()
-        table.add("embed", Hookpoint(model.embed), dim=d)
-        for i, block in enumerate(model.blocks):
-            table.add(f"layer_{i}.residual", Hookpoint(block), dim=d)
+        table = SiteTable(model)
+        table.add("embed", Hookpoint("embed"), dim=d)
+        for i in range(len(model.blocks)):
+            table.add(f"layer_{i}.residual", Hookpoint(f"blocks.{i}"), dim=d)
     """
+
+    def __init__(self, root: nn.Module | None = None) -> None:
+        super().__init__()
+        self.root = root
 
     def add(
         self,
@@ -109,6 +173,15 @@ class SiteTable(dict[str, tuple[SiteInfo, "Hookpoint | None"]]):
         name = str(parsed)
         if name in self:
             raise BackendError(f"site {name!r} was added to the site table twice")
+        if where is not None and isinstance(where.module, str):
+            if self.root is None:
+                raise BackendError(
+                    f"site {name!r}: the hookpoint names the module {where.module!r} by path, "
+                    "but the SiteTable has no root model; build it as SiteTable(model)"
+                )
+            from .modules import get_module
+
+            where = replace(where, module=get_module(self.root, where.module))
         default_kind, default_shape, default_writable = ROLE_DEFAULTS.get(
             parsed.role, ("token", ("batch", "seq", "d_model"), True)
         )
@@ -129,3 +202,38 @@ class SiteTable(dict[str, tuple[SiteInfo, "Hookpoint | None"]]):
         )
         self[name] = (info, where)
         return info
+
+    # -- reading the table -----------------------------------------------------------------------
+    def infos(self) -> dict[str, SiteInfo]:
+        """Site name → `SiteInfo`, in forward order (what `Backend.sites` returns)."""
+        return {name: info for name, (info, _) in self.items()}
+
+    def info(self, name: str) -> SiteInfo:
+        """The `SiteInfo` of the site ``name`` (a canonical site name)."""
+        return self[name][0]
+
+    def hookpoint(self, name: str) -> Hookpoint | None:
+        """Where the site ``name`` lives (None: the backend produces it itself)."""
+        return self[name][1]
+
+    def names(self, kind: str | None = None, hooked: bool | None = None) -> list[str]:
+        """Site names in forward order, optionally only of ``kind`` ("token"/"state") and only
+        those with (``hooked=True``) or without (``False``) a hookpoint."""
+        return [
+            n
+            for n, (info, hp) in self.items()
+            if (kind is None or info.kind == kind)
+            and (hooked is None or (hp is not None) == hooked)
+        ]
+
+    @classmethod
+    def of(cls, table: Any) -> SiteTable:
+        """``table`` as a `SiteTable`: a SiteTable is returned as is; a mapping of name →
+        (SiteInfo, Hookpoint) pairs (0.2 backends) or of name → SiteInfo is copied in order."""
+        if isinstance(table, SiteTable):
+            return table
+        out = cls()
+        for name, entry in dict(table).items():
+            info, where = (entry, None) if isinstance(entry, SiteInfo) else entry
+            out[str(name)] = (info, where)
+        return out

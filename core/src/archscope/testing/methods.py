@@ -16,8 +16,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from ..engine import HookBackend, Hookpoint
-from ..sites import Site, SiteInfo
+from ..engine import HookBackend, Hookpoint, SiteTable
 
 
 def _fix(message: str) -> None:
@@ -93,46 +92,21 @@ class ToyMethodBackend(HookBackend):
     capabilities = frozenset({"residual", "components", "mlp_hidden", "unembed", "logits", "edit"})
     padding = "right"
 
-    def _site_table(self) -> dict[str, tuple[SiteInfo, Hookpoint | None]]:
+    def site_table(self) -> SiteTable:
         m = self.model
-        d, token = m.d_model, ("batch", "seq", "d_model")
-        table: dict[str, tuple[SiteInfo, Hookpoint | None]] = {
-            "embed": (SiteInfo(Site("embed"), "token", token, d, order=0), Hookpoint(m.embed))
-        }
+        d = m.d_model
+        table = SiteTable(m)
+        table.add("embed", Hookpoint("embed"), dim=d)
         for i, block in enumerate(m.blocks):
-            table[f"layer_{i}.mlp_hidden"] = (
-                SiteInfo(
-                    Site("mlp_hidden", i),
-                    "token",
-                    ("batch", "seq", "d_mlp"),
-                    block.mlp.up.out_features,
-                    order=i + 0.3,
-                ),
-                Hookpoint(block.mlp.act),
+            table.add(
+                f"layer_{i}.mlp_hidden",
+                Hookpoint(f"blocks.{i}.mlp.act"),
+                dim=block.mlp.up.out_features,
             )
-            table[f"layer_{i}.mlp"] = (
-                SiteInfo(Site("mlp", i), "token", token, d, order=i + 0.6),
-                Hookpoint(block.mlp),
-            )
-            table[f"layer_{i}.residual"] = (
-                SiteInfo(Site("residual", i), "token", token, d, order=i + 1),
-                Hookpoint(block),
-            )
-        table["final_norm"] = (
-            SiteInfo(Site("final_norm"), "token", token, d, order=len(m.blocks) + 1),
-            Hookpoint(m.norm),
-        )
-        table["logits"] = (
-            SiteInfo(
-                Site("logits"),
-                "token",
-                ("batch", "seq", "vocab"),
-                m.vocab,
-                writable=False,
-                order=len(m.blocks) + 2,
-            ),
-            Hookpoint(m.head),
-        )
+            table.add(f"layer_{i}.mlp", Hookpoint(f"blocks.{i}.mlp"), dim=d)
+            table.add(f"layer_{i}.residual", Hookpoint(f"blocks.{i}"), dim=d)
+        table.add("final_norm", Hookpoint("norm"), dim=d)
+        table.add("logits", Hookpoint("head"), dim=m.vocab)
         return table
 
     def unembed(self, residual: Any) -> Any:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from archscope import Site, SiteInfo
-from archscope.engine import HookBackend, Hookpoint
+from archscope.engine import HookBackend, Hookpoint, SiteTable
 
 
 class ToyBackend(HookBackend):
@@ -15,31 +14,13 @@ class ToyBackend(HookBackend):
     def can_handle(cls, model):
         return 0.9 if type(model).__name__ == "ToyModel" else None
 
-    def _site_table(self):
+    def site_table(self):
         m = self.model
-        d = m.d_model
-        table = {
-            "embed": (
-                SiteInfo(Site("embed"), "token", ("batch", "seq", "d_model"), d, order=0),
-                Hookpoint(m.blocks[0], io="input", arg="h"),
-            )
-        }
-        for i, block in enumerate(m.blocks):
-            table[f"layer_{i}.residual"] = (
-                SiteInfo(Site("residual", i), "token", ("batch", "seq", "d_model"), d, order=i + 1),
-                Hookpoint(block),
-            )
-        table["logits"] = (
-            SiteInfo(
-                Site("logits"),
-                "token",
-                ("batch", "seq", "vocab"),
-                m.vocab,
-                writable=False,
-                order=len(m.blocks) + 1,
-            ),
-            Hookpoint(m.head),
-        )
+        table = SiteTable(m)
+        table.add("embed", Hookpoint("blocks.0", io="input", arg="h"), dim=m.d_model)
+        for i in range(len(m.blocks)):
+            table.add(f"layer_{i}.residual", Hookpoint(f"blocks.{i}"), dim=m.d_model)
+        table.add("logits", Hookpoint("head"), dim=m.vocab)
         return table
 
     def unembed(self, residual):
