@@ -11,7 +11,7 @@ import torch
 from archs import ARCH_NAMES, Arch, arch, words
 
 import archscope
-from archscope.circuits import (
+from archscope.methods.circuits import (
     CircuitScore,
     candidate_ids,
     copy_score,

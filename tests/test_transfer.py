@@ -14,9 +14,9 @@ from archs import Arch, arch, words
 import archscope
 from archscope.data import Dataset
 from archscope.errors import InputError, ParameterError, SiteError
-from archscope.probes import ProbeConfig, ProbeFit, auroc
+from archscope.methods.probes import ProbeConfig, ProbeFit, auroc
 from archscope.testing import MethodContract
-from archscope.transfer import (
+from archscope.methods.transfer import (
     Alignment,
     TransferResult,
     auroc_from_scores,
@@ -305,8 +305,8 @@ def test_0_2_signatures() -> None:
     """The parameters of the 0.2 functions, in order (API-0.2.md); later ones may be added."""
     import inspect
 
-    import archscope.probes as probes
-    import archscope.transfer as transfer
+    import archscope.methods.probes as probes
+    import archscope.methods.transfer as transfer
 
     expected = {
         transfer.learn_alignment: ["src_acts", "tgt_acts", "ridge"],

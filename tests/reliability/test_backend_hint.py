@@ -45,7 +45,7 @@ def test_unknown_hint_lists_registered_backends() -> None:
 def test_cli_arch_that_cannot_serve_the_model_exits_1_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from archscope.cli import main
+    from archscope.apps.cli import main
 
     a = arch("gpt2")
     folder = tmp_path / "m"

@@ -142,7 +142,7 @@ class ModelSource:
     be None. ``claims(spec) -> bool`` lets a source take specs without a prefix (a local
     folder, say); sources are asked in order of ``priority`` (highest first), then name.
     ``examples`` are specs ``archscope bench`` profiles when given no model; ``tasks(rest,
-    tokenizer)`` returns the `archscope.bench.ProfileTasks` (labelled probe sets, texts,
+    tokenizer)`` returns the `archscope.apps.bench.ProfileTasks` (labelled probe sets, texts,
     contrast pairs) that suit this source's models, when it has any.
     """
 
