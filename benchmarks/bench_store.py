@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe
 
 import archscope
-from archscope.data import Dataset, padding_for
 from archscope.apps.store import StoreReader, extract
+from archscope.data import Dataset, padding_for
 
 N_LAYERS, D_MODEL = 6, 256
 SITES = ["layer_2.residual", "layer_5.residual"]

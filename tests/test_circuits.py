@@ -11,6 +11,7 @@ import torch
 from archs import ARCH_NAMES, Arch, arch, words
 
 import archscope
+from archscope.errors import InputError, ParameterError
 from archscope.methods.circuits import (
     CircuitScore,
     candidate_ids,
@@ -19,7 +20,6 @@ from archscope.methods.circuits import (
     induction_head_score,
     run_all_circuits,
 )
-from archscope.errors import InputError, ParameterError
 from archscope.testing import MethodContract
 
 

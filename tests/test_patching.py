@@ -15,6 +15,8 @@ from archs import Arch, arch
 
 import archscope
 from archscope import Edit
+from archscope.data import Contrast, pad_batch, padding_for
+from archscope.errors import ArchscopeError, CapabilityError, InputError, SiteError
 from archscope.methods.attribute import (
     activation_patch,
     attribution_patch,
@@ -22,8 +24,6 @@ from archscope.methods.attribute import (
     patch_sweep,
     state_patch_sweep,
 )
-from archscope.data import Contrast, pad_batch, padding_for
-from archscope.errors import ArchscopeError, CapabilityError, InputError, SiteError
 
 TOL = 1e-5
 

@@ -15,7 +15,6 @@ import archscope
 from archscope.data import Dataset
 from archscope.errors import InputError, ParameterError, SiteError
 from archscope.methods.probes import ProbeConfig, ProbeFit, auroc
-from archscope.testing import MethodContract
 from archscope.methods.transfer import (
     Alignment,
     TransferResult,
@@ -24,6 +23,7 @@ from archscope.methods.transfer import (
     learn_alignment,
     transfer_probe,
 )
+from archscope.testing import MethodContract
 
 torch.set_num_threads(1)
 
