@@ -364,8 +364,8 @@ def lens(
 ) -> None:
     """Logit lens of PROMPT on MODEL: each layer's prediction through the model's own final
     norm and unembedding."""
-    from ..methods.lens import logit_lens
     from ..loader import load_model
+    from ..methods.lens import logit_lens
 
     _, tokenizer, backend = load_model(model, arch=hint)
     result = logit_lens(backend, tokenizer, prompt, target_token=target, top_k=top_k)
@@ -396,9 +396,9 @@ def patch(
 ) -> None:
     """Activation patching of MODEL: the gap restored by patching each layer x position of
     the clean run into the corrupted run."""
-    from ..methods.attribute import patch_sweep
     from ..data import Contrast
     from ..loader import load_model
+    from ..methods.attribute import patch_sweep
 
     _, tokenizer, backend = load_model(model, arch=hint)
     clean_ds, corrupt_ds = Contrast([clean], [corrupt], tokenizer=tokenizer).datasets()
