@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 from ..errors import CapabilityError, InputError, ParameterError
+from ..legacy import as_backend
 from ..params import Param
+from ..registry import method
 from ..results import Result
 
 if TYPE_CHECKING:
@@ -53,11 +55,7 @@ class CircuitScore(Result):
 
 def _backend(model: Any, hint: str | None = None) -> Backend:
     """The backend of ``model`` (a model, or a backend already)."""
-    from ..backends import Backend
-
-    if isinstance(model, Backend):
-        return model
-    return Backend.for_model(model, hint)
+    return as_backend(model, hint)
 
 
 def _logit_vocab(backend: Backend) -> int:
@@ -598,6 +596,14 @@ class CircuitReport(Result):
         return fig
 
 
+@method(
+    "circuits",
+    "Induction, copy and next-token concentration scores (per-head induction and "
+    "previous-token scores where attention patterns exist)",
+    requires={"logits"},
+    input="batch",
+    quick={"n_trials": 8, "n_pairs": 5, "lead_in": 2, "n_words": 3},
+)
 def circuits_method(
     backend: Any,
     data: Any = None,

@@ -13,8 +13,10 @@ from ..backends import Backend, Edit
 from ..collect import collect
 from ..data import Dataset, as_dataset, padding_for
 from ..errors import InputError, MethodError, ParameterError
+from ..legacy import as_backend
 from ..params import Param
 from ..pooling import real_tokens
+from ..registry import method
 from ..results import Result, pyplot
 from ..sites import Site
 
@@ -341,8 +343,8 @@ def compare(
             "calibration_texts must be a non-empty list of strings, got "
             f"{type(calibration_texts).__name__}"
         )
-    base = Backend.for_model(base_model, hint=backend_hint)
-    tuned = Backend.for_model(fine_tuned_model, hint=backend_hint)
+    base = as_backend(base_model, backend_hint)
+    tuned = as_backend(fine_tuned_model, backend_hint)
     data = Dataset.from_texts(list(calibration_texts), tokenizer=tokenizer, max_length=max_length)
     result = diff_backends(base, tuned, data, top_k_units=top_k_units, batch_size=batch_size)
     if run_circuits:
@@ -350,6 +352,14 @@ def compare(
     return result
 
 
+@method(
+    "diff",
+    "Per-layer activation drift of a fine-tuned model from its base model over real tokens",
+    requires={"residual"},
+    input="dataset",
+    arity=2,
+    quick={"top_k_units": 5},
+)
 def diff_method(
     backend_a: Backend,
     backend_b: Backend,

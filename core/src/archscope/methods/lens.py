@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from ..artifacts import Artifact, ArtifactFit
 from ..errors import ArtifactError, InputError, ParameterError
+from ..legacy import as_backend
 from ..params import Param
+from ..registry import method
 from ..results import Result
 
 if TYPE_CHECKING:
@@ -135,12 +137,7 @@ def _heat_map(
 
 
 def _backend(model: Any, hint: str | None = None) -> Backend:
-    from ..backends import Backend
-
-    if isinstance(model, Backend):
-        backend = model
-    else:
-        backend = Backend.for_model(model, hint)
+    backend = as_backend(model, hint)
     # The core's CapabilityError, naming the backend, before any forward pass.
     backend.require("unembed")
     backend.require("logits")
@@ -352,6 +349,12 @@ class LogitLensRun(Result):
         )
 
 
+@method(
+    "logit-lens",
+    "Each layer's residual through the model's own final norm and unembedding",
+    requires={"residual", "unembed", "logits"},
+    quick={"top_k": 3},
+)
 def logit_lens_run(
     backend: Any,
     data: Any,
@@ -843,6 +846,14 @@ class _Batches:
 # -- the registered method --------------------------------------------------------------------------
 
 
+@method(
+    "tuned-lens",
+    "Tuned lens (Belrose et al. 2023): per-layer affine translators trained on the "
+    "data, held-out KL per layer next to the logit lens's",
+    requires={"residual", "unembed", "logits"},
+    input="dataset",
+    quick={"epochs": 2, "batch_size": 4},
+)
 def tuned_lens_method(
     backend: Any,
     data: Any,

@@ -16,7 +16,9 @@ from ..backends import Backend, Edit
 from ..collect import collect
 from ..data import Contrast, Dataset, as_dataset
 from ..errors import BackendError, CapabilityError, InputError, ParameterError
+from ..legacy import as_backend
 from ..params import Param
+from ..registry import method
 from ..results import Result
 from ..sites import Site
 
@@ -33,6 +35,29 @@ _LAYER_PREFIX = re.compile(r"^layer_\d+$")
 
 
 @dataclass
+class NeuronOptions:
+    """The ``neurons`` method's parameters: its one schema (`NeuronEditConfig` takes its
+    ``top_frac`` and ``units`` defaults from here)."""
+
+    top_frac: Annotated[
+        float, Param(min=1e-9, max=1.0, help="fraction of each site's units kept")
+    ] = 0.01
+    layer_filter: Annotated[
+        list[str] | None, Param(help="sites, layers (layer_1) or substrings to search; default all")
+    ] = None
+    units: Annotated[
+        Units, Param(help="MLP hidden units where available (auto), or each layer's main site")
+    ] = "auto"
+    multiplier: Annotated[float, Param(help="scale applied by the edit (0 ablates)")] = 0.0
+    batch_size: Annotated[int, Param(min=1)] = 32
+
+    def config(self) -> NeuronEditConfig:
+        return NeuronEditConfig(
+            top_frac=self.top_frac, layer_filter=self.layer_filter, units=self.units
+        )
+
+
+@dataclass
 class NeuronEditConfig:
     """How to search.
 
@@ -45,10 +70,10 @@ class NeuronEditConfig:
     site), ``"mlp_hidden"`` (required) or ``"residual"`` (each layer's main site).
     """
 
-    top_frac: float = 0.001
+    top_frac: float = NeuronOptions.top_frac
     layer_filter: LayerFilter = None
     mode: str = "scalar"
-    units: str = "auto"
+    units: str = NeuronOptions.units
 
     def __post_init__(self) -> None:
         frac = self.top_frac
@@ -350,7 +375,7 @@ def find_neurons(
     lists of token-id lists, `archscope.Dataset` objects, or texts with ``tokenizer=``.
     ``model`` may also be a `Backend`. Returns a `NeuronEdit` (multiplier 0: ablation).
     """
-    backend = model if isinstance(model, Backend) else Backend.for_model(model, hint=backend_hint)
+    backend = as_backend(model, backend_hint)
     return search(
         backend,
         inputs_harmful,
@@ -362,24 +387,24 @@ def find_neurons(
     )
 
 
-def neurons_method(
-    backend: Backend,
-    data: Contrast,
-    *,
-    top_frac: Annotated[
-        float, Param(min=1e-9, max=1.0, help="fraction of each site's units kept")
-    ] = 0.01,
-    layer_filter: Annotated[
-        list[str] | None, Param(help="sites, layers (layer_1) or substrings to search; default all")
-    ] = None,
-    units: Annotated[
-        Units, Param(help="MLP hidden units where available (auto), or each layer's main site")
-    ] = "auto",
-    multiplier: Annotated[float, Param(help="scale applied by the edit (0 ablates)")] = 0.0,
-    batch_size: Annotated[int, Param(min=1)] = 32,
-) -> NeuronEdit:
+@method(
+    "neurons",
+    "Units whose last-token activation differs most between two prompt sets "
+    "(MLP hidden units where available), to ablate or scale",
+    requires={"residual"},
+    input="contrast",
+    quick={"top_frac": 0.05},
+    options=NeuronOptions,
+)
+def neurons_method(backend: Backend, data: Contrast, options: NeuronOptions) -> NeuronEdit:
     """The registered ``neurons`` method: clean inputs are the first set, corrupted the
     second."""
     first, second = data.datasets()
-    config = NeuronEditConfig(top_frac=top_frac, layer_filter=layer_filter, units=units)
-    return search(backend, first, second, config, batch_size=batch_size, multiplier=multiplier)
+    return search(
+        backend,
+        first,
+        second,
+        options.config(),
+        batch_size=options.batch_size,
+        multiplier=options.multiplier,
+    )

@@ -15,7 +15,9 @@ from ..artifacts import Artifact, ArtifactFit
 from ..backends import Backend
 from ..data import Dataset
 from ..errors import ArtifactError, InputError, ParameterError
+from ..legacy import as_backend
 from ..params import Param
+from ..registry import method
 from ..results import Result, pyplot
 
 if TYPE_CHECKING:  # torch is imported when a probe is built: `archscope info` must stay light
@@ -83,6 +85,51 @@ def auroc(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequenc
 
 # -- configuration and the probe module ---------------------------------------------------------
 @dataclass
+class ProbeOptions:
+    """How a probe is fitted and measured: the parameters of the ``probe`` and ``probe-sweep``
+    methods (their one schema; `ProbeConfig` takes its defaults from here)."""
+
+    pool: Literal["mean", "last"] = "mean"
+    probe_type: Literal["linear", "mlp"] = "linear"
+    hidden_dim: HiddenDim = 64
+    folds: Folds = 5
+    epochs: Epochs = 100
+    lr: LearningRate = 0.01
+    weight_decay: WeightDecay = 1e-4
+    batch_size: BatchSize = 64
+    solver: Solver = "adamw"
+    seed: int = 0
+
+    def config(self, site: str) -> ProbeConfig:
+        """The `ProbeConfig` of a probe on ``site`` fitted with these options."""
+        return ProbeConfig(
+            layer_name=site,
+            probe_type=self.probe_type,
+            hidden_dim=self.hidden_dim,
+            pool=self.pool,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+            solver=self.solver,
+        )
+
+
+@dataclass
+class ProbeParams(ProbeOptions):
+    """The ``probe`` method's parameters: the shared options and the site."""
+
+    site: Annotated[str | None, Param(help="site to probe (default: the middle layer's)")] = None
+
+
+@dataclass
+class ProbeSweepParams(ProbeOptions):
+    """The ``probe-sweep`` method's parameters: the shared options and the sites."""
+
+    sites: Annotated[
+        list[str] | None, Param(help="sites to probe (default: every layer's main site)")
+    ] = None
+
+
+@dataclass
 class ProbeConfig:
     """What to probe and with what: ``layer_name`` (a site), ``probe_type`` ("linear" or
     "mlp"), ``hidden_dim`` (MLP width), ``target`` (a name for what the labels mean), ``pool``
@@ -93,13 +140,13 @@ class ProbeConfig:
     to its unique optimum, in about ten iterations, when ``weight_decay > 0``)."""
 
     layer_name: str = ""
-    probe_type: str = "linear"
-    hidden_dim: int = 64
+    probe_type: str = ProbeOptions.probe_type
+    hidden_dim: int = ProbeOptions.hidden_dim
     target: str = "label"
-    pool: str = "mean"
-    weight_decay: float = 1e-4
-    seed: int = 0
-    solver: str = "adamw"
+    pool: str = ProbeOptions.pool
+    weight_decay: float = ProbeOptions.weight_decay
+    seed: int = ProbeOptions.seed
+    solver: str = ProbeOptions.solver
 
     def __post_init__(self) -> None:
         if self.probe_type not in PROBE_TYPES:
@@ -126,25 +173,58 @@ class ProbeConfig:
             raise ParameterError(f"ProbeConfig.weight_decay must be >= 0, got {self.weight_decay}")
 
 
-@dataclass
-class ProbeMetrics(Result):
+class ProbeMetrics(dict[str, Any], Result):
     """What `ProbeFit.train` reports: AUROC and loss on the training part and on the held-out
-    part. Indexable like the dict 0.2 returned (``metrics["val_auroc"]``)."""
+    part. A dict, as in 0.2 (``"val_auroc" in m``, ``m["val_auroc"]``, ``dict(m)``,
+    ``json.dumps(m)``), whose entries also read as attributes (``m.val_auroc``)."""
 
-    train_auroc: float
-    val_auroc: float
-    train_loss: float
-    val_loss: float
-    n_train: int
-    n_val: int
+    FIELDS = ("train_auroc", "val_auroc", "train_loss", "val_loss", "n_train", "n_val")
 
-    def __getitem__(self, key: str) -> Any:
-        if key not in {f.name for f in dataclasses.fields(self)}:
-            raise KeyError(key)
-        return getattr(self, key)
+    def __init__(
+        self,
+        *,
+        train_auroc: float,
+        val_auroc: float,
+        train_loss: float,
+        val_loss: float,
+        n_train: int,
+        n_val: int,
+    ) -> None:
+        super().__init__(
+            train_auroc=float(train_auroc),
+            val_auroc=float(val_auroc),
+            train_loss=float(train_loss),
+            val_loss=float(val_loss),
+            n_train=int(n_train),
+            n_val=int(n_val),
+        )
 
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self)]
+    def __missing__(self, key: str) -> Any:
+        raise KeyError(f"{key!r}: probe metrics are {', '.join(map(repr, self.FIELDS))}")
+
+    @property
+    def train_auroc(self) -> float:
+        return float(self["train_auroc"])
+
+    @property
+    def val_auroc(self) -> float:
+        return float(self["val_auroc"])
+
+    @property
+    def train_loss(self) -> float:
+        return float(self["train_loss"])
+
+    @property
+    def val_loss(self) -> float:
+        return float(self["val_loss"])
+
+    @property
+    def n_train(self) -> int:
+        return int(self["n_train"])
+
+    @property
+    def n_val(self) -> int:
+        return int(self["n_val"])
 
 
 def _check_xy(activations: Any, labels: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -500,10 +580,6 @@ class ProbeFit(Artifact):
 
 
 # -- activations of a backend ---------------------------------------------------------------
-def _as_backend(model: Any, hint: str | None = None) -> Backend:
-    return model if isinstance(model, Backend) else Backend.for_model(model, hint=hint)
-
-
 def default_site(backend: Backend) -> str:
     """The main site of the middle layer (probes default to it)."""
     names = backend.layer_names()
@@ -583,7 +659,7 @@ def fit_probe(
 
     from ..data import as_dataset
 
-    backend = _as_backend(model, backend_hint)
+    backend = as_backend(model, backend_hint)
     config = dataclasses.replace(config) if config is not None else ProbeConfig()
     site = layer_name or config.layer_name or default_site(backend)
     config.layer_name = backend.site_info(site).name
@@ -696,22 +772,21 @@ def _std(values: Sequence[float]) -> float:
 
 
 def _report(
-    backend: Backend,
-    site: str,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    config: ProbeConfig,
-    folds: int,
-    epochs: int,
-    lr: float,
-    batch_size: int,
+    backend: Backend, site: str, x: torch.Tensor, y: torch.Tensor, options: ProbeOptions
 ) -> ProbeReport:
+    config = options.config(site)
     train, held = cross_validate(
-        x, y, config, folds=folds, epochs=epochs, lr=lr, batch_size=batch_size
+        x,
+        y,
+        config,
+        folds=options.folds,
+        epochs=options.epochs,
+        lr=options.lr,
+        batch_size=options.batch_size,
     )
     final = ProbeFit(config, x.shape[1])
     # The returned probe uses every example; its quality is the k-fold estimate above.
-    final._fit_rows(x, y, epochs, lr, batch_size)
+    final._fit_rows(x, y, options.epochs, options.lr, options.batch_size)
     final.fitted_on = ArtifactFit.of(backend, site)
     return ProbeReport(
         backend=backend.name,
@@ -720,7 +795,7 @@ def _report(
         probe_type=config.probe_type,
         n_examples=len(y),
         n_positive=int(y.sum()),
-        folds=folds,
+        folds=options.folds,
         train_auroc=sum(train) / len(train),
         heldout_auroc=sum(held) / len(held),
         heldout_auroc_std=_std(held),
@@ -729,37 +804,21 @@ def _report(
     )
 
 
-def probe_method(
-    backend: Backend,
-    data: Dataset,
-    *,
-    site: str | None = None,
-    pool: Literal["mean", "last"] = "mean",
-    probe_type: Literal["linear", "mlp"] = "linear",
-    hidden_dim: HiddenDim = 64,
-    folds: Folds = 5,
-    epochs: Epochs = 100,
-    lr: LearningRate = 0.01,
-    weight_decay: WeightDecay = 1e-4,
-    batch_size: BatchSize = 64,
-    solver: Solver = "adamw",
-    seed: int = 0,
-) -> ProbeReport:
+@method(
+    "probe",
+    "Linear or MLP probe on one site of a labelled dataset; k-fold held-out AUROC",
+    requires={"residual"},
+    input="dataset",
+    quick={"folds": 2, "epochs": 5},
+    options=ProbeParams,
+)
+def probe_method(backend: Backend, data: Dataset, options: ProbeParams) -> ProbeReport:
     """``probe``: fit a probe on one site (default: the middle layer's main site) of a
     labelled dataset; held-out AUROC by stratified k-fold."""
     dataset, labels = _labelled(data)
-    name = backend.site_info(site or default_site(backend)).name
-    config = ProbeConfig(
-        layer_name=name,
-        probe_type=probe_type,
-        hidden_dim=hidden_dim,
-        pool=pool,
-        weight_decay=weight_decay,
-        seed=seed,
-        solver=solver,
-    )
-    x = pooled_activations(backend, dataset, [name], pool=pool)[name]
-    return _report(backend, name, x, labels, config, folds, epochs, lr, batch_size)
+    name = backend.site_info(options.site or default_site(backend)).name
+    x = pooled_activations(backend, dataset, [name], pool=options.pool)[name]
+    return _report(backend, name, x, labels, options)
 
 
 @dataclass
@@ -828,43 +887,27 @@ class ProbeSweep(Result):
         return fig
 
 
-def probe_sweep(
-    backend: Backend,
-    data: Dataset,
-    *,
-    sites: list[str] | None = None,
-    pool: Literal["mean", "last"] = "mean",
-    probe_type: Literal["linear", "mlp"] = "linear",
-    hidden_dim: HiddenDim = 64,
-    folds: Folds = 5,
-    epochs: Epochs = 100,
-    lr: LearningRate = 0.01,
-    weight_decay: WeightDecay = 1e-4,
-    batch_size: BatchSize = 64,
-    solver: Solver = "adamw",
-    seed: int = 0,
-) -> ProbeSweep:
+@method(
+    "probe-sweep",
+    "A probe per layer from one pass of the data; held-out AUROC per layer",
+    requires={"residual"},
+    input="dataset",
+    quick={"folds": 2, "epochs": 5},
+    options=ProbeSweepParams,
+)
+def probe_sweep(backend: Backend, data: Dataset, options: ProbeSweepParams) -> ProbeSweep:
     """``probe-sweep``: a probe per layer (default: every layer's main site), every site
     captured in the same forward pass of each batch; held-out AUROC per layer."""
     dataset, labels = _labelled(data)
-    names = [backend.site_info(s).name for s in (sites or backend.layer_names())]
+    names = [backend.site_info(s).name for s in (options.sites or backend.layer_names())]
     if not names:
         raise ParameterError(f"backend {backend.name!r} lists no per-layer sites; pass sites=")
-    acts = pooled_activations(backend, dataset, names, pool=pool)
-    out = ProbeSweep(backend=backend.name, pool=pool, probe_type=probe_type, folds=folds)
+    acts = pooled_activations(backend, dataset, names, pool=options.pool)
+    out = ProbeSweep(
+        backend=backend.name, pool=options.pool, probe_type=options.probe_type, folds=options.folds
+    )
     for name in names:
-        config = ProbeConfig(
-            layer_name=name,
-            probe_type=probe_type,
-            hidden_dim=hidden_dim,
-            pool=pool,
-            weight_decay=weight_decay,
-            seed=seed,
-            solver=solver,
-        )
-        out.layers.append(
-            _report(backend, name, acts[name], labels, config, folds, epochs, lr, batch_size)
-        )
+        out.layers.append(_report(backend, name, acts[name], labels, options))
     return out
 
 

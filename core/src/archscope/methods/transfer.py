@@ -12,18 +12,19 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from ..backends import Backend
 from ..data import Dataset
 from ..errors import InputError, ParameterError
+from ..legacy import as_backend
 from ..params import Param
+from ..registry import method
+from ..results import Result
 from .probes import (
     ProbeConfig,
     ProbeFit,
-    _as_backend,
     _labelled,
     auroc,
     default_site,
     pooled_activations,
     stratified_split,
 )
-from ..results import Result
 
 if TYPE_CHECKING:  # torch is imported when something is computed: `archscope info` stays light
     import torch
@@ -80,7 +81,7 @@ def _pair(src_acts: Any, tgt_acts: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return s.double().cpu(), t.double().cpu()
 
 
-def learn_alignment(
+def fit_alignment(
     src_acts: torch.Tensor, tgt_acts: torch.Tensor, ridge: float = 0.001
 ) -> Alignment:
     """Ridge regression of source activations on target activations of the same texts (row i
@@ -111,14 +112,37 @@ def learn_alignment(
     )
 
 
+def learn_alignment(
+    src_acts: torch.Tensor, tgt_acts: torch.Tensor, ridge: float = 0.001
+) -> torch.Tensor:
+    """0.2's alignment: the (d_source, d_target) matrix ``M`` of the ridge regression of source
+    activations on target activations of the same texts, without offsets, so that
+    ``tgt_acts @ M.T`` approximates ``src_acts``: ``M.T = (T'T + ridge·I)⁻¹ T'S``. Pass it to
+    `transfer_probe` as it is. `fit_alignment` fits the affine map (with means) and returns it
+    as an `Alignment`."""
+    import torch
+
+    if not ridge >= 0:
+        raise ParameterError(f"ridge must be >= 0, got {ridge}")
+    s, t = _pair(src_acts, tgt_acts)
+    gram = t.T @ t + ridge * torch.eye(t.shape[1], dtype=t.dtype)
+    try:
+        m_t = torch.linalg.solve(gram, t.T @ s)
+    except RuntimeError:  # singular with ridge=0 (fewer texts than features): least squares
+        m_t = torch.linalg.lstsq(t, s).solution
+    matrix: torch.Tensor = m_t.T.float().contiguous()
+    return matrix
+
+
 def transfer_probe(
     probe_weights_source: torch.Tensor,
     probe_bias_source: torch.Tensor,
     alignment: Alignment | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A source-space linear probe (logit = s·w + b) as a target-space probe (logit = t·w' + b')
-    through ``alignment`` (an `Alignment`, or a bare (d_target, d_source) matrix taken as a
-    linear map without offsets). Returns ``(weights, bias)``."""
+    through ``alignment``: an `Alignment` (`fit_alignment`), or 0.2's (d_source, d_target)
+    matrix ``M`` (`learn_alignment`: source ≈ target @ M.T, no offsets). Returns ``(weights,
+    bias)``."""
     import torch
 
     w = torch.as_tensor(probe_weights_source).float().flatten().cpu()
@@ -128,12 +152,19 @@ def transfer_probe(
     if isinstance(alignment, Alignment):
         matrix, s_mean, t_mean = alignment.matrix, alignment.source_mean, alignment.target_mean
     else:
-        matrix = torch.as_tensor(alignment).float().cpu()
-        if matrix.dim() != 2:
+        given = torch.as_tensor(alignment).float().cpu()
+        if given.dim() != 2:
             raise InputError(
-                f"alignment must be an Alignment or a (d_target, d_source) matrix, "
-                f"got shape {tuple(matrix.shape)}"
+                f"alignment must be an Alignment or a (d_source, d_target) matrix, "
+                f"got shape {tuple(given.shape)}"
             )
+        if given.shape[0] != w.numel() and given.shape[1] == w.numel():
+            raise InputError(
+                f"a bare alignment matrix is (d_source, d_target) as learn_alignment returns "
+                f"it (source ≈ target @ M.T); got {tuple(given.shape)} for a probe with "
+                f"{w.numel()} weights: pass its transpose"
+            )
+        matrix = given.T  # (d_target, d_source), as Alignment.matrix
         s_mean = torch.zeros(matrix.shape[1])
         t_mean = torch.zeros(matrix.shape[0])
     if matrix.shape[1] != w.numel():
@@ -227,7 +258,7 @@ def _compare(
     target.train(
         t_train, y_train, epochs=epochs, lr=lr, batch_size=batch_size, held_out=(t_test, y_test)
     )
-    alignment = learn_alignment(s_align, t_align, ridge=ridge)
+    alignment = fit_alignment(s_align, t_align, ridge=ridge)
     w, b = transfer_probe(source.direction, source.bias, alignment)
     transferred = auroc(t_test.float() @ w + b, y_test)
     assert source.metrics is not None and target.metrics is not None
@@ -328,7 +359,7 @@ def evaluate_transfer(
     backends = []
     for model, given in ((source_model, source_backend), (target_model, target_backend)):
         if given is None or isinstance(given, str):
-            backends.append(_as_backend(model, given))
+            backends.append(as_backend(model, given))
         elif hasattr(given, "run") and hasattr(given, "sites"):
             backends.append(given)
         else:
@@ -402,6 +433,14 @@ def _tokens_for(backend: Backend, dataset: Dataset) -> Dataset:
     return dataset
 
 
+@method(
+    "transfer",
+    "A probe trained on model A, transported to model B by ridge alignment",
+    requires={"residual"},
+    input="dataset",
+    arity=2,
+    quick={"epochs": 5},
+)
 def transfer_method(
     backend_a: Backend,
     backend_b: Backend,
@@ -465,6 +504,7 @@ __all__ = [
     "TransferResult",
     "auroc_from_scores",
     "evaluate_transfer",
+    "fit_alignment",
     "learn_alignment",
     "transfer_probe",
 ]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...backends import Backend, Edit
 from ...guards import model_lock
+from ...legacy import as_backend
 from ...sites import Site
 from ._align import Columns, aligned_source, check_token_site, columns, replicate
 from ._metric import LogitDiff, MetricFn, Readout, as_metric, mean_value, metric_name
@@ -34,7 +35,7 @@ Spec = Sequence[tuple[str, Sequence[int]]]
 
 def backend_of(model: Any, hint: str | None = None) -> Backend:
     """A `Backend` as given, or the one `Backend.for_model` picks for ``model``."""
-    return model if isinstance(model, Backend) else Backend.for_model(model, hint=hint)
+    return as_backend(model, hint)
 
 
 @dataclass

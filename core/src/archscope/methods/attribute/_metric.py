@@ -12,7 +12,6 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from ...engine import last_real_index
@@ -90,12 +89,9 @@ def as_metric(metric_fn: MetricFn) -> MetricFn:
     except (TypeError, ValueError):
         return metric_fn
     if len(params) == 1 and not var:
+        from ...legacy import outputs_metric
 
-        def legacy(logits: torch.Tensor, mask: torch.Tensor) -> Any:
-            return metric_fn(SimpleNamespace(logits=logits, attention_mask=mask))
-
-        legacy.__name__ = getattr(metric_fn, "__name__", "metric")
-        return legacy
+        return outputs_metric(metric_fn)
     return metric_fn
 
 

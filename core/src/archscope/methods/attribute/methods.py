@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from ...data import Contrast, pad_batch, padding_for
 from ...params import Param
+from ...registry import method
 from ._patch import activation_patch, dim_decompose, patch_sweep
 from ._results import DIMResult, PatchResult, PatchSweep, StatePatchResult
 from ._state import state_patch_sweep
@@ -38,6 +39,14 @@ def batches(backend: Any, data: Contrast) -> tuple[dict[str, Any], dict[str, Any
     return pad_batch(clean.ids(), side, pad), pad_batch(corrupted.ids(), side, pad)
 
 
+@method(
+    "patch",
+    "Activation patching: clean activations at chosen sites and positions patched "
+    "into the corrupted run; gap restored",
+    requires={"edit", "logits"},
+    input="contrast",
+    quick={"positions": "last"},
+)
 def patch_method(
     backend: Any,
     data: Contrast,
@@ -53,6 +62,13 @@ def patch_method(
     return activation_patch(backend, clean, corrupted, chosen, None, site=site, positions=positions)
 
 
+@method(
+    "patch-sweep",
+    "Gap restored per layer x position (or layer x component), batched patched runs",
+    requires={"edit", "logits"},
+    input="contrast",
+    quick={"positions": "last", "batch_size": 16},
+)
 def patch_sweep_method(
     backend: Any,
     data: Contrast,
@@ -81,6 +97,14 @@ def patch_sweep_method(
     )
 
 
+@method(
+    "attribution-patch",
+    "Attribution patching (AtP): a whole sweep from one forward and one backward "
+    "pass, optionally beside the exact sweep",
+    requires={"edit", "logits"},
+    input="contrast",
+    quick={"positions": "last"},
+)
 def attribution_patch_method(
     backend: Any,
     data: Contrast,
@@ -111,6 +135,13 @@ def attribution_patch_method(
     )
 
 
+@method(
+    "dim",
+    "DIM decomposition: share of the gap carried by attention / mixer / MLP outputs",
+    requires={"edit", "components", "logits"},
+    input="contrast",
+    quick={"positions": "last"},
+)
 def dim_method(
     backend: Any,
     data: Contrast,
@@ -135,6 +166,12 @@ def dim_method(
     )
 
 
+@method(
+    "state-patch",
+    "State patching: swap each layer's recurrent state (per kind) after a prefix; gap restored",
+    requires={"state_patch", "logits"},
+    input="contrast",
+)
 def state_patch_method(
     backend: Any,
     data: Contrast,

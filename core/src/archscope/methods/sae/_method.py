@@ -4,10 +4,11 @@ report reconstruction metrics and the spliced next-token loss on held-out texts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from ...params import Param
+from ...registry import method
 from ...results import Result
+from ._options import SAEOptions
 
 if TYPE_CHECKING:  # torch is imported when the method runs: `archscope info` stays light
     from ._metrics import SAEMetrics, SplicedLoss
@@ -73,29 +74,20 @@ class SAEReport(Result):
         )
 
 
-def sae_method(
-    backend: Any,
-    data: Any,
-    *,
-    site: Annotated[str | None, Param(help="token site (default: the middle layer's)")] = None,
-    sae_type: Literal["dense", "rank1", "topk", "batchtopk"] = "topk",
-    n_features: Annotated[int | None, Param(min=1, help="default: 8 x site dimension")] = None,
-    k: Annotated[int, Param(min=1, help="active features per token (topk, batchtopk)")] = 32,
-    sparsity: Annotated[float, Param(min=0, help="L1 coefficient (dense, rank1)")] = 0.1,
-    epochs: Annotated[int, Param(min=1)] = 10,
-    batch_size: Annotated[int, Param(min=1, help="tokens per training step")] = 4096,
-    learning_rate: Annotated[float, Param(min=0)] = 1e-3,
-    eval_fraction: Annotated[float, Param(min=0, max=0.9, help="share of texts held out")] = 0.2,
-    stream: Annotated[
-        bool, Param(help="re-run the model each epoch instead of keeping activations in memory")
-    ] = False,
-    text_batch_size: Annotated[int, Param(min=1, help="texts per forward pass")] = 32,
-    seed: int = 0,
-    save: Annotated[str | None, Param(help="folder to save the SAE artifact to")] = None,
-    saelens_dir: Annotated[str | None, Param(help="folder to export SAELens's layout to")] = None,
-) -> SAEReport:
+@method(
+    "sae",
+    "Train a sparse autoencoder (dense, rank-1, TopK, BatchTopK) on one site; "
+    "reconstruction metrics and next-token loss with it spliced in",
+    input="dataset",
+    arity=1,
+    quick={"n_features": 64, "k": 4, "epochs": 2, "batch_size": 256},
+    options=SAEOptions,
+)
+def sae_method(backend: Any, data: Any, options: SAEOptions) -> SAEReport:
     """Train an SAE on ``site`` over the real tokens of ``data`` (held-out texts excluded),
     then measure it on the held-out texts."""
+    o = options
+    site, seed, stream, text_batch_size = o.site, o.seed, o.stream, o.text_batch_size
     import torch
 
     from ...artifacts import ArtifactFit
@@ -112,7 +104,7 @@ def sae_method(
     n = len(data)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen).tolist()
-    n_eval = min(n - 1, round(n * eval_fraction)) if n > 1 else 0
+    n_eval = min(n - 1, round(n * o.eval_fraction)) if n > 1 else 0
     eval_set = data.subset(sorted(order[:n_eval])) if n_eval else data
     train_set = data.subset(sorted(order[n_eval:])) if n_eval else data
 
@@ -126,12 +118,12 @@ def sae_method(
 
     config = SAEConfig(
         input_dim=info.dim,
-        n_features=n_features or 8 * info.dim,
-        sparsity=sparsity,
-        sae_type=sae_type,
-        learning_rate=learning_rate,
-        batch_size=batch_size,
-        k=k,
+        n_features=o.n_features or 8 * info.dim,
+        sparsity=o.sparsity,
+        sae_type=o.sae_type,
+        learning_rate=o.learning_rate,
+        batch_size=o.batch_size,
+        k=o.k,
         seed=seed,
     )
     source: Any = (lambda: chunks(train_set)) if stream else torch.cat(list(chunks(train_set)))
@@ -139,10 +131,10 @@ def sae_method(
     sae = fit_sae(
         source if not stream else _counting(source, counted),
         config,
-        epochs=epochs,
+        epochs=o.epochs,
         device=str(backend.device),
     )
-    n_train = int(source.shape[0]) if isinstance(source, torch.Tensor) else sum(counted) // epochs
+    n_train = int(source.shape[0]) if isinstance(source, torch.Tensor) else sum(counted) // o.epochs
     sae.site = info.name
     sae.fitted_on = ArtifactFit.of(backend, info.name)
     metrics = reconstruction_metrics(sae, lambda: chunks(eval_set))
@@ -150,14 +142,14 @@ def sae_method(
     scorable = any(len(ids) > 1 for ids in eval_set.ids())  # a next token to predict
     if {"logits", "edit"} <= set(backend.capabilities) and info.writable and scorable:
         loss = spliced_loss(sae, backend, eval_set, info.name, batch_size=text_batch_size)
-    saved = str(sae.save(save)) if save else None
-    exported = str(export_saelens(sae, saelens_dir)) if saelens_dir else None
+    saved = str(sae.save(o.save)) if o.save else None
+    exported = str(export_saelens(sae, o.saelens_dir)) if o.saelens_dir else None
     return SAEReport(
         backend=backend.name,
         site=info.name,
         sae_type=sae.sae_type,
         n_features=sae.n_features,
-        k=k if sae.sae_type in ("topk", "batchtopk") else None,
+        k=o.k if sae.sae_type in ("topk", "batchtopk") else None,
         n_train_tokens=n_train,
         eval=metrics,
         loss=loss,

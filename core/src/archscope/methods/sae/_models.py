@@ -12,6 +12,7 @@ from torch import nn
 
 from ...artifacts import Artifact
 from ...errors import ArtifactError, ParameterError
+from ._options import SAEOptions
 
 #: canonical sae_type -> what it is (for messages and `archscope info`)
 SAE_TYPES: dict[str, str] = {
@@ -44,7 +45,9 @@ def canonical_sae_type(sae_type: str) -> str:
 
 @dataclass
 class SAEConfig:
-    """Hyper-parameters of a sparse autoencoder (the first six fields are those of 0.2).
+    """Hyper-parameters of a sparse autoencoder (the first six fields are those of 0.2; the
+    training defaults are the ``sae`` method's, `SAEOptions`; ``sae_type`` stays "dense", 0.2's
+    default, so ``build_sae(SAEConfig(d, n))`` builds the `DenseSAE` it built in 0.2).
 
     ``sparsity`` is the L1 coefficient of the dense and rank-1 SAEs; ``k`` the number of
     active features per input of the TopK SAE (the mean per input for BatchTopK). Inputs are
@@ -57,18 +60,18 @@ class SAEConfig:
 
     input_dim: int
     n_features: int
-    sparsity: float = 1e-3
+    sparsity: float = SAEOptions.sparsity
     sae_type: str = "dense"
-    learning_rate: float = 1e-3
-    batch_size: int = 256
-    k: int = 32
+    learning_rate: float = SAEOptions.learning_rate
+    batch_size: int = SAEOptions.batch_size
+    k: int = SAEOptions.k
     normalize: bool = True
     aux_k: int | None = None
     aux_coefficient: float = 1 / 32
     dead_after: int | None = None
     buffer_size: int = 65536
     threshold_lr: float = 0.01
-    seed: int = 0
+    seed: int = SAEOptions.seed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
