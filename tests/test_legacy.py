@@ -55,7 +55,7 @@ def test_0_2_module_path_is_the_moved_module_and_warns_once(old: str, fresh_lega
 
 def test_submodules_and_attribute_access_of_old_paths(fresh_legacy: None) -> None:
     with pytest.warns(DeprecationWarning, match=r"archscope\.methods\.sae\._models"):
-        from archscope.sae._models import SAEConfig  # noqa: PLC0415
+        from archscope.sae._models import SAEConfig
     from archscope.methods.sae import SAEConfig as current
 
     assert SAEConfig is current  # one class: isinstance works across both paths
@@ -95,7 +95,7 @@ def test_probe_metrics_are_the_0_2_dict(tmp_path: Path) -> None:
 
 def test_learn_alignment_is_0_2_tensor_through_the_old_path(fresh_legacy: None) -> None:
     with pytest.warns(DeprecationWarning):
-        from archscope.transfer import Alignment, fit_alignment, learn_alignment  # noqa: PLC0415
+        from archscope.transfer import Alignment, fit_alignment, learn_alignment
     g = torch.Generator().manual_seed(1)
     tgt = torch.randn(30, 4, generator=g)
     src = tgt @ torch.randn(4, 3, generator=g)
