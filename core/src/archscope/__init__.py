@@ -11,10 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.3.0"
-
-
 from . import legacy as _legacy
+from ._version import __version__
 from .adapter import ModelSpec
 from .artifacts import Artifact, ArtifactFit
 from .backends import ActivationRecord, Backend, RunRequest, RunResult

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
 
 from ..hookspecs import hookimpl
 from ..registry import Method
@@ -40,13 +39,6 @@ def builtin_methods() -> list[Method]:
             ):
                 found.append(value)
     return found
-
-
-@hookimpl
-def register_commands(cli: Any) -> None:
-    from ..apps.store.cli import add_commands
-
-    add_commands(cli)
 
 
 @hookimpl

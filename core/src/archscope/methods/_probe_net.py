@@ -3,21 +3,25 @@ row. Kept apart from `archscope.methods.probes` so that importing that module ne
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from ..errors import ParameterError
 
-if TYPE_CHECKING:
-    from .probes import ProbeConfig
+
+class ProbeShape(Protocol):
+    """What the network reads of a `ProbeConfig`."""
+
+    probe_type: str
+    hidden_dim: int
 
 
 class Probe(nn.Module):
     """A binary classifier on (N, input_dim) activations returning one logit per row."""
 
-    def __init__(self, input_dim: int, config: ProbeConfig) -> None:
+    def __init__(self, input_dim: int, config: ProbeShape) -> None:
         super().__init__()
         if int(input_dim) < 1:
             raise ParameterError(f"Probe input_dim must be >= 1, got {input_dim}")

@@ -124,7 +124,7 @@ def plan_from(
 ) -> tuple[Manifest, list[list[int]]]:
     """`plan` from a model record and site records made elsewhere (a Ray actor holds the
     model)."""
-    from ... import __version__
+    from ..._version import __version__
     from ...data import as_dataset
 
     if docs_per_shard < 1 or batch_size < 1:

@@ -98,8 +98,8 @@ def extract_ray(
     """
     import time
 
-    from .cli import load_data
     from .extract import _progress
+    from .inputs import load_data
     from .reader import ActivationStore
 
     ray = _ray()
