@@ -11,6 +11,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -46,6 +47,7 @@ def test_0_2_module_path_is_the_moved_module_and_warns_once(old: str, fresh_lega
     assert record[0].filename == __file__  # points at the caller, not at importlib
     assert module is importlib.import_module(new)
     assert isinstance(module, type(sys))
+    assert module.__spec__ is not None
     assert module.__name__ == module.__spec__.name == new  # its own spec, not the alias's
     sys.modules.pop(old)
     with warnings.catch_warnings():
@@ -120,8 +122,9 @@ def test_one_argument_metric_of_0_2_warns_and_works(fresh_legacy: None) -> None:
     a = arch("gpt2")
     clean, corrupt = [[5, 6, 7, 8]], [[5, 9, 7, 8]]
 
-    def logit_of_w10(outputs: object) -> torch.Tensor:  # 0.2's form: metric(outputs)
-        return outputs.logits[:, -1, 10].mean()  # type: ignore[attr-defined]
+    def logit_of_w10(outputs: Any) -> torch.Tensor:  # 0.2's form: metric(outputs)
+        value: torch.Tensor = outputs.logits[:, -1, 10].mean()
+        return value
 
     def two_args(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return logits[:, -1, 10].mean()

@@ -11,13 +11,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from .edits import Edit, EditOp, Positions
+from .edits import Edit, EditError, EditOp, Positions
 from .errors import (
     BackendError,
     CapabilityError,
     NoBackendError,
+    NotCapturedError,
     PaddingError,
     SiteError,
+    UsageError,
 )
 from .guards import InputLimits
 from .sites import Site, SiteInfo, resolve
@@ -68,7 +70,9 @@ class RunResult:
     def __getitem__(self, site: str | Site) -> torch.Tensor:
         key = str(Site.parse(site))
         if key not in self.activations:
-            raise KeyError(f"{key!r} was not captured; captured: {sorted(self.activations)}")
+            raise NotCapturedError(
+                f"{key!r} was not captured; captured: {', '.join(sorted(self.activations))}"
+            )
         return self.activations[key]
 
     def __contains__(self, site: object) -> bool:
@@ -227,7 +231,7 @@ class Backend:
         edit_map: dict[str, list[Edit]] = {}
         for edit in edits:
             if not isinstance(edit, Edit):
-                raise TypeError(f"edits must be archscope.Edit objects, got {type(edit).__name__}")
+                raise EditError(f"edits must be archscope.Edit objects, got {type(edit).__name__}")
             info = resolve(edit.site, table, backend)
             if not info.writable:
                 writable = [n for n, i in table.items() if i.writable]
@@ -437,7 +441,9 @@ class Backend:
 
         def decorator(backend_cls: type[Backend]) -> type[Backend]:
             if not (isinstance(backend_cls, type) and issubclass(backend_cls, Backend)):
-                raise TypeError(f"Backend.register expects a Backend subclass, got {backend_cls!r}")
+                raise UsageError(
+                    f"Backend.register expects a Backend subclass, got {backend_cls!r}"
+                )
             if not backend_cls.name:
                 backend_cls.name = name
             _manager.register_in_process("backends", Entry(name, backend_cls, IN_PROCESS, "-"))

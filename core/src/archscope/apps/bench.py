@@ -336,10 +336,9 @@ def write_report(profiles: Sequence[InterpProfile], path: str | Path) -> Path:
 
 
 def _split_rows(n: int, held_out: float, seed: int) -> tuple[list[int], list[int]]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    cut = max(1, round(held_out * n))
-    return order[cut:], order[:cut]
+    from ..methods.splits import held_out_split
+
+    return held_out_split(n, held_out, seed)
 
 
 def _probe_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks, quick: bool) -> None:

@@ -483,7 +483,7 @@ def early_token_attention(
     patterns = _pattern_sites(backend)
     last_h, all_h = [], []
     first_attn: dict[str, list[torch.Tensor]] = {s: [] for s in patterns}
-    from ..engine import last_real_index
+    from ..batch import last_real_index
 
     for start in range(0, len(rows), batch_size):
         batch, offsets = _pad(rows[start : start + batch_size], backend)
@@ -644,7 +644,7 @@ def _concentration_of_batch(backend: Any, data: Any) -> CircuitScore:
     """Next-token concentration on a given token batch (last real token of each row)."""
     import torch
 
-    from ..engine import last_real_index
+    from ..batch import last_real_index
 
     result = backend.run(data, capture=["logits"])
     mask = result.attention_mask

@@ -20,6 +20,7 @@ from ..legacy import as_backend
 from ..params import Param
 from ..registry import method
 from ..results import Result
+from .splits import held_out_split
 
 if TYPE_CHECKING:
     import torch
@@ -642,10 +643,9 @@ class TunedLens(Artifact):
                 )
             if len(rows) < 2:
                 raise InputError(f"need at least 2 texts (one held out), got {len(rows)}")
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
-            n_eval = max(1, round(held_out * len(rows)))
-            eval_rows = [rows[i] for i in order[:n_eval].tolist()]
-            rows = [rows[i] for i in order[n_eval:].tolist()]
+            kept, held = held_out_split(len(rows), held_out, seed)
+            eval_rows = [rows[i] for i in held]
+            rows = [rows[i] for i in kept]
         names = backend.layer_names()
         lens = cls(backend, len(names), backend.site_info(names[0]).dim)
         train = _Batches(backend, rows, batch_size)

@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from ..artifacts import Artifact, ArtifactFit
 from ..backends import Backend
 from ..data import Dataset
-from ..errors import ArtifactError, InputError, ParameterError
+from ..errors import ArtifactError, InputError, MissingKeyError, ParameterError
 from ..legacy import as_backend
 from ..params import Param
 from ..registry import method
 from ..results import Result, pyplot
+from .splits import held_out_split
 
 if TYPE_CHECKING:  # torch is imported when a probe is built: `archscope info` must stay light
     import torch
@@ -200,7 +201,7 @@ class ProbeMetrics(dict[str, Any], Result):
         )
 
     def __missing__(self, key: str) -> Any:
-        raise KeyError(f"{key!r}: probe metrics are {', '.join(map(repr, self.FIELDS))}")
+        raise MissingKeyError(f"{key!r}: probe metrics are {', '.join(map(repr, self.FIELDS))}")
 
     @property
     def train_auroc(self) -> float:
@@ -254,20 +255,11 @@ def stratified_split(
     labels: torch.Tensor, val_split: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (train, held-out) with about ``val_split`` of each class held out (at least one
-    per class when the class has two or more examples)."""
+    per class when the class has two or more examples): `held_out_split` by label."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    train, val = [], []
-    for cls in (0, 1):
-        idx = torch.nonzero(labels == cls).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n_val = round(len(idx) * val_split)
-        if len(idx) >= 2:
-            n_val = min(max(n_val, 1), len(idx) - 1)
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return torch.sort(torch.cat(train)).values, torch.sort(torch.cat(val)).values
+    train, held = held_out_split(len(labels), val_split, seed, labels=labels)
+    return torch.tensor(train, dtype=torch.long), torch.tensor(held, dtype=torch.long)
 
 
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ...engine import last_real_index
+from ...batch import last_real_index
+from ...errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +58,7 @@ class LogitDiff:
         last = _last(logits, mask)
         rows = self.clean_token.shape[0]
         if last.shape[0] != rows:
-            raise ValueError(
+            raise InputError(
                 f"LogitDiff was fitted on {rows} rows, got logits of {last.shape[0]} rows"
             )
         a = last.gather(1, self.clean_token[:, None].to(last.device))

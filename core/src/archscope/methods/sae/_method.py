@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...registry import method
 from ...results import Result
+from ..splits import held_out_split
 from ._options import SAEOptions
 
 if TYPE_CHECKING:  # torch is imported when the method runs: `archscope info` stays light
@@ -101,12 +102,9 @@ def sae_method(backend: Any, data: Any, options: SAEOptions) -> SAEReport:
     data = as_dataset(data)
     names = backend.layer_names()
     info = backend.site_info(site if site is not None else names[len(names) // 2])
-    n = len(data)
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=gen).tolist()
-    n_eval = min(n - 1, round(n * o.eval_fraction)) if n > 1 else 0
-    eval_set = data.subset(sorted(order[:n_eval])) if n_eval else data
-    train_set = data.subset(sorted(order[n_eval:])) if n_eval else data
+    train_rows, eval_rows = held_out_split(len(data), o.eval_fraction, seed)
+    eval_set = data.subset(eval_rows) if eval_rows else data
+    train_set = data.subset(train_rows) if eval_rows else data
 
     def chunks(dataset: Any) -> Any:
         return (
