@@ -47,6 +47,7 @@ MOVED_MODULES = {
     "archscope.bench": "archscope.apps.bench",
     "archscope.cli": "archscope.apps.cli",
     "archscope.store": "archscope.apps.store",
+    "archscope.pooling": "archscope.batch",
 }
 
 _warned: set[str] = set()

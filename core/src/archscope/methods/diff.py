@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
 from ..backends import Backend, Edit
+from ..batch import real_tokens
 from ..collect import collect
 from ..data import Dataset, as_dataset, padding_for
 from ..errors import InputError, MethodError, ParameterError
 from ..legacy import as_backend
 from ..params import Param
-from ..pooling import real_tokens
 from ..registry import method
 from ..results import Result, pyplot
 from ..sites import Site

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..pooling import real_tokens
+from ..batch import real_tokens
 from ..registry import method
 from ..results import Result
 
