@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import machine
 
 import archscope
-from archscope.attribute import attribution_patch, patch_sweep
+from archscope.methods.attribute import attribution_patch, patch_sweep
 
 warnings.filterwarnings("ignore")
 LAYERS, D_MODEL, HEADS, VOCAB, SEQ = 6, 256, 8, 50257, 64

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe
 
-from archscope.sae import SAEConfig, build_sae, fit_sae
+from archscope.methods.sae import SAEConfig, build_sae, fit_sae
 
 
 def plain_topk_loop(x: torch.Tensor, d_sae: int, k: int, batch: int, lr: float) -> None:

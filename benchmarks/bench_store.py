@@ -1,6 +1,6 @@
 """Throughput of the activation store against in-memory work on the same machine, same run.
 
-1. Extraction: ``archscope.store.extract`` (forward, gathering real tokens, writing shards
+1. Extraction: ``archscope.apps.store.extract`` (forward, gathering real tokens, writing shards
    with checksums and manifest updates) against a plain ``model(**batch)`` under
    ``torch.no_grad()`` over the same padded batches, and against `iter_collect` alone (the
    same forward with nothing written), in real tokens/s. Target: >= 0.9x the plain forward.
@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe
 
 import archscope
+from archscope.apps.store import StoreReader, extract
 from archscope.data import Dataset, padding_for
-from archscope.store import StoreReader, extract
 
 N_LAYERS, D_MODEL = 6, 256
 SITES = ["layer_2.residual", "layer_5.residual"]
@@ -104,8 +104,8 @@ def bench_extraction(repeats: int, tmp: Path) -> dict[str, object]:
 
 
 def bench_reading(repeats: int, tmp: Path) -> dict[str, object]:
-    from archscope.store.extract import write_shard
-    from archscope.store.format import Manifest
+    from archscope.apps.store.extract import write_shard
+    from archscope.apps.store.format import Manifest
 
     d, per_shard, n_shards = 256, 8192, 8  # 64 MiB of float32 activations
     folder = tmp / "read"
@@ -198,7 +198,7 @@ def bench_reading(repeats: int, tmp: Path) -> dict[str, object]:
 def bench_ray(tmp: Path, n_docs: int) -> dict[str, object]:
     import ray
 
-    from archscope.store.ray_engine import extract_ray
+    from archscope.apps.store.ray_engine import extract_ray
 
     rows = documents(n_docs, seed=1)
     spec = f"{MODEL_FILE}:build"

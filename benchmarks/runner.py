@@ -39,7 +39,7 @@ VENVS = {
     "tl": ("tl.txt", "transformer_lens"),
     "nnsight": ("nnsight.txt", "pyvene"),
     "tunedlens": ("tunedlens.txt", "tuned_lens"),
-    "archscope02": ("archscope02.txt", "archscope.bench"),
+    "archscope02": ("archscope02.txt", "archscope.apps.bench"),
     "saelens": ("saelens.txt", "sae_lens"),
 }
 #: contender -> (environment, distributions whose versions the table shows, label).
@@ -341,7 +341,7 @@ def build_models(folder: Path, device: str) -> dict[str, Path]:
         model.save_pretrained(paths[name])
     # A word-level tokenizer for the profiles (their texts are English words; the model is
     # random, so only the cost matters), saved next to the GPT-2 weights.
-    from archscope.bench import generic_tasks
+    from archscope.apps.bench import generic_tasks
     from archscope_transformer.testing import tiny_tokenizer
 
     tasks = generic_tasks(None)
@@ -453,7 +453,7 @@ def workloads(quick: bool) -> list[Workload]:
             Workload(
                 8,
                 "profile",
-                "the profile (archscope.bench.benchmark) of the 6-layer GPT-2",
+                "the profile (archscope.apps.bench.benchmark) of the 6-layer GPT-2",
                 "gpt2",
                 1,
                 8,
@@ -495,7 +495,7 @@ def workloads(quick: bool) -> list[Workload]:
                     "activations; 'plain forward' here is a plain PyTorch training loop "
                     "of the same architecture (dense matmuls, Adam), the in-run "
                     "yardstick. The archscope SAE is exported with "
-                    "`archscope.sae.export_saelens` and loaded by SAELens "
+                    "`archscope.methods.sae.export_saelens` and loaded by SAELens "
                     "(`SAE.load_from_disk`): its row compares SAELens's reconstruction "
                     "with archscope's on held-out activations. Results: the first, untimed "
                     "run of each trainer trains the same SAE for more epochs (the number "

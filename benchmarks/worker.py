@@ -67,7 +67,7 @@ def _archscope(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Calla
     import archscope
 
     if spec["workload"] == "profile":
-        from archscope.bench import benchmark
+        from archscope.apps.bench import benchmark
 
         tokenizer = _tokenizer(spec)
 
@@ -99,7 +99,7 @@ def _archscope02(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Cal
     from archscope.backends import Backend  # 0.2.2, in its own environment
 
     if spec["workload"] == "profile":
-        from archscope.bench import benchmark
+        from archscope.apps.bench import benchmark
 
         tokenizer = _tokenizer(spec)
 
@@ -287,7 +287,7 @@ def _plain_sae(spec: dict[str, Any]) -> Callable[[], Outputs]:
 def _archscope_sae(spec: dict[str, Any]) -> Callable[[], Outputs]:
     import torch
 
-    from archscope.sae import SAEConfig, build_sae, export_saelens, fit_sae
+    from archscope.methods.sae import SAEConfig, build_sae, export_saelens, fit_sae
 
     train, held_out = _sae_data(spec)
     config = SAEConfig(
@@ -415,7 +415,7 @@ def _archscope_patch(
 ) -> Callable[[], Outputs]:
     import torch
 
-    from archscope.attribute import attribution_patch, patch_sweep
+    from archscope.methods.attribute import attribution_patch, patch_sweep
 
     clean, corrupted = _contrast(batch)
 
@@ -528,7 +528,7 @@ def _archscope_lens_training(
     model: Any, batch: dict[str, Any], spec: dict[str, Any]
 ) -> Callable[[], Outputs]:
     import archscope
-    from archscope.lens import TunedLens
+    from archscope.methods.lens import TunedLens
 
     backend = archscope.Backend.for_model(model)
     rows, held = batch["train_ids"].tolist(), batch["eval_ids"]

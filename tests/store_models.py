@@ -24,7 +24,7 @@ def gpt2_other_weights() -> tuple[Any, Any]:
 
 def topk_sae(input_dim: int, config: Any) -> Any:
     """A minimal TopK sparse autoencoder with ``loss(x)``: the factory the torchrun test
-    trains (any module with ``loss`` works with `archscope.store.train_distributed`)."""
+    trains (any module with ``loss`` works with `archscope.apps.store.train_distributed`)."""
     import torch
 
     class TopK(torch.nn.Module):

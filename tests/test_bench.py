@@ -1,4 +1,4 @@
-"""The profile (archscope.bench) on the zoo's trained models, where the ground truth is known,
+"""The profile (archscope.apps.bench) on the zoo's trained models, where the ground truth is known,
 and on random-weight models of every family; the report and its figures."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from archs import ARCH_NAMES, arch
 
-from archscope.bench import (
+from archscope.apps.bench import (
     InterpProfile,
     benchmark,
     default_models,

@@ -11,7 +11,8 @@ import torch
 from archs import ARCH_NAMES, Arch, arch, words
 
 import archscope
-from archscope.circuits import (
+from archscope.errors import InputError, ParameterError
+from archscope.methods.circuits import (
     CircuitScore,
     candidate_ids,
     copy_score,
@@ -19,7 +20,6 @@ from archscope.circuits import (
     induction_head_score,
     run_all_circuits,
 )
-from archscope.errors import InputError, ParameterError
 from archscope.testing import MethodContract
 
 

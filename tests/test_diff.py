@@ -19,7 +19,7 @@ from archs import Arch, arch, words
 import archscope
 from archscope import InputError, ParameterError
 from archscope.data import Dataset
-from archscope.diff import ModelDiff, compare, diff_backends
+from archscope.methods.diff import ModelDiff, compare, diff_backends
 from archscope.testing import MethodContract
 
 PERTURBED = 1
@@ -131,7 +131,7 @@ def test_circuit_deltas_are_computed_and_failures_raise(monkeypatch: pytest.Monk
         calls.append((tokenizer, device))
         return scores[id(model)]
 
-    monkeypatch.setattr(archscope.circuits, "run_all_circuits", run_all)
+    monkeypatch.setattr(archscope.methods.circuits, "run_all_circuits", run_all)
     diff = compare(a.model, ft.model, a.tokenizer, texts(4))
     assert calls == [(a.tokenizer, "cpu")] * 2
     got = {c.name: c for c in diff.circuit_deltas}
@@ -143,7 +143,7 @@ def test_circuit_deltas_are_computed_and_failures_raise(monkeypatch: pytest.Monk
     def broken(model: Any, tokenizer: Any = None, device: str = "cpu") -> list[_Score]:
         raise RuntimeError("circuit test failed")
 
-    monkeypatch.setattr(archscope.circuits, "run_all_circuits", broken)
+    monkeypatch.setattr(archscope.methods.circuits, "run_all_circuits", broken)
     with pytest.raises(RuntimeError, match="circuit test failed"):
         compare(a.model, ft.model, a.tokenizer, texts(4))
 

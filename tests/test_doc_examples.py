@@ -42,10 +42,17 @@ def test_python_examples_run(page: str, tmp_path: Path, monkeypatch: pytest.Monk
     module = types.ModuleType("doc_example")  # dataclasses look their module up
     monkeypatch.setitem(sys.modules, "doc_example", module)
     namespace = module.__dict__
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # examples may train briefly and warn about it
+    # Examples may train briefly and warn about it; none may use a deprecated archscope name.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for number, block in enumerate(blocks, 1):
             try:
                 exec(compile(block, f"{page}[block {number}]", "exec"), namespace)
             except Exception as exc:
                 raise AssertionError(f"{page}, python block {number} failed: {exc!r}") from exc
+    deprecated = [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, DeprecationWarning) and "archscope" in str(w.message)
+    ]
+    assert not deprecated, f"{page} uses deprecated names: {deprecated}"

@@ -14,7 +14,7 @@ from archs import ARCH_NAMES, arch, words
 import archscope
 from archscope.data import pad_batch
 from archscope.errors import ArtifactError, CapabilityError, InputError, ParameterError
-from archscope.lens import (
+from archscope.methods.lens import (
     LensResult,
     TunedLens,
     logit_lens,

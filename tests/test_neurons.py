@@ -17,7 +17,7 @@ import archscope
 from archscope import Edit, InputError, ParameterError
 from archscope.data import Contrast, pad_batch
 from archscope.engine import last_real_index
-from archscope.neurons import NeuronEdit, NeuronEditConfig, find_neurons
+from archscope.methods.neurons import NeuronEdit, NeuronEditConfig, find_neurons
 from archscope.testing import MethodContract
 
 #: Units kept per site: a few MLP units of 128, a few residual / hidden units of 16..32.

@@ -15,15 +15,15 @@ from archs import Arch, arch
 
 import archscope
 from archscope import Edit
-from archscope.attribute import (
+from archscope.data import Contrast, pad_batch, padding_for
+from archscope.errors import ArchscopeError, CapabilityError, InputError, SiteError
+from archscope.methods.attribute import (
     activation_patch,
     attribution_patch,
     dim_decompose,
     patch_sweep,
     state_patch_sweep,
 )
-from archscope.data import Contrast, pad_batch, padding_for
-from archscope.errors import ArchscopeError, CapabilityError, InputError, SiteError
 
 TOL = 1e-5
 
@@ -228,7 +228,7 @@ def test_sweeps_replay_the_blocks_before_the_patched_layer(
 ) -> None:
     """Patched runs replay the corrupted run's block outputs before the patched cell instead of
     computing them: fewer block passes, the same grid as running every block."""
-    from archscope.attribute import _engine
+    from archscope.methods.attribute import _engine
 
     backend = arch(name).backend
     clean, corrupted, *_ = _batches(arch(name), [5, 4])

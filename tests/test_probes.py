@@ -22,7 +22,7 @@ from archscope.errors import (
     ParameterError,
     SiteError,
 )
-from archscope.probes import (
+from archscope.methods.probes import (
     Probe,
     ProbeConfig,
     ProbeFit,
@@ -106,7 +106,7 @@ class TestSyntheticActivations:
     def test_shuffled_labels_give_chance(self) -> None:
         x, y, _ = self.planted()
         y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(7))]
-        from archscope.probes import cross_validate
+        from archscope.methods.probes import cross_validate
 
         _, held = cross_validate(x, y, ProbeConfig(), folds=5, epochs=30)
         assert abs(sum(held) / len(held) - 0.5) <= 0.1
@@ -556,7 +556,7 @@ def test_importing_probes_and_transfer_needs_no_torch() -> None:
     import sys
 
     code = (
-        "import sys, archscope.probes, archscope.transfer\n"
+        "import sys, archscope.methods.probes, archscope.methods.transfer\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

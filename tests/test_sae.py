@@ -15,7 +15,7 @@ from archs import Arch, arch, words
 import archscope
 from archscope.backends import Edit
 from archscope.errors import ArtifactError, ParameterError
-from archscope.sae import (
+from archscope.methods.sae import (
     SAE,
     BatchTopKSAE,
     DenseSAE,

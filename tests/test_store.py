@@ -21,14 +21,14 @@ from click.testing import CliRunner
 from store_models import MODELS
 
 import archscope
-from archscope.store import ActivationStore, StoreError, StoreReader, extract
-from archscope.store.format import MANIFEST
+from archscope.apps.store import ActivationStore, StoreError, StoreReader, extract
+from archscope.apps.store.format import MANIFEST
 
 
 def _cli() -> object:
     import click
 
-    from archscope.store.cli import add_commands
+    from archscope.apps.store.cli import add_commands
 
     group = click.Group("archscope")
     add_commands(group)
@@ -140,7 +140,7 @@ def test_state_sites_are_refused():
 # -- resume --------------------------------------------------------------------------------------
 def _extract_cmd(data: Path, out: Path) -> list[str]:
     code = (
-        "from archscope.cli import cli; from archscope.store.cli import add_commands; "
+        "from archscope.apps.cli import cli; from archscope.apps.store.cli import add_commands; "
         "add_commands(cli); cli()"
     )
     return [
@@ -342,7 +342,7 @@ def test_reader_ranks_are_disjoint_and_cover_the_store(small_store):
 BOUNDED_READ = textwrap.dedent("""
     import sys, torch
     import safetensors.torch  # imported before the baseline: its code is not store data
-    from archscope.store import StoreReader
+    from archscope.apps.store import StoreReader
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -363,8 +363,8 @@ BOUNDED_READ = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_reader_memory_stays_bounded_for_a_store_larger_than_it(tmp_path):
-    from archscope.store.extract import write_shard
-    from archscope.store.format import Manifest
+    from archscope.apps.store.extract import write_shard
+    from archscope.apps.store.format import Manifest
 
     d, rows_per_shard, n_shards = 256, 4096, 48  # 48 x 4 MiB = 192 MiB of activations
     folder = tmp_path / "big"

@@ -18,7 +18,7 @@ from archs import arch, words
 from store_models import MODELS
 
 import archscope
-from archscope.store import extract
+from archscope.apps.store import extract
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def one_thread() -> Iterator[None]:
 def test_ray_extraction_gives_the_single_process_store(tmp_path, one_thread):
     import ray  # the archscope[ray] extra (installed by make setup)
 
-    from archscope.store.ray_engine import extract_ray
+    from archscope.apps.store.ray_engine import extract_ray
 
     texts = words(40, seed=1)
     sites = ["layer_0.residual", "layer_2.residual"]
@@ -81,7 +81,7 @@ def test_ray_extraction_gives_the_single_process_store(tmp_path, one_thread):
 # -- torchrun ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_torchrun_training_matches_single_process_training(tmp_path):
-    from archscope.store.train_distributed import TrainConfig, global_batches, train
+    from archscope.apps.store.train_distributed import TrainConfig, global_batches, train
 
     a = arch("gpt2")
     store = extract(
@@ -120,7 +120,7 @@ def test_torchrun_training_matches_single_process_training(tmp_path):
             "--nproc_per_node=2",
             "--standalone",
             "-m",
-            "archscope.store.train_distributed",
+            "archscope.apps.store.train_distributed",
             str(store.path),
             "--out",
             str(out),

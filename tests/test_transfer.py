@@ -14,16 +14,17 @@ from archs import Arch, arch, words
 import archscope
 from archscope.data import Dataset
 from archscope.errors import InputError, ParameterError, SiteError
-from archscope.probes import ProbeConfig, ProbeFit, auroc
-from archscope.testing import MethodContract
-from archscope.transfer import (
+from archscope.methods.probes import ProbeConfig, ProbeFit, auroc
+from archscope.methods.transfer import (
     Alignment,
     TransferResult,
     auroc_from_scores,
     evaluate_transfer,
+    fit_alignment,
     learn_alignment,
     transfer_probe,
 )
+from archscope.testing import MethodContract
 
 torch.set_num_threads(1)
 
@@ -49,7 +50,7 @@ class KnownMap:
 
 def test_alignment_recovers_a_known_linear_map() -> None:
     k = KnownMap()
-    alignment = learn_alignment(k.s, k.t, ridge=1e-3)
+    alignment = fit_alignment(k.s, k.t, ridge=1e-3)
     assert isinstance(alignment, Alignment) and alignment.shape == k.m.shape
     torch.testing.assert_close(alignment.matrix, k.m, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(alignment(k.t), k.s, atol=1e-3, rtol=1e-3)
@@ -63,7 +64,7 @@ def test_transported_probe_keeps_its_auroc() -> None:
         k.s[k.train], k.y[k.train], epochs=60, lr=0.01, held_out=(k.s[k.test], k.y[k.test])
     )
     assert metrics.val_auroc >= 0.95
-    alignment = learn_alignment(k.s[k.train], k.t[k.train])
+    alignment = fit_alignment(k.s[k.train], k.t[k.train])
     w, b = transfer_probe(source.direction, source.bias, alignment)
     assert w.shape == (k.t.shape[1],)
     # The transported probe reads target activations as the source probe reads their sources.
@@ -82,19 +83,39 @@ def test_mispaired_texts_destroy_the_transfer() -> None:
         k.s[k.train], k.y[k.train], epochs=60, lr=0.01, held_out=(k.s[k.test], k.y[k.test])
     )
     perm = torch.randperm(len(k.y), generator=torch.Generator().manual_seed(1))
-    alignment = learn_alignment(k.s, k.t[perm])
+    alignment = fit_alignment(k.s, k.t[perm])
     assert alignment.r2 < 0.15
     w, b = transfer_probe(source.direction, source.bias, alignment)
     assert auroc(k.t[k.test] @ w + b, k.y[k.test]) < 0.75
 
 
 def test_bare_matrix_alignment_of_0_2() -> None:
+    """0.2's bare matrix is (d_source, d_target): source = target @ M.T."""
     g = torch.Generator().manual_seed(4)
     t = torch.randn(50, 6, generator=g)
-    m = torch.randn(6, 3, generator=g)
+    m = torch.randn(3, 6, generator=g)
     w, b = torch.randn(3, generator=g), torch.tensor(0.3)
     w_t, b_t = transfer_probe(w, b, m)
-    torch.testing.assert_close(t @ w_t + b_t, (t @ m) @ w + b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t @ w_t + b_t, (t @ m.T) @ w + b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="pass its transpose"):
+        transfer_probe(w, b, m.T)
+
+
+def test_learn_alignment_returns_0_2_tensor() -> None:
+    """0.2 callers write ``tgt @ M.T``: the matrix is the no-offset least-squares map, checked
+    against torch.linalg.lstsq (ridge 0) and recovering a known linear map."""
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn(80, 6, generator=g, dtype=torch.float64)
+    m_true = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    s = t @ m_true.T + 0.01 * torch.randn(80, 4, generator=g, dtype=torch.float64)
+    m = learn_alignment(s, t, ridge=0.0)
+    assert isinstance(m, torch.Tensor) and m.shape == (4, 6)
+    reference = torch.linalg.lstsq(t, s).solution.T
+    torch.testing.assert_close(m.double(), reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.double(), m_true, atol=0.02, rtol=0.0)
+    w, b = torch.randn(4, generator=g), torch.tensor(-0.2)
+    w_t, b_t = transfer_probe(w, b, m)
+    torch.testing.assert_close(t.float() @ w_t + b_t, (t.float() @ m.T) @ w + b)
 
 
 def signal_texts(n: int, seed: int, positive: bool) -> list[str]:
@@ -223,7 +244,7 @@ class TestBadInputs:
             learn_alignment(torch.zeros(5, 3, 2), torch.zeros(5, 3))
         with pytest.raises(ParameterError, match="ridge"):
             learn_alignment(torch.zeros(5, 3), torch.zeros(5, 3), ridge=-1.0)
-        alignment = learn_alignment(torch.randn(6, 3), torch.randn(6, 4))
+        alignment = fit_alignment(torch.randn(6, 3), torch.randn(6, 4))
         with pytest.raises(InputError, match="3-dimensional source space"):
             transfer_probe(torch.zeros(5), torch.tensor(0.0), alignment)
         with pytest.raises(InputError, match=r"\(n, 4\)"):
@@ -305,8 +326,8 @@ def test_0_2_signatures() -> None:
     """The parameters of the 0.2 functions, in order (API-0.2.md); later ones may be added."""
     import inspect
 
-    import archscope.probes as probes
-    import archscope.transfer as transfer
+    import archscope.methods.probes as probes
+    import archscope.methods.transfer as transfer
 
     expected = {
         transfer.learn_alignment: ["src_acts", "tgt_acts", "ridge"],

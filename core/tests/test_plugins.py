@@ -153,7 +153,7 @@ def test_plugin_commands_are_added_to_the_cli(run_cli, plugin_site):
 def test_plugins_and_help_do_not_import_torch_or_transformers(run_cli, plugin_site):
     code = (
         "import sys\n"
-        "from archscope.cli import main\n"
+        "from archscope.apps.cli import main\n"
         "for args in (['plugins'], ['plugins', '--json'], ['--help'], ['info', '--json']):\n"
         "    try:\n"
         "        main(args)\n"

@@ -5,6 +5,7 @@ without a traceback."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -45,11 +46,14 @@ def test_unknown_hint_lists_registered_backends() -> None:
 def test_cli_arch_that_cannot_serve_the_model_exits_1_without_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from archscope.cli import main
+    from archscope.apps.cli import main
 
     a = arch("gpt2")
     folder = tmp_path / "m"
-    a.model.save_pretrained(folder)
+    # a copy: save_pretrained writes into the model's config (architectures), and the shared
+    # model's config hash must not change for later tests (the store compares it across
+    # processes)
+    copy.deepcopy(a.model).save_pretrained(folder)
     a.tokenizer.save_pretrained(folder)
     with pytest.raises(SystemExit) as code:
         main(["run", "logit-lens", str(folder), "--arch", "recurrent", "--text", "w4 w5"])

@@ -13,6 +13,8 @@ import math
 from collections import namedtuple
 from typing import Any, cast
 
+from archscope.errors import ParameterError
+
 VOCAB = 100
 D_MODEL = 32
 
@@ -181,18 +183,20 @@ def make_model(family: str, seed: int = 0, size: str = "tiny") -> Any:
     if family == "native":
         return __getattr__("NativeStandIn")().eval()
     if family not in _HF_SPECS:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(HF_FAMILIES)}, native")
+        raise ParameterError(f"unknown family {family!r}; known: {', '.join(HF_FAMILIES)}, native")
     import transformers
 
     config_name, model_name, kwargs = _HF_SPECS[family]
     if size == "bench":
         if family not in _BENCH_SPECS:
-            raise ValueError(f"size='bench' exists for {', '.join(_BENCH_SPECS)}, not {family!r}")
+            raise ParameterError(
+                f"size='bench' exists for {', '.join(_BENCH_SPECS)}, not {family!r}"
+            )
         config = getattr(transformers, config_name)(**_BENCH_SPECS[family])
     elif size == "tiny":
         config = getattr(transformers, config_name)(vocab_size=VOCAB, hidden_size=D_MODEL, **kwargs)
     else:
-        raise ValueError(f"size must be 'tiny' or 'bench', got {size!r}")
+        raise ParameterError(f"size must be 'tiny' or 'bench', got {size!r}")
     return getattr(transformers, model_name)(config).eval()
 
 

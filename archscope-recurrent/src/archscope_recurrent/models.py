@@ -11,6 +11,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from archscope.errors import MissingFileError, ParameterError
+
 #: File names of a saved RecurrentLM folder (the model source claims folders holding CONFIG_NAME).
 CONFIG_NAME = "recurrent_lm.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -35,11 +37,13 @@ class RecurrentLMConfig:
 
     def __post_init__(self) -> None:
         if self.cell not in CELLS:
-            raise ValueError(
+            raise ParameterError(
                 f"RecurrentLMConfig.cell must be one of {', '.join(CELLS)}, got {self.cell!r}"
             )
         if self.proj_size and self.cell != "lstm":
-            raise ValueError(f"proj_size is only supported by LSTM cells, got cell={self.cell!r}")
+            raise ParameterError(
+                f"proj_size is only supported by LSTM cells, got cell={self.cell!r}"
+            )
 
     @property
     def output_size(self) -> int:
@@ -54,7 +58,9 @@ class RecurrentLMConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known - {"model_type"})
         if unknown:
-            raise ValueError(f"unknown RecurrentLM config keys {unknown}; known: {sorted(known)}")
+            raise ParameterError(
+                f"unknown RecurrentLM config keys {unknown}; known: {sorted(known)}"
+            )
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -125,7 +131,7 @@ class RecurrentLM(nn.Module):
         path = Path(directory)
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
-            raise FileNotFoundError(f"{path} is not a RecurrentLM folder: {CONFIG_NAME} is missing")
+            raise MissingFileError(f"{path} is not a RecurrentLM folder: {CONFIG_NAME} is missing")
         config = RecurrentLMConfig.from_dict(json.loads(config_file.read_text()))
         model = cls(config)
         model.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 import archscope
 from archscope import ModelSource
+from archscope.errors import ModelSourceError
 
 CONFIG_NAME = "recurrent_lm.json"  # = archscope_recurrent.models.CONFIG_NAME (kept torch-free)
 
@@ -37,7 +38,7 @@ def load(rest: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
 
     folder = os.path.expanduser(rest)
     if not claims(folder):
-        raise FileNotFoundError(
+        raise ModelSourceError(
             f"recurrent: {rest!r} is not a RecurrentLM folder ({CONFIG_NAME} "
             "is missing); write one with RecurrentLM.save_pretrained(folder)"
         )

@@ -23,11 +23,11 @@ from archscope.engine import (
     apply_edit,
     padding_side,
 )
+from archscope.modules import accepts
 
 from .structure import (
     Structure,
     StructureError,
-    accepts,
     find_structure,
     first_param,
     is_hf_causal_lm,
@@ -82,8 +82,8 @@ class TransformerBackend(HookBackend):
         if not all(p.mlp_hidden for p in self.structure.parts):
             # e.g. a mixture of experts: no single MLP output projection to read neurons from
             self.capabilities = TransformerBackend.capabilities - {"mlp_hidden"}
-        self._takes_positions = accepts(model.forward, "position_ids")
-        self._takes_use_cache = accepts(model.forward, "use_cache")
+        self._takes_positions = accepts(model.forward, "position_ids", declared=True)
+        self._takes_use_cache = accepts(model.forward, "use_cache", declared=True)
         super().__init__(model)
 
     # -- detection -----------------------------------------------------------------------------

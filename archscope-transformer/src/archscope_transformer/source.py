@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from archscope.errors import ModelSourceError
+
 #: Files any of which means a saved folder has a tokenizer.
 TOKENIZER_FILES = {
     "tokenizer.json",
@@ -29,17 +31,19 @@ def load(name: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not name:
-        raise ValueError("hf: needs a model name or folder, e.g. 'hf:gpt2' or 'hf:./my_model'")
+        raise ModelSourceError(
+            "hf: needs a model name or folder, e.g. 'hf:gpt2' or 'hf:./my_model'"
+        )
     # Hub names are "model" or "org/model"; anything else path-like is a local folder.
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name):
         folder = os.path.expanduser(name)
         if not os.path.isdir(folder):
-            raise ValueError(
+            raise ModelSourceError(
                 f"hf:{name}: no such folder (give a folder written by "
                 "save_pretrained, or a Hub name such as 'org/model')"
             )
         if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise ValueError(
+            raise ModelSourceError(
                 f"hf:{name}: the folder has no config.json, so it is not a saved "
                 f"Hugging Face model; it holds {sorted(os.listdir(folder))[:10]}"
             )

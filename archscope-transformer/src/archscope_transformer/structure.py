@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from archscope.engine import Hookpoint
+from archscope.errors import BackendError
+from archscope.modules import accepts
 
 # -- the site map, as tables of candidate attribute names (first match wins) --------------------
 
@@ -39,8 +41,9 @@ POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 RECURRENT_MARKERS = ("mamba", "mixer", "rwkv", "lstm", "ssm", "rnn", "recurrent")
 
 
-class StructureError(ValueError):
-    """The model's blocks, norm, head or sub-layers could not be found."""
+class StructureError(BackendError, ValueError):
+    """The model's blocks, norm, head or sub-layers could not be found (an archscope
+    `BackendError`, and a `ValueError` as before)."""
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,6 @@ def first_param(fn: Any, default: str = "hidden_states") -> str:
     except (TypeError, ValueError):
         return default
     return params[0] if params else default
-
-
-def accepts(fn: Any, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def is_hf_causal_lm(model: Any) -> bool:
@@ -194,7 +190,7 @@ def _block_parts(block: Any, path: str) -> BlockParts:
     mlp_port = Hookpoint(mlp_path, index=0, clone=True)
     # A sub-module that takes the residual as an argument adds it itself (Bloom, MPT): read
     # its output projection instead, which is what it adds.
-    if accepts(attention.forward, "residual"):
+    if accepts(attention.forward, "residual", declared=True):
         name, proj = _child(attention, ATTENTION_OUTPUT)
         if proj is None:
             raise StructureError(
@@ -202,7 +198,7 @@ def _block_parts(block: Any, path: str) -> BlockParts:
                 f"projection named {', '.join(ATTENTION_OUTPUT)}"
             )
         attn = Hookpoint(f"{attn_path}.{name}", clone=True)
-    if mlp is not block and accepts(mlp.forward, "residual"):
+    if mlp is not block and accepts(mlp.forward, "residual", declared=True):
         if mlp_out is None:
             raise StructureError(
                 f"{mlp_path} adds the residual itself but has no output "

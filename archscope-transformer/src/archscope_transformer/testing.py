@@ -11,6 +11,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from archscope.errors import MissingKeyError
+
 VOCAB = 100
 D_MODEL = 32
 HEADS = 4
@@ -200,7 +202,7 @@ def tiny_config(family: str, n_layers: int = 3, **overrides: Any) -> Any:
     import transformers
 
     if family not in _FAMILIES:
-        raise KeyError(f"unknown family {family!r}; known: {', '.join(_FAMILIES)}")
+        raise MissingKeyError(f"unknown family {family!r}; known: {', '.join(_FAMILIES)}")
     config_cls, _, arguments = _FAMILIES[family]
     values: dict[str, Any] = {"vocab_size": VOCAB, **_IDS}
     for key, value in arguments.items():

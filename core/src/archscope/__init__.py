@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.3.0"
-
+from . import legacy as _legacy
+from ._version import __version__
 from .adapter import ModelSpec
 from .artifacts import Artifact, ArtifactFit
 from .backends import ActivationRecord, Backend, RunRequest, RunResult
@@ -38,15 +38,19 @@ from .errors import (
 )
 from .hookpoints import Hookpoint, SiteTable
 from .hookspecs import hookimpl
+from .legacy import as_backend
 from .loader import load_model, make_tokenize_fn
 from .params import Param
-from .registry import Method, ModelSource, run_method
+from .registry import Method, ModelSource, method, run_method
 from .results import Result
 from .sites import CAPABILITIES, Site, SiteInfo
+
+_legacy.install()  # the 0.2 module paths (archscope.probes, ...) import, with a warning
 
 #: Submodules reachable as attributes (``archscope.probes``), imported on first use.
 _SUBMODULES = {
     "adapter",
+    "apps",
     "artifacts",
     "attribute",
     "backends",
@@ -64,6 +68,7 @@ _SUBMODULES = {
     "errors",
     "hookpoints",
     "hookspecs",
+    "legacy",
     "lens",
     "loader",
     "methods",
@@ -118,17 +123,23 @@ __all__ = [
     "SiteInfo",
     "SiteTable",
     "__version__",
+    "as_backend",
     "collect",
     "hookimpl",
     "iter_collect",
     "load_model",
     "make_tokenize_fn",
+    "method",
     "pool",
     "run_method",
 ]
 
 
 def __getattr__(name: str) -> Any:
+    moved = _legacy.moved_module(f"archscope.{name}")
+    if moved is not None:
+        _legacy.deprecated(f"module archscope.{name}", moved)
+        return importlib.import_module(moved)
     if name in _SUBMODULES:
         return importlib.import_module(f"archscope.{name}")
     raise AttributeError(f"module 'archscope' has no attribute {name!r}")

@@ -1,3 +1,3 @@
-from archscope.cli import main
+from archscope.apps.cli import main
 
 main()

@@ -116,7 +116,7 @@ class Artifact:
         """Write the artifact to the folder ``path`` (created if needed)."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from ._version import __version__
 
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)

@@ -12,13 +12,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
-from .edits import Edit, EditOp, Positions
+from .edits import Edit, EditError, EditOp, Positions
 from .errors import (
     BackendError,
     CapabilityError,
     NoBackendError,
     PaddingError,
     SiteError,
+    UsageError,
 )
 from .guards import InputLimits
 from .hookpoints import SiteTable
@@ -215,7 +216,7 @@ class Backend:
         edit_map: dict[str, list[Edit]] = {}
         for edit in edits:
             if not isinstance(edit, Edit):
-                raise TypeError(f"edits must be archscope.Edit objects, got {type(edit).__name__}")
+                raise EditError(f"edits must be archscope.Edit objects, got {type(edit).__name__}")
             info = resolve(edit.site, table, backend)
             if not info.writable:
                 writable = [n for n, i in table.items() if i.writable]
@@ -339,7 +340,9 @@ class Backend:
 
         def decorator(backend_cls: type[Backend]) -> type[Backend]:
             if not (isinstance(backend_cls, type) and issubclass(backend_cls, Backend)):
-                raise TypeError(f"Backend.register expects a Backend subclass, got {backend_cls!r}")
+                raise UsageError(
+                    f"Backend.register expects a Backend subclass, got {backend_cls!r}"
+                )
             if not backend_cls.name:
                 backend_cls.name = name
             _manager.register_in_process("backends", Entry(name, backend_cls, IN_PROCESS, "-"))

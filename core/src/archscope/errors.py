@@ -29,6 +29,26 @@ class NoBackendError(BackendError, ValueError):
     """No registered backend can handle a model (or an unknown hint was given)."""
 
 
+class NotCapturedError(SiteError, KeyError):
+    """A site that a run did not capture, looked up in its result (also a `KeyError`)."""
+
+
+class MissingKeyError(ArchscopeError, KeyError):
+    """A key a result mapping does not have; the message lists those it has."""
+
+
+class UsageError(ArchscopeError, TypeError):
+    """An object of the wrong kind passed to archscope (also a `TypeError`)."""
+
+
+class DependencyError(ArchscopeError, ImportError):
+    """An optional dependency that a feature needs is not installed."""
+
+
+class MissingFileError(ArchscopeError, FileNotFoundError):
+    """A file or folder that should exist (a saved model, a config) does not."""
+
+
 class InputError(ArchscopeError, ValueError):
     """Inputs a model cannot take (token ids, lengths, shapes, devices)."""
 

@@ -63,10 +63,15 @@ def parameter_names(function: Callable[..., Any], declared: bool = False) -> lis
     ]
 
 
-def accepts(function: Callable[..., Any], name: str) -> bool:
-    """Whether ``function`` takes an argument called ``name`` (or any keyword)."""
-    names = parameter_names(function)
-    return names is None or name in names
+def accepts(function: Callable[..., Any], name: str, *, declared: bool = False) -> bool:
+    """Whether ``function`` takes an argument called ``name``: one it names, or any keyword
+    through ``**kwargs`` (with ``declared=True``: only one it names, for arguments that a
+    ``**kwargs`` would swallow without effect). False when it has no inspectable signature and
+    ``declared`` is set."""
+    names = parameter_names(function, declared=declared)
+    if names is None:
+        return not declared
+    return name in names
 
 
 def accepted_kwargs(function: Callable[..., Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:

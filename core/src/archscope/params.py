@@ -5,6 +5,7 @@ parameter's annotation gives its type (int, float, bool, str, Literal choices, `
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import types
@@ -216,18 +217,40 @@ def _hints(function: Callable[..., Any]) -> dict[str, Any]:
         return {k: builtins.get(v, Any) if isinstance(v, str) else v for k, v in raw.items()}
 
 
-def schema(function: Callable[..., Any]) -> dict[str, ParamSpec]:
-    """The parameters of a method function: its keyword-only parameters, in order."""
-    hints = _hints(function)
+def _fields(target: Any) -> list[tuple[str, Any]]:
+    """(name, default) of a method function's keyword-only parameters, or of an options
+    dataclass's fields, in order."""
+    if dataclasses.is_dataclass(target) and isinstance(target, type):
+        out = []
+        for f in dataclasses.fields(target):
+            if not f.init:
+                continue
+            if f.default is not dataclasses.MISSING:
+                default = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            else:
+                default = _EMPTY
+            out.append((f.name, default))
+        return out
+    return [
+        (p.name, p.default)
+        for p in inspect.signature(target).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+
+
+def schema(target: Callable[..., Any] | type) -> dict[str, ParamSpec]:
+    """The parameters of a method: a function's keyword-only parameters, or the fields of an
+    options dataclass, in order."""
+    hints = _hints(target)
     specs: dict[str, ParamSpec] = {}
-    for p in inspect.signature(function).parameters.values():
-        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
-            continue
-        base, meta = _split_annotated(hints.get(p.name, Any))
-        specs[p.name] = ParamSpec(
-            p.name,
+    for name, default in _fields(target):
+        base, meta = _split_annotated(hints.get(name, Any))
+        specs[name] = ParamSpec(
+            name,
             base,
-            p.default,
+            default,
             meta.help if meta else "",
             meta.min if meta else None,
             meta.max if meta else None,

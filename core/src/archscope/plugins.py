@@ -33,7 +33,9 @@ from .errors import PluginError
 ENTRY_POINT_GROUP = "archscope"
 CORE_DISTRIBUTION = "archscope"
 IN_PROCESS = "<in-process>"
-_BUILTIN_MODULES = ("archscope.methods",)
+#: The core's own plugins (name -> module): the methods layer's methods and the applications
+#: layer's commands.
+_BUILTIN_MODULES = {"archscope": "archscope.methods", "archscope-apps": "archscope.apps"}
 KINDS = ("backends", "methods", "sources", "commands")
 
 
@@ -217,12 +219,12 @@ class PluginManager:
         import importlib_metadata
 
         candidates: list[tuple[str, str, str, str, Callable[[], Any]]] = []
-        from . import __version__
+        from ._version import __version__
 
-        for module in _BUILTIN_MODULES:
+        for builtin, module in _BUILTIN_MODULES.items():
             candidates.append(
                 (
-                    CORE_DISTRIBUTION,
+                    builtin,
                     CORE_DISTRIBUTION,
                     __version__,
                     module,
@@ -260,7 +262,7 @@ class PluginManager:
             info = PluginInfo(name=name, distribution=dist, version=version, module=module_name)
             plugin_id = f"{dist}:{name}"
             self.plugins[plugin_id] = info
-            is_core = dist == CORE_DISTRIBUTION and name == CORE_DISTRIBUTION
+            is_core = dist == CORE_DISTRIBUTION and name in _BUILTIN_MODULES
             if not is_core and (
                 (only is not None and not ({name, dist} & only)) or ({name, dist} & disabled)
             ):

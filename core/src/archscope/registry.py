@@ -39,8 +39,11 @@ class Method:
     ``function`` is called as ``function(backend, data, **params)`` (``arity=2``:
     ``function(backend_a, backend_b, data, **params)``) and returns an `archscope.Result`;
     give it as ``"module:function"`` so that discovery imports nothing heavy. Its keyword-only
-    parameters are the method's parameters (`archscope.params`). ``input`` says what ``data``
-    is; ``requires`` lists backend capabilities; ``quick`` holds parameter values that make the
+    parameters are the method's parameters (`archscope.params`); or, with ``options`` (a
+    dataclass whose fields are the parameters, for parameters that several methods share or
+    that also make a configuration object), it is called as ``function(backend, data,
+    options)`` with one validated instance. Write a method with the `method` decorator to keep
+    this description beside its code. ``input`` says what ``data`` is; ``requires`` lists backend capabilities; ``quick`` holds parameter values that make the
     method run in seconds on a tiny model (the conformance kit and ``archscope run --quick``).
     """
 
@@ -51,6 +54,7 @@ class Method:
     input: InputKind = "batch"
     arity: int = 1
     quick: Mapping[str, Any] = field(default_factory=dict)
+    options: type | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requires", frozenset(self.requires))
@@ -77,8 +81,9 @@ class Method:
         return _resolve(self.function)
 
     def params(self) -> dict[str, ParamSpec]:
-        """The parameter schema, read from the function's keyword-only parameters."""
-        return schema(self.resolve())
+        """The parameter schema: the fields of ``options``, else the function's keyword-only
+        parameters."""
+        return schema(self.options if self.options is not None else self.resolve())
 
     def check_params(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Validated parameter values (`ParameterError` lists the valid ones)."""
@@ -117,7 +122,39 @@ class Method:
             from .data import as_contrast
 
             data = as_contrast(data)
+        if self.options is not None:
+            return self.resolve()(*backends, data, self.options(**values))
         return self.resolve()(*backends, data, **values)
+
+
+def method(
+    name: str,
+    summary: str,
+    *,
+    requires: frozenset[str] | set[str] = frozenset(),
+    input: InputKind = "batch",
+    arity: int = 1,
+    quick: Mapping[str, Any] | None = None,
+    options: type | None = None,
+) -> Callable[[Callable[..., Any]], Method]:
+    """Declare a method where its code is: ``@method("probe", "...", input="dataset")`` above
+    the function makes it a `Method` (called as ``method(backend, data, **params)``, the
+    parameters validated against its schema). A plugin returns these from ``register_methods``
+    like any other `Method`."""
+
+    def wrap(function: Callable[..., Any]) -> Method:
+        return Method(
+            name=name,
+            summary=summary,
+            function=function,
+            requires=frozenset(requires),
+            input=input,
+            arity=arity,
+            quick=dict(quick or {}),
+            options=options,
+        )
+
+    return wrap
 
 
 def run_method(name: str, *args: Any, **params: Any) -> Any:
@@ -142,7 +179,7 @@ class ModelSource:
     be None. ``claims(spec) -> bool`` lets a source take specs without a prefix (a local
     folder, say); sources are asked in order of ``priority`` (highest first), then name.
     ``examples`` are specs ``archscope bench`` profiles when given no model; ``tasks(rest,
-    tokenizer)`` returns the `archscope.bench.ProfileTasks` (labelled probe sets, texts,
+    tokenizer)`` returns the `archscope.apps.bench.ProfileTasks` (labelled probe sets, texts,
     contrast pairs) that suit this source's models, when it has any.
     """
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from .edits import Edit
+from .errors import NotCapturedError
 from .sites import Site
 
 if TYPE_CHECKING:
@@ -32,7 +33,9 @@ class RunResult:
             return self.activations[site]
         key = str(Site.parse(site))
         if key not in self.activations:
-            raise KeyError(f"{key!r} was not captured; captured: {sorted(self.activations)}")
+            raise NotCapturedError(
+                f"{key!r} was not captured; captured: {', '.join(sorted(self.activations))}"
+            )
         return self.activations[key]
 
     def __contains__(self, site: object) -> bool:

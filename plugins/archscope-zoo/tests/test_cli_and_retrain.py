@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from archscope.cli import cli
+from archscope.apps.cli import cli
 from archscope.plugins import get_manager
 from archscope_zoo import MODEL_NAMES, manifest
 

@@ -37,7 +37,9 @@ def test_every_word_is_in_the_vocabulary_and_the_tokenizer_maps_words_to_single_
     tokenizer = build_tokenizer()
     vocab = set(corpus.vocabulary())
     assert 200 <= len(vocab) <= 400 and len(tokenizer) == len(vocab)
-    texts = corpus.training_texts(200) + archscope_zoo.datasets("sentiment", 50).texts
+    sentiment = archscope_zoo.datasets("sentiment", 50)
+    assert isinstance(sentiment, corpus.LabelledSet)
+    texts = corpus.training_texts(200) + sentiment.texts
     for text in texts:
         words = text.split()
         assert set(words) <= vocab

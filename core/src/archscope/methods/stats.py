@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..pooling import real_tokens
+from ..batch import real_tokens
+from ..registry import method
 from ..results import Result
 
 
@@ -38,6 +39,11 @@ class ActivationStats(Result):
         )
 
 
+@method(
+    "activation-stats",
+    "Per-site mean norm and variance over real tokens (a first look at any model)",
+    requires={"residual"},
+)
 def activation_stats(
     backend: Any, inputs: Any, *, sites: list[str] | None = None
 ) -> ActivationStats:

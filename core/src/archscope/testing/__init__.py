@@ -22,10 +22,12 @@ class TestMyBackend(BackendContract):
 
 from __future__ import annotations
 
+from ..errors import DependencyError
+
 try:
     import pytest  # noqa: F401  (the kit's checks are pytest tests)
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess without pytest
-    raise ImportError(
+    raise DependencyError(
         "archscope.testing is a pytest kit and pytest is not installed: "
         "pip install 'archscope[testing]'"
     ) from exc

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import ParameterError
+
 __all__ = ["HEAVY_MODULES", "padded_batch"]
 
 #: Modules that discovery and `can_handle` must not import.
@@ -16,7 +18,7 @@ def padded_batch(ids: Any, lengths: list[int], side: str = "right") -> dict[str,
     import torch
 
     if side not in ("right", "left"):
-        raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+        raise ParameterError(f"side must be 'right' or 'left', got {side!r}")
     width = ids.shape[1]
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from archscope.errors import ParameterError
+
 #: Special tokens of the zoo tokenizer, in id order (pad=0, bos=1, eos=2, unk=3).
 SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 
@@ -391,7 +393,7 @@ def probe_set(task: str = "sentiment", n: int = 200, seed: int = PROBE_SEED) -> 
     (0 negative, 1 positive; the topic varies at random) or ``topic`` (0..3 in `TOPICS`
     order; half the adjectives are neutral, the rest of a random mood). Classes balanced."""
     if task not in TASKS:
-        raise ValueError(f"probe_set: task {task!r} is not one of {', '.join(TASKS)}")
+        raise ParameterError(f"probe_set: task {task!r} is not one of {', '.join(TASKS)}")
     gen = Generator(seed * 1000 + TASKS.index(task))
     names = SENTIMENTS if task == "sentiment" else TOPICS
     texts, labels = [], []
@@ -424,7 +426,7 @@ def contrast_pairs(kind: str = "agreement", n: int = 64, seed: int = CONTRAST_SE
       → ``ben`` in the last clause: the answers are ``cake`` / ``pie``.
     """
     if kind not in KINDS:
-        raise ValueError(f"contrast_pairs: kind {kind!r} is not one of {', '.join(KINDS)}")
+        raise ParameterError(f"contrast_pairs: kind {kind!r} is not one of {', '.join(KINDS)}")
     gen = Generator(seed * 1000 + KINDS.index(kind))
     rng = gen.rng
     clean, corrupted, good, bad = [], [], [], []

@@ -9,11 +9,11 @@ from .corpus import ContrastSet, InductionSet, LabelledSet, code_words
 
 
 def profile_tasks(rest: str, tokenizer: Any, n: int = 160) -> Any:
-    """`archscope.bench.ProfileTasks` for the zoo model ``rest`` (the same for every zoo
+    """`archscope.apps.bench.ProfileTasks` for the zoo model ``rest`` (the same for every zoo
     model: they share the corpus and the tokenizer). Topic is made binary (sports vs food)
     so that every probe reports one AUROC; induction draws the code words that the corpus
     repeats."""
-    from archscope.bench import ProfileTasks
+    from archscope.apps.bench import ProfileTasks
     from archscope.data import Dataset
 
     from . import datasets

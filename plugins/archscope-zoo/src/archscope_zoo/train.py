@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from archscope.errors import ParameterError
+
 from . import corpus
 from .store import MANIFEST_NAME, MODEL_NAMES, TOKENIZER_DIR, models_dir
 
@@ -99,7 +101,7 @@ def build_model(name: str, vocab_size: int, seed: int = 0) -> Any:
                 norm=True,
             )
         )
-    raise ValueError(f"unknown zoo model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    raise ParameterError(f"unknown zoo model {name!r}; known: {', '.join(MODEL_NAMES)}")
 
 
 def _sequential_scan(

@@ -1,0 +1,884 @@
+"""Lenses: read what each layer would predict. The logit lens sends a layer's residual through
+the model's own final norm and unembedding (`Backend.unembed`); the tuned lens (Belrose et al.
+2023) first applies a learned per-layer affine translator ``h + A h + b``.
+
+Both work on any backend with the ``unembed`` capability (transformers, state-space models,
+recurrent LMs) and count positions in real tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+from ..artifacts import Artifact, ArtifactFit
+from ..errors import ArtifactError, InputError, ParameterError
+from ..legacy import as_backend
+from ..params import Param
+from ..registry import method
+from ..results import Result
+from .splits import held_out_split
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..backends import Backend
+
+__all__ = [
+    "LayerPrediction",
+    "LensResult",
+    "LogitLensRun",
+    "TunedLens",
+    "TunedLensReport",
+    "logit_lens",
+    "logit_lens_run",
+    "tuned_lens_method",
+]
+
+Translate = Callable[[int, "torch.Tensor"], "torch.Tensor"]
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerPrediction(Result):
+    """What one layer predicts at the prompt's last real token.
+
+    ``top_tokens``: ``(token_id, text, probability)``, most probable first; ``target_rank``:
+    how many tokens are more probable than the target (0 = top-1); ``entropy`` and
+    ``kl_to_final`` (KL(final distribution ‖ this layer's)) are in nats.
+    """
+
+    layer: int
+    layer_name: str
+    top_tokens: list[tuple[int, str, float]]
+    target_prob: float | None
+    target_rank: int | None
+    entropy: float
+    kl_to_final: float = 0.0
+
+
+@dataclass
+class LensResult(Result):
+    """A lens over one prompt: per layer, the prediction at the last real token, and the
+    layers x positions grids of KL to the final distribution and of the top-1 token."""
+
+    prompt: str
+    target_token: str | None
+    target_token_id: int | None
+    layers: list[LayerPrediction]
+    method: str
+    position_tokens: list[str] = field(default_factory=list)
+    kl_grid: list[list[float]] = field(default_factory=list)
+    top_grid: list[list[str]] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        target = (
+            f"target {self.target_token!r} (id {self.target_token_id})"
+            if self.target_token_id is not None
+            else "no target"
+        )
+        lines = [
+            f"## {self.method} over {self.prompt!r}, {target}",
+            "",
+            "| layer | top tokens | target prob | target rank | entropy | KL to final |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in self.layers:
+            prob = "-" if p.target_prob is None else f"{p.target_prob:.4f}"
+            rank = "-" if p.target_rank is None else str(p.target_rank)
+            tops = ", ".join(f"{text!r} {prob:.3f}" for _, text, prob in p.top_tokens)
+            lines.append(
+                f"| {p.layer_name} | {tops} | {prob} | {rank} | {p.entropy:.3f} | "
+                f"{p.kl_to_final:.3f} |"
+            )
+        return "\n".join(lines)
+
+    def figure(self) -> Any:
+        """Heat map of KL(final ‖ lens) over layers x positions, each cell labelled with the
+        layer's top-1 token there."""
+        return _heat_map(
+            self.kl_grid,
+            [p.layer_name for p in self.layers],
+            self.position_tokens,
+            self.top_grid,
+            f"{self.method}: KL(final ‖ lens) per layer and position",
+        )
+
+
+def _heat_map(
+    grid: list[list[float]],
+    rows: list[str],
+    cols: list[str],
+    labels: list[list[str]] | None,
+    title: str,
+) -> Any:
+    from ..results import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * max(len(cols), 1), 1.2 + 0.45 * len(rows)))
+    image = ax.imshow(grid, aspect="auto", cmap="magma_r")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
+    if labels:
+        for i, row in enumerate(labels):
+            for j, text in enumerate(row):
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="tab:blue")
+    fig.colorbar(image, ax=ax, label="nats")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def _backend(model: Any, hint: str | None = None) -> Backend:
+    backend = as_backend(model, hint)
+    # The core's CapabilityError, naming the backend, before any forward pass.
+    backend.require("unembed")
+    backend.require("logits")
+    return backend
+
+
+def _decode(tokenizer: Any, token_id: int) -> str:
+    if tokenizer is not None and hasattr(tokenizer, "decode"):
+        return str(tokenizer.decode([token_id]))
+    return str(token_id)
+
+
+def _prompt_ids(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise InputError(
+                "a text prompt needs a tokenizer: pass tokenizer=, or give the "
+                "prompt as a list of token ids"
+            )
+        ids = list(tokenizer(prompt)["input_ids"])
+    else:
+        ids = [int(i) for i in prompt]
+    if not ids:
+        raise InputError(f"the prompt {prompt!r} has no tokens; give a non-empty prompt")
+    return ids
+
+
+def _target_id(tokenizer: Any, target: str | int | None, n_vocab: int) -> int | None:
+    if target is None:
+        return None
+    if isinstance(target, int):
+        tid = target
+    else:
+        if tokenizer is None:
+            raise InputError("target_token as text needs a tokenizer (or give its id)")
+        ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise InputError(
+                f"target_token {target!r} tokenizes to nothing; give a token "
+                "the vocabulary has (e.g. ' Paris' with its leading space)"
+            )
+        tid = ids[0]  # a multi-token target is judged by its first token
+    if not 0 <= tid < n_vocab:
+        raise InputError(f"target token id {tid} is outside the vocabulary 0..{n_vocab - 1}")
+    return tid
+
+
+def _layer_indices(backend: Backend, layers: Sequence[int] | None) -> list[int]:
+    n = len(backend.layer_names())
+    if layers is None:
+        return list(range(n))
+    chosen = []
+    for i in layers:
+        if not -n <= int(i) < n:
+            raise ParameterError(
+                f"layer {i} does not exist: the model has layers 0..{n - 1} "
+                f"({n} of them); negative indices count from the last"
+            )
+        chosen.append(int(i) % n)
+    return chosen
+
+
+def _kl(final_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """KL(final ‖ lens) along the last axis (nats)."""
+    return (final_logp.exp() * (final_logp - logp)).sum(-1)
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _lens(
+    backend: Backend,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    target_token: str | int | None,
+    layers: Sequence[int] | None,
+    top_k: int,
+    translate: Translate | None,
+    method: str,
+) -> LensResult:
+    """One lens pass over one prompt (the logit lens when ``translate`` is None)."""
+    import torch
+
+    if top_k < 1:
+        raise ParameterError(f"top_k must be >= 1, got {top_k}")
+    ids = _prompt_ids(tokenizer, prompt)
+    names = backend.layer_names()
+    chosen = _layer_indices(backend, layers)
+    result = backend.run([ids], capture=[*(names[i] for i in chosen), "logits"])
+    final = torch.log_softmax(result["logits"][0].float(), -1)  # (seq, vocab)
+    n_vocab = final.shape[-1]
+    tid = _target_id(tokenizer, target_token, n_vocab)
+    if tid is None:  # judge each layer by the model's own next-token prediction
+        tid = int(final[-1].argmax())
+        target_text: str | None = _decode(tokenizer, tid)
+    else:
+        target_text = target_token if isinstance(target_token, str) else _decode(tokenizer, tid)
+    k = min(top_k, n_vocab)
+    out = LensResult(
+        prompt=prompt if isinstance(prompt, str) else " ".join(map(str, ids)),
+        target_token=target_text,
+        target_token_id=tid,
+        layers=[],
+        method=method,
+        position_tokens=[_decode(tokenizer, i) for i in ids],
+    )
+    with torch.no_grad():
+        for i in chosen:
+            h = result[names[i]][0]
+            if translate is not None:
+                h = translate(i, h)
+            logp = torch.log_softmax(backend.unembed(h).float(), -1)  # (seq, vocab)
+            last = logp[-1]
+            top = last.topk(k)
+            rank = int((last > last[tid]).sum())
+            kl = _kl(final, logp)
+            out.layers.append(
+                LayerPrediction(
+                    layer=i,
+                    layer_name=names[i],
+                    top_tokens=[
+                        (int(t), _decode(tokenizer, int(t)), float(v.exp()))
+                        for t, v in zip(top.indices, top.values, strict=True)
+                    ],
+                    target_prob=float(last[tid].exp()),
+                    target_rank=rank,
+                    entropy=float(_entropy(last)),
+                    kl_to_final=float(kl[-1]),
+                )
+            )
+            out.kl_grid.append(kl.tolist())
+            out.top_grid.append([_decode(tokenizer, int(t)) for t in logp.argmax(-1)])
+    return out
+
+
+# -- the logit lens ------------------------------------------------------------------------------------
+
+
+def logit_lens(
+    model: Any,
+    tokenizer: Any,
+    prompt: str | Sequence[int],
+    target_token: str | int | None = None,
+    layers: list[int] | None = None,
+    backend_hint: str | None = None,
+    top_k: int = 5,
+    device: str = "cpu",
+) -> LensResult:
+    """Each layer's residual (``backend.layer_names()``) through the model's own final norm and
+    unembedding, at every position of ``prompt``; per layer the top-k tokens, target probability
+    and rank, entropy and KL to the final distribution at the last token. Without
+    ``target_token`` the target is the model's own top prediction. ``device`` is kept for
+    compatibility: inputs go to the model's device."""
+    backend = _backend(model, backend_hint)
+    return _lens(backend, tokenizer, prompt, target_token, layers, top_k, None, "logit_lens")
+
+
+# -- the batch method ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LensLayer(Result):
+    """One layer of a batch logit lens: per row, at the chosen real-token position."""
+
+    layer_name: str
+    top_ids: list[list[int]]
+    entropy: list[float]
+    kl_to_final: list[float]
+
+
+@dataclass
+class LogitLensRun(Result):
+    """The `logit-lens` method's result. ``position`` counts real tokens (negative: from each
+    row's last real token); ``mean_kl`` is layers x real positions, averaged over the rows
+    that have that position."""
+
+    backend: str
+    position: int
+    layers: list[LensLayer] = field(default_factory=list)
+    mean_kl: list[list[float]] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        rows = [
+            f"| {ly.layer_name} | {ly.top_ids[0]} | {ly.entropy[0]:.3f} | "
+            f"{ly.kl_to_final[0]:.3f} | {sum(ly.kl_to_final) / len(ly.kl_to_final):.3f} |"
+            for ly in self.layers
+        ]
+        return "\n".join(
+            [
+                f"## Logit lens ({self.backend}), real-token position {self.position}",
+                "",
+                "| layer | top ids (row 0) | entropy (row 0) | KL to final (row 0)"
+                " | mean KL over rows |",
+                "|---|---|---|---|---|",
+                *rows,
+            ]
+        )
+
+    def figure(self) -> Any:
+        """Heat map of the mean KL to final over layers x real-token positions."""
+        width = max((len(r) for r in self.mean_kl), default=0)
+        return _heat_map(
+            self.mean_kl,
+            [ly.layer_name for ly in self.layers],
+            [str(i) for i in range(width)],
+            None,
+            f"logit lens ({self.backend}): mean KL(final ‖ lens)",
+        )
+
+
+@method(
+    "logit-lens",
+    "Each layer's residual through the model's own final norm and unembedding",
+    requires={"residual", "unembed", "logits"},
+    quick={"top_k": 3},
+)
+def logit_lens_run(
+    backend: Any,
+    data: Any,
+    *,
+    top_k: Annotated[int, Param(min=1, help="tokens to report per layer")] = 5,
+    position: Annotated[
+        int, Param(help="real-token index per row; negative counts from the row's last real token")
+    ] = -1,
+) -> LogitLensRun:
+    """The `logit-lens` method on a token batch: each layer through ``backend.unembed``.
+
+    ``position`` counts each row's real tokens (0 = first real token, -1 = last), so rows
+    shorter than the batch never report a padding position; a position a row does not have
+    is an error naming the shortest row."""
+    import torch
+
+    if top_k < 1:
+        raise ParameterError(f"top_k must be >= 1, got {top_k}")
+    backend = _backend(backend)
+    names = backend.layer_names()
+    if isinstance(data, (list, tuple)):  # token-id rows of any lengths: pad them
+        from ..data import as_dataset, pad_batch, padding_for
+
+        data = pad_batch(as_dataset(data).ids(), padding_for(backend))
+    result = backend.run(data, capture=[*names, "logits"])
+    mask = result.attention_mask
+    assert mask is not None
+    lengths = mask.sum(-1)
+    shortest = int(lengths.min())
+    if not -shortest <= position < shortest:
+        raise ParameterError(
+            f"position={position} is not a real token of every row: the "
+            f"shortest row has {shortest} real tokens (valid: "
+            f"{-shortest}..{shortest - 1})"
+        )
+    # Real-token index r of each row -> its column in the padded batch (left or right padding).
+    first = (mask.long().cumsum(-1) == 0).sum(-1)
+    rank = position if position >= 0 else lengths + position
+    cols = first + rank
+    rows = torch.arange(mask.shape[0], device=mask.device)
+    final_all = torch.log_softmax(result["logits"].float(), -1)
+    final = final_all[rows, cols]
+    width = int(lengths.max())
+    real_col = first.unsqueeze(1) + torch.arange(width, device=mask.device)  # (batch, width)
+    present = torch.arange(width, device=mask.device) < lengths.unsqueeze(1)
+    real_col = real_col.clamp(max=mask.shape[1] - 1)
+    out = LogitLensRun(backend=backend.name, position=position)
+    with torch.no_grad():
+        for name in names:
+            logp_all = torch.log_softmax(backend.unembed(result[name]).float(), -1)
+            logp = logp_all[rows, cols]
+            out.layers.append(
+                LensLayer(
+                    layer_name=name,
+                    top_ids=logp.topk(min(top_k, logp.shape[-1])).indices.tolist(),
+                    entropy=_entropy(logp).tolist(),
+                    kl_to_final=_kl(final, logp).tolist(),
+                )
+            )
+            kl_grid = _kl(final_all, logp_all).gather(1, real_col)  # (batch, width)
+            kl_grid = (kl_grid * present).sum(0) / present.sum(0)
+            out.mean_kl.append(kl_grid.tolist())
+    return out
+
+
+# -- the tuned lens --------------------------------------------------------------------------------------
+
+
+@dataclass
+class TunedLensReport(Result):
+    """Held-out KL(final ‖ lens) per layer, tuned lens next to the logit lens (nats)."""
+
+    backend: str
+    layers: list[str]
+    kl_logit: list[float]
+    kl_tuned: list[float]
+    n_train_tokens: int
+    n_eval_tokens: int
+    epochs: int
+
+    def to_markdown(self) -> str:
+        rows = [
+            f"| {n} | {a:.4f} | {b:.4f} |"
+            for n, a, b in zip(self.layers, self.kl_logit, self.kl_tuned, strict=True)
+        ]
+        return "\n".join(
+            [
+                f"## Tuned lens ({self.backend}): held-out KL(final ‖ lens), {self.n_eval_tokens} "
+                f"tokens (trained on {self.n_train_tokens}, {self.epochs} epochs)",
+                "",
+                "| layer | logit lens | tuned lens |",
+                "|---|---|---|",
+                *rows,
+            ]
+        )
+
+    def figure(self) -> Any:
+        from ..results import pyplot
+
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(self.kl_logit, marker="o", label="logit lens")
+        ax.plot(self.kl_tuned, marker="o", label="tuned lens")
+        ax.set_xticks(range(len(self.layers)), self.layers, rotation=45, ha="right")
+        ax.set_ylabel("held-out KL(final ‖ lens), nats")
+        ax.legend()
+        fig.tight_layout()
+        return fig
+
+
+#: Probe inputs that fingerprint a model's final norm and unembedding (seeded, not saved).
+_PROBE_SEED = 20230101
+_PROBE_ROWS = 4
+_PROBE_COLS = 8
+
+
+def unembed_fingerprint(backend: Backend, hidden_dim: int) -> torch.Tensor:
+    """A (4, 8) summary of ``backend.unembed``: fixed random residuals through the model's
+    final norm and unembedding, projected on fixed random directions over the vocabulary.
+    Two models share it (to float tolerance) only if their unembedding maps agree."""
+    import torch
+
+    g = torch.Generator().manual_seed(_PROBE_SEED)
+    probe = torch.randn(_PROBE_ROWS, hidden_dim, generator=g)
+    dtype = next(iter(backend.model.parameters()), probe).dtype
+    with torch.no_grad():
+        logits = backend.unembed(probe.to(device=backend.device, dtype=dtype)).float().cpu()
+    directions = torch.randn(logits.shape[-1], _PROBE_COLS, generator=g) / math.sqrt(
+        logits.shape[-1]
+    )
+    return (logits - logits.mean(-1, keepdim=True)) @ directions
+
+
+class TunedLens(Artifact):
+    """Per-layer affine translators ``h -> h + A h + b`` (A, b zero-initialised: an untrained
+    tuned lens is the logit lens), trained so that ``unembed(translate(h))`` matches the
+    model's final next-token distribution: KL(final ‖ lens) over every real token position.
+
+    Save with `save(path)` (safetensors + JSON); `load(path, model)` refuses a model whose
+    unembedding differs from the one the lens was fitted on.
+    """
+
+    kind: ClassVar[str] = "tuned-lens"
+
+    def __init__(
+        self, model: Any, n_layers: int, hidden_dim: int, backend_hint: str | None = None
+    ) -> None:
+        import torch
+
+        self.backend = _backend(model, backend_hint) if model is not None else None
+        if self.backend is not None:
+            names = self.backend.layer_names()
+            if n_layers != len(names):
+                raise ParameterError(
+                    f"n_layers={n_layers} but the model has {len(names)} "
+                    f"layers ({names[0]} .. {names[-1]})"
+                )
+            dim = self.backend.site_info(names[0]).dim
+            if hidden_dim != dim:
+                raise ParameterError(f"hidden_dim={hidden_dim} but {names[0]} has {dim} features")
+            self.layer_names = names
+            self.backend_name = self.backend.name
+            self.fingerprint = unembed_fingerprint(self.backend, hidden_dim)
+            self.fitted_on = ArtifactFit.of(self.backend, names[0])
+        else:
+            self.layer_names = [f"layer_{i}" for i in range(n_layers)]
+            self.backend_name = ""
+            self.fingerprint = torch.zeros(_PROBE_ROWS, _PROBE_COLS)
+        self.n_layers = n_layers
+        self.hidden_dim = hidden_dim
+        self.weight = torch.zeros(n_layers, hidden_dim, hidden_dim)
+        self.bias = torch.zeros(n_layers, hidden_dim)
+        self.report: TunedLensReport | None = None
+
+    # -- applying ------------------------------------------------------------------------------
+    def translate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """``h + A_layer h + b_layer`` (in float32, returned in ``h``'s dtype)."""
+        a = self.weight[layer].to(h.device)
+        b = self.bias[layer].to(h.device)
+        x = h.float()
+        return (x + x @ a.T + b).to(h.dtype)
+
+    def predict(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt: str | Sequence[int],
+        target_token: str | int | None = None,
+        backend_hint: str | None = None,
+        layers: list[int] | None = None,
+        top_k: int = 5,
+        device: str = "cpu",
+    ) -> LensResult:
+        """The tuned lens over ``prompt`` (fields as `logit_lens`)."""
+        backend = _backend(model, backend_hint)
+        self.check_backend(backend)
+        return _lens(
+            backend, tokenizer, prompt, target_token, layers, top_k, self.translate, "tuned_lens"
+        )
+
+    def check_backend(self, backend: Backend) -> None:
+        """Refuse (`ArtifactError`) a backend whose layers or unembedding differ from the
+        model the lens was fitted on."""
+        import torch
+
+        names = backend.layer_names()
+        if names != self.layer_names:
+            raise ArtifactError(
+                f"this tuned lens was fitted on layers {self.layer_names}; the model has {names}"
+            )
+        dim = backend.site_info(names[0]).dim
+        if dim != self.hidden_dim:
+            raise ArtifactError(
+                f"this tuned lens translates {self.hidden_dim}-dimensional "
+                f"residuals; {names[0]} has {dim}"
+            )
+        now = unembed_fingerprint(backend, self.hidden_dim)
+        scale = float(self.fingerprint.abs().max()) or 1.0
+        if not torch.allclose(now, self.fingerprint, rtol=1e-3, atol=1e-3 * scale):
+            raise ArtifactError(
+                "the model's final norm / unembedding differs from the one this tuned lens was "
+                f"fitted on (fingerprint distance {float((now - self.fingerprint).abs().max()):.3g}"
+                f", tolerance {1e-3 * scale:.3g}); refit the lens on this model"
+            )
+
+    # -- fitting -------------------------------------------------------------------------------
+    @classmethod
+    def fit(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        calibration_texts: list[str],
+        backend_hint: str | None = None,
+        epochs: int = 30,
+        lr: float = 1e-3,
+        max_len: int = 64,
+        device: str = "cpu",
+        *,
+        held_out: float = 0.2,
+        batch_size: int = 16,
+        seed: int = 0,
+    ) -> TunedLens:
+        """Fit on ``calibration_texts`` (``held_out`` of them kept aside, seeded) and report the
+        held-out KL per layer against the logit lens's in ``lens.report``."""
+        backend = _backend(model, backend_hint)
+        if not calibration_texts or isinstance(calibration_texts, str):
+            raise InputError("calibration_texts must be a non-empty list of texts")
+        from ..data import Dataset
+
+        rows = Dataset.from_texts(
+            list(calibration_texts), tokenizer=tokenizer, max_length=max_len
+        ).ids()
+        return cls.fit_rows(
+            backend, rows, epochs=epochs, lr=lr, held_out=held_out, batch_size=batch_size, seed=seed
+        )
+
+    @classmethod
+    def fit_rows(
+        cls,
+        backend: Backend,
+        rows: list[list[int]],
+        *,
+        epochs: int = 30,
+        lr: float = 1e-3,
+        held_out: float = 0.2,
+        batch_size: int = 16,
+        seed: int = 0,
+        eval_rows: list[list[int]] | None = None,
+        progress: Callable[[int, TunedLens], None] | None = None,
+    ) -> TunedLens:
+        """Fit on token-id rows (``eval_rows``, or a seeded ``held_out`` share of ``rows``, is
+        the held-out set). ``progress(epoch, lens)`` is called after each epoch with a lens
+        holding the translators so far (e.g. to record a held-out curve with `evaluate`)."""
+        import torch
+
+        if epochs < 1 or lr <= 0 or batch_size < 1:
+            raise ParameterError(
+                f"need epochs >= 1, lr > 0, batch_size >= 1; got epochs="
+                f"{epochs}, lr={lr}, batch_size={batch_size}"
+            )
+        if eval_rows is None:
+            if not 0 < held_out < 1:
+                raise ParameterError(
+                    f"held_out is the share of texts kept for evaluation, in (0, 1); got {held_out}"
+                )
+            if len(rows) < 2:
+                raise InputError(f"need at least 2 texts (one held out), got {len(rows)}")
+            kept, held = held_out_split(len(rows), held_out, seed)
+            eval_rows = [rows[i] for i in held]
+            rows = [rows[i] for i in kept]
+        names = backend.layer_names()
+        lens = cls(backend, len(names), backend.site_info(names[0]).dim)
+        train = _Batches(backend, rows, batch_size)
+        evals = _Batches(backend, eval_rows, batch_size)
+
+        weight = lens.weight.clone().requires_grad_(True)
+        bias = lens.bias.clone().requires_grad_(True)
+        opt = torch.optim.Adam([weight, bias], lr=lr)
+        g = torch.Generator().manual_seed(seed)
+        with torch.enable_grad():
+            for epoch in range(epochs):
+                for acts, final in train:
+                    # Minibatches of real tokens, shuffled across the rows of the batch.
+                    perm = torch.randperm(final.shape[0], generator=g)
+                    for chunk in perm.split(_TOKENS_PER_STEP):
+                        loss = _lens_loss(backend, acts, final, chunk, weight, bias)
+                        # Gradients of the translators only: the model's .grad stay untouched.
+                        gw, gb = torch.autograd.grad(loss, [weight, bias])
+                        weight.grad, bias.grad = gw, gb
+                        opt.step()
+                if progress is not None:
+                    lens.weight, lens.bias = weight.detach().clone(), bias.detach().clone()
+                    progress(epoch, lens)
+        lens.weight = weight.detach()
+        lens.bias = bias.detach()
+        kl_logit, kl_tuned, n_eval = lens._evaluate(evals)
+        lens.backend = backend
+        lens.report = TunedLensReport(
+            backend=backend.name,
+            layers=names,
+            kl_logit=kl_logit,
+            kl_tuned=kl_tuned,
+            n_train_tokens=train.n_tokens,
+            n_eval_tokens=n_eval,
+            epochs=epochs,
+        )
+        return lens
+
+    def evaluate(
+        self, rows: list[list[int]], batch_size: int = 16
+    ) -> tuple[list[float], list[float]]:
+        """Mean KL(final ‖ lens) per layer over every real token of ``rows`` (token-id lists):
+        (logit lens, tuned lens)."""
+        if self.backend is None:
+            raise ArtifactError("this tuned lens has no model: load it with load(path, model)")
+        kl_logit, kl_tuned, _ = self._evaluate(_Batches(self.backend, rows, batch_size))
+        return kl_logit, kl_tuned
+
+    def _evaluate(self, batches: _Batches) -> tuple[list[float], list[float], int]:
+        import torch
+
+        assert self.backend is not None
+        zero_w, zero_b = torch.zeros_like(self.weight), torch.zeros_like(self.bias)
+        logit = torch.zeros(self.n_layers, dtype=torch.float64)
+        tuned = torch.zeros(self.n_layers, dtype=torch.float64)
+        n = 0
+        with torch.no_grad():
+            for acts, final in batches:
+                every = torch.arange(final.shape[0])
+                logit += _lens_kl(self.backend, acts, final, every, zero_w, zero_b).sum(-1)
+                tuned += _lens_kl(self.backend, acts, final, every, self.weight, self.bias).sum(-1)
+                n += final.shape[0]
+        return (logit / n).tolist(), (tuned / n).tolist(), n
+
+    # -- saving ----------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "weight": self.weight.contiguous(),
+            "bias": self.bias.contiguous(),
+            "unembed_fingerprint": self.fingerprint.contiguous(),
+        }
+
+    def artifact_config(self) -> dict[str, Any]:
+        return {
+            "n_layers": self.n_layers,
+            "hidden_dim": self.hidden_dim,
+            "layer_names": self.layer_names,
+            "backend": self.backend_name,
+            "report": self.report.to_dict() if self.report is not None else None,
+        }
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> TunedLens:
+        lens = cls(None, int(config["n_layers"]), int(config["hidden_dim"]))
+        lens.layer_names = list(config["layer_names"])
+        lens.backend_name = str(config.get("backend", ""))
+        try:
+            lens.weight = tensors["weight"].float()
+            lens.bias = tensors["bias"].float()
+            lens.fingerprint = tensors["unembed_fingerprint"].float()
+        except KeyError as exc:
+            raise ArtifactError(
+                f"tuned-lens weights lack {exc}; the file is not a tuned lens saved by archscope"
+            ) from None
+        want = (lens.n_layers, lens.hidden_dim, lens.hidden_dim)
+        if tuple(lens.weight.shape) != want or tuple(lens.bias.shape) != want[:2]:
+            raise ArtifactError(
+                f"tuned-lens weights have shapes {tuple(lens.weight.shape)} / "
+                f"{tuple(lens.bias.shape)}; the config says {want}"
+            )
+        if config.get("report"):
+            lens.report = TunedLensReport(**config["report"])
+        return lens
+
+    def check_fits(self, backend: Any) -> None:
+        """The base checks (backend, site, dimension), then layers and unembedding."""
+        super().check_fits(backend)
+        self.check_backend(backend)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, backend: Any = None, backend_hint: str | None = None
+    ) -> TunedLens:
+        """Load a saved lens; given a model or backend, refuse it (`ArtifactError`) unless its
+        layers and unembedding are those the lens was fitted on."""
+        target = _backend(backend, backend_hint) if backend is not None else None
+        lens = super().load(path, target)
+        if target is not None:
+            lens.backend = target
+        return lens
+
+
+#: Real tokens per optimiser step of the tuned lens.
+_TOKENS_PER_STEP = 512
+
+
+def _lens_kl(
+    backend: Backend,
+    acts: list[torch.Tensor],
+    final: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """KL(final ‖ tuned lens) per layer and token: (layers, len(index))."""
+    import torch
+
+    target = final[index]
+    out = []
+    for i, h in enumerate(acts):
+        x = h[index].float()
+        x = x + x @ weight[i].T + bias[i]
+        logp = torch.log_softmax(backend.unembed(x.to(h.dtype)).float(), -1)
+        out.append(_kl(target, logp))
+    return torch.stack(out)
+
+
+def _lens_loss(
+    backend: Backend,
+    acts: list[torch.Tensor],
+    final: torch.Tensor,
+    index: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    # The last layer keeps the identity (its logit lens is the model's output): train the
+    # others only, so that rounding noise cannot move it (Adam rescales tiny gradients).
+    return _lens_kl(backend, acts[:-1], final, index, weight, bias).mean(-1).sum()
+
+
+class _Batches:
+    """Real-token activations of every layer plus the final log-probabilities, per batch of
+    rows; kept in memory when small, else recomputed on each pass."""
+
+    #: Cache when the final log-probabilities of all tokens fit in this many floats.
+    CACHE_FLOATS = 50_000_000
+
+    def __init__(self, backend: Backend, rows: list[list[int]], batch_size: int) -> None:
+        self.backend = backend
+        self.rows = rows
+        self.batch_size = batch_size
+        self.n_tokens = sum(len(r) for r in rows)
+        vocab = backend.site_info("logits").dim
+        self.cache: list[tuple[list[torch.Tensor], torch.Tensor]] | None = None
+        if self.n_tokens * vocab <= self.CACHE_FLOATS:
+            self.cache = list(self._compute())
+
+    def _compute(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        import torch
+
+        from ..collect import iter_collect
+
+        names = self.backend.layer_names()
+        device = self.backend.device
+        for part in iter_collect(
+            self.backend, self.rows, [*names, "logits"], pool=None, batch_size=self.batch_size
+        ):
+            acts = [part[n].to(device) for n in names]
+            final = torch.log_softmax(part["logits"].to(device).float(), -1)
+            yield acts, final
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+        if self.cache is not None:
+            return iter(self.cache)
+        return self._compute()
+
+
+# -- the registered method --------------------------------------------------------------------------
+
+
+@method(
+    "tuned-lens",
+    "Tuned lens (Belrose et al. 2023): per-layer affine translators trained on the "
+    "data, held-out KL per layer next to the logit lens's",
+    requires={"residual", "unembed", "logits"},
+    input="dataset",
+    quick={"epochs": 2, "batch_size": 4},
+)
+def tuned_lens_method(
+    backend: Any,
+    data: Any,
+    *,
+    epochs: Annotated[int, Param(min=1, help="passes over the training texts")] = 30,
+    lr: Annotated[float, Param(min=0, help="Adam learning rate")] = 1e-3,
+    held_out: Annotated[
+        float, Param(min=0, max=1, help="share of texts kept for the held-out KL")
+    ] = 0.2,
+    batch_size: Annotated[int, Param(min=1, help="texts per forward pass")] = 16,
+    seed: int = 0,
+) -> TunedLensReport:
+    """The `tuned-lens` method: fit on the dataset's texts (a seeded ``held_out`` share kept
+    aside) and report the held-out KL per layer, tuned lens next to logit lens."""
+    backend = _backend(backend)
+    rows = _rows_of(data)
+    lens = TunedLens.fit_rows(
+        backend, rows, epochs=epochs, lr=lr, held_out=held_out, batch_size=batch_size, seed=seed
+    )
+    assert lens.report is not None
+    return lens.report
+
+
+def _rows_of(data: Any) -> list[list[int]]:
+    """Token-id rows (real tokens only) of anything `archscope.data.as_dataset` takes."""
+    from ..data import as_dataset
+
+    return as_dataset(data).ids()
