@@ -31,6 +31,8 @@ class SAEReport(Result):
     train_metrics: dict[str, float] = field(default_factory=dict)
     saved_to: str | None = None
     saelens_dir: str | None = None
+    #: "held-out" texts, or "training" when none were held out (eval_fraction=0, one text)
+    eval_on: str = "held-out"
     _sae: Any = field(default=None, repr=False)
 
     @property
@@ -64,7 +66,12 @@ class SAEReport(Result):
                 head,
                 "",
                 f"Trained on {self.n_train_tokens} tokens; evaluated on "
-                f"{m.n_inputs} held-out tokens.",
+                + (
+                    f"{m.n_inputs} held-out tokens."
+                    if self.eval_on == "held-out"
+                    else f"the same {m.n_inputs} training tokens (no texts were held out: "
+                    "these are training-set metrics, not a test of generalisation)."
+                ),
                 "",
                 "| metric | value |",
                 "|---|---|",
@@ -124,6 +131,9 @@ def sae_method(
             )
         )
 
+    for name, folder in (("save", save), ("saelens_dir", saelens_dir)):
+        if folder:
+            _check_save_folder(name, folder)
     config = SAEConfig(
         input_dim=info.dim,
         n_features=n_features or 8 * info.dim,
@@ -164,8 +174,28 @@ def sae_method(
         train_metrics=dict(sae.last_metrics),
         saved_to=saved,
         saelens_dir=exported,
+        eval_on="held-out" if n_eval else "training",
         _sae=sae,
     )
+
+
+def _check_save_folder(name: str, save: str) -> None:
+    """Refuse a folder parameter whose path exists and is not a folder, before any training."""
+    from pathlib import Path
+
+    from ..errors import ParameterError
+
+    path = Path(save)
+    if path.exists() and not path.is_dir():
+        raise ParameterError(
+            f"{name}={save!r} is an existing file; the SAE is saved as a folder of files: "
+            "give a new or existing folder path"
+        )
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ParameterError(
+                f"{name}={save!r} lies under {str(parent)!r}, which is a file, not a folder"
+            )
 
 
 def _counting(make: Any, counted: list[int]) -> Any:
