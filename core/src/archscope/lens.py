@@ -654,8 +654,10 @@ class TunedLens(Artifact):
         bias = lens.bias.clone().requires_grad_(True)
         opt = torch.optim.Adam([weight, bias], lr=lr)
         g = torch.Generator().manual_seed(seed)
+        from .progress import bar
+
         with torch.enable_grad():
-            for epoch in range(epochs):
+            for epoch in bar(range(epochs), desc="tuned lens", unit="epoch"):
                 for acts, final in train:
                     # Minibatches of real tokens, shuffled across the rows of the batch.
                     perm = torch.randperm(final.shape[0], generator=g)

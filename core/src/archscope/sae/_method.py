@@ -146,15 +146,18 @@ def sae_method(
     )
     source: Any = (lambda: chunks(train_set)) if stream else torch.cat(list(chunks(train_set)))
     counted: list[int] = []
-    sae = fit_sae(
-        source if not stream else _counting(source, counted),
-        config,
-        epochs=epochs,
-        device=str(backend.device),
-    )
+    from ..progress import bar
+
+    with bar(total=epochs, desc=f"sae on {info.name}", unit="epoch") as shown:
+        sae = fit_sae(
+            source if not stream else _counting(source, counted),
+            config,
+            epochs=epochs,
+            device=str(backend.device),
+            progress=lambda epoch, metrics: shown.update(1),
+            fitted_on=ArtifactFit.of(backend, info.name),
+        )
     n_train = int(source.shape[0]) if isinstance(source, torch.Tensor) else sum(counted) // epochs
-    sae.site = info.name
-    sae.fitted_on = ArtifactFit.of(backend, info.name)
     metrics = reconstruction_metrics(sae, lambda: chunks(eval_set))
     loss = None
     scorable = any(len(ids) > 1 for ids in eval_set.ids())  # a next token to predict
