@@ -419,7 +419,12 @@ def _circuit_part(
     if heads:
         profile.per_head = {"induction": heads}
     profile.copy_accuracy = float(copy_score(backend, tokenizer, n_trials=trials // 2).score)
-    profile.concentration_relative = float(early_token_attention(backend, tokenizer).relative)
+    # on the profile's own texts (the built-in English prompts are unknown words to a model
+    # with its own small vocabulary)
+    own = tasks.texts.texts[:16] if tasks.texts.texts and tokenizer is not None else None
+    profile.concentration_relative = float(
+        early_token_attention(backend, tokenizer, texts=own).relative
+    )
 
 
 def _sae_part(
