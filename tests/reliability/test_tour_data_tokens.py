@@ -50,17 +50,28 @@ def test_texts_of_unknown_words_warn_instead_of_becoming_identical_unk_rows() ->
         Dataset.from_texts(["the chef of iris", "it was good"], tokenizer=tok).ids()
 
 
-def test_a_tokenizer_that_is_not_the_models_is_named() -> None:
+def test_a_tokenizer_that_is_not_the_models_is_named_once() -> None:
+    import warnings
+
     _, _, backend = zoo()
-    small = _word_tokenizer(["the", "chef", "of", "iris", "it", "was", "good"] * 1)
-    assert len(small) == 9
+    words = ["the", "chef", "of", "iris", "it", "was", "good"]
     texts = ["the chef of iris", "it was good"]
-    with pytest.warns(
-        UserWarning, match=r"the tokenizer has 9 tokens but the model's vocabulary has 307"
-    ):
+    small = _word_tokenizer(words)
+    assert len(small) == 9
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         archscope.run_method("activation-stats", backend, texts, tokenizer=small)
-    with pytest.warns(UserWarning, match=r"probably not the model's tokenizer"):
         archscope.collect(backend, Dataset.from_texts(texts, tokenizer=small), "layer_0.residual")
+    messages = [str(w.message) for w in caught if "probably not" in str(w.message)]
+    assert messages == [
+        "the tokenizer has 9 tokens but the model's vocabulary has 307: it is probably not the "
+        "model's tokenizer, so the ids it gives mean other words to the model. Use the "
+        "tokenizer the model was trained with (load_model returns it)"
+    ]
+    with pytest.warns(UserWarning, match=r"the tokenizer has 9 tokens"):  # a new pair warns
+        archscope.collect(
+            backend, Dataset.from_texts(texts, tokenizer=_word_tokenizer(words)), "layer_0.residual"
+        )
     _, tok, _ = zoo()
     with warnings_as_errors():
         archscope.run_method("activation-stats", backend, texts, tokenizer=tok)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -216,11 +217,23 @@ def _model_vocab(backend: Any) -> int | None:
     return vocab if isinstance(vocab, int) and vocab > 0 else None
 
 
+#: tokenizer -> ids of the backends it was already checked against (one warning per pair)
+_CHECKED: weakref.WeakKeyDictionary[Any, set[int]] = weakref.WeakKeyDictionary()
+
+
 def check_fits(tokenizer: Any, backend: Any) -> None:
-    """Warn when ``tokenizer`` cannot be the model's: its vocabulary is less than half the
-    model's (models pad their embedding tables a little, never to twice the tokenizer)."""
+    """Warn (once per tokenizer and backend) when ``tokenizer`` cannot be the model's: its
+    vocabulary is less than half the model's (models pad their embedding tables a little,
+    never to twice the tokenizer)."""
     if tokenizer is None or backend is None:
         return
+    try:
+        seen = _CHECKED.setdefault(tokenizer, set())
+    except TypeError:  # a tokenizer that cannot be weakly referenced: check every time
+        seen = set()
+    if id(backend) in seen:
+        return
+    seen.add(id(backend))
     try:
         n_tok = len(tokenizer)
     except TypeError:
