@@ -311,7 +311,7 @@ def test_saelens_import_of_a_file_written_elsewhere(tmp_path) -> None:
 def test_artifact_save_load_round_trip_and_fit_check(tmp_path) -> None:
     a = arch("gpt2")
     sae = build_sae(
-        SAEConfig(a.backend.site_info("layer_0.residual").dim, 16, sae_type="batchtopk")
+        SAEConfig(a.backend.site_info("layer_0.residual").dim, 16, sae_type="batchtopk", k=4)
     )
     with torch.no_grad():
         sae.threshold.fill_(0.25)

@@ -169,8 +169,16 @@ class Artifact:
 
     def check_fits(self, backend: Any) -> None:
         """Refuse a backend this artifact was not fitted for (backend, site, dimension); warn
-        when only the model's identity differs (e.g. a fine-tuned copy)."""
+        when only the model's identity differs (e.g. a fine-tuned copy). An artifact that
+        records no fit is applied with a warning saying that nothing could be checked."""
         if self.fitted_on is None:
+            warnings.warn(
+                f"archscope: this {self.kind} artifact does not record the model it was fitted "
+                f"on, so nothing checks that it fits backend {backend.name!r} (the result is "
+                "meaningless on another model). Record it before saving: "
+                "artifact.fitted_on = archscope.ArtifactFit.of(backend, site)",
+                stacklevel=3,
+            )
             return
         fit = self.fitted_on
         problems = []

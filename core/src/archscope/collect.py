@@ -114,6 +114,10 @@ def iter_collect(
     if pool not in ("mean", "last", None):
         raise InputError(f"pool must be 'mean', 'last' or None (every real token), got {pool!r}")
     dataset = as_dataset(data, tokenizer)
+    if dataset.texts is not None:
+        from .tokens import check_fits
+
+        check_fits(dataset.tokenizer, backend)
     names = _site_names(backend, sites, pool)
     labels = dataset.label_tensor
     n_batches = -(-len(dataset) // max(batch_size, 1))

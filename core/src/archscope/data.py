@@ -4,6 +4,7 @@ of clean/corrupted pairs. Both turn into padded token batches here, and only her
 from __future__ import annotations
 
 import csv
+import io
 import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,12 +23,9 @@ PaddingSide = Literal["right", "left"]
 def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> list[list[int]]:
     """Token ids of each text, never cut silently: truncation only with ``max_length``, and
     then with a warning naming how many texts were cut."""
-    if tokenizer is None:
-        raise InputError(
-            "these inputs are texts, but no tokenizer was given: pass tokenizer=... "
-            "(load_model returns one) or give token ids"
-        )
-    ids = [list(map(int, row)) for row in tokenizer(list(texts))["input_ids"]]
+    from .tokens import encode
+
+    ids = encode(tokenizer, texts)
     empty = [i for i, row in enumerate(ids) if not row]
     if empty:
         raise InputError(f"texts {empty[:5]} tokenize to no tokens; give non-empty texts")
@@ -43,10 +41,102 @@ def _tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> l
     return ids
 
 
+def _read_text(path: Path) -> str:
+    """A data file's text, or an `InputError` when it is binary or not UTF-8."""
+    data = path.read_bytes()
+    if b"\x00" in data[:8192]:
+        raise InputError(
+            f"{path} looks like a binary file (it holds NUL bytes); a data file is text: "
+            'JSONL of {"text", "label"} objects, CSV with a text column, or one text per line'
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{path} is not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x}); save it "
+            "as UTF-8 (JSONL, CSV, or one text per line)"
+        ) from None
+
+
+def _where(items: list[int], where: list[str] | None) -> str:
+    if where is None:
+        return f"items {items[:5]}"
+    return ", ".join(where[i] for i in items[:3])
+
+
+def check_labels(values: Any, where: list[str] | None = None) -> list[int]:
+    """Labels as a list of integer class indices, or an `InputError` naming the first bad
+    ones: labels are ints (or whole floats / bools), never NaN, fractional, text or negative.
+    ``where`` names each item for messages (e.g. ``file:line``)."""
+    if isinstance(values, (str, bytes)):
+        raise InputError(
+            f"labels must be a list of integers, one per item; got one {type(values).__name__}"
+        )
+    raw = values.tolist() if hasattr(values, "tolist") else values
+    try:
+        raw = list(raw)
+    except TypeError:
+        raise InputError(
+            f"labels must be a list of integers, one per item; got {type(values).__name__}"
+        ) from None
+    raw = [v.item() if getattr(v, "ndim", None) == 0 and hasattr(v, "item") else v for v in raw]
+    text = [i for i, v in enumerate(raw) if isinstance(v, (str, bytes))]
+    if text:
+        shown = sorted({str(raw[i]) for i in text})[:4]
+        mapping = ", ".join(f"{name!r}: {n}" for n, name in enumerate(shown))
+        raise InputError(
+            f"labels must be integer class indices; {len(text)} are text ({shown}, at "
+            f"{_where(text, where)}): map them to integers first, e.g. {{{mapping}}}"
+        )
+    other = [i for i, v in enumerate(raw) if not isinstance(v, (int, float))]
+    if other:
+        kinds = sorted({type(raw[i]).__name__ for i in other})
+        raise InputError(
+            f"labels must be integer class indices; {len(other)} are {', '.join(kinds)} "
+            f"(at {_where(other, where)})"
+        )
+    nan = [i for i, v in enumerate(raw) if isinstance(v, float) and v != v]
+    if nan:
+        raise InputError(
+            f"{len(nan)} labels are NaN (at {_where(nan, where)}): give every item a class "
+            "index, or leave the unlabelled items out"
+        )
+    inf = [
+        i for i, v in enumerate(raw) if isinstance(v, float) and v in (float("inf"), -float("inf"))
+    ]
+    frac = [i for i, v in enumerate(raw) if isinstance(v, float) and i not in inf and v != int(v)]
+    if inf or frac:
+        bad = (inf + frac)[:5]
+        raise InputError(
+            f"labels must be integer class indices (0, 1, ...); {len(inf) + len(frac)} are "
+            f"not ({[raw[i] for i in bad]} at {_where(bad, where)}). Fractional labels are not "
+            "rounded: threshold them yourself (e.g. 1 if p >= 0.5 else 0)"
+        )
+    labels = [int(v) for v in raw]
+    negative = [i for i, v in enumerate(labels) if v < 0]
+    if negative:
+        raise InputError(
+            f"labels are class indices 0, 1, ...; {len(negative)} are negative "
+            f"({[labels[i] for i in negative[:5]]} at {_where(negative, where)})"
+        )
+    return labels
+
+
+def _label_of(text: str) -> Any:
+    """A label cell of a CSV file as a number when it is one (else the text, refused later)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _read_jsonl(path: Path) -> tuple[list[str], list[int]]:
     texts: list[str] = []
-    labels: list[int] = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    labels: list[Any] = []
+    where: list[str] = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -55,26 +145,33 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[int]]:
             raise InputError(f"{path}:{n}: not JSON ({exc.msg})") from None
         if not isinstance(obj, dict) or "text" not in obj:
             raise InputError(f"{path}:{n}: each line needs an object with a 'text' key")
-        texts.append(str(obj["text"]))
+        if not isinstance(obj["text"], str):
+            raise InputError(
+                f"{path}:{n}: 'text' must be a string, got {type(obj['text']).__name__}"
+            )
+        texts.append(obj["text"])
         if "label" in obj:
-            labels.append(int(obj["label"]))
-    return texts, labels
+            labels.append(float("nan") if obj["label"] is None else obj["label"])
+            where.append(f"{path}:{n}")
+    return texts, check_labels(labels, where)
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[int]]:
     texts: list[str] = []
-    labels: list[int] = []
-    with path.open(newline="") as handle:
+    labels: list[Any] = []
+    where: list[str] = []
+    with io.StringIO(_read_text(path), newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or "text" not in reader.fieldnames:
             raise InputError(
                 f"{path}: a CSV data file needs a 'text' column (found {reader.fieldnames})"
             )
-        for row in reader:
+        for n, row in enumerate(reader, 2):
             texts.append(row["text"])
             if row.get("label") not in (None, ""):
-                labels.append(int(row["label"]))
-    return texts, labels
+                labels.append(_label_of(row["label"].strip()))
+                where.append(f"{path}:{n}")
+    return texts, check_labels(labels, where)
 
 
 def pad_batch(
@@ -133,8 +230,7 @@ class Dataset:
         if len(self) == 0:
             raise InputError("the dataset is empty: give at least one text or token sequence")
         if self.labels is not None:
-            labels = self.labels.tolist() if hasattr(self.labels, "tolist") else self.labels
-            self.labels = [int(v) for v in labels]
+            self.labels = check_labels(self.labels)
             if len(self.labels) != len(self):
                 raise InputError(
                     f"{len(self.labels)} labels for {len(self)} items; give one label per text"
@@ -179,7 +275,8 @@ class Dataset:
         elif suffix == ".csv":
             texts, labels = _read_csv(path)
         else:
-            texts, labels = [line for line in path.read_text().splitlines() if line.strip()], []
+            lines = _read_text(path).splitlines()
+            texts, labels = [line for line in lines if line.strip()], []
         if labels and len(labels) != len(texts):
             raise InputError(
                 f"{path}: {len(labels)} of {len(texts)} rows have a label; label every row or none"

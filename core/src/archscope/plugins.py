@@ -88,9 +88,11 @@ class PluginInfo:
     distribution: str
     version: str
     module: str
-    status: str = "ok"  # ok | failed | disabled
+    status: str = "ok"  # ok | failed | disabled | rejected (every registration lost its name)
     error: str | None = None
     registered: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    #: names this plugin registered that another distribution holds (kind -> names)
+    rejected: dict[str, list[str]] = field(default_factory=lambda: {k: [] for k in KINDS})
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,6 +103,7 @@ class PluginInfo:
             "status": self.status,
             "error": self.error,
             "registered": {k: list(v) for k, v in self.registered.items() if v},
+            "rejected": {k: list(v) for k, v in self.rejected.items() if v},
         }
 
 
@@ -278,6 +281,27 @@ class PluginManager:
             self._register_from(plugin_id, info, module)
         for kind, entry, replace in self._in_process:
             self._registry(kind).add(entry, replace=replace)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Move names a plugin lost to another distribution from ``registered`` to
+        ``rejected``; a plugin that kept none of them gets the status "rejected"."""
+        for info in self.plugins.values():
+            if info.status != "ok":
+                continue
+            for kind in ("backends", "methods", "sources"):
+                registry = self._registry(kind)
+                for name in list(info.registered[kind]):
+                    entry = registry.get(name)
+                    if entry is None or entry.distribution != info.distribution:
+                        info.registered[kind].remove(name)
+                        info.rejected[kind].append(name)
+            lost = {k: v for k, v in info.rejected.items() if v}
+            if lost and not any(info.registered.values()):
+                info.status = "rejected"
+                info.error = "every registration lost to another plugin: " + "; ".join(
+                    f"{kind} {', '.join(names)}" for kind, names in lost.items()
+                )
 
     def _register_from(self, plugin_id: str, info: PluginInfo, module: Any) -> None:
         staged: dict[str, list[tuple[Entry, bool]]] = {
@@ -323,6 +347,8 @@ class PluginManager:
             for entry, replace in items:
                 if self._registry(kind).add(entry, replace=replace):
                     info.registered[kind].append(entry.name)
+                else:
+                    info.rejected[kind].append(entry.name)
 
     def _fail(self, info: PluginInfo, what: str, exc: BaseException) -> None:
         """Disable a plugin that raised anything (sys.exit() at import included) but

@@ -101,6 +101,8 @@ class Method:
                 f" got {len(args)} positional arguments"
             )
         *backends, data = args
+        # ``tokenizer=`` turns texts into ids for every method (unless it takes one itself)
+        tokenizer = params.pop("tokenizer", None) if "tokenizer" not in self.params() else None
         values = self.check_params(params)  # first, so a bad parameter is named on any backend
         for backend in backends:
             caps = set(getattr(backend, "capabilities", ()))
@@ -110,18 +112,26 @@ class Method:
                     f"method {self.name!r} needs capabilities {sorted(self.requires)}; backend "
                     f"{getattr(backend, 'name', type(backend).__name__)!r} lacks {missing}"
                 )
-        if self.input == "batch" and isinstance(data, (list, tuple)):
-            from .data import as_dataset, pad_batch, padding_for
+        if tokenizer is not None:
+            from .tokens import check_fits
 
-            data = pad_batch(as_dataset(list(data)).ids(), padding_for(backends[0]))
+            check_fits(tokenizer, backends[0])
+        if self.input == "batch" and (
+            isinstance(data, (list, tuple)) or (isinstance(data, str) and tokenizer is not None)
+        ):
+            from .data import as_dataset, pad_batch, padding_for
+            from .tokens import pad_id
+
+            rows = as_dataset([data] if isinstance(data, str) else list(data), tokenizer).ids()
+            data = pad_batch(rows, padding_for(backends[0]), pad_id(tokenizer))
         elif self.input == "dataset":
             from .data import as_dataset
 
-            data = as_dataset(data)
+            data = as_dataset(data, tokenizer)
         elif self.input == "contrast":
             from .data import as_contrast
 
-            data = as_contrast(data)
+            data = as_contrast(data, tokenizer)
         if self.options is not None:
             return self.resolve()(*backends, data, self.options(**values))
         return self.resolve()(*backends, data, **values)

@@ -90,7 +90,7 @@ def generic_tasks(tokenizer: Any, n: int = 48, seed: int = 0) -> ProfileTasks:
     math_labels = [1 - i % 2 for i in range(n)]
     texts = sentiment + math_texts
     clean = [f"{s} and it was" for s in _SUBJECTS[:4]]
-    corrupt = [f"{s} and it is" for s in _SUBJECTS[:4]]
+    corrupt = [_same_length(tokenizer, c, ("is", "has", "got", "may")) for c in clean]
     return ProfileTasks(
         probes={
             "sentiment": Dataset.from_texts(sentiment, labels, tokenizer=tokenizer),
@@ -99,6 +99,40 @@ def generic_tasks(tokenizer: Any, n: int = 48, seed: int = 0) -> ProfileTasks:
         texts=Dataset.from_texts(texts, tokenizer=tokenizer),
         contrast=Contrast(clean, corrupt, tokenizer=tokenizer),
     )
+
+
+def _same_length(tokenizer: Any, clean: str, swaps: Sequence[str]) -> str:
+    """``clean`` with its last word replaced by the first of ``swaps`` that gives as many
+    tokens as ``clean`` (patching needs equal lengths; byte-level tokenizers count letters),
+    else by the first swap."""
+    from ..tokens import encode
+
+    stem = clean.rsplit(" ", 1)[0]
+    options = [f"{stem} {w}" for w in swaps]
+    try:
+        rows = encode(tokenizer, [clean, *options], warn_unknown=False)
+    except ArchscopeError:
+        return options[0]
+    return next(
+        (o for o, r in zip(options, rows[1:], strict=True) if len(r) == len(rows[0])), options[0]
+    )
+
+
+def _equal_length_pairs(
+    profile: InterpProfile, contrast: Contrast
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The contrast pairs whose sides have equal token lengths; the others are named in the
+    profile's notes (patching swaps activations position by position)."""
+    pairs = contrast.pairs()
+    kept = [(a, b) for a, b in pairs if len(a) == len(b)]
+    if len(kept) < len(pairs):
+        lengths = ", ".join(f"{len(a)}/{len(b)}" for a, b in pairs if len(a) != len(b))
+        profile.notes.append(
+            f"patching: {len(pairs) - len(kept)} of {len(pairs)} contrast pairs tokenise to "
+            f"different lengths (clean/corrupted tokens: {lengths}) and were left out"
+            + ("; no pair was left, so the patching map is missing" if not kept else "")
+        )
+    return [a for a, _ in kept], [b for _, b in kept]
 
 
 # -- the profile --------------------------------------------------------------------------------
@@ -384,7 +418,12 @@ def _circuit_part(
     if heads:
         profile.per_head = {"induction": heads}
     profile.copy_accuracy = float(copy_score(backend, tokenizer, n_trials=trials // 2).score)
-    profile.concentration_relative = float(early_token_attention(backend, tokenizer).relative)
+    # on the profile's own texts (the built-in English prompts are unknown words to a model
+    # with its own small vocabulary)
+    own = tasks.texts.texts[:16] if tasks.texts.texts and tokenizer is not None else None
+    profile.concentration_relative = float(
+        early_token_attention(backend, tokenizer, texts=own).relative
+    )
 
 
 def _sae_part(
@@ -449,12 +488,14 @@ def _patching_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks
     from ..methods.attribute import LogitDiff, patch_sweep
 
     assert tasks.contrast is not None
-    clean, corrupted = tasks.contrast.datasets()
+    clean_ids, corrupted_ids = _equal_length_pairs(profile, tasks.contrast)
+    if not clean_ids:
+        return
     metric = None
     if tasks.answers is not None:
         metric = LogitDiff(torch.tensor(tasks.answers[0][:1]), torch.tensor(tasks.answers[1][:1]))
     sweep = patch_sweep(
-        backend, clean.ids()[:1], corrupted.ids()[:1], axis="position", metric_fn=metric
+        backend, clean_ids[:1], corrupted_ids[:1], axis="position", metric_fn=metric
     )
     matrix = [
         [float("nan") if v is None else float(v) for v in row] for row in sweep.gap_restored or []

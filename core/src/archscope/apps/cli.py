@@ -20,13 +20,26 @@ def _console() -> Any:
     return Console(soft_wrap=False, width=max(100, shutil.get_terminal_size().columns))
 
 
+#: Columns whose short cells are never wrapped, and the prose columns that take the width
+#: the others leave.
+_NO_WRAP = {"name", "distribution", "input", "plugin", "version", "method", "prefix", "default"}
+_WIDE = {"description", "summary", "help", "registered"}
+_MAX_WIDTH = {"capabilities": 24, "requires": 24, "type": 24}
+
+
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> Any:
     from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, show_lines=False)
     for col in columns:
-        table.add_column(col, overflow="fold")
+        table.add_column(
+            col,
+            overflow="fold",
+            no_wrap=col in _NO_WRAP,
+            min_width=30 if col in _WIDE else None,
+            max_width=_MAX_WIDTH.get(col),
+        )
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))
     return table
@@ -55,6 +68,11 @@ def plugins(as_json: bool) -> None:
             f"{kind}: {', '.join(names)}" for kind, names in info.registered.items() if names
         )
         status = info.status if info.error is None else f"{info.status}: {info.error}"
+        lost = {kind: names for kind, names in info.rejected.items() if names}
+        if lost and info.status == "ok":
+            status += "; lost to another plugin: " + "; ".join(
+                f"{kind} {', '.join(names)}" for kind, names in lost.items()
+            )
         rows.append([info.distribution, info.version, info.name, status, what or "-"])
     _console().print(
         _table(
@@ -88,9 +106,11 @@ def _param_rows(method: Any) -> list[dict[str, Any]]:
 
 
 @cli.command()
+@click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
-def info(as_json: bool) -> None:
-    """Backends, methods, model sources and the method x backend capability matrix."""
+def info(name: str | None, as_json: bool) -> None:
+    """Backends, methods, model sources and the method x backend capability matrix; with
+    NAME (a method or a backend), its details: a method's parameters, a backend's sites."""
     from ..plugins import get_manager
 
     manager = get_manager()
@@ -99,32 +119,16 @@ def info(as_json: bool) -> None:
     matrix = {
         m.name: {b.name: m.obj.supports(_capabilities(b.obj)) for b in backends} for m in methods
     }
+    if name is not None:
+        _info_one(name, manager, matrix, as_json)
+        return
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "version": __version__,
-                    "backends": [
-                        {
-                            "name": b.name,
-                            "distribution": b.distribution,
-                            "capabilities": sorted(_capabilities(b.obj)),
-                            "description": b.obj.description,
-                        }
-                        for b in backends
-                    ],
-                    "methods": [
-                        {
-                            "name": m.name,
-                            "distribution": m.distribution,
-                            "requires": sorted(m.obj.requires),
-                            "summary": m.obj.summary,
-                            "input": m.obj.input,
-                            "arity": m.obj.arity,
-                            "parameters": _param_rows(m.obj),
-                        }
-                        for m in methods
-                    ],
+                    "backends": [_backend_dict(b) for b in backends],
+                    "methods": [_method_dict(m) for m in methods],
                     "sources": [
                         {
                             "name": s.name,
@@ -153,16 +157,14 @@ def info(as_json: bool) -> None:
     )
     console.print(
         _table(
-            "methods",
-            ["name", "distribution", "input", "requires", "summary", "parameters"],
+            "methods (parameters: archscope info METHOD)",
+            ["name", "input", "requires", "summary"],
             [
                 [
                     m.name,
-                    m.distribution,
                     m.obj.input + (" x2 models" if m.obj.arity == 2 else ""),
                     ", ".join(sorted(m.obj.requires)) or "-",
                     m.obj.summary,
-                    "\n".join(p["text"] for p in _param_rows(m.obj)) or "-",
                 ]
                 for m in methods
             ],
@@ -185,6 +187,87 @@ def info(as_json: bool) -> None:
             ],
         )
     )
+
+
+def _backend_dict(b: Any) -> dict[str, Any]:
+    return {
+        "name": b.name,
+        "distribution": b.distribution,
+        "capabilities": sorted(_capabilities(b.obj)),
+        "description": b.obj.description,
+    }
+
+
+def _method_dict(m: Any) -> dict[str, Any]:
+    return {
+        "name": m.name,
+        "distribution": m.distribution,
+        "requires": sorted(m.obj.requires),
+        "summary": m.obj.summary,
+        "input": m.obj.input,
+        "arity": m.obj.arity,
+        "parameters": _param_rows(m.obj),
+    }
+
+
+def _param_help(row: dict[str, Any]) -> str:
+    """A parameter's help with its bounds (the part of `ParamSpec.describe` after the type)."""
+    text = str(row.get("text", ""))
+    bounds = text[text.index(" [") + 1 : text.index("]") + 1] if " [" in text else ""
+    return " ".join(part for part in (str(row.get("help") or ""), bounds) if part) or "-"
+
+
+def _info_one(name: str, manager: Any, matrix: dict[str, dict[str, bool]], as_json: bool) -> None:
+    """`archscope info NAME`: one method (its parameters, the backends that can run it) or
+    one backend (its capabilities, the methods it can run)."""
+    method = manager.methods.get(name)
+    backend = manager.backends.get(name)
+    if method is None and backend is None:
+        raise click.UsageError(
+            f"no method or backend named {name!r}; methods: "
+            f"{', '.join(manager.methods.names())}; backends: {', '.join(manager.backends.names())}"
+        )
+    console = _console()
+    if method is not None:
+        runs_on = [b for b, ok in matrix[method.name].items() if ok]
+        if as_json:
+            click.echo(json.dumps({**_method_dict(method), "backends": runs_on}, indent=2))
+            return
+        spec = method.obj
+        console.print(f"[bold]{method.name}[/bold] ({method.distribution}): {spec.summary}")
+        console.print(
+            f"input: {spec.input}{' x2 models' if spec.arity == 2 else ''}; requires: "
+            f"{', '.join(sorted(spec.requires)) or 'nothing'}; runs on: {', '.join(runs_on) or '-'}"
+        )
+        rows = _param_rows(spec)
+        console.print(
+            _table(
+                f"parameters of {method.name} (archscope run {method.name} MODEL --param key=value)",
+                ["name", "type", "default", "help"],
+                [
+                    [
+                        str(p["name"]),
+                        str(p.get("type", "")),
+                        "(required)" if p.get("required") else str(p.get("default")),
+                        _param_help(p),
+                    ]
+                    for p in rows
+                ],
+            )
+        )
+        if spec.quick:
+            console.print("--quick sets: " + ", ".join(f"{k}={v!r}" for k, v in spec.quick.items()))
+        return
+    assert backend is not None
+    runs = [m for m, by_backend in matrix.items() if by_backend.get(backend.name)]
+    if as_json:
+        click.echo(json.dumps({**_backend_dict(backend), "methods": runs}, indent=2))
+        return
+    console.print(
+        f"[bold]{backend.name}[/bold] ({backend.distribution}): {backend.obj.description}"
+    )
+    console.print(f"capabilities: {', '.join(sorted(_capabilities(backend.obj))) or '-'}")
+    console.print(f"methods it can run: {', '.join(runs) or '-'}")
 
 
 def _parse_params(method: Any, params: tuple[str, ...], quick: bool) -> dict[str, Any]:
@@ -230,7 +313,9 @@ def _method_data(
                 f"method {method.name!r} takes a contrast: give --clean TEXT "
                 "and --corrupt TEXT, as many of each (repeatable)"
             )
-        return Contrast(list(clean), list(corrupt), tokenizer=tokenizer)
+        contrast = Contrast(list(clean), list(corrupt), tokenizer=tokenizer)
+        _refuse_identical(contrast)
+        return contrast
     if data is not None:
         dataset = Dataset.from_file(data, tokenizer=tokenizer)
     elif texts:
@@ -243,8 +328,45 @@ def _method_data(
         )
     if method.input == "dataset":
         return dataset
-    pad = int(getattr(tokenizer, "pad_token_id", None) or 0)
-    return pad_batch(dataset.ids(), padding_for(backend), pad)
+    from ..tokens import pad_id
+
+    return pad_batch(dataset.ids(), padding_for(backend), pad_id(tokenizer))
+
+
+def _refuse_identical(contrast: Any) -> None:
+    """Refuse a contrast whose clean and corrupted sides are the same tokens: every patched
+    run would equal both, and the gap to restore is zero."""
+    from ..errors import InputError
+    from ..tokens import decode
+
+    tokenizer = contrast.tokenizer
+    for n, (clean, corrupt) in enumerate(contrast.pairs()):
+        if clean == corrupt:
+            shown = " ".join(decode(tokenizer, t) for t in clean)
+            raise InputError(
+                f"pair {n}: the clean text {contrast.clean[n]!r} and the corrupted text "
+                f"{contrast.corrupted[n]!r} are the same tokens ({shown!r}, ids {clean}), so "
+                "there is no difference to patch. Change a word the tokenizer knows (words "
+                "it does not know all become the same unknown token)"
+            )
+
+
+#: Suffixes ``--out`` takes, per command.
+_OUT_SUFFIXES = {"result": (".json", ".md", ".png"), "bench": (".md", ".json")}
+
+
+def _check_out(out: str | None, kind: str) -> None:
+    """Refuse an ``--out`` path with a suffix the command cannot write, before any work."""
+    if out is None:
+        return
+    from pathlib import Path
+
+    allowed = _OUT_SUFFIXES[kind]
+    if Path(out).suffix.lower() not in allowed:
+        raise click.BadParameter(
+            f"{out!r}: write {' or '.join(allowed)} (the suffix picks the format)",
+            param_hint="--out",
+        )
 
 
 @cli.command(name="run")
@@ -304,11 +426,16 @@ def run_method(
             f"method {method!r} takes {spec.arity} model"
             f"{'s' if spec.arity > 1 else ''}, got {len(models)}"
         )
+    from ..tokens import check_fits
+
+    _check_out(out, "result")
     values = _parse_params(spec, params, quick)
     loaded = [load_model(m, arch=hint) for m in models]
     tokenizer = loaded[0][1]
+    check_fits(tokenizer, loaded[0][2])
     inputs = _method_data(spec, loaded[0][2], tokenizer, texts, data, clean, corrupt)
-    result = spec(*[b for _, _, b in loaded], inputs, **values)
+    with _working(f"{method} on {models[0]}"):
+        result = spec(*[b for _, _, b in loaded], inputs, **values)
     if out is not None:
         click.echo(f"wrote {result.save(out)}", err=True)
     click.echo(result.to_json() if as_json else result.to_markdown())
@@ -330,6 +457,7 @@ def bench(models: tuple[str, ...], hint: str | None, out: str | None, quick: boo
     models installed sources name (the zoo's trained models)."""
     from .bench import default_models, profile_models, profile_to_markdown, write_report
 
+    _check_out(out, "bench")
     specs = list(models) or default_models()
     if not specs:
         raise click.UsageError(
@@ -367,6 +495,7 @@ def lens(
     from ..loader import load_model
     from ..methods.lens import logit_lens
 
+    _check_out(out, "result")
     _, tokenizer, backend = load_model(model, arch=hint)
     result = logit_lens(backend, tokenizer, prompt, target_token=target, top_k=top_k)
     if out is not None:
@@ -399,29 +528,107 @@ def patch(
     from ..data import Contrast
     from ..loader import load_model
     from ..methods.attribute import patch_sweep
+    from ..tokens import check_fits
 
+    _check_out(out, "result")
     _, tokenizer, backend = load_model(model, arch=hint)
-    clean_ds, corrupt_ds = Contrast([clean], [corrupt], tokenizer=tokenizer).datasets()
-    result = patch_sweep(
-        backend, clean_ds.ids(), corrupt_ds.ids(), axis="position", attribution=attribution
-    )
+    check_fits(tokenizer, backend)
+    contrast = Contrast([clean], [corrupt], tokenizer=tokenizer)
+    _refuse_identical(contrast)
+    clean_ds, corrupt_ds = contrast.datasets()
+    with _working(f"patching {model}"):
+        result = patch_sweep(
+            backend, clean_ds.ids(), corrupt_ds.ids(), axis="position", attribution=attribution
+        )
     if out is not None:
         click.echo(f"wrote {result.save(out)}", err=True)
     click.echo(result.to_markdown())
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors (archscope's own error classes) print one line and exit 1
-    (usage errors 2); ``--debug`` or ``ARCHSCOPE_DEBUG=1`` shows the traceback instead."""
+class _working:
+    """While a method runs: on a terminal, a line saying what runs (its long loops show tqdm
+    bars below it); elsewhere nothing, so pipes and logs stay clean."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> _working:
+        if sys.stderr.isatty():
+            click.echo(f"running {self.what} ...", err=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Warnings in the CLI: one line ``warning: message``, no source file or line."""
+    text = str(message).strip()
+    if text.startswith("archscope: "):
+        text = text[len("archscope: ") :]
+    click.echo(f"warning: {text}", err=True)
+
+
+_DEBUG_HELP = "Show the Python traceback of an error (also ARCHSCOPE_DEBUG=1)."
+
+
+def _add_debug_option(group: click.Group) -> None:
+    """Every command lists ``--debug`` in its help (`main` reads and removes the flag)."""
+    if not any(p.name == "debug" for p in group.params):
+        group.params.append(
+            click.Option(["--debug"], is_flag=True, expose_value=False, help=_DEBUG_HELP)
+        )
+    for command in group.commands.values():
+        if not any(p.name == "debug" for p in command.params):
+            command.params.append(
+                click.Option(["--debug"], is_flag=True, expose_value=False, help=_DEBUG_HELP)
+            )
+        if isinstance(command, click.Group):
+            _add_debug_option(command)
+
+
+def _quiet_loading() -> None:
+    """No Hugging Face "Loading weights" progress bar: the environment variable is read when
+    transformers is imported; an already imported transformers is told directly."""
     import os
 
-    from ..errors import ArchscopeError, ParameterError
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] != "0" and "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors (archscope's own error classes) print one line and exit 1
+    (usage errors 2); ``--debug`` or ``ARCHSCOPE_DEBUG=1`` shows the traceback instead.
+    Warnings print as ``warning: message``."""
+    import os
+    import warnings
+
     from ..plugins import get_manager
 
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("ARCHSCOPE_DEBUG", "") not in ("", "0")
     args = [a for a in args if a != "--debug"]
-    get_manager().add_commands(cli)
+    _quiet_loading()
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        get_manager().add_commands(cli)
+        _add_debug_option(cli)
+        _main(args, debug)
+
+
+def _main(args: list[str], debug: bool) -> None:
+    from ..errors import ArchscopeError, ParameterError
+
     try:
         cli.main(args=args, prog_name="archscope", standalone_mode=False)
     except click.exceptions.Exit as exc:

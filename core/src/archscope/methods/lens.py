@@ -146,9 +146,9 @@ def _backend(model: Any, hint: str | None = None) -> Backend:
 
 
 def _decode(tokenizer: Any, token_id: int) -> str:
-    if tokenizer is not None and hasattr(tokenizer, "decode"):
-        return str(tokenizer.decode([token_id]))
-    return str(token_id)
+    from ..tokens import decode
+
+    return decode(tokenizer, token_id)
 
 
 def _prompt_ids(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
@@ -158,7 +158,9 @@ def _prompt_ids(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
                 "a text prompt needs a tokenizer: pass tokenizer=, or give the "
                 "prompt as a list of token ids"
             )
-        ids = list(tokenizer(prompt)["input_ids"])
+        from ..tokens import encode_one
+
+        ids = encode_one(tokenizer, prompt)
     else:
         ids = [int(i) for i in prompt]
     if not ids:
@@ -171,16 +173,10 @@ def _target_id(tokenizer: Any, target: str | int | None, n_vocab: int) -> int | 
         return None
     if isinstance(target, int):
         tid = target
-    else:
-        if tokenizer is None:
-            raise InputError("target_token as text needs a tokenizer (or give its id)")
-        ids = list(tokenizer(target, add_special_tokens=False)["input_ids"])
-        if not ids:
-            raise InputError(
-                f"target_token {target!r} tokenizes to nothing; give a token "
-                "the vocabulary has (e.g. ' Paris' with its leading space)"
-            )
-        tid = ids[0]  # a multi-token target is judged by its first token
+    else:  # one known token: an unknown or multi-token target is refused, saying why
+        from ..tokens import single_token_id
+
+        tid = single_token_id(tokenizer, target)
     if not 0 <= tid < n_vocab:
         raise InputError(f"target token id {tid} is outside the vocabulary 0..{n_vocab - 1}")
     return tid
@@ -225,9 +221,15 @@ def _lens(
 
     if top_k < 1:
         raise ParameterError(f"top_k must be >= 1, got {top_k}")
+    from ..tokens import check_fits
+
+    check_fits(tokenizer, backend)
     ids = _prompt_ids(tokenizer, prompt)
     names = backend.layer_names()
     chosen = _layer_indices(backend, layers)
+    limits = backend.input_limits()
+    if limits.vocab_size is not None:  # a bad target is refused before the forward pass
+        _target_id(tokenizer, target_token, limits.vocab_size)
     result = backend.run([ids], capture=[*(names[i] for i in chosen), "logits"])
     final = torch.log_softmax(result["logits"][0].float(), -1)  # (seq, vocab)
     n_vocab = final.shape[-1]
@@ -655,8 +657,10 @@ class TunedLens(Artifact):
         bias = lens.bias.clone().requires_grad_(True)
         opt = torch.optim.Adam([weight, bias], lr=lr)
         g = torch.Generator().manual_seed(seed)
+        from ..progress import bar
+
         with torch.enable_grad():
-            for epoch in range(epochs):
+            for epoch in bar(range(epochs), desc="tuned lens", unit="epoch"):
                 for acts, final in train:
                     # Minibatches of real tokens, shuffled across the rows of the batch.
                     perm = torch.randperm(final.shape[0], generator=g)

@@ -635,3 +635,97 @@ class BackendContract:
                 json.dumps(result.to_dict())
 
         self._each(check, model_name)
+
+    # -- tokenizers: the one contract of docs/plugin-authors.md ---------------------------------
+    def make_tokenizer(self, model: Any) -> Any:
+        """The tokenizer your model source returns for ``model``, or None: then the kit uses
+        `archscope.testing.tokenizers.ByteTokenizer`, which follows only the guide's call."""
+        return None
+
+    def _tokenizer(self, model: Any) -> Any:
+        from .tokenizers import ByteTokenizer
+
+        tokenizer = self.make_tokenizer(model)
+        return tokenizer if tokenizer is not None else ByteTokenizer(self.vocab_size(model))
+
+    def test_tokenizer_following_the_guide_works_with_lens_and_methods(
+        self, model_name: str
+    ) -> None:
+        import warnings
+
+        from archscope import run_method
+        from archscope.lens import logit_lens
+        from archscope.tokens import contract_problems, encode_one
+
+        def check(name: str, model: Any, backend: Any) -> None:
+            tokenizer = self._tokenizer(model)
+            problems = contract_problems(tokenizer)
+            if problems:
+                _fix(
+                    f"the tokenizer of {name!r} ({type(tokenizer).__name__}) does not follow the "
+                    'contract of docs/plugin-authors.md, tok(texts, return_tensors="pt", '
+                    "padding=True) -> input_ids and attention_mask: " + "; ".join(problems)
+                )
+            caps = set(backend.capabilities)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # unknown words are fine here
+                try:
+                    if {"unembed", "logits"} <= caps:
+                        prompt = "the cat sat on the mat"
+                        target = encode_one(tokenizer, prompt)[-1]
+                        logit_lens(backend, tokenizer, prompt, target_token=target, top_k=2)
+                    if "residual" in caps:
+                        run_method(
+                            "activation-stats",
+                            backend,
+                            ["the cat sat", "a dog"],
+                            tokenizer=tokenizer,
+                        )
+                except Exception as exc:
+                    _fix(
+                        f"with the tokenizer of {name!r} ({type(tokenizer).__name__}), the logit "
+                        f"lens or a method on texts failed: {exc!r}. archscope calls a tokenizer "
+                        "only through archscope.tokens (the guide's batched call)"
+                    )
+
+        self._each(check, model_name)
+
+    def test_profile_names_contrast_pairs_of_unequal_token_lengths(self, model_name: str) -> None:
+        import warnings
+
+        from archscope.bench import generic_tasks, profile_backend
+        from archscope.data import Contrast
+
+        from .tokenizers import ByteTokenizer
+
+        if model_name != self.model_names()[0]:
+            return  # one profile per backend is enough
+
+        def check(name: str, model: Any, backend: Any) -> None:
+            tokenizer = ByteTokenizer(self.vocab_size(model))
+            tasks = generic_tasks(tokenizer, n=8)
+            # equal words, unequal bytes: the second pair tokenises to 6 and 7 tokens
+            tasks.contrast = Contrast(
+                ["it was good", "it is so"], ["it was bad!", "it is sad"], tokenizer=tokenizer
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    profile = profile_backend(
+                        backend, tokenizer, name=name, tasks=tasks, quick=True
+                    )
+                except Exception as exc:
+                    _fix(
+                        f"profile_backend (archscope bench) on {name!r} with a byte-level "
+                        f"tokenizer failed: {exc!r}; a part that cannot run must be named in "
+                        "the profile's notes"
+                    )
+            if {"edit", "logits"} <= set(backend.capabilities) and not any(
+                "different lengths" in note for note in profile.notes
+            ):
+                _fix(
+                    f"the profile of {name!r} does not name the contrast pair of unequal token "
+                    f"lengths in its notes (notes: {profile.notes})"
+                )
+
+        self._each(check, model_name)

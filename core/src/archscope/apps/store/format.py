@@ -71,6 +71,35 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def header_problem(path: Path, size: int) -> str | None:
+    """What is wrong with the safetensors header of the file at ``path`` (``size`` bytes), or
+    None: the header length, its JSON, and that every tensor's bytes lie inside the file."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return "shorter than a safetensors header"
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            return f"its header claims {n} bytes, more than the file holds"
+        try:
+            header = json.loads(handle.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "its safetensors header is not valid JSON (the file is damaged)"
+    if not isinstance(header, dict):
+        return "its safetensors header is not a JSON object"
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not isinstance(offsets, list) or len(offsets) != 2:
+            return f"tensor {name!r} has no data offsets in the header"
+        end = max(end, int(offsets[1]))
+    if 8 + n + end != size:
+        return f"its tensors end at byte {8 + n + end}, but the file has {size} bytes"
+    return None
+
+
 def tokenizer_hash(tokenizer: Any) -> str | None:
     """A hash of what decides a tokenizer's ids: its full serialisation when it has one (fast
     tokenizers), else its vocabulary and special tokens; None without a tokenizer."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import SiteError
-from .format import INDEX_FIELDS, Manifest, StoreError, file_sha256
+from .format import INDEX_FIELDS, Manifest, StoreError, file_sha256, header_problem
 
 if TYPE_CHECKING:
     import torch
@@ -77,7 +77,16 @@ class ActivationStore:
 
     @property
     def complete(self) -> bool:
-        return self.manifest.complete
+        """Every shard was written and every shard file is still there."""
+        return self.manifest.complete and not self.missing_files()
+
+    def missing_files(self) -> list[str]:
+        """Shards the manifest lists whose file is gone from the folder."""
+        return [
+            r.file
+            for _, r in sorted(self.manifest.shards.items())
+            if not (self.path / r.file).is_file()
+        ]
 
     @property
     def n_tokens(self) -> int:
@@ -104,53 +113,106 @@ class ActivationStore:
         return [self.path / self.manifest.shards[i].file for i in sorted(self.manifest.shards)]
 
     def require_complete(self) -> None:
-        if not self.complete:
+        lost = self.missing_files()
+        if lost:
+            raise StoreError(
+                f"{self.path}: {len(lost)} shard files the manifest lists are missing "
+                f"({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}): run the same "
+                "extraction again into this folder to rewrite them (it resumes), or pass "
+                "allow_incomplete=True to read the rest"
+            )
+        if not self.manifest.complete:
             raise StoreError(
                 f"{self.path} is incomplete ({len(self.manifest.shards)} of "
                 f"{self.manifest.n_shards} shards): run the same extraction again "
                 "to resume it, or pass allow_incomplete=True"
             )
 
-    def shard(self, index: int, fields: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-        """The tensors of one shard (all of them, or ``fields``), read from disk."""
-        from safetensors import safe_open
-
+    def shard_problem(self, index: int, checksum: bool = False) -> str | None:
+        """What is wrong with shard ``index`` on disk, or None. Always checked (cheap): the
+        file exists, has the size the manifest recorded, and its safetensors header parses
+        and fits the file. With ``checksum``: also its SHA-256 (reads the whole file)."""
         record = self.manifest.shards[index]
-        with safe_open(self.path / record.file, framework="pt") as handle:
-            keys = list(handle.keys()) if fields is None else list(fields)
-            return {k: handle.get_tensor(k) for k in keys}
+        path = self.path / record.file
+        if not path.is_file():
+            return "missing"
+        size = path.stat().st_size
+        if size != record.bytes:
+            return f"{size} bytes, but the manifest recorded {record.bytes} (truncated or replaced)"
+        problem = header_problem(path, size)
+        if problem is None and checksum and file_sha256(path) != record.sha256:
+            problem = "checksum differs from the manifest"
+        return problem
 
-    def read(self, site: str, with_index: bool = False) -> Any:
+    def check_shard(self, index: int, checksum: bool = False) -> Path:
+        """The path of shard ``index`` after `shard_problem` found nothing; else a
+        `StoreError` naming the shard and what to do."""
+        problem = self.shard_problem(index, checksum)
+        record = self.manifest.shards[index]
+        if problem is not None:
+            raise StoreError(
+                f"{self.path}: shard {record.file} (documents {record.docs[0]}..."
+                f"{record.docs[1] - 1}) is damaged: {problem}. Delete that file and run the "
+                "same extraction again into this folder: it resumes and rewrites only the "
+                "missing shards"
+            )
+        return self.path / record.file
+
+    def shard(self, index: int, fields: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of one shard (all of them, or ``fields``), read from disk after the
+        cheap checks of `shard_problem`."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.check_shard(index)
+        try:
+            with safe_open(path, framework="pt") as handle:
+                keys = list(handle.keys()) if fields is None else list(fields)
+                return {k: handle.get_tensor(k) for k in keys}
+        except SafetensorError as exc:
+            raise self._damaged(index, exc) from None
+
+    def _damaged(self, index: int, exc: Exception) -> StoreError:
+        record = self.manifest.shards[index]
+        return StoreError(
+            f"{self.path}: shard {record.file} cannot be read ({exc}). Delete that file and run "
+            "the same extraction again into this folder: it resumes and rewrites the missing "
+            "shards"
+        )
+
+    def read(self, site: str, with_index: bool = False, checksum: bool = True) -> Any:
         """A whole site in memory, in document order (small stores only; use `reader` to
-        stream). With ``with_index``: ``(acts, doc, position, token_ids)``."""
+        stream). With ``with_index``: ``(acts, doc, position, token_ids)``. Each shard's
+        checksum is checked first (``checksum=False``: sizes and headers only)."""
         import torch
 
         name = self.site_name(site)
         fields = (name, *INDEX_FIELDS) if with_index else (name,)
+        for index in sorted(self.manifest.shards):
+            self.check_shard(index, checksum)
         parts = [self.shard(i, fields) for i in sorted(self.manifest.shards)]
         cat = [torch.cat([p[f] for p in parts]) for f in fields]
         return tuple(cat) if with_index else cat[0]
 
     def verify(self) -> list[str]:
-        """Shards whose file is missing or whose checksum differs from the manifest's."""
+        """Shards that are missing, damaged or whose checksum differs from the manifest's,
+        as ``"file: what"`` lines (empty when every shard is intact)."""
         bad = []
-        for record in self.manifest.shards.values():
-            path = self.path / record.file
-            if not path.is_file():
-                bad.append(f"{record.file}: missing")
-            elif file_sha256(path) != record.sha256:
-                bad.append(f"{record.file}: checksum differs from the manifest")
+        for index, record in sorted(self.manifest.shards.items()):
+            problem = self.shard_problem(index, checksum=True)
+            if problem is not None:
+                bad.append(f"{record.file}: {problem}")
         return bad
 
     def info(self) -> StoreInfo:
         m = self.manifest
+        lost = self.missing_files()
         return StoreInfo(
             path=str(self.path),
-            complete=m.complete,
+            complete=m.complete and not lost,
             n_docs=int(m.dataset["n_docs"]),
             n_tokens=m.n_tokens,
             n_shards=m.n_shards,
-            shards_written=len(m.shards),
+            shards_written=len(m.shards) - len(lost),
             bytes=sum(r.bytes for r in m.shards.values()),
             sites=m.sites,
             model=m.model,
@@ -274,13 +336,19 @@ class StoreReader:
         yield from chunks
 
     def _read(self, index: int, start: int, end: int) -> list[torch.Tensor]:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         fields = (self.site, *INDEX_FIELDS) if self.with_index else (self.site,)
+        if index not in self._checked:  # sizes and header, once per shard and iteration
+            self.store.check_shard(index)
+            self._checked.add(index)
         path = self.store.path / self.store.manifest.shards[index].file
         # One mapping per chunk: only the rows asked for are read and copied.
-        with safe_open(path, framework="pt") as handle:
-            out = [handle.get_slice(f)[start:end] for f in fields]
+        try:
+            with safe_open(path, framework="pt") as handle:
+                out = [handle.get_slice(f)[start:end] for f in fields]
+        except (SafetensorError, FileNotFoundError) as exc:
+            raise self.store._damaged(index, exc) from None
         if self.dtype is not None:
             out[0] = out[0].to(self.dtype)
         return out
@@ -292,6 +360,7 @@ class StoreReader:
         import torch
 
         gen = self._generator(10_007 + self.rank)
+        self._checked: set[int] = set()
         pending: list[list[torch.Tensor]] = []
         held = 0
         for index, start, end in self._chunks():

@@ -33,6 +33,8 @@ class SAEReport(Result):
     train_metrics: dict[str, float] = field(default_factory=dict)
     saved_to: str | None = None
     saelens_dir: str | None = None
+    #: "held-out" texts, or "training" when none were held out (eval_fraction=0, one text)
+    eval_on: str = "held-out"
     _sae: Any = field(default=None, repr=False)
 
     @property
@@ -66,7 +68,12 @@ class SAEReport(Result):
                 head,
                 "",
                 f"Trained on {self.n_train_tokens} tokens; evaluated on "
-                f"{m.n_inputs} held-out tokens.",
+                + (
+                    f"{m.n_inputs} held-out tokens."
+                    if self.eval_on == "held-out"
+                    else f"the same {m.n_inputs} training tokens (no texts were held out: "
+                    "these are training-set metrics, not a test of generalisation)."
+                ),
                 "",
                 "| metric | value |",
                 "|---|---|",
@@ -94,6 +101,7 @@ def sae_method(backend: Any, data: Any, options: SAEOptions) -> SAEReport:
     from ...artifacts import ArtifactFit
     from ...collect import iter_collect
     from ...data import as_dataset
+    from ...progress import bar
     from ._metrics import reconstruction_metrics, spliced_loss
     from ._models import SAEConfig
     from ._saelens import export_saelens
@@ -114,6 +122,9 @@ def sae_method(backend: Any, data: Any, options: SAEOptions) -> SAEReport:
             )
         )
 
+    for name, folder in (("save", o.save), ("saelens_dir", o.saelens_dir)):
+        if folder:
+            _check_save_folder(name, folder)
     config = SAEConfig(
         input_dim=info.dim,
         n_features=o.n_features or 8 * info.dim,
@@ -126,15 +137,18 @@ def sae_method(backend: Any, data: Any, options: SAEOptions) -> SAEReport:
     )
     source: Any = (lambda: chunks(train_set)) if stream else torch.cat(list(chunks(train_set)))
     counted: list[int] = []
-    sae = fit_sae(
-        source if not stream else _counting(source, counted),
-        config,
-        epochs=o.epochs,
-        device=str(backend.device),
-    )
+
+    with bar(total=o.epochs, desc=f"sae on {info.name}", unit="epoch") as shown:
+        sae = fit_sae(
+            source if not stream else _counting(source, counted),
+            config,
+            epochs=o.epochs,
+            device=str(backend.device),
+            progress=lambda epoch, metrics: shown.update(1),
+            fitted_on=ArtifactFit.of(backend, info.name),
+        )
     n_train = int(source.shape[0]) if isinstance(source, torch.Tensor) else sum(counted) // o.epochs
     sae.site = info.name
-    sae.fitted_on = ArtifactFit.of(backend, info.name)
     metrics = reconstruction_metrics(sae, lambda: chunks(eval_set))
     loss = None
     scorable = any(len(ids) > 1 for ids in eval_set.ids())  # a next token to predict
@@ -154,8 +168,28 @@ def sae_method(backend: Any, data: Any, options: SAEOptions) -> SAEReport:
         train_metrics=dict(sae.last_metrics),
         saved_to=saved,
         saelens_dir=exported,
+        eval_on="held-out" if eval_rows else "training",
         _sae=sae,
     )
+
+
+def _check_save_folder(name: str, save: str) -> None:
+    """Refuse a folder parameter whose path exists and is not a folder, before any training."""
+    from pathlib import Path
+
+    from ...errors import ParameterError
+
+    path = Path(save)
+    if path.exists() and not path.is_dir():
+        raise ParameterError(
+            f"{name}={save!r} is an existing file; the SAE is saved as a folder of files: "
+            "give a new or existing folder path"
+        )
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ParameterError(
+                f"{name}={save!r} lies under {str(parent)!r}, which is a file, not a folder"
+            )
 
 
 def _counting(make: Any, counted: list[int]) -> Any:

@@ -73,6 +73,39 @@ class SAEConfig:
     threshold_lr: float = 0.01
     seed: int = SAEOptions.seed
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings that cannot train (a `ParameterError` naming the field, the value
+        and what is valid): sizes below 1, a learning rate that is not a finite positive
+        number, a negative or non-finite sparsity, and ``k`` above ``n_features`` for the
+        TopK variants."""
+        for name in ("input_dim", "n_features", "batch_size", "k", "buffer_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ParameterError(f"SAEConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("learning_rate", "threshold_lr"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ParameterError(
+                    f"SAEConfig.{name} must be a finite number > 0, got {value!r} "
+                    "(e.g. 1e-3; a non-finite rate makes every weight NaN)"
+                )
+        for name in ("sparsity", "aux_coefficient"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ParameterError(
+                    f"SAEConfig.{name} must be a finite number >= 0, got {value!r}"
+                )
+        kind = canonical_sae_type(self.sae_type)
+        if kind in ("topk", "batchtopk") and self.k > self.n_features:
+            raise ParameterError(
+                f"SAEConfig.k={self.k} active features per input but only n_features="
+                f"{self.n_features} features: a {kind} SAE keeps k of its features, so give "
+                f"k <= {self.n_features} or more features"
+            )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -244,6 +277,23 @@ class SAE(nn.Module, Artifact):
         sae.load_tensors(tensors)
         sae.site = config.get("site")
         return sae
+
+    def check_fits(self, backend: Any) -> None:
+        """As `Artifact.check_fits`; an SAE that records no fit but knows its site is still
+        refused where that site is missing or has another dimension."""
+        if self.fitted_on is None and self.site:
+            if self.site not in backend.sites():
+                raise ArtifactError(
+                    f"this SAE was trained on site {self.site!r}, which backend "
+                    f"{backend.name!r} does not have"
+                )
+            dim = int(backend.site_info(self.site).dim)
+            if dim != self.input_dim:
+                raise ArtifactError(
+                    f"this SAE takes {self.input_dim}-dimensional inputs but {self.site} of "
+                    f"backend {backend.name!r} has dimension {dim}"
+                )
+        super().check_fits(backend)
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:

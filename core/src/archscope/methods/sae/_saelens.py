@@ -174,22 +174,16 @@ def import_saelens(path: str | Path) -> SAE:  # noqa: C901 - one check per cfg k
             stacklevel=2,
         )
     stored = cfg.get("archscope_config")
-    config = (
-        SAEConfig.from_dict(stored)
-        if isinstance(stored, dict)
-        else SAEConfig(input_dim=d_in, n_features=d_sae, sae_type=sae_type)
-    )
+    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
     config = SAEConfig.from_dict(
         {
-            **config.to_dict(),
+            **(stored if isinstance(stored, dict) else {}),
             "input_dim": d_in,
             "n_features": d_sae,
             "sae_type": canonical_sae_type(sae_type),
+            **({} if k is None else {"k": int(k)}),
         }
     )
-    k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
-    if k is not None:
-        config.k = int(k)
     dtype = tensors["W_enc"].dtype
     sae = build_sae(config).to(dtype)
     scale = float(cfg.get("archscope_input_scale", 1.0))

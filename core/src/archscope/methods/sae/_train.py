@@ -12,7 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...errors import ParameterError
+from ...artifacts import ArtifactFit
+from ...errors import InputError, ParameterError
 from ._models import SAE, BatchTopKSAE, SAEConfig, build_sae, power_of_two_scale
 
 #: what `fit_sae` trains on: one (n, d) tensor, an iterable of (n, d) chunks (re-iterable for
@@ -38,6 +39,15 @@ def _as_rows(chunk: Any, dim: int) -> torch.Tensor:
             f"shape {tuple(chunk.shape)}"
         )
     rows: torch.Tensor = chunk.reshape(-1, dim)
+    if rows.is_floating_point():
+        bad = int((~torch.isfinite(rows)).sum())
+        if bad:
+            n_rows = int((~torch.isfinite(rows)).any(-1).sum())
+            raise InputError(
+                f"the activations hold {bad} non-finite values (NaN or inf) in {n_rows} of "
+                f"{len(rows)} rows: an SAE trained on them has NaN weights. Find where they "
+                "come from (an fp16 overflow, an edit) or drop those rows before fitting"
+            )
     return rows
 
 
@@ -320,6 +330,7 @@ def fit_sae(
     *,
     sae: SAE | None = None,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    fitted_on: ArtifactFit | None = None,
 ) -> SAE:
     """Train an SAE of ``config.sae_type`` on activations and return it.
 
@@ -331,6 +342,10 @@ def fit_sae(
     called after each epoch. The returned SAE's ``last_metrics`` summarise the last epoch:
     recon (= mse, per element, raw activation space), l1, n_active (= l0, mean active
     features per input), explained_variance, dead_fraction.
+
+    ``fitted_on`` (`archscope.ArtifactFit.of(backend, site)`) records where the activations
+    come from, so that the saved SAE refuses another model on load; a `StoreReader` of an
+    activation store records it by itself. Non-finite activations are refused.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ParameterError(f"epochs must be an int >= 1, got {epochs!r}")
@@ -378,4 +393,22 @@ def fit_sae(
             progress(epoch, trainer.metrics())
     model.last_metrics = trainer.metrics()
     model.eval()
+    _record_fit(model, fitted_on if fitted_on is not None else _store_fit(activations, dim))
     return model
+
+
+def _record_fit(model: SAE, fit: ArtifactFit | None) -> None:
+    if fit is not None:
+        model.fitted_on = fit
+        model.site = fit.site
+
+
+def _store_fit(activations: Any, dim: int) -> ArtifactFit | None:
+    """Where the activations of a `StoreReader` were extracted (None for other sources)."""
+    store, site = getattr(activations, "store", None), getattr(activations, "site", None)
+    manifest = getattr(store, "manifest", None)
+    record = getattr(manifest, "model", None)
+    if not isinstance(record, dict) or not isinstance(site, str) or not record.get("backend"):
+        return None
+    model = {k: record.get(k) for k in ("class", "config_hash", "n_params")}
+    return ArtifactFit(backend=str(record["backend"]), site=site, dim=dim, model=model)
