@@ -173,3 +173,15 @@ def test_every_0_2_name_imports_from_its_0_2_path(old: str, fresh_legacy: None) 
     current = importlib.import_module(legacy.MOVED_MODULES[old])
     for name in API_0_2[old]:
         assert namespace[name] is getattr(current, name), name
+
+
+def test_0_2_backend_class_names_warn_with_their_home(fresh_legacy: None) -> None:
+    import archscope.backends as backends
+    from archscope_transformer.backend import TransformerBackend
+
+    with pytest.warns(DeprecationWarning, match=r"archscope_transformer\.backend\.Transformer"):
+        old = backends.TransformerBackend
+    assert old is TransformerBackend
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.TransformerBackend is TransformerBackend  # once per name
