@@ -136,3 +136,52 @@ def test_one_argument_metric_of_0_2_warns_and_works(fresh_legacy: None) -> None:
         new = activation_patch(a.backend, clean, corrupt, [0, 1], two_args)
     assert old.gap_restored == pytest.approx(new.gap_restored)
     assert old.patched_metric == pytest.approx(new.patched_metric)
+
+
+#: The names of archscope 0.2's public API per module (API-0.2.md), imported by their 0.2 path.
+API_0_2 = {
+    "archscope.probes": ["ProbeConfig", "Probe", "ProbeFit", "fit_probe"],
+    "archscope.sae": ["SAEConfig", "DenseSAE", "Rank1FactoredSAE", "build_sae", "fit_sae"],
+    "archscope.neurons": ["NeuronEditConfig", "NeuronEdit", "find_neurons"],
+    "archscope.attribute": ["PatchResult", "DIMResult", "activation_patch", "dim_decompose"],
+    "archscope.circuits": [
+        "CircuitScore",
+        "induction_head_score",
+        "copy_score",
+        "early_token_attention",
+        "run_all_circuits",
+    ],
+    "archscope.lens": ["LayerPrediction", "LensResult", "logit_lens", "TunedLens"],
+    "archscope.diff": ["LayerDrift", "CircuitDelta", "ModelDiff", "compare"],
+    "archscope.transfer": [
+        "TransferResult",
+        "learn_alignment",
+        "transfer_probe",
+        "auroc_from_scores",
+        "evaluate_transfer",
+    ],
+    "archscope.bench": ["InterpProfile", "benchmark", "profile_to_markdown"],
+}
+
+
+@pytest.mark.parametrize("old", sorted(API_0_2))
+def test_every_0_2_name_imports_from_its_0_2_path(old: str, fresh_legacy: None) -> None:
+    names = ", ".join(API_0_2[old])
+    namespace: dict[str, object] = {}
+    with pytest.warns(DeprecationWarning, match=legacy.MOVED_MODULES[old].replace(".", r"\.")):
+        exec(f"from {old} import {names}", namespace)
+    current = importlib.import_module(legacy.MOVED_MODULES[old])
+    for name in API_0_2[old]:
+        assert namespace[name] is getattr(current, name), name
+
+
+def test_0_2_backend_class_names_warn_with_their_home(fresh_legacy: None) -> None:
+    import archscope.backends as backends
+    from archscope_transformer.backend import TransformerBackend
+
+    with pytest.warns(DeprecationWarning, match=r"archscope_transformer\.backend\.Transformer"):
+        old = backends.TransformerBackend
+    assert old is TransformerBackend
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.TransformerBackend is TransformerBackend  # once per name

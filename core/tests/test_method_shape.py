@@ -85,3 +85,19 @@ def test_options_dataclass_is_the_schema_and_arrives_validated() -> None:
         toy(FakeBackend(), [[1]], pool="max", layerz=1)
     with pytest.raises(ParameterError, match="must be <= 8"):
         toy(FakeBackend(), [[1]], layer=9)
+
+
+def test_one_dotted_attribute_walk_for_references() -> None:
+    from archscope.modules import find_attribute
+
+    class Boom:
+        @property
+        def bad(self) -> int:
+            raise RuntimeError("no")
+
+    assert find_attribute(dataclasses, "fields.__name__") == "fields"
+    assert find_attribute(Boom(), "bad") is None and find_attribute(Boom(), "nope.x") is None
+    lazy = Method("m", "s", "archscope.methods.stats:activation_stats.function")
+    assert lazy.resolve().__name__ == "activation_stats"
+    with pytest.raises(ParameterError, match="has no attribute 'nope'"):
+        Method("m", "s", "archscope.methods.stats:nope").resolve()

@@ -398,6 +398,13 @@ def __getattr__(name: str) -> Any:
 
         for entry in get_manager().backends:
             if entry.obj.__name__ == name:
+                from .legacy import deprecated
+
+                deprecated(
+                    f"archscope.backends.{name}",
+                    f"{entry.obj.__module__}.{name}, or Backend.for_model(model, "
+                    f"hint={entry.name!r})",
+                )
                 return entry.obj
         raise AttributeError(
             f"archscope.backends has no {name!r}: no installed plugin registers a backend class "

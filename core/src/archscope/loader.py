@@ -13,6 +13,7 @@ from typing import Any
 
 from .backends import Backend
 from .errors import ArchscopeError, InputError, ModelSourceError
+from .modules import find_attribute
 from .registry import ModelSource
 
 #: ``package.module:function`` or ``path/to/file.py:function``.
@@ -47,11 +48,9 @@ def load_callable(spec: str) -> tuple[Any, Any]:
             "'package.module:function' importable from the current folder, "
             "or 'path/to/file.py:function'"
         ) from None
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ModelSourceError(f"{spec!r}: {module_name} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    obj = find_attribute(module, attr)
+    if obj is None:
+        raise ModelSourceError(f"{spec!r}: {module_name} has no attribute {attr!r}")
     if not callable(obj):
         raise ModelSourceError(
             f"{spec!r}: {attr} is not callable; name a function that "

@@ -12,7 +12,14 @@ from .errors import BackendError
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["accepted_kwargs", "accepts", "find_module", "get_module", "parameter_names"]
+__all__ = [
+    "accepted_kwargs",
+    "accepts",
+    "find_attribute",
+    "find_module",
+    "get_module",
+    "parameter_names",
+]
 
 
 def get_module(root: nn.Module, path: str) -> nn.Module:
@@ -46,6 +53,21 @@ def find_module(root: nn.Module, path: str) -> nn.Module | None:
         return get_module(root, path)
     except BackendError:
         return None
+
+
+def find_attribute(root: Any, path: str) -> Any | None:
+    """The object at the dotted attribute ``path`` below ``root`` (``"model.norm.weight"``,
+    ``"module:attr"`` parts included), or None where a part is missing or its access raises:
+    the one dotted-path walk for anything that is not a sub-module."""
+    current = root
+    for part in path.split("."):
+        try:
+            current = getattr(current, part, None)
+        except Exception:  # an object whose attribute access raises has no such path
+            return None
+        if current is None:
+            return None
+    return current
 
 
 def parameter_names(function: Callable[..., Any], declared: bool = False) -> list[str] | None:

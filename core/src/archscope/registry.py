@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from .errors import CapabilityError, MethodError, ParameterError
+from .modules import find_attribute
 from .params import ParamSpec, schema, validate
 
 
@@ -18,10 +19,10 @@ def _resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
     module, _, attr = target.partition(":")
     if not module or not attr:
         raise ParameterError(f"expected 'package.module:function', got {target!r}")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
+    obj = find_attribute(importlib.import_module(module), attr)
+    if obj is None:
+        raise ParameterError(f"{target!r}: module {module} has no attribute {attr!r}")
+    return cast("Callable[..., Any]", obj)
 
 
 InputKind = Literal["batch", "dataset", "contrast"]
