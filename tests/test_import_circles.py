@@ -112,23 +112,9 @@ def circles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-#: Circles that are being removed; strict, so each case fails once its circle is gone (then
-#: delete its entry here).
-KNOWN = {
-    "archscope": "archscope.backends <-> archscope.detection (detection reads the registry, the "
-    "registry calls detection)",
-    "archscope_mamba": "archscope-mamba's backend, continuing, native, plan, states and "
-    "structure modules import each other in a circle (helpers take MambaBackend and read its "
-    "state)",
-}
-
-
 @pytest.mark.parametrize(
     "package",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=KNOWN[p])) if p in KNOWN else p
-        for p in PACKAGES
-    ],
+    list(PACKAGES),
 )
 def test_no_import_circle(package: str) -> None:
     found = circles(import_graph(package, PACKAGES[package]))

@@ -180,8 +180,8 @@ def test_0_2_backend_class_names_warn_with_their_home(fresh_legacy: None) -> Non
     from archscope_transformer.backend import TransformerBackend
 
     with pytest.warns(DeprecationWarning, match=r"archscope_transformer\.backend\.Transformer"):
-        old = backends.TransformerBackend
+        old = backends.TransformerBackend  # type: ignore[attr-defined]
     assert old is TransformerBackend
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert backends.TransformerBackend is TransformerBackend  # once per name
+        assert backends.TransformerBackend is TransformerBackend  # type: ignore[attr-defined]

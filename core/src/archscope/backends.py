@@ -388,26 +388,3 @@ def _edit_list(edits: Any) -> list[Edit]:
                 f"{edit!r:.60}; e.g. edits=[Edit.add(site, v)]"
             )
     return listed
-
-
-def __getattr__(name: str) -> Any:
-    # 0.2 exposed per-architecture classes here (e.g. a "...Backend" class per family); they now
-    # live in plugins. Resolve such names through the registry so old imports keep working.
-    if name.endswith("Backend") and not name.startswith("_"):
-        from .plugins import get_manager
-
-        for entry in get_manager().backends:
-            if entry.obj.__name__ == name:
-                from .legacy import deprecated
-
-                deprecated(
-                    f"archscope.backends.{name}",
-                    f"{entry.obj.__module__}.{name}, or Backend.for_model(model, "
-                    f"hint={entry.name!r})",
-                )
-                return entry.obj
-        raise AttributeError(
-            f"archscope.backends has no {name!r}: no installed plugin registers a backend class "
-            f"of that name (installed: {', '.join(e.obj.__name__ for e in get_manager().backends)})"
-        )
-    raise AttributeError(f"module 'archscope.backends' has no attribute {name!r}")

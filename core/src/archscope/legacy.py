@@ -102,10 +102,34 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             module.__spec__ = own
 
 
+def _backends_getattr(name: str) -> Any:
+    """``archscope.backends.<Family>Backend``: 0.2 exposed one class per architecture there;
+    they now live in plugins, found through the registry (with a warning)."""
+    if name.endswith("Backend") and not name.startswith("_"):
+        from .plugins import get_manager
+
+        for entry in get_manager().backends:
+            if entry.obj.__name__ == name:
+                deprecated(
+                    f"archscope.backends.{name}",
+                    f"{entry.obj.__module__}.{name}, or Backend.for_model(model, "
+                    f"hint={entry.name!r})",
+                )
+                return entry.obj
+        raise AttributeError(
+            f"archscope.backends has no {name!r}: no installed plugin registers a backend class "
+            f"of that name (installed: {', '.join(e.obj.__name__ for e in get_manager().backends)})"
+        )
+    raise AttributeError(f"module 'archscope.backends' has no attribute {name!r}")
+
+
 def install() -> None:
     """Let the 0.2 module paths import (idempotent; `archscope` calls it on import)."""
     if not any(isinstance(f, _MovedModuleFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _MovedModuleFinder())
+    backends = sys.modules.get("archscope.backends")
+    if backends is not None:  # the old per-family class names, served from the registry
+        backends.__getattr__ = _backends_getattr  # type: ignore[method-assign]
 
 
 def as_backend(model: Any, hint: str | None = None) -> Backend:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import InputError, ParameterError, UsageError
+
 __all__ = ["ByteTokenizer"]
 
 
@@ -19,7 +21,7 @@ class ByteTokenizer:
 
     def __init__(self, vocab_size: int = 257) -> None:
         if vocab_size < 2:
-            raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
+            raise ParameterError(f"vocab_size must be >= 2, got {vocab_size}")
         self.vocab_size = int(vocab_size)
 
     def __len__(self) -> int:
@@ -36,7 +38,7 @@ class ByteTokenizer:
         import torch
 
         if isinstance(texts, str) or return_tensors != "pt":
-            raise TypeError(
+            raise UsageError(
                 'call as tok(list_of_texts, return_tensors="pt", padding=True) '
                 f"(got {type(texts).__name__}, return_tensors={return_tensors!r})"
             )
@@ -45,7 +47,7 @@ class ByteTokenizer:
             rows = [r[:max_length] for r in rows]
         width = max(len(r) for r in rows)
         if not padding and any(len(r) != width for r in rows):
-            raise ValueError("texts of different lengths need padding=True")
+            raise InputError("texts of different lengths need padding=True")
         ids = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
         for i, row in enumerate(rows):
