@@ -342,7 +342,7 @@ class Backend:
         not handle (its ``padding`` attribute) instead of returning wrong activations."""
         from .batch import padding_side, prepare_inputs
 
-        batch = prepare_inputs(inputs, self.device)
+        batch = prepare_inputs(inputs, self.device, "left" if self.padding == "left" else "right")
         mask = batch.get("attention_mask")
         side = padding_side(mask) if mask is not None else "none"
         if side == "mixed" or (side != "none" and self.padding not in (side, "both")):
@@ -402,8 +402,17 @@ class Backend:
         capture: Iterable[str | Site] = (),
     ) -> RunResult:
         """Run ``prefix``; swap in the recurrent state that ``source_prefix`` reached at
-        ``sites`` (default: all state sites); continue on ``suffix``; return the suffix run."""
+        ``sites`` (default: all state sites); continue on ``suffix``; return the suffix run.
+        The three inputs have one row count, or one row, which is used with every row of the
+        others."""
+        from .batch import broadcast_rows
+
         self.require("state_patch")
+        given = {"prefix": prefix, "source_prefix": source_prefix, "suffix": suffix}
+        inputs = broadcast_rows(
+            {name: self.prepare_inputs(value) for name, value in given.items()}, "state_patch"
+        )
+        prefix, source_prefix, suffix = inputs["prefix"], inputs["source_prefix"], inputs["suffix"]
         target = self.run(prefix, return_state=True, stop_early=False)
         source = self.run(source_prefix, return_state=True, stop_early=False)
         assert target.state is not None and source.state is not None
@@ -504,18 +513,18 @@ def _rows_of(request: RunRequest, rows: Any, length: int, capture: list[str]) ->
 
 
 def _edit_rows(edit: Edit, rows: Any, n_rows: int, width: int, length: int) -> Edit:
-    """An edit made for the full batch, for a group of its rows trimmed to ``length``:
-    per-row values are sliced; explicit positions are kept when they fall inside the group."""
+    """An edit made for the full batch, for a group of its rows trimmed to ``length`` (their
+    real tokens): per-row values are sliced; positions count real tokens, so those the group's
+    rows have are kept."""
     value = edit.value
     if getattr(value, "dim", lambda: 0)() >= 2 and value.shape[0] == n_rows:
         value = value[rows.to(value.device)]
     positions = edit.positions
     if isinstance(positions, slice):  # explicit, so a slice past a short group stays valid
-        positions = list(range(width)[positions])
+        positions = list(range(length)[positions])
     if isinstance(positions, (int, list, tuple)):
         given = [positions] if isinstance(positions, int) else list(positions)
-        absolute = [p + width if p < 0 else p for p in given]
-        positions = [p for p in absolute if p < length]
+        positions = [p for p in given if -length <= p < length]
     return Edit(edit.site, edit.op, value, positions, edit.units)
 
 

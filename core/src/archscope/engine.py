@@ -236,7 +236,14 @@ class HookBackend(Backend):
                 except StopForward:
                     output = None
                 if any(table[n][1] is None for n in ctx.edits) and output is None:
-                    raise BackendError(f"edits of {list(ctx.edits)} need a full forward pass")
+                    late = [n for n in ctx.edits if table[n][1] is None]
+                    raise BackendError(
+                        f"edits of {late} need the full forward pass, but this run stopped "
+                        f"early after {ctx.stop_after!r}: a run whose capture list lacks "
+                        "'logits' stops after its deepest captured site automatically. Pass "
+                        "stop_early=False (or also capture 'logits') to run the whole model "
+                        "with these edits"
+                    )
                 extra = [n for n in wanted if table[n][1] is None]
                 if extra:
                     ctx.store.update(self.read_unhooked(ctx, output, extra))
