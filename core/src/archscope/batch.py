@@ -83,11 +83,8 @@ def _as_batch(inputs: Any, side: Literal["left", "right"] = "right") -> dict[str
     return batch
 
 
-def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    if ids.dtype.is_floating_point:
-        raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+def _refuse_meta(ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Ids or a mask on the meta device hold shapes, no values: nothing to run."""
     for name, tensor in (("input_ids", ids), ("attention_mask", mask)):
         if tensor is not None and tensor.device.type == "meta":
             raise InputError(
@@ -95,6 +92,14 @@ def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
                 f"ids to run; give a tensor that holds the ids (e.g. torch.tensor(ids)) on the "
                 "model's device"
             )
+
+
+def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    if ids.dtype.is_floating_point:
+        raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+    _refuse_meta(ids, mask)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2:
