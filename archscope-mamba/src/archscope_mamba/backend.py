@@ -150,10 +150,13 @@ class MambaBackend(HookBackend):
                 f"({', '.join(FINAL_NORM_PATHS)}) or no lm_head was found; wrap a model with a "
                 "language-model head (e.g. MambaForCausalLM, not MambaModel)"
             )
-        from archscope.guards import check_width
+        from archscope.guards import unembed_input
 
-        check_width(
-            residual, self.site_info(self.layer_names()[-1]).dim, f"backend {self.name!r} unembed"
+        residual = unembed_input(
+            residual,
+            self.site_info(self.layer_names()[-1]).dim,
+            f"backend {self.name!r} unembed",
+            self.model,
         )
         normed = self.final_norm(residual.to(dtype=self.final_norm.weight.dtype))
         logits = self.lm_head(normed)

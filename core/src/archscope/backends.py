@@ -170,7 +170,14 @@ class Backend:
         the inputs (`prepare_inputs`), checks ``initial_state`` (`check_initial_state`) and
         hands a `RunRequest` to `execute`.
         """
-        from .guards import check_device, check_inputs, inference_mode, model_lock
+        from .guards import (
+            check_device,
+            check_inputs,
+            check_memory,
+            inference_mode,
+            model_lock,
+            warn_if_not_finite,
+        )
 
         edits = _edit_list(edits)
         wanted, edit_map = self.check_request(
@@ -179,6 +186,8 @@ class Backend:
         check_device(self.device, self.name)
         batch = self.prepare_inputs(inputs)
         check_inputs(batch, self.input_limits(), self.name)
+        full_pass = not (stop_early and wanted and "logits" not in wanted) or return_state
+        check_memory(self, batch, wanted, full_pass)
         self.check_initial_state(initial_state, batch)
         request = RunRequest(
             batch,
@@ -193,8 +202,11 @@ class Backend:
         # run at a time per model (see docs/architecture.md, "Runs and threads")
         with model_lock(self.model), inference_mode(self.model, self.inference):
             if self.regroup_states and self._needs_regrouping(request):
-                return self._execute_regrouped(request)
-            return self.execute(request)
+                result = self._execute_regrouped(request)
+            else:
+                result = self.execute(request)
+        warn_if_not_finite(result.logits, self.name)
+        return result
 
     def input_limits(self) -> InputLimits:
         """What token batches the model can take (vocabulary size, maximum positions), checked
@@ -203,7 +215,7 @@ class Backend:
         elsewhere (None = no limit)."""
         from .guards import limits_from_model
 
-        return limits_from_model(self.model)
+        return limits_from_model(self.model, self)
 
     def execute(self, request: RunRequest) -> RunResult:
         """Run one validated request (the extension point behind `run`; `HookBackend`
@@ -246,9 +258,11 @@ class Backend:
         self, initial_state: Mapping[str, torch.Tensor] | None, batch: Mapping[str, Any]
     ) -> None:
         """The one ``initial_state`` policy: every key is a state site of this backend; each
-        value has one row per batch row and the site's number of axes and feature size. Sites
-        left out start from the model's own initial state (as in a run without
-        ``initial_state``)."""
+        value has one row per batch row, the site's size on every other axis (as the backend's
+        own ``RunResult.state`` has it) and finite values. Sites left out start from the
+        model's own initial state (as in a run without ``initial_state``)."""
+        from .guards import check_finite_state, check_state_shapes, state_sizes
+
         if not initial_state:
             return
         table = self.sites()
@@ -275,6 +289,8 @@ class Backend:
                     f"{shape}; expected {expected}. Take it from the RunResult.state of a run on "
                     f"{rows} rows"
                 )
+        check_state_shapes(self, initial_state, rows, state_sizes(self))
+        check_finite_state(initial_state)
 
     # -- rows of different lengths -------------------------------------------------------------
     #: True when the model's state outputs are the state after the whole (right-padded) row.
