@@ -119,6 +119,17 @@ class MambaBackend(HookBackend):
         if self.native:
             self.padding = "right"  # native models take no attention mask
 
+    def input_limits(self) -> Any:
+        """The default limits; a native model (no Hugging Face embedding accessor, its embed
+        site read at the first block's input) takes its vocabulary from its embedding."""
+        from archscope.guards import InputLimits
+
+        limits = super().input_limits()
+        rows = getattr(self.embedding, "num_embeddings", None)
+        if limits.vocab_size is None and isinstance(rows, int):
+            return InputLimits(rows, limits.max_positions)
+        return limits
+
     @property
     def d_model(self) -> int:
         weight = _get(self.embedding, "weight")

@@ -42,6 +42,13 @@ class ToyBackend(HookBackend):
         )
         return table
 
+    def input_limits(self):
+        # the embed site is read at the first block's input, so the core cannot find the
+        # vocabulary from it: say it here
+        from archscope.guards import InputLimits
+
+        return InputLimits(vocab_size=self.model.vocab)
+
     def unembed(self, residual):
         return self.model.head(residual)
 
