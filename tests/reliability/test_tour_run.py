@@ -372,3 +372,20 @@ def test_cli_forced_backend_that_cannot_serve_the_model(
     assert code.value.code == 1, err
     assert "Traceback" not in err
     assert "'mingru' cannot serve GPT2LMHeadModel" in err and "transformer" in err
+
+
+def test_edit_positions_of_a_continued_run_count_the_suffix_real_tokens() -> None:
+    # a run from initial_state steps through the suffix: -1 is each row's last real token
+    _, _, b = zoo("mamba")
+    prefix = tk("mamba", ["the good", "the bad"])
+    state = b.run(prefix, return_state=True).state
+    assert state is not None
+    suffixes = ["day is good", "day"]
+    suffix = tk("mamba", suffixes)
+    edit = Edit.add("layer_0.residual", 2.0, positions=[-1])
+    both = b.run(suffix, capture=["logits"], initial_state=state, edits=[edit]).logits
+    for row, text in enumerate(suffixes):
+        one = {k: v[row : row + 1] for k, v in state.items()}
+        alone = b.run(tk("mamba", [text]), capture=["logits"], initial_state=one, edits=[edit])
+        real = suffix["attention_mask"][row].bool()
+        assert torch.allclose(both[row][real], alone.logits[0], atol=1e-4)

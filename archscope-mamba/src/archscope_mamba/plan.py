@@ -44,6 +44,7 @@ def run_plan(backend: MambaBackend, ctx: RunContext) -> _Plan:
     if ctx.initial_state is not None:
         plan.stepping = True
         plan.steps = int(ctx.batch["input_ids"].shape[1])
+        plan.original_mask = mask  # edit positions count the suffix's real tokens
         if side == "left":  # (rows padded on both sides are refused before this)
             raise BackendError(
                 "a run from initial_state continues each row from its state, so the "
@@ -94,7 +95,9 @@ def wrap_edit(edit: Edit, info: SiteInfo, plan: _Plan) -> Edit:
 
         full = value.new_zeros((value.shape[0], plan.steps, *value.shape[2:]))
         full[:, plan.step] = value[:, 0]
-        mask = torch.ones(full.shape[:2], dtype=torch.long, device=value.device)
+        mask = plan.original_mask
+        if mask is None:
+            mask = torch.ones(full.shape[:2], dtype=torch.long, device=value.device)
         return apply_edit(full, edit, info, mask)[:, plan.step : plan.step + 1]
 
     return Edit.apply(edit.site, one_step)

@@ -187,7 +187,7 @@ def real_tokens(acts: torch.Tensor, mask: torch.Tensor | None, seq_axis: int = 1
             f"{tuple(acts.shape[:2])} of the activations (positions on axis {seq_axis})"
         )
     tokens = acts.reshape(-1, *acts.shape[2:]) if mask is None else acts[mask.bool()]
-    return tokens.reshape(tokens.shape[0], -1) if tokens.dim() != 2 else tokens
+    return tokens.reshape(tokens.shape[0], -1) if tokens.dim() > 2 else tokens
 
 
 def length_groups(mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
