@@ -163,6 +163,7 @@ def test_non_finite_initial_state_is_refused(name: str) -> None:
     assert state is not None
     site = sorted(state)[0]
     bad = {**state, site: torch.full_like(state[site], float("nan"))}
+    b.run(tk(name, [" day"]), initial_state=state)  # a finite state runs
     with NoForward(model) as ran:
         with pytest.raises(InputError, match=rf"initial_state\['{site}'\].*non-finite"):
             b.run(tk(name, [" day"]), initial_state=bad)
@@ -328,11 +329,22 @@ def test_initial_state_with_a_wrong_inner_axis_is_refused() -> None:
     shape = list(state[site].shape)
     shape[1] -= 1  # one head too few, every other axis right
     wrong = {**state, site: torch.zeros(shape)}
+    assert b.run(torch.tensor([[7]]), initial_state=state).logits is not None
     with NoForward(model) as ran:
         with pytest.raises(SiteError, match=rf"{site}.*heads is {shape[1]}, not {shape[1] + 1}"):
             b.run(torch.tensor([[7]]), initial_state=wrong)
     assert ran.calls == 0
-    assert b.run(torch.tensor([[7]]), initial_state=state).logits is not None
+
+
+def test_initial_state_axes_are_read_from_the_backends_own_state() -> None:
+    # a backend that declares no axis sizes: they come from a one-token run, once
+    from archscope.guards import state_sizes
+
+    _, _, b = zoo("lstm")
+    sizes = state_sizes(b)
+    state = b.run(tk("lstm", ["the good"]), return_state=True).state
+    assert state is not None
+    assert sizes == {name: tuple(value.shape[1:]) for name, value in state.items()}
 
 
 def test_plain_module_vocabulary_comes_from_the_embed_site() -> None:

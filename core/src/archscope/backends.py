@@ -289,8 +289,8 @@ class Backend:
                     f"{shape}; expected {expected}. Take it from the RunResult.state of a run on "
                     f"{rows} rows"
                 )
-        check_state_shapes(self, initial_state, rows, state_sizes(self))
         check_finite_state(initial_state)
+        check_state_shapes(self, initial_state, rows, state_sizes(self))
 
     # -- rows of different lengths -------------------------------------------------------------
     #: True when the model's state outputs are the state after the whole (right-padded) row.

@@ -371,7 +371,7 @@ def check_memory(
 ) -> None:
     """Refuse, before the forward pass, a run whose outputs alone cannot fit in the free memory
     of the model's device: the logits (when the pass reaches them), the captured token sites
-    and a few activations of the widest site per token. A lower bound, so only runs that
+    and the input and output of the widest site, per token. A lower bound, so only runs that
     would certainly fail are refused, with the number of rows that fit."""
     first = batch.get("input_ids")
     if first is None:
@@ -384,9 +384,10 @@ def check_memory(
     size = param.element_size() if param is not None else 4
     sites = backend.sites()
     widths = [i.dim for i in sites.values() if i.kind == "token" and i.site.role != "logits"]
-    parts = {"working activations": 4 * max(widths, default=0) * size}
+    # the input and output of the widest layer exist at once; the logits in the model's dtype
+    parts = {"working activations": 2 * max(widths, default=0) * size}
     if full_pass and "logits" in sites:
-        parts["logits"] = sites["logits"].dim * max(size, 4)
+        parts["logits"] = sites["logits"].dim * size
     parts["captured sites"] = sum(
         sites[n].dim * size for n in capture if sites[n].kind == "token" and n != "logits"
     )
