@@ -52,7 +52,9 @@ def _check_finite(value: Any, where: str) -> None:
         import torch
 
         tensor = torch.as_tensor(value)
-        if (tensor.is_floating_point() or tensor.is_complex()) and tensor.device.type != "meta":
+        from .guards import all_finite
+
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not all_finite(tensor):
             finite = torch.isfinite(tensor)
             if not bool(finite.all()):
                 bad = tensor[~finite].flatten()[0].item()
