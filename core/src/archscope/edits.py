@@ -79,7 +79,9 @@ class Edit:
     (call ``value(tensor) -> tensor``). ``positions`` selects sequence positions of token sites
     (None = all), counted among each row's real tokens whatever side the batch is padded on:
     ``0`` is a row's first real token, ``-1`` its last, a slice selects real tokens only; a
-    position some row does not have is refused. ``units`` selects feature indices (neurons) of
+    position some row does not have is refused. (A slice that selects different numbers of
+    tokens in different rows selects a flat (tokens, ...) part: its value is then a number or
+    a vector over the units.) ``units`` selects feature indices (neurons) of
     the last axis (None = all). Numbers and tensors must be finite (no NaN or infinity).
     A tensor ``value`` must have exactly the selected shape, or be a vector over the selected
     units, which is then applied at every selected position; anything else is an error.
