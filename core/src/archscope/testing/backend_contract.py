@@ -324,7 +324,9 @@ class BackendContract:
                 if len(info.shape) != value.dim():
                     _fix(
                         f"{site} of {name!r}: SiteInfo.shape names {len(info.shape)} axes "
-                        f"{info.shape} but the tensor has shape {tuple(value.shape)}"
+                        f"{info.shape} but the tensor has shape {tuple(value.shape)}: name one "
+                        "axis per tensor axis (SiteTable.add(..., shape=(...))), or give the "
+                        "Hookpoint a to_site view that returns the site's tensor"
                     )
                 sizes = dict(zip(info.shape, value.shape, strict=True))
                 if sizes.get("batch", rows) != rows:
@@ -355,7 +357,10 @@ class BackendContract:
             records = backend.extract(self.make_batch(model), layers=names[:2])
             for record in records:
                 if record.activations.shape[-1] != backend.hidden_dim(record.layer_name):
-                    _fix(f"hidden_dim({record.layer_name!r}) disagrees with the extracted tensor")
+                    _fix(
+                        f"hidden_dim({record.layer_name!r}) disagrees with the extracted tensor: "
+                        "SiteInfo.dim must be the size of the site's last axis"
+                    )
                 if record.attention_mask is None:
                     _fix("ActivationRecord.attention_mask is missing")
 
@@ -407,12 +412,18 @@ class BackendContract:
                 early = backend.run(batch, capture=[site])
                 full = backend.run(batch, capture=[site], stop_early=False)
                 if not torch.equal(early[site], full[site]):
-                    _fix(f"{site} of {name!r}: stopping early changed the value")
+                    _fix(
+                        f"{site} of {name!r}: stopping early changed the value: a later module "
+                        "changes the captured tensor in place, so capture a copy "
+                        "(Hookpoint(..., clone=True))"
+                    )
             first = backend.layer_names()[0]
             if backend.run(batch, capture=[first]).logits is not None:
                 _fix(
                     f"capturing only {first} of {name!r} still ran the model to the logits: "
-                    "stop the forward pass after the deepest captured site"
+                    "stop the forward pass after the deepest captured site (a HookBackend does "
+                    "this when its hooks fire; a custom forward(ctx) must let StopForward "
+                    "propagate, and a Backend without hooks must check request.stop_early)"
                 )
 
         self._each(check, model_name)
@@ -432,7 +443,12 @@ class BackendContract:
                     continue
                 out = backend.run(batch, edits=[Edit.apply(site, lambda x: x)]).logits
                 if not torch.equal(out, clean):
-                    _fix(f"an identity edit of {site} changed the logits of {name!r}")
+                    _fix(
+                        f"an identity edit of {site} changed the logits of {name!r}: the value "
+                        "written back must be exactly the value read (a Hookpoint's from_site "
+                        "must undo its to_site, and index must name the element the model "
+                        "uses)"
+                    )
 
         self._each(check, model_name)
 
@@ -447,7 +463,11 @@ class BackendContract:
             site = backend.layer_names()[0]
             out = backend.run(batch, edits=[Edit.scale(site, 0.0)]).logits
             if torch.equal(out, clean):
-                _fix(f"zeroing {site} of {name!r} did not change the logits: edits are not applied")
+                _fix(
+                    f"zeroing {site} of {name!r} did not change the logits: edits are not "
+                    "applied. Hook the module whose output the model goes on to use (not a "
+                    "copy or a side branch), and return the edited value from the hook's view"
+                )
 
         self._each(check, model_name)
 
@@ -665,7 +685,10 @@ class BackendContract:
                 sites = [s for s, i in backend.sites().items() if i.site.role == "attn_pattern"]
                 pattern = backend.run(self.make_batch(model), capture=sites[:1])[sites[0]]
                 if not torch.allclose(pattern.float().sum(-1), torch.ones(()), atol=1e-3):
-                    _fix(f"{sites[0]} rows do not sum to 1")
+                    _fix(
+                        f"{sites[0]} rows do not sum to 1: capture the attention probabilities "
+                        "after the softmax (over the key axis, the last one), not the scores"
+                    )
 
         self._each(check, model_name)
 
