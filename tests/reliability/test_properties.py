@@ -81,21 +81,22 @@ def cases(backend: Any) -> st.SearchStrategy[Case]:
 
 
 def _selected_positions(case: Case, mask: torch.Tensor) -> list[list[int]] | None:
-    """Per row, the positions the edit selects; None when the selection is invalid."""
+    """Per row, the columns the edit selects; None when the selection is invalid. Positions
+    count each row's real tokens (negative ones from its last), whatever the padding side."""
     seq = mask.shape[1]
     p = case.positions
     if p is None:
         return [list(range(seq))] * mask.shape[0]
+    real = [torch.nonzero(row).flatten().tolist() for row in mask]
     if p == "last":
-        last = [int(torch.nonzero(row).max()) for row in mask]
-        return [[i] for i in last]
+        return [[cols[-1]] for cols in real]
     if isinstance(p, slice):
-        chosen = list(range(seq))[p]
-        return [chosen] * mask.shape[0] if chosen else None
+        chosen = [cols[p] for cols in real]
+        return chosen if any(chosen) else None
     given_ = [p] if isinstance(p, int) else p
-    if any(not -seq <= i < seq for i in given_):
+    if any(not -len(cols) <= i < len(cols) for cols in real for i in given_):
         return None
-    return [sorted({i % seq for i in given_})] * mask.shape[0]
+    return [sorted({cols[i] for i in given_}) for cols in real]
 
 
 def _operand(case: Case, n_units: int) -> Any:
@@ -187,6 +188,9 @@ def check(name: str, case: Case) -> str:
             recurrent = backend.site_info(case.site).site.role in RECURRENT_ROLES
             for r, positions in enumerate(rows):
                 real = mask[r].bool()
+                if not positions:  # a slice that selects none of this row's tokens
+                    assert torch.equal(result.logits[r][real], clean.logits[r][real])
+                    continue
                 first = min(positions)
                 upto = first + 1 if recurrent else mask.shape[1]
                 got, want = result[case.site][r, :upto], expected[r, :upto]

@@ -119,6 +119,17 @@ class MambaBackend(HookBackend):
         if self.native:
             self.padding = "right"  # native models take no attention mask
 
+    def input_limits(self) -> Any:
+        """The default limits; a native model (no Hugging Face embedding accessor, its embed
+        site read at the first block's input) takes its vocabulary from its embedding."""
+        from archscope.guards import InputLimits
+
+        limits = super().input_limits()
+        rows = getattr(self.embedding, "num_embeddings", None)
+        if limits.vocab_size is None and isinstance(rows, int):
+            return InputLimits(rows, limits.max_positions)
+        return limits
+
     @property
     def d_model(self) -> int:
         weight = _get(self.embedding, "weight")
@@ -210,10 +221,13 @@ class MambaBackend(HookBackend):
                 f"({', '.join(FINAL_NORM_PATHS)}) or no lm_head was found; wrap a model with a "
                 "language-model head (e.g. MambaForCausalLM, not MambaModel)"
             )
-        from archscope.guards import check_width
+        from archscope.guards import unembed_input
 
-        check_width(
-            residual, self.site_info(self.layer_names()[-1]).dim, f"backend {self.name!r} unembed"
+        residual = unembed_input(
+            residual,
+            self.site_info(self.layer_names()[-1]).dim,
+            f"backend {self.name!r} unembed",
+            self.model,
         )
         normed = self.final_norm(residual.to(dtype=self.final_norm.weight.dtype))
         logits = self.lm_head(normed)

@@ -45,6 +45,7 @@ def run_plan(backend: MambaStack, ctx: RunRequest) -> RunPlan:
     if ctx.initial_state is not None:
         plan.stepping = True
         plan.steps = int(ctx.batch["input_ids"].shape[1])
+        plan.original_mask = mask  # edit positions count the suffix's real tokens
         if side == "left":  # (rows padded on both sides are refused before this)
             raise BackendError(
                 "a run from initial_state continues each row from its state, so the "
@@ -104,7 +105,9 @@ class RowsView(View):
 
         full = value.new_zeros((value.shape[0], plan.steps, *value.shape[2:]))
         full[:, plan.step] = value[:, 0]
-        mask = torch.ones(full.shape[:2], dtype=torch.long, device=value.device)
+        mask = plan.original_mask
+        if mask is None:
+            mask = torch.ones(full.shape[:2], dtype=torch.long, device=value.device)
         return apply_edit(full, edit, info, mask)[:, plan.step : plan.step + 1]
 
 

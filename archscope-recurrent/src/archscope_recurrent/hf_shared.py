@@ -307,10 +307,13 @@ class _HFRecurrentBackend(HookBackend):
                 )
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
-        from archscope.guards import check_width
+        from archscope.guards import unembed_input
 
-        check_width(
-            residual, self.site_info(self.layer_names()[-1]).dim, f"backend {self.name!r} unembed"
+        residual = unembed_input(
+            residual,
+            self.site_info(self.layer_names()[-1]).dim,
+            f"backend {self.name!r} unembed",
+            self.model,
         )
         return cast(
             "torch.Tensor",

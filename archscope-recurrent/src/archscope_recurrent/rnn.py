@@ -21,7 +21,7 @@ from archscope.batch import last_real_index, padding_side
 from archscope.detection import Confidence
 from archscope.edits import apply_edit
 from archscope.errors import CapabilityError
-from archscope.guards import InputLimits, check_width
+from archscope.guards import InputLimits, unembed_input
 from archscope.hookpoints import SiteTable
 
 if TYPE_CHECKING:
@@ -200,7 +200,9 @@ class RNNBackend(Backend):
         return InputLimits(vocab_size=self.parts.embed.num_embeddings)
 
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
-        check_width(residual, self.out_size, f"backend {self.name!r} unembed (the RNN output)")
+        residual = unembed_input(
+            residual, self.out_size, f"backend {self.name!r} unembed (the RNN output)", self.model
+        )
         y = self.parts.norm(residual) if self.parts.norm is not None else residual
         return cast("torch.Tensor", self.parts.head(y))
 

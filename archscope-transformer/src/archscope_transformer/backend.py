@@ -225,10 +225,13 @@ class TransformerBackend(HookBackend):
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
         """Logits from a residual stream: the model's final norm, then its unembedding (and the
         final logit soft-capping of Gemma-2 style configs), as the model itself computes them."""
-        from archscope.guards import check_width
+        from archscope.guards import unembed_input
 
-        check_width(
-            residual, self.site_info(self.layer_names()[-1]).dim, f"backend {self.name!r} unembed"
+        residual = unembed_input(
+            residual,
+            self.site_info(self.layer_names()[-1]).dim,
+            f"backend {self.name!r} unembed",
+            self.model,
         )
         s = self.structure
         x = s.final_norm(residual)

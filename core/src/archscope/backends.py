@@ -153,7 +153,14 @@ class Backend:
         (`archscope.state_patch.check_initial_state`) and
         hands a `RunRequest` to `execute`.
         """
-        from .guards import check_device, check_inputs, inference_mode, model_lock
+        from .guards import (
+            check_device,
+            check_inputs,
+            check_memory,
+            inference_mode,
+            model_lock,
+            warn_if_not_finite,
+        )
 
         edits = _edit_list(edits)
         wanted, edit_map = self.check_request(
@@ -162,6 +169,8 @@ class Backend:
         check_device(self.device, self.name)
         batch = self.prepare_inputs(inputs)
         check_inputs(batch, self.input_limits(), self.name)
+        full_pass = not (stop_early and wanted and "logits" not in wanted) or return_state
+        check_memory(self, batch, wanted, full_pass)
         if initial_state:
             from .state_patch import check_initial_state
 
@@ -178,12 +187,16 @@ class Backend:
         # hooks, edits, early stops and mode changes live on the model's shared modules: one
         # run at a time per model (see docs/architecture.md, "Runs and threads")
         with model_lock(self.model), inference_mode(self.model, self.inference):
+            result = None
             if self.regroup_states:
                 from .regroup import execute_regrouped, needs_regrouping
 
                 if needs_regrouping(self, request):
-                    return execute_regrouped(self, request)
-            return self.execute(request)
+                    result = execute_regrouped(self, request)
+            if result is None:
+                result = self.execute(request)
+        warn_if_not_finite(result.logits, self.name)
+        return result
 
     def input_limits(self) -> InputLimits:
         """What token batches the model can take (vocabulary size, maximum positions), checked
@@ -192,7 +205,7 @@ class Backend:
         elsewhere (None = no limit)."""
         from .guards import limits_from_model
 
-        return limits_from_model(self.model)
+        return limits_from_model(self.model, self)
 
     def execute(self, request: RunRequest) -> RunResult:
         """Run one validated request (the extension point behind `run`; `HookBackend`
@@ -254,7 +267,7 @@ class Backend:
         not handle (its ``padding`` attribute) instead of returning wrong activations."""
         from .batch import padding_side, prepare_inputs
 
-        batch = prepare_inputs(inputs, self.device)
+        batch = prepare_inputs(inputs, self.device, "left" if self.padding == "left" else "right")
         mask = batch.get("attention_mask")
         side = padding_side(mask) if mask is not None else "none"
         if side == "mixed" or (side != "none" and self.padding not in (side, "both")):

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Pool",
     "TextInputError",
+    "broadcast_rows",
     "last_real_index",
     "length_groups",
     "padding_side",
@@ -30,12 +31,15 @@ class TextInputError(InputError, TypeError):
     """Text given where token ids are needed."""
 
 
-def prepare_inputs(inputs: Any, device: Any = None) -> dict[str, Any]:
-    """Token ids (tensor, list of lists, or a mapping with ``input_ids`` and optionally
-    ``attention_mask``) → a batch dict of 2-D tensors on ``device``."""
+def prepare_inputs(
+    inputs: Any, device: Any = None, side: Literal["left", "right"] = "right"
+) -> dict[str, Any]:
+    """Token ids (tensor, list of lists, a mapping with ``input_ids`` and optionally
+    ``attention_mask``, or an `archscope.data.Dataset`, whose items are padded on ``side``) →
+    a batch dict of 2-D tensors on ``device``."""
     import torch
 
-    batch = _as_batch(inputs)
+    batch = _as_batch(inputs, side)
     for key in ("input_ids", "attention_mask"):
         if key in batch and not isinstance(batch[key], torch.Tensor):
             try:
@@ -54,7 +58,12 @@ def prepare_inputs(inputs: Any, device: Any = None) -> dict[str, Any]:
     return batch
 
 
-def _as_batch(inputs: Any) -> dict[str, Any]:
+def _as_batch(inputs: Any, side: Literal["left", "right"] = "right") -> dict[str, Any]:
+    from .data import Dataset, pad_batch
+
+    if isinstance(inputs, Dataset):  # every item, padded into one batch
+        pad_id = int(getattr(inputs.tokenizer, "pad_token_id", None) or 0)
+        return dict(pad_batch(inputs.ids(), side, pad_id))
     if isinstance(inputs, str) or (
         isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)
     ):
@@ -74,11 +83,23 @@ def _as_batch(inputs: Any) -> dict[str, Any]:
     return batch
 
 
+def _refuse_meta(ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Ids or a mask on the meta device hold shapes, no values: nothing to run."""
+    for name, tensor in (("input_ids", ids), ("attention_mask", mask)):
+        if tensor is not None and tensor.device.type == "meta":
+            raise InputError(
+                f"{name} is on the meta device (a shape without values), so there are no token "
+                f"ids to run; give a tensor that holds the ids (e.g. torch.tensor(ids)) on the "
+                "model's device"
+            )
+
+
 def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
     if ids.dtype.is_floating_point:
         raise InputError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+    _refuse_meta(ids, mask)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)
     if ids.dim() != 2:
@@ -89,13 +110,13 @@ def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
         mask = torch.ones_like(ids)
     if mask.dim() == 1:
         mask = mask.unsqueeze(0)
-    if mask.dtype.is_floating_point or mask.dtype == torch.bool:
+    if mask.dtype != torch.bool:
         odd = mask[(mask != 0) & (mask != 1)]
-        if odd.numel():  # a soft mask would be cast to 0/1 silently
+        if odd.numel():  # a soft mask, or -1, would be taken as a real token silently
             raise InputError(
                 f"attention_mask must hold 0 and 1 (1 = real token, 0 = padding), got values "
                 f"such as {float(odd[0]):g} (dtype {mask.dtype}); archscope runs take a hard "
-                "mask: threshold or round it first"
+                "0/1 mask: threshold or round a soft one, and mark padding with 0"
             )
     if mask.shape != ids.shape:
         raise InputError(
@@ -150,11 +171,23 @@ def pool(acts: torch.Tensor, mask: torch.Tensor | None, how: Pool = "mean") -> t
     raise InputError(f"unknown pooling {how!r}: use 'mean' or 'last'")
 
 
-def real_tokens(acts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """All real-token vectors of a token site, stacked: (n_real_tokens, d)."""
-    if mask is None:
-        return acts.reshape(-1, acts.shape[-1])
-    return acts[mask.bool()]
+def real_tokens(acts: torch.Tensor, mask: torch.Tensor | None, seq_axis: int = 1) -> torch.Tensor:
+    """All real-token values of a token site, stacked: (n_real_tokens, d) for a (batch, seq,
+    d) site. ``seq_axis`` is where the site keeps positions (2 for an attention pattern
+    (batch, heads, seq, key)); the other axes of each token are flattened into one vector."""
+    if acts.dim() < 2 or not 0 < seq_axis < acts.dim():
+        raise InputError(
+            f"real_tokens takes (batch, seq, ...) activations with the positions on axis "
+            f"{seq_axis}; got shape {tuple(acts.shape)}"
+        )
+    acts = acts.movedim(seq_axis, 1)
+    if mask is not None and tuple(mask.shape) != tuple(acts.shape[:2]):
+        raise InputError(
+            f"attention mask {tuple(mask.shape)} does not match the (batch, seq) axes "
+            f"{tuple(acts.shape[:2])} of the activations (positions on axis {seq_axis})"
+        )
+    tokens = acts.reshape(-1, *acts.shape[2:]) if mask is None else acts[mask.bool()]
+    return tokens.reshape(tokens.shape[0], -1) if tokens.dim() > 2 else tokens
 
 
 def length_groups(mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
@@ -177,3 +210,27 @@ def scatter_rows(parts: list[tuple[torch.Tensor, torch.Tensor]], n_rows: int) ->
     for rows, value in parts:
         out[rows.to(value.device)] = value
     return out
+
+
+def broadcast_rows(
+    batches: Mapping[str, Mapping[str, Any]], call: str
+) -> dict[str, dict[str, Any]]:
+    """Prepared batches (name → batch) that must have one row count: batches of one row are
+    repeated to the others' count; any other difference is refused, naming every count. A
+    batch-shaped result of ``call`` then has one row per row of the largest batch."""
+    rows = {name: int(next(iter(b.values())).shape[0]) for name, b in batches.items()}
+    counts = set(rows.values())
+    n = max(counts)
+    if counts - {1, n}:
+        given = ", ".join(f"{name} {count}" for name, count in rows.items())
+        raise InputError(
+            f"{call}: the inputs have different numbers of rows ({given}); give each the same "
+            f"number of rows, or one row to use with every row of the others"
+        )
+    return {
+        name: {
+            k: v.repeat(n, *([1] * (v.dim() - 1))) if rows[name] == 1 and n > 1 else v
+            for k, v in b.items()
+        }
+        for name, b in batches.items()
+    }

@@ -389,6 +389,10 @@ def as_dataset(data: Any, tokenizer: Any = None) -> Dataset:
         return Dataset.from_ids(_rows_of_batch(data), labels=data.get("labels"))
     if hasattr(data, "dim") and hasattr(data, "tolist"):
         return Dataset.from_ids(data.reshape(-1, data.shape[-1]).tolist())
+    if isinstance(data, Sequence) and not isinstance(data, (bytes, bytearray)) and not data:
+        raise InputError(
+            f"the data is an empty {type(data).__name__}: give at least one text or token sequence"
+        )
     if isinstance(data, Sequence) and data:
         if all(isinstance(t, str) for t in data):
             return Dataset.from_texts(list(data), tokenizer=tokenizer)

@@ -121,9 +121,11 @@ def backend_for(model: Any, hint: str | None = None) -> Any:
     if entry is not None and _confidence(entry, model):
         return chosen(model)
     try:
-        return chosen(model)
+        backend = chosen(model)
+        backend.sites()  # a site table is built on first use: fail here, not in the first run
     except Exception as exc:
         raise _hint_refused(hint, entry.name if entry else hint, model, get_manager(), exc) from exc
+    return backend
 
 
 def select_backend(model: Any, hint: str | None = None) -> BackendClass:

@@ -190,8 +190,15 @@ class HookBackend(Backend):
                     output = self.forward(ctx)
                 except StopForward:
                     output = None
-                if any(n not in order for n in ctx.edits) and output is None:
-                    raise BackendError(f"edits of {list(ctx.edits)} need a full forward pass")
+                late = [n for n in ctx.edits if n not in order]
+                if late and output is None:
+                    raise BackendError(
+                        f"edits of {late} need the full forward pass, but this run stopped "
+                        f"early after {ctx.stop_after!r}: a run whose capture list lacks "
+                        "'logits' stops after its deepest captured site automatically. Pass "
+                        "stop_early=False (or also capture 'logits') to run the whole model "
+                        "with these edits"
+                    )
                 extra = [n for n in wanted if n not in order]
                 if extra:
                     ctx.store.update(self.read_unhooked(ctx, output, extra))

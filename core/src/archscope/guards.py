@@ -5,9 +5,11 @@ the inputs the model can take (`InputLimits`, refused before the forward), infer
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
+import warnings
 import weakref
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -18,12 +20,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "InputLimits",
+    "all_finite",
+    "available_memory",
+    "check_finite_state",
     "check_inputs",
+    "check_memory",
+    "check_state_shapes",
     "check_width",
     "inference_mode",
     "limits_from_model",
     "model_lock",
     "restore_hooks",
+    "state_sizes",
+    "unembed_input",
+    "warn_if_not_finite",
 ]
 
 #: Config attributes that hold a model's position limit, in the order they are looked up.
@@ -39,9 +49,11 @@ class InputLimits:
     max_positions: int | None = None
 
 
-def limits_from_model(model: Any) -> InputLimits:
-    """Limits read from the model: the rows of its input embedding (else ``config.vocab_size``)
-    and the first position limit its config names (`_POSITION_KEYS`)."""
+def limits_from_model(model: Any, backend: Any = None) -> InputLimits:
+    """Limits read from the model: the rows of its input embedding (else ``config.vocab_size``,
+    else the rows of the module behind the ``embed`` site of ``backend``, e.g. the
+    ``nn.Embedding`` of a plain ``nn.Module`` model) and the first position limit its config
+    names (`_POSITION_KEYS`)."""
     vocab = None
     get_embeddings = getattr(model, "get_input_embeddings", None)
     if callable(get_embeddings):
@@ -50,6 +62,11 @@ def limits_from_model(model: Any) -> InputLimits:
     config = getattr(model, "config", None)
     if vocab is None:
         vocab = getattr(config, "vocab_size", None)
+    if vocab is None and callable(getattr(backend, "hookpoint", None)):
+        with contextlib.suppress(Exception):  # no embed site, or one without a module
+            hookpoint = backend.hookpoint("embed")
+            if hookpoint is not None and hookpoint.io == "output":
+                vocab = getattr(hookpoint.module, "num_embeddings", None)
     positions = None
     for key in _POSITION_KEYS:
         value = getattr(config, key, None)
@@ -198,3 +215,207 @@ def restore_hooks(model: Any, attributes: tuple[str, ...] = ()) -> Iterator[None
                     module.__dict__.pop(name, None)
                 else:
                     module.__dict__[name] = value
+
+
+# -- what a run's values may hold --------------------------------------------------------------
+def unembed_input(residual: Any, width: int, what: str, model: Any) -> torch.Tensor:
+    """The input of a backend's ``unembed``: a tensor whose last axis is ``width``
+    (`check_width`), on the model's device and in its floating dtype, so a float32 residual
+    unembeds through a float16 / bfloat16 model (and the other way round) as in a run."""
+    import torch
+
+    check_width(residual, width, what)
+    tensor = torch.as_tensor(residual)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is not None and tensor.is_floating_point():
+        tensor = tensor.to(device=param.device, dtype=param.dtype)
+    return tensor
+
+
+def check_finite_state(initial_state: Any) -> None:
+    """Refuse an ``initial_state`` entry that holds NaN or infinity: the run would continue
+    from it and return non-finite values at every later position without an error."""
+    import torch
+
+    for name, value in initial_state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            continue
+        if value.device.type != "meta" and not all_finite(value):
+            finite = torch.isfinite(value)
+            raise InputError(
+                f"initial_state[{str(name)!r}] holds {int((~finite).sum())} non-finite values "
+                f"(NaN or infinity) of {value.numel()}; a run continued from it gives NaN "
+                "everywhere after. Take states from the RunResult.state of a run "
+                "(return_state=True), or check how the state was computed"
+            )
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a floating tensor holds no NaN or infinity: one min/max reduction (NaN
+    propagates into both), many times cheaper than ``isfinite(tensor).all()`` on a CPU."""
+    import torch
+
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.detach())
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def warn_if_not_finite(logits: Any, backend: str) -> None:
+    """Warn when a run's logits hold NaN or infinity (e.g. an edit that overflows float16)."""
+    import torch
+
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        return
+    if logits.device.type == "meta" or all_finite(logits):
+        return
+    bad = int((~torch.isfinite(logits)).sum())
+    warnings.warn(
+        f"archscope: backend {backend!r}: the run's logits hold {bad} non-finite values (NaN "
+        f"or infinity) of {logits.numel()} (dtype {logits.dtype}); an edit value too large "
+        "for the model's dtype (float16 overflows above 65504) or non-finite weights or "
+        "inputs cause this",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+# -- state shapes --------------------------------------------------------------------------------
+def check_state_shapes(
+    backend: Any, initial_state: Any, rows: int, sizes: dict[str, tuple[int, ...]]
+) -> None:
+    """Every axis of each ``initial_state`` entry against the shape of that state site:
+    ``rows`` on the batch axis, ``sizes[name]`` (the sizes of the other axes, as the backend's
+    own states have them) on the rest."""
+    for name, value in initial_state.items():
+        key = str(name)
+        shape = tuple(getattr(value, "shape", ()))
+        expected = (rows, *sizes[key]) if key in sizes else None
+        if expected is None or shape == expected:
+            continue
+        axes = backend.site_info(key).shape
+        named = ", ".join(f"{a}={n}" for a, n in zip(axes, expected, strict=False))
+        wrong = [
+            f"{a} is {g}, not {w}" for a, g, w in zip(axes, shape, expected, strict=False) if g != w
+        ]
+        raise _site_error(
+            f"initial_state[{key!r}] has shape {shape}; the state site {key!r} of backend "
+            f"{backend.name!r} has shape ({named}) for {rows} rows"
+            + (f" ({'; '.join(wrong)})" if wrong and len(shape) == len(expected) else "")
+            + f". Take it from the RunResult.state of a run on {rows} rows "
+            "(return_state=True)"
+        )
+
+
+def _site_error(message: str) -> Exception:
+    from .errors import SiteError
+
+    return SiteError(message)
+
+
+def state_sizes(backend: Any) -> dict[str, tuple[int, ...]]:
+    """The sizes of every axis but the batch axis of each state site: declared in the site's
+    ``extra["size"]`` when the backend gives them, else read once from the state the backend
+    returns for a one-token run (kept on the backend)."""
+    cached = backend.__dict__.get("_archscope_state_sizes")
+    if cached is not None:
+        return dict(cached)
+    states = {n: i for n, i in backend.sites().items() if i.kind == "state"}
+    sizes: dict[str, tuple[int, ...]] = {}
+    for name, info in states.items():
+        declared = info.extra.get("size")
+        if isinstance(declared, (tuple, list)) and len(declared) == len(info.shape) - 1:
+            sizes[name] = tuple(int(n) for n in declared)
+    if len(sizes) < len(states):
+        import torch
+
+        probe = torch.zeros((1, 1), dtype=torch.long)
+        try:
+            state = backend.run(probe, return_state=True, stop_early=False).state or {}
+        except Exception:  # a model that cannot run one token: keep the declared sizes
+            state = {}
+        for name, value in state.items():
+            sizes.setdefault(str(name), tuple(int(n) for n in value.shape[1:]))
+    backend.__dict__["_archscope_state_sizes"] = sizes
+    return dict(sizes)
+
+
+# -- memory ----------------------------------------------------------------------------------------
+#: Runs estimated below this many bytes are not checked against the free memory.
+MEMORY_CHECK_FROM = 256 * 2**20
+
+
+def available_memory(device: Any) -> int | None:
+    """Bytes free for a run on ``device``: the accelerator's free memory, or for the CPU the
+    kernel's MemAvailable (bounded by a cgroup limit when one is set); None when unknown."""
+    import torch
+
+    if device.type == "cuda":
+        with contextlib.suppress(Exception):
+            return int(torch.cuda.mem_get_info(device)[0])
+        return None
+    if device.type != "cpu":
+        return None
+    free: int | None = None
+    with contextlib.suppress(OSError, ValueError), open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                free = int(line.split()[1]) * 1024
+                break
+    if free is None:
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with contextlib.suppress(OSError, ValueError):
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+        if limit != "max":
+            room = int(limit) - used
+            free = room if free is None else min(free, room)
+    return free
+
+
+def check_memory(
+    backend: Any,
+    batch: Mapping[str, Any],
+    capture: list[str],
+    full_pass: bool,
+    free: Callable[[Any], int | None] | None = None,
+) -> None:
+    """Refuse, before the forward pass, a run whose outputs alone cannot fit in the free memory
+    of the model's device: the logits (when the pass reaches them), the captured token sites
+    and the input and output of the widest site, per token. A lower bound, so only runs that
+    would certainly fail are refused, with the number of rows that fit."""
+    first = batch.get("input_ids")
+    if first is None:
+        first = batch.get("inputs_embeds")
+    if first is None or first.dim() < 2:
+        return
+    rows, seq = int(first.shape[0]), int(first.shape[1])
+    tokens = rows * seq
+    param = next((p for p in backend.model.parameters() if p.is_floating_point()), None)
+    size = param.element_size() if param is not None else 4
+    sites = backend.sites()
+    widths = [i.dim for i in sites.values() if i.kind == "token" and i.site.role != "logits"]
+    # the input and output of the widest layer exist at once; the logits in the model's dtype
+    parts = {"working activations": 2 * max(widths, default=0) * size}
+    if full_pass and "logits" in sites:
+        parts["logits"] = sites["logits"].dim * size
+    parts["captured sites"] = sum(
+        sites[n].dim * size for n in capture if sites[n].kind == "token" and n != "logits"
+    )
+    per_token = sum(parts.values())
+    need = per_token * tokens
+    if need < MEMORY_CHECK_FROM:
+        return
+    room = (free or available_memory)(backend.device)
+    if room is None or need <= room:
+        return
+    fits = max(1, room // max(1, per_token * seq) // 2)
+    gib = 2**30
+    detail = ", ".join(f"{k} {v * tokens / gib:.1f} GiB" for k, v in parts.items() if v)
+    raise InputError(
+        f"this run of {rows} rows x {seq} tokens needs at least {need / gib:.1f} GiB "
+        f"({detail}) but {room / gib:.1f} GiB of {backend.device.type} memory is free; run "
+        f"at most about {fits} rows at a time (split the batch, or give the method "
+        f"batch_size={fits}), or capture fewer sites"
+    )

@@ -92,15 +92,15 @@ def rows_of(request: RunRequest, rows: Any, length: int, capture: list[str]) -> 
 
 def edit_rows(edit: Edit, rows: Any, n_rows: int, width: int, length: int) -> Edit:
     """An edit made for the full batch, for a group of its rows trimmed to ``length``:
-    per-row values are sliced; explicit positions are kept when they fall inside the group."""
+    per-row values are sliced; positions count real tokens, so those the group's rows have are
+    kept."""
     value = edit.value
     if getattr(value, "dim", lambda: 0)() >= 2 and value.shape[0] == n_rows:
         value = value[rows.to(value.device)]
     positions = edit.positions
     if isinstance(positions, slice):  # explicit, so a slice past a short group stays valid
-        positions = list(range(width)[positions])
+        positions = list(range(length)[positions])
     if isinstance(positions, (int, list, tuple)):
         given = [positions] if isinstance(positions, int) else list(positions)
-        absolute = [p + width if p < 0 else p for p in given]
-        positions = [p for p in absolute if p < length]
+        positions = [p for p in given if -length <= p < length]
     return Edit(edit.site, edit.op, value, positions, edit.units)

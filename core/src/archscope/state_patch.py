@@ -24,6 +24,8 @@ class Backend(Protocol):
 
     def require(self, capability: str) -> None: ...
 
+    def prepare_inputs(self, inputs: Any) -> dict[str, Any]: ...
+
     def run(
         self,
         inputs: Any,
@@ -41,8 +43,12 @@ __all__ = ["check_initial_state", "state_patch"]
 def check_initial_state(
     backend: Backend, initial_state: Mapping[str, torch.Tensor] | None, batch: Mapping[str, Any]
 ) -> None:
-    """Every key of ``initial_state`` is a state site of ``backend``; each value has one row per
-    batch row and the site's number of axes and feature size."""
+    """The one ``initial_state`` policy: every key is a state site of ``backend``; each value
+    has one row per batch row, the site's size on every other axis (as the backend's own
+    ``RunResult.state`` has it) and finite values. Sites left out start from the model's own
+    initial state (as in a run without ``initial_state``)."""
+    from .guards import check_finite_state, check_state_shapes, state_sizes
+
     if not initial_state:
         return
     table = backend.sites()
@@ -69,6 +75,8 @@ def check_initial_state(
                 f"{shape}; expected {expected}. Take it from the RunResult.state of a run on "
                 f"{rows} rows"
             )
+    check_finite_state(initial_state)
+    check_state_shapes(backend, initial_state, rows, state_sizes(backend))
 
 
 def state_patch(
@@ -80,8 +88,16 @@ def state_patch(
     capture: Iterable[str | Site] = (),
 ) -> RunResult:
     """Run ``prefix``; swap in the recurrent state that ``source_prefix`` reached at ``sites``
-    (default: all state sites); continue on ``suffix``; return the suffix run."""
+    (default: all state sites); continue on ``suffix``; return the suffix run. The three inputs
+    have one row count, or one row, which is used with every row of the others."""
+    from .batch import broadcast_rows
+
     backend.require("state_patch")
+    given = {"prefix": prefix, "source_prefix": source_prefix, "suffix": suffix}
+    inputs = broadcast_rows(
+        {name: backend.prepare_inputs(value) for name, value in given.items()}, "state_patch"
+    )
+    prefix, source_prefix, suffix = inputs["prefix"], inputs["source_prefix"], inputs["suffix"]
     target = backend.run(prefix, return_state=True, stop_early=False)
     source = backend.run(source_prefix, return_state=True, stop_early=False)
     assert target.state is not None and source.state is not None

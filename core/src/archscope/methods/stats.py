@@ -55,7 +55,9 @@ def activation_stats(
         acts = result[name].float()
         info = backend.site_info(name)
         vectors = (
-            real_tokens(acts, result.attention_mask) if info.kind == "token" else acts.flatten(1)
+            real_tokens(acts, result.attention_mask, info.shape.index("seq"))
+            if info.kind == "token"
+            else acts.flatten(1)
         )
         out.sites.append(
             SiteStats(

@@ -20,6 +20,32 @@ def _fix(message: str) -> None:
     pytest.fail(message, pytrace=False)
 
 
+_STATE_ADVICE = (
+    "To fix: the backend's forward(ctx) must start the model from ctx.initial_state (site "
+    "name -> tensor; pass it to the model as its initial state or cache, and start sites left "
+    "out from the model's own initial state), and final_state(ctx, output) (by default the "
+    "values of the state sites) must be the state after each row's last real token"
+)
+
+
+def _padding_advice(kind: str, side: str, padding: str) -> str:
+    """What to change when a padded row differs from the unpadded sequence."""
+    if kind == "state":
+        return (
+            "A state site holds the state after each row's last real token. If the model's "
+            "state outputs are the state after the whole padded row, set the class attribute "
+            "regroup_states = True (the core then reads states from rows grouped by length); "
+            f"otherwise declare padding={'right' if side == 'left' else 'left'!r} so "
+            f"{side}-padded batches are refused"
+        )
+    return (
+        f"The model must give real tokens the same values with {side} padding (pass the "
+        "attention_mask it needs in forward(ctx)); if it cannot, declare only the side that is "
+        f"exact (padding={'right' if side == 'left' else 'left'!r}, now {padding!r}) and the "
+        "core refuses the other"
+    )
+
+
 class BackendContract:
     """Inherit from this class in a ``Test*`` class; fill in the names and factories."""
 
@@ -298,7 +324,9 @@ class BackendContract:
                 if len(info.shape) != value.dim():
                     _fix(
                         f"{site} of {name!r}: SiteInfo.shape names {len(info.shape)} axes "
-                        f"{info.shape} but the tensor has shape {tuple(value.shape)}"
+                        f"{info.shape} but the tensor has shape {tuple(value.shape)}: name one "
+                        "axis per tensor axis (SiteTable.add(..., shape=(...))), or give the "
+                        "Hookpoint a to_site view that returns the site's tensor"
                     )
                 sizes = dict(zip(info.shape, value.shape, strict=True))
                 if sizes.get("batch", rows) != rows:
@@ -329,7 +357,10 @@ class BackendContract:
             records = backend.extract(self.make_batch(model), layers=names[:2])
             for record in records:
                 if record.activations.shape[-1] != backend.hidden_dim(record.layer_name):
-                    _fix(f"hidden_dim({record.layer_name!r}) disagrees with the extracted tensor")
+                    _fix(
+                        f"hidden_dim({record.layer_name!r}) disagrees with the extracted tensor: "
+                        "SiteInfo.dim must be the size of the site's last axis"
+                    )
                 if record.attention_mask is None:
                     _fix("ActivationRecord.attention_mask is missing")
 
@@ -381,12 +412,18 @@ class BackendContract:
                 early = backend.run(batch, capture=[site])
                 full = backend.run(batch, capture=[site], stop_early=False)
                 if not torch.equal(early[site], full[site]):
-                    _fix(f"{site} of {name!r}: stopping early changed the value")
+                    _fix(
+                        f"{site} of {name!r}: stopping early changed the value: a later module "
+                        "changes the captured tensor in place, so capture a copy "
+                        "(Hookpoint(..., clone=True))"
+                    )
             first = backend.layer_names()[0]
             if backend.run(batch, capture=[first]).logits is not None:
                 _fix(
                     f"capturing only {first} of {name!r} still ran the model to the logits: "
-                    "stop the forward pass after the deepest captured site"
+                    "stop the forward pass after the deepest captured site (a HookBackend does "
+                    "this when its hooks fire; a custom forward(ctx) must let StopForward "
+                    "propagate, and a Backend without hooks must check request.stop_early)"
                 )
 
         self._each(check, model_name)
@@ -406,7 +443,12 @@ class BackendContract:
                     continue
                 out = backend.run(batch, edits=[Edit.apply(site, lambda x: x)]).logits
                 if not torch.equal(out, clean):
-                    _fix(f"an identity edit of {site} changed the logits of {name!r}")
+                    _fix(
+                        f"an identity edit of {site} changed the logits of {name!r}: the value "
+                        "written back must be exactly the value read (a Hookpoint's from_site "
+                        "must undo its to_site, and index must name the element the model "
+                        "uses)"
+                    )
 
         self._each(check, model_name)
 
@@ -421,7 +463,11 @@ class BackendContract:
             site = backend.layer_names()[0]
             out = backend.run(batch, edits=[Edit.scale(site, 0.0)]).logits
             if torch.equal(out, clean):
-                _fix(f"zeroing {site} of {name!r} did not change the logits: edits are not applied")
+                _fix(
+                    f"zeroing {site} of {name!r} did not change the logits: edits are not "
+                    "applied. Hook the module whose output the model goes on to use (not a "
+                    "copy or a side branch), and return the edited value from the hook's view"
+                )
 
         self._each(check, model_name)
 
@@ -476,7 +522,8 @@ class BackendContract:
                     ):
                         _fix(
                             f"{site} of {name!r}: {side}-padded row differs from the unpadded "
-                            "sequence at real tokens"
+                            "sequence at real tokens. "
+                            + _padding_advice(info.kind, side, backend.padding)
                         )
 
         self._each(check, model_name)
@@ -519,6 +566,100 @@ class BackendContract:
 
         self._each(check, model_name)
 
+    def test_out_of_vocabulary_id_is_refused(self, model_name: str) -> None:
+        from archscope.errors import ArchscopeError
+
+        def check(name: str, model: Any, backend: Any) -> None:
+            limits = backend.input_limits()
+            vocab = limits.vocab_size if limits.vocab_size is not None else self.vocab_size(model)
+            batch = self.make_batch(model)
+            batch["input_ids"][0, 1] = vocab
+            calls: list[bool] = []
+            handle = model.register_forward_pre_hook(lambda m, args: calls.append(True))
+            try:
+                backend.run(batch, capture=backend.layer_names()[:1])
+            except ArchscopeError as exc:
+                if calls:
+                    _fix(
+                        f"token id {vocab} was refused for {name!r} ({exc}), but only after "
+                        "the model ran: refuse it in input_limits()/the core's checks before "
+                        "the forward pass"
+                    )
+                return
+            except (IndexError, RuntimeError) as exc:
+                _fix(
+                    f"token id {vocab} (one past the vocabulary of {name!r}) reached the model "
+                    f"and raised {type(exc).__name__}: {str(exc)[:120]}. input_limits() reports "
+                    f"vocab_size={limits.vocab_size}: override input_limits() to return "
+                    "archscope.guards.InputLimits(vocab_size=...), or let the default find the "
+                    "vocabulary (get_input_embeddings(), config.vocab_size, or an nn.Embedding "
+                    "as the module of the 'embed' site)"
+                )
+            finally:
+                handle.remove()
+            _fix(
+                f"token id {vocab} ran on {name!r} without an error: if the model really "
+                "takes it, return its vocabulary from vocab_size() in your contract class; "
+                "otherwise make input_limits() report vocab_size"
+            )
+
+        self._each(check, model_name)
+
+    def test_initial_state_with_a_wrong_axis_is_refused(self, model_name: str) -> None:
+
+        def check(name: str, model: Any, backend: Any) -> None:
+            if "state_patch" not in backend.capabilities:
+                return
+            batch = self.make_batch(model)
+            state = backend.run(batch, return_state=True, stop_early=False).state or {}
+            backend.run(batch, initial_state=state)  # the backend's own state is accepted
+            calls: list[bool] = []
+            handle = model.register_forward_pre_hook(lambda m, a: calls.append(True))
+            try:
+                for site, value in state.items():
+                    for axis in range(1, value.dim()):
+                        calls.clear()
+                        self._refuse_wrong_axis(name, backend, batch, state, site, axis, calls)
+            finally:
+                handle.remove()
+
+        self._each(check, model_name)
+
+    @staticmethod
+    def _refuse_wrong_axis(
+        name: str, backend: Any, batch: Any, state: Any, site: str, axis: int, calls: list[bool]
+    ) -> None:
+        from archscope.errors import ArchscopeError
+
+        value = state[site]
+        axes = backend.site_info(site).shape
+        shape = list(value.shape)
+        shape[axis] += 1
+        wrong = {**state, site: value.new_zeros(shape)}
+        what = (
+            f"initial_state[{site!r}] of shape {tuple(shape)} (axis "
+            f"{axes[axis] if axis < len(axes) else axis} is {shape[axis]}, the backend's own "
+            f"state has {value.shape[axis]}) on {name!r}"
+        )
+        try:
+            backend.run(batch, initial_state=wrong)
+        except ArchscopeError as exc:
+            if calls or site not in str(exc):
+                _fix(
+                    f"{what} was refused, but "
+                    + ("after the model ran" if calls else "without naming the site")
+                    + f": {exc}"
+                )
+            return
+        except Exception as exc:
+            _fix(
+                f"{what} reached the model and raised {type(exc).__name__}: {str(exc)[:120]}. "
+                "Let Backend.check_initial_state check it (it compares every axis with the "
+                "state the backend returns): do not override check_initial_state or run, or "
+                "call super().check_initial_state(initial_state, batch) first"
+            )
+        _fix(f"{what} ran without an error: {_STATE_ADVICE}")
+
     # -- capabilities ------------------------------------------------------------------------
     def test_claimed_capabilities_have_their_sites(self, model_name: str) -> None:
         import torch
@@ -544,7 +685,10 @@ class BackendContract:
                 sites = [s for s, i in backend.sites().items() if i.site.role == "attn_pattern"]
                 pattern = backend.run(self.make_batch(model), capture=sites[:1])[sites[0]]
                 if not torch.allclose(pattern.float().sum(-1), torch.ones(()), atol=1e-3):
-                    _fix(f"{sites[0]} rows do not sum to 1")
+                    _fix(
+                        f"{sites[0]} rows do not sum to 1: capture the attention probabilities "
+                        "after the softmax (over the key axis, the last one), not the scores"
+                    )
 
         self._each(check, model_name)
 
@@ -593,7 +737,8 @@ class BackendContract:
                 _fix(
                     f"state_patch on {name!r}: continuing prefix A with prefix B's state does "
                     f"not reproduce running B + suffix (max diff "
-                    f"{(patched.logits.float() - reference.float()).abs().max().item():.3g})"
+                    f"{(patched.logits.float() - reference.float()).abs().max().item():.3g}). "
+                    + _STATE_ADVICE
                 )
             unpatched = backend.state_patch(a, a, suffix)
             own = backend.run(
@@ -602,7 +747,10 @@ class BackendContract:
             if not torch.allclose(
                 unpatched.logits.float(), own.logits[:, 4:].float(), atol=self.logits_atol, rtol=0
             ):
-                _fix(f"state_patch on {name!r} with its own state does not reproduce the plain run")
+                _fix(
+                    f"state_patch on {name!r} with its own state does not reproduce the plain "
+                    "run. " + _STATE_ADVICE
+                )
 
         self._each(check, model_name)
 

@@ -166,15 +166,16 @@ class PatchRuns:
         """A function edit that puts the clean values where ``sel`` (rows, seq) is set."""
         import torch
 
-        positions = sel.any(0).nonzero().flatten().tolist()
-        where = sel[:, positions, None]
-        source = self.aligned(site)[:, positions]
+        # ``sel`` holds columns of the padded batch, so the function sees the whole site
+        # (edit positions would count real tokens)
+        where = sel[:, :, None]
+        source = self.aligned(site)
         source = source.repeat(k, *([1] * (source.dim() - 1)))
 
         def patch(value: torch.Tensor) -> torch.Tensor:
             return torch.where(where.to(value.device), source.to(value.device, value.dtype), value)
 
-        return Edit.apply(site, patch, positions=positions)
+        return Edit.apply(site, patch)
 
 
 class BlockReplay:

@@ -6,6 +6,7 @@ Everything goes through the backend protocol: sites from ``backend.sites()``, pa
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -193,7 +194,8 @@ def patch_sweep(  # noqa: C901 - validates each option of the sweep in turn
         row_names = ["embed", *row_names]
     sites = [s for row in grid for s in row if s is not None]
     start = time.perf_counter()
-    ctx = PatchRuns.build(backend, clean, corrupted, sites, positions, metric_fn)
+    with _gradients_possible(attribution):  # AtP's tensors must not be inference tensors
+        ctx = PatchRuns.build(backend, clean, corrupted, sites, positions, metric_fn)
     seconds = {"cache": time.perf_counter() - start}
     n_cols = len(ctx.cols) if axis == "position" else len(columns)
     all_cols = list(range(len(ctx.cols)))
@@ -259,21 +261,44 @@ def attribution_patch(
     return patch_sweep(model, clean, corrupted, exact=exact, attribution=True, **kwargs)
 
 
+def _gradients_possible(on: bool) -> contextlib.AbstractContextManager[Any]:
+    """With ``on``: gradients enabled and inference mode off, whatever the caller set."""
+    import torch
+
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
+
+
 def _attribution(
     ctx: PatchRuns, grid: list[list[str | None]], axis: str, n_cols: int
 ) -> list[list[float | None]]:
     """AtP. The gradient is taken with respect to a zero tensor *added* to each site through
     an `Edit`, so it is the derivative of the metric with respect to that site's value as the
     backend's own edit semantics define it (for recurrent layers, the state at that step and
-    everything recomputed from it), the same change an exact patch makes."""
+    everything recomputed from it), the same change an exact patch makes. Gradients are on
+    here also when the caller runs under ``torch.no_grad()`` or ``torch.inference_mode()``."""
+
+    with _gradients_possible(True):
+        return _attribution_grid(ctx, grid, axis, n_cols)
+
+
+def _attribution_grid(
+    ctx: PatchRuns, grid: list[list[str | None]], axis: str, n_cols: int
+) -> list[list[float | None]]:
     import torch
 
     backend = ctx.backend
     sites = list(dict.fromkeys(s for row in grid for s in row if s is not None))
-    corrupted = backend.run(ctx.corrupted, capture=sites)
+    # tensors made under inference_mode cannot take part in autograd: use normal copies
+    batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in ctx.corrupted.items()}
+    corrupted = backend.run(batch, capture=sites)
     deltas = {s: torch.zeros_like(corrupted.activations[s], requires_grad=True) for s in sites}
     result = backend.run(
-        ctx.corrupted,
+        batch,
         capture=ctx.readout.capture,
         edits=[Edit.add(s, deltas[s]) for s in sites],
         grad=True,

@@ -23,6 +23,13 @@ class ToyBackend(HookBackend):
         table.add("logits", Hookpoint("head"), dim=m.vocab)
         return table
 
+    def input_limits(self):
+        # the embed site is read at the first block's input, so the core cannot find the
+        # vocabulary from it: say it here
+        from archscope.guards import InputLimits
+
+        return InputLimits(vocab_size=self.model.vocab)
+
     def unembed(self, residual):
         return self.model.head(residual)
 
