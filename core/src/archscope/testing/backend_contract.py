@@ -654,9 +654,9 @@ class BackendContract:
         except Exception as exc:
             _fix(
                 f"{what} reached the model and raised {type(exc).__name__}: {str(exc)[:120]}. "
-                "Let Backend.check_initial_state check it (it compares every axis with the "
-                "state the backend returns): do not override check_initial_state or run, or "
-                "call super().check_initial_state(initial_state, batch) first"
+                "Let Backend.run check it (archscope.state_patch.check_initial_state compares "
+                "every axis with the state the backend returns): do not override run, and read "
+                "the state in forward from ctx.initial_state"
             )
         _fix(f"{what} ran without an error: {_STATE_ADVICE}")
 
