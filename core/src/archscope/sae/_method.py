@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from ..errors import ParameterError
 from ..params import Param
 from ..results import Result
 
@@ -31,6 +32,15 @@ class SAEReport(Result):
     train_metrics: dict[str, float] = field(default_factory=dict)
     saved_to: str | None = None
     saelens_dir: str | None = None
+    #: What the SAE was trained on: "tokens" (every selected real token), "mean" or "last"
+    #: (one pooled vector per text), and the real-token positions selected.
+    pool: str = "tokens"
+    positions: Any = "all"
+    #: With labelled data: per label, the single feature that best separates that label's
+    #: held-out texts from the others, ``{"feature", "auroc", "direction", "n_texts"}``
+    #: (``auroc`` >= 0.5: "higher" = the feature is larger on the label's texts). Feature
+    #: values per text: the pooled vector's code, or the mean code over the text's tokens.
+    feature_auroc: dict[str, dict[str, Any]] = field(default_factory=dict)
     _sae: Any = field(default=None, repr=False)
 
     @property
@@ -59,18 +69,30 @@ class SAEReport(Result):
             f"## SAE on {self.site} ({self.backend}): {self.sae_type}, "
             f"{self.n_features} features{k}"
         )
-        return "\n".join(
-            [
-                head,
+        unit = "tokens" if self.pool == "tokens" else f"texts ({self.pool}-pooled)"
+        where = "" if self.positions == "all" else f" at positions {self.positions}"
+        lines = [
+            head,
+            "",
+            f"Trained on {self.n_train_tokens} {unit}{where}; evaluated on "
+            f"{m.n_inputs} held-out {unit}.",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *[f"| {a} | {b} |" for a, b in rows],
+        ]
+        if self.feature_auroc:
+            lines += [
                 "",
-                f"Trained on {self.n_train_tokens} tokens; evaluated on "
-                f"{m.n_inputs} held-out tokens.",
-                "",
-                "| metric | value |",
-                "|---|---|",
-                *[f"| {a} | {b} |" for a, b in rows],
+                "| label | best single feature | AUROC | direction | texts |",
+                "|---|---|---|---|---|",
+                *[
+                    f"| {label} | {v['feature']} | {v['auroc']:.3f} | {v['direction']} | "
+                    f"{v['n_texts']} |"
+                    for label, v in self.feature_auroc.items()
+                ],
             ]
-        )
+        return "\n".join(lines)
 
 
 def sae_method(
@@ -93,14 +115,31 @@ def sae_method(
     seed: int = 0,
     save: Annotated[str | None, Param(help="folder to save the SAE artifact to")] = None,
     saelens_dir: Annotated[str | None, Param(help="folder to export SAELens's layout to")] = None,
+    pool: Annotated[
+        Literal["mean", "last"] | None,
+        Param(help="one vector per text (mean or last real token) instead of every token"),
+    ] = None,
+    positions: Annotated[
+        str,
+        Param(
+            help="real-token positions to train on: all, last, or indices such as 0,-1 "
+            "(negative from each text's last token)"
+        ),
+    ] = "all",
 ) -> SAEReport:
     """Train an SAE on ``site`` over the real tokens of ``data`` (held-out texts excluded),
-    then measure it on the held-out texts."""
+    then measure it on the held-out texts.
+
+    ``pool`` ("mean" / "last") trains on one vector per text instead (state sites need it);
+    ``positions`` keeps only those real-token positions of every text. With labelled data,
+    ``feature_auroc`` names, per label, the single feature that best separates that label's
+    held-out texts from the rest."""
     import torch
 
     from ..artifacts import ArtifactFit
     from ..collect import iter_collect
     from ..data import as_dataset
+    from ..lens import _real_positions
     from ._metrics import reconstruction_metrics, spliced_loss
     from ._models import SAEConfig
     from ._saelens import export_saelens
@@ -109,24 +148,49 @@ def sae_method(
     data = as_dataset(data)
     names = backend.layer_names()
     info = backend.site_info(site if site is not None else names[len(names) // 2])
+    pool, chosen = _selection(info, pool, positions)
+    lengths = torch.tensor([len(r) for r in data.ids()], dtype=torch.long)
     n = len(data)
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen).tolist()
     n_eval = min(n - 1, round(n * eval_fraction)) if n > 1 else 0
-    eval_set = data.subset(sorted(order[:n_eval])) if n_eval else data
-    train_set = data.subset(sorted(order[n_eval:])) if n_eval else data
+    eval_index = sorted(order[:n_eval]) if n_eval else list(range(n))
+    train_index = sorted(order[n_eval:]) if n_eval else list(range(n))
+    eval_set = data.subset(eval_index)
+    train_set = data.subset(train_index)
 
-    def chunks(dataset: Any) -> Any:
-        return (
-            c.activations[info.name]
-            for c in iter_collect(
-                backend, dataset, [info.name], pool=None, batch_size=text_batch_size, progress=False
-            )
+    def parts(dataset: Any, index: list[int]) -> Any:
+        """(activations, text index into ``data``) per batch, positions selected."""
+        for c in iter_collect(
+            backend, dataset, [info.name], pool=pool, batch_size=text_batch_size, progress=False
+        ):
+            acts, doc = c.activations[info.name], torch.tensor(index)[c.doc]
+            if pool is None and chosen != "all":
+                assert c.position is not None
+                keep = _real_positions(chosen, lengths, c.position, doc)
+                acts, doc = acts[keep], doc[keep]
+            if len(acts):
+                yield acts, doc
+
+    def chunks(dataset: Any, index: list[int]) -> Any:
+        return (acts for acts, _ in parts(dataset, index))
+
+    if stream:
+        source: Any = lambda: chunks(train_set, train_index)  # noqa: E731
+        first = next(iter(source()), None)
+    else:
+        pieces = list(chunks(train_set, train_index))
+        source = torch.cat(pieces) if pieces else None
+        first = source
+    if first is None:
+        raise ParameterError(
+            f"positions={positions!r} selects no token of the training texts; choose "
+            "positions the texts have"
         )
-
+    width = int(first.shape[-1])  # a state site: its flattened value
     config = SAEConfig(
-        input_dim=info.dim,
-        n_features=n_features or 8 * info.dim,
+        input_dim=width,
+        n_features=n_features or 8 * width,
         sparsity=sparsity,
         sae_type=sae_type,
         learning_rate=learning_rate,
@@ -134,7 +198,6 @@ def sae_method(
         k=k,
         seed=seed,
     )
-    source: Any = (lambda: chunks(train_set)) if stream else torch.cat(list(chunks(train_set)))
     counted: list[int] = []
     sae = fit_sae(
         source if not stream else _counting(source, counted),
@@ -145,11 +208,14 @@ def sae_method(
     n_train = int(source.shape[0]) if isinstance(source, torch.Tensor) else sum(counted) // epochs
     sae.site = info.name
     sae.fitted_on = ArtifactFit.of(backend, info.name)
-    metrics = reconstruction_metrics(sae, lambda: chunks(eval_set))
+    metrics = reconstruction_metrics(sae, lambda: chunks(eval_set, eval_index))
     loss = None
     scorable = any(len(ids) > 1 for ids in eval_set.ids())  # a next token to predict
     if {"logits", "edit"} <= set(backend.capabilities) and info.writable and scorable:
         loss = spliced_loss(sae, backend, eval_set, info.name, batch_size=text_batch_size)
+    feature_auroc = {}
+    if data.label_tensor is not None:
+        feature_auroc = _feature_aurocs(sae, parts(eval_set, eval_index), data.label_tensor)
     saved = str(sae.save(save)) if save else None
     exported = str(export_saelens(sae, saelens_dir)) if saelens_dir else None
     return SAEReport(
@@ -164,8 +230,71 @@ def sae_method(
         train_metrics=dict(sae.last_metrics),
         saved_to=saved,
         saelens_dir=exported,
+        pool=pool or "tokens",
+        positions=chosen,
+        feature_auroc=feature_auroc,
         _sae=sae,
     )
+
+
+def _selection(info: Any, pool: Any, positions: Any) -> tuple[Any, Any]:
+    """Checked ``(pool, positions)``: a state site (one value per text) is read as "last"."""
+    from ..lens import _check_positions
+
+    chosen = _check_positions(positions)
+    if pool not in (None, "mean", "last"):
+        raise ParameterError(f"pool={pool!r}: use 'mean', 'last' or leave it out (every token)")
+    if pool is not None and chosen != "all":
+        raise ParameterError(
+            f"pool={pool!r} with positions={positions!r}: pooling already picks what each text "
+            "gives (mean or last token); use one of the two"
+        )
+    if info.kind == "state" and pool is None:
+        pool = "last"  # a state site holds one value per text: nothing to choose
+    return pool, chosen
+
+
+def _feature_aurocs(sae: Any, parts: Any, labels: Any) -> dict[str, dict[str, Any]]:
+    """Per label: the feature whose per-text value (mean code over the text's rows) best
+    separates that label's texts from the rest (binary 0/1 labels: label 1 against 0)."""
+    import torch
+
+    from ..probes import auroc
+
+    sums: dict[int, Any] = {}
+    counts: dict[int, int] = {}
+    with torch.no_grad():
+        for acts, doc in parts:
+            codes = sae.encode(acts.to(next(sae.parameters()).device).float()).cpu().double()
+            for d in doc.unique().tolist():
+                rows = codes[doc == d]
+                sums[d] = sums.get(d, 0) + rows.sum(0)
+                counts[d] = counts.get(d, 0) + len(rows)
+    texts = sorted(sums)
+    if not texts:
+        return {}
+    per_text = torch.stack([sums[d] / counts[d] for d in texts])  # (texts, features)
+    y = labels[texts]
+    classes = sorted(set(y.tolist()))
+    targets = [1] if classes == [0, 1] else classes
+    out: dict[str, dict[str, Any]] = {}
+    for label in targets:
+        hit = (y == label).long()
+        if int(hit.sum()) in (0, len(hit)):
+            continue  # this label has no held-out text (or only it): nothing to separate
+        best = (-1.0, 0, 0.5)
+        for f in range(per_text.shape[1]):
+            a = auroc(per_text[:, f], hit)
+            if abs(a - 0.5) > best[0]:
+                best = (abs(a - 0.5), f, a)
+        _, feature, value = best
+        out[str(label)] = {
+            "feature": feature,
+            "auroc": max(value, 1.0 - value),
+            "direction": "higher" if value >= 0.5 else "lower",
+            "n_texts": len(texts),
+        }
+    return out
 
 
 def _counting(make: Any, counted: list[int]) -> Any:
