@@ -132,6 +132,17 @@ def test_every_zoo_number_has_its_controls(zoo_profiles: dict[str, InterpProfile
     assert "Probes pool the last real token" in markdown
 
 
+def test_zoo_models_have_their_recipes_layers(zoo_profiles: dict[str, InterpProfile]) -> None:
+    from archscope_zoo.train import N_LAYERS
+
+    for profile in zoo_profiles.values():
+        name = profile.model_name.split(":", 1)[1]
+        assert profile.n_layers == N_LAYERS[name]
+        assert all(len(curve) == profile.n_layers for curve in profile.probe_auroc.values())
+        assert len(profile.patching["rows"]) == profile.n_layers + 1  # embed + every layer
+    assert max(p.n_layers for p in zoo_profiles.values()) >= 4
+
+
 def test_patching_averages_every_pair_like_per_pair_runs_by_hand(
     zoo_profiles: dict[str, InterpProfile],
 ) -> None:
