@@ -40,12 +40,17 @@ def hidden_from_cell(
     step's own, computed from the same inputs the step saw."""
     import torch
 
+    def weight(name: str) -> torch.Tensor:
+        value = getattr(layer, name)
+        assert isinstance(value, torch.Tensor)
+        return value
+
     n = layer.hidden_size
     rows = slice(3 * n, 4 * n)  # torch orders the gates i, f, g, o
-    gate = x_t @ layer.weight_ih_l0[rows].T + h_prev @ layer.weight_hh_l0[rows].T
+    gate = x_t @ weight("weight_ih_l0")[rows].T + h_prev @ weight("weight_hh_l0")[rows].T
     if layer.bias:
-        gate = gate + layer.bias_ih_l0[rows] + layer.bias_hh_l0[rows]
+        gate = gate + weight("bias_ih_l0")[rows] + weight("bias_hh_l0")[rows]
     h = torch.sigmoid(gate) * torch.tanh(cell)
     if layer.proj_size:
-        h = h @ layer.weight_hr_l0.T
+        h = h @ weight("weight_hr_l0").T
     return h
