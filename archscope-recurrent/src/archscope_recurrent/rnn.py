@@ -24,6 +24,8 @@ from archscope.errors import CapabilityError
 from archscope.guards import InputLimits, unembed_input
 from archscope.hookpoints import SiteTable
 
+from .lstm_step import CellEdits, check_cell_edit_mode, hidden_from_cell
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -121,10 +123,27 @@ class RNNBackend(Backend):
         self.cell_size = rnn.hidden_size * self.num_dirs
         self._layers: list[Any] = []
         self._directions: dict[int, tuple[Any, Any]] = {}
+        self._cell_edits: CellEdits = "keep_hidden"
         if self.num_dirs == 2:  # the backward direction reads the future: no continuation
             self.capabilities = type(self).capabilities - {"state_patch"}
         if not _is_reference_model(model):
             self._check_structure()
+
+    @property
+    def cell_edits(self) -> CellEdits:
+        """What an edit of ``layer_i.cell`` at step t does to ``h_t`` (LSTM only):
+        ``"keep_hidden"`` (default) keeps the hidden state the step computed from the unedited
+        cell, so the edit reaches the outputs from step t + 1 on; ``"recompute_hidden"`` sets
+        ``h_t = o_t·tanh(edited c_t)`` with the step's own output gate (see
+        `archscope_recurrent.lstm_step`). Set it on the backend: ``backend.cell_edits = ...``."""
+        return self._cell_edits
+
+    @cell_edits.setter
+    def cell_edits(self, mode: str) -> None:
+        try:
+            self._cell_edits = check_cell_edit_mode(mode)
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
 
     @classmethod
     def can_handle(cls, model: Any) -> float | None:
@@ -566,17 +585,22 @@ class RNNBackend(Backend):
         cells: list[torch.Tensor] = []
         begin = 0
         for end in bounds:
+            h_before = hx[0] if lstm and hx is not None else None
             out, state = layer(x[:, begin : end + 1], hx)
             h, c = state if lstm else (state, None)
             if end in edited:
+                if c_edits and c is not None and info_c is not None:
+                    new_c = self._edit_step(
+                        [*cells, c[0][:, None]], c_edits, info_c, end, seq, mask
+                    )
+                    if self.cell_edits == "recompute_hidden":
+                        out = _recompute_hidden(layer, x[:, end], out, h_before, c[0], new_c)
+                        h = out[:, -1][None].contiguous()
+                    c = new_c[None].contiguous()
                 if h_edits:
                     new_h = self._edit_step([*outs, out], h_edits, info_h, end, seq, mask)
                     out = torch.cat([out[:, :-1], new_h[:, None]], 1)
                     h = new_h[None].contiguous()  # cuDNN wants contiguous states
-                if c_edits and c is not None and info_c is not None:
-                    c = self._edit_step([*cells, c[0][:, None]], c_edits, info_c, end, seq, mask)[
-                        None
-                    ].contiguous()
             outs.append(out)
             if lstm and stepping:
                 assert c is not None
@@ -655,3 +679,26 @@ class RNNBackend(Backend):
                 f"(max logit difference {float((logits - ours).abs().max()):.3g}). Describe it "
                 "with archscope_recurrent.ModelSpec and the 'custom' backend instead"
             )
+
+
+def _recompute_hidden(
+    layer: Any,
+    x_t: torch.Tensor,
+    out: torch.Tensor,
+    h_before: torch.Tensor | None,
+    old_c: torch.Tensor,
+    new_c: torch.Tensor,
+) -> torch.Tensor:
+    """``out`` (one segment's outputs, ending at the edited step) with its last step's hidden
+    state recomputed from the edited cell ``new_c`` in the rows whose cell the edit changed."""
+    import torch
+
+    if out.shape[1] > 1:
+        h_prev = out[:, -2]
+    elif h_before is not None:
+        h_prev = h_before[0]
+    else:
+        h_prev = out.new_zeros(out.shape[0], out.shape[-1])
+    changed = (new_c != old_c).any(-1, keepdim=True)
+    h_t = torch.where(changed, hidden_from_cell(layer, x_t, h_prev, new_c), out[:, -1])
+    return torch.cat([out[:, :-1], h_t[:, None]], 1)

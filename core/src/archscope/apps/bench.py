@@ -1,6 +1,11 @@
 """The standard per-model profile: held-out probe AUROC per layer, circuit scores, SAE quality,
 logit vs tuned lens, an activation-patching heat map, recurrent-state variance, size and
-runtime — one comparable `InterpProfile` per model, rendered alone or side by side."""
+runtime — one comparable `InterpProfile` per model, rendered alone or side by side.
+
+Every number comes with controls: the same measurement on an untrained copy of the model
+(same architecture, re-initialised with the profile's seed; `InterpProfile.untrained`) and,
+for probes, on shuffled labels. Probes read one vector per text, pooled as ``pool`` says
+(the last real token, the mean over real tokens, or one real-token position)."""
 
 from __future__ import annotations
 
@@ -170,6 +175,13 @@ class InterpProfile(Result):
     per_head: dict[str, Any] = field(default_factory=dict)
     tasks: str = "generic"
     timings: dict[str, float] = field(default_factory=dict)
+    #: How probes pool each text: "last" (last real token), "mean", or "position N".
+    pool: str = "last"
+    #: task -> held-out AUROC per layer with the labels shuffled (seeded): chance level.
+    probe_auroc_shuffled: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: The same profile of an untrained copy (same architecture, re-initialised): the control
+    #: beside every number. None when controls were not asked for.
+    untrained: InterpProfile | None = None
 
     def to_markdown(self) -> str:
         return profile_to_markdown(self)
@@ -186,24 +198,86 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-_HEADLINE = [
+def _untrained_value(p: InterpProfile, get: Callable[[InterpProfile], Any]) -> Any:
+    return get(p.untrained) if p.untrained is not None else None
+
+
+def _with_control(p: InterpProfile, get: Callable[[InterpProfile], Any], digits: int = 3) -> str:
+    """``value (untrained value)``, or the value alone without a control."""
+    value = get(p)
+    if p.untrained is None:
+        return _fmt(value, digits)
+    return f"{_fmt(value, digits)} (untrained {_fmt(get(p.untrained), digits)})"
+
+
+def _best_probe(p: InterpProfile, task: str) -> float | None:
+    values = [v for v in p.probe_auroc.get(task, {}).values() if math.isfinite(v)]
+    return max(values) if values else None
+
+
+def _probe_cell(p: InterpProfile) -> str:
+    parts = []
+    for task in p.probe_auroc:
+        text = f"{task} {_fmt(_best_probe(p, task))}"
+        extra = []
+        if p.untrained is not None:
+            extra.append(f"untrained {_fmt(_best_probe(p.untrained, task))}")
+        shuffled = [v for v in p.probe_auroc_shuffled.get(task, {}).values() if math.isfinite(v)]
+        if shuffled:
+            extra.append(f"shuffled labels {_fmt(max(shuffled))}")
+        parts.append(text + (f" ({', '.join(extra)})" if extra else ""))
+    return "; ".join(parts) or "-"
+
+
+def _patch_flow(p: InterpProfile) -> tuple[str | None, str | None] | None:
+    """Where patching finds the contrast (mean over pairs >= half the gap): the last row that
+    still holds it on the first changed token, and the first row that holds it on the last
+    token. None without a heat map."""
+    patch = p.patching
+    matrix = patch.get("matrix") if patch else None
+    if not matrix:
+        return None
+    rows = patch.get("rows", [])
+    last = len(matrix[0]) - 1
+    take_over = next((rows[r] for r in range(len(matrix)) if _finite(matrix[r][last]) >= 0.5), None)
+    changed = patch.get("changed") or []
+    held = None
+    if changed and changed[0] != last:
+        kept = [rows[r] for r in range(len(matrix)) if _finite(matrix[r][changed[0]]) >= 0.5]
+        held = kept[-1] if kept else None
+    return held, take_over
+
+
+def _patch_cell(p: InterpProfile) -> str:
+    def text(q: InterpProfile) -> str:
+        flow = _patch_flow(q)
+        if flow is None:
+            return "-"
+        return " / ".join(_row_text(r) if r is not None else "none" for r in flow)
+
+    if not p.patching:
+        return "-"
+    out = text(p)
+    if p.untrained is not None and p.untrained.patching:
+        out += f" (untrained {text(p.untrained)})"
+    return out + f"; {p.patching.get('n_pairs', 1)} pairs"
+
+
+_HEADLINE: list[tuple[str, Callable[[InterpProfile], str]]] = [
     ("parameters", lambda p: f"{p.n_params:,}"),
     ("layers", lambda p: str(p.n_layers)),
     ("hidden size", lambda p: str(p.hidden_dim)),
-    (
-        "probe AUROC, best layer (held-out)",
-        lambda p: (
-            "; ".join(f"{task} {_fmt(max(v.values()))}" for task, v in p.probe_auroc.items() if v)
-            or "-"
-        ),
-    ),
-    ("induction (x chance)", lambda p: _fmt(p.induction_head_relative, 1)),
-    ("copy accuracy", lambda p: _fmt(p.copy_accuracy)),
-    ("next-token concentration", lambda p: _fmt(p.concentration_relative)),
+    ("probe AUROC, best layer (held-out)", _probe_cell),
+    ("induction (x chance)", lambda p: _with_control(p, lambda q: q.induction_head_relative, 1)),
+    ("copy accuracy", lambda p: _with_control(p, lambda q: q.copy_accuracy)),
+    ("next-token concentration", lambda p: _with_control(p, lambda q: q.concentration_relative)),
     (
         "SAE explained variance (dense / rank-1 / TopK)",
-        lambda p: " / ".join(
-            _fmt(p.sae.get(t, {}).get("explained_variance")) for t in ("dense", "rank1", "topk")
+        lambda p: _with_control(
+            p,
+            lambda q: " / ".join(
+                _fmt(q.sae.get(t, {}).get("explained_variance")) for t in ("dense", "rank1", "topk")
+            ),
         ),
     ),
     (
@@ -213,8 +287,8 @@ _HEADLINE = [
         ),
     ),
     ("tuned lens beats logit lens (layers)", lambda p: _lens_wins(p)),
-    ("patching: max gap restored", lambda p: _fmt(p.patching.get("max"))),
-    ("state variance ratio", lambda p: _fmt(p.ssm_state_variance_ratio)),
+    ("patching: contrast held on the changed token until / on the last token from", _patch_cell),
+    ("state variance ratio", lambda p: _with_control(p, lambda q: q.ssm_state_variance_ratio)),
     ("runtime (s)", lambda p: _fmt(p.runtime_seconds, 1)),
 ]
 
@@ -227,108 +301,394 @@ def _lens_wins(p: InterpProfile) -> str:
     return f"{wins}/{max(len(layers) - 1, 0)}"
 
 
+def _layer_index(site: str) -> int | None:
+    """The layer number of ``layer_3.residual`` or of a sweep row ``layer_3``."""
+    head = site.split(".", 1)[0]
+    if head.startswith("layer_") and head[6:].isdigit():
+        return int(head[6:])
+    return None
+
+
+def _pool_text(pool: str) -> str:
+    return {"last": "the last real token", "mean": "the mean over real tokens"}.get(pool, pool)
+
+
+def summary_sentences(profiles: Sequence[InterpProfile]) -> list[str]:
+    """Up to three sentences on what differs between the profiled models and where, computed
+    from their numbers: where probes find each task (against the untrained control), where
+    patching restores the contrast, and how the circuits and lenses compare."""
+    profiles = list(profiles)
+    out = [s for s in (_probe_sentence(profiles), _patching_sentence(profiles)) if s]
+    out += [s for s in (_circuit_sentence(profiles), _lens_sentence(profiles)) if s][: 3 - len(out)]
+    return out
+
+
+def _first_layer_at(curve: dict[str, float], level: float) -> int | None:
+    for site, value in curve.items():
+        if math.isfinite(value) and value >= level:
+            return _layer_index(site)
+    return None
+
+
+def _probe_sentence(profiles: list[InterpProfile]) -> str | None:
+    tasks = list(dict.fromkeys(t for p in profiles for t in p.probe_auroc))
+    if not tasks:
+        return None
+    clauses = []
+    for task in tasks:
+        rows = []
+        for p in profiles:
+            curve = p.probe_auroc.get(task) or {}
+            if not curve:
+                continue
+            controls = p.untrained.probe_auroc.get(task, {}) if p.untrained is not None else {}
+
+            def margin(
+                site: str, c: dict[str, float] = controls, v: dict[str, float] = curve
+            ) -> float:
+                return _finite(v[site]) - _finite(c.get(site, 0.5))
+
+            best_site = max(curve, key=margin)  # the layer furthest above its control
+            control = controls.get(best_site)
+            rows.append((margin(best_site), p, best_site, curve[best_site], control, curve))
+        if not rows:
+            continue
+        rows.sort(key=lambda r: -r[0])
+        _, p, site, value, control, curve = rows[0]
+        where = f"layer {_layer_index(site)}"
+        clause = (
+            f"{task} is decoded furthest above the control in {p.model_name} ({where}: {value:.2f}"
+        )
+        clause += f" vs {control:.2f} untrained)" if control is not None else ")"
+        if len(rows) > 1:
+            low = rows[-1]
+            reach = _first_layer_at(low[5], 0.9)
+            clause += f", least in {low[1].model_name} ({low[3]:.2f} vs " + (
+                f"{low[4]:.2f} untrained" if low[4] is not None else "chance 0.50"
+            )
+            clause += f", 0.9 reached at layer {reach})" if reach is not None else ")"
+        clauses.append(clause)
+    pool = profiles[0].pool
+    return (
+        f"Held-out probes on {_pool_text(pool)}, against the same probe on an untrained copy: "
+        + "; ".join(clauses)
+        + "."
+    )
+
+
+def _patching_sentence(profiles: list[InterpProfile]) -> str | None:
+    clauses = []
+    for p in profiles:
+        flow = _patch_flow(p)
+        if flow is None:
+            continue
+        held, take_over = flow
+        patch = p.patching
+        labels = patch.get("tokens") or patch.get("columns", [])
+        changed = patch.get("changed") or []
+        text = p.model_name
+        if held is not None or (changed and changed[0] != len(labels) - 1):
+            word = labels[changed[0]] if changed else "?"
+            text += (
+                f" carries the '{word}' contrast on that token through {_row_text(held)}"
+                if held is not None
+                else f" never holds the '{word}' contrast on that token alone"
+            )
+            text += " and"
+        text += (
+            f" moves it to the last token from {_row_text(take_over)}"
+            if take_over is not None
+            else " holds it on the last token at no single layer"
+        )
+        if p.untrained is not None:
+            control = _patch_flow(p.untrained)
+            if control is not None:
+                text += f" (untrained copy: from {_row_text(control[1]) if control[1] else 'none'})"
+        clauses.append(text)
+    if not clauses:
+        return None
+    n = max((p.patching.get("n_pairs", 0) for p in profiles if p.patching), default=0)
+    return (
+        f"Patching clean activations into the corrupted run ({n} pairs, mean): "
+        + "; ".join(clauses)
+        + "."
+    )
+
+
+def _row_text(row: str | None) -> str:
+    if row is None:
+        return "none"
+    return "the embedding" if row == "embed" else row.replace("layer_", "layer ")
+
+
+def _finite(value: Any) -> float:
+    return float(value) if value is not None and math.isfinite(value) else float("-inf")
+
+
+def _circuit_sentence(profiles: list[InterpProfile]) -> str | None:
+    rows = [p for p in profiles if p.induction_head_relative is not None]
+    if not rows:
+        return None
+    rows.sort(key=lambda p: -(p.induction_head_relative or 0.0))
+    parts = []
+    for p in rows:
+        control = _untrained_value(p, lambda q: q.induction_head_relative)
+        parts.append(
+            f"{p.model_name} {p.induction_head_relative:.1f}x"
+            + (f" (untrained {control:.1f}x)" if control is not None else "")
+        )
+    return "Repeated spans are copied at (x chance): " + ", ".join(parts) + "."
+
+
+def _lens_sentence(profiles: list[InterpProfile]) -> str | None:
+    rows = [p for p in profiles if p.lens_kl]
+    if not rows:
+        return None
+    parts = []
+    for p in rows:
+        first = _first_layer_at({s: -v["logit"] for s, v in p.lens_kl.items()}, -1.0)
+        parts.append(
+            f"{p.model_name} from "
+            + (f"layer {first}" if first is not None else "no layer before the last")
+        )
+    return "The logit lens is within 1 nat of the final prediction: " + ", ".join(parts) + "."
+
+
 def profile_to_markdown(profile: InterpProfile | Sequence[InterpProfile]) -> str:
-    """One profile as a table (several: one comparison table, a column per model), followed
-    by the per-layer probe and lens tables."""
+    """One profile as a table (several: one comparison table, a column per model), each number
+    with its control beside it, followed by the per-layer probe and lens tables."""
     profiles = [profile] if isinstance(profile, InterpProfile) else list(profile)
     if not profiles:
         raise InputError("profile_to_markdown needs at least one profile")
     head = "| | " + " | ".join(f"{p.model_name} ({p.arch_family})" for p in profiles) + " |"
-    lines = ["## Interpretability profile", "", head, "|---|" + "---:|" * len(profiles)]
+    lines = ["## Interpretability profile", ""]
+    summary = summary_sentences(profiles)
+    if summary:
+        lines += [" ".join(summary), ""]
+    lines.append(
+        f"Probes pool {_pool_text(profiles[0].pool)}. Controls: "
+        + (
+            "every number in parentheses is the same measurement on an untrained copy "
+            "(same architecture, re-initialised); probes are also fitted on shuffled labels."
+            if any(p.untrained is not None for p in profiles)
+            else "none (profiled without controls)."
+        )
+    )
+    lines += ["", head, "|---|" + "---:|" * len(profiles)]
     for label, get in _HEADLINE:
         lines.append(f"| {label} | " + " | ".join(get(p) for p in profiles) + " |")
     for p in profiles:
-        lines += ["", f"### {p.model_name}: per layer (tasks: {p.tasks})", ""]
-        tasks = list(p.probe_auroc)
-        lines.append(
-            "| layer | "
-            + " | ".join(f"{t} AUROC (held-out / train)" for t in tasks)
-            + " | logit-lens KL | tuned-lens KL |"
-        )
-        lines.append("|---|" + "---:|" * (len(tasks) + 2))
-        sites = list(dict.fromkeys([s for t in tasks for s in p.probe_auroc[t]] + list(p.lens_kl)))
-        for site in sites:
-            cells = [
-                f"{_fmt(p.probe_auroc[t].get(site))} / "
-                f"{_fmt(p.probe_train_auroc.get(t, {}).get(site))}"
-                for t in tasks
-            ]
-            kl = p.lens_kl.get(site, {})
-            cells += [_fmt(kl.get("logit")), _fmt(kl.get("tuned"))]
-            lines.append(f"| {site} | " + " | ".join(cells) + " |")
+        lines += ["", *_per_layer_table(p)]
         if p.notes:
             lines += ["", "Notes:", *[f"- {n}" for n in p.notes]]
     return "\n".join(lines)
 
 
+def _per_layer_table(p: InterpProfile) -> list[str]:
+    """Per layer: each task's held-out / train AUROC with its controls, and the lens KLs."""
+    lines = [f"### {p.model_name}: per layer (tasks: {p.tasks})", ""]
+    tasks = list(p.probe_auroc)
+    u = p.untrained
+    cols = []
+    for t in tasks:
+        cols.append(f"{t} AUROC (held-out / train)")
+        if u is not None:
+            cols.append(f"{t} untrained")
+        if t in p.probe_auroc_shuffled:
+            cols.append(f"{t} shuffled labels")
+    cols += ["logit-lens KL", "tuned-lens KL"]
+    if u is not None:
+        cols += ["logit-lens KL untrained", "tuned-lens KL untrained"]
+    lines.append("| layer | " + " | ".join(cols) + " |")
+    lines.append("|---|" + "---:|" * len(cols))
+    sites = list(dict.fromkeys([s for t in tasks for s in p.probe_auroc[t]] + list(p.lens_kl)))
+    for site in sites:
+        cells = []
+        for t in tasks:
+            cells.append(
+                f"{_fmt(p.probe_auroc[t].get(site))} / "
+                f"{_fmt(p.probe_train_auroc.get(t, {}).get(site))}"
+            )
+            if u is not None:
+                cells.append(_fmt(u.probe_auroc.get(t, {}).get(site)))
+            if t in p.probe_auroc_shuffled:
+                cells.append(_fmt(p.probe_auroc_shuffled[t].get(site)))
+        kl = p.lens_kl.get(site, {})
+        cells += [_fmt(kl.get("logit")), _fmt(kl.get("tuned"))]
+        if u is not None:
+            ukl = u.lens_kl.get(site, {})
+            cells += [_fmt(ukl.get("logit")), _fmt(ukl.get("tuned"))]
+        lines.append(f"| {site} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _layer_axis(ax: Any, sites: Sequence[str]) -> list[int]:
+    """x positions of ``sites`` (their layer numbers) with integer ticks."""
+    xs = [_layer_index(s) for s in sites]
+    xs_int = [x if x is not None else i for i, x in enumerate(xs)]
+    ax.set_xticks(sorted(set(xs_int)))
+    ax.set_xlabel("layer")
+    return xs_int
+
+
 def comparison_figure(profiles: Sequence[InterpProfile]) -> Any:
-    """Probe AUROC per layer (one line per model and task) and logit vs tuned lens KL per
-    layer, side by side."""
+    """Probe AUROC per layer (one panel per task: one colour per model, solid = trained,
+    dashed = untrained copy, dotted = shuffled labels) and the logit lens's KL to the final
+    distribution per layer (solid = trained, dashed = untrained; the tuned lens is in the
+    per-layer table)."""
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for p in profiles:
-        for task, curve in p.probe_auroc.items():
-            left.plot(
-                range(len(curve)), list(curve.values()), marker="o", label=f"{p.model_name}: {task}"
-            )
-        if p.lens_kl:
-            xs = range(len(p.lens_kl))
-            right.plot(
-                xs,
-                [v["logit"] for v in p.lens_kl.values()],
-                "--",
-                marker="o",
-                label=f"{p.model_name}: logit lens",
-            )
-            right.plot(
-                xs,
-                [v["tuned"] for v in p.lens_kl.values()],
-                marker="o",
-                label=f"{p.model_name}: tuned lens",
-            )
-    left.set(
-        title="Probe AUROC per layer (held-out)", xlabel="layer", ylabel="AUROC", ylim=(0.4, 1.02)
-    )
-    left.axhline(0.5, color="grey", lw=0.5)
-    right.set(title="KL to the final distribution (held-out)", xlabel="layer", ylabel="KL (nats)")
-    for ax in (left, right):
+    tasks = list(dict.fromkeys(t for p in profiles for t in p.probe_auroc))
+    n_panels = len(tasks) + 1
+    fig, axes = plt.subplots(1, n_panels, figsize=(4.6 * n_panels, 4), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, task in enumerate(tasks):
+        ax = axes[0][k]
+        for j, p in enumerate(profiles):
+            colour = colours[j % len(colours)]
+            curve = p.probe_auroc.get(task)
+            if not curve:
+                continue
+            xs = _layer_axis(ax, list(curve))
+            ax.plot(xs, list(curve.values()), marker="o", color=colour, label=p.model_name)
+            if p.untrained is not None and p.untrained.probe_auroc.get(task):
+                ucurve = p.untrained.probe_auroc[task]
+                ax.plot(
+                    _layer_axis(ax, list(ucurve)),
+                    list(ucurve.values()),
+                    "--",
+                    marker=".",
+                    color=colour,
+                    alpha=0.7,
+                )
+            shuffled = p.probe_auroc_shuffled.get(task)
+            if shuffled:
+                ax.plot(
+                    _layer_axis(ax, list(shuffled)),
+                    list(shuffled.values()),
+                    ":",
+                    color=colour,
+                    alpha=0.5,
+                )
+        ax.axhline(0.5, color="grey", lw=0.5)
+        ax.set(
+            title=f"{task}: probe AUROC (held-out), {_pool_text(profiles[0].pool)}\n"
+            "solid: trained, dashed: untrained copy, dotted: shuffled labels",
+            ylabel="AUROC",
+            ylim=(0.3, 1.02),
+        )
+        ax.title.set_fontsize(9)
         ax.legend(fontsize=7)
+    right = axes[0][-1]
+    for j, p in enumerate(profiles):
+        colour = colours[j % len(colours)]
+        for q, style, tag in ((p, "-", ""), (p.untrained, "--", " untrained")):
+            if q is None or not q.lens_kl:
+                continue
+            xs = _layer_axis(right, list(q.lens_kl))
+            right.plot(
+                xs,
+                [v["logit"] for v in q.lens_kl.values()],
+                style,
+                marker="o",
+                color=colour,
+                alpha=1.0 if not tag else 0.5,
+                label=None if tag else p.model_name,
+            )
+    right.set(
+        title="logit lens: KL(final ‖ layer), held-out\nsolid: trained, dashed: untrained copy",
+        ylabel="KL (nats)",
+    )
+    right.title.set_fontsize(9)
+    right.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
 def patching_figure(profiles: Sequence[InterpProfile]) -> Any:
-    """The activation-patching heat maps (layers x positions) of the profiles that have one."""
+    """The activation-patching heat maps (layers x positions, mean over the contrast pairs,
+    each cell labelled mean ± std), trained model beside its untrained copy."""
     plt = pyplot()
     shown = [p for p in profiles if p.patching.get("matrix")]
     if not shown:
         raise ArchscopeError("no profile has a patching heat map")
-    fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.6), squeeze=False)
-    for ax, p in zip(axes[0], shown, strict=True):
-        image = ax.imshow(p.patching["matrix"], aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
-        ax.set(title=f"{p.model_name}: gap restored", xlabel="position", ylabel="layer")
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    n_cols = 2 if any(p.untrained is not None and p.untrained.patching for p in shown) else 1
+    width = max(len(p.patching["matrix"][0]) for p in shown)
+    fig, axes = plt.subplots(
+        len(shown),
+        n_cols,
+        figsize=(n_cols * (2.4 + 1.0 * width), 0.8 + 3.2 * len(shown)),
+        squeeze=False,
+        layout="constrained",
+    )
+    image = None
+    for r, p in enumerate(shown):
+        for c, (q, tag) in enumerate(((p, ""), (p.untrained, " (untrained)"))[:n_cols]):
+            ax = axes[r][c]
+            if q is None or not q.patching.get("matrix"):
+                ax.axis("off")
+                continue
+            patch = q.patching
+            matrix = patch["matrix"]
+            image = ax.imshow(matrix, aspect="auto", cmap="RdBu_r", vmin=-1, vmax=1)
+            labels = patch.get("tokens") or patch.get("columns") or []
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+            rows = [str(_layer_index(x)) if x != "embed" else "embed" for x in patch["rows"]]
+            ax.set_yticks(range(len(rows)), rows)
+            std = patch.get("std")
+            for i, line in enumerate(matrix):
+                for j, v in enumerate(line):
+                    if v is None or not math.isfinite(v):
+                        continue
+                    text = f"{v:.2f}"
+                    if std and std[i][j] is not None and math.isfinite(std[i][j]):
+                        text += f"\n±{std[i][j]:.2f}"
+                    ax.text(
+                        j,
+                        i,
+                        text,
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="white" if abs(v) > 0.6 else "black",
+                    )
+            ax.set(
+                title=f"{p.model_name}{tag}: gap restored\n"
+                f"(mean ± std over {patch.get('n_pairs', 1)} pairs)",
+                xlabel="position (first pair's tokens)",
+                ylabel="layer",
+            )
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02)
     return fig
 
 
 def sae_figure(profiles: Sequence[InterpProfile]) -> Any:
-    """SAE explained variance against L0 per SAE type, one marker per model."""
+    """SAE explained variance against L0 per SAE type, one marker per model (hollow: the
+    untrained copy's activations)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6, 4.2))
     markers = {"dense": "o", "rank1": "s", "topk": "^"}
-    for p in profiles:
-        for kind, metrics in p.sae.items():
-            ax.scatter(
-                metrics.get("l0", float("nan")),
-                metrics.get("explained_variance", float("nan")),
-                marker=markers.get(kind, "x"),
-                label=f"{p.model_name}: {kind}",
-            )
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for j, p in enumerate(profiles):
+        colour = colours[j % len(colours)]
+        for q, tag in ((p, ""), (p.untrained, " untrained")):
+            if q is None:
+                continue
+            for kind, metrics in q.sae.items():
+                ax.scatter(
+                    metrics.get("l0", float("nan")),
+                    metrics.get("explained_variance", float("nan")),
+                    marker=markers.get(kind, "x"),
+                    facecolors="none" if tag else colour,
+                    edgecolors=colour,
+                    label=f"{p.model_name}{tag}: {kind}",
+                )
     ax.set(
-        title="SAE quality", xlabel="L0 (active features per token)", ylabel="explained variance"
+        title="SAE quality (filled: trained, hollow: untrained copy)",
+        xlabel="L0 (active features per token)",
+        ylabel="explained variance",
     )
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     return fig
 
@@ -338,19 +698,18 @@ def write_report(profiles: Sequence[InterpProfile], path: str | Path) -> Path:
     import json
 
     path = Path(path)
+    check_report_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
         path.write_text(json.dumps([p.to_dict() for p in profiles], indent=2) + "\n")
         return path
-    if path.suffix.lower() != ".md":
-        raise InputError(f"write the report as .md (with figures) or .json, not {path.name}")
     stem = path.with_suffix("")
     figures = [
         ("Probe AUROC and lens KL per layer", comparison_figure, f"{stem.name}-layers.png"),
         ("Activation patching", patching_figure, f"{stem.name}-patching.png"),
         ("SAE quality", sae_figure, f"{stem.name}-sae.png"),
     ]
-    parts = [profile_to_markdown(profiles), ""]
+    parts = ["# archscope profile", "", profile_to_markdown(profiles), ""]
     plt = None
     try:
         plt = pyplot()
@@ -369,23 +728,117 @@ def write_report(profiles: Sequence[InterpProfile], path: str | Path) -> Path:
     return path
 
 
+def check_report_path(path: str | Path) -> None:
+    """Refuse (`InputError`) a report name that is neither .md nor .json, before any work."""
+    if Path(path).suffix.lower() not in (".md", ".json"):
+        raise InputError(f"write the report as .md (with figures) or .json, not {Path(path).name}")
+
+
 def _split_rows(n: int, held_out: float, seed: int) -> tuple[list[int], list[int]]:
     from ..methods.splits import held_out_split
 
     return held_out_split(n, held_out, seed)
 
 
-def _probe_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks, quick: bool) -> None:
-    from ..methods.probes import probe_sweep
+def check_pool(pool: str | int) -> str | int:
+    """``pool`` if it is "last", "mean" or an int (a real-token position; negative counts from
+    each text's last real token); a numeric string becomes the int."""
+    if isinstance(pool, bool):
+        raise InputError(f"pool={pool!r}: use 'last', 'mean' or a real-token position (an int)")
+    if isinstance(pool, int):
+        return pool
+    if isinstance(pool, str):
+        if pool in ("last", "mean"):
+            return pool
+        try:
+            return int(pool)
+        except ValueError:
+            pass
+    raise InputError(
+        f"pool={pool!r}: use 'last' (the last real token), 'mean' (mean over real tokens) or a "
+        "real-token position such as 0 or -2 (negative counts from each text's last token)"
+    )
 
-    for task, dataset in tasks.probes.items():
-        # Newton's method solves these small penalised logistic regressions in ~10 iterations
-        # (the held-out AUROC of 100 AdamW epochs on the zoo's tasks, in far less time).
-        sweep = probe_sweep(
-            backend, dataset, folds=3 if quick else 5, solver="newton", epochs=50, weight_decay=1e-2
+
+def _pool_name(pool: str | int) -> str:
+    return pool if isinstance(pool, str) else f"position {pool}"
+
+
+def pooled_features(
+    backend: Backend, data: Any, sites: Sequence[str], pool: str | int = "last"
+) -> dict[str, Any]:
+    """One float32 vector per text for each of ``sites``: the last real token, the mean over
+    real tokens, or real-token position ``pool`` (an int; negative from the end). A text too
+    short for the position is an error naming it."""
+    import torch
+
+    from ..collect import collect
+    from ..methods.probes import pooled_activations
+
+    pool = check_pool(pool)
+    if isinstance(pool, str):
+        return pooled_activations(backend, data, list(sites), pool=pool)
+    got = collect(backend, data, list(sites), pool=None, dtype=torch.float32)
+    assert got.position is not None
+    n_docs = int(got.doc.max()) + 1 if len(got) else 0
+    lengths = torch.bincount(got.doc, minlength=n_docs)
+    short = (lengths <= pool) if pool >= 0 else (lengths < -pool)
+    if bool(short.any()):
+        bad = torch.nonzero(short).flatten().tolist()
+        raise InputError(
+            f"pool={pool}: texts {bad[:8]} have only {int(lengths[bad[0]])} real tokens; pick a "
+            f"position every text has (the shortest has {int(lengths.min())}), or 'last'/'mean'"
         )
-        profile.probe_auroc[task] = {r.site: float(r.heldout_auroc) for r in sweep.layers}
-        profile.probe_train_auroc[task] = {r.site: float(r.train_auroc) for r in sweep.layers}
+    want = pool if pool >= 0 else lengths[got.doc] + pool
+    keep = torch.nonzero(got.position == want).flatten()
+    order = got.doc[keep].argsort()
+    return {s: got.activations[s][keep[order]] for s in got.activations}
+
+
+def _probe_part(
+    profile: InterpProfile,
+    backend: Backend,
+    tasks: ProfileTasks,
+    quick: bool,
+    pool: str | int,
+    seed: int,
+    shuffled: bool,
+) -> None:
+    import torch
+
+    from ..methods.probes import ProbeOptions, _labelled, _report
+
+    sites = backend.layer_names()
+    # Newton's method solves these small penalised logistic regressions in ~10 iterations
+    # (the held-out AUROC of 100 AdamW epochs, in far less time).
+    options = ProbeOptions(
+        pool="mean" if pool == "mean" else "last",
+        folds=3 if quick else 5,
+        epochs=50,
+        lr=0.01,
+        weight_decay=1e-2,
+        batch_size=64,
+        solver="newton",
+        seed=seed,
+    )
+    for task, dataset in tasks.probes.items():
+        dataset, labels = _labelled(dataset)
+        features = pooled_features(backend, dataset, sites, pool)
+        variants = [("trained", labels)]
+        if shuffled:
+            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+            variants.append(("shuffled", labels[order]))
+        for variant, y in variants:
+            held, train = {}, {}
+            for site in sites:
+                report = _report(backend, site, features[site], y, options)
+                held[site] = float(report.heldout_auroc)
+                train[site] = float(report.train_auroc)
+            if variant == "trained":
+                profile.probe_auroc[task] = held
+                profile.probe_train_auroc[task] = train
+            else:
+                profile.probe_auroc_shuffled[task] = held
     best = {task: max(v.values()) for task, v in profile.probe_auroc.items() if v}
     profile.probe_sentiment_auroc = best.get("sentiment")
     profile.probe_math_auroc = best.get("math", best.get("topic"))
@@ -482,31 +935,110 @@ def _lens_part(
     }
 
 
-def _patching_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks) -> None:
+def _patching_part(
+    profile: InterpProfile, backend: Backend, tasks: ProfileTasks, tokenizer: Any
+) -> None:
+    """Patching heat map per contrast pair (each pair its own sweep and metric), then the mean,
+    std, min and max over the pairs per cell. Pairs whose two sides differ in length, or whose
+    length differs from the most common one, cannot share the position axis: they are left
+    out and named in ``notes``."""
     import torch
 
     from ..methods.attribute import LogitDiff, patch_sweep
 
     assert tasks.contrast is not None
-    clean_ids, corrupted_ids = _equal_length_pairs(profile, tasks.contrast)
-    if not clean_ids:
+    clean, corrupted = tasks.contrast.datasets()
+    pairs = list(zip(clean.ids(), corrupted.ids(), strict=True))
+    lengths = [len(a) if len(a) == len(b) else -1 for a, b in pairs]
+    common = max(set(x for x in lengths if x > 0), key=lengths.count, default=None)
+    if common is None:
+        profile.notes.append(
+            "patching: no contrast pair has clean and corrupted sides of equal length in "
+            "tokens, so no position-by-position heat map"
+        )
         return
-    metric = None
-    if tasks.answers is not None:
-        metric = LogitDiff(torch.tensor(tasks.answers[0][:1]), torch.tensor(tasks.answers[1][:1]))
-    sweep = patch_sweep(
-        backend, clean_ids[:1], corrupted_ids[:1], axis="position", metric_fn=metric
+    used = [i for i, n in enumerate(lengths) if n == common]
+    if len(used) < len(pairs):
+        profile.notes.append(
+            f"patching: pairs {[i for i in range(len(pairs)) if i not in used]} left out "
+            f"(their sides differ in length, or from the {common} tokens of the others)"
+        )
+    embed = "embed" in backend.sites() and backend.site_info("embed").writable
+    per_pair: list[list[list[float]]] = []
+    sweep = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a pair without a gap gives NaN cells, counted below
+        for i in used:
+            metric = None
+            if tasks.answers is not None:
+                metric = LogitDiff(
+                    torch.tensor(tasks.answers[0][i : i + 1]),
+                    torch.tensor(tasks.answers[1][i : i + 1]),
+                )
+            sweep = patch_sweep(
+                backend,
+                [pairs[i][0]],
+                [pairs[i][1]],
+                axis="position",
+                metric_fn=metric,
+                embed=embed,
+            )
+            per_pair.append(
+                [
+                    [float("nan") if v is None else float(v) for v in row]
+                    for row in sweep.gap_restored or []
+                ]
+            )
+    assert sweep is not None
+    stack = torch.tensor(per_pair, dtype=torch.float64)  # (pairs, rows, positions)
+    finite = torch.isfinite(stack)
+    n_finite = finite.sum(0)
+    zero = torch.where(finite, stack, torch.zeros_like(stack))
+    mean = zero.sum(0) / n_finite.clamp(min=1)
+    var = (torch.where(finite, stack - mean, torch.zeros_like(stack)) ** 2).sum(0) / n_finite.clamp(
+        min=1
     )
-    matrix = [
-        [float("nan") if v is None else float(v) for v in row] for row in sweep.gap_restored or []
-    ]
-    finite = [v for row in matrix for v in row if math.isfinite(v)]
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    low = torch.where(finite, stack, inf).amin(0)
+    high = torch.where(finite, stack, -inf).amax(0)
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    empty = n_finite == 0
+    mean, std = torch.where(empty, nan, mean), torch.where(empty, nan, var.sqrt())
+    low, high = torch.where(empty, nan, low), torch.where(empty, nan, high)
+    no_gap = int((~finite.any(-1).any(-1)).sum())
+    if no_gap:
+        profile.notes.append(f"patching: {no_gap} of {len(used)} pairs have no gap to restore")
+    first_clean, first_corr = pairs[used[0]]
+    tokens = [_token_label(tokenizer, a, b) for a, b in zip(first_clean, first_corr, strict=True)]
+    changed = sorted(
+        {j for i in used for j, (a, b) in enumerate(zip(*pairs[i], strict=True)) if a != b}
+    )
+    values = mean[torch.isfinite(mean)]
     profile.patching = {
-        "matrix": matrix,
+        "matrix": mean.tolist(),
+        "std": std.tolist(),
+        "min": low.tolist(),
+        "max_per_cell": high.tolist(),
+        "per_pair": per_pair,
+        "n_pairs": len(used),
         "rows": list(sweep.rows),
         "columns": [str(c) for c in sweep.columns],
-        "max": max(finite) if finite else None,
+        "tokens": tokens,
+        "changed": changed,
+        "max": float(values.max()) if values.numel() else None,
     }
+
+
+def _token_label(tokenizer: Any, clean: int, corrupted: int) -> str:
+    """The clean token's text, or ``clean/corrupted`` where the pair differs."""
+
+    def text(token: int) -> str:
+        if tokenizer is None or not hasattr(tokenizer, "decode"):
+            return str(token)
+        raw = str(tokenizer.decode([token]))
+        return raw.strip() or repr(raw)
+
+    return text(clean) if clean == corrupted else f"{text(clean)}/{text(corrupted)}"
 
 
 def _state_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks) -> None:
@@ -525,6 +1057,52 @@ def _state_part(profile: InterpProfile, backend: Backend, tasks: ProfileTasks) -
     profile.ssm_state_variance_ratio = sum(ratios) / len(ratios)
 
 
+def untrained_copy(model: Any, seed: int = 0) -> Any:
+    """A freshly initialised model of ``model``'s architecture (seeded): built from its config
+    (``type(model)(model.config)``, the class's own initialisation) where it has one, else a
+    copy whose submodules are all ``reset_parameters()``. Same device, dtype and mode; the
+    original is not touched."""
+    import copy
+
+    import torch
+
+    torch.manual_seed(seed)
+    fresh = None
+    config = getattr(model, "config", None)
+    if config is not None:
+        try:
+            fresh = type(model)(config)
+        except TypeError:
+            fresh = None
+    if fresh is None:
+        fresh = copy.deepcopy(model)
+        reset = 0
+        for module in fresh.modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+                reset += 1
+        if not reset:
+            raise ArchscopeError(
+                f"cannot re-initialise {type(model).__qualname__}: it has no config to rebuild "
+                "it from and no submodule with reset_parameters(); profile with controls=False"
+            )
+    param = next(iter(model.parameters()), None)
+    if param is not None:
+        fresh = fresh.to(device=param.device, dtype=param.dtype)
+    return fresh.train(model.training)
+
+
+def _control_backend(backend: Backend, seed: int) -> Backend:
+    """The backend of an untrained copy of ``backend``'s model (the same backend class)."""
+    from ..backends import Backend
+
+    fresh = untrained_copy(backend.model, seed)
+    try:
+        return type(backend)(fresh)
+    except TypeError:
+        return Backend.for_model(fresh, hint=backend.name)
+
+
 def profile_backend(
     backend: Backend,
     tokenizer: Any,
@@ -535,9 +1113,16 @@ def profile_backend(
     quick: bool = False,
     seed: int = 0,
     threads: int | None = None,
+    pool: str | int = "last",
+    controls: bool = True,
 ) -> InterpProfile:
     """The profile of the model behind ``backend``: each part runs where the backend has the
     capabilities it needs; a part that cannot run is named in ``notes``, never hidden.
+
+    ``pool``: what a probe reads of each text: "last" (the last real token), "mean" (the mean
+    over real tokens) or an int (that real-token position; negative from the end).
+    ``controls``: also profile an untrained copy of the model (`untrained_copy`, seeded with
+    ``seed``; stored in ``untrained``) and fit the probes on shuffled labels.
 
     ``threads``: torch threads while profiling (restored afterwards). Default: one for models
     under 50M parameters, whose small matrix products run faster on one thread, and the
@@ -545,12 +1130,34 @@ def profile_backend(
     """
     import torch
 
+    pool = check_pool(pool)
     n_params = _n_params(backend.model)
     previous = torch.get_num_threads()
     wanted = threads if threads is not None else (1 if n_params < 50_000_000 else previous)
     torch.set_num_threads(wanted)
     try:
-        return _profile(backend, tokenizer, name, arch_family, tasks, quick, seed, n_params)
+        tasks = tasks or generic_tasks(tokenizer, seed=seed)
+        profile = _profile(
+            backend, tokenizer, name, arch_family, tasks, quick, seed, n_params, pool, controls
+        )
+        if controls:
+            control = _control_backend(backend, seed)
+            profile.untrained = _profile(
+                control,
+                tokenizer,
+                f"{name} (untrained)",
+                arch_family,
+                tasks,
+                quick,
+                seed,
+                n_params,
+                pool,
+                False,
+            )
+            profile.runtime_seconds = round(
+                profile.runtime_seconds + profile.untrained.runtime_seconds, 2
+            )
+        return profile
     finally:
         torch.set_num_threads(previous)
 
@@ -560,15 +1167,16 @@ def _profile(
     tokenizer: Any,
     name: str,
     arch_family: str | None,
-    tasks: ProfileTasks | None,
+    tasks: ProfileTasks,
     quick: bool,
     seed: int,
     n_params: int,
+    pool: str | int,
+    shuffled: bool,
 ) -> InterpProfile:
     import torch
 
     start = time.perf_counter()
-    tasks = tasks or generic_tasks(tokenizer, seed=seed)
     layers = backend.layer_names()
     caps = set(backend.capabilities)
     profile = InterpProfile(
@@ -578,10 +1186,11 @@ def _profile(
         n_layers=len(layers),
         hidden_dim=_hidden_dim(backend),
         tasks=tasks.source,
+        pool=_pool_name(pool),
     )
     t = profile.timings
     torch.manual_seed(seed)
-    _timed(t, "probes", lambda: _probe_part(profile, backend, tasks, quick))
+    _timed(t, "probes", lambda: _probe_part(profile, backend, tasks, quick, pool, seed, shuffled))
     if "logits" in caps:
         _timed(t, "circuits", lambda: _circuit_part(profile, backend, tokenizer, tasks, quick))
     else:
@@ -593,7 +1202,7 @@ def _profile(
     else:
         profile.notes.append("lenses: the backend has no 'unembed'")
     if tasks.contrast is not None and {"edit", "logits"} <= caps:
-        _timed(t, "patching", lambda: _patching_part(profile, backend, tasks))
+        _timed(t, "patching", lambda: _patching_part(profile, backend, tasks, tokenizer))
     if "recurrent_state" in caps:
         _timed(t, "state", lambda: _state_part(profile, backend, tasks))
     profile.runtime_seconds = round(time.perf_counter() - start, 2)
@@ -633,9 +1242,11 @@ def profile_models(
     hint: str | None = None,
     quick: bool = False,
     progress: Callable[[str], None] | None = None,
+    pool: str | int = "last",
+    controls: bool = True,
 ) -> list[InterpProfile]:
-    """Load each model spec and profile it, with the tasks its model source supplies (the
-    zoo's planted attributes) or the generic English ones."""
+    """Load each model spec and profile it (`profile_backend`), with the tasks its model source
+    supplies (the zoo's planted attributes) or the generic English ones."""
     from ..loader import find_source, load_model
 
     profiles = []
@@ -647,7 +1258,17 @@ def profile_models(
             raise InputError(f"{spec} has no tokenizer; the profile needs one for its texts")
         source, rest = find_source(spec)
         tasks = source.profile_tasks(rest, tokenizer) if source is not None else None
-        profiles.append(profile_backend(backend, tokenizer, name=spec, tasks=tasks, quick=quick))
+        profiles.append(
+            profile_backend(
+                backend,
+                tokenizer,
+                name=spec,
+                tasks=tasks,
+                quick=quick,
+                pool=pool,
+                controls=controls,
+            )
+        )
     return profiles
 
 

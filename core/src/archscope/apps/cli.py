@@ -451,13 +451,39 @@ def run_method(
     help="Write the report: .md (with PNG figures beside it) or .json.",
 )
 @click.option("--quick", is_flag=True, help="Fewer epochs and trials (a first look).")
-def bench(models: tuple[str, ...], hint: str | None, out: str | None, quick: bool) -> None:
+@click.option(
+    "--pool",
+    default="last",
+    show_default=True,
+    help="What probes read of each text: last (real token), mean, or a real-token position "
+    "such as 3 or -2.",
+)
+@click.option(
+    "--no-controls",
+    is_flag=True,
+    help="Skip the controls (untrained copy of each model, shuffled probe labels).",
+)
+def bench(
+    models: tuple[str, ...],
+    hint: str | None,
+    out: str | None,
+    quick: bool,
+    pool: str,
+    no_controls: bool,
+) -> None:
     """Profile MODELs side by side: probes per layer (held-out AUROC), circuits, SAE quality,
     logit vs tuned lens, activation patching, state variance. Without MODEL: the example
     models installed sources name (the zoo's trained models)."""
-    from .bench import default_models, profile_models, profile_to_markdown, write_report
+    from .bench import (
+        check_pool,
+        default_models,
+        profile_models,
+        profile_to_markdown,
+        write_report,
+    )
 
     _check_out(out, "bench")
+    pooling = check_pool(pool)
     specs = list(models) or default_models()
     if not specs:
         raise click.UsageError(
@@ -469,6 +495,8 @@ def bench(models: tuple[str, ...], hint: str | None, out: str | None, quick: boo
         hint=hint,
         quick=quick,
         progress=lambda spec: click.echo(f"profiling {spec} ...", err=True),
+        pool=pooling,
+        controls=not no_controls,
     )
     click.echo(profile_to_markdown(profiles))
     if out is not None:

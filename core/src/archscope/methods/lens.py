@@ -197,6 +197,64 @@ def _layer_indices(backend: Backend, layers: Sequence[int] | None) -> list[int]:
     return chosen
 
 
+def _embed_site(backend: Backend) -> str:
+    """The backend's ``embed`` site (the embedding output), or a ParameterError."""
+    if "embed" not in backend.sites():
+        raise ParameterError(
+            f"embed=True reads the 'embed' site, which backend {backend.name!r} does not have; "
+            "leave embed off"
+        )
+    info = backend.site_info("embed")
+    width = backend.site_info(backend.layer_names()[-1]).dim
+    if info.dim != width:
+        raise ParameterError(
+            f"embed=True: the embedding output has {info.dim} features but the unembedding "
+            f"reads {width} (the layers' width), so it cannot be read through the lens; "
+            "leave embed off"
+        )
+    return info.name
+
+
+def _real_positions(
+    positions: Any, lengths: torch.Tensor, position: torch.Tensor, doc: torch.Tensor
+) -> torch.Tensor:
+    """Which per-token rows (``position`` among its text's real tokens, ``doc`` its text) to
+    keep: ``positions`` "all", "last", or real-token indices (negative from each text's last
+    real token)."""
+    import torch
+
+    if positions == "all":
+        return torch.ones_like(position, dtype=torch.bool)
+    chosen = [-1] if positions == "last" else [int(p) for p in positions]
+    from_end = position - lengths[doc]
+    keep = torch.zeros_like(position, dtype=torch.bool)
+    for p in chosen:
+        keep |= (position == p) if p >= 0 else (from_end == p)
+    return keep
+
+
+def _check_positions(positions: Any) -> Any:
+    if positions in ("all", "last"):
+        return positions
+    if isinstance(positions, str):
+        try:
+            positions = [int(p) for p in positions.split(",") if p.strip()]
+        except ValueError:
+            positions = None
+    if isinstance(positions, int) and not isinstance(positions, bool):
+        positions = [positions]
+    if (
+        not isinstance(positions, (list, tuple))
+        or not positions
+        or not all(isinstance(p, int) and not isinstance(p, bool) for p in positions)
+    ):
+        raise ParameterError(
+            f"positions={positions!r}: use 'all', 'last' or real-token indices such as [0, -1] "
+            "(negative counts from each text's last real token)"
+        )
+    return list(positions)
+
+
 def _kl(final_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """KL(final ‖ lens) along the last axis (nats)."""
     return (final_logp.exp() * (final_logp - logp)).sum(-1)
@@ -215,8 +273,10 @@ def _lens(
     top_k: int,
     translate: Translate | None,
     method: str,
+    embed: bool = False,
 ) -> LensResult:
-    """One lens pass over one prompt (the logit lens when ``translate`` is None)."""
+    """One lens pass over one prompt (the logit lens when ``translate`` is None); ``embed``
+    adds the embedding output as a first row (layer -1)."""
     import torch
 
     if top_k < 1:
@@ -230,7 +290,10 @@ def _lens(
     limits = backend.input_limits()
     if limits.vocab_size is not None:  # a bad target is refused before the forward pass
         _target_id(tokenizer, target_token, limits.vocab_size)
-    result = backend.run([ids], capture=[*(names[i] for i in chosen), "logits"])
+    rows = [(i, names[i]) for i in chosen]
+    if embed:
+        rows.insert(0, (-1, _embed_site(backend)))
+    result = backend.run([ids], capture=[*dict.fromkeys(n for _, n in rows), "logits"])
     final = torch.log_softmax(result["logits"][0].float(), -1)  # (seq, vocab)
     n_vocab = final.shape[-1]
     tid = _target_id(tokenizer, target_token, n_vocab)
@@ -249,9 +312,9 @@ def _lens(
         position_tokens=[_decode(tokenizer, i) for i in ids],
     )
     with torch.no_grad():
-        for i in chosen:
-            h = result[names[i]][0]
-            if translate is not None:
+        for i, name in rows:
+            h = result[name][0]
+            if translate is not None and i >= 0:  # the embedding row: no translator
                 h = translate(i, h)
             logp = torch.log_softmax(backend.unembed(h).float(), -1)  # (seq, vocab)
             last = logp[-1]
@@ -261,7 +324,7 @@ def _lens(
             out.layers.append(
                 LayerPrediction(
                     layer=i,
-                    layer_name=names[i],
+                    layer_name=name,
                     top_tokens=[
                         (int(t), _decode(tokenizer, int(t)), float(v.exp()))
                         for t, v in zip(top.indices, top.values, strict=True)
@@ -289,14 +352,17 @@ def logit_lens(
     backend_hint: str | None = None,
     top_k: int = 5,
     device: str = "cpu",
+    *,
+    embed: bool = False,
 ) -> LensResult:
     """Each layer's residual (``backend.layer_names()``) through the model's own final norm and
     unembedding, at every position of ``prompt``; per layer the top-k tokens, target probability
     and rank, entropy and KL to the final distribution at the last token. Without
-    ``target_token`` the target is the model's own top prediction. ``device`` is kept for
-    compatibility: inputs go to the model's device."""
+    ``target_token`` the target is the model's own top prediction. ``embed=True`` adds the
+    embedding output (site ``embed``, before any layer) as a first row, ``layer=-1``.
+    ``device`` is kept for compatibility: inputs go to the model's device."""
     backend = _backend(model, backend_hint)
-    return _lens(backend, tokenizer, prompt, target_token, layers, top_k, None, "logit_lens")
+    return _lens(backend, tokenizer, prompt, target_token, layers, top_k, None, "logit_lens", embed)
 
 
 # -- the batch method ------------------------------------------------------------------------------------
@@ -310,6 +376,10 @@ class LensLayer(Result):
     top_ids: list[list[int]]
     entropy: list[float]
     kl_to_final: list[float]
+    #: Per row: how many tokens this layer ranks above the row's target (0 = top-1), and the
+    #: target's probability.
+    target_rank: list[int] = field(default_factory=list)
+    target_prob: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -322,20 +392,29 @@ class LogitLensRun(Result):
     position: int
     layers: list[LensLayer] = field(default_factory=list)
     mean_kl: list[list[float]] = field(default_factory=list)
+    #: Per row: the token each layer's rank is measured for (``target``, or the model's own
+    #: top prediction at the position).
+    target_ids: list[int] = field(default_factory=list)
 
     def to_markdown(self) -> str:
         rows = [
             f"| {ly.layer_name} | {ly.top_ids[0]} | {ly.entropy[0]:.3f} | "
-            f"{ly.kl_to_final[0]:.3f} | {sum(ly.kl_to_final) / len(ly.kl_to_final):.3f} |"
+            f"{ly.kl_to_final[0]:.3f} | {sum(ly.kl_to_final) / len(ly.kl_to_final):.3f} | "
+            + (
+                f"{ly.target_rank[0]} | {sum(ly.target_rank) / len(ly.target_rank):.2f} |"
+                if ly.target_rank
+                else "- | - |"
+            )
             for ly in self.layers
         ]
+        target = f" target ids {self.target_ids[:8]}" if self.target_ids else ""
         return "\n".join(
             [
-                f"## Logit lens ({self.backend}), real-token position {self.position}",
+                f"## Logit lens ({self.backend}), real-token position {self.position}{target}",
                 "",
                 "| layer | top ids (row 0) | entropy (row 0) | KL to final (row 0)"
-                " | mean KL over rows |",
-                "|---|---|---|---|---|",
+                " | mean KL over rows | target rank (row 0) | mean target rank |",
+                "|---|---|---|---|---|---|---|",
                 *rows,
             ]
         )
@@ -366,23 +445,35 @@ def logit_lens_run(
     position: Annotated[
         int, Param(help="real-token index per row; negative counts from the row's last real token")
     ] = -1,
+    target: Annotated[
+        int | None,
+        Param(
+            min=0,
+            help="token id whose rank each layer reports (default: the model's own top "
+            "prediction at the position, per row)",
+        ),
+    ] = None,
+    embed: Annotated[bool, Param(help="add the embedding output as a first row")] = False,
 ) -> LogitLensRun:
     """The `logit-lens` method on a token batch: each layer through ``backend.unembed``.
 
     ``position`` counts each row's real tokens (0 = first real token, -1 = last), so rows
     shorter than the batch never report a padding position; a position a row does not have
-    is an error naming the shortest row."""
+    is an error naming the shortest row. Each layer reports, per row, the rank and
+    probability of the target token (``target``, or the model's own top prediction)."""
     import torch
 
     if top_k < 1:
         raise ParameterError(f"top_k must be >= 1, got {top_k}")
     backend = _backend(backend)
     names = backend.layer_names()
+    if embed:
+        names = [_embed_site(backend), *names]
     if isinstance(data, (list, tuple)):  # token-id rows of any lengths: pad them
         from ..data import as_dataset, pad_batch, padding_for
 
         data = pad_batch(as_dataset(data).ids(), padding_for(backend))
-    result = backend.run(data, capture=[*names, "logits"])
+    result = backend.run(data, capture=[*dict.fromkeys(names), "logits"])
     mask = result.attention_mask
     assert mask is not None
     lengths = mask.sum(-1)
@@ -400,21 +491,32 @@ def logit_lens_run(
     rows = torch.arange(mask.shape[0], device=mask.device)
     final_all = torch.log_softmax(result["logits"].float(), -1)
     final = final_all[rows, cols]
+    n_vocab = final.shape[-1]
+    if target is not None and not 0 <= int(target) < n_vocab:
+        raise ParameterError(f"target={target} is outside the vocabulary 0..{n_vocab - 1}")
+    tids = (
+        final.argmax(-1)
+        if target is None
+        else torch.full_like(final[:, 0], int(target), dtype=torch.long)
+    )
     width = int(lengths.max())
     real_col = first.unsqueeze(1) + torch.arange(width, device=mask.device)  # (batch, width)
     present = torch.arange(width, device=mask.device) < lengths.unsqueeze(1)
     real_col = real_col.clamp(max=mask.shape[1] - 1)
-    out = LogitLensRun(backend=backend.name, position=position)
+    out = LogitLensRun(backend=backend.name, position=position, target_ids=tids.tolist())
     with torch.no_grad():
         for name in names:
             logp_all = torch.log_softmax(backend.unembed(result[name]).float(), -1)
             logp = logp_all[rows, cols]
+            at_target = logp.gather(1, tids[:, None])
             out.layers.append(
                 LensLayer(
                     layer_name=name,
                     top_ids=logp.topk(min(top_k, logp.shape[-1])).indices.tolist(),
                     entropy=_entropy(logp).tolist(),
                     kl_to_final=_kl(final, logp).tolist(),
+                    target_rank=(logp > at_target).sum(-1).tolist(),
+                    target_prob=at_target[:, 0].exp().tolist(),
                 )
             )
             kl_grid = _kl(final_all, logp_all).gather(1, real_col)  # (batch, width)
@@ -437,6 +539,8 @@ class TunedLensReport(Result):
     n_train_tokens: int
     n_eval_tokens: int
     epochs: int
+    #: The real-token positions trained and evaluated on ("all", "last" or indices).
+    positions: Any = "all"
 
     def to_markdown(self) -> str:
         rows = [
@@ -446,7 +550,8 @@ class TunedLensReport(Result):
         return "\n".join(
             [
                 f"## Tuned lens ({self.backend}): held-out KL(final ‖ lens), {self.n_eval_tokens} "
-                f"tokens (trained on {self.n_train_tokens}, {self.epochs} epochs)",
+                f"tokens (trained on {self.n_train_tokens}, {self.epochs} epochs; positions "
+                f"{self.positions})",
                 "",
                 "| layer | logit lens | tuned lens |",
                 "|---|---|---|",
@@ -550,12 +655,24 @@ class TunedLens(Artifact):
         layers: list[int] | None = None,
         top_k: int = 5,
         device: str = "cpu",
+        *,
+        embed: bool = False,
     ) -> LensResult:
-        """The tuned lens over ``prompt`` (fields as `logit_lens`)."""
+        """The tuned lens over ``prompt`` (fields as `logit_lens`). ``embed=True`` adds the
+        embedding output as a first row (``layer=-1``), read without a translator (the lens
+        has none for it): that row is the logit lens of the embedding."""
         backend = _backend(model, backend_hint)
         self.check_backend(backend)
         return _lens(
-            backend, tokenizer, prompt, target_token, layers, top_k, self.translate, "tuned_lens"
+            backend,
+            tokenizer,
+            prompt,
+            target_token,
+            layers,
+            top_k,
+            self.translate,
+            "tuned_lens",
+            embed,
         )
 
     def check_backend(self, backend: Backend) -> None:
@@ -599,9 +716,11 @@ class TunedLens(Artifact):
         held_out: float = 0.2,
         batch_size: int = 16,
         seed: int = 0,
+        positions: Any = "all",
     ) -> TunedLens:
         """Fit on ``calibration_texts`` (``held_out`` of them kept aside, seeded) and report the
-        held-out KL per layer against the logit lens's in ``lens.report``."""
+        held-out KL per layer against the logit lens's in ``lens.report``. ``positions``: as in
+        `fit_rows`."""
         backend = _backend(model, backend_hint)
         if not calibration_texts or isinstance(calibration_texts, str):
             raise InputError("calibration_texts must be a non-empty list of texts")
@@ -611,7 +730,14 @@ class TunedLens(Artifact):
             list(calibration_texts), tokenizer=tokenizer, max_length=max_len
         ).ids()
         return cls.fit_rows(
-            backend, rows, epochs=epochs, lr=lr, held_out=held_out, batch_size=batch_size, seed=seed
+            backend,
+            rows,
+            epochs=epochs,
+            lr=lr,
+            held_out=held_out,
+            batch_size=batch_size,
+            seed=seed,
+            positions=positions,
         )
 
     @classmethod
@@ -627,11 +753,18 @@ class TunedLens(Artifact):
         seed: int = 0,
         eval_rows: list[list[int]] | None = None,
         progress: Callable[[int, TunedLens], None] | None = None,
+        positions: Any = "all",
     ) -> TunedLens:
         """Fit on token-id rows (``eval_rows``, or a seeded ``held_out`` share of ``rows``, is
         the held-out set). ``progress(epoch, lens)`` is called after each epoch with a lens
-        holding the translators so far (e.g. to record a held-out curve with `evaluate`)."""
+        holding the translators so far (e.g. to record a held-out curve with `evaluate`).
+
+        ``positions``: the real-token positions trained and evaluated on: "all" (default),
+        "last", or indices such as ``[0, -1]`` (negative from each row's last real token);
+        rows without such a position contribute nothing."""
         import torch
+
+        positions = _check_positions(positions)
 
         if epochs < 1 or lr <= 0 or batch_size < 1:
             raise ParameterError(
@@ -650,8 +783,14 @@ class TunedLens(Artifact):
             rows = [rows[i] for i in kept]
         names = backend.layer_names()
         lens = cls(backend, len(names), backend.site_info(names[0]).dim)
-        train = _Batches(backend, rows, batch_size)
-        evals = _Batches(backend, eval_rows, batch_size)
+        train = _Batches(backend, rows, batch_size, positions)
+        evals = _Batches(backend, eval_rows, batch_size, positions)
+        if not train.n_tokens or not evals.n_tokens:
+            raise InputError(
+                f"positions={positions!r} leaves no token to "
+                f"{'train' if not train.n_tokens else 'evaluate'} on; choose positions the "
+                "rows have"
+            )
 
         weight = lens.weight.clone().requires_grad_(True)
         bias = lens.bias.clone().requires_grad_(True)
@@ -685,17 +824,19 @@ class TunedLens(Artifact):
             n_train_tokens=train.n_tokens,
             n_eval_tokens=n_eval,
             epochs=epochs,
+            positions=positions if isinstance(positions, str) else list(positions),
         )
         return lens
 
     def evaluate(
-        self, rows: list[list[int]], batch_size: int = 16
+        self, rows: list[list[int]], batch_size: int = 16, positions: Any = "all"
     ) -> tuple[list[float], list[float]]:
-        """Mean KL(final ‖ lens) per layer over every real token of ``rows`` (token-id lists):
-        (logit lens, tuned lens)."""
+        """Mean KL(final ‖ lens) per layer over the real tokens of ``rows`` (token-id lists) at
+        ``positions`` (as in `fit_rows`): (logit lens, tuned lens)."""
         if self.backend is None:
             raise ArtifactError("this tuned lens has no model: load it with load(path, model)")
-        kl_logit, kl_tuned, _ = self._evaluate(_Batches(self.backend, rows, batch_size))
+        batches = _Batches(self.backend, rows, batch_size, _check_positions(positions))
+        kl_logit, kl_tuned, _ = self._evaluate(batches)
         return kl_logit, kl_tuned
 
     def _evaluate(self, batches: _Batches) -> tuple[list[float], list[float], int]:
@@ -817,11 +958,19 @@ class _Batches:
     #: Cache when the final log-probabilities of all tokens fit in this many floats.
     CACHE_FLOATS = 50_000_000
 
-    def __init__(self, backend: Backend, rows: list[list[int]], batch_size: int) -> None:
+    def __init__(
+        self, backend: Backend, rows: list[list[int]], batch_size: int, positions: Any = "all"
+    ) -> None:
+        import torch
+
         self.backend = backend
         self.rows = rows
         self.batch_size = batch_size
-        self.n_tokens = sum(len(r) for r in rows)
+        self.positions = positions
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        doc = torch.arange(len(rows)).repeat_interleave(lengths)
+        position = torch.cat([torch.arange(len(r)) for r in rows]) if rows else doc
+        self.n_tokens = int(_real_positions(positions, lengths, position, doc).sum())
         vocab = backend.site_info("logits").dim
         self.cache: list[tuple[list[torch.Tensor], torch.Tensor]] | None = None
         if self.n_tokens * vocab <= self.CACHE_FLOATS:
@@ -834,11 +983,16 @@ class _Batches:
 
         names = self.backend.layer_names()
         device = self.backend.device
+        lengths = torch.tensor([len(r) for r in self.rows], dtype=torch.long)
         for part in iter_collect(
             self.backend, self.rows, [*names, "logits"], pool=None, batch_size=self.batch_size
         ):
-            acts = [part[n].to(device) for n in names]
-            final = torch.log_softmax(part["logits"].to(device).float(), -1)
+            assert part.position is not None
+            keep = _real_positions(self.positions, lengths, part.position, part.doc)
+            if not bool(keep.any()):
+                continue
+            acts = [part[n][keep].to(device) for n in names]
+            final = torch.log_softmax(part["logits"][keep].to(device).float(), -1)
             yield acts, final
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
@@ -869,13 +1023,28 @@ def tuned_lens_method(
     ] = 0.2,
     batch_size: Annotated[int, Param(min=1, help="texts per forward pass")] = 16,
     seed: int = 0,
+    positions: Annotated[
+        str,
+        Param(
+            help="real-token positions to train and evaluate on: all, last, or indices "
+            "such as 0,-1 (negative from each text's last token)"
+        ),
+    ] = "all",
 ) -> TunedLensReport:
     """The `tuned-lens` method: fit on the dataset's texts (a seeded ``held_out`` share kept
-    aside) and report the held-out KL per layer, tuned lens next to logit lens."""
+    aside) at ``positions`` and report the held-out KL per layer, tuned lens next to logit
+    lens."""
     backend = _backend(backend)
     rows = _rows_of(data)
     lens = TunedLens.fit_rows(
-        backend, rows, epochs=epochs, lr=lr, held_out=held_out, batch_size=batch_size, seed=seed
+        backend,
+        rows,
+        epochs=epochs,
+        lr=lr,
+        held_out=held_out,
+        batch_size=batch_size,
+        seed=seed,
+        positions=positions,
     )
     assert lens.report is not None
     return lens.report

@@ -53,7 +53,7 @@ def activation_patch(
     model: Any,
     prompt_source: Any,
     prompt_target: Any,
-    layer_indices: list[int],
+    layer_indices: Sequence[int] | None = None,
     metric_fn: MetricFn | None = None,
     backend_hint: str | None = None,
     *,
@@ -65,7 +65,8 @@ def activation_patch(
 
     Patches role ``site`` (default: the backend's main per-layer site, the residual stream or
     RNN hidden state; or ``attn``/``attention``, ``mlp``, ``mixer``, ``cell``, ...) of every
-    layer in ``layer_indices`` together, or the explicit ``sites`` names. ``positions``:
+    layer in ``layer_indices`` (None: every layer) together, or the explicit ``sites`` names
+    (``sites=["embed"]`` needs no layers; ``layer_indices`` must then be left out). ``positions``:
     ``"all"``, ``"last"`` or real-token indices (negative from the last real token), counted
     per row among real tokens. ``metric_fn(logits, mask) -> per-row value`` (one-argument
     functions get 0.2's ``outputs`` object with ``.logits``); None = `LogitDiff`. Inputs are
@@ -77,6 +78,11 @@ def activation_patch(
         role = _role(backend, site)
         names = [_site(backend, i, role) for i in layers]
     else:
+        if layer_indices is not None:
+            raise InputError(
+                f"give either layer_indices ({list(layer_indices)}) or sites ({list(sites)}), "
+                "not both: sites name every patched site, layers included"
+            )
         names = [backend.site_info(s).name for s in sites]
         layers = sorted({i for i in (Site.parse(s).layer for s in names) if i is not None})
         if not names:

@@ -211,6 +211,8 @@ class StatePatchResult(Result):
     clean_metric: float
     corrupted_metric: float
     suffix_tokens: int
+    #: The real-token position the states were swapped after, when given as ``after=``.
+    after: int | None = None
 
     def figure(self) -> Any:
         plt = pyplot()
@@ -238,7 +240,13 @@ class StatePatchResult(Result):
             [
                 f"## State patching ({self.backend}, {self.metric})",
                 "",
-                f"suffix: last {self.suffix_tokens} token(s); clean {self.clean_metric:.4f}, "
+                (
+                    f"suffix: last {self.suffix_tokens} token(s)"
+                    if self.after is None
+                    else f"states swapped after real token {self.after}; suffix: "
+                    f"{self.suffix_tokens} token(s)"
+                )
+                + f"; clean {self.clean_metric:.4f}, "
                 f"corrupted {self.corrupted_metric:.4f}; every state swapped: "
                 f"{_fmt(self.all_states)}",
                 "",

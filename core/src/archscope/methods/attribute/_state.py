@@ -2,8 +2,9 @@
 
 For backends with the ``state_patch`` capability (SSM/conv states, RNN hidden/cell states,
 block states). Each input pair is split into a prefix and a shared suffix (the corrupted
-input's last ``suffix_tokens`` real tokens); the corrupted prefix's state, with chosen sites
-replaced by the clean prefix's, starts the suffix run. All swaps run as one batched suffix run.
+input's last ``suffix_tokens`` real tokens, or everything after real token ``after``); the
+corrupted prefix's state, with chosen sites replaced by the clean prefix's, starts the suffix
+run. All swaps run as one batched suffix run.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def state_patch_sweep(
     clean: Any,
     corrupted: Any,
     *,
-    suffix_tokens: int = 1,
+    suffix_tokens: int | None = None,
+    after: int | None = None,
     layers: Sequence[int] | None = None,
     metric_fn: MetricFn | None = None,
     batch_size: int = 64,
@@ -70,7 +72,12 @@ def state_patch_sweep(
     """Gap restored by swapping each layer's state of each kind (``ssm_state``, ``conv_state``,
     ``hidden_state``, ``cell_state``, ``state``, ... as the backend names its state sites)
     from the clean prefix into the corrupted prefix, continuing on the corrupted input's last
-    ``suffix_tokens`` real tokens.
+    ``suffix_tokens`` real tokens (default 1).
+
+    ``after``: an absolute real-token position instead: the states are swapped after real
+    token ``after`` (0 = the first) of both inputs, and the run continues on the corrupted
+    input's tokens from ``after + 1`` on; every corrupted row needs the same number of tokens
+    after it. Give ``suffix_tokens`` or ``after``, not both.
 
     The reference metrics come from plain runs: clean = the clean prefix followed by the
     suffix, corrupted = the corrupted input. ``metric_fn(logits, mask)`` sees the suffix's
@@ -80,11 +87,8 @@ def state_patch_sweep(
 
     backend = backend_of(model, backend_hint)
     backend.require("state_patch")
-    if suffix_tokens < 1:
-        raise InputError(f"suffix_tokens must be >= 1, got {suffix_tokens}")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    k = suffix_tokens
     clean_rows = _rows(backend.prepare_inputs(clean))
     corr_rows = _rows(backend.prepare_inputs(corrupted))
     if len(clean_rows) != len(corr_rows):
@@ -92,19 +96,10 @@ def state_patch_sweep(
             f"clean and corrupted inputs must pair up row by row: got "
             f"{len(clean_rows)} clean and {len(corr_rows)} corrupted rows"
         )
-    short = [
-        i
-        for i, (a, b) in enumerate(zip(clean_rows, corr_rows, strict=True))
-        if len(a) <= k or len(b) <= k
-    ]
-    if short:
-        raise InputError(
-            f"rows {short[:8]} have at most suffix_tokens={k} real tokens: every "
-            "row needs a prefix of at least one token before the suffix"
-        )
-    suffix = [r[-k:] for r in corr_rows]
-    clean_prefix = [r[:-k] for r in clean_rows]
-    corr_prefix = [r[:-k] for r in corr_rows]
+    k, clean_cut, corr_cut = _split_points(clean_rows, corr_rows, suffix_tokens, after)
+    suffix = [r[c:] for r, c in zip(corr_rows, corr_cut, strict=True)]
+    clean_prefix = [r[:c] for r, c in zip(clean_rows, clean_cut, strict=True)]
+    corr_prefix = [r[:c] for r, c in zip(corr_rows, corr_cut, strict=True)]
     n = len(suffix)
     ones = torch.ones(n, k, dtype=torch.long, device=backend.device)
     clean_logits = _suffix_logits(
@@ -176,4 +171,58 @@ def state_patch_sweep(
         clean_metric=clean_metric,
         corrupted_metric=corr_metric,
         suffix_tokens=k,
+        after=after,
     )
+
+
+def _split_points(
+    clean_rows: list[list[int]],
+    corr_rows: list[list[int]],
+    suffix_tokens: int | None,
+    after: int | None,
+) -> tuple[int, list[int], list[int]]:
+    """(suffix length, clean prefix lengths, corrupted prefix lengths) per row."""
+    if suffix_tokens is not None and after is not None:
+        raise InputError(
+            f"give suffix_tokens ({suffix_tokens}, counted from the end) or after ({after}, an "
+            "absolute real-token position), not both"
+        )
+    if after is None:
+        k = 1 if suffix_tokens is None else suffix_tokens
+        if k < 1:
+            raise InputError(f"suffix_tokens must be >= 1, got {k}")
+        short = [
+            i
+            for i, (a, b) in enumerate(zip(clean_rows, corr_rows, strict=True))
+            if len(a) <= k or len(b) <= k
+        ]
+        if short:
+            raise InputError(
+                f"rows {short[:8]} have at most suffix_tokens={k} real tokens: every "
+                "row needs a prefix of at least one token before the suffix"
+            )
+        return k, [len(r) - k for r in clean_rows], [len(r) - k for r in corr_rows]
+    if after < 0:
+        raise InputError(
+            f"after={after}: give a real-token position >= 0 (0 = the first token); to count "
+            "from the end use suffix_tokens"
+        )
+    short = [
+        i
+        for i, (a, b) in enumerate(zip(clean_rows, corr_rows, strict=True))
+        if len(a) <= after or len(b) <= after + 1
+    ]
+    if short:
+        raise InputError(
+            f"rows {short[:8]} end at or before real token after={after}: every clean row needs "
+            f"more than {after} real tokens and every corrupted row at least one token after it"
+        )
+    lengths = sorted({len(r) - after - 1 for r in corr_rows})
+    if len(lengths) > 1:
+        raise InputError(
+            f"after={after} leaves suffixes of {lengths} tokens in different corrupted rows; "
+            "the continuation is one batch of equal suffixes: give rows of equal length, or "
+            "suffix_tokens"
+        )
+    cut = [after + 1] * len(corr_rows)
+    return lengths[0], cut, list(cut)

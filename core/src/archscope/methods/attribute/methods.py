@@ -177,8 +177,16 @@ def state_patch_method(
     data: Contrast,
     *,
     suffix_tokens: Annotated[
-        int, Param(min=1, help="last real tokens of the corrupted input run after the state swap")
-    ] = 1,
+        int | None,
+        Param(
+            min=1,
+            help="last real tokens of the corrupted input run after the state swap (default 1)",
+        ),
+    ] = None,
+    after: Annotated[
+        int | None,
+        Param(min=0, help="swap after this real-token position instead (0 = the first token)"),
+    ] = None,
     layers: Layers = None,
     batch_size: BatchSize = 64,
 ) -> StatePatchResult:
@@ -186,5 +194,11 @@ def state_patch_method(
     one and continue on the shared suffix."""
     clean, corrupted = batches(backend, data)
     return state_patch_sweep(
-        backend, clean, corrupted, suffix_tokens=suffix_tokens, layers=layers, batch_size=batch_size
+        backend,
+        clean,
+        corrupted,
+        suffix_tokens=suffix_tokens,
+        after=after,
+        layers=layers,
+        batch_size=batch_size,
     )

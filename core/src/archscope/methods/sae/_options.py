@@ -29,3 +29,14 @@ class SAEOptions:
     seed: int = 0
     save: Annotated[str | None, Param(help="folder to save the SAE artifact to")] = None
     saelens_dir: Annotated[str | None, Param(help="folder to export SAELens's layout to")] = None
+    pool: Annotated[
+        Literal["mean", "last"] | None,
+        Param(help="one vector per text (mean or last real token) instead of every token"),
+    ] = None
+    positions: Annotated[
+        str,
+        Param(
+            help="real-token positions to train on: all, last, or indices such as 0,-1 "
+            "(negative from each text's last token)"
+        ),
+    ] = "all"
