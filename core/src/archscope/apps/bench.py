@@ -523,10 +523,13 @@ def _per_layer_table(p: InterpProfile) -> list[str]:
 
 
 def _layer_axis(ax: Any, sites: Sequence[str]) -> list[int]:
-    """x positions of ``sites`` (their layer numbers) with integer ticks."""
+    """x positions of ``sites`` (their layer numbers); the axis keeps integer ticks for every
+    layer plotted on it so far (models of different depths share one axis)."""
     xs = [_layer_index(s) for s in sites]
     xs_int = [x if x is not None else i for i, x in enumerate(xs)]
-    ax.set_xticks(sorted(set(xs_int)))
+    shown = set(getattr(ax, "_archscope_layers", set())) | set(xs_int)
+    ax._archscope_layers = shown
+    ax.set_xticks(sorted(shown))
     ax.set_xlabel("layer")
     return xs_int
 
