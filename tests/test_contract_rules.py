@@ -2,7 +2,7 @@
 only. These tests read the packages' source with `ast` and fail on any reference to an
 underscored member of the core: a private method or attribute of a core class (``x._table``,
 overriding ``_attach``), a private name imported from the core (``from archscope.x import _y``)
-or a private core module (``archscope.attribute._engine``)."""
+or a private core module (``archscope.methods.attribute._engine``)."""
 
 from __future__ import annotations
 
@@ -146,8 +146,8 @@ def test_no_backend_package_touches_a_private_member_of_the_core() -> None:
         "run = backend._start(request)",
         "handle = super()._attach(name, ctx)",
         "from archscope.plugins import _manager",
-        "from archscope.attribute._engine import sweep",
-        "import archscope._probe_net",
+        "from archscope.methods.attribute._engine import sweep",
+        "import archscope.methods._probe_net",
         "import archscope.plugins as p\np._manager.clear()",
         "class B(HookBackend):\n    def _attach(self, name, ctx):\n        return None",
     ],

@@ -12,7 +12,7 @@ from archs import arch
 import archscope
 from archscope.data import pad_batch
 from archscope.errors import InputError, ParameterError
-from archscope.lens import TunedLens, logit_lens, logit_lens_run
+from archscope.methods.lens import TunedLens, logit_lens, logit_lens_run
 
 ROWS = [[5, 17, 42, 8, 99, 23], [7, 7, 31, 64], [12, 40, 3, 9, 55]]
 

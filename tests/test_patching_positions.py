@@ -9,9 +9,9 @@ import torch
 from archs import arch
 
 from archscope import Edit
-from archscope.attribute import activation_patch, state_patch_sweep
 from archscope.data import pad_batch
 from archscope.errors import InputError
+from archscope.methods.attribute import activation_patch, state_patch_sweep
 
 TOL = 1e-5
 

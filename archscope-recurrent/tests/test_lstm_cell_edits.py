@@ -75,16 +75,19 @@ def test_recompute_leaves_rows_the_edit_does_not_touch_and_padding_alone() -> No
     plain = backend.run({"input_ids": ids, "attention_mask": mask}, capture=["layer_0.hidden"])
     backend.cell_edits = "recompute_hidden"
     try:
-        # a positive-position edit at real token 3: only the first row has one
+        # an edit at real token 1 whose value is zero in the second row: that row (and its
+        # padding) must come out exactly as in the plain run
+        value = torch.zeros(2, 1, backend.site_info("layer_0.cell").dim)
+        value[0] = 1.0
         run = backend.run(
             {"input_ids": ids, "attention_mask": mask},
             capture=["layer_0.hidden"],
-            edits=[Edit.add("layer_0.cell", 1.0, positions=[3])],
+            edits=[Edit.add("layer_0.cell", value, positions=[1])],
         )
     finally:
         backend.cell_edits = "keep_hidden"
     torch.testing.assert_close(run["layer_0.hidden"][1], plain["layer_0.hidden"][1])
-    assert not torch.allclose(run["layer_0.hidden"][0, 3], plain["layer_0.hidden"][0, 3])
+    assert not torch.allclose(run["layer_0.hidden"][0, 1], plain["layer_0.hidden"][0, 1])
 
 
 def test_unknown_mode_is_refused() -> None:

@@ -17,7 +17,7 @@ from archs import arch, words
 import archscope
 from archscope import ArtifactFit, Dataset
 from archscope.errors import ArtifactError, InputError, ParameterError
-from archscope.sae import SAEConfig, TopKSAE, fit_sae
+from archscope.methods.sae import SAEConfig, TopKSAE, fit_sae
 
 
 def _gpt2() -> archscope.Backend:
@@ -141,7 +141,7 @@ def test_sae_that_knows_its_site_refuses_a_backend_where_the_dimension_differs(t
 
 
 def test_fit_sae_on_a_store_reader_records_the_store_model(tmp_path) -> None:
-    from archscope.store import StoreReader, extract
+    from archscope.apps.store import StoreReader, extract
 
     gpt2 = _gpt2()
     site = "layer_1.residual"

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import archscope
-from archscope.cli import cli
+from archscope.apps.cli import cli
 from archscope.plugins import PluginInfo, PluginManager
 from archscope.registry import Method
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from archs import arch
 
-import archscope.bench
+import archscope.apps.bench
 from archscope.testing import BackendContract
 
 
@@ -59,7 +59,7 @@ def test_profile_check_fails_when_unequal_pairs_reach_patching(monkeypatch) -> N
         clean, corrupted = contrast.datasets()
         return clean.ids(), corrupted.ids()
 
-    monkeypatch.setattr(archscope.bench, "_equal_length_pairs", all_pairs)
+    monkeypatch.setattr(archscope.apps.bench, "_equal_length_pairs", all_pairs)
     # the first pair is equal, so only the unnamed second pair tells: the kit asks for the note
     with pytest.raises(pytest.fail.Exception, match=r"does not name the contrast pair"):
         _Kit().test_profile_names_contrast_pairs_of_unequal_token_lengths("gpt2")
@@ -68,6 +68,6 @@ def test_profile_check_fails_when_unequal_pairs_reach_patching(monkeypatch) -> N
         clean, corrupted = contrast.datasets()
         return clean.ids()[::-1], corrupted.ids()[::-1]
 
-    monkeypatch.setattr(archscope.bench, "_equal_length_pairs", unequal_first)
+    monkeypatch.setattr(archscope.apps.bench, "_equal_length_pairs", unequal_first)
     with pytest.raises(pytest.fail.Exception, match=r"profile_backend .* failed: InputError"):
         _Kit().test_profile_names_contrast_pairs_of_unequal_token_lengths("gpt2")

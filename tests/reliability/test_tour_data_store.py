@@ -11,7 +11,7 @@ import pytest
 import torch
 from archs import arch, words
 
-from archscope.store import ActivationStore, StoreError, StoreReader, extract
+from archscope.apps.store import ActivationStore, StoreError, StoreReader, extract
 
 SITE = "layer_1.residual"
 

@@ -17,7 +17,7 @@ import torch
 import archscope
 from archscope import Dataset
 from archscope.errors import InputError
-from archscope.lens import logit_lens
+from archscope.methods.lens import logit_lens
 from archscope.testing.tokenizers import ByteTokenizer
 from archscope.tokens import contract_problems, encode, single_token_id
 

@@ -282,7 +282,7 @@ def test_a_dataset_given_to_a_batch_method_is_padded_into_a_batch(method: str) -
 
 
 def test_extract_of_no_data_says_it_is_empty(tmp_path: Any) -> None:
-    from archscope.store import extract
+    from archscope.apps.store import extract
 
     _, tok, b = zoo("transformer")
     with pytest.raises(InputError, match=r"empty list: give at least one text"):
@@ -291,7 +291,7 @@ def test_extract_of_no_data_says_it_is_empty(tmp_path: Any) -> None:
 
 @pytest.mark.parametrize("name", ["transformer", "lstm"])
 def test_attribution_patch_under_no_grad_and_inference_mode(name: str) -> None:
-    from archscope.attribute import attribution_patch
+    from archscope.methods.attribute import attribution_patch
 
     _, _, b = zoo(name)
     # pairs whose top next tokens differ, so the default metric has a gap to attribute
@@ -372,11 +372,13 @@ def test_hinted_backend_that_cannot_build_its_sites_names_those_that_can() -> No
 def test_cli_forced_backend_that_cannot_serve_the_model(
     tmp_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from archscope.cli import main
+    from archscope.apps.cli import main
 
     a = arch("gpt2")
     folder = tmp_path / "m"
-    a.model.save_pretrained(folder)
+    # a copy: save_pretrained writes into the model's config (architectures), and the shared
+    # model's config hash must stay what other tests (the store's) expect
+    copy.deepcopy(a.model).save_pretrained(folder)
     a.tokenizer.save_pretrained(folder)
     with pytest.raises(SystemExit) as code:
         main(["run", "logit-lens", str(folder), "--arch", "mingru", "--text", "w4 w5"])

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
+from archscope.errors import BackendError
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -21,9 +23,9 @@ CELL_EDIT_MODES: tuple[str, ...] = ("keep_hidden", "recompute_hidden")
 
 
 def check_cell_edit_mode(mode: str) -> CellEdits:
-    """``mode`` if it is one of `CELL_EDIT_MODES`, else a ValueError naming them."""
+    """``mode`` if it is one of `CELL_EDIT_MODES`, else a `BackendError` naming them."""
     if mode not in CELL_EDIT_MODES:
-        raise ValueError(
+        raise BackendError(
             f"cell_edits={mode!r}: use 'keep_hidden' (an edited cell changes the following "
             "steps only) or 'recompute_hidden' (h = o·tanh(c) of the same step is recomputed)"
         )

@@ -140,10 +140,7 @@ class RNNBackend(Backend):
 
     @cell_edits.setter
     def cell_edits(self, mode: str) -> None:
-        try:
-            self._cell_edits = check_cell_edit_mode(mode)
-        except ValueError as exc:
-            raise BackendError(str(exc)) from None
+        self._cell_edits = check_cell_edit_mode(mode)
 
     @classmethod
     def can_handle(cls, model: Any) -> float | None:

@@ -123,23 +123,6 @@ def _same_length(tokenizer: Any, clean: str, swaps: Sequence[str]) -> str:
     )
 
 
-def _equal_length_pairs(
-    profile: InterpProfile, contrast: Contrast
-) -> tuple[list[list[int]], list[list[int]]]:
-    """The contrast pairs whose sides have equal token lengths; the others are named in the
-    profile's notes (patching swaps activations position by position)."""
-    pairs = contrast.pairs()
-    kept = [(a, b) for a, b in pairs if len(a) == len(b)]
-    if len(kept) < len(pairs):
-        lengths = ", ".join(f"{len(a)}/{len(b)}" for a, b in pairs if len(a) != len(b))
-        profile.notes.append(
-            f"patching: {len(pairs) - len(kept)} of {len(pairs)} contrast pairs tokenise to "
-            f"different lengths (clean/corrupted tokens: {lengths}) and were left out"
-            + ("; no pair was left, so the patching map is missing" if not kept else "")
-        )
-    return [a for a, _ in kept], [b for _, b in kept]
-
-
 # -- the profile --------------------------------------------------------------------------------
 @dataclass
 class InterpProfile(Result):
@@ -952,19 +935,24 @@ def _patching_part(
     assert tasks.contrast is not None
     clean, corrupted = tasks.contrast.datasets()
     pairs = list(zip(clean.ids(), corrupted.ids(), strict=True))
+    unequal = [i for i, (a, b) in enumerate(pairs) if len(a) != len(b)]
+    if unequal:
+        sizes = ", ".join(f"{len(pairs[i][0])}/{len(pairs[i][1])}" for i in unequal)
+        profile.notes.append(
+            f"patching: {len(unequal)} of {len(pairs)} contrast pairs tokenise to different "
+            f"lengths (pairs {unequal}, clean/corrupted tokens {sizes}) and were left out"
+        )
     lengths = [len(a) if len(a) == len(b) else -1 for a, b in pairs]
     common = max(set(x for x in lengths if x > 0), key=lengths.count, default=None)
     if common is None:
-        profile.notes.append(
-            "patching: no contrast pair has clean and corrupted sides of equal length in "
-            "tokens, so no position-by-position heat map"
-        )
+        profile.notes.append("patching: no pair is left, so the patching map is missing")
         return
     used = [i for i, n in enumerate(lengths) if n == common]
-    if len(used) < len(pairs):
+    other = [i for i, n in enumerate(lengths) if n > 0 and n != common]
+    if other:
         profile.notes.append(
-            f"patching: pairs {[i for i in range(len(pairs)) if i not in used]} left out "
-            f"(their sides differ in length, or from the {common} tokens of the others)"
+            f"patching: pairs {other} left out (their length differs from the {common} tokens "
+            "of the others, so they cannot share the heat map's position axis)"
         )
     embed = "embed" in backend.sites() and backend.site_info("embed").writable
     per_pair: list[list[list[float]]] = []

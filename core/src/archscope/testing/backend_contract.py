@@ -802,7 +802,7 @@ class BackendContract:
         import warnings
 
         from archscope import run_method
-        from archscope.lens import logit_lens
+        from archscope.methods.lens import logit_lens
         from archscope.tokens import contract_problems, encode_one
 
         def check(name: str, model: Any, backend: Any) -> None:
@@ -841,7 +841,7 @@ class BackendContract:
     def test_profile_names_contrast_pairs_of_unequal_token_lengths(self, model_name: str) -> None:
         import warnings
 
-        from archscope.bench import generic_tasks, profile_backend
+        from archscope.apps.bench import generic_tasks, profile_backend
         from archscope.data import Contrast
 
         from .tokenizers import ByteTokenizer
