@@ -55,19 +55,17 @@ def test_profile_check_passes_and_names_the_unequal_pair() -> None:
 
 
 def test_profile_check_fails_when_unequal_pairs_reach_patching(monkeypatch) -> None:
-    def all_pairs(profile: Any, contrast: Any) -> tuple[list[list[int]], list[list[int]]]:
-        clean, corrupted = contrast.datasets()
-        return clean.ids(), corrupted.ids()
+    def all_pairs(profile: Any, pairs: list[Any]) -> list[int]:
+        return list(range(len(pairs)))  # keeps every pair, names none
 
     monkeypatch.setattr(archscope.apps.bench, "_equal_length_pairs", all_pairs)
     # the first pair is equal, so only the unnamed second pair tells: the kit asks for the note
     with pytest.raises(pytest.fail.Exception, match=r"does not name the contrast pair"):
         _Kit().test_profile_names_contrast_pairs_of_unequal_token_lengths("gpt2")
 
-    def unequal_first(profile: Any, contrast: Any) -> tuple[list[list[int]], list[list[int]]]:
-        clean, corrupted = contrast.datasets()
-        return clean.ids()[::-1], corrupted.ids()[::-1]
+    def unequal_only(profile: Any, pairs: list[Any]) -> list[int]:
+        return [i for i, (a, b) in enumerate(pairs) if len(a) != len(b)]
 
-    monkeypatch.setattr(archscope.apps.bench, "_equal_length_pairs", unequal_first)
+    monkeypatch.setattr(archscope.apps.bench, "_equal_length_pairs", unequal_only)
     with pytest.raises(pytest.fail.Exception, match=r"profile_backend .* failed: InputError"):
         _Kit().test_profile_names_contrast_pairs_of_unequal_token_lengths("gpt2")

@@ -13,6 +13,7 @@ import math
 import random
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,24 @@ def _same_length(tokenizer: Any, clean: str, swaps: Sequence[str]) -> str:
     return next(
         (o for o, r in zip(options, rows[1:], strict=True) if len(r) == len(rows[0])), options[0]
     )
+
+
+def _equal_length_pairs(profile: InterpProfile, pairs: list[tuple[Any, Any]]) -> list[int]:
+    """The indices of the contrast pairs whose two sides tokenise to the same length (patching
+    swaps activations position by position); the others are named in the profile's notes."""
+    unequal = [i for i, (a, b) in enumerate(pairs) if len(a) != len(b)]
+    if unequal:
+        sizes = ", ".join(f"{len(pairs[i][0])}/{len(pairs[i][1])}" for i in unequal)
+        profile.notes.append(
+            f"patching: {len(unequal)} of {len(pairs)} contrast pairs tokenise to different "
+            f"lengths (pairs {unequal}, clean/corrupted tokens {sizes}) and were left out"
+            + (
+                "; no pair is left, so the patching map is missing"
+                if len(unequal) == len(pairs)
+                else ""
+            )
+        )
+    return [i for i in range(len(pairs)) if i not in unequal]
 
 
 # -- the profile --------------------------------------------------------------------------------
@@ -935,20 +954,17 @@ def _patching_part(
     assert tasks.contrast is not None
     clean, corrupted = tasks.contrast.datasets()
     pairs = list(zip(clean.ids(), corrupted.ids(), strict=True))
-    unequal = [i for i, (a, b) in enumerate(pairs) if len(a) != len(b)]
-    if unequal:
-        sizes = ", ".join(f"{len(pairs[i][0])}/{len(pairs[i][1])}" for i in unequal)
-        profile.notes.append(
-            f"patching: {len(unequal)} of {len(pairs)} contrast pairs tokenise to different "
-            f"lengths (pairs {unequal}, clean/corrupted tokens {sizes}) and were left out"
-        )
-    lengths = [len(a) if len(a) == len(b) else -1 for a, b in pairs]
-    common = max(set(x for x in lengths if x > 0), key=lengths.count, default=None)
-    if common is None:
-        profile.notes.append("patching: no pair is left, so the patching map is missing")
+    kept = _equal_length_pairs(profile, pairs)
+    if not kept:
         return
-    used = [i for i, n in enumerate(lengths) if n == common]
-    other = [i for i, n in enumerate(lengths) if n > 0 and n != common]
+    # pairs share the heat map's position axis: the most common length (ties: the earliest)
+    first: dict[int, int] = {}
+    for i in kept:
+        first.setdefault(len(pairs[i][0]), i)
+    counts = Counter(len(pairs[i][0]) for i in kept)
+    common = max(counts, key=lambda n: (counts[n], -first[n]))
+    used = [i for i in kept if len(pairs[i][0]) == common]
+    other = [i for i in kept if i not in used]
     if other:
         profile.notes.append(
             f"patching: pairs {other} left out (their length differs from the {common} tokens "
