@@ -128,32 +128,28 @@ def channel_decay_attention(
     dt: torch.Tensor,
     A: torch.Tensor,
     groups: int,
-    chunk: int = 64,
 ) -> torch.Tensor:
     """Mamba-1 effective attention per channel, averaged over ``groups`` equal groups of
-    channels: per channel ``d``, ``A_d[t, s] = Σ_n C_t[n] · exp(A[d, n] · Σ_{r=s+1..t} Δ_r[d]) ·
-    B_s[n] · Δ_s[d]``. ``query``/``key``: (batch, seq, d_state); ``dt``: (batch, seq, d_inner);
-    ``A``: (d_inner, d_state). Returns (batch, groups, seq, seq); with ``groups`` = d_inner, the
-    per-channel matrices."""
+    channels: per channel ``d``, ``A_d[t, s] = Σ_n C_t[n] · (Π_{r=s+1..t} exp(Δ_r[d] · A[d, n]))
+    · B_s[n] · Δ_s[d]``. ``query``/``key``: (batch, seq, d_state); ``dt``: (batch, seq,
+    d_inner); ``A``: (d_inner, d_state). Returns (batch, groups, seq, seq); with ``groups`` =
+    d_inner, the per-channel matrices.
+
+    Computed as a scan over queries that carries every key's decayed contribution (batch,
+    d_inner, d_state, seq): O(batch · d_inner · d_state · seq²) time, no (seq, seq, d_state)
+    tensor per channel."""
     import torch
 
     batch, seq, channels = dt.shape
-    size = channels // groups
-    cum = torch.cumsum(dt.float(), dim=1)  # (b, t, d)
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=dt.device).tril()
-    qk = query.float()[:, :, None, :] * key.float()[:, None, :, :]  # (b, t, s, n)
-    out = dt.new_zeros((batch, groups, seq, seq), dtype=torch.float32)
-    for start in range(0, channels, chunk):
-        stop = min(start + chunk, channels)
-        c = cum[:, :, start:stop].transpose(1, 2)  # (b, dc, t)
-        gap = (c[..., :, None] - c[..., None, :]).masked_fill(~causal, 0.0)  # (b, dc, t, s)
-        a = A[start:stop].float()  # (dc, n)
-        decays = torch.exp(gap[..., None] * a[None, :, None, None, :])  # (b, dc, t, s, n)
-        per = torch.einsum("bdtsn,btsn->bdts", decays, qk)
-        per = per * dt[:, :, start:stop].float().transpose(1, 2)[:, :, None, :]
-        per = per.masked_fill(~causal, 0.0)
-        owners = torch.arange(start, stop, device=dt.device) // size
-        out.index_add_(1, owners, per / size)
+    dt = dt.float()
+    decays = torch.exp(dt[..., None] * A.float())  # (b, t, d, n)
+    carried = dt.new_zeros((batch, channels, A.shape[-1], seq))
+    out = dt.new_zeros((batch, groups, seq, seq))
+    for t in range(seq):
+        carried = carried * decays[:, t, :, :, None]
+        carried[..., t] = key[:, t, None, :].float() * dt[:, t, :, None]
+        row = torch.einsum("bdns,bn->bds", carried, query[:, t].float())
+        out[:, :, t] = row.reshape(batch, groups, channels // groups, seq).mean(2)
     return out
 
 
