@@ -145,11 +145,13 @@ def channel_decay_attention(
     decays = torch.exp(dt[..., None] * A.float())  # (b, t, d, n)
     carried = dt.new_zeros((batch, channels, A.shape[-1], seq))
     out = dt.new_zeros((batch, groups, seq, seq))
-    for t in range(seq):
-        carried = carried * decays[:, t, :, :, None]
-        carried[..., t] = key[:, t, None, :].float() * dt[:, t, :, None]
-        row = torch.einsum("bdns,bn->bds", carried, query[:, t].float())
-        out[:, :, t] = row.reshape(batch, groups, channels // groups, seq).mean(2)
+    query = query.float()
+    for t in range(seq):  # only keys s <= t are non-zero
+        seen = carried[..., : t + 1]
+        seen.mul_(decays[:, t, :, :, None])
+        seen[..., t] = key[:, t, None, :].float() * dt[:, t, :, None]
+        row = torch.matmul(query[:, t, None, None, :], seen)[:, :, 0]  # (b, d, t + 1)
+        out[:, :, t, : t + 1] = row.reshape(batch, groups, channels // groups, t + 1).mean(2)
     return out
 
 
