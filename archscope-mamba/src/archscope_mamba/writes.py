@@ -463,17 +463,18 @@ class _LayerWrites:
         """Record the captures; the change of the scan output that the edits make (or None)."""
         value = self.site_value("write_value", parts.value)
         key = self.site_value("write_key", parts.B)
-        write = self.site_value("state_write", ScanParts.write_of(value, key))
         decay = parts.decay
         if "write_decay" in self.capture:
-            decays = self.layout.to_site("write_decay", decay.expand_as(write))
-            self.store("write_decay", self.caller(decays))
-        if "ssm_states" in self.capture:
-            states = self.layout.to_site("ssm_states", linear_scan(decay, write))
-            self.store("ssm_states", self.caller(states))
+            self.store("write_decay", self.caller(self.layout.to_site("write_decay", decay)))
         if "effective_attention" in self.capture:
             attention = attention_of(self.kind, parts)
             self.store("effective_attention", _unroll_square(attention, self.shift, self.roll))
+        if not (self.edited or {"state_write", "ssm_states"} & self.capture):
+            return None  # the factors alone: the (larger) write is not materialised
+        write = self.site_value("state_write", ScanParts.write_of(value, key))
+        if "ssm_states" in self.capture:
+            states = self.layout.to_site("ssm_states", linear_scan(decay, write))
+            self.store("ssm_states", self.caller(states))
         if not self.edited:
             return None
         delta = write - ScanParts.write_of(parts.value, parts.B)
