@@ -325,3 +325,25 @@ def test_no_hook_stays_and_only_the_hf_mamba_mixers_declare_write_sites() -> Non
     assert not backend.sites()[f"layer_{LAYER}.effective_attention"].writable
     falcon = Backend.for_model(make_model("falcon_mamba"))  # norms on B, C and Δ: not covered
     assert not any(n.endswith(".state_write") for n in falcon.sites())
+
+
+def test_the_public_helpers_agree_with_each_other_on_any_scalar_decay_recurrence() -> None:
+    """What another backend (e.g. a gated linear-attention layer) would reuse: the effective
+    attention of a recurrence with one decay per head, applied to the values, equals reading
+    the states that `linear_scan` builds from the same writes."""
+    from archscope_mamba.writes import linear_scan, scalar_decay_attention
+
+    gen = torch.Generator().manual_seed(0)
+    b, t, h, dk, dv = 2, 9, 3, 4, 5
+    q, k = torch.randn(b, t, h, dk, generator=gen), torch.randn(b, t, h, dk, generator=gen)
+    v = torch.randn(b, t, h, dv, generator=gen)
+    log_decay = -torch.rand(b, t, h, generator=gen)
+    scale = torch.rand(b, t, h, generator=gen)
+    writes = (scale[..., None] * v)[..., :, None] * k[..., None, :]  # (b, t, h, dv, dk)
+    states = linear_scan(torch.exp(log_decay)[..., None, None], writes)
+    read = (states * q[..., None, :]).sum(-1)
+    attention = scalar_decay_attention(q, k, log_decay, scale)
+    _close(torch.einsum("bhts,bshv->bthv", attention, v), read, 1e-5)
+    # continuing the scan from a state in the middle gives the same later states
+    later = linear_scan(torch.exp(log_decay)[:, 5:, :, None, None], writes[:, 5:], states[:, 4])
+    _close(later, states[:, 5:], 1e-6)
