@@ -347,3 +347,15 @@ def test_the_public_helpers_agree_with_each_other_on_any_scalar_decay_recurrence
     # continuing the scan from a state in the middle gives the same later states
     later = linear_scan(torch.exp(log_decay)[:, 5:, :, None, None], writes[:, 5:], states[:, 4])
     _close(later, states[:, 5:], 1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_write_sites_carry_gradients(family: str) -> None:
+    backend = _backend(family)
+    sites = _sites("state_write", "effective_attention", "ssm_states")
+    result = backend.run(random_ids(1, 5), capture=sites, grad=True)
+    total = sum(result[n].sum() for n in sites)
+    total.backward()  # through the mixer's own projections
+    mixer = _mixer(family)
+    assert mixer.in_proj.weight.grad is not None and mixer.in_proj.weight.grad.abs().sum() > 0
+    _model(family).zero_grad(set_to_none=True)

@@ -143,14 +143,13 @@ def channel_decay_attention(
     batch, seq, channels = dt.shape
     dt = dt.float()
     decays = torch.exp(dt[..., None] * A.float())  # (b, t, d, n)
-    carried = dt.new_zeros((batch, channels, A.shape[-1], seq))
+    query, key = query.float(), key.float()
+    carried = dt.new_zeros((batch, channels, A.shape[-1], 0))  # the keys s <= t seen so far
     out = dt.new_zeros((batch, groups, seq, seq))
-    query = query.float()
-    for t in range(seq):  # only keys s <= t are non-zero
-        seen = carried[..., : t + 1]
-        seen.mul_(decays[:, t, :, :, None])
-        seen[..., t] = key[:, t, None, :].float() * dt[:, t, :, None]
-        row = torch.matmul(query[:, t, None, None, :], seen)[:, :, 0]  # (b, d, t + 1)
+    for t in range(seq):  # out of place, so that it also runs under autograd (run(grad=True))
+        fresh = key[:, t, None, :, None] * dt[:, t, :, None, None]  # (b, d, n, 1)
+        carried = torch.cat([carried * decays[:, t, :, :, None], fresh], dim=-1)
+        row = torch.matmul(query[:, t, None, None, :], carried)[:, :, 0]  # (b, d, t + 1)
         out[:, :, t, : t + 1] = row.reshape(batch, groups, channels // groups, t + 1).mean(2)
     return out
 
