@@ -2,11 +2,17 @@
 a plain forward pass of the same batch (CPU).
 
     python benchmarks/bench_mamba.py [--repeats 15] [--out benchmarks/results/mamba.md]
+    python benchmarks/bench_mamba.py --writes [--out benchmarks/results/mamba-writes.md]
 
 States are read from the cache the model itself fills (``use_cache=True``), so the extraction
 is compared both with a plain forward without a cache and with one that builds the cache.
 Target: ≤ 1.05× the plain forward. Timings are medians over ``--repeats`` interleaved runs
 after warm-up, for HF Mamba (sequential scan on CPU) and Mamba-2 (chunked scan).
+
+``--writes`` times the write sites instead: capturing every layer's ``state_write`` (and with
+it every per-position state, ``ssm_states``) and every ``effective_attention`` against a plain
+forward, next to capturing every ``attn_pattern`` of a GPT-2 of the same width, depth and
+input.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import machine
 
+from archscope import Backend
 from archscope_mamba.backend import MambaBackend
 from archscope_mamba.testing import make_model
 
@@ -70,9 +78,125 @@ def bench(family: str, batch: int, seq: int, repeats: int) -> tuple[dict[str, fl
     return medians, paired
 
 
+def interleaved(cases: dict[str, Any], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms of each case, and the median ratio of each case to the first one, over
+    ``repeats`` interleaved rounds after two warm-up calls each."""
+    for fn in cases.values():
+        for _ in range(2):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1000)
+    base = next(iter(samples.values()))
+    medians = {k: statistics.median(v) for k, v in samples.items()}
+    ratios = {
+        k: statistics.median(x / b for x, b in zip(v, base, strict=True))
+        for k, v in samples.items()
+    }
+    return medians, ratios
+
+
+def bench_writes(family: str, batch: int, seq: int, repeats: int) -> list[str]:
+    """Rows: plain forward, every write, every write and state, every effective attention; and a
+    GPT-2 of the same size: plain forward, every attention pattern."""
+    import transformers
+
+    model = make_model(family, size="bench")
+    backend = MambaBackend(model)
+    ids = torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
+    sites = backend.sites()
+
+    def role(r: str) -> list[str]:
+        return [n for n, i in sites.items() if i.site.role == r]
+
+    def plain() -> None:
+        with torch.no_grad():
+            model(ids, use_cache=False)
+
+    cases = {
+        "plain forward": plain,
+        "every write_value + write_key + write_decay (factored)": lambda: backend.run(
+            ids, capture=role("write_value") + role("write_key") + role("write_decay")
+        ),
+        "every state_write": lambda: backend.run(ids, capture=role("state_write")),
+        "every state_write + ssm_states": lambda: backend.run(
+            ids, capture=role("state_write") + role("ssm_states")
+        ),
+        "every effective_attention": lambda: backend.run(ids, capture=role("effective_attention")),
+    }
+    medians, ratios = interleaved(cases, repeats)
+    heads = model.config.num_heads if family == "mamba2" else 4
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=256, n_embd=128, n_layer=4, n_head=heads, n_positions=max(seq, 64)
+        )
+    ).eval()
+    tbackend = Backend.for_model(gpt2)
+    patterns = [n for n, i in tbackend.sites().items() if i.site.role == "attn_pattern"]
+
+    def gpt2_plain() -> None:
+        with torch.no_grad():
+            gpt2(ids)
+
+    t_medians, t_ratios = interleaved(
+        {
+            "plain forward": gpt2_plain,
+            "every attn_pattern": lambda: tbackend.run(ids, capture=patterns),
+        },
+        repeats,
+    )
+    name = f"{family} (d 128, 4 layers)"
+    rows = [
+        f"| {name} | {batch} × {seq} | {k} | {medians[k]:.1f} | {ratios[k]:.2f}× |" for k in cases
+    ]
+    rows += [
+        f"| GPT-2 (d 128, 4 layers, {heads} heads) | {batch} × {seq} | {k} | {t_medians[k]:.1f} | "
+        f"{t_ratios[k]:.2f}× |"
+        for k in t_medians
+    ]
+    return rows
+
+
+def main_writes(args: Any) -> int:
+    rows = []
+    for family, batch, seq in (("mamba", 4, 64), ("mamba2", 4, 128)):
+        rows += bench_writes(family, batch, seq, args.repeats)
+        print("\n".join(rows[-7:]), flush=True)
+    text = "\n".join(
+        [
+            "# archscope-mamba: cost of the write sites and of effective attention",
+            "",
+            f"Machine: {machine.describe()}; torch threads: {args.threads}.",
+            "",
+            f"Median of {args.repeats} interleaved runs after warm-up (ms); ratios are medians of "
+            "the ratios to the plain forward of runs made back to back. The write sites are "
+            "computed from the mixers' own intermediate values during the run (hooks on their "
+            "sub-modules); `ssm_states` runs one extra sequential scan per layer in PyTorch; "
+            "effective attention is a (batch, heads, seq, seq) matrix per layer (Mamba: "
+            "per-channel matrices averaged over 8 groups of channels).",
+            "",
+            "| model | batch × tokens | captured | ms | ratio to its plain forward |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+    machine.write(text, args.out)
+    return 0
+
+
 def main() -> int:
-    args = machine.parser(__doc__, "mamba.md", repeats=15).parse_args()
+    p = machine.parser(__doc__, "mamba.md", repeats=15)
+    p.add_argument("--writes", action="store_true", help="time the write sites instead")
+    args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.writes:
+        if args.out.name == "mamba.md":
+            args.out = args.out.with_name("mamba-writes.md")
+        return main_writes(args)
     rows, ok = [], True
     for family, batch, seq in (("mamba", 8, 64), ("mamba2", 8, 256)):
         result, (ratio, ratio_cache) = bench(family, batch, seq, args.repeats)

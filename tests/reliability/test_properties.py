@@ -134,13 +134,13 @@ def _hand_edit(
     value = torch.as_tensor(operand).to(clean.dtype)
     for r, positions in enumerate(rows):
         for t in positions:
-            target = out[r, t, units]
+            target = out[r, t, ..., units]  # units index the last axis, whatever the rank
             if case.op == "replace":
-                out[r, t, units] = value.expand_as(target)
+                out[r, t, ..., units] = value.expand_as(target)
             elif case.op == "add":
-                out[r, t, units] = target + value
+                out[r, t, ..., units] = target + value
             else:
-                out[r, t, units] = target * value
+                out[r, t, ..., units] = target * value
     return out
 
 

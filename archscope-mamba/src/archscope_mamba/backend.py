@@ -9,6 +9,8 @@ are read from the model's own cache, so reading them runs the same kernels as a 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from typing import TYPE_CHECKING, Any, cast
 
@@ -34,6 +36,14 @@ from .structure import (
     find_stack,
     is_native,
     is_ssm_mixer,
+)
+from .writes import (
+    WRITE_ROLES,
+    declare_write_sites,
+    layer_runs,
+    mixer_kind,
+    write_hooks,
+    write_sites_of,
 )
 
 if TYPE_CHECKING:
@@ -73,6 +83,9 @@ class MambaBackend(HookBackend):
     )
     priority = 10
     padding = "both"
+    #: The write sites (``layer_i.state_write`` ...) have no hookpoint; their edits are applied
+    #: while the mixer runs (`archscope_mamba.writes`).
+    edits_unhooked = True
 
     # -- detection -----------------------------------------------------------------------------
     @classmethod
@@ -195,6 +208,8 @@ class MambaBackend(HookBackend):
                     description="causal-conv input window after the last real token",
                     size=layer.conv_shape,
                 )
+                if not self.native and mixer_kind(_get(block, layer.ssm)) is not None:
+                    declare_write_sites(table, i, layer.state_shape)
         if self.native and self.lm_head is not None:
             # The fused add+norm path calls a kernel, not norm_f: read the head's input instead.
             token("final_norm", self.lm_head, "", io="input", arg="input")
@@ -279,11 +294,51 @@ class MambaBackend(HookBackend):
         values: dict[str, Any] = {}
         if "logits" in names:
             values["logits"] = self.logits_of(output) if output is not None else None
-        states = [n for n in names if n != "logits"]
+        for name in names:  # the write hooks stored these while the mixers ran
+            if name in ctx.store and name.partition(".")[2] in WRITE_ROLES:
+                values[name] = ctx.store[name]
+        states = [n for n in names if n != "logits" and n.partition(".")[2] not in WRITE_ROLES]
         if states:
-            values.update(read_states(self, plan, states))
+            values.update(self._edited_states(ctx, read_states(self, plan, states)))
         return {k: v for k, v in values.items() if v is not None}
 
     def final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
         self.require("state_patch")
-        return read_states(self, self._plan(ctx), self.state_sites)
+        return self._edited_states(ctx, read_states(self, self._plan(ctx), self.state_sites))
+
+    # -- state writes --------------------------------------------------------------------------
+    def execute(self, request: RunContext) -> Any:
+        # An edited write changes everything after its layer: such runs go to the end.
+        if request.stop_early and write_sites_of(request.edits):
+            request = dataclasses.replace(request, stop_early=False)
+        return super().execute(request)
+
+    def run_settings(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
+        """Hooks that compute the write sites (and carry their edits) while the mixers run."""
+        if not write_sites_of([*ctx.capture, *ctx.edits]):
+            return contextlib.nullcontext()
+        plan = self._plan(ctx)
+        if plan.stepping:
+            raise BackendError(
+                "the write sites (state_write, write_value, write_key, write_decay, ssm_states, "
+                "effective_attention) are computed over a whole sequence, not in a run "
+                "continued from initial_state; run the prefix and suffix together instead"
+            )
+        return write_hooks(self, ctx, plan.shift, roll_rows)
+
+    def _edited_states(
+        self, ctx: RunContext, states: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """``states`` with the effect of edited writes on the state after the last position."""
+        seen = layer_runs(ctx)
+        if not seen:
+            return states
+        out = dict(states)
+        for index, layer_run in seen.items():
+            name = f"layer_{index}.ssm_state"
+            if name in out and layer_run.delta_state is not None:
+                delta = layer_run.delta_state
+                if self.layers[index].state_shape[0] == "mamba":
+                    delta = delta[:, :, 0]  # (b, d_inner, 1, d_state) -> (b, d_inner, d_state)
+                out[name] = out[name] + delta.to(out[name].dtype)
+        return out

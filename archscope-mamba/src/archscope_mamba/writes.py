@@ -1,0 +1,554 @@
+"""State writes and effective attention of selective state-space layers.
+
+A selective SSM layer is a linear recurrence given its input-dependent parameters: per head ``h``
+(Mamba-1: per channel) the state ``S_t`` (head_dim × d_state) is
+
+    S_t = decay_t ⊙ S_{t-1} + W_t,    W_t = v_t ⊗ k_t,    y_t = S_t · q_t + D · x_t
+
+with the value ``v_t = Δ_t · x_t``, the key ``k_t = B_t``, the query ``q_t = C_t`` and the decay
+``exp(Δ_t · A)`` (Mamba-2: one number per head; Mamba-1: one per channel and state entry). This
+module gives the per-position write ``W_t`` and its factors as sites, lets edits replace them and
+carries each edit through the rest of the recurrence, and computes the layer's effective
+attention ``A[t, s] = q_t · (Π_{r=s+1..t} decay_r) · k_s · Δ_s``, for which
+``y_t = Σ_s A[t, s] · x_s + D · x_t`` exactly.
+
+Sites (declared with `declare_write_sites`, through the public `SiteTable`; they have no
+hookpoint, the backend computes them while the layer runs):
+
+| site | Mamba-1 shape | Mamba-2 shape | writable |
+|---|---|---|---|
+| ``layer_i.state_write`` | (batch, seq, d_inner, d_state) | (batch, seq, heads, head_dim, d_state) | yes |
+| ``layer_i.write_value`` | (batch, seq, d_inner) = Δ·x | (batch, seq, heads, head_dim) = Δ·x | yes |
+| ``layer_i.write_key`` | (batch, seq, d_state) = B | (batch, seq, heads, d_state) = B of the head's group | yes |
+| ``layer_i.write_decay`` | (batch, seq, d_inner, d_state) = exp(Δ·A) | (batch, seq, heads) = exp(Δ·A) | no |
+| ``layer_i.ssm_states`` | (batch, seq, d_inner, d_state) | (batch, seq, heads, head_dim, d_state) | no |
+| ``layer_i.effective_attention`` | (batch, groups, seq, key): channel mean | (batch, heads, seq, key) | no |
+
+An edited run adds the edits' effect to the model's own output: the write with the edits
+(value and key edits first, then ``state_write`` edits) minus the run's own write is scanned
+with the run's decays, read with the run's queries and added to the scan output before the
+gate / gated norm. The recurrence is linear given its parameters, so this is the run with the
+edited writes; an edit that gives the write its own value adds exactly zero, and positions
+before the first edited one are unchanged bit for bit. The state after the last real token
+(``ssm_state`` and ``return_state``) includes the edit's effect.
+
+The helpers `linear_scan`, `scalar_decay_attention` and `ScanParts` do not depend on Mamba and
+can serve any backend whose layers are linear recurrences with outer-product writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from archscope import BackendError
+from archscope.engine import RunRequest, SiteTable, apply_edit
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "EFFECTIVE_ATTENTION_GROUPS",
+    "WRITE_ROLES",
+    "ScanParts",
+    "declare_write_sites",
+    "layer_runs",
+    "linear_scan",
+    "mixer_kind",
+    "scalar_decay_attention",
+    "write_hooks",
+    "write_sites_of",
+]
+
+#: Roles of the write sites, with their descriptions.
+WRITE_ROLES: dict[str, str] = {
+    "state_write": "each position's write into the recurrent state (value ⊗ key)",
+    "write_value": "the value factor of each position's state write (Δ·x)",
+    "write_key": "the key factor of each position's state write (B)",
+    "write_decay": "the decay applied to the state before each position's write (exp(Δ·A))",
+    "ssm_states": "the recurrent state after every position (computed on request)",
+    "effective_attention": (
+        "the layer's implicit attention A[t, s] = C_t·(decays s+1..t)·B_s·Δ_s, per head "
+        "(computed on request)"
+    ),
+}
+#: Roles whose edits the recurrence carries.
+WRITABLE_ROLES = ("write_value", "write_key", "state_write")
+#: Mamba-1 has no heads: its effective attention averages channels in this many equal groups
+#: (or the greatest common divisor with d_inner).
+EFFECTIVE_ATTENTION_GROUPS = 8
+
+
+# -- the recurrence, independent of any model ---------------------------------------------------
+def linear_scan(
+    decay: torch.Tensor, write: torch.Tensor, initial: torch.Tensor | None = None
+) -> torch.Tensor:
+    """States ``S_t = decay_t * S_{t-1} + write_t`` for every t (axis 1), from ``initial`` (zero
+    by default). ``decay`` broadcasts against ``write`` (batch, seq, ...); returns the states in
+    ``write``'s shape, the state after position t at index t."""
+    import torch
+
+    state = (
+        torch.zeros_like(write[:, 0])
+        if initial is None
+        else initial.to(write.dtype).expand_as(write[:, 0])
+    )
+    states = []
+    for t in range(write.shape[1]):
+        state = decay[:, t] * state + write[:, t]
+        states.append(state)
+    return torch.stack(states, dim=1)
+
+
+def scalar_decay_attention(
+    query: torch.Tensor, key: torch.Tensor, log_decay: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """Effective attention of a recurrence with one decay per head and position:
+    ``A[b, h, t, s] = (q_t · k_s) · exp(Σ_{r=s+1..t} log_decay_r) · scale_s`` for s ≤ t, else 0.
+
+    ``query``/``key``: (batch, seq, heads, d_key); ``log_decay``, ``scale``: (batch, seq, heads).
+    Returns (batch, heads, seq, seq)."""
+    import torch
+
+    cum = torch.cumsum(log_decay.float(), dim=1).transpose(1, 2)  # (b, h, t)
+    seq = query.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
+    gap = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, 0.0)
+    decays = torch.exp(gap).masked_fill(~causal, 0.0)
+    scores = torch.einsum("bthn,bshn->bhts", query.float(), key.float())
+    return scores * decays * scale.float().transpose(1, 2)[:, :, None, :]
+
+
+def channel_decay_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    groups: int,
+) -> torch.Tensor:
+    """Mamba-1 effective attention per channel, averaged over ``groups`` equal groups of
+    channels: per channel ``d``, ``A_d[t, s] = Σ_n C_t[n] · (Π_{r=s+1..t} exp(Δ_r[d] · A[d, n]))
+    · B_s[n] · Δ_s[d]``. ``query``/``key``: (batch, seq, d_state); ``dt``: (batch, seq,
+    d_inner); ``A``: (d_inner, d_state). Returns (batch, groups, seq, seq); with ``groups`` =
+    d_inner, the per-channel matrices.
+
+    Computed as a scan over queries that carries every key's decayed contribution (batch,
+    d_inner, d_state, seq): O(batch · d_inner · d_state · seq²) time, no (seq, seq, d_state)
+    tensor per channel."""
+    import torch
+
+    batch, seq, channels = dt.shape
+    dt = dt.float()
+    decays = torch.exp(dt[..., None] * A.float())  # (b, t, d, n)
+    query, key = query.float(), key.float()
+    carried = dt.new_zeros((batch, channels, A.shape[-1], 0))  # the keys s <= t seen so far
+    out = dt.new_zeros((batch, groups, seq, seq))
+    for t in range(seq):  # out of place, so that it also runs under autograd (run(grad=True))
+        fresh = key[:, t, None, :, None] * dt[:, t, :, None, None]  # (b, d, n, 1)
+        carried = torch.cat([carried * decays[:, t, :, :, None], fresh], dim=-1)
+        row = torch.matmul(query[:, t, None, None, :], carried)[:, :, 0]  # (b, d, t + 1)
+        out[:, :, t, : t + 1] = row.reshape(batch, groups, channels // groups, t + 1).mean(2)
+    return out
+
+
+@dataclass
+class ScanParts:
+    """One layer's recurrence over a run, in the per-head layout: ``x`` (batch, seq, heads,
+    head_dim), ``dt`` (batch, seq, heads), ``A`` (heads,) or (heads, d_state), ``B`` and ``C``
+    (batch, seq, heads, d_state). Mamba-1 is the case heads = d_inner, head_dim = 1."""
+
+    x: torch.Tensor
+    dt: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    C: torch.Tensor
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.dt[..., None] * self.x
+
+    @property
+    def decay(self) -> torch.Tensor:
+        """exp(Δ·A), shaped to broadcast against the state (batch, seq, heads, head_dim, d_state)."""
+        import torch
+
+        if self.A.dim() == 1:
+            return torch.exp(self.dt * self.A)[..., None, None]
+        return torch.exp(self.dt[..., None] * self.A)[..., None, :]
+
+    @staticmethod
+    def write_of(value: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return value[..., :, None] * key[..., None, :]
+
+    def read(self, states: torch.Tensor) -> torch.Tensor:
+        """The scan output ``S_t · C_t`` (batch, seq, heads, head_dim) of per-position states."""
+        return (states * self.C[..., None, :]).sum(-1)
+
+
+# -- how the HF mixers compute their scan inputs ------------------------------------------------
+def mixer_kind(mixer: Any) -> str | None:
+    """ "mamba" / "mamba2" for the Hugging Face Mamba and Mamba-2 mixers whose scan inputs this
+    module reads (their PyTorch path); None for others (e.g. mixers with extra norms on B, C, Δ
+    or multipliers, whose write sites are not declared)."""
+    name = type(mixer).__name__
+    if name == "MambaMixer" and all(
+        hasattr(mixer, a) for a in ("in_proj", "x_proj", "dt_proj", "out_proj", "A_log")
+    ):
+        return "mamba"
+    if name == "Mamba2Mixer" and all(
+        hasattr(mixer, a) for a in ("in_proj", "conv1d", "norm", "dt_bias", "A_log")
+    ):
+        return "mamba2"
+    return None
+
+
+def declare_write_sites(table: SiteTable, layer: int, state_shape: tuple[Any, ...]) -> None:
+    """Add the write sites of layer ``layer`` to ``table`` (no hookpoint: the backend computes
+    them while the layer runs). ``state_shape`` is ``("mamba", d_inner, d_state)`` or
+    ``("mamba2", heads, head_dim, d_state)``."""
+    kind, *sizes = state_shape
+    i = f"layer_{layer}"
+    if kind == "mamba":
+        d_inner, n = sizes
+        shapes = {
+            "state_write": (("batch", "seq", "d_inner", "d_state"), n),
+            "write_value": (("batch", "seq", "d_inner"), d_inner),
+            "write_key": (("batch", "seq", "d_state"), n),
+            "write_decay": (("batch", "seq", "d_inner", "d_state"), n),
+            "ssm_states": (("batch", "seq", "d_inner", "d_state"), n),
+        }
+    else:
+        heads, p, n = sizes
+        shapes = {
+            "state_write": (("batch", "seq", "heads", "head_dim", "d_state"), n),
+            "write_value": (("batch", "seq", "heads", "head_dim"), p),
+            "write_key": (("batch", "seq", "heads", "d_state"), n),
+            "write_decay": (("batch", "seq", "heads"), heads),
+            "ssm_states": (("batch", "seq", "heads", "head_dim", "d_state"), n),
+        }
+    for role, (shape, dim) in shapes.items():
+        table.add(
+            f"{i}.{role}",
+            None,
+            dim,
+            kind="token",
+            shape=shape,
+            writable=role in WRITABLE_ROLES,
+            description=WRITE_ROLES[role],
+        )
+    heads = sizes[0] if kind == "mamba2" else math.gcd(sizes[0], EFFECTIVE_ATTENTION_GROUPS)
+    table.add(
+        f"{i}.effective_attention",
+        None,
+        heads,
+        kind="token",
+        shape=("batch", "heads", "seq", "key"),
+        writable=False,
+        description=WRITE_ROLES["effective_attention"],
+    )
+
+
+def write_sites_of(names: Any) -> dict[int, set[str]]:
+    """Layer → roles of the write sites among site ``names`` (canonical)."""
+    out: dict[int, set[str]] = {}
+    for name in names:
+        head, _, role = str(name).partition(".")
+        if role in WRITE_ROLES and head.startswith("layer_"):
+            out.setdefault(int(head[6:]), set()).add(role)
+    return out
+
+
+@dataclass
+class _LayerRun:
+    """What the hooks of one layer saw during one run."""
+
+    projected: Any = None
+    mask: Any = None
+    gate: Any = None
+    x: Any = None
+    ssm_params: Any = None
+    delta_state: Any = None  # the edits' effect on the state after the last position
+    handles: list[Any] = field(default_factory=list)
+
+
+def _parts_mamba(mixer: Any, seen: _LayerRun) -> ScanParts:
+    import torch
+    import torch.nn.functional as F
+
+    x = seen.x.float()  # (b, t, d): the masked, convolved input of x_proj
+    n = int(mixer.ssm_state_size)
+    rank = int(mixer.time_step_rank)
+    time_step, B, C = torch.split(seen.ssm_params.float(), [rank, n, n], dim=-1)
+    bias = mixer.dt_proj.bias
+    dt = time_step @ mixer.dt_proj.weight.float().T
+    if bias is not None:
+        dt = dt + bias.float()
+    dt = F.softplus(dt)
+    d = x.shape[-1]
+    return ScanParts(
+        x=x[..., None],
+        dt=dt,
+        A=-torch.exp(mixer.A_log.float()),
+        B=B[:, :, None, :].expand(-1, -1, d, -1),
+        C=C[:, :, None, :].expand(-1, -1, d, -1),
+    )
+
+
+def _parts_mamba2(mixer: Any, seen: _LayerRun) -> ScanParts:
+    import torch
+    import torch.nn.functional as F
+
+    inner, heads, p = int(mixer.intermediate_size), int(mixer.num_heads), int(mixer.head_dim)
+    n, groups = int(mixer.ssm_state_size), int(mixer.n_groups)
+    _, xbc, dt = seen.projected.split([inner, int(mixer.conv_dim), heads], dim=-1)
+    seq = xbc.shape[1]
+    conv = mixer.conv1d
+    xbc = F.conv1d(
+        xbc.transpose(1, 2),
+        conv.weight,
+        conv.bias,
+        padding=int(conv.kernel_size[0]) - 1,
+        groups=int(conv.groups),
+    )[..., :seq]
+    xbc = mixer.act(xbc).transpose(1, 2)
+    if seen.mask is not None:
+        xbc = xbc * seen.mask[:, :, None].to(xbc.dtype)
+    x, B, C = torch.split(xbc.float(), [inner, groups * n, groups * n], dim=-1)
+    dt = F.softplus(dt.float() + mixer.dt_bias.float())
+    low, high = mixer.time_step_limit
+    dt = torch.clamp(dt, min=float(low), max=float(high))
+    b = x.shape[0]
+    per = heads // groups
+    return ScanParts(
+        x=x.reshape(b, seq, heads, p),
+        dt=dt,
+        A=-torch.exp(mixer.A_log.float()),
+        B=B.reshape(b, seq, groups, n).repeat_interleave(per, dim=2),
+        C=C.reshape(b, seq, groups, n).repeat_interleave(per, dim=2),
+    )
+
+
+class _Layout:
+    """Site values ↔ the per-head layout of `ScanParts` (Mamba-1: head_dim 1, one key)."""
+
+    def __init__(self, kind: str) -> None:
+        self.mamba1 = kind == "mamba"
+
+    def to_site(self, role: str, value: torch.Tensor) -> torch.Tensor:
+        if not self.mamba1:
+            return value[..., 0, 0] if role == "write_decay" else value
+        if role == "write_value":
+            return value[..., 0]
+        if role == "write_key":
+            return value[:, :, 0]
+        if role == "write_decay":
+            return value[..., 0, :]
+        return value[..., 0, :]  # state_write, ssm_states: (b, t, d, 1, n) -> (b, t, d, n)
+
+    def from_site(self, role: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if not self.mamba1:
+            return value
+        if role == "write_value":
+            return value[..., None]
+        if role == "write_key":
+            return value[:, :, None].expand_as(like)
+        return value[..., None, :]
+
+
+_EXTRA = "write_layers"
+
+
+def layer_runs(run: RunRequest) -> dict[int, _LayerRun]:
+    """What the write hooks of ``run`` saw per layer (empty when it has no write sites)."""
+    return run.extra.get(_EXTRA, {})  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def write_hooks(
+    backend: Any,
+    run: RunRequest,
+    shift: torch.Tensor | None,
+    roll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Iterator[dict[int, _LayerRun]]:
+    """Hooks on the mixers of the layers whose write sites ``run`` captures or edits, for the
+    duration of the forward pass (all removed on exit). Captured values go to ``run.store`` in
+    the caller's layout (``shift``: the per-row right shift the backend applied to the batch,
+    undone with ``roll``); edits are carried through the recurrence."""
+    wanted = write_sites_of([*run.capture, *run.edits])
+    seen: dict[int, _LayerRun] = {}
+    run.extra[_EXTRA] = seen
+    try:
+        for index, roles in sorted(wanted.items()):
+            layer = backend.layers[index]
+            mixer = layer.block.get_submodule(layer.ssm)
+            kind = mixer_kind(mixer)
+            if kind is None:  # never declared for such mixers
+                raise BackendError(f"layer {index} has no write sites ({type(mixer).__name__})")
+            seen[index] = state = _LayerRun()
+            _attach(backend, run, index, roles, mixer, kind, state, shift, roll)
+        yield seen
+    finally:
+        for state in seen.values():
+            for handle in state.handles:
+                handle.remove()
+            state.handles.clear()
+
+
+def _attach(
+    backend: Any,
+    run: RunRequest,
+    index: int,
+    roles: set[str],
+    mixer: Any,
+    kind: str,
+    seen: _LayerRun,
+    shift: torch.Tensor | None,
+    roll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> None:
+    writes = _LayerWrites(backend, run, index, roles, kind, seen, shift, roll)
+    if kind == "mamba":
+        _hook_mamba(mixer, writes, seen)
+    else:
+        _hook_mamba2(mixer, writes, seen)
+
+
+class _LayerWrites:
+    """The write sites of one layer in one run: captures (in the caller's layout) and edits."""
+
+    def __init__(
+        self,
+        backend: Any,
+        run: RunRequest,
+        index: int,
+        roles: set[str],
+        kind: str,
+        seen: _LayerRun,
+        shift: torch.Tensor | None,
+        roll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.run, self.kind, self.seen, self.shift, self.roll = run, kind, seen, shift, roll
+        self.layout = _Layout(kind)
+        self.prefix = f"layer_{index}."
+        self.edits = {role: run.edits.get(self.prefix + role, []) for role in WRITABLE_ROLES}
+        self.edited = any(self.edits.values())
+        self.capture = {role for role in roles if self.prefix + role in run.capture}
+        self.infos = {role: backend.table.info(self.prefix + role) for role in WRITE_ROLES}
+
+    def caller(self, value: torch.Tensor) -> torch.Tensor:
+        return value if self.shift is None else self.roll(value, -self.shift)
+
+    def model(self, value: torch.Tensor) -> torch.Tensor:
+        return value if self.shift is None else self.roll(value, self.shift)
+
+    def store(self, role: str, value: torch.Tensor) -> None:
+        self.run.store[self.prefix + role] = value if self.run.grad else value.detach()
+
+    def site_value(self, role: str, value: torch.Tensor) -> torch.Tensor:
+        """The edited model-layout value of ``role`` (captured in the caller's layout)."""
+        todo = self.edits.get(role, [])
+        if not todo and role not in self.capture:
+            return value
+        site = self.caller(self.layout.to_site(role, value))
+        for edit in todo:
+            site = apply_edit(site, edit, self.infos[role], self.run.attention_mask)
+        if role in self.capture:
+            self.store(role, site)
+        return self.layout.from_site(role, self.model(site), value) if todo else value
+
+    def effect(self, parts: ScanParts) -> torch.Tensor | None:
+        """Record the captures; the change of the scan output that the edits make (or None)."""
+        value = self.site_value("write_value", parts.value)
+        key = self.site_value("write_key", parts.B)
+        decay = parts.decay
+        if "write_decay" in self.capture:
+            self.store("write_decay", self.caller(self.layout.to_site("write_decay", decay)))
+        if "effective_attention" in self.capture:
+            attention = attention_of(self.kind, parts)
+            self.store("effective_attention", _unroll_square(attention, self.shift, self.roll))
+        if not (self.edited or {"state_write", "ssm_states"} & self.capture):
+            return None  # the factors alone: the (larger) write is not materialised
+        write = self.site_value("state_write", ScanParts.write_of(value, key))
+        if "ssm_states" in self.capture:
+            states = self.layout.to_site("ssm_states", linear_scan(decay, write))
+            self.store("ssm_states", self.caller(states))
+        if not self.edited:
+            return None
+        delta = write - ScanParts.write_of(parts.value, parts.B)
+        delta_states = linear_scan(decay, delta)
+        self.seen.delta_state = delta_states[:, -1]
+        return parts.read(delta_states).flatten(2)
+
+
+def _hook_mamba(mixer: Any, writes: _LayerWrites, seen: _LayerRun) -> None:
+    """Mamba: the gate from ``in_proj``, x / Δ, B, C at ``x_proj``; the edits' effect enters
+    ``out_proj``'s input (the gated scan output)."""
+    import torch.nn.functional as F
+
+    def keep_gate(_m: Any, _a: Any, out: torch.Tensor) -> None:
+        seen.gate = out.chunk(2, dim=-1)[1]
+
+    def keep_x(_m: Any, args: Any, out: torch.Tensor) -> None:
+        seen.x, seen.ssm_params = args[0], out
+
+    def inject(_m: Any, args: Any) -> Any:
+        change = writes.effect(_parts_mamba(mixer, seen))
+        if change is None:
+            return None
+        gated = args[0] + (change * F.silu(seen.gate.float())).to(args[0].dtype)
+        return (gated, *args[1:])
+
+    seen.handles += [
+        mixer.in_proj.register_forward_hook(keep_gate),
+        mixer.x_proj.register_forward_hook(keep_x),
+        mixer.out_proj.register_forward_pre_hook(inject),
+    ]
+
+
+def _hook_mamba2(mixer: Any, writes: _LayerWrites, seen: _LayerRun) -> None:
+    """Mamba-2: the mask from the mixer's call, the projections from ``in_proj`` (convolved
+    here as the mixer does); the edits' effect enters the gated norm's input."""
+    import torch
+
+    def keep_mask(_m: Any, args: Any, kwargs: Any) -> None:
+        mask = kwargs.get("attention_mask")
+        seen.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def keep_projected(_m: Any, _a: Any, out: torch.Tensor) -> None:
+        seen.projected = out
+
+    def inject(_m: Any, args: Any) -> Any:
+        change = writes.effect(_parts_mamba2(mixer, seen))
+        if change is None:
+            return None
+        return (args[0] + change.to(args[0].dtype), *args[1:])
+
+    seen.handles += [
+        mixer.register_forward_pre_hook(keep_mask, with_kwargs=True),
+        mixer.in_proj.register_forward_hook(keep_projected),
+        mixer.norm.register_forward_pre_hook(inject),
+    ]
+
+
+def attention_of(kind: str, parts: ScanParts) -> torch.Tensor:
+    """The effective attention site's value (model layout): Mamba-2 per head; Mamba-1 the mean
+    over `EFFECTIVE_ATTENTION_GROUPS` groups of channels of the per-channel matrices."""
+    if kind == "mamba2":
+        return scalar_decay_attention(parts.C, parts.B, parts.dt * parts.A, parts.dt)
+    channels = parts.dt.shape[-1]
+    groups = math.gcd(channels, EFFECTIVE_ATTENTION_GROUPS)
+    return channel_decay_attention(parts.C[:, :, 0], parts.B[:, :, 0], parts.dt, parts.A, groups)
+
+
+def _unroll_square(
+    value: torch.Tensor,
+    shift: torch.Tensor | None,
+    roll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """(batch, heads, seq, seq) from the model's row layout to the caller's (both seq axes)."""
+    if shift is None:
+        return value
+    rows = roll(value.transpose(1, 2), -shift).transpose(1, 2)  # query axis
+    return roll(rows.transpose(1, 3), -shift).transpose(1, 3)  # key axis
