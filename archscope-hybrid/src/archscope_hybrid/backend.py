@@ -266,7 +266,9 @@ class HybridBackend(HookBackend):
         if not self.all_recurrent:
             return mask
         padded = mask if mask is not None and not bool(mask.all()) else None
-        kinds = set(getattr(self.model.config, "layer_types", None) or ())
+        config = self.model.config
+        config = getattr(config, "text_config", None) or config
+        kinds = set(getattr(config, "layer_types", None) or ())
         return {kind: padded for kind in kinds}
 
     def forward(self, ctx: RunContext) -> Any:

@@ -118,7 +118,20 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
 }
 
-FAMILIES: tuple[str, ...] = ("qwen3_next", "qwen3_5_text", "olmo_hybrid", "lfm2", "lfm2_moe")
+#: The Qwen3.5 multimodal wrapper (its language model holds the blocks; a one-block vision tower).
+_WRAPPER = ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", "qwen3_5_text")
+_VISION: dict[str, Any] = dict(
+    depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=D_MODEL
+)
+
+FAMILIES: tuple[str, ...] = (
+    "qwen3_next",
+    "qwen3_5_text",
+    "qwen3_5",
+    "olmo_hybrid",
+    "lfm2",
+    "lfm2_moe",
+)
 RECURRENT_FAMILIES: tuple[str, ...] = ("qwen3_5_linear", "lfm2_conv")
 ALL_FAMILIES: tuple[str, ...] = FAMILIES + RECURRENT_FAMILIES
 
@@ -127,7 +140,7 @@ def missing(family: str) -> str | None:
     """Why ``family`` cannot be built with the installed transformers (None: it can)."""
     import transformers
 
-    config_name, model_name, _ = _SPECS[family]
+    config_name, model_name, _ = _WRAPPER if family == "qwen3_5" else _SPECS[family]
     absent = [n for n in (config_name, model_name) if not hasattr(transformers, n)]
     if absent:
         return (
@@ -142,13 +155,18 @@ def make_model(family: str, seed: int = 0) -> Any:
     import torch
     import transformers
 
-    if family not in _SPECS:
+    if family not in ALL_FAMILIES:
         raise ParameterError(f"unknown family {family!r}; known: {', '.join(ALL_FAMILIES)}")
     reason = missing(family)
     if reason is not None:
         raise ParameterError(reason)
-    config_name, model_name, kwargs = _SPECS[family]
     torch.manual_seed(seed)
+    if family == "qwen3_5":
+        config_name, model_name, text_family = _WRAPPER
+        text = dict(vocab_size=VOCAB, hidden_size=D_MODEL, **_SPECS[text_family][2])
+        config = getattr(transformers, config_name)(text_config=text, vision_config=_VISION)
+        return getattr(transformers, model_name)(config).eval()
+    config_name, model_name, kwargs = _SPECS[family]
     config = getattr(transformers, config_name)(vocab_size=VOCAB, hidden_size=D_MODEL, **kwargs)
     return getattr(transformers, model_name)(config).eval()
 
@@ -203,8 +221,18 @@ def _layer_roles(block: Any) -> dict[str, str]:
     return roles
 
 
+def language_model(model: Any) -> Any:
+    """The module holding the blocks, the embedding and the final norm (a multimodal wrapper
+    keeps it as ``model.language_model``)."""
+    return getattr(model.model, "language_model", model.model)
+
+
+def _text_config(model: Any) -> Any:
+    return getattr(model.config, "text_config", model.config)
+
+
 def _final_norm(model: Any) -> Any:
-    inner = model.model
+    inner = language_model(model)
     return inner.embedding_norm if hasattr(inner, "embedding_norm") else inner.norm
 
 
@@ -224,8 +252,8 @@ def reference_activations(model: Any, input_ids: Any) -> dict[str, Any]:
 
         return hook
 
-    layers = model.model.layers
-    handles.append(model.model.embed_tokens.register_forward_hook(keep("embed")))
+    layers = language_model(model).layers
+    handles.append(language_model(model).embed_tokens.register_forward_hook(keep("embed")))
     for i, block in enumerate(layers):
         for role, path in _layer_roles(block).items():
             handles.append(
@@ -251,14 +279,14 @@ def reference_activations(model: Any, input_ids: Any) -> dict[str, Any]:
 def _mask_kwargs(model: Any, attention_mask: Any) -> dict[str, Any]:
     """A stack without attention layers fails in transformers' causal-mask code: it gets the
     per-layer-type mask mapping the models accept in place of a mask."""
-    types = set(model.config.layer_types)
+    types = set(_text_config(model).layer_types)
     if "full_attention" in types:
         return {"attention_mask": attention_mask}
     return {"attention_mask": {t: attention_mask for t in types}}
 
 
 def recurrent_layer_indices(model: Any) -> list[int]:
-    types = list(model.config.layer_types)
+    types = list(_text_config(model).layer_types)
     return [i for i, t in enumerate(types) if t != "full_attention"]
 
 
