@@ -5,7 +5,7 @@ generation does, which reproduces a full run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from archscope import Site, SiteError
 from archscope.compat import cache_argument
@@ -66,7 +66,8 @@ def cache_from_state(backend: HybridBackend, state: Any, batch: int) -> Any:
             f"state sites are {names}. Take them from run(..., return_state=True).state"
         )
     for name in names:
-        expected = (batch, *backend.table.info(name).extra["size"])
+        size = cast("tuple[int, ...]", backend.table.info(name).extra["size"])
+        expected = (batch, *size)
         if tuple(given[name].shape) != expected:
             raise SiteError(
                 f"initial_state[{name!r}] has shape {tuple(given[name].shape)}; expected "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from archscope import BackendError
 
@@ -24,4 +24,4 @@ def read_state(cache: Any, index: int, conv: bool, name: str) -> torch.Tensor:
             value = held.get(0) if isinstance(held, dict) else held
     if value is None:
         raise BackendError(f"the model's cache holds no value for {name} (cache layer {index})")
-    return value.detach().clone()
+    return cast("torch.Tensor", value.detach().clone())

@@ -131,10 +131,10 @@ def describe(index: int, block: Any) -> Layer:
     mixer, kind = found
     post_norms = all(get(block, n) is not None for n in POST_NORMS)
     mlp = next((n for n in MLP_NAMES if get(block, n) is not None), None)
+    mixer_out: str = mixer
+    mlp_out: str | None = mlp
     if post_norms and kind == ATTENTION:
         mixer_out, mlp_out = POST_NORMS[0], POST_NORMS[1]
-    else:
-        mixer_out, mlp_out = mixer, mlp
     module = get(block, mixer)
     layer = Layer(index, block, kind, mixer, mixer_out, mlp_out)
     layer.cache_index = int(getattr(module, "layer_idx", index))
@@ -157,7 +157,7 @@ def base_of(model: Any, stack_path: str) -> Any:
     return get(model, stack_path.rsplit(".", 1)[0]) if "." in stack_path else model
 
 
-def first_child(parent: Any, names: tuple[str, ...]) -> tuple[str, Any] | tuple[None, None]:
+def first_child(parent: Any, names: tuple[str, ...]) -> tuple[str | None, Any]:
     for name in names:
         module = get(parent, name)
         if module is not None:

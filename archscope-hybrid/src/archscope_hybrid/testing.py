@@ -304,5 +304,7 @@ def cache_states(model: Any, input_ids: Any, attention_mask: Any = None) -> dict
         matrix, conv = (h.get(0) if isinstance(h, dict) else h for h in (matrix, conv))
         if matrix is not None:
             states[f"layer_{i}.ssm_state"] = matrix.clone()
+        if conv is None:
+            raise AssertionError(f"the cache holds no conv state for recurrent layer {i}")
         states[f"layer_{i}.conv_state"] = conv.clone()
     return states
