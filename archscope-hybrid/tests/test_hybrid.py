@@ -99,6 +99,8 @@ def test_each_layer_exposes_the_sites_of_its_kind(family: str) -> None:
     for i, kind in enumerate(_types(family)):
         if kind == "full_attention":
             assert _roles(backend, i) == {"attn", "attn_pattern", "mlp", "residual"}
+        elif family == "minimax":  # lightning attention: a matrix state, no convolution
+            assert _roles(backend, i) == {"mixer", "mlp", "residual", "ssm_state"}
         elif conv_only:
             assert _roles(backend, i) == {"mixer", "mlp", "residual", "conv_state"}
         else:
@@ -114,6 +116,10 @@ def test_state_shapes_follow_the_modules(family: str) -> None:
         if not layer.recurrent:
             continue
         module = layer.block.get_submodule(layer.mixer)
+        if hasattr(module, "slope_rate"):  # lightning attention: (heads, head_dim, head_dim)
+            matrix = result[f"layer_{layer.index}.ssm_state"]
+            assert matrix.shape == (3, module.num_attention_heads, module.head_dim, module.head_dim)
+            continue
         conv = module.conv1d if hasattr(module, "conv1d") else module.conv
         value = result[f"layer_{layer.index}.conv_state"]
         assert value.shape == (3, conv.in_channels, conv.kernel_size[0])
@@ -257,7 +263,7 @@ def test_an_edit_during_a_continued_run_lands_on_its_position(family: str) -> No
     assert _close(continued.logits, full.logits[:, 5:])
 
 
-@pytest.mark.parametrize("family", _families(("qwen3_next", "lfm2")))
+@pytest.mark.parametrize("family", _families(("qwen3_next", "lfm2", "minimax")))
 def test_continuing_a_hybrid_with_attention_is_refused_with_the_reason(family: str) -> None:
     backend = _backend(family)
     state = backend.run(random_ids(1, 4), capture=backend.state_sites)

@@ -2,7 +2,8 @@
 
 Found by structure: a block list in which some blocks hold a gated delta net (a module with a
 depthwise ``conv1d``, a per-head decay ``A_log`` and head sizes: Qwen3-Next, Qwen3.5, OLMo-hybrid)
-or a gated short convolution (``in_proj`` -> depthwise ``conv`` -> ``out_proj``: LFM2, LFM2-MoE),
+a gated short convolution (``in_proj`` -> depthwise ``conv`` -> ``out_proj``: LFM2, LFM2-MoE) or
+lightning attention (``qkv_proj``, ``output_gate``, a per-head decay ``slope_rate``: MiniMax),
 and the others softmax attention (``self_attn``). Recurrent states are read from the model's own
 cache after the same forward pass, so reading them runs the model's own kernels.
 """
@@ -33,7 +34,9 @@ from .structure import (
     EMBED_NAMES,
     FINAL_NORM_NAMES,
     GATED_DELTA,
+    LIGHTNING,
     POST_NORMS,
+    SHORT_CONV,
     STACK_PATHS,
     Layer,
     base_of,
@@ -82,13 +85,21 @@ class StepView(View):
         return apply_edit(whole, edit, info, mask)[:, plan.step : plan.step + 1]
 
 
+_MIXER_NAMES = {
+    GATED_DELTA: "gated delta net",
+    SHORT_CONV: "short convolution",
+    LIGHTNING: "lightning attention",
+}
+
+
 class HybridBackend(HookBackend):
     """Sites of gated-delta-net and short-convolution hybrids (with or without attention)."""
 
     name = "hybrid"
     description = (
         "recurrent/attention hybrids found by structure: gated delta nets (Qwen3-Next, "
-        "Qwen3.5, OLMo-hybrid) and short convolutions (LFM2, LFM2-MoE)"
+        "Qwen3.5, OLMo-hybrid), short convolutions (LFM2, LFM2-MoE) and lightning attention "
+        "(MiniMax)"
     )
     capabilities = frozenset(
         {
@@ -136,12 +147,13 @@ class HybridBackend(HookBackend):
             self.lm_head = model.get_output_embeddings()
         super().__init__(model)
         caps = set(type(self).capabilities)
-        if any(not layer.recurrent for layer in self.layers):
-            # Continuing from a state would also need every attention layer's key/value cache,
-            # which is not a site: state patching is offered on all-recurrent stacks only.
-            caps.discard("state_patch")
-        else:
+        if all(layer.recurrent for layer in self.layers):
             caps.discard("attention_patterns")
+        if any(not layer.recurrent or layer.kind == LIGHTNING for layer in self.layers):
+            # Continuing from a state would also need every attention layer's key/value cache,
+            # which is not a site: state patching is offered on all-recurrent stacks only (and
+            # not for lightning attention, whose state lives in a cache class of its own).
+            caps.discard("state_patch")
         if self.lm_head is None:
             caps -= {"logits", "unembed"}
         self.capabilities = frozenset(caps)
@@ -193,7 +205,7 @@ class HybridBackend(HookBackend):
                     description="attention probabilities per head (eager attention for the run)",
                 )
             else:
-                what = "gated delta net" if layer.kind == GATED_DELTA else "short convolution"
+                what = _MIXER_NAMES[layer.kind]
                 token(f"layer_{i}.mixer", f"{block}.{layer.mixer_out}", f"{what} output")
             if layer.mlp_out is not None:
                 post = layer.mlp_out in POST_NORMS
@@ -206,7 +218,7 @@ class HybridBackend(HookBackend):
                     None,
                     value_dim,
                     shape=("batch", "heads", "key_dim", "value_dim"),
-                    description="gated-delta-net matrix state per head after the last real token",
+                    description="matrix state per head after the last real token",
                     size=layer.state_shape,
                 )
             if layer.conv_shape is not None:

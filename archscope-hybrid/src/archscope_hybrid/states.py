@@ -13,9 +13,13 @@ if TYPE_CHECKING:
 def read_state(cache: Any, index: int, conv: bool, name: str) -> torch.Tensor:
     """Layer ``index``'s conv window (``conv``) or matrix state from an HF cache
     (``get_conv_state`` / ``get_recurrent_state``, or the layer's own holders)."""
-    getter = getattr(cache, "get_conv_state" if conv else "get_recurrent_state", None)
     value = None
-    if getter is not None:
+    linear = getattr(cache, "get_linear_cache", None)  # lightning attention's own cache class
+    getter = getattr(cache, "get_conv_state" if conv else "get_recurrent_state", None)
+    if linear is not None and not conv:
+        value = linear(index)
+        value = value if hasattr(value, "detach") else None
+    elif getter is not None:
         value = getter(index)
     else:
         layers = getattr(cache, "layers", None)

@@ -22,6 +22,7 @@ POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
 
 GATED_DELTA = "gated_delta"
 SHORT_CONV = "short_conv"
+LIGHTNING = "lightning"
 ATTENTION = "attention"
 
 
@@ -60,6 +61,15 @@ def is_short_conv(module: Any) -> bool:
     )
 
 
+def is_lightning_attention(module: Any) -> bool:
+    """Lightning (decayed linear) attention: a fused ``qkv_proj``, an ``output_gate``, a
+    per-head decay ``slope_rate`` and ``num_attention_heads`` / ``head_dim``."""
+    return all(
+        get(module, a) is not None
+        for a in ("qkv_proj", "output_gate", "slope_rate", "num_attention_heads", "head_dim")
+    )
+
+
 def mixer_kind(block: Any) -> tuple[str, str] | None:
     """(child name, kind) of a block's recurrent sequence mixer, or None."""
     for name, child in _children(block):
@@ -67,6 +77,8 @@ def mixer_kind(block: Any) -> tuple[str, str] | None:
             return name, GATED_DELTA
         if is_short_conv(child):
             return name, SHORT_CONV
+        if is_lightning_attention(child):
+            return name, LIGHTNING
     return None
 
 
@@ -105,7 +117,7 @@ class Layer:
     mixer: str  # child name of the sequence mixer
     mixer_out: str  # path (under the block) whose output is the mixer's contribution
     mlp_out: str | None
-    #: (heads, key_dim, value_dim) of a gated delta net's matrix state
+    #: (heads, key_dim, value_dim) of a gated delta net's or lightning attention's matrix state
     state_shape: tuple[int, ...] | None = None
     #: (channels, kernel) of the causal-conv window
     conv_shape: tuple[int, int] | None = None
@@ -146,6 +158,9 @@ def describe(index: int, block: Any) -> Layer:
         )
         conv = module.conv1d
         layer.conv_shape = (int(conv.in_channels), int(conv.kernel_size[0]))
+    elif kind == LIGHTNING:
+        heads, head_dim = int(module.num_attention_heads), int(module.head_dim)
+        layer.state_shape = (heads, head_dim, head_dim)
     elif kind == SHORT_CONV:
         conv = module.conv
         layer.conv_shape = (int(conv.in_channels), int(conv.kernel_size[0]))

@@ -93,6 +93,19 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
             eos_token_id=2,
         ),
     ),
+    "minimax": (
+        "MiniMaxConfig",
+        "MiniMaxForCausalLM",
+        dict(
+            intermediate_size=64,
+            num_hidden_layers=4,
+            layer_types=_HYBRID,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            block_size=4,
+            **_ATTN,
+        ),
+    ),
     # Stacks of recurrent layers only: state patching and continuing from a state.
     "qwen3_5_linear": (
         "Qwen3_5TextConfig",
@@ -131,6 +144,7 @@ FAMILIES: tuple[str, ...] = (
     "olmo_hybrid",
     "lfm2",
     "lfm2_moe",
+    "minimax",
 )
 RECURRENT_FAMILIES: tuple[str, ...] = ("qwen3_5_linear", "lfm2_conv")
 ALL_FAMILIES: tuple[str, ...] = FAMILIES + RECURRENT_FAMILIES
@@ -208,6 +222,8 @@ def _layer_roles(block: Any) -> dict[str, str]:
     OLMo-style post-normed attention blocks add their norms' outputs."""
     names = {n for n, _ in block.named_children()}
     roles: dict[str, str] = {}
+    if type(getattr(block, "self_attn", None)).__name__.endswith("LightningAttention"):
+        return {"mixer": "self_attn", "mlp": "mlp"}  # MiniMax's linear layers
     if "linear_attn" in names:
         roles["mixer"] = "linear_attn"
     elif "conv" in names:
@@ -299,6 +315,9 @@ def cache_states(model: Any, input_ids: Any, attention_mask: Any = None) -> dict
         cache = model(input_ids, use_cache=True, **_mask_kwargs(model, attention_mask)).cache
     states: dict[str, Any] = {}
     for i in recurrent_layer_indices(model):
+        if hasattr(cache, "get_linear_cache"):  # MiniMax keeps its own list of matrices
+            states[f"layer_{i}.ssm_state"] = cache.get_linear_cache(i).clone()
+            continue
         matrix = cache.layers[i].recurrent_states
         conv = cache.layers[i].conv_states
         matrix, conv = (h.get(0) if isinstance(h, dict) else h for h in (matrix, conv))
