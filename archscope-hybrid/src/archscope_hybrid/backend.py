@@ -1,11 +1,12 @@
 """The `hybrid` backend: language models that mix recurrent sequence mixers with attention.
 
-Found by structure: a block list in which some blocks hold a gated delta net (a module with a
-depthwise ``conv1d``, a per-head decay ``A_log`` and head sizes: Qwen3-Next, Qwen3.5, OLMo-hybrid)
-a gated short convolution (``in_proj`` -> depthwise ``conv`` -> ``out_proj``: LFM2, LFM2-MoE) or
-lightning attention (``qkv_proj``, ``output_gate``, a per-head decay ``slope_rate``: MiniMax),
-and the others softmax attention (``self_attn``). Recurrent states are read from the model's own
-cache after the same forward pass, so reading them runs the model's own kernels.
+Found by structure: a block list in which some blocks hold a gated delta net (a depthwise
+``conv1d``, a decay ``A_log`` and head sizes: Qwen3-Next, Qwen3.5, OLMo-hybrid; or the decay in a
+``forget_gate``: Kimi-Linear's KDA), a gated short convolution (``in_proj`` -> depthwise ``conv``
+-> ``out_proj``: LFM2, LFM2-MoE) or lightning attention (``qkv_proj``, ``output_gate``, a per-head
+decay ``slope_rate``: MiniMax), and the others softmax attention (``self_attn``). Recurrent states
+are read from the model's own cache after the same forward pass, so reading them runs the
+model's own kernels.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ class HybridBackend(HookBackend):
     name = "hybrid"
     description = (
         "recurrent/attention hybrids found by structure: gated delta nets (Qwen3-Next, "
-        "Qwen3.5, OLMo-hybrid), short convolutions (LFM2, LFM2-MoE) and lightning attention "
-        "(MiniMax)"
+        "Qwen3.5, OLMo-hybrid, Kimi-Linear), short convolutions (LFM2, LFM2-MoE) and "
+        "lightning attention (MiniMax)"
     )
     capabilities = frozenset(
         {

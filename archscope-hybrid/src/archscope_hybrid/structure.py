@@ -52,6 +52,17 @@ def is_gated_delta_net(module: Any) -> bool:
     )
 
 
+def is_kimi_delta_attention(module: Any) -> bool:
+    """Kimi delta attention (a gated delta rule with a decay per key channel): a depthwise
+    ``conv1d`` over q/k/v, a ``forget_gate`` holding the decay ``A_log`` and ``num_heads`` /
+    ``head_dim``."""
+    return (
+        _is_conv1d(get(module, "conv1d"))
+        and get(module, "forget_gate.A_log") is not None
+        and all(get(module, a) is not None for a in ("num_heads", "head_dim"))
+    )
+
+
 def is_short_conv(module: Any) -> bool:
     """A gated short convolution: ``in_proj`` -> depthwise ``conv`` -> ``out_proj``."""
     return (
@@ -73,7 +84,7 @@ def is_lightning_attention(module: Any) -> bool:
 def mixer_kind(block: Any) -> tuple[str, str] | None:
     """(child name, kind) of a block's recurrent sequence mixer, or None."""
     for name, child in _children(block):
-        if is_gated_delta_net(child):
+        if is_gated_delta_net(child) or is_kimi_delta_attention(child):
             return name, GATED_DELTA
         if is_short_conv(child):
             return name, SHORT_CONV
@@ -151,11 +162,15 @@ def describe(index: int, block: Any) -> Layer:
     layer = Layer(index, block, kind, mixer, mixer_out, mlp_out)
     layer.cache_index = int(getattr(module, "layer_idx", index))
     if kind == GATED_DELTA:
-        layer.state_shape = (
-            int(module.num_v_heads),
-            int(module.head_k_dim),
-            int(module.head_v_dim),
-        )
+        if is_kimi_delta_attention(module):  # one head size for keys and values
+            heads, key_dim = int(module.num_heads), int(module.head_dim)
+            layer.state_shape = (heads, key_dim, key_dim)
+        else:
+            layer.state_shape = (
+                int(module.num_v_heads),
+                int(module.head_k_dim),
+                int(module.head_v_dim),
+            )
         conv = module.conv1d
         layer.conv_shape = (int(conv.in_channels), int(conv.kernel_size[0]))
     elif kind == LIGHTNING:

@@ -106,6 +106,23 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
             **_ATTN,
         ),
     ),
+    "kimi_linear": (
+        "KimiLinearConfig",
+        "KimiLinearForCausalLM",
+        # a config of linear layers only fails in transformers' mask code: mix in attention
+        dict(
+            intermediate_size=64,
+            num_hidden_layers=4,
+            layer_types=_HYBRID,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            linear_attn_config=dict(head_dim=8, num_heads=4, short_conv_kernel_size=4),
+            mlp_layer_types=["dense"] * 4,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
     # Stacks of recurrent layers only: state patching and continuing from a state.
     "qwen3_5_linear": (
         "Qwen3_5TextConfig",
@@ -145,15 +162,34 @@ FAMILIES: tuple[str, ...] = (
     "lfm2",
     "lfm2_moe",
     "minimax",
+    "kimi_linear",
 )
 RECURRENT_FAMILIES: tuple[str, ...] = ("qwen3_5_linear", "lfm2_conv")
 ALL_FAMILIES: tuple[str, ...] = FAMILIES + RECURRENT_FAMILIES
 
 
+#: The first transformers release a family was checked on, where the oldest release the
+#: package allows (5.6.0) differs: there OLMo-hybrid's gated delta net has another layout, and
+#: stacks without attention layers fail in the causal-mask code even with the mask mapping.
+_FLOORS = {"olmo_hybrid": "5.25", "qwen3_5_linear": "5.25", "lfm2_conv": "5.25"}
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(major, minor) of a version string such as "5.25.0" or "5.26.0.dev0"."""
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
 def missing(family: str) -> str | None:
-    """Why ``family`` cannot be built with the installed transformers (None: it can)."""
+    """Why ``family`` cannot be built or checked with the installed transformers (None: it
+    can)."""
     import transformers
 
+    floor = _FLOORS.get(family)
+    if floor is not None and _release(transformers.__version__) < _release(floor):
+        return (
+            f"family {family!r} is checked from transformers {floor} on; installed: "
+            f"{transformers.__version__}"
+        )
     config_name, model_name, _ = _WRAPPER if family == "qwen3_5" else _SPECS[family]
     absent = [n for n in (config_name, model_name) if not hasattr(transformers, n)]
     if absent:
@@ -222,8 +258,9 @@ def _layer_roles(block: Any) -> dict[str, str]:
     OLMo-style post-normed attention blocks add their norms' outputs."""
     names = {n for n, _ in block.named_children()}
     roles: dict[str, str] = {}
-    if type(getattr(block, "self_attn", None)).__name__.endswith("LightningAttention"):
-        return {"mixer": "self_attn", "mlp": "mlp"}  # MiniMax's linear layers
+    linear_at_self_attn = ("LightningAttention", "DeltaAttention")  # MiniMax, Kimi-Linear
+    if type(getattr(block, "self_attn", None)).__name__.endswith(linear_at_self_attn):
+        return {"mixer": "self_attn", "mlp": "mlp"}
     if "linear_attn" in names:
         roles["mixer"] = "linear_attn"
     elif "conv" in names:
@@ -312,7 +349,9 @@ def cache_states(model: Any, input_ids: Any, attention_mask: Any = None) -> dict
     import torch
 
     with torch.no_grad():
-        cache = model(input_ids, use_cache=True, **_mask_kwargs(model, attention_mask)).cache
+        out = model(input_ids, use_cache=True, **_mask_kwargs(model, attention_mask))
+    # the output field was renamed within transformers 5.x
+    cache = getattr(out, "cache", None) or out.past_key_values
     states: dict[str, Any] = {}
     for i in recurrent_layer_indices(model):
         if hasattr(cache, "get_linear_cache"):  # MiniMax keeps its own list of matrices
