@@ -281,3 +281,16 @@ def test_a_left_padded_suffix_from_a_state_is_refused() -> None:
     batch = padded_batch(random_ids(2, 4), [4, 2], "left")
     with pytest.raises(BackendError, match="left-padded"):
         backend.run(batch, initial_state=start)
+
+
+@pytest.mark.skipif(missing("lfm2_conv") is not None, reason=str(missing("lfm2_conv")))
+def test_a_right_padded_suffix_from_a_state_continues_each_row_at_its_real_tokens() -> None:
+    backend = _backend("lfm2_conv")
+    prefix, suffix = random_ids(2, 5, seed=1), random_ids(2, 4, seed=2)
+    start = backend.run(prefix, return_state=True, stop_early=False).state
+    batch = padded_batch(suffix, [4, 2], "right")
+    names = ["logits", "layer_1.conv_state"]
+    continued = backend.run(batch, initial_state=start, capture=names)
+    short = backend.run(torch.cat([prefix[1:], suffix[1:, :2]], dim=1), capture=names)
+    assert _close(continued.logits[1:, :2], short.logits[:, 5:])
+    assert _close(continued["layer_1.conv_state"][1:], short["layer_1.conv_state"])
