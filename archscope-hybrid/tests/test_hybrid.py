@@ -95,7 +95,7 @@ def _roles(backend: HybridBackend, layer: int) -> set[str]:
 @pytest.mark.parametrize("family", _families(FAMILIES))
 def test_each_layer_exposes_the_sites_of_its_kind(family: str) -> None:
     backend = _backend(family)
-    conv_only = family.startswith("lfm2")
+    conv_only = family.startswith("lfm")
     for i, kind in enumerate(_types(family)):
         if kind == "full_attention":
             assert _roles(backend, i) == {"attn", "attn_pattern", "mlp", "residual"}

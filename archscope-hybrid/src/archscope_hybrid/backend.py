@@ -36,6 +36,7 @@ from .structure import (
     FINAL_NORM_NAMES,
     GATED_DELTA,
     LIGHTNING,
+    OPERATOR_POST_NORMS,
     POST_NORMS,
     SHORT_CONV,
     STACK_PATHS,
@@ -99,7 +100,7 @@ class HybridBackend(HookBackend):
     name = "hybrid"
     description = (
         "recurrent/attention hybrids found by structure: gated delta nets (Qwen3-Next, "
-        "Qwen3.5, OLMo-hybrid, Kimi-Linear), short convolutions (LFM2, LFM2-MoE) and "
+        "Qwen3.5, OLMo-hybrid, Kimi-Linear), short convolutions (LFM2, LFM2-MoE, LFM3) and "
         "lightning attention (MiniMax)"
     )
     capabilities = frozenset(
@@ -207,9 +208,12 @@ class HybridBackend(HookBackend):
                 )
             else:
                 what = _MIXER_NAMES[layer.kind]
-                token(f"layer_{i}.mixer", f"{block}.{layer.mixer_out}", f"{what} output")
+                post = layer.mixer_out != layer.mixer
+                token(
+                    f"layer_{i}.mixer", f"{block}.{layer.mixer_out}", f"{what} output", clone=post
+                )
             if layer.mlp_out is not None:
-                post = layer.mlp_out in POST_NORMS
+                post = layer.mlp_out in (*POST_NORMS, *OPERATOR_POST_NORMS)
                 token(f"layer_{i}.mlp", f"{block}.{layer.mlp_out}", "MLP / MoE output", clone=post)
             token(f"layer_{i}.residual", block, "residual stream after the block")
             if layer.state_shape is not None:

@@ -19,6 +19,8 @@ MLP_NAMES = ("mlp", "feed_forward")
 #: Blocks that normalise a sub-layer's output before adding it to the residual (OLMo style):
 #: there the site is the norm's output, the value really added.
 POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+#: The same around every mixer, attention or not (LFM3; the norms may be identities).
+OPERATOR_POST_NORMS = ("post_operator_norm", "post_ffn_norm")
 
 GATED_DELTA = "gated_delta"
 SHORT_CONV = "short_conv"
@@ -158,6 +160,8 @@ def describe(index: int, block: Any) -> Layer:
     mlp_out: str | None = mlp
     if post_norms and kind == ATTENTION:
         mixer_out, mlp_out = POST_NORMS[0], POST_NORMS[1]
+    elif all(get(block, n) is not None for n in OPERATOR_POST_NORMS):
+        mixer_out, mlp_out = OPERATOR_POST_NORMS
     module = get(block, mixer)
     layer = Layer(index, block, kind, mixer, mixer_out, mlp_out)
     layer.cache_index = int(getattr(module, "layer_idx", index))

@@ -93,6 +93,20 @@ _SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
             eos_token_id=2,
         ),
     ),
+    "lfm3": (
+        "Lfm3Config",
+        "Lfm3ForCausalLM",
+        dict(
+            intermediate_size=64,
+            num_hidden_layers=4,
+            layer_types=_CONV_HYBRID,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
     "minimax": (
         "MiniMaxConfig",
         "MiniMaxForCausalLM",
@@ -161,6 +175,7 @@ FAMILIES: tuple[str, ...] = (
     "olmo_hybrid",
     "lfm2",
     "lfm2_moe",
+    "lfm3",
     "minimax",
     "kimi_linear",
 )
@@ -271,6 +286,9 @@ def _layer_roles(block: Any) -> dict[str, str]:
         if post:
             roles["mlp"] = "post_feedforward_layernorm"
     roles.setdefault("mlp", "mlp" if "mlp" in names else "feed_forward")
+    if "post_operator_norm" in names:  # LFM3 normalises both sub-layers' outputs
+        role = "attn" if "self_attn" in names else "mixer"
+        roles.update({role: "post_operator_norm", "mlp": "post_ffn_norm"})
     return roles
 
 
