@@ -20,6 +20,7 @@ BACKEND_SOURCES = [
     ROOT / "archscope-transformer" / "src",
     ROOT / "archscope-mamba" / "src",
     ROOT / "archscope-recurrent" / "src",
+    ROOT / "archscope-hybrid" / "src",
     *sorted(p / "src" for p in (ROOT / "plugins").iterdir() if (p / "src").is_dir()),
     *sorted(
         p / "src" for p in (ROOT / "core" / "tests" / "plugins").iterdir() if (p / "src").is_dir()
@@ -123,6 +124,7 @@ def test_the_rule_reads_every_backend_package() -> None:
         "archscope-transformer",
         "archscope-mamba",
         "archscope-recurrent",
+        "archscope-hybrid",
         "template",
     } <= packages
     assert len(_backend_files()) > 20

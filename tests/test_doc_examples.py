@@ -23,6 +23,7 @@ PAGES = [
     "docs/backend-transformer.md",
     "docs/backend-mamba.md",
     "docs/backend-recurrent.md",
+    "docs/backend-hybrid.md",
     "docs/custom-models.md",
 ]
 
