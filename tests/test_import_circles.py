@@ -21,9 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: package name -> its source folder
 PACKAGES = {
     "archscope": ROOT / "core/src/archscope",
-    "archscope_transformer": ROOT / "archscope-transformer/src/archscope_transformer",
-    "archscope_mamba": ROOT / "archscope-mamba/src/archscope_mamba",
-    "archscope_recurrent": ROOT / "archscope-recurrent/src/archscope_recurrent",
+    **{path.name: path for path in sorted(ROOT.glob("archscope-*/src/archscope_*"))},
     **{
         path.name: path
         for plugin in sorted((ROOT / "plugins").iterdir())
