@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from archscope import BackendError, Edit, SiteInfo
@@ -30,6 +29,7 @@ from archscope.engine import (
     padding_side,
 )
 
+from .continuing import Plan
 from .structure import (
     ATTENTION,
     EMBED_NAMES,
@@ -53,17 +53,6 @@ if TYPE_CHECKING:
 
 #: Attributes transformers sets on a model once it has installed its output-capturing hooks.
 _LIBRARY_HOOK_FLAGS = ("_output_capturing_hooks_installed",)
-
-
-@dataclass
-class Plan:
-    """How one run is carried out (decided once per run, kept in ``run.extra``)."""
-
-    wants_state: bool
-    stepping: bool = False
-    step: int = 0
-    steps: int = 0
-    cache: Any = None
 
 
 class StepView(View):

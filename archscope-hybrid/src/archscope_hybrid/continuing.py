@@ -5,7 +5,7 @@ generation does, which reproduces a full run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from archscope import Site, SiteError
 from archscope.compat import cache_argument
@@ -14,10 +14,43 @@ from archscope.engine import RunRequest, StopForward
 if TYPE_CHECKING:
     import torch
 
-    from .backend import HybridBackend, Plan
+    from archscope.hookpoints import SiteTable
 
 
-def continue_from_state(backend: HybridBackend, ctx: RunRequest, plan: Plan) -> Any:
+class HybridStack(Protocol):
+    """What continuing a run needs of the backend (`HybridBackend` has it)."""
+
+    model: Any
+    layers: Any
+
+    @property
+    def state_sites(self) -> list[str]: ...
+
+    @property
+    def table(self) -> SiteTable: ...
+
+    @property
+    def device(self) -> Any: ...
+
+    def require(self, capability: str) -> None: ...
+
+    def mask_argument(self, mask: Any) -> Any: ...
+
+    def logits_of(self, output: Any) -> Any: ...
+
+
+@dataclass
+class Plan:
+    """How one run is carried out (decided once per run, kept in ``run.extra``)."""
+
+    wants_state: bool
+    stepping: bool = False
+    step: int = 0
+    steps: int = 0
+    cache: Any = None
+
+
+def continue_from_state(backend: HybridStack, ctx: RunRequest, plan: Plan) -> Any:
     """Feed the batch token by token from ``ctx.initial_state``; token sites and logits are
     concatenated over the steps."""
     import torch
@@ -55,7 +88,7 @@ def continue_from_state(backend: HybridBackend, ctx: RunRequest, plan: Plan) -> 
     return Continued(torch.cat(logits, dim=1) if len(logits) == plan.steps else None, plan.cache)
 
 
-def cache_from_state(backend: HybridBackend, state: Any, batch: int) -> Any:
+def cache_from_state(backend: HybridStack, state: Any, batch: int) -> Any:
     """A cache of the model holding ``state`` (every state site, checked)."""
     names = backend.state_sites
     given = {str(Site.parse(k)): v for k, v in state.items()}
