@@ -73,6 +73,16 @@ class TransformerBackend(HookBackend):
     padding = "both"
 
     def __init__(self, model: Any) -> None:
+        self._map(model)
+        super().__init__(model)
+
+    def model_changed(self) -> None:
+        """The model's modules changed (a block replaced, the vocabulary resized): find its
+        structure again, then forget the site table built from the old one."""
+        self._map(self.model)
+        super().model_changed()
+
+    def _map(self, model: Any) -> None:
         try:
             self.structure: Structure = find_structure(model)
         except StructureError as exc:
@@ -84,7 +94,6 @@ class TransformerBackend(HookBackend):
             self.capabilities = TransformerBackend.capabilities - {"mlp_hidden"}
         self._takes_positions = accepts(model.forward, "position_ids", declared=True)
         self._takes_use_cache = accepts(model.forward, "use_cache", declared=True)
-        super().__init__(model)
 
     # -- detection -----------------------------------------------------------------------------
     @classmethod

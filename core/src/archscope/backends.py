@@ -36,6 +36,7 @@ __all__ = [
     "CapabilityError",
     "Edit",
     "EditOp",
+    "ModelState",
     "NoBackendError",
     "PaddingError",
     "Positions",
@@ -56,6 +57,60 @@ class ActivationRecord:
     @property
     def site(self) -> Site:
         return Site.parse(self.layer_name)
+
+
+class ModelState:
+    """What a backend derives from its model while the model's modules stay the same: the
+    module list (the walk `Backend.run` makes anyway, for inference mode, doubles as the check
+    that nothing was replaced, added or removed), the input embedding and its size (a resized
+    vocabulary changes the sites' sizes too), the default input limits and the resolved
+    requests. `Backend.model_state` builds a new one, and calls `Backend.model_changed`, when
+    either differs from the last run's."""
+
+    __slots__ = ("embedding", "first_parameter", "limits", "modules", "requests", "vocab")
+
+    def __init__(self, model: Any) -> None:
+        self.modules = module_list(model)
+        self.embedding = _input_embedding(model)
+        self.vocab = _rows(self.embedding)
+        self.limits: InputLimits | None = None
+        #: (module, name) of the model's first parameter, whose device is the model's
+        self.first_parameter: tuple[Any, str] | None = None
+        #: (capture, edits present) → resolved capture names; only requests without edits
+        self.requests: dict[tuple[Any, ...], list[str]] = {}
+
+    def current(self, model: Any) -> bool:
+        """Whether ``model`` still has the modules and vocabulary this state was built from."""
+        return module_list(model) == self.modules and _rows(self.embedding) == self.vocab
+
+
+def module_list(model: Any) -> list[Any]:
+    """Every module under ``model``, parents before children (a plain walk over ``_modules``:
+    `nn.Module.modules` also builds names and a memo, several times slower on small models)."""
+    found = [model]
+    for module in found:  # grows while it is read
+        children = getattr(module, "_modules", None)
+        if children:
+            found += [child for child in children.values() if child is not None]
+    return found
+
+
+def _input_embedding(model: Any) -> Any:
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if not callable(get_embeddings):
+        return None
+    try:  # a model without one may raise NotImplementedError
+        return get_embeddings()
+    except Exception:
+        return None
+
+
+def _rows(embedding: Any) -> Any:
+    return getattr(embedding, "num_embeddings", None)
+
+
+#: Requests remembered per model state (distinct capture lists of one backend).
+_MAX_REQUESTS = 256
 
 
 class Backend:
@@ -102,11 +157,14 @@ class Backend:
     @functools.cached_property
     def table(self) -> SiteTable:
         """The site table (`site_table()`, built on first use, so a subclass may set its own
-        attributes in ``__init__`` before or after calling ``super().__init__()``)."""
+        attributes in ``__init__`` before or after calling ``super().__init__()``; built again
+        after the model's modules changed, see `model_state`)."""
+        self._state()  # from now on, a change of the model's modules is noticed
         return SiteTable.of(self.site_table())
 
     def sites(self) -> dict[str, SiteInfo]:
         """Every site of the wrapped model, in forward order."""
+        self.model_state()
         return dict(self._site_infos)
 
     @functools.cached_property
@@ -114,7 +172,8 @@ class Backend:
         return self.table.infos()
 
     def site_info(self, site: str | Site) -> SiteInfo:
-        return resolve(site, self.sites(), self.name or type(self).__name__)
+        self.model_state()
+        return resolve(site, self._site_infos, self.name or type(self).__name__)
 
     @property
     def n_layers(self) -> int:
@@ -163,12 +222,15 @@ class Backend:
         )
 
         edits = _edit_list(edits)
+        # what was derived from the model (site table, module list, limits, resolved requests)
+        # is reused while its modules and vocabulary stay the same, and rebuilt when they change
+        state = self.model_state()
         wanted, edit_map = self.check_request(
             () if capture is None else capture, edits, initial_state, return_state
         )
         check_device(self.device, self.name)
         batch = self.prepare_inputs(inputs)
-        check_inputs(batch, self.input_limits(), self.name)
+        check_inputs(batch, self._limits(state), self.name)
         full_pass = not (stop_early and wanted and "logits" not in wanted) or return_state
         check_memory(self, batch, wanted, full_pass)
         if initial_state:
@@ -186,7 +248,10 @@ class Backend:
         )
         # hooks, edits, early stops and mode changes live on the model's shared modules: one
         # run at a time per model (see docs/architecture.md, "Runs and threads")
-        with model_lock(self.model), inference_mode(self.model, self.inference):
+        with (
+            model_lock(self.model),
+            inference_mode(self.model, self.inference, modules=state.modules),
+        ):
             result = None
             if self.regroup_states:
                 from .regroup import execute_regrouped, needs_regrouping
@@ -198,14 +263,52 @@ class Backend:
         warn_if_not_finite(result.logits, self.name)
         return result
 
+    # -- what is derived from the model --------------------------------------------------------
+    def model_state(self) -> ModelState:
+        """What this backend derived from its model, checked against the model first: when a
+        module was replaced, added or removed, or the input embedding was resized, since it was
+        built, `model_changed` runs and a new state is built. `run` calls this once per run
+        (it costs a walk over the modules, which the run needs anyway for inference mode)."""
+        state: ModelState | None = self.__dict__.get("_model_state")
+        if state is not None and state.current(self.model):
+            return state
+        if state is not None:
+            self.model_changed()
+        state = self.__dict__["_model_state"] = ModelState(self.model)
+        return state
+
+    def _state(self) -> ModelState:
+        """The current state without checking it again (within one run)."""
+        state: ModelState | None = self.__dict__.get("_model_state")
+        if state is None:
+            state = self.__dict__["_model_state"] = ModelState(self.model)
+        return state
+
+    def model_changed(self) -> None:
+        """Forget what was derived from the model's modules: the site table and every cached
+        property of the backend (rebuilt on next use). Called by `model_state` when the model
+        changed; a backend that keeps more (e.g. a structure it found in ``__init__``) extends
+        this and calls ``super().model_changed()``."""
+        for cls in type(self).__mro__:
+            for name, value in vars(cls).items():
+                if isinstance(value, functools.cached_property):
+                    self.__dict__.pop(value.attrname or name, None)
+
+    def _limits(self, state: ModelState) -> InputLimits:
+        if type(self).input_limits is not Backend.input_limits:
+            return self.input_limits()  # a backend's own limits: asked at every run
+        if state.limits is None:
+            from .guards import limits_from_model
+
+            state.limits = limits_from_model(self.model, self)
+        return state.limits
+
     def input_limits(self) -> InputLimits:
         """What token batches the model can take (vocabulary size, maximum positions), checked
         before every forward pass. The default reads the model's input embedding and its
-        config (`archscope.guards.limits_from_model`); override for models that keep them
-        elsewhere (None = no limit)."""
-        from .guards import limits_from_model
-
-        return limits_from_model(self.model, self)
+        config (`archscope.guards.limits_from_model`) once per model state (`model_state`);
+        override for models that keep them elsewhere (None = no limit)."""
+        return self._limits(self.model_state())
 
     def execute(self, request: RunRequest) -> RunResult:
         """Run one validated request (the extension point behind `run`; `HookBackend`
@@ -223,9 +326,19 @@ class Backend:
         `run` calls this once, so bad requests fail the same way everywhere."""
         if isinstance(capture, (str, Site)):
             capture = [capture]
-        table = self.sites()
+        table = self._site_infos  # the run checked the model (model_state) just before
         backend = self.name or type(self).__name__
-        wanted = [resolve(s, table, backend).name for s in capture]
+        capture = tuple(capture)
+        requests = self._state().requests
+        try:
+            wanted = requests.get(capture)
+        except TypeError:  # an unhashable entry: resolve says what is wrong with it
+            wanted = None
+        if wanted is None:
+            wanted = [resolve(s, table, backend).name for s in capture]
+            if len(requests) < _MAX_REQUESTS:
+                requests[capture] = wanted
+        wanted = list(wanted)
         edit_map: dict[str, list[Edit]] = {}
         for edit in edits:
             if not isinstance(edit, Edit):
@@ -256,10 +369,19 @@ class Backend:
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's first parameter (CPU for a model without parameters)."""
         import torch
 
-        for p in self.model.parameters():
-            return cast("torch.device", p.device)
+        state = self._state()
+        if state.first_parameter is not None:  # read again each time: .to() moves it in place
+            owner, key = state.first_parameter
+            found = owner._parameters.get(key)
+            if found is not None:
+                return cast("torch.device", found.device)
+        for name, found in self.model.named_parameters():
+            owner_path, _, key = name.rpartition(".")
+            state.first_parameter = (self.model.get_submodule(owner_path), key)
+            return cast("torch.device", found.device)
         return torch.device("cpu")
 
     def prepare_inputs(self, inputs: Any) -> dict[str, Any]:

@@ -106,8 +106,8 @@ def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
         raise InputError(f"input_ids must be (batch, seq) or (seq,), got shape {tuple(ids.shape)}")
     if ids.shape[1] == 0:
         raise InputError("input_ids is empty: give at least one token")
-    if mask is None:
-        mask = torch.ones_like(ids)
+    if mask is None:  # every token is real: nothing to check
+        return ids, torch.ones_like(ids)
     if mask.dim() == 1:
         mask = mask.unsqueeze(0)
     if mask.dtype != torch.bool:
@@ -123,7 +123,7 @@ def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
             f"attention_mask shape {tuple(mask.shape)} does not match input_ids "
             f"shape {tuple(ids.shape)}"
         )
-    if (mask.sum(-1) == 0).any():
+    if not bool(mask.all()) and bool((mask.sum(-1) == 0).any()):  # all(): the cheap common case
         raise InputError("a row of attention_mask has no real token")
     return ids, mask.long()
 

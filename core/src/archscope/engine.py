@@ -11,6 +11,7 @@ cases.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -167,16 +168,23 @@ class HookBackend(Backend):
             )
         return replace(request, capture=list(wanted), stop_after=stop_after, store={}, extra={})
 
+    @functools.cached_property
+    def _hook_order(self) -> tuple[dict[str, float], list[str]]:
+        """Forward order of the hooked sites, and the hooked state sites (from the site table;
+        forgotten with it when the model changes, see `Backend.model_changed`)."""
+        table = self.table
+        order = {n: i.order for n, (i, hp) in table.items() if hp is not None}
+        return order, [n for n in order if table[n][0].kind == "state"]
+
     def execute(self, request: RunRequest) -> RunResult:
         import torch
 
-        table = self.table
         ctx = self._start(request)
         wanted = request.capture
-        order = {n: i.order for n, (i, hp) in table.items() if hp is not None}  # hooked sites
+        order, state_sites = self._hook_order
         hooked_sites = sorted({*wanted, *ctx.edits} & order.keys(), key=order.__getitem__)
         if ctx.return_state:  # the default final_state reads the state sites' hooks
-            state_hooks = [n for n in order if table[n][0].kind == "state"]
+            state_hooks = state_sites
             hooked_sites = sorted({*hooked_sites, *state_hooks}, key=order.__getitem__)
             ctx.capture = [*wanted, *(n for n in state_hooks if n not in wanted)]
         handles = []

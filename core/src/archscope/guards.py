@@ -96,10 +96,13 @@ def check_inputs(batch: MutableMapping[str, Any], limits: InputLimits, backend: 
         )
     if ids is None:
         return
-    if ids.numel() == 0 or (
-        int(ids.min()) >= 0 and (limits.vocab_size is None or int(ids.max()) < limits.vocab_size)
-    ):
-        return  # the common case, in two reductions
+    if ids.numel() == 0:
+        return
+    import torch
+
+    low_id, high_id = torch.aminmax(ids)
+    if int(low_id) >= 0 and (limits.vocab_size is None or int(high_id) < limits.vocab_size):
+        return  # the common case, in one reduction
     mask = batch.get("attention_mask")
     real = ids[mask.bool()] if mask is not None else ids.reshape(-1)
     if mask is not None and limits.vocab_size is not None:
@@ -146,10 +149,14 @@ def check_width(tensor: Any, width: int, what: str) -> None:
 
 
 @contextlib.contextmanager
-def inference_mode(model: Any, enabled: bool = True) -> Iterator[None]:
+def inference_mode(
+    model: Any, enabled: bool = True, modules: list[Any] | None = None
+) -> Iterator[None]:
     """Run with every module in eval mode (dropout off), restoring each module's own flag
-    afterwards, also when the run raises. ``enabled=False`` keeps the model's mode."""
-    training = [m for m in _modules(model) if m.training] if enabled else []
+    afterwards, also when the run raises. ``enabled=False`` keeps the model's mode.
+    ``modules``: every module of ``model``, when the caller has already listed them."""
+    listed = modules if modules is not None else _modules(model)
+    training = [m for m in listed if m.training] if enabled else []
     for module in training:
         module.training = False  # per module: model.eval() would also reset mixed modes
     try:
