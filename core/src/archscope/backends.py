@@ -297,6 +297,10 @@ class Backend:
     def _limits(self, state: ModelState) -> InputLimits:
         if type(self).input_limits is not Backend.input_limits:
             return self.input_limits()  # a backend's own limits: asked at every run
+        return self._model_limits(state)
+
+    def _model_limits(self, state: ModelState) -> InputLimits:
+        """The default limits, read once per model state."""
         if state.limits is None:
             from .guards import limits_from_model
 
@@ -307,8 +311,9 @@ class Backend:
         """What token batches the model can take (vocabulary size, maximum positions), checked
         before every forward pass. The default reads the model's input embedding and its
         config (`archscope.guards.limits_from_model`) once per model state (`model_state`);
-        override for models that keep them elsewhere (None = no limit)."""
-        return self._limits(self.model_state())
+        override for models that keep them elsewhere (None = no limit; an override may call
+        ``super().input_limits()`` for the default)."""
+        return self._model_limits(self.model_state())
 
     def execute(self, request: RunRequest) -> RunResult:
         """Run one validated request (the extension point behind `run`; `HookBackend`
