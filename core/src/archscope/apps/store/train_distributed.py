@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> None:
                     indent=1,
                 )
             )
+        if world_size > 1:
+            # every rank reaches the end before the group is torn down: gloo aborts a rank
+            # ("terminate called without an active exception") whose peer is still writing
+            dist.barrier()
     finally:
         if world_size > 1:
             dist.destroy_process_group()
