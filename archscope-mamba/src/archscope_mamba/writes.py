@@ -32,8 +32,8 @@ edited writes; an edit that gives the write its own value adds exactly zero, and
 before the first edited one are unchanged bit for bit. The state after the last real token
 (``ssm_state`` and ``return_state``) includes the edit's effect.
 
-The helpers `linear_scan`, `scalar_decay_attention` and `ScanParts` do not depend on Mamba and
-can serve any backend whose layers are linear recurrences with outer-product writes.
+The roles, `linear_scan` and `scalar_decay_attention` are the architecture-free contract in
+`archscope.recurrence`; this module re-exports them for code written against it before.
 """
 
 from __future__ import annotations
@@ -46,6 +46,15 @@ from typing import TYPE_CHECKING, Any
 
 from archscope import BackendError
 from archscope.engine import RunRequest, SiteTable, apply_edit
+from archscope.recurrence import (
+    WRITABLE_ROLES,
+    WRITE_ROLES,
+    linear_scan,
+    scalar_decay_attention,
+    unroll_square,
+    write_sites_of,
+)
+from archscope.recurrence import declare_write_sites as declare_generic
 
 if TYPE_CHECKING:
     import torch
@@ -63,65 +72,22 @@ __all__ = [
     "write_sites_of",
 ]
 
-#: Roles of the write sites, with their descriptions.
-WRITE_ROLES: dict[str, str] = {
-    "state_write": "each position's write into the recurrent state (value ⊗ key)",
+#: What the write sites hold in these layers (the generic roles: `archscope.recurrence`).
+DESCRIPTIONS: dict[str, str] = {
     "write_value": "the value factor of each position's state write (Δ·x)",
     "write_key": "the key factor of each position's state write (B)",
     "write_decay": "the decay applied to the state before each position's write (exp(Δ·A))",
-    "ssm_states": "the recurrent state after every position (computed on request)",
     "effective_attention": (
         "the layer's implicit attention A[t, s] = C_t·(decays s+1..t)·B_s·Δ_s, per head "
         "(computed on request)"
     ),
 }
-#: Roles whose edits the recurrence carries.
-WRITABLE_ROLES = ("write_value", "write_key", "state_write")
 #: Mamba-1 has no heads: its effective attention averages channels in this many equal groups
 #: (or the greatest common divisor with d_inner).
 EFFECTIVE_ATTENTION_GROUPS = 8
 
 
 # -- the recurrence, independent of any model ---------------------------------------------------
-def linear_scan(
-    decay: torch.Tensor, write: torch.Tensor, initial: torch.Tensor | None = None
-) -> torch.Tensor:
-    """States ``S_t = decay_t * S_{t-1} + write_t`` for every t (axis 1), from ``initial`` (zero
-    by default). ``decay`` broadcasts against ``write`` (batch, seq, ...); returns the states in
-    ``write``'s shape, the state after position t at index t."""
-    import torch
-
-    state = (
-        torch.zeros_like(write[:, 0])
-        if initial is None
-        else initial.to(write.dtype).expand_as(write[:, 0])
-    )
-    states = []
-    for t in range(write.shape[1]):
-        state = decay[:, t] * state + write[:, t]
-        states.append(state)
-    return torch.stack(states, dim=1)
-
-
-def scalar_decay_attention(
-    query: torch.Tensor, key: torch.Tensor, log_decay: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    """Effective attention of a recurrence with one decay per head and position:
-    ``A[b, h, t, s] = (q_t · k_s) · exp(Σ_{r=s+1..t} log_decay_r) · scale_s`` for s ≤ t, else 0.
-
-    ``query``/``key``: (batch, seq, heads, d_key); ``log_decay``, ``scale``: (batch, seq, heads).
-    Returns (batch, heads, seq, seq)."""
-    import torch
-
-    cum = torch.cumsum(log_decay.float(), dim=1).transpose(1, 2)  # (b, h, t)
-    seq = query.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
-    gap = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, 0.0)
-    decays = torch.exp(gap).masked_fill(~causal, 0.0)
-    scores = torch.einsum("bthn,bshn->bhts", query.float(), key.float())
-    return scores * decays * scale.float().transpose(1, 2)[:, :, None, :]
-
-
 def channel_decay_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -210,7 +176,6 @@ def declare_write_sites(table: SiteTable, layer: int, state_shape: tuple[Any, ..
     them while the layer runs). ``state_shape`` is ``("mamba", d_inner, d_state)`` or
     ``("mamba2", heads, head_dim, d_state)``."""
     kind, *sizes = state_shape
-    i = f"layer_{layer}"
     if kind == "mamba":
         d_inner, n = sizes
         shapes = {
@@ -220,6 +185,7 @@ def declare_write_sites(table: SiteTable, layer: int, state_shape: tuple[Any, ..
             "write_decay": (("batch", "seq", "d_inner", "d_state"), n),
             "ssm_states": (("batch", "seq", "d_inner", "d_state"), n),
         }
+        heads = math.gcd(d_inner, EFFECTIVE_ATTENTION_GROUPS)
     else:
         heads, p, n = sizes
         shapes = {
@@ -229,36 +195,7 @@ def declare_write_sites(table: SiteTable, layer: int, state_shape: tuple[Any, ..
             "write_decay": (("batch", "seq", "heads"), heads),
             "ssm_states": (("batch", "seq", "heads", "head_dim", "d_state"), n),
         }
-    for role, (shape, dim) in shapes.items():
-        table.add(
-            f"{i}.{role}",
-            None,
-            dim,
-            kind="token",
-            shape=shape,
-            writable=role in WRITABLE_ROLES,
-            description=WRITE_ROLES[role],
-        )
-    heads = sizes[0] if kind == "mamba2" else math.gcd(sizes[0], EFFECTIVE_ATTENTION_GROUPS)
-    table.add(
-        f"{i}.effective_attention",
-        None,
-        heads,
-        kind="token",
-        shape=("batch", "heads", "seq", "key"),
-        writable=False,
-        description=WRITE_ROLES["effective_attention"],
-    )
-
-
-def write_sites_of(names: Any) -> dict[int, set[str]]:
-    """Layer → roles of the write sites among site ``names`` (canonical)."""
-    out: dict[int, set[str]] = {}
-    for name in names:
-        head, _, role = str(name).partition(".")
-        if role in WRITE_ROLES and head.startswith("layer_"):
-            out.setdefault(int(head[6:]), set()).add(role)
-    return out
+    declare_generic(table, layer, shapes, heads, DESCRIPTIONS)
 
 
 @dataclass
@@ -467,7 +404,7 @@ class _LayerWrites:
             self.store("write_decay", self.caller(self.layout.to_site("write_decay", decay)))
         if "effective_attention" in self.capture:
             attention = attention_of(self.kind, parts)
-            self.store("effective_attention", _unroll_square(attention, self.shift, self.roll))
+            self.store("effective_attention", unroll_square(attention, self.shift, self.roll))
         if not (self.edited or {"state_write", "ssm_states"} & self.capture):
             return None  # the factors alone: the (larger) write is not materialised
         write = self.site_value("state_write", ScanParts.write_of(value, key))
@@ -540,15 +477,3 @@ def attention_of(kind: str, parts: ScanParts) -> torch.Tensor:
     channels = parts.dt.shape[-1]
     groups = math.gcd(channels, EFFECTIVE_ATTENTION_GROUPS)
     return channel_decay_attention(parts.C[:, :, 0], parts.B[:, :, 0], parts.dt, parts.A, groups)
-
-
-def _unroll_square(
-    value: torch.Tensor,
-    shift: torch.Tensor | None,
-    roll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """(batch, heads, seq, seq) from the model's row layout to the caller's (both seq axes)."""
-    if shift is None:
-        return value
-    rows = roll(value.transpose(1, 2), -shift).transpose(1, 2)  # query axis
-    return roll(rows.transpose(1, 3), -shift).transpose(1, 3)  # key axis
