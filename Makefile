@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 # The lowest transformers release the backend packages declare (their pyproject.toml floors).
 TRANSFORMERS_FLOOR := 5.6.0
-PACKAGES := core archscope-transformer archscope-mamba archscope-recurrent archscope-hybrid plugins/archscope-zoo
-TESTS := core/tests archscope-transformer/tests archscope-mamba/tests archscope-recurrent/tests archscope-hybrid/tests plugins/template/tests plugins/archscope-zoo/tests tests
+PACKAGES := core archscope-transformer archscope-mamba archscope-recurrent archscope-hybrid plugins/archscope-zoo plugins/archscope-graphs
+TESTS := core/tests archscope-transformer/tests archscope-mamba/tests archscope-recurrent/tests archscope-hybrid/tests plugins/template/tests plugins/archscope-zoo/tests plugins/archscope-graphs/tests tests
 # The backend suites again, against the oldest transformers the backend packages allow
 # (their pyproject.toml floors), in a second venv pinned by constraints-oldest.txt.
 OLDEST := .venv-oldest

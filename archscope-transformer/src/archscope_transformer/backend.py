@@ -118,7 +118,7 @@ class TransformerBackend(HookBackend):
 
         def add(name: str, dim: int, where: Hookpoint | None, desc: str, **kw: Any) -> None:
             path = f" ({where.module})" if where else ""
-            if where is not None and name.endswith((".attn", ".mlp", ".mlp_hidden")):
+            if where is not None and name.endswith((".attn", ".mlp", ".mlp_hidden", ".mlp_in")):
                 where = replace(where, view=_TOKEN_VIEW)  # may be stored (batch * seq, ·)
             kw.setdefault("writable", True)
             table.add(name, where, dim, description=desc + path, **kw)
@@ -145,6 +145,8 @@ class TransformerBackend(HookBackend):
             )
             inside = str(parts.attn.module).startswith(f"{parts.attn_pattern.module}.")
             steps = [attn, pattern] if inside else [pattern, attn]
+            if parts.mlp_in is not None:
+                steps.append((f"layer_{i}.mlp_in", d, parts.mlp_in, "MLP input", {}))
             if parts.mlp_hidden is not None:
                 hidden = "MLP hidden units (input of the output projection)"
                 steps.append(

@@ -58,6 +58,9 @@ class BlockParts:
     mlp_hidden: Hookpoint | None
     mlp: Hookpoint
     d_mlp: int | None
+    #: the MLP's input (its normalised residual), where the MLP is a sub-module of its own that
+    #: takes only that input (not OPT's in-block linears, not Bloom/MPT's residual-adding MLPs)
+    mlp_in: Hookpoint | None = None
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,9 @@ def _block_parts(block: Any, path: str) -> BlockParts:
     if all(getattr(block, n, None) is not None for n in POST_NORMS):
         attn = Hookpoint(f"{path}.{POST_NORMS[0]}", clone=True)
         mlp_port = Hookpoint(f"{path}.{POST_NORMS[1]}", clone=True)
+    mlp_in = None
+    if mlp is not block and not accepts(mlp.forward, "residual", declared=True):
+        mlp_in = Hookpoint(mlp_path, io="input", arg=first_param(mlp.forward))
     hidden = None
     d_mlp = None
     if mlp_out is not None:
@@ -225,6 +231,7 @@ def _block_parts(block: Any, path: str) -> BlockParts:
         mlp_hidden=hidden,
         mlp=mlp_port,
         d_mlp=d_mlp,
+        mlp_in=mlp_in,
     )
 
 

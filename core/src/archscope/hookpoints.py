@@ -129,6 +129,7 @@ ROLE_DEFAULTS: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "mlp": ("token", ("batch", "seq", "d_model"), True),
     "mixer": ("token", ("batch", "seq", "d_model"), True),
     "mlp_hidden": ("token", ("batch", "seq", "d_mlp"), True),
+    "mlp_in": ("token", ("batch", "seq", "d_model"), True),
     "attn_pattern": ("token", ("batch", "heads", "seq", "key"), True),
     "hidden": ("token", ("batch", "seq", "d_hidden"), True),
     "cell": ("token", ("batch", "seq", "d_hidden"), True),
