@@ -21,6 +21,7 @@ from archscope.engine import (
     find_module,
     get_module,
 )
+from archscope.recurrence import WRITE_ROLES, write_sites_of
 
 if TYPE_CHECKING:
     import torch
@@ -136,6 +137,7 @@ class _HFRecurrentBackend(HookBackend):
                 description=f"the whole state ({', '.join(s.role for s in f.states)}) flattened "
                 "and concatenated: one vector per sequence (read-only)",
             )
+            self._declare_writes(table, i)
         table.add("final_norm", Hookpoint(f.final_norm), d, description="final normalised residual")
         table.add(
             "logits",
@@ -149,6 +151,9 @@ class _HFRecurrentBackend(HookBackend):
         return table
 
     # -- what each family does differently ---------------------------------------------------
+    def _declare_writes(self, table: SiteTable, layer: int) -> None:
+        """Add layer ``layer``'s write / effective-attention sites (`archscope.recurrence`)."""
+
     def _state_example(self) -> list[tuple[torch.Tensor, ...]]:
         """Zero per-layer state tensors for a batch of one (shapes for the site table)."""
         raise NotImplementedError
@@ -170,6 +175,7 @@ class _HFRecurrentBackend(HookBackend):
     def execute(self, request: RunRequest) -> RunResult:
         """The engine's execute; on a right-padded batch of unequal lengths the final state is
         computed per row by running the batch in segments that end at each row length."""
+        request = self._run_to_the_end(request)
         capture, batch = request.capture, request.batch
         kinds = self.table.infos()
         states = [n for n in capture if kinds[n].kind == "state"]
@@ -192,7 +198,7 @@ class _HFRecurrentBackend(HookBackend):
                 return_state=False,
             )
         )
-        ctx = request.fresh(edits=state_edits)
+        ctx = request.fresh(edits=state_edits, capture=states)  # write sites: first pass
         final = self._edited(ctx, self._ragged_final_state(ctx, lengths))
         every = self._with_combined(final)
         result.activations = {
@@ -263,10 +269,20 @@ class _HFRecurrentBackend(HookBackend):
         values: dict[str, Any] = {}
         if "logits" in names:
             values["logits"] = output.logits
-        if any(n != "logits" for n in names):
+        # write sites and effective attention: stored by the mixer hooks during the run
+        written = [n for n in names if n.partition(".")[2] in WRITE_ROLES]
+        values.update({n: ctx.store[n] for n in written})
+        states = [n for n in names if n != "logits" and n not in written]
+        if states:
             state = self._with_combined(self._edited(ctx, self._state_from_output(output)))
-            values.update({n: state[n] for n in names if n != "logits"})
+            values.update({n: state[n] for n in states})
         return values
+
+    def _run_to_the_end(self, request: RunRequest) -> RunRequest:
+        """An edited write changes everything after its layer: such runs go to the end."""
+        if request.stop_early and write_sites_of(request.edits):
+            return replace(request, stop_early=False)
+        return request
 
     def _with_combined(self, states: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Add ``layer_i.state``: the layer's state tensors flattened and concatenated."""

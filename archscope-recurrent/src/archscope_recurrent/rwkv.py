@@ -1,5 +1,6 @@
 """The `rwkv` backend: Hugging Face RWKV (v4) causal LMs, with the model's ``state`` list as
-per-layer state sites and runs without the inference-time rescaling of the residual."""
+per-layer state sites, the time-mix's effective attention (`archscope_recurrent.writes`), and
+runs without the inference-time rescaling of the residual."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from archscope.backends import BackendError
-from archscope.engine import RunContext
+from archscope.engine import RunContext, SiteTable
+from archscope.recurrence import write_sites_of
 
 from .hf_shared import Family, StateTensor, _HFRecurrentBackend
+from .writes import declare_rwkv_sites, rwkv_hooks
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +53,9 @@ class RWKVBackend(_HFRecurrentBackend):
     Runs with ``rescale_every=0`` semantics (no halving of the residual every few layers in
     eval mode), restoring the model's weights and setting afterwards. State sites
     ``layer_i.{ffn_shift,attn_shift,wkv_num,wkv_den,wkv_max}_state`` are the layer's slices of
-    the model's ``state`` list.
+    the model's ``state`` list. ``layer_i.effective_attention`` (batch, groups, seq, key) is the
+    WKV recurrence's per-channel softmax over past positions averaged over equal groups of
+    channels (`archscope_recurrent.writes`); RWKV-4 has no outer-product state write.
     """
 
     name = "rwkv"
@@ -93,8 +98,18 @@ class RWKVBackend(_HFRecurrentBackend):
             state.append(torch.stack(layers, -1).contiguous())  # the model updates it in place
         return {"state": state}
 
-    def run_settings(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
-        return self._no_rescaling()
+    def _declare_writes(self, table: SiteTable, layer: int) -> None:
+        declare_rwkv_sites(table, layer, int(self.model.config.attention_hidden_size))
+
+    @contextlib.contextmanager
+    def run_settings(self, ctx: RunContext) -> Iterator[None]:
+        with self._no_rescaling():
+            if not write_sites_of(ctx.capture):
+                yield
+                return
+            blocks = self._part(self.family.blocks)
+            with rwkv_hooks(ctx, [getattr(b, self.family.mixer) for b in blocks]):
+                yield
 
     @contextlib.contextmanager
     def _no_rescaling(self) -> Iterator[None]:

@@ -1,15 +1,20 @@
 """The `xlstm` backend: Hugging Face xLSTM causal LMs, with the cache's ``(C, n, m)`` per layer
-as state sites and the model's soft-capped logits."""
+as state sites, the mLSTM's per-position writes and effective attention (`archscope_recurrent.
+writes`), and the model's soft-capped logits."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 from archscope.backends import BackendError
 from archscope.compat import cache_argument
+from archscope.engine import RunContext, SiteTable
+from archscope.recurrence import write_sites_of
 
 from .hf_shared import Family, StateTensor, _HFRecurrentBackend
+from .writes import declare_mlstm_sites, mlstm_hooks
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +43,10 @@ class XLSTMBackend(_HFRecurrentBackend):
 
     State sites ``layer_i.{c,n,m}_state`` are the layer's ``cache.rnn_state[i] = (C, n, m)``.
     ``logits`` are the model's soft-capped output (read-only); ``unembed`` applies the same cap.
+    Write sites ``layer_i.{state_write,write_value,write_key,write_decay,ssm_states}`` and
+    ``layer_i.effective_attention`` are computed from the mLSTM kernel's inputs while it runs
+    (`archscope_recurrent.writes`); edits of the writes are carried through the rest of the
+    recurrence.
     """
 
     name = "xlstm"
@@ -56,6 +65,16 @@ class XLSTMBackend(_HFRecurrentBackend):
             )
             for _ in range(c.num_hidden_layers)
         ]
+
+    def _declare_writes(self, table: SiteTable, layer: int) -> None:
+        c = self.model.config
+        declare_mlstm_sites(table, layer, c.num_heads, c.qk_head_dim, c.v_head_dim)
+
+    def run_settings(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
+        if not write_sites_of([*ctx.capture, *ctx.edits]):
+            return contextlib.nullcontext()
+        blocks = self._part(self.family.blocks)
+        return mlstm_hooks(self, ctx, [getattr(b, self.family.mixer) for b in blocks])
 
     def _state_from_output(self, output: Any) -> dict[str, torch.Tensor]:
         cache = getattr(output, "cache", None) or getattr(output, "cache_params", None)
