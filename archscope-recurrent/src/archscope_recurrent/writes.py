@@ -42,7 +42,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from archscope.backends import BackendError
 from archscope.engine import RunContext, SiteTable, apply_edit
@@ -134,7 +134,7 @@ class MLSTMParts:
 
     @property
     def q_scaled(self) -> torch.Tensor:
-        return self.query.float() * self.scale
+        return cast("torch.Tensor", self.query.float() * self.scale)
 
     def initial_weight(self) -> torch.Tensor:
         """exp(F_t + m_0 - m_t): how much of the initial state reaches t (batch, heads, seq)."""
