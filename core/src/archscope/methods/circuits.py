@@ -1,6 +1,15 @@
 """Behavioural circuit tests that run on any architecture with next-token logits: induction
 (a random sequence repeated), verbatim copy of a word list, next-token concentration, and,
-where a backend exposes attention patterns, per-head induction and previous-token scores.
+where a backend exposes per-head attention, per-head induction and previous-token scores.
+
+Per-head attention is a layer's softmax pattern (``layer_i.attn_pattern``, on backends with
+the ``attention_patterns`` capability) or, on a layer without one, its effective attention
+(``layer_i.effective_attention``: the implicit attention of a linear-recurrence mixer, see
+`archscope.recurrence`). Effective attention rows do not sum to one (they can be negative, or
+sum to less or more than one), so each row is divided by the sum of its absolute values
+before scoring (`normalised_attention`): a score is then the share of the row's weight at the
+scored key, in [-1, 1], and on a softmax pattern (rows of non-negative numbers summing to one)
+the division changes nothing.
 
 Every test draws token ids from the model's own vocabulary (special ids of a tokenizer left
 out), batches its trials (one forward pass per batch) and is seeded.
@@ -31,8 +40,14 @@ __all__ = [
     "copy_score",
     "early_token_attention",
     "induction_head_score",
+    "normalised_attention",
+    "pattern_sites",
     "run_all_circuits",
 ]
+
+#: Site roles the per-head scores read: softmax attention, and a linear-recurrence mixer's
+#: effective attention where a layer has no softmax attention.
+PATTERN_ROLES = ("attn_pattern", "effective_attention")
 
 
 @dataclass
@@ -129,11 +144,33 @@ def _pad(
     return batch, [width - len(r) if left else 0 for r in rows]
 
 
-def _pattern_sites(backend: Backend) -> list[str]:
-    """The ``layer_i.attn_pattern`` sites, when the backend has attention patterns."""
-    if "attention_patterns" not in backend.capabilities:
-        return []
-    return [n for n, i in backend.sites().items() if i.site.role == "attn_pattern"]
+def pattern_sites(backend: Backend) -> list[str]:
+    """The per-head attention site of every layer that has one, in layer order: its
+    ``layer_i.attn_pattern`` (when the backend has the ``attention_patterns`` capability),
+    else its ``layer_i.effective_attention`` (read-only, computed only when captured)."""
+    chosen: dict[int, tuple[int, str]] = {}
+    softmax = "attention_patterns" in backend.capabilities
+    for name, info in backend.sites().items():
+        role, layer = info.site.role, info.site.layer
+        if layer is None or role not in PATTERN_ROLES:
+            continue
+        if role == "attn_pattern" and not softmax:
+            continue
+        rank = PATTERN_ROLES.index(role)
+        if layer not in chosen or rank < chosen[layer][0]:
+            chosen[layer] = (rank, name)
+    return [chosen[layer][1] for layer in sorted(chosen)]
+
+
+def normalised_attention(value: torch.Tensor, role: str) -> torch.Tensor:
+    """A per-head attention value (batch, heads, query, key) as the scores read it: a softmax
+    pattern as it is, an effective attention with each row divided by the sum of its absolute
+    values (rows of zeros stay zero)."""
+    value = value.float()
+    if role == "attn_pattern":
+        return value
+    total = value.abs().sum(-1, keepdim=True)
+    return value / total.masked_fill(total == 0, 1.0)
 
 
 def _check_positive(**values: int) -> None:
@@ -165,9 +202,11 @@ def induction_head_score(
     the first (chance: 1/vocabulary; ``relative`` = score x vocabulary).
 
     ``raw`` holds the same probability on the first repeat (where it cannot be known), top-1
-    accuracy and, where the backend has attention patterns, each head's induction score
-    (attention from a token of the second repeat to the token after its first occurrence) and
-    previous-token score (attention to the position before), read from the same forwards.
+    accuracy and, where layers have per-head attention (`pattern_sites`: softmax patterns, or
+    the effective attention of linear-recurrence mixers, rows normalised as
+    `normalised_attention` says), each head's induction score (attention from a token of the
+    second repeat to the token after its first occurrence) and previous-token score (attention
+    to the position before), read from the same forwards.
     ``candidates`` restricts the token ids drawn (e.g. the words a corpus repeats); chance
     stays 1/vocabulary. ``device`` is kept for compatibility: inputs go to the model's own
     device.
@@ -206,7 +245,7 @@ def induction_head_score(
     first = seq_len  # position of the block's first token, first repeat
     second = seq_len + block  # ... second repeat
     steps = torch.arange(n_pairs)
-    patterns = _pattern_sites(backend)
+    patterns = pattern_sites(backend)
 
     p_second, p_first, top1 = [], [], []
     induction: dict[str, list[torch.Tensor]] = {s: [] for s in patterns}
@@ -225,7 +264,8 @@ def induction_head_score(
         p_first.append(at_first.exp())
         top1.append(logp[rows, second + steps].argmax(-1) == targets)
         for site in patterns:
-            pattern = result[site].float().cpu()  # (batch, head, query, key)
+            role = backend.site_info(site).site.role
+            pattern = normalised_attention(result[site], role).cpu()  # (batch, head, query, key)
             queries = second + steps
             induction[site].append(pattern[:, :, queries, first + steps + 1].mean(-1))
             pos = torch.arange(1, ids.shape[1])
@@ -264,6 +304,7 @@ def _head_table(
         by_layer[f"layer_{layer}"] = {
             "induction": scores.tolist(),
             "previous_token": previous[site].tolist(),
+            "site": site,
         }
         ranked += [(layer, h, float(s)) for h, s in enumerate(scores)]
     ranked.sort(key=lambda t: -t[2])
@@ -456,8 +497,8 @@ def early_token_attention(
 
     Texts: ``texts`` with ``tokenizer``; without texts, built-in prompts when a tokenizer is
     given, else ``n_random`` random sequences of the vocabulary. ``raw`` adds the entropy over
-    every real position and, where the backend has attention patterns, each layer's mean
-    attention on the first real token (the "early token" of the name).
+    every real position and, where layers have per-head attention (`pattern_sites`), each
+    layer's mean attention on the first real token (the "early token" of the name).
     """
     import torch
 
@@ -480,7 +521,7 @@ def early_token_attention(
         g = torch.Generator().manual_seed(seed)
         rows = pool[torch.randint(len(pool), (n_random, random_len), generator=g)].tolist()
         source = "random token sequences"
-    patterns = _pattern_sites(backend)
+    patterns = pattern_sites(backend)
     last_h, all_h = [], []
     first_attn: dict[str, list[torch.Tensor]] = {s: [] for s in patterns}
     from ..batch import last_real_index
@@ -497,7 +538,8 @@ def early_token_attention(
         all_h.append(ent[mask.bool()].cpu())
         first = torch.as_tensor(offsets, device=mask.device)
         for site in patterns:
-            pattern = result[site].float()  # (batch, head, query, key)
+            role = backend.site_info(site).site.role
+            pattern = normalised_attention(result[site], role)  # (batch, head, query, key)
             to_first = pattern[idx, :, :, first]  # (batch, head, query)
             m = mask.unsqueeze(1).to(to_first.dtype)
             first_attn[site].append(((to_first * m).sum(-1) / m.sum(-1)).mean(-1).cpu())
@@ -569,8 +611,9 @@ class CircuitReport(Result):
         return "\n".join(lines)
 
     def figure(self) -> Any:
-        """Per-head induction and previous-token scores (layers x heads) where the backend has
-        attention patterns, else the relative scores as bars."""
+        """Per-head induction and previous-token scores (layers x heads) where layers have
+        per-head attention (softmax or effective), else the relative scores as bars. Layers
+        may have different numbers of heads (a hybrid): missing cells are blank."""
         from ..results import pyplot
 
         plt = pyplot()
@@ -579,10 +622,19 @@ class CircuitReport(Result):
             layers = sorted(heads["per_layer"], key=lambda k: int(k.split("_")[1]))
             fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.5 * len(layers)))
             for ax, key in zip(axes, ("induction", "previous_token"), strict=True):
-                grid = [heads["per_layer"][la][key] for la in layers]
-                im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+                rows = [heads["per_layer"][la][key] for la in layers]
+                width = max(len(r) for r in rows)
+                grid = [r + [math.nan] * (width - len(r)) for r in rows]
+                signed = any(v < 0 for r in rows for v in r)  # effective attention can be
+                im = ax.imshow(
+                    grid,
+                    aspect="auto",
+                    cmap="RdBu_r" if signed else "viridis",
+                    vmin=-1 if signed else 0,
+                    vmax=1,
+                )
                 ax.set_yticks(range(len(layers)), layers)
-                ax.set_xticks(range(len(grid[0])))
+                ax.set_xticks(range(width))
                 ax.set_xlabel("head")
                 ax.set_title(f"{key.replace('_', ' ')} score")
                 fig.colorbar(im, ax=ax)
@@ -599,7 +651,7 @@ class CircuitReport(Result):
 @method(
     "circuits",
     "Induction, copy and next-token concentration scores (per-head induction and "
-    "previous-token scores where attention patterns exist)",
+    "previous-token scores on softmax or effective attention)",
     requires={"logits"},
     input="batch",
     quick={"n_trials": 8, "n_pairs": 5, "lead_in": 2, "n_words": 3},
@@ -615,8 +667,8 @@ def circuits_method(
     batch_size: Annotated[int, Param(min=1, help="trials per forward pass")] = 64,
     seed: int = 0,
 ) -> CircuitReport:
-    """The `circuits` method: induction (with per-head scores where attention patterns exist),
-    copy and next-token concentration. ``data`` (optional token batch) replaces the random
+    """The `circuits` method: induction (with per-head scores on every layer with softmax or
+    effective attention), copy and next-token concentration. ``data`` (optional token batch) replaces the random
     sequences of the concentration test."""
     scores = {
         "induction_head": induction_head_score(
