@@ -341,11 +341,12 @@ def wkv_attention(
     w = torch.exp(time_decay.float())[None, :, None, None]  # (1, c, 1, 1)
     t_idx = torch.arange(seq, device=key.device)
     steps = (t_idx[:, None] - 1 - t_idx[None, :]).float()  # t - 1 - s
-    logits = k[:, :, None, :] - steps * w  # s < t
-    diagonal = (k + time_first.float()[None, :, None]).diag_embed()
-    eye = torch.eye(seq, dtype=torch.bool, device=key.device)
-    logits = torch.where(eye, diagonal, logits)
-    logits = logits.masked_fill(~torch.ones_like(eye).tril(), -math.inf)
+    # s < t: k_s - (t-1-s)·w; s = t: u + k_t (= k_t - (-1)·w + (u - w)); s > t: -inf
+    eye = torch.eye(seq, device=key.device)
+    future = torch.ones(seq, seq, dtype=torch.bool, device=key.device).triu(1)
+    fixed = eye * (time_first.float() - w[0, :, 0, 0])[:, None, None]  # (c, t, s)
+    fixed = fixed.masked_fill(future, -math.inf)
+    logits = k[:, :, None, :] - steps * w + fixed
     if initial is None:
         return torch.softmax(logits, dim=-1), None
     _num, den, top = (x.float() for x in initial)
@@ -354,6 +355,33 @@ def wkv_attention(
     both = torch.cat([logits, init_log[..., None]], dim=-1)
     weights = torch.softmax(both, dim=-1)
     return weights[..., :-1], weights[..., -1]
+
+
+def _grouped_wkv_attention(
+    key: torch.Tensor,
+    time_decay: torch.Tensor,
+    time_first: torch.Tensor,
+    initial: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """`wkv_attention` averaged over equal groups of channels, one group at a time (memory:
+    one group's per-channel matrices, not every channel's)."""
+    import torch
+
+    channels = key.shape[-1]
+    groups = _groups(channels)
+    size = channels // groups
+    means = []
+    for g in range(groups):
+        part = slice(g * size, (g + 1) * size)
+        start = None if initial is None else tuple(x[:, part] for x in initial)
+        per_channel, _ = wkv_attention(
+            key[..., part],
+            time_decay[part],
+            time_first[part],
+            start,  # type: ignore[arg-type]
+        )
+        means.append(per_channel.mean(1))
+    return torch.stack(means, dim=1)
 
 
 def declare_rwkv_sites(table: SiteTable, layer: int, channels: int) -> None:
@@ -400,12 +428,9 @@ def rwkv_hooks(ctx: RunContext, mixers: list[Any]) -> Iterator[None]:
                 initial = seen["initial"]
                 if initial is not None and bool((initial[2] <= -1e30).all()):
                     initial = None  # the model's own empty starting state
-                per_channel, _ = wkv_attention(
+                value = _grouped_wkv_attention(
                     seen["key"], module.time_decay, module.time_first, initial
                 )
-                b, c, t, _ = per_channel.shape
-                groups = _groups(c)
-                value = per_channel.reshape(b, groups, c // groups, t, t).mean(2)
                 ctx.store[f"layer_{index}.effective_attention"] = (
                     value if ctx.grad else value.detach()
                 )
