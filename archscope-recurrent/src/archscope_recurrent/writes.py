@@ -50,7 +50,6 @@ from archscope.recurrence import (
     WRITABLE_ROLES,
     WRITE_ROLES,
     declare_write_sites,
-    linear_scan,
     write_sites_of,
 )
 
@@ -62,6 +61,7 @@ __all__ = [
     "MLSTMParts",
     "declare_mlstm_sites",
     "declare_rwkv_sites",
+    "head_decay_scan",
     "mlstm_hooks",
     "rwkv_hooks",
     "wkv_attention",
@@ -173,11 +173,15 @@ class MLSTMParts:
         return read * (self.initial_weight() / self.denominator())[..., None]
 
     # site layout: (batch, seq, heads, ...)
+    def log_decay(self) -> torch.Tensor:
+        """logσ(f_t) + m_{t-1} - m_t (<= 0), (batch, seq, heads)."""
+        return (self.log_f + self.previous_m - self.m).transpose(1, 2)
+
     def decay(self) -> torch.Tensor:
         """exp(logσ(f_t) + m_{t-1} - m_t), (batch, seq, heads)."""
         import torch
 
-        return torch.exp(self.log_f + self.previous_m - self.m).transpose(1, 2)
+        return torch.exp(self.log_decay())
 
     def gated_value(self) -> torch.Tensor:
         """exp(i_t - m_t)·v_t, (batch, seq, heads, d_v)."""
@@ -201,6 +205,43 @@ class MLSTMParts:
 
         read = torch.einsum("bhtd,bthdv->bhtv", self.q_scaled, states)
         return read / self.denominator()[..., None]
+
+
+def head_decay_scan(
+    log_decay: torch.Tensor,
+    write: torch.Tensor,
+    initial: torch.Tensor | None = None,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """`archscope.recurrence.linear_scan` for one decay per head, ``S_t = exp(log_decay_t) ·
+    S_{t-1} + write_t``, a chunk of positions at a time: inside a chunk every state is a
+    weighted sum of the chunk's writes and the state before it (weights exp of differences of
+    cumulative log decays, at most 1 for log decays <= 0). ``log_decay`` (batch, seq, heads),
+    ``write`` (batch, seq, heads, ...); returns the states in ``write``'s shape."""
+    import torch
+
+    batch, seq, heads = log_decay.shape
+    extra = write.shape[3:]
+    flat = write.reshape(batch, seq, heads, -1)
+    state = (
+        flat.new_zeros((batch, heads, flat.shape[-1]))
+        if initial is None
+        else initial.to(flat.dtype).reshape(batch, heads, -1)
+    )
+    out = []
+    for start in range(0, seq, chunk):
+        cum = torch.cumsum(log_decay[:, start : start + chunk].float(), dim=1)  # (b, l, h)
+        n = cum.shape[1]
+        future = torch.ones(n, n, dtype=torch.bool, device=cum.device).triu(1)
+        gap = (cum[:, :, None, :] - cum[:, None, :, :]).masked_fill(
+            future[None, :, :, None], -math.inf
+        )
+        weights = torch.exp(gap)  # (b, t, s, h)
+        states = torch.einsum("btsh,bshd->bthd", weights.to(flat.dtype), flat[:, start : start + n])
+        states = states + torch.exp(cum).to(flat.dtype)[..., None] * state[:, None]
+        out.append(states)
+        state = states[:, -1]
+    return torch.cat(out, dim=1).reshape(batch, seq, heads, *extra)
 
 
 def declare_mlstm_sites(table: SiteTable, layer: int, heads: int, d_qk: int, d_v: int) -> None:
@@ -272,11 +313,11 @@ class _MLSTMLayer:
             return None
         write = self.site_value("state_write", MLSTMParts.write_of(key, value))
         if "ssm_states" in self.capture:
-            self.store("ssm_states", linear_scan(parts.decay()[..., None, None], write, parts.c0))
+            self.store("ssm_states", head_decay_scan(parts.log_decay(), write, parts.c0))
         if not self.edited:
             return None
         delta = write - MLSTMParts.write_of(parts.site_key(), parts.gated_value())
-        delta_states = linear_scan(parts.decay()[..., None, None], delta)
+        delta_states = head_decay_scan(parts.log_decay(), delta)
         h = h + parts.read(delta_states).to(h.dtype)
         if state is None:
             return h
