@@ -311,3 +311,30 @@ def test_rwkv_effective_attention_with_an_initial_state_and_no_write_sites():
     assert bool((sums < 1).all()) and bool((sums > 0).all())
     for block in model.rwkv.blocks:
         assert not block.attention._forward_hooks and not block.attention._forward_pre_hooks
+
+
+def test_mlstm_write_sites_on_a_right_padded_batch_of_unequal_lengths():
+    model = _xlstm()
+    batch = token_batch(2, 9, lengths=[9, 6])
+    backend = XLSTMBackend(model)
+    names = [f"layer_{LAYER}.state_write", f"layer_{LAYER}.effective_attention"]
+    padded = backend.run(batch, capture=[*names, f"layer_{LAYER}.c_state"])
+    alone = backend.run(batch["input_ids"][1:, :6], capture=[*names, f"layer_{LAYER}.ssm_states"])
+    # the short row's real positions are those of the row run alone (causal: pads come after)
+    torch.testing.assert_close(padded[names[0]][1, :6], alone[names[0]][0], atol=TOL, rtol=TOL)
+    torch.testing.assert_close(
+        padded[names[1]][1, :, :6, :6], alone[names[1]][0], atol=TOL, rtol=TOL
+    )
+    # its state is taken after its own last real token
+    torch.testing.assert_close(
+        padded[f"layer_{LAYER}.c_state"][1],
+        alone[f"layer_{LAYER}.ssm_states"][0, -1],
+        atol=TOL,
+        rtol=TOL,
+    )
+    with pytest.raises(BackendError, match="row lengths"):
+        backend.run(
+            batch,
+            capture=[f"layer_{LAYER}.c_state"],
+            edits=[Edit.scale(names[0], 0.0, positions=[1])],
+        )
