@@ -41,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from archscope.backends import BackendError
@@ -264,15 +264,14 @@ def declare_mlstm_sites(table: SiteTable, layer: int, heads: int, d_qk: int, d_v
 
 @dataclass
 class _Seen:
-    handles: list[Any] = field(default_factory=list)
     calls: int = 0
 
 
 class _MLSTMLayer:
     """The write sites of one mLSTM layer in one run: captures and edits."""
 
-    def __init__(self, backend: Any, ctx: RunContext, index: int) -> None:
-        self.ctx = ctx
+    def __init__(self, backend: Any, ctx: RunContext, index: int, eps: float) -> None:
+        self.ctx, self.eps = ctx, eps
         self.prefix = f"layer_{index}."
         self.edits = {role: ctx.edits.get(self.prefix + role, []) for role in WRITABLE_ROLES}
         self.edited = any(self.edits.values())
@@ -301,7 +300,7 @@ class _MLSTMLayer:
             c0=kwargs.get("c_initial"),
             n0=kwargs.get("n_initial"),
             m0=kwargs.get("m_initial"),
-            eps=float(kwargs.get("eps", 1e-6)),
+            eps=self.eps,
         )
         if "write_decay" in self.capture:
             self.store("write_decay", parts.decay())
@@ -334,7 +333,7 @@ def mlstm_hooks(backend: Any, ctx: RunContext, mixers: list[Any]) -> Iterator[No
     try:
         for index in sorted(wanted):
             kernel = mixers[index].mlstm_backend
-            layer = _MLSTMLayer(backend, ctx, index)
+            layer = _MLSTMLayer(backend, ctx, index, float(mixers[index].config.eps))
             seen = _Seen()
 
             def hook(
