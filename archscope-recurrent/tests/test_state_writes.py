@@ -338,3 +338,20 @@ def test_mlstm_write_sites_on_a_right_padded_batch_of_unequal_lengths():
             capture=[f"layer_{LAYER}.c_state"],
             edits=[Edit.scale(names[0], 0.0, positions=[1])],
         )
+
+
+@pytest.mark.parametrize("seq", [1, 5, 16, 37])
+def test_the_chunked_head_scan_equals_a_step_by_step_scan(seq):
+    from archscope_recurrent.writes import head_decay_scan
+
+    g = torch.Generator().manual_seed(seq)
+    log_decay = -torch.rand(2, seq, 3, generator=g) * 3
+    write = torch.randn(2, seq, 3, 4, 5, generator=g)
+    initial = torch.randn(2, 3, 4, 5, generator=g)
+    state = initial.clone()
+    expected = []
+    for t in range(seq):
+        state = torch.exp(log_decay[:, t])[..., None, None] * state + write[:, t]
+        expected.append(state)
+    got = head_decay_scan(log_decay, write, initial, chunk=8)
+    torch.testing.assert_close(got, torch.stack(expected, 1), atol=1e-5, rtol=1e-5)
