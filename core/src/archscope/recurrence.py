@@ -39,7 +39,10 @@ if TYPE_CHECKING:
 __all__ = [
     "WRITABLE_ROLES",
     "WRITE_ROLES",
+    "decayed_scores",
     "declare_write_sites",
+    "delta_rule_attention",
+    "delta_rule_scan",
     "linear_scan",
     "scalar_decay_attention",
     "unroll_square",
@@ -162,3 +165,119 @@ def unroll_square(
         return value
     rows = roll(value.transpose(1, 2), -shift).transpose(1, 2)  # query axis
     return roll(rows.transpose(1, 3), -shift).transpose(1, 3)  # key axis
+
+
+def delta_rule_scan(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor,
+    write: torch.Tensor,
+    initial: torch.Tensor | None = None,
+    erase: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """States and read-outs of a (gated) delta rule driven by ``write``:
+    ``S_t = (I − β_t k_t k_tᵀ) diag(α_t) S_{t-1} + W_t`` and ``o_t = S_tᵀ q_t``, the transition
+    taken from the run (``erase=False``: ``S_t = diag(α_t) S_{t-1} + W_t``, plain decayed linear
+    attention).
+
+    ``query``/``key``: (batch, seq, heads, d_key); ``beta``: (batch, seq, heads);
+    ``log_decay``: (batch, seq, heads) or (batch, seq, heads, d_key) (``α = exp(log_decay)``);
+    ``write``: (batch, seq, heads, d_key, d_value), e.g. ``k_t ⊗ β_t v_t``, or the difference an
+    edit makes to it (the states are linear in the writes given the transitions). Returns the
+    states (batch, seq, heads, d_key, d_value), the state after position t at index t, and the
+    read-outs (batch, seq, heads, d_value)."""
+    import torch
+
+    decay = torch.exp(log_decay.float())
+    decay = decay[..., None, None] if decay.dim() == 3 else decay[..., None]
+    query, key, beta, write = query.float(), key.float(), beta.float(), write.float()
+    state = (
+        torch.zeros_like(write[:, 0]) if initial is None else initial.float().expand_as(write[:, 0])
+    )
+    states = []
+    for t in range(write.shape[1]):
+        state = decay[:, t] * state
+        if erase:
+            k = key[:, t]  # (b, h, d_key)
+            seen = torch.einsum("bhk,bhkv->bhv", k, state)
+            state = state - beta[:, t, :, None, None] * k[..., None] * seen[..., None, :]
+        state = state + write[:, t]
+        states.append(state)
+    stacked = torch.stack(states, dim=1)
+    return stacked, torch.einsum("bthkv,bthk->bthv", stacked, query)
+
+
+def decayed_scores(
+    query: torch.Tensor, key: torch.Tensor, cum_log_decay: torch.Tensor, block: int = 64
+) -> torch.Tensor:
+    """``P[b, h, t, s] = Σ_c q_t[c] · k_s[c] · exp(cum_t[c] − cum_s[c])`` for s ≤ t, else 0.
+
+    ``query``/``key``: (batch, heads, seq, d_key); ``cum_log_decay``: the cumulative log decay
+    (batch, heads, seq, 1) (one decay per head) or (batch, heads, seq, d_key) (one per key
+    channel). Per channel, key blocks of ``block`` positions are decayed to their last position
+    and the queries after it from there (every factor ≤ 1 for decays ≤ 1, so nothing
+    overflows); within a block the decays are explicit. O(seq² · d_key) time, no
+    (seq, seq, d_key) tensor."""
+    import torch
+
+    query, key, cum = query.float(), key.float(), cum_log_decay.float()
+    seq = query.shape[-2]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
+    if cum.shape[-1] == 1:
+        gap = (cum[..., :, None, 0] - cum[..., None, :, 0]).masked_fill(~causal, float("-inf"))
+        return (query @ key.transpose(-1, -2)) * torch.exp(gap)
+    rows = []
+    for start in range(0, seq, block):
+        end = min(start + block, seq)
+        ref = cum[..., end - 1 : end, :]
+        q_blk, k_blk, c_blk = (
+            query[..., start:end, :],
+            key[..., start:end, :],
+            cum[..., start:end, :],
+        )
+        gap = (c_blk[..., :, None, :] - c_blk[..., None, :, :]).masked_fill(
+            ~causal[: end - start, : end - start, None], float("-inf")
+        )
+        inner = torch.einsum("bhtc,bhsc,bhtsc->bhts", q_blk, k_blk, torch.exp(gap))
+        later = query[..., end:, :] * torch.exp(cum[..., end:, :] - ref)
+        outer = later @ (k_blk * torch.exp(ref - c_blk)).transpose(-1, -2)
+        column = torch.cat(
+            [query.new_zeros((*query.shape[:2], start, end - start)), inner, outer], -2
+        )
+        rows.append(column)
+    return torch.cat(rows, dim=-1)
+
+
+def delta_rule_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor,
+    erase: bool = True,
+) -> torch.Tensor:
+    """Effective attention of the (gated) delta rule of `delta_rule_scan` with writes
+    ``k_s ⊗ β_s v_s``: ``A[b, h, t, s] = β_s · q_tᵀ (Π_{r=s+1..t} (I − β_r k_r k_rᵀ) diag(α_r))
+    k_s`` for s ≤ t, so that ``o_t = Σ_s A[t, s] · v_s``.
+
+    Computed without the products of matrices: with ``P[t, s] = q_tᵀ diag(α_{s+1..t}) k_s``
+    (`decayed_scores`) and ``L`` the strictly lower ``L[t, s] = β_t k_tᵀ diag(α_{s+1..t}) k_s``,
+    ``A = P (I + L)⁻¹ diag(β)`` (one triangular solve per head; ``erase=False``: ``A = P
+    diag(β)``). Shapes as in `delta_rule_scan`; returns (batch, heads, seq, seq)."""
+    import torch
+
+    q, k = query.float().transpose(1, 2), key.float().transpose(1, 2)  # (b, h, t, d)
+    b = beta.float().transpose(1, 2)  # (b, h, t)
+    g = log_decay.float()
+    g = g[..., None] if g.dim() == 3 else g
+    cum = torch.cumsum(g.transpose(1, 2), dim=2)  # (b, h, t, 1 or d)
+    scores = decayed_scores(q, k, cum)
+    if not erase:
+        return scores * b[..., None, :]
+    seq = q.shape[2]
+    lower = (decayed_scores(k, k, cum) * b[..., :, None]).tril(-1)
+    system = lower + torch.eye(seq, dtype=lower.dtype, device=lower.device)
+    inverse = torch.linalg.solve_triangular(
+        system, torch.diag_embed(b), upper=False, unitriangular=True
+    )
+    return scores @ inverse
