@@ -29,7 +29,7 @@ from archscope.engine import (
     apply_edit,
     padding_side,
 )
-from archscope.recurrence import WRITABLE_ROLES, WRITE_ROLES, write_sites_of
+from archscope.recurrence import WRITE_ROLES, write_sites_of
 
 from .continuing import Plan
 from .structure import (
@@ -340,18 +340,6 @@ class HybridBackend(HookBackend):
 
     # -- state writes --------------------------------------------------------------------------
     def execute(self, request: RunContext) -> Any:
-        unhooked = [
-            n
-            for n in request.edits
-            if self.table[n][1] is None and n.partition(".")[2] not in WRITABLE_ROLES
-        ]
-        if unhooked:
-            raise BackendError(
-                f"backend {self.name!r} cannot edit {unhooked} during a run (they are not "
-                "module inputs or outputs); recurrent states are set with initial_state= or "
-                "state_patch(), writes with the layer_i.state_write / write_value / write_key "
-                "sites"
-            )
         # An edited write changes everything after its layer: such runs go to the end.
         if request.stop_early and write_sites_of(request.edits):
             request = dataclasses.replace(request, stop_early=False)

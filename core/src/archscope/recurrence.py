@@ -277,7 +277,7 @@ def delta_rule_attention(
     seq = q.shape[2]
     lower = (decayed_scores(k, k, cum) * b[..., :, None]).tril(-1)
     system = lower + torch.eye(seq, dtype=lower.dtype, device=lower.device)
-    inverse = torch.linalg.solve_triangular(
+    inverse: torch.Tensor = torch.linalg.solve_triangular(
         system, torch.diag_embed(b), upper=False, unitriangular=True
     )
     return scores @ inverse
