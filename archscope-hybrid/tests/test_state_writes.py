@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from archscope import Backend, BackendError, Edit, SiteError
-from archscope.recurrence import decayed_scores, delta_rule_attention, delta_rule_scan
+from archscope.recurrence import (
+    decayed_scores,
+    delta_rule_attention,
+    delta_rule_scan,
+    delta_rule_states,
+)
 from archscope.testing import padded_batch
 from archscope_hybrid.backend import HybridBackend
 from archscope_hybrid.testing import language_model, make_model, missing, random_ids
@@ -394,7 +399,7 @@ def test_no_hook_stays_and_only_matrix_state_mixers_declare_write_sites() -> Non
 def test_the_public_helpers_agree_with_each_other_and_with_the_products() -> None:
     """`delta_rule_attention` (one decay per head or per key channel, with or without the
     erase) applied to the values equals reading `delta_rule_scan`'s states, and equals the
-    products of the transitions; `decayed_scores` equals its definition, past block edges."""
+    products of the transitions; `delta_rule_states` equals `delta_rule_scan`'s states; `decayed_scores` equals its definition, past block edges."""
     gen = torch.Generator().manual_seed(0)
     b, t, h, dk, dv = 2, 11, 3, 4, 5
     q = torch.randn(b, t, h, dk, generator=gen)
@@ -404,7 +409,9 @@ def test_the_public_helpers_agree_with_each_other_and_with_the_products() -> Non
     for g in (-torch.rand(b, t, h, generator=gen), -torch.rand(b, t, h, dk, generator=gen)):
         for erase in (True, False):
             write = k[..., :, None] * (beta[..., None] * v)[..., None, :]
-            _, read = delta_rule_scan(q, k, beta, g, write, erase=erase)
+            states, read = delta_rule_scan(q, k, beta, g, write, erase=erase)
+            # in chunks (here of 4 positions) as one step at a time
+            _close(delta_rule_states(k, v, beta, g, erase=erase, chunk=4), states, 1e-5)
             attention = delta_rule_attention(q, k, beta, g, erase=erase)
             _close(torch.einsum("bhts,bshv->bthv", attention, v), read, 1e-5)
             ref = dict(q=q, k=k, beta=beta, g=g, erase=erase)

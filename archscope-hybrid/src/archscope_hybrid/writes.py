@@ -54,6 +54,7 @@ from archscope.recurrence import (
     declare_write_sites,
     delta_rule_attention,
     delta_rule_scan,
+    delta_rule_states,
     scalar_decay_attention,
     write_sites_of,
 )
@@ -180,6 +181,10 @@ class DeltaParts:
         return delta_rule_scan(
             self.query, self.key, self.beta, self.log_decay, write, erase=self.erase
         )
+
+    def states(self) -> torch.Tensor:
+        """The run's own states after every position (computed in chunks)."""
+        return delta_rule_states(self.key, self.value, self.beta, self.log_decay, erase=self.erase)
 
     def attention(self) -> torch.Tensor:
         if self.erase:
@@ -345,13 +350,16 @@ class _LayerWrites:
             self.store("effective_attention", parts.attention())
         if not (self.edited or {"state_write", "ssm_states"} & self.capture):
             return None  # the factors alone: the (larger) write is not materialised
-        write = self.site_value("state_write", DeltaParts.write_of(value, key))
+        change = delta_states = None
+        if self.edited or "state_write" in self.capture:
+            write = self.site_value("state_write", DeltaParts.write_of(value, key))
+            if self.edited:
+                own = DeltaParts.write_of(parts.write_value, parts.key)
+                delta_states, change = parts.scan(write - own)
+                self.seen.delta_state = delta_states[:, -1]
         if "ssm_states" in self.capture:
-            self.store("ssm_states", parts.scan(write)[0])
-        if not self.edited:
-            return None
-        delta_states, change = parts.scan(write - DeltaParts.write_of(parts.write_value, parts.key))
-        self.seen.delta_state = delta_states[:, -1]
+            states = parts.states()
+            self.store("ssm_states", states if delta_states is None else states + delta_states)
         return change
 
 

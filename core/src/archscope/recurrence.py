@@ -43,6 +43,7 @@ __all__ = [
     "declare_write_sites",
     "delta_rule_attention",
     "delta_rule_scan",
+    "delta_rule_states",
     "linear_scan",
     "scalar_decay_attention",
     "unroll_square",
@@ -281,3 +282,50 @@ def delta_rule_attention(
         system, torch.diag_embed(b), upper=False, unitriangular=True
     )
     return scores @ inverse
+
+
+def delta_rule_states(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor,
+    erase: bool = True,
+    chunk: int = 64,
+) -> torch.Tensor:
+    """The states of `delta_rule_scan` driven by the run's own writes ``k_t ⊗ β_t v_t``, from a
+    zero state, in chunks of ``chunk`` positions instead of one step at a time.
+
+    Within a chunk starting from ``S_0``, ``S_t = diag(α_{1..t}) S_0 + Σ_{s≤t} diag(α_{s+1..t})
+    k_s u_sᵀ`` with ``u_s = β_s (v_s − (diag(α_s) S_{s−1})ᵀ k_s)`` (the delta rule's corrected
+    values; ``u = β v`` without the erase), the ``u`` of a chunk from one triangular solve
+    ``(I + L) U = diag(β) (V − K̃ S_0)``. Shapes as in `delta_rule_scan` (``value``: (batch, seq,
+    heads, d_value)); returns (batch, seq, heads, d_key, d_value)."""
+    import torch
+
+    k, v = key.float().transpose(1, 2), value.float().transpose(1, 2)  # (b, h, t, ·)
+    b = beta.float().transpose(1, 2)  # (b, h, t)
+    g = log_decay.float()
+    g = (g[..., None] if g.dim() == 3 else g).transpose(1, 2)  # (b, h, t, 1 or d_key)
+    batch, heads, seq, d_key = k.shape
+    state = k.new_zeros((batch, heads, d_key, v.shape[-1]))
+    out = []
+    for start in range(0, seq, chunk):
+        end = min(start + chunk, seq)
+        kc, vc, bc = k[:, :, start:end], v[:, :, start:end], b[:, :, start:end]
+        cum = torch.cumsum(g[:, :, start:end], dim=2)  # (b, h, c, 1 or d_key)
+        size = end - start
+        causal = torch.ones(size, size, dtype=torch.bool, device=k.device).tril()
+        gap = (cum[:, :, :, None] - cum[:, :, None]).masked_fill(~causal[..., None], float("-inf"))
+        gamma = torch.exp(gap)  # (b, h, t, s, 1 or d_key)
+        target = bc[..., None] * vc
+        if erase:
+            target = target - bc[..., None] * ((kc * torch.exp(cum)) @ state)
+            lower = (torch.einsum("bhtc,bhsc,bhtsc->bhts", kc, kc, gamma) * bc[..., None]).tril(-1)
+            system = lower + torch.eye(size, dtype=lower.dtype, device=lower.device)
+            target = torch.linalg.solve_triangular(system, target, upper=False, unitriangular=True)
+        weights = gamma * kc[:, :, None]  # (b, h, t, s, d_key)
+        states = torch.einsum("bhtsc,bhsv->bhtcv", weights, target)
+        states = states + torch.exp(cum)[..., None] * state[:, :, None]
+        out.append(states)
+        state = states[:, :, -1]
+    return torch.cat(out, dim=2).transpose(1, 2)
