@@ -28,8 +28,8 @@ parameters, is exactly the run with the edited write.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from .hookpoints import SiteTable
 
@@ -44,6 +44,8 @@ __all__ = [
     "delta_rule_attention",
     "delta_rule_scan",
     "delta_rule_states",
+    "feed_tokens",
+    "given_states",
     "linear_scan",
     "scalar_decay_attention",
     "unroll_square",
@@ -290,7 +292,7 @@ def delta_rule_states(
     beta: torch.Tensor,
     log_decay: torch.Tensor,
     erase: bool = True,
-    chunk: int = 64,
+    chunk: int = 16,
 ) -> torch.Tensor:
     """The states of `delta_rule_scan` driven by the run's own writes ``k_t ⊗ β_t v_t``, from a
     zero state, in chunks of ``chunk`` positions instead of one step at a time.
@@ -329,3 +331,66 @@ def delta_rule_states(
         out.append(states)
         state = states[:, :, -1]
     return torch.cat(out, dim=2).transpose(1, 2)
+
+
+# -- continuing a recurrent model from a state, one token at a time ------------------------------
+def given_states(
+    table: SiteTable, names: Sequence[str], state: Mapping[Any, Any], batch: int
+) -> dict[str, Any]:
+    """An ``initial_state`` by canonical site name, checked against the model's state sites
+    ``names``: every one given, no other, each of shape (``batch``, *the site's ``size``)."""
+    from .errors import SiteError
+    from .sites import Site
+
+    given = {str(Site.parse(k)): v for k, v in state.items()}
+    unknown = sorted(set(given) - set(names))
+    missing = [n for n in names if n not in given]
+    if unknown or missing:
+        raise SiteError(
+            "initial_state must give every recurrent state of the model: "
+            + (f"missing {missing}; " if missing else "")
+            + (f"not state sites: {unknown}; " if unknown else "")
+            + f"state sites are {list(names)}. Take them from run(..., return_state=True).state"
+        )
+    for name in names:
+        size = cast("tuple[int, ...]", table.info(name).extra["size"])
+        expected = (batch, *size)
+        if tuple(given[name].shape) != expected:
+            raise SiteError(
+                f"initial_state[{name!r}] has shape {tuple(given[name].shape)}; expected "
+                f"{expected} (rows of the suffix, then the site's shape)"
+            )
+    return given
+
+
+def feed_tokens(
+    store: dict[str, Any],
+    steps: int,
+    step: Callable[[int], Any],
+    token_sites: Iterable[str],
+    logits_of: Callable[[Any], Any],
+) -> torch.Tensor | None:
+    """Run ``step(t)`` for t < ``steps`` (the model fed token t from its cache, hooks attached):
+    the values of ``token_sites`` the hooks put into ``store`` at each step are concatenated
+    over the steps (axis 1) in ``store``; returns the logits over the steps, or None when a
+    step had none (a run stopped early: ``StopForward``)."""
+    import torch
+
+    from .engine import StopForward
+
+    collected: dict[str, list[torch.Tensor]] = {n: [] for n in token_sites}
+    logits: list[torch.Tensor] = []
+    for t in range(steps):
+        try:
+            step_logits = logits_of(step(t))
+            if step_logits is not None:
+                logits.append(step_logits)
+        except StopForward:
+            pass
+        for name, parts in collected.items():
+            if name in store:
+                parts.append(store.pop(name))
+    for name, parts in collected.items():
+        if len(parts) == steps:
+            store[name] = torch.cat(parts, dim=1)
+    return torch.cat(logits, dim=1) if len(logits) == steps else None
