@@ -325,8 +325,12 @@ def delta_rule_states(
             lower = (torch.einsum("bhtc,bhsc,bhtsc->bhts", kc, kc, gamma) * bc[..., None]).tril(-1)
             system = lower + torch.eye(size, dtype=lower.dtype, device=lower.device)
             target = torch.linalg.solve_triangular(system, target, upper=False, unitriangular=True)
-        weights = gamma * kc[:, :, None]  # (b, h, t, s, d_key)
-        states = torch.einsum("bhtsc,bhsv->bhtcv", weights, target)
+        if gamma.shape[-1] == 1:  # one decay per head: one matmul over the flattened writes
+            writes = (kc[..., :, None] * target[..., None, :]).flatten(-2)
+            states = (gamma[..., 0] @ writes).unflatten(-1, (d_key, -1))
+        else:
+            weights = gamma * kc[:, :, None]  # (b, h, t, s, d_key)
+            states = torch.einsum("bhtsc,bhsv->bhtcv", weights, target)
         states = states + torch.exp(cum)[..., None] * state[:, :, None]
         out.append(states)
         state = states[:, :, -1]
