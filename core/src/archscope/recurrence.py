@@ -24,6 +24,12 @@ and finds which a run asks for with `write_sites_of`. An edit of a write is carr
 rest of the recurrence: the edited write minus the run's own write is scanned with the run's
 transitions and read with the run's read-out, which, the recurrence being linear given its
 parameters, is exactly the run with the edited write.
+
+For a scalar decay per head (or channel), `linear_scan` and `scalar_decay_attention`; for the
+(gated) delta rule ``S_t = (I − β_t k_t k_tᵀ) diag(α_t) S_{t-1} + W_t`` (gated delta nets, KDA),
+whose transition also erases along the key, `delta_rule_scan`, `delta_rule_states` and
+`delta_rule_attention`. `given_states` and `feed_tokens` are what continuing a model from a
+state one token at a time needs, whatever its architecture.
 """
 
 from __future__ import annotations
