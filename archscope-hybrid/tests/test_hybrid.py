@@ -96,15 +96,19 @@ def _roles(backend: HybridBackend, layer: int) -> set[str]:
 def test_each_layer_exposes_the_sites_of_its_kind(family: str) -> None:
     backend = _backend(family)
     conv_only = family.startswith("lfm")
+    # layers with a matrix state also have the write sites (test_state_writes.py)
+    writes = {"state_write", "write_value", "write_key", "write_decay", "ssm_states"}
+    writes.add("effective_attention")
     for i, kind in enumerate(_types(family)):
         if kind == "full_attention":
             assert _roles(backend, i) == {"attn", "attn_pattern", "mlp", "residual"}
         elif family == "minimax":  # lightning attention: a matrix state, no convolution
-            assert _roles(backend, i) == {"mixer", "mlp", "residual", "ssm_state"}
+            assert _roles(backend, i) == {"mixer", "mlp", "residual", "ssm_state", *writes}
         elif conv_only:
             assert _roles(backend, i) == {"mixer", "mlp", "residual", "conv_state"}
         else:
-            assert _roles(backend, i) == {"mixer", "mlp", "residual", "ssm_state", "conv_state"}
+            expected = {"mixer", "mlp", "residual", "ssm_state", "conv_state", *writes}
+            assert _roles(backend, i) == expected
 
 
 @pytest.mark.parametrize("family", _families(ALL_FAMILIES))

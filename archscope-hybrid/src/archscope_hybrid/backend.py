@@ -12,6 +12,7 @@ model's own kernels.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
@@ -28,6 +29,7 @@ from archscope.engine import (
     apply_edit,
     padding_side,
 )
+from archscope.recurrence import WRITE_ROLES, write_sites_of
 
 from .continuing import Plan
 from .structure import (
@@ -47,6 +49,7 @@ from .structure import (
     first_child,
     get,
 )
+from .writes import declare_layer_writes, layer_runs, variant_of, write_hooks
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +112,9 @@ class HybridBackend(HookBackend):
     # A right-padded row's state keeps evolving over the pads (the decay of a gated delta net
     # applies at every position): the core reads states from passes trimmed to each length.
     regroup_states = True
+    #: The write sites (``layer_i.state_write`` ...) have no hookpoint; their edits are applied
+    #: while the mixer runs (`archscope_hybrid.writes`).
+    edits_unhooked = True
 
     @classmethod
     def can_handle(cls, model: Any) -> float | None:
@@ -215,6 +221,9 @@ class HybridBackend(HookBackend):
                     description="matrix state per head after the last real token",
                     size=layer.state_shape,
                 )
+                variant = variant_of(layer.block.get_submodule(layer.mixer))
+                if variant is not None:
+                    declare_layer_writes(table, i, layer.state_shape, variant)
             if layer.conv_shape is not None:
                 table.add(
                     f"layer_{i}.conv_state",
@@ -300,9 +309,13 @@ class HybridBackend(HookBackend):
             logits = self.logits_of(output)
             if logits is not None:
                 values["logits"] = logits if ctx.grad else logits.detach()
-        states = [n for n in names if n != "logits"]
+        for name in names:  # the write hooks stored these while the mixers ran
+            if name in ctx.store and name.partition(".")[2] in WRITE_ROLES:
+                values[name] = ctx.store[name]
+        states = [n for n in names if n != "logits" and n.partition(".")[2] not in WRITE_ROLES]
         if states:
-            values.update(self.read_states(self._plan(ctx).cache, states))
+            read = self.read_states(self._plan(ctx).cache, states)
+            values.update(self._edited_states(ctx, read))
         return values
 
     def read_states(self, cache: Any, names: list[str]) -> dict[str, torch.Tensor]:
@@ -323,12 +336,42 @@ class HybridBackend(HookBackend):
 
     def final_state(self, ctx: RunContext, output: Any) -> dict[str, torch.Tensor]:
         self.require("state_patch")
-        return self.read_states(self._plan(ctx).cache, self.state_sites)
+        return self._edited_states(ctx, self.read_states(self._plan(ctx).cache, self.state_sites))
+
+    # -- state writes --------------------------------------------------------------------------
+    def execute(self, request: RunContext) -> Any:
+        # An edited write changes everything after its layer: such runs go to the end.
+        if request.stop_early and write_sites_of(request.edits):
+            request = dataclasses.replace(request, stop_early=False)
+        return super().execute(request)
+
+    def _edited_states(
+        self, ctx: RunContext, states: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """``states`` with the effect of edited writes on the state after the last position."""
+        out = dict(states)
+        for index, layer_run in layer_runs(ctx).items():
+            name = f"layer_{index}.ssm_state"
+            if name in out and layer_run.delta_state is not None:
+                out[name] = out[name] + layer_run.delta_state.to(out[name].dtype)
+        return out
 
     def run_settings(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
+        """Eager attention when attention patterns are captured; hooks that compute the write
+        sites (and carry their edits) while the mixers run."""
+        stack = contextlib.ExitStack()
         if any(name.endswith(".attn_pattern") for name in ctx.capture):
-            return self._eager_attention()
-        return contextlib.nullcontext()
+            stack.enter_context(self._eager_attention())
+        if write_sites_of([*ctx.capture, *ctx.edits]):
+            if self._plan(ctx).stepping:
+                raise BackendError(
+                    "the write sites (state_write, write_value, write_key, write_decay, "
+                    "ssm_states, effective_attention) are computed over a whole sequence, not "
+                    "in a run continued from initial_state; run the prefix and suffix together "
+                    "instead"
+                )
+            stack.enter_context(write_hooks(self, ctx))
+        return stack
 
     @contextlib.contextmanager
     def _eager_attention(self) -> Iterator[None]:

@@ -5,15 +5,13 @@ generation does, which reproduces a full run."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
-from archscope import Site, SiteError
 from archscope.compat import cache_argument
-from archscope.engine import RunRequest, StopForward
+from archscope.engine import RunRequest
+from archscope.recurrence import feed_tokens, given_states
 
 if TYPE_CHECKING:
-    import torch
-
     from archscope.hookpoints import SiteTable
 
 
@@ -53,59 +51,32 @@ class Plan:
 def continue_from_state(backend: HybridStack, ctx: RunRequest, plan: Plan) -> Any:
     """Feed the batch token by token from ``ctx.initial_state``; token sites and logits are
     concatenated over the steps."""
-    import torch
-
     backend.require("state_patch")
     ids = ctx.batch["input_ids"]
     plan.cache = cache_from_state(backend, ctx.initial_state or {}, int(ids.shape[0]))
     keyword = cache_argument(backend.model)
     hooked = set(backend.table.names(kind="token", hooked=True))
-    token_sites = [n for n in ctx.capture if n in hooked]
-    collected: dict[str, list[torch.Tensor]] = {n: [] for n in token_sites}
-    logits: list[torch.Tensor] = []
     mask = backend.mask_argument(None)
-    for t in range(plan.steps):
+
+    def step(t: int) -> Any:
         plan.step = t
-        try:
-            out = backend.model(
-                input_ids=ids[:, t : t + 1],
-                attention_mask=mask,
-                use_cache=True,
-                **{keyword: plan.cache},
-            )
-            plan.cache = getattr(out, "cache", None) or plan.cache
-            step_logits = backend.logits_of(out)
-            if step_logits is not None:
-                logits.append(step_logits)
-        except StopForward:
-            pass
-        for name in token_sites:
-            if name in ctx.store:
-                collected[name].append(ctx.store.pop(name))
-    for name, parts in collected.items():
-        if len(parts) == plan.steps:
-            ctx.store[name] = torch.cat(parts, dim=1)
-    return Continued(torch.cat(logits, dim=1) if len(logits) == plan.steps else None, plan.cache)
+        out = backend.model(
+            input_ids=ids[:, t : t + 1],
+            attention_mask=mask,
+            use_cache=True,
+            **{keyword: plan.cache},
+        )
+        plan.cache = getattr(out, "cache", None) or plan.cache
+        return out
+
+    token_sites = [n for n in ctx.capture if n in hooked]
+    logits = feed_tokens(ctx.store, plan.steps, step, token_sites, backend.logits_of)
+    return Continued(logits, plan.cache)
 
 
 def cache_from_state(backend: HybridStack, state: Any, batch: int) -> Any:
     """A cache of the model holding ``state`` (every state site, checked)."""
-    names = backend.state_sites
-    given = {str(Site.parse(k)): v for k, v in state.items()}
-    missing = [n for n in names if n not in given]
-    if missing:
-        raise SiteError(
-            f"initial_state must give every recurrent state of the model: missing {missing}; "
-            f"state sites are {names}. Take them from run(..., return_state=True).state"
-        )
-    for name in names:
-        size = cast("tuple[int, ...]", backend.table.info(name).extra["size"])
-        expected = (batch, *size)
-        if tuple(given[name].shape) != expected:
-            raise SiteError(
-                f"initial_state[{name!r}] has shape {tuple(given[name].shape)}; expected "
-                f"{expected} (rows of the suffix, then the site's shape)"
-            )
+    given = given_states(backend.table, backend.state_sites, state, batch)
     from transformers import DynamicCache
 
     device = backend.device

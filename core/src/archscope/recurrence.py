@@ -24,12 +24,18 @@ and finds which a run asks for with `write_sites_of`. An edit of a write is carr
 rest of the recurrence: the edited write minus the run's own write is scanned with the run's
 transitions and read with the run's read-out, which, the recurrence being linear given its
 parameters, is exactly the run with the edited write.
+
+For a scalar decay per head (or channel), `linear_scan` and `scalar_decay_attention`; for the
+(gated) delta rule ``S_t = (I − β_t k_t k_tᵀ) diag(α_t) S_{t-1} + W_t`` (gated delta nets, KDA),
+whose transition also erases along the key, `delta_rule_scan`, `delta_rule_states` and
+`delta_rule_attention`. `given_states` and `feed_tokens` are what continuing a model from a
+state one token at a time needs, whatever its architecture.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 from .hookpoints import SiteTable
 
@@ -39,7 +45,13 @@ if TYPE_CHECKING:
 __all__ = [
     "WRITABLE_ROLES",
     "WRITE_ROLES",
+    "decayed_scores",
     "declare_write_sites",
+    "delta_rule_attention",
+    "delta_rule_scan",
+    "delta_rule_states",
+    "feed_tokens",
+    "given_states",
     "linear_scan",
     "scalar_decay_attention",
     "unroll_square",
@@ -162,3 +174,233 @@ def unroll_square(
         return value
     rows = roll(value.transpose(1, 2), -shift).transpose(1, 2)  # query axis
     return roll(rows.transpose(1, 3), -shift).transpose(1, 3)  # key axis
+
+
+def delta_rule_scan(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor,
+    write: torch.Tensor,
+    initial: torch.Tensor | None = None,
+    erase: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """States and read-outs of a (gated) delta rule driven by ``write``:
+    ``S_t = (I − β_t k_t k_tᵀ) diag(α_t) S_{t-1} + W_t`` and ``o_t = S_tᵀ q_t``, the transition
+    taken from the run (``erase=False``: ``S_t = diag(α_t) S_{t-1} + W_t``, plain decayed linear
+    attention).
+
+    ``query``/``key``: (batch, seq, heads, d_key); ``beta``: (batch, seq, heads);
+    ``log_decay``: (batch, seq, heads) or (batch, seq, heads, d_key) (``α = exp(log_decay)``);
+    ``write``: (batch, seq, heads, d_key, d_value), e.g. ``k_t ⊗ β_t v_t``, or the difference an
+    edit makes to it (the states are linear in the writes given the transitions). Returns the
+    states (batch, seq, heads, d_key, d_value), the state after position t at index t, and the
+    read-outs (batch, seq, heads, d_value)."""
+    import torch
+
+    decay = torch.exp(log_decay.float())
+    decay = decay[..., None, None] if decay.dim() == 3 else decay[..., None]
+    query, key, beta, write = query.float(), key.float(), beta.float(), write.float()
+    state = (
+        torch.zeros_like(write[:, 0]) if initial is None else initial.float().expand_as(write[:, 0])
+    )
+    states = []
+    for t in range(write.shape[1]):
+        state = decay[:, t] * state
+        if erase:
+            k = key[:, t]  # (b, h, d_key)
+            seen = torch.einsum("bhk,bhkv->bhv", k, state)
+            state = state - beta[:, t, :, None, None] * k[..., None] * seen[..., None, :]
+        state = state + write[:, t]
+        states.append(state)
+    stacked = torch.stack(states, dim=1)
+    return stacked, torch.einsum("bthkv,bthk->bthv", stacked, query)
+
+
+def decayed_scores(
+    query: torch.Tensor, key: torch.Tensor, cum_log_decay: torch.Tensor, block: int = 64
+) -> torch.Tensor:
+    """``P[b, h, t, s] = Σ_c q_t[c] · k_s[c] · exp(cum_t[c] − cum_s[c])`` for s ≤ t, else 0.
+
+    ``query``/``key``: (batch, heads, seq, d_key); ``cum_log_decay``: the cumulative log decay
+    (batch, heads, seq, 1) (one decay per head) or (batch, heads, seq, d_key) (one per key
+    channel). Per channel, key blocks of ``block`` positions are decayed to their last position
+    and the queries after it from there (every factor ≤ 1 for decays ≤ 1, so nothing
+    overflows); within a block the decays are explicit. O(seq² · d_key) time, no
+    (seq, seq, d_key) tensor."""
+    import torch
+
+    query, key, cum = query.float(), key.float(), cum_log_decay.float()
+    seq = query.shape[-2]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=query.device).tril()
+    if cum.shape[-1] == 1:
+        gap = (cum[..., :, None, 0] - cum[..., None, :, 0]).masked_fill(~causal, float("-inf"))
+        return (query @ key.transpose(-1, -2)) * torch.exp(gap)
+    rows = []
+    for start in range(0, seq, block):
+        end = min(start + block, seq)
+        ref = cum[..., end - 1 : end, :]
+        q_blk, k_blk, c_blk = (
+            query[..., start:end, :],
+            key[..., start:end, :],
+            cum[..., start:end, :],
+        )
+        gap = (c_blk[..., :, None, :] - c_blk[..., None, :, :]).masked_fill(
+            ~causal[: end - start, : end - start, None], float("-inf")
+        )
+        inner = torch.einsum("bhtc,bhsc,bhtsc->bhts", q_blk, k_blk, torch.exp(gap))
+        later = query[..., end:, :] * torch.exp(cum[..., end:, :] - ref)
+        outer = later @ (k_blk * torch.exp(ref - c_blk)).transpose(-1, -2)
+        column = torch.cat(
+            [query.new_zeros((*query.shape[:2], start, end - start)), inner, outer], -2
+        )
+        rows.append(column)
+    return torch.cat(rows, dim=-1)
+
+
+def delta_rule_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor,
+    erase: bool = True,
+) -> torch.Tensor:
+    """Effective attention of the (gated) delta rule of `delta_rule_scan` with writes
+    ``k_s ⊗ β_s v_s``: ``A[b, h, t, s] = β_s · q_tᵀ (Π_{r=s+1..t} (I − β_r k_r k_rᵀ) diag(α_r))
+    k_s`` for s ≤ t, so that ``o_t = Σ_s A[t, s] · v_s``.
+
+    Computed without the products of matrices: with ``P[t, s] = q_tᵀ diag(α_{s+1..t}) k_s``
+    (`decayed_scores`) and ``L`` the strictly lower ``L[t, s] = β_t k_tᵀ diag(α_{s+1..t}) k_s``,
+    ``A = P (I + L)⁻¹ diag(β)`` (one triangular solve per head; ``erase=False``: ``A = P
+    diag(β)``). Shapes as in `delta_rule_scan`; returns (batch, heads, seq, seq)."""
+    import torch
+
+    q, k = query.float().transpose(1, 2), key.float().transpose(1, 2)  # (b, h, t, d)
+    b = beta.float().transpose(1, 2)  # (b, h, t)
+    g = log_decay.float()
+    g = g[..., None] if g.dim() == 3 else g
+    cum = torch.cumsum(g.transpose(1, 2), dim=2)  # (b, h, t, 1 or d)
+    scores = decayed_scores(q, k, cum)
+    if not erase:
+        return scores * b[..., None, :]
+    seq = q.shape[2]
+    lower = (decayed_scores(k, k, cum) * b[..., :, None]).tril(-1)
+    system = lower + torch.eye(seq, dtype=lower.dtype, device=lower.device)
+    inverse: torch.Tensor = torch.linalg.solve_triangular(
+        system, torch.diag_embed(b), upper=False, unitriangular=True
+    )
+    return scores @ inverse
+
+
+def delta_rule_states(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    beta: torch.Tensor,
+    log_decay: torch.Tensor,
+    erase: bool = True,
+    chunk: int = 16,
+) -> torch.Tensor:
+    """The states of `delta_rule_scan` driven by the run's own writes ``k_t ⊗ β_t v_t``, from a
+    zero state, in chunks of ``chunk`` positions instead of one step at a time.
+
+    Within a chunk starting from ``S_0``, ``S_t = diag(α_{1..t}) S_0 + Σ_{s≤t} diag(α_{s+1..t})
+    k_s u_sᵀ`` with ``u_s = β_s (v_s − (diag(α_s) S_{s−1})ᵀ k_s)`` (the delta rule's corrected
+    values; ``u = β v`` without the erase), the ``u`` of a chunk from one triangular solve
+    ``(I + L) U = diag(β) (V − K̃ S_0)``. Shapes as in `delta_rule_scan` (``value``: (batch, seq,
+    heads, d_value)); returns (batch, seq, heads, d_key, d_value)."""
+    import torch
+
+    k, v = key.float().transpose(1, 2), value.float().transpose(1, 2)  # (b, h, t, ·)
+    b = beta.float().transpose(1, 2)  # (b, h, t)
+    g = log_decay.float()
+    g = (g[..., None] if g.dim() == 3 else g).transpose(1, 2)  # (b, h, t, 1 or d_key)
+    batch, heads, seq, d_key = k.shape
+    state = k.new_zeros((batch, heads, d_key, v.shape[-1]))
+    out = []
+    for start in range(0, seq, chunk):
+        end = min(start + chunk, seq)
+        kc, vc, bc = k[:, :, start:end], v[:, :, start:end], b[:, :, start:end]
+        cum = torch.cumsum(g[:, :, start:end], dim=2)  # (b, h, c, 1 or d_key)
+        size = end - start
+        causal = torch.ones(size, size, dtype=torch.bool, device=k.device).tril()
+        gap = (cum[:, :, :, None] - cum[:, :, None]).masked_fill(~causal[..., None], float("-inf"))
+        gamma = torch.exp(gap)  # (b, h, t, s, 1 or d_key)
+        target = bc[..., None] * vc
+        if erase:
+            target = target - bc[..., None] * ((kc * torch.exp(cum)) @ state)
+            lower = (torch.einsum("bhtc,bhsc,bhtsc->bhts", kc, kc, gamma) * bc[..., None]).tril(-1)
+            system = lower + torch.eye(size, dtype=lower.dtype, device=lower.device)
+            target = torch.linalg.solve_triangular(system, target, upper=False, unitriangular=True)
+        if gamma.shape[-1] == 1:  # one decay per head: one matmul over the flattened writes
+            writes = (kc[..., :, None] * target[..., None, :]).flatten(-2)
+            states = (gamma[..., 0] @ writes).unflatten(-1, (d_key, -1))
+        else:
+            weights = gamma * kc[:, :, None]  # (b, h, t, s, d_key)
+            states = torch.einsum("bhtsc,bhsv->bhtcv", weights, target)
+        states = states + torch.exp(cum)[..., None] * state[:, :, None]
+        out.append(states)
+        state = states[:, :, -1]
+    return torch.cat(out, dim=2).transpose(1, 2)
+
+
+# -- continuing a recurrent model from a state, one token at a time ------------------------------
+def given_states(
+    table: SiteTable, names: Sequence[str], state: Mapping[Any, Any], batch: int
+) -> dict[str, Any]:
+    """An ``initial_state`` by canonical site name, checked against the model's state sites
+    ``names``: every one given, no other, each of shape (``batch``, *the site's ``size``)."""
+    from .errors import SiteError
+    from .sites import Site
+
+    given = {str(Site.parse(k)): v for k, v in state.items()}
+    unknown = sorted(set(given) - set(names))
+    missing = [n for n in names if n not in given]
+    if unknown or missing:
+        raise SiteError(
+            "initial_state must give every recurrent state of the model: "
+            + (f"missing {missing}; " if missing else "")
+            + (f"not state sites: {unknown}; " if unknown else "")
+            + f"state sites are {list(names)}. Take them from run(..., return_state=True).state"
+        )
+    for name in names:
+        size = cast("tuple[int, ...]", table.info(name).extra["size"])
+        expected = (batch, *size)
+        if tuple(given[name].shape) != expected:
+            raise SiteError(
+                f"initial_state[{name!r}] has shape {tuple(given[name].shape)}; expected "
+                f"{expected} (rows of the suffix, then the site's shape)"
+            )
+    return given
+
+
+def feed_tokens(
+    store: dict[str, Any],
+    steps: int,
+    step: Callable[[int], Any],
+    token_sites: Iterable[str],
+    logits_of: Callable[[Any], Any],
+) -> torch.Tensor | None:
+    """Run ``step(t)`` for t < ``steps`` (the model fed token t from its cache, hooks attached):
+    the values of ``token_sites`` the hooks put into ``store`` at each step are concatenated
+    over the steps (axis 1) in ``store``; returns the logits over the steps, or None when a
+    step had none (a run stopped early: ``StopForward``)."""
+    import torch
+
+    from .engine import StopForward
+
+    collected: dict[str, list[torch.Tensor]] = {n: [] for n in token_sites}
+    logits: list[torch.Tensor] = []
+    for t in range(steps):
+        try:
+            step_logits = logits_of(step(t))
+            if step_logits is not None:
+                logits.append(step_logits)
+        except StopForward:
+            pass
+        for name, parts in collected.items():
+            if name in store:
+                parts.append(store.pop(name))
+    for name, parts in collected.items():
+        if len(parts) == steps:
+            store[name] = torch.cat(parts, dim=1)
+    return torch.cat(logits, dim=1) if len(logits) == steps else None
