@@ -318,6 +318,7 @@ def substitution_test(
     closed_form: bool = True,
     min_firings: int = 3,
     firings: str = "top",
+    positions: Sequence[Sequence[int]] | None = None,
     seed: int = 0,
 ) -> SubstitutionResult:
     """Run the substitution test of ``sae`` on ``rows`` (token-id lists), at most
@@ -326,24 +327,36 @@ def substitution_test(
     stands for the write), "all" every atom that fires there. ``n_tokens``: tokens whose
     logit shift the closed form predicts (the clean run's top ones at the final position);
     ``closed_form=False`` skips it. ``min_firings``: firings an atom needs to count in the
-    atom population."""
+    atom population. ``positions``: per text, the positions whose firings are tested (e.g.
+    where a task binds what the final token recalls; None: every position)."""
     import time
 
     if firings not in ("top", "all"):
         raise ParameterError(f"firings={firings!r}: use 'top' or 'all'")
+    if positions is not None and len(positions) != len(rows):
+        raise ParameterError(
+            f"positions has {len(positions)} entries for {len(rows)} texts: give one list of "
+            "positions per text (or None for every position)"
+        )
     gen = torch.Generator().manual_seed(seed)
     decays = _Decays(backend, sae.layout, closed_form)
     out = _Collected()
     started = time.perf_counter()
 
+    allowed: set[int] | None = None
+
     def choose(codes: torch.Tensor, norms: torch.Tensor) -> list[tuple[int, int]]:
         fired = _fired(codes, norms, firings)
+        if allowed is not None:
+            fired = [(s, i) for s, i in fired if s in allowed]
         take = min(per_text, max_firings - len(out.atom_of), len(fired))
         return [fired[j] for j in torch.randperm(len(fired), generator=gen)[:take].tolist()]
 
     for index, row in enumerate(rows):
         if len(out.atom_of) >= max_firings:
             break
+        if positions is not None:
+            allowed = {p % len(row) for p in positions[index]}
         if len(row) >= 2:
             _one_text(sae, backend, row, choose, decays, out, index, gen, batch_size, n_tokens)
     if not out.atom_of:
