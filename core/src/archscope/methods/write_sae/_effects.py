@@ -61,8 +61,8 @@ class SubstitutionResult(Result):
     ``text_of``: which atom fired where. ``win_rate`` (atom KL < deletion KL) with its Wilson
     interval ``win_ci``; ``win_rate_random`` against the random rank-1 matrix;
     ``control_win_rate``: the shuffled atom against deletion. ``per_atom``: atom → (wins,
-    firings, rate); ``atom_population``: the share of atoms (with ``min_firings`` firings)
-    whose own win rate exceeds one half, with its interval. ``closed_form_r2``: R² of the
+    firings, rate); ``atom_population``: the share of the ``n_atoms_counted`` atoms with
+    ``min_firings`` firings or more whose own win rate exceeds one half, with its interval. ``closed_form_r2``: R² of the
     closed-form logit shifts against the measured ones (None without a ``write_decay``
     site); ``predicted`` / ``measured``: those shifts (substitutions × scored tokens)."""
 
@@ -77,6 +77,7 @@ class SubstitutionResult(Result):
     atom_population: float
     atom_population_ci: tuple[float, float]
     mean_atom_win_rate: float
+    n_atoms_counted: int
     per_atom: dict[int, tuple[int, int, float]]
     closed_form_r2: float | None
     seconds_per_firing: float
@@ -104,7 +105,7 @@ class SubstitutionResult(Result):
                 f"| shuffled atom beats deletion (control) | {self.control_win_rate:.3f} "
                 f"[{clo:.3f}, {chi:.3f}] |",
                 f"| atoms winning on most of their firings | {self.atom_population:.3f} "
-                f"[{plo:.3f}, {phi:.3f}] of {len(self.per_atom)} |",
+                f"[{plo:.3f}, {phi:.3f}] of {self.n_atoms_counted} |",
                 f"| mean per-atom win rate | {self.mean_atom_win_rate:.3f} |",
                 f"| closed-form R² (logit shift) | {r2} |",
                 f"| seconds per firing | {self.seconds_per_firing:.4f} |",
@@ -401,6 +402,7 @@ def _summarise(
         atom_population=winners / len(counted) if counted else float("nan"),
         atom_population_ci=wilson_interval(winners, len(counted)),
         mean_atom_win_rate=(sum(v[2] for v in counted) / len(counted) if counted else float("nan")),
+        n_atoms_counted=len(counted),
         per_atom=per_atom,
         closed_form_r2=r2,
         seconds_per_firing=seconds,
