@@ -352,8 +352,8 @@ def test_closed_form_on_one_mamba_layer(family: str) -> None:
     r2 = 1 - (meas - pred).pow(2).sum() / (meas - meas.mean()).pow(2).sum()
     if family == "mamba":  # read-out linear in the state given the gates: exact
         assert float(r2) >= 0.999, float(r2)
-    else:  # Mamba-2's gated RMSNorm after the read-out is not linear: a first-order prediction
-        assert float(r2) > 0.5, float(r2)
+    else:  # Mamba-2's gated RMSNorm after the read-out is not linear: first order (0.9999)
+        assert float(r2) >= 0.99, float(r2)
 
 
 # -- multi-query associative recall: a small Mamba / Mamba-2 trained once -----------------------
