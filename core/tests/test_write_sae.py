@@ -293,12 +293,22 @@ def test_substitution_and_install_on_the_third_party_backend() -> None:
         write_site(backend, 5)
 
 
-def test_a_backend_without_write_sites_is_refused_clearly() -> None:
+def test_a_backend_without_write_sites_is_told_clearly() -> None:
     from archscope.testing.methods import ToyMethodBackend, toy_model
 
+    backend = ToyMethodBackend(toy_model())
     method = archscope.plugins.get_manager().methods.get("write-sae").obj
+    data = Dataset(token_ids=_rows(20, 4, 6))
+    # a sweep over every method runs through: a report and a warning that say why
+    with pytest.warns(UserWarning, match="declares no state-write sites"):
+        report = method(backend, data)
+    assert report.eval is None and "declares no state-write sites" in report.to_markdown()
+    report.to_json()
+    # asking for a layer, or the functions themselves, is an error
     with pytest.raises(SiteError, match="declares no state-write sites"):
-        method(ToyMethodBackend(toy_model()), Dataset(token_ids=_rows(20, 4, 6)))
+        method(backend, data, layer=0)
+    with pytest.raises(SiteError, match="declares no state-write sites"):
+        write_site(backend)
 
 
 # -- Mamba: the closed form on a single layer, everything after it frozen ------------------------

@@ -52,18 +52,20 @@ class WriteSAEReport(Result):
     """What the ``write-sae`` method found."""
 
     backend: str
-    site: str
+    site: str | None
     head: int
     sae_type: str
     n_features: int
     write_shape: tuple[int, int]
     n_train_writes: int
-    eval: SAEMetrics
+    eval: SAEMetrics | None
     loss: WriteLoss | None
     substitution: SubstitutionResult | None
     installed: InstallResult | None
     train_metrics: dict[str, float] = field(default_factory=dict)
     saved_to: str | None = None
+    #: Why nothing was trained (a backend without state-write sites); None otherwise.
+    note: str | None = None
     _sae: Any = field(default=None, repr=False)
 
     @property
@@ -74,6 +76,8 @@ class WriteSAEReport(Result):
 
     def to_markdown(self) -> str:
         m = self.eval
+        if m is None:
+            return f"## Write SAE ({self.backend})\n\nNothing trained: {self.note}"
         rows = [
             ("explained variance", f"{m.explained_variance:.4f}"),
             ("L0 (active atoms per write)", f"{m.l0:.2f}"),
@@ -155,7 +159,8 @@ def write_sae_figure(result: SubstitutionResult | None) -> Any:
 )
 def write_sae_method(backend: Any, data: Any, options: WriteSAEOptions) -> WriteSAEReport:
     """Train a write SAE on ``layer``'s ``state_write`` (head ``head``) over the training texts
-    of ``data``, then test it on the held-out texts."""
+    of ``data``, then test it on the held-out texts. A backend without state-write sites gets
+    a report that says so (and a warning), so that sweeps over every method run through."""
     o = options
     from ...artifacts import ArtifactFit
     from ...data import as_dataset
@@ -164,6 +169,29 @@ def write_sae_method(backend: Any, data: Any, options: WriteSAEOptions) -> Write
     from ._fit import write_site as find_site
 
     data = as_dataset(data)
+    if o.layer is None and not any(n.endswith(".state_write") for n in backend.sites()):
+        import warnings
+
+        from ...errors import SiteError
+
+        try:
+            find_site(backend, None)
+        except SiteError as exc:
+            warnings.warn(f"archscope: write-sae: {exc}", stacklevel=2)
+            return WriteSAEReport(
+                backend=backend.name,
+                site=None,
+                head=o.head,
+                sae_type=o.sae_type,
+                n_features=0,
+                write_shape=(0, 0),
+                n_train_writes=0,
+                eval=None,
+                loss=None,
+                substitution=None,
+                installed=None,
+                note=str(exc),
+            )
     site = find_site(backend, o.layer)
     ids = data.ids()
     train_rows, eval_rows = held_out_split(len(ids), o.eval_fraction, o.seed)
