@@ -66,7 +66,10 @@ def test_report_with_figures(zoo_profiles: dict[str, InterpProfile], tmp_path: P
     text = report.read_text()
     assert "| induction (x chance) |" in text
     pngs = sorted(tmp_path.glob("*.png"))
-    assert [p.name for p in pngs] == ["report-layers.png", "report-patching.png", "report-sae.png"]
+    names = ["report-layers.png", "report-patching.png", "report-sae.png", "report-write.png"]
+    assert [p.name for p in pngs] == names  # write SAEs: zoo:mamba has state-write sites
+    assert zoo_profiles["zoo:mamba"].write_sae["per_atom_rates"]
+    assert not zoo_profiles["zoo:transformer"].write_sae
     for png in pngs:
         assert f"]({png.name})" in text
         image = imread(png)

@@ -23,7 +23,7 @@ def test_every_builtin_method_is_declared_beside_its_function() -> None:
         e.name: e.obj for e in get_manager().methods.entries() if e.distribution == "archscope"
     }
     assert {m.name for m in found} <= set(registered)
-    assert len(found) == len({m.name for m in found}) == 15
+    assert len(found) == len({m.name for m in found}) == 16
     for m in found:
         assert callable(m.function), m.name
         module = inspect.getmodule(m.function)

@@ -184,6 +184,9 @@ class InterpProfile(Result):
     #: The same profile of an untrained copy (same architecture, re-initialised): the control
     #: beside every number. None when controls were not asked for.
     untrained: InterpProfile | None = None
+    #: Models with state-write sites: the write SAE's substitution test (site, win rates,
+    #: per-atom rates, closed-form vs measured logit shifts); empty otherwise.
+    write_sae: dict[str, Any] = field(default_factory=dict)
 
     def to_markdown(self) -> str:
         return profile_to_markdown(self)
@@ -714,6 +717,8 @@ def write_report(profiles: Sequence[InterpProfile], path: str | Path) -> Path:
         ("Activation patching", patching_figure, f"{stem.name}-patching.png"),
         ("SAE quality", sae_figure, f"{stem.name}-sae.png"),
     ]
+    if any(p.write_sae for p in profiles):
+        figures.append(("Write SAE substitution test", write_sae_figure, f"{stem.name}-write.png"))
     parts = ["# archscope profile", "", profile_to_markdown(profiles), ""]
     plt = None
     try:
@@ -882,6 +887,63 @@ def _circuit_part(
     profile.concentration_relative = float(
         early_token_attention(backend, tokenizer, texts=own).relative
     )
+
+
+def write_sae_figure(profiles: Sequence[InterpProfile]) -> Any:
+    """Per model with write sites: the per-atom win-rate histogram of the substitution test
+    and the closed-form against the measured logit shifts."""
+    plt = pyplot()
+    shown = [p for p in profiles if p.write_sae]
+    fig, axes = plt.subplots(len(shown), 2, figsize=(9, 3.4 * len(shown)), squeeze=False)
+    for (left, right), p in zip(axes, shown, strict=True):
+        w = p.write_sae
+        left.hist(w["per_atom_rates"], bins=10, range=(0, 1))
+        left.axvline(w["win_rate"], color="k", linestyle="--")
+        left.set(
+            title=f"{p.model_name} {w['site']}: atom beats deletion",
+            xlabel="per-atom win rate (dashed: all firings)",
+            ylabel="atoms",
+        )
+        right.scatter(w["measured"], w["predicted"], s=6, alpha=0.5)
+        r2 = w.get("closed_form_r2")
+        right.set(
+            title=f"closed form, R² = {_fmt(r2)}",
+            xlabel="measured logit shift",
+            ylabel="predicted",
+        )
+    fig.tight_layout()
+    return fig
+
+
+def _write_sae_part(
+    profile: InterpProfile, backend: Backend, tasks: ProfileTasks, quick: bool, seed: int
+) -> None:
+    """A write SAE on the first layer with state writes, and its substitution test."""
+    from ..methods.write_sae import (
+        collect_writes,
+        fit_write_sae,
+        substitution_test,
+        write_layout,
+        write_site,
+    )
+
+    ids = [row[:64] for row in tasks.texts.ids() if len(row) > 1]
+    train, held = ids[: max(1, int(0.8 * len(ids)))], ids[int(0.8 * len(ids)) :] or ids[-1:]
+    site = write_site(backend)
+    layout = write_layout(backend, site, 0, ids[0])
+    writes = collect_writes(backend, train, layout)
+    sae = fit_write_sae(writes, layout, k=4, epochs=3 if quick else 8, batch_size=256, seed=seed)
+    result = substitution_test(sae, backend, held, max_firings=32 if quick else 192, seed=seed)
+    profile.write_sae = {
+        "site": site,
+        "win_rate": result.win_rate,
+        "win_ci": list(result.win_ci),
+        "control_win_rate": result.control_win_rate,
+        "closed_form_r2": result.closed_form_r2,
+        "per_atom_rates": [v[2] for v in result.per_atom.values()],
+        "predicted": result.predicted,
+        "measured": result.measured,
+    }
 
 
 def _sae_part(
@@ -1212,6 +1274,8 @@ def _profile(
         _timed(t, "patching", lambda: _patching_part(profile, backend, tasks, tokenizer))
     if "recurrent_state" in caps:
         _timed(t, "state", lambda: _state_part(profile, backend, tasks))
+    if {"edit", "logits"} <= caps and any(n.endswith(".state_write") for n in backend.sites()):
+        _timed(t, "write_sae", lambda: _write_sae_part(profile, backend, tasks, quick, seed))
     profile.runtime_seconds = round(time.perf_counter() - start, 2)
     return profile
 

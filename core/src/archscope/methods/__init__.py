@@ -24,6 +24,7 @@ MODULES = (
     "probes",
     "transfer",
     "sae._method",
+    "write_sae._method",
     "attribute.methods",
 )
 
