@@ -65,6 +65,8 @@ def test_export_matches_circuit_tracers_layout_and_the_graph(tmp_path: Path) -> 
     assert ids["3_99_1"]["token_prob"] == pytest.approx(0.6)
     assert ids["0_1_1"]["feature"] == -1 and ids["E_42_1"]["layer"] == "E"
     assert ids["0_3_1"]["activation"] == pytest.approx(1.25)
+    # feature numbers: Cantor pairing of (layer, index), by hand
+    assert ids["0_3_1"]["feature"] == 9 and ids["1_7_1"]["feature"] == 43
     names = {"emb_0": "E_11_0", "emb_1": "E_42_1", "f0": "0_3_1", "f1": "1_7_1"}
     names |= {"err": "0_1_1", "logit_sat": "3_99_1", "logit_ran": "3_98_1"}
     want = {(names[s], names[t]): w for t, s, w in fixtures.EDGES}

@@ -1,12 +1,14 @@
 """An `AttributionGraph` as the JSON of circuit-tracer's graph files, which its local viewer
 and Neuronpedia load.
 
-The layout follows circuit-tracer's ``circuit_tracer/frontend/graph_models.py`` (pydantic
+The layout follows circuit-tracer's (0.5) ``circuit_tracer/frontend/graph_models.py`` (pydantic
 models ``Model`` = ``metadata`` + ``qParams`` + ``nodes`` + ``links``) and what its
 ``utils/create_graph_files.py`` writes: a ``<slug>.json`` per graph and an index
 ``graph-metadata.json`` (``{"graphs": [metadata, ...]}``) in the same folder. Node ids:
 
-- feature ``{layer}_{feature}_{pos}`` (``feature_type`` "cross layer transcoder"),
+- feature ``{layer}_{feature}_{pos}`` (``feature_type`` "cross layer transcoder"; its
+  ``feature`` number is the Cantor pairing of layer and feature index, as in circuit-tracer
+  0.5, schema version 1),
 - error ``0_{layer}_{pos}`` ("mlp reconstruction error", ``feature`` -1),
 - embedding ``E_{token}_{pos}`` (layer "E"),
 - logit ``{n_layers + 1}_{token}_{pos}`` ("logit", with ``token_prob`` and ``clerp``).
@@ -65,6 +67,11 @@ def _n_layers(graph: AttributionGraph) -> int:
     return int(graph.metadata.get("n_layers", max((nd.layer for nd in graph.nodes), default=0) + 1))
 
 
+def _cantor(x: int, y: int) -> int:
+    """The Cantor pairing of two non-negative integers (one number per (layer, feature))."""
+    return (x + y) * (x + y + 1) // 2 + y
+
+
 def _ct_node(
     nd: Node, n_layers: int, token_strings: list[str], influence: float, is_target: bool
 ) -> dict[str, Any]:
@@ -73,7 +80,7 @@ def _ct_node(
             raise ParameterError(f"feature node {nd.id!r} has no feature index")
         return {
             "node_id": f"{nd.layer}_{nd.index}_{nd.position}",
-            "feature": int(nd.index),
+            "feature": _cantor(int(nd.layer), int(nd.index)),
             "layer": str(nd.layer),
             "ctx_idx": int(nd.position),
             "feature_type": "cross layer transcoder",
@@ -184,6 +191,7 @@ def to_circuit_tracer(
         "node_threshold": node_threshold
         if node_threshold is not None
         else graph.metadata.get("node_threshold"),
+        "schema_version": 1,
         "archscope": {
             "scores": {k: float(v) for k, v in graph.scores.items()},
             "backend": graph.metadata.get("backend"),

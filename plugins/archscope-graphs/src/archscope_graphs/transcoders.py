@@ -978,11 +978,12 @@ def import_saelens(path: str | Path, layer: int | None = None) -> LayerTranscode
 # -- circuit-tracer -----------------------------------------------------------------------------
 def export_circuit_tracer(transcoders: Sequence[LayerTranscoder], path: str | Path) -> list[Path]:
     """Write single-layer transcoders as circuit-tracer's per-layer files
-    ``layer_<l>.safetensors``: ``W_enc`` (d_sae, d_model), ``W_dec`` (d_model, d_sae) — the
-    orientation its ``load_relu_transcoder`` transposes on load —, ``b_enc``, ``b_dec``,
-    ``W_skip`` (d_model, d_model, applied as ``x @ W_skip.T``; zeros without a skip, since that
-    loader indexes the key) and, for JumpReLU, ``activation_function.threshold``. TopK
-    transcoders are refused (circuit-tracer has ReLU and JumpReLU)."""
+    ``layer_<l>.safetensors``, the layout of its ``SingleLayerTranscoder.to_safetensors`` and
+    ``load_relu_transcoder`` (circuit-tracer 0.5): ``W_enc`` (d_sae, d_model), ``W_dec``
+    (d_sae, d_model), ``b_enc``, ``b_dec``, optionally ``W_skip`` (d_model, d_model, applied as
+    ``x @ W_skip.T``) and, for JumpReLU, ``activation_function.threshold``. circuit-tracer has
+    one ``d_model`` for input and output and ReLU / JumpReLU activations: other transcoders are
+    refused."""
     from safetensors.torch import save_file
 
     folder = Path(path)
@@ -991,15 +992,23 @@ def export_circuit_tracer(transcoders: Sequence[LayerTranscoder], path: str | Pa
     for tc in transcoders:
         _single(tc, "circuit-tracer's transcoder files")
         if tc.activation == "topk":
-            raise ParameterError("circuit-tracer reads ReLU and JumpReLU transcoders, not TopK")
-        skip = tc.W_skip if tc.W_skip is not None else torch.zeros(tc.d_out, tc.d_in)
+            raise ParameterError(
+                "circuit-tracer reads ReLU and JumpReLU transcoders, not TopK; save this one "
+                "with save_transcoders"
+            )
+        if tc.d_in != tc.d_out:
+            raise ParameterError(
+                f"circuit-tracer's transcoders read and write d_model; this one reads "
+                f"{tc.d_in} and writes {tc.d_out} dimensions"
+            )
         tensors = {
             "W_enc": tc.W_enc.t(),
             "b_enc": tc.b_enc,
-            "W_dec": tc.decoder(tc.own_site).t(),
+            "W_dec": tc.decoder(tc.own_site),
             "b_dec": tc.b_dec,
-            "W_skip": skip,
         }
+        if tc.W_skip is not None:
+            tensors["W_skip"] = tc.W_skip
         if tc.threshold is not None:
             tensors["activation_function.threshold"] = tc.threshold
         file = folder / f"layer_{tc.layer}.safetensors"
@@ -1010,31 +1019,37 @@ def export_circuit_tracer(transcoders: Sequence[LayerTranscoder], path: str | Pa
 
 def import_circuit_tracer(path: str | Path, layer: int) -> LayerTranscoder:
     """Read one of circuit-tracer's per-layer transcoder files (as `export_circuit_tracer`
-    writes them; the threshold under ``threshold`` or ``activation_function.threshold``).
-    The orientation of ``W_enc`` / ``W_dec`` is taken from ``b_enc`` / ``b_dec``'s sizes; an
-    all-zero ``W_skip`` means no skip."""
+    writes them; the threshold under ``activation_function.threshold`` or ``threshold``).
+    Files of circuit-tracer's first releases, whose ``W_dec`` was stored (d_model, d_sae), are
+    recognised by that shape where d_model differs from d_sae."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    t = load_file(str(path))
+    try:
+        t = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"cannot read circuit-tracer transcoder {path}: {exc}") from None
     missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") if k not in t]
     if missing:
         raise ArtifactError(f"{path} lacks {missing}; it holds {sorted(t)}")
     f, d_out = int(t["b_enc"].shape[0]), int(t["b_dec"].shape[0])
     w_enc = t["W_enc"]
-    w_enc = w_enc.t() if w_enc.shape[0] == f else w_enc  # the file's (d_sae, d_model)
+    if tuple(w_enc.shape) != (f, d_out):
+        raise ArtifactError(
+            f"{path}: W_enc has shape {tuple(w_enc.shape)}; circuit-tracer stores "
+            f"(d_sae={f}, d_model={d_out})"
+        )
     w_dec = t["W_dec"]
-    w_dec = w_dec.t() if tuple(w_dec.shape) == (d_out, f) else w_dec  # the file's (d_model, d_sae)
-    skip = t.get("W_skip")
-    if skip is not None and not bool(skip.any()):
-        skip = None
+    if tuple(w_dec.shape) == (d_out, f) and d_out != f:
+        w_dec = w_dec.t()
     threshold = t.get("activation_function.threshold", t.get("threshold"))
     return LayerTranscoder(
         layer=layer,
-        W_enc=w_enc,
+        W_enc=w_enc.t(),
         b_enc=t["b_enc"],
         W_dec={WRITE_SITE.format(layer): w_dec},
         b_dec=t["b_dec"],
-        W_skip=skip,
+        W_skip=t.get("W_skip"),
         threshold=threshold,
         activation="jumprelu" if threshold is not None else "relu",
     )
