@@ -195,7 +195,7 @@ def graph_command(
 )
 @click.option(
     "--sparsity",
-    default=1e-3,
+    default=0.03,
     show_default=True,
     type=click.FloatRange(min=0),
     help="L1 coefficient (ReLU, JumpReLU).",

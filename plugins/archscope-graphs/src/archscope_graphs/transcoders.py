@@ -63,7 +63,7 @@ class TranscoderConfig:
     cross_layer: bool = False
     skip: bool = False
     k: int = 16
-    sparsity: float = 1e-3
+    sparsity: float = 0.03
     bandwidth: float = 0.05
     initial_threshold: float = 0.01
     read_site: str = READ_SITE
@@ -515,29 +515,45 @@ class TranscoderMetrics:
         return asdict(self)
 
 
-def _rows_source(
+def _activations(
     backend: Any,
     data: Any,
-    config: TranscoderConfig,
-    in_scale: torch.Tensor,
-    out_scale: torch.Tensor,
+    sites: list[str],
+    in_memory: bool,
     batch_size: int,
     tokenizer: Any,
-) -> Callable[[], Iterator[torch.Tensor]]:
-    from archscope import iter_collect
+) -> Callable[[], Iterator[dict[str, torch.Tensor]]]:
+    """A function giving, per call, the activations of ``sites`` over ``data`` in chunks
+    ({site: (tokens, dim)}): one chunk collected once (``in_memory``) or a fresh
+    `archscope.iter_collect` pass per call (the model runs again every epoch)."""
+    from archscope import collect, iter_collect
 
-    reads = [config.read_site.format(i) for i in config.layers]
-    writes = [config.write_site.format(i) for i in config.layers]
+    if in_memory:
+        got = collect(backend, data, sites, pool=None, batch_size=batch_size, tokenizer=tokenizer)
+        held = {s: got[s] for s in sites}
+        return lambda: iter([held])
 
-    def epoch() -> Iterator[torch.Tensor]:
+    def epoch() -> Iterator[dict[str, torch.Tensor]]:
         for part in iter_collect(
-            backend, data, reads + writes, pool=None, batch_size=batch_size, tokenizer=tokenizer
+            backend, data, sites, pool=None, batch_size=batch_size, tokenizer=tokenizer
         ):
-            xs = [part[s].float() * float(in_scale[i]) for i, s in enumerate(reads)]
-            ys = [part[s].float() * float(out_scale[i]) for i, s in enumerate(writes)]
-            yield torch.cat(xs + ys, dim=-1)
+            yield {s: part[s] for s in sites}
 
     return epoch
+
+
+def _rows(chunk: dict[str, torch.Tensor], stack: TranscoderStack) -> torch.Tensor:
+    """Training rows of ``stack``: its read sites then its written sites, each scaled."""
+    tc = stack.tc
+    xs = [
+        chunk[tc.read_site.format(m)].float() * float(stack.in_scale[i])
+        for i, m in enumerate(tc.layers)
+    ]
+    ys = [
+        chunk[tc.write_site.format(m)].float() * float(stack.out_scale[i])
+        for i, m in enumerate(tc.layers)
+    ]
+    return torch.cat(xs + ys, dim=-1)
 
 
 def train_transcoders(
@@ -550,7 +566,7 @@ def train_transcoders(
     cross_layer: bool = False,
     skip: bool = False,
     k: int = 16,
-    sparsity: float = 1e-3,
+    sparsity: float = 0.03,
     epochs: int = 5,
     learning_rate: float = 1e-3,
     batch_size: int = 256,
@@ -559,6 +575,7 @@ def train_transcoders(
     tokenizer: Any = None,
     read_site: str = READ_SITE,
     write_site: str = WRITE_SITE,
+    in_memory: bool = True,
     progress: bool | None = None,
 ) -> list[LayerTranscoder]:
     """Train transcoders on ``backend`` over ``data`` (texts with ``tokenizer``, token ids or an
@@ -568,7 +585,9 @@ def train_transcoders(
     Single-layer transcoders (``cross_layer=False``) are trained one layer at a time; a
     cross-layer transcoder is trained as one dictionary over all ``layers`` (its features
     write every later layer's MLP output). Both go through `archscope.methods.sae.fit_sae`.
-    ``progress``: a bar per training run (None: only on a terminal)."""
+    ``in_memory``: collect the activations once and keep them (tokens x 2 x layers x d
+    floats); False streams them, running the model again for every epoch and layer.
+    ``progress``: one bar over all epochs (None: only on a terminal)."""
     from archscope.methods.sae import SAEConfig, fit_sae
     from archscope.progress import bar
 
@@ -585,6 +604,8 @@ def train_transcoders(
     d_in = int(backend.site_info(read_site.format(chosen[0])).dim)
     d_out = int(backend.site_info(write_site.format(chosen[0])).dim)
     groups = [chosen] if cross_layer else [[i] for i in chosen]
+    sites = [read_site.format(i) for i in chosen] + [write_site.format(i) for i in chosen]
+    chunks = _activations(backend, data, sites, in_memory, collect_batch_size, tokenizer)
     result: list[LayerTranscoder] = []
     runs = bar(total=len(groups) * epochs, desc="transcoders", unit="epoch", enabled=progress)
     try:
@@ -603,19 +624,18 @@ def train_transcoders(
                 write_site=write_site,
             )
             stack = TranscoderStack(config, seed=seed)
-            _initialise(stack, backend, data, collect_batch_size, tokenizer)
+            first = next(chunks(), None)
+            if first is None or not len(next(iter(first.values()))):
+                raise ParameterError("train_transcoders got no tokens (empty data)")
+            _initialise(stack, first)
             stack.cfg = SAEConfig.from_dict(
                 {**stack.cfg.to_dict(), "learning_rate": learning_rate, "batch_size": batch_size}
             )
-            source = _rows_source(
-                backend,
-                data,
-                config,
-                stack.in_scale,
-                stack.out_scale,
-                collect_batch_size,
-                tokenizer,
-            )
+            source: Any
+            if in_memory:
+                source = _rows(first, stack)
+            else:
+                source = partial(_stream_rows, chunks, stack)
 
             def tick(epoch: int, metrics: dict[str, float]) -> None:
                 runs.set_postfix(
@@ -633,28 +653,20 @@ def train_transcoders(
     return result
 
 
-@torch.no_grad()
-def _initialise(
-    stack: TranscoderStack, backend: Any, data: Any, batch_size: int, tokenizer: Any
-) -> None:
-    """Scales (powers of two) and the decoder bias from the first batch of activations."""
-    from archscope import iter_collect
+def _stream_rows(
+    chunks: Callable[[], Iterator[dict[str, torch.Tensor]]], stack: TranscoderStack
+) -> Iterator[torch.Tensor]:
+    for chunk in chunks():
+        yield _rows(chunk, stack)
 
+
+@torch.no_grad()
+def _initialise(stack: TranscoderStack, chunk: dict[str, torch.Tensor]) -> None:
+    """Scales (powers of two) and the decoder bias from a chunk of activations."""
     tc = stack.tc
-    reads = [tc.read_site.format(i) for i in tc.layers]
-    writes = [tc.write_site.format(i) for i in tc.layers]
-    first: Any = next(
-        iter(
-            iter_collect(
-                backend, data, reads + writes, pool=None, batch_size=batch_size, tokenizer=tokenizer
-            )
-        ),
-        None,
-    )
-    if first is None or len(first) == 0:
-        raise ParameterError("train_transcoders got no tokens (empty data)")
-    for i, (r, w) in enumerate(zip(reads, writes, strict=True)):
-        x, y = first[r].float(), first[w].float()
+    for i, m in enumerate(tc.layers):
+        x = chunk[tc.read_site.format(m)].float()
+        y = chunk[tc.write_site.format(m)].float()
         stack.in_scale[i] = _pow2(float(x.pow(2).sum(-1).mean()))
         stack.out_scale[i] = _pow2(float(y.pow(2).sum(-1).mean()))
         d = tc.d_out
