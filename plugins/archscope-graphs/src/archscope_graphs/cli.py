@@ -208,6 +208,13 @@ def graph_command(
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
 )
+@click.option(
+    "--batch-size",
+    default=256,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Tokens per training step.",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--format",
@@ -239,6 +246,7 @@ def train_transcoders_command(
     sparsity: float,
     epochs: int,
     learning_rate: float,
+    batch_size: int,
     seed: int,
     fmt: str,
     eval_texts: int,
@@ -286,6 +294,7 @@ def train_transcoders_command(
         sparsity=sparsity,
         epochs=epochs,
         learning_rate=learning_rate,
+        batch_size=batch_size,
         seed=seed,
         tokenizer=tokenizer,
     )
