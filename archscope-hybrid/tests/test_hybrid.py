@@ -101,13 +101,20 @@ def test_each_layer_exposes_the_sites_of_its_kind(family: str) -> None:
     writes.add("effective_attention")
     for i, kind in enumerate(_types(family)):
         if kind == "full_attention":
-            assert _roles(backend, i) == {"attn", "attn_pattern", "mlp", "residual"}
+            assert _roles(backend, i) == {"attn", "attn_pattern", "mlp_in", "mlp", "residual"}
         elif family == "minimax":  # lightning attention: a matrix state, no convolution
-            assert _roles(backend, i) == {"mixer", "mlp", "residual", "ssm_state", *writes}
+            assert _roles(backend, i) == {
+                "mixer",
+                "mlp_in",
+                "mlp",
+                "residual",
+                "ssm_state",
+                *writes,
+            }
         elif conv_only:
-            assert _roles(backend, i) == {"mixer", "mlp", "residual", "conv_state"}
+            assert _roles(backend, i) == {"mixer", "mlp_in", "mlp", "residual", "conv_state"}
         else:
-            expected = {"mixer", "mlp", "residual", "ssm_state", "conv_state", *writes}
+            expected = {"mixer", "mlp_in", "mlp", "residual", "ssm_state", "conv_state", *writes}
             assert _roles(backend, i) == expected
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -207,6 +208,15 @@ class HybridBackend(HookBackend):
                 token(
                     f"layer_{i}.mixer", f"{block}.{layer.mixer_out}", f"{what} output", clone=post
                 )
+            if layer.mlp is not None and layer.mlp_out is not None:
+                arg = _first_param(getattr(layer.block, layer.mlp).forward)
+                token(
+                    f"layer_{i}.mlp_in",
+                    f"{block}.{layer.mlp}",
+                    "MLP / MoE input (its normalised residual)",
+                    io="input",
+                    arg=arg,
+                )
             if layer.mlp_out is not None:
                 post = layer.mlp_out in (*POST_NORMS, *OPERATOR_POST_NORMS)
                 token(f"layer_{i}.mlp", f"{block}.{layer.mlp_out}", "MLP / MoE output", clone=post)
@@ -390,6 +400,15 @@ class HybridBackend(HookBackend):
                 yield
             finally:
                 model.set_attn_implementation(previous)
+
+
+def _first_param(fn: Any) -> str:
+    """The name of ``fn``'s first parameter (how a caller may pass it by keyword)."""
+    try:
+        names = [p for p in inspect.signature(fn).parameters if p != "self"]
+    except (TypeError, ValueError):
+        return "hidden_states"
+    return names[0] if names else "hidden_states"
 
 
 def _join(stack_path: str, up: str, name: str | None) -> str:

@@ -136,6 +136,8 @@ class Layer:
     conv_shape: tuple[int, int] | None = None
     #: the layer's index in the model's cache
     cache_index: int = 0
+    #: child name of the MLP / MoE module, whose input is ``layer_i.mlp_in``
+    mlp: str | None = None
 
     @property
     def recurrent(self) -> bool:
@@ -163,7 +165,7 @@ def describe(index: int, block: Any) -> Layer:
     elif all(get(block, n) is not None for n in OPERATOR_POST_NORMS):
         mixer_out, mlp_out = OPERATOR_POST_NORMS
     module = get(block, mixer)
-    layer = Layer(index, block, kind, mixer, mixer_out, mlp_out)
+    layer = Layer(index, block, kind, mixer, mixer_out, mlp_out, mlp=mlp)
     layer.cache_index = int(getattr(module, "layer_idx", index))
     if kind == GATED_DELTA:
         if is_kimi_delta_attention(module):  # one head size for keys and values

@@ -193,6 +193,12 @@ class SAE(nn.Module, Artifact):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return torch.relu(pre)
 
+    def training_target(self, xn: torch.Tensor) -> torch.Tensor:
+        """What training reconstructs from normalised input rows ``xn``: the rows themselves.
+        A dictionary that reads one part of each row and predicts another (a transcoder, whose
+        rows are its input and output sites side by side) returns that other part."""
+        return xn
+
     def decode_normalized(self, z: torch.Tensor) -> torch.Tensor:
         out = z @ self.W_dec
         return out + self.b_dec if self.has_biases else out

@@ -204,10 +204,11 @@ class _Trainer:
         xn = x.to(device=self.device, dtype=sae.W_dec.dtype, non_blocking=True) * sae.input_scale
         for p in self.opt.params:
             p.grad = None
+        target = sae.training_target(xn)  # xn itself, except for a transcoder's rows
         if self.sparse:
             loss, recon, fired, l1, l0 = self._sparse_forward(xn)
         else:
-            loss, recon, fired, l1, l0 = self._dense_forward(xn)
+            loss, recon, fired, l1, l0 = self._dense_forward(xn, target)
         loss.backward()
         if sae.unit_decoder:
             with torch.no_grad():  # no gradient along a row: it would only change its norm
@@ -221,8 +222,8 @@ class _Trainer:
             self.since_fired.add_(len(x))
             self.since_fired.masked_fill_(fired, 0)
             if record:
-                err = (recon - xn).pow(2).sum()
-                centred = (xn - xn.mean(0)).pow(2).sum()
+                err = (recon - target).pow(2).sum()
+                centred = (target - target.mean(0)).pow(2).sum()
                 self.stats += torch.stack(
                     [
                         err.double(),
@@ -233,11 +234,11 @@ class _Trainer:
                     ]
                 )
 
-    def _dense_forward(self, xn: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _dense_forward(self, xn: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sae = self.sae
-        z = torch.relu(sae.pre_activations(xn))
+        z = sae.activate(sae.pre_activations(xn))  # relu for the dense and rank-1 SAEs
         recon = sae.decode_normalized(z)
-        mse = (recon - xn).pow(2).sum(-1).mean()
+        mse = (recon - target).pow(2).sum(-1).mean()
         l1 = z @ sae.W_dec.norm(dim=1)
         loss = mse + self.cfg.sparsity * l1.mean()
         active = z > 0
