@@ -444,7 +444,10 @@ class SAEJob:
 
     def _running(self) -> _Trainer:
         if self.trainer is None:
-            raise RuntimeError("SAEJob.start was not called before training")
+            raise ParameterError(
+                "SAEJob.start(sample, device) must be called before its steps (train_dictionaries "
+                "does so); a job cannot train before it is initialised"
+            )
         return self.trainer
 
     def begin_epoch(self) -> None:
