@@ -168,6 +168,7 @@ def patch_sweep(  # noqa: C901 - validates each option of the sweep in turn
     attribution: bool = False,
     batch_size: int = 64,
     backend_hint: str | None = None,
+    grad_drop: bool = False,
 ) -> PatchSweep:
     """Gap restored by patching each cell alone: layers × positions (``axis="position"``,
     role ``site`` at each real-token position of ``positions``) or layers × components
@@ -179,7 +180,16 @@ def patch_sweep(  # noqa: C901 - validates each option of the sweep in turn
     ``exact`` runs every patched forward (``batch_size`` rows per forward pass: the corrupted
     batch repeated, each block patched at its own cell). ``attribution`` adds the AtP estimate
     of every cell from one forward and one backward pass; with both, their correlation.
+    ``grad_drop`` (with ``attribution``) replaces AtP by AtP with GradDrop (Kramár et al.
+    2024): one backward pass per layer with that layer's residual contributions detached,
+    the mean magnitude of the estimates; it estimates |effect| and is correlated with the
+    magnitude of the exact effect.
     """
+    if grad_drop and not attribution:
+        raise InputError(
+            "grad_drop=True changes the attribution estimate: set attribution=True with it "
+            "(or use attribution_patch(..., grad_drop=True))"
+        )
     if axis not in ("position", "component"):
         raise InputError(f"axis {axis!r}: use 'position' or 'component'")
     if not (exact or attribution):
@@ -232,7 +242,8 @@ def patch_sweep(  # noqa: C901 - validates each option of the sweep in turn
     atp_matrix = None
     if attribution:
         start = time.perf_counter()
-        atp_matrix = _attribution(ctx, grid, axis, n_cols)
+        drops = _drop_sites(backend) if grad_drop else None
+        atp_matrix = _attribution(ctx, grid, axis, n_cols, drops)
         seconds["attribution"] = time.perf_counter() - start
     gap_fraction(ctx.clean_metric, ctx.corrupted_metric, ctx.clean_metric, "patch_sweep")
     return PatchSweep(
@@ -248,23 +259,33 @@ def patch_sweep(  # noqa: C901 - validates each option of the sweep in turn
         gap_restored=exact_matrix,
         attribution=atp_matrix,
         correlation=(
-            _pearson(exact_matrix, atp_matrix)
+            _pearson(_magnitude(exact_matrix) if grad_drop else exact_matrix, atp_matrix)
             if exact_matrix is not None and atp_matrix is not None
             else None
         ),
         seconds=seconds,
+        estimator="AtP+GradDrop" if grad_drop else "AtP",
     )
 
 
 def attribution_patch(
-    model: Any, clean: Any, corrupted: Any, *, exact: bool = False, **kwargs: Any
+    model: Any,
+    clean: Any,
+    corrupted: Any,
+    *,
+    exact: bool = False,
+    grad_drop: bool = False,
+    **kwargs: Any,
 ) -> PatchSweep:
     """Attribution patching (AtP; Nanda 2023, Kramár et al. 2024): every cell of a sweep
     estimated to first order from one forward and one backward pass on the corrupted input,
     ``grad(metric) · (clean − corrupted)`` summed over the cell, as a fraction of the gap.
-    ``exact=True`` also runs the exact sweep and reports the correlation. Other arguments as
-    in `patch_sweep`."""
-    return patch_sweep(model, clean, corrupted, exact=exact, attribution=True, **kwargs)
+    ``exact=True`` also runs the exact sweep and reports the correlation. ``grad_drop``:
+    AtP with GradDrop (magnitudes; see `patch_sweep`). Other arguments as in `patch_sweep`;
+    AtP* on attention queries and keys: `attention_node_sweep`."""
+    return patch_sweep(
+        model, clean, corrupted, exact=exact, attribution=True, grad_drop=grad_drop, **kwargs
+    )
 
 
 def _gradients_possible(on: bool) -> contextlib.AbstractContextManager[Any]:
@@ -279,8 +300,37 @@ def _gradients_possible(on: bool) -> contextlib.AbstractContextManager[Any]:
     return stack
 
 
+def _magnitude(matrix: list[list[float | None]]) -> list[list[float | None]]:
+    return [[None if v is None else abs(v) for v in row] for row in matrix]
+
+
+def _drop_sites(backend: Backend) -> list[list[str]]:
+    """Per layer, the sites whose values that layer adds to the residual stream (attention,
+    mixer, MLP outputs): GradDrop stops the gradient through them, one layer at a time."""
+    table = backend.sites()
+    per_layer = [
+        [str(Site(r, i)) for r in _COMPONENT_ORDER if str(Site(r, i)) in table]
+        for i in range(backend.n_layers)
+    ]
+    if backend.n_layers < 2 or not all(per_layer):
+        lacking = [i for i, sites in enumerate(per_layer) if not sites]
+        raise InputError(
+            f"GradDrop drops one layer's residual contribution at a time, so it needs two layers "
+            f"or more, each with attention, mixer or MLP output sites; backend "
+            f"{backend.name!r} has {backend.n_layers} layer(s)"
+            + (f" and layers {lacking} have none of those sites" if lacking else "")
+            + ". A model without a residual stream (a stacked RNN) has no such contribution: "
+            "use plain AtP (grad_drop=False)"
+        )
+    return per_layer
+
+
 def _attribution(
-    ctx: PatchRuns, grid: list[list[str | None]], axis: str, n_cols: int
+    ctx: PatchRuns,
+    grid: list[list[str | None]],
+    axis: str,
+    n_cols: int,
+    drops: list[list[str]] | None = None,
 ) -> list[list[float | None]]:
     """AtP. The gradient is taken with respect to a zero tensor *added* to each site through
     an `Edit`, so it is the derivative of the metric with respect to that site's value as the
@@ -289,11 +339,15 @@ def _attribution(
     here also when the caller runs under ``torch.no_grad()`` or ``torch.inference_mode()``."""
 
     with _gradients_possible(True):
-        return _attribution_grid(ctx, grid, axis, n_cols)
+        return _attribution_grid(ctx, grid, axis, n_cols, drops)
 
 
 def _attribution_grid(
-    ctx: PatchRuns, grid: list[list[str | None]], axis: str, n_cols: int
+    ctx: PatchRuns,
+    grid: list[list[str | None]],
+    axis: str,
+    n_cols: int,
+    drops: list[list[str]] | None = None,
 ) -> list[list[float | None]]:
     import torch
 
@@ -302,25 +356,18 @@ def _attribution_grid(
     # tensors made under inference_mode cannot take part in autograd: use normal copies
     batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in ctx.corrupted.items()}
     corrupted = backend.run(batch, capture=sites)
-    deltas = {s: torch.zeros_like(corrupted.activations[s], requires_grad=True) for s in sites}
-    result = backend.run(
-        batch,
-        capture=ctx.readout.capture,
-        edits=[Edit.add(s, deltas[s]) for s in sites],
-        grad=True,
-    )
-    logits, mask = ctx.readout.logits(result, grad=True)
-    value = mean_value(ctx.metric(logits, mask))
-    grads = torch.autograd.grad(value, [deltas[s] for s in sites], allow_unused=True)
-    cols = ctx.cols
-    valid = cols.valid
-    per_site: dict[str, torch.Tensor] = {}
-    for s, g in zip(sites, grads, strict=True):
-        diff = ctx.aligned(s) - corrupted.activations[s]
-        g = torch.zeros_like(diff) if g is None else g
-        contrib = (g.double() * diff.double()).flatten(2).sum(-1)  # (rows, seq)
-        safe = cols.corrupted.clamp(min=0)
-        per_site[s] = (contrib.gather(1, safe) * valid).sum(0)  # per column
+    if drops is None:
+        per_site = _atp_changes(ctx, batch, corrupted.activations, sites, [])
+    else:
+        # GradDrop: |estimate| with layer l's residual contributions detached, summed over
+        # layers and divided by L - 1 (a node inside layer l gets 0 from that layer's pass)
+        per_site = {}
+        for dropped in drops:
+            changes = _atp_changes(ctx, batch, corrupted.activations, sites, dropped)
+            for s, v in changes.items():
+                per_site[s] = per_site.get(s, 0) + v.abs()
+        per_site = {s: v / (len(drops) - 1) for s, v in per_site.items()}
+    gap = ctx.clean_metric - ctx.corrupted_metric
     out: list[list[float | None]] = []
     for row in grid:
         line: list[float | None] = []
@@ -330,6 +377,9 @@ def _attribution_grid(
                 line.append(None)
                 continue
             change = per_site[name][c] if axis == "position" else per_site[name].sum()
+            if drops is not None:  # a magnitude, as a share of the gap's magnitude
+                line.append(float(change) / abs(gap) if gap != 0 else float("nan"))
+                continue
             line.append(
                 gap_fraction(
                     ctx.corrupted_metric + float(change), ctx.corrupted_metric, ctx.clean_metric
@@ -337,6 +387,41 @@ def _attribution_grid(
             )
         out.append(line)
     return out
+
+
+def _atp_changes(
+    ctx: PatchRuns,
+    batch: dict[str, Any],
+    corrupted: dict[str, torch.Tensor],
+    sites: list[str],
+    dropped: list[str],
+) -> dict[str, torch.Tensor]:
+    """Per site, the AtP estimate of the metric's change per column, ``grad · (clean -
+    corrupted)`` summed over each column's rows; the gradient is taken with ``dropped`` sites
+    detached (their values unchanged, no gradient through them; GradDrop)."""
+    import torch
+
+    deltas = {s: torch.zeros_like(corrupted[s], requires_grad=True) for s in sites}
+    edits = [Edit.add(s, deltas[s]) for s in sites]
+    edits += [Edit.apply(s, _detached) for s in dropped]
+    result = ctx.backend.run(batch, capture=ctx.readout.capture, edits=edits, grad=True)
+    logits, mask = ctx.readout.logits(result, grad=True)
+    value = mean_value(ctx.metric(logits, mask))
+    grads = torch.autograd.grad(value, [deltas[s] for s in sites], allow_unused=True)
+    cols = ctx.cols
+    valid = cols.valid
+    per_site: dict[str, torch.Tensor] = {}
+    for s, g in zip(sites, grads, strict=True):
+        diff = ctx.aligned(s) - corrupted[s]
+        g = torch.zeros_like(diff) if g is None else g
+        contrib = (g.double() * diff.double()).flatten(2).sum(-1)  # (rows, seq)
+        safe = cols.corrupted.clamp(min=0)
+        per_site[s] = (contrib.gather(1, safe) * valid).sum(0)  # per column
+    return per_site
+
+
+def _detached(value: torch.Tensor) -> torch.Tensor:
+    return value.detach()
 
 
 def dim_decompose(

@@ -131,6 +131,10 @@ class PatchSweep(Result):
     attribution: list[list[float | None]] | None = None
     correlation: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    #: what ``attribution`` holds: "AtP" (signed), "AtP*" (signed; the softmax of the
+    #: patched query-key logits exact), or "AtP+GradDrop" / "AtP*+GradDrop" (magnitudes, as
+    #: shares of the gap's magnitude; ``correlation`` is then with the exact effects' magnitudes)
+    estimator: str = "AtP"
 
     def figure(self) -> Any:
         """Heat map(s): layers × columns, red = restores the clean behaviour."""
@@ -157,7 +161,7 @@ class PatchSweep(Result):
             fig.colorbar(image, ax=list(axes[0]), label="gap restored")
         title = f"{self.backend}: {self.metric}"
         if self.correlation is not None:
-            title += f" (exact vs AtP r = {self.correlation:.2f})"
+            title += f" (exact vs {self.estimator} r = {self.correlation:.2f})"
         fig.suptitle(title)
         return fig
 
@@ -169,7 +173,7 @@ class PatchSweep(Result):
         ]
         for name, matrix in (
             ("gap restored", self.gap_restored),
-            ("attribution (AtP)", self.attribution),
+            (f"attribution ({self.estimator})", self.attribution),
         ):
             if matrix is None:
                 continue
@@ -185,7 +189,11 @@ class PatchSweep(Result):
                 for r, row in zip(self.rows, matrix, strict=True)
             ]
         if self.correlation is not None:
-            lines += ["", f"Pearson correlation exact vs AtP: {self.correlation:.3f}"]
+            against = "|exact|" if "GradDrop" in self.estimator else "exact"
+            lines += [
+                "",
+                f"Pearson correlation {against} vs {self.estimator}: {self.correlation:.3f}",
+            ]
         return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from ...data import Contrast, pad_batch, padding_for
 from ...params import Param
 from ...registry import method
 from ._patch import activation_patch, dim_decompose, patch_sweep
+from ._qk import attention_node_sweep
 from ._results import DIMResult, PatchResult, PatchSweep, StatePatchResult
 from ._state import state_patch_sweep
 
@@ -116,10 +117,53 @@ def attribution_patch_method(
     positions: Positions = "all",
     exact: bool = False,
     batch_size: BatchSize = 64,
+    node: Annotated[
+        Literal["site", "key", "query"],
+        Param(help="what a cell patches: the site, or an attention layer's keys or queries"),
+    ] = "site",
+    estimator: Annotated[
+        Literal["atp", "atp*"],
+        Param(
+            help="atp*: the attention softmax of patched query-key logits exact (node key/query)"
+        ),
+    ] = "atp",
+    grad_drop: Annotated[
+        bool, Param(help="GradDrop: mean |estimate| over passes with one layer's gradient dropped")
+    ] = False,
 ) -> PatchSweep:
     """Attribution patching (AtP): every cell from one forward and one backward pass;
-    ``exact`` adds the exact sweep and the correlation of the two."""
+    ``exact`` adds the exact sweep and the correlation of the two. ``node`` key or query:
+    the cells are an attention layer's keys or queries per position (``estimator`` atp* for
+    AtP*'s exact softmax); ``grad_drop`` adds GradDrop (estimates magnitudes)."""
     clean, corrupted = batches(backend, data)
+    if node != "site":
+        if axis != "position" or site is not None or embed:
+            from ...errors import InputError
+
+            raise InputError(
+                f"node={node!r} sweeps attention layers x positions: leave axis, site and "
+                "embed at their defaults"
+            )
+        return attention_node_sweep(
+            backend,
+            clean,
+            corrupted,
+            node=node,
+            estimator=estimator,
+            grad_drop=grad_drop,
+            layers=layers,
+            positions=positions,
+            exact=exact,
+            batch_size=batch_size,
+        )
+    if estimator != "atp":
+        from ...errors import InputError
+
+        raise InputError(
+            f"estimator={estimator!r} recomputes the attention softmax of patched query-key "
+            "logits, so it needs node='key' or node='query'; a site cell's estimate is plain "
+            "AtP (add grad_drop=True for GradDrop)"
+        )
     return patch_sweep(
         backend,
         clean,
@@ -132,6 +176,7 @@ def attribution_patch_method(
         exact=exact,
         attribution=True,
         batch_size=batch_size,
+        grad_drop=grad_drop,
     )
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ._method import SAEReport, sae_method
 
 if TYPE_CHECKING:
+    from ._many import train_saes
     from ._metrics import SAEMetrics, SplicedLoss, reconstruction_metrics, spliced_loss
     from ._models import (
         SAE,
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
         canonical_sae_type,
     )
     from ._saelens import export_saelens, import_saelens
-    from ._train import fit_sae
+    from ._train import DictionaryJob, SAEJob, fit_sae, train_dictionaries
 
 #: Public names defined in modules that import torch, loaded on first use so that reading the
 #: ``sae`` method's parameters (``archscope info``) imports no torch.
@@ -46,7 +47,8 @@ _LAZY = {
         "._models",
     ),
     **dict.fromkeys(["export_saelens", "import_saelens"], "._saelens"),
-    "fit_sae": "._train",
+    **dict.fromkeys(["DictionaryJob", "SAEJob", "fit_sae", "train_dictionaries"], "._train"),
+    "train_saes": "._many",
 }
 
 
@@ -61,8 +63,10 @@ __all__ = [
     "SAE_TYPES",
     "BatchTopKSAE",
     "DenseSAE",
+    "DictionaryJob",
     "Rank1FactoredSAE",
     "SAEConfig",
+    "SAEJob",
     "SAEMetrics",
     "SAEReport",
     "SplicedLoss",
@@ -75,4 +79,6 @@ __all__ = [
     "reconstruction_metrics",
     "sae_method",
     "spliced_loss",
+    "train_dictionaries",
+    "train_saes",
 ]

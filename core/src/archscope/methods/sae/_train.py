@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -71,39 +71,86 @@ def _epochs_of(source: ActivationSource, epochs: int) -> Iterator[Iterable[Any]]
         yield source
 
 
-def _shuffled_batches(
-    chunks: Iterable[Any], dim: int, batch_size: int, buffer_size: int, gen: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Minibatches drawn from a shuffled buffer of up to ``buffer_size`` rows; half the
-    buffer is emitted whenever it fills, so rows of one chunk are spread over many batches."""
-    pending: list[torch.Tensor] = []
-    held = 0
-    for chunk in chunks:
-        rows = _as_rows(chunk, dim)
-        if len(rows) == 0:
-            continue
-        pending.append(rows)
-        held += len(rows)
-        if held >= buffer_size:
-            buf = torch.cat(pending)
-            buf = buf[torch.randperm(len(buf), generator=gen)]
-            n_out = max(batch_size, (len(buf) // 2) // batch_size * batch_size)
-            for start in range(0, n_out, batch_size):
-                yield buf[start : start + batch_size]
-            pending, held = [buf[n_out:]], len(buf) - n_out
-    if held:
-        buf = torch.cat(pending)
-        buf = buf[torch.randperm(len(buf), generator=gen)]
-        for start in range(0, len(buf), batch_size):
-            yield buf[start : start + batch_size]
+def _site_rows(chunk: Any, site: str | None, dim: int) -> torch.Tensor:
+    """The (n, dim) rows of ``site`` in a chunk; ``site`` None: the chunk is one site's
+    activations (a tensor, or a one-site `Collected`)."""
+    if site is None:
+        return _as_rows(chunk, dim)
+    acts = getattr(chunk, "activations", chunk)
+    if not isinstance(acts, Mapping) or site not in acts:
+        held = sorted(acts) if isinstance(acts, Mapping) else type(chunk).__name__
+        raise ParameterError(
+            f"a dictionary reads site {site!r}, but a chunk of the activations holds {held}; "
+            "collect every site the dictionaries read (e.g. iter_collect(backend, data, "
+            "sites)) or give a mapping site -> tensor"
+        )
+    return _as_rows(acts[site], dim)
 
 
-def _tensor_batches(
-    x: torch.Tensor, batch_size: int, gen: torch.Generator
-) -> Iterator[torch.Tensor]:
-    perm = torch.randperm(len(x), generator=gen)
-    for start in range(0, len(x), batch_size):
-        yield x.index_select(0, perm[start : start + batch_size].to(x.device))
+class _Feed:
+    """One job's minibatches: its own seeded generator and shuffle buffer, so what a job is
+    fed does not depend on which other jobs train beside it.
+
+    From chunks, rows gather in a buffer of up to ``buffer_size`` rows; half the buffer is
+    emitted whenever it fills, so rows of one chunk are spread over many batches. From whole
+    tensors, each epoch is one permutation of all rows."""
+
+    def __init__(self, job: DictionaryJob) -> None:
+        self.job = job
+        self.gen = torch.Generator().manual_seed(int(job.seed))
+        self.pending: list[tuple[torch.Tensor, ...]] = []
+        self.held = 0
+
+    def rows(self, chunk: Any) -> tuple[torch.Tensor, ...]:
+        rows = tuple(
+            _site_rows(chunk, site, dim)
+            for site, dim in zip(self.job.reads, self.job.dims, strict=True)
+        )
+        if len({len(r) for r in rows}) > 1:
+            raise ParameterError(
+                f"a dictionary reading {list(self.job.reads)} needs as many rows of each site "
+                f"per chunk, got {[len(r) for r in rows]}: read sites of the same kind "
+                "(token sites with token sites)"
+            )
+        return rows
+
+    def push(self, rows: tuple[torch.Tensor, ...]) -> Iterator[tuple[torch.Tensor, ...]]:
+        if len(rows[0]) == 0:
+            return
+        self.pending.append(rows)
+        self.held += len(rows[0])
+        size, batch = self.job.buffer_size, self.job.batch_size
+        if self.held >= size:
+            buf = self._shuffled()
+            n_out = max(batch, (len(buf[0]) // 2) // batch * batch)
+            for start in range(0, n_out, batch):
+                yield tuple(b[start : start + batch] for b in buf)
+            self.pending = [tuple(b[n_out:] for b in buf)]
+            self.held = len(buf[0]) - n_out
+
+    def flush(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        if self.held:
+            buf = self._shuffled()
+            for start in range(0, len(buf[0]), self.job.batch_size):
+                yield tuple(b[start : start + self.job.batch_size] for b in buf)
+        self.pending, self.held = [], 0
+
+    def _shuffled(self) -> tuple[torch.Tensor, ...]:
+        buf = tuple(torch.cat(parts) for parts in zip(*self.pending, strict=True))
+        perm = torch.randperm(len(buf[0]), generator=self.gen)
+        return tuple(b[perm] for b in buf)
+
+    def sample(self, rows: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Up to ``buffer_size`` random rows of whole tensors (the initialisation sample)."""
+        pick = torch.randperm(len(rows[0]), generator=self.gen)[: self.job.buffer_size]
+        return tuple(r.index_select(0, pick.to(r.device)) for r in rows)
+
+    def permuted(self, rows: tuple[torch.Tensor, ...]) -> Iterator[tuple[torch.Tensor, ...]]:
+        """One epoch over whole tensors: a permutation of all rows, in minibatches."""
+        perm = torch.randperm(len(rows[0]), generator=self.gen)
+        for start in range(0, len(rows[0]), self.job.batch_size):
+            part = perm[start : start + self.job.batch_size]
+            yield tuple(r.index_select(0, part.to(r.device)) for r in rows)
 
 
 # -- sparse pieces of the TopK steps --------------------------------------------------------
@@ -323,6 +370,232 @@ def _initialise(sae: SAE, sample: torch.Tensor) -> None:
         sae.b_dec.copy_(sample.mean(0) * sae.input_scale)
 
 
+@runtime_checkable
+class DictionaryJob(Protocol):
+    """One dictionary that `train_dictionaries` trains: what it reads and how it steps.
+
+    ``reads`` names the sites a batch holds, in order (None: the activations are one site's,
+    unnamed), ``dims`` their widths; a batch is a tuple of aligned (batch_size, dim) tensors,
+    one per read site (a transcoder reads its input and its output site). ``batch_size``,
+    ``buffer_size`` and ``seed`` fix the job's own minibatches: the trainer shuffles each job's
+    rows with a generator seeded by ``seed``, so a job gets the same batches whether it trains
+    alone or beside others. ``start(sample, device)`` is called once, before any step, with
+    up to ``buffer_size`` rows (initialise scales and biases from it); ``begin_epoch()`` at the
+    start of each epoch; ``step(batch, record)`` per minibatch (``record``: the last epoch,
+    whose statistics ``metrics()`` reports); ``finish()`` once at the end returns the
+    trained dictionary."""
+
+    @property
+    def reads(self) -> tuple[str | None, ...]: ...
+
+    @property
+    def dims(self) -> tuple[int, ...]: ...
+
+    batch_size: int
+    buffer_size: int
+    seed: int
+
+    def start(self, sample: tuple[torch.Tensor, ...], device: torch.device) -> None: ...
+
+    def begin_epoch(self) -> None: ...
+
+    def step(self, batch: tuple[torch.Tensor, ...], record: bool) -> None: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def finish(self) -> Any: ...
+
+
+class SAEJob:
+    """An SAE of ``config`` on ``site`` (None: unnamed activations) as a `DictionaryJob`;
+    ``sae`` continues training an existing SAE (its own hyper-parameters train it, ``config``
+    gives the batches)."""
+
+    def __init__(
+        self,
+        site: str | None,
+        config: SAEConfig,
+        *,
+        sae: SAE | None = None,
+        fitted_on: ArtifactFit | None = None,
+    ) -> None:
+        if not isinstance(config, SAEConfig):
+            raise ParameterError(
+                f"an SAE job takes an SAEConfig, got {type(config).__name__}; build one with "
+                "SAEConfig(input_dim=..., n_features=..., ...)"
+            )
+        self.site = site
+        self.config = config
+        self.continued = sae is not None
+        self.sae = sae if sae is not None else build_sae(config)
+        self.fitted_on = fitted_on
+        self.reads: tuple[str | None, ...] = (site,)
+        self.dims: tuple[int, ...] = (self.sae.input_dim,)
+        self.batch_size = int(config.batch_size)
+        self.buffer_size = int(config.buffer_size)
+        self.seed = int(config.seed)
+        self.trainer: _Trainer | None = None
+
+    def start(self, sample: tuple[torch.Tensor, ...], device: torch.device) -> None:
+        self.sae.to(device)
+        self.sae.train()
+        if not self.continued:
+            _initialise(self.sae, sample[0])
+        self.trainer = _Trainer(self.sae, device)
+
+    def _running(self) -> _Trainer:
+        if self.trainer is None:
+            raise ParameterError(
+                "SAEJob.start(sample, device) must be called before its steps (train_dictionaries "
+                "does so); a job cannot train before it is initialised"
+            )
+        return self.trainer
+
+    def begin_epoch(self) -> None:
+        self._running().reset_stats()
+
+    def step(self, batch: tuple[torch.Tensor, ...], record: bool) -> None:
+        self._running().step(batch[0], record)
+
+    def metrics(self) -> dict[str, float]:
+        return self._running().metrics()
+
+    def finish(self) -> SAE:
+        self.sae.last_metrics = self.metrics()
+        self.sae.eval()
+        _record_fit(self.sae, self.fitted_on)
+        return self.sae
+
+
+_END = object()
+
+
+def _whole(source: Any) -> Any:
+    """``source`` when it holds all activations at once (a tensor, a mapping site -> tensor,
+    a `Collected`), else None (an iterable of chunks or a function returning one)."""
+    if isinstance(source, torch.Tensor):
+        return source
+    acts = getattr(source, "activations", source)
+    if isinstance(acts, Mapping) and all(isinstance(v, torch.Tensor) for v in acts.values()):
+        return source
+    return None
+
+
+def train_dictionaries(
+    source: Any,
+    jobs: Sequence[DictionaryJob],
+    epochs: int = 1,
+    device: str | torch.device = "cpu",
+    *,
+    progress: Callable[[int, list[dict[str, float]]], None] | None = None,
+) -> list[Any]:
+    """Train every job from one pass over ``source`` per epoch; one result per job, in order.
+
+    ``source``: all activations at once (a tensor for jobs reading unnamed activations, a
+    mapping site -> tensor or a `Collected` for jobs naming sites) or chunks of them (an
+    iterable, re-iterable for several epochs, or a function returning a fresh one per epoch),
+    each chunk a tensor, a mapping site -> tensor or a `Collected` batch. Each chunk is read
+    once and handed to every job; each job shuffles and batches its rows with its own seeded
+    generator, so its result equals training it alone on the same source.
+    ``progress(epoch, [metrics per job])`` is called after each epoch."""
+    jobs = _checked_jobs(jobs, epochs)
+    dev = torch.device(device)
+    feeds = [_Feed(job) for job in jobs]
+    whole = _whole(source)
+    if whole is not None:
+        rows = [feed.rows(whole) for feed in feeds]
+        samples = [feed.sample(r) for feed, r in zip(feeds, rows, strict=True)]
+    else:
+        epoch_sources = _epochs_of(source, epochs)
+        samples, first_chunks = _head(iter(next(epoch_sources)), feeds)
+    for job, sample in zip(jobs, samples, strict=True):
+        if len(sample[0]) == 0:
+            where = "" if job.reads == (None,) else f" of {', '.join(map(str, job.reads))}"
+            raise ParameterError(
+                f"a dictionary got no activations{where} (an empty tensor or iterable)"
+            )
+        job.start(sample, dev)
+    for epoch in range(epochs):
+        for job in jobs:
+            job.begin_epoch()
+        if whole is not None:
+            _epoch(feeds, rows, None, record=epoch == epochs - 1)
+        else:
+            chunks = first_chunks if epoch == 0 else next(epoch_sources)
+            _epoch(feeds, None, chunks, record=epoch == epochs - 1)
+        if progress is not None:
+            progress(epoch, [job.metrics() for job in jobs])
+    return [job.finish() for job in jobs]
+
+
+def _epoch(
+    feeds: list[_Feed],
+    rows: list[tuple[torch.Tensor, ...]] | None,
+    chunks: Iterable[Any] | None,
+    record: bool,
+) -> None:
+    """One epoch of every job: over whole tensors (``rows`` per job), or over ``chunks``,
+    each chunk read once and handed to every job."""
+    if rows is not None:
+        for feed, r in zip(feeds, rows, strict=True):
+            for batch in feed.permuted(r):
+                feed.job.step(batch, record)
+        return
+    assert chunks is not None
+    for chunk in chunks:
+        for feed in feeds:
+            for batch in feed.push(feed.rows(chunk)):
+                feed.job.step(batch, record)
+    for feed in feeds:
+        for batch in feed.flush():
+            feed.job.step(batch, record)
+
+
+def _checked_jobs(jobs: Sequence[DictionaryJob], epochs: int) -> list[DictionaryJob]:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ParameterError(f"epochs must be an int >= 1, got {epochs!r}")
+    jobs = list(jobs)
+    if not jobs:
+        raise ParameterError("no dictionary jobs were given: pass at least one (e.g. SAEJob)")
+    for job in jobs:
+        if not isinstance(job, DictionaryJob):
+            raise ParameterError(
+                f"{type(job).__name__} is not a dictionary job: it needs reads, dims, "
+                "batch_size, buffer_size, seed and start/begin_epoch/step/metrics/finish "
+                "(see DictionaryJob)"
+            )
+        if job.batch_size < 1:
+            raise ParameterError(f"batch_size must be >= 1, got {job.batch_size}")
+    return jobs
+
+
+def _head(
+    it: Iterator[Any], feeds: list[_Feed]
+) -> tuple[list[tuple[torch.Tensor, ...]], Iterable[Any]]:
+    """Each job's initialisation sample (the rows of the first chunks that give it
+    ``buffer_size`` rows), and the first epoch's chunks, those read here included."""
+    head: list[Any] = []
+    parts: list[list[tuple[torch.Tensor, ...]]] = [[] for _ in feeds]
+    counts = [0] * len(feeds)
+    while any(c < feed.job.buffer_size for c, feed in zip(counts, feeds, strict=True)):
+        chunk = next(it, _END)
+        if chunk is _END:
+            break
+        head.append(chunk)
+        for i, feed in enumerate(feeds):
+            if counts[i] < feed.job.buffer_size:
+                got = feed.rows(chunk)
+                parts[i].append(got)
+                counts[i] += len(got[0])
+    samples = [
+        tuple(torch.cat(p) for p in zip(*part, strict=True))
+        if part
+        else tuple(torch.zeros(0, d) for d in feed.job.dims)
+        for part, feed in zip(parts, feeds, strict=True)
+    ]
+    return samples, itertools.chain(head, it)
+
+
 def fit_sae(
     activations: ActivationSource,
     config: SAEConfig,
@@ -346,56 +619,20 @@ def fit_sae(
 
     ``fitted_on`` (`archscope.ArtifactFit.of(backend, site)`) records where the activations
     come from, so that the saved SAE refuses another model on load; a `StoreReader` of an
-    activation store records it by itself. Non-finite activations are refused.
+    activation store records it by itself. Non-finite activations are refused. This is
+    `train_dictionaries` with one job; several SAEs over one pass: `train_saes`.
     """
     if not isinstance(epochs, int) or epochs < 1:
         raise ParameterError(f"epochs must be an int >= 1, got {epochs!r}")
     if config.batch_size < 1:
         raise ParameterError(f"batch_size must be >= 1, got {config.batch_size}")
-    dev = torch.device(device)
-    model = sae if sae is not None else build_sae(config)
-    model.to(dev)
-    model.train()
-    gen = torch.Generator().manual_seed(int(config.seed))
-    dim = model.input_dim
-    epoch_sources = _epochs_of(activations, epochs)
-    first = next(epoch_sources)
-    # the first buffer-full of rows initialises scale and bias; it is then trained on as usual
-    if isinstance(activations, torch.Tensor):
-        rows = _as_rows(activations, dim)
-        pick = torch.randperm(len(rows), generator=gen)[: config.buffer_size].to(rows.device)
-        sample = rows.index_select(0, pick)
-        first_chunks: Iterable[Any] = first
-    else:
-        it = iter(first)
-        head: list[torch.Tensor] = []
-        for chunk in it:
-            head.append(_as_rows(chunk, dim))
-            if sum(len(h) for h in head) >= config.buffer_size:
-                break
-        sample = torch.cat(head) if head else torch.zeros(0, dim)
-        first_chunks = itertools.chain(head, it)
-    if len(sample) == 0:
-        raise ParameterError("fit_sae got no activations (an empty tensor or iterable)")
-    if sae is None:
-        _initialise(model, sample)
-    trainer = _Trainer(model, dev)
-    for epoch in range(epochs):
-        chunks = first_chunks if epoch == 0 else next(epoch_sources)
-        record = epoch == epochs - 1
-        trainer.reset_stats()
-        if isinstance(activations, torch.Tensor):
-            batches = _tensor_batches(_as_rows(activations, dim), config.batch_size, gen)
-        else:
-            batches = _shuffled_batches(chunks, dim, config.batch_size, config.buffer_size, gen)
-        for batch in batches:
-            trainer.step(batch, record)
-        if progress is not None:
-            progress(epoch, trainer.metrics())
-    model.last_metrics = trainer.metrics()
-    model.eval()
-    _record_fit(model, fitted_on if fitted_on is not None else _store_fit(activations, dim))
-    return model
+    job = SAEJob(None, config, sae=sae)
+    job.fitted_on = (
+        fitted_on if fitted_on is not None else _store_fit(activations, job.sae.input_dim)
+    )
+    each = None if progress is None else (lambda epoch, metrics: progress(epoch, metrics[0]))
+    trained: SAE = train_dictionaries(activations, [job], epochs, device, progress=each)[0]
+    return trained
 
 
 def _record_fit(model: SAE, fit: ArtifactFit | None) -> None:
