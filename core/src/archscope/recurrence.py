@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
+from .errors import SiteError
 from .hookpoints import SiteTable
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ def declare_write_sites(
     this architecture)."""
     unknown = set(shapes) - (set(WRITE_ROLES) - {"effective_attention"})
     if unknown:
-        raise ValueError(
+        raise SiteError(
             f"unknown write role(s) {sorted(unknown)}; valid: "
             f"{sorted(set(WRITE_ROLES) - {'effective_attention'})}"
         )
