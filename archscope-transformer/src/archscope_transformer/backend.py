@@ -25,6 +25,8 @@ from archscope.engine import (
 )
 from archscope.modules import accepts
 
+from .freeze import CANNOT_FREEZE, FREEZES
+from .freeze import frozen_run as _frozen_run
 from .structure import (
     Structure,
     StructureError,
@@ -68,9 +70,21 @@ class TransformerBackend(HookBackend):
     edits_unhooked = True  # logits edits are applied in _forward
     description = "Hugging Face decoder-only language models, mapped by structure"
     capabilities = frozenset(
-        {"residual", "components", "mlp_hidden", "unembed", "logits", "attention_patterns", "edit"}
+        {
+            "residual",
+            "components",
+            "mlp_hidden",
+            "unembed",
+            "logits",
+            "attention_patterns",
+            "edit",
+            "freeze",
+        }
     )
     padding = "both"
+    #: What `frozen_run` holds and what it cannot (`archscope.freeze`).
+    freezes = FREEZES
+    cannot_freeze = CANNOT_FREEZE
 
     def __init__(self, model: Any) -> None:
         self._map(model)
@@ -231,6 +245,12 @@ class TransformerBackend(HookBackend):
             model.set_attn_implementation(wanted)
         else:  # older modelling files read the config at every call
             model.config._attn_implementation = wanted
+
+    # -- freezing ------------------------------------------------------------------------------
+    def frozen_run(self, values: Any) -> contextlib.AbstractContextManager[None]:
+        """Runs with attention patterns, norm scales and MLP nonlinearities held at the values
+        in ``values`` (`archscope.freeze`; `archscope_transformer.freeze`)."""
+        return _frozen_run(self, values)
 
     # -- unembedding ---------------------------------------------------------------------------
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:
