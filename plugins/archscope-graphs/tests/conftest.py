@@ -130,3 +130,23 @@ def tiny_gpt2() -> Any:
 
     model = tiny_model("gpt2", n_layers=2)
     return archscope.Backend.for_model(model)
+
+
+@pytest.fixture(scope="session")
+def zoo() -> Any:
+    """The zoo's transformer, Mamba and LSTM: name -> (model, tokenizer, backend)."""
+    import archscope_zoo
+
+    return {name: archscope_zoo.load(name) for name in ("transformer", "mamba", "lstm")}
+
+
+@pytest.fixture(scope="session")
+def zoo_transcoders(zoo: Any) -> list[TinyTranscoder]:
+    """Transcoders of the zoo transformer's MLPs, fitted on a few held-out documents (the
+    package's own trainer should replace `train_transcoders` once it is on this branch)."""
+    import archscope_zoo
+
+    _, tokenizer, backend = zoo["transformer"]
+    rows = [tokenizer.encode(t)[:40] for t in archscope_zoo.datasets("heldout", n=8)]
+    rows = [r for r in rows if len(r) == 40]
+    return train_transcoders(backend, torch.tensor(rows), n_features=64, steps=150)

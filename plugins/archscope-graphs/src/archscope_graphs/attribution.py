@@ -291,32 +291,35 @@ def _fill_rows(
 
 
 def bias_terms(rm: ReplacementModel, graph: AttributionGraph) -> torch.Tensor:
-    """Per logit target of ``graph``: what no node explains, computed independently of the
-    graph's rows: the frozen model's logit with every input (embeddings, written sites) set to
-    zero, plus the transcoders' decoder biases carried to the logit (gradient · bias)."""
-    zero = rm.leaf_zero_logits()
-    seq = rm.prompt.shape[1]
+    """Per target row of ``graph`` (`AttributionGraph.targets` first, then every feature
+    row, in node order): what no node explains, computed without the graph's rows: one run of
+    the frozen model in which the embeddings are zero and each written site holds only the
+    transcoders' decoder biases (its skip terms stay live). By linearity this is the target's
+    value minus the sum of its row."""
+    bias_only: dict[str, torch.Tensor] = {"embed": torch.zeros_like(rm.embed)}
+    for site, value in rm.writes.items():
+        total = torch.zeros_like(value)
+        for t, acts in zip(rm.transcoders, rm.acts, strict=True):
+            if site in t.write_sites:
+                total = total + t.decode(torch.zeros_like(acts), site).float()
+        bias_only[site] = total
+    with torch.no_grad():
+        live = rm.run(1, bias_only)
     out = []
-    for i in graph.targets:
-        tok = graph.nodes[i].index or 0
-        live = rm.run(1)
-        if rm.transcoders:
-            grads = torch.autograd.grad(
-                live.logits[0, seq - 1, tok],
-                [live.leaves[s] for s in rm.writes],
-                allow_unused=True,
-                materialize_grads=True,
-            )
-            dec_bias = 0.0
-            for site, grad in zip(rm.writes, grads, strict=True):
-                for t, acts in zip(rm.transcoders, rm.acts, strict=True):
-                    if site in t.write_sites:
-                        bias = t.decode(torch.zeros_like(acts[:1]), site)[0].float()
-                        dec_bias += float((grad[0] * bias).sum())
+    for i in bias_rows(graph):
+        node = graph.nodes[i]
+        if node.kind == "logit":
+            out.append(float(live.logits[0, node.position, node.index or 0]))
         else:
-            dec_bias = 0.0
-        out.append(float(zero[seq - 1, tok]) + dec_bias)
-    return torch.tensor(out)
+            t = next(t for t in rm.transcoders if t.read_site == node.site)
+            enc = t.encoder()[node.index or 0].float()
+            out.append(float(live.reads[t.read_site][0, node.position].float() @ enc))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def bias_rows(graph: AttributionGraph) -> list[int]:
+    """The rows `bias_terms` covers: the logits, then the features (node order)."""
+    return [*graph.targets, *(i for i, n in enumerate(graph.nodes) if n.kind == "feature")]
 
 
 def _token_strings(backend: Any, tokens: list[int]) -> list[str]:
