@@ -150,3 +150,9 @@ def zoo_transcoders(zoo: Any) -> list[TinyTranscoder]:
     rows = [tokenizer.encode(t)[:40] for t in archscope_zoo.datasets("heldout", n=8)]
     rows = [r for r in rows if len(r) == 40]
     return train_transcoders(backend, torch.tensor(rows), n_features=64, steps=150)
+
+
+@pytest.fixture(scope="session")
+def make_transcoders() -> Any:
+    """`random_transcoders` (test modules are not importable from each other)."""
+    return random_transcoders

@@ -305,15 +305,17 @@ def bias_terms(rm: ReplacementModel, graph: AttributionGraph) -> torch.Tensor:
         bias_only[site] = total
     with torch.no_grad():
         live = rm.run(1, bias_only)
+    logits = live.logits.detach()
+    reads = {k: v.detach() for k, v in live.reads.items()}
     out = []
     for i in bias_rows(graph):
         node = graph.nodes[i]
         if node.kind == "logit":
-            out.append(float(live.logits[0, node.position, node.index or 0]))
+            out.append(float(logits[0, node.position, node.index or 0]))
         else:
             t = next(t for t in rm.transcoders if t.read_site == node.site)
             enc = t.encoder()[node.index or 0].float()
-            out.append(float(live.reads[t.read_site][0, node.position].float() @ enc))
+            out.append(float(reads[t.read_site][0, node.position].float() @ enc))
     return torch.tensor(out, dtype=torch.float64)
 
 
