@@ -12,6 +12,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> Any:
+    """These tests run small matrices; on a shared machine torch's intra-op threads cost far
+    more than they give (measured 60x slower with 2 threads under load). Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class TinyTranscoder:
     """A ReLU transcoder: ``a = relu(W_enc (x − b_pre) + b_enc)``, written to each site as
     ``a W_dec[site] + b_dec[site]``, with an optional linear skip ``x W_skip[site]``."""
@@ -147,12 +157,27 @@ def zoo_transcoders(zoo: Any) -> list[TinyTranscoder]:
     import archscope_zoo
 
     _, tokenizer, backend = zoo["transformer"]
-    rows = [tokenizer.encode(t)[:40] for t in archscope_zoo.datasets("heldout", n=8)]
+    rows = [tokenizer.encode(t)[:40] for t in archscope_zoo.datasets("heldout", n=32)]
     rows = [r for r in rows if len(r) == 40]
-    return train_transcoders(backend, torch.tensor(rows), n_features=64, steps=150)
+    return train_transcoders(backend, torch.tensor(rows), n_features=64, steps=300)
 
 
 @pytest.fixture(scope="session")
 def make_transcoders() -> Any:
     """`random_transcoders` (test modules are not importable from each other)."""
     return random_transcoders
+
+
+@pytest.fixture(scope="session")
+def transcoder_class() -> type[TinyTranscoder]:
+    return TinyTranscoder
+
+
+@pytest.fixture(scope="session")
+def tiny_fitted(tiny_llama: Any, tiny_gpt2: Any) -> dict[str, list[TinyTranscoder]]:
+    """Transcoders fitted to the tiny llama's and gpt2's MLPs on random token ids."""
+    ids = torch.randint(4, 90, (16, 24), generator=torch.Generator().manual_seed(5))
+    return {
+        "llama": train_transcoders(tiny_llama, ids, n_features=64, steps=200),
+        "gpt2": train_transcoders(tiny_gpt2, ids, n_features=64, steps=200),
+    }
