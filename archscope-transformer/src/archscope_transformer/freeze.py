@@ -91,7 +91,7 @@ def _fused_query_key_width(backend: Any, attention: Any, proj: Any) -> int:
     head_dim = getattr(config, "head_dim", None) or (d // heads if heads else None)
     if heads and head_dim:
         return int((heads + kv) * head_dim)
-    return 2 * d
+    return int(2 * d)
 
 
 def _hold_output(values: FrozenValues, key: Any) -> Any:

@@ -138,3 +138,20 @@ def test_bad_input_is_refused_clearly(tiny_llama: Any, make_transcoders: Any) ->
     tc.read_site = "layer_9.mlp_in"
     with pytest.raises(SiteError, match="layer_9.mlp_in"):
         attribute(tiny_llama, _ids(), transcoders=[tc])
+
+
+def test_a_contrast_target_explains_a_logit_difference(
+    tiny_llama: Any, make_transcoders: Any
+) -> None:
+    tcs = make_transcoders(tiny_llama.site_info("layer_0.mlp").dim, 2)
+    with ReplacementModel.build(tiny_llama, _ids(), tcs) as rm:
+        graph = _graph(rm, (7, 9), 1, 0.95, 8, 0.0)
+        bias = bias_terms(rm, graph)
+        plain7 = _graph(rm, 7, 1, 0.95, 8, 0.0)
+        plain9 = _graph(rm, 9, 1, 0.95, 8, 0.0)
+    _check_rows_add_up(graph, bias)
+    row = graph.adjacency[graph.targets[0]]
+    expected = plain7.adjacency[plain7.targets[0]] - plain9.adjacency[plain9.targets[0]]
+    torch.testing.assert_close(row, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ParameterError, match="pair"):
+        attribute(tiny_llama, _ids(), target=(7, 7))

@@ -54,7 +54,7 @@ def attribute(
     prompt: Any,
     *,
     transcoders: Sequence[Transcoder] | None = None,
-    target: int | str | None = None,
+    target: int | str | tuple[int, int] | None = None,
     max_logits: int = 10,
     desired_logit_prob: float = 0.95,
     node_threshold: float = 0.8,
@@ -67,7 +67,9 @@ def attribute(
     on ``backend`` with ``transcoders`` replacing the sites they write.
 
     ``target``: a token id (or a one-token string) whose logit at the last position the graph
-    explains; None = the top logits (``max_logits``, ``desired_logit_prob``). ``prune=False``
+    explains, or a pair ``(good, bad)`` of token ids: the logit difference good − bad (the
+    contrast removes what raises both, e.g. "a word of this class comes next"); None = the top
+    logits (``max_logits``, ``desired_logit_prob``). ``prune=False``
     returns the whole graph (scores are computed on both). ``feature_threshold``: features with
     activation at or below it are not nodes."""
     _check(max_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size)
@@ -116,6 +118,8 @@ def _target_tokens(
 ) -> tuple[list[int], list[float]]:
     probs = torch.softmax(rm.logits[-1].double(), -1)
     if target is not None:
+        if isinstance(target, bool):
+            raise ParameterError(f"attribute: target must be a token id, got {target!r}")
         if isinstance(target, str):
             tokenizer = getattr(rm.backend, "tokenizer", None)
             ids = tokenizer.encode(target, add_special_tokens=False) if tokenizer else []
@@ -142,6 +146,21 @@ def _target_tokens(
     return tokens, ps
 
 
+def _split_target(
+    rm: ReplacementModel, target: int | str | tuple[int, int] | None
+) -> tuple[int | str | None, int | None]:
+    """(the target, the contrast token or None)."""
+    if not isinstance(target, tuple):
+        return target, None
+    if len(target) != 2 or target[0] == target[1]:
+        raise ParameterError(
+            f"attribute: a contrast target is a pair (good, bad) of two different token ids, "
+            f"got {target!r}"
+        )
+    _target_tokens(rm, target[1], 1, 1.0)  # checks the id
+    return target[0], int(target[1])
+
+
 def _layer_of(site: str, default: int) -> int:
     parsed = Site.parse(site)
     return parsed.layer if parsed.layer is not None else default
@@ -149,7 +168,7 @@ def _layer_of(site: str, default: int) -> int:
 
 def _graph(
     rm: ReplacementModel,
-    target: int | str | None,
+    target: int | str | tuple[int, int] | None,
     max_logits: int,
     desired: float,
     batch_size: int,
@@ -190,6 +209,7 @@ def _graph(
     for p in range(seq):
         nodes.append(Node(f"E_{tokens[p]}_{p}", "embedding", -1, p, tokens[p], site="embed"))
         rows.append(None)
+    target, contrast = _split_target(rm, target)
     targets_tok, probs = _target_tokens(rm, target, max_logits, desired)
     vocab = rm.logits.shape[-1]
     first_logit = len(nodes)
@@ -197,9 +217,7 @@ def _graph(
         nodes.append(
             Node(f"L_{tok}_{seq - 1}", "logit", n_layers, seq - 1, tok, prob, site="logits")
         )
-        onehot = torch.zeros(vocab)
-        onehot[tok] = 1.0
-        rows.append(_Row("logits", seq - 1, onehot))
+        rows.append(_Row("logits", seq - 1, _logit_vector(vocab, tok, contrast)))
     adjacency = torch.zeros(len(nodes), len(nodes))
     targets = [i for i, r in enumerate(rows) if r is not None]
     _fill_rows(rm, rows, targets, active, n_features, n_errors, adjacency, batch_size)
@@ -208,7 +226,7 @@ def _graph(
         row = rows[i]
         assert row is not None
         if row.site == "logits":
-            values[i] = rm.logits[row.position, nodes[i].index or 0]
+            values[i] = rm.logits[row.position] @ row.vector
         else:
             values[i] = rm.reads[row.site][row.position] @ row.vector
     strings = _token_strings(rm.backend, tokens)
@@ -228,8 +246,19 @@ def _graph(
             "n_features": n_features,
             "n_errors": n_errors,
             "seq": seq,
+            "contrast_token": contrast,
         },
     )
+
+
+def _logit_vector(vocab: int, token: int, contrast: int | None) -> torch.Tensor:
+    """The direction in logit space a logit row explains: ``token``'s logit, minus
+    ``contrast``'s when given."""
+    vector = torch.zeros(vocab)
+    vector[token] = 1.0
+    if contrast is not None:
+        vector[contrast] = -1.0
+    return vector
 
 
 def _fill_rows(
@@ -311,7 +340,10 @@ def bias_terms(rm: ReplacementModel, graph: AttributionGraph) -> torch.Tensor:
     for i in bias_rows(graph):
         node = graph.nodes[i]
         if node.kind == "logit":
-            out.append(float(logits[0, node.position, node.index or 0]))
+            vector = _logit_vector(
+                logits.shape[-1], node.index or 0, graph.metadata.get("contrast_token")
+            )
+            out.append(float(logits[0, node.position].float() @ vector))
         else:
             t = next(t for t in rm.transcoders if t.read_site == node.site)
             enc = t.encoder()[node.index or 0].float()

@@ -72,15 +72,17 @@ def measure(
     *,
     scale: float = 0.0,
     transcoders: Sequence[Transcoder] = (),
+    contrast: int | None = None,
 ) -> float:
-    """The change of ``token``'s logit at the last position when ``node`` is scaled by
-    ``scale`` in the real model (0 = ablated)."""
+    """The change of ``token``'s logit (minus ``contrast``'s, when given) at the last position
+    when ``node`` is scaled by ``scale`` in the real model (0 = ablated)."""
     ids = _prompt_ids(backend, prompt)
     clean = backend.run(ids, capture=["embed", "logits"])
     edits = node_edits(node, scale, transcoders, clean.activations["embed"][0])
     edited = backend.run(ids, capture=["logits"], edits=edits)
     assert clean.logits is not None and edited.logits is not None
-    return float(edited.logits[0, -1, token] - clean.logits[0, -1, token])
+    change = edited.logits[0, -1] - clean.logits[0, -1]
+    return float(change[token] - (change[contrast] if contrast is not None else 0.0))
 
 
 def predict(graph: AttributionGraph, source: int, target: int, scale: float = 0.0) -> float:
@@ -131,7 +133,15 @@ def check_graph(
     chosen = sorted(candidates, key=lambda i: -float(influence[i]))[:n]
     predicted = [predict(graph, i, target, scale) for i in chosen]
     measured = [
-        measure(backend, prompt, graph.nodes[i], token, scale=scale, transcoders=transcoders)
+        measure(
+            backend,
+            prompt,
+            graph.nodes[i],
+            token,
+            scale=scale,
+            transcoders=transcoders,
+            contrast=graph.metadata.get("contrast_token"),
+        )
         for i in chosen
     ]
     return {
