@@ -30,6 +30,8 @@ from archscope.engine import (
 )
 
 from .continuing import Plan
+from .freeze import CANNOT_FREEZE, FREEZES
+from .freeze import frozen_run as _frozen_run
 from .structure import (
     ATTENTION,
     EMBED_NAMES,
@@ -102,13 +104,22 @@ class HybridBackend(HookBackend):
             "state_patch",
             "attention_patterns",
             "edit",
+            "freeze",
         }
     )
     priority = 10
     padding = "both"
+    #: What `frozen_run` holds and what it cannot (`archscope_hybrid.freeze`).
+    freezes = FREEZES
+    cannot_freeze = CANNOT_FREEZE
     # A right-padded row's state keeps evolving over the pads (the decay of a gated delta net
     # applies at every position): the core reads states from passes trimmed to each length.
     regroup_states = True
+
+    def frozen_run(self, values: Any) -> contextlib.AbstractContextManager[None]:
+        """Runs with gated-delta-net factors, attention patterns, MLP gates and norm scales
+        held at ``values`` (`archscope.freeze`; `archscope_hybrid.freeze`)."""
+        return _frozen_run(self, values)
 
     @classmethod
     def can_handle(cls, model: Any) -> float | None:

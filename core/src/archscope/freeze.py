@@ -108,6 +108,10 @@ class FrozenValues:
         """A new forward pass begins: repeated calls are counted from zero again."""
         self._calls.clear()
 
+    def recorded(self, key: Hashable) -> bool:
+        """Whether the prompt's run held a factor under ``key``."""
+        return key in self._records
+
     def hold(self, key: Hashable, factor: torch.Tensor) -> torch.Tensor:
         """The held value of ``factor``: while recording, ``factor`` itself (detached, and
         remembered); afterwards, the recorded value, expanded over the batch (dim 0) when the
@@ -202,14 +206,10 @@ def frozen_norm(
 
     weight = getattr(module, "weight", None)
     bias = getattr(module, "bias", None)
-    eps = getattr(module, "eps", None)
-    if eps is None:
-        eps = getattr(module, "variance_epsilon", None)
-    if eps is None:
-        eps = 1e-6
+    eps = next(
+        (e for e in (getattr(module, n, None) for n in ("eps", "variance_epsilon")) if e), 1e-6
+    )
     xf = x.float()
-    if isinstance(eps, tuple):  # pragma: no cover - defensive
-        eps = eps[0]
     candidates: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
     mean = xf.mean(-1, keepdim=True)
     var = (xf - mean).pow(2).mean(-1, keepdim=True)
@@ -231,6 +231,10 @@ def frozen_norm(
         scale = torch.rsqrt(ms + eps)
         candidates.append(("rms", lambda s: affine(xf * s, False)))
         candidates.append(("rms1", lambda s: affine(xf * s, True)))
+    if not values.recording:  # the form the prompt's run found
+        for form, fn in candidates:
+            if values.recorded((key, form)):
+                return fn(values.hold((key, form), scale)).to(out.dtype)
     tol = 1e-3 * (1.0 + float(out.detach().abs().max()))
     for form, fn in candidates:
         with torch.no_grad():

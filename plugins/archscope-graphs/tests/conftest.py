@@ -181,3 +181,15 @@ def tiny_fitted(tiny_llama: Any, tiny_gpt2: Any) -> dict[str, list[TinyTranscode
         "llama": train_transcoders(tiny_llama, ids, n_features=64, steps=200),
         "gpt2": train_transcoders(tiny_gpt2, ids, n_features=64, steps=200),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid() -> Any:
+    """A tiny Qwen3.5 text model: gated delta nets and attention layers, dense MLPs."""
+    import archscope
+    from archscope_hybrid.testing import make_model, missing
+
+    reason = missing("qwen3_5_text")
+    if reason is not None:  # the oldest transformers the packages allow lacks the family
+        pytest.skip(reason)
+    return archscope.Backend.for_model(make_model("qwen3_5_text"))

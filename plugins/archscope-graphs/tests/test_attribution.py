@@ -53,10 +53,14 @@ def test_transformer_rows_add_up_to_logits_and_features(
     _check_rows_add_up(graph, bias)
 
 
-@pytest.mark.parametrize("name", ["mamba", "lstm"])
-def test_recurrent_rows_add_up_to_logits(name: str, zoo: Any, make_transcoders: Any) -> None:
-    _, tokenizer, backend = zoo[name]
-    ids = torch.tensor([tokenizer.encode("the cat sat on the mat and the dog")])
+@pytest.mark.parametrize("name", ["mamba", "lstm", "qwen3.5-hybrid"])
+def test_recurrent_rows_add_up_to_logits(name: str, request: Any) -> None:
+    if name == "qwen3.5-hybrid":
+        backend = request.getfixturevalue("tiny_hybrid")
+        ids = _ids(9)
+    else:
+        _, tokenizer, backend = request.getfixturevalue("zoo")[name]
+        ids = torch.tensor([tokenizer.encode("the cat sat on the mat and the dog")])
     graph, bias = _full_graph(backend, ids, None)
     assert {n.kind for n in graph.nodes} == {"embedding", "logit"}
     _check_rows_add_up(graph, bias)

@@ -14,17 +14,14 @@ import archscope
 from archscope import Edit
 from archscope.freeze import FreezeError, freeze
 
-
-def _backends(zoo: Any, tiny_llama: Any, tiny_gpt2: Any) -> dict[str, Any]:
-    return {
-        "llama": tiny_llama,
-        "gpt2": tiny_gpt2,
-        "zoo-mamba": zoo["mamba"][2],
-        "zoo-lstm": zoo["lstm"][2],
-    }
+FAMILIES = ["llama", "gpt2", "zoo-mamba", "zoo-lstm", "qwen3.5-hybrid"]
 
 
-FAMILIES = ["llama", "gpt2", "zoo-mamba", "zoo-lstm"]
+def _backend(family: str, request: Any) -> Any:
+    if family.startswith("zoo-"):
+        return request.getfixturevalue("zoo")[family[4:]][2]
+    name = {"llama": "tiny_llama", "gpt2": "tiny_gpt2", "qwen3.5-hybrid": "tiny_hybrid"}
+    return request.getfixturevalue(name[family])
 
 
 def _ids(backend: Any, seq: int = 6, seed: int = 0) -> torch.Tensor:
@@ -47,9 +44,9 @@ def _hooks(model: Any) -> int:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_frozen_run_is_the_model_at_the_prompt_and_affine_around_it(
-    family: str, zoo: Any, tiny_llama: Any, tiny_gpt2: Any
+    family: str, request: Any
 ) -> None:
-    backend = _backends(zoo, tiny_llama, tiny_gpt2)[family]
+    backend = _backend(family, request)
     ids = _ids(backend)
     real = backend.run(ids, capture=["embed", "logits"])
     embed = real.activations["embed"]
