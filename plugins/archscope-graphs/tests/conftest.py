@@ -6,20 +6,30 @@ fixtures should be switched to it (marked below)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _one_thread() -> Any:
-    """These tests run small matrices; on a shared machine torch's intra-op threads cost far
-    more than they give (measured 60x slower with 2 threads under load). Restored after."""
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Small matrices: on a shared machine torch's intra-op threads cost far more than they
+    give (a training step measured 60x slower with 2 threads under load). Restored after."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    with one_thread():
+        yield
 
 
 class TinyTranscoder:
@@ -91,6 +101,13 @@ def train_transcoders(
 ) -> list[TinyTranscoder]:
     """Fit one ReLU transcoder per layer on ``ids`` (the model's MLP input → MLP output), with
     an L1 penalty. (To be switched to the package's trainer once it is on this branch.)"""
+    with one_thread():
+        return _train(backend, ids, n_features, steps, seed)
+
+
+def _train(
+    backend: Any, ids: torch.Tensor, n_features: int, steps: int, seed: int
+) -> list[TinyTranscoder]:
     sites = [f"layer_{i}.mlp_in" for i in range(backend.n_layers)]
     outs = [f"layer_{i}.mlp" for i in range(backend.n_layers)]
     acts = backend.run(ids, capture=[*sites, *outs]).activations
