@@ -147,6 +147,7 @@ def test_site_metadata_matches_the_captured_shapes(family: str) -> None:
         "logits",
         "attention_patterns",
         "edit",
+        "freeze",
     }
     assert backend.layer_names() == ["layer_0.residual", "layer_1.residual", "layer_2.residual"]
 
