@@ -30,7 +30,7 @@ from archscope.engine import (
 )
 
 from .continuing import Plan
-from .freeze import CANNOT_FREEZE, FREEZES
+from .freeze import CANNOT_FREEZE, FREEZES, unfreezable
 from .freeze import frozen_run as _frozen_run
 from .structure import (
     ATTENTION,
@@ -158,6 +158,9 @@ class HybridBackend(HookBackend):
             caps.discard("state_patch")
         if self.lm_head is None:
             caps -= {"logits", "unembed"}
+        self.frozen_unavailable = unfreezable(self)
+        if self.frozen_unavailable:
+            caps.discard("freeze")
         self.capabilities = frozenset(caps)
 
     # -- sites ---------------------------------------------------------------------------------

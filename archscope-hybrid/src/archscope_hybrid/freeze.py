@@ -123,16 +123,32 @@ def _norm_hook(values: FrozenValues, key: Any) -> Any:
     return hook
 
 
+def unfreezable(backend: Any) -> str | None:
+    """Why ``backend``'s model cannot be frozen (None: it can)."""
+    for i in range(len(backend.layers)):
+        block = _block(backend, i)
+        gdn = any(all(hasattr(m, n) for n in _GDN) for m in block.modules())
+        attention = getattr(block, "self_attn", None)
+        if not gdn and not (attention is not None and hasattr(attention, "q_proj")):
+            return f"layer {i} ({type(block).__name__}): {CANNOT_FREEZE['other_mixers']}"
+        mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
+        if mlp is not None and (hasattr(mlp, "gate") or hasattr(mlp, "experts")):
+            return f"layer {i}: {CANNOT_FREEZE['router']}"
+    return None
+
+
 @contextlib.contextmanager
 def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
     """Hooks that hold the hybrid's nonlinearities through ``values`` (removed on exit)."""
+    why = unfreezable(backend)
+    if why:
+        raise FreezeError(f"cannot freeze {type(backend.model).__name__}: {why}")
     model = backend.model
     handles: list[Any] = []
     try:
         handles.append(model.register_forward_pre_hook(lambda *_: values.start_run()))
-        for i, layer in enumerate(backend.layers):
-            block = layer.block if hasattr(layer, "block") else None
-            block = block if block is not None else _block(backend, i)
+        for i in range(len(backend.layers)):
+            block = _block(backend, i)
             mixer = next((m for m in block.modules() if all(hasattr(m, n) for n in _GDN)), None)
             attention = getattr(block, "self_attn", None)
             if mixer is not None:
@@ -174,6 +190,4 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
 
 
 def _block(backend: Any, i: int) -> Any:
-    from archscope.modules import get_module
-
-    return get_module(backend.model, f"{backend.stack_path}.{i}")
+    return backend.layers[i].block

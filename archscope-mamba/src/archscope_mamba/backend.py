@@ -19,7 +19,7 @@ from archscope.detection import Confidence
 from archscope.engine import HookBackend, Hookpoint, RunContext, SiteTable
 
 from .continuing import continue_from_state
-from .freeze import CANNOT_FREEZE, FREEZES
+from .freeze import CANNOT_FREEZE, FREEZES, unfreezable
 from .freeze import frozen_run as _frozen_run
 from .native import NativeInferenceParams, NativeResidualView, native_states_of_padded_rows
 from .plan import RowsView, RunPlan, roll_rows, run_plan
@@ -151,6 +151,9 @@ class MambaBackend(HookBackend):
             self.capabilities = type(self).capabilities - {"state_patch"}
         if self.native:
             self.padding = "right"  # native models take no attention mask
+        self.frozen_unavailable = unfreezable(self)
+        if self.frozen_unavailable:
+            self.capabilities = self.capabilities - {"freeze"}
 
     def input_limits(self) -> Any:
         """The default limits; a native model (no Hugging Face embedding accessor, its embed

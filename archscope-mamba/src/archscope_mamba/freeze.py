@@ -99,21 +99,28 @@ def _mixer_hook(values: FrozenValues, i: int) -> Any:
     return hook
 
 
-@contextlib.contextmanager
-def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
-    """Hooks that recompute each Mamba-1 mixer with held parameters and hold norm scales."""
+def unfreezable(backend: Any) -> str | None:
+    """Why ``backend``'s model cannot be frozen (None: it can)."""
     if backend.native:
-        raise FreezeError("cannot freeze native mamba_ssm models (HF Mamba models only)")
-    mixers = []
+        return "native mamba_ssm models are not frozen (HF Mamba models are)"
     for i, block in enumerate(backend.blocks):
         mixer = getattr(block, "mixer", None)
         if mixer is None or not _is_mamba1(mixer):
             kind = type(mixer).__name__ if mixer is not None else type(block).__name__
-            raise FreezeError(
-                f"cannot freeze layer {i} ({kind}): only Mamba-1 mixers are frozen "
+            return (
+                f"layer {i} ({kind}): only Mamba-1 mixers are frozen "
                 f"({CANNOT_FREEZE['mamba2']}; {CANNOT_FREEZE['attention_pattern']})"
             )
-        mixers.append(mixer)
+    return None
+
+
+@contextlib.contextmanager
+def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
+    """Hooks that recompute each Mamba-1 mixer with held parameters and hold norm scales."""
+    why = unfreezable(backend)
+    if why:
+        raise FreezeError(f"cannot freeze {type(backend.model).__name__}: {why}")
+    mixers = [block.mixer for block in backend.blocks]
     model = backend.model
     handles: list[Any] = []
     try:

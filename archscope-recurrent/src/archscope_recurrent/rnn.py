@@ -132,6 +132,9 @@ class RNNBackend(Backend):
         self._cell_edits: CellEdits = "keep_hidden"
         if self.num_dirs == 2:  # the backward direction reads the future: no continuation
             self.capabilities = type(self).capabilities - {"state_patch"}
+        self.frozen_unavailable = CANNOT_FREEZE["bidirectional"] if self.num_dirs == 2 else None
+        if self.frozen_unavailable:
+            self.capabilities = self.capabilities - {"freeze"}
         if not _is_reference_model(model):
             self._check_structure()
 

@@ -25,7 +25,7 @@ from archscope.engine import (
 )
 from archscope.modules import accepts
 
-from .freeze import CANNOT_FREEZE, FREEZES
+from .freeze import CANNOT_FREEZE, FREEZES, unfreezable
 from .freeze import frozen_run as _frozen_run
 from .structure import (
     Structure,
@@ -106,6 +106,9 @@ class TransformerBackend(HookBackend):
         if not all(p.mlp_hidden for p in self.structure.parts):
             # e.g. a mixture of experts: no single MLP output projection to read neurons from
             self.capabilities = TransformerBackend.capabilities - {"mlp_hidden"}
+        self.frozen_unavailable = unfreezable(self.structure)
+        if self.frozen_unavailable:
+            self.capabilities = self.capabilities - {"freeze"}
         self._takes_positions = accepts(model.forward, "position_ids", declared=True)
         self._takes_use_cache = accepts(model.forward, "use_cache", declared=True)
 

@@ -38,6 +38,15 @@ _FUSED = ("c_attn", "qkv_proj", "Wqkv", "qkv")
 _ACTIVATIONS = ("act_fn", "act", "activation_fn", "activation")
 
 
+def unfreezable(structure: Any) -> str | None:
+    """Why a model with this structure cannot be frozen (None: it can)."""
+    if structure.softcap:
+        return CANNOT_FREEZE["logit_softcap"]
+    if not all(p.mlp_hidden for p in structure.parts):
+        return CANNOT_FREEZE["router"]
+    return None
+
+
 def _norms(model: Any) -> list[Any]:
     return [
         m
@@ -159,10 +168,9 @@ def _mlp_module(backend: Any, i: int) -> Any:
 @contextlib.contextmanager
 def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
     """Hooks that hold the model's nonlinearities through ``values`` (removed on exit)."""
-    if backend.structure.softcap:
-        raise FreezeError(
-            f"cannot freeze {type(backend.model).__name__}: {CANNOT_FREEZE['logit_softcap']}"
-        )
+    why = unfreezable(backend.structure)
+    if why:
+        raise FreezeError(f"cannot freeze {type(backend.model).__name__}: {why}")
     model = backend.model
     handles: list[Any] = []
     try:

@@ -12,6 +12,8 @@ A backend takes part by
 - declaring the capability ``freeze`` (`FREEZE`) in ``capabilities``;
 - listing what it holds in ``freezes`` (names from `NONLINEARITIES`, or its own) and what it
   cannot hold in ``cannot_freeze`` (name → why); `archscope info BACKEND` shows both;
+- on an instance whose model it cannot freeze (a layer kind it does not know), removing
+  ``freeze`` from the instance's capabilities and saying why in ``frozen_unavailable``;
 - implementing ``frozen_run(values: FrozenValues)``, a context manager in which every run of
   the backend passes each nonlinear factor through ``values.hold(key, factor)`` and uses the
   returned tensor, detached, in place of the factor. Keys name the factor uniquely within one
@@ -158,6 +160,9 @@ def freeze(
     after an error; weights and modes are not touched."""
     caps = set(getattr(backend, "capabilities", ()))
     name = getattr(backend, "name", type(backend).__name__)
+    why = getattr(backend, "frozen_unavailable", None)
+    if why:  # the backend freezes, but not this model
+        raise FreezeError(f"backend {name!r} cannot freeze this model: {why}")
     if FREEZE not in caps or not callable(getattr(backend, "frozen_run", None)):
         raise FreezeError(
             f"backend {name!r} cannot freeze its model's nonlinearities: it lacks the "

@@ -1,5 +1,5 @@
-"""The ``graph`` method: an attribution graph of one prompt, as `archscope run graph` and
-`archscope.run_method("graph", ...)` compute it.
+"""The ``graph`` method: an attribution graph of one prompt (a batch's first row, its real
+tokens), as `archscope run graph` and `archscope.run_method("graph", ...)` compute it.
 
 Through the method interface no transcoders are passed (parameters are plain values), so the
 graph's nodes are the token embeddings, the error nodes of nothing replaced (none) and the
@@ -69,17 +69,22 @@ def graph_method(
     ] = 0.98,
     batch_size: Annotated[int, Param(min=1, help="target rows per backward pass")] = 32,
 ) -> GraphResult:
+    import torch
+
     from .attribution import attribute
 
-    ids = data["input_ids"] if isinstance(data, dict) else data
+    ids = torch.as_tensor(data["input_ids"] if isinstance(data, dict) else data)
     mask = data.get("attention_mask") if isinstance(data, dict) else None
-    if getattr(ids, "dim", lambda: 0)() == 2 and ids.shape[0] != 1:
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[1] == 0:
         raise InputError(
-            f"the graph method explains one prompt; got a batch of {ids.shape[0]} rows. "
-            "Pass one text (or one row of token ids)"
+            f"the graph method takes token ids (batch, seq); got shape {tuple(ids.shape)}"
         )
-    if mask is not None and not bool(mask.all()):
-        ids = ids[:, mask[0].bool()]
+    rows = int(ids.shape[0])
+    ids = ids[:1]  # one prompt: the batch's first row, its real tokens only
+    if mask is not None:
+        ids = ids[:, torch.as_tensor(mask)[0].bool()]
     graph = attribute(
         backend,
         ids,
@@ -111,5 +116,8 @@ def graph_method(
         ],
         edges=edges,
         scores=graph.scores,
-        metadata={k: v for k, v in graph.metadata.items() if k not in ("kept_nodes",)},
+        metadata={
+            **{k: v for k, v in graph.metadata.items() if k not in ("kept_nodes",)},
+            "explained_row": "the first of the batch's rows" if rows > 1 else "the only row",
+        },
     )
