@@ -147,8 +147,9 @@ def test_site_metadata_matches_the_captured_shapes(family: str) -> None:
         "logits",
         "attention_patterns",
         "edit",
-        "freeze",
-    }
+    } | ({"freeze"} if backend.frozen_unavailable is None else set())
+    # (a soft-capped model, gemma2, cannot be frozen: frozen_unavailable says so)
+    assert (backend.frozen_unavailable is None) == (family != "gemma2")
     assert backend.layer_names() == ["layer_0.residual", "layer_1.residual", "layer_2.residual"]
 
 
