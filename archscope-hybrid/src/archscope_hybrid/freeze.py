@@ -129,7 +129,8 @@ def unfreezable(backend: Any) -> str | None:
         block = _block(backend, i)
         gdn = any(all(hasattr(m, n) for n in _GDN) for m in block.modules())
         attention = getattr(block, "self_attn", None)
-        if not gdn and not (attention is not None and hasattr(attention, "q_proj")):
+        held = attention is not None and all(hasattr(attention, n) for n in ("q_proj", "k_proj"))
+        if not gdn and not held:
             return f"layer {i} ({type(block).__name__}): {CANNOT_FREEZE['other_mixers']}"
         mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
         if mlp is not None and (hasattr(mlp, "gate") or hasattr(mlp, "experts")):

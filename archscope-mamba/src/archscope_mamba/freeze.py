@@ -36,7 +36,10 @@ CANNOT_FREEZE = {
 
 
 def _is_mamba1(mixer: Any) -> bool:
-    return all(hasattr(mixer, n) for n in ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log"))
+    """A plain Mamba-1 mixer (not Falcon-Mamba's, which normalises B, C and Δ inside)."""
+    return type(mixer).__name__ == "MambaMixer" and all(
+        hasattr(mixer, n) for n in ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log")
+    )
 
 
 def frozen_mamba1(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -> torch.Tensor:

@@ -28,6 +28,9 @@ FREEZES = frozenset({"attention_pattern", "norm_scale", "mlp", "gate", "activati
 CANNOT_FREEZE = {
     "logit_softcap": "final logit soft-capping (tanh) is not held: attribute to the pre-cap logits",
     "router": "mixture-of-experts routing is not held: replace such MLPs with transcoders",
+    "attention_layout": "attention whose queries and keys come from a projection laid out "
+    "otherwise than separate q/k projections or a fused [q|k|v] one (e.g. per-head "
+    "interleaved query_key_value) is not held",
 }
 
 #: Separate query / key projections inside an attention module.
@@ -44,6 +47,14 @@ def unfreezable(structure: Any) -> str | None:
         return CANNOT_FREEZE["logit_softcap"]
     if not all(p.mlp_hidden for p in structure.parts):
         return CANNOT_FREEZE["router"]
+    for i, parts in enumerate(structure.parts):
+        attention = parts.attention
+        separate = any(
+            getattr(attention, q, None) is not None and getattr(attention, k, None) is not None
+            for q, k in _SEPARATE
+        )
+        if not separate and not any(getattr(attention, n, None) is not None for n in _FUSED):
+            return f"layer {i} ({type(attention).__name__}): {CANNOT_FREEZE['attention_layout']}"
     return None
 
 

@@ -141,6 +141,14 @@ def _broadcast(value: torch.Tensor, like: torch.Tensor, key: Hashable) -> torch.
         return value.to(like.dtype)
     if value.dim() == like.dim() and value.shape[0] == 1 and value.shape[1:] == like.shape[1:]:
         return value.to(like.dtype).expand(like.shape)
+    rows = value.shape[0]
+    if (
+        value.dim() == like.dim()
+        and rows
+        and like.shape[0] % rows == 0
+        and value.shape[1:] == like.shape[1:]
+    ):  # (batch · seq, ...) layouts: the prompt's rows once per copy
+        return value.to(like.dtype).repeat(like.shape[0] // rows, *[1] * (value.dim() - 1))
     raise FreezeError(
         f"factor {key!r}: the prompt's run held a value of shape {tuple(value.shape)}, this "
         f"run computes one of shape {tuple(like.shape)}; a frozen run takes the prompt itself "
