@@ -147,7 +147,10 @@ def test_site_metadata_matches_the_captured_shapes(family: str) -> None:
         "logits",
         "attention_patterns",
         "edit",
-    }
+    } | ({"freeze"} if backend.frozen_unavailable is None else set())
+    # (soft-capped logits, gemma2, or interleaved query_key_value projections cannot be frozen)
+    unfrozen = {"gemma2", "gpt_neox", "gpt_neo", "bloom", "falcon"}
+    assert (backend.frozen_unavailable is None) == (family not in unfrozen)
     assert backend.layer_names() == ["layer_0.residual", "layer_1.residual", "layer_2.residual"]
 
 

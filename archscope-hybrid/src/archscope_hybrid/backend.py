@@ -33,6 +33,8 @@ from archscope.engine import (
 from archscope.recurrence import WRITE_ROLES, write_sites_of
 
 from .continuing import Plan
+from .freeze import CANNOT_FREEZE, FREEZES, unfreezable
+from .freeze import frozen_run as _frozen_run
 from .structure import (
     ATTENTION,
     EMBED_NAMES,
@@ -106,16 +108,25 @@ class HybridBackend(HookBackend):
             "state_patch",
             "attention_patterns",
             "edit",
+            "freeze",
         }
     )
     priority = 10
     padding = "both"
+    #: What `frozen_run` holds and what it cannot (`archscope_hybrid.freeze`).
+    freezes = FREEZES
+    cannot_freeze = CANNOT_FREEZE
     # A right-padded row's state keeps evolving over the pads (the decay of a gated delta net
     # applies at every position): the core reads states from passes trimmed to each length.
     regroup_states = True
     #: The write sites (``layer_i.state_write`` ...) have no hookpoint; their edits are applied
     #: while the mixer runs (`archscope_hybrid.writes`).
     edits_unhooked = True
+
+    def frozen_run(self, values: Any) -> contextlib.AbstractContextManager[None]:
+        """Runs with gated-delta-net factors, attention patterns, MLP gates and norm scales
+        held at ``values`` (`archscope.freeze`; `archscope_hybrid.freeze`)."""
+        return _frozen_run(self, values)
 
     @classmethod
     def can_handle(cls, model: Any) -> float | None:
@@ -154,6 +165,9 @@ class HybridBackend(HookBackend):
             caps.discard("state_patch")
         if self.lm_head is None:
             caps -= {"logits", "unembed"}
+        self.frozen_unavailable = unfreezable(self)
+        if self.frozen_unavailable:
+            caps.discard("freeze")
         self.capabilities = frozenset(caps)
 
     # -- sites ---------------------------------------------------------------------------------

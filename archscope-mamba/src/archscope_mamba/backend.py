@@ -19,6 +19,8 @@ from archscope.detection import Confidence
 from archscope.engine import HookBackend, Hookpoint, RunContext, SiteTable
 
 from .continuing import continue_from_state
+from .freeze import CANNOT_FREEZE, FREEZES, unfreezable
+from .freeze import frozen_run as _frozen_run
 from .native import NativeInferenceParams, NativeResidualView, native_states_of_padded_rows
 from .plan import RowsView, RunPlan, roll_rows, run_plan
 from .states import output_cache, read_cache_state, read_states
@@ -79,9 +81,21 @@ class MambaBackend(HookBackend):
         "Zamba2, Falcon-H1, GraniteMoeHybrid, Nemotron-H; native mamba_ssm"
     )
     capabilities = frozenset(
-        {"residual", "components", "unembed", "logits", "recurrent_state", "state_patch", "edit"}
+        {
+            "residual",
+            "components",
+            "unembed",
+            "logits",
+            "recurrent_state",
+            "state_patch",
+            "edit",
+            "freeze",
+        }
     )
     priority = 10
+    #: What `frozen_run` holds and what it cannot (`archscope_mamba.freeze`).
+    freezes = FREEZES
+    cannot_freeze = CANNOT_FREEZE
     padding = "both"
     #: The write sites (``layer_i.state_write`` ...) have no hookpoint; their edits are applied
     #: while the mixer runs (`archscope_mamba.writes`).
@@ -98,6 +112,12 @@ class MambaBackend(HookBackend):
             return Confidence.KNOWN
         except Exception:
             return None
+
+    # -- freezing ------------------------------------------------------------------------------
+    def frozen_run(self, values: Any) -> contextlib.AbstractContextManager[None]:
+        """Runs with Δ, B, C, gates, the convolution's SiLU and norm scales held at
+        ``values`` (`archscope.freeze`; `archscope_mamba.freeze`)."""
+        return _frozen_run(self, values)
 
     # -- structure -----------------------------------------------------------------------------
     def __init__(self, model: Any) -> None:
@@ -131,6 +151,9 @@ class MambaBackend(HookBackend):
             self.capabilities = type(self).capabilities - {"state_patch"}
         if self.native:
             self.padding = "right"  # native models take no attention mask
+        self.frozen_unavailable = unfreezable(self)
+        if self.frozen_unavailable:
+            self.capabilities = self.capabilities - {"freeze"}
 
     def input_limits(self) -> Any:
         """The default limits; a native model (no Hugging Face embedding accessor, its embed

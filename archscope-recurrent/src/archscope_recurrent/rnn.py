@@ -9,6 +9,7 @@ edited: then the layer is stepped one time step at a time.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,8 @@ from archscope.errors import CapabilityError
 from archscope.guards import InputLimits, unembed_input
 from archscope.hookpoints import SiteTable
 
+from .freeze import CANNOT_FREEZE, FREEZES
+from .freeze import frozen_run as _frozen_run
 from .lstm_step import CellEdits, check_cell_edit_mode, hidden_from_cell
 
 if TYPE_CHECKING:
@@ -101,10 +104,13 @@ class RNNBackend(Backend):
     name = "recurrent"
     description = "torch nn.RNN/GRU/LSTM language models (RecurrentLM, embedding → RNN → head)"
     capabilities = frozenset(
-        {"residual", "logits", "unembed", "recurrent_state", "state_patch", "edit"}
+        {"residual", "logits", "unembed", "recurrent_state", "state_patch", "edit", "freeze"}
     )
     padding = "right"
     primary_role = "hidden"
+    #: What `frozen_run` holds and what it cannot (`archscope_recurrent.freeze`).
+    freezes = FREEZES
+    cannot_freeze = CANNOT_FREEZE
 
     def __init__(self, model: Any) -> None:
         super().__init__(model)
@@ -126,6 +132,9 @@ class RNNBackend(Backend):
         self._cell_edits: CellEdits = "keep_hidden"
         if self.num_dirs == 2:  # the backward direction reads the future: no continuation
             self.capabilities = type(self).capabilities - {"state_patch"}
+        self.frozen_unavailable = CANNOT_FREEZE["bidirectional"] if self.num_dirs == 2 else None
+        if self.frozen_unavailable:
+            self.capabilities = self.capabilities - {"freeze"}
         if not _is_reference_model(model):
             self._check_structure()
 
@@ -371,6 +380,11 @@ class RNNBackend(Backend):
             attention_mask=batch.get("attention_mask"),
             state=state,
         )
+
+    def frozen_run(self, values: Any) -> contextlib.AbstractContextManager[None]:
+        """Runs with the gates, activation slopes and norm scale held at ``values``
+        (`archscope.freeze`; `archscope_recurrent.freeze`)."""
+        return _frozen_run(self, values)
 
     def read_only_reason(self, info: SiteInfo) -> str:
         if info.site.role == "cell":

@@ -25,6 +25,8 @@ from archscope.engine import (
 )
 from archscope.modules import accepts
 
+from .freeze import CANNOT_FREEZE, FREEZES, unfreezable
+from .freeze import frozen_run as _frozen_run
 from .structure import (
     Structure,
     StructureError,
@@ -68,9 +70,21 @@ class TransformerBackend(HookBackend):
     edits_unhooked = True  # logits edits are applied in _forward
     description = "Hugging Face decoder-only language models, mapped by structure"
     capabilities = frozenset(
-        {"residual", "components", "mlp_hidden", "unembed", "logits", "attention_patterns", "edit"}
+        {
+            "residual",
+            "components",
+            "mlp_hidden",
+            "unembed",
+            "logits",
+            "attention_patterns",
+            "edit",
+            "freeze",
+        }
     )
     padding = "both"
+    #: What `frozen_run` holds and what it cannot (`archscope.freeze`).
+    freezes = FREEZES
+    cannot_freeze = CANNOT_FREEZE
 
     def __init__(self, model: Any) -> None:
         self._map(model)
@@ -92,6 +106,9 @@ class TransformerBackend(HookBackend):
         if not all(p.mlp_hidden for p in self.structure.parts):
             # e.g. a mixture of experts: no single MLP output projection to read neurons from
             self.capabilities = TransformerBackend.capabilities - {"mlp_hidden"}
+        self.frozen_unavailable = unfreezable(self.structure)
+        if self.frozen_unavailable:
+            self.capabilities = self.capabilities - {"freeze"}
         self._takes_positions = accepts(model.forward, "position_ids", declared=True)
         self._takes_use_cache = accepts(model.forward, "use_cache", declared=True)
 
@@ -231,6 +248,12 @@ class TransformerBackend(HookBackend):
             model.set_attn_implementation(wanted)
         else:  # older modelling files read the config at every call
             model.config._attn_implementation = wanted
+
+    # -- freezing ------------------------------------------------------------------------------
+    def frozen_run(self, values: Any) -> contextlib.AbstractContextManager[None]:
+        """Runs with attention patterns, norm scales and MLP nonlinearities held at the values
+        in ``values`` (`archscope.freeze`; `archscope_transformer.freeze`)."""
+        return _frozen_run(self, values)
 
     # -- unembedding ---------------------------------------------------------------------------
     def unembed(self, residual: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ CAPABILITIES: dict[str, str] = {
     "state_patch": "runs can start from, or swap in, a given recurrent state",
     "attention_patterns": "per-head attention probabilities (layer_i.attn_pattern)",
     "edit": "sites can be patched, ablated, steered or scaled during a run",
+    "freeze": "nonlinearities can be held at a prompt's values (archscope.freeze)",
 }
 
 _LAYER_RE = re.compile(r"^layer_(\d+)\.([a-z][a-z0-9_]*)$")

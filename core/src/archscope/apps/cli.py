@@ -195,6 +195,19 @@ def _backend_dict(b: Any) -> dict[str, Any]:
         "distribution": b.distribution,
         "capabilities": sorted(_capabilities(b.obj)),
         "description": b.obj.description,
+        **_freezing(b.obj),
+    }
+
+
+def _freezing(backend_cls: Any) -> dict[str, Any]:
+    """What a backend with the ``freeze`` capability holds and cannot hold (else nothing)."""
+    if "freeze" not in _capabilities(backend_cls):
+        return {}
+    from ..freeze import cannot_freeze_of, freezes_of
+
+    return {
+        "freezes": sorted(freezes_of(backend_cls)),
+        "cannot_freeze": cannot_freeze_of(backend_cls),
     }
 
 
@@ -267,6 +280,12 @@ def _info_one(name: str, manager: Any, matrix: dict[str, dict[str, bool]], as_js
         f"[bold]{backend.name}[/bold] ({backend.distribution}): {backend.obj.description}"
     )
     console.print(f"capabilities: {', '.join(sorted(_capabilities(backend.obj))) or '-'}")
+    if "freeze" in _capabilities(backend.obj):
+        from ..freeze import cannot_freeze_of, freezes_of
+
+        console.print(f"freezes: {', '.join(sorted(freezes_of(backend.obj))) or '-'}")
+        for what, why in sorted(cannot_freeze_of(backend.obj).items()):
+            console.print(f"cannot freeze {what}: {why}")
     console.print(f"methods it can run: {', '.join(runs) or '-'}")
 
 

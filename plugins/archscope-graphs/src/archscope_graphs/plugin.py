@@ -11,7 +11,10 @@ import archscope
 
 @archscope.hookimpl
 def register_methods(register: Callable[..., None]) -> None:
-    """Nothing is registered until the methods exist (each module adds its own line here)."""
+    """The ``graph`` method (`archscope_graphs.method`)."""
+    from .method import graph_method
+
+    register(graph_method)
 
 
 @archscope.hookimpl

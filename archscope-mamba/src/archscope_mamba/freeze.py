@@ -1,0 +1,150 @@
+"""Freezing a selective state-space model at one prompt's values (`archscope.freeze`).
+
+Inside `frozen_run` every Mamba-1 mixer is recomputed by a plain, self-contained version of
+its forward pass in which the nonlinear factors are held:
+
+- Δ (after its projection and softplus), B and C (the ``x_proj`` output), hence the decay
+  ``exp(Δ·A)`` and the write ``Δ·B``;
+- the output gate ``SiLU(z)``;
+- the SiLU after the causal convolution, at its slope (``u·(SiLU(u)/u)``);
+
+and every RMSNorm's scale is held. What is left is linear in the mixer's input: ``y_t =
+C_t·Σ_{s≤t}(Π decays)·Δ_s B_s u_s + D·u_t``, gated, so an effect reaches later positions
+through the held recurrence. The recomputed output is checked against the layer's own output
+(a layer the plain version does not reproduce raises a `FreezeError`).
+
+Not frozen yet: Mamba-2 mixers (scalar decay per head and a gated RMSNorm) and native
+``mamba_ssm`` models; `frozen_run` refuses them with a `FreezeError` naming the layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from archscope.freeze import FreezeError, FrozenValues, frozen_activation, frozen_norm
+
+if TYPE_CHECKING:
+    import torch
+
+FREEZES = frozenset({"ssm_parameters", "gate", "activation_slope", "norm_scale"})
+CANNOT_FREEZE = {
+    "mamba2": "Mamba-2 mixers (scalar per-head decay, gated RMSNorm) are not frozen yet",
+    "attention_pattern": "the attention layers of hybrid SSM/attention stacks are not frozen yet",
+}
+
+
+def _is_mamba1(mixer: Any) -> bool:
+    """A plain Mamba-1 mixer (not Falcon-Mamba's, which normalises B, C and Δ inside)."""
+    return type(mixer).__name__ == "MambaMixer" and all(
+        hasattr(mixer, n) for n in ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log")
+    )
+
+
+def frozen_mamba1(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -> torch.Tensor:
+    """The Mamba-1 mixer ``mixer`` on ``x`` (batch, seq, d_model) with Δ, B, C, the gate and
+    the convolution's SiLU held (see the module's docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    seq = x.shape[1]
+    proj = mixer.in_proj(x).transpose(1, 2)  # (b, 2·d_inner, seq)
+    xs, z = proj.chunk(2, dim=1)
+    d_inner = xs.shape[1]
+    conv = mixer.conv1d
+    pre = F.conv1d(xs, conv.weight, conv.bias, padding=conv.kernel_size[0] - 1, groups=d_inner)[
+        ..., :seq
+    ]
+    u = frozen_activation(pre, F.silu(pre), values, (key, "conv_act"))  # (b, d_inner, seq)
+    params = values.hold((key, "x_proj"), mixer.x_proj(u.transpose(1, 2)))
+    rank, n = mixer.time_step_rank, mixer.ssm_state_size
+    dt_raw, B, C = torch.split(params, [rank, n, n], dim=-1)
+    dt = F.softplus(
+        (mixer.dt_proj.weight @ dt_raw.transpose(1, 2)).float()
+        + mixer.dt_proj.bias.float()[:, None]
+    ).detach()  # (b, d_inner, seq)
+    A = -torch.exp(mixer.A_log.float()).detach()  # (d_inner, n)
+    decay = torch.exp(A[None, :, None, :] * dt[..., None])  # (b, d_inner, seq, n)
+    write = dt[..., None] * B.float()[:, None, :, :]  # (b, d_inner, seq, n)
+    state = u.new_zeros(u.shape[0], d_inner, n, dtype=torch.float32)
+    outs = []
+    uf = u.float()
+    for t in range(seq):
+        state = decay[:, :, t] * state + write[:, :, t] * uf[:, :, t, None]
+        outs.append(state @ C[:, t, :, None].float())
+    y = torch.cat(outs, -1) + uf * mixer.D.float()[None, :, None]
+    gate = values.hold((key, "gate"), F.silu(z.float()))
+    y = (y * gate).to(x.dtype)
+    return mixer.out_proj(y.transpose(1, 2))  # type: ignore[no-any-return]
+
+
+def _mixer_hook(values: FrozenValues, i: int) -> Any:
+    def hook(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+        x = args[0] if args else kwargs["hidden_states"]
+        if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):
+            raise FreezeError(
+                f"cannot freeze layer {i}: a frozen run takes one unpadded prompt "
+                "(the attention mask has padding)"
+            )
+        out = frozen_mamba1(module, x, values, ("mamba", i))
+        real = output[0] if isinstance(output, tuple) else output
+        tol = 1e-3 * (1.0 + float(real.detach().abs().max()))
+        # checked on the prompt's own run (later runs may feed other inputs to held factors)
+        if values.recording and float((out.detach() - real.detach()).abs().max()) > tol:
+            raise FreezeError(
+                f"cannot freeze layer {i} ({type(module).__name__}): the frozen recomputation "
+                "of the mixer does not reproduce its output (a variant of Mamba-1 this "
+                "backend's freezing does not know)"
+            )
+        return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    return hook
+
+
+def unfreezable(backend: Any) -> str | None:
+    """Why ``backend``'s model cannot be frozen (None: it can)."""
+    if backend.native:
+        return "native mamba_ssm models are not frozen (HF Mamba models are)"
+    for i, block in enumerate(backend.blocks):
+        mixer = getattr(block, "mixer", None)
+        if mixer is None or not _is_mamba1(mixer):
+            kind = type(mixer).__name__ if mixer is not None else type(block).__name__
+            return (
+                f"layer {i} ({kind}): only Mamba-1 mixers are frozen "
+                f"({CANNOT_FREEZE['mamba2']}; {CANNOT_FREEZE['attention_pattern']})"
+            )
+    return None
+
+
+@contextlib.contextmanager
+def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
+    """Hooks that recompute each Mamba-1 mixer with held parameters and hold norm scales."""
+    why = unfreezable(backend)
+    if why:
+        raise FreezeError(f"cannot freeze {type(backend.model).__name__}: {why}")
+    mixers = [block.mixer for block in backend.blocks]
+    model = backend.model
+    handles: list[Any] = []
+    try:
+        handles.append(model.register_forward_pre_hook(lambda *_: values.start_run()))
+        for i, mixer in enumerate(mixers):
+            handles.append(mixer.register_forward_hook(_mixer_hook(values, i), with_kwargs=True))
+        norms = [
+            m
+            for m in model.modules()
+            if "Norm" in type(m).__name__
+            and "Gated" not in type(m).__name__
+            and getattr(m, "weight", None) is not None
+            and not list(m.children())
+        ]
+        for n, norm in enumerate(norms):
+
+            def norm_hook(module: Any, args: Any, output: Any, n: int = n) -> Any:
+                return frozen_norm(module, args[0], output, values, ("norm", n))
+
+            handles.append(norm.register_forward_hook(norm_hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

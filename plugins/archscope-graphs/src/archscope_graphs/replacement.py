@@ -1,0 +1,220 @@
+"""The local replacement model of one prompt.
+
+The model's MLPs (every site a transcoder writes) are replaced by their transcoders, with an
+error node per (site, position) holding what the transcoder misses (true output − transcoder
+output, a constant), and every other nonlinearity is frozen at the prompt's values through the
+backend's ``freeze`` capability (`archscope.freeze`). At the prompt it reproduces the model's
+logits exactly; around it, it is affine in what is written into the model: the token
+embeddings (the ``embed`` site) and each written site's value.
+
+Gradient runs use "leaves": the ``embed`` site and every written site are replaced, through
+edits, by tensors that hold the prompt's values and need a gradient; a skip term of a
+transcoder (linear in its read site) is kept live, so the gradient also flows through it. The
+gradient with respect to a leaf, dotted with a node's vector there (an embedding, a feature's
+decoder row × its activation, an error), is that node's direct effect.
+
+On backends without MLP-like sites (Mamba, LSTM) there are no transcoders to place: the graph's
+nodes are the token embeddings and the logits (and any transcoder given over a site the
+backend has), and edges run through the frozen recurrence from earlier positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from archscope import Edit
+from archscope.errors import ParameterError, SiteError
+from archscope.freeze import FrozenValues, freeze
+
+from .types import Transcoder
+
+
+@dataclass
+class Live:
+    """One gradient run of the replacement model: the leaves and the live read sites."""
+
+    logits: torch.Tensor
+    leaves: dict[str, torch.Tensor]
+    reads: dict[str, torch.Tensor]
+
+
+@dataclass
+class ReplacementModel:
+    """The replacement model of ``prompt`` (token ids, (1, seq)) on ``backend``.
+
+    ``embed`` (seq, d): the embedding site's value; ``reads[site]`` / ``writes[site]`` (seq, d):
+    the transcoders' read and written sites; ``acts[k]`` (seq, n_features): transcoder k's
+    feature activations; ``errors[site]`` (seq, d): true value − transcoders' reconstruction
+    (decoder biases and skip terms included) at each written site; ``logits`` (seq, vocab):
+    the model's own logits."""
+
+    backend: Any
+    prompt: torch.Tensor
+    transcoders: list[Transcoder]
+    embed: torch.Tensor
+    reads: dict[str, torch.Tensor]
+    writes: dict[str, torch.Tensor]
+    acts: list[torch.Tensor]
+    errors: dict[str, torch.Tensor]
+    logits: torch.Tensor
+    values: FrozenValues | None = None
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    # -- building -----------------------------------------------------------------------------
+    @classmethod
+    @contextlib.contextmanager
+    def build(
+        cls, backend: Any, prompt: Any, transcoders: Sequence[Transcoder] | None = None
+    ) -> Iterator[ReplacementModel]:
+        """The replacement model of ``prompt``, with the backend's nonlinearities frozen at
+        its values until the context ends (every hook removed then)."""
+        ids = _prompt_ids(backend, prompt)
+        tcs = list(transcoders or [])
+        _check_transcoders(backend, tcs)
+        reads = sorted({t.read_site for t in tcs})
+        writes = sorted({s for t in tcs for s in t.write_sites})
+        capture = ["embed", *reads, *writes, "logits"]
+        result = backend.run(ids, capture=list(dict.fromkeys(capture)))
+        act = result.activations
+        embed = act["embed"][0].detach()
+        read_values = {s: act[s][0].detach().float() for s in reads}
+        write_values = {s: act[s][0].detach().float() for s in writes}
+        acts = [t.encode(read_values[t.read_site]).detach() for t in tcs]
+        errors = {}
+        for site in writes:
+            recon = torch.zeros_like(write_values[site])
+            for t, a in zip(tcs, acts, strict=True):
+                if site in t.write_sites:
+                    recon = recon + t.decode(a, site).float()
+                    skip = t.skip(read_values[t.read_site], site)
+                    if skip is not None:
+                        recon = recon + skip.float()
+            errors[site] = (write_values[site] - recon).detach()
+        model = cls(
+            backend=backend,
+            prompt=ids,
+            transcoders=tcs,
+            embed=embed,
+            reads=read_values,
+            writes=write_values,
+            acts=acts,
+            errors=errors,
+            logits=act["logits"][0].detach().float(),
+        )
+        with freeze(backend, ids) as values:
+            model.values = values
+            yield model
+
+    # -- gradient runs ------------------------------------------------------------------------
+    @property
+    def direct(self) -> dict[str, torch.Tensor]:
+        """Each written site's value less the transcoders' skip terms (which the gradient
+        runs compute live from the read sites): what the site's leaf holds."""
+        out = {}
+        for site, value in self.writes.items():
+            for t in self.transcoders:
+                if site in t.write_sites:
+                    skip = t.skip(self.reads[t.read_site], site)
+                    if skip is not None:
+                        value = value - skip.float()
+            out[site] = value
+        return out
+
+    @property
+    def leaf_sites(self) -> list[str]:
+        return ["embed", *self.writes]
+
+    def run(self, batch: int, leaf_values: Mapping[str, torch.Tensor] | None = None) -> Live:
+        """A gradient run of ``batch`` copies of the prompt in the frozen model: every leaf
+        site holds ``leaf_values[site]`` (default: the prompt's value), as a tensor (batch, seq,
+        d) that needs a gradient; ``reads`` are the read sites' live values."""
+        ids = self.prompt.expand(batch, -1)
+        defaults = {"embed": self.embed, **self.direct}
+        leaves: dict[str, torch.Tensor] = {}
+        for site in self.leaf_sites:
+            value = defaults[site] if leaf_values is None else leaf_values.get(site, defaults[site])
+            base = value if value.dim() == 3 else value.expand(batch, *value.shape)
+            leaves[site] = base.detach().clone().requires_grad_(True)
+        reads: dict[str, torch.Tensor] = {}
+        edits: list[Edit] = []
+        for site in self.reads:
+
+            def keep(x: torch.Tensor, site: str = site) -> torch.Tensor:
+                reads[site] = x
+                return x
+
+            edits.append(Edit.apply(site, keep))
+        for site, leaf in leaves.items():
+            skippers = [t for t in self.transcoders if site in t.write_sites]
+
+            def place(
+                x: torch.Tensor,
+                leaf: torch.Tensor = leaf,
+                site: str = site,
+                skippers: Any = skippers,
+            ) -> torch.Tensor:
+                out = leaf.to(x.dtype)
+                for t in skippers:  # the skip is linear in its read site: computed live
+                    skip = t.skip(reads[t.read_site].float(), site)
+                    if skip is not None:
+                        out = out + skip.to(x.dtype)
+                return out
+
+            edits.append(Edit.apply(site, place))
+        result = self.backend.run(ids, capture=["logits"], edits=edits, grad=True)
+        return Live(logits=result.logits.float(), leaves=leaves, reads=reads)
+
+    def leaf_zero_logits(self) -> torch.Tensor:
+        """The frozen model's logits (seq, vocab) with every leaf set to zero: the frozen bias
+        terms (what no node explains, decoder biases aside)."""
+        zeros = {s: torch.zeros_like(v) for s, v in {"embed": self.embed, **self.direct}.items()}
+        live = self.run(1, zeros)
+        return live.logits[0].detach()
+
+
+def _prompt_ids(backend: Any, prompt: Any) -> torch.Tensor:
+    if isinstance(prompt, str):
+        tokenizer = getattr(backend, "tokenizer", None)
+        if tokenizer is None:
+            raise ParameterError(
+                "attribute: the prompt is a string but the backend has no tokenizer; pass "
+                "token ids (a list of ints or a (1, seq) tensor) instead"
+            )
+        prompt = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    ids = torch.as_tensor(prompt)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0 or ids.is_floating_point():
+        raise ParameterError(
+            f"attribute: the prompt must be one sequence of token ids (a list of ints or a "
+            f"(1, seq) integer tensor), got shape {tuple(ids.shape)} of {ids.dtype}; graphs "
+            "explain one prompt at a time"
+        )
+    device = getattr(backend, "device", None)
+    return ids.to(device) if device is not None else ids
+
+
+def _check_transcoders(backend: Any, tcs: list[Transcoder]) -> None:
+    sites = backend.sites()
+    for t in tcs:
+        if not isinstance(t, Transcoder):
+            raise ParameterError(
+                f"attribute: transcoders must implement archscope_graphs.Transcoder (read_site, "
+                f"write_sites, n_features, encode, decode, encoder, decoder, skip); got "
+                f"{type(t).__name__}"
+            )
+        for site in (t.read_site, *t.write_sites):
+            if site not in sites:
+                raise SiteError(
+                    f"a transcoder uses the site {site!r}, which backend {backend.name!r} does "
+                    f"not have; its token sites: "
+                    f"{', '.join(n for n, i in sites.items() if i.kind == 'token')}"
+                )
+    written = [s for t in tcs for s in t.write_sites]
+    if "embed" in written:
+        raise SiteError("a transcoder cannot write the 'embed' site (it is the graph's input)")

@@ -1,0 +1,161 @@
+"""Attribution graphs: rows add up to their targets (with independently computed bias terms)
+on every family, edges equal effects measured in the frozen model, batching changes nothing,
+pruning and scores behave, bad input is refused clearly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from archscope.errors import ParameterError, SiteError
+from archscope_graphs.attribution import (
+    _graph,
+    attribute,
+    bias_rows,
+    bias_terms,
+    graph_scores,
+    prune_graph,
+)
+from archscope_graphs.replacement import ReplacementModel
+
+
+def _ids(seq: int = 7, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 90, (1, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _full_graph(backend: Any, ids: torch.Tensor, tcs: Any, batch: int = 16) -> Any:
+    with ReplacementModel.build(backend, ids, tcs) as rm:
+        graph = _graph(rm, None, 5, 0.95, batch, 0.0)
+        bias = bias_terms(rm, graph)
+    return graph, bias
+
+
+def _check_rows_add_up(graph: Any, bias: torch.Tensor) -> None:
+    rows = bias_rows(graph)
+    values = torch.tensor(graph.metadata["target_values"], dtype=torch.float64)[rows]
+    sums = graph.adjacency[rows].double().sum(1) + bias
+    torch.testing.assert_close(sums, values, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_transformer_rows_add_up_to_logits_and_features(
+    family: str, tiny_llama: Any, tiny_gpt2: Any, make_transcoders: Any
+) -> None:
+    backend = tiny_llama if family == "llama" else tiny_gpt2
+    d = backend.site_info("layer_0.mlp").dim
+    tcs = make_transcoders(d, 2, skip=family == "llama")
+    graph, bias = _full_graph(backend, _ids(), tcs)
+    kinds = {n.kind for n in graph.nodes}
+    assert kinds == {"feature", "error", "embedding", "logit"}
+    assert graph.metadata["n_features"] > 10  # the feature rows are really checked
+    _check_rows_add_up(graph, bias)
+
+
+@pytest.mark.parametrize("name", ["mamba", "lstm", "qwen3.5-hybrid"])
+def test_recurrent_rows_add_up_to_logits(name: str, request: Any) -> None:
+    if name == "qwen3.5-hybrid":
+        backend = request.getfixturevalue("tiny_hybrid")
+        ids = _ids(9)
+    else:
+        _, tokenizer, backend = request.getfixturevalue("zoo")[name]
+        ids = torch.tensor([tokenizer.encode("the cat sat on the mat and the dog")])
+    graph, bias = _full_graph(backend, ids, None)
+    assert {n.kind for n in graph.nodes} == {"embedding", "logit"}
+    _check_rows_add_up(graph, bias)
+    # edges reach the last position from every earlier one, through the frozen recurrence
+    logit = graph.targets[0]
+    first = next(i for i, n in enumerate(graph.nodes) if n.kind == "embedding")
+    assert float(graph.adjacency[logit, first].abs()) > 1e-4
+
+
+def test_zoo_transformer_with_trained_transcoders(
+    zoo: Any, zoo_transcoders: Any, make_transcoders: Any
+) -> None:
+    _, tokenizer, backend = zoo["transformer"]
+    ids = torch.tensor([tokenizer.encode("the cat sat on the mat and the dog")])
+    graph, bias = _full_graph(backend, ids, zoo_transcoders)
+    _check_rows_add_up(graph, bias)
+    scores = graph_scores(graph)
+    assert 0.5 < scores["replacement"] <= 1.0 and 0.5 < scores["completeness"] <= 1.0
+
+
+def test_an_edge_is_the_effect_measured_in_the_frozen_model(
+    tiny_llama: Any, make_transcoders: Any
+) -> None:
+    """Independent reference: with every nonlinearity held, removing a node's vector from
+    its site changes a logit by exactly that node's edge (embeddings: their only path runs
+    through attention and residual, the MLP sites being held leaves)."""
+    tcs = make_transcoders(tiny_llama.site_info("layer_0.mlp").dim, 2)
+    ids = _ids()
+    with ReplacementModel.build(tiny_llama, ids, tcs) as rm:
+        graph = _graph(rm, None, 3, 0.95, 8, 0.0)
+        logit = graph.targets[0]
+        tok = graph.nodes[logit].index
+        base = rm.run(1).logits[0, -1, tok].detach()
+        for i, node in enumerate(graph.nodes):
+            if node.kind == "embedding" and node.position in (0, 3, 6):
+                embed = rm.embed.clone()
+                embed[node.position] = 0
+                moved = rm.run(1, {"embed": embed}).logits[0, -1, tok].detach()
+                assert abs(float(base - moved) - float(graph.adjacency[logit, i])) < 1e-4
+            if node.kind == "feature" and node.layer == 1:
+                site = "layer_1.mlp"
+                value = rm.direct[site].clone()
+                dec = tcs[1].decoder(site)[node.index]
+                value[node.position] -= node.value * dec
+                moved = rm.run(1, {site: value}).logits[0, -1, tok].detach()
+                assert abs(float(base - moved) - float(graph.adjacency[logit, i])) < 1e-4
+
+
+def test_batch_size_changes_nothing(tiny_gpt2: Any, make_transcoders: Any) -> None:
+    tcs = make_transcoders(tiny_gpt2.site_info("layer_0.mlp").dim, 2)
+    one, _ = _full_graph(tiny_gpt2, _ids(5), tcs, batch=1)
+    many, _ = _full_graph(tiny_gpt2, _ids(5), tcs, batch=64)
+    torch.testing.assert_close(one.adjacency, many.adjacency, atol=1e-5, rtol=1e-5)
+
+
+def test_pruning_keeps_the_logits_and_a_subset(tiny_llama: Any, make_transcoders: Any) -> None:
+    tcs = make_transcoders(tiny_llama.site_info("layer_0.mlp").dim, 2)
+    full = attribute(tiny_llama, _ids(), transcoders=tcs, prune=False)
+    pruned = prune_graph(full, 0.5, 0.9)
+    assert len(pruned.nodes) < len(full.nodes)
+    assert [pruned.nodes[t].id for t in pruned.targets] == [full.nodes[t].id for t in full.targets]
+    ids = {n.id for n in full.nodes}
+    assert {n.id for n in pruned.nodes} <= ids
+    looser = prune_graph(full, 0.9, 0.99)
+    assert len(looser.nodes) >= len(pruned.nodes)
+    graph = attribute(tiny_llama, _ids(), transcoders=tcs, target=7)
+    assert [graph.nodes[t].index for t in graph.targets] == [7]
+    assert {"replacement", "completeness", "pruned_replacement"} <= set(graph.scores)
+
+
+def test_bad_input_is_refused_clearly(tiny_llama: Any, make_transcoders: Any) -> None:
+    with pytest.raises(ParameterError, match="node_threshold=1.5"):
+        attribute(tiny_llama, _ids(), node_threshold=1.5)
+    with pytest.raises(ParameterError, match="one sequence of token ids"):
+        attribute(tiny_llama, torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ParameterError, match="token id in"):
+        attribute(tiny_llama, _ids(), target=10_000)
+    tc = make_transcoders(tiny_llama.site_info("layer_0.mlp").dim, 1)[0]
+    tc.read_site = "layer_9.mlp_in"
+    with pytest.raises(SiteError, match="layer_9.mlp_in"):
+        attribute(tiny_llama, _ids(), transcoders=[tc])
+
+
+def test_a_contrast_target_explains_a_logit_difference(
+    tiny_llama: Any, make_transcoders: Any
+) -> None:
+    tcs = make_transcoders(tiny_llama.site_info("layer_0.mlp").dim, 2)
+    with ReplacementModel.build(tiny_llama, _ids(), tcs) as rm:
+        graph = _graph(rm, (7, 9), 1, 0.95, 8, 0.0)
+        bias = bias_terms(rm, graph)
+        plain7 = _graph(rm, 7, 1, 0.95, 8, 0.0)
+        plain9 = _graph(rm, 9, 1, 0.95, 8, 0.0)
+    _check_rows_add_up(graph, bias)
+    row = graph.adjacency[graph.targets[0]]
+    expected = plain7.adjacency[plain7.targets[0]] - plain9.adjacency[plain9.targets[0]]
+    torch.testing.assert_close(row, expected, atol=1e-5, rtol=0)
+    with pytest.raises(ParameterError, match="pair"):
+        attribute(tiny_llama, _ids(), target=(7, 7))

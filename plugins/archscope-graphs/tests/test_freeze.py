@@ -1,0 +1,120 @@
+"""The freezing contract (`archscope.freeze`) on every family: a frozen run reproduces the
+prompt's logits, is affine in the embeddings (checked against the model itself, which is
+not), and leaves no hook, weight or mode changed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import archscope
+from archscope import Edit
+from archscope.freeze import FreezeError, freeze
+
+FAMILIES = ["llama", "gpt2", "zoo-mamba", "zoo-lstm", "qwen3.5-hybrid"]
+
+
+def _backend(family: str, request: Any) -> Any:
+    if family.startswith("zoo-"):
+        return request.getfixturevalue("zoo")[family[4:]][2]
+    name = {"llama": "tiny_llama", "gpt2": "tiny_gpt2", "qwen3.5-hybrid": "tiny_hybrid"}
+    return request.getfixturevalue(name[family])
+
+
+def _ids(backend: Any, seq: int = 6, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    vocab = backend.sites()["logits"].dim
+    return torch.randint(4, min(vocab, 90), (1, seq), generator=g)
+
+
+def _logits_with_embed(backend: Any, ids: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    result = backend.run(ids, capture=["logits"], edits=[Edit.replace("embed", embed)])
+    return result.logits[0, -1].double()
+
+
+def _hooks(model: Any) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_frozen_run_is_the_model_at_the_prompt_and_affine_around_it(
+    family: str, request: Any
+) -> None:
+    backend = _backend(family, request)
+    ids = _ids(backend)
+    real = backend.run(ids, capture=["embed", "logits"])
+    embed = real.activations["embed"]
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(embed.shape, generator=g) * embed.std()
+    b = torch.randn(embed.shape, generator=g) * embed.std()
+    zero = torch.zeros_like(embed)
+    hooks = _hooks(backend.model)
+    weights = {k: v.clone() for k, v in backend.model.state_dict().items()}
+    with freeze(backend, ids) as values:
+        assert len(values) > 0
+        same = backend.run(ids, capture=["logits"]).logits[0, -1].double()
+        fa, fb = _logits_with_embed(backend, ids, a), _logits_with_embed(backend, ids, b)
+        fab = _logits_with_embed(backend, ids, a + b)
+        f0 = _logits_with_embed(backend, ids, zero)
+    torch.testing.assert_close(same, real.logits[0, -1].double(), atol=1e-4, rtol=0)
+    scale = float(fab.abs().max())
+    assert float((fa + fb - fab - f0).abs().max()) < 1e-4 * (1 + scale)
+    # the model itself is not affine in its embeddings: the check above has teeth
+    ua, ub = _logits_with_embed(backend, ids, a), _logits_with_embed(backend, ids, b)
+    uab, u0 = _logits_with_embed(backend, ids, a + b), _logits_with_embed(backend, ids, zero)
+    assert float((ua + ub - uab - u0).abs().max()) > 1e-3
+    # nothing left behind
+    assert _hooks(backend.model) == hooks
+    assert all(torch.equal(v, weights[k]) for k, v in backend.model.state_dict().items())
+    assert not backend.model.training
+
+
+def test_a_frozen_run_refuses_another_length(tiny_llama: Any) -> None:
+    ids = _ids(tiny_llama)
+    with freeze(tiny_llama, ids), pytest.raises(FreezeError, match="prompt's run"):
+        tiny_llama.run(_ids(tiny_llama, seq=8), capture=["logits"])
+
+
+def test_a_backend_without_the_capability_is_named() -> None:
+    from archscope_transformer.testing import tiny_model
+
+    backend = archscope.Backend.for_model(tiny_model("llama", n_layers=1))
+    backend.capabilities = backend.capabilities - {"freeze"}
+    with pytest.raises(FreezeError, match="lacks the capability 'freeze'"):
+        with freeze(backend, torch.tensor([[5, 6, 7]])):
+            pass
+
+
+def test_what_a_backend_cannot_freeze_is_said(tiny_llama: Any) -> None:
+    with pytest.raises(FreezeError, match="cannot freeze router .*mixture-of-experts"):
+        with freeze(tiny_llama, _ids(tiny_llama), require=["router"]):
+            pass
+    from archscope_transformer.testing import tiny_model
+
+    gemma2 = archscope.Backend.for_model(tiny_model("gemma2", n_layers=1))
+    with pytest.raises(FreezeError, match="soft-capping"):
+        with freeze(gemma2, torch.tensor([[5, 6, 7]])):
+            pass
+
+
+def test_archscope_info_shows_freezing() -> None:
+    from archscope.apps.cli import cli
+
+    out = CliRunner().invoke(cli, ["info", "transformer"], terminal_width=200)
+    assert out.exit_code == 0, out.output
+    assert "freeze" in out.output and "attention_pattern" in out.output
+    assert "cannot freeze logit_softcap" in out.output
+    listed = CliRunner().invoke(cli, ["info", "--json"])
+    import json
+
+    backends = {b["name"]: b for b in json.loads(listed.output)["backends"]}
+    assert "ssm_parameters" in backends["mamba"]["freezes"]
+    assert "gate" in backends["recurrent"]["freezes"]
+    methods = {m["name"] for m in json.loads(listed.output)["methods"]}
+    assert "graph" in methods
