@@ -35,6 +35,7 @@ import torch
 
 from archscope.errors import ParameterError
 from archscope.sites import Site
+from archscope.tokens import single_token_id
 
 from .replacement import ReplacementModel
 from .types import AttributionGraph, Node, Transcoder
@@ -62,6 +63,7 @@ def attribute(
     batch_size: int = 32,
     prune: bool = True,
     feature_threshold: float = 0.0,
+    tokenizer: Any = None,
 ) -> AttributionGraph:
     """The attribution graph of ``prompt`` (a string, a list of token ids or a (1, seq) tensor)
     on ``backend`` with ``transcoders`` replacing the sites they write.
@@ -71,9 +73,10 @@ def attribute(
     contrast removes what raises both, e.g. "a word of this class comes next"); None = the top
     logits (``max_logits``, ``desired_logit_prob``). ``prune=False``
     returns the whole graph (scores are computed on both). ``feature_threshold``: features with
-    activation at or below it are not nodes."""
+    activation at or below it are not nodes. ``tokenizer`` reads a text prompt or target and
+    names the tokens (default: the backend's, if it has one)."""
     _check(max_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size)
-    with ReplacementModel.build(backend, prompt, transcoders) as rm:
+    with ReplacementModel.build(backend, prompt, transcoders, tokenizer) as rm:
         full = _graph(rm, target, max_logits, desired_logit_prob, batch_size, feature_threshold)
     full.metadata.update(
         {
@@ -121,14 +124,12 @@ def _target_tokens(
         if isinstance(target, bool):
             raise ParameterError(f"attribute: target must be a token id, got {target!r}")
         if isinstance(target, str):
-            tokenizer = getattr(rm.backend, "tokenizer", None)
-            ids = tokenizer.encode(target, add_special_tokens=False) if tokenizer else []
-            if len(ids) != 1:
+            if rm.tokenizer is None:
                 raise ParameterError(
-                    f"attribute: target {target!r} must be one token (it is {len(ids)} with "
-                    "this tokenizer, or the backend has none); pass a token id instead"
+                    f"attribute: target {target!r} is text but there is no tokenizer "
+                    "(tokenizer=...); pass a token id instead"
                 )
-            target = ids[0]
+            target = single_token_id(rm.tokenizer, target, "attribute: target")
         vocab = rm.logits.shape[-1]
         if not isinstance(target, int) or not 0 <= target < vocab:
             raise ParameterError(
@@ -229,12 +230,12 @@ def _graph(
             values[i] = rm.logits[row.position] @ row.vector
         else:
             values[i] = rm.reads[row.site][row.position] @ row.vector
-    strings = _token_strings(rm.backend, tokens)
+    strings = _token_strings(rm.tokenizer, tokens)
     for node in nodes:
         if node.kind == "embedding":
             node.label = strings[node.position]
         elif node.kind == "logit":
-            node.label = _token_strings(rm.backend, [node.index or 0])[0]
+            node.label = _token_strings(rm.tokenizer, [node.index or 0])[0]
     return AttributionGraph(
         tokens=tokens,
         token_strings=strings,
@@ -356,8 +357,7 @@ def bias_rows(graph: AttributionGraph) -> list[int]:
     return [*graph.targets, *(i for i, n in enumerate(graph.nodes) if n.kind == "feature")]
 
 
-def _token_strings(backend: Any, tokens: list[int]) -> list[str]:
-    tokenizer = getattr(backend, "tokenizer", None)
+def _token_strings(tokenizer: Any, tokens: list[int]) -> list[str]:
     if tokenizer is None:
         return [str(t) for t in tokens]
     try:

@@ -113,6 +113,7 @@ def graph_command(
         "max_logits": max_logits,
         "node_threshold": node_threshold,
         "edge_threshold": edge_threshold,
+        "tokenizer": tokenizer,
     }
     graph = attribute(backend, prompt, **kwargs)
     graph.metadata.setdefault("model", model)

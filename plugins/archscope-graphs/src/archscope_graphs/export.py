@@ -132,6 +132,33 @@ def _ct_node(
     )
 
 
+def _separate_colliding_ids(graph: AttributionGraph, nodes: list[dict[str, Any]]) -> None:
+    """Rename error nodes whose circuit-tracer id another node has (see `to_circuit_tracer`);
+    any other collision is a malformed graph and is refused with the nodes named."""
+    owner: dict[str, int] = {}
+    for i, entry in enumerate(nodes):
+        if entry["feature_type"] != "mlp reconstruction error":
+            if entry["node_id"] in owner:
+                first = graph.nodes[owner[entry["node_id"]]].id
+                raise ParameterError(
+                    f"nodes {first!r} and {graph.nodes[i].id!r} both map to circuit-tracer id "
+                    f"{entry['node_id']!r}"
+                )
+            owner[entry["node_id"]] = i
+    for i, entry in enumerate(nodes):
+        if entry["feature_type"] == "mlp reconstruction error":
+            if entry["node_id"] in owner:
+                entry["node_id"] += "_error"
+                entry["jsNodeId"] += "_error"
+            if entry["node_id"] in owner:
+                first = graph.nodes[owner[entry["node_id"]]].id
+                raise ParameterError(
+                    f"nodes {first!r} and {graph.nodes[i].id!r} both map to circuit-tracer id "
+                    f"{entry['node_id']!r}"
+                )
+            owner[entry["node_id"]] = i
+
+
 def to_circuit_tracer(
     graph: AttributionGraph,
     *,
@@ -143,9 +170,10 @@ def to_circuit_tracer(
     """The graph as a dict in circuit-tracer's graph-file layout (see the module's doc).
 
     ``scan`` names the model and transcoders (default: the graph's ``metadata['model']``);
-    ``prompt`` defaults to the joined token strings. Node ids that circuit-tracer's scheme
-    would make collide (an error node ``0_{layer}_{pos}`` and a layer-0 feature
-    ``0_{feature}_{pos}`` with feature == layer) are refused with the nodes named."""
+    ``prompt`` defaults to the joined token strings. circuit-tracer's scheme gives an error
+    node ``0_{layer}_{pos}`` the id of the layer-0 feature with index ``layer`` at the same
+    position; when both are in the graph, the error node's id (and jsNodeId) gets the suffix
+    ``_error``, so that every link stays unambiguous."""
     if not _SLUG.match(slug):
         raise ParameterError(
             f"slug {slug!r} must be letters, digits, '.', '_' or '-' (it names the file "
@@ -163,19 +191,13 @@ def to_circuit_tracer(
     first_target = min(targets) if targets else -1
     n_layers = _n_layers(graph)
     nodes = []
-    ids: dict[str, str] = {}
     for i, nd in enumerate(graph.nodes):
         entry = _ct_node(nd, n_layers, graph.token_strings, float(influence[i]), i == first_target)
-        if entry["node_id"] in ids:
-            raise ParameterError(
-                f"nodes {ids[entry['node_id']]!r} and {nd.id!r} both map to circuit-tracer id "
-                f"{entry['node_id']!r}"
-            )
-        ids[entry["node_id"]] = nd.id
         entry.setdefault("token_prob", 0.0)
         entry.setdefault("is_target_logit", False)
         entry.update(run_idx=0, reverse_ctx_idx=0)
         nodes.append(entry)
+    _separate_colliding_ids(graph, nodes)
     dst, src = (adj != 0).nonzero(as_tuple=True)
     links = [
         {"source": nodes[s]["node_id"], "target": nodes[t]["node_id"], "weight": float(adj[t, s])}

@@ -121,6 +121,8 @@ def check_graph(
     "measured": [...], "nodes": [...]}``."""
     if not graph.targets:
         raise ParameterError("the graph has no logit target to check")
+    if isinstance(prompt, str):  # the graph holds the prompt's token ids
+        prompt = list(graph.tokens)
     target = graph.targets[0]
     token = graph.nodes[target].index or 0
     influence = node_influence(graph)

@@ -30,6 +30,7 @@ import torch
 from archscope import Edit
 from archscope.errors import ParameterError, SiteError
 from archscope.freeze import FrozenValues, freeze
+from archscope.tokens import encode_one
 
 from .types import Transcoder
 
@@ -62,6 +63,7 @@ class ReplacementModel:
     acts: list[torch.Tensor]
     errors: dict[str, torch.Tensor]
     logits: torch.Tensor
+    tokenizer: Any = None
     values: FrozenValues | None = None
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
@@ -69,11 +71,17 @@ class ReplacementModel:
     @classmethod
     @contextlib.contextmanager
     def build(
-        cls, backend: Any, prompt: Any, transcoders: Sequence[Transcoder] | None = None
+        cls,
+        backend: Any,
+        prompt: Any,
+        transcoders: Sequence[Transcoder] | None = None,
+        tokenizer: Any = None,
     ) -> Iterator[ReplacementModel]:
         """The replacement model of ``prompt``, with the backend's nonlinearities frozen at
-        its values until the context ends (every hook removed then)."""
-        ids = _prompt_ids(backend, prompt)
+        its values until the context ends (every hook removed then). ``tokenizer`` (default:
+        the backend's, if it has one) reads a text prompt and a text target."""
+        tokenizer = tokenizer if tokenizer is not None else getattr(backend, "tokenizer", None)
+        ids = _prompt_ids(backend, prompt, tokenizer)
         tcs = list(transcoders or [])
         _check_transcoders(backend, tcs)
         reads = sorted({t.read_site for t in tcs})
@@ -105,6 +113,7 @@ class ReplacementModel:
             acts=acts,
             errors=errors,
             logits=act["logits"][0].detach().float(),
+            tokenizer=tokenizer,
         )
         with freeze(backend, ids) as values:
             model.values = values
@@ -177,15 +186,16 @@ class ReplacementModel:
         return live.logits[0].detach()
 
 
-def _prompt_ids(backend: Any, prompt: Any) -> torch.Tensor:
+def _prompt_ids(backend: Any, prompt: Any, tokenizer: Any = None) -> torch.Tensor:
     if isinstance(prompt, str):
-        tokenizer = getattr(backend, "tokenizer", None)
+        tokenizer = tokenizer if tokenizer is not None else getattr(backend, "tokenizer", None)
         if tokenizer is None:
             raise ParameterError(
-                "attribute: the prompt is a string but the backend has no tokenizer; pass "
-                "token ids (a list of ints or a (1, seq) tensor) instead"
+                "attribute: the prompt is a string but no tokenizer was given (tokenizer=...) "
+                "and the backend has none; pass a tokenizer or token ids (a list of ints or a "
+                "(1, seq) tensor)"
             )
-        prompt = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        prompt = encode_one(tokenizer, prompt)
     ids = torch.as_tensor(prompt)
     if ids.dim() == 1:
         ids = ids[None]

@@ -150,7 +150,7 @@ class _JumpReLU(torch.autograd.Function):
 
 
 def _pow2(mean_sq: float) -> float:
-    from archscope.methods.sae._models import power_of_two_scale
+    from archscope.methods.sae import power_of_two_scale
 
     return power_of_two_scale(mean_sq)
 
@@ -689,7 +689,7 @@ def transcoder_metrics(
     so later layers see the replaced model's activations, as in a replacement model."""
     from archscope import Edit, iter_collect
     from archscope.data import as_dataset, padding_for
-    from archscope.methods.sae._metrics import _next_token_loss
+    from archscope.methods.sae import next_token_loss
 
     tcs = list(transcoders)
     if not tcs:
@@ -751,7 +751,7 @@ def transcoder_metrics(
         for i, edits in enumerate(runs):
             seen.clear()
             logits = backend.run(batch, capture=["logits"], edits=edits).logits
-            loss, count_i = _next_token_loss(logits, ids, mask)
+            loss, count_i = next_token_loss(logits, ids, mask)
             losses[i] += loss
         count += count_i
     if count == 0:

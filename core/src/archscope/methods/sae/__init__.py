@@ -11,7 +11,13 @@ from ._method import SAEReport, sae_method
 
 if TYPE_CHECKING:
     from ._many import train_saes
-    from ._metrics import SAEMetrics, SplicedLoss, reconstruction_metrics, spliced_loss
+    from ._metrics import (
+        SAEMetrics,
+        SplicedLoss,
+        next_token_loss,
+        reconstruction_metrics,
+        spliced_loss,
+    )
     from ._models import (
         SAE,
         SAE_TYPES,
@@ -22,6 +28,7 @@ if TYPE_CHECKING:
         TopKSAE,
         build_sae,
         canonical_sae_type,
+        power_of_two_scale,
     )
     from ._saelens import export_saelens, import_saelens
     from ._train import DictionaryJob, SAEJob, fit_sae, train_dictionaries
@@ -30,7 +37,8 @@ if TYPE_CHECKING:
 #: ``sae`` method's parameters (``archscope info``) imports no torch.
 _LAZY = {
     **dict.fromkeys(
-        ["SAEMetrics", "SplicedLoss", "reconstruction_metrics", "spliced_loss"], "._metrics"
+        ["SAEMetrics", "SplicedLoss", "next_token_loss", "reconstruction_metrics", "spliced_loss"],
+        "._metrics",
     ),
     **dict.fromkeys(
         [
@@ -43,6 +51,7 @@ _LAZY = {
             "TopKSAE",
             "build_sae",
             "canonical_sae_type",
+            "power_of_two_scale",
         ],
         "._models",
     ),
@@ -76,6 +85,8 @@ __all__ = [
     "export_saelens",
     "fit_sae",
     "import_saelens",
+    "next_token_loss",
+    "power_of_two_scale",
     "reconstruction_metrics",
     "sae_method",
     "spliced_loss",

@@ -98,7 +98,7 @@ class SplicedLoss(Result):
     n_tokens: int
 
 
-def _next_token_loss(
+def next_token_loss(
     logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor
 ) -> tuple[float, int]:
     """Summed cross-entropy of each real token predicting the next real token, and the count."""
@@ -168,7 +168,7 @@ def spliced_loss(
                 )
             ):
                 logits = backend.run(batch, capture=["logits"], edits=edits).logits
-                loss, n = _next_token_loss(logits, ids, mask)
+                loss, n = next_token_loss(logits, ids, mask)
                 totals[i] += loss
             count += n
     finally:
