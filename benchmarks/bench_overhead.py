@@ -135,6 +135,7 @@ def guard_costs(backend: Any, batch: dict[str, torch.Tensor]) -> list[tuple[str,
     state = backend.model_state()
     prepared = backend.prepare_inputs(batch)
     limits = backend.input_limits()
+    logits = backend.run(batch, capture=["logits"]).logits
 
     def lock() -> None:
         with guards.model_lock(model):
@@ -163,6 +164,14 @@ def guard_costs(backend: Any, batch: dict[str, torch.Tensor]) -> list[tuple[str,
         (
             "ids in the vocabulary, length in positions (`check_inputs`)",
             lambda: guards.check_inputs(prepared, limits, name),
+        ),
+        (
+            "outputs fit in free memory (`check_memory`; widths kept per model state)",
+            lambda: guards.check_memory(backend, prepared, CAPTURE, True),
+        ),
+        (
+            "logits finite (`warn_if_not_finite`: one sum, exact check if not finite)",
+            lambda: guards.warn_if_not_finite(logits, name),
         ),
         ("one run per model (`model_lock`)", lock),
         ("eval mode, restored afterwards (`inference_mode`)", mode),

@@ -74,7 +74,8 @@ def _archscope(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Calla
         def profile() -> Outputs:
             import torch
 
-            timings = benchmark("bench-gpt2", model, tokenizer).timings
+            full = spec["contender"] == "archscope"  # archscope_02api: 0.2's own call
+            timings = benchmark("bench-gpt2", model, tokenizer, full=full).timings
             return {f"report.{part} s": torch.tensor(sec) for part, sec in timings.items()}
 
         return profile
@@ -470,6 +471,7 @@ CONTENDERS: dict[str, Callable[[Any, dict[str, Any], dict[str, Any]], Callable[[
     "plain": _plain,
     "archscope": _archscope,
     "archscope02": _archscope02,
+    "archscope_02api": _archscope,
     "transformer_lens": _transformer_lens,
     "nnsight": _nnsight,
     "pyvene": _pyvene,

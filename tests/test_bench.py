@@ -103,6 +103,42 @@ def test_the_02_entry_point_still_works() -> None:
     )
     assert profile.model_name == "tiny" and profile.arch_family == "transformer"
     assert profile.probe_sentiment_auroc is not None
+    # what 0.2 computed: one probe layer per task (a quarter / half of the depth), circuits,
+    # a dense and a rank-1 SAE at half the depth; no lens, patching map or control
+    layers = a.backend.layer_names()
+    n = len(layers)
+    assert {t: list(v) for t, v in profile.probe_auroc.items()} == {
+        "sentiment": [layers[n // 4]],
+        "math": [layers[n // 2]],
+    }
+    assert set(profile.sae) == {"dense", "rank1"} and profile.sae_site == layers[n // 2]
+    assert profile.sae_better in ("dense", "rank1") and profile.sae_rank1_recon is not None
+    assert profile.induction_head_relative is not None and profile.copy_accuracy is not None
+    assert not profile.lens_kl and not profile.patching and profile.untrained is None
+    assert not profile.probe_auroc_shuffled
+
+
+def test_the_02_entry_point_takes_its_layers_and_refuses_missing_ones() -> None:
+    a = arch("gpt2")
+    tasks = generic_tasks(a.tokenizer, n=16)
+    layers = a.backend.layer_names()
+    profile = benchmark(
+        "tiny",
+        a.model,
+        a.tokenizer,
+        sentiment_layer=0,
+        math_layer=0,
+        sae_layer=0,
+        quick=True,
+        tasks=tasks,
+    )
+    assert [list(v) for v in profile.probe_auroc.values()] == [[layers[0]], [layers[0]]]
+    assert profile.sae_site == layers[0]
+    with pytest.raises(InputError, match=r"sae_layer=99: the model has layers 0 to"):
+        benchmark("tiny", a.model, a.tokenizer, sae_layer=99, quick=True, tasks=tasks)
+    full = benchmark("tiny", a.model, a.tokenizer, quick=True, tasks=tasks, full=True)
+    assert set(full.probe_auroc["sentiment"]) == set(layers)  # every layer
+    assert full.lens_kl and full.untrained is not None
 
 
 def test_bench_command_writes_the_report(run_cli_root, tmp_path: Path) -> None:

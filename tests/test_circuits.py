@@ -195,3 +195,24 @@ def test_run_all_and_the_registered_method():
 
 class TestCircuitsMethodContract(MethodContract):
     method_name = "circuits"
+
+
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_scores_from_unembedded_positions_equal_scores_from_the_full_logits(name: str):
+    """Induction and copy read the logits of a few positions: a backend that can unembed runs
+    to its last layer and unembeds only those; the scores equal those read from the model's
+    full logits (a copy of the backend without 'unembed')."""
+    a = arch(name)
+    if "unembed" not in a.backend.capabilities:
+        pytest.skip(f"{name}: no unembed, the full logits are the only path")
+    full = type(a.backend)(a.model)
+    full.capabilities = frozenset(a.backend.capabilities - {"unembed"})
+    ind_a = induction_head_score(a.backend, tokenizer=a.tokenizer, n_trials=12, n_pairs=5)
+    ind_b = induction_head_score(full, tokenizer=a.tokenizer, n_trials=12, n_pairs=5)
+    assert ind_a.score == pytest.approx(ind_b.score, rel=1e-5, abs=1e-9)
+    for key in ("first_repeat_prob", "top1_accuracy"):
+        assert ind_a.raw[key] == pytest.approx(ind_b.raw[key], rel=1e-5, abs=1e-9)
+    copy_a = copy_score(a.backend, a.tokenizer, n_trials=10)
+    copy_b = copy_score(full, a.tokenizer, n_trials=10)
+    for key in ("token_accuracy", "word_accuracy", "list_accuracy", "tokens_scored"):
+        assert copy_a.raw[key] == copy_b.raw[key]

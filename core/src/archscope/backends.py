@@ -67,7 +67,15 @@ class ModelState:
     requests. `Backend.model_state` builds a new one, and calls `Backend.model_changed`, when
     either differs from the last run's."""
 
-    __slots__ = ("embedding", "first_parameter", "limits", "modules", "requests", "vocab")
+    __slots__ = (
+        "embedding",
+        "first_parameter",
+        "limits",
+        "memory",
+        "modules",
+        "requests",
+        "vocab",
+    )
 
     def __init__(self, model: Any) -> None:
         self.modules = module_list(model)
@@ -78,6 +86,8 @@ class ModelState:
         self.first_parameter: tuple[Any, str] | None = None
         #: (capture, edits present) → resolved capture names; only requests without edits
         self.requests: dict[tuple[Any, ...], list[str]] = {}
+        #: the site widths `archscope.guards.check_memory` needs (it fills this in)
+        self.memory: Any = None
 
     def current(self, model: Any) -> bool:
         """Whether ``model`` still has the modules and vocabulary this state was built from."""

@@ -94,6 +94,30 @@ def _refuse_meta(ids: torch.Tensor, mask: torch.Tensor | None) -> None:
             )
 
 
+def _mask_values(mask: torch.Tensor) -> bool | None:
+    """Refuse a non-boolean mask holding anything but 0 and 1 (a soft mask, or -1, would be
+    taken as a real token silently). Returns whether every token is real when the check
+    already tells (integer masks: one min/max reduction), else None."""
+    import torch
+
+    odd = None
+    full = None
+    if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.numel() == 0:
+        odd = mask[(mask != 0) & (mask != 1)]
+    else:
+        low, high = (int(v) for v in torch.aminmax(mask))
+        if low < 0 or high > 1:
+            odd = mask[(mask != 0) & (mask != 1)]
+        full = low == 1
+    if odd is not None and odd.numel():
+        raise InputError(
+            f"attention_mask must hold 0 and 1 (1 = real token, 0 = padding), got values "
+            f"such as {float(odd[0]):g} (dtype {mask.dtype}); archscope runs take a hard "
+            "0/1 mask: threshold or round a soft one, and mark padding with 0"
+        )
+    return full
+
+
 def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
@@ -110,20 +134,15 @@ def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
         return ids, torch.ones_like(ids)
     if mask.dim() == 1:
         mask = mask.unsqueeze(0)
-    if mask.dtype != torch.bool:
-        odd = mask[(mask != 0) & (mask != 1)]
-        if odd.numel():  # a soft mask, or -1, would be taken as a real token silently
-            raise InputError(
-                f"attention_mask must hold 0 and 1 (1 = real token, 0 = padding), got values "
-                f"such as {float(odd[0]):g} (dtype {mask.dtype}); archscope runs take a hard "
-                "0/1 mask: threshold or round a soft one, and mark padding with 0"
-            )
+    full = None if mask.dtype == torch.bool else _mask_values(mask)
     if mask.shape != ids.shape:
         raise InputError(
             f"attention_mask shape {tuple(mask.shape)} does not match input_ids "
             f"shape {tuple(ids.shape)}"
         )
-    if not bool(mask.all()) and bool((mask.sum(-1) == 0).any()):  # all(): the cheap common case
+    if full is None:
+        full = bool(mask.all())  # the cheap common case
+    if not full and bool((mask.sum(-1) == 0).any()):
         raise InputError("a row of attention_mask has no real token")
     return ids, mask.long()
 

@@ -5,6 +5,7 @@ the inputs the model can take (`InputLimits`, refused before the forward), infer
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 import warnings
@@ -258,14 +259,19 @@ def check_finite_state(initial_state: Any) -> None:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether a floating tensor holds no NaN or infinity: one min/max reduction (NaN
-    propagates into both), many times cheaper than ``isfinite(tensor).all()`` on a CPU."""
+    """Whether a floating tensor holds no NaN or infinity. First one sum, read as a Python
+    float (NaN and infinity propagate into it; two dispatches, the cheapest check on small
+    tensors); only when the sum is not finite, which finite values can also give by
+    overflowing, the exact element-wise check decides."""
     import torch
 
     if tensor.numel() == 0:
         return True
-    low, high = torch.aminmax(tensor.detach())
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    value = tensor.detach()
+    wide = torch.float64 if value.dtype == torch.float64 else torch.float32
+    if math.isfinite(value.sum(dtype=wide).item()):
+        return True
+    return bool(torch.isfinite(value).all())
 
 
 def warn_if_not_finite(logits: Any, backend: str) -> None:
@@ -381,6 +387,44 @@ def available_memory(device: Any) -> int | None:
     return free
 
 
+def _memory_sizes(backend: Any) -> tuple[int, int, int, dict[str, int]]:
+    """(bytes per element of the model's floating parameters, width of the widest token site,
+    width of ``logits`` (0 = none), width of each token site but the logits) for
+    `check_memory`. The widths depend only on the site table: a `Backend` keeps them in its
+    model state (rebuilt when the model changes); the element size is read at every call
+    (``model.to(dtype)`` changes it in place)."""
+    state = backend._state() if hasattr(backend, "_state") else None
+    cached = getattr(state, "memory", None)
+    if cached is None:
+        sites = backend.sites()
+        dims = {n: i.dim for n, i in sites.items() if i.kind == "token" and i.site.role != "logits"}
+        logits = sites["logits"].dim if "logits" in sites else 0
+        param = next((p for p in backend.model.parameters() if p.is_floating_point()), None)
+        cached = (max(dims.values(), default=0), logits, dims, _parameter_place(backend, param))
+        if state is not None:
+            state.memory = cached
+    widest, logits, dims, place = cached
+    param = None
+    if place is not None:
+        owner, key = place
+        param = owner._parameters.get(key)
+    if param is None or not param.is_floating_point():  # replaced or cast: look again
+        param = next((p for p in backend.model.parameters() if p.is_floating_point()), None)
+    size = param.element_size() if param is not None else 4
+    return size, widest, logits, dims
+
+
+def _parameter_place(backend: Any, param: Any) -> tuple[Any, str] | None:
+    """(module, name) that holds ``param``, so later calls read it without a walk."""
+    if param is None:
+        return None
+    for module in backend.model.modules():
+        for key, value in module._parameters.items():
+            if value is param:
+                return module, key
+    return None
+
+
 def check_memory(
     backend: Any,
     batch: Mapping[str, Any],
@@ -399,17 +443,12 @@ def check_memory(
         return
     rows, seq = int(first.shape[0]), int(first.shape[1])
     tokens = rows * seq
-    param = next((p for p in backend.model.parameters() if p.is_floating_point()), None)
-    size = param.element_size() if param is not None else 4
-    sites = backend.sites()
-    widths = [i.dim for i in sites.values() if i.kind == "token" and i.site.role != "logits"]
+    size, widest, logits, dims = _memory_sizes(backend)
     # the input and output of the widest layer exist at once; the logits in the model's dtype
-    parts = {"working activations": 2 * max(widths, default=0) * size}
-    if full_pass and "logits" in sites:
-        parts["logits"] = sites["logits"].dim * size
-    parts["captured sites"] = sum(
-        sites[n].dim * size for n in capture if sites[n].kind == "token" and n != "logits"
-    )
+    parts = {"working activations": 2 * widest * size}
+    if full_pass and logits:
+        parts["logits"] = logits * size
+    parts["captured sites"] = sum(dims.get(n, 0) * size for n in capture)
     per_token = sum(parts.values())
     need = per_token * tokens
     if need < MEMORY_CHECK_FROM:

@@ -813,12 +813,15 @@ def _probe_part(
     pool: str | int,
     seed: int,
     shuffled: bool,
+    task_sites: dict[str, list[str]] | None = None,
 ) -> None:
+    """Held-out (and training) AUROC of a probe per task and site: every layer, or the sites
+    ``task_sites`` names for a task (0.2's profile probed one layer per task)."""
     import torch
 
     from ..methods.probes import ProbeOptions, _labelled, _report
 
-    sites = backend.layer_names()
+    every = backend.layer_names()
     # Newton's method solves these small penalised logistic regressions in ~10 iterations
     # (the held-out AUROC of 100 AdamW epochs, in far less time).
     options = ProbeOptions(
@@ -832,6 +835,7 @@ def _probe_part(
         seed=seed,
     )
     for task, dataset in tasks.probes.items():
+        sites = every if task_sites is None else task_sites.get(task, every)
         dataset, labels = _labelled(dataset)
         features = pooled_features(backend, dataset, sites, pool)
         variants = [("trained", labels)]
@@ -947,7 +951,13 @@ def _write_sae_part(
 
 
 def _sae_part(
-    profile: InterpProfile, backend: Backend, tasks: ProfileTasks, site: str, quick: bool, seed: int
+    profile: InterpProfile,
+    backend: Backend,
+    tasks: ProfileTasks,
+    site: str,
+    quick: bool,
+    seed: int,
+    kinds: tuple[str, ...] = ("dense", "rank1", "topk"),
 ) -> None:
     from ..collect import collect
     from ..methods.sae import SAEConfig, fit_sae, reconstruction_metrics
@@ -957,7 +967,7 @@ def _sae_part(
     train, test = acts[train_idx], acts[test_idx]
     dim = int(acts.shape[1])
     profile.sae_site = site
-    for kind in ("dense", "rank1", "topk"):
+    for kind in kinds:
         config = SAEConfig(
             input_dim=dim,
             n_features=4 * dim,
@@ -1294,17 +1304,106 @@ def benchmark(
     *,
     tasks: ProfileTasks | None = None,
     quick: bool = False,
+    full: bool = False,
 ) -> InterpProfile:
-    """archscope 0.2's entry point: the profile of ``model`` (see `profile_backend`). The
-    per-task layer arguments are accepted for compatibility: every layer is now probed and
-    the best held-out layer reported. ``tokenize_fn`` is not needed (texts are tokenized with
-    ``tokenizer``)."""
+    """archscope 0.2's entry point, computing what 0.2 computed: a probe per task at one layer
+    (sentiment at a quarter of the depth, math at half, or ``sentiment_layer`` /
+    ``math_layer``; held-out AUROC, training AUROC beside it), the circuit tests, a dense and
+    a rank-1 SAE at ``sae_layer`` (default: half the depth) and, for a model with recurrent
+    state, the state variance ratio. ``full=True`` gives the whole profile instead
+    (`profile_backend`: every layer, the tuned lens, the patching map and the untrained
+    control). ``tokenize_fn`` is not needed (texts are tokenized with ``tokenizer``);
+    ``ssm_layer`` is accepted for compatibility (every state site is read)."""
+    import torch
+
     from ..backends import Backend
 
     backend = Backend.for_model(model, hint=backend_hint)
-    return profile_backend(
-        backend, tokenizer, name=model_name, arch_family=arch_family, tasks=tasks, quick=quick
+    if full:
+        return profile_backend(
+            backend, tokenizer, name=model_name, arch_family=arch_family, tasks=tasks, quick=quick
+        )
+    n_params = _n_params(backend.model)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1 if n_params < 50_000_000 else previous)
+    try:
+        return _legacy_profile(
+            backend,
+            tokenizer,
+            model_name,
+            arch_family,
+            tasks or generic_tasks(tokenizer, seed=0),
+            quick,
+            n_params,
+            {"sentiment": sentiment_layer, "math": math_layer, "sae": sae_layer},
+        )
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _legacy_profile(
+    backend: Backend,
+    tokenizer: Any,
+    name: str,
+    arch_family: str,
+    tasks: ProfileTasks,
+    quick: bool,
+    n_params: int,
+    chosen: dict[str, int | None],
+) -> InterpProfile:
+    """The parts of the profile archscope 0.2's `benchmark` computed, at 0.2's layers."""
+    import torch
+
+    start = time.perf_counter()
+    layers = backend.layer_names()
+    n = len(layers)
+    default = {"sentiment": n // 4, "math": n // 2, "sae": n // 2}
+    picked = {}
+    for key, value in chosen.items():
+        index = default[key] if value is None else value
+        if not 0 <= index < n:
+            raise InputError(
+                f"{key}_layer={value}: the model has layers 0 to {n - 1}; give one of those, "
+                "or None for 0.2's default"
+            )
+        picked[key] = layers[index]
+    caps = set(backend.capabilities)
+    profile = InterpProfile(
+        model_name=name,
+        arch_family=arch_family or backend.name,
+        n_params=n_params,
+        n_layers=n,
+        hidden_dim=_hidden_dim(backend),
+        tasks=tasks.source,
     )
+    t = profile.timings
+    torch.manual_seed(0)
+    task_sites = {
+        task: [picked["math" if task != "sentiment" else "sentiment"]] for task in tasks.probes
+    }
+    _timed(
+        t,
+        "probes",
+        lambda: _probe_part(profile, backend, tasks, quick, "last", 0, False, task_sites),
+    )
+    if "logits" in caps:
+        _timed(t, "circuits", lambda: _circuit_part(profile, backend, tokenizer, tasks, quick))
+    else:
+        profile.notes.append("circuits: the backend produces no logits")
+    _timed(
+        t,
+        "sae",
+        lambda: _sae_part(profile, backend, tasks, picked["sae"], quick, 0, ("dense", "rank1")),
+    )
+    if "recurrent_state" in caps:
+        _timed(t, "state", lambda: _state_part(profile, backend, tasks))
+    profile.notes.append(
+        "0.2's profile (benchmark()): probes at one layer per task, circuits, dense and "
+        "rank-1 SAEs; profile_backend() or benchmark(..., full=True) gives every layer, the "
+        "tuned lens, the patching map and the untrained control"
+    )
+    profile.runtime_seconds = round(time.perf_counter() - start, 2)
+    return profile
 
 
 def profile_models(

@@ -182,6 +182,27 @@ def _check_positive(**values: int) -> None:
 # -- induction -------------------------------------------------------------------------------------
 
 
+def _logits_at(
+    backend: Backend, batch: Any, read: torch.Tensor, capture: Sequence[str] = ()
+) -> tuple[Any, torch.Tensor]:
+    """(the run, the logits at positions ``read``: (rows, k) indices, one row per batch row,
+    giving (rows, k, vocab)). A backend that can unembed runs to its last layer's main site
+    only and unembeds just those positions (the model's own final norm and head, as the
+    patching readout does); otherwise they are read from the full logits."""
+    import torch
+
+    fast = "unembed" in backend.capabilities
+    final = backend.layer_names()[-1] if fast else "logits"
+    result = backend.run(batch, capture=[*capture, final])
+    hidden = result[final]
+    rows = torch.arange(read.shape[0], device=hidden.device).unsqueeze(1)
+    picked = hidden[rows, read.to(hidden.device)]
+    if not fast:
+        return result, picked
+    with torch.no_grad():
+        return result, backend.unembed(picked)
+
+
 def induction_head_score(
     model: Any,
     n_pairs: int = 20,
@@ -253,16 +274,18 @@ def induction_head_score(
     n_forwards = 0
     for start in range(0, n_trials, batch_size):
         chunk = ids[start : start + batch_size]
-        result = backend.run(chunk, capture=[*patterns, "logits"])
+        # the logits of the positions read: the block on its first, then its second showing
+        read = torch.cat([first + steps, second + steps]).expand(len(chunk), -1)
+        result, logits = _logits_at(backend, chunk, read, patterns)
         n_forwards += 1
-        logp = torch.log_softmax(result["logits"].float(), dim=-1).cpu()
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         targets = chunk[:, 1:][:, first + steps]  # the continuation in the block
         rows = torch.arange(len(chunk)).unsqueeze(1)
-        at_second = logp[rows, second + steps, targets]
-        at_first = logp[rows, first + steps, targets]
+        at_second = logp[rows, n_pairs + steps, targets]
+        at_first = logp[rows, steps, targets]
         p_second.append(at_second.exp())
         p_first.append(at_first.exp())
-        top1.append(logp[rows, second + steps].argmax(-1) == targets)
+        top1.append(logp[:, n_pairs:].argmax(-1) == targets)
         for site in patterns:
             role = backend.site_info(site).site.role
             pattern = normalised_attention(result[site], role).cpu()  # (batch, head, query, key)
@@ -427,15 +450,23 @@ def copy_score(
             flat = [x for w in words for x in w]
             rows.append([sep, *flat, sep, *flat])
         batch, offsets = _pad(rows, backend)
-        logits = backend.run(batch, capture=["logits"]).logits
+        # the positions read: each token of the second list is predicted at the one before
+        flat_len = [sum(len(w) for w in words) for _sep, words in chunk]
+        read = torch.tensor(
+            [
+                [offsets[r] + 1 + n + t if t < n else offsets[r] for t in range(max(flat_len))]
+                for r, n in enumerate(flat_len)
+            ],
+            dtype=torch.long,
+        )
+        _, logits = _logits_at(backend, batch, read)
         n_forwards += 1
-        assert logits is not None
         pred = logits.argmax(-1).cpu()  # top-1 given the true prefix (teacher forcing)
         for r, (_sep, words) in enumerate(chunk):
-            pos = offsets[r] + 2 + sum(len(w) for w in words)  # first token of the 2nd list
+            pos = 0  # index into the positions read
             list_ok = True
             for w in words:
-                hits = [bool(pred[r, pos + j - 1] == w[j]) for j in range(len(w))]
+                hits = [bool(pred[r, pos + j] == w[j]) for j in range(len(w))]
                 pos += len(w)
                 tok_hits += hits
                 word_hits.append(all(hits))
