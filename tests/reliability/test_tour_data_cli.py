@@ -36,7 +36,10 @@ def test_info_is_compact_and_details_come_per_method(run_cli_root) -> None:
     done = run_cli_root("info")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) < 150, f"{len(lines)} lines"  # 516 lines before
+    # 516 lines when every method's parameters were listed; now a few wrapped lines per backend
+    # and per method (8 backends and 18 methods installed in the test environment)
+    assert len(lines) < 200, f"{len(lines)} lines"
+    assert "learning_rate" not in done.stdout  # parameters come per method, below
     assert "archscope info METHOD" in done.stdout
     one = run_cli_root("info", "sae")
     assert one.returncode == 0, one.stderr
