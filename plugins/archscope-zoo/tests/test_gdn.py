@@ -99,7 +99,7 @@ def test_recall_of_held_out_bindings_is_far_above_chance_and_matches_the_manifes
     data = archscope_zoo.datasets("recall", record["heldout_docs"])
     assert isinstance(data, recall.RecallSet)
     # sequences of 4 or more bindings are never among the training ones (of 1 or 2 bindings
-    # there are only 2,400 and 1.3 million, so the training set holds those too)
+    # there are only 2,400 and 11 million, so the training set holds some of those too)
     recipe = RECIPES["gdn"]
     seen = set(recall.training_set(recipe.steps * recipe.batch, seed=recipe.seed).texts)
     long = [t for t, b in zip(data.texts, data.bindings, strict=True) if len(b) >= 4]
