@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from archscope.apps.cli import cli
 from archscope.plugins import get_manager
-from archscope_zoo import MODEL_NAMES, manifest
+from archscope_zoo import ALL_MODEL_NAMES, manifest
 
 
 def _zoo_cli() -> object:
@@ -22,7 +22,7 @@ def _zoo_cli() -> object:
 def test_zoo_list_shows_every_shipped_model_with_its_size_and_loss() -> None:
     result = CliRunner().invoke(_zoo_cli(), ["zoo", "list"])  # type: ignore[arg-type]
     assert result.exit_code == 0, result.output
-    for name in MODEL_NAMES:
+    for name in ALL_MODEL_NAMES:
         record = manifest()["models"][name]
         row = next(line for line in result.output.splitlines() if f"zoo:{name}" in line)
         assert f"{record['heldout_loss']:.3f}" in row
@@ -55,7 +55,7 @@ NOT_REPRODUCED = {
         pytest.param(n, marks=pytest.mark.skip(reason=NOT_REPRODUCED[n]))
         if n in NOT_REPRODUCED
         else n
-        for n in MODEL_NAMES
+        for n in ALL_MODEL_NAMES
     ],
 )
 def test_retraining_reproduces_the_shipped_held_out_loss(name: str, tmp_path: Path) -> None:
@@ -64,8 +64,14 @@ def test_retraining_reproduces_the_shipped_held_out_loss(name: str, tmp_path: Pa
     assert main(["--models", name, "--out", str(tmp_path), "--check"]) == 0
     retrained = json.loads((tmp_path / "manifest.json").read_text())["models"][name]
     shipped = manifest()["models"][name]
-    assert (
-        abs(retrained["heldout_loss"] - shipped["heldout_loss"]) <= 0.03 * shipped["heldout_loss"]
-    )
+    # the recall model's answer loss is near 0: an absolute tolerance (nats) there
+    tolerance = 0.03 if name == "gdn" else 0.03 * shipped["heldout_loss"]
+    assert abs(retrained["heldout_loss"] - shipped["heldout_loss"]) <= tolerance
     if name == "transformer":
         assert retrained["induction_score"] >= 100
+    if name == "gdn":
+        # float sums differ between CPUs (vector widths, BLAS kernels), and 1000 steps of
+        # training amplify the last bit into other weights: the check is on what the model
+        # does, its held-out answer loss (above) and its recall accuracy; on the machine that
+        # trained it two independent runs gave bitwise equal weights
+        assert abs(retrained["recall_accuracy"] - shipped["recall_accuracy"]) <= 0.03

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may touch the netwo
 import archscope
 import archscope_zoo
 from archscope.errors import ModelSourceError
-from archscope_zoo import MODEL_NAMES, manifest, models_dir
+from archscope_zoo import ALL_MODEL_NAMES, MODEL_NAMES, manifest, models_dir
 
 
 @cache
@@ -92,8 +92,8 @@ def test_every_model_is_shipped_with_weights_and_the_shared_tokenizer_under_20_m
     total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     assert total < 20e6
     data = manifest()
-    assert set(data["models"]) == set(MODEL_NAMES)
-    for name in MODEL_NAMES:
+    assert set(data["models"]) == set(ALL_MODEL_NAMES)
+    for name in ALL_MODEL_NAMES:
         record = data["models"][name]
         files = {f.name for f in (folder / name).iterdir()}
         assert "model.safetensors" in files
@@ -125,7 +125,7 @@ def test_zoo_models_load_offline_and_match_the_manifest_held_out_loss(name: str)
 
 
 def test_unknown_zoo_names_list_the_shipped_ones() -> None:
-    with pytest.raises(ModelSourceError, match="zoo:transformer, zoo:mamba, zoo:lstm"):
+    with pytest.raises(ModelSourceError, match="zoo:transformer, zoo:mamba, zoo:lstm, zoo:gdn"):
         archscope.load_model("zoo:gpt5")
 
 

@@ -1,6 +1,7 @@
 """archscope-zoo: small transformer, Mamba and LSTM language models trained on a synthetic
-corpus with planted structure, loadable offline as ``archscope.load_model("zoo:transformer")``,
-and the corpus's labelled sets (probe labels, contrast pairs, held-out text) to analyse them."""
+corpus with planted structure, and a gated delta net trained on associative recall, loadable
+offline as ``archscope.load_model("zoo:transformer")`` (``zoo:gdn``), and the corpus's labelled
+sets (probe labels, contrast pairs, held-out text) and the recall sequences to analyse them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from .corpus import (
     induction_set,
     probe_set,
 )
-from .store import MODEL_NAMES, manifest, models_dir
+from .recall import RecallSet, recall_set
+from .store import ALL_MODEL_NAMES, MODEL_NAMES, TASK_MODEL_NAMES, manifest, models_dir
 
 __version__ = "0.1.0"
 
@@ -27,12 +29,13 @@ DATASETS: dict[str, tuple[str, int]] = {
     "binding": ("contrast", 64),
     "heldout": ("texts", 256),
     "induction": ("induction", 64),
+    "recall": ("recall", 256),
 }
 
 
 def datasets(
     name: str, n: int | None = None, seed: int | None = None
-) -> LabelledSet | ContrastSet | InductionSet | list[str]:
+) -> LabelledSet | ContrastSet | InductionSet | RecallSet | list[str]:
     """A standard zoo data set, the same on every call for the same ``n`` and ``seed``:
 
     - ``"sentiment"`` / ``"topic"``: a `LabelledSet` (``.texts``, ``.labels``,
@@ -40,7 +43,9 @@ def datasets(
     - ``"agreement"`` / ``"binding"``: a `ContrastSet` (``.clean``, ``.corrupted``,
       ``.clean_answers``, ``.corrupted_answers``) of one-word-apart prompts;
     - ``"heldout"``: a list of held-out documents (no model saw their seed);
-    - ``"induction"``: an `InductionSet` of random spans written twice.
+    - ``"induction"``: an `InductionSet` of random spans written twice;
+    - ``"recall"``: a `RecallSet` of held-out associative-recall sequences (1-8 bindings; the
+      task of ``zoo:gdn``, see `archscope_zoo.recall`).
 
     ``n`` defaults to the size in `DATASETS`; ``seed`` to the set's standard seed.
     """
@@ -59,6 +64,8 @@ def datasets(
         return contrast_pairs(name, size, **extra)
     if kind == "texts":
         return heldout_texts(size, **extra)
+    if kind == "recall":
+        return recall_set(size, **extra)
     return induction_set(size, **extra)
 
 
@@ -70,13 +77,17 @@ def load(name: str, device: str = "cpu") -> tuple[Any, Any, Any]:
 
 
 __all__ = [
+    "ALL_MODEL_NAMES",
     "DATASETS",
     "MODEL_NAMES",
+    "TASK_MODEL_NAMES",
     "ContrastSet",
     "InductionSet",
     "LabelledSet",
+    "RecallSet",
     "datasets",
     "load",
     "manifest",
     "models_dir",
+    "recall_set",
 ]

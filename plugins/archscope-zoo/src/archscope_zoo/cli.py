@@ -6,7 +6,7 @@ import json
 
 import click
 
-from .store import MODEL_NAMES, manifest, models_dir
+from .store import ALL_MODEL_NAMES, MODEL_NAMES, TASK_MODEL_NAMES, manifest, models_dir
 
 
 @click.group()
@@ -33,7 +33,7 @@ def list_models(as_json: bool) -> None:
     table = Table(title=f"archscope zoo ({models_dir()})")
     for column in ("model", "class", "parameters", "size", "held-out loss", "steps", "train time"):
         table.add_column(column)
-    for name in MODEL_NAMES:
+    for name in ALL_MODEL_NAMES:
         m = data["models"].get(name)
         if m is None:
             continue
@@ -51,3 +51,11 @@ def list_models(as_json: bool) -> None:
         f"vocabulary {data['vocab_size']} words; held-out loss in nats per token on "
         f"{data['models'][MODEL_NAMES[0]]['heldout_docs']} held-out documents"
     )
+    for name in TASK_MODEL_NAMES:
+        m = data["models"].get(name)
+        if m is not None:
+            click.echo(
+                f"zoo:{name}: trained on associative recall; its held-out loss is over the "
+                f"answers of {m['heldout_docs']} held-out recall sequences (answer accuracy "
+                f"{m['recall_accuracy']:.3f}, chance 1/24)"
+            )

@@ -17,7 +17,8 @@ def register_model_sources(register: Callable[..., None]) -> None:
             name="zoo",
             load="archscope_zoo.source:load",
             description="trained reference models shipped with archscope-zoo "
-            "(zoo:transformer, zoo:mamba, zoo:lstm)",
+            "(zoo:transformer, zoo:mamba, zoo:lstm; zoo:gdn, a gated delta net trained on "
+            "associative recall)",
             examples=("zoo:transformer", "zoo:mamba", "zoo:lstm"),
             tasks="archscope_zoo.tasks:profile_tasks",
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .store import MODEL_NAMES, TOKENIZER_DIR, manifest, models_dir
+from .store import ALL_MODEL_NAMES, TOKENIZER_DIR, manifest, models_dir
 
 
 def load_tokenizer() -> Any:
@@ -24,15 +24,15 @@ def load_tokenizer() -> Any:
 
 
 def load(name: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for ``zoo:<name>``, ``name`` one of `MODEL_NAMES`; the model is
+    """``(model, tokenizer)`` for ``zoo:<name>``, ``name`` one of `ALL_MODEL_NAMES`; the model is
     in eval mode on ``device`` (in ``dtype`` when given)."""
     from archscope.errors import ModelSourceError
 
     shipped = manifest()["models"]
-    if name not in MODEL_NAMES or name not in shipped:
+    if name not in ALL_MODEL_NAMES or name not in shipped:
         raise ModelSourceError(
             f"zoo:{name!r} is not a zoo model; the zoo ships "
-            f"{', '.join('zoo:' + n for n in MODEL_NAMES if n in shipped)} "
+            f"{', '.join('zoo:' + n for n in ALL_MODEL_NAMES if n in shipped)} "
             "(`archscope zoo list` shows them with sizes and losses)"
         )
     folder = models_dir() / name

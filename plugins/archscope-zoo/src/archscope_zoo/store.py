@@ -6,8 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-#: The shipped models, in the order they are listed.
+#: The language models trained on the corpus, in the order they are listed (what `archscope
+#: bench` profiles by default and the corpus's ground-truth tests check).
 MODEL_NAMES = ("transformer", "mamba", "lstm")
+#: Models trained on a task of their own: ``gdn``, a gated delta net trained on associative
+#: recall (`archscope_zoo.recall`).
+TASK_MODEL_NAMES = ("gdn",)
+#: Every shipped model, in the order `archscope zoo list` shows them.
+ALL_MODEL_NAMES = MODEL_NAMES + TASK_MODEL_NAMES
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
 
