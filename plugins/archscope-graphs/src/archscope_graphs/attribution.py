@@ -290,7 +290,9 @@ def _fill_rows(
             row = rows[i]
             assert row is not None
             ref = live.logits if row.site == "logits" else live.reads[row.site]
-            seed = seeds.setdefault(row.site, torch.zeros_like(ref))
+            if row.site not in seeds:  # one seed tensor per site and chunk, not per row
+                seeds[row.site] = torch.zeros_like(ref)
+            seed = seeds[row.site]
             seed[b, row.position] = row.vector.to(seed.dtype)
         outputs = [live.logits if s == "logits" else live.reads[s] for s in seeds]
         grads = torch.autograd.grad(
