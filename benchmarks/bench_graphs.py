@@ -36,7 +36,8 @@
    through a subprocess, timed inside that process. Batch sizes: each tool's default (archscope
    32 rows, circuit-tracer 512) and archscope at 512 too.
 5. Memory on a recurrent model (archscope only): the zoo LSTM's graph at growing prompt
-   lengths, each in a fresh subprocess; the peak resident memory growth (ru_maxrss) against the
+   lengths, each in a fresh subprocess; the growth of the peak resident memory (VmHWM, reset
+   just before the graph) against the
    graph's node count and the dense adjacency's size.
 
 The tables go to ``--out`` (Markdown).
@@ -314,19 +315,31 @@ def time_ours(side: dict[str, Any], name: str, repeats: int, batch_size: int) ->
 
 
 MEMORY_SIDE = r"""
-import json, resource, sys
+import json, sys
 import torch
 import archscope
 from archscope_graphs.attribution import attribute
+
+def hwm_kb():  # this process's peak resident memory (VmHWM starts afresh at exec)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+def reset_hwm():  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
 n = int(sys.argv[1])
 _, tok, backend = archscope.load_model("zoo:lstm")
 gen = torch.Generator().manual_seed(0)
 ids = torch.randint(4, 200, (n,), generator=gen)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+reset_hwm()
+before = hwm_kb()
 g = attribute(backend, ids, max_logits=1, batch_size=32)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"n": n, "before_kb": before, "after_kb": after, "nodes_full": g.metadata["pruned_from"],
-                  "nodes_pruned": len(g.nodes), "d": int(backend.sites()["embed"].dim)}))
+after = hwm_kb()
+print(json.dumps({"n": n, "before_kb": before, "after_kb": after,
+                  "nodes_full": g.metadata["pruned_from"], "nodes_pruned": len(g.nodes),
+                  "d": int(backend.site_info("embed").dim)}))
 """
 
 
