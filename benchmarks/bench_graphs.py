@@ -447,7 +447,7 @@ def write_report(
         "## Equal graphs (before timing)",
         "",
         "| prompt | logits max diff | nodes archscope / circuit-tracer | BOS nodes dropped | "
-        "max |edge| | max diff, feature rows | max diff, logit row differences | "
+        "max abs edge | max diff, feature rows | max diff, logit row differences | "
         "logit rows raw (mean-logit convention) |",
         "|---|---|---|---|---|---|---|---|",
     ]
