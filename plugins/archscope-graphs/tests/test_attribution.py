@@ -159,3 +159,28 @@ def test_a_contrast_target_explains_a_logit_difference(
     torch.testing.assert_close(row, expected, atol=1e-5, rtol=0)
     with pytest.raises(ParameterError, match="pair"):
         attribute(tiny_llama, _ids(), target=(7, 7))
+
+
+def test_seed_tensors_are_allocated_per_chunk_not_per_row(
+    tiny_llama: Any, make_transcoders: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backward pass's seeds are one tensor per site and chunk: allocating one per target
+    row (the size of the whole batch's logits) made graphs of a few thousand nodes spend most
+    of their time in zeros_like."""
+    d = tiny_llama.site_info("layer_0.mlp").dim
+    tcs = make_transcoders(d, 2)
+    calls = {"n": 0}
+    real = torch.zeros_like
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    with ReplacementModel.build(tiny_llama, _ids(), tcs) as rm:
+        monkeypatch.setattr(torch, "zeros_like", counting)
+        graph = _graph(rm, None, 5, 0.95, 1024, 0.0)
+        monkeypatch.undo()
+    rows = len(bias_rows(graph))
+    assert rows > 50
+    # one chunk: a seed per site (logits + each read site), plus the replacement run's own
+    assert calls["n"] <= 10, (calls["n"], rows)

@@ -279,7 +279,12 @@ def _fill_rows(
     batch = min(batch_size, len(targets))
     live = rm.run(batch)
     seq = rm.prompt.shape[1]
-    decoders = [{s: t.decoder(s).detach().double() for s in t.write_sites} for t in rm.transcoders]
+    # the (batch, seq, n_features) feature effects in float32 (as the gradients are): in
+    # float64 they cost more than the backward passes on graphs of thousands of nodes; the
+    # error and embedding dot products, and the products with the activations, in float64
+    decoders = [{s: t.decoder(s).detach().float() for s in t.write_sites} for t in rm.transcoders]
+    errors = {s: e.double() for s, e in rm.errors.items()}
+    embed = rm.embed.double()
     error_sites = list(rm.errors)
     embed_col = n_features + n_errors
     leaf_sites = list(live.leaves)
@@ -290,7 +295,9 @@ def _fill_rows(
             row = rows[i]
             assert row is not None
             ref = live.logits if row.site == "logits" else live.reads[row.site]
-            seed = seeds.setdefault(row.site, torch.zeros_like(ref))
+            if row.site not in seeds:  # one seed tensor per site and chunk, not per row
+                seeds[row.site] = torch.zeros_like(ref)
+            seed = seeds[row.site]
             seed[b, row.position] = row.vector.to(seed.dtype)
         outputs = [live.logits if s == "logits" else live.reads[s] for s in seeds]
         grads = torch.autograd.grad(
@@ -301,22 +308,24 @@ def _fill_rows(
             allow_unused=True,
             materialize_grads=True,
         )
-        g = {s: v.detach().double() for s, v in zip(leaf_sites, grads, strict=True)}
+        g = {s: v.detach() for s, v in zip(leaf_sites, grads, strict=True)}
         n = len(chunk)
         rows_out = torch.zeros(n, adjacency.shape[1], dtype=torch.float64)
         col = 0
         for k, (acts, idx) in enumerate(zip(rm.acts, active, strict=True)):
             if len(idx):
-                effect = torch.zeros(n, seq, acts.shape[-1], dtype=torch.float64)
+                effect: torch.Tensor | None = None
                 for site, dec in decoders[k].items():
-                    effect += g[site][:n] @ dec.T
+                    term = g[site][:n].float() @ dec.T
+                    effect = term if effect is None else effect + term
+                assert effect is not None
                 p, f = idx[:, 0], idx[:, 1]
-                rows_out[:, col : col + len(idx)] = effect[:, p, f] * acts[p, f].double()
+                rows_out[:, col : col + len(idx)] = effect[:, p, f].double() * acts[p, f].double()
             col += len(idx)
         for site in error_sites:
-            rows_out[:, col : col + seq] = (g[site][:n] * rm.errors[site].double()).sum(-1)
+            rows_out[:, col : col + seq] = (g[site][:n].double() * errors[site]).sum(-1)
             col += seq
-        rows_out[:, embed_col : embed_col + seq] = (g["embed"][:n] * rm.embed.double()).sum(-1)
+        rows_out[:, embed_col : embed_col + seq] = (g["embed"][:n].double() * embed).sum(-1)
         adjacency[chunk] = rows_out.to(adjacency.dtype)
 
 
