@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
-from archscope import Site, SiteError
 from archscope.compat import cache_argument
-from archscope.engine import RunRequest, StopForward
+from archscope.engine import RunRequest
+from archscope.recurrence import feed_tokens, given_states
 
 from .native import NativeInferenceParams
 from .states import output_cache
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 def continue_from_state(backend: MambaStack, ctx: RunRequest, plan: RunPlan) -> Any:
     """Decode the batch token by token from ``ctx.initial_state`` (the only way the models'
     caches reproduce a full run); token sites and logits are concatenated over steps."""
-    import torch
 
     backend.require("state_patch")
     ids = ctx.batch["input_ids"]
@@ -33,58 +32,36 @@ def continue_from_state(backend: MambaStack, ctx: RunRequest, plan: RunPlan) -> 
         backend, ctx.initial_state or {}, int(ids.shape[0]), int(ids.shape[1])
     )
     hooked_tokens = set(backend.table.names(kind="token", hooked=True))
-    token_sites = [n for n in ctx.capture if n in hooked_tokens]
-    collected: dict[str, list[torch.Tensor]] = {n: [] for n in token_sites}
-    logits: list[torch.Tensor] = []
-    for t in range(plan.steps):
+
+    def step(t: int) -> Any:
         plan.step = t
-        try:
-            if backend.native:
-                out = backend.model(ids[:, t : t + 1], inference_params=plan.cache)
-                plan.cache.seqlen_offset += 1
-            else:
-                out = backend.model(
-                    input_ids=ids[:, t : t + 1],
-                    use_cache=True,
-                    **{cache_argument(backend.model): plan.cache},
-                )
-                plan.cache = output_cache(out) or plan.cache
-            step_logits = backend.logits_of(out)
-            if step_logits is not None:
-                logits.append(step_logits)
-        except StopForward:
-            pass
-        for name in token_sites:
-            if name in ctx.store:
-                collected[name].append(ctx.store.pop(name))
-    for name, parts in collected.items():
-        if len(parts) == plan.steps:
-            ctx.store[name] = torch.cat(parts, dim=1)
-    return _Continued(torch.cat(logits, dim=1) if len(logits) == plan.steps else None, plan.cache)
+        if backend.native:
+            out = backend.model(ids[:, t : t + 1], inference_params=plan.cache)
+            plan.cache.seqlen_offset += 1
+            return out
+        out = backend.model(
+            input_ids=ids[:, t : t + 1],
+            use_cache=True,
+            **{cache_argument(backend.model): plan.cache},
+        )
+        plan.cache = output_cache(out) or plan.cache
+        return out
+
+    logits = feed_tokens(
+        ctx.store,
+        plan.steps,
+        step,
+        [n for n in ctx.capture if n in hooked_tokens],
+        backend.logits_of,
+    )
+    return _Continued(logits, plan.cache)
 
 
 def cache_from_state(
     backend: MambaStack, state: Mapping[str, torch.Tensor], batch: int, steps: int
 ) -> Any:
     """A cache holding ``state`` (every state site, checked), ready to decode ``steps`` tokens."""
-    names = backend.state_sites
-    given = {str(Site.parse(k)): v for k, v in state.items()}
-    unknown = sorted(set(given) - set(names))
-    missing = [n for n in names if n not in given]
-    if unknown or missing:
-        raise SiteError(
-            "initial_state must give every recurrent state of the model: "
-            + (f"missing {missing}; " if missing else "")
-            + (f"not state sites: {unknown}; " if unknown else "")
-            + f"state sites are {names}. Take them from run(..., return_state=True).state"
-        )
-    for name in names:
-        expected = (batch, *cast("tuple[int, ...]", backend.table.info(name).extra["size"]))
-        if tuple(given[name].shape) != expected:
-            raise SiteError(
-                f"initial_state[{name!r}] has shape {tuple(given[name].shape)}; "
-                f"expected {expected} (batch of the suffix, then the site shape)"
-            )
+    given = given_states(backend.table, backend.state_sites, state, batch)
     device = backend.device
     if backend.native:
         cache = NativeInferenceParams(max_seqlen=steps, max_batch_size=batch, seqlen_offset=1)
