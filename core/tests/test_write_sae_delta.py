@@ -269,10 +269,17 @@ def test_zoo_gdn_atoms_substitute_for_the_binding_writes() -> None:
         bound = [k for k, _ in data.bindings[r]]
         texts.append(rows[r][: 2 * len(bound) + 2])
         positions.append([2 * bound.index(data.queries[r][0]) + 1])  # the asked pair's value
-    result = substitution_test(sae, backend, texts, positions=positions, per_text=1)
+    result = substitution_test(
+        sae, backend, texts, positions=positions, per_text=1, closed_form=False
+    )
     print(result.to_markdown())
-    assert result.n_firings == 200 and result.closed_form == "state"
+    assert result.n_firings == 200
     # measured 0.870 [0.816, 0.910]; the shuffled control 0.470 [0.402, 0.539]
     assert result.win_rate >= 0.8, result.to_markdown()
     assert result.control_win_rate < 0.5 and result.win_ci[0] > result.control_ci[1]
-    assert result.closed_form_r2 is not None and math.isfinite(result.closed_form_r2)
+    # the closed form (one backward pass per text): reported, layer 1 responds to the change
+    # and the closed form freezes it (measured R² 0.17 on 200 texts)
+    some = substitution_test(sae, backend, texts[:30], positions=positions[:30], per_text=1)
+    print("closed-form R²", some.closed_form_r2)
+    assert some.closed_form == "state" and some.closed_form_r2 is not None
+    assert math.isfinite(some.closed_form_r2) and len(some.predicted) == 30 * 4 * 8
