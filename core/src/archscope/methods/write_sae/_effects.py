@@ -7,12 +7,19 @@
   (``W_s → 0``), a random unit rank-1 matrix of the same norm, and a shuffled atom (another
   atom of the dictionary, same norm). Win rates per firing and per atom, with Wilson 95%
   binomial intervals.
-- The closed form: given the run's decays, a substitution at s changes the state at the final
-  position T by ``ΔS_T = (Π_{r=s+1..T} decay_r) ⊙ (W' − W_s)``; the read-out at T, linear in
-  the state given the run's gates, maps it to the logits through ``R_j = ∂logit_j(T)/∂W_T``
-  (one backward pass per scored token, the rest of the network at the clean run). The
-  prediction ``⟨R_j, ΔS_T⟩`` is compared with the measured shift (R²). It needs the layer's
-  ``write_decay`` site and assumes the transition is that elementwise decay.
+- The closed form: a substitution at s changes the layer's state at the final position T by
+  ``ΔS_T = M_T ∘ ⋯ ∘ M_{s+1}(W' − W_s)``, the run's transitions applied to the change of the
+  write; the read-out at T, linear in the state given the run's gates, maps it to the logits
+  through ``R_j = ∂logit_j(T)/∂W_T`` (one backward pass per scored token and text, the rest of
+  the network at the clean run). The prediction ``⟨R_j, ΔS_T⟩`` is compared with the measured
+  shift (R²). Two ways to get ``ΔS_T`` (``closed_form``): ``"decay"`` multiplies the layer's
+  ``write_decay`` values, ``ΔS_T = (Π_{r=s+1..T} decay_r) ⊙ (W' − W_s)``, exact where the
+  transition is that elementwise decay (Mamba, Mamba-2, mLSTM's C, lightning attention) and
+  an approximation for a delta rule (gated delta nets, KDA), whose transition also erases
+  along each key, ``M_r(S) = (I − β_r k_r k_rᵀ) α_r S``; ``"state"`` reads ``ΔS_T`` from the
+  layer's ``ssm_states`` in the edited run, which the backend computes by scanning the write's
+  change with the run's own transitions, so it is exact for any transition that is linear in
+  the state given the run's parameters (the default where the layer has ``ssm_states``).
 - `install`: an atom written into k consecutive positions at c × the write's norm, then
   greedy generation; a target token's rank and presence in the continuation before and after.
 """
@@ -63,8 +70,8 @@ class SubstitutionResult(Result):
     ``control_win_rate``: the shuffled atom against deletion. ``per_atom``: atom → (wins,
     firings, rate); ``atom_population``: the share of the ``n_atoms_counted`` atoms with
     ``min_firings`` firings or more whose own win rate exceeds one half, with its interval. ``closed_form_r2``: R² of the
-    closed-form logit shifts against the measured ones (None without a ``write_decay``
-    site); ``predicted`` / ``measured``: those shifts (substitutions × scored tokens)."""
+    closed-form logit shifts against the measured ones (None when not computed);
+    ``closed_form``: how its state change was obtained ("decay" or "state", see the module); ``predicted`` / ``measured``: those shifts (substitutions × scored tokens)."""
 
     site: str
     head: int
@@ -81,6 +88,7 @@ class SubstitutionResult(Result):
     per_atom: dict[int, tuple[int, int, float]]
     closed_form_r2: float | None
     seconds_per_firing: float
+    closed_form: str | None = None
     kl: dict[str, list[float]] = field(default_factory=dict, repr=False)
     atom_of: list[int] = field(default_factory=list, repr=False)
     position_of: list[int] = field(default_factory=list, repr=False)
@@ -92,7 +100,11 @@ class SubstitutionResult(Result):
         lo, hi = self.win_ci
         clo, chi = self.control_ci
         plo, phi = self.atom_population_ci
-        r2 = "n/a" if self.closed_form_r2 is None else f"{self.closed_form_r2:.4f}"
+        r2 = (
+            "n/a"
+            if self.closed_form_r2 is None
+            else f"{self.closed_form_r2:.4f} ({self.closed_form})"
+        )
         return "\n".join(
             [
                 f"### Substitution test on {self.site} (head {self.head})",
@@ -218,14 +230,44 @@ class _Collected:
     measured: list[torch.Tensor] = field(default_factory=list)
 
 
-class _Decays:
-    """The layer's decays, read from its ``write_decay`` site (None when it has none)."""
+CLOSED_FORMS = ("auto", "state", "decay", "none")
 
-    def __init__(self, backend: Any, layout: WriteLayout, wanted: bool) -> None:
+
+class _Decays:
+    """Where the closed form gets the state change at the final position: the layer's
+    ``write_decay`` values ("decay") or its ``ssm_states`` in the edited run ("state");
+    ``mode`` None: no closed form."""
+
+    def __init__(self, backend: Any, layout: WriteLayout, wanted: bool | str) -> None:
         self.site = layout.site.replace(".state_write", ".write_decay")
+        self.states_site = layout.site.replace(".state_write", ".ssm_states")
         self.layout = layout
-        self.present = wanted and self.site in backend.sites()
+        sites = backend.sites()
         self.state_axes = tuple(backend.site_info(layout.site).shape)
+        has_decay = self.site in sites
+        has_states = (
+            self.states_site in sites
+            and tuple(backend.site_info(self.states_site).shape) == self.state_axes
+        )
+        mode = ("auto" if wanted else "none") if isinstance(wanted, bool) else wanted
+        if mode not in CLOSED_FORMS:
+            raise ParameterError(
+                f"closed_form={wanted!r}: valid are True/False or one of {', '.join(CLOSED_FORMS)}"
+            )
+        if mode == "auto":
+            mode = "state" if has_states else "decay" if has_decay else "none"
+        if mode == "decay" and not has_decay:
+            raise ParameterError(
+                f"closed_form='decay' needs the site {self.site}, which this backend does not "
+                "declare: use closed_form='state' or 'auto'"
+            )
+        if mode == "state" and not has_states:
+            raise ParameterError(
+                f"closed_form='state' needs the site {self.states_site} in the write's layout "
+                f"{self.state_axes}, which this backend does not declare: use 'decay' or 'auto'"
+            )
+        self.mode: str | None = None if mode == "none" else mode
+        self.present = self.mode == "decay"
         self.axes = tuple(backend.site_info(self.site).shape) if self.present else ()
 
     def suffix(self, captured: torch.Tensor, last: int) -> torch.Tensor:
@@ -252,6 +294,9 @@ def _one_text(
     ids = torch.tensor([list(row)])
     last = len(row) - 1
     capture = [layout.site, "logits"] + ([decays.site] if decays.present else [])
+    by_state = decays.mode == "state"
+    if by_state:
+        capture.append(decays.states_site)
     clean = backend.run(ids, capture=capture)
     write = layout.take(clean[layout.site])[0].float().cpu()  # (seq, dv, dk)
     clean_last = clean.logits[0, last].float().cpu()
@@ -283,27 +328,37 @@ def _one_text(
         out.position_of.append(s)
         out.text_of.append(index)
     n_rows = len(edits.position)
-    final = []
+    final, states = [], []
+    edited_capture = ["logits"] + ([decays.states_site] if by_state else [])
     for start in range(0, n_rows, batch_size):
         stop = min(n_rows, start + batch_size)
         run = backend.run(
-            ids.expand(stop - start, -1), capture=["logits"], edits=[edits.edit(start, stop)]
+            ids.expand(stop - start, -1), capture=edited_capture, edits=[edits.edit(start, stop)]
         )
         final.append(run.logits[:, last].float().cpu())
+        if by_state:
+            states.append(layout.take(run[decays.states_site])[:, last].float().cpu())
     edited_last = torch.cat(final)
     kls = _kl_last(clean_last.expand_as(edited_last), edited_last)
     for slot in slots:
         for variant in VARIANTS:
             out.kl[variant].append(float(kls[slot[variant]]))
-    if decays.present:
+    if decays.mode is not None:
+        if by_state:
+            clean_state = layout.take(clean[decays.states_site])[0, last].float().cpu()
+            changes = torch.cat(states) - clean_state
+        else:
+            suffix = decays.suffix(clean[decays.site], last)
+            changes = torch.stack(
+                [
+                    suffix[s] * (v - write[s])
+                    for s, v in zip(edits.position, edits.value, strict=True)
+                ]
+            )
         tokens = clean_last.topk(min(n_tokens, clean_last.numel())).indices
         read = _readout(backend, ids, layout, last, tokens).cpu().float()  # (j, dv, dk)
-        suffix = decays.suffix(clean[decays.site], last)
-        for r in range(n_rows):
-            s = edits.position[r]
-            change = suffix[s] * (edits.value[r] - write[s])
-            out.predicted.append(torch.einsum("jab,ab->j", read, change))
-            out.measured.append(edited_last[r, tokens] - clean_last[tokens])
+        out.predicted.extend(torch.einsum("jab,rab->rj", read, changes))
+        out.measured.extend(edited_last[:, tokens] - clean_last[tokens])
 
 
 @torch.no_grad()
@@ -316,7 +371,7 @@ def substitution_test(
     per_text: int = 16,
     batch_size: int = 32,
     n_tokens: int = 8,
-    closed_form: bool = True,
+    closed_form: bool | str = True,
     min_firings: int = 3,
     firings: str = "top",
     positions: Sequence[Sequence[int]] | None = None,
@@ -327,7 +382,12 @@ def substitution_test(
     ``firings``: "top" takes, at each position, the atom with the largest code (the one that
     stands for the write), "all" every atom that fires there. ``n_tokens``: tokens whose
     logit shift the closed form predicts (the clean run's top ones at the final position);
-    ``closed_form=False`` skips it. ``min_firings``: firings an atom needs to count in the
+    ``closed_form``: how the closed form gets the state change at the final position,
+    "state" (the layer's ``ssm_states`` in the edited run: the run's own transitions, exact for
+    decays and delta rules alike), "decay" (the product of ``write_decay``: exact for
+    elementwise decays, an approximation for delta rules), True/"auto" ("state" where the layer
+    has ``ssm_states``, else "decay" where it has ``write_decay``, else none), False/"none"
+    skips it. ``min_firings``: firings an atom needs to count in the
     atom population. ``positions``: per text, the positions whose firings are tested (e.g.
     where a task binds what the final token recalls; None: every position)."""
     import time
@@ -366,11 +426,11 @@ def substitution_test(
             "trained on this model's writes"
         )
     seconds = (time.perf_counter() - started) / len(out.atom_of)
-    return _summarise(sae, out, min_firings, seconds)
+    return _summarise(sae, out, min_firings, seconds, decays.mode)
 
 
 def _summarise(
-    sae: WriteSAE, out: _Collected, min_firings: int, seconds: float
+    sae: WriteSAE, out: _Collected, min_firings: int, seconds: float, mode: str | None
 ) -> SubstitutionResult:
     kl, atom_of = out.kl, out.atom_of
     atom_kl = torch.tensor(kl["atom"])
@@ -406,6 +466,7 @@ def _summarise(
         per_atom=per_atom,
         closed_form_r2=r2,
         seconds_per_firing=seconds,
+        closed_form=mode if r2 is not None else None,
         kl=kl,
         atom_of=atom_of,
         position_of=out.position_of,

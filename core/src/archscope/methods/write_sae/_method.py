@@ -39,6 +39,7 @@ class WriteSAEOptions:
     max_firings: Annotated[int, Param(min=0, help="substitution test size (0: skip it)")] = 256
     per_text: Annotated[int, Param(min=1, help="firings tested per held-out text")] = 16
     firings: Literal["top", "all"] = "top"
+    closed_form: Literal["auto", "state", "decay", "none"] = "auto"
     install_k: Annotated[int, Param(min=0, help="positions the install writes (0: skip)")] = 3
     install_scale: Annotated[float, Param(min=0, help="install at this x the write's norm")] = 3.0
     max_new_tokens: Annotated[int, Param(min=1, help="greedy tokens after the install")] = 8
@@ -228,6 +229,7 @@ def write_sae_method(backend: Any, data: Any, options: WriteSAEOptions) -> Write
             per_text=o.per_text,
             batch_size=o.text_batch_size,
             firings=o.firings,
+            closed_form=o.closed_form,
             seed=o.seed,
         )
     installed = None

@@ -46,8 +46,13 @@ WRITE_SAE_TYPES: dict[str, str] = {
 class WriteLayout:
     """Where one head's write sits in a ``state_write`` site's value.
 
-    ``axes``: the site's axis names, ``("batch", "seq", *head axes, value axis, key axis)``;
-    ``sizes``: the sizes after batch and seq. The axes between ``seq`` and the last two are
+    ``axes``: the site's axis names, ``("batch", "seq", *head axes, row axis, column axis)``;
+    ``sizes``: the sizes after batch and seq. The write matrix's rows are called "value" and
+    its columns "key" here (``d_value`` = size of ``axes[-2]``, ``d_key`` = of ``axes[-1]``),
+    which is Mamba's layout (d_inner/head_dim × d_state); gated delta nets and mLSTM store
+    their write as key_dim × value_dim, so there ``d_value``, `WriteSAE.value_factors` and
+    ``v_i`` are along the key axis (`row_axis` / `column_axis` name them). Nothing in the
+    method depends on which factor is which. The axes between ``seq`` and the last two are
     the head axes (none for a layer whose write is one matrix, e.g. Mamba-1's d_inner ×
     d_state); ``head`` indexes them flattened (row-major)."""
 
@@ -76,6 +81,16 @@ class WriteLayout:
                 f"give 0..{heads - 1}"
             )
         return cls(site=site, axes=tuple(axes), sizes=sizes, head=head)
+
+    @property
+    def row_axis(self) -> str:
+        """The name of the axis ``d_value`` (the atoms' ``v_i``) runs along."""
+        return self.axes[-2]
+
+    @property
+    def column_axis(self) -> str:
+        """The name of the axis ``d_key`` (the atoms' ``w_i``) runs along."""
+        return self.axes[-1]
 
     @property
     def n_heads(self) -> int:
