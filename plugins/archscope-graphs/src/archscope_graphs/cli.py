@@ -10,6 +10,31 @@ from typing import Any
 import click
 
 
+def _counted(flag: str, default: int, help: str | None = None, dest: str | None = None) -> Any:
+    """A positive integer option with its default shown."""
+    names = (flag, dest) if dest else (flag,)
+    return click.option(
+        *names, default=default, show_default=True, type=click.IntRange(min=1), help=help
+    )
+
+
+def _folder(
+    flag: str, dest: str, help: str, *, exists: bool = False, required: bool = False
+) -> Any:
+    """A folder option (``exists``: it must be there already)."""
+    return click.option(
+        flag,
+        dest,
+        required=required,
+        default=None,
+        type=click.Path(exists=exists, file_okay=False),
+        help=help,
+    )
+
+
+_ARCH = click.option("--arch", "hint", default=None, help="Backend hint.")
+
+
 def _texts(model: str, data: str | None, n: int) -> list[str]:
     """Training / labelling texts: a UTF-8 file with one text per line, or the zoo corpus's
     held-out documents when none is given and the model is a zoo model."""
@@ -46,37 +71,26 @@ def _texts(model: str, data: str | None, n: int) -> list[str]:
 @click.option(
     "--target", default=None, help="Target token (text or id); default: the model's top logits."
 )
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Folder for <slug>.json, graph-metadata.json and <slug>.html.",
+@_folder(
+    "--out", "out", "Folder for <slug>.json, graph-metadata.json and <slug>.html.", required=True
 )
-@click.option(
+@_folder(
     "--transcoders",
     "tc_path",
-    default=None,
-    type=click.Path(exists=True, file_okay=False),
-    help="A folder written by save_transcoders (`archscope train transcoders`).",
+    "A folder written by save_transcoders (`archscope train transcoders`).",
+    exists=True,
 )
-@click.option("--arch", "hint", default=None, help="Backend hint.")
+@_ARCH
 @click.option("--slug", default="graph", show_default=True, help="Name of the graph's files.")
 @click.option("--node-threshold", default=0.8, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--edge-threshold", default=0.98, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--max-logits", default=10, show_default=True, type=click.IntRange(min=1))
+@_counted("--max-logits", 10)
 @click.option(
     "--data",
     default=None,
     help="Text file (one text per line) for the feature labels; default: the zoo corpus for zoo models.",
 )
-@click.option(
-    "--label-texts",
-    default=128,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="How many texts label the features.",
-)
+@_counted("--label-texts", 128, "How many texts label the features.")
 def graph_command(
     model: str,
     prompt: str,
@@ -143,35 +157,15 @@ def graph_command(
 
 @click.command(name="transcoders")
 @click.argument("model")
-@click.option(
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Folder to write the transcoders to.",
-)
+@_folder("--out", "out", "Folder to write the transcoders to.", required=True)
 @click.option(
     "--data",
     default=None,
     help="Text file, one text per line; default: the zoo corpus for zoo models.",
 )
-@click.option(
-    "--texts",
-    "n_texts",
-    default=512,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="How many texts to train on.",
-)
-@click.option("--arch", "hint", default=None, help="Backend hint.")
-@click.option(
-    "--features",
-    "n_features",
-    default=512,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Features per read layer.",
-)
+@_counted("--texts", 512, "How many texts to train on.", dest="n_texts")
+@_ARCH
+@_counted("--features", 512, "Features per read layer.", dest="n_features")
 @click.option(
     "--layers", default=None, help="Comma-separated read layers (default: every layer with an MLP)."
 )
@@ -187,13 +181,7 @@ def graph_command(
     help="Train a cross-layer transcoder (features write every later MLP).",
 )
 @click.option("--skip", is_flag=True, help="Add a linear skip connection per layer.")
-@click.option(
-    "--k",
-    default=16,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Active features per token (TopK).",
-)
+@_counted("--k", 16, "Active features per token (TopK).")
 @click.option(
     "--sparsity",
     default=0.03,
@@ -201,7 +189,7 @@ def graph_command(
     type=click.FloatRange(min=0),
     help="L1 coefficient (ReLU, JumpReLU).",
 )
-@click.option("--epochs", default=5, show_default=True, type=click.IntRange(min=1))
+@_counted("--epochs", 5)
 @click.option(
     "--lr",
     "learning_rate",
@@ -209,13 +197,7 @@ def graph_command(
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
 )
-@click.option(
-    "--batch-size",
-    default=256,
-    show_default=True,
-    type=click.IntRange(min=1),
-    help="Tokens per training step.",
-)
+@_counted("--batch-size", 256, "Tokens per training step.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option(
     "--format",
