@@ -208,3 +208,28 @@ def test_bfloat16_runs_transformers_own_path(monkeypatch: pytest.MonkeyPatch) ->
         assert not scan.scan_applies(mixer, half, i["time_step"], None)
         monkeypatch.setattr(mixer, "use_mambapy", True)
         assert not scan.scan_applies(mixer, i["x"], i["time_step"], None)
+
+
+def test_linear_scan_without_autograd_is_the_autograd_path_bit_for_bit() -> None:
+    from archscope.recurrence import linear_scan
+
+    gen = torch.Generator().manual_seed(7)
+    decay = torch.rand(3, 11, 4, 1, 1, generator=gen)
+    write = torch.randn(3, 11, 4, 5, 6, generator=gen)
+    initial = torch.randn(3, 4, 5, 6, generator=gen)
+    ref = torch.zeros(3, 4, 5, 6, dtype=torch.float64) + initial.double()
+    unrolled = []
+    for t in range(11):
+        ref = decay[:, t].double() * ref + write[:, t].double()
+        unrolled.append(ref)
+    with torch.no_grad():
+        fast = linear_scan(decay, write, initial)
+        zero = linear_scan(decay, write)
+    tracked = write.clone().requires_grad_(True)
+    slow = linear_scan(decay, tracked, initial)
+    assert fast.is_contiguous() and fast.shape == write.shape
+    assert torch.equal(fast, slow.detach())
+    assert (fast.double() - torch.stack(unrolled, 1)).abs().max() < 1e-5
+    assert torch.equal(zero[:, 0], write[:, 0])
+    slow.sum().backward()  # the autograd path still carries gradients
+    assert tracked.grad is not None and bool(tracked.grad[:, -1].eq(1).all())
