@@ -233,3 +233,33 @@ def test_linear_scan_without_autograd_is_the_autograd_path_bit_for_bit() -> None
     assert torch.equal(zero[:, 0], write[:, 0])
     slow.sum().backward()  # the autograd path still carries gradients
     assert tracked.grad is not None and bool(tracked.grad[:, -1].eq(1).all())
+
+
+def test_older_transformers_and_kernelized_functions_keep_transformers_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import transformers
+
+    calls = _count_scans(monkeypatch)
+    backend = _backend()
+    ids = random_ids(2, 6)
+    mixer = _model().backbone.layers[0].mixer
+    assert scan.scan_module(mixer) is mm
+    with monkeypatch.context() as patched:
+        patched.setattr(transformers, "__version__", "5.24.0")
+        assert scan.scan_module(mixer) is None
+        backend.run(ids, capture=["logits"])
+    assert not calls
+    original = mm.mamba_scan_forward
+    if isinstance(original, torch.nn.Module):  # kernels' wrapper: a kernel given by kernelize
+        seen: list[int] = []
+        default = type(original).forward
+
+        def kernel(*args: Any, **kwargs: Any) -> Any:
+            seen.append(1)
+            return default(original, *args, **kwargs)
+
+        monkeypatch.setattr(original, "forward", kernel, raising=False)
+        assert scan._kernelized(original)
+        backend.run(ids, capture=["logits"])
+        assert not calls and len(seen) == len(backend.layers)

@@ -132,7 +132,7 @@ def selective_scan(
         if "states" not in keep and stop < seq:
             prev = prev.clone()  # the scratch buffer is overwritten by the next chunk
         out[:, :, start:stop] = read[:length, :, :, 0].permute(1, 2, 0)
-    last = prev.clone() if "states" not in keep else prev
+    last = prev.clone()  # the cache's own tensor, not a view of a buffer
     out = out + x * D[None, :, None]
     out = out * F.silu(gate)
     record = ScanRecord(
@@ -178,7 +178,8 @@ def scan_applies(module: Any, x: torch.Tensor, time_step: torch.Tensor, cache: A
 
     if x.device.type != "cpu" or x.dtype != torch.float32 or time_step.dtype != torch.float32:
         return False
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if torch.is_grad_enabled() or (compiling is not None and compiling()):
         return False
     if getattr(module, "use_mambapy", False):
         return False
@@ -256,9 +257,30 @@ def _dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
     return mamba_scan_forward
 
 
+#: The first transformers release whose ``mamba_scan_forward(module, hidden_states, time_step,
+#: B, C, gate, cache)`` this module replaces (checked against it in the tests).
+FIRST_RELEASE = (5, 25)
+
+
+def _release(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
 def scan_module(mixer: Any) -> Any:
-    """The Python module whose ``mamba_scan_forward`` the mixer calls (None if it has none)."""
-    module = sys.modules.get(type(mixer).__module__)
+    """The Python module whose ``mamba_scan_forward`` the mixer calls: a transformers module of
+    release `FIRST_RELEASE` or later (None otherwise: the mixer keeps transformers' scan)."""
+    name = type(mixer).__module__
+    if not name.startswith("transformers."):
+        return None
+    import transformers
+
+    if _release(transformers.__version__) < FIRST_RELEASE:
+        return None
+    module = sys.modules.get(name)
     return module if callable(getattr(module, "mamba_scan_forward", None)) else None
 
 
