@@ -120,6 +120,8 @@ def test_the_scan_says_what_it_can_keep() -> None:
     i = _inputs(1, 4, 3, 2)
     with pytest.raises(ValueError, match=r"keep takes \['decays', 'states', 'writes'\], got"):
         scan.selective_scan(**i, keep={"state"})
+    with pytest.raises(ValueError, match=r"chunk is a number of tokens ≥ 1, got 0"):
+        scan.selective_scan(**i, chunk=0)
 
 
 def _count_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:

@@ -92,6 +92,8 @@ def selective_scan(
     unknown = set(keep) - KEEPABLE
     if unknown:
         raise ValueError(f"selective_scan: keep takes {sorted(KEEPABLE)}, got {sorted(unknown)}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"selective_scan: chunk is a number of tokens ≥ 1, got {chunk!r}")
     batch, channels, seq = x.shape
     n = A.shape[-1]
     dt = time_step if dt_bias is None else time_step + dt_bias.to(time_step.dtype)[..., None]
