@@ -9,10 +9,11 @@ is compared both with a plain forward without a cache and with one that builds t
 Target: ≤ 1.05× the plain forward. Timings are medians over ``--repeats`` interleaved runs
 after warm-up, for HF Mamba (sequential scan on CPU) and Mamba-2 (chunked scan).
 
-``--writes`` times the write sites instead: capturing every layer's ``state_write`` (and with
-it every per-position state, ``ssm_states``) and every ``effective_attention`` against a plain
-forward, next to capturing every ``attn_pattern`` of a GPT-2 of the same width, depth and
-input.
+``--writes`` times the write sites instead: capturing every layer's write factors, every
+``state_write``, every per-position state (``ssm_states``) and every ``effective_attention``
+against a plain forward timed against itself too (the noise), next to capturing every
+``attn_pattern`` of a GPT-2 of the same width, depth and input; the values are checked against
+transformers' own scan before anything is timed.
 """
 
 from __future__ import annotations
@@ -99,9 +100,11 @@ def interleaved(cases: dict[str, Any], repeats: int) -> tuple[dict[str, float], 
     return medians, ratios
 
 
-def bench_writes(family: str, batch: int, seq: int, repeats: int) -> list[str]:
-    """Rows: plain forward, every write, every write and state, every effective attention; and a
-    GPT-2 of the same size: plain forward, every attention pattern."""
+def bench_writes(family: str, batch: int, seq: int, repeats: int) -> tuple[list[str], list[str]]:
+    """Rows: plain forward (twice: the second is the noise), the write factors, every write,
+    every write and state, every state and write with transformers' own scan (Mamba), every
+    effective attention; and a GPT-2 of the same size: plain forward, every attention pattern.
+    Also the equality checks made before timing."""
     import transformers
 
     model = make_model(family, size="bench")
@@ -109,24 +112,52 @@ def bench_writes(family: str, batch: int, seq: int, repeats: int) -> list[str]:
     ids = torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
     sites = backend.sites()
 
-    def role(r: str) -> list[str]:
-        return [n for n, i in sites.items() if i.site.role == r]
+    def role(*roles: str) -> list[str]:
+        return [n for n, i in sites.items() if i.site.role in roles]
 
     def plain() -> None:
         with torch.no_grad():
             model(ids, use_cache=False)
 
+    everything = role("write_value", "write_key", "write_decay", "state_write", "ssm_states")
+    everything += role("ssm_state")
+    hooks_backend = MambaBackend(model)
+    hooks_backend.use_own_scan = False
+    # equality before timing: the run's logits are the model's, and every state and write
+    # equals what the hooks and transformers' own scan give
+    with torch.no_grad():
+        logits = model(ids, use_cache=False).logits
+    own = backend.run(ids, capture=[*everything, "logits"])
+    ref = hooks_backend.run(ids, capture=[*everything, "logits"])
+    worst = max(float((own[n] - ref[n]).abs().max()) for n in everything)
+    checks = [
+        f"{family}: logits of the run vs the plain forward: max abs diff "
+        f"{float((own['logits'] - logits).abs().max()):.3g}; every state and write vs "
+        f"transformers' scan with the hooks' computation: max abs diff {worst:.3g}",
+    ]
+    if worst > 1e-5:
+        raise SystemExit(f"unequal values, not timed: {checks[0]}")
     cases = {
         "plain forward": plain,
+        "plain forward (again: the noise)": plain,
         "every write_value + write_key + write_decay (factored)": lambda: backend.run(
-            ids, capture=role("write_value") + role("write_key") + role("write_decay")
+            ids, capture=role("write_value", "write_key", "write_decay")
         ),
         "every state_write": lambda: backend.run(ids, capture=role("state_write")),
         "every state_write + ssm_states": lambda: backend.run(
-            ids, capture=role("state_write") + role("ssm_states")
+            ids, capture=role("state_write", "ssm_states")
         ),
-        "every effective_attention": lambda: backend.run(ids, capture=role("effective_attention")),
+        "every state and every write (factors, state_write, ssm_states, ssm_state)": lambda: (
+            backend.run(ids, capture=everything)
+        ),
     }
+    if family == "mamba":
+        cases["the same with transformers' scan (use_own_scan = False)"] = lambda: (
+            hooks_backend.run(ids, capture=everything)
+        )
+    cases["every effective_attention"] = lambda: backend.run(
+        ids, capture=role("effective_attention")
+    )
     medians, ratios = interleaved(cases, repeats)
     heads = model.config.num_heads if family == "mamba2" else 4
     gpt2 = transformers.GPT2LMHeadModel(
@@ -157,14 +188,16 @@ def bench_writes(family: str, batch: int, seq: int, repeats: int) -> list[str]:
         f"{t_ratios[k]:.2f}× |"
         for k in t_medians
     ]
-    return rows
+    return rows, checks
 
 
 def main_writes(args: Any) -> int:
-    rows = []
+    rows, checks = [], []
     for family, batch, seq in (("mamba", 4, 64), ("mamba2", 4, 128)):
-        rows += bench_writes(family, batch, seq, args.repeats)
-        print("\n".join(rows[-7:]), flush=True)
+        more, checked = bench_writes(family, batch, seq, args.repeats)
+        rows += more
+        checks += checked
+        print("\n".join([*checked, *more]), flush=True)
     text = "\n".join(
         [
             "# archscope-mamba: cost of the write sites and of effective attention",
@@ -172,11 +205,19 @@ def main_writes(args: Any) -> int:
             f"Machine: {machine.describe()}; torch threads: {args.threads}.",
             "",
             f"Median of {args.repeats} interleaved runs after warm-up (ms); ratios are medians of "
-            "the ratios to the plain forward of runs made back to back. The write sites are "
-            "computed from the mixers' own intermediate values during the run (hooks on their "
-            "sub-modules); `ssm_states` runs one extra sequential scan per layer in PyTorch; "
-            "effective attention is a (batch, heads, seq, seq) matrix per layer (Mamba: "
+            "the ratios to the plain forward (transformers' own forward, `use_cache=False`) of "
+            "runs made back to back; the second plain-forward row is that forward timed against "
+            "itself (the noise). Mamba-1 runs archscope's own selective scan "
+            "(`archscope_mamba.scan`: transformers' values bit for bit), which keeps the "
+            "discretisation and the state after every token, so its write sites cost little; "
+            "Mamba-2's are computed from the mixer's intermediate values (hooks on its "
+            "sub-modules), `ssm_states` by one extra sequential scan per layer in PyTorch. "
+            "Effective attention is a (batch, heads, seq, seq) matrix per layer (Mamba: "
             "per-channel matrices averaged over 8 groups of channels).",
+            "",
+            "Checked before timing:",
+            "",
+            *[f"- {c}" for c in checks],
             "",
             "| model | batch × tokens | captured | ms | ratio to its plain forward |",
             "|---|---|---|---|---|",
@@ -226,7 +267,10 @@ def main() -> int:
             f"Target met: {'yes' if ok else 'NO'}. On a machine shared with other processes single "
             "timings vary by ±10% or more between invocations; the paired ratios are the stable "
             "figure. Reading a state adds only the cache the model builds by default "
-            "(`config.use_cache=True`) and a copy of each state.",
+            "(`config.use_cache=True`) and a copy of each state. Mamba-1 runs archscope's own "
+            "selective scan (`archscope_mamba.scan`: transformers' values bit for bit, chunked "
+            "and in place), so reading its states costs less than transformers' own forward; "
+            "Mamba-2 runs transformers' chunked scan unchanged.",
             "",
         ]
     )

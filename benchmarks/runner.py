@@ -428,11 +428,11 @@ def workloads(quick: bool) -> list[Workload]:
             Workload(
                 4,
                 "mamba_ssm",
-                "ssm_state of every layer, 4-layer Mamba (d_model 128)",
+                "ssm_state and per-token ssm_states of every layer, 4-layer Mamba (d_model 128)",
                 "mamba",
                 8 if not quick else 2,
                 64 if not quick else 32,
-                [f"layer_{i}.ssm_state" for i in range(4)],
+                [f"layer_{i}.{role}" for i in range(4) for role in ("ssm_state", "ssm_states")],
                 ["archscope", "transformer_lens"],
             ),
             Workload(

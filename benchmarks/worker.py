@@ -135,15 +135,22 @@ def _transformer_lens(
     ids = batch["input_ids"]
     if spec["workload"] == "mamba_ssm":
         # TransformerLens exposes the SSM state only on its eager (Python) scan, as the whole
-        # trajectory; the state after the last token is its final step.
+        # trajectory (batch, d_inner, seq, d_state): archscope's per-token `ssm_states` are
+        # its (batch, seq, ...) view, the state after the last token its final step.
         for block in bridge.blocks:
             block.mixer.eager_scan = True
-        hooks = {f"blocks.{_index(s)}.mixer.hook_ssm_state": s for s in sites}
+        layers = {f"blocks.{i}.mixer.hook_ssm_state": i for i in sorted(map(_index, sites))}
 
         def ssm() -> Outputs:
             with torch.no_grad():
-                _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n in hooks)
-            return {site: cache[hook][:, :, -1] for hook, site in hooks.items()}
+                _, cache = bridge.run_with_cache(ids, names_filter=lambda n: n in layers)
+            out = {}
+            for hook, i in layers.items():
+                if f"layer_{i}.ssm_state" in sites:
+                    out[f"layer_{i}.ssm_state"] = cache[hook][:, :, -1]
+                if f"layer_{i}.ssm_states" in sites:
+                    out[f"layer_{i}.ssm_states"] = cache[hook].transpose(1, 2)
+            return out
 
         return ssm
     hooks = {f"blocks.{_index(s)}.hook_resid_post": s for s in sites}

@@ -23,6 +23,7 @@ from .freeze import CANNOT_FREEZE, FREEZES, unfreezable
 from .freeze import frozen_run as _frozen_run
 from .native import NativeInferenceParams, NativeResidualView, native_states_of_padded_rows
 from .plan import RowsView, RunPlan, roll_rows, run_plan
+from .scan import SCAN_EXTRA, own_scan, scan_keeps
 from .states import output_cache, read_cache_state, read_states
 from .structure import (
     ATTN_PATHS,
@@ -337,17 +338,43 @@ class MambaBackend(HookBackend):
         return super().execute(request)
 
     def run_settings(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
-        """Hooks that compute the write sites (and carry their edits) while the mixers run."""
-        if not write_sites_of([*ctx.capture, *ctx.edits]):
-            return contextlib.nullcontext()
+        """The own selective scan on the Mamba-1 mixers (`archscope_mamba.scan`, where it gives
+        transformers' values exactly) and hooks that compute the write sites (and carry their
+        edits) while the mixers run."""
+        settings = contextlib.ExitStack()
+        writes = write_sites_of([*ctx.capture, *ctx.edits])
         plan = self._plan(ctx)
-        if plan.stepping:
+        if writes and plan.stepping:
             raise BackendError(
                 "the write sites (state_write, write_value, write_key, write_decay, ssm_states, "
                 "effective_attention) are computed over a whole sequence, not in a run "
                 "continued from initial_state; run the prefix and suffix together instead"
             )
-        return write_hooks(self, ctx, plan.shift, roll_rows)
+        mixers = self._scan_mixers if self.use_own_scan and not plan.stepping else {}
+        if mixers:
+            captured = write_sites_of(ctx.capture)
+            keep = {i: scan_keeps(captured.get(i, set())) for i in mixers}
+            ctx.extra[SCAN_EXTRA] = settings.enter_context(own_scan(mixers, keep))
+        if writes:
+            settings.enter_context(write_hooks(self, ctx, plan.shift, roll_rows))
+        return settings
+
+    #: Whether HF Mamba-1 mixers run `archscope_mamba.scan.selective_scan` (transformers' CPU
+    #: values bit for bit, faster) where its conditions hold; set False to run transformers'
+    #: own function in every case.
+    use_own_scan = True
+
+    @functools.cached_property
+    def _scan_mixers(self) -> dict[int, Any]:
+        """The HF Mamba-1 mixers by layer index (native models and Mamba-2 have none)."""
+        if self.native:
+            return {}
+        out = {}
+        for layer in self.ssm_layers:
+            mixer = _get(layer.block, cast("str", layer.ssm))
+            if mixer_kind(mixer) == "mamba":
+                out[layer.index] = mixer
+        return out
 
     def _edited_states(
         self, ctx: RunContext, states: dict[str, torch.Tensor]

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 def continue_from_state(backend: MambaStack, ctx: RunRequest, plan: RunPlan) -> Any:
     """Decode the batch token by token from ``ctx.initial_state`` (the only way the models'
-    caches reproduce a full run); token sites and logits are concatenated over steps."""
+    caches reproduce a full run); token sites and logits are concatenated over steps. None when
+    the steps stopped early (as a stopped forward returns nothing; the cache stays in ``plan``)."""
 
     backend.require("state_patch")
     ids = ctx.batch["input_ids"]
@@ -54,6 +55,8 @@ def continue_from_state(backend: MambaStack, ctx: RunRequest, plan: RunPlan) -> 
         [n for n in ctx.capture if n in hooked_tokens],
         backend.logits_of,
     )
+    if logits is None:  # the steps stopped after the deepest captured site: no logits
+        return None
     return _Continued(logits, plan.cache)
 
 

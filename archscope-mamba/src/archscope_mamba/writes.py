@@ -56,6 +56,8 @@ from archscope.recurrence import (
 )
 from archscope.recurrence import declare_write_sites as declare_generic
 
+from .scan import ScanRecord, scan_record
+
 if TYPE_CHECKING:
     import torch
 
@@ -367,6 +369,7 @@ class _LayerWrites:
         roll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> None:
         self.run, self.kind, self.seen, self.shift, self.roll = run, kind, seen, shift, roll
+        self.index = index
         self.layout = _Layout(kind)
         self.prefix = f"layer_{index}."
         self.edits = {role: run.edits.get(self.prefix + role, []) for role in WRITABLE_ROLES}
@@ -394,6 +397,27 @@ class _LayerWrites:
         if role in self.capture:
             self.store(role, site)
         return self.layout.from_site(role, self.model(site), value) if todo else value
+
+    def from_record(self, record: ScanRecord) -> bool:
+        """Record the captures from what the layer's own scan kept (`archscope_mamba.scan`):
+        its discretisation and states are the model's own values. False (nothing stored) for
+        edited runs and effective attention, which take the hooks' path."""
+        if self.edited or "effective_attention" in self.capture:
+            return False
+        kept = {
+            "write_value": lambda: record.dt * record.x,
+            "write_key": lambda: record.B,
+            "write_decay": lambda: record.decays,
+            "state_write": lambda: record.writes,
+            "ssm_states": lambda: record.states,
+        }
+        values = {role: kept[role]() for role in self.capture}
+        stored = {role: value for role, value in values.items() if value is not None}
+        if len(stored) < len(values):
+            return False  # the scan kept less than asked (not expected: `scan_keeps`)
+        for role, value in stored.items():
+            self.store(role, self.caller(value))
+        return True
 
     def effect(self, parts: ScanParts) -> torch.Tensor | None:
         """Record the captures; the change of the scan output that the edits make (or None)."""
@@ -431,6 +455,9 @@ def _hook_mamba(mixer: Any, writes: _LayerWrites, seen: _LayerRun) -> None:
         seen.x, seen.ssm_params = args[0], out
 
     def inject(_m: Any, args: Any) -> Any:
+        record = scan_record(writes.run.extra, writes.index)
+        if record is not None and writes.from_record(record):
+            return None
         change = writes.effect(_parts_mamba(mixer, seen))
         if change is None:
             return None

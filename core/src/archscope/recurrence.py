@@ -138,11 +138,21 @@ def linear_scan(
         if initial is None
         else initial.to(write.dtype).expand_as(write[:, 0])
     )
-    states = []
+    tracked = (decay, write) if initial is None else (decay, write, initial)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tracked):
+        states = []
+        for t in range(write.shape[1]):
+            state = decay[:, t] * state + write[:, t]
+            states.append(state)
+        return torch.stack(states, dim=1)
+    # Without autograd: the same multiplication and addition per step, written in place into
+    # one buffer (no per-step tensors, no final copy).
+    out = torch.empty(write.shape, dtype=torch.result_type(decay, write), device=write.device)
     for t in range(write.shape[1]):
-        state = decay[:, t] * state + write[:, t]
-        states.append(state)
-    return torch.stack(states, dim=1)
+        torch.mul(decay[:, t], state, out=out[:, t])
+        out[:, t].add_(write[:, t])
+        state = out[:, t]
+    return out
 
 
 def scalar_decay_attention(
