@@ -1,8 +1,9 @@
-"""Write SAEs beyond Mamba: gated delta nets (Qwen3-Next, Qwen3.5, KDA), lightning attention
-and mLSTM, whose writes are stored key × value, and the zoo's gated delta net trained on
-multi-query associative recall.
+"""Write SAEs beyond Mamba: gated delta nets (Qwen3-Next, Qwen3.5, OLMo-hybrid, KDA), lightning
+attention and mLSTM, whose writes are stored key × value, and the zoo's gated delta net trained
+on multi-query associative recall.
 
-- Closed form: on a single recurrent layer with every norm and MLP of the model replaced by
+- Closed form: on a single recurrent layer (OLMo-hybrid's config needs an attention layer: one
+  before it, which sees only clean tokens) with every norm and MLP of the model replaced by
   its first-order expansion at the clean run (so that everything after the state is linear in
   it, as the closed form assumes), the predicted logit shifts equal the measured ones. With
   ``closed_form="state"`` (the run's own transitions) this holds for the delta rules too;
@@ -104,7 +105,7 @@ def _r2(results: list[Any]) -> float:
 def _closed_form_r2(
     model: Any, backend: Any, rows: list[list[int]], modes: tuple[str, ...], **kwargs: Any
 ) -> dict[str, float]:
-    layout = write_layout(backend, write_site(backend, 0), 0, rows[0])
+    layout = write_layout(backend, write_site(backend), 0, rows[0])  # the recurrent layer
     sae = fit_write_sae(collect_writes(backend, rows[:16], layout), layout, n_features=16, epochs=2)
     out = {}
     for mode in modes:
@@ -117,16 +118,25 @@ def _closed_form_r2(
     return out
 
 
+#: Families whose config refuses a model without attention: an attention layer goes first,
+#: where it only sees the clean tokens (nothing before the edited state changes).
+_NEEDS_ATTENTION = ("olmo_hybrid",)
+
+
 def _one_layer_hybrid(family: str) -> Any:
     """A single recurrent layer of ``family`` (the test suite's tiny config), its linear maps
     drawn at unit gain and its decays slow (transformers' default decay rates forget a write
-    within a token or two, which leaves nothing for a substitution to change)."""
+    within a token or two, which leaves nothing for a substitution to change); for
+    `_NEEDS_ATTENTION` an attention layer before it."""
     import transformers
 
     from archscope_hybrid.testing import _SPECS, D_MODEL, VOCAB
 
     config_name, model_name, kwargs = _SPECS[family]
-    kwargs = {**kwargs, "num_hidden_layers": 1, "layer_types": kwargs["layer_types"][:1]}
+    types = kwargs["layer_types"][:1]
+    if family in _NEEDS_ATTENTION:
+        types = ["full_attention", *types]
+    kwargs = {**kwargs, "num_hidden_layers": len(types), "layer_types": types}
     if "mlp_layer_types" in kwargs:
         kwargs["mlp_layer_types"] = kwargs["mlp_layer_types"][:1]
     config = getattr(transformers, config_name)(vocab_size=VOCAB, hidden_size=D_MODEL, **kwargs)
@@ -145,7 +155,13 @@ def _one_layer_hybrid(family: str) -> Any:
 # -- gated delta nets and lightning attention: exact on one layer -----------------------------
 @pytest.mark.parametrize(
     ("family", "delta_rule"),
-    [("qwen3_5_text", True), ("qwen3_next", True), ("kimi_linear", True), ("minimax", False)],
+    [
+        ("qwen3_5_text", True),
+        ("qwen3_next", True),
+        ("olmo_hybrid", True),
+        ("kimi_linear", True),
+        ("minimax", False),
+    ],
 )
 def test_closed_form_is_exact_on_one_delta_rule_layer(family: str, delta_rule: bool) -> None:
     pytest.importorskip("archscope_hybrid")
@@ -155,7 +171,7 @@ def test_closed_form_is_exact_on_one_delta_rule_layer(family: str, delta_rule: b
         pytest.skip(str(missing(family)))
     model = _one_layer_hybrid(family)
     backend = archscope.Backend.for_model(model)
-    site = write_site(backend, 0)
+    site = write_site(backend)
     info = backend.site_info(site)
     assert tuple(info.shape) == ("batch", "seq", "heads", "key_dim", "value_dim")
     layout = write_layout(backend, site, 0, [1, 2, 3])
