@@ -60,7 +60,7 @@ def attribute(
     desired_logit_prob: float = 0.95,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
-    batch_size: int = 32,
+    batch_size: int = 128,
     prune: bool = True,
     feature_threshold: float = 0.0,
     tokenizer: Any = None,
@@ -505,8 +505,7 @@ class _Rows:
 def _normalised(values: torch.Tensor) -> torch.Tensor:
     """|rows| over their sums (all-zero rows stay zero), in float64."""
     a = values.abs().double()
-    total = a.sum(1, keepdim=True)
-    return torch.where(total > 0, a / total.clamp_min(1e-300), torch.zeros_like(a))
+    return a.div_(a.sum(1, keepdim=True).clamp_min(1e-300))  # an all-zero row stays zero
 
 
 def _influence(index: torch.Tensor, a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -625,15 +624,15 @@ def _scores(graph: AttributionGraph, rows: _Rows) -> dict[str, float]:
     embeds = torch.tensor([k == "embedding" for k in kinds])
     if not len(kinds):
         return {"replacement": 1.0, "completeness": 1.0}
-    a = _normalised(rows.values)
+    a = rows.values.abs().double()
+    total = a.sum(1)
+    error_share = torch.where(total > 0, a[:, errors].sum(1) / total.clamp_min(1e-300), 0.0)
+    a.div_(total.clamp_min(1e-300)[:, None])  # normalised in place (as `_normalised`)
     weights = _logit_weights(graph)
     influence = _influence(rows.index, a, weights)
     from_errors = float(influence[errors].sum())
     from_embeds = float(influence[embeds].sum())
     replacement = from_embeds / (from_embeds + from_errors) if from_embeds + from_errors else 1.0
-    raw = rows.values.abs().double()
-    total = raw.sum(1)
-    error_share = torch.where(total > 0, raw[:, errors].sum(1) / total.clamp_min(1e-300), 0.0)
     w = (influence + weights)[rows.index]
     targets = total > 0
     completeness = (
