@@ -31,14 +31,16 @@
      the feature's pre-activation (encoder row · MLP input) on both sides.
 4. Timing (only after the graphs agree): ``attribute(..., prune=False)`` against
    circuit-tracer's ``attribute`` (TransformerLens backend), both in float32 on the same CPU,
-   median of ``--repeats`` runs after one warm-up; circuit-tracer runs in its own venv
+   median of ``--repeats`` rounds; circuit-tracer runs in its own venv
    (``benchmarks/.venvs/circuit-tracer``, created on first use as in validate_graph_json.py)
-   through a subprocess, timed inside that process. Batch sizes: each tool's default (archscope
-   32 rows, circuit-tracer 512) and archscope at 512 too.
-5. Memory on a recurrent model (archscope only): the zoo LSTM's graph at growing prompt
-   lengths, each in a fresh subprocess; the growth of the peak resident memory (VmHWM, reset
-   just before the graph) against the
-   graph's node count and the dense adjacency's size.
+   through a subprocess, timed inside that process after a warm-up run. The rounds alternate:
+   each times every prompt once with circuit-tracer, then once with archscope, so that a
+   machine whose load drifts weighs on both alike. Batch sizes: each tool's default
+   (archscope 128 rows, circuit-tracer 512) and archscope at 512 too.
+5. Memory on recurrent models (archscope only): the zoo LSTM's and Mamba's pruned graphs at
+   growing prompt lengths, each in a fresh subprocess; the growth of the peak resident memory
+   (VmHWM, reset just before the graph) against the graph's node count, the pruned graph's
+   size and what a dense (n, n) adjacency would take.
 
 The tables go to ``--out`` (Markdown).
 """
@@ -136,7 +138,7 @@ for name, ids in prompts.items():
 def run(ids, batch_size):
     return attribute(ids, model, max_n_logits=spec["max_logits"],
                      desired_logit_prob=spec["desired_prob"], batch_size=batch_size)
-for name, ids in prompts.items():
+for name, ids in prompts.items() if not spec["time"] else ():
     g = run(ids, 512)
     save_file({"adjacency": g.adjacency_matrix.float().contiguous(),
                "active": g.active_features.long().contiguous(),
@@ -300,12 +302,15 @@ def compare(ours: Any, work: Path, name: str, ct_tokens: list[int]) -> dict[str,
     }
 
 
-def time_ours(side: dict[str, Any], name: str, repeats: int, batch_size: int) -> list[float]:
+def time_ours(
+    side: dict[str, Any], name: str, repeats: int, batch_size: int, warm_up: bool = True
+) -> list[float]:
     from archscope_graphs.attribution import attribute
 
     ids = side["prompts"][name]
     kw = {"transcoders": side["transcoders"], "prune": False, "batch_size": batch_size}
-    attribute(side["backend"], ids, **kw)
+    if warm_up:
+        attribute(side["backend"], ids, **kw)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -329,30 +334,36 @@ def reset_hwm():  # Linux: writing 5 to clear_refs resets VmHWM to the current R
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
-n = int(sys.argv[1])
-_, tok, backend = archscope.load_model("zoo:lstm")
+import time
+model, n = sys.argv[1], int(sys.argv[2])
+_, tok, backend = archscope.load_model(f"zoo:{model}")
 gen = torch.Generator().manual_seed(0)
 ids = torch.randint(4, 200, (n,), generator=gen)
 reset_hwm()
 before = hwm_kb()
+t0 = time.perf_counter()
 g = attribute(backend, ids, max_logits=1, batch_size=32)
+seconds = time.perf_counter() - t0
 after = hwm_kb()
-print(json.dumps({"n": n, "before_kb": before, "after_kb": after,
-                  "nodes_full": g.metadata["pruned_from"], "nodes_pruned": len(g.nodes),
+print(json.dumps({"model": model, "n": n, "before_kb": before, "after_kb": after,
+                  "seconds": seconds, "nodes_full": g.metadata["pruned_from"],
+                  "nodes_pruned": len(g.nodes), "edges_pruned": int((g.adjacency != 0).sum()),
                   "d": int(backend.site_info("embed").dim)}))
 """
 
 
-def memory(lengths: list[int]) -> list[dict[str, Any]]:
+def memory(lengths: list[int], models: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for n in lengths:
-        done = subprocess.run(
-            [sys.executable, "-c", MEMORY_SIDE, str(n)], capture_output=True, text=True
-        )
-        if done.returncode != 0:
-            print(done.stderr[-3000:])
-            raise SystemExit(f"the memory run at {n} tokens failed")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for model in models:
+        for n in lengths:
+            done = subprocess.run(
+                [sys.executable, "-c", MEMORY_SIDE, model, str(n)], capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                print(done.stderr[-3000:])
+                raise SystemExit(f"the memory run of zoo:{model} at {n} tokens failed")
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print("memory", rows[-1], flush=True)
     return rows
 
 
@@ -361,7 +372,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--venvs", type=Path, default=HERE / ".venvs")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--memory-lengths", type=int, nargs="*", default=[64, 256, 1024])
+    parser.add_argument(
+        "--memory-lengths", type=int, nargs="*", default=[64, 256, 1024, 2048, 4096]
+    )
+    parser.add_argument("--memory-models", nargs="*", default=["lstm", "mamba"])
+    parser.add_argument("--no-timing", action="store_true", help="the equality table only")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "graphs.md")
     parser.add_argument("--keep", type=Path, default=None, help="keep the exchanged files here")
     args = parser.parse_args(argv)
@@ -394,18 +409,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         if worst > 1e-4:
             raise SystemExit(f"the graphs differ by {worst:.3g} > 1e-4: no timing")
-        timed = run_ct(python, work, side["spec"], timing=True, repeats=args.repeats)
-        times = {}
-        for name in side["prompts"]:
-            times[name] = {
-                "archscope_32": time_ours(side, name, args.repeats, 32),
-                "archscope_512": time_ours(side, name, args.repeats, 512),
-                "circuit_tracer_512": timed["times"][name],
-            }
-            print(name, {k: round(statistics.median(v), 4) for k, v in times[name].items()})
-    mem = memory(args.memory_lengths) if args.memory_lengths else []
-    for row in mem:
-        print("memory", row)
+        times: dict[str, dict[str, list[float]]] = {name: {} for name in side["prompts"]}
+        # rounds alternate between the two tools (a loaded machine drifts): each round times
+        # every prompt once on each side, after one warm-up run in that round's process
+        for r in range(0 if args.no_timing else args.repeats):
+            timed = run_ct(python, work, side["spec"], timing=True, repeats=1)
+            for name in side["prompts"]:
+                t = times[name]
+                t.setdefault("circuit_tracer_512", []).extend(timed["times"][name])
+                for batch in (128, 512):
+                    t.setdefault(f"archscope_{batch}", []).extend(
+                        time_ours(side, name, 1, batch, warm_up=r == 0)
+                    )
+                print(name, {k: [round(x, 3) for x in v] for k, v in t.items()}, flush=True)
+        if args.no_timing:
+            times = {}
+    mem = memory(args.memory_lengths, args.memory_models) if args.memory_lengths else []
     write_report(args.out, python, side["spec"], first["logits"], checks, times, mem)
     return 0
 
@@ -462,32 +481,32 @@ def write_report(
         "",
         "## Time per graph (median, seconds)",
         "",
-        "| prompt | archscope (batch 32) | archscope (batch 512) | circuit-tracer (batch 512) |"
+        "| prompt | archscope (batch 128) | archscope (batch 512) | circuit-tracer (batch 512) |"
         " circuit-tracer / archscope best |",
         "|---|---|---|---|---|",
     ]
     for name, t in times.items():
         m = {k: statistics.median(v) for k, v in t.items()}
-        best = min(m["archscope_32"], m["archscope_512"])
+        best = min(m["archscope_128"], m["archscope_512"])
         lines.append(
-            f"| {name} | {m['archscope_32']:.3f} | {m['archscope_512']:.3f} | "
+            f"| {name} | {m['archscope_128']:.3f} | {m['archscope_512']:.3f} | "
             f"{m['circuit_tracer_512']:.3f} | {m['circuit_tracer_512'] / best:.2f}× |"
         )
     if mem:
         lines += [
             "",
-            "## Memory on the zoo LSTM (archscope only)",
+            "## Memory on recurrent zoo models (archscope only, pruned graphs)",
             "",
-            "| tokens | nodes (full graph) | nodes (pruned) | peak RSS growth (MiB) | "
-            "dense adjacency (MiB) |",
-            "|---|---|---|---|---|",
+            "| model | tokens | nodes (full graph) | nodes / edges (pruned) | "
+            "peak RSS growth (MiB) | a dense adjacency would be (MiB) | seconds |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in mem:
             growth = (r["after_kb"] - r["before_kb"]) / 1024
             dense = r["nodes_full"] ** 2 * 4 / 2**20
             lines.append(
-                f"| {r['n']} | {r['nodes_full']} | {r['nodes_pruned']} | {growth:.1f} | "
-                f"{dense:.1f} |"
+                f"| {r['model']} | {r['n']} | {r['nodes_full']} | {r['nodes_pruned']} / "
+                f"{r['edges_pruned']} | {growth:.1f} | {dense:.1f} | {r['seconds']:.1f} |"
             )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

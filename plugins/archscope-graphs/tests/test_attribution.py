@@ -16,6 +16,7 @@ from archscope_graphs.attribution import (
     bias_rows,
     bias_terms,
     graph_scores,
+    node_influence,
     prune_graph,
 )
 from archscope_graphs.replacement import ReplacementModel
@@ -184,3 +185,109 @@ def test_seed_tensors_are_allocated_per_chunk_not_per_row(
     assert rows > 50
     # one chunk: a seed per site (logits + each read site), plus the replacement run's own
     assert calls["n"] <= 10, (calls["n"], rows)
+
+
+# -- the row-wise influence and pruning against a dense reference ----------------------------
+def _dense_normalised(adj: torch.Tensor) -> torch.Tensor:
+    a = adj.abs().double()
+    total = a.sum(1, keepdim=True)
+    return torch.where(total > 0, a / total.clamp_min(1e-300), torch.zeros_like(a))
+
+
+def _dense_influence(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """w·(A + A² + ...) by the closed form w·((I − A)⁻¹ − I) (A is nilpotent: acyclic)."""
+    eye = torch.eye(a.shape[0], dtype=torch.float64)
+    out: torch.Tensor = w @ (torch.linalg.inv(eye - a) - eye)
+    return out
+
+
+def _dense_prune(graph: Any, node_t: float, edge_t: float) -> tuple[list[str], torch.Tensor]:
+    """Pruning written out on the whole (n, n) matrix: the reference for the row-wise path."""
+    n = len(graph.nodes)
+    logits = torch.zeros(n, dtype=torch.bool)
+    logits[graph.targets] = True
+    w = torch.zeros(n, dtype=torch.float64)
+    w[graph.targets] = torch.tensor([graph.nodes[t].value for t in graph.targets]).double()
+    w = w / w.sum()
+    influence = _dense_influence(_dense_normalised(graph.adjacency), w)
+
+    def cumulative(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+        order = torch.argsort(scores, descending=True)
+        before = torch.cumsum(scores[order], 0) - scores[order]
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        keep[order[(before / scores.sum() < threshold) & (scores[order] > 0)]] = True
+        return keep
+
+    keep = cumulative(torch.where(logits, 0.0, influence), node_t) | logits
+    adj = graph.adjacency * keep[:, None] * keep[None, :]
+    a = _dense_normalised(adj)
+    score = _dense_influence(a, w) + w
+    adj = adj * cumulative((a * score[:, None]).flatten(), edge_t).view(n, n)
+    keep &= (adj != 0).any(0) | (adj != 0).any(1) | logits
+    index = keep.nonzero().flatten()
+    return [graph.nodes[int(i)].id for i in index], adj[index][:, index]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_row_wise_pruning_equals_the_dense_computation(
+    family: str, tiny_llama: Any, tiny_gpt2: Any, tiny_fitted: Any
+) -> None:
+    """The pruning and influence work on the computed rows only; on full graphs of the
+    fixtures they keep exactly the nodes and edges that the dense (n, n) computation keeps,
+    and `attribute(prune=True)` (which never builds the dense matrix) gives the same graph."""
+    backend = tiny_llama if family == "llama" else tiny_gpt2
+    ids = _ids(9, seed=3)
+    full = attribute(backend, ids, transcoders=tiny_fitted[family], prune=False)
+    assert full.metadata["n_features"] > 10
+    for node_t, edge_t in ((0.8, 0.98), (0.5, 0.9), (0.95, 0.999)):
+        ref_ids, ref_adj = _dense_prune(full, node_t, edge_t)
+        pruned = prune_graph(full, node_t, edge_t)
+        assert [n.id for n in pruned.nodes] == ref_ids
+        torch.testing.assert_close(pruned.adjacency, ref_adj, atol=0, rtol=0)
+        assert len(ref_ids) < len(full.nodes)
+    direct = attribute(backend, ids, transcoders=tiny_fitted[family])
+    ref_ids, ref_adj = _dense_prune(full, 0.8, 0.98)
+    assert [n.id for n in direct.nodes] == ref_ids
+    torch.testing.assert_close(direct.adjacency, ref_adj, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        node_influence(full),
+        _dense_influence(
+            _dense_normalised(full.adjacency),
+            torch.tensor([n.value if n.kind == "logit" else 0.0 for n in full.nodes]).double()
+            / sum(n.value for n in full.nodes if n.kind == "logit"),
+        ),
+        atol=1e-8,
+        rtol=1e-6,
+    )
+
+
+def test_a_long_recurrent_prompt_never_builds_the_dense_matrix(zoo: Any) -> None:
+    """On the LSTM a graph's only computed rows are its logits: no tensor with two
+    dimensions as large as the node count is made while the graph is computed and pruned,
+    and the result equals pruning the dense graph."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _, _, backend = zoo["lstm"]
+    seq = 300
+    ids = torch.randint(4, 200, (1, seq), generator=torch.Generator().manual_seed(1))
+    n = seq + 1  # the embeddings and the one logit
+    shapes: list[tuple[int, ...]] = []
+
+    class Shapes(TorchDispatchMode):
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    shapes.append(tuple(t.shape))
+            return out
+
+    with Shapes():
+        graph = attribute(backend, ids, max_logits=1)
+    assert graph.metadata["pruned_from"] == n
+    assert shapes and not [s for s in shapes if sum(d >= n for d in s) >= 2]
+    full = attribute(backend, ids, max_logits=1, prune=False)
+    ref_ids, ref_adj = _dense_prune(full, 0.8, 0.98)
+    assert [x.id for x in graph.nodes] == ref_ids
+    torch.testing.assert_close(graph.adjacency, ref_adj, atol=1e-6, rtol=0)

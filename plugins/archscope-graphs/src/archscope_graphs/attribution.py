@@ -60,7 +60,7 @@ def attribute(
     desired_logit_prob: float = 0.95,
     node_threshold: float = 0.8,
     edge_threshold: float = 0.98,
-    batch_size: int = 32,
+    batch_size: int = 128,
     prune: bool = True,
     feature_threshold: float = 0.0,
     tokenizer: Any = None,
@@ -77,7 +77,9 @@ def attribute(
     names the tokens (default: the backend's, if it has one)."""
     _check(max_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size)
     with ReplacementModel.build(backend, prompt, transcoders, tokenizer) as rm:
-        full = _graph(rm, target, max_logits, desired_logit_prob, batch_size, feature_threshold)
+        full, rows = _graph_rows(
+            rm, target, max_logits, desired_logit_prob, batch_size, feature_threshold, not prune
+        )
     full.metadata.update(
         {
             "backend": getattr(backend, "name", type(backend).__name__),
@@ -89,10 +91,10 @@ def attribute(
             "batch_size": batch_size,
         }
     )
-    full.scores.update(graph_scores(full))
+    full.scores.update(_scores(full, rows))
     if not prune:
         return full
-    pruned = prune_graph(full, node_threshold, edge_threshold)
+    pruned = _prune(full, rows, node_threshold, edge_threshold)
     pruned.scores.update({f"pruned_{k}": v for k, v in graph_scores(pruned).items()})
     return pruned
 
@@ -175,6 +177,25 @@ def _graph(
     batch_size: int,
     feature_threshold: float,
 ) -> AttributionGraph:
+    """The unpruned graph, its adjacency dense."""
+    graph, _ = _graph_rows(
+        rm, target, max_logits, desired, batch_size, feature_threshold, dense=True
+    )
+    return graph
+
+
+def _graph_rows(
+    rm: ReplacementModel,
+    target: int | str | tuple[int, int] | None,
+    max_logits: int,
+    desired: float,
+    batch_size: int,
+    feature_threshold: float,
+    dense: bool = False,
+) -> tuple[AttributionGraph, _Rows]:
+    """The unpruned graph with its computed rows. ``dense``: the rows are written into the
+    graph's (n, n) adjacency (and the `_Rows` are all of its rows); otherwise the graph's
+    ``adjacency`` is left empty (0, 0) and only the targets' rows exist."""
     seq = rm.prompt.shape[1]
     n_layers = int(getattr(rm.backend, "n_layers", 0))
     tokens = rm.prompt[0].tolist()
@@ -219,28 +240,29 @@ def _graph(
             Node(f"L_{tok}_{seq - 1}", "logit", n_layers, seq - 1, tok, prob, site="logits")
         )
         rows.append(_Row("logits", seq - 1, _logit_vector(vocab, tok, contrast)))
-    adjacency = torch.zeros(len(nodes), len(nodes))
     targets = [i for i, r in enumerate(rows) if r is not None]
-    _fill_rows(rm, rows, targets, active, n_features, n_errors, adjacency, batch_size)
-    values = torch.zeros(len(nodes))
-    for i in targets:
-        row = rows[i]
-        assert row is not None
-        if row.site == "logits":
-            values[i] = rm.logits[row.position] @ row.vector
-        else:
-            values[i] = rm.reads[row.site][row.position] @ row.vector
+    # dense: the (n, n) adjacency itself, its rows written in place; otherwise the targets'
+    # rows only (a graph with few targets, e.g. a recurrent model's long prompt, stays small)
+    index = torch.tensor(targets, dtype=torch.long)
+    if dense:
+        computed = torch.zeros(len(nodes), len(nodes))
+        dest, kept = index, _Rows(torch.arange(len(nodes)), computed)
+    else:
+        computed = torch.zeros(len(targets), len(nodes))
+        dest, kept = torch.arange(len(targets)), _Rows(index, computed)
+    _fill_rows(rm, rows, targets, active, n_features, n_errors, computed, dest, batch_size)
+    values = _target_values(rm, rows)
     strings = _token_strings(rm.tokenizer, tokens)
-    for node in nodes:
+    for node in nodes[n_features + n_errors :]:
         if node.kind == "embedding":
             node.label = strings[node.position]
         elif node.kind == "logit":
             node.label = _token_strings(rm.tokenizer, [node.index or 0])[0]
-    return AttributionGraph(
+    graph = AttributionGraph(
         tokens=tokens,
         token_strings=strings,
         nodes=nodes,
-        adjacency=adjacency,
+        adjacency=torch.zeros(0, 0),
         targets=list(range(first_logit, len(nodes))),
         metadata={
             "target_values": values.tolist(),
@@ -250,6 +272,26 @@ def _graph(
             "contrast_token": contrast,
         },
     )
+    if dense:
+        graph.adjacency = computed
+    return graph, kept
+
+
+def _target_values(rm: ReplacementModel, rows: list[_Row | None]) -> torch.Tensor:
+    """Each target's value in the prompt's run (a feature's pre-activation, a logit), one
+    product per site; 0 for the other nodes."""
+    values = torch.zeros(len(rows))
+    by_site: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row is not None:
+            by_site.setdefault(row.site, []).append(i)
+    for site, index in by_site.items():
+        ref = rm.logits if site == "logits" else rm.reads[site]
+        picked = [rows[i] for i in index]
+        positions = torch.tensor([r.position for r in picked if r is not None])
+        vectors = torch.stack([r.vector for r in picked if r is not None])
+        values[torch.tensor(index)] = (ref[positions].float() * vectors.float()).sum(-1)
+    return values
 
 
 def _logit_vector(vocab: int, token: int, contrast: int | None) -> torch.Tensor:
@@ -269,64 +311,125 @@ def _fill_rows(
     active: list[torch.Tensor],
     n_features: int,
     n_errors: int,
-    adjacency: torch.Tensor,
+    out: torch.Tensor,
+    dest: torch.Tensor,
     batch_size: int,
 ) -> None:
-    """Each target's row of ``adjacency``: one forward of ``batch`` copies, then one backward
-    per chunk of rows (row b of a chunk seeds copy b)."""
+    """``out[dest[j]]`` = the row of node ``targets[j]``: one forward of ``batch`` copies of
+    the prompt, then one backward per chunk of rows (row b of a chunk seeds copy b).
+
+    Targets come in node order, which is (site, position) order: a chunk seeds one site,
+    mostly (the backward stops at its layer: a leaf it cannot reach gets no gradient and its
+    columns are skipped), and a narrow range of positions (by causality a target at position
+    t has no gradient at later positions: only positions up to the chunk's last are read). A
+    feature's column is its decoder row, scaled by its activation, dotted with the gradient at
+    its position: one batched matrix product per transcoder and written site over the
+    positions, each position against its own active features only (padded to the most active
+    position's count); an error's or embedding's column is its vector dotted with the
+    gradient at its position."""
     if not targets:
         return
+    seq = rm.prompt.shape[1]
     batch = min(batch_size, len(targets))
     live = rm.run(batch)
-    seq = rm.prompt.shape[1]
-    # the (batch, seq, n_features) feature effects in float32 (as the gradients are): in
-    # float64 they cost more than the backward passes on graphs of thousands of nodes; the
-    # error and embedding dot products, and the products with the activations, in float64
-    decoders = [{s: t.decoder(s).detach().float() for s in t.write_sites} for t in rm.transcoders]
-    errors = {s: e.double() for s, e in rm.errors.items()}
-    embed = rm.embed.double()
-    error_sites = list(rm.errors)
-    embed_col = n_features + n_errors
+    packed = [_pack_features(rm, k, idx, seq) for k, idx in enumerate(active)]
+    vectors = {"embed": rm.embed.float(), **{s: e.float() for s, e in rm.errors.items()}}
+    starts = {"embed": n_features + n_errors}
+    for k, site in enumerate(rm.errors):
+        starts[site] = n_features + k * seq
     leaf_sites = list(live.leaves)
     for start in range(0, len(targets), batch):
-        chunk = targets[start : start + batch]
-        seeds: dict[str, torch.Tensor] = {}
-        for b, i in enumerate(chunk):
-            row = rows[i]
-            assert row is not None
-            ref = live.logits if row.site == "logits" else live.reads[row.site]
-            if row.site not in seeds:  # one seed tensor per site and chunk, not per row
-                seeds[row.site] = torch.zeros_like(ref)
-            seed = seeds[row.site]
-            seed[b, row.position] = row.vector.to(seed.dtype)
-        outputs = [live.logits if s == "logits" else live.reads[s] for s in seeds]
+        chunk = [rows[i] for i in targets[start : start + batch]]
+        n = len(chunk)
+        outputs, seeds, span = _seeds(live, chunk)
         grads = torch.autograd.grad(
             outputs,
             [live.leaves[s] for s in leaf_sites],
-            grad_outputs=list(seeds.values()),
+            grad_outputs=seeds,
             retain_graph=True,
             allow_unused=True,
-            materialize_grads=True,
         )
-        g = {s: v.detach() for s, v in zip(leaf_sites, grads, strict=True)}
-        n = len(chunk)
-        rows_out = torch.zeros(n, adjacency.shape[1], dtype=torch.float64)
+        # positions after the chunk's last target have no gradient; unreached leaves none
+        g = {
+            s: v.detach()[:n, :span].float()
+            for s, v in zip(leaf_sites, grads, strict=True)
+            if v is not None
+        }
+        rows_at = dest[start : start + n]
+        first = int(rows_at[0])
+        contiguous = int(rows_at[-1]) - first == n - 1
+        # consecutive rows are written in place; a chunk spanning a gap goes through a block
+        block = out[first : first + n] if contiguous else torch.zeros(n, out.shape[1])
         col = 0
-        for k, (acts, idx) in enumerate(zip(rm.acts, active, strict=True)):
-            if len(idx):
-                effect: torch.Tensor | None = None
-                for site, dec in decoders[k].items():
-                    term = g[site][:n].float() @ dec.T
-                    effect = term if effect is None else effect + term
-                assert effect is not None
-                p, f = idx[:, 0], idx[:, 1]
-                rows_out[:, col : col + len(idx)] = effect[:, p, f].double() * acts[p, f].double()
+        for idx, (counts, at, weights) in zip(active, packed, strict=True):
+            reached = int(counts[:span].sum())  # the active features at positions < span
+            terms = [
+                # (span, n, d) @ (span, d, m) -> (span, n, m)
+                torch.bmm(g[site].transpose(0, 1), w[:span].transpose(1, 2))
+                for site, w in weights.items()
+                if site in g and reached
+            ]
+            if terms:
+                effect = torch.stack(terms).sum(0) if len(terms) > 1 else terms[0]
+                block[:, col : col + reached] = effect.permute(1, 0, 2).reshape(n, -1)[
+                    :, at[:reached]
+                ]
             col += len(idx)
-        for site in error_sites:
-            rows_out[:, col : col + seq] = (g[site][:n].double() * errors[site]).sum(-1)
-            col += seq
-        rows_out[:, embed_col : embed_col + seq] = (g["embed"][:n].double() * embed).sum(-1)
-        adjacency[chunk] = rows_out.to(adjacency.dtype)
+        for site, vector in vectors.items():
+            if site in g:
+                c = starts[site]
+                block[:, c : c + span] = torch.einsum("bpd,pd->bp", g[site], vector[:span])
+        if not contiguous:
+            out[rows_at] = block
+
+
+def _seeds(
+    live: Any, chunk: list[_Row | None]
+) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """The outputs and gradient seeds of one backward (row b of ``chunk`` seeds copy b: one
+    seed tensor per site, not per row), and the number of positions up to its last target."""
+    by_site: dict[str, list[int]] = {}
+    for b, row in enumerate(chunk):
+        assert row is not None
+        by_site.setdefault(row.site, []).append(b)
+    outputs, seeds, span = [], [], 0
+    for site, slots in by_site.items():
+        ref = live.logits if site == "logits" else live.reads[site]
+        picked = [chunk[b] for b in slots]
+        positions = torch.tensor([r.position for r in picked if r is not None])
+        seed = torch.zeros_like(ref)
+        seed[torch.tensor(slots), positions] = torch.stack(
+            [r.vector for r in picked if r is not None]
+        ).to(seed.dtype)
+        outputs.append(ref)
+        seeds.append(seed)
+        span = max(span, int(positions.max()) + 1)
+    return outputs, seeds, span
+
+
+def _pack_features(
+    rm: ReplacementModel, k: int, idx: torch.Tensor, seq: int
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """For transcoder ``k`` with active (position, feature) pairs ``idx`` (position-major):
+    the count of active features per position, each pair's flat index in a (seq, m) padded
+    layout, and per written site the (seq, m, d) decoder rows times their activations."""
+    t, acts = rm.transcoders[k], rm.acts[k]
+    counts = (
+        torch.bincount(idx[:, 0], minlength=seq) if len(idx) else torch.zeros(seq, dtype=torch.long)
+    )
+    m = max(int(counts.max()) if len(idx) else 0, 1)
+    starts = torch.cumsum(counts, 0) - counts
+    p, f = (idx[:, 0], idx[:, 1]) if len(idx) else (torch.zeros(0, dtype=torch.long),) * 2
+    slot = torch.arange(len(idx)) - starts[p]
+    flat = p * m + slot
+    scale = acts[p, f].float()[:, None]
+    weights = {}
+    for site in t.write_sites:
+        dec = t.decoder(site).detach().float()
+        w = torch.zeros(seq, m, dec.shape[1])
+        w[p, slot] = dec[f] * scale
+        weights[site] = w
+    return counts, flat, weights
 
 
 def bias_terms(rm: ReplacementModel, graph: AttributionGraph) -> torch.Tensor:
@@ -376,20 +479,45 @@ def _token_strings(tokenizer: Any, tokens: list[int]) -> list[str]:
 
 
 # -- influence, pruning, scores ---------------------------------------------------------------
-def _normalised(adjacency: torch.Tensor) -> torch.Tensor:
-    a = adjacency.abs().double()
-    total = a.sum(1, keepdim=True)
-    return torch.where(total > 0, a / total.clamp_min(1e-300), torch.zeros_like(a))
+# They work on the computed rows only (`_Rows`): the rows of the targets (features and logits)
+# are the only non-zero rows of an adjacency, so a graph whose targets are few (a recurrent
+# model's long prompt: its logits) never needs the (n, n) matrix; the dense public functions
+# take the non-zero rows of the graph's adjacency and give the same results.
+@dataclass
+class _Rows:
+    """The non-zero rows of an (n, n) adjacency: ``values[j]`` is row ``index[j]``."""
+
+    index: torch.Tensor  # (k,) int64, increasing
+    values: torch.Tensor  # (k, n)
+
+    @classmethod
+    def of(cls, adjacency: torch.Tensor) -> _Rows:
+        index = (adjacency != 0).any(1).nonzero().flatten()
+        return cls(index, adjacency[index])
+
+    def dense(self) -> torch.Tensor:
+        n = self.values.shape[1]
+        out = torch.zeros(n, n, dtype=self.values.dtype)
+        out[self.index] = self.values
+        return out
 
 
-def _influence(a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``weights·(A + A² + ...)`` (the graph is acyclic, so the series ends)."""
-    current = weights @ a
+def _normalised(values: torch.Tensor) -> torch.Tensor:
+    """|rows| over their sums (all-zero rows stay zero), in float64."""
+    a = values.abs().double()
+    return a.div_(a.sum(1, keepdim=True).clamp_min(1e-300))  # an all-zero row stays zero
+
+
+def _influence(index: torch.Tensor, a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``weights·(A + A² + ...)`` for the matrix ``A`` whose non-zero rows are ``a`` at
+    ``index`` (the graph is acyclic, so the series ends): each term is the last one's entries
+    at those rows times ``a``."""
+    current = weights[index] @ a
     total = current.clone()
-    for _ in range(a.shape[0]):
+    for _ in range(a.shape[1]):
         if not bool(current.abs().sum() > 1e-12):
             break
-        current = current @ a
+        current = current[index] @ a
         total += current
     return total
 
@@ -419,7 +547,8 @@ def _keep_cumulative(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def node_influence(graph: AttributionGraph) -> torch.Tensor:
     """Each node's influence on the graph's logits (weighted by their probabilities)."""
-    return _influence(_normalised(graph.adjacency), _logit_weights(graph))
+    rows = _Rows.of(graph.adjacency)
+    return _influence(rows.index, _normalised(rows.values), _logit_weights(graph))
 
 
 def prune_graph(
@@ -427,22 +556,40 @@ def prune_graph(
 ) -> AttributionGraph:
     """The graph keeping the nodes and edges that carry ``node_threshold`` / ``edge_threshold``
     of the influence on the logits (cumulative shares, most influential first)."""
+    return _prune(graph, _Rows.of(graph.adjacency), node_threshold, edge_threshold)
+
+
+def _prune(
+    graph: AttributionGraph, rows: _Rows, node_threshold: float, edge_threshold: float
+) -> AttributionGraph:
+    """`prune_graph` on the graph whose adjacency has the non-zero ``rows``: memory of the
+    rows plus the node-pruned graph, never (n, n)."""
     n = len(graph.nodes)
     logits = torch.zeros(n, dtype=torch.bool)
     logits[graph.targets] = True
-    influence = node_influence(graph)
-    keep = _keep_cumulative(torch.where(logits, 0.0, influence), node_threshold) | logits
-    adj = graph.adjacency * keep[:, None] * keep[None, :]
-    a = _normalised(adj)
     weights = _logit_weights(graph)
-    node_score = _influence(a, weights) + weights
-    edge_scores = a * node_score[:, None]
-    edge_keep = _keep_cumulative(edge_scores.flatten(), edge_threshold).view(n, n)
-    adj = adj * edge_keep
+    influence = _influence(rows.index, _normalised(rows.values), weights)
+    keep = _keep_cumulative(torch.where(logits, 0.0, influence), node_threshold) | logits
+    # the node-pruned graph, over the kept nodes only (K of them)
+    kept = keep.nonzero().flatten()
+    place = torch.full((n,), -1, dtype=torch.long)
+    place[kept] = torch.arange(len(kept))
+    live_rows = keep[rows.index]
+    sub_index = place[rows.index[live_rows]]
+    sub = rows.values[live_rows][:, kept]
+    a = _normalised(sub)
+    w = weights[kept]
+    node_score = _influence(sub_index, a, w) + w
+    edge_scores = a * node_score[sub_index][:, None]
+    edge_keep = _keep_cumulative(edge_scores.flatten(), edge_threshold).view(edge_scores.shape)
+    sub = sub * edge_keep
     # nodes left without a path: drop those with no kept edge (logits stay)
-    connected = (adj != 0).any(0) | (adj != 0).any(1) | logits
-    keep &= connected
-    index = keep.nonzero().flatten()
+    nonzero = sub != 0
+    connected = nonzero.any(0) | logits[kept]
+    connected[sub_index] |= nonzero.any(1)
+    adj = torch.zeros(len(kept), len(kept), dtype=sub.dtype)
+    adj[sub_index] = sub
+    index = kept[connected]
     remap = {int(old): new for new, old in enumerate(index.tolist())}
     metadata = dict(graph.metadata)
     values = metadata.get("target_values")
@@ -459,7 +606,7 @@ def prune_graph(
         tokens=graph.tokens,
         token_strings=graph.token_strings,
         nodes=[graph.nodes[int(i)] for i in index],
-        adjacency=adj[index][:, index].float(),
+        adjacency=adj[connected][:, connected].float(),
         targets=[remap[t] for t in graph.targets if t in remap],
         scores=dict(graph.scores),
         metadata=metadata,
@@ -468,21 +615,25 @@ def prune_graph(
 
 def graph_scores(graph: AttributionGraph) -> dict[str, float]:
     """``replacement`` and ``completeness`` of ``graph`` (see the module's docstring)."""
+    return _scores(graph, _Rows.of(graph.adjacency))
+
+
+def _scores(graph: AttributionGraph, rows: _Rows) -> dict[str, float]:
     kinds = [node.kind for node in graph.nodes]
     errors = torch.tensor([k == "error" for k in kinds])
     embeds = torch.tensor([k == "embedding" for k in kinds])
     if not len(kinds):
         return {"replacement": 1.0, "completeness": 1.0}
-    a = _normalised(graph.adjacency)
+    a = rows.values.abs().double()
+    total = a.sum(1)
+    error_share = torch.where(total > 0, a[:, errors].sum(1) / total.clamp_min(1e-300), 0.0)
+    a.div_(total.clamp_min(1e-300)[:, None])  # normalised in place (as `_normalised`)
     weights = _logit_weights(graph)
-    influence = _influence(a, weights)
+    influence = _influence(rows.index, a, weights)
     from_errors = float(influence[errors].sum())
     from_embeds = float(influence[embeds].sum())
     replacement = from_embeds / (from_embeds + from_errors) if from_embeds + from_errors else 1.0
-    raw = graph.adjacency.abs().double()
-    total = raw.sum(1)
-    error_share = torch.where(total > 0, raw[:, errors].sum(1) / total.clamp_min(1e-300), 0.0)
-    w = influence + weights
+    w = (influence + weights)[rows.index]
     targets = total > 0
     completeness = (
         float((w[targets] * (1 - error_share[targets])).sum() / w[targets].sum())
