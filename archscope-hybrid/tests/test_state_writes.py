@@ -445,3 +445,41 @@ def test_write_sites_carry_gradients(family: str) -> None:
     weight = mixer.in_proj_qkvz.weight if family == "qwen3_next" else mixer.k_proj.weight
     assert weight.grad is not None and weight.grad.abs().sum() > 0
     _model(family).zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize(
+    "family", _families(("qwen3_next", "qwen3_5_text", "olmo_hybrid", "kimi_linear", "minimax"))
+)
+def test_the_kernels_arguments_give_the_recomputed_sites(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the mixer calls its chunked kernel through a module, the sites are read from the
+    kernel's arguments (no convolution recomputed); they equal the sites recomputed from the
+    projections, the kernel's hook goes with the run, and the model's output is untouched."""
+    from archscope_hybrid import writes
+
+    backend = _backend(family)
+    mixer = _mixer(family)
+    kernel = writes.kernel_of(mixer, writes.variant_of(mixer))
+    if family != "minimax":  # transformers 5.25 calls the delta-rule kernels through modules
+        assert kernel is not None
+    hooks = 0 if kernel is None else len(kernel._forward_hooks)
+    batch = padded_batch(random_ids(2, 9), [9, 6], "right")
+    sites = _sites("write_value", "write_key", "write_decay", "ssm_states", "mixer")
+    recomputing = writes._parts
+    calls: list[str] = []
+
+    def counted(*args: Any) -> Any:
+        calls.append(args[0])
+        return recomputing(*args)
+
+    monkeypatch.setattr(writes, "_parts", counted)
+    with_kernel = backend.run(batch, capture=[*sites, "logits"])
+    assert kernel is None or len(kernel._forward_hooks) == hooks
+    assert calls == ([] if kernel is not None else ["lightning"])  # nothing recomputed
+    plain = backend.run(batch, capture=["logits"])
+    monkeypatch.setattr(writes, "READ_KERNEL_ARGUMENTS", False)
+    recomputed = backend.run(batch, capture=sites)
+    for name in sites:
+        _close(with_kernel[name], recomputed[name], 1e-6)
+    assert torch.equal(with_kernel["logits"], plain["logits"])
