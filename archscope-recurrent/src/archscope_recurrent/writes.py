@@ -51,6 +51,7 @@ from archscope.recurrence import (
     WRITABLE_ROLES,
     WRITE_ROLES,
     declare_write_sites,
+    delta_rule_states,
     write_sites_of,
 )
 
@@ -321,10 +322,19 @@ class _MLSTMLayer:
         key = self.site_value("write_key", parts.site_key())
         if not (self.edited or {"state_write", "ssm_states"} & self.capture):
             return None
-        write = self.site_value("state_write", MLSTMParts.write_of(key, value))
+        write = None
+        if self.edited or "state_write" in self.capture:
+            write = self.site_value("state_write", MLSTMParts.write_of(key, value))
         if "ssm_states" in self.capture:
-            self.store("ssm_states", head_decay_scan(parts.log_decay(), write, parts.c0))
-        if not self.edited:
+            if write is not None and self.edits["state_write"]:  # a write of any rank
+                states = head_decay_scan(parts.log_decay(), write, parts.c0)
+            else:  # k ⊗ v: the chunked scan of the factors, no write materialised
+                ones = value.new_ones(value.shape[:3])
+                states = delta_rule_states(
+                    key, value, ones, parts.log_decay(), erase=False, initial=parts.c0
+                )
+            self.store("ssm_states", states)
+        if not self.edited or write is None:
             return None
         delta = write - MLSTMParts.write_of(parts.site_key(), parts.gated_value())
         delta_states = head_decay_scan(parts.log_decay(), delta)
