@@ -329,9 +329,10 @@ def delta_rule_states(
     values; ``u = β v`` without the erase). For every chunk at once, one triangular solve
     ``(I + L) [U₀ | W] = diag(β) [V | K̃]`` (``K̃`` the keys decayed from the chunk's start)
     gives ``U = U₀ − W S_0``; only the chunks' starting states are then stepped, one chunk at a
-    time, and the states inside all chunks are one batched product of the decayed keys with
-    ``U``, written in the returned layout. Every decay factor is a product of decays over a
-    stretch of positions, at most 1 for decays at most 1. Shapes as in `delta_rule_scan`
+    time, and inside the chunks ``S_t = diag(α_t) S_{t−1} + k_t u_tᵀ`` is stepped for every chunk
+    together, one position at a time, in place (out of place when autograd tracks the inputs).
+    Every decay factor is a product of decays over a stretch of positions, at most 1 for decays
+    at most 1. Shapes as in `delta_rule_scan`
     (``value``: (batch, seq, heads, d_value); ``initial``: (batch, heads, d_key, d_value));
     returns (batch, seq, heads, d_key, d_value)."""
     import torch
@@ -351,9 +352,10 @@ def delta_rule_states(
         return x.reshape(batch, n, size, heads, *x.shape[3:]).movedim(3, 1)
 
     g = log_decay.float()
+    g = chunked(g[..., None] if g.dim() == 3 else g)  # (b, h, n, c, 1 or d_key)
     k, v = chunked(key), chunked(value)  # (b, h, n, c, ·)
     b = chunked(beta)[..., None]  # (b, h, n, c, 1)
-    cum = torch.cumsum(chunked(g[..., None] if g.dim() == 3 else g), dim=3)  # (.., c, 1 or d_key)
+    cum = torch.cumsum(g, dim=3)
     last = cum[..., -1:, :]  # (b, h, n, 1, 1 or d_key)
     if erase:
         system = (_decayed_key_products(k, cum) * b).tril(-1)
@@ -380,8 +382,7 @@ def delta_rule_states(
     # inside the chunks, every chunk at once, one position at a time: S_t = α_t S_{t-1} + k_t u_tᵀ
     start = torch.stack(starts, dim=2)  # (b, h, n, d_key, d_value)
     u = torch.stack(corrected, dim=2)  # (b, h, n, s, d_value)
-    alpha = torch.exp(torch.diff(cum, dim=3, prepend=torch.zeros_like(cum[:, :, :, :1])))
-    alpha = alpha[..., None]  # (b, h, n, s, 1 or d_key, 1), as the chunk's cumulative decays
+    alpha = torch.exp(g)[..., None]  # (b, h, n, s, 1 or d_key, 1)
     states = k[..., :, None] * u[..., None, :]  # (b, h, n, s, d_key, d_value)
     tracked = torch.is_grad_enabled() and any(
         x.requires_grad for x in (key, value, beta, log_decay, state)
