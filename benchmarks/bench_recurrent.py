@@ -1,11 +1,19 @@
 """Cost of capturing every layer's per-step hidden states of a 3-layer GRU / LSTM language
-model through archscope's RNN backend, relative to a plain forward pass (CPU).
+model through archscope's RNN backend, and of the mLSTM write sites and states of a Hugging
+Face xLSTM, relative to a plain forward pass (CPU).
 
     python benchmarks/bench_recurrent.py [--repeats 20] [--out benchmarks/results/recurrent.md]
+    python benchmarks/bench_recurrent.py --mlstm [--mlstm-repeats 7]   # the mLSTM section only
 
-The backend runs the stack one layer at a time with single-layer modules that share the
+The RNN backend runs the stack one layer at a time with single-layer modules that share the
 model's parameters; the target is ≤ 1.10× the plain forward. Timings are medians over
 ``--repeats`` interleaved runs after warm-up.
+
+mLSTM: a random-weight ``xLSTMForCausalLM`` of width 128, four blocks of 4 heads (d_qk = d_v =
+32), batch × tokens 4 × 128 and 1 × 512, the rows of ``bench_hybrid.capture_cases`` with the
+final states ``c_state``, ``n_state``, ``m_state``: every state and every write in factored
+form against a plain forward (target ≤ 1.10×), the materialised writes and per-position
+states, effective attention. ``--mlstm`` replaces only that section of the result file.
 """
 
 from __future__ import annotations
@@ -71,13 +79,72 @@ def bench(cell: str, batch: int, seq: int, dim: int, repeats: int) -> dict[str, 
     }
 
 
+MLSTM_HEADING = "## mLSTM (xLSTM) write sites and states"
+
+
+def mlstm_section(repeats: int, threads: int) -> str:
+    """The mLSTM rows (see the module's docstring) as a Markdown section."""
+    import warnings
+
+    from bench_hybrid import TARGET, capture_cases, rows_for
+    from transformers import xLSTMConfig, xLSTMForCausalLM
+
+    from archscope import Backend
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    config = xLSTMConfig(
+        vocab_size=256,
+        hidden_size=128,
+        embedding_dim=128,
+        num_hidden_layers=4,
+        num_blocks=4,
+        num_heads=4,
+        qk_dim_factor=1.0,
+        v_dim_factor=1.0,
+    )
+    model = xLSTMForCausalLM(config).eval()
+    backend = Backend.for_model(model)
+    rows = []
+    for batch, seq in ((4, 128), (1, 512)):
+        ids = torch.randint(3, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
+        cases = capture_cases(backend, ids, ("c_state", "n_state", "m_state"))
+        rows += rows_for("mLSTM × 4 (d 128)", cases, batch, seq, repeats)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return "\n".join(
+        [
+            MLSTM_HEADING,
+            "",
+            f"Machine: {machine.describe()}; torch threads: {threads}; load average when done: "
+            f"{load}. `python benchmarks/bench_recurrent.py --mlstm`: median of {repeats} "
+            "interleaved runs after warm-up (ms), ratios the medians of the ratios to the plain "
+            "forward of runs made back to back. Final states: `c_state`, `n_state`, `m_state` "
+            f"(the model's cache). Target for every state and every write in factored form: ≤ "
+            f"{TARGET:.2f}× the plain forward.",
+            "",
+            "| model | batch × tokens | captured | ms | ratio to its plain forward |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
+
+
 def main() -> None:
     parser = machine.parser(__doc__, "recurrent.md", repeats=100)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--mlstm", action="store_true", help="only the mLSTM section")
+    parser.add_argument("--mlstm-repeats", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.mlstm:  # keep the RNN table, replace the mLSTM section
+        old = args.out.read_text() if args.out.exists() else ""
+        head = old.split(MLSTM_HEADING)[0].rstrip("\n")
+        section = mlstm_section(args.mlstm_repeats, args.threads)
+        machine.write((head + "\n\n" if head else "") + section, args.out)
+        return
 
     described = machine.describe()
     lines = [
@@ -112,6 +179,7 @@ def main() -> None:
         "Target: ≤ 1.10× the plain forward. `all layer_i.hidden` stops after the last "
         "layer (no head); `hidden + logits` runs the whole model.",
         "",
+        mlstm_section(args.mlstm_repeats, args.threads),
     ]
     text = "\n".join(lines)
     machine.write(text, args.out)

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from archscope import Backend, BackendError, Edit, SiteError
 from archscope.recurrence import (
@@ -445,3 +446,79 @@ def test_write_sites_carry_gradients(family: str) -> None:
     weight = mixer.in_proj_qkvz.weight if family == "qwen3_next" else mixer.k_proj.weight
     assert weight.grad is not None and weight.grad.abs().sum() > 0
     _model(family).zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize(
+    "family", _families(("qwen3_next", "qwen3_5_text", "olmo_hybrid", "kimi_linear", "minimax"))
+)
+def test_the_kernels_arguments_give_the_recomputed_sites(
+    family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the mixer calls its chunked kernel through a module, the sites are read from the
+    kernel's arguments (no convolution recomputed); they equal the sites recomputed from the
+    projections, the kernel's hook goes with the run, and the model's output is untouched."""
+    from archscope_hybrid import writes
+
+    backend = _backend(family)
+    mixer = _mixer(family)
+    variant = writes.variant_of(mixer)
+    kernel = writes.kernel_of(mixer, variant)
+    release = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    if family != "minimax" and release >= (5, 25):
+        assert kernel is not None  # from 5.25 transformers calls these kernels through modules
+    hooks = 0 if kernel is None else len(kernel._forward_hooks)
+    batch = padded_batch(random_ids(2, 9), [9, 6], "right")
+    sites = _sites("write_value", "write_key", "write_decay", "ssm_states", "mixer")
+    recomputing = writes._parts
+    calls: list[str] = []
+
+    def counted(*args: Any) -> Any:
+        calls.append(args[0])
+        return recomputing(*args)
+
+    monkeypatch.setattr(writes, "_parts", counted)
+    with_kernel = backend.run(batch, capture=[*sites, "logits"])
+    assert kernel is None or len(kernel._forward_hooks) == hooks
+    assert calls == ([] if kernel is not None else [variant])  # with a kernel: none recomputed
+    plain = backend.run(batch, capture=["logits"])
+    monkeypatch.setattr(writes, "READ_KERNEL_ARGUMENTS", False)
+    recomputed = backend.run(batch, capture=sites)
+    for name in sites:
+        _close(with_kernel[name], recomputed[name], 1e-6)
+    assert torch.equal(with_kernel["logits"], plain["logits"])
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_the_chunked_states_equal_the_step_by_step_scan_from_a_state(
+    chunk: int, per_channel: bool
+) -> None:
+    """`delta_rule_states` from an initial state, with mild and strong decays (a chunk spanning
+    far more than e⁻⁶⁰ takes the explicit per-channel products), with and without the erase,
+    equals `delta_rule_scan`; with gradients enabled it is differentiable and equal."""
+    gen = torch.Generator().manual_seed(chunk)
+    b, t, h, dk, dv = 2, 23, 3, 4, 5
+    q = torch.randn(b, t, h, dk, generator=gen)
+    k = F.normalize(torch.randn(b, t, h, dk, generator=gen), dim=-1)
+    v = torch.randn(b, t, h, dv, generator=gen)
+    beta = torch.rand(b, t, h, generator=gen)
+    initial = torch.randn(b, h, dk, dv, generator=gen)
+    shape = (b, t, h, dk) if per_channel else (b, t, h)
+    for strength in (0.5, 40.0):
+        g = -torch.rand(shape, generator=gen) * strength
+        for erase in (True, False):
+            write = k[..., :, None] * (beta[..., None] * v)[..., None, :]
+            expected, _ = delta_rule_scan(q, k, beta, g, write, initial=initial, erase=erase)
+            got = delta_rule_states(k, v, beta, g, erase=erase, chunk=chunk, initial=initial)
+            _close(got, expected, 1e-5)
+    tracked = v.clone().requires_grad_()
+    states = delta_rule_states(k, tracked, beta, g, chunk=chunk, initial=initial)
+    _close(
+        states.detach(),
+        delta_rule_scan(
+            q, k, beta, g, k[..., :, None] * (beta[..., None] * v)[..., None, :], initial=initial
+        )[0],
+        1e-5,
+    )
+    states.sum().backward()
+    assert tracked.grad is not None and bool(tracked.grad.abs().sum() > 0)

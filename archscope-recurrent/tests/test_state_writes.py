@@ -355,3 +355,28 @@ def test_the_chunked_head_scan_equals_a_step_by_step_scan(seq):
         expected.append(state)
     got = head_decay_scan(log_decay, write, initial, chunk=8)
     torch.testing.assert_close(got, torch.stack(expected, 1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("with_initial", [False, True])
+def test_the_stabiliser_in_closed_form_is_the_running_max(with_initial):
+    """m_t = max(logσ(f_t) + m_{t-1}, i_t), stepped here, equals `MLSTMParts.m` (a running max
+    over positions, no seq × seq matrix) on a long sequence with strong and weak forget gates."""
+    from archscope_recurrent.writes import MLSTMParts
+
+    g = torch.Generator().manual_seed(3)
+    b, h, t, d = 2, 3, 300, 4
+    igate = torch.randn(b, h, t, generator=g) * 4
+    fgate = torch.randn(b, h, t, generator=g) * 3
+    m0 = torch.randn(b, h, 1, generator=g) if with_initial else None
+    qkv = torch.randn(3, b, h, t, d, generator=g)
+    parts = MLSTMParts(qkv[0], qkv[1], qkv[2], igate, fgate, m0=m0)
+    m = torch.zeros(b, h) if m0 is None else m0[..., 0]
+    expected = []
+    for step in range(t):
+        m = torch.maximum(F.logsigmoid(fgate[..., step]) + m, igate[..., step])
+        expected.append(m)
+    torch.testing.assert_close(parts.m, torch.stack(expected, -1), atol=1e-4, rtol=1e-5)
+    # the seq × seq weights (effective attention's) peak at m where no initial state weighs more
+    peak = parts.log_weights.amax(-1)
+    if m0 is None:
+        torch.testing.assert_close(parts.m, torch.maximum(peak, parts.cum), atol=1e-4, rtol=1e-5)

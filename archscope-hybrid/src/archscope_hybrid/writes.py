@@ -42,6 +42,7 @@ last real token (``ssm_state``, ``return_state``) includes the change.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -156,19 +157,42 @@ def declare_layer_writes(
 
 @dataclass
 class DeltaParts:
-    """One layer's recurrence over a run, per value head: ``query``/``key`` (batch, seq, heads,
-    key_dim) as the kernel uses them (normalised, the query scaled), ``value`` (batch, seq,
-    heads, value_dim), ``beta`` (batch, seq, heads), ``log_decay`` (batch, seq, heads) or
-    (batch, seq, heads, key_dim); ``erase``: a delta rule (else decayed linear attention)."""
+    """One layer's recurrence over a run, per value head: ``value`` (batch, seq, heads,
+    value_dim), ``beta`` (batch, seq, heads), ``log_decay`` (batch, seq, heads) or (batch, seq,
+    heads, key_dim); ``erase``: a delta rule (else decayed linear attention).
 
-    query: torch.Tensor
-    key: torch.Tensor
+    ``raw_query``/``raw_key`` (batch, seq, key_heads, key_dim) are the query and key as the
+    mixer hands them to its kernel; `query` and `key` (batch, seq, heads, key_dim) are them as
+    the kernel uses them (L2-normalised when ``norm`` is ``"rsqrt"`` or ``"divide"``, the query
+    scaled by 1/√key_dim, each key head serving its consecutive value heads), computed when
+    first read: capturing the factors alone never normalises the queries."""
+
+    raw_query: torch.Tensor
+    raw_key: torch.Tensor
     value: torch.Tensor
     beta: torch.Tensor
     log_decay: torch.Tensor
     erase: bool = True
+    norm: str | None = None
+    scale_query: bool = True
 
-    @property
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if self.norm is not None:
+            x = _l2norm(x, self.norm == "divide")
+        per = self.value.shape[2] // x.shape[2]
+        return x.repeat_interleave(per, dim=2) if per > 1 else x
+
+    @functools.cached_property
+    def key(self) -> torch.Tensor:
+        return self._heads(self.raw_key)
+
+    @functools.cached_property
+    def query(self) -> torch.Tensor:
+        query = self._heads(self.raw_query)
+        return query * query.shape[-1] ** -0.5 if self.scale_query else query
+
+    @functools.cached_property
     def write_value(self) -> torch.Tensor:
         return self.beta[..., None] * self.value
 
@@ -192,13 +216,63 @@ class DeltaParts:
         return scalar_decay_attention(self.query, self.key, self.log_decay, self.beta)
 
 
-# -- reading the scan inputs from the projections the mixer computed ---------------------------
+# -- reading the scan inputs ---------------------------------------------------------------------
 def _l2norm(x: torch.Tensor, divide: bool) -> torch.Tensor:
     """The kernels' L2 normalisation (KDA divides by the root, the others multiply by rsqrt)."""
     import torch
 
     total = (x * x).sum(dim=-1, keepdim=True) + 1e-6
     return x / torch.sqrt(total) if divide else x * torch.rsqrt(total)
+
+
+#: The chunked kernels the gated delta nets hand their scan inputs to, by the name transformers
+#: gives them in the module that defines the mixer (or on the mixer itself).
+_KERNEL_NAMES: dict[str, tuple[str, ...]] = {
+    QKVZ: ("chunk_gated_delta_rule", "torch_chunk_gated_delta_rule"),
+    QKV: ("chunk_gated_delta_rule", "torch_chunk_gated_delta_rule"),
+    SEPARATE: ("chunk_gated_delta_rule", "torch_chunk_gated_delta_rule"),
+    KDA: ("chunk_kda", "chunk_kimi_delta_attention"),
+}
+#: The kernels' leading arguments, in the order of their common signature.
+_KERNEL_ARGS = ("query", "key", "value", "g", "beta")
+
+
+def kernel_of(mixer: Any, variant: str) -> Any:
+    """The module whose forward is the chunked kernel ``mixer`` calls (an attribute of the
+    mixer, or of the Python module defining its class, as transformers wraps its kernels in
+    modules it can swap), or None: then the sites are recomputed from the projections."""
+    import sys
+
+    import torch
+
+    homes = (mixer, sys.modules.get(type(mixer).__module__))
+    for name in _KERNEL_NAMES.get(variant, ()):
+        for home in homes:
+            kernel = getattr(home, name, None)
+            if isinstance(kernel, torch.nn.Module):
+                return kernel
+    return None
+
+
+def _from_kernel(variant: str, call: dict[str, Any], seq: int) -> DeltaParts | None:
+    """The scan inputs as the mixer handed them to its chunked kernel (the convolution, its
+    activation, β and the decay computed once, by the model), or None when that call does not
+    cover the whole run from a zero state (then they are recomputed from the projections)."""
+    if any(call.get(name) is None for name in _KERNEL_ARGS):
+        return None
+    if call.get("initial_state") is not None or int(call["key"].shape[1]) != seq:
+        return None
+    norm = (
+        ("divide" if variant == KDA else "rsqrt") if call.get("use_qk_l2norm_in_kernel") else None
+    )
+    return DeltaParts(
+        call["query"],
+        call["key"],
+        call["value"].float(),
+        call["beta"].float(),
+        call["g"].float(),
+        norm=norm,
+    )
 
 
 def _convolved(mixer: Any, mixed: torch.Tensor) -> torch.Tensor:
@@ -219,18 +293,19 @@ def _convolved(mixer: Any, mixed: torch.Tensor) -> torch.Tensor:
 
 
 def _parts(variant: str, mixer: Any, kept: dict[str, Any], mask: Any) -> DeltaParts:
+    """The scan inputs recomputed from the projections the mixer computed."""
     import torch
     import torch.nn.functional as F
 
     if variant == LIGHTNING:
-        qkv = mixer.act_fn(kept["qkv_proj"])
+        qkv = kept["act_fn"] if "act_fn" in kept else mixer.act_fn(kept["qkv_proj"])
         if mask is not None:
             qkv = qkv * mask[:, :, None].to(qkv.dtype)
         heads, dim = int(mixer.num_attention_heads), int(mixer.head_dim)
         b, t = qkv.shape[:2]
         q, k, v = torch.split(qkv.float().reshape(b, t, heads, 3 * dim), dim, dim=3)
         slope = mixer.slope_rate.float().reshape(1, 1, heads).expand(b, t, heads)
-        return DeltaParts(q, k, v, torch.ones_like(slope), -slope, erase=False)
+        return DeltaParts(q, k, v, torch.ones_like(slope), -slope, erase=False, scale_query=False)
 
     if variant == QKVZ:
         q, k, v, _, b_, a = mixer.fix_query_key_value_ordering(
@@ -255,12 +330,6 @@ def _parts(variant: str, mixer: Any, kept: dict[str, Any], mask: Any) -> DeltaPa
     q = q.reshape(batch, seq, heads, key_dim)
     k = k.reshape(batch, seq, heads, key_dim)
     v = v.reshape(batch, seq, v_heads, value_dim)
-    if v_heads != heads:  # each key head serves consecutive value heads
-        q = q.repeat_interleave(v_heads // heads, dim=2)
-        k = k.repeat_interleave(v_heads // heads, dim=2)
-    divide = variant == KDA
-    q = _l2norm(q, divide) / key_dim**0.5
-    k = _l2norm(k, divide)
     beta = b_.float().sigmoid()
     if variant == SEPARATE and getattr(mixer, "allow_neg_eigval", False):
         beta = beta * 2.0
@@ -268,7 +337,7 @@ def _parts(variant: str, mixer: Any, kept: dict[str, Any], mask: Any) -> DeltaPa
         g = kept["forget_gate"].float()
     else:
         g = -mixer.A_log.float().exp() * F.softplus(a.float() + mixer.dt_bias.float())
-    return DeltaParts(q, k, v, beta, g)
+    return DeltaParts(q, k, v, beta, g, norm="divide" if variant == KDA else "rsqrt")
 
 
 # -- hooks --------------------------------------------------------------------------------------
@@ -280,9 +349,16 @@ class _LayerRun:
     mask: Any = None
     delta_state: Any = None  # the edits' effect on the state after the last position
     handles: list[Any] = field(default_factory=list)
+    call: dict[str, Any] | None = None  # the arguments of the mixer's chunked kernel
+    active: bool = False  # the mixer is running (its kernel's calls are this layer's)
+    seq: int = -1  # the length of the mixer's input
+    use_kernel: bool = True  # read the scan inputs from the kernel's arguments where possible
 
 
 _EXTRA = "hybrid_write_layers"
+#: Read the scan inputs from the arguments of the mixer's chunked kernel where it calls one
+#: through a module (False: always recompute them from the projections, as a check).
+READ_KERNEL_ARGUMENTS = True
 
 
 def layer_runs(run: RunRequest) -> dict[int, _LayerRun]:
@@ -305,7 +381,7 @@ def write_hooks(backend: Any, run: RunRequest) -> Iterator[dict[int, _LayerRun]]
             variant = variant_of(mixer)
             if variant is None:  # never declared for such mixers
                 raise BackendError(f"layer {index} has no write sites ({type(mixer).__name__})")
-            seen[index] = state = _LayerRun()
+            seen[index] = state = _LayerRun(use_kernel=READ_KERNEL_ARGUMENTS)
             writes = _LayerWrites(backend, run, index, roles, state)
             _attach(mixer, variant, writes, state)
         yield seen
@@ -363,15 +439,35 @@ class _LayerWrites:
         return change
 
 
+def _scan_inputs(variant: str, mixer: Any, seen: _LayerRun) -> DeltaParts:
+    """The scan inputs of the layer's run: its kernel's arguments, else recomputed."""
+    parts = None if seen.call is None else _from_kernel(variant, seen.call, seen.seq)
+    seen.call = None
+    if parts is not None:
+        return parts
+    missing = [n for n in _KEEP[variant] if n not in seen.kept]
+    if missing:
+        raise BackendError(
+            f"{type(mixer).__name__}: the write sites need the outputs of "
+            f"{list(_KEEP[variant])}, but only {sorted(seen.kept)} ran before its norm"
+        )
+    return _parts(variant, mixer, seen.kept, seen.mask)
+
+
 def _attach(mixer: Any, variant: str, writes: _LayerWrites, seen: _LayerRun) -> None:
-    """Keep the projections' outputs (and the padding mask) as the mixer computes them; at its
-    norm, compute the sites and add the edits' effect to the read-out."""
+    """Keep what the mixer computes: the arguments of its chunked kernel where it calls one
+    through a module (`kernel_of`), else its projections' outputs (and the padding mask); at
+    its norm, compute the sites and add the edits' effect to the read-out."""
     import torch
 
     def keep_mask(_m: Any, args: Any, kwargs: Any) -> None:
         mask = kwargs.get("attention_mask", args[2] if len(args) > 2 else None)
         seen.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        seen.seq = int(hidden.shape[1]) if isinstance(hidden, torch.Tensor) else -1
         seen.kept.clear()
+        seen.call = None
+        seen.active = True
 
     def keep(name: str) -> Callable[..., None]:
         def hook(_m: Any, _a: Any, out: Any) -> None:
@@ -379,20 +475,26 @@ def _attach(mixer: Any, variant: str, writes: _LayerWrites, seen: _LayerRun) -> 
 
         return hook
 
+    def tap(_m: Any, args: Any, kwargs: Any, _out: Any) -> None:
+        if seen.active and seen.call is None:  # the kernel module is shared by the layers
+            seen.call = {**dict(zip(_KERNEL_ARGS, args, strict=False)), **kwargs}
+
     def inject(_m: Any, args: Any) -> Any:
-        if len(seen.kept) < len(_KEEP[variant]):
-            raise BackendError(
-                f"{type(mixer).__name__}: the write sites need the outputs of "
-                f"{list(_KEEP[variant])}, but only {sorted(seen.kept)} ran before its norm"
-            )
-        change = writes.effect(_parts(variant, mixer, seen.kept, seen.mask))
+        seen.active = False
+        change = writes.effect(_scan_inputs(variant, mixer, seen))
         if change is None:
             return None
         read = args[0]
         return (read + change.reshape(read.shape).to(read.dtype), *args[1:])
 
     seen.handles.append(mixer.register_forward_pre_hook(keep_mask, with_kwargs=True))
+    kernel = kernel_of(mixer, variant) if seen.use_kernel else None
+    if kernel is not None:
+        seen.handles.append(kernel.register_forward_hook(tap, with_kwargs=True))
     for name in _KEEP[variant]:
         seen.handles.append(mixer.get_submodule(name).register_forward_hook(keep(name)))
+    act = getattr(mixer, "act_fn", None)
+    if variant == LIGHTNING and isinstance(act, torch.nn.Module):  # its output is q, k, v
+        seen.handles.append(act.register_forward_hook(keep("act_fn")))
     norm = mixer.get_submodule(_NORM[variant])
     seen.handles.append(norm.register_forward_pre_hook(inject))

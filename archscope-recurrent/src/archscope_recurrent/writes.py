@@ -39,6 +39,7 @@ matrices over `EFFECTIVE_ATTENTION_GROUPS` equal groups of channels (rows still 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from archscope.recurrence import (
     WRITABLE_ROLES,
     WRITE_ROLES,
     declare_write_sites,
+    delta_rule_states,
     write_sites_of,
 )
 
@@ -114,23 +116,33 @@ class MLSTMParts:
         import torch
         import torch.nn.functional as F
 
-        b, h, t, _ = self.key.shape
+        b, h, _, _ = self.key.shape
         log_f = F.logsigmoid(self.fgate.float())
-        cum = torch.cumsum(log_f, dim=-1)  # F_t
-        causal = torch.ones(t, t, dtype=torch.bool, device=self.key.device).tril()
-        gap = cum[..., :, None] - cum[..., None, :] + self.igate.float()[..., None, :]
-        self.log_weights = gap.masked_fill(~causal, -math.inf)  # F_t - F_s + i_s (s <= t)
+        self.cum = torch.cumsum(log_f, dim=-1)  # F_t
         m0 = (
             self.key.new_zeros((b, h), dtype=torch.float32)
             if self.m0 is None
             else self.m0.float()[..., 0]
         )
-        self.initial_log = cum + m0[..., None]  # log weight of the initial state at t
-        #: the stabiliser m_t (the model's running max, in closed form)
-        self.m = torch.maximum(self.log_weights.amax(-1), self.initial_log)
+        self.initial_log = self.cum + m0[..., None]  # log weight of the initial state at t
+        #: the stabiliser m_t (the model's running max, in closed form): m_t = max(F_t + m_0,
+        #: max_{s<=t} F_t - F_s + i_s), the inner max a running max over positions
+        best = torch.cummax(self.igate.float() - self.cum, dim=-1).values
+        self.m = torch.maximum(self.cum + best, self.initial_log)
         self.previous_m = torch.cat([m0[..., None], self.m[..., :-1]], dim=-1)
         self.log_f = log_f
         self.scale = float(self.key.shape[-1]) ** -0.5
+
+    @functools.cached_property
+    def log_weights(self) -> torch.Tensor:
+        """F_t - F_s + i_s for s <= t, else -inf (batch, heads, seq, seq): only effective
+        attention and the read of an edit need it."""
+        import torch
+
+        t = self.cum.shape[-1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=self.key.device).tril()
+        gap = self.cum[..., :, None] - self.cum[..., None, :] + self.igate.float()[..., None, :]
+        return gap.masked_fill(~causal, -math.inf)
 
     @property
     def q_scaled(self) -> torch.Tensor:
@@ -310,10 +322,19 @@ class _MLSTMLayer:
         key = self.site_value("write_key", parts.site_key())
         if not (self.edited or {"state_write", "ssm_states"} & self.capture):
             return None
-        write = self.site_value("state_write", MLSTMParts.write_of(key, value))
+        write = None
+        if self.edited or "state_write" in self.capture:
+            write = self.site_value("state_write", MLSTMParts.write_of(key, value))
         if "ssm_states" in self.capture:
-            self.store("ssm_states", head_decay_scan(parts.log_decay(), write, parts.c0))
-        if not self.edited:
+            if write is not None and self.edits["state_write"]:  # a write of any rank
+                states = head_decay_scan(parts.log_decay(), write, parts.c0)
+            else:  # k ⊗ v: the chunked scan of the factors, no write materialised
+                ones = value.new_ones(value.shape[:3])
+                states = delta_rule_states(
+                    key, value, ones, parts.log_decay(), erase=False, initial=parts.c0
+                )
+            self.store("ssm_states", states)
+        if not self.edited or write is None:
             return None
         delta = write - MLSTMParts.write_of(parts.site_key(), parts.gated_value())
         delta_states = head_decay_scan(parts.log_decay(), delta)

@@ -303,6 +303,25 @@ def delta_rule_attention(
     return scores @ inverse
 
 
+def _decayed_key_products(k: torch.Tensor, cum: torch.Tensor) -> torch.Tensor:
+    """``k_tᵀ diag(exp(cum_t − cum_s)) k_s`` for s ≤ t (the rest is not used) within each chunk:
+    ``k`` (..., c, d_key), ``cum`` the cumulative log decays from the chunk's start (..., c, 1
+    or d_key). One decay per key channel: as the product of keys scaled by exp(±cum) where no
+    chunk spans more than a decay of e⁻⁶⁰ (nothing overflows), else explicitly per channel."""
+    import torch
+
+    size = k.shape[-2]
+    causal = torch.ones(size, size, dtype=torch.bool, device=k.device).tril()
+    if cum.shape[-1] == 1:
+        gap = (cum - cum.transpose(-1, -2)).masked_fill(~causal, float("-inf"))
+        return (k @ k.transpose(-1, -2)) * torch.exp(gap)
+    if float(-cum[..., -1, :].detach().min()) < 60.0:
+        return (k * torch.exp(cum)) @ (k * torch.exp(-cum)).transpose(-1, -2)
+    gap = cum[..., :, None, :] - cum[..., None, :, :]  # (..., t, s, d_key)
+    gamma = torch.exp(gap.masked_fill(~causal[..., None], float("-inf")))
+    return torch.einsum("...tc,...sc,...tsc->...ts", k, k, gamma)
+
+
 def delta_rule_states(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -310,48 +329,85 @@ def delta_rule_states(
     log_decay: torch.Tensor,
     erase: bool = True,
     chunk: int = 16,
+    initial: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The states of `delta_rule_scan` driven by the run's own writes ``k_t ⊗ β_t v_t``, from a
-    zero state, in chunks of ``chunk`` positions instead of one step at a time.
+    """The states of `delta_rule_scan` driven by the run's own writes ``k_t ⊗ β_t v_t``, from
+    ``initial`` (zero by default), a chunk of ``chunk`` positions at a time.
 
     Within a chunk starting from ``S_0``, ``S_t = diag(α_{1..t}) S_0 + Σ_{s≤t} diag(α_{s+1..t})
     k_s u_sᵀ`` with ``u_s = β_s (v_s − (diag(α_s) S_{s−1})ᵀ k_s)`` (the delta rule's corrected
-    values; ``u = β v`` without the erase), the ``u`` of a chunk from one triangular solve
-    ``(I + L) U = diag(β) (V − K̃ S_0)``. Shapes as in `delta_rule_scan` (``value``: (batch, seq,
-    heads, d_value)); returns (batch, seq, heads, d_key, d_value)."""
+    values; ``u = β v`` without the erase). For every chunk at once, one triangular solve
+    ``(I + L) [U₀ | W] = diag(β) [V | K̃]`` (``K̃`` the keys decayed from the chunk's start)
+    gives ``U = U₀ − W S_0``; only the chunks' starting states are then stepped, one chunk at a
+    time, and inside the chunks ``S_t = diag(α_t) S_{t−1} + k_t u_tᵀ`` is stepped for every chunk
+    together, one position at a time, in place (out of place when autograd tracks the inputs).
+    Every decay factor is a product of decays over a stretch of positions, at most 1 for decays
+    at most 1. Shapes as in `delta_rule_scan`
+    (``value``: (batch, seq, heads, d_value); ``initial``: (batch, heads, d_key, d_value));
+    returns (batch, seq, heads, d_key, d_value)."""
     import torch
+    import torch.nn.functional as F
 
-    k, v = key.float().transpose(1, 2), value.float().transpose(1, 2)  # (b, h, t, ·)
-    b = beta.float().transpose(1, 2)  # (b, h, t)
+    batch, seq, heads, d_key = key.shape
+    d_value = value.shape[-1]
+    size = max(1, min(chunk, seq))
+    n = -(-seq // size)
+    pad = n * size - seq  # padded positions: no write, decay 1, after every real one
+
+    def chunked(x: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, heads, ...) → (batch, heads, chunks, size, ...)."""
+        x = x.float()
+        if pad:
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
+        return x.reshape(batch, n, size, heads, *x.shape[3:]).movedim(3, 1)
+
     g = log_decay.float()
-    g = (g[..., None] if g.dim() == 3 else g).transpose(1, 2)  # (b, h, t, 1 or d_key)
-    batch, heads, seq, d_key = k.shape
-    state = k.new_zeros((batch, heads, d_key, v.shape[-1]))
-    out = []
-    for start in range(0, seq, chunk):
-        end = min(start + chunk, seq)
-        kc, vc, bc = k[:, :, start:end], v[:, :, start:end], b[:, :, start:end]
-        cum = torch.cumsum(g[:, :, start:end], dim=2)  # (b, h, c, 1 or d_key)
-        size = end - start
-        causal = torch.ones(size, size, dtype=torch.bool, device=k.device).tril()
-        gap = (cum[:, :, :, None] - cum[:, :, None]).masked_fill(~causal[..., None], float("-inf"))
-        gamma = torch.exp(gap)  # (b, h, t, s, 1 or d_key)
-        target = bc[..., None] * vc
-        if erase:
-            target = target - bc[..., None] * ((kc * torch.exp(cum)) @ state)
-            lower = (torch.einsum("bhtc,bhsc,bhtsc->bhts", kc, kc, gamma) * bc[..., None]).tril(-1)
-            system = lower + torch.eye(size, dtype=lower.dtype, device=lower.device)
-            target = torch.linalg.solve_triangular(system, target, upper=False, unitriangular=True)
-        if gamma.shape[-1] == 1:  # one decay per head: one matmul over the flattened writes
-            writes = (kc[..., :, None] * target[..., None, :]).flatten(-2)
-            states = (gamma[..., 0] @ writes).unflatten(-1, (d_key, -1))
-        else:
-            weights = gamma * kc[:, :, None]  # (b, h, t, s, d_key)
-            states = torch.einsum("bhtsc,bhsv->bhtcv", weights, target)
-        states = states + torch.exp(cum)[..., None] * state[:, :, None]
-        out.append(states)
-        state = states[:, :, -1]
-    return torch.cat(out, dim=2).transpose(1, 2)
+    g = chunked(g[..., None] if g.dim() == 3 else g)  # (b, h, n, c, 1 or d_key)
+    k, v = chunked(key), chunked(value)  # (b, h, n, c, ·)
+    b = chunked(beta)[..., None]  # (b, h, n, c, 1)
+    cum = torch.cumsum(g, dim=3)
+    last = cum[..., -1:, :]  # (b, h, n, 1, 1 or d_key)
+    if erase:
+        system = (_decayed_key_products(k, cum) * b).tril(-1)
+        system = system + torch.eye(size, dtype=system.dtype, device=system.device)
+        rhs = torch.cat([b * v, b * (k * torch.exp(cum))], dim=-1)
+        solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+        first, carried = solved.split([d_value, d_key], dim=-1)
+    else:
+        first, carried = b * v, None
+    # the chunks' starting states, one chunk at a time (and the corrected values U)
+    state = (
+        k.new_zeros((batch, heads, d_key, d_value))
+        if initial is None
+        else initial.float().expand(batch, heads, d_key, d_value)
+    )
+    to_end = (k * torch.exp(last - cum)).transpose(-1, -2)  # keys decayed to the chunk's end
+    through = torch.exp(last[..., 0, :])[..., None]  # (b, h, n, 1 or d_key, 1)
+    starts, corrected = [], []
+    for i in range(n):
+        starts.append(state)
+        u = first[:, :, i] if carried is None else first[:, :, i] - carried[:, :, i] @ state
+        corrected.append(u)
+        state = through[:, :, i] * state + to_end[:, :, i] @ u
+    # inside the chunks, every chunk at once, one position at a time: S_t = α_t S_{t-1} + k_t u_tᵀ
+    start = torch.stack(starts, dim=2)  # (b, h, n, d_key, d_value)
+    u = torch.stack(corrected, dim=2)  # (b, h, n, s, d_value)
+    alpha = torch.exp(g)[..., None]  # (b, h, n, s, 1 or d_key, 1)
+    states = k[..., :, None] * u[..., None, :]  # (b, h, n, s, d_key, d_value)
+    tracked = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (key, value, beta, log_decay, state)
+    )
+    if tracked:  # out of place, for autograd
+        steps = [states[:, :, :, 0] + alpha[:, :, :, 0] * start]
+        for t in range(1, size):
+            steps.append(states[:, :, :, t] + alpha[:, :, :, t] * steps[-1])
+        states = torch.stack(steps, dim=3)
+    else:
+        states[:, :, :, 0].addcmul_(alpha[:, :, :, 0], start)
+        for t in range(1, size):
+            states[:, :, :, t].addcmul_(alpha[:, :, :, t], states[:, :, :, t - 1])
+    states = states.reshape(batch, heads, n * size, d_key, d_value)
+    return states[:, :, :seq].transpose(1, 2)
 
 
 # -- continuing a recurrent model from a state, one token at a time ------------------------------
