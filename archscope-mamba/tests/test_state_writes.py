@@ -359,3 +359,37 @@ def test_write_sites_carry_gradients(family: str) -> None:
     mixer = _mixer(family)
     assert mixer.in_proj.weight.grad is not None and mixer.in_proj.weight.grad.abs().sum() > 0
     _model(family).zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_mamba2_reads_the_scan_inputs_the_model_computed(side: str, monkeypatch: Any) -> None:
+    """Mamba-2's write sites come from the arguments the mixer hands its scan module (the
+    convolution not run again) and equal the sites recomputed from ``in_proj``'s output; the
+    scan module, shared by every model, keeps no hook."""
+    from archscope_mamba import writes
+
+    scan = writes.mamba2_scan_module(_mixer("mamba2"))
+    if scan is None:
+        pytest.skip("this transformers calls Mamba-2's scan as a plain function")
+    backend = _backend("mamba2")
+    batch = padded_batch(random_ids(2, 9, seed=5), [9, 6], side)
+    sites = _sites("write_value", "write_key", "write_decay", "state_write", "mixer")
+    convs = []
+    real_conv1d = F.conv1d
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        convs.append(1)
+        return real_conv1d(*args, **kwargs)
+
+    monkeypatch.setattr(F, "conv1d", counted)
+    read = backend.run(batch, capture=sites)
+    from_scan = len(convs)
+    assert not scan._forward_pre_hooks and not scan._forward_hooks
+    monkeypatch.setattr(writes, "mamba2_scan_module", lambda _mixer: None)
+    convs.clear()
+    again = backend.run(batch, capture=sites)
+    # the model convolves once per layer; recomputing adds one per layer with write sites
+    assert len(convs) == from_scan + 1
+    for name in sites:
+        torch.testing.assert_close(read[name], again[name], rtol=0, atol=1e-6)
+    assert read[f"layer_{LAYER}.write_key"].is_contiguous()

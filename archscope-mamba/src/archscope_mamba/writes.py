@@ -210,6 +210,7 @@ class _LayerRun:
     x: Any = None
     ssm_params: Any = None
     delta_state: Any = None  # the edits' effect on the state after the last position
+    scan_inputs: Any = None  # Mamba-2: (x, B, C, dt) as the mixer handed them to its scan
     handles: list[Any] = field(default_factory=list)
 
 
@@ -244,29 +245,40 @@ def _parts_mamba2(mixer: Any, seen: _LayerRun) -> ScanParts:
     n, groups = int(mixer.ssm_state_size), int(mixer.n_groups)
     _, xbc, dt = seen.projected.split([inner, int(mixer.conv_dim), heads], dim=-1)
     seq = xbc.shape[1]
-    conv = mixer.conv1d
-    xbc = F.conv1d(
-        xbc.transpose(1, 2),
-        conv.weight,
-        conv.bias,
-        padding=int(conv.kernel_size[0]) - 1,
-        groups=int(conv.groups),
-    )[..., :seq]
-    xbc = mixer.act(xbc).transpose(1, 2)
-    if seen.mask is not None:
-        xbc = xbc * seen.mask[:, :, None].to(xbc.dtype)
-    x, B, C = torch.split(xbc.float(), [inner, groups * n, groups * n], dim=-1)
+    given, seen.scan_inputs = seen.scan_inputs, None
+    if given is not None and int(given[0].shape[1]) == seq:
+        # what the mixer handed its scan: convolved, activated and masked by the model
+        x, B, C, dt = (value.float() for value in given)
+    else:
+        conv = mixer.conv1d
+        xbc = F.conv1d(
+            xbc.transpose(1, 2),
+            conv.weight,
+            conv.bias,
+            padding=int(conv.kernel_size[0]) - 1,
+            groups=int(conv.groups),
+        )[..., :seq]
+        xbc = mixer.act(xbc).transpose(1, 2)
+        if seen.mask is not None:
+            xbc = xbc * seen.mask[:, :, None].to(xbc.dtype)
+        x, B, C = torch.split(xbc.float(), [inner, groups * n, groups * n], dim=-1)
     dt = F.softplus(dt.float() + mixer.dt_bias.float())
     low, high = mixer.time_step_limit
     dt = torch.clamp(dt, min=float(low), max=float(high))
     b = x.shape[0]
     per = heads // groups
+
+    def per_head(value: torch.Tensor) -> torch.Tensor:
+        # each group's B / C serves its heads: a broadcast view, no copy
+        grouped = value.reshape(b, seq, groups, 1, n).expand(b, seq, groups, per, n)
+        return grouped.flatten(2, 3)
+
     return ScanParts(
         x=x.reshape(b, seq, heads, p),
         dt=dt,
         A=-torch.exp(mixer.A_log.float()),
-        B=B.reshape(b, seq, groups, n).repeat_interleave(per, dim=2),
-        C=C.reshape(b, seq, groups, n).repeat_interleave(per, dim=2),
+        B=per_head(B),
+        C=per_head(C),
     )
 
 
@@ -278,6 +290,8 @@ class _Layout:
 
     def to_site(self, role: str, value: torch.Tensor) -> torch.Tensor:
         if not self.mamba1:
+            if role == "write_key":  # the per-head keys are broadcast views of the groups' keys
+                return value.contiguous()
             return value[..., 0, 0] if role == "write_decay" else value
         if role == "write_value":
             return value[..., 0]
@@ -482,6 +496,13 @@ def _hook_mamba2(mixer: Any, writes: _LayerWrites, seen: _LayerRun) -> None:
 
     def keep_projected(_m: Any, _a: Any, out: torch.Tensor) -> None:
         seen.projected = out
+        seen.scan_inputs = None
+
+    def keep_scan_inputs(_m: Any, args: Any, kwargs: Any) -> None:
+        # the scan module is shared by every mixer of the model: keep this mixer's call only,
+        # and only a call over the whole sequence from an empty state (else: recomputed)
+        if len(args) >= 5 and args[0] is mixer and _from_zero(mixer, args, kwargs):
+            seen.scan_inputs = tuple(args[1:5])
 
     def inject(_m: Any, args: Any) -> Any:
         change = writes.effect(_parts_mamba2(mixer, seen))
@@ -494,6 +515,35 @@ def _hook_mamba2(mixer: Any, writes: _LayerWrites, seen: _LayerRun) -> None:
         mixer.in_proj.register_forward_hook(keep_projected),
         mixer.norm.register_forward_pre_hook(inject),
     ]
+    scan = mamba2_scan_module(mixer)
+    if scan is not None:
+        seen.handles.append(scan.register_forward_pre_hook(keep_scan_inputs, with_kwargs=True))
+
+
+def mamba2_scan_module(mixer: Any) -> Any:
+    """The module whose forward is the scan a Mamba-2 ``mixer`` calls with its convolved, masked
+    inputs (transformers wraps ``mamba2_scan_forward`` in a module it can swap for a kernel), or
+    None: then the write sites recompute the convolution from ``in_proj``'s output."""
+    import sys
+
+    import torch
+
+    scan = getattr(sys.modules.get(type(mixer).__module__), "mamba2_scan_forward", None)
+    return scan if isinstance(scan, torch.nn.Module) else None
+
+
+def _from_zero(mixer: Any, args: Any, kwargs: Any) -> bool:
+    """Whether a scan call starts from an empty state (no cache, or one holding no state yet)."""
+    cache = args[5] if len(args) > 5 else kwargs.get("cache")
+    if cache is None:
+        return True
+    getter = getattr(cache, "get_recurrent_state", None)
+    if getter is None:
+        return False
+    try:
+        return getter(mixer.layer_idx, state_idx=0) is None
+    except (TypeError, IndexError, KeyError, AttributeError):
+        return False
 
 
 def attention_of(kind: str, parts: ScanParts) -> torch.Tensor:
