@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+from . import guards
 from .edits import Edit, EditError, EditOp, Positions
 from .errors import (
     BackendError,
@@ -73,6 +74,7 @@ class ModelState:
         "limits",
         "memory",
         "modules",
+        "plans",
         "requests",
         "vocab",
     )
@@ -86,6 +88,8 @@ class ModelState:
         self.first_parameter: tuple[Any, str] | None = None
         #: (capture, edits present) → resolved capture names; only requests without edits
         self.requests: dict[tuple[Any, ...], list[str]] = {}
+        #: what the engine derives from a resolved request (`archscope.engine.HookBackend`)
+        self.plans: dict[tuple[Any, ...], Any] = {}
         #: the site widths `archscope.guards.check_memory` needs (it fills this in)
         self.memory: Any = None
 
@@ -98,10 +102,17 @@ def module_list(model: Any) -> list[Any]:
     """Every module under ``model``, parents before children (a plain walk over ``_modules``:
     `nn.Module.modules` also builds names and a memo, several times slower on small models)."""
     found = [model]
-    for module in found:  # grows while it is read
-        children = getattr(module, "_modules", None)
-        if children:
-            found += [child for child in children.values() if child is not None]
+    if getattr(model, "_modules", None) is None:  # not a torch module: nothing below it
+        return found
+    try:
+        for module in found:  # grows while it is read
+            children = module._modules
+            if children:
+                found.extend(children.values())
+    except AttributeError:  # a child slot set to None (``module.name = None``): skip those
+        found = [model]
+        for module in found:
+            found += [child for child in module._modules.values() if child is not None]
     return found
 
 
@@ -222,15 +233,6 @@ class Backend:
         (`archscope.state_patch.check_initial_state`) and
         hands a `RunRequest` to `execute`.
         """
-        from .guards import (
-            check_device,
-            check_inputs,
-            check_memory,
-            inference_mode,
-            model_lock,
-            warn_if_not_finite,
-        )
-
         edits = _edit_list(edits)
         # what was derived from the model (site table, module list, limits, resolved requests)
         # is reused while its modules and vocabulary stay the same, and rebuilt when they change
@@ -238,11 +240,12 @@ class Backend:
         wanted, edit_map = self.check_request(
             () if capture is None else capture, edits, initial_state, return_state
         )
-        check_device(self.device, self.name)
+        # the guards are looked up on their module at each run (a test may replace one)
+        guards.check_device(self.device, self.name)
         batch = self.prepare_inputs(inputs)
-        check_inputs(batch, self._limits(state), self.name)
+        guards.check_inputs(batch, self._limits(state), self.name)
         full_pass = not (stop_early and wanted and "logits" not in wanted) or return_state
-        check_memory(self, batch, wanted, full_pass)
+        guards.check_memory(self, batch, wanted, full_pass)
         if initial_state:
             from .state_patch import check_initial_state
 
@@ -259,8 +262,8 @@ class Backend:
         # hooks, edits, early stops and mode changes live on the model's shared modules: one
         # run at a time per model (see docs/architecture.md, "Runs and threads")
         with (
-            model_lock(self.model),
-            inference_mode(self.model, self.inference, modules=state.modules),
+            guards.model_lock(self.model),
+            guards.inference_mode(self.model, self.inference, modules=state.modules),
         ):
             result = None
             if self.regroup_states:
@@ -270,7 +273,7 @@ class Backend:
                     result = execute_regrouped(self, request)
             if result is None:
                 result = self.execute(request)
-        warn_if_not_finite(result.logits, self.name)
+        guards.warn_if_not_finite(result.logits, self.name)
         return result
 
     # -- what is derived from the model --------------------------------------------------------
@@ -404,10 +407,11 @@ class Backend:
         not handle (its ``padding`` attribute) instead of returning wrong activations."""
         from .batch import padding_side, prepare_inputs
 
-        batch = prepare_inputs(inputs, self.device, "left" if self.padding == "left" else "right")
+        padding = self.padding
+        batch = prepare_inputs(inputs, self.device, "left" if padding == "left" else "right")
         mask = batch.get("attention_mask")
         side = padding_side(mask) if mask is not None else "none"
-        if side == "mixed" or (side != "none" and self.padding not in (side, "both")):
+        if side != "none" and (side == "mixed" or padding not in (side, "both")):
             raise PaddingError(self.padding_message(side))
         return batch
 
@@ -519,10 +523,10 @@ class Backend:
 def _edit_list(edits: Any) -> list[Edit]:
     """``edits`` as a list: None = no edits, one Edit = a list of one; anything but Edits is
     refused with what was given."""
+    if edits is None or (type(edits) is tuple and not edits):  # the default: no edits
+        return []
     from .edits import EditError
 
-    if edits is None:
-        return []
     if isinstance(edits, Edit):
         return [edits]
     if isinstance(edits, (str, bytes, Mapping)) or not isinstance(edits, Iterable):

@@ -3,10 +3,13 @@ each row's last real token is, pooling over real tokens, and regrouping rows by 
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InputError
+from .guards import int_range
 
 if TYPE_CHECKING:
     import torch
@@ -49,16 +52,23 @@ def prepare_inputs(
                     f"could not make a tensor of {key}: {exc}. Sequences of different lengths "
                     "must be padded (make_tokenize_fn pads) and come with an attention_mask"
                 ) from None
+    full = None
     if batch.get("input_ids") is not None:
-        batch["input_ids"], batch["attention_mask"] = _checked_ids(
+        batch["input_ids"], batch["attention_mask"], full = _checked_ids(
             batch["input_ids"], batch.get("attention_mask")
         )
     if device is not None:
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.device != device:
+                batch[key] = value.to(device)
+    if full:  # the mask check already saw every token real: `padding_side` needs no reduction
+        _remember_side(batch["attention_mask"], "none")
     return batch
 
 
 def _as_batch(inputs: Any, side: Literal["left", "right"] = "right") -> dict[str, Any]:
+    if type(inputs) is dict:  # the common case first: a plain dict of tensors
+        return _from_mapping(inputs)
     from .data import Dataset, pad_batch
 
     if isinstance(inputs, Dataset):  # every item, padded into one batch
@@ -74,6 +84,10 @@ def _as_batch(inputs: Any, side: Literal["left", "right"] = "right") -> dict[str
         )
     if not isinstance(inputs, Mapping):
         return {"input_ids": inputs}
+    return _from_mapping(inputs)
+
+
+def _from_mapping(inputs: Mapping[str, Any]) -> dict[str, Any]:
     batch = {k: v for k, v in inputs.items() if v is not None}
     if "input_ids" not in batch and "inputs_embeds" not in batch:
         raise InputError(
@@ -86,7 +100,7 @@ def _as_batch(inputs: Any, side: Literal["left", "right"] = "right") -> dict[str
 def _refuse_meta(ids: torch.Tensor, mask: torch.Tensor | None) -> None:
     """Ids or a mask on the meta device hold shapes, no values: nothing to run."""
     for name, tensor in (("input_ids", ids), ("attention_mask", mask)):
-        if tensor is not None and tensor.device.type == "meta":
+        if tensor is not None and tensor.is_meta:
             raise InputError(
                 f"{name} is on the meta device (a shape without values), so there are no token "
                 f"ids to run; give a tensor that holds the ids (e.g. torch.tensor(ids)) on the "
@@ -98,14 +112,12 @@ def _mask_values(mask: torch.Tensor) -> bool | None:
     """Refuse a non-boolean mask holding anything but 0 and 1 (a soft mask, or -1, would be
     taken as a real token silently). Returns whether every token is real when the check
     already tells (integer masks: one min/max reduction), else None."""
-    import torch
-
     odd = None
     full = None
     if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.numel() == 0:
         odd = mask[(mask != 0) & (mask != 1)]
     else:
-        low, high = (int(v) for v in torch.aminmax(mask))
+        low, high = int_range(mask)
         if low < 0 or high > 1:
             odd = mask[(mask != 0) & (mask != 1)]
         full = low == 1
@@ -118,7 +130,11 @@ def _mask_values(mask: torch.Tensor) -> bool | None:
     return full
 
 
-def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked_ids(
+    ids: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, bool | None]:
+    """The ids and mask, checked, as (batch, seq) tensors (the mask as int64), and whether
+    every token is real (None = not known without another reduction)."""
     import torch
 
     if ids.dtype.is_floating_point:
@@ -131,7 +147,7 @@ def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
     if ids.shape[1] == 0:
         raise InputError("input_ids is empty: give at least one token")
     if mask is None:  # every token is real: nothing to check
-        return ids, torch.ones_like(ids)
+        return ids, torch.ones_like(ids), True
     if mask.dim() == 1:
         mask = mask.unsqueeze(0)
     full = None if mask.dtype == torch.bool else _mask_values(mask)
@@ -144,18 +160,39 @@ def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
         full = bool(mask.all())  # the cheap common case
     if not full and bool((mask.sum(-1) == 0).any()):
         raise InputError("a row of attention_mask has no real token")
-    return ids, mask.long()
+    return ids, mask if mask.dtype == torch.long else mask.long(), full
+
+
+#: The last mask `padding_side` was asked about (or `prepare_inputs` found without padding):
+#: (weak reference, its version counter, the side). One run asks several times (the backend's
+#: padding check, position ids, state regrouping) about the same tensor; an in-place change of
+#: the mask bumps its version, and another tensor misses.
+_last_side: tuple[Any, int, str] | None = None
+
+
+def _remember_side(mask: torch.Tensor, side: str) -> None:
+    global _last_side
+    # not for a tensor without weak references or an inference tensor (it has no version)
+    with contextlib.suppress(TypeError, RuntimeError):
+        _last_side = (weakref.ref(mask), mask._version, side)
 
 
 def padding_side(mask: torch.Tensor) -> Literal["none", "left", "right", "mixed"]:
     """Which side a (batch, seq) attention mask pads on."""
+    last = _last_side
+    if last is not None and last[0]() is mask and last[1] == mask._version:
+        return last[2]  # type: ignore[return-value]
+    side: Literal["none", "left", "right", "mixed"]
     if bool(mask.all()):
-        return "none"
-    if bool((mask[:, 1:] <= mask[:, :-1]).all()):
-        return "right"
-    if bool((mask[:, 1:] >= mask[:, :-1]).all()):
-        return "left"
-    return "mixed"
+        side = "none"
+    elif bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        side = "right"
+    elif bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        side = "left"
+    else:
+        side = "mixed"
+    _remember_side(mask, side)
+    return side
 
 
 def last_real_index(mask: torch.Tensor) -> torch.Tensor:
