@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from . import guards
+from .batch import padding_side, prepared
 from .edits import Edit, EditError, EditOp, Positions
 from .errors import (
     BackendError,
@@ -233,7 +234,7 @@ class Backend:
         (`archscope.state_patch.check_initial_state`) and
         hands a `RunRequest` to `execute`.
         """
-        edits = _edit_list(edits)
+        edits = [] if type(edits) is tuple and not edits else _edit_list(edits)
         # what was derived from the model (site table, module list, limits, resolved requests)
         # is reused while its modules and vocabulary stay the same, and rebuilt when they change
         state = self.model_state()
@@ -241,9 +242,17 @@ class Backend:
             () if capture is None else capture, edits, initial_state, return_state
         )
         # the guards are looked up on their module at each run (a test may replace one)
-        guards.check_device(self.device, self.name)
-        batch = self.prepare_inputs(inputs)
-        guards.check_inputs(batch, self._limits(state), self.name)
+        device = self.device
+        guards.check_device(device, self.name)
+        padding = None
+        if type(self).prepare_inputs is Backend.prepare_inputs:
+            batch, padding = self._prepare(inputs, device)
+        else:
+            batch = self.prepare_inputs(inputs)
+        limits = state.limits
+        if limits is None or type(self).input_limits is not Backend.input_limits:
+            limits = self._limits(state)
+        guards.check_inputs(batch, limits, self.name)
         full_pass = not (stop_early and wanted and "logits" not in wanted) or return_state
         guards.check_memory(self, batch, wanted, full_pass)
         if initial_state:
@@ -258,6 +267,7 @@ class Backend:
             initial_state=initial_state,
             return_state=return_state,
             grad=grad,
+            padding=padding,
         )
         # hooks, edits, early stops and mode changes live on the model's shared modules: one
         # run at a time per model (see docs/architecture.md, "Runs and threads")
@@ -283,9 +293,13 @@ class Backend:
         built, `model_changed` runs and a new state is built. `run` calls this once per run
         (it costs a walk over the modules, which the run needs anyway for inference mode)."""
         state: ModelState | None = self.__dict__.get("_model_state")
-        if state is not None and state.current(self.model):
-            return state
         if state is not None:
+            # `ModelState.current`, written out: this runs at every run
+            model = self.model
+            if module_list(model) == state.modules and (
+                getattr(state.embedding, "num_embeddings", None) == state.vocab
+            ):
+                return state
             self.model_changed()
         state = self.__dict__["_model_state"] = ModelState(self.model)
         return state
@@ -347,7 +361,8 @@ class Backend:
         table = self._site_infos  # the run checked the model (model_state) just before
         backend = self.name or type(self).__name__
         capture = tuple(capture)
-        requests = self._state().requests
+        state = self.__dict__.get("_model_state")
+        requests = (state if state is not None else self._state()).requests
         try:
             wanted = requests.get(capture)
         except TypeError:  # an unhashable entry: resolve says what is wrong with it
@@ -388,32 +403,35 @@ class Backend:
     @property
     def device(self) -> torch.device:
         """The device of the model's first parameter (CPU for a model without parameters)."""
-        import torch
-
-        state = self._state()
-        if state.first_parameter is not None:  # read again each time: .to() moves it in place
-            owner, key = state.first_parameter
-            found = owner._parameters.get(key)
+        state: ModelState | None = self.__dict__.get("_model_state")
+        place: Any = state.first_parameter if state is not None else None
+        if place is not None:  # read again each time: .to() moves it in place
+            found = place[0]._parameters.get(place[1])
             if found is not None:
-                return cast("torch.device", found.device)
-        for name, found in self.model.named_parameters():
+                return found.device  # type: ignore[no-any-return]
+        state = self._state()
+        for name, param in self.model.named_parameters():
             owner_path, _, key = name.rpartition(".")
             state.first_parameter = (self.model.get_submodule(owner_path), key)
-            return cast("torch.device", found.device)
+            return cast("torch.device", param.device)
+        import torch
+
         return torch.device("cpu")
 
     def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
         """Validate and batch the inputs on the model's device; refuse padding the backend does
         not handle (its ``padding`` attribute) instead of returning wrong activations."""
-        from .batch import padding_side, prepare_inputs
+        return self._prepare(inputs, self.device)[0]
 
+    def _prepare(self, inputs: Any, device: Any) -> tuple[dict[str, Any], str]:
+        """`prepare_inputs` on ``device``, and the batch's padding side."""
         padding = self.padding
-        batch = prepare_inputs(inputs, self.device, "left" if padding == "left" else "right")
+        batch, full = prepared(inputs, device, "left" if padding == "left" else "right")
         mask = batch.get("attention_mask")
-        side = padding_side(mask) if mask is not None else "none"
+        side = "none" if full or mask is None else padding_side(mask)
         if side != "none" and (side == "mixed" or padding not in (side, "both")):
             raise PaddingError(self.padding_message(side))
-        return batch
+        return batch, side
 
     def padding_message(self, side: str) -> str:
         """The error for a batch padded on ``side`` ("left", "right" or "mixed" = gaps)."""

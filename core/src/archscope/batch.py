@@ -3,8 +3,6 @@ each row's last real token is, pooling over real tokens, and regrouping rows by 
 
 from __future__ import annotations
 
-import contextlib
-import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -23,6 +21,7 @@ __all__ = [
     "padding_side",
     "pool",
     "prepare_inputs",
+    "prepared",
     "real_tokens",
     "scatter_rows",
 ]
@@ -40,9 +39,21 @@ def prepare_inputs(
     """Token ids (tensor, list of lists, a mapping with ``input_ids`` and optionally
     ``attention_mask``, or an `archscope.data.Dataset`, whose items are padded on ``side``) →
     a batch dict of 2-D tensors on ``device``."""
+    return prepared(inputs, device, side)[0]
+
+
+def prepared(
+    inputs: Any, device: Any = None, side: Literal["left", "right"] = "right"
+) -> tuple[dict[str, Any], bool | None]:
+    """`prepare_inputs`, and whether the checks already saw that every token is real (True:
+    the batch has no padding; None: not known without another reduction, see
+    `padding_side`)."""
     import torch
 
-    batch = _as_batch(inputs, side)
+    if type(inputs) is dict:  # the common case first: a plain dict
+        batch = _from_mapping(inputs)
+    else:
+        batch = _as_batch(inputs, side)
     for key in ("input_ids", "attention_mask"):
         if key in batch and not isinstance(batch[key], torch.Tensor):
             try:
@@ -61,14 +72,10 @@ def prepare_inputs(
         for key, value in batch.items():
             if isinstance(value, torch.Tensor) and value.device != device:
                 batch[key] = value.to(device)
-    if full:  # the mask check already saw every token real: `padding_side` needs no reduction
-        _remember_side(batch["attention_mask"], "none")
-    return batch
+    return batch, full
 
 
 def _as_batch(inputs: Any, side: Literal["left", "right"] = "right") -> dict[str, Any]:
-    if type(inputs) is dict:  # the common case first: a plain dict of tensors
-        return _from_mapping(inputs)
     from .data import Dataset, pad_batch
 
     if isinstance(inputs, Dataset):  # every item, padded into one batch
@@ -163,36 +170,15 @@ def _checked_ids(
     return ids, mask if mask.dtype == torch.long else mask.long(), full
 
 
-#: The last mask `padding_side` was asked about (or `prepare_inputs` found without padding):
-#: (weak reference, its version counter, the side). One run asks several times (the backend's
-#: padding check, position ids, state regrouping) about the same tensor; an in-place change of
-#: the mask bumps its version, and another tensor misses.
-_last_side: tuple[Any, int, str] | None = None
-
-
-def _remember_side(mask: torch.Tensor, side: str) -> None:
-    global _last_side
-    # not for a tensor without weak references or an inference tensor (it has no version)
-    with contextlib.suppress(TypeError, RuntimeError):
-        _last_side = (weakref.ref(mask), mask._version, side)
-
-
 def padding_side(mask: torch.Tensor) -> Literal["none", "left", "right", "mixed"]:
     """Which side a (batch, seq) attention mask pads on."""
-    last = _last_side
-    if last is not None and last[0]() is mask and last[1] == mask._version:
-        return last[2]  # type: ignore[return-value]
-    side: Literal["none", "left", "right", "mixed"]
     if bool(mask.all()):
-        side = "none"
-    elif bool((mask[:, 1:] <= mask[:, :-1]).all()):
-        side = "right"
-    elif bool((mask[:, 1:] >= mask[:, :-1]).all()):
-        side = "left"
-    else:
-        side = "mixed"
-    _remember_side(mask, side)
-    return side
+        return "none"
+    if bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        return "right"
+    if bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        return "left"
+    return "mixed"
 
 
 def last_real_index(mask: torch.Tensor) -> torch.Tensor:

@@ -182,6 +182,7 @@ class HookBackend(Backend):
             return_state=request.return_state,
             grad=request.grad,
             stop_after=plan.stop_after,
+            padding=request.padding,
         )
 
     @functools.cached_property
@@ -430,8 +431,12 @@ class _WrappedForward:
                 raise StopForward
             return output
 
+        wrapper.__wrapped__ = forward  # type: ignore[attr-defined]  # as in _install
+        wrapper.__name__ = forward.__name__
+        wrapper.__qualname__ = forward.__qualname__
+        module.__dict__["forward"] = wrapper
         self = cls.__new__(cls)
-        self._install(module, forward, wrapper)
+        self.module, self.wrapper = module, wrapper
         return self
 
     def _install(self, module: Any, forward: Any, wrapper: Callable[..., Any]) -> None:

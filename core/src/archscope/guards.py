@@ -12,7 +12,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
 
@@ -148,9 +148,21 @@ def check_inputs(batch: MutableMapping[str, Any], limits: InputLimits, backend: 
         )
 
 
+_META_DEVICE: list[Any] = []  # torch.device("meta"), made on first use
+
+
+def _meta_device() -> Any:
+    import torch
+
+    _META_DEVICE.append(torch.device("meta"))
+    return _META_DEVICE[0]
+
+
 def check_device(device: torch.device, backend: str) -> None:
     """A model on the meta device has no weights to run."""
-    if device.type == "meta":
+    meta = _META_DEVICE[0] if _META_DEVICE else _meta_device()
+    # (comparing devices costs far less than reading ``device.type`` on a CPU)
+    if device == meta or (device.index is not None and device.type == "meta"):
         raise InputError(
             f"backend {backend!r}: the model's parameters are on the meta device (shapes "
             "only, no values), so it cannot run; load the weights first (e.g. "
@@ -177,8 +189,12 @@ class inference_mode:  # used like a function: ``with inference_mode(model):``
     __slots__ = ("training",)
 
     def __init__(self, model: Any, enabled: bool = True, modules: list[Any] | None = None) -> None:
-        listed = modules if modules is not None else _modules(model)
-        self.training = [m for m in listed if m.training] if enabled else []
+        training: list[Any] = []
+        if enabled:
+            for module in modules if modules is not None else _modules(model):
+                if module.training:
+                    training.append(module)
+        self.training = training
 
     def __enter__(self) -> None:
         for module in self.training:
@@ -200,7 +216,8 @@ def _modules(model: Any) -> list[Any]:
     return found
 
 
-_locks: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+#: id(model) → (weak reference to the model, its lock); an entry leaves with its model.
+_locks: dict[int, tuple[weakref.ref[Any], threading.RLock]] = {}
 _locks_guard = threading.Lock()
 
 
@@ -209,11 +226,20 @@ def model_lock(model: Any) -> threading.RLock:
     live on the shared modules, so two runs on one model at once would see each other's. Runs
     on different models stay parallel; a run started inside a run on the same thread (an
     Edit.apply function that calls run) re-enters."""
-    lock = _locks.get(model)
-    if lock is None:
-        with _locks_guard:
-            lock = _locks.setdefault(model, threading.RLock())
-    return lock
+    entry = _locks.get(id(model))
+    if entry is not None and entry[0]() is model:
+        return entry[1]
+    with _locks_guard:
+        entry = _locks.get(id(model))
+        if entry is None or entry[0]() is not model:  # none yet, or a dead model's id
+            key = id(model)
+
+            def forget(ref: weakref.ref[Any]) -> None:
+                if _locks.get(key, (None,))[0] is ref:  # not a newer model's entry
+                    _locks.pop(key, None)
+
+            entry = _locks[key] = (weakref.ref(model, forget), threading.RLock())
+        return entry[1]
 
 
 @contextlib.contextmanager
@@ -306,7 +332,7 @@ def warn_if_not_finite(logits: Any, backend: str) -> None:
 
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         return
-    if logits.device.type == "meta" or all_finite(logits):
+    if logits.is_meta or all_finite(logits):
         return
     bad = int((~torch.isfinite(logits)).sum())
     warnings.warn(
@@ -419,7 +445,7 @@ def _site_widths(backend: Any) -> tuple[int, int, dict[str, int], Any]:
     They depend only on the site table: a `Backend` keeps them in its model state (rebuilt
     when the model changes)."""
     state = backend._state() if hasattr(backend, "_state") else None
-    cached = getattr(state, "memory", None)
+    cached: Any = getattr(state, "memory", None)
     if cached is None:
         sites = backend.sites()
         dims = {n: i.dim for n, i in sites.items() if i.kind == "token" and i.site.role != "logits"}
@@ -428,7 +454,7 @@ def _site_widths(backend: Any) -> tuple[int, int, dict[str, int], Any]:
         cached = (max(dims.values(), default=0), logits, dims, _parameter_place(backend, param))
         if state is not None:
             state.memory = cached
-    return cast("tuple[int, int, dict[str, int], Any]", cached)
+    return cached  # type: ignore[no-any-return]
 
 
 def _memory_sizes(backend: Any) -> tuple[int, int, int, dict[str, int]]:
