@@ -71,7 +71,7 @@ def test_weights_changed_in_place_are_read() -> None:
             param.mul_(1.5)
     model.load_state_dict({k: v * 1.01 for k, v in model.state_dict().items()})
     after = backend.run(ids, capture=CAPTURE)
-    assert not torch.equal(after.logits, before.logits)
+    assert not torch.equal(after["logits"], before["logits"])
     _check(after, model, ids)
 
 
@@ -161,7 +161,7 @@ def test_a_dtype_change_after_the_plan_is_followed() -> None:
     backend.run(ids, capture=CAPTURE)
     model.double()
     result = backend.run(ids, capture=CAPTURE)
-    assert result.logits.dtype == torch.float64
+    assert result["logits"].dtype == torch.float64
     assert result["layer_0.residual"].dtype == torch.float64
     _check(result, model, ids)
 
@@ -179,14 +179,14 @@ def test_padding_is_found_for_each_batch_not_kept_from_the_last() -> None:
     result = backend.run({"input_ids": ids, "attention_mask": left}, capture=CAPTURE)
     positions = (left.cumsum(-1) - 1).clamp(min=0)
     blocks, logits = _own(model, ids, attention_mask=left, position_ids=positions)
-    torch.testing.assert_close(result.logits[:, 2:], logits[:, 2:], rtol=0, atol=0)
+    torch.testing.assert_close(result["logits"][:, 2:], logits[:, 2:], rtol=0, atol=0)
     torch.testing.assert_close(result["layer_1.residual"][1], blocks[1][1], rtol=0, atol=0)
     # the same mask tensor changed in place between runs: read again, not remembered
     full[1, :3] = 0
     again = backend.run({"input_ids": ids, "attention_mask": full}, capture=CAPTURE)
     positions = (full.cumsum(-1) - 1).clamp(min=0)
     _, logits = _own(model, ids, attention_mask=full, position_ids=positions)
-    torch.testing.assert_close(again.logits[1, 3:], logits[1, 3:], rtol=0, atol=0)
+    torch.testing.assert_close(again["logits"][1, 3:], logits[1, 3:], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(1, 8), (2, 40)], ids=["read-at-once", "reduction"])
