@@ -220,7 +220,7 @@ class TransformerBackend(HookBackend):
 
     def read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
         logits = output.logits
-        return {"logits": logits.detach() if logits.requires_grad and not ctx.grad else logits}
+        return {"logits": logits.detach() if not ctx.grad and logits.requires_grad else logits}
 
     @functools.cached_property
     def _pattern_sites(self) -> frozenset[str]:

@@ -284,7 +284,7 @@ class HookBackend(Backend):
                 else:
                     value = apply_edit(value, edit, info, mask)
             if capture:
-                stored = value.detach() if value.requires_grad and not run.grad else value
+                stored = value.detach() if not run.grad and value.requires_grad else value
                 run.store[name] = stored.clone() if hp.clone else stored
             if not edits:
                 return raw
@@ -424,7 +424,7 @@ class _WrappedForward:
             value = output
             if index is not None and isinstance(output, (tuple, list)):
                 value = output[index]
-            if value.requires_grad and not grad:
+            if not grad and value.requires_grad:
                 value = value.detach()
             store[name] = value.clone() if clone else value
             if stop:

@@ -186,18 +186,19 @@ class inference_mode:  # used like a function: ``with inference_mode(model):``
     ``modules``: every module of ``model``, when the caller has already listed them.
     (A class rather than a generator: entered at every run, it costs less.)"""
 
-    __slots__ = ("training",)
+    __slots__ = ("enabled", "model", "modules", "training")
 
     def __init__(self, model: Any, enabled: bool = True, modules: list[Any] | None = None) -> None:
-        training: list[Any] = []
-        if enabled:
-            for module in modules if modules is not None else _modules(model):
-                if module.training:
-                    training.append(module)
-        self.training = training
+        self.model, self.enabled, self.modules = model, enabled, modules
+        self.training: list[Any] = []
 
     def __enter__(self) -> None:
-        for module in self.training:
+        if not self.enabled:
+            return
+        # the flags as they are on entering (inside the run's model lock), not on creation
+        modules = self.modules if self.modules is not None else _modules(self.model)
+        training = self.training = [m for m in modules if m.training]
+        for module in training:
             module.training = False  # per module: model.eval() would also reset mixed modes
 
     def __exit__(self, *exc: object) -> None:
