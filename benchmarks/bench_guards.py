@@ -45,10 +45,10 @@ def _without_guards() -> Any:
         n: getattr(guards, n)
         for n in ("check_device", "check_inputs", "inference_mode", "model_lock")
     }
-    guards.check_device = lambda *a: None
-    guards.check_inputs = lambda *a: None
-    guards.inference_mode = lambda *a: contextlib.nullcontext()  # type: ignore[assignment]
-    guards.model_lock = lambda *a: contextlib.nullcontext()  # type: ignore[assignment]
+    guards.check_device = lambda *a, **k: None
+    guards.check_inputs = lambda *a, **k: None
+    guards.inference_mode = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment,misc]
+    guards.model_lock = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
     try:
         yield
     finally:

@@ -8,6 +8,7 @@ rest. torch and transformers are imported only inside functions.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, cast
@@ -61,6 +62,8 @@ class TokenView(View):
 
 
 _TOKEN_VIEW = TokenView()
+#: The settings of a run without attention patterns: none (reusable, it holds no state).
+_NO_SETTINGS = contextlib.nullcontext()
 
 
 class TransformerBackend(HookBackend):
@@ -190,13 +193,13 @@ class TransformerBackend(HookBackend):
             self._takes_positions
             and mask is not None
             and "position_ids" not in batch
-            and padding_side(mask) in ("left", "mixed")
+            and (ctx.padding or padding_side(mask)) in ("left", "mixed")
         ):
             # Absolute position embeddings (GPT-2) count from the first real token.
             batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
         if self._takes_use_cache:
             batch.setdefault("use_cache", False)
-        if any(name.endswith(".attn_pattern") for name in ctx.capture):
+        if not self._pattern_sites.isdisjoint(ctx.capture):
             # Some modelling files (OPT before transformers 5.4) drop the probabilities
             # inside the attention module unless asked for them.
             batch.setdefault("output_attentions", True)
@@ -209,14 +212,25 @@ class TransformerBackend(HookBackend):
             output.logits = logits
         return output
 
+    def logits_of(self, output: Any) -> torch.Tensor | None:
+        import torch
+
+        logits = getattr(output, "logits", None)  # a ModelOutput: read directly
+        return logits if isinstance(logits, torch.Tensor) else super().logits_of(output)
+
     def read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
         logits = output.logits
-        return {"logits": logits if ctx.grad else logits.detach()}
+        return {"logits": logits.detach() if not ctx.grad and logits.requires_grad else logits}
+
+    @functools.cached_property
+    def _pattern_sites(self) -> frozenset[str]:
+        """The attention-pattern sites (forgotten with the site table when the model changes)."""
+        return frozenset(n for n in self.table if n.endswith(".attn_pattern"))
 
     def run_settings(self, ctx: RunContext) -> contextlib.AbstractContextManager[Any]:
-        if any(name.endswith(".attn_pattern") for name in ctx.capture):
+        if not self._pattern_sites.isdisjoint(ctx.capture):
             return self._attention_patterns()
-        return contextlib.nullcontext()
+        return _NO_SETTINGS
 
     @contextlib.contextmanager
     def _attention_patterns(self) -> Iterator[None]:

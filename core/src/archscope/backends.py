@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+from . import guards
+from .batch import padding_side, prepared
 from .edits import Edit, EditError, EditOp, Positions
 from .errors import (
     BackendError,
@@ -73,6 +75,7 @@ class ModelState:
         "limits",
         "memory",
         "modules",
+        "plans",
         "requests",
         "vocab",
     )
@@ -86,6 +89,8 @@ class ModelState:
         self.first_parameter: tuple[Any, str] | None = None
         #: (capture, edits present) → resolved capture names; only requests without edits
         self.requests: dict[tuple[Any, ...], list[str]] = {}
+        #: what the engine derives from a resolved request (`archscope.engine.HookBackend`)
+        self.plans: dict[tuple[Any, ...], Any] = {}
         #: the site widths `archscope.guards.check_memory` needs (it fills this in)
         self.memory: Any = None
 
@@ -98,10 +103,17 @@ def module_list(model: Any) -> list[Any]:
     """Every module under ``model``, parents before children (a plain walk over ``_modules``:
     `nn.Module.modules` also builds names and a memo, several times slower on small models)."""
     found = [model]
-    for module in found:  # grows while it is read
-        children = getattr(module, "_modules", None)
-        if children:
-            found += [child for child in children.values() if child is not None]
+    if getattr(model, "_modules", None) is None:  # not a torch module: nothing below it
+        return found
+    try:
+        for module in found:  # grows while it is read
+            children = module._modules
+            if children:
+                found.extend(children.values())
+    except AttributeError:  # a child slot set to None (``module.name = None``): skip those
+        found = [model]
+        for module in found:
+            found += [child for child in module._modules.values() if child is not None]
     return found
 
 
@@ -222,27 +234,27 @@ class Backend:
         (`archscope.state_patch.check_initial_state`) and
         hands a `RunRequest` to `execute`.
         """
-        from .guards import (
-            check_device,
-            check_inputs,
-            check_memory,
-            inference_mode,
-            model_lock,
-            warn_if_not_finite,
-        )
-
-        edits = _edit_list(edits)
+        edits = [] if type(edits) is tuple and not edits else _edit_list(edits)
         # what was derived from the model (site table, module list, limits, resolved requests)
         # is reused while its modules and vocabulary stay the same, and rebuilt when they change
         state = self.model_state()
         wanted, edit_map = self.check_request(
             () if capture is None else capture, edits, initial_state, return_state
         )
-        check_device(self.device, self.name)
-        batch = self.prepare_inputs(inputs)
-        check_inputs(batch, self._limits(state), self.name)
+        # the guards are looked up on their module at each run (a test may replace one)
+        device = self.device
+        guards.check_device(device, self.name)
+        padding = None
+        if type(self).prepare_inputs is Backend.prepare_inputs:
+            batch, padding = self._prepare(inputs, device)
+        else:
+            batch = self.prepare_inputs(inputs)
+        limits = state.limits
+        if limits is None or type(self).input_limits is not Backend.input_limits:
+            limits = self._limits(state)
+        guards.check_inputs(batch, limits, self.name)
         full_pass = not (stop_early and wanted and "logits" not in wanted) or return_state
-        check_memory(self, batch, wanted, full_pass)
+        guards.check_memory(self, batch, wanted, full_pass)
         if initial_state:
             from .state_patch import check_initial_state
 
@@ -255,12 +267,13 @@ class Backend:
             initial_state=initial_state,
             return_state=return_state,
             grad=grad,
+            padding=padding,
         )
         # hooks, edits, early stops and mode changes live on the model's shared modules: one
         # run at a time per model (see docs/architecture.md, "Runs and threads")
         with (
-            model_lock(self.model),
-            inference_mode(self.model, self.inference, modules=state.modules),
+            guards.model_lock(self.model),
+            guards.inference_mode(self.model, self.inference, modules=state.modules),
         ):
             result = None
             if self.regroup_states:
@@ -270,7 +283,7 @@ class Backend:
                     result = execute_regrouped(self, request)
             if result is None:
                 result = self.execute(request)
-        warn_if_not_finite(result.logits, self.name)
+        guards.warn_if_not_finite(result.logits, self.name)
         return result
 
     # -- what is derived from the model --------------------------------------------------------
@@ -280,9 +293,13 @@ class Backend:
         built, `model_changed` runs and a new state is built. `run` calls this once per run
         (it costs a walk over the modules, which the run needs anyway for inference mode)."""
         state: ModelState | None = self.__dict__.get("_model_state")
-        if state is not None and state.current(self.model):
-            return state
         if state is not None:
+            # `ModelState.current`, written out: this runs at every run
+            model = self.model
+            if module_list(model) == state.modules and (
+                getattr(state.embedding, "num_embeddings", None) == state.vocab
+            ):
+                return state
             self.model_changed()
         state = self.__dict__["_model_state"] = ModelState(self.model)
         return state
@@ -344,7 +361,8 @@ class Backend:
         table = self._site_infos  # the run checked the model (model_state) just before
         backend = self.name or type(self).__name__
         capture = tuple(capture)
-        requests = self._state().requests
+        state = self.__dict__.get("_model_state")
+        requests = (state if state is not None else self._state()).requests
         try:
             wanted = requests.get(capture)
         except TypeError:  # an unhashable entry: resolve says what is wrong with it
@@ -385,31 +403,35 @@ class Backend:
     @property
     def device(self) -> torch.device:
         """The device of the model's first parameter (CPU for a model without parameters)."""
-        import torch
-
-        state = self._state()
-        if state.first_parameter is not None:  # read again each time: .to() moves it in place
-            owner, key = state.first_parameter
-            found = owner._parameters.get(key)
+        state: ModelState | None = self.__dict__.get("_model_state")
+        place: Any = state.first_parameter if state is not None else None
+        if place is not None:  # read again each time: .to() moves it in place
+            found = place[0]._parameters.get(place[1])
             if found is not None:
-                return cast("torch.device", found.device)
-        for name, found in self.model.named_parameters():
+                return found.device  # type: ignore[no-any-return]
+        state = self._state()
+        for name, param in self.model.named_parameters():
             owner_path, _, key = name.rpartition(".")
             state.first_parameter = (self.model.get_submodule(owner_path), key)
-            return cast("torch.device", found.device)
+            return cast("torch.device", param.device)
+        import torch
+
         return torch.device("cpu")
 
     def prepare_inputs(self, inputs: Any) -> dict[str, Any]:
         """Validate and batch the inputs on the model's device; refuse padding the backend does
         not handle (its ``padding`` attribute) instead of returning wrong activations."""
-        from .batch import padding_side, prepare_inputs
+        return self._prepare(inputs, self.device)[0]
 
-        batch = prepare_inputs(inputs, self.device, "left" if self.padding == "left" else "right")
+    def _prepare(self, inputs: Any, device: Any) -> tuple[dict[str, Any], str]:
+        """`prepare_inputs` on ``device``, and the batch's padding side."""
+        padding = self.padding
+        batch, full = prepared(inputs, device, "left" if padding == "left" else "right")
         mask = batch.get("attention_mask")
-        side = padding_side(mask) if mask is not None else "none"
-        if side == "mixed" or (side != "none" and self.padding not in (side, "both")):
+        side = "none" if full or mask is None else padding_side(mask)
+        if side != "none" and (side == "mixed" or padding not in (side, "both")):
             raise PaddingError(self.padding_message(side))
-        return batch
+        return batch, side
 
     def padding_message(self, side: str) -> str:
         """The error for a batch padded on ``side`` ("left", "right" or "mixed" = gaps)."""
@@ -519,10 +541,10 @@ class Backend:
 def _edit_list(edits: Any) -> list[Edit]:
     """``edits`` as a list: None = no edits, one Edit = a list of one; anything but Edits is
     refused with what was given."""
+    if edits is None or (type(edits) is tuple and not edits):  # the default: no edits
+        return []
     from .edits import EditError
 
-    if edits is None:
-        return []
     if isinstance(edits, Edit):
         return [edits]
     if isinstance(edits, (str, bytes, Mapping)) or not isinstance(edits, Iterable):

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import InputError
+from .guards import int_range
 
 if TYPE_CHECKING:
     import torch
@@ -20,6 +21,7 @@ __all__ = [
     "padding_side",
     "pool",
     "prepare_inputs",
+    "prepared",
     "real_tokens",
     "scatter_rows",
 ]
@@ -37,9 +39,21 @@ def prepare_inputs(
     """Token ids (tensor, list of lists, a mapping with ``input_ids`` and optionally
     ``attention_mask``, or an `archscope.data.Dataset`, whose items are padded on ``side``) →
     a batch dict of 2-D tensors on ``device``."""
+    return prepared(inputs, device, side)[0]
+
+
+def prepared(
+    inputs: Any, device: Any = None, side: Literal["left", "right"] = "right"
+) -> tuple[dict[str, Any], bool | None]:
+    """`prepare_inputs`, and whether the checks already saw that every token is real (True:
+    the batch has no padding; None: not known without another reduction, see
+    `padding_side`)."""
     import torch
 
-    batch = _as_batch(inputs, side)
+    if type(inputs) is dict:  # the common case first: a plain dict
+        batch = _from_mapping(inputs)
+    else:
+        batch = _as_batch(inputs, side)
     for key in ("input_ids", "attention_mask"):
         if key in batch and not isinstance(batch[key], torch.Tensor):
             try:
@@ -49,13 +63,16 @@ def prepare_inputs(
                     f"could not make a tensor of {key}: {exc}. Sequences of different lengths "
                     "must be padded (make_tokenize_fn pads) and come with an attention_mask"
                 ) from None
+    full = None
     if batch.get("input_ids") is not None:
-        batch["input_ids"], batch["attention_mask"] = _checked_ids(
+        batch["input_ids"], batch["attention_mask"], full = _checked_ids(
             batch["input_ids"], batch.get("attention_mask")
         )
     if device is not None:
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    return batch
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor) and value.device != device:
+                batch[key] = value.to(device)
+    return batch, full
 
 
 def _as_batch(inputs: Any, side: Literal["left", "right"] = "right") -> dict[str, Any]:
@@ -74,6 +91,10 @@ def _as_batch(inputs: Any, side: Literal["left", "right"] = "right") -> dict[str
         )
     if not isinstance(inputs, Mapping):
         return {"input_ids": inputs}
+    return _from_mapping(inputs)
+
+
+def _from_mapping(inputs: Mapping[str, Any]) -> dict[str, Any]:
     batch = {k: v for k, v in inputs.items() if v is not None}
     if "input_ids" not in batch and "inputs_embeds" not in batch:
         raise InputError(
@@ -86,7 +107,7 @@ def _as_batch(inputs: Any, side: Literal["left", "right"] = "right") -> dict[str
 def _refuse_meta(ids: torch.Tensor, mask: torch.Tensor | None) -> None:
     """Ids or a mask on the meta device hold shapes, no values: nothing to run."""
     for name, tensor in (("input_ids", ids), ("attention_mask", mask)):
-        if tensor is not None and tensor.device.type == "meta":
+        if tensor is not None and tensor.is_meta:
             raise InputError(
                 f"{name} is on the meta device (a shape without values), so there are no token "
                 f"ids to run; give a tensor that holds the ids (e.g. torch.tensor(ids)) on the "
@@ -98,14 +119,12 @@ def _mask_values(mask: torch.Tensor) -> bool | None:
     """Refuse a non-boolean mask holding anything but 0 and 1 (a soft mask, or -1, would be
     taken as a real token silently). Returns whether every token is real when the check
     already tells (integer masks: one min/max reduction), else None."""
-    import torch
-
     odd = None
     full = None
     if mask.dtype.is_floating_point or mask.dtype.is_complex or mask.numel() == 0:
         odd = mask[(mask != 0) & (mask != 1)]
     else:
-        low, high = (int(v) for v in torch.aminmax(mask))
+        low, high = int_range(mask)
         if low < 0 or high > 1:
             odd = mask[(mask != 0) & (mask != 1)]
         full = low == 1
@@ -118,7 +137,11 @@ def _mask_values(mask: torch.Tensor) -> bool | None:
     return full
 
 
-def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _checked_ids(
+    ids: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, bool | None]:
+    """The ids and mask, checked, as (batch, seq) tensors (the mask as int64), and whether
+    every token is real (None = not known without another reduction)."""
     import torch
 
     if ids.dtype.is_floating_point:
@@ -131,7 +154,7 @@ def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
     if ids.shape[1] == 0:
         raise InputError("input_ids is empty: give at least one token")
     if mask is None:  # every token is real: nothing to check
-        return ids, torch.ones_like(ids)
+        return ids, torch.ones_like(ids), True
     if mask.dim() == 1:
         mask = mask.unsqueeze(0)
     full = None if mask.dtype == torch.bool else _mask_values(mask)
@@ -144,7 +167,7 @@ def _checked_ids(ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Te
         full = bool(mask.all())  # the cheap common case
     if not full and bool((mask.sum(-1) == 0).any()):
         raise InputError("a row of attention_mask has no real token")
-    return ids, mask.long()
+    return ids, mask if mask.dtype == torch.long else mask.long(), full
 
 
 def padding_side(mask: torch.Tensor) -> Literal["none", "left", "right", "mixed"]:

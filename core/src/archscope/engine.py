@@ -147,36 +147,42 @@ class HookBackend(Backend):
         info = resolve(site, self.sites(), self.name)
         return self.table.hookpoint(info.name)
 
-    def _start(self, request: RunRequest) -> RunRequest:
-        """The run: ``request`` with nothing captured yet and the site to stop after."""
-        table = self.table
-        wanted = request.capture
-        need_logits = (
-            not (request.stop_early and wanted and "logits" not in wanted) or request.return_state
+    def _engine_plan(self, request: RunRequest) -> _Plan:
+        """What the engine derives from a request's site names and options alone (the hooked
+        sites in forward order, where to stop, which edits need the whole pass), kept with
+        the model state: rebuilt when the model's modules change (`Backend.model_state`)."""
+        key = (
+            tuple(request.capture),
+            tuple(request.edits),
+            request.stop_early,
+            request.return_state,
         )
-        stop_after = None
-        if not need_logits:
-            hooked = [n for n in wanted if table[n][1] is not None]
-            if hooked and len(hooked) == len(wanted):
-                stop_after = max(hooked, key=lambda n: table[n][0].order)
-        unhooked_edits = [n for n in request.edits if table[n][1] is None]
-        if unhooked_edits and not self.edits_unhooked:
-            raise BackendError(
-                f"backend {self.name!r} cannot edit {unhooked_edits} during a run (they are not "
-                "module inputs or outputs); recurrent states are set with initial_state= or "
-                "state_patch()"
-            )
+        plans = self._state().plans
+        plan: _Plan | None = plans.get(key)
+        if plan is None:
+            plan = _Plan(self, request)
+            if len(plans) < _MAX_PLANS:
+                plans[key] = plan
+        return plan
+
+    def _start(self, request: RunRequest, plan: _Plan | None = None) -> RunRequest:
+        """The run: ``request`` with nothing captured yet and the site to stop after."""
+        if plan is None:
+            plan = self._engine_plan(request)
         if type(request) is not RunRequest:  # a subclass keeps its own fields
-            return replace(request, capture=list(wanted), stop_after=stop_after, store={}, extra={})
+            return replace(
+                request, capture=list(plan.capture), stop_after=plan.stop_after, store={}, extra={}
+            )
         return RunRequest(  # what `replace` does, without its per-call field walk
             request.batch,
-            list(wanted),
+            list(plan.capture),
             request.edits,
             stop_early=request.stop_early,
             initial_state=request.initial_state,
             return_state=request.return_state,
             grad=request.grad,
-            stop_after=stop_after,
+            stop_after=plan.stop_after,
+            padding=request.padding,
         )
 
     @functools.cached_property
@@ -190,57 +196,48 @@ class HookBackend(Backend):
     def execute(self, request: RunRequest) -> RunResult:
         import torch
 
-        ctx = self._start(request)
+        plan = self._engine_plan(request)
+        ctx = self._start(request, plan)
         wanted = request.capture
-        order, state_sites = self._hook_order
-        hooked_sites = sorted({*wanted, *ctx.edits} & order.keys(), key=order.__getitem__)
-        if ctx.return_state:  # the default final_state reads the state sites' hooks
-            state_hooks = state_sites
-            hooked_sites = sorted({*hooked_sites, *state_hooks}, key=order.__getitem__)
-            ctx.capture = [*wanted, *(n for n in state_hooks if n not in wanted)]
         handles = []
         output = None
         state = None
         try:
-            for name in hooked_sites:
+            for name in plan.hooked:
                 handles.append(self._attach(name, ctx))
             with self.run_settings(ctx), torch.set_grad_enabled(ctx.grad):
                 try:
                     output = self.forward(ctx)
                 except StopForward:
                     output = None
-                late = [n for n in ctx.edits if n not in order]
-                if late and output is None:
+                if plan.late and output is None:
                     raise BackendError(
-                        f"edits of {late} need the full forward pass, but this run stopped "
+                        f"edits of {plan.late} need the full forward pass, but this run stopped "
                         f"early after {ctx.stop_after!r}: a run whose capture list lacks "
                         "'logits' stops after its deepest captured site automatically. Pass "
                         "stop_early=False (or also capture 'logits') to run the whole model "
                         "with these edits"
                     )
-                extra = [n for n in wanted if n not in order]
-                if extra:
-                    ctx.store.update(self.read_unhooked(ctx, output, extra))
+                if plan.unhooked:
+                    ctx.store.update(self.read_unhooked(ctx, output, list(plan.unhooked)))
                 if ctx.return_state:
                     state = self.final_state(ctx, output)
         finally:
             for handle in handles:
                 handle.remove()
         logits = self._find_logits(output)
-        if "logits" in wanted and "logits" not in ctx.store and logits is not None:
-            ctx.store["logits"] = logits
-        missing = [n for n in wanted if n not in ctx.store]
-        if missing:
+        store = ctx.store
+        if logits is not None and "logits" not in store and "logits" in wanted:
+            store["logits"] = logits
+        try:
+            activations = {n: store[n] for n in wanted}
+        except KeyError:
+            missing = [n for n in wanted if n not in store]
             raise BackendError(
                 f"backend {self.name!r} did not produce {missing}: the forward "
                 "pass never reached their modules"
-            )
-        return RunResult(
-            logits=logits,
-            activations={n: ctx.store[n] for n in wanted},
-            attention_mask=ctx.batch.get("attention_mask"),
-            state=state,
-        )
+            ) from None
+        return RunResult(logits, activations, ctx.batch.get("attention_mask"), state)
 
     def _find_logits(self, output: Any) -> torch.Tensor | None:
         if output is None:
@@ -257,9 +254,19 @@ class HookBackend(Backend):
     def _attach(self, name: str, run: RunRequest) -> Any:
         info, hp = self.table[name]
         assert hp is not None
-        capture = name in run.capture
         edits = run.edits.get(name, [])
         stop = name == run.stop_after
+        module = hp.module
+        if (
+            not edits
+            and hp.io == "output"
+            and hp.view is None
+            and hp.to_site is None
+            and module is not self.model
+            and _wrappable(module)
+        ):  # the common case, a plain read of a module's output: one function, no hook
+            return _WrappedForward.reading(module, name, hp.index, hp.clone, run, stop)
+        capture = name in run.capture
 
         # the hookpoint's view: raw module value -> site tensor (and back, for edits)
         view = hp.view
@@ -277,7 +284,7 @@ class HookBackend(Backend):
                 else:
                     value = apply_edit(value, edit, info, mask)
             if capture:
-                stored = value if run.grad else value.detach()
+                stored = value.detach() if not run.grad and value.requires_grad else value
                 run.store[name] = stored.clone() if hp.clone else stored
             if not edits:
                 return raw
@@ -285,7 +292,6 @@ class HookBackend(Backend):
                 return view.write(value, raw, run)
             return hp.write(value, raw) if converted else value
 
-        module = hp.module
         assert not isinstance(module, str), "SiteTable resolves module paths"
         if hp.io == "output":
             hook = _output_hook(hp, process, bool(edits), stop)
@@ -298,6 +304,47 @@ class HookBackend(Backend):
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
+#: Plans remembered per model state (distinct requests of one backend).
+_MAX_PLANS = 256
+
+
+class _Plan:
+    """What `HookBackend.execute` derives from a request's site names and options: the sites
+    to capture (with the state sites ``return_state`` reads), the hooked sites in forward
+    order, the site to stop after, edits that need the whole pass and captures without a
+    hookpoint. Building one refuses edits the backend cannot apply."""
+
+    __slots__ = ("capture", "hooked", "late", "stop_after", "unhooked")
+
+    def __init__(self, backend: HookBackend, request: RunRequest) -> None:
+        table = backend.table
+        order, state_sites = backend._hook_order
+        wanted = request.capture
+        need_logits = (
+            not (request.stop_early and wanted and "logits" not in wanted) or request.return_state
+        )
+        self.stop_after = None
+        if not need_logits:
+            hooked = [n for n in wanted if table[n][1] is not None]
+            if hooked and len(hooked) == len(wanted):
+                self.stop_after = max(hooked, key=lambda n: table[n][0].order)
+        unhooked_edits = [n for n in request.edits if table[n][1] is None]
+        if unhooked_edits and not backend.edits_unhooked:
+            raise BackendError(
+                f"backend {backend.name!r} cannot edit {unhooked_edits} during a run (they are "
+                "not module inputs or outputs); recurrent states are set with initial_state= "
+                "or state_patch()"
+            )
+        sites = {*wanted, *request.edits} & order.keys()
+        self.capture = list(wanted)
+        if request.return_state:  # the default final_state reads the state sites' hooks
+            sites |= {*state_sites}
+            self.capture += [n for n in state_sites if n not in wanted]
+        self.hooked = sorted(sites, key=order.__getitem__)
+        self.late = [n for n in request.edits if n not in order]
+        self.unhooked = [n for n in wanted if n not in order]
+
+
 def _wrappable(module: Any) -> bool:
     """Whether the run may read ``module`` by wrapping its ``forward`` for the run instead of
     registering a hook: only where that is indistinguishable, i.e. the module has no hooks of
@@ -307,8 +354,7 @@ def _wrappable(module: Any) -> bool:
     ``forward``'s arguments. A module with a hook makes every module call take torch's
     slower hook path; a wrapped ``forward`` keeps the fast one (≈15 µs per module and call on
     a CPU)."""
-    from torch.nn.modules import module as torch_module
-
+    torch_module = _TORCH_MODULE[0] if _TORCH_MODULE else _torch_module()
     return not (
         module._forward_hooks
         or module._forward_pre_hooks
@@ -320,6 +366,16 @@ def _wrappable(module: Any) -> bool:
         or torch_module._global_backward_hooks
         or torch_module._global_backward_pre_hooks
     )
+
+
+_TORCH_MODULE: list[Any] = []  # torch.nn.modules.module, imported on first use
+
+
+def _torch_module() -> Any:
+    from torch.nn.modules import module
+
+    _TORCH_MODULE.append(module)
+    return module
 
 
 class _WrappedForward:
@@ -349,9 +405,47 @@ class _WrappedForward:
                     output = changed
             return output
 
+        self._install(module, forward, wrapper)
+
+    @classmethod
+    def reading(
+        cls, module: Any, name: str, index: int | None, clone: bool, run: RunRequest, stop: bool
+    ) -> _WrappedForward:
+        """``module.forward`` that stores its output (element ``index`` of a tuple or list
+        output) in ``run.store[name]``, detached unless the run records gradients, copied with
+        ``clone``; then ends the pass with ``stop``. What `_output_hook` does for a read
+        without edits, in one call."""
+        forward = module.forward
+        store = run.store
+        grad = run.grad
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            output = forward(*args, **kwargs)
+            value = output
+            if index is not None and isinstance(output, (tuple, list)):
+                value = output[index]
+            if not grad and value.requires_grad:
+                value = value.detach()
+            store[name] = value.clone() if clone else value
+            if stop:
+                raise StopForward
+            return output
+
+        wrapper.__wrapped__ = forward  # type: ignore[attr-defined]  # as in _install
+        wrapper.__name__ = forward.__name__
+        wrapper.__qualname__ = forward.__qualname__
+        module.__dict__["forward"] = wrapper
+        self = cls.__new__(cls)
+        self.module, self.wrapper = module, wrapper
+        return self
+
+    def _install(self, module: Any, forward: Any, wrapper: Callable[..., Any]) -> None:
         # `inspect.signature(module.forward)` (which callers use to pick the arguments to
-        # pass) follows ``__wrapped__`` to the real signature
-        functools.update_wrapper(wrapper, forward)
+        # pass) follows ``__wrapped__`` to the real signature; the names are the method's
+        # (what `functools.update_wrapper` would copy, less the docstring and annotations)
+        wrapper.__wrapped__ = forward  # type: ignore[attr-defined]
+        wrapper.__name__ = forward.__name__
+        wrapper.__qualname__ = forward.__qualname__
         module.__dict__["forward"] = wrapper
         self.module, self.wrapper = module, wrapper
 

@@ -29,6 +29,7 @@ __all__ = [
     "check_state_shapes",
     "check_width",
     "inference_mode",
+    "int_range",
     "limits_from_model",
     "model_lock",
     "restore_hooks",
@@ -77,6 +78,26 @@ def limits_from_model(model: Any, backend: Any = None) -> InputLimits:
     return InputLimits(vocab if isinstance(vocab, int) and vocab > 0 else None, positions)
 
 
+#: Integer tensors on the CPU with at most this many elements are read as Python ints for their
+#: smallest and largest value (`int_range`): one copy, several times cheaper than a reduction
+#: and two reads on the few-token batches of a sweep; larger ones take the reduction.
+SMALL_READ = 64
+
+
+def int_range(tensor: torch.Tensor) -> tuple[int, int]:
+    """The smallest and largest value of a non-empty integer tensor, as Python ints."""
+    import torch
+
+    if tensor.is_cpu and tensor.numel() <= SMALL_READ:
+        values = tensor.tolist()
+        if tensor.dim() == 2:
+            return min(map(min, values)), max(map(max, values))
+        if tensor.dim() == 1:
+            return min(values), max(values)
+    low, high = torch.aminmax(tensor)
+    return int(low), int(high)
+
+
 def check_inputs(batch: MutableMapping[str, Any], limits: InputLimits, backend: str) -> None:
     """Refuse a batch the model cannot take (no rows, ids outside the vocabulary, more columns
     than positions), naming the limit. Ids at padding positions are not tokens: they are not
@@ -99,11 +120,9 @@ def check_inputs(batch: MutableMapping[str, Any], limits: InputLimits, backend: 
         return
     if ids.numel() == 0:
         return
-    import torch
-
-    low_id, high_id = torch.aminmax(ids)
-    if int(low_id) >= 0 and (limits.vocab_size is None or int(high_id) < limits.vocab_size):
-        return  # the common case, in one reduction
+    low_id, high_id = int_range(ids)
+    if low_id >= 0 and (limits.vocab_size is None or high_id < limits.vocab_size):
+        return  # the common case, in one reduction (or one read of a small tensor)
     mask = batch.get("attention_mask")
     real = ids[mask.bool()] if mask is not None else ids.reshape(-1)
     if mask is not None and limits.vocab_size is not None:
@@ -129,9 +148,21 @@ def check_inputs(batch: MutableMapping[str, Any], limits: InputLimits, backend: 
         )
 
 
+_META_DEVICE: list[Any] = []  # torch.device("meta"), made on first use
+
+
+def _meta_device() -> Any:
+    import torch
+
+    _META_DEVICE.append(torch.device("meta"))
+    return _META_DEVICE[0]
+
+
 def check_device(device: torch.device, backend: str) -> None:
     """A model on the meta device has no weights to run."""
-    if device.type == "meta":
+    meta = _META_DEVICE[0] if _META_DEVICE else _meta_device()
+    # (comparing devices costs far less than reading ``device.type`` on a CPU)
+    if device == meta or (device.index is not None and device.type == "meta"):
         raise InputError(
             f"backend {backend!r}: the model's parameters are on the meta device (shapes "
             "only, no values), so it cannot run; load the weights first (e.g. "
@@ -149,21 +180,29 @@ def check_width(tensor: Any, width: int, what: str) -> None:
         )
 
 
-@contextlib.contextmanager
-def inference_mode(
-    model: Any, enabled: bool = True, modules: list[Any] | None = None
-) -> Iterator[None]:
+class inference_mode:  # used like a function: ``with inference_mode(model):``
     """Run with every module in eval mode (dropout off), restoring each module's own flag
     afterwards, also when the run raises. ``enabled=False`` keeps the model's mode.
-    ``modules``: every module of ``model``, when the caller has already listed them."""
-    listed = modules if modules is not None else _modules(model)
-    training = [m for m in listed if m.training] if enabled else []
-    for module in training:
-        module.training = False  # per module: model.eval() would also reset mixed modes
-    try:
-        yield
-    finally:
+    ``modules``: every module of ``model``, when the caller has already listed them.
+    (A class rather than a generator: entered at every run, it costs less.)"""
+
+    __slots__ = ("enabled", "model", "modules", "training")
+
+    def __init__(self, model: Any, enabled: bool = True, modules: list[Any] | None = None) -> None:
+        self.model, self.enabled, self.modules = model, enabled, modules
+        self.training: list[Any] = []
+
+    def __enter__(self) -> None:
+        if not self.enabled:
+            return
+        # the flags as they are on entering (inside the run's model lock), not on creation
+        modules = self.modules if self.modules is not None else _modules(self.model)
+        training = self.training = [m for m in modules if m.training]
         for module in training:
+            module.training = False  # per module: model.eval() would also reset mixed modes
+
+    def __exit__(self, *exc: object) -> None:
+        for module in self.training:
             module.training = True
 
 
@@ -178,7 +217,8 @@ def _modules(model: Any) -> list[Any]:
     return found
 
 
-_locks: weakref.WeakKeyDictionary[Any, threading.RLock] = weakref.WeakKeyDictionary()
+#: id(model) → (weak reference to the model, its lock); an entry leaves with its model.
+_locks: dict[int, tuple[weakref.ref[Any], threading.RLock]] = {}
 _locks_guard = threading.Lock()
 
 
@@ -187,11 +227,20 @@ def model_lock(model: Any) -> threading.RLock:
     live on the shared modules, so two runs on one model at once would see each other's. Runs
     on different models stay parallel; a run started inside a run on the same thread (an
     Edit.apply function that calls run) re-enters."""
-    lock = _locks.get(model)
-    if lock is None:
-        with _locks_guard:
-            lock = _locks.setdefault(model, threading.RLock())
-    return lock
+    entry = _locks.get(id(model))
+    if entry is not None and entry[0]() is model:
+        return entry[1]
+    with _locks_guard:
+        entry = _locks.get(id(model))
+        if entry is None or entry[0]() is not model:  # none yet, or a dead model's id
+            key = id(model)
+
+            def forget(ref: weakref.ref[Any]) -> None:
+                if _locks.get(key, (None,))[0] is ref:  # not a newer model's entry
+                    _locks.pop(key, None)
+
+            entry = _locks[key] = (weakref.ref(model, forget), threading.RLock())
+        return entry[1]
 
 
 @contextlib.contextmanager
@@ -267,9 +316,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
     if tensor.numel() == 0:
         return True
-    value = tensor.detach()
-    wide = torch.float64 if value.dtype == torch.float64 else torch.float32
-    if math.isfinite(value.sum(dtype=wide).item()):
+    value = tensor.detach() if tensor.requires_grad else tensor
+    dtype = value.dtype
+    if dtype is torch.float32 or dtype is torch.float64:  # summed in their own precision
+        total = value.sum()
+    else:  # narrower types in float32, which holds their largest values
+        total = value.sum(dtype=torch.float32)
+    if math.isfinite(total.item()):
         return True
     return bool(torch.isfinite(value).all())
 
@@ -280,7 +333,7 @@ def warn_if_not_finite(logits: Any, backend: str) -> None:
 
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         return
-    if logits.device.type == "meta" or all_finite(logits):
+    if logits.is_meta or all_finite(logits):
         return
     bad = int((~torch.isfinite(logits)).sum())
     warnings.warn(
@@ -387,14 +440,13 @@ def available_memory(device: Any) -> int | None:
     return free
 
 
-def _memory_sizes(backend: Any) -> tuple[int, int, int, dict[str, int]]:
-    """(bytes per element of the model's floating parameters, width of the widest token site,
-    width of ``logits`` (0 = none), width of each token site but the logits) for
-    `check_memory`. The widths depend only on the site table: a `Backend` keeps them in its
-    model state (rebuilt when the model changes); the element size is read at every call
-    (``model.to(dtype)`` changes it in place)."""
+def _site_widths(backend: Any) -> tuple[int, int, dict[str, int], Any]:
+    """(width of the widest token site, width of ``logits`` (0 = none), width of each token
+    site but the logits, where the model's first floating parameter is) for `check_memory`.
+    They depend only on the site table: a `Backend` keeps them in its model state (rebuilt
+    when the model changes)."""
     state = backend._state() if hasattr(backend, "_state") else None
-    cached = getattr(state, "memory", None)
+    cached: Any = getattr(state, "memory", None)
     if cached is None:
         sites = backend.sites()
         dims = {n: i.dim for n, i in sites.items() if i.kind == "token" and i.site.role != "logits"}
@@ -403,7 +455,15 @@ def _memory_sizes(backend: Any) -> tuple[int, int, int, dict[str, int]]:
         cached = (max(dims.values(), default=0), logits, dims, _parameter_place(backend, param))
         if state is not None:
             state.memory = cached
-    widest, logits, dims, place = cached
+    return cached  # type: ignore[no-any-return]
+
+
+def _memory_sizes(backend: Any) -> tuple[int, int, int, dict[str, int]]:
+    """(bytes per element of the model's floating parameters, width of the widest token site,
+    width of ``logits`` (0 = none), width of each token site but the logits) for
+    `check_memory`. The widths are kept (`_site_widths`); the element size is read at every
+    call (``model.to(dtype)`` changes it in place)."""
+    widest, logits, dims, place = _site_widths(backend)
     param = None
     if place is not None:
         owner, key = place
@@ -412,6 +472,11 @@ def _memory_sizes(backend: Any) -> tuple[int, int, int, dict[str, int]]:
         param = next((p for p in backend.model.parameters() if p.is_floating_point()), None)
     size = param.element_size() if param is not None else 4
     return size, widest, logits, dims
+
+
+#: Bytes per element of the widest floating dtype (float64): what `check_memory` assumes for
+#: the bound that lets small runs pass without reading the model's dtype.
+_MAX_ELEMENT = 8
 
 
 def _parameter_place(backend: Any, param: Any) -> tuple[Any, str] | None:
@@ -443,6 +508,10 @@ def check_memory(
         return
     rows, seq = int(first.shape[0]), int(first.shape[1])
     tokens = rows * seq
+    widest, logits, _, _ = _site_widths(backend)
+    bound = (2 + len(capture)) * widest + logits  # elements per token, at least what is needed
+    if tokens * bound * _MAX_ELEMENT < MEMORY_CHECK_FROM:
+        return  # even in float64 this run needs less than is ever checked
     size, widest, logits, dims = _memory_sizes(backend)
     # the input and output of the widest layer exist at once; the logits in the model's dtype
     parts = {"working activations": 2 * widest * size}

@@ -61,6 +61,9 @@ class RunRequest:
     stop_after: str | None = None
     store: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The attention mask's padding side when `Backend.run` already knows it ("none": every
+    #: token is real), else None (`archscope.batch.padding_side` tells).
+    padding: str | None = None
 
     @property
     def attention_mask(self) -> torch.Tensor | None:
@@ -87,4 +90,6 @@ class RunRequest:
         changes.setdefault("store", {})
         changes.setdefault("extra", {})
         changes.setdefault("stop_after", None)
+        if "batch" in changes:  # another batch: its padding is not known yet
+            changes.setdefault("padding", None)
         return replace(self, **changes)
