@@ -22,7 +22,21 @@ def _mamba2() -> Any:
     return archscope.Backend.for_model(make_model("mamba2"))
 
 
-BUILDERS = {"mamba2": _mamba2}
+def _hybrid(family: str) -> Any:
+    from archscope_hybrid.testing import make_model, missing
+
+    reason = missing(family)
+    if reason is not None:  # the oldest transformers the packages allow lacks the family
+        pytest.skip(reason)
+    return archscope.Backend.for_model(make_model(family))
+
+
+BUILDERS = {
+    "mamba2": _mamba2,
+    # fused gated-delta-net projections, and mixture-of-experts MLPs on every second layer
+    "qwen3_next": lambda: _hybrid("qwen3_next"),
+    "olmo_hybrid": lambda: _hybrid("olmo_hybrid"),
+}
 
 
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
@@ -81,3 +95,18 @@ def test_graph_rows_add_up_to_the_logits(family: tuple[str, Any]) -> None:
     # the first token reaches the last logit through the held recurrence
     first = next(i for i, n in enumerate(graph.nodes) if n.kind == "embedding")
     assert float(graph.adjacency[graph.targets[0], first].abs()) > 1e-5
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [("kimi_linear", "KDA"), ("minimax", "lightning"), ("lfm2", "short convolutions")],
+)
+def test_what_the_hybrid_backend_cannot_freeze_is_said(name: str, says: str) -> None:
+    from archscope.freeze import FreezeError
+
+    backend = _hybrid(name)
+    assert "freeze" not in backend.capabilities
+    assert says in backend.frozen_unavailable
+    with pytest.raises(FreezeError, match=says):
+        with freeze(backend, _ids()):
+            pass
