@@ -276,3 +276,16 @@ def test_bad_requests_are_refused(tiny_llama: Any, zoo: Any) -> None:
         edge_heads(tiny_llama, ids, graph, graph.targets[0], "nope")
     with pytest.raises(ParameterError, match="another prompt"):
         edge_heads(tiny_llama, torch.tensor([[5, 6, 7, 9]]), graph, graph.targets[0], 0)
+
+
+def test_the_docs_example_runs_and_says_what_it_prints() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "graphs.md").read_text()
+    section = text[text.index("## Heads") : text.index("## Checking a graph")]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict[str, Any] = {"__name__": "docs_heads"}
+    exec(compile(block, "docs/graphs.md", "exec"), namespace)
+    assert namespace["split"].top(1)[0][0] == INDUCTION_HEAD
+    assert namespace["qk"].top("key", 1)[0].name == "L0H3"
