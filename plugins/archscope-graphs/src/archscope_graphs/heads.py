@@ -315,7 +315,6 @@ class _Capture:
     resid: torch.Tensor | None = None  # (seq, d) the block's input
     attn_in: torch.Tensor | None = None  # (seq, d) the attention's input (normed)
     position_embeddings: Any = None
-    norm: Any = None
     norm_io: list[tuple[Any, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
@@ -359,11 +358,11 @@ def qk_attribution(
     with _record_head_inputs(layers[:layer], heads_in), _capture_layer(spec, cap):
         with torch.no_grad():
             result = backend.run(ids, capture=list(dict.fromkeys(capture)))
-    acts = {k: v[0].detach().float() for k, v in result.activations.items()}
-    pattern = acts.pop(f"layer_{layer}.attn_pattern")
     norm, attn_in = _pre_attention_norm(spec, cap)
     assert cap.resid is not None
     resid = cap.resid.float()
+    acts = {k: v[0].detach().float().to(resid.device) for k, v in result.activations.items()}
+    pattern = acts.pop(f"layer_{layer}.attn_pattern")
     project = _projector(spec, cap.position_embeddings)
     positions = (query, key)
     comps = {
@@ -372,20 +371,15 @@ def qk_attribution(
     vectors = {}
     for side, p in zip(("query", "key"), positions, strict=True):
         normed = _affine_norm(norm, resid[p], attn_in[p])
-        stack = (
-            torch.stack([c[1] for c in comps[p]])
-            if comps[p]
-            else resid.new_zeros(0, resid.shape[1])
-        )
-        zero = torch.zeros(1, resid.shape[1])
-        n_all = normed(torch.cat([stack, zero]))
+        stack = torch.stack([c[1] for c in comps[p]])  # the embedding at least, and "other"
+        n_all = normed(torch.cat([stack, resid.new_zeros(1, resid.shape[1])]))
         q, k = project(n_all, p)  # (n, heads, hd), (n, kv, hd)
         vec = q[:, head] if side == "query" else k[:, head // (spec.n_heads // spec.n_kv)]
         bias = vec[-1:]
         vectors[side] = torch.cat([vec[:-1] - bias, bias]).double()
     scaling = _scaling(spec)
     pairs = scaling * vectors["query"] @ vectors["key"].T
-    row = _row(spec, resid, attn_in, norm, project, head, query, scaling)
+    row = _row(spec, attn_in, project, head, query, scaling)
     _check_pattern(row, pattern[head, query, : query + 1], layer, head)
     terms = {}
     for side, p, sums in (("query", query, pairs.sum(1)), ("key", key, pairs.sum(0))):
@@ -536,9 +530,7 @@ def _scaling(spec: _Layer) -> float:
 
 def _row(
     spec: _Layer,
-    resid: torch.Tensor,
     attn_in: torch.Tensor,
-    norm: Any,
     project: Any,
     head: int,
     query: int,
@@ -556,7 +548,7 @@ def _row(
 
 def _check_pattern(row: torch.Tensor, pattern: torch.Tensor, layer: int, head: int) -> None:
     mine = torch.softmax(row, -1)
-    gap = float((mine - pattern.double()).abs().max())
+    gap = float((mine - pattern.to(mine.device).double()).abs().max())
     if gap > 1e-4:
         raise FreezeError(
             f"layer {layer} head {head}: the scores recomputed from the attention's inputs do "
@@ -585,8 +577,8 @@ def _components(
         proj = spec.output
         with torch.no_grad():
             dtype = next(proj.parameters()).dtype
-            zero = proj(torch.zeros(1, z.shape[-1], dtype=dtype)).float()[0]
-            masked = torch.zeros(spec.n_heads, z.shape[-1], dtype=dtype)
+            zero = proj(z.new_zeros(1, z.shape[-1], dtype=dtype)).float()[0]
+            masked = z.new_zeros(spec.n_heads, z.shape[-1], dtype=dtype)
             for h in range(spec.n_heads):
                 sl = slice(h * spec.head_dim, (h + 1) * spec.head_dim)
                 masked[h, sl] = z[sl].to(dtype)
