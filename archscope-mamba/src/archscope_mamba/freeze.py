@@ -139,7 +139,7 @@ def frozen_mamba2(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -
     y = y.reshape(b, seq, inner)
     norm = mixer.norm
     gated = y * values.hold((key, "gate"), F.silu(z.float()))
-    grouped = gated.reshape(b, seq, -1, norm.group_size)
+    grouped = gated.reshape(b, seq, -1, getattr(norm, "group_size", inner))  # older: one group
     scale = values.hold(
         (key, "norm"),
         torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon),
