@@ -1,8 +1,12 @@
 """Freezing gated-delta-net hybrids at one prompt's values (`archscope.freeze`).
 
-Inside `frozen_run` every gated delta net laid out as in Qwen3.5 (separate ``in_proj_qkv``,
-``in_proj_z``, ``in_proj_b``, ``in_proj_a``) is recomputed by a plain, self-contained version
-of its forward pass in which the nonlinear factors are held:
+Inside `frozen_run` every gated delta net is recomputed by a plain, self-contained version of
+its forward pass in which the nonlinear factors are held. Three layouts of its projections are
+known: Qwen3.5's (separate ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a``),
+Qwen3-Next's (fused ``in_proj_qkvz`` and ``in_proj_ba``, split by the layer's own
+``fix_query_key_value_ordering``) and OLMo-hybrid's (``q_proj``, ``k_proj``, ``v_proj``,
+``g_proj``, ``b_proj``, ``a_proj``, an ``o_norm``; β doubled where the layer allows negative
+eigenvalues). Held:
 
 - the queries and keys (after the causal convolution and its SiLU), hence their L2
   normalisation, and the decay ``g`` and the write strength ``β``;
@@ -15,8 +19,15 @@ output on the prompt. The attention layers are held as in the transformer backen
 key projections, which in Qwen3.5 also carry the output gate), the MLPs' gates and every
 RMSNorm's scale likewise.
 
-Not frozen: other recurrent mixers (Qwen3-Next's fused projections, Kimi's KDA, short
-convolutions, lightning attention) and mixture-of-experts routing; `frozen_run` names them.
+Mixture-of-experts MLPs laid out as Qwen3-Next's sparse block (a router ``gate`` returning
+logits, weights and indices; ``experts`` holding ``gate_up_proj`` / ``down_proj`` per expert;
+optionally a ``shared_expert`` and its sigmoid ``shared_expert_gate``) are held too: the
+routing (which experts, with which weights), each routed expert's gate ``act(x W_gate)`` (the
+experts are recomputed, checked against the module's output), the shared expert's gate and
+the shared expert's sigmoid gate. Each token's MLP output is then linear in its input.
+
+Not frozen: other recurrent mixers (Kimi's KDA, short convolutions, lightning attention) and
+other expert layouts; `frozen_run` names them.
 """
 
 from __future__ import annotations
@@ -34,12 +45,55 @@ FREEZES = frozenset(
     {"delta_rule", "gate", "activation_slope", "norm_scale", "attention_pattern", "mlp"}
 )
 CANNOT_FREEZE = {
-    "other_mixers": "only Qwen3.5-layout gated delta nets are frozen (not fused Qwen3-Next "
-    "projections, KDA, short convolutions or lightning attention)",
-    "router": "mixture-of-experts routing is not held: replace such MLPs with transcoders",
+    "other_mixers": "only gated delta nets laid out as in Qwen3.5, Qwen3-Next or OLMo-hybrid "
+    "are frozen (not KDA, short convolutions or lightning attention)",
+    "router": "only mixture-of-experts blocks laid out as Qwen3-Next's sparse block (router "
+    "'gate', 'experts' with gate_up_proj / down_proj) are held",
 }
 
-_GDN = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d", "A_log", "dt_bias")
+_COMMON = ("conv1d", "A_log", "dt_bias")
+#: layout -> the projections a gated delta net of that layout has
+_LAYOUTS = {
+    "qwen3_5": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "norm", "out_proj"),
+    "qwen3_next": ("in_proj_qkvz", "in_proj_ba", "norm", "out_proj"),
+    "olmo": ("q_proj", "k_proj", "v_proj", "g_proj", "b_proj", "a_proj", "o_norm", "o_proj"),
+}
+
+
+def _layout(module: Any) -> str | None:
+    """The layout of a gated delta net (None: not one this module recomputes)."""
+    if not all(hasattr(module, n) for n in _COMMON):
+        return None
+    return next(
+        (name for name, parts in _LAYOUTS.items() if all(hasattr(module, n) for n in parts)),
+        None,
+    )
+
+
+def _projections(layer: Any, x: torch.Tensor) -> tuple[Any, Any, Any, Any, Any, Any]:
+    """(mixed [q|k|v] before the convolution, z, b, a, the gated norm, the output projection)
+    of ``layer`` on ``x``, whatever its layout; β's factor is applied by the caller."""
+    import torch
+
+    b, seq, _ = x.shape
+    layout = _layout(layer)
+    if layout == "qwen3_5":
+        return (
+            layer.in_proj_qkv(x),
+            layer.in_proj_z(x),
+            layer.in_proj_b(x),
+            layer.in_proj_a(x),
+            layer.norm,
+            layer.out_proj,
+        )
+    if layout == "qwen3_next":
+        q, k, v, z, beta, a = layer.fix_query_key_value_ordering(
+            layer.in_proj_qkvz(x), layer.in_proj_ba(x)
+        )
+        mixed = torch.cat([t.reshape(b, seq, -1) for t in (q, k, v)], dim=-1)
+        return mixed, z.reshape(b, seq, -1), beta, a, layer.norm, layer.out_proj
+    mixed = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], dim=-1)
+    return mixed, layer.g_proj(x), layer.b_proj(x), layer.a_proj(x), layer.o_norm, layer.o_proj
 
 
 def frozen_gated_delta(layer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -> torch.Tensor:
@@ -50,7 +104,8 @@ def frozen_gated_delta(layer: Any, x: torch.Tensor, values: FrozenValues, key: A
 
     b, seq, _ = x.shape
     kd, vd = layer.head_k_dim, layer.head_v_dim
-    mixed = layer.in_proj_qkv(x).transpose(1, 2)
+    mixed, z_raw, b_raw, a_raw, norm, out_proj = _projections(layer, x)
+    mixed = mixed.transpose(1, 2)
     conv = layer.conv1d
     pre = F.conv1d(
         mixed, conv.weight, conv.bias, padding=conv.kernel_size[0] - 1, groups=mixed.shape[1]
@@ -59,10 +114,10 @@ def frozen_gated_delta(layer: Any, x: torch.Tensor, values: FrozenValues, key: A
     q = values.hold((key, "q"), F.silu(q_pre)).reshape(b, seq, -1, kd)
     k = values.hold((key, "k"), F.silu(k_pre)).reshape(b, seq, -1, kd)
     v = frozen_activation(v_pre, F.silu(v_pre), values, (key, "v")).reshape(b, seq, -1, vd)
-    beta = values.hold((key, "beta"), layer.in_proj_b(x).sigmoid()).float()
+    beta = b_raw.sigmoid() * (2.0 if getattr(layer, "allow_neg_eigval", False) else 1.0)
+    beta = values.hold((key, "beta"), beta).float()
     g = values.hold(
-        (key, "g"),
-        -layer.A_log.float().exp() * F.softplus(layer.in_proj_a(x).float() + layer.dt_bias),
+        (key, "g"), -layer.A_log.float().exp() * F.softplus(a_raw.float() + layer.dt_bias)
     ).float()
     heads = v.shape[2]
     if q.shape[2] != heads:
@@ -81,13 +136,12 @@ def frozen_gated_delta(layer: Any, x: torch.Tensor, values: FrozenValues, key: A
         state = state + k[:, :, t, :, None] * delta[:, :, None, :]
         outs.append((state * q[:, :, t, :, None]).sum(-2))
     core = torch.stack(outs, 2).transpose(1, 2)  # (b, seq, heads, vd)
-    z = layer.in_proj_z(x).reshape(b, seq, -1, vd)
-    norm = layer.norm
+    z = z_raw.reshape(b, seq, -1, vd)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
     scale = values.hold((key, "norm"), torch.rsqrt(core.pow(2).mean(-1, keepdim=True) + eps))
     gate = values.hold((key, "gate"), F.silu(z.float()))
     y = (norm.weight * (core * scale).to(x.dtype)).float() * gate
-    return layer.out_proj(y.to(x.dtype).reshape(b, seq, -1))  # type: ignore[no-any-return]
+    return out_proj(y.to(x.dtype).reshape(b, seq, -1))  # type: ignore[no-any-return]
 
 
 def _mixer_hook(values: FrozenValues, i: int) -> Any:
@@ -123,19 +177,87 @@ def _norm_hook(values: FrozenValues, key: Any) -> Any:
     return hook
 
 
+def _is_sparse_moe(mlp: Any) -> bool:
+    """A mixture-of-experts block laid out as Qwen3-Next's (see the module's docstring)."""
+    experts = getattr(mlp, "experts", None)
+    return (
+        callable(getattr(mlp, "gate", None))
+        and experts is not None
+        and all(hasattr(experts, n) for n in ("gate_up_proj", "down_proj", "act_fn"))
+    )
+
+
 def unfreezable(backend: Any) -> str | None:
     """Why ``backend``'s model cannot be frozen (None: it can)."""
     for i in range(len(backend.layers)):
         block = _block(backend, i)
-        gdn = any(all(hasattr(m, n) for n in _GDN) for m in block.modules())
+        gdn = any(_layout(m) is not None for m in block.modules())
         attention = getattr(block, "self_attn", None)
         held = attention is not None and all(hasattr(attention, n) for n in ("q_proj", "k_proj"))
         if not gdn and not held:
             return f"layer {i} ({type(block).__name__}): {CANNOT_FREEZE['other_mixers']}"
         mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
-        if mlp is not None and (hasattr(mlp, "gate") or hasattr(mlp, "experts")):
-            return f"layer {i}: {CANNOT_FREEZE['router']}"
+        routed = mlp is not None and (hasattr(mlp, "gate") or hasattr(mlp, "experts"))
+        if routed and not _is_sparse_moe(mlp):
+            return f"layer {i} ({type(mlp).__name__}): {CANNOT_FREEZE['router']}"
     return None
+
+
+def frozen_experts(
+    experts: Any,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    values: FrozenValues,
+    key: Any,
+) -> torch.Tensor:
+    """The routed experts on tokens ``x`` (tokens, d) with the routing (``index``, ``weights``:
+    (tokens, top_k)) given and each expert's gate ``act(x W_gate)`` held: linear in ``x``."""
+    import torch
+
+    valid = index < experts.gate_up_proj.shape[0]  # some layouts route to a "no expert" slot
+    safe = torch.where(valid, index, torch.zeros_like(index))
+    gate_up = torch.einsum("td,tkfd->tkf", x, experts.gate_up_proj[safe])
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = values.hold((key, "experts_gate"), experts.act_fn(gate))
+    hidden = act * up
+    out = torch.einsum("tkf,tkdf->tkd", hidden, experts.down_proj[safe])
+    scale = (weights * valid).to(out.dtype)[..., None]
+    return (out * scale).sum(1)  # type: ignore[no-any-return]
+
+
+def _moe_hooks(mlp: Any, values: FrozenValues, i: int) -> list[Any]:
+    """Hooks that hold a sparse MoE block's routing and gates and recompute its experts."""
+    handles = []
+    routing: dict[str, Any] = {}
+
+    def router(module: Any, args: Any, output: Any) -> Any:
+        held = tuple(values.hold((i, "router", n), t) for n, t in enumerate(output))
+        routing["index"], routing["weights"] = held[2], held[1]
+        return held
+
+    def experts(module: Any, args: Any, output: Any) -> Any:
+        x = args[0]
+        out = frozen_experts(module, x, routing["index"], routing["weights"], values, (i, "moe"))
+        tol = 1e-3 * (1.0 + float(output.detach().abs().max()))
+        if values.recording and float((out.detach() - output.detach()).abs().max()) > tol:
+            raise FreezeError(
+                f"cannot freeze layer {i} ({type(module).__name__}): the recomputed experts "
+                "do not reproduce the module's output (an expert layout this backend's "
+                "freezing does not know)"
+            )
+        return out.to(output.dtype)
+
+    handles.append(mlp.gate.register_forward_hook(router))
+    handles.append(mlp.experts.register_forward_hook(experts))
+    shared = getattr(mlp, "shared_expert", None)
+    act = getattr(shared, "act_fn", None) if shared is not None else None
+    if act is not None:
+        handles.append(act.register_forward_hook(_hold_output(values, (i, "shared_gate"))))
+    gate = getattr(mlp, "shared_expert_gate", None)
+    if gate is not None:
+        handles.append(gate.register_forward_hook(_hold_output(values, (i, "shared_sigmoid"))))
+    return handles
 
 
 @contextlib.contextmanager
@@ -150,7 +272,7 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
         handles.append(model.register_forward_pre_hook(lambda *_: values.start_run()))
         for i in range(len(backend.layers)):
             block = _block(backend, i)
-            mixer = next((m for m in block.modules() if all(hasattr(m, n) for n in _GDN)), None)
+            mixer = next((m for m in block.modules() if _layout(m) is not None), None)
             attention = getattr(block, "self_attn", None)
             if mixer is not None:
                 handles.append(
@@ -170,7 +292,10 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
                 )
             mlp = getattr(block, "mlp", None)
             if mlp is not None and (hasattr(mlp, "gate") or hasattr(mlp, "experts")):
-                raise FreezeError(f"cannot freeze layer {i}: {CANNOT_FREEZE['router']}")
+                if not _is_sparse_moe(mlp):
+                    raise FreezeError(f"cannot freeze layer {i}: {CANNOT_FREEZE['router']}")
+                handles += _moe_hooks(mlp, values, i)
+                continue
             act = getattr(mlp, "act_fn", None) if mlp is not None else None
             if act is not None:
                 handles.append(act.register_forward_hook(_hold_output(values, (i, "mlp_gate"))))

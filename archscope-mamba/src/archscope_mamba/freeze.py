@@ -13,8 +13,16 @@ C_t·Σ_{s≤t}(Π decays)·Δ_s B_s u_s + D·u_t``, gated, so an effect reaches
 through the held recurrence. The recomputed output is checked against the layer's own output
 (a layer the plain version does not reproduce raises a `FreezeError`).
 
-Not frozen yet: Mamba-2 mixers (scalar decay per head and a gated RMSNorm) and native
-``mamba_ssm`` models; `frozen_run` refuses them with a `FreezeError` naming the layer.
+Mamba-2 mixers (Hugging Face's ``Mamba2Mixer``) are recomputed the same way, with their own
+factors held: Δ per head (``softplus(dt + dt_bias)``, clamped to the time-step limit), hence
+the scalar decay ``exp(Δ·A)`` of each head; B and C (after the convolution and its SiLU); the
+SiLU of the convolved values at its slope; the gated RMSNorm's gate ``SiLU(z)`` and its scale
+(per group). The recurrence ``S_t = exp(Δ_t A)·S_{t-1} + Δ_t x_t ⊗ B_t``, ``y_t = S_t C_t +
+D·x_t`` is then linear in the values.
+
+Not frozen: native ``mamba_ssm`` models, Falcon-Mamba's mixers (B, C and Δ normalised inside),
+and attention layers of SSM hybrids; `frozen_run` refuses them with a `FreezeError` naming the
+layer.
 """
 
 from __future__ import annotations
@@ -30,9 +38,12 @@ if TYPE_CHECKING:
 
 FREEZES = frozenset({"ssm_parameters", "gate", "activation_slope", "norm_scale"})
 CANNOT_FREEZE = {
-    "mamba2": "Mamba-2 mixers (scalar per-head decay, gated RMSNorm) are not frozen yet",
     "attention_pattern": "the attention layers of hybrid SSM/attention stacks are not frozen yet",
+    "other_mixers": "only Mamba-1 and Mamba-2 mixers are recomputed (not Falcon-Mamba's, which "
+    "normalise B, C and Δ inside, nor native mamba_ssm layers)",
 }
+
+_MAMBA2 = ("in_proj", "conv1d", "dt_bias", "A_log", "D", "norm", "out_proj")
 
 
 def _is_mamba1(mixer: Any) -> bool:
@@ -40,6 +51,11 @@ def _is_mamba1(mixer: Any) -> bool:
     return type(mixer).__name__ == "MambaMixer" and all(
         hasattr(mixer, n) for n in ("in_proj", "conv1d", "x_proj", "dt_proj", "A_log")
     )
+
+
+def _is_mamba2(mixer: Any) -> bool:
+    """Hugging Face's Mamba-2 mixer (scalar decay per head, gated RMSNorm)."""
+    return type(mixer).__name__ == "Mamba2Mixer" and all(hasattr(mixer, n) for n in _MAMBA2)
 
 
 def frozen_mamba1(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -> torch.Tensor:
@@ -79,6 +95,60 @@ def frozen_mamba1(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -
     return mixer.out_proj(y.transpose(1, 2))  # type: ignore[no-any-return]
 
 
+def frozen_mamba2(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -> torch.Tensor:
+    """The Mamba-2 mixer ``mixer`` on ``x`` (batch, seq, d_model) with Δ, B, C, the gate, the
+    gated norm's scale and the convolution's SiLU held (see the module's docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    b, seq, _ = x.shape
+    heads, head_dim, n = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size
+    groups, inner = mixer.n_groups, mixer.intermediate_size
+    proj = mixer.in_proj(x)
+    extra = proj.shape[-1] - inner - mixer.conv_dim - heads  # an unused gated-MLP part, if any
+    z, xbc, dt_raw = proj[..., extra:].split([inner, mixer.conv_dim, heads], dim=-1)
+    conv = mixer.conv1d
+    pre = F.conv1d(
+        xbc.transpose(1, 2),
+        conv.weight,
+        conv.bias,
+        padding=conv.kernel_size[0] - 1,
+        groups=xbc.shape[-1],
+    )[..., :seq].transpose(1, 2)
+    x_pre, bc_pre = pre.split([inner, 2 * groups * n], dim=-1)
+    u = frozen_activation(x_pre, mixer.act(x_pre), values, (key, "conv_act"))
+    bc = values.hold((key, "bc"), mixer.act(bc_pre)).float()
+    B, C = bc.split([groups * n, groups * n], dim=-1)
+    B = B.reshape(b, seq, groups, n).repeat_interleave(heads // groups, dim=2)
+    C = C.reshape(b, seq, groups, n).repeat_interleave(heads // groups, dim=2)
+    low, high = mixer.time_step_limit
+    dt = values.hold(
+        (key, "dt"),
+        torch.clamp(F.softplus(dt_raw.float() + mixer.dt_bias.float()), min=low, max=high),
+    ).float()  # (b, seq, heads)
+    A = -torch.exp(mixer.A_log.float()).detach()  # (heads,)
+    decay = torch.exp(dt * A)  # (b, seq, heads)
+    xs = u.float().reshape(b, seq, heads, head_dim)
+    state = xs.new_zeros(b, heads, head_dim, n)
+    outs = []
+    for t in range(seq):
+        write = (dt[:, t, :, None] * xs[:, t])[..., None] * B[:, t, :, None, :]
+        state = decay[:, t, :, None, None] * state + write
+        outs.append((state * C[:, t, :, None, :]).sum(-1))  # (b, heads, head_dim)
+    y = torch.stack(outs, 1) + xs * mixer.D.float()[None, None, :, None]
+    y = y.reshape(b, seq, inner)
+    norm = mixer.norm
+    gated = y * values.hold((key, "gate"), F.silu(z.float()))
+    grouped = gated.reshape(b, seq, -1, getattr(norm, "group_size", inner))  # older: one group
+    scale = values.hold(
+        (key, "norm"),
+        torch.rsqrt(grouped.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon),
+    )
+    normed = (grouped * scale).reshape(b, seq, inner)
+    out = norm.weight * normed.to(x.dtype)
+    return mixer.out_proj(out.to(x.dtype))  # type: ignore[no-any-return]
+
+
 def _mixer_hook(values: FrozenValues, i: int) -> Any:
     def hook(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         x = args[0] if args else kwargs["hidden_states"]
@@ -87,15 +157,16 @@ def _mixer_hook(values: FrozenValues, i: int) -> Any:
                 f"cannot freeze layer {i}: a frozen run takes one unpadded prompt "
                 "(the attention mask has padding)"
             )
-        out = frozen_mamba1(module, x, values, ("mamba", i))
+        recompute = frozen_mamba2 if _is_mamba2(module) else frozen_mamba1
+        out = recompute(module, x, values, ("mamba", i))
         real = output[0] if isinstance(output, tuple) else output
         tol = 1e-3 * (1.0 + float(real.detach().abs().max()))
         # checked on the prompt's own run (later runs may feed other inputs to held factors)
         if values.recording and float((out.detach() - real.detach()).abs().max()) > tol:
             raise FreezeError(
                 f"cannot freeze layer {i} ({type(module).__name__}): the frozen recomputation "
-                "of the mixer does not reproduce its output (a variant of Mamba-1 this "
-                "backend's freezing does not know)"
+                "of the mixer does not reproduce its output (a variant of Mamba-1 or Mamba-2 "
+                "this backend's freezing does not know)"
             )
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
@@ -108,18 +179,19 @@ def unfreezable(backend: Any) -> str | None:
         return "native mamba_ssm models are not frozen (HF Mamba models are)"
     for i, block in enumerate(backend.blocks):
         mixer = getattr(block, "mixer", None)
-        if mixer is None or not _is_mamba1(mixer):
+        if mixer is None or not (_is_mamba1(mixer) or _is_mamba2(mixer)):
             kind = type(mixer).__name__ if mixer is not None else type(block).__name__
             return (
-                f"layer {i} ({kind}): only Mamba-1 mixers are frozen "
-                f"({CANNOT_FREEZE['mamba2']}; {CANNOT_FREEZE['attention_pattern']})"
+                f"layer {i} ({kind}): {CANNOT_FREEZE['other_mixers']}; "
+                f"{CANNOT_FREEZE['attention_pattern']}"
             )
     return None
 
 
 @contextlib.contextmanager
 def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
-    """Hooks that recompute each Mamba-1 mixer with held parameters and hold norm scales."""
+    """Hooks that recompute each Mamba-1 / Mamba-2 mixer with held parameters and hold norm
+    scales."""
     why = unfreezable(backend)
     if why:
         raise FreezeError(f"cannot freeze {type(backend.model).__name__}: {why}")

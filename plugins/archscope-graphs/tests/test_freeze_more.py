@@ -1,0 +1,112 @@
+"""Freezing on the families added after the first four: a frozen run reproduces the prompt's
+logits, is affine in the embeddings (the model itself is not), leaves no hook behind, and an
+attribution graph's rows add up to their logits (with independently computed bias terms)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import archscope
+from archscope import Edit
+from archscope.freeze import freeze
+from archscope_graphs.attribution import _graph, bias_rows, bias_terms
+from archscope_graphs.replacement import ReplacementModel
+
+
+def _mamba2() -> Any:
+    from archscope_mamba.testing import make_model
+
+    return archscope.Backend.for_model(make_model("mamba2"))
+
+
+def _hybrid(family: str) -> Any:
+    from archscope_hybrid.testing import make_model, missing
+
+    reason = missing(family)
+    if reason is not None:  # the oldest transformers the packages allow lacks the family
+        pytest.skip(reason)
+    return archscope.Backend.for_model(make_model(family))
+
+
+BUILDERS = {
+    "mamba2": _mamba2,
+    # fused gated-delta-net projections, and mixture-of-experts MLPs on every second layer
+    "qwen3_next": lambda: _hybrid("qwen3_next"),
+    "olmo_hybrid": lambda: _hybrid("olmo_hybrid"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def family(request: Any) -> tuple[str, Any]:
+    return request.param, BUILDERS[request.param]()
+
+
+def _ids(seq: int = 11, seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, 90, (1, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(backend: Any, ids: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    result = backend.run(ids, capture=["logits"], edits=[Edit.replace("embed", embed)])
+    return result.logits[0, -1].double()
+
+
+def _hooks(model: Any) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_a_frozen_run_is_the_model_at_the_prompt_and_affine_around_it(
+    family: tuple[str, Any],
+) -> None:
+    _, backend = family
+    assert "freeze" in backend.capabilities, getattr(backend, "frozen_unavailable", None)
+    ids = _ids()
+    real = backend.run(ids, capture=["embed", "logits"])
+    embed = real.activations["embed"]
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(embed.shape, generator=g) * embed.std() for _ in range(2))
+    zero = torch.zeros_like(embed)
+    hooks = _hooks(backend.model)
+    with freeze(backend, ids):
+        same = backend.run(ids, capture=["logits"]).logits[0, -1].double()
+        gap = _logits(backend, ids, a) + _logits(backend, ids, b)
+        gap = gap - _logits(backend, ids, a + b) - _logits(backend, ids, zero)
+    torch.testing.assert_close(same, real.logits[0, -1].double(), atol=1e-4, rtol=0)
+    assert float(gap.abs().max()) < 1e-4
+    model_gap = _logits(backend, ids, a) + _logits(backend, ids, b)
+    model_gap = model_gap - _logits(backend, ids, a + b) - _logits(backend, ids, zero)
+    assert float(model_gap.abs().max()) > 1e-3  # the check has teeth
+    assert _hooks(backend.model) == hooks
+
+
+def test_graph_rows_add_up_to_the_logits(family: tuple[str, Any]) -> None:
+    _, backend = family
+    ids = _ids()
+    with ReplacementModel.build(backend, ids, None) as rm:
+        graph = _graph(rm, None, 5, 0.95, 16, 0.0)
+        bias = bias_terms(rm, graph)
+    rows = bias_rows(graph)
+    values = torch.tensor(graph.metadata["target_values"], dtype=torch.float64)[rows]
+    torch.testing.assert_close(
+        graph.adjacency[rows].double().sum(1) + bias, values, atol=1e-4, rtol=0
+    )
+    # the first token reaches the last logit through the held recurrence
+    first = next(i for i, n in enumerate(graph.nodes) if n.kind == "embedding")
+    assert float(graph.adjacency[graph.targets[0], first].abs()) > 1e-5
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [("kimi_linear", "KDA"), ("minimax", "lightning"), ("lfm2", "short convolutions")],
+)
+def test_what_the_hybrid_backend_cannot_freeze_is_said(name: str, says: str) -> None:
+    from archscope.freeze import FreezeError
+
+    backend = _hybrid(name)
+    assert "freeze" not in backend.capabilities
+    assert says in backend.frozen_unavailable
+    with pytest.raises(FreezeError, match=says):
+        with freeze(backend, _ids()):
+            pass

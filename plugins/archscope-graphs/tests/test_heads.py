@@ -1,0 +1,291 @@
+"""Heads in attribution graphs: `edge_heads` (which head carries an edge) and `qk_attribution`
+(what sets a head's attention score), on a GPT-2 whose induction circuit is set by hand
+(`ground_truth.trained`: layer 0 head 0 a previous-token head, layer 1 head 0 an induction
+head) and on the zoo transformer's induction prompts.
+
+Independent checks: the scores `qk_attribution` recomputes give the model's own attention
+pattern (Hugging Face's ``output_attentions``); the decomposition adds up to the score; the
+head found on the key side is the one whose ablation in the real model takes the induction
+head's attention away from the copied token; an edge's part through a head equals the edge
+minus the edge with that head's output zeroed (computed by hooks of the test's own)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import ground_truth as gt
+import pytest
+import torch
+
+import archscope
+from archscope.errors import ParameterError
+from archscope_graphs.attribution import attribute
+from archscope_graphs.heads import edge_heads, qk_attribution
+from archscope_graphs.replacement import ReplacementModel
+
+INDUCTION_HEAD = (1, 2)  # the zoo transformer's, as the circuits method ranks it
+
+
+# -- the hand-built induction model -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hand() -> tuple[Any, Any]:
+    model = gt.trained()
+    return model, archscope.Backend.for_model(model)
+
+
+def _repeat(seed: int = 3, block: int = 10, again: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randperm(gt.VOCAB - 4, generator=g)[:block] + 4
+    ids = torch.cat([torch.tensor([7, 8, 9, 10]), tokens, tokens[:again]]).unsqueeze(0)
+    return ids, tokens
+
+
+def _zero_gpt2_head(model: Any, layer: int, head: int) -> Any:
+    def pre(module: Any, args: Any) -> Any:
+        x = args[0].clone()
+        x[..., head * gt.HEAD_DIM : (head + 1) * gt.HEAD_DIM] = 0
+        return (x,)
+
+    return model.transformer.h[layer].attn.c_proj.register_forward_pre_hook(pre)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_qk_on_the_hand_built_circuit_finds_the_previous_token_head_on_the_key_side(
+    hand: Any, seed: int
+) -> None:
+    model, backend = hand
+    ids, _ = _repeat(seed)
+    query = ids.shape[1] - 1  # the 5th token of the block, shown again
+    key = 4 + 5  # the token after its first showing
+    layer, head = gt.INDUCTION_HEAD
+    result = qk_attribution(backend, ids, layer, head, query, key)
+    # the recomputed scores are the model's own pattern (Hugging Face, no archscope)
+    with torch.no_grad():
+        hf = model(input_ids=ids, output_attentions=True).attentions[layer][0, head, query]
+    torch.testing.assert_close(
+        torch.softmax(result.row, -1), hf[: query + 1].double(), atol=1e-5, rtol=0
+    )
+    assert float(hf[key]) > 0.95
+    # the terms add up to the score, on each side and pair by pair
+    for terms in (result.key_terms, result.query_terms):
+        assert abs(sum(t.value for t in terms) - result.score) < 1e-5
+    assert abs(float(result.pairs.sum()) - result.score) < 1e-5
+    # key side: the previous-token head's write; query side: the token itself
+    prev = f"L{gt.PREV_HEAD[0]}H{gt.PREV_HEAD[1]}"
+    assert result.top("key", 1)[0].name == prev
+    assert result.term("key", prev).value > 0.95 * result.score
+    assert result.top("query", 1)[0].kind == "embedding"
+    # ablating the previous-token head in the real model takes the attention away
+    handle = _zero_gpt2_head(model, *gt.PREV_HEAD)
+    try:
+        with torch.no_grad():
+            ablated = model(input_ids=ids, output_attentions=True).attentions[layer]
+    finally:
+        handle.remove()
+    assert float(ablated[0, head, query, key]) < 0.2
+
+
+def test_edge_heads_on_the_hand_built_circuit(hand: Any) -> None:
+    _, backend = hand
+    ids, tokens = _repeat()
+    graph = attribute(backend, ids, target=int(tokens[5]), prune=False)
+    row = graph.adjacency[graph.targets[0]]
+    top = int(row.argmax())
+    assert graph.nodes[top].position == 4 + 5  # the copied token's embedding
+    split = edge_heads(backend, ids, graph, graph.targets[0], top)
+    assert split.edge == pytest.approx(float(row[top]), rel=1e-5)
+    assert split.top(1)[0][0] == gt.INDUCTION_HEAD
+    assert split.share(*gt.INDUCTION_HEAD) > 0.99
+    # layer 0's heads do not carry it (the token reaches the induction head's values directly)
+    assert abs(split.bypass[0] - split.edge) < 1e-3 * abs(split.edge)
+
+
+# -- the zoo transformer's induction prompts ---------------------------------------------------
+def _copying_prompts(zoo: Any, n: int = 12, k: int = 2) -> Iterator[tuple[torch.Tensor, int, int]]:
+    """(ids, copied position, copied token) of the induction prompts the model copies on."""
+    import archscope_zoo
+
+    _, tokenizer, backend = zoo["transformer"]
+    data = archscope_zoo.datasets("induction", n=n)
+    for text, span, (first, second) in zip(data.texts, data.spans, data.starts, strict=True):
+        if len(span) <= k:
+            continue
+        ids = torch.tensor([tokenizer.encode(" ".join(text.split()[: second + k]))])
+        target = tokenizer.encode(span[k])[0]
+        logits = backend.run(ids, capture=["logits"]).logits[0, -1]
+        if int(logits.argmax()) == target:
+            yield ids, first + k, target
+
+
+def _previous_token_scores(zoo: Any, n: int = 12) -> torch.Tensor:
+    """Layer 0's previous-token score per head on the corpus's induction texts: the circuits
+    method's definition (attention from each position to the one before, averaged)."""
+    import archscope_zoo
+
+    _, tokenizer, backend = zoo["transformer"]
+    data = archscope_zoo.datasets("induction", n=n)
+    scores = []
+    for text in data.texts:
+        ids = torch.tensor([tokenizer.encode(text)])
+        pattern = backend.run(ids, capture=["layer_0.attn_pattern"])["layer_0.attn_pattern"][0]
+        pos = torch.arange(1, ids.shape[1])
+        scores.append(pattern[:, pos, pos - 1].mean(-1))
+    return torch.stack(scores).mean(0)
+
+
+def _zero_llama_head(model: Any, layer: int, head: int) -> Any:
+    dim = model.config.head_dim
+
+    def pre(module: Any, args: Any) -> Any:
+        x = args[0].clone()
+        x[..., head * dim : (head + 1) * dim] = 0
+        return (x,)
+
+    return model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(pre)
+
+
+def test_qk_on_the_zoo_induction_prompts_puts_layer_0s_previous_token_head_on_the_key_side(
+    zoo: Any,
+) -> None:
+    model, _, backend = zoo["transformer"]
+    previous = _previous_token_scores(zoo)
+    prev_head = int(previous.argmax())
+    print("layer 0 previous-token scores:", [round(float(s), 3) for s in previous])
+    layer, head = INDUCTION_HEAD
+    site = f"layer_{layer}.attn_pattern"
+    checked, drops, shares = 0, [], []
+    for ids, copied, _ in _copying_prompts(zoo):
+        result = qk_attribution(backend, ids, layer, head, -1, copied)
+        pattern = backend.run(ids, capture=[site])[site][0, head, -1]
+        torch.testing.assert_close(
+            torch.softmax(result.row, -1), pattern.double(), atol=1e-5, rtol=0
+        )
+        assert float(pattern[copied]) > 0.5  # the induction head looks at the copied token
+        for terms in (result.key_terms, result.query_terms):
+            assert abs(sum(t.value for t in terms) - result.score) < 1e-5 * (1 + result.score)
+        top = result.top("key", 1)[0]
+        assert (top.kind, top.layer, top.head) == ("head", 0, prev_head), result.top("key", 3)
+        shares.append(top.value / result.score)
+        handle = _zero_llama_head(model, 0, prev_head)
+        try:
+            ablated = backend.run(ids, capture=[site])[site][0, head, -1, copied]
+        finally:
+            handle.remove()
+        drops.append(float(pattern[copied] - ablated))
+        checked += 1
+    print(f"{checked} prompts; key-side share of L0H{prev_head}: {[round(s, 2) for s in shares]}")
+    print(f"ablating it lowers the induction head's attention by {[round(d, 2) for d in drops]}")
+    assert checked >= 6
+    assert min(shares) > 0.6
+    assert all(d > 0 for d in drops) and sum(drops) / len(drops) > 0.3
+
+
+def test_qk_with_transcoders_splits_the_mlp_write_exactly(zoo: Any, zoo_transcoders: Any) -> None:
+    _, _, backend = zoo["transformer"]
+    ids, copied, _ = next(_copying_prompts(zoo))
+    plain = qk_attribution(backend, ids, *INDUCTION_HEAD, -1, copied)
+    split = qk_attribution(backend, ids, *INDUCTION_HEAD, -1, copied, transcoders=zoo_transcoders)
+    assert split.score == pytest.approx(plain.score, abs=1e-6)
+    for side in ("key", "query"):
+        mlp = plain.term(side, "mlp_0").value
+        parts = [
+            t.value
+            for t in (split.key_terms if side == "key" else split.query_terms)
+            if t.layer == 0 and t.kind in ("feature", "transcoder_bias", "error")
+        ]
+        assert any(t.kind == "feature" for t in split.key_terms)
+        assert sum(parts) == pytest.approx(mlp, abs=1e-4)
+        # the heads' terms do not change
+        assert split.term(side, "L0H3").value == pytest.approx(plain.term(side, "L0H3").value)
+
+
+def test_edge_heads_on_the_zoo_induction_prompts(zoo: Any) -> None:
+    model, _, backend = zoo["transformer"]
+    seen = leading = 0
+    for ids, copied, target in _copying_prompts(zoo, n=6):
+        graph = attribute(backend, ids, target=target, prune=False)
+        source = next(
+            i for i, n in enumerate(graph.nodes) if n.kind == "embedding" and n.position == copied
+        )
+        split = edge_heads(backend, ids, graph, graph.targets[0], source)
+        edge = float(graph.adjacency[graph.targets[0], source])
+        assert split.edge == pytest.approx(edge, rel=1e-4, abs=1e-5)
+        for layer in (0, 1):
+            total = sum(split.through[(layer, h)] for h in range(4)) + split.bypass[layer]
+            assert total == pytest.approx(split.edge, abs=1e-5)
+        row = graph.adjacency[graph.targets[0]]
+        earlier = [i for i, n in enumerate(graph.nodes) if n.kind == "embedding"][: copied + 1]
+        if max(earlier, key=lambda i: float(row[i])) == source:  # the copied token's edge leads
+            assert split.top(1)[0][0] == INDUCTION_HEAD and split.share(*INDUCTION_HEAD) > 0.8
+            leading += 1
+        # independent: the edge less the edge with the head's output zeroed (test's own hook)
+        with ReplacementModel.build(backend, ids, []) as rm:
+
+            def edge_now(rm: Any = rm, copied: int = copied, target: int = target) -> float:
+                embed = rm.embed.clone()
+                embed[copied] = 0
+                base = rm.run(1).logits[0, -1, target].detach()
+                return float(base - rm.run(1, {"embed": embed}).logits[0, -1, target].detach())
+
+            for layer, head in [INDUCTION_HEAD, (0, 1)]:
+                handle = _zero_llama_head(model, layer, head)
+                try:
+                    without = edge_now()
+                finally:
+                    handle.remove()
+                assert split.through[(layer, head)] == pytest.approx(edge - without, abs=1e-4)
+        seen += 1
+    assert seen >= 3 and leading >= 2
+
+
+def test_edge_heads_from_a_feature_into_a_feature(tiny_llama: Any, make_transcoders: Any) -> None:
+    tcs = make_transcoders(tiny_llama.site_info("layer_0.mlp").dim, 2)
+    ids = torch.randint(4, 90, (1, 7), generator=torch.Generator().manual_seed(2))
+    graph = attribute(tiny_llama, ids, transcoders=tcs, prune=False)
+    features = [i for i, n in enumerate(graph.nodes) if n.kind == "feature"]
+    late = [i for i in features if graph.nodes[i].layer == 1]
+    target = max(late, key=lambda i: float(graph.adjacency[i].abs().sum()))
+    source = max(
+        (i for i in features if graph.nodes[i].layer == 0),
+        key=lambda i: abs(float(graph.adjacency[target, i])),
+    )
+    split = edge_heads(tiny_llama, ids, graph, target, source, transcoders=tcs)
+    assert split.edge == pytest.approx(float(graph.adjacency[target, source]), rel=1e-4, abs=1e-5)
+    total = sum(split.through[(1, h)] for h in range(4)) + split.bypass[1]
+    assert total == pytest.approx(split.edge, abs=1e-5)
+    # nothing of a layer-0 feature's write passes through layer 0's heads (they come before)
+    assert all(abs(split.through[(0, h)]) < 1e-6 for h in range(4))
+
+
+def test_bad_requests_are_refused(tiny_llama: Any, zoo: Any) -> None:
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(ParameterError, match="4 heads"):
+        qk_attribution(tiny_llama, ids, 1, 9, 3, 1)
+    with pytest.raises(ParameterError, match="key <= query"):
+        qk_attribution(tiny_llama, ids, 1, 0, 1, 3)
+    with pytest.raises(ParameterError, match="layer must be in"):
+        qk_attribution(tiny_llama, ids, 5, 0, 3, 1)
+    _, _, lstm = zoo["lstm"]
+    with pytest.raises(ParameterError, match="transformer backend"):
+        qk_attribution(lstm, ids, 0, 0, 3, 1)
+    graph = attribute(tiny_llama, ids, prune=False)
+    with pytest.raises(ParameterError, match="logit or feature node"):
+        edge_heads(tiny_llama, ids, graph, 0, graph.targets[0])
+    with pytest.raises(ParameterError, match="no node 'nope'"):
+        edge_heads(tiny_llama, ids, graph, graph.targets[0], "nope")
+    with pytest.raises(ParameterError, match="another prompt"):
+        edge_heads(tiny_llama, torch.tensor([[5, 6, 7, 9]]), graph, graph.targets[0], 0)
+
+
+def test_the_docs_example_runs_and_says_what_it_prints() -> None:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "graphs.md").read_text()
+    section = text[text.index("## Heads") : text.index("## Checking a graph")]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict[str, Any] = {"__name__": "docs_heads"}
+    exec(compile(block, "docs/graphs.md", "exec"), namespace)
+    assert namespace["split"].top(1)[0][0] == INDUCTION_HEAD
+    assert namespace["qk"].top("key", 1)[0].name == "L0H3"
