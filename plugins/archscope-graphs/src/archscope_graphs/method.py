@@ -67,7 +67,7 @@ def graph_method(
     edge_threshold: Annotated[
         float, Param(min=0.0, max=1.0, help="cumulative influence share of kept edges")
     ] = 0.98,
-    batch_size: Annotated[int, Param(min=1, help="target rows per backward pass")] = 32,
+    batch_size: Annotated[int, Param(min=1, help="target rows per backward pass")] = 128,
 ) -> GraphResult:
     import torch
 
