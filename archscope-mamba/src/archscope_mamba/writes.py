@@ -263,8 +263,9 @@ def _parts_mamba2(mixer: Any, seen: _LayerRun) -> ScanParts:
             xbc = xbc * seen.mask[:, :, None].to(xbc.dtype)
         x, B, C = torch.split(xbc.float(), [inner, groups * n, groups * n], dim=-1)
     dt = F.softplus(dt.float() + mixer.dt_bias.float())
-    low, high = mixer.time_step_limit
-    dt = torch.clamp(dt, min=float(low), max=float(high))
+    low, high = (float(v) for v in mixer.time_step_limit)
+    if low > 0.0 or high < math.inf:  # softplus is ≥ 0: the default limits (0, inf) change nothing
+        dt = torch.clamp(dt, min=low, max=high)
     b = x.shape[0]
     per = heads // groups
 
