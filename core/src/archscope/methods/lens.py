@@ -772,8 +772,8 @@ class TunedLens(Artifact):
         KL there: `_CLOSED_FORM_SHARE`).
         ``patience``: None trains every epoch; an int stops early: the translators are
         checked on the stopping rows as they train, each layer keeps its best translator,
-        and a layer that has not improved for ``patience`` checks stops training (all
-        stopped: training ends). The stopping rows (a seeded ``_STOP_SHARE`` of the training
+        and a layer that has not improved for ``patience`` checks (one, if it started from
+        the closed form) stops training (all stopped: training ends). The stopping rows (a seeded ``_STOP_SHARE`` of the training
         rows, never the held-out rows) exist only with ``start="auto"`` or ``patience``."""
         positions = _check_positions(positions)
         _check_schedule(start, patience)
@@ -1151,6 +1151,8 @@ class _Trainer:
         self.best: tuple[torch.Tensor, torch.Tensor] | None = None
         self.best_kl: torch.Tensor | None = None
         self.waited = [0] * lens.n_layers
+        # checks without improvement a layer may wait (one after a closed-form start)
+        self.allowed = [patience or 0] * lens.n_layers
         self.since_check = 0
         if patience is not None:
             assert stop is not None
@@ -1233,7 +1235,13 @@ class _Trainer:
                     chosen_w[i], chosen_b[i] = cand_w[c][j], cand_b[c][j]
                     best_kl[i] = value
         # a layer no closed form got below the bar starts at zero
-        best_kl = torch.where(best_kl < zero_kl * _CLOSED_FORM_SHARE, best_kl, zero_kl)
+        closed = best_kl < zero_kl * _CLOSED_FORM_SHARE
+        best_kl = torch.where(closed, best_kl, zero_kl)
+        for i in layers:
+            if bool(closed[i]):
+                # already near its optimum: a step of Adam that does not improve it means the
+                # steps are larger than what is left to gain; one check decides
+                self.allowed[i] = min(self.allowed[i], 1)
         with torch.no_grad():
             self.weight.copy_(chosen_w)
             self.bias.copy_(chosen_b)
@@ -1284,7 +1292,7 @@ class _Trainer:
                 self.waited[i] = 0
             else:
                 self.waited[i] += 1
-                if self.waited[i] >= self.patience:
+                if self.waited[i] >= self.allowed[i]:
                     self.active.remove(i)
 
     def done(self) -> bool:
