@@ -362,8 +362,9 @@ def _newton_step_few_rows(
     kernel = b @ b.transpose(1, 2) + r * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
 
     def solve_weights(x: torch.Tensor) -> torch.Tensor:  # M^-1 x, x (problems, d, k)
-        inner = torch.linalg.solve(kernel, b @ x)
-        return (x - b.transpose(1, 2) @ inner) / r
+        inner: torch.Tensor = torch.linalg.solve(kernel, b @ x)
+        out: torch.Tensor = (x - b.transpose(1, 2) @ inner) / r
+        return out
 
     coupling = z.transpose(1, 2) @ (curvature * ones)[..., None]  # (problems, d, 1)
     both = solve_weights(torch.cat([grad[:, :-1, None], coupling], 2))
