@@ -39,7 +39,7 @@ VENVS = {
     "tl": ("tl.txt", "transformer_lens"),
     "nnsight": ("nnsight.txt", "pyvene"),
     "tunedlens": ("tunedlens.txt", "tuned_lens"),
-    "archscope02": ("archscope02.txt", "archscope.apps.bench"),
+    "archscope02": ("archscope02.txt", "archscope.bench"),
     "saelens": ("saelens.txt", "sae_lens"),
 }
 #: contender -> (environment, distributions whose versions the table shows, label).

@@ -100,7 +100,7 @@ def _archscope02(model: Any, batch: dict[str, Any], spec: dict[str, Any]) -> Cal
     from archscope.backends import Backend  # 0.2.2, in its own environment
 
     if spec["workload"] == "profile":
-        from archscope.apps.bench import benchmark
+        from archscope.bench import benchmark  # 0.2.2's module (0.3 moved it to apps.bench)
 
         tokenizer = _tokenizer(spec)
 

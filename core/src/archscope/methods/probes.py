@@ -278,6 +278,103 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.
     return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
 
 
+def _newton_many(
+    z: torch.Tensor,
+    mask: torch.Tensor,
+    y: torch.Tensor,
+    weight_decay: float,
+    iterations: int,
+) -> torch.Tensor:
+    """Penalised logistic regressions solved by Newton's method, several at once: problem
+    ``b`` has the rows of ``z[b]`` (float64, (problems, rows, features)) where ``mask[b]`` is 1
+    (padding elsewhere) and labels ``y[b]``; it minimises the mean binary cross-entropy over
+    its rows plus ``weight_decay / 2 * |w|^2`` (the bias unpenalised). Each problem steps with
+    its own backtracking (Armijo) line search and stops on its own: at a gradient below
+    1e-9, when no step lowers its loss, or after ``iterations``. Returns (problems,
+    features + 1): the weights, then the bias."""
+    import torch
+    from torch.nn.functional import binary_cross_entropy_with_logits as bce
+
+    n_problems, n_rows, _ = z.shape
+    a = torch.cat([z, torch.ones(n_problems, n_rows, 1, dtype=z.dtype, device=z.device)], 2)
+    a = a * mask[..., None]  # padding rows contribute nothing
+    count = mask.sum(1)
+    penalty = torch.full((a.shape[2],), float(weight_decay), dtype=torch.float64, device=z.device)
+    penalty[-1] = 0.0  # the bias is not penalised
+    ridge = torch.diag(penalty + 1e-10)  # + a jitter: one class only leaves H singular
+
+    def objective(w: torch.Tensor) -> torch.Tensor:
+        logits = (a @ w[..., None])[..., 0]
+        loss = (bce(logits, y, reduction="none") * mask).sum(1) / count
+        return loss + 0.5 * (penalty * w * w).sum(1)
+
+    w = torch.zeros(n_problems, a.shape[2], dtype=torch.float64, device=z.device)
+    value = objective(w)
+    active = torch.ones(n_problems, dtype=torch.bool, device=z.device)
+    for _ in range(iterations):
+        p = torch.sigmoid((a @ w[..., None])[..., 0])
+        grad = (a.transpose(1, 2) @ ((p - y) * mask)[..., None])[..., 0] / count[:, None]
+        grad = grad + penalty * w
+        active &= grad.abs().amax(1) >= 1e-9
+        if not bool(active.any()):
+            break
+        curvature = p * (1 - p) * mask / count[:, None]
+        if n_rows < a.shape[2] - 1 and weight_decay > 0:
+            step = _newton_step_few_rows(a, curvature, grad, float(weight_decay))
+        else:
+            step = torch.linalg.solve((a.transpose(1, 2) * curvature[:, None, :]) @ a + ridge, grad)
+        slope = (grad * step).sum(1)
+        # backtrack until the loss falls enough (Armijo); no such step: at the optimum within
+        # float precision, and that problem stops
+        t = torch.ones(n_problems, dtype=torch.float64, device=z.device)
+        pending = active.clone()
+        while True:
+            trying = pending & (t >= 1e-8)
+            if not bool(trying.any()):
+                break
+            candidate = w - t[:, None] * step
+            new = objective(candidate)
+            ok = trying & (new <= value - 1e-4 * t * slope)
+            w = torch.where(ok[:, None], candidate, w)
+            value = torch.where(ok, new, value)
+            pending &= ~ok
+            t = torch.where(pending, t / 2, t)
+        active &= ~pending
+    return w
+
+
+def _newton_step_few_rows(
+    a: torch.Tensor, curvature: torch.Tensor, grad: torch.Tensor, weight_decay: float
+) -> torch.Tensor:
+    """The Newton step ``H^-1 grad`` of `_newton_many` (``H = a^T diag(curvature) a`` plus
+    ``weight_decay + 1e-10`` on the weights' diagonal and ``1e-10`` on the bias's, ``a``'s
+    last column the ones of the bias) when there are fewer rows than features: the weight
+    block is inverted with the Woodbury identity (a rows x rows solve instead of features x
+    features) and the bias eliminated through its Schur complement. The same step as the
+    direct solve, to rounding."""
+    import torch
+
+    z = a[..., :-1]  # (problems, rows, d)
+    ones = a[..., -1]  # 1 on real rows, 0 on padding
+    root = curvature.sqrt()
+    b = z * root[..., None]  # M = b^T b + r I is the weight block
+    r = weight_decay + 1e-10
+    kernel = b @ b.transpose(1, 2) + r * torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+
+    def solve_weights(x: torch.Tensor) -> torch.Tensor:  # M^-1 x, x (problems, d, k)
+        inner: torch.Tensor = torch.linalg.solve(kernel, b @ x)
+        out: torch.Tensor = (x - b.transpose(1, 2) @ inner) / r
+        return out
+
+    coupling = z.transpose(1, 2) @ (curvature * ones)[..., None]  # (problems, d, 1)
+    both = solve_weights(torch.cat([grad[:, :-1, None], coupling], 2))
+    u, v = both[..., 0], both[..., 1]
+    schur = (curvature * ones).sum(1) + 1e-10 - (coupling[..., 0] * v).sum(1)
+    step_b = (grad[:, -1] - (coupling[..., 0] * u).sum(1)) / schur
+    step_w = u - v * step_b[:, None]
+    return torch.cat([step_w, step_b[:, None]], 1)
+
+
 # -- the fitted probe ---------------------------------------------------------------------------
 class ProbeFit(Artifact):
     """A probe together with its training: `train` fits it and reports held-out AUROC, `score`
@@ -350,6 +447,12 @@ class ProbeFit(Artifact):
                 stacklevel=2,
             )
         self._fit_rows(xt, yt, epochs, lr, batch_size)
+        return self._measure(xt, yt, xv, yv)
+
+    def _measure(
+        self, xt: torch.Tensor, yt: torch.Tensor, xv: torch.Tensor, yv: torch.Tensor
+    ) -> ProbeMetrics:
+        """AUROC and loss on the training rows and the held-out rows, kept in ``metrics``."""
         train_loss, train_scores = self._loss_and_logits(xt, yt)
         val_loss, val_scores = self._loss_and_logits(xv, yv)
         self.metrics = ProbeMetrics(
@@ -367,11 +470,7 @@ class ProbeFit(Artifact):
     ) -> None:
         import torch
 
-        self.mean = x.mean(0)
-        std = x.std(0, unbiased=False) if len(x) > 1 else torch.ones(x.shape[1])
-        # A constant feature carries no information; dividing by ~0 would only blow it up.
-        self.std = torch.where(std > 1e-8, std, torch.ones_like(std))
-        z = ((x - self.mean) / self.std).to(self.device)
+        z = self._standardise(x)
         target = y.float().to(self.device)
         if self.config.solver == "newton":
             self._fit_newton(z, target, epochs)
@@ -392,46 +491,34 @@ class ProbeFit(Artifact):
                 optim.step()
         self.probe.eval()
 
-    def _fit_newton(self, z: torch.Tensor, target: torch.Tensor, iterations: int) -> None:
+    def _standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """Keep the mean and std of the training rows ``x``; return them standardised."""
         import torch
-        from torch.nn.functional import binary_cross_entropy_with_logits as bce
 
-        a = torch.cat([z.double(), torch.ones(len(z), 1, dtype=torch.float64, device=z.device)], 1)
-        y = target.double()
-        penalty = torch.full(
-            (a.shape[1],), float(self.config.weight_decay), dtype=torch.float64, device=z.device
-        )
-        penalty[-1] = 0.0  # the bias is not penalised
-        ridge = torch.diag(penalty + 1e-10)  # + a jitter: one class only leaves H singular
+        self.mean = x.mean(0)
+        std = x.std(0, unbiased=False) if len(x) > 1 else torch.ones(x.shape[1])
+        # A constant feature carries no information; dividing by ~0 would only blow it up.
+        self.std = torch.where(std > 1e-8, std, torch.ones_like(std))
+        return ((x - self.mean) / self.std).to(self.device)
 
-        def objective(w: torch.Tensor) -> torch.Tensor:
-            return bce(a @ w, y) + 0.5 * (penalty * w * w).sum()
+    def _set_linear(self, w: torch.Tensor) -> None:
+        """The linear probe's weights (``w[:-1]``) and bias (``w[-1]``)."""
+        import torch
 
-        w = torch.zeros(a.shape[1], dtype=torch.float64, device=z.device)
-        value = objective(w)
-        for _ in range(iterations):
-            p = torch.sigmoid(a @ w)
-            grad = a.T @ (p - y) / len(y) + penalty * w
-            if float(grad.abs().max()) < 1e-9:
-                break
-            step = torch.linalg.solve((a.T * (p * (1 - p) / len(y))) @ a + ridge, grad)
-            t, slope = 1.0, float(grad @ step)
-            # backtrack until the loss falls enough (Armijo); no such step: at the optimum
-            # within float precision
-            while t >= 1e-8:
-                candidate = w - t * step
-                new = objective(candidate)
-                if new <= value - 1e-4 * t * slope:
-                    break
-                t /= 2
-            else:
-                break
-            w, value = candidate, new
         linear = self.probe.net
         assert isinstance(linear, torch.nn.Linear)
         with torch.no_grad():
             linear.weight.copy_(w[:-1].to(linear.weight.dtype)[None])
             linear.bias.copy_(w[-1:].to(linear.bias.dtype))
+
+    def _fit_newton(self, z: torch.Tensor, target: torch.Tensor, iterations: int) -> None:
+        import torch
+
+        ones = torch.ones(1, len(z), dtype=torch.float64, device=z.device)
+        w = _newton_many(
+            z.double()[None], ones, target.double()[None], self.config.weight_decay, iterations
+        )
+        self._set_linear(w[0])
 
     def _loss_and_logits(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
         import torch
@@ -702,6 +789,8 @@ def cross_validate(
     if folds > len(y):
         raise InputError(f"{folds} folds need at least {folds} examples; got {len(y)}")
     parts = stratified_folds(y, folds, config.seed)
+    if config.solver == "newton":
+        return _cross_validate_newton(x, y, config, parts, epochs, lr, batch_size)
     train_scores, test_scores = [], []
     for k, test in enumerate(parts):
         train = torch.cat([p for j, p in enumerate(parts) if j != k])
@@ -714,6 +803,54 @@ def cross_validate(
             batch_size=batch_size,
             held_out=(x[test], y[test]),
         )
+        train_scores.append(m.train_auroc)
+        test_scores.append(m.val_auroc)
+    return train_scores, test_scores
+
+
+def _cross_validate_newton(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: ProbeConfig,
+    parts: list[torch.Tensor],
+    epochs: int,
+    lr: float,
+    batch_size: int,
+) -> tuple[list[float], list[float]]:
+    """`cross_validate` with the Newton solver: the folds' probes solved together
+    (`_newton_many`), each fold as `ProbeFit.train` with ``held_out`` fits and measures it."""
+    import torch
+
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ParameterError(
+            f"cross_validate needs epochs >= 1, batch_size >= 1, lr > 0; got epochs={epochs}, "
+            f"batch_size={batch_size}, lr={lr}"
+        )
+    fits, splits, inputs = [], [], []
+    for k, test in enumerate(parts):
+        train = torch.cat([p for j, p in enumerate(parts) if j != k])
+        fit = ProbeFit(config, x.shape[1])
+        xt, yt = x[train], y[train]
+        if yt.min() == yt.max():
+            warnings.warn(
+                "archscope: the probe's training rows all have one class; the probe "
+                "cannot learn to separate anything",
+                stacklevel=3,
+            )
+        inputs.append((fit._standardise(xt).double(), yt.double()))
+        fits.append(fit)
+        splits.append((xt, yt, x[test], y[test]))
+    width = max(len(t) for _, t in inputs)
+    z = torch.zeros(len(parts), width, x.shape[1], dtype=torch.float64)
+    target = torch.zeros(len(parts), width, dtype=torch.float64)
+    mask = torch.zeros(len(parts), width, dtype=torch.float64)
+    for k, (zk, yk) in enumerate(inputs):
+        z[k, : len(yk)], target[k, : len(yk)], mask[k, : len(yk)] = zk.cpu(), yk, 1.0
+    w = _newton_many(z, mask, target, config.weight_decay, epochs)
+    train_scores, test_scores = [], []
+    for fit, wk, split in zip(fits, w, splits, strict=True):
+        fit._set_linear(wk)
+        m = fit._measure(*split)
         train_scores.append(m.train_auroc)
         test_scores.append(m.val_auroc)
     return train_scores, test_scores
