@@ -137,11 +137,21 @@ def bench_writes(family: str, batch: int, seq: int, repeats: int) -> tuple[list[
     ]
     if worst > 1e-5:
         raise SystemExit(f"unequal values, not timed: {checks[0]}")
+
+    def plain_cache() -> None:
+        with torch.no_grad():
+            model(ids)
+
+    factored = role("write_value", "write_key", "write_decay", "ssm_state", "conv_state")
     cases = {
         "plain forward": plain,
         "plain forward (again: the noise)": plain,
+        "plain forward filling the model's cache (`model(ids)`)": plain_cache,
         "every write_value + write_key + write_decay (factored)": lambda: backend.run(
             ids, capture=role("write_value", "write_key", "write_decay")
+        ),
+        "every state and every write in factored form (the factors, ssm_state, conv_state)": (
+            lambda: backend.run(ids, capture=factored)
         ),
         "every state_write": lambda: backend.run(ids, capture=role("state_write")),
         "every state_write + ssm_states": lambda: backend.run(
@@ -210,8 +220,10 @@ def main_writes(args: Any) -> int:
             "itself (the noise). Mamba-1 runs archscope's own selective scan "
             "(`archscope_mamba.scan`: transformers' values bit for bit), which keeps the "
             "discretisation and the state after every token, so its write sites cost little; "
-            "Mamba-2's are computed from the mixer's intermediate values (hooks on its "
-            "sub-modules), `ssm_states` by one extra sequential scan per layer in PyTorch. "
+            "Mamba-2's are computed from the inputs the mixer hands transformers' scan module "
+            "(a hook on it: the convolution is not run again), `ssm_states` by one extra "
+            "sequential scan per layer in PyTorch; `ssm_state` and `conv_state` are read from "
+            "the cache the run fills. "
             "Effective attention is a (batch, heads, seq, seq) matrix per layer (Mamba: "
             "per-channel matrices averaged over 8 groups of channels).",
             "",
