@@ -297,12 +297,13 @@ class HybridBackend(HookBackend):
             ctx.extra["hybrid_plan"] = plan
         return plan
 
-    def mask_argument(self, mask: Any) -> Any:
-        """The attention mask as the model takes it. A stack without attention layers gets the
-        per-layer-type mapping the models accept in place of a mask (transformers' causal-mask
-        code needs an attention layer in the cache): the 2D padding mask for the recurrent
-        layers, or None when nothing is padded."""
-        if not self.all_recurrent:
+    def mask_argument(self, mask: Any, cached: bool = True) -> Any:
+        """The attention mask as the model takes it. A stack without attention layers that fills
+        a cache (``cached``) gets the per-layer-type mapping the models accept in place of a mask
+        (transformers' causal-mask code needs an attention layer in the cache): the 2D padding
+        mask for the recurrent layers, or None when nothing is padded. Without a cache the 2D
+        mask is passed as it is (older transformers, 5.6 among them, take no mapping)."""
+        if not (self.all_recurrent and cached):
             return mask
         padded = mask if mask is not None and not bool(mask.all()) else None
         config = self.model.config
@@ -317,12 +318,24 @@ class HybridBackend(HookBackend):
 
             return continue_from_state(self, ctx, plan)
         inputs = dict(ctx.batch)
-        mask = self.mask_argument(inputs.get("attention_mask"))
+        mask = self.mask_argument(inputs.get("attention_mask"), cached=plan.wants_state)
         if mask is None:
             inputs.pop("attention_mask", None)
         else:
             inputs["attention_mask"] = mask
-        output = self.model(**inputs, use_cache=plan.wants_state)
+        try:
+            output = self.model(**inputs, use_cache=plan.wants_state)
+        except (AttributeError, ValueError) as exc:
+            if not (self.all_recurrent and plan.wants_state):
+                raise
+            import transformers
+
+            raise BackendError(
+                f"backend 'hybrid': this model has no attention layer, and transformers "
+                f"{transformers.__version__} cannot fill a cache for such a stack ({exc}), so its "
+                "recurrent states cannot be read; capture token sites only (no ssm_state / "
+                "conv_state, no initial_state), or use transformers 5.25 or later"
+            ) from exc
         if plan.wants_state:
             plan.cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         return output
