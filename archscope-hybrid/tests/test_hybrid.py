@@ -305,3 +305,37 @@ def test_a_right_padded_suffix_from_a_state_continues_each_row_at_its_real_token
     short = backend.run(torch.cat([prefix[1:], suffix[1:, :2]], dim=1), capture=names)
     assert _close(continued.logits[1:, :2], short.logits[:, 5:])
     assert _close(continued["layer_1.conv_state"][1:], short["layer_1.conv_state"])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_stack_without_attention_runs_padded_without_filling_a_cache(side: str) -> None:
+    """Token sites of an all-recurrent stack need no cache: the padded run equals the model's own
+    forward (``use_cache=False``, the 2D mask) on every transformers the package allows; reading a
+    state fills one, which older transformers cannot do for such a stack: then a clear error."""
+    import transformers
+
+    from archscope_hybrid import testing
+
+    # built here, not with make_model: that checks the family from transformers 5.25 on only
+    config_name, model_name, kwargs = testing._SPECS["qwen3_5_linear"]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_name)(
+        vocab_size=testing.VOCAB, hidden_size=testing.D_MODEL, **kwargs
+    )
+    model = getattr(transformers, model_name)(config).eval()
+    backend = Backend.for_model(model)
+    assert isinstance(backend, HybridBackend)
+    ids = random_ids(2, 8, seed=6)
+    batch = padded_batch(ids, [8, 5], side)
+    with torch.no_grad():
+        own = model(**batch, use_cache=False).logits
+    run = backend.run(batch, capture=["logits", "layer_1.residual"])
+    real = batch["attention_mask"].bool()
+    assert _close(run["logits"][real], own[real])
+    release = tuple(int(p) for p in transformers.__version__.split(".")[:2])
+    if release >= (5, 25):
+        state = backend.run(batch, capture=["layer_0.ssm_state"])["layer_0.ssm_state"]
+        assert state.shape[0] == 2
+    else:
+        with pytest.raises(BackendError, match="cannot fill a cache"):
+            backend.run(batch, capture=["layer_0.ssm_state"])
