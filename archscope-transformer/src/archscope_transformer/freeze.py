@@ -1,7 +1,10 @@
 """Freezing a transformer's nonlinearities at one prompt's values (`archscope.freeze`).
 
 Held: every attention pattern (the queries' and keys' projections are held, so the softmax
-sees the prompt's scores while the values stay live), every LayerNorm / RMSNorm scale, and the
+sees the prompt's scores while the values stay live; frozen runs use eager attention, where
+the pattern is a separate softmax of those held scores, a constant, so a backward pass only
+multiplies by it: a fused attention kernel would also compute the held queries' and keys'
+gradients, for nothing), every LayerNorm / RMSNorm scale, and the
 MLPs' nonlinearities (a gated MLP's gate ``act(gate_proj(x))`` is held whole, a plain MLP's
 activation at its slope ``f(u)/u``). What is left is affine in the residual stream.
 
@@ -178,21 +181,24 @@ def _mlp_module(backend: Any, i: int) -> Any:
 
 @contextlib.contextmanager
 def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
-    """Hooks that hold the model's nonlinearities through ``values`` (removed on exit)."""
+    """Hooks that hold the model's nonlinearities through ``values`` (removed on exit), in
+    eager attention (restored on exit)."""
     why = unfreezable(backend.structure)
     if why:
         raise FreezeError(f"cannot freeze {type(backend.model).__name__}: {why}")
     model = backend.model
+    eager = getattr(backend, "_eager_attention", None)
     handles: list[Any] = []
-    try:
-        handles.append(model.register_forward_pre_hook(lambda *_: values.start_run()))
-        handles += _query_key_hooks(backend, values)
-        for n, norm in enumerate(_norms(model)):
-            handles.append(
-                norm.register_forward_hook(_norm_hook(values, ("norm", n)), with_kwargs=True)
-            )
-        handles += _mlp_hooks(backend, values)
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
+    with eager() if callable(eager) else contextlib.nullcontext():
+        try:
+            handles.append(model.register_forward_pre_hook(lambda *_: values.start_run()))
+            handles += _query_key_hooks(backend, values)
+            for n, norm in enumerate(_norms(model)):
+                handles.append(
+                    norm.register_forward_hook(_norm_hook(values, ("norm", n)), with_kwargs=True)
+                )
+            handles += _mlp_hooks(backend, values)
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -75,6 +75,29 @@ def test_a_frozen_run_is_the_model_at_the_prompt_and_affine_around_it(
     assert not backend.model.training
 
 
+def test_a_frozen_run_uses_eager_attention_and_gives_the_model_back_as_it_was(
+    tiny_llama: Any,
+) -> None:
+    """Eager attention inside (the pattern a constant of the held scores: a backward pass
+    does not compute the held queries' and keys' gradients); the model's own setting after."""
+    config = tiny_llama.model.config
+    before = config._attn_implementation
+    config._attn_implementation = "sdpa"
+    try:
+        ids = _ids(tiny_llama)
+        with freeze(tiny_llama, ids):
+            assert config._attn_implementation == "eager"
+            embed = tiny_llama.run(ids, capture=["embed"]).activations["embed"].detach()
+            leaf = embed.clone().requires_grad_(True)
+            edits = [Edit.replace("embed", leaf)]
+            logits = tiny_llama.run(ids, capture=["logits"], edits=edits, grad=True).logits
+            (grad,) = torch.autograd.grad(logits[0, -1, 0], leaf)
+            assert torch.isfinite(grad).all() and bool(grad.abs().sum() > 0)
+        assert config._attn_implementation == "sdpa"
+    finally:
+        config._attn_implementation = before
+
+
 def test_a_frozen_run_refuses_another_length(tiny_llama: Any) -> None:
     ids = _ids(tiny_llama)
     with freeze(tiny_llama, ids), pytest.raises(FreezeError, match="prompt's run"):
