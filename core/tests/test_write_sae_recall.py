@@ -39,12 +39,30 @@ import pytest
 import torch
 
 DATA = Path(__file__).resolve().parent / "data" / "write_sae_recall"
-FAMILIES = ("mamba", "mamba2", "mlstm")
+FAMILIES = ("mamba", "mamba2", "mlstm", "qwen3_next")
+#: the gated-delta and lightning families (archscope-hybrid), built by `_build_hybrid`
+HYBRID = ("qwen3_next", "kimi_linear", "olmo_hybrid", "minimax")
 N_KEYS, PAIRS = 8, 4
 #: family -> (layer, offset): the write storing pair j sits at position 2j + offset of layer
-BINDING = {"mamba": (0, 2), "mamba2": (0, 2), "mlstm": (1, 1)}
+BINDING = {
+    "mamba": (0, 2),
+    "mamba2": (0, 2),
+    "mlstm": (1, 1),
+    "qwen3_next": (0, 1),
+    "kimi_linear": (0, 1),
+    "olmo_hybrid": (1, 1),
+    "minimax": (1, 1),
+}
 #: training: steps of 64 sequences (seed = step), AdamW, warm-up then cosine decay
-RECIPE = {"mamba": (600, 3e-3), "mamba2": (600, 3e-3), "mlstm": (800, 3e-3)}
+RECIPE = {
+    "mamba": (600, 3e-3),
+    "mamba2": (600, 3e-3),
+    "mlstm": (800, 3e-3),
+    "qwen3_next": (600, 3e-3),
+    "kimi_linear": (600, 3e-3),
+    "olmo_hybrid": (600, 3e-3),
+    "minimax": (800, 3e-3),
+}
 HELDOUT_SEED = 1_000_000  # above every training seed
 
 
@@ -65,6 +83,15 @@ def build(family: str) -> Any:
 
     torch.manual_seed(0)
     vocab = 2 * N_KEYS + 2
+    if family in HYBRID:
+        model = _build_hybrid(family, vocab)
+        # transformers' default decay rates forget a write within a token or two: slow ones
+        # (as in test_write_sae_delta.py) keep the pairs until the query
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("A_log"):
+                    p.copy_(torch.empty_like(p).uniform_(0.001, 0.1).log())
+        return model
     if family == "mamba":
         return transformers.MambaForCausalLM(
             transformers.MambaConfig(
@@ -113,6 +140,95 @@ def build(family: str) -> Any:
     return model
 
 
+def _build_hybrid(family: str, vocab: int) -> Any:
+    """One recurrent layer of one head with its short convolution (Qwen3-Next, KDA; OLMo-hybrid's
+    config needs an attention layer: one goes first), or two layers of lightning attention (no
+    convolution), d_model 64."""
+    import transformers
+
+    # no cache: a cache of linear layers only cannot make the (unused) attention mask
+    common: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=64, use_cache=False
+    )
+    gdn: dict[str, Any] = dict(
+        linear_num_value_heads=1,
+        linear_num_key_heads=1,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        linear_conv_kernel_dim=4,
+    )
+    attention: dict[str, Any] = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    if family == "qwen3_next":
+        return transformers.Qwen3NextForCausalLM(
+            transformers.Qwen3NextConfig(
+                **common,
+                **gdn,
+                **attention,
+                num_hidden_layers=1,
+                layer_types=["linear_attention"],
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=16,
+                decoder_sparse_step=2,  # layer 0 dense
+            )
+        )
+    if family == "kimi_linear":
+        return transformers.KimiLinearForCausalLM(
+            transformers.KimiLinearConfig(
+                **common,
+                num_hidden_layers=1,
+                layer_types=["linear_attention"],
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                linear_attn_config=dict(head_dim=32, num_heads=1, short_conv_kernel_size=4),
+                mlp_layer_types=["dense"],
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+        )
+    if family == "olmo_hybrid":
+        return transformers.OlmoHybridForCausalLM(
+            transformers.OlmoHybridConfig(
+                **common,
+                **gdn,
+                num_hidden_layers=2,
+                layer_types=["full_attention", "linear_attention"],
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                pad_token_id=0,
+                eos_token_id=2,  # the defaults lie outside a small vocabulary
+            )
+        )
+    model = transformers.MiniMaxForCausalLM(
+        transformers.MiniMaxConfig(
+            **common,
+            num_hidden_layers=2,
+            layer_types=["linear_attention", "linear_attention"],
+            num_attention_heads=1,
+            num_key_value_heads=1,
+            head_dim=32,
+            num_local_experts=2,
+            num_experts_per_tok=1,
+            block_size=4,
+        )
+    )
+    # lightning attention's decays are fixed by the layer's place; layer 0 must mix in the
+    # tokens just before (fast decay), layer 1 keep the pairs (slow)
+    with torch.no_grad():
+        for layer, rate in zip(model.model.layers, (1.0, 0.01), strict=True):
+            mixer = layer.self_attn
+            mixer.slope_rate.fill_(rate)
+            for buffer, value in zip(
+                ("query_decay", "key_decay", "diagonal_decay"),
+                mixer.decay_factors(mixer.slope_rate),
+                strict=True,
+            ):
+                getattr(mixer, buffer).copy_(value)
+    return model
+
+
 def recall_accuracy(model: Any, n: int = 1000, seed: int = HELDOUT_SEED) -> float:
     ids, answer, _ = mqar(n, seed)
     with torch.no_grad():
@@ -158,13 +274,13 @@ def main(families: list[str]) -> None:
     warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch.*")
     DATA.mkdir(parents=True, exist_ok=True)
     index = DATA / "recipes.json"
-    records = json.loads(index.read_text()) if index.is_file() else {}
     for family in families:
         model, record = train(family)
         model.save_pretrained(DATA / family)
+        records = json.loads(index.read_text()) if index.is_file() else {}
         records[family] = record
+        index.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
         print(family, record)
-    index.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -178,7 +294,14 @@ def _one_thread() -> Any:
 
 
 def _needs(family: str) -> None:
-    pytest.importorskip("archscope_recurrent" if family == "mlstm" else "archscope_mamba")
+    if family in HYBRID:
+        pytest.importorskip("archscope_hybrid")
+        from archscope_hybrid.testing import missing
+
+        if missing(family):
+            pytest.skip(str(missing(family)))
+    else:
+        pytest.importorskip("archscope_recurrent" if family == "mlstm" else "archscope_mamba")
     warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch.*")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
