@@ -44,8 +44,8 @@ import torch
 
 DATA = Path(__file__).resolve().parent / "data" / "write_sae_recall"
 FAMILIES = ("mamba", "mamba2", "mlstm", "qwen3_next", "kimi_linear")
-#: the gated-delta and lightning families (archscope-hybrid), built by `_build_hybrid`
-HYBRID = ("qwen3_next", "kimi_linear", "olmo_hybrid", "minimax")
+#: the delta-rule families (archscope-hybrid), built by `_build_hybrid`
+HYBRID = ("qwen3_next", "kimi_linear")
 N_KEYS, PAIRS = 8, 4
 #: family -> (layer, offset): the write storing pair j sits at position 2j + offset of layer
 BINDING = {
@@ -54,8 +54,6 @@ BINDING = {
     "mlstm": (1, 1),
     "qwen3_next": (0, 1),
     "kimi_linear": (0, 1),
-    "olmo_hybrid": (1, 1),
-    "minimax": (1, 1),
 }
 #: training: steps of 64 sequences (seed = step), AdamW, warm-up then cosine decay
 RECIPE = {
@@ -64,10 +62,7 @@ RECIPE = {
     "mlstm": (800, 3e-3),
     "qwen3_next": (600, 3e-3),
     "kimi_linear": (200, 3e-3),
-    "olmo_hybrid": (600, 3e-3),
-    "minimax": (800, 3e-3),
 }
-SLOPES = (1.0, 0.01)  # lightning attention: layer 0 forgets fast, layer 1 keeps the pairs
 HELDOUT_SEED = 1_000_000  # above every training seed
 
 
@@ -146,29 +141,26 @@ def build(family: str) -> Any:
 
 
 def _build_hybrid(family: str, vocab: int) -> Any:
-    """One recurrent layer of one head with its short convolution (Qwen3-Next, KDA; OLMo-hybrid's
-    config needs an attention layer: one goes first), or two layers of lightning attention (no
-    convolution), d_model 64."""
+    """One recurrent layer of one head (d_k = d_v = 32) with its short convolution, d_model 64:
+    Qwen3-Next's gated delta net or KDA."""
     import transformers
 
     # no cache: a cache of linear layers only cannot make the (unused) attention mask
     common: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=64, use_cache=False
     )
-    gdn: dict[str, Any] = dict(
-        linear_num_value_heads=1,
-        linear_num_key_heads=1,
-        linear_key_head_dim=32,
-        linear_value_head_dim=32,
-        linear_conv_kernel_dim=4,
-    )
-    attention: dict[str, Any] = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     if family == "qwen3_next":
         return transformers.Qwen3NextForCausalLM(
             transformers.Qwen3NextConfig(
                 **common,
-                **gdn,
-                **attention,
+                linear_num_value_heads=1,
+                linear_num_key_heads=1,
+                linear_key_head_dim=32,
+                linear_value_head_dim=32,
+                linear_conv_kernel_dim=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
                 num_hidden_layers=1,
                 layer_types=["linear_attention"],
                 num_experts=4,
@@ -178,62 +170,22 @@ def _build_hybrid(family: str, vocab: int) -> Any:
                 decoder_sparse_step=2,  # layer 0 dense
             )
         )
-    if family == "kimi_linear":
-        return transformers.KimiLinearForCausalLM(
-            transformers.KimiLinearConfig(
-                **common,
-                num_hidden_layers=1,
-                layer_types=["linear_attention"],
-                num_attention_heads=4,
-                num_key_value_heads=4,
-                # a kernel of 2: only the value's position sees the pair (with 4 the next
-                # key's does too, and deleting either write left recall at 0.97-1.0)
-                linear_attn_config=dict(head_dim=32, num_heads=1, short_conv_kernel_size=2),
-                mlp_layer_types=["dense"],
-                pad_token_id=0,
-                bos_token_id=1,
-                eos_token_id=2,
-            )
-        )
-    if family == "olmo_hybrid":
-        return transformers.OlmoHybridForCausalLM(
-            transformers.OlmoHybridConfig(
-                **common,
-                **gdn,
-                num_hidden_layers=2,
-                layer_types=["full_attention", "linear_attention"],
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                pad_token_id=0,
-                eos_token_id=2,  # the defaults lie outside a small vocabulary
-            )
-        )
-    model = transformers.MiniMaxForCausalLM(
-        transformers.MiniMaxConfig(
+    return transformers.KimiLinearForCausalLM(
+        transformers.KimiLinearConfig(
             **common,
-            num_hidden_layers=2,
-            layer_types=["linear_attention", "linear_attention"],
-            num_attention_heads=1,
-            num_key_value_heads=1,
-            head_dim=32,
-            num_local_experts=2,
-            num_experts_per_tok=1,
-            block_size=4,
+            num_hidden_layers=1,
+            layer_types=["linear_attention"],
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            # a kernel of 2: only the value's position sees the pair (with 4 the next key's
+            # does too, and deleting either write left recall at 0.97-1.0)
+            linear_attn_config=dict(head_dim=32, num_heads=1, short_conv_kernel_size=2),
+            mlp_layer_types=["dense"],
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         )
     )
-    # lightning attention's decays are fixed by the layer's place; layer 0 must mix in the
-    # tokens just before (fast decay), layer 1 keep the pairs (slow)
-    with torch.no_grad():
-        for layer, rate in zip(model.model.layers, SLOPES, strict=True):
-            mixer = layer.self_attn
-            mixer.slope_rate.fill_(rate)
-            for buffer, value in zip(
-                ("query_decay", "key_decay", "diagonal_decay"),
-                mixer.decay_factors(mixer.slope_rate),
-                strict=True,
-            ):
-                getattr(mixer, buffer).copy_(value)
-    return model
 
 
 def recall_accuracy(model: Any, n: int = 1000, seed: int = HELDOUT_SEED) -> float:
