@@ -1,4 +1,5 @@
-"""Write SAEs on small recall models of Mamba, Mamba-2 and mLSTM (Hugging Face xLSTM), trained
+"""Write SAEs on small recall models of Mamba, Mamba-2, mLSTM (Hugging Face xLSTM), Qwen3-Next's
+gated delta net and Kimi delta attention (KDA), trained
 once on multi-query associative recall and shipped as test data (safetensors + config JSON in
 ``data/write_sae_recall/``; ``python core/tests/test_write_sae_recall.py`` retrains them, on one
 CPU thread with fixed seeds, in a few minutes).
@@ -12,7 +13,10 @@ write stores each binding:
   one at the position after the value (measured: deleting it drops recall from 1.0 to 0.31-0.33,
   deleting the key's or the value's own write leaves it at 1.0);
 - mLSTM (no convolution): two layers of one head; layer 0 mixes each token with the ones before
-  it, layer 1 stores the pair at the value (deleting it: recall 0.12; its other writes: 1.0).
+  it, layer 1 stores the pair at the value (deleting it: recall 0.12; its other writes: 1.0);
+- Qwen3-Next and KDA: one layer of one head (d_k 32) with slow decays; the short convolution
+  (kernel 4 for Qwen3-Next, 2 for KDA) brings the key into the value's position, where the
+  delta rule stores the pair (deleting it: recall 0.42 for Qwen3-Next, 0.14 for KDA).
 
 Checked here on each: held-out recall ≥ 0.95; the binding write is where the deletion says;
 the atoms at the binding writes each stand for one (key, value) pair; substituting the atom for
@@ -39,12 +43,26 @@ import pytest
 import torch
 
 DATA = Path(__file__).resolve().parent / "data" / "write_sae_recall"
-FAMILIES = ("mamba", "mamba2", "mlstm")
+FAMILIES = ("mamba", "mamba2", "mlstm", "qwen3_next", "kimi_linear")
+#: the delta-rule families (archscope-hybrid), built by `_build_hybrid`
+HYBRID = ("qwen3_next", "kimi_linear")
 N_KEYS, PAIRS = 8, 4
 #: family -> (layer, offset): the write storing pair j sits at position 2j + offset of layer
-BINDING = {"mamba": (0, 2), "mamba2": (0, 2), "mlstm": (1, 1)}
+BINDING = {
+    "mamba": (0, 2),
+    "mamba2": (0, 2),
+    "mlstm": (1, 1),
+    "qwen3_next": (0, 1),
+    "kimi_linear": (0, 1),
+}
 #: training: steps of 64 sequences (seed = step), AdamW, warm-up then cosine decay
-RECIPE = {"mamba": (600, 3e-3), "mamba2": (600, 3e-3), "mlstm": (800, 3e-3)}
+RECIPE = {
+    "mamba": (600, 3e-3),
+    "mamba2": (600, 3e-3),
+    "mlstm": (800, 3e-3),
+    "qwen3_next": (600, 3e-3),
+    "kimi_linear": (200, 3e-3),
+}
 HELDOUT_SEED = 1_000_000  # above every training seed
 
 
@@ -65,6 +83,15 @@ def build(family: str) -> Any:
 
     torch.manual_seed(0)
     vocab = 2 * N_KEYS + 2
+    if family in HYBRID:
+        model = _build_hybrid(family, vocab)
+        # transformers' default decay rates forget a write within a token or two: slow ones
+        # (as in test_write_sae_delta.py) keep the pairs until the query
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("A_log"):
+                    p.copy_(torch.empty_like(p).uniform_(0.001, 0.1).log())
+        return model
     if family == "mamba":
         return transformers.MambaForCausalLM(
             transformers.MambaConfig(
@@ -113,6 +140,54 @@ def build(family: str) -> Any:
     return model
 
 
+def _build_hybrid(family: str, vocab: int) -> Any:
+    """One recurrent layer of one head (d_k = d_v = 32) with its short convolution, d_model 64:
+    Qwen3-Next's gated delta net or KDA."""
+    import transformers
+
+    # no cache: a cache of linear layers only cannot make the (unused) attention mask
+    common: dict[str, Any] = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=64, use_cache=False
+    )
+    if family == "qwen3_next":
+        return transformers.Qwen3NextForCausalLM(
+            transformers.Qwen3NextConfig(
+                **common,
+                linear_num_value_heads=1,
+                linear_num_key_heads=1,
+                linear_key_head_dim=32,
+                linear_value_head_dim=32,
+                linear_conv_kernel_dim=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                num_hidden_layers=1,
+                layer_types=["linear_attention"],
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=16,
+                decoder_sparse_step=2,  # layer 0 dense
+            )
+        )
+    return transformers.KimiLinearForCausalLM(
+        transformers.KimiLinearConfig(
+            **common,
+            num_hidden_layers=1,
+            layer_types=["linear_attention"],
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            # a kernel of 2: only the value's position sees the pair (with 4 the next key's
+            # does too, and deleting either write left recall at 0.97-1.0)
+            linear_attn_config=dict(head_dim=32, num_heads=1, short_conv_kernel_size=2),
+            mlp_layer_types=["dense"],
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+    )
+
+
 def recall_accuracy(model: Any, n: int = 1000, seed: int = HELDOUT_SEED) -> float:
     ids, answer, _ = mqar(n, seed)
     with torch.no_grad():
@@ -158,13 +233,13 @@ def main(families: list[str]) -> None:
     warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch.*")
     DATA.mkdir(parents=True, exist_ok=True)
     index = DATA / "recipes.json"
-    records = json.loads(index.read_text()) if index.is_file() else {}
     for family in families:
         model, record = train(family)
         model.save_pretrained(DATA / family)
+        records = json.loads(index.read_text()) if index.is_file() else {}
         records[family] = record
+        index.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
         print(family, record)
-    index.write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -178,7 +253,14 @@ def _one_thread() -> Any:
 
 
 def _needs(family: str) -> None:
-    pytest.importorskip("archscope_recurrent" if family == "mlstm" else "archscope_mamba")
+    if family in HYBRID:
+        pytest.importorskip("archscope_hybrid")
+        from archscope_hybrid.testing import missing
+
+        if missing(family):
+            pytest.skip(str(missing(family)))
+    else:
+        pytest.importorskip("archscope_recurrent" if family == "mlstm" else "archscope_mamba")
     warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch.*")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -229,7 +311,7 @@ def test_recall_fixture_ships_small_and_recalls(family: str) -> None:
     size = sum(f.stat().st_size for f in folder.iterdir())
     assert size < 600_000, size
     accuracy = recall_accuracy(_model(family))
-    # measured 0.999 (Mamba), 1.000 (Mamba-2), 0.999 (mLSTM)
+    # measured 0.999 (Mamba), 1.000 (Mamba-2), 0.999 (mLSTM), 1.000 (Qwen3-Next, KDA)
     assert accuracy >= 0.95, accuracy
     shipped = json.loads((DATA / "recipes.json").read_text())[family]
     assert abs(shipped["heldout_accuracy"] - accuracy) < 0.01, (shipped, accuracy)
@@ -265,7 +347,8 @@ def test_the_binding_write_is_where_deletion_says(family: str) -> None:
         recall[offset] = float((logits[:, -1].argmax(-1) == answer).float().mean())
     print(family, "recall with the write at 2j + offset deleted:", recall)
     # measured: Mamba {0: 1.0, 1: 1.0, 2: 0.31}, Mamba-2 {0: 1.0, 1: 1.0, 2: 0.325},
-    # mLSTM layer 1 {0: 1.0, 1: 0.12, 2: 1.0, 3: 1.0}
+    # mLSTM layer 1 {0: 1.0, 1: 0.12, 2: 1.0, 3: 1.0}, Qwen3-Next {0: 1.0, 1: 0.42, 2: 0.985,
+    # 3: 1.0}, KDA {0: 1.0, 1: 0.135, 2: 1.0, 3: 1.0}
     assert recall.pop(binding) <= 0.5
     assert min(recall.values()) >= 0.95, recall
 
@@ -302,7 +385,8 @@ def test_recall_binding_writes_are_atoms(family: str) -> None:
     print(
         f"{family}: {len(pairs)} binding writes, {atoms} atoms, purity {measured:.3f} ({shuffled:.3f})"
     )
-    # measured 0.918 (Mamba), 0.995 (Mamba-2), 0.990 (mLSTM); shuffled 0.13-0.19
+    # measured 0.918 (Mamba), 0.995 (Mamba-2), 0.990 (mLSTM), 0.980 (Qwen3-Next), 0.925 (KDA);
+    # shuffled 0.13-0.19
     assert measured >= 0.85 and shuffled <= 0.5, (measured, shuffled)
 
 
