@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from archscope import ParameterError
+
 if TYPE_CHECKING:
     import torch
 
@@ -91,9 +93,11 @@ def selective_scan(
 
     unknown = set(keep) - KEEPABLE
     if unknown:
-        raise ValueError(f"selective_scan: keep takes {sorted(KEEPABLE)}, got {sorted(unknown)}")
+        raise ParameterError(
+            f"selective_scan: keep takes {sorted(KEEPABLE)}, got {sorted(unknown)}"
+        )
     if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"selective_scan: chunk is a number of tokens ≥ 1, got {chunk!r}")
+        raise ParameterError(f"selective_scan: chunk is a number of tokens ≥ 1, got {chunk!r}")
     batch, channels, seq = x.shape
     n = A.shape[-1]
     dt = time_step if dt_bias is None else time_step + dt_bias.to(time_step.dtype)[..., None]

@@ -133,6 +133,11 @@ class ScanParts:
     A: torch.Tensor
     B: torch.Tensor
     C: torch.Tensor
+    #: the unedited write when the layer's own scan formed it (then it is used as it is, so that
+    #: an edited run's values equal an unedited run's bit for bit)
+    write: torch.Tensor | None = None
+    #: likewise the unedited states after every position
+    states: torch.Tensor | None = None
 
     @property
     def value(self) -> torch.Tensor:
@@ -214,7 +219,9 @@ class _LayerRun:
     handles: list[Any] = field(default_factory=list)
 
 
-def _parts_mamba(mixer: Any, seen: _LayerRun) -> ScanParts:
+def _parts_mamba(mixer: Any, seen: _LayerRun, record: ScanRecord | None = None) -> ScanParts:
+    """The layer's scan inputs: from its own scan's record where it ran (the values every
+    unedited run reports), else recomputed from ``x_proj``'s input and output."""
     import torch
     import torch.nn.functional as F
 
@@ -222,11 +229,19 @@ def _parts_mamba(mixer: Any, seen: _LayerRun) -> ScanParts:
     n = int(mixer.ssm_state_size)
     rank = int(mixer.time_step_rank)
     time_step, B, C = torch.split(seen.ssm_params.float(), [rank, n, n], dim=-1)
-    bias = mixer.dt_proj.bias
-    dt = time_step @ mixer.dt_proj.weight.float().T
-    if bias is not None:
-        dt = dt + bias.float()
-    dt = F.softplus(dt)
+    write = states = None
+    if record is not None:
+        x, dt, B = record.x.float(), record.dt, record.B.float()
+        if record.writes is not None:
+            write = record.writes[:, :, :, None, :]
+        if record.states is not None:
+            states = record.states[:, :, :, None, :]
+    else:
+        bias = mixer.dt_proj.bias
+        dt = time_step @ mixer.dt_proj.weight.float().T
+        if bias is not None:
+            dt = dt + bias.float()
+        dt = F.softplus(dt)
     d = x.shape[-1]
     return ScanParts(
         x=x[..., None],
@@ -234,6 +249,8 @@ def _parts_mamba(mixer: Any, seen: _LayerRun) -> ScanParts:
         A=-torch.exp(mixer.A_log.float()),
         B=B[:, :, None, :].expand(-1, -1, d, -1),
         C=C[:, :, None, :].expand(-1, -1, d, -1),
+        write=write,
+        states=states,
     )
 
 
@@ -436,8 +453,9 @@ class _LayerWrites:
 
     def effect(self, parts: ScanParts) -> torch.Tensor | None:
         """Record the captures; the change of the scan output that the edits make (or None)."""
-        value = self.site_value("write_value", parts.value)
-        key = self.site_value("write_key", parts.B)
+        clean_value, clean_key = parts.value, parts.B  # `value` is computed on each access
+        value = self.site_value("write_value", clean_value)
+        key = self.site_value("write_key", clean_key)
         decay = parts.decay
         if "write_decay" in self.capture:
             self.store("write_decay", self.caller(self.layout.to_site("write_decay", decay)))
@@ -446,14 +464,21 @@ class _LayerWrites:
             self.store("effective_attention", unroll_square(attention, self.shift, self.roll))
         if not (self.edited or {"state_write", "ssm_states"} & self.capture):
             return None  # the factors alone: the (larger) write is not materialised
-        write = self.site_value("state_write", ScanParts.write_of(value, key))
+        clean = ScanParts.write_of(clean_value, clean_key)
+        base = parts.write if parts.write is not None else clean
+        if value is not clean_value or key is not clean_key:  # edited factors: their change
+            base = base + (ScanParts.write_of(value, key) - clean)
+        write = self.site_value("state_write", base)
+        delta = write - (parts.write if parts.write is not None else clean)
+        delta_states = linear_scan(decay, delta) if self.edited else None
         if "ssm_states" in self.capture:
-            states = self.layout.to_site("ssm_states", linear_scan(decay, write))
-            self.store("ssm_states", self.caller(states))
-        if not self.edited:
+            if parts.states is None:
+                states = linear_scan(decay, write)
+            else:  # the unedited states plus what the edits change
+                states = parts.states if delta_states is None else parts.states + delta_states
+            self.store("ssm_states", self.caller(self.layout.to_site("ssm_states", states)))
+        if delta_states is None:
             return None
-        delta = write - ScanParts.write_of(parts.value, parts.B)
-        delta_states = linear_scan(decay, delta)
         self.seen.delta_state = delta_states[:, -1]
         return parts.read(delta_states).flatten(2)
 
@@ -473,7 +498,7 @@ def _hook_mamba(mixer: Any, writes: _LayerWrites, seen: _LayerRun) -> None:
         record = scan_record(writes.run.extra, writes.index)
         if record is not None and writes.from_record(record):
             return None
-        change = writes.effect(_parts_mamba(mixer, seen))
+        change = writes.effect(_parts_mamba(mixer, seen, record))
         if change is None:
             return None
         gated = args[0] + (change * F.silu(seen.gate.float())).to(args[0].dtype)
