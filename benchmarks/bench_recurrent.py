@@ -87,23 +87,12 @@ def mlstm_section(repeats: int, threads: int) -> str:
     import warnings
 
     from bench_hybrid import TARGET, capture_cases, rows_for
-    from transformers import xLSTMConfig, xLSTMForCausalLM
 
     from archscope import Backend
+    from archscope_recurrent.testing import tiny_xlstm
 
     warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-    config = xLSTMConfig(
-        vocab_size=256,
-        hidden_size=128,
-        embedding_dim=128,
-        num_hidden_layers=4,
-        num_blocks=4,
-        num_heads=4,
-        qk_dim_factor=1.0,
-        v_dim_factor=1.0,
-    )
-    model = xLSTMForCausalLM(config).eval()
+    model = tiny_xlstm(num_layers=4, width=128, vocab=256)
     backend = Backend.for_model(model)
     rows = []
     for batch, seq in ((4, 128), (1, 512)):

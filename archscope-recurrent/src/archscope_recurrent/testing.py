@@ -74,16 +74,16 @@ def tiny_rwkv(num_layers: int = 2, rescale_every: int = 6, seed: int = 0) -> Any
     return RwkvForCausalLM(config).eval()
 
 
-def tiny_xlstm(num_layers: int = 2, seed: int = 0) -> Any:
-    """A Hugging Face ``xLSTMForCausalLM`` (hidden 64: the head dims round up to 64;
-    ``qk_dim_factor=1.0`` because the default fails on tiny configs)."""
+def tiny_xlstm(num_layers: int = 2, seed: int = 0, width: int = 64, vocab: int = VOCAB) -> Any:
+    """A Hugging Face ``xLSTMForCausalLM`` of 4 heads (``width`` at least 64: the head dims
+    round up to 64; ``qk_dim_factor=1.0`` because the default fails on tiny configs)."""
     from transformers import xLSTMConfig, xLSTMForCausalLM
 
     torch.manual_seed(seed)
     config = xLSTMConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        embedding_dim=64,
+        vocab_size=vocab,
+        hidden_size=width,
+        embedding_dim=width,
         num_hidden_layers=num_layers,
         num_blocks=num_layers,
         num_heads=4,
