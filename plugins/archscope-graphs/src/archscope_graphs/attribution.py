@@ -624,10 +624,9 @@ def _scores(graph: AttributionGraph, rows: _Rows) -> dict[str, float]:
     embeds = torch.tensor([k == "embedding" for k in kinds])
     if not len(kinds):
         return {"replacement": 1.0, "completeness": 1.0}
-    a = rows.values.abs().double()
-    total = a.sum(1)
-    error_share = torch.where(total > 0, a[:, errors].sum(1) / total.clamp_min(1e-300), 0.0)
-    a.div_(total.clamp_min(1e-300)[:, None])  # normalised in place (as `_normalised`)
+    a = _normalised(rows.values)
+    total = a.sum(1)  # 1 on rows with any edge, 0 on all-zero rows
+    error_share = a[:, errors].sum(1)  # the normalised rows' share from error nodes
     weights = _logit_weights(graph)
     influence = _influence(rows.index, a, weights)
     from_errors = float(influence[errors].sum())
