@@ -278,6 +278,22 @@ def test_bad_requests_are_refused(tiny_llama: Any, zoo: Any) -> None:
         edge_heads(tiny_llama, torch.tensor([[5, 6, 7, 9]]), graph, graph.targets[0], 0)
 
 
+def test_a_feature_edge_without_its_transcoders_is_refused(
+    tiny_llama: Any, make_transcoders: Any
+) -> None:
+    tcs = make_transcoders(tiny_llama.site_info("layer_0.mlp").dim, 2)
+    ids = torch.randint(4, 90, (1, 7), generator=torch.Generator().manual_seed(2))
+    graph = attribute(tiny_llama, ids, transcoders=tcs, prune=False)
+    feature = next(i for i, n in enumerate(graph.nodes) if n.kind == "feature" and n.layer == 1)
+    embedding = next(i for i, n in enumerate(graph.nodes) if n.kind == "embedding")
+    source = next(i for i, n in enumerate(graph.nodes) if n.kind == "feature" and n.layer == 0)
+    # a feature target, then a feature source, with no transcoders to read them
+    with pytest.raises(ParameterError, match="no transcoder reads 'layer_1.*pass the transcoders"):
+        edge_heads(tiny_llama, ids, graph, feature, embedding)
+    with pytest.raises(ParameterError, match="no transcoder reads 'layer_0.*pass the transcoders"):
+        edge_heads(tiny_llama, ids, graph, graph.targets[0], source)
+
+
 def test_the_docs_example_runs_and_says_what_it_prints() -> None:
     import re
     from pathlib import Path

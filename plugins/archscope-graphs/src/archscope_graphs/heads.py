@@ -44,6 +44,7 @@ from archscope.errors import ParameterError
 from archscope.freeze import FreezeError, FrozenValues, frozen_norm
 from archscope.sites import Site
 
+from .interventions import _node_changes, _transcoder_of
 from .replacement import ReplacementModel, _prompt_ids
 from .types import AttributionGraph, Node, Transcoder
 
@@ -167,6 +168,8 @@ def edge_heads(
         raise ParameterError(
             f"the target of an edge is a logit or feature node; {t_node.id} is a {t_node.kind} node"
         )
+    if t_node.kind == "feature":
+        _transcoder_of(t_node, transcoders or ())  # a clear error before any run
     contrast = graph.metadata.get("contrast_token")
     with ReplacementModel.build(backend, prompt, transcoders, tokenizer) as rm:
         if rm.prompt[0].tolist() != list(graph.tokens):
@@ -213,33 +216,23 @@ def _node(graph: AttributionGraph, ref: int | str) -> Node:
 
 def _without(rm: ReplacementModel, node: Node) -> dict[str, torch.Tensor]:
     """The leaf values of ``rm`` with ``node``'s vector taken out of its site."""
-    p = node.position
-    if node.kind == "embedding":
-        embed = rm.embed.clone()
-        embed[p] = 0
-        return {"embed": embed}
     if node.kind == "error":
         site = node.site or ""
         value = rm.direct[site].clone()
-        value[p] -= rm.errors[site][p]
+        value[node.position] -= rm.errors[site][node.position]
         return {site: value}
-    if node.kind == "feature":
-        t = next((t for t in rm.transcoders if t.read_site == node.site), None)
-        if t is None:
-            raise ParameterError(
-                f"no transcoder reads {node.site!r} (node {node.id}); pass the transcoders the "
-                "graph was computed with"
-            )
-        out = {}
-        for site in t.write_sites:
-            value = rm.direct[site].clone()
-            value[p] -= node.value * t.decoder(site)[node.index or 0].detach().float()
-            out[site] = value
-        return out
-    raise ParameterError(
-        f"the source of an edge is a feature, error or embedding node; {node.id} is a "
-        f"{node.kind} node"
-    )
+    if node.kind not in ("feature", "embedding"):
+        raise ParameterError(
+            f"the source of an edge is a feature, error or embedding node; {node.id} is a "
+            f"{node.kind} node"
+        )
+    out = {}
+    leaves = {"embed": rm.embed, **rm.direct}
+    for site, change in _node_changes(node, 0.0, rm.transcoders, rm.embed):
+        value = leaves[site].clone()
+        value[node.position] += change.to(value.dtype)
+        out[site] = value
+    return out
 
 
 def _target_value(live: Any, node: Node, rm: ReplacementModel, contrast: int | None) -> Any:
@@ -247,7 +240,7 @@ def _target_value(live: Any, node: Node, rm: ReplacementModel, contrast: int | N
         logits = live.logits[0, node.position]
         value = logits[node.index or 0]
         return value - logits[contrast] if contrast is not None else value
-    t = next(t for t in rm.transcoders if t.read_site == node.site)
+    t = _transcoder_of(node, rm.transcoders)
     return live.reads[t.read_site][0, node.position].float() @ t.encoder()[node.index or 0].float()
 
 
