@@ -76,6 +76,17 @@ def test_qk_on_the_hand_built_circuit_finds_the_previous_token_head_on_the_key_s
     assert result.top("key", 1)[0].name == prev
     assert result.term("key", prev).value > 0.95 * result.score
     assert result.top("query", 1)[0].kind == "embedding"
+    # by size: the same terms ordered by |part|, the largest first
+    terms = result.key_terms
+    assert [t.name for t in result.top("key", len(terms), by_abs=True)] == [
+        t.name for t in sorted(terms, key=lambda t: -abs(t.value))
+    ]
+    assert result.top("key", 1, by_abs=True)[0].name == prev
+    for side in ("keys", "value", ""):
+        with pytest.raises(ParameterError, match=f"side is 'key' or 'query', got {side!r}"):
+            result.term(side, prev)
+        with pytest.raises(ParameterError, match="side is 'key' or 'query'"):
+            result.top(side)
     # ablating the previous-token head in the real model takes the attention away
     handle = _zero_gpt2_head(model, *gt.PREV_HEAD)
     try:

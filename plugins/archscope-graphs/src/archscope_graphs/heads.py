@@ -285,22 +285,27 @@ class QKAttribution:
     pairs: torch.Tensor
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def top(self, side: str = "key", n: int = 5) -> list[QKTerm]:
-        """The ``n`` terms of one side (``"key"`` or ``"query"``) with the largest parts."""
-        if side not in ("key", "query"):
-            raise ParameterError(f"side is 'key' or 'query', got {side!r}")
-        terms = self.key_terms if side == "key" else self.query_terms
-        return sorted(terms, key=lambda t: -t.value)[:n]
+    def top(self, side: str = "key", n: int = 5, *, by_abs: bool = False) -> list[QKTerm]:
+        """The ``n`` terms of one side (``"key"`` or ``"query"``) with the largest parts: the
+        ones raising the score most (signed), or with ``by_abs=True`` the largest by size
+        either way (as `EdgeHeads.top` ranks heads)."""
+        terms = self._side(side)
+        return sorted(terms, key=lambda t: -abs(t.value) if by_abs else -t.value)[:n]
 
     def term(self, side: str, name: str) -> QKTerm:
-        """The term called ``name`` (e.g. ``"L0H2"``) on one side."""
-        terms = self.key_terms if side == "key" else self.query_terms
+        """The term called ``name`` (e.g. ``"L0H2"``) on one side (``"key"`` or ``"query"``)."""
+        terms = self._side(side)
         for t in terms:
             if t.name == name:
                 return t
         raise ParameterError(
             f"no {side} term {name!r}; terms: {', '.join(t.name for t in terms[:12])}..."
         )
+
+    def _side(self, side: str) -> list[QKTerm]:
+        if side not in ("key", "query"):
+            raise ParameterError(f"side is 'key' or 'query', got {side!r}")
+        return self.key_terms if side == "key" else self.query_terms
 
 
 @dataclass
