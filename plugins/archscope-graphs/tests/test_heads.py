@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import ground_truth as gt
+import numpy as np
 import pytest
 import torch
 
@@ -280,7 +281,29 @@ def test_bad_requests_are_refused(tiny_llama: Any, zoo: Any) -> None:
     _, _, lstm = zoo["lstm"]
     with pytest.raises(ParameterError, match="transformer backend"):
         qk_attribution(lstm, ids, 0, 0, 3, 1)
+    with pytest.raises(ParameterError, match=r"query must be an integer, got 3.0 \(float\)"):
+        qk_attribution(tiny_llama, ids, 1, 0, 3.0, 1)
+    with pytest.raises(ParameterError, match=r"key must be an integer, got 1.5 \(float\)"):
+        qk_attribution(tiny_llama, ids, 1, 0, 3, 1.5)
+    with pytest.raises(ParameterError, match="head must be an integer"):
+        qk_attribution(tiny_llama, ids, 1, torch.tensor(0.0), 3, 1)
+    # numpy and tensor integers are positions like ints
+    plain = qk_attribution(tiny_llama, ids, 1, 0, 3, 1)
+    typed = qk_attribution(tiny_llama, ids, np.int64(1), 0, torch.tensor(3), np.int32(1))
+    assert typed.score == plain.score and typed.query == 3 and typed.key == 1
     graph = attribute(tiny_llama, ids, prune=False)
+    with pytest.raises(ParameterError, match=r"a node \(its index in the graph, or its id\)"):
+        edge_heads(tiny_llama, ids, graph, graph.targets[0], 1.0)
+    with pytest.raises(ParameterError, match="node index 999 outside"):
+        edge_heads(tiny_llama, ids, graph, graph.targets[0], np.int64(999))
+    source = next(i for i, n in enumerate(graph.nodes) if n.kind == "embedding")
+    by_int = edge_heads(tiny_llama, ids, graph, graph.targets[0], source)
+    by_numpy = edge_heads(tiny_llama, ids, graph, np.int64(graph.targets[0]), torch.tensor(source))
+    assert (by_numpy.source, by_numpy.target, by_numpy.edge) == (
+        by_int.source,
+        by_int.target,
+        by_int.edge,
+    )
     with pytest.raises(ParameterError, match="logit or feature node"):
         edge_heads(tiny_llama, ids, graph, 0, graph.targets[0])
     with pytest.raises(ParameterError, match="no node 'nope'"):

@@ -33,6 +33,7 @@ without rotary positions, or a fused [q|k|v] projection as in GPT-2).
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -203,15 +204,28 @@ def edge_heads(
     return EdgeHeads(s_node.id, t_node.id, edge, through, bypass)
 
 
+def _integer(value: Any, what: str) -> int:
+    """``value`` as an int (Python, numpy or 0-d tensor integers), else a ParameterError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ParameterError(
+            f"{what} must be an integer, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
 def _node(graph: AttributionGraph, ref: int | str) -> Node:
-    if isinstance(ref, int):
-        if not 0 <= ref < len(graph.nodes):
-            raise ParameterError(f"node index {ref} outside the graph's {len(graph.nodes)} nodes")
-        return graph.nodes[ref]
-    for node in graph.nodes:
-        if node.id == ref:
-            return node
-    raise ParameterError(f"the graph has no node {ref!r} (ids like {graph.nodes[0].id!r})")
+    if isinstance(ref, str):
+        for node in graph.nodes:
+            if node.id == ref:
+                return node
+        raise ParameterError(f"the graph has no node {ref!r} (ids like {graph.nodes[0].id!r})")
+    index = _integer(ref, "a node (its index in the graph, or its id)")
+    if not 0 <= index < len(graph.nodes):
+        raise ParameterError(f"node index {index} outside the graph's {len(graph.nodes)} nodes")
+    return graph.nodes[index]
 
 
 def _without(rm: ReplacementModel, node: Node) -> dict[str, torch.Tensor]:
@@ -332,6 +346,8 @@ def qk_attribution(
     into the contributions of the components of the residual stream at both positions (see
     the module's docstring). ``transcoders`` split earlier MLP outputs into features,
     decoder bias and skip, and error."""
+    layer, head = _integer(layer, "qk_attribution: layer"), _integer(head, "qk_attribution: head")
+    query, key = _integer(query, "qk_attribution: query"), _integer(key, "qk_attribution: key")
     layers = _layers(backend)
     spec = _check_head(layers, layer, head)
     tokenizer = tokenizer if tokenizer is not None else getattr(backend, "tokenizer", None)
