@@ -282,6 +282,36 @@ def test_edge_heads_from_a_feature_into_a_feature(
         assert abs(split.edge - split.bypass[1]) > 1e-3 * abs(split.edge)  # heads carry a part
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qk_on_a_half_precision_model(family: str, dtype: torch.dtype) -> None:
+    import copy
+
+    from archscope_transformer.testing import tiny_model
+
+    full = tiny_model(family, n_layers=2)
+    half = copy.deepcopy(full).to(dtype)
+    ids = torch.randint(4, 90, (1, 8), generator=torch.Generator().manual_seed(0))
+    eps = torch.finfo(dtype).eps
+    reference = qk_attribution(archscope.Backend.for_model(full), ids, 1, 0, 7, 3)
+    backend = archscope.Backend.for_model(half)
+    result = qk_attribution(backend, ids, 1, 0, 7, 3)
+    # the terms add up to the score (float32 arithmetic on the half-precision run's values)
+    for terms in (result.key_terms, result.query_terms):
+        assert abs(sum(t.value for t in terms) - result.score) < 1e-5 * (1 + abs(result.score))
+    assert abs(float(result.pairs.sum()) - result.score) < 1e-5 * (1 + abs(result.score))
+    # the recomputed scores give the half-precision model's own pattern, within its rounding
+    pattern = backend.run(ids, capture=["layer_1.attn_pattern"])["layer_1.attn_pattern"]
+    mine = torch.softmax(result.row, -1)
+    assert float((mine - pattern[0, 0, 7, :8].double()).abs().max()) < 4 * eps
+    # and the decomposition is the float32 model's, within the dtype's precision
+    scale = 1 + max(abs(t.value) for t in reference.key_terms)
+    assert abs(result.score - reference.score) < 16 * eps * scale
+    for mine_term, ref_term in zip(result.key_terms, reference.key_terms, strict=True):
+        assert mine_term.name == ref_term.name
+        assert abs(mine_term.value - ref_term.value) < 16 * eps * scale
+
+
 def test_bad_requests_are_refused(tiny_llama: Any, zoo: Any) -> None:
     ids = torch.tensor([[5, 6, 7, 8]])
     with pytest.raises(ParameterError, match="4 heads"):

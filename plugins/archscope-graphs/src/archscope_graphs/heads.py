@@ -24,7 +24,11 @@ functions here make both visible.
   column sums are the key-side terms (the full query against each key component) and row sums
   the query-side terms. The terms add up to the score to float rounding; the scores of the
   whole query row are checked against the model's own attention pattern (a layout this module
-  does not reproduce, e.g. per-head query/key norms, raises an error naming the layer).
+  does not reproduce, e.g. per-head query/key norms, raises an error naming the layer). On a
+  bfloat16 or float16 model the decomposition is computed in float32 from the run's values
+  (the norm recomputed on the block's input, the projections with float32 copies of their
+  weights), so the terms still add up to the score; the check against the model's pattern
+  then allows a few units of the model dtype's rounding.
 
 Both run on the transformer backend (attention with separate query/key projections, with or
 without rotary positions, or a fused [q|k|v] projection as in GPT-2).
@@ -54,6 +58,7 @@ __all__ = ["EdgeHeads", "QKAttribution", "QKTerm", "edge_heads", "qk_attribution
 _OUTPUT = ("o_proj", "c_proj", "dense", "out_proj")
 _SEPARATE = (("q_proj", "k_proj"), ("query", "key"), ("q", "k"), ("wq", "wk"))
 _FUSED = ("c_attn", "qkv_proj", "Wqkv", "qkv")
+_PATTERN_EPS = 4  # units of the pattern dtype's rounding allowed between it and the recomputation
 
 
 # -- the attention layers of a backend ---------------------------------------------------------
@@ -394,7 +399,8 @@ def qk_attribution(
     scaling = _scaling(spec)
     pairs = scaling * vectors["query"] @ vectors["key"].T
     row = _row(spec, attn_in, project, head, query, scaling)
-    _check_pattern(row, pattern[head, query, : query + 1], layer, head)
+    dtype = result.activations[f"layer_{layer}.attn_pattern"].dtype
+    _check_pattern(row, pattern[head, query, : query + 1], layer, head, dtype)
     terms = {}
     for side, p, sums in (("query", query, pairs.sum(1)), ("key", key, pairs.sum(0))):
         named = [
@@ -461,11 +467,31 @@ def _pre_attention_norm(spec: _Layer, cap: _Capture) -> tuple[Any, torch.Tensor]
             and torch.allclose(out, cap.attn_in)
             and torch.allclose(x, cap.resid)
         ):
-            return module, cap.attn_in.float()
+            if module.weight.dtype == torch.float32:
+                return module, cap.attn_in.float()
+            # a half-precision model: the norm recomputed in float32 on the block's input, so
+            # that the score and its terms come from the same float32 arithmetic (the model's
+            # own pattern is checked within its dtype's precision)
+            with torch.no_grad():
+                return module, _in_float32(module)(cap.resid.float()).float()
     raise ParameterError(
         f"layer {spec.index} ({type(spec.block).__name__}): no norm of the block maps the "
         "block's input to the attention's input (a pre-norm block is needed for QK attribution)"
     )
+
+
+def _in_float32(module: Any) -> Any:
+    """``module`` if its parameters are float32, else a function running it with float32
+    copies of its parameters and buffers (the module itself is left as it is)."""
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    if all(not v.is_floating_point() or v.dtype == torch.float32 for v in tensors.values()):
+        return module
+    cast = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+    def run(x: torch.Tensor) -> Any:
+        return torch.func.functional_call(module, cast, (x.float(),))
+
+    return run
 
 
 def _affine_norm(module: Any, x: torch.Tensor, out: torch.Tensor) -> Any:
@@ -502,6 +528,10 @@ def _projector(spec: _Layer, position_embeddings: Any) -> Any:
     fused = next(
         (getattr(attention, n) for n in _FUSED if getattr(attention, n, None) is not None), None
     )
+    if separate is not None:
+        separate = (_in_float32(separate[0]), _in_float32(separate[1]))
+    if fused is not None:
+        fused = _in_float32(fused)
     if separate is None and fused is None:
         raise FreezeError(
             f"layer {spec.index} ({type(attention).__name__}): no separate query/key "
@@ -518,7 +548,7 @@ def _projector(spec: _Layer, position_embeddings: Any) -> Any:
 
     def project(rows: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            x = rows.to(next(attention.parameters()).dtype)
+            x = rows.float()
             if separate is not None:
                 q, k = separate[0](x), separate[1](x)
             else:
@@ -560,10 +590,14 @@ def _row(
     return scores
 
 
-def _check_pattern(row: torch.Tensor, pattern: torch.Tensor, layer: int, head: int) -> None:
+def _check_pattern(
+    row: torch.Tensor, pattern: torch.Tensor, layer: int, head: int, dtype: torch.dtype
+) -> None:
+    """The softmax of ``row`` is the model's ``pattern`` (computed in ``dtype``): within 1e-4,
+    or a few units of rounding of a coarser dtype."""
     mine = torch.softmax(row, -1)
     gap = float((mine - pattern.to(mine.device).double()).abs().max())
-    if gap > 1e-4:
+    if gap > max(1e-4, _PATTERN_EPS * torch.finfo(dtype).eps):
         raise FreezeError(
             f"layer {layer} head {head}: the scores recomputed from the attention's inputs do "
             f"not give the model's attention pattern (largest difference {gap:.2e}); this "
@@ -588,14 +622,13 @@ def _components(
     ]
     for spec in layers[:layer]:
         z = heads_in[spec.index][0, p].detach()
-        proj = spec.output
+        proj = _in_float32(spec.output)
         with torch.no_grad():
-            dtype = next(proj.parameters()).dtype
-            zero = proj(z.new_zeros(1, z.shape[-1], dtype=dtype)).float()[0]
-            masked = z.new_zeros(spec.n_heads, z.shape[-1], dtype=dtype)
+            zero = proj(z.new_zeros(1, z.shape[-1], dtype=torch.float32)).float()[0]
+            masked = z.new_zeros(spec.n_heads, z.shape[-1], dtype=torch.float32)
             for h in range(spec.n_heads):
                 sl = slice(h * spec.head_dim, (h + 1) * spec.head_dim)
-                masked[h, sl] = z[sl].to(dtype)
+                masked[h, sl] = z[sl].float()
             per_head = proj(masked).float() - zero
         for h in range(spec.n_heads):
             out.append((f"L{spec.index}H{h}", per_head[h], "head", spec.index, h, None))
