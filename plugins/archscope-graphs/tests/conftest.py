@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import torch
@@ -210,3 +210,65 @@ def tiny_hybrid() -> Any:
     if reason is not None:  # the oldest transformers the packages allow lacks the family
         pytest.skip(reason)
     return archscope.Backend.for_model(make_model("qwen3_5_text"))
+
+
+# -- attention heads and induction prompts (shared by the head and induction tests) -------------
+def zero_heads(model: Any, layer: int, heads: Any) -> Any:
+    """Zero the outputs of ``heads`` (an int or several) of ``layer`` of a Hugging Face GPT-2
+    or Llama model: a forward pre-hook on the output projection, whose input holds the heads'
+    outputs side by side. Returns the hook's handle (``.remove()`` it)."""
+    config = model.config
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = [heads] if isinstance(heads, int) else list(heads)
+    if hasattr(model, "transformer"):
+        proj = model.transformer.h[layer].attn.c_proj
+    else:
+        proj = model.model.layers[layer].self_attn.o_proj
+
+    def pre(module: Any, args: Any) -> Any:
+        x = args[0].clone()
+        for head in heads:
+            x[..., head * dim : (head + 1) * dim] = 0
+        return (x,)
+
+    return proj.register_forward_pre_hook(pre)
+
+
+class CopyingPrompt(NamedTuple):
+    """An induction prompt cut ``k`` tokens into the span's second showing: ``ids`` (1, seq),
+    the span's first showing at ``first`` (``length`` tokens), the token being copied at
+    ``copied`` (= first + k) and its id ``target``, which the model predicts next."""
+
+    ids: torch.Tensor
+    first: int
+    length: int
+    copied: int
+    target: int
+
+
+def copying_prompts(zoo: Any, n: int = 12, k: int = 2) -> Iterator[CopyingPrompt]:
+    """The zoo's induction prompts (of the first ``n``) on which the zoo transformer copies."""
+    import archscope_zoo
+
+    _, tokenizer, backend = zoo["transformer"]
+    data = archscope_zoo.datasets("induction", n=n)
+    for text, span, (first, second) in zip(data.texts, data.spans, data.starts, strict=True):
+        if len(span) <= k:
+            continue
+        ids = torch.tensor([tokenizer.encode(" ".join(text.split()[: second + k]))])
+        target = tokenizer.encode(span[k])[0]
+        logits = backend.run(ids, capture=["logits"]).logits[0, -1]
+        if int(logits.argmax()) == target:
+            yield CopyingPrompt(ids, first, len(span), first + k, target)
+
+
+@pytest.fixture(scope="session")
+def head_zeroing() -> Any:
+    """`zero_heads` (test modules are not importable from each other)."""
+    return zero_heads
+
+
+@pytest.fixture(scope="session")
+def induction_prompts() -> Any:
+    """`copying_prompts`."""
+    return copying_prompts

@@ -24,47 +24,30 @@ from archscope_graphs.replacement import ReplacementModel
 INDUCTION_HEAD = (1, 2)
 
 
-def _zero_head(model: Any, layer: int, head: int, head_dim: int) -> Any:
-    def pre(module: Any, args: Any) -> Any:
-        x = args[0].clone()
-        x[..., head * head_dim : (head + 1) * head_dim] = 0
-        return (x,)
-
-    return model.model.layers[layer].self_attn.o_proj.register_forward_pre_hook(pre)
-
-
 def _patterns(backend: Any, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     acts = backend.run(ids, capture=["layer_0.attn_pattern", "layer_1.attn_pattern"]).activations
     return acts["layer_0.attn_pattern"][0], acts["layer_1.attn_pattern"][0]  # (head, q, k)
 
 
-def test_the_copying_path_runs_through_the_induction_head(zoo: Any) -> None:
-    import archscope_zoo
-
-    model, tokenizer, backend = zoo["transformer"]
+def test_the_copying_path_runs_through_the_induction_head(
+    zoo: Any, head_zeroing: Any, induction_prompts: Any
+) -> None:
+    model, _, backend = zoo["transformer"]
     heads = model.config.num_attention_heads
-    head_dim = model.config.hidden_size // heads
-    data = archscope_zoo.datasets("induction", n=12)
     checked = copying = 0
-    for text, span, (first, second) in zip(data.texts, data.spans, data.starts, strict=True):
-        k = 2
-        if len(span) <= k:
-            continue
-        ids = torch.tensor([tokenizer.encode(" ".join(text.split()[: second + k]))])
-        target = tokenizer.encode(span[k])[0]
+    for ids, first, length, copied, target in induction_prompts(zoo):
+        copying += 1  # the model copies here (the others have nothing to explain)
         with ReplacementModel.build(backend, ids, []) as rm:
-            if int(rm.logits[-1].argmax()) != target:
-                continue  # the model does not copy here: nothing to explain
+            assert int(rm.logits[-1].argmax()) == target
             graph = _graph(rm, target, 1, 0.95, 32, 0.0)
             row = graph.adjacency[graph.targets[0]]
             span_nodes = [
                 i
                 for i, n in enumerate(graph.nodes)
-                if n.kind == "embedding" and first <= n.position < first + len(span)
+                if n.kind == "embedding" and first <= n.position < first + length
             ]
             top = max(span_nodes, key=lambda i: float(row[i]))
-            copying += 1
-            if graph.nodes[top].position != first + k:  # not the token being copied
+            if graph.nodes[top].position != copied:  # not the token being copied
                 continue
 
             def edge(position: int, rm: Any = rm, target: int = target) -> float:
@@ -73,17 +56,16 @@ def test_the_copying_path_runs_through_the_induction_head(zoo: Any) -> None:
                 base = rm.run(1).logits[0, -1, target].detach()
                 return float(base - rm.run(1, {"embed": embed}).logits[0, -1, target].detach())
 
-            full = edge(first + k)
+            full = edge(copied)
             assert abs(full - float(row[top])) < 1e-3
             through = {}
             for layer in range(2):
                 for head in range(heads):
-                    handle = _zero_head(model, layer, head, head_dim)
+                    handle = head_zeroing(model, layer, head)
                     try:
-                        through[(layer, head)] = full - edge(first + k)
+                        through[(layer, head)] = full - edge(copied)
                     finally:
                         handle.remove()
-        copied = first + k
         layer0_pattern, layer1_pattern = _patterns(backend, ids)
         # the induction head looks from the last token at the copied one, and carries the path
         assert float(layer1_pattern[INDUCTION_HEAD[1], -1, copied]) > 0.5

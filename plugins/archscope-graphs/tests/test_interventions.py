@@ -10,7 +10,13 @@ import torch
 
 from archscope.errors import ParameterError
 from archscope_graphs.attribution import attribute
-from archscope_graphs.interventions import check_graph, measure, node_edits, pearson
+from archscope_graphs.interventions import (
+    check_graph,
+    gradient_prediction,
+    measure,
+    node_edits,
+    pearson,
+)
 
 
 def _ids(seed: int = 0) -> torch.Tensor:
@@ -67,3 +73,21 @@ def test_bad_interventions_are_refused(tiny_llama: Any) -> None:
     with pytest.raises(ParameterError, match="at least 2 nodes"):
         check_graph(tiny_llama, _ids(), graph, kinds=("feature",))
     assert pearson([1, 2, 3], [2, 4, 6.5]) > 0.99
+
+
+def test_tokens_outside_the_vocabulary_are_refused(tiny_llama: Any) -> None:
+    graph = attribute(tiny_llama, _ids(), prune=False)
+    node = next(n for n in graph.nodes if n.kind == "embedding")
+    vocab = tiny_llama.run(_ids(), capture=["logits"]).logits.shape[-1]
+    for check in (measure, gradient_prediction):
+        with pytest.raises(
+            ParameterError, match=rf"token must be a token id in \[0, {vocab}\), got {vocab}"
+        ):
+            check(tiny_llama, _ids(), node, vocab)
+        with pytest.raises(ParameterError, match="contrast must be a token id .* got -1"):
+            check(tiny_llama, _ids(), node, 5, contrast=-1)
+        with pytest.raises(ParameterError, match="token must be a token id .* got 2.0"):
+            check(tiny_llama, _ids(), node, 2.0)
+    # numpy-style integer ids are token ids
+    token = torch.tensor(5)
+    assert measure(tiny_llama, _ids(), node, token, scale=1.0) == 0.0

@@ -27,6 +27,7 @@ come from error nodes.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -118,6 +119,18 @@ def _check(max_logits: int, prob: float, node_t: float, edge_t: float, batch_siz
         )
 
 
+def _check_token(token: Any, vocab: int, what: str) -> int:
+    """``token`` as a token id of a vocabulary of ``vocab``, else a ParameterError naming
+    ``what``."""
+    try:
+        index = None if isinstance(token, bool) else operator.index(token)
+    except TypeError:
+        index = None
+    if index is None or not 0 <= index < vocab:
+        raise ParameterError(f"{what} must be a token id in [0, {vocab}), got {token!r}")
+    return index
+
+
 def _target_tokens(
     rm: ReplacementModel, target: int | str | None, max_logits: int, desired: float
 ) -> tuple[list[int], list[float]]:
@@ -132,11 +145,7 @@ def _target_tokens(
                     "(tokenizer=...); pass a token id instead"
                 )
             target = single_token_id(rm.tokenizer, target, "attribute: target")
-        vocab = rm.logits.shape[-1]
-        if not isinstance(target, int) or not 0 <= target < vocab:
-            raise ParameterError(
-                f"attribute: target must be a token id in [0, {vocab}), got {target!r}"
-            )
+        target = _check_token(target, rm.logits.shape[-1], "attribute: target")
         return [target], [float(probs[target])]
     order = torch.argsort(probs, descending=True)[:max_logits]
     tokens, ps, total = [], [], 0.0
@@ -624,10 +633,9 @@ def _scores(graph: AttributionGraph, rows: _Rows) -> dict[str, float]:
     embeds = torch.tensor([k == "embedding" for k in kinds])
     if not len(kinds):
         return {"replacement": 1.0, "completeness": 1.0}
-    a = rows.values.abs().double()
-    total = a.sum(1)
-    error_share = torch.where(total > 0, a[:, errors].sum(1) / total.clamp_min(1e-300), 0.0)
-    a.div_(total.clamp_min(1e-300)[:, None])  # normalised in place (as `_normalised`)
+    a = _normalised(rows.values)
+    total = a.sum(1)  # 1 on rows with any edge, 0 on all-zero rows
+    error_share = a[:, errors].sum(1)  # the normalised rows' share from error nodes
     weights = _logit_weights(graph)
     influence = _influence(rows.index, a, weights)
     from_errors = float(influence[errors].sum())

@@ -24,7 +24,11 @@ functions here make both visible.
   column sums are the key-side terms (the full query against each key component) and row sums
   the query-side terms. The terms add up to the score to float rounding; the scores of the
   whole query row are checked against the model's own attention pattern (a layout this module
-  does not reproduce, e.g. per-head query/key norms, raises an error naming the layer).
+  does not reproduce, e.g. per-head query/key norms, raises an error naming the layer). On a
+  bfloat16 or float16 model the decomposition is computed in float32 from the run's values
+  (the norm recomputed on the block's input, the projections with float32 copies of their
+  weights), so the terms still add up to the score; the check against the model's pattern
+  then allows a few units of the model dtype's rounding.
 
 Both run on the transformer backend (attention with separate query/key projections, with or
 without rotary positions, or a fused [q|k|v] projection as in GPT-2).
@@ -33,6 +37,7 @@ without rotary positions, or a fused [q|k|v] projection as in GPT-2).
 from __future__ import annotations
 
 import contextlib
+import operator
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +49,7 @@ from archscope.errors import ParameterError
 from archscope.freeze import FreezeError, FrozenValues, frozen_norm
 from archscope.sites import Site
 
+from .interventions import _node_changes, _transcoder_of
 from .replacement import ReplacementModel, _prompt_ids
 from .types import AttributionGraph, Node, Transcoder
 
@@ -52,6 +58,7 @@ __all__ = ["EdgeHeads", "QKAttribution", "QKTerm", "edge_heads", "qk_attribution
 _OUTPUT = ("o_proj", "c_proj", "dense", "out_proj")
 _SEPARATE = (("q_proj", "k_proj"), ("query", "key"), ("q", "k"), ("wq", "wk"))
 _FUSED = ("c_attn", "qkv_proj", "Wqkv", "qkv")
+_PATTERN_EPS = 4  # units of the pattern dtype's rounding allowed between it and the recomputation
 
 
 # -- the attention layers of a backend ---------------------------------------------------------
@@ -167,6 +174,8 @@ def edge_heads(
         raise ParameterError(
             f"the target of an edge is a logit or feature node; {t_node.id} is a {t_node.kind} node"
         )
+    if t_node.kind == "feature":
+        _transcoder_of(t_node, transcoders or ())  # a clear error before any run
     contrast = graph.metadata.get("contrast_token")
     with ReplacementModel.build(backend, prompt, transcoders, tokenizer) as rm:
         if rm.prompt[0].tolist() != list(graph.tokens):
@@ -200,46 +209,49 @@ def edge_heads(
     return EdgeHeads(s_node.id, t_node.id, edge, through, bypass)
 
 
+def _integer(value: Any, what: str) -> int:
+    """``value`` as an int (Python, numpy or 0-d tensor integers), else a ParameterError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ParameterError(
+            f"{what} must be an integer, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
 def _node(graph: AttributionGraph, ref: int | str) -> Node:
-    if isinstance(ref, int):
-        if not 0 <= ref < len(graph.nodes):
-            raise ParameterError(f"node index {ref} outside the graph's {len(graph.nodes)} nodes")
-        return graph.nodes[ref]
-    for node in graph.nodes:
-        if node.id == ref:
-            return node
-    raise ParameterError(f"the graph has no node {ref!r} (ids like {graph.nodes[0].id!r})")
+    if isinstance(ref, str):
+        for node in graph.nodes:
+            if node.id == ref:
+                return node
+        raise ParameterError(f"the graph has no node {ref!r} (ids like {graph.nodes[0].id!r})")
+    index = _integer(ref, "a node (its index in the graph, or its id)")
+    if not 0 <= index < len(graph.nodes):
+        raise ParameterError(f"node index {index} outside the graph's {len(graph.nodes)} nodes")
+    return graph.nodes[index]
 
 
 def _without(rm: ReplacementModel, node: Node) -> dict[str, torch.Tensor]:
     """The leaf values of ``rm`` with ``node``'s vector taken out of its site."""
-    p = node.position
-    if node.kind == "embedding":
-        embed = rm.embed.clone()
-        embed[p] = 0
-        return {"embed": embed}
     if node.kind == "error":
         site = node.site or ""
         value = rm.direct[site].clone()
-        value[p] -= rm.errors[site][p]
+        value[node.position] -= rm.errors[site][node.position]
         return {site: value}
-    if node.kind == "feature":
-        t = next((t for t in rm.transcoders if t.read_site == node.site), None)
-        if t is None:
-            raise ParameterError(
-                f"no transcoder reads {node.site!r} (node {node.id}); pass the transcoders the "
-                "graph was computed with"
-            )
-        out = {}
-        for site in t.write_sites:
-            value = rm.direct[site].clone()
-            value[p] -= node.value * t.decoder(site)[node.index or 0].detach().float()
-            out[site] = value
-        return out
-    raise ParameterError(
-        f"the source of an edge is a feature, error or embedding node; {node.id} is a "
-        f"{node.kind} node"
-    )
+    if node.kind not in ("feature", "embedding"):
+        raise ParameterError(
+            f"the source of an edge is a feature, error or embedding node; {node.id} is a "
+            f"{node.kind} node"
+        )
+    out = {}
+    leaves = {"embed": rm.embed, **rm.direct}
+    for site, change in _node_changes(node, 0.0, rm.transcoders, rm.embed):
+        value = leaves[site].clone()
+        value[node.position] += change.to(value.dtype)
+        out[site] = value
+    return out
 
 
 def _target_value(live: Any, node: Node, rm: ReplacementModel, contrast: int | None) -> Any:
@@ -247,7 +259,7 @@ def _target_value(live: Any, node: Node, rm: ReplacementModel, contrast: int | N
         logits = live.logits[0, node.position]
         value = logits[node.index or 0]
         return value - logits[contrast] if contrast is not None else value
-    t = next(t for t in rm.transcoders if t.read_site == node.site)
+    t = _transcoder_of(node, rm.transcoders)
     return live.reads[t.read_site][0, node.position].float() @ t.encoder()[node.index or 0].float()
 
 
@@ -292,22 +304,27 @@ class QKAttribution:
     pairs: torch.Tensor
     metadata: dict[str, Any] = field(default_factory=dict)
 
-    def top(self, side: str = "key", n: int = 5) -> list[QKTerm]:
-        """The ``n`` terms of one side (``"key"`` or ``"query"``) with the largest parts."""
-        if side not in ("key", "query"):
-            raise ParameterError(f"side is 'key' or 'query', got {side!r}")
-        terms = self.key_terms if side == "key" else self.query_terms
-        return sorted(terms, key=lambda t: -t.value)[:n]
+    def top(self, side: str = "key", n: int = 5, *, by_abs: bool = False) -> list[QKTerm]:
+        """The ``n`` terms of one side (``"key"`` or ``"query"``) with the largest parts: the
+        ones raising the score most (signed), or with ``by_abs=True`` the largest by size
+        either way (as `EdgeHeads.top` ranks heads)."""
+        terms = self._side(side)
+        return sorted(terms, key=lambda t: -abs(t.value) if by_abs else -t.value)[:n]
 
     def term(self, side: str, name: str) -> QKTerm:
-        """The term called ``name`` (e.g. ``"L0H2"``) on one side."""
-        terms = self.key_terms if side == "key" else self.query_terms
+        """The term called ``name`` (e.g. ``"L0H2"``) on one side (``"key"`` or ``"query"``)."""
+        terms = self._side(side)
         for t in terms:
             if t.name == name:
                 return t
         raise ParameterError(
             f"no {side} term {name!r}; terms: {', '.join(t.name for t in terms[:12])}..."
         )
+
+    def _side(self, side: str) -> list[QKTerm]:
+        if side not in ("key", "query"):
+            raise ParameterError(f"side is 'key' or 'query', got {side!r}")
+        return self.key_terms if side == "key" else self.query_terms
 
 
 @dataclass
@@ -334,6 +351,8 @@ def qk_attribution(
     into the contributions of the components of the residual stream at both positions (see
     the module's docstring). ``transcoders`` split earlier MLP outputs into features,
     decoder bias and skip, and error."""
+    layer, head = _integer(layer, "qk_attribution: layer"), _integer(head, "qk_attribution: head")
+    query, key = _integer(query, "qk_attribution: query"), _integer(key, "qk_attribution: key")
     layers = _layers(backend)
     spec = _check_head(layers, layer, head)
     tokenizer = tokenizer if tokenizer is not None else getattr(backend, "tokenizer", None)
@@ -380,7 +399,8 @@ def qk_attribution(
     scaling = _scaling(spec)
     pairs = scaling * vectors["query"] @ vectors["key"].T
     row = _row(spec, attn_in, project, head, query, scaling)
-    _check_pattern(row, pattern[head, query, : query + 1], layer, head)
+    dtype = result.activations[f"layer_{layer}.attn_pattern"].dtype
+    _check_pattern(row, pattern[head, query, : query + 1], layer, head, dtype)
     terms = {}
     for side, p, sums in (("query", query, pairs.sum(1)), ("key", key, pairs.sum(0))):
         named = [
@@ -447,11 +467,31 @@ def _pre_attention_norm(spec: _Layer, cap: _Capture) -> tuple[Any, torch.Tensor]
             and torch.allclose(out, cap.attn_in)
             and torch.allclose(x, cap.resid)
         ):
-            return module, cap.attn_in.float()
+            if module.weight.dtype == torch.float32:
+                return module, cap.attn_in.float()
+            # a half-precision model: the norm recomputed in float32 on the block's input, so
+            # that the score and its terms come from the same float32 arithmetic (the model's
+            # own pattern is checked within its dtype's precision)
+            with torch.no_grad():
+                return module, _in_float32(module)(cap.resid.float()).float()
     raise ParameterError(
         f"layer {spec.index} ({type(spec.block).__name__}): no norm of the block maps the "
         "block's input to the attention's input (a pre-norm block is needed for QK attribution)"
     )
+
+
+def _in_float32(module: Any) -> Any:
+    """``module`` if its parameters are float32, else a function running it with float32
+    copies of its parameters and buffers (the module itself is left as it is)."""
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    if all(not v.is_floating_point() or v.dtype == torch.float32 for v in tensors.values()):
+        return module
+    cast = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+
+    def run(x: torch.Tensor) -> Any:
+        return torch.func.functional_call(module, cast, (x.float(),))
+
+    return run
 
 
 def _affine_norm(module: Any, x: torch.Tensor, out: torch.Tensor) -> Any:
@@ -488,6 +528,10 @@ def _projector(spec: _Layer, position_embeddings: Any) -> Any:
     fused = next(
         (getattr(attention, n) for n in _FUSED if getattr(attention, n, None) is not None), None
     )
+    if separate is not None:
+        separate = (_in_float32(separate[0]), _in_float32(separate[1]))
+    if fused is not None:
+        fused = _in_float32(fused)
     if separate is None and fused is None:
         raise FreezeError(
             f"layer {spec.index} ({type(attention).__name__}): no separate query/key "
@@ -504,7 +548,7 @@ def _projector(spec: _Layer, position_embeddings: Any) -> Any:
 
     def project(rows: torch.Tensor, position: int) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            x = rows.to(next(attention.parameters()).dtype)
+            x = rows.float()
             if separate is not None:
                 q, k = separate[0](x), separate[1](x)
             else:
@@ -546,10 +590,14 @@ def _row(
     return scores
 
 
-def _check_pattern(row: torch.Tensor, pattern: torch.Tensor, layer: int, head: int) -> None:
+def _check_pattern(
+    row: torch.Tensor, pattern: torch.Tensor, layer: int, head: int, dtype: torch.dtype
+) -> None:
+    """The softmax of ``row`` is the model's ``pattern`` (computed in ``dtype``): within 1e-4,
+    or a few units of rounding of a coarser dtype."""
     mine = torch.softmax(row, -1)
     gap = float((mine - pattern.to(mine.device).double()).abs().max())
-    if gap > 1e-4:
+    if gap > max(1e-4, _PATTERN_EPS * torch.finfo(dtype).eps):
         raise FreezeError(
             f"layer {layer} head {head}: the scores recomputed from the attention's inputs do "
             f"not give the model's attention pattern (largest difference {gap:.2e}); this "
@@ -574,14 +622,13 @@ def _components(
     ]
     for spec in layers[:layer]:
         z = heads_in[spec.index][0, p].detach()
-        proj = spec.output
+        proj = _in_float32(spec.output)
         with torch.no_grad():
-            dtype = next(proj.parameters()).dtype
-            zero = proj(z.new_zeros(1, z.shape[-1], dtype=dtype)).float()[0]
-            masked = z.new_zeros(spec.n_heads, z.shape[-1], dtype=dtype)
+            zero = proj(z.new_zeros(1, z.shape[-1], dtype=torch.float32)).float()[0]
+            masked = z.new_zeros(spec.n_heads, z.shape[-1], dtype=torch.float32)
             for h in range(spec.n_heads):
                 sl = slice(h * spec.head_dim, (h + 1) * spec.head_dim)
-                masked[h, sl] = z[sl].to(dtype)
+                masked[h, sl] = z[sl].float()
             per_head = proj(masked).float() - zero
         for h in range(spec.n_heads):
             out.append((f"L{spec.index}H{h}", per_head[h], "head", spec.index, h, None))

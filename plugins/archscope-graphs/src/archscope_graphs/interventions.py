@@ -31,7 +31,7 @@ import torch
 from archscope import Edit
 from archscope.errors import ParameterError
 
-from .attribution import node_influence
+from .attribution import _check_token, node_influence
 from .replacement import _prompt_ids
 from .types import AttributionGraph, Node, Transcoder
 
@@ -72,11 +72,21 @@ def measure(
     when ``node`` is scaled by ``scale`` in the real model (0 = ablated)."""
     ids = _prompt_ids(backend, prompt)
     clean = backend.run(ids, capture=["embed", "logits"])
+    assert clean.logits is not None
+    token, contrast = _check_tokens(token, contrast, clean.logits.shape[-1], "measure")
     edits = node_edits(node, scale, transcoders, clean.activations["embed"][0])
     edited = backend.run(ids, capture=["logits"], edits=edits)
-    assert clean.logits is not None and edited.logits is not None
+    assert edited.logits is not None
     change = edited.logits[0, -1] - clean.logits[0, -1]
     return float(change[token] - (change[contrast] if contrast is not None else 0.0))
+
+
+def _check_tokens(token: Any, contrast: Any, vocab: int, caller: str) -> tuple[int, int | None]:
+    """``token`` and ``contrast`` (or None) as token ids of a vocabulary of ``vocab``."""
+    token = _check_token(token, vocab, f"{caller}: token")
+    if contrast is not None:
+        contrast = _check_token(contrast, vocab, f"{caller}: contrast")
+    return token, contrast
 
 
 def _node_changes(
@@ -112,7 +122,10 @@ def gradient_prediction(
     of ``token``'s logit (minus ``contrast``'s) at the last position with respect to the
     node's site at its position, in the unfrozen model, dotted with the node's change."""
     ids = _prompt_ids(backend, prompt)
-    embed = backend.run(ids, capture=["embed"]).activations["embed"][0]
+    clean = backend.run(ids, capture=["embed", "logits"])
+    assert clean.logits is not None
+    token, contrast = _check_tokens(token, contrast, clean.logits.shape[-1], "gradient_prediction")
+    embed = clean.activations["embed"][0]
     changes = _node_changes(node, scale, transcoders, embed)
     leaves = [torch.zeros_like(change, requires_grad=True) for _, change in changes]
     edits = [
