@@ -431,12 +431,8 @@ class _WrappedForward:
                 raise StopForward
             return output
 
-        wrapper.__wrapped__ = forward  # type: ignore[attr-defined]  # as in _install
-        wrapper.__name__ = forward.__name__
-        wrapper.__qualname__ = forward.__qualname__
-        module.__dict__["forward"] = wrapper
         self = cls.__new__(cls)
-        self.module, self.wrapper = module, wrapper
+        self._install(module, forward, wrapper)
         return self
 
     def _install(self, module: Any, forward: Any, wrapper: Callable[..., Any]) -> None:
