@@ -28,7 +28,6 @@ from archscope.engine import (
     SiteTable,
     View,
     apply_edit,
-    padding_side,
 )
 from archscope.recurrence import WRITE_ROLES, write_sites_of
 
@@ -286,8 +285,7 @@ class HybridBackend(HookBackend):
             states = set(self.state_sites)
             plan = Plan(wants_state=ctx.return_state or any(n in states for n in ctx.capture))
             if ctx.initial_state is not None:
-                mask = ctx.attention_mask
-                if mask is not None and padding_side(mask) == "left":
+                if ctx.padding_side == "left":
                     raise BackendError(
                         "a run from initial_state continues each row from its state, so the "
                         "suffix may only be right-padded; got a left-padded attention_mask"
