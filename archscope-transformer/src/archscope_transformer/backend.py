@@ -211,12 +211,6 @@ class TransformerBackend(HookBackend):
             output.logits = logits
         return output
 
-    def logits_of(self, output: Any) -> torch.Tensor | None:
-        import torch
-
-        logits = getattr(output, "logits", None)  # a ModelOutput: read directly
-        return logits if isinstance(logits, torch.Tensor) else super().logits_of(output)
-
     def read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
         logits = output.logits
         return {"logits": logits.detach() if not ctx.grad and logits.requires_grad else logits}
