@@ -334,6 +334,35 @@ def test_closed_form_start_is_the_ridge_least_squares_solution():
             torch.testing.assert_close(biases[k][j], ref[d].float(), atol=2e-3, rtol=2e-3)
 
 
+def _trainer(lr: float, patience: int | None):
+    from archscope.methods.lens import _Batches, _Trainer
+
+    backend = archscope.Backend.for_model(gt.markov_gpt2())
+    rows = gt.markov_rows(24, seed=5)
+    train, stop = _Batches(backend, rows[:18], 8), _Batches(backend, rows[18:], 8)
+    names = backend.layer_names()
+    lens = TunedLens(backend, len(names), backend.site_info(names[0]).dim)
+    return _Trainer(backend, lens, train, stop, lr=lr, seed=0, patience=patience)
+
+
+def test_closed_form_start_is_skipped_where_its_sums_pass_the_size_bound(monkeypatch):
+    """Above `_CLOSED_FORM_MAX_BYTES` of float64 sums no closed form is formed and every layer
+    keeps the zero start; the bound counts one Gram matrix and one cross product per layer."""
+    from archscope.methods import lens as lens_module
+
+    assert lens_module._closed_form_bytes(3, 64) == 3 * 65 * (65 + 64) * 8
+    assert lens_module._closed_form_bytes(8, 4096) > lens_module._CLOSED_FORM_MAX_BYTES
+    assert lens_module._closed_form_bytes(7, 4096) <= lens_module._CLOSED_FORM_MAX_BYTES
+    trainer = _trainer(1e-2, None)
+    formed = []
+    monkeypatch.setattr(lens_module, "_CLOSED_FORM_MAX_BYTES", 0)
+    monkeypatch.setattr(lens_module, "_closed_form_translators", lambda *a: formed.append(a))
+    trainer.start_from_least_squares()
+    assert not formed
+    assert not trainer.weight.any() and not trainer.bias.any()
+    assert trainer.allowed == [0] * len(trainer.allowed)
+
+
 @pytest.fixture(scope="module")
 def zoo_transformer_rows() -> tuple[object, list[list[int]]]:
     from archscope.loader import find_source, load_model
