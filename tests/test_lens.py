@@ -363,6 +363,38 @@ def test_closed_form_start_is_skipped_where_its_sums_pass_the_size_bound(monkeyp
     assert trainer.allowed == [0] * len(trainer.allowed)
 
 
+def test_trainer_keeps_each_layers_best_translator_and_lowest_check():
+    """With ``patience``, `_Trainer.current` returns per layer the translator of its lowest
+    stop-row check (not the latest), and ``best_kl`` is that lowest check; a large step makes
+    some layer's latest check worse than its best, so the two differ."""
+    trainer = _trainer(0.3, 1000)
+    assert trainer.best_kl is not None
+    seen = [trainer.best_kl.clone()]  # the zero start's check
+    measure = trainer._stop_kl
+
+    def recording(layers, weight, bias):
+        kl = measure(layers, weight, bias)
+        seen.append(kl.clone())
+        return kl
+
+    trainer._stop_kl = recording
+    for _ in range(3):
+        trainer.epoch()
+    trained = list(range(trainer.weight.shape[0] - 1))
+    assert trainer.active == trained and len(seen) > 3
+    checks = torch.stack(seen)[:, trained]
+    lowest = checks.min(0).values
+    assert torch.equal(trainer.best_kl[trained], lowest)
+    assert (checks[-1] > lowest).any(), checks  # some layer's latest is not its best
+    weight, bias = trainer.current()
+    torch.testing.assert_close(measure(trained, weight, bias)[trained], lowest)
+    latest = measure(trained, trainer.weight.detach(), trainer.bias.detach())[trained]
+    torch.testing.assert_close(latest, checks[-1])
+    worse = [i for i in trained if bool(checks[-1, i] > lowest[i])]
+    for i in worse:
+        assert not torch.equal(weight[i], trainer.weight.detach()[i])
+
+
 @pytest.fixture(scope="module")
 def zoo_transformer_rows() -> tuple[object, list[list[int]]]:
     from archscope.loader import find_source, load_model
