@@ -263,6 +263,26 @@ class TestSyntheticActivations:
             torch.testing.assert_close(w, rw)
             torch.testing.assert_close(b, rb)
 
+    def test_report_without_the_final_fit_has_the_fold_averages_and_no_probe(self) -> None:
+        """`_report(fit_final=False)` (what the profile uses) reports the k-fold AUROCs of
+        `cross_validate`, averaged as with the final fit, and fits no probe on every row."""
+        from types import SimpleNamespace
+
+        from archscope.methods.probes import ProbeOptions, _report, cross_validate
+
+        x, y, _ = self.planted(n=60, d=16, strength=0.5)
+        options = ProbeOptions(folds=3, epochs=20, solver="newton", weight_decay=1e-2)
+        site = "layer_0.residual"
+        backend: Any = SimpleNamespace(name="stand-in")
+        report = _report(backend, site, x, y, options, fit_final=False)
+        train, held = cross_validate(
+            x, y, options.config(site), folds=3, epochs=20, lr=options.lr, batch_size=64
+        )
+        assert report._probe is None and report.n_examples == 60
+        assert report.heldout_auroc_folds == held
+        assert report.heldout_auroc == sum(held) / 3
+        assert report.train_auroc == sum(train) / 3
+
     def test_unknown_solver_is_refused_with_the_valid_ones(self) -> None:
         with pytest.raises(ParameterError, match="adamw, newton"):
             ProbeConfig(solver="sgd")
