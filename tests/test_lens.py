@@ -270,6 +270,25 @@ def test_registered_tuned_lens_method_reports_held_out_kl():
         archscope.run_method("tuned-lens", a.backend, data, held_out=2.0)
 
 
+def test_registered_tuned_lens_method_passes_start_and_patience_on():
+    """``start`` and ``patience`` of the method reach `TunedLens.fit_rows`: the report equals
+    the one fit_rows gives with them (and differs from the default schedule's); bad values are
+    refused with ParameterError."""
+    backend = archscope.Backend.for_model(gt.markov_gpt2())
+    rows = gt.markov_rows(48, seed=11)
+    options = {"epochs": 30, "lr": 1e-2, "batch_size": 16}
+    report = archscope.run_method("tuned-lens", backend, rows, start="auto", patience=2, **options)
+    direct = TunedLens.fit_rows(backend, rows, start="auto", patience=2, **options).report
+    assert direct is not None and report.epochs == direct.epochs < 30
+    assert report.kl_tuned == pytest.approx(direct.kl_tuned, rel=1e-6, abs=1e-9)
+    plain = archscope.run_method("tuned-lens", backend, rows, epochs=2, lr=1e-2)
+    assert plain.epochs == 2
+    with pytest.raises(ParameterError, match="start"):
+        archscope.run_method("tuned-lens", backend, rows, start="closed", epochs=1)
+    with pytest.raises(ParameterError, match="patience"):
+        archscope.run_method("tuned-lens", backend, rows, patience=0, epochs=1)
+
+
 class TestLogitLensMethodContract(MethodContract):
     method_name = "logit-lens"
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from ..artifacts import Artifact, ArtifactFit
 from ..errors import ArtifactError, InputError, ParameterError
@@ -717,10 +717,12 @@ class TunedLens(Artifact):
         batch_size: int = 16,
         seed: int = 0,
         positions: Any = "all",
+        start: str = "zero",
+        patience: int | None = None,
     ) -> TunedLens:
         """Fit on ``calibration_texts`` (``held_out`` of them kept aside, seeded) and report the
-        held-out KL per layer against the logit lens's in ``lens.report``. ``positions``: as in
-        `fit_rows`."""
+        held-out KL per layer against the logit lens's in ``lens.report``. ``positions``,
+        ``start`` and ``patience``: as in `fit_rows`."""
         backend = _backend(model, backend_hint)
         if not calibration_texts or isinstance(calibration_texts, str):
             raise InputError("calibration_texts must be a non-empty list of texts")
@@ -738,6 +740,8 @@ class TunedLens(Artifact):
             batch_size=batch_size,
             seed=seed,
             positions=positions,
+            start=start,
+            patience=patience,
         )
 
     @classmethod
@@ -1443,10 +1447,25 @@ def tuned_lens_method(
             "such as 0,-1 (negative from each text's last token)"
         ),
     ] = "all",
+    start: Annotated[
+        Literal["zero", "auto"],
+        Param(
+            help="zero: every translator starts at zero (the logit lens); auto: per layer, a "
+            "ridge least-squares translator where it removes most of the KL, else zero"
+        ),
+    ] = "zero",
+    patience: Annotated[
+        int | None,
+        Param(
+            min=1,
+            help="stop a layer after this many checks without improvement on texts kept "
+            "aside from training (default: train every epoch)",
+        ),
+    ] = None,
 ) -> TunedLensReport:
     """The `tuned-lens` method: fit on the dataset's texts (a seeded ``held_out`` share kept
     aside) at ``positions`` and report the held-out KL per layer, tuned lens next to logit
-    lens."""
+    lens; ``start`` and ``patience`` as in `TunedLens.fit_rows`."""
     backend = _backend(backend)
     rows = _rows_of(data)
     lens = TunedLens.fit_rows(
@@ -1458,6 +1477,8 @@ def tuned_lens_method(
         batch_size=batch_size,
         seed=seed,
         positions=positions,
+        start=start,
+        patience=patience,
     )
     assert lens.report is not None
     return lens.report
