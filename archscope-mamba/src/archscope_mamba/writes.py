@@ -464,13 +464,20 @@ class _LayerWrites:
             self.store("effective_attention", unroll_square(attention, self.shift, self.roll))
         if not (self.edited or {"state_write", "ssm_states"} & self.capture):
             return None  # the factors alone: the (larger) write is not materialised
-        clean = ScanParts.write_of(clean_value, clean_key)
-        base = parts.write if parts.write is not None else clean
-        if value is not clean_value or key is not clean_key:  # edited factors: their change
-            base = base + (ScanParts.write_of(value, key) - clean)
+        # the unedited write is formed only where the scan did not keep it or a factor's edit
+        # needs it (a full-size tensor per layer: not formed for captures the scan covers)
+        factors_edited = value is not clean_value or key is not clean_key
+        clean = None
+        if parts.write is None or factors_edited:
+            clean = ScanParts.write_of(clean_value, clean_key)
+        own = parts.write if parts.write is not None else clean
+        assert own is not None
+        base = own
+        if factors_edited:  # edited factors: their change
+            assert clean is not None
+            base = own + (ScanParts.write_of(value, key) - clean)
         write = self.site_value("state_write", base)
-        delta = write - (parts.write if parts.write is not None else clean)
-        delta_states = linear_scan(decay, delta) if self.edited else None
+        delta_states = linear_scan(decay, write - own) if self.edited else None
         if "ssm_states" in self.capture:
             if parts.states is None:
                 states = linear_scan(decay, write)
