@@ -14,6 +14,8 @@ from typing import Any
 from archscope.compat import transformers_release
 from archscope.errors import ParameterError
 
+from .backend import CACHE_WITHOUT_ATTENTION
+
 VOCAB = 100
 D_MODEL = 32
 
@@ -189,8 +191,8 @@ ALL_FAMILIES: tuple[str, ...] = FAMILIES + RECURRENT_FAMILIES
 #: stacks without attention layers fail in the causal-mask code even with the mask mapping.
 FLOORS: dict[str, tuple[int, int]] = {
     "olmo_hybrid": (5, 25),
-    "qwen3_5_linear": (5, 25),
-    "lfm2_conv": (5, 25),
+    "qwen3_5_linear": CACHE_WITHOUT_ATTENTION,
+    "lfm2_conv": CACHE_WITHOUT_ATTENTION,
 }
 
 
