@@ -270,6 +270,25 @@ def test_registered_tuned_lens_method_reports_held_out_kl():
         archscope.run_method("tuned-lens", a.backend, data, held_out=2.0)
 
 
+def test_registered_tuned_lens_method_passes_start_and_patience_on():
+    """``start`` and ``patience`` of the method reach `TunedLens.fit_rows`: the report equals
+    the one fit_rows gives with them (and differs from the default schedule's); bad values are
+    refused with ParameterError."""
+    backend = archscope.Backend.for_model(gt.markov_gpt2())
+    rows = gt.markov_rows(48, seed=11)
+    options = {"epochs": 30, "lr": 1e-2, "batch_size": 16}
+    report = archscope.run_method("tuned-lens", backend, rows, start="auto", patience=2, **options)
+    direct = TunedLens.fit_rows(backend, rows, start="auto", patience=2, **options).report
+    assert direct is not None and report.epochs == direct.epochs < 30
+    assert report.kl_tuned == pytest.approx(direct.kl_tuned, rel=1e-6, abs=1e-9)
+    plain = archscope.run_method("tuned-lens", backend, rows, epochs=2, lr=1e-2)
+    assert plain.epochs == 2
+    with pytest.raises(ParameterError, match="start"):
+        archscope.run_method("tuned-lens", backend, rows, start="closed", epochs=1)
+    with pytest.raises(ParameterError, match="patience"):
+        archscope.run_method("tuned-lens", backend, rows, patience=0, epochs=1)
+
+
 class TestLogitLensMethodContract(MethodContract):
     method_name = "logit-lens"
 
@@ -332,6 +351,67 @@ def test_closed_form_start_is_the_ridge_least_squares_solution():
             ).solution
             torch.testing.assert_close(weights[k][j], ref[:d].T.float(), atol=2e-3, rtol=2e-3)
             torch.testing.assert_close(biases[k][j], ref[d].float(), atol=2e-3, rtol=2e-3)
+
+
+def _trainer(lr: float, patience: int | None):
+    from archscope.methods.lens import _Batches, _Trainer
+
+    backend = archscope.Backend.for_model(gt.markov_gpt2())
+    rows = gt.markov_rows(24, seed=5)
+    train, stop = _Batches(backend, rows[:18], 8), _Batches(backend, rows[18:], 8)
+    names = backend.layer_names()
+    lens = TunedLens(backend, len(names), backend.site_info(names[0]).dim)
+    return _Trainer(backend, lens, train, stop, lr=lr, seed=0, patience=patience)
+
+
+def test_closed_form_start_is_skipped_where_its_sums_pass_the_size_bound(monkeypatch):
+    """Above `_CLOSED_FORM_MAX_BYTES` of float64 sums no closed form is formed and every layer
+    keeps the zero start; the bound counts one Gram matrix and one cross product per layer."""
+    from archscope.methods import lens as lens_module
+
+    assert lens_module._closed_form_bytes(3, 64) == 3 * 65 * (65 + 64) * 8
+    assert lens_module._closed_form_bytes(8, 4096) > lens_module._CLOSED_FORM_MAX_BYTES
+    assert lens_module._closed_form_bytes(7, 4096) <= lens_module._CLOSED_FORM_MAX_BYTES
+    trainer = _trainer(1e-2, None)
+    formed = []
+    monkeypatch.setattr(lens_module, "_CLOSED_FORM_MAX_BYTES", 0)
+    monkeypatch.setattr(lens_module, "_closed_form_translators", lambda *a: formed.append(a))
+    trainer.start_from_least_squares()
+    assert not formed
+    assert not trainer.weight.any() and not trainer.bias.any()
+    assert trainer.allowed == [0] * len(trainer.allowed)
+
+
+def test_trainer_keeps_each_layers_best_translator_and_lowest_check():
+    """With ``patience``, `_Trainer.current` returns per layer the translator of its lowest
+    stop-row check (not the latest), and ``best_kl`` is that lowest check; a large step makes
+    some layer's latest check worse than its best, so the two differ."""
+    trainer = _trainer(0.3, 1000)
+    assert trainer.best_kl is not None
+    seen = [trainer.best_kl.clone()]  # the zero start's check
+    measure = trainer._stop_kl
+
+    def recording(layers, weight, bias):
+        kl = measure(layers, weight, bias)
+        seen.append(kl.clone())
+        return kl
+
+    trainer._stop_kl = recording
+    for _ in range(3):
+        trainer.epoch()
+    trained = list(range(trainer.weight.shape[0] - 1))
+    assert trainer.active == trained and len(seen) > 3
+    checks = torch.stack(seen)[:, trained]
+    lowest = checks.min(0).values
+    assert torch.equal(trainer.best_kl[trained], lowest)
+    assert (checks[-1] > lowest).any(), checks  # some layer's latest is not its best
+    weight, bias = trainer.current()
+    torch.testing.assert_close(measure(trained, weight, bias)[trained], lowest)
+    latest = measure(trained, trainer.weight.detach(), trainer.bias.detach())[trained]
+    torch.testing.assert_close(latest, checks[-1])
+    worse = [i for i in trained if bool(checks[-1, i] > lowest[i])]
+    for i in worse:
+        assert not torch.equal(weight[i], trainer.weight.detach()[i])
 
 
 @pytest.fixture(scope="module")

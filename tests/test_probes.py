@@ -83,12 +83,14 @@ class TestAuroc:
 
 
 class TestSyntheticActivations:
-    def planted(self, n: int = 300, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    def planted(
+        self, n: int = 300, d: int = 32, seed: int = 0, strength: float = 2.0
+    ) -> tuple[torch.Tensor, ...]:
         g = torch.Generator().manual_seed(seed)
         u = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
         y = (torch.rand(n, generator=g) < 0.5).long()
         x = torch.randn(n, d, generator=g) + 5.0  # off-centre: the probe must learn a bias
-        x = x + (2 * y - 1).float()[:, None] * 2.0 * u
+        x = x + (2 * y - 1).float()[:, None] * strength * u
         return x, y, u
 
     def test_planted_direction_gives_high_held_out_auroc(self) -> None:
@@ -184,9 +186,8 @@ class TestSyntheticActivations:
 
     def test_newton_with_fewer_rows_than_features(self) -> None:
         """The Woodbury step equals the direct solve of the full Hessian; the fit lands where
-        the objective's gradient (autograd) vanishes; cross-validation solving its folds
-        together gives each fold's AUROCs as fitting fold by fold does."""
-        from archscope.methods.probes import _newton_step_few_rows, cross_validate
+        the objective's gradient (autograd) vanishes."""
+        from archscope.methods.probes import _newton_step_few_rows
 
         g = torch.Generator().manual_seed(4)
         a = torch.randn(3, 20, 50, generator=g, dtype=torch.float64)
@@ -221,12 +222,32 @@ class TestSyntheticActivations:
         (gw,) = torch.autograd.grad(loss, w)
         assert float(gw.abs().max()) < 1e-5
 
-        config = ProbeConfig(solver="newton", weight_decay=decay)
+    def test_newton_folds_solved_together_equal_folds_fitted_one_by_one(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Cross-validation solving its folds together (folds of 9, 9, 8, 8 and 8 rows, so the
+        shorter training sets are padded and masked) gives each fold the weights, bias and
+        AUROCs that fitting fold by fold does; a weak signal keeps the held-out AUROCs away
+        from 1, so a wrong fold would show."""
+        from archscope.methods.probes import cross_validate, stratified_folds
+
+        x, y, _ = self.planted(n=42, d=64, strength=0.3)
+        config = ProbeConfig(solver="newton", weight_decay=0.01)
+        parts = stratified_folds(y, 5, config.seed)
+        assert sorted((len(p) for p in parts), reverse=True) == [9, 9, 8, 8, 8]
+        fitted: list[tuple[torch.Tensor, torch.Tensor]] = []
+        measure = ProbeFit._measure
+
+        def recording(fit: ProbeFit, *split: torch.Tensor) -> Any:
+            net = fit.probe.net
+            fitted.append((net.weight.detach().clone(), net.bias.detach().clone()))
+            return measure(fit, *split)
+
+        monkeypatch.setattr(ProbeFit, "_measure", recording)
         together = cross_validate(x, y, config, folds=5, epochs=50)
-        from archscope.methods.probes import stratified_folds
+        together_fits, fitted[:] = list(fitted), []
 
         one_by_one: tuple[list[float], list[float]] = ([], [])
-        parts = stratified_folds(y, 5, config.seed)
         for k, test in enumerate(parts):
             train = torch.cat([p for j, p in enumerate(parts) if j != k])
             m = ProbeFit(config, x.shape[1]).train(
@@ -235,6 +256,32 @@ class TestSyntheticActivations:
             one_by_one[0].append(m.train_auroc)
             one_by_one[1].append(m.val_auroc)
         assert together == one_by_one
+        # every held-out AUROC well below 1 (0.44 to 0.75 when written), all distinct folds
+        assert max(together[1]) < 0.9 and len(set(together[1])) == 5, together
+        assert len(together_fits) == len(fitted) == 5
+        for (w, b), (rw, rb) in zip(together_fits, fitted, strict=True):
+            torch.testing.assert_close(w, rw)
+            torch.testing.assert_close(b, rb)
+
+    def test_report_without_the_final_fit_has_the_fold_averages_and_no_probe(self) -> None:
+        """`_report(fit_final=False)` (what the profile uses) reports the k-fold AUROCs of
+        `cross_validate`, averaged as with the final fit, and fits no probe on every row."""
+        from types import SimpleNamespace
+
+        from archscope.methods.probes import ProbeOptions, _report, cross_validate
+
+        x, y, _ = self.planted(n=60, d=16, strength=0.5)
+        options = ProbeOptions(folds=3, epochs=20, solver="newton", weight_decay=1e-2)
+        site = "layer_0.residual"
+        backend: Any = SimpleNamespace(name="stand-in")
+        report = _report(backend, site, x, y, options, fit_final=False)
+        train, held = cross_validate(
+            x, y, options.config(site), folds=3, epochs=20, lr=options.lr, batch_size=64
+        )
+        assert report._probe is None and report.n_examples == 60
+        assert report.heldout_auroc_folds == held
+        assert report.heldout_auroc == sum(held) / 3
+        assert report.train_auroc == sum(train) / 3
 
     def test_unknown_solver_is_refused_with_the_valid_ones(self) -> None:
         with pytest.raises(ParameterError, match="adamw, newton"):

@@ -312,17 +312,11 @@ def test_a_stack_without_attention_runs_padded_without_filling_a_cache(side: str
     """Token sites of an all-recurrent stack need no cache: the padded run equals the model's own
     forward (``use_cache=False``, the 2D mask) on every transformers the package allows; reading a
     state fills one, which older transformers cannot do for such a stack: then a clear error."""
-    import transformers
+    from archscope.compat import transformers_release
+    from archscope_hybrid.backend import CACHE_WITHOUT_ATTENTION
 
-    from archscope_hybrid import testing
-
-    # built here, not with make_model: that checks the family from transformers 5.25 on only
-    config_name, model_name, kwargs = testing._SPECS["qwen3_5_linear"]
-    torch.manual_seed(0)
-    config = getattr(transformers, config_name)(
-        vocab_size=testing.VOCAB, hidden_size=testing.D_MODEL, **kwargs
-    )
-    model = getattr(transformers, model_name)(config).eval()
+    # below its floor too: the family is checked from transformers 5.25 on only
+    model = make_model("qwen3_5_linear", check_floor=False)
     backend = Backend.for_model(model)
     assert isinstance(backend, HybridBackend)
     ids = random_ids(2, 8, seed=6)
@@ -332,10 +326,15 @@ def test_a_stack_without_attention_runs_padded_without_filling_a_cache(side: str
     run = backend.run(batch, capture=["logits", "layer_1.residual"])
     real = batch["attention_mask"].bool()
     assert _close(run["logits"][real], own[real])
-    release = tuple(int(p) for p in transformers.__version__.split(".")[:2])
-    if release >= (5, 25):
+    if transformers_release() >= CACHE_WITHOUT_ATTENTION:
         state = backend.run(batch, capture=["layer_0.ssm_state"])["layer_0.ssm_state"]
         assert state.shape[0] == 2
     else:
-        with pytest.raises(BackendError, match="cannot fill a cache"):
-            backend.run(batch, capture=["layer_0.ssm_state"])
+        cached: list[Any] = []
+        model.register_forward_pre_hook(
+            lambda _m, _a, kwargs: cached.append(kwargs.get("use_cache")), with_kwargs=True
+        )
+        for request in ({"capture": ["layer_0.ssm_state"]}, {"return_state": True}):
+            with pytest.raises(BackendError, match=r"transformers 5\.\d+\.\d+ cannot fill a cache"):
+                backend.run(batch, **request)
+        assert True not in cached  # refused before the model is asked to fill a cache

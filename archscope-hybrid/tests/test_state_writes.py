@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
-from archscope import Backend, BackendError, Edit, SiteError
+from archscope import Backend, BackendError, Edit, ParameterError, SiteError
+from archscope.compat import transformers_release
 from archscope.recurrence import (
     decayed_scores,
     delta_rule_attention,
@@ -463,8 +463,7 @@ def test_the_kernels_arguments_give_the_recomputed_sites(
     mixer = _mixer(family)
     variant = writes.variant_of(mixer)
     kernel = writes.kernel_of(mixer, variant)
-    release = tuple(int(part) for part in transformers.__version__.split(".")[:2])
-    if family != "minimax" and release >= (5, 25):
+    if family != "minimax" and transformers_release() >= (5, 25):
         assert kernel is not None  # from 5.25 transformers calls these kernels through modules
     hooks = 0 if kernel is None else len(kernel._forward_hooks)
     batch = padded_batch(random_ids(2, 9), [9, 6], "right")
@@ -522,3 +521,26 @@ def test_the_chunked_states_equal_the_step_by_step_scan_from_a_state(
     )
     states.sum().backward()
     assert tracked.grad is not None and bool(tracked.grad.abs().sum() > 0)
+
+
+def test_delta_rule_states_refuses_a_bad_chunk_or_initial_state() -> None:
+    """A chunk below one position and an initial state that is not (batch, heads, d_key,
+    d_value) (or broadcastable to it) are refused with a ParameterError naming what was given
+    and what is valid; a broadcastable initial state gives the expanded one's states."""
+    gen = torch.Generator().manual_seed(0)
+    b, t, h, dk, dv = 2, 5, 3, 4, 6
+    k = F.normalize(torch.randn(b, t, h, dk, generator=gen), dim=-1)
+    v = torch.randn(b, t, h, dv, generator=gen)
+    beta = torch.rand(b, t, h, generator=gen)
+    g = -torch.rand(b, t, h, generator=gen)
+    for chunk in (0, -3, 2.0, True):
+        with pytest.raises(ParameterError, match=rf"chunk must be a positive int.*{chunk!r}"):
+            delta_rule_states(k, v, beta, g, chunk=chunk)  # type: ignore[arg-type]
+    for shape in [(b, h, dv, dk), (b, h, dk), (3, h, dk, dv), (1, b, h, dk, dv)]:
+        with pytest.raises(ParameterError, match=r"initial has shape .*valid: .*\(2, 3, 4, 6\)"):
+            delta_rule_states(k, v, beta, g, initial=torch.zeros(shape))
+    shared = torch.randn(1, h, dk, dv, generator=gen)
+    assert torch.equal(
+        delta_rule_states(k, v, beta, g, initial=shared),
+        delta_rule_states(k, v, beta, g, initial=shared.expand(b, h, dk, dv).clone()),
+    )

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from archscope import Backend
+from archscope.compat import transformers_release
 from archscope.testing import padded_batch
 from archscope_mamba import scan
 from archscope_mamba.backend import MambaBackend
@@ -23,9 +24,7 @@ mm = pytest.importorskip("transformers.models.mamba.modeling_mamba")
 
 
 def _current() -> bool:
-    import transformers
-
-    return scan._release(transformers.__version__) >= scan.FIRST_RELEASE
+    return transformers_release() >= scan.FIRST_RELEASE
 
 
 #: The own scan replaces the CPU scan of the transformers release it was written against and
@@ -287,3 +286,27 @@ def test_older_transformers_and_kernelized_functions_keep_transformers_scan(
         assert scan._kernelized(original)
         backend.run(ids, capture=["logits"])
         assert not calls and len(seen) == len(backend.layers)
+
+
+def test_the_release_parser_reads_every_transformers_version_form() -> None:
+    """The one (major, minor) parser the packages compare transformers releases with: dev,
+    rc and post suffixes and a missing minor; a version without a leading number is refused."""
+    from archscope import ParameterError
+    from archscope.compat import release
+
+    cases = {
+        "5.25.0": (5, 25),
+        "5.26.0.dev0": (5, 26),
+        "5.25rc1": (5, 25),
+        "5.6.0.post1": (5, 6),
+        "10.0": (10, 0),
+        "6": (6, 0),
+    }
+    for version, expected in cases.items():
+        assert release(version) == expected, version
+    assert release("5.6.0") < release("5.25.0") < (5, 26)
+    with pytest.raises(ParameterError, match=r"cannot read a release from version 'dev'"):
+        release("dev")
+    import transformers
+
+    assert transformers_release() == release(transformers.__version__)

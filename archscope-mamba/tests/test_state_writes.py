@@ -263,6 +263,27 @@ def test_editing_a_write_to_its_own_value_changes_nothing(family: str, role: str
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("role", ["state_write", "write_value", "write_key"])
+def test_an_identity_edit_reports_the_unedited_run_bit_for_bit(
+    family: str, side: str, role: str
+) -> None:
+    """On a padded batch, an edit that returns its input (a clone, or a scale by 1) of any
+    writable role leaves every write site's capture, the per-position states and the logits
+    equal to the unedited run's, bit for bit."""
+    backend = _backend(family)
+    batch = padded_batch(random_ids(2, 9, seed=3), [9, 6], side)
+    sites = [*_sites(*ROLES), "logits"]
+    clean = backend.run(batch, capture=sites)
+    name = f"layer_{LAYER}.{role}"
+    for edit in (Edit.apply(name, lambda t: t.clone()), Edit.scale(name, 1.0)):
+        edited = backend.run(batch, capture=sites, edits=[edit])
+        for site in sites:
+            assert edited[site].shape == clean[site].shape, (edit, site)
+            assert torch.equal(edited[site], clean[site]), (edit, site)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_deleting_a_write_changes_only_later_positions_as_the_unroll_says(family: str) -> None:
     backend = _backend(family)
     ids = random_ids(2, 7)

@@ -350,6 +350,22 @@ def test_padding_helpers():
     assert last_real_index(left).tolist() == [2, 2]
 
 
+def test_run_request_padding_side_uses_the_carried_side_else_the_mask():
+    from archscope.runs import RunRequest
+
+    right = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    assert RunRequest({"input_ids": ids}, [], {}).padding_side == "none"
+    request = RunRequest({"input_ids": ids, "attention_mask": right}, [], {})
+    assert request.padding_side == "right"
+    assert request.fresh(batch={"input_ids": ids}).padding_side == "none"
+    # a side `Backend.run` already found is not computed again
+    assert (
+        RunRequest({"input_ids": ids, "attention_mask": right}, [], {}, padding="left").padding_side
+        == "left"
+    )
+
+
 def test_model_without_an_attention_mask_argument_is_called_without_one():
     class Bare(nn.Module):
         def __init__(self):

@@ -292,9 +292,9 @@ def test_zoo_gdn_atoms_substitute_for_the_binding_writes() -> None:
     assert result.n_firings == 200
     # measured 0.870 [0.816, 0.910]; the shuffled control 0.470 [0.402, 0.539]
     assert result.win_rate >= 0.8, result.to_markdown()
-    # the control stays below the bar and its interval below the atom's (not a fixed margin
-    # around 0.5, which another CPU's rounding could cross)
-    assert result.control_win_rate < 0.8 and result.win_ci[0] > result.control_ci[1]
+    # the control stays near chance (well under the bar; a margin above the measured 0.47 for
+    # another CPU's rounding) and its interval below the atom's
+    assert result.control_win_rate < 0.65 and result.win_ci[0] > result.control_ci[1]
     # the closed form (one backward pass per text): reported, layer 1 responds to the change
     # and the closed form freezes it (measured R² 0.17 on 200 texts)
     some = substitution_test(sae, backend, texts[:30], positions=positions[:30], per_text=1)

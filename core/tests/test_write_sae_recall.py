@@ -318,6 +318,30 @@ def test_recall_fixture_ships_small_and_recalls(family: str) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_the_shipped_configs_are_what_build_makes(family: str) -> None:
+    """The retraining recipe (`build`) and the shipped fixture agree: the shipped config.json,
+    read by the running transformers, equals the config `build` makes, field by field (no
+    training: a changed recipe that was not retrained fails here)."""
+    _needs(family)
+    import transformers
+
+    model = build(family)
+    folder = DATA / family
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["architectures"] == [type(model).__name__], raw["architectures"]
+    assert raw["dtype"] == "float32" and next(model.parameters()).dtype == torch.float32
+    built = model.config.to_dict()
+    shipped = transformers.AutoConfig.from_pretrained(str(folder)).to_dict()
+    skip = {"transformers_version", "architectures", "dtype", "torch_dtype", "_name_or_path"}
+    differ = {
+        key: (built.get(key, "<absent>"), shipped.get(key, "<absent>"))
+        for key in (set(built) | set(shipped)) - skip
+        if built.get(key, "<absent>") != shipped.get(key, "<absent>")
+    }
+    assert not differ, f"{family}: build() vs shipped config (built, shipped): {differ}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_the_binding_write_is_where_deletion_says(family: str) -> None:
     """Deleting the recalled pair's binding write (the layer's whole write there) loses the
     answer; deleting its other writes around the pair does not."""
@@ -402,9 +426,10 @@ def test_recall_atoms_substitute_for_the_binding_writes(family: str) -> None:
     result = substitution_test(sae, backend, test, positions=positions, per_text=1)
     print(family, result.to_markdown())
     assert result.n_firings == len(test)
-    # measured: see RESULTS.md (11b) and docs/sae.md
+    # measured: see RESULTS.md (11b) and docs/sae.md (the shuffled control 0.40-0.505: near
+    # chance, the bar leaves a margin for another CPU's rounding)
     assert result.win_rate >= 0.8, result.to_markdown()
-    assert result.control_win_rate < 0.8 and result.win_ci[0] > result.control_ci[1]
+    assert result.control_win_rate < 0.65 and result.win_ci[0] > result.control_ci[1]
     assert result.closed_form == "state" and result.closed_form_r2 is not None
     assert math.isfinite(result.closed_form_r2)
 

@@ -23,6 +23,23 @@ def hook_ids(model: Any) -> set[tuple[str, str, int]]:
     return found
 
 
+def forward_attributes(model: Any) -> list[str]:
+    """The modules with a ``forward`` of their own (an instance attribute), by name."""
+    return [n for n, m in model.named_modules() if "forward" in m.__dict__]
+
+
+def small_gpt2() -> Any:
+    """A seeded random-weight 2-layer GPT-2 (d 32, vocabulary 100) in eval mode."""
+    from archscope_transformer.testing import tiny_model
+
+    return tiny_model("gpt2", n_layers=2)
+
+
+def token_ids(rows: int = 2, cols: int = 6, high: int = 100) -> torch.Tensor:
+    """Seeded random token ids 0..high-1 of shape (rows, cols)."""
+    return torch.randint(0, high, (rows, cols), generator=torch.Generator().manual_seed(1))
+
+
 def snapshot(model: Any) -> tuple[dict[str, torch.Tensor], dict[str, bool]]:
     """The model's weights (copied) and the training flag of every module."""
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -11,24 +11,13 @@ from typing import Any
 
 import pytest
 import torch
+from reliability.support import forward_attributes, hook_ids, small_gpt2, token_ids
 
 import archscope
 from archscope import guards
 from archscope.errors import InputError
 
 CAPTURE = ["layer_0.residual", "layer_1.residual", "logits"]
-
-
-def _gpt2() -> Any:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-def _ids(rows: int = 2, cols: int = 6) -> torch.Tensor:
-    return torch.randint(0, 100, (rows, cols), generator=torch.Generator().manual_seed(1))
 
 
 def _own(model: Any, ids: torch.Tensor, **kwargs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -56,15 +45,13 @@ def _check(result: Any, model: Any, ids: torch.Tensor, **kwargs: Any) -> None:
 
 
 def _nothing_left(model: Any) -> None:
-    for name, module in model.named_modules():
-        assert "forward" not in module.__dict__, name
-        assert not module._forward_hooks and not module._forward_pre_hooks, name
+    assert hook_ids(model) == set() and forward_attributes(model) == []
 
 
 def test_weights_changed_in_place_are_read() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     before = backend.run(ids, capture=CAPTURE)
     with torch.no_grad():
         for param in model.transformer.h[0].parameters():
@@ -76,23 +63,29 @@ def test_weights_changed_in_place_are_read() -> None:
 
 
 def test_a_replaced_block_gets_a_new_plan() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     backend.run(ids, capture=CAPTURE)
+    plans = backend.model_state().plans
+    assert len(plans) == 1
+    old_plan = next(iter(plans.values()))
     old = model.transformer.h[0]
     new = type(old)(model.config, layer_idx=0).eval()
     model.transformer.h[0] = new
     result = backend.run(ids, capture=CAPTURE)
     _check(result, model, ids)
+    fresh = backend.model_state().plans
+    assert fresh is not plans and len(fresh) == 1, "the old model's plans are dropped"
+    assert next(iter(fresh.values())) is not old_plan
     assert "forward" not in old.__dict__ and "forward" not in new.__dict__
     _nothing_left(model)
 
 
 def test_a_users_hook_added_after_the_plan_is_respected_and_kept() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     first = backend.run(ids, capture=CAPTURE)
     block = model.transformer.h[0]
 
@@ -115,9 +108,9 @@ def test_a_users_hook_added_after_the_plan_is_respected_and_kept() -> None:
 
 
 def test_a_forward_patched_after_the_plan_is_the_one_run() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     first = backend.run(ids, capture=CAPTURE)
     block = model.transformer.h[1]
     original = block.forward
@@ -138,10 +131,10 @@ def test_a_forward_patched_after_the_plan_is_the_one_run() -> None:
 
 
 def test_training_mode_set_after_the_plan_is_switched_off_for_the_run() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     model.config.resid_pdrop = 0.5
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     first = backend.run(ids, capture=CAPTURE)
     model.train()
     for module in model.modules():
@@ -155,9 +148,9 @@ def test_training_mode_set_after_the_plan_is_switched_off_for_the_run() -> None:
 
 
 def test_a_dtype_change_after_the_plan_is_followed() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     backend.run(ids, capture=CAPTURE)
     model.double()
     result = backend.run(ids, capture=CAPTURE)
@@ -167,9 +160,9 @@ def test_a_dtype_change_after_the_plan_is_followed() -> None:
 
 
 def test_padding_is_found_for_each_batch_not_kept_from_the_last() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     full = torch.ones_like(ids)
     _check(backend.run({"input_ids": ids, "attention_mask": full}, capture=CAPTURE), model, ids)
     # the same request, now left-padded: GPT-2 needs positions counted from the first real
@@ -192,9 +185,9 @@ def test_padding_is_found_for_each_batch_not_kept_from_the_last() -> None:
 @pytest.mark.parametrize("shape", [(1, 8), (2, 40)], ids=["read-at-once", "reduction"])
 def test_id_and_mask_checks_hold_for_small_and_large_batches(shape: tuple[int, int]) -> None:
     assert (shape[0] * shape[1] <= guards.SMALL_READ) == (shape == (1, 8))
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids(*shape)
+    ids = token_ids(*shape)
     backend.run(ids, capture=CAPTURE)
     bad = ids.clone()
     bad[-1, -1] = 100
@@ -212,9 +205,9 @@ def test_id_and_mask_checks_hold_for_small_and_large_batches(shape: tuple[int, i
 
 
 def test_a_meta_model_is_refused_after_a_cached_plan() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     backend.run(ids, capture=CAPTURE)
     model.to("meta")
     with pytest.raises(InputError, match="meta device"):

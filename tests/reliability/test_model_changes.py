@@ -10,21 +10,10 @@ from typing import Any
 
 import pytest
 import torch
+from reliability.support import small_gpt2, token_ids
 
 import archscope
 from archscope.errors import InputError, SiteError
-
-
-def _gpt2() -> Any:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100)
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
-def _ids(high: int = 100) -> torch.Tensor:
-    return torch.randint(0, high, (2, 6), generator=torch.Generator().manual_seed(1))
 
 
 def _block_outputs(model: Any, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -43,9 +32,9 @@ def _block_outputs(model: Any, ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 def test_replaced_block_is_the_one_captured_and_edited() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     backend.run(ids, capture=["layer_1.residual"])  # everything cached now
     new_block = copy.deepcopy(model.transformer.h[1])
     with torch.no_grad():
@@ -66,9 +55,9 @@ def test_replaced_block_is_the_one_captured_and_edited() -> None:
 
 
 def test_replaced_head_is_the_one_unembed_uses() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     backend.run(ids, capture=["logits"])
     model.lm_head = torch.nn.Linear(32, 100, bias=True)
     residual = backend.run(ids, capture=["layer_1.residual"])["layer_1.residual"]
@@ -80,7 +69,7 @@ def test_replaced_head_is_the_one_unembed_uses() -> None:
 
 
 def test_resized_vocabulary_moves_the_limit_and_the_logits_site() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
     high = torch.tensor([[3, 110, 5]])
     with pytest.raises(InputError, match="outside the vocabulary of 100"):
@@ -97,9 +86,9 @@ def test_resized_vocabulary_moves_the_limit_and_the_logits_site() -> None:
 
 
 def test_module_added_in_training_mode_runs_in_eval_mode() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     first = backend.run(ids, capture=["logits"]).logits
     # a new dropout (in training mode, as new modules are) in block 0's MLP: a run must switch
     # it off like every module
@@ -112,9 +101,9 @@ def test_module_added_in_training_mode_runs_in_eval_mode() -> None:
 
 
 def test_removed_layer_is_refused_by_name_after_a_cached_request() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     backend.run(ids, capture=["layer_1.residual"])  # the capture list is remembered
     del model.transformer.h[1]
     model.config.n_layer = 1
@@ -124,9 +113,9 @@ def test_removed_layer_is_refused_by_name_after_a_cached_request() -> None:
 
 
 def test_repeated_requests_give_fresh_results() -> None:
-    model = _gpt2()
+    model = small_gpt2()
     backend = archscope.Backend.for_model(model)
-    ids = _ids()
+    ids = token_ids()
     capture = ["layer_0.residual", "logits"]
     first = backend.run(ids, capture=capture)
     capture.append("layer_1.residual")  # the same list object, changed: not the cached request

@@ -12,16 +12,12 @@ from typing import Any
 import pytest
 import torch
 from archs import arch
-from reliability.support import hook_ids
+from reliability.support import forward_attributes, hook_ids
 
 from archscope import InputError, guards
 from archscope.engine import logits_from
 
 SITES = ["layer_0.residual", "layer_1.residual", "logits"]
-
-
-def _forward_attributes(model: Any) -> list[str]:
-    return [n for n, m in model.named_modules() if "forward" in m.__dict__]
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "mamba", "lstm"])
@@ -36,7 +32,7 @@ def test_captures_equal_the_models_own_outputs_and_leave_nothing_behind(name: st
     ids = torch.randint(4, 90, (2, 7), generator=torch.Generator().manual_seed(0))
     residuals = backend.layer_names()
     result = backend.run(ids, capture=[*residuals, "logits"])
-    assert hook_ids(model) == set() and _forward_attributes(model) == []
+    assert hook_ids(model) == set() and forward_attributes(model) == []
     with torch.no_grad():
         plain = reference(ids)
     logits = logits_from(plain)
@@ -52,7 +48,7 @@ def test_captures_equal_the_models_own_outputs_and_leave_nothing_behind(name: st
     assert not torch.equal(edited.logits, result.logits)
     again = backend.run(ids, capture=["logits"])
     assert torch.equal(again.logits, result.logits)
-    assert hook_ids(model) == set() and _forward_attributes(model) == []
+    assert hook_ids(model) == set() and forward_attributes(model) == []
 
 
 def test_a_module_with_its_own_hook_is_read_after_that_hook() -> None:
@@ -107,7 +103,7 @@ def test_a_run_that_raises_restores_every_forward() -> None:
     hooks = hook_ids(a.model)
     with pytest.raises(RuntimeError, match="boom"):
         a.backend.run(ids, capture=["logits"], edits=[Edit.apply("layer_0.residual", fail)])
-    assert _forward_attributes(a.model) == [] and hook_ids(a.model) == hooks
+    assert forward_attributes(a.model) == [] and hook_ids(a.model) == hooks
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])

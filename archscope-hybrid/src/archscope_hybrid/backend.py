@@ -28,7 +28,6 @@ from archscope.engine import (
     SiteTable,
     View,
     apply_edit,
-    padding_side,
 )
 from archscope.recurrence import WRITE_ROLES, write_sites_of
 
@@ -56,6 +55,11 @@ from .writes import declare_layer_writes, layer_runs, variant_of, write_hooks
 
 if TYPE_CHECKING:
     import torch
+
+#: The first transformers release that fills a cache for a stack without attention layers (it
+#: takes the per-layer-type mask mapping, see `HybridBackend.mask_argument`); below it such a
+#: stack's recurrent states cannot be read.
+CACHE_WITHOUT_ATTENTION = (5, 25)
 
 #: Attributes transformers sets on a model once it has installed its output-capturing hooks.
 _LIBRARY_HOOK_FLAGS = ("_output_capturing_hooks_installed",)
@@ -286,8 +290,7 @@ class HybridBackend(HookBackend):
             states = set(self.state_sites)
             plan = Plan(wants_state=ctx.return_state or any(n in states for n in ctx.capture))
             if ctx.initial_state is not None:
-                mask = ctx.attention_mask
-                if mask is not None and padding_side(mask) == "left":
+                if ctx.padding_side == "left":
                     raise BackendError(
                         "a run from initial_state continues each row from its state, so the "
                         "suffix may only be right-padded; got a left-padded attention_mask"
@@ -311,31 +314,38 @@ class HybridBackend(HookBackend):
         kinds = set(getattr(config, "layer_types", None) or ())
         return {kind: padded for kind in kinds}
 
+    def _check_cache_without_attention(self) -> None:
+        """Refuse, before the model runs, a run that must fill a cache for a stack without
+        attention layers on a transformers release that cannot (`CACHE_WITHOUT_ATTENTION`)."""
+        from archscope.compat import transformers_release
+
+        if transformers_release() >= CACHE_WITHOUT_ATTENTION:
+            return
+        import transformers
+
+        floor = ".".join(map(str, CACHE_WITHOUT_ATTENTION))
+        raise BackendError(
+            f"backend 'hybrid': this model has no attention layer, and transformers "
+            f"{transformers.__version__} cannot fill a cache for such a stack (from {floor} on it "
+            "can), so its recurrent states cannot be read; capture token sites only (no "
+            f"ssm_state / conv_state, no return_state), or use transformers {floor} or later"
+        )
+
     def forward(self, ctx: RunContext) -> Any:
         plan = self._plan(ctx)
         if plan.stepping:
             from .continuing import continue_from_state
 
             return continue_from_state(self, ctx, plan)
+        if self.all_recurrent and plan.wants_state:
+            self._check_cache_without_attention()
         inputs = dict(ctx.batch)
         mask = self.mask_argument(inputs.get("attention_mask"), cached=plan.wants_state)
         if mask is None:
             inputs.pop("attention_mask", None)
         else:
             inputs["attention_mask"] = mask
-        try:
-            output = self.model(**inputs, use_cache=plan.wants_state)
-        except (AttributeError, ValueError) as exc:
-            if not (self.all_recurrent and plan.wants_state):
-                raise
-            import transformers
-
-            raise BackendError(
-                f"backend 'hybrid': this model has no attention layer, and transformers "
-                f"{transformers.__version__} cannot fill a cache for such a stack ({exc}), so its "
-                "recurrent states cannot be read; capture token sites only (no ssm_state / "
-                "conv_state, no initial_state), or use transformers 5.25 or later"
-            ) from exc
+        output = self.model(**inputs, use_cache=plan.wants_state)
         if plan.wants_state:
             plan.cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         return output

@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from archscope.freeze import FreezeError, FrozenValues, frozen_activation, frozen_norm
 
+from .writes import GATED_DELTA, delta_projections, variant_of, write_strength
+
 if TYPE_CHECKING:
     import torch
 
@@ -51,49 +53,16 @@ CANNOT_FREEZE = {
     "'gate', 'experts' with gate_up_proj / down_proj) are held",
 }
 
-_COMMON = ("conv1d", "A_log", "dt_bias")
-#: layout -> the projections a gated delta net of that layout has
-_LAYOUTS = {
-    "qwen3_5": ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "norm", "out_proj"),
-    "qwen3_next": ("in_proj_qkvz", "in_proj_ba", "norm", "out_proj"),
-    "olmo": ("q_proj", "k_proj", "v_proj", "g_proj", "b_proj", "a_proj", "o_norm", "o_proj"),
-}
+#: what the recomputation reads beyond what `variant_of` checks
+_NEEDS = ("conv1d", "dt_bias")
 
 
-def _layout(module: Any) -> str | None:
-    """The layout of a gated delta net (None: not one this module recomputes)."""
-    if not all(hasattr(module, n) for n in _COMMON):
+def _variant(module: Any) -> str | None:
+    """The variant of a gated delta net this module recomputes (None: not one)."""
+    variant = variant_of(module)
+    if variant not in GATED_DELTA:
         return None
-    return next(
-        (name for name, parts in _LAYOUTS.items() if all(hasattr(module, n) for n in parts)),
-        None,
-    )
-
-
-def _projections(layer: Any, x: torch.Tensor) -> tuple[Any, Any, Any, Any, Any, Any]:
-    """(mixed [q|k|v] before the convolution, z, b, a, the gated norm, the output projection)
-    of ``layer`` on ``x``, whatever its layout; β's factor is applied by the caller."""
-    import torch
-
-    b, seq, _ = x.shape
-    layout = _layout(layer)
-    if layout == "qwen3_5":
-        return (
-            layer.in_proj_qkv(x),
-            layer.in_proj_z(x),
-            layer.in_proj_b(x),
-            layer.in_proj_a(x),
-            layer.norm,
-            layer.out_proj,
-        )
-    if layout == "qwen3_next":
-        q, k, v, z, beta, a = layer.fix_query_key_value_ordering(
-            layer.in_proj_qkvz(x), layer.in_proj_ba(x)
-        )
-        mixed = torch.cat([t.reshape(b, seq, -1) for t in (q, k, v)], dim=-1)
-        return mixed, z.reshape(b, seq, -1), beta, a, layer.norm, layer.out_proj
-    mixed = torch.cat([layer.q_proj(x), layer.k_proj(x), layer.v_proj(x)], dim=-1)
-    return mixed, layer.g_proj(x), layer.b_proj(x), layer.a_proj(x), layer.o_norm, layer.o_proj
+    return variant if all(hasattr(module, n) for n in (*_NEEDS, *GATED_DELTA[variant])) else None
 
 
 def frozen_gated_delta(layer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -> torch.Tensor:
@@ -104,7 +73,13 @@ def frozen_gated_delta(layer: Any, x: torch.Tensor, values: FrozenValues, key: A
 
     b, seq, _ = x.shape
     kd, vd = layer.head_k_dim, layer.head_v_dim
-    mixed, z_raw, b_raw, a_raw, norm, out_proj = _projections(layer, x)
+    variant = _variant(layer)
+    assert variant is not None
+    mixed, z_raw, b_raw, a_raw = delta_projections(
+        variant, layer, lambda name: getattr(layer, name)(x), gate=True
+    )
+    _, norm_name, out_name = GATED_DELTA[variant]
+    norm, out_proj = getattr(layer, norm_name), getattr(layer, out_name)
     mixed = mixed.transpose(1, 2)
     conv = layer.conv1d
     pre = F.conv1d(
@@ -114,8 +89,7 @@ def frozen_gated_delta(layer: Any, x: torch.Tensor, values: FrozenValues, key: A
     q = values.hold((key, "q"), F.silu(q_pre)).reshape(b, seq, -1, kd)
     k = values.hold((key, "k"), F.silu(k_pre)).reshape(b, seq, -1, kd)
     v = frozen_activation(v_pre, F.silu(v_pre), values, (key, "v")).reshape(b, seq, -1, vd)
-    beta = b_raw.sigmoid() * (2.0 if getattr(layer, "allow_neg_eigval", False) else 1.0)
-    beta = values.hold((key, "beta"), beta).float()
+    beta = values.hold((key, "beta"), write_strength(variant, layer, b_raw)).float()
     g = values.hold(
         (key, "g"), -layer.A_log.float().exp() * F.softplus(a_raw.float() + layer.dt_bias)
     ).float()
@@ -191,7 +165,7 @@ def unfreezable(backend: Any) -> str | None:
     """Why ``backend``'s model cannot be frozen (None: it can)."""
     for i in range(len(backend.layers)):
         block = _block(backend, i)
-        gdn = any(_layout(m) is not None for m in block.modules())
+        gdn = any(_variant(m) is not None for m in block.modules())
         attention = getattr(block, "self_attn", None)
         held = attention is not None and all(hasattr(attention, n) for n in ("q_proj", "k_proj"))
         if not gdn and not held:
@@ -272,7 +246,7 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
         handles.append(model.register_forward_pre_hook(lambda *_: values.start_run()))
         for i in range(len(backend.layers)):
             block = _block(backend, i)
-            mixer = next((m for m in block.modules() if _layout(m) is not None), None)
+            mixer = next((m for m in block.modules() if _variant(m) is not None), None)
             attention = getattr(block, "self_attn", None)
             if mixer is not None:
                 handles.append(

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from archscope.compat import transformers_release
 from archscope.errors import ParameterError
+
+from .backend import CACHE_WITHOUT_ATTENTION
 
 VOCAB = 100
 D_MODEL = 32
@@ -186,24 +189,24 @@ ALL_FAMILIES: tuple[str, ...] = FAMILIES + RECURRENT_FAMILIES
 #: The first transformers release a family was checked on, where the oldest release the
 #: package allows (5.6.0) differs: there OLMo-hybrid's gated delta net has another layout, and
 #: stacks without attention layers fail in the causal-mask code even with the mask mapping.
-_FLOORS = {"olmo_hybrid": "5.25", "qwen3_5_linear": "5.25", "lfm2_conv": "5.25"}
+FLOORS: dict[str, tuple[int, int]] = {
+    "olmo_hybrid": (5, 25),
+    "qwen3_5_linear": CACHE_WITHOUT_ATTENTION,
+    "lfm2_conv": CACHE_WITHOUT_ATTENTION,
+}
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """(major, minor) of a version string such as "5.25.0" or "5.26.0.dev0"."""
-    return tuple(int(part) for part in version.split(".")[:2])
-
-
-def missing(family: str) -> str | None:
+def missing(family: str, check_floor: bool = True) -> str | None:
     """Why ``family`` cannot be built or checked with the installed transformers (None: it
-    can)."""
+    can). ``check_floor=False``: only whether its classes exist, below its entry in `FLOORS`
+    too."""
     import transformers
 
-    floor = _FLOORS.get(family)
-    if floor is not None and _release(transformers.__version__) < _release(floor):
+    floor = FLOORS.get(family)
+    if check_floor and floor is not None and transformers_release() < floor:
         return (
-            f"family {family!r} is checked from transformers {floor} on; installed: "
-            f"{transformers.__version__}"
+            f"family {family!r} is checked from transformers {'.'.join(map(str, floor))} on; "
+            f"installed: {transformers.__version__}"
         )
     config_name, model_name, _ = _WRAPPER if family == "qwen3_5" else _SPECS[family]
     absent = [n for n in (config_name, model_name) if not hasattr(transformers, n)]
@@ -215,14 +218,16 @@ def missing(family: str) -> str | None:
     return None
 
 
-def make_model(family: str, seed: int = 0) -> Any:
-    """A float32 tiny model of ``family`` (one of `ALL_FAMILIES`), eval mode, seeded."""
+def make_model(family: str, seed: int = 0, check_floor: bool = True) -> Any:
+    """A float32 tiny model of ``family`` (one of `ALL_FAMILIES`), eval mode, seeded.
+    ``check_floor=False`` builds it below the release `FLOORS` checks it from too (for tests of
+    what the backend does there)."""
     import torch
     import transformers
 
     if family not in ALL_FAMILIES:
         raise ParameterError(f"unknown family {family!r}; known: {', '.join(ALL_FAMILIES)}")
-    reason = missing(family)
+    reason = missing(family, check_floor=check_floor)
     if reason is not None:
         raise ParameterError(reason)
     torch.manual_seed(seed)

@@ -123,6 +123,48 @@ def variant_of(mixer: Any) -> str | None:
     return None
 
 
+#: The gated delta nets (the delta rule with a scalar decay per head), by variant: the
+#: projection of the output gate z and the gated norm and output projection after the scan.
+GATED_DELTA: dict[str, tuple[str, str, str]] = {
+    QKVZ: ("in_proj_qkvz", "norm", "out_proj"),
+    QKV: ("in_proj_z", "norm", "out_proj"),
+    SEPARATE: ("g_proj", "o_norm", "o_proj"),
+}
+
+
+def delta_projections(
+    variant: str, mixer: Any, projection: Callable[[str], Any], gate: bool = False
+) -> tuple[Any, Any, Any, Any]:
+    """(the mixed [q | k | v] before the causal convolution, the output gate z (None unless
+    ``gate``), β's logits, the decay's input ``a``) of a mixer of ``variant`` (a key of
+    `GATED_DELTA`, or KDA: no ``a``), from ``projection(name)``: the output of the mixer's
+    projection ``name`` (kept by a hook, or computed; None where the mixer has none). The fused
+    Qwen3-Next projections are split by the layer's own ``fix_query_key_value_ordering``."""
+    import torch
+
+    if variant == QKVZ:
+        q, k, v, z, b, a = mixer.fix_query_key_value_ordering(
+            projection("in_proj_qkvz"), projection("in_proj_ba")
+        )
+        mixed = torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)], dim=-1)
+        return mixed, z.reshape(z.shape[0], z.shape[1], -1) if gate else None, b, a
+    if variant == QKV:
+        z = projection("in_proj_z") if gate else None
+        return projection("in_proj_qkv"), z, projection("in_proj_b"), projection("in_proj_a")
+    mixed = torch.cat([projection("q_proj"), projection("k_proj"), projection("v_proj")], dim=-1)
+    z = projection("g_proj") if gate else None
+    return mixed, z, projection("b_proj"), projection("a_proj")
+
+
+def write_strength(variant: str, mixer: Any, logits: Any) -> Any:
+    """β from its logits: the sigmoid, doubled where an OLMo-hybrid layer allows negative
+    eigenvalues (``allow_neg_eigval``)."""
+    beta = logits.float().sigmoid()
+    if variant == SEPARATE and getattr(mixer, "allow_neg_eigval", False):
+        beta = beta * 2.0
+    return beta
+
+
 def declare_layer_writes(
     table: SiteTable, layer: int, state_shape: tuple[int, ...], variant: str
 ) -> None:
@@ -307,17 +349,7 @@ def _parts(variant: str, mixer: Any, kept: dict[str, Any], mask: Any) -> DeltaPa
         slope = mixer.slope_rate.float().reshape(1, 1, heads).expand(b, t, heads)
         return DeltaParts(q, k, v, torch.ones_like(slope), -slope, erase=False, scale_query=False)
 
-    if variant == QKVZ:
-        q, k, v, _, b_, a = mixer.fix_query_key_value_ordering(
-            kept["in_proj_qkvz"], kept["in_proj_ba"]
-        )
-        mixed = torch.cat([x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)], dim=-1)
-    elif variant == QKV:
-        mixed, b_, a = kept["in_proj_qkv"], kept["in_proj_b"], kept["in_proj_a"]
-    else:
-        mixed = torch.cat([kept["q_proj"], kept["k_proj"], kept["v_proj"]], dim=-1)
-        b_ = kept["b_proj"]
-        a = kept.get("a_proj")
+    mixed, _, b_, a = delta_projections(variant, mixer, kept.get)
     mixed = _convolved(mixer, mixed).float()
     batch, seq = mixed.shape[:2]
     if variant == KDA:
@@ -330,9 +362,7 @@ def _parts(variant: str, mixer: Any, kept: dict[str, Any], mask: Any) -> DeltaPa
     q = q.reshape(batch, seq, heads, key_dim)
     k = k.reshape(batch, seq, heads, key_dim)
     v = v.reshape(batch, seq, v_heads, value_dim)
-    beta = b_.float().sigmoid()
-    if variant == SEPARATE and getattr(mixer, "allow_neg_eigval", False):
-        beta = beta * 2.0
+    beta = write_strength(variant, mixer, b_)
     if variant == KDA:
         g = kept["forget_gate"].float()
     else:

@@ -32,6 +32,15 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from archscope.freeze import FreezeError, FrozenValues, frozen_activation, frozen_norm
+from archscope.recurrence import linear_scan
+
+from .writes import (
+    ScanParts,
+    mamba2_convolution,
+    mamba2_parts,
+    mamba2_projection,
+    mamba2_time_step,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -102,40 +111,16 @@ def frozen_mamba2(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -
     import torch.nn.functional as F
 
     b, seq, _ = x.shape
-    heads, head_dim, n = mixer.num_heads, mixer.head_dim, mixer.ssm_state_size
-    groups, inner = mixer.n_groups, mixer.intermediate_size
-    proj = mixer.in_proj(x)
-    extra = proj.shape[-1] - inner - mixer.conv_dim - heads  # an unused gated-MLP part, if any
-    z, xbc, dt_raw = proj[..., extra:].split([inner, mixer.conv_dim, heads], dim=-1)
-    conv = mixer.conv1d
-    pre = F.conv1d(
-        xbc.transpose(1, 2),
-        conv.weight,
-        conv.bias,
-        padding=conv.kernel_size[0] - 1,
-        groups=xbc.shape[-1],
-    )[..., :seq].transpose(1, 2)
-    x_pre, bc_pre = pre.split([inner, 2 * groups * n], dim=-1)
+    inner, n, groups = mixer.intermediate_size, mixer.ssm_state_size, mixer.n_groups
+    z, xbc, dt_raw = mamba2_projection(mixer, mixer.in_proj(x))
+    x_pre, bc_pre = mamba2_convolution(mixer, xbc).split([inner, 2 * groups * n], dim=-1)
     u = frozen_activation(x_pre, mixer.act(x_pre), values, (key, "conv_act"))
     bc = values.hold((key, "bc"), mixer.act(bc_pre)).float()
     B, C = bc.split([groups * n, groups * n], dim=-1)
-    B = B.reshape(b, seq, groups, n).repeat_interleave(heads // groups, dim=2)
-    C = C.reshape(b, seq, groups, n).repeat_interleave(heads // groups, dim=2)
-    low, high = mixer.time_step_limit
-    dt = values.hold(
-        (key, "dt"),
-        torch.clamp(F.softplus(dt_raw.float() + mixer.dt_bias.float()), min=low, max=high),
-    ).float()  # (b, seq, heads)
-    A = -torch.exp(mixer.A_log.float()).detach()  # (heads,)
-    decay = torch.exp(dt * A)  # (b, seq, heads)
-    xs = u.float().reshape(b, seq, heads, head_dim)
-    state = xs.new_zeros(b, heads, head_dim, n)
-    outs = []
-    for t in range(seq):
-        write = (dt[:, t, :, None] * xs[:, t])[..., None] * B[:, t, :, None, :]
-        state = decay[:, t, :, None, None] * state + write
-        outs.append((state * C[:, t, :, None, :]).sum(-1))  # (b, heads, head_dim)
-    y = torch.stack(outs, 1) + xs * mixer.D.float()[None, None, :, None]
+    dt = values.hold((key, "dt"), mamba2_time_step(mixer, dt_raw)).float()  # (b, seq, heads)
+    parts = mamba2_parts(mixer, u, B, C, dt)
+    states = linear_scan(parts.decay, ScanParts.write_of(parts.value, parts.B))
+    y = parts.read(states) + parts.x * mixer.D.float()[None, None, :, None]
     y = y.reshape(b, seq, inner)
     norm = mixer.norm
     gated = y * values.hold((key, "gate"), F.silu(z.float()))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from archscope import BackendError, Edit, SiteInfo
-from archscope.engine import RunRequest, View, apply_edit, padding_side
+from archscope.engine import RunRequest, View, apply_edit
 
 if TYPE_CHECKING:
     import torch
@@ -41,7 +41,7 @@ def run_plan(backend: MambaStack, ctx: RunRequest) -> RunPlan:
     states = set(backend.state_sites)
     plan = RunPlan(wants_state=ctx.return_state or any(n in states for n in ctx.capture))
     mask = ctx.attention_mask
-    side = padding_side(mask) if mask is not None else "none"
+    side = ctx.padding_side
     if ctx.initial_state is not None:
         plan.stepping = True
         plan.steps = int(ctx.batch["input_ids"].shape[1])

@@ -268,23 +268,15 @@ def _dispatcher(original: Callable[..., Any]) -> Callable[..., Any]:
 FIRST_RELEASE = (5, 25)
 
 
-def _release(version: str) -> tuple[int, ...]:
-    parts = []
-    for part in version.split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
-
-
 def scan_module(mixer: Any) -> Any:
     """The Python module whose ``mamba_scan_forward`` the mixer calls: a transformers module of
     release `FIRST_RELEASE` or later (None otherwise: the mixer keeps transformers' scan)."""
     name = type(mixer).__module__
     if not name.startswith("transformers."):
         return None
-    import transformers
+    from archscope.compat import transformers_release
 
-    if _release(transformers.__version__) < FIRST_RELEASE:
+    if transformers_release() < FIRST_RELEASE:
         return None
     module = sys.modules.get(name)
     return module if callable(getattr(module, "mamba_scan_forward", None)) else None

@@ -254,50 +254,86 @@ def _parts_mamba(mixer: Any, seen: _LayerRun, record: ScanRecord | None = None) 
     )
 
 
-def _parts_mamba2(mixer: Any, seen: _LayerRun) -> ScanParts:
+def mamba2_projection(mixer: Any, projected: torch.Tensor) -> tuple[Any, Any, Any]:
+    """(the gate z, the convolution's input [x | B | C], Δ's input) of a Mamba-2 mixer's
+    ``in_proj`` output (a leading gated-MLP part, where the projection has one, is dropped)."""
+    inner, heads = int(mixer.intermediate_size), int(mixer.num_heads)
+    conv_dim = int(mixer.conv_dim)
+    extra = int(projected.shape[-1]) - inner - conv_dim - heads
+    z, xbc, dt = projected[..., extra:].split([inner, conv_dim, heads], dim=-1)
+    return z, xbc, dt
+
+
+def mamba2_convolution(mixer: Any, xbc: torch.Tensor) -> torch.Tensor:
+    """The causal convolution of a Mamba-2 mixer over [x | B | C] (batch, seq, conv_dim), before
+    its activation."""
+    import torch.nn.functional as F
+
+    conv, seq = mixer.conv1d, xbc.shape[1]
+    out = F.conv1d(
+        xbc.transpose(1, 2),
+        conv.weight,
+        conv.bias,
+        padding=int(conv.kernel_size[0]) - 1,
+        groups=int(conv.groups),
+    )
+    return out[..., :seq].transpose(1, 2)
+
+
+def mamba2_time_step(mixer: Any, dt: torch.Tensor) -> torch.Tensor:
+    """Δ per head: ``softplus(dt + dt_bias)`` in float32, clamped to the time-step limit."""
     import torch
     import torch.nn.functional as F
 
-    inner, heads, p = int(mixer.intermediate_size), int(mixer.num_heads), int(mixer.head_dim)
+    dt = F.softplus(dt.float() + mixer.dt_bias.float())
+    low, high = (float(v) for v in mixer.time_step_limit)
+    if low > 0.0 or high < math.inf:  # softplus is ≥ 0: the default limits (0, inf) change nothing
+        dt = torch.clamp(dt, min=low, max=high)
+    return dt
+
+
+def mamba2_parts(
+    mixer: Any, x: torch.Tensor, B: torch.Tensor, C: torch.Tensor, dt: Any
+) -> ScanParts:
+    """The `ScanParts` of a Mamba-2 mixer from its activated scan inputs ``x`` (batch, seq,
+    inner), ``B`` and ``C`` (batch, seq, groups·d_state) and Δ (batch, seq, heads); each group's
+    B / C serves its heads as a broadcast view (no copy)."""
+    import torch
+
+    heads, p = int(mixer.num_heads), int(mixer.head_dim)
     n, groups = int(mixer.ssm_state_size), int(mixer.n_groups)
-    _, xbc, dt = seen.projected.split([inner, int(mixer.conv_dim), heads], dim=-1)
+    b, seq = x.shape[:2]
+    per = heads // groups
+
+    def per_head(value: torch.Tensor) -> torch.Tensor:
+        grouped = value.float().reshape(b, seq, groups, 1, n).expand(b, seq, groups, per, n)
+        return grouped.flatten(2, 3)
+
+    return ScanParts(
+        x=x.float().reshape(b, seq, heads, p),
+        dt=dt.float(),
+        A=-torch.exp(mixer.A_log.float()),
+        B=per_head(B),
+        C=per_head(C),
+    )
+
+
+def _parts_mamba2(mixer: Any, seen: _LayerRun) -> ScanParts:
+    import torch
+
+    inner, n, groups = int(mixer.intermediate_size), int(mixer.ssm_state_size), int(mixer.n_groups)
+    _, xbc, dt = mamba2_projection(mixer, seen.projected)
     seq = xbc.shape[1]
     given, seen.scan_inputs = seen.scan_inputs, None
     if given is not None and int(given[0].shape[1]) == seq:
         # what the mixer handed its scan: convolved, activated and masked by the model
         x, B, C, dt = (value.float() for value in given)
     else:
-        conv = mixer.conv1d
-        xbc = F.conv1d(
-            xbc.transpose(1, 2),
-            conv.weight,
-            conv.bias,
-            padding=int(conv.kernel_size[0]) - 1,
-            groups=int(conv.groups),
-        )[..., :seq]
-        xbc = mixer.act(xbc).transpose(1, 2)
+        xbc = mixer.act(mamba2_convolution(mixer, xbc))
         if seen.mask is not None:
             xbc = xbc * seen.mask[:, :, None].to(xbc.dtype)
         x, B, C = torch.split(xbc.float(), [inner, groups * n, groups * n], dim=-1)
-    dt = F.softplus(dt.float() + mixer.dt_bias.float())
-    low, high = (float(v) for v in mixer.time_step_limit)
-    if low > 0.0 or high < math.inf:  # softplus is ≥ 0: the default limits (0, inf) change nothing
-        dt = torch.clamp(dt, min=low, max=high)
-    b = x.shape[0]
-    per = heads // groups
-
-    def per_head(value: torch.Tensor) -> torch.Tensor:
-        # each group's B / C serves its heads: a broadcast view, no copy
-        grouped = value.reshape(b, seq, groups, 1, n).expand(b, seq, groups, per, n)
-        return grouped.flatten(2, 3)
-
-    return ScanParts(
-        x=x.reshape(b, seq, heads, p),
-        dt=dt,
-        A=-torch.exp(mixer.A_log.float()),
-        B=per_head(B),
-        C=per_head(C),
-    )
+    return mamba2_parts(mixer, x, B, C, mamba2_time_step(mixer, dt))
 
 
 class _Layout:
@@ -464,13 +500,20 @@ class _LayerWrites:
             self.store("effective_attention", unroll_square(attention, self.shift, self.roll))
         if not (self.edited or {"state_write", "ssm_states"} & self.capture):
             return None  # the factors alone: the (larger) write is not materialised
-        clean = ScanParts.write_of(clean_value, clean_key)
-        base = parts.write if parts.write is not None else clean
-        if value is not clean_value or key is not clean_key:  # edited factors: their change
-            base = base + (ScanParts.write_of(value, key) - clean)
+        # the unedited write is formed only where the scan did not keep it or a factor's edit
+        # needs it (a full-size tensor per layer: not formed for captures the scan covers)
+        factors_edited = value is not clean_value or key is not clean_key
+        clean = None
+        if parts.write is None or factors_edited:
+            clean = ScanParts.write_of(clean_value, clean_key)
+        own = parts.write if parts.write is not None else clean
+        assert own is not None
+        base = own
+        if factors_edited:  # edited factors: their change
+            assert clean is not None
+            base = own + (ScanParts.write_of(value, key) - clean)
         write = self.site_value("state_write", base)
-        delta = write - (parts.write if parts.write is not None else clean)
-        delta_states = linear_scan(decay, delta) if self.edited else None
+        delta_states = linear_scan(decay, write - own) if self.edited else None
         if "ssm_states" in self.capture:
             if parts.states is None:
                 states = linear_scan(decay, write)

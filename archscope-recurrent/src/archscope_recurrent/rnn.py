@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from archscope import Site, SiteError, SiteInfo
 from archscope.backends import Backend, BackendError, Edit, RunRequest, RunResult
-from archscope.batch import last_real_index, padding_side
+from archscope.batch import last_real_index
 from archscope.detection import Confidence
 from archscope.edits import apply_edit
 from archscope.errors import CapabilityError
@@ -312,7 +312,7 @@ class RNNBackend(Backend):
         stop_early, grad = request.stop_early, request.grad
         initial_state, return_state = request.initial_state, request.return_state
         mask = batch["attention_mask"] if "attention_mask" in batch else None
-        padded = mask is not None and padding_side(mask) == "right"
+        padded = request.padding_side == "right"
         start = self._initial_hx(initial_state, batch)
 
         n_layers = self.parts.rnn.num_layers

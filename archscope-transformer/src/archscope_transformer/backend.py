@@ -22,7 +22,6 @@ from archscope.engine import (
     SiteTable,
     View,
     apply_edit,
-    padding_side,
 )
 from archscope.modules import accepts
 
@@ -193,7 +192,7 @@ class TransformerBackend(HookBackend):
             self._takes_positions
             and mask is not None
             and "position_ids" not in batch
-            and (ctx.padding or padding_side(mask)) in ("left", "mixed")
+            and ctx.padding_side in ("left", "mixed")
         ):
             # Absolute position embeddings (GPT-2) count from the first real token.
             batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -211,12 +210,6 @@ class TransformerBackend(HookBackend):
                 logits = apply_edit(logits, edit, self.table.info("logits"), mask)
             output.logits = logits
         return output
-
-    def logits_of(self, output: Any) -> torch.Tensor | None:
-        import torch
-
-        logits = getattr(output, "logits", None)  # a ModelOutput: read directly
-        return logits if isinstance(logits, torch.Tensor) else super().logits_of(output)
 
     def read_unhooked(self, ctx: RunContext, output: Any, names: list[str]) -> dict[str, Any]:
         logits = output.logits

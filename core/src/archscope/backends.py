@@ -234,7 +234,7 @@ class Backend:
         (`archscope.state_patch.check_initial_state`) and
         hands a `RunRequest` to `execute`.
         """
-        edits = [] if type(edits) is tuple and not edits else _edit_list(edits)
+        edits = _edit_list(edits)
         # what was derived from the model (site table, module list, limits, resolved requests)
         # is reused while its modules and vocabulary stay the same, and rebuilt when they change
         state = self.model_state()
@@ -249,10 +249,7 @@ class Backend:
             batch, padding = self._prepare(inputs, device)
         else:
             batch = self.prepare_inputs(inputs)
-        limits = state.limits
-        if limits is None or type(self).input_limits is not Backend.input_limits:
-            limits = self._limits(state)
-        guards.check_inputs(batch, limits, self.name)
+        guards.check_inputs(batch, self._limits(state), self.name)
         full_pass = not (stop_early and wanted and "logits" not in wanted) or return_state
         guards.check_memory(self, batch, wanted, full_pass)
         if initial_state:
@@ -294,11 +291,7 @@ class Backend:
         (it costs a walk over the modules, which the run needs anyway for inference mode)."""
         state: ModelState | None = self.__dict__.get("_model_state")
         if state is not None:
-            # `ModelState.current`, written out: this runs at every run
-            model = self.model
-            if module_list(model) == state.modules and (
-                getattr(state.embedding, "num_embeddings", None) == state.vocab
-            ):
+            if state.current(self.model):
                 return state
             self.model_changed()
         state = self.__dict__["_model_state"] = ModelState(self.model)
@@ -328,11 +321,12 @@ class Backend:
 
     def _model_limits(self, state: ModelState) -> InputLimits:
         """The default limits, read once per model state."""
-        if state.limits is None:
+        limits = state.limits
+        if limits is None:
             from .guards import limits_from_model
 
-            state.limits = limits_from_model(self.model, self)
-        return state.limits
+            limits = state.limits = limits_from_model(self.model, self)
+        return limits
 
     def input_limits(self) -> InputLimits:
         """What token batches the model can take (vocabulary size, maximum positions), checked

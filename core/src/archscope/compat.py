@@ -1,14 +1,15 @@
-"""Differences between releases of the libraries that backends wrap (today: the keyword a
-Hugging Face ``forward`` takes its recurrent cache by), kept in one place for every package."""
+"""Differences between releases of the libraries that backends wrap (the keyword a Hugging Face
+``forward`` takes its recurrent cache by; which transformers release is installed), kept in one
+place for every package."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .errors import BackendError
+from .errors import BackendError, ParameterError
 from .modules import parameter_names
 
-__all__ = ["CACHE_ARGUMENTS", "cache_argument"]
+__all__ = ["CACHE_ARGUMENTS", "cache_argument", "release", "transformers_release"]
 
 #: Names a recurrent cache has been passed by, newest first: ``cache`` in recent transformers
 #: releases, ``cache_params`` (pure SSMs, RNN-like models) or ``past_key_values`` (hybrids)
@@ -33,3 +34,32 @@ def cache_argument(
         f"{type(model).__name__}.forward takes no cache argument (looked for "
         f"{', '.join(names)}), so a run cannot continue from a state"
     )
+
+
+def release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string: "5.25.0", "5.26.0.dev0" and "5.25rc1" give (5, 25)
+    (a part's leading digits; a missing minor is 0). Raises ParameterError where the major part
+    has no leading digit."""
+    numbers = []
+    for part in [*version.strip().split("."), "0"][:2]:
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        numbers.append(int(digits) if digits else None)
+    major, minor = numbers
+    if major is None:
+        raise ParameterError(
+            f"cannot read a release from version {version!r}; valid: 'MAJOR.MINOR...' such as "
+            "'5.25.0'"
+        )
+    return major, minor or 0
+
+
+def transformers_release() -> tuple[int, int]:
+    """(major, minor) of the installed transformers, to compare with a release such as
+    ``(5, 25)``."""
+    import transformers
+
+    return release(transformers.__version__)

@@ -354,7 +354,7 @@ def _wrappable(module: Any) -> bool:
     ``forward``'s arguments. A module with a hook makes every module call take torch's
     slower hook path; a wrapped ``forward`` keeps the fast one (≈15 µs per module and call on
     a CPU)."""
-    torch_module = _TORCH_MODULE[0] if _TORCH_MODULE else _torch_module()
+    torch_module = _torch_module()
     return not (
         module._forward_hooks
         or module._forward_pre_hooks
@@ -368,13 +368,12 @@ def _wrappable(module: Any) -> bool:
     )
 
 
-_TORCH_MODULE: list[Any] = []  # torch.nn.modules.module, imported on first use
-
-
+@functools.cache
 def _torch_module() -> Any:
+    """``torch.nn.modules.module`` (where torch keeps its global hooks), imported on first
+    use."""
     from torch.nn.modules import module
 
-    _TORCH_MODULE.append(module)
     return module
 
 
@@ -431,12 +430,8 @@ class _WrappedForward:
                 raise StopForward
             return output
 
-        wrapper.__wrapped__ = forward  # type: ignore[attr-defined]  # as in _install
-        wrapper.__name__ = forward.__name__
-        wrapper.__qualname__ = forward.__qualname__
-        module.__dict__["forward"] = wrapper
         self = cls.__new__(cls)
-        self.module, self.wrapper = module, wrapper
+        self._install(module, forward, wrapper)
         return self
 
     def _install(self, module: Any, forward: Any, wrapper: Callable[..., Any]) -> None:

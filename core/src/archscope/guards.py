@@ -5,6 +5,7 @@ the inputs the model can take (`InputLimits`, refused before the forward), infer
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import threading
@@ -148,19 +149,17 @@ def check_inputs(batch: MutableMapping[str, Any], limits: InputLimits, backend: 
         )
 
 
-_META_DEVICE: list[Any] = []  # torch.device("meta"), made on first use
-
-
+@functools.cache
 def _meta_device() -> Any:
+    """``torch.device("meta")``, made on first use."""
     import torch
 
-    _META_DEVICE.append(torch.device("meta"))
-    return _META_DEVICE[0]
+    return torch.device("meta")
 
 
 def check_device(device: torch.device, backend: str) -> None:
     """A model on the meta device has no weights to run."""
-    meta = _META_DEVICE[0] if _META_DEVICE else _meta_device()
+    meta = _meta_device()
     # (comparing devices costs far less than reading ``device.type`` on a CPU)
     if device == meta or (device.index is not None and device.type == "meta"):
         raise InputError(

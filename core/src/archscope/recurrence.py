@@ -37,7 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from .errors import SiteError
+from .errors import ParameterError, SiteError
 from .hookpoints import SiteTable
 
 if TYPE_CHECKING:
@@ -350,7 +350,21 @@ def delta_rule_states(
 
     batch, seq, heads, d_key = key.shape
     d_value = value.shape[-1]
-    size = max(1, min(chunk, seq))
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ParameterError(f"chunk must be a positive int (positions per chunk), got {chunk!r}")
+    target = (batch, heads, d_key, d_value)
+    if initial is not None and (
+        initial.dim() > 4
+        or any(
+            have not in (1, want)
+            for have, want in zip(initial.shape[::-1], target[::-1], strict=False)
+        )
+    ):
+        raise ParameterError(
+            f"initial has shape {tuple(initial.shape)}; valid: (batch, heads, d_key, d_value) = "
+            f"{target}, or a shape that broadcasts to it"
+        )
+    size = min(chunk, seq) if seq else 1
     n = -(-seq // size)
     pad = n * size - seq  # padded positions: no write, decay 1, after every real one
 

@@ -26,10 +26,7 @@ __all__ = ["edit_rows", "execute_regrouped", "needs_regrouping", "rows_of"]
 def needs_regrouping(backend: Backend, request: RunRequest) -> bool:
     """Whether ``request`` reads states of a right-padded batch of unequal rows (then
     `execute_regrouped` runs it)."""
-    from .batch import padding_side
-
-    mask = request.attention_mask
-    if mask is None or padding_side(mask) != "right":
+    if request.padding_side != "right":
         return False
     table = backend.sites()
     return request.return_state or any(

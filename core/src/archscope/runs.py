@@ -70,6 +70,20 @@ class RunRequest:
         return self.batch.get("attention_mask")
 
     @property
+    def padding_side(self) -> str:
+        """The attention mask's padding side ("none", "left", "right" or "mixed"): the one
+        `Backend.run` carried in ``padding``, else `archscope.batch.padding_side` of the mask
+        ("none" without a mask)."""
+        if self.padding is not None:
+            return self.padding
+        mask = self.attention_mask
+        if mask is None:
+            return "none"
+        from .batch import padding_side
+
+        return padding_side(mask)
+
+    @property
     def batch_size(self) -> int:
         """Rows in the batch."""
         return int(self._tokens().shape[0])

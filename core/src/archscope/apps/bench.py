@@ -819,7 +819,7 @@ def _probe_part(
     ``task_sites`` names for a task (0.2's profile probed one layer per task)."""
     import torch
 
-    from ..methods.probes import ProbeOptions, _labelled, cross_validate
+    from ..methods.probes import ProbeOptions, _labelled, _report
 
     every = backend.layer_names()
     # Newton's method solves these small penalised logistic regressions in ~10 iterations
@@ -846,17 +846,9 @@ def _probe_part(
             held, train = {}, {}
             for site in sites:
                 # the k-fold AUROCs alone: the profile keeps no probe fitted on every text
-                train_folds, held_folds = cross_validate(
-                    features[site],
-                    y,
-                    options.config(site),
-                    folds=options.folds,
-                    epochs=options.epochs,
-                    lr=options.lr,
-                    batch_size=options.batch_size,
-                )
-                held[site] = sum(held_folds) / len(held_folds)
-                train[site] = sum(train_folds) / len(train_folds)
+                report = _report(backend, site, features[site], y, options, fit_final=False)
+                held[site] = report.heldout_auroc
+                train[site] = report.train_auroc
             if variant == "trained":
                 profile.probe_auroc[task] = held
                 profile.probe_train_auroc[task] = train

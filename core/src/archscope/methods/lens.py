@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from ..artifacts import Artifact, ArtifactFit
 from ..errors import ArtifactError, InputError, ParameterError
@@ -717,10 +717,12 @@ class TunedLens(Artifact):
         batch_size: int = 16,
         seed: int = 0,
         positions: Any = "all",
+        start: str = "zero",
+        patience: int | None = None,
     ) -> TunedLens:
         """Fit on ``calibration_texts`` (``held_out`` of them kept aside, seeded) and report the
-        held-out KL per layer against the logit lens's in ``lens.report``. ``positions``: as in
-        `fit_rows`."""
+        held-out KL per layer against the logit lens's in ``lens.report``. ``positions``,
+        ``start`` and ``patience``: as in `fit_rows`."""
         backend = _backend(model, backend_hint)
         if not calibration_texts or isinstance(calibration_texts, str):
             raise InputError("calibration_texts must be a non-empty list of texts")
@@ -738,6 +740,8 @@ class TunedLens(Artifact):
             batch_size=batch_size,
             seed=seed,
             positions=positions,
+            start=start,
+            patience=patience,
         )
 
     @classmethod
@@ -769,7 +773,9 @@ class TunedLens(Artifact):
         per layer, whichever of the zero translator and a closed-form (ridge least-squares)
         translator toward the last layer's residual has the lower KL on the stopping rows
         (the closed form only where it removes at least three quarters of the zero start's
-        KL there: `_CLOSED_FORM_SHARE`).
+        KL there: `_CLOSED_FORM_SHARE`; where its float64 sums would pass
+        `_CLOSED_FORM_MAX_BYTES`, 2 GiB, e.g. d 4096 with 8 trained layers, every layer
+        starts at zero).
         ``patience``: None trains every epoch; an int stops early: the translators are
         checked on the stopping rows as they train, each layer keeps its best translator,
         and a layer that has not improved for ``patience`` checks (one, if it started from
@@ -1120,6 +1126,15 @@ _RIDGE = (1e-3, 1e-2, 1e-1)
 #: Mamba (the closed form removes 46% and 16-58% of the KL there), against the zoo's LSTM and
 #: a random 6-layer GPT-2 (99% and 90-95%), where the closed-form start ends lower.
 _CLOSED_FORM_SHARE = 0.25
+#: The closed-form start keeps one float64 (d+1) × (d+1) Gram matrix and one (d+1) × d
+#: cross product per trained layer: above this many bytes of them (e.g. d 4096 with 8 or
+#: more trained layers) ``start="auto"`` leaves every layer at the zero start.
+_CLOSED_FORM_MAX_BYTES = 2 * 2**30
+
+
+def _closed_form_bytes(n_layers: int, d: int) -> int:
+    """Bytes of the float64 sums `_closed_form_translators` keeps for ``n_layers`` layers."""
+    return n_layers * (d + 1) * (2 * d + 1) * 8
 
 
 def _closed_form_translators(
@@ -1132,28 +1147,39 @@ def _closed_form_translators(
     and (len(layers), d) float32."""
     import torch
 
-    gram: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
+    # per layer, the sums of [h, 1]^T [h, 1] and [h, 1]^T (h_last - h), added in place one
+    # layer of one batch at a time (`_closed_form_bytes` of them in all)
+    grams: list[torch.Tensor] = []
+    crosses: list[torch.Tensor] = []
     n = 0
     for acts, _ in batches:
         last = acts[-1].double()
         ones = torch.ones(last.shape[0], 1, dtype=torch.float64, device=last.device)
-        a = torch.stack([torch.cat([acts[i].double(), ones], 1) for i in layers])
-        g, c = a.transpose(1, 2) @ a, a.transpose(1, 2) @ (last - a[..., :-1])
-        gram, cross = (g, c) if gram is None or cross is None else (gram + g, cross + c)
+        for j, i in enumerate(layers):
+            a = torch.cat([acts[i].double(), ones], 1)
+            g, c = a.T @ a, a.T @ (last - a[:, :-1])
+            if j == len(grams):
+                grams.append(g)
+                crosses.append(c)
+            else:
+                grams[j] += g
+                crosses[j] += c
         n += last.shape[0]
-    assert gram is not None and cross is not None
-    gram, cross = gram / n, cross / n
-    d = gram.shape[-1] - 1
-    scale = gram[:, :d, :d].diagonal(dim1=1, dim2=2).mean(-1)  # mean squared feature
-    ridge = torch.eye(d + 1, dtype=torch.float64, device=gram.device).repeat(len(layers), 1, 1)
-    ridge[:, d, d] = 0.0  # the bias is not penalised
-    weights, biases = [], []
-    for penalty in penalties:
-        solution = torch.linalg.solve(gram + ridge * (penalty * scale)[:, None, None], cross)
-        weights.append(solution[:, :d].transpose(1, 2).float().cpu())
-        biases.append(solution[:, d].float().cpu())
-    return weights, biases
+    weights: list[list[torch.Tensor]] = [[] for _ in penalties]
+    biases: list[list[torch.Tensor]] = [[] for _ in penalties]
+    for gram, cross in zip(grams, crosses, strict=True):
+        gram /= n
+        cross /= n
+        d = gram.shape[-1] - 1
+        diagonal = gram.diagonal()[:d]  # a view: the penalty is added in place (not the bias)
+        features = diagonal.clone()
+        scale = features.mean()  # mean squared feature
+        for k, penalty in enumerate(penalties):
+            diagonal.copy_(features).add_(penalty * scale)
+            solution = torch.linalg.solve(gram, cross)
+            weights[k].append(solution[:d].T.float().cpu())
+            biases[k].append(solution[d].float().cpu())
+    return [torch.stack(w) for w in weights], [torch.stack(b) for b in biases]
 
 
 class _Trainer:
@@ -1249,15 +1275,16 @@ class _Trainer:
         import torch
 
         layers = self.active
-        if not layers:
-            return
+        if not layers or (
+            _closed_form_bytes(len(layers), self.weight.shape[-1]) > _CLOSED_FORM_MAX_BYTES
+        ):
+            return  # nothing to train, or sums too large to keep: the zero start stays
         cand_w, cand_b = _closed_form_translators(self.train, layers, _RIDGE)
         zero_kl = (
             self.best_kl.clone()
             if self.best_kl is not None  # the zero start's, measured already
             else self._stop_kl(layers, self.weight, self.bias)
         )
-        best_kl = zero_kl * _CLOSED_FORM_SHARE
         chosen_w = self.weight.detach().clone()
         chosen_b = self.bias.detach().clone()
         # each layer's penalty: the lowest squared error on the stop rows (no pass over the
@@ -1267,15 +1294,13 @@ class _Trainer:
         w = torch.stack([cand_w[int(c)][j] for j, c in enumerate(pick)])
         b = torch.stack([cand_b[int(c)][j] for j, c in enumerate(pick)])
         kl = self._stop_kl_of(layers, w, b)
+        # a layer whose closed form is not below the bar starts at zero
+        closed = (kl < zero_kl[layers] * _CLOSED_FORM_SHARE).tolist()
+        best_kl = zero_kl.clone()
         for j, i in enumerate(layers):
-            if bool(kl[j] < best_kl[i]):
+            if closed[j]:
                 chosen_w[i], chosen_b[i] = w[j], b[j]
                 best_kl[i] = kl[j]
-        # a layer no closed form got below the bar starts at zero
-        closed = best_kl < zero_kl * _CLOSED_FORM_SHARE
-        best_kl = torch.where(closed, best_kl, zero_kl)
-        for i in layers:
-            if bool(closed[i]):
                 # already near its optimum: a step of Adam that does not improve it means the
                 # steps are larger than what is left to gain; one check decides
                 self.allowed[i] = min(self.allowed[i], 1)
@@ -1422,10 +1447,25 @@ def tuned_lens_method(
             "such as 0,-1 (negative from each text's last token)"
         ),
     ] = "all",
+    start: Annotated[
+        Literal["zero", "auto"],
+        Param(
+            help="zero: every translator starts at zero (the logit lens); auto: per layer, a "
+            "ridge least-squares translator where it removes most of the KL, else zero"
+        ),
+    ] = "zero",
+    patience: Annotated[
+        int | None,
+        Param(
+            min=1,
+            help="stop a layer after this many checks without improvement on texts kept "
+            "aside from training (default: train every epoch)",
+        ),
+    ] = None,
 ) -> TunedLensReport:
     """The `tuned-lens` method: fit on the dataset's texts (a seeded ``held_out`` share kept
     aside) at ``positions`` and report the held-out KL per layer, tuned lens next to logit
-    lens."""
+    lens; ``start`` and ``patience`` as in `TunedLens.fit_rows`."""
     backend = _backend(backend)
     rows = _rows_of(data)
     lens = TunedLens.fit_rows(
@@ -1437,6 +1477,8 @@ def tuned_lens_method(
         batch_size=batch_size,
         seed=seed,
         positions=positions,
+        start=start,
+        patience=patience,
     )
     assert lens.report is not None
     return lens.report

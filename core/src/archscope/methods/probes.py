@@ -228,6 +228,26 @@ class ProbeMetrics(dict[str, Any], Result):
         return int(self["n_val"])
 
 
+def _check_training(where: str, epochs: int, lr: float, batch_size: int) -> None:
+    """Refuse training settings that cannot train (``where`` names the caller)."""
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ParameterError(
+            f"{where} needs epochs >= 1, batch_size >= 1, lr > 0; got epochs={epochs}, "
+            f"batch_size={batch_size}, lr={lr}"
+        )
+
+
+def _warn_if_one_class(y: torch.Tensor, stacklevel: int) -> None:
+    """Warn where the training labels ``y`` have one class; ``stacklevel`` as seen from the
+    caller (2: the caller's caller)."""
+    if y.min() == y.max():
+        warnings.warn(
+            "archscope: the probe's training rows all have one class; the probe cannot learn "
+            "to separate anything",
+            stacklevel=stacklevel + 1,
+        )
+
+
 def _check_xy(activations: Any, labels: Any, where: str) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
@@ -418,11 +438,7 @@ class ProbeFit(Artifact):
         every given row and reports on that separate held-out set instead."""
         x, y = _check_xy(activations, labels, "ProbeFit.train")
         self._check_dim(x, "ProbeFit.train")
-        if epochs < 1 or batch_size < 1 or not lr > 0:
-            raise ParameterError(
-                f"ProbeFit.train needs epochs >= 1, batch_size >= 1, lr > 0; got"
-                f" epochs={epochs}, batch_size={batch_size}, lr={lr}"
-            )
+        _check_training("ProbeFit.train", epochs, lr, batch_size)
         if held_out is not None:
             xv, yv = _check_xy(held_out[0], held_out[1], "ProbeFit.train(held_out=...)")
             self._check_dim(xv, "ProbeFit.train(held_out=...)")
@@ -440,12 +456,7 @@ class ProbeFit(Artifact):
                     f"{val_split:.0%} out; give more examples"
                 )
             xt, yt, xv, yv = x[tr], y[tr], x[va], y[va]
-        if yt.min() == yt.max():
-            warnings.warn(
-                "archscope: the probe's training rows all have one class; the probe "
-                "cannot learn to separate anything",
-                stacklevel=2,
-            )
+        _warn_if_one_class(yt, stacklevel=2)
         self._fit_rows(xt, yt, epochs, lr, batch_size)
         return self._measure(xt, yt, xv, yv)
 
@@ -821,22 +832,13 @@ def _cross_validate_newton(
     (`_newton_many`), each fold as `ProbeFit.train` with ``held_out`` fits and measures it."""
     import torch
 
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise ParameterError(
-            f"cross_validate needs epochs >= 1, batch_size >= 1, lr > 0; got epochs={epochs}, "
-            f"batch_size={batch_size}, lr={lr}"
-        )
+    _check_training("cross_validate", epochs, lr, batch_size)
     fits, splits, inputs = [], [], []
     for k, test in enumerate(parts):
         train = torch.cat([p for j, p in enumerate(parts) if j != k])
         fit = ProbeFit(config, x.shape[1])
         xt, yt = x[train], y[train]
-        if yt.min() == yt.max():
-            warnings.warn(
-                "archscope: the probe's training rows all have one class; the probe "
-                "cannot learn to separate anything",
-                stacklevel=3,
-            )
+        _warn_if_one_class(yt, stacklevel=3)
         inputs.append((fit._standardise(xt).double(), yt.double()))
         fits.append(fit)
         splits.append((xt, yt, x[test], y[test]))
@@ -901,8 +903,16 @@ def _std(values: Sequence[float]) -> float:
 
 
 def _report(
-    backend: Backend, site: str, x: torch.Tensor, y: torch.Tensor, options: ProbeOptions
+    backend: Backend,
+    site: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    options: ProbeOptions,
+    *,
+    fit_final: bool = True,
 ) -> ProbeReport:
+    """The k-fold AUROCs of a probe on ``x``, and (``fit_final``) the probe fitted on every
+    example; without it the report holds no probe (``_probe`` None)."""
     config = options.config(site)
     train, held = cross_validate(
         x,
@@ -913,10 +923,12 @@ def _report(
         lr=options.lr,
         batch_size=options.batch_size,
     )
-    final = ProbeFit(config, x.shape[1])
-    # The returned probe uses every example; its quality is the k-fold estimate above.
-    final._fit_rows(x, y, options.epochs, options.lr, options.batch_size)
-    final.fitted_on = ArtifactFit.of(backend, site)
+    final = None
+    if fit_final:
+        final = ProbeFit(config, x.shape[1])
+        # The returned probe uses every example; its quality is the k-fold estimate above.
+        final._fit_rows(x, y, options.epochs, options.lr, options.batch_size)
+        final.fitted_on = ArtifactFit.of(backend, site)
     return ProbeReport(
         backend=backend.name,
         site=site,
