@@ -1,8 +1,8 @@
-"""Write SAEs on small recall models of Mamba, Mamba-2, mLSTM (Hugging Face xLSTM), Qwen3-Next's
-gated delta net and Kimi delta attention (KDA), trained
-once on multi-query associative recall and shipped as test data (safetensors + config JSON in
-``data/write_sae_recall/``; ``python core/tests/test_write_sae_recall.py`` retrains them, on one
-CPU thread with fixed seeds, in a few minutes).
+"""Write SAEs on small recall models of Mamba, Mamba-2, mLSTM (Hugging Face xLSTM), the gated
+delta nets of Qwen3-Next and OLMo-hybrid, and Kimi delta attention (KDA), trained once on
+multi-query associative recall and shipped as test data (safetensors + config JSON in
+``data/write_sae_recall/``; ``python core/tests/test_write_sae_recall.py [family ...]``
+retrains them, on one CPU thread with fixed seeds, in a few minutes).
 
 The task, `mqar`: ``k1 v1 k2 v2 k3 v3 k4 v4 q`` (4 distinct keys of 8, values of 8 more
 words), the answer after ``q`` is the value bound to it. The models are built so that one
@@ -16,7 +16,14 @@ write stores each binding:
   it, layer 1 stores the pair at the value (deleting it: recall 0.12; its other writes: 1.0);
 - Qwen3-Next and KDA: one layer of one head (d_k 32) with slow decays; the short convolution
   (kernel 4 for Qwen3-Next, 2 for KDA) brings the key into the value's position, where the
-  delta rule stores the pair (deleting it: recall 0.42 for Qwen3-Next, 0.14 for KDA).
+  delta rule stores the pair (deleting it: recall 0.42 for Qwen3-Next, 0.14 for KDA);
+- OLMo-hybrid: its config needs an attention layer, which goes first (it sees only the tokens
+  and cannot bind a key to the value after it), then one gated-delta-net layer as above with a
+  kernel of 2 (deleting the write at the value: recall 0.16; with 4 taps the value's and the
+  next key's writes shared the pair, 0.77 and 0.85). The attention block normalises what it
+  adds to the residual stream with gains of 1, which at initialisation put activity of RMS 0.36
+  over token embeddings of 0.02 and left the recurrent layer a tenth of the gradient (recall
+  stayed at 0.42); `build` starts those two gains at 0.
 
 Checked here on each: held-out recall ≥ 0.95; the binding write is where the deletion says;
 the atoms at the binding writes each stand for one (key, value) pair; substituting the atom for
@@ -43,9 +50,9 @@ import pytest
 import torch
 
 DATA = Path(__file__).resolve().parent / "data" / "write_sae_recall"
-FAMILIES = ("mamba", "mamba2", "mlstm", "qwen3_next", "kimi_linear")
+FAMILIES = ("mamba", "mamba2", "mlstm", "qwen3_next", "kimi_linear", "olmo_hybrid")
 #: the delta-rule families (archscope-hybrid), built by `_build_hybrid`
-HYBRID = ("qwen3_next", "kimi_linear")
+HYBRID = ("qwen3_next", "kimi_linear", "olmo_hybrid")
 N_KEYS, PAIRS = 8, 4
 #: family -> (layer, offset): the write storing pair j sits at position 2j + offset of layer
 BINDING = {
@@ -54,6 +61,7 @@ BINDING = {
     "mlstm": (1, 1),
     "qwen3_next": (0, 1),
     "kimi_linear": (0, 1),
+    "olmo_hybrid": (1, 1),
 }
 #: training: steps of 64 sequences (seed = step), AdamW, warm-up then cosine decay
 RECIPE = {
@@ -62,6 +70,7 @@ RECIPE = {
     "mlstm": (800, 3e-3),
     "qwen3_next": (600, 3e-3),
     "kimi_linear": (200, 3e-3),
+    "olmo_hybrid": (600, 3e-3),
 }
 HELDOUT_SEED = 1_000_000  # above every training seed
 
@@ -91,6 +100,14 @@ def build(family: str) -> Any:
             for name, p in model.named_parameters():
                 if name.endswith("A_log"):
                     p.copy_(torch.empty_like(p).uniform_(0.001, 0.1).log())
+            if family == "olmo_hybrid":
+                # OLMo's attention block normalises what it adds (gains 1): at initialisation it
+                # added activity of RMS 0.36 over token embeddings of 0.02, the gated delta net
+                # after it saw mostly that, got about a tenth of the gradient and recall stayed
+                # at 0.42; gains of 0 start the block as the identity, and it learns from there
+                block = model.model.layers[0]
+                block.post_attention_layernorm.weight.zero_()
+                block.post_feedforward_layernorm.weight.zero_()
         return model
     if family == "mamba":
         return transformers.MambaForCausalLM(
@@ -142,7 +159,8 @@ def build(family: str) -> Any:
 
 def _build_hybrid(family: str, vocab: int) -> Any:
     """One recurrent layer of one head (d_k = d_v = 32) with its short convolution, d_model 64:
-    Qwen3-Next's gated delta net or KDA."""
+    Qwen3-Next's gated delta net, KDA, or OLMo-hybrid's gated delta net (after the attention
+    layer its config needs)."""
     import transformers
 
     # no cache: a cache of linear layers only cannot make the (unused) attention mask
@@ -170,20 +188,39 @@ def _build_hybrid(family: str, vocab: int) -> Any:
                 decoder_sparse_step=2,  # layer 0 dense
             )
         )
-    return transformers.KimiLinearForCausalLM(
-        transformers.KimiLinearConfig(
+    if family == "kimi_linear":
+        return transformers.KimiLinearForCausalLM(
+            transformers.KimiLinearConfig(
+                **common,
+                num_hidden_layers=1,
+                layer_types=["linear_attention"],
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                # a kernel of 2: only the value's position sees the pair (with 4 the next key's
+                # does too, and deleting either write left recall at 0.97-1.0)
+                linear_attn_config=dict(head_dim=32, num_heads=1, short_conv_kernel_size=2),
+                mlp_layer_types=["dense"],
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+        )
+    # OLMo-hybrid's config refuses a stack without attention: one attention layer goes first
+    # (it sees only the tokens, so it cannot bind a key to the value after it on its own)
+    return transformers.OlmoHybridForCausalLM(
+        transformers.OlmoHybridConfig(
             **common,
-            num_hidden_layers=1,
-            layer_types=["linear_attention"],
+            num_hidden_layers=2,
+            layer_types=["full_attention", "linear_attention"],
             num_attention_heads=4,
-            num_key_value_heads=4,
-            # a kernel of 2: only the value's position sees the pair (with 4 the next key's
-            # does too, and deleting either write left recall at 0.97-1.0)
-            linear_attn_config=dict(head_dim=32, num_heads=1, short_conv_kernel_size=2),
-            mlp_layer_types=["dense"],
+            num_key_value_heads=2,
+            linear_num_value_heads=1,
+            linear_num_key_heads=1,
+            linear_key_head_dim=32,
+            linear_value_head_dim=32,
+            linear_conv_kernel_dim=2,
             pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
+            eos_token_id=2,  # the defaults lie outside a small vocabulary
         )
     )
 
@@ -311,7 +348,7 @@ def test_recall_fixture_ships_small_and_recalls(family: str) -> None:
     size = sum(f.stat().st_size for f in folder.iterdir())
     assert size < 600_000, size
     accuracy = recall_accuracy(_model(family))
-    # measured 0.999 (Mamba), 1.000 (Mamba-2), 0.999 (mLSTM), 1.000 (Qwen3-Next, KDA)
+    # measured 0.999 (Mamba), 1.000 (Mamba-2), 0.999 (mLSTM), 1.000 (Qwen3-Next, KDA, OLMo)
     assert accuracy >= 0.95, accuracy
     shipped = json.loads((DATA / "recipes.json").read_text())[family]
     assert abs(shipped["heldout_accuracy"] - accuracy) < 0.01, (shipped, accuracy)
@@ -372,7 +409,8 @@ def test_the_binding_write_is_where_deletion_says(family: str) -> None:
     print(family, "recall with the write at 2j + offset deleted:", recall)
     # measured: Mamba {0: 1.0, 1: 1.0, 2: 0.31}, Mamba-2 {0: 1.0, 1: 1.0, 2: 0.325},
     # mLSTM layer 1 {0: 1.0, 1: 0.12, 2: 1.0, 3: 1.0}, Qwen3-Next {0: 1.0, 1: 0.42, 2: 0.985,
-    # 3: 1.0}, KDA {0: 1.0, 1: 0.135, 2: 1.0, 3: 1.0}
+    # 3: 1.0}, KDA {0: 1.0, 1: 0.135, 2: 1.0, 3: 1.0}, OLMo-hybrid layer 1 {0: 1.0, 1: 0.16,
+    # 2: 1.0, 3: 1.0}
     assert recall.pop(binding) <= 0.5
     assert min(recall.values()) >= 0.95, recall
 
@@ -409,8 +447,8 @@ def test_recall_binding_writes_are_atoms(family: str) -> None:
     print(
         f"{family}: {len(pairs)} binding writes, {atoms} atoms, purity {measured:.3f} ({shuffled:.3f})"
     )
-    # measured 0.918 (Mamba), 0.995 (Mamba-2), 0.990 (mLSTM), 0.980 (Qwen3-Next), 0.925 (KDA);
-    # shuffled 0.13-0.19
+    # measured 0.918 (Mamba), 0.995 (Mamba-2), 0.990 (mLSTM), 0.980 (Qwen3-Next), 0.925 (KDA),
+    # 0.931 (OLMo-hybrid); shuffled 0.13-0.19
     assert measured >= 0.85 and shuffled <= 0.5, (measured, shuffled)
 
 
