@@ -1,6 +1,6 @@
 """Write SAEs on small recall models of Mamba, Mamba-2, mLSTM (Hugging Face xLSTM), the gated
-delta nets of Qwen3-Next and OLMo-hybrid, Kimi delta attention (KDA) and MiniMax's lightning
-attention, trained once on multi-query associative recall and shipped as test data
+delta nets of Qwen3-Next, Qwen3.5 and OLMo-hybrid, Kimi delta attention (KDA) and MiniMax's
+lightning attention, trained once on multi-query associative recall and shipped as test data
 (safetensors + config JSON in ``data/write_sae_recall/``; ``python
 core/tests/test_write_sae_recall.py [family ...]`` retrains them, on one CPU thread with fixed
 seeds, in a few minutes).
@@ -18,6 +18,11 @@ write stores each binding:
 - Qwen3-Next and KDA: one layer of one head (d_k 32) with slow decays; the short convolution
   (kernel 4 for Qwen3-Next, 2 for KDA) brings the key into the value's position, where the
   delta rule stores the pair (deleting it: recall 0.42 for Qwen3-Next, 0.14 for KDA);
+- Qwen3.5 (fused q/k/v, separate z, b and a projections): the same layer with 4 taps, trained
+  the same way, stores the pair at the next key instead, whose window still holds key and value
+  (deleting that write: recall 0.155; the value's: 1.0). It has no attention layer and runs
+  without a cache, so the floor of archscope-hybrid's all-linear family (a cache for such a
+  stack, transformers 5.25) does not apply: its tests pass on 5.6 as on 5.25;
 - OLMo-hybrid: its config needs an attention layer, which goes first (it sees only the tokens
   and cannot bind a key to the value after it), then one gated-delta-net layer as above with a
   kernel of 2 (deleting the write at the value: recall 0.16; with 4 taps the value's and the
@@ -56,9 +61,20 @@ import pytest
 import torch
 
 DATA = Path(__file__).resolve().parent / "data" / "write_sae_recall"
-FAMILIES = ("mamba", "mamba2", "mlstm", "qwen3_next", "kimi_linear", "olmo_hybrid", "minimax")
-#: the delta-rule and lightning-attention families (archscope-hybrid), built by `_build_hybrid`
-HYBRID = ("qwen3_next", "kimi_linear", "olmo_hybrid", "minimax")
+FAMILIES = (
+    "mamba",
+    "mamba2",
+    "mlstm",
+    "qwen3_next",
+    "qwen3_5_text",
+    "kimi_linear",
+    "olmo_hybrid",
+    "minimax",
+)
+#: the delta-rule and lightning-attention families (archscope-hybrid), built by `_build_hybrid`;
+#: the names are archscope_hybrid.testing's (its `missing` says when one cannot run), and
+#: Qwen3.5's model is the text family's classes with linear layers only, run without a cache
+HYBRID = ("qwen3_next", "qwen3_5_text", "kimi_linear", "olmo_hybrid", "minimax")
 N_KEYS, PAIRS = 8, 4
 #: family -> (layer, offset): the write storing pair j sits at position 2j + offset of layer
 BINDING = {
@@ -66,6 +82,7 @@ BINDING = {
     "mamba2": (0, 2),
     "mlstm": (1, 1),
     "qwen3_next": (0, 1),
+    "qwen3_5_text": (0, 2),
     "kimi_linear": (0, 1),
     "olmo_hybrid": (1, 1),
     "minimax": (1, 1),
@@ -76,6 +93,7 @@ RECIPE = {
     "mamba2": (600, 3e-3),
     "mlstm": (800, 3e-3),
     "qwen3_next": (600, 3e-3),
+    "qwen3_5_text": (600, 3e-3),
     "kimi_linear": (200, 3e-3),
     "olmo_hybrid": (600, 3e-3),
     "minimax": (5000, 3e-3),
@@ -177,10 +195,10 @@ def build(family: str) -> Any:
 
 
 def _build_hybrid(family: str, vocab: int) -> Any:
-    """One recurrent layer of one head (d_k = d_v = 32), d_model 64: Qwen3-Next's gated delta
-    net or KDA with their short convolutions, OLMo-hybrid's gated delta net with its short
-    convolution after the attention layer its config needs, or MiniMax's lightning attention
-    after a softmax attention layer."""
+    """One recurrent layer of one head (d_k = d_v = 32), d_model 64: the gated delta nets of
+    Qwen3-Next and Qwen3.5 or KDA with their short convolutions, OLMo-hybrid's gated delta net
+    with its short convolution after the attention layer its config needs, or MiniMax's
+    lightning attention after a softmax attention layer."""
     import transformers
 
     # no cache: a cache of linear layers only cannot make the (unused) attention mask
@@ -206,6 +224,24 @@ def _build_hybrid(family: str, vocab: int) -> Any:
                 moe_intermediate_size=16,
                 shared_expert_intermediate_size=16,
                 decoder_sparse_step=2,  # layer 0 dense
+            )
+        )
+    if family == "qwen3_5_text":
+        # Qwen3.5's gated delta net (fused q/k/v, separate z, b, a projections); with these 4
+        # taps it stores each pair at the next key (2 taps, tried: at the value, deletion 0.115)
+        return transformers.Qwen3_5ForCausalLM(
+            transformers.Qwen3_5TextConfig(
+                **common,
+                linear_num_value_heads=1,
+                linear_num_key_heads=1,
+                linear_key_head_dim=32,
+                linear_value_head_dim=32,
+                linear_conv_kernel_dim=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                num_hidden_layers=1,
+                layer_types=["linear_attention"],
             )
         )
     if family == "kimi_linear":
@@ -446,8 +482,9 @@ def test_the_binding_write_is_where_deletion_says(family: str) -> None:
     print(family, "recall with the write at 2j + offset deleted:", recall)
     # measured: Mamba {0: 1.0, 1: 1.0, 2: 0.31}, Mamba-2 {0: 1.0, 1: 1.0, 2: 0.325},
     # mLSTM layer 1 {0: 1.0, 1: 0.12, 2: 1.0, 3: 1.0}, Qwen3-Next {0: 1.0, 1: 0.42, 2: 0.985,
-    # 3: 1.0}, KDA {0: 1.0, 1: 0.135, 2: 1.0, 3: 1.0}, OLMo-hybrid layer 1 {0: 1.0, 1: 0.16,
-    # 2: 1.0, 3: 1.0}, MiniMax layer 1 {0: 1.0, 1: 0.13, 2: 1.0, 3: 1.0}
+    # 3: 1.0}, Qwen3.5 {0: 1.0, 1: 1.0, 2: 0.155}, KDA {0: 1.0, 1: 0.135, 2: 1.0, 3: 1.0},
+    # OLMo-hybrid layer 1 {0: 1.0, 1: 0.16, 2: 1.0, 3: 1.0}, MiniMax layer 1 {0: 1.0, 1: 0.13,
+    # 2: 1.0, 3: 1.0}
     assert recall.pop(binding) <= 0.5
     assert min(recall.values()) >= 0.95, recall
 
@@ -484,8 +521,8 @@ def test_recall_binding_writes_are_atoms(family: str) -> None:
     print(
         f"{family}: {len(pairs)} binding writes, {atoms} atoms, purity {measured:.3f} ({shuffled:.3f})"
     )
-    # measured 0.918 (Mamba), 0.995 (Mamba-2), 0.990 (mLSTM), 0.980 (Qwen3-Next), 0.925 (KDA),
-    # 0.931 (OLMo-hybrid), 0.976 (MiniMax); shuffled 0.13-0.19
+    # measured 0.918 (Mamba), 0.995 (Mamba-2), 0.990 (mLSTM), 0.980 (Qwen3-Next), 0.977
+    # (Qwen3.5), 0.925 (KDA), 0.931 (OLMo-hybrid), 0.976 (MiniMax); shuffled 0.13-0.19
     assert measured >= 0.85 and shuffled <= 0.5, (measured, shuffled)
 
 
