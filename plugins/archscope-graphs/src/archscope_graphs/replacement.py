@@ -90,8 +90,10 @@ class ReplacementModel:
         result = backend.run(ids, capture=list(dict.fromkeys(capture)))
         act = result.activations
         embed = act["embed"][0].detach()
-        read_values = {s: act[s][0].detach().float() for s in reads}
-        write_values = {s: act[s][0].detach().float() for s in writes}
+        # (seq, d): a site with more axes per token (a state write: heads x rows x columns) is
+        # flattened here and reshaped where the gradient runs place and read it
+        read_values = {s: act[s][0].detach().float().flatten(1) for s in reads}
+        write_values = {s: act[s][0].detach().float().flatten(1) for s in writes}
         acts = [t.encode(read_values[t.read_site]).detach() for t in tcs]
         errors = {}
         for site in writes:
@@ -154,7 +156,7 @@ class ReplacementModel:
         for site in self.reads:
 
             def keep(x: torch.Tensor, site: str = site) -> torch.Tensor:
-                reads[site] = x
+                reads[site] = x.flatten(2)
                 return x
 
             edits.append(Edit.apply(site, keep))
@@ -172,7 +174,7 @@ class ReplacementModel:
                     skip = t.skip(reads[t.read_site].float(), site)
                     if skip is not None:
                         out = out + skip.to(x.dtype)
-                return out
+                return out.reshape(x.shape)
 
             edits.append(Edit.apply(site, place))
         result = self.backend.run(ids, capture=["logits"], edits=edits, grad=True)

@@ -291,7 +291,8 @@ _TEMPLATE = r"""<!DOCTYPE html>
   var tip = document.getElementById("tip"), details = document.getElementById("details");
   var pinned = null;
   function describe(n) {
-    var name = n.kind === "feature" ? "feature " + n.index + " @ layer " + n.layer
+    var name = n.kind === "feature"
+      ? (/\.state_write$/.test(n.site || "") ? "write feature " : "feature ") + n.index + " @ layer " + n.layer
       : n.kind === "error" ? "error @ layer " + n.layer
       : n.kind === "embedding" ? "token " + JSON.stringify(tokens[n.position] || "")
       : "logit " + JSON.stringify(n.label || String(n.index));
