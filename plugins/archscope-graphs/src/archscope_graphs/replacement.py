@@ -30,6 +30,7 @@ import torch
 from archscope import Edit
 from archscope.errors import ParameterError, SiteError
 from archscope.freeze import FrozenValues, freeze
+from archscope.sites import Site
 from archscope.tokens import encode_one
 
 from .types import Transcoder
@@ -227,6 +228,16 @@ def _check_transcoders(backend: Any, tcs: list[Transcoder]) -> None:
                     f"not have; its token sites: "
                     f"{', '.join(n for n, i in sites.items() if i.kind == 'token')}"
                 )
+    by_layer: dict[int | None, str] = {}
+    for t in tcs:  # feature nodes are "{layer}_{feature}_{pos}": one transcoder per layer
+        layer = Site.parse(t.read_site).layer
+        if layer in by_layer:
+            raise ParameterError(
+                f"attribute: two transcoders read layer {layer} ({by_layer[layer]} and "
+                f"{t.read_site}); a graph's feature ids name the layer, so they would collide. "
+                "Give one transcoder per layer (e.g. MLP transcoders or write features there)"
+            )
+        by_layer[layer] = t.read_site
     written = [s for t in tcs for s in t.write_sites]
     if "embed" in written:
         raise SiteError("a transcoder cannot write the 'embed' site (it is the graph's input)")
