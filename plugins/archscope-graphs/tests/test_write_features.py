@@ -27,16 +27,23 @@ from archscope.freeze import freeze
 from archscope.methods.write_sae import collect_writes, fit_write_sae, write_layout, write_site
 from archscope_graphs.attribution import _graph, attribute, bias_rows, bias_terms
 from archscope_graphs.export import to_circuit_tracer, write_graph_files
-from archscope_graphs.interventions import check_graph, measure, node_edits, pearson
+from archscope_graphs.interventions import (
+    check_graph,
+    measure,
+    node_edits,
+    pearson,
+    predict,
+)
 from archscope_graphs.replacement import ReplacementModel
 from archscope_graphs.viewer import graph_payload, render_html
 from archscope_graphs.write_features import WriteFeatures, write_features
 
 warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch.*")
+#: zoo:mamba's prompts, in the zoo corpus's words
 PROMPTS = [
-    "tom eats the bread . then tom eats the",
-    "the cat sat on the mat and the dog",
-    "she went to the market and bought some",
+    "dan likes the soup . paul likes the pie . so dan likes the",
+    "iris says : mesa pove lale . then iris says : mesa pove",
+    "hugo thinks the salad is gloomy . it was bad . so hugo thinks the",
 ]
 
 
@@ -285,7 +292,7 @@ def test_a_write_feature_intervention_is_a_real_model_write_edit(family: dict[st
 # -- interventions: the graph against the real model ------------------------------------------
 #: where the 10 most influential write features follow the graph with r >= 0.8 (ablation and
 #: x1.1) with these fixtures; the other prompts' numbers are reported (docs/graphs.md)
-MEETS = {("mamba", 2), ("mamba2", 0), ("gdn", 1), ("gdn", 2)}
+MEETS = {("mamba2", 0), ("gdn", 1), ("gdn", 2)}
 
 
 @pytest.mark.parametrize("prompt", range(len(PROMPTS)))
@@ -324,14 +331,39 @@ def test_write_feature_interventions_against_the_graph(family: dict[str, Any], p
     assert len(ablated["nodes"]) == 10
     assert steered["r_gradient"] >= 0.95
     assert in_frozen >= 0.9  # not 1: the graph holds later layers' error nodes fixed
-    last = backend.n_layers - 1
-    if family["name"] == "mamba" and all(by_id[i].layer == last for i in ablated["nodes"]):
-        # a Mamba-1 last-layer write reaches the logits through its held recurrence (exact:
-        # its Δ, B, C and gate do not depend on it) and the final norm alone: with that norm
-        # live, the frozen model is the real one
-        assert live_norm >= 0.999
     if (family["name"], prompt) in MEETS:
         assert ablated["r"] >= 0.8 and steered["r"] >= 0.8
+
+
+def test_last_layer_write_features_differ_from_the_model_by_the_final_norm_only(
+    mamba: dict[str, Any],
+) -> None:
+    """A Mamba-1 last-layer write reaches the logits through its own held recurrence (exact:
+    its layer's Δ, B, C and gate do not depend on it) and the final norm: the graph predicts
+    the frozen model's ablation exactly (no later layer, so no error node in between), and the
+    frozen model with the final norm's scale left live is the real model."""
+    backend, features = mamba["backend"], mamba["features"]
+    ids = mamba["prompts"][0]
+    graph = attribute(backend, ids, transcoders=features, prune=False)
+    target = graph.targets[0]
+    token = graph.nodes[target].index or 0
+    last = backend.n_layers - 1
+    chosen = sorted(
+        (i for i, n in enumerate(graph.nodes) if n.kind == "feature" and n.layer == last),
+        key=lambda i: -abs(float(graph.adjacency[target, i])),
+    )[:5]
+    nodes = [graph.nodes[i] for i in chosen]
+    by_id = {n.id: n for n in nodes}
+    real = [measure(backend, ids, n, token, scale=0.0, transcoders=features) for n in nodes]
+    live = _final_norm_live(backend, ids, list(by_id), by_id, token, features)
+    with freeze(backend, ids):
+        base = backend.run(ids, capture=["logits"]).logits[0, -1, token]
+        held = [float(measure_frozen(backend, ids, n, token, features) - base) for n in nodes]
+    predicted = [predict(graph, i, target, 0.0) for i in chosen]
+    assert max(abs(x) for x in real) > 1e-3
+    torch.testing.assert_close(torch.tensor(predicted), torch.tensor(held), atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(torch.tensor(live), torch.tensor(real), atol=1e-5, rtol=1e-3)
+    print(f"zoo:mamba last-layer write features: graph r = {pearson(predicted, real):.3f}")
 
 
 def _final_norm_live(
