@@ -19,6 +19,13 @@ output on the prompt. The attention layers are held as in the transformer backen
 key projections, which in Qwen3.5 also carry the output gate), the MLPs' gates and every
 RMSNorm's scale likewise.
 
+Write sites (`archscope_hybrid.writes`) in a frozen run: the recomputation scans the
+``state_write`` site's value, ``k_t ⊗ β_t v_t`` with the keys and β held and the values live,
+after the run's edits of ``write_value``, ``write_key`` and ``state_write``, and captures them
+from there (`writes.frozen_write_sites`); the held transitions (decay, erase along the held
+keys) carry it, so an edited write changes the states exactly as the same edit changes the
+real model's, and gradients flow between the write, the logits and the layer's input.
+
 Mixture-of-experts MLPs laid out as Qwen3-Next's sparse block (a router ``gate`` returning
 logits, weights and indices; ``experts`` holding ``gate_up_proj`` / ``down_proj`` per expert;
 optionally a ``shared_expert`` and its sigmoid ``shared_expert_gate``) are held too: the

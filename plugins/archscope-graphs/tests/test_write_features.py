@@ -35,7 +35,7 @@ from archscope_graphs.interventions import (
     predict,
 )
 from archscope_graphs.replacement import ReplacementModel
-from archscope_graphs.viewer import graph_payload, render_html
+from archscope_graphs.viewer import feature_labels, graph_payload, label_graph, render_html
 from archscope_graphs.write_features import WriteFeatures, write_features
 
 warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch.*")
@@ -73,7 +73,13 @@ def mamba() -> dict[str, Any]:
     rows = [tokenizer.encode(t)[:48] for t in archscope_zoo.datasets("heldout", n=40)]
     saes = _saes(backend, rows, range(1), 128, 3)
     prompts = [torch.tensor([tokenizer.encode(t)]) for t in PROMPTS]
-    return {"backend": backend, "saes": saes, "features": write_features(saes), "prompts": prompts}
+    return {
+        "backend": backend,
+        "tokenizer": tokenizer,
+        "saes": saes,
+        "features": write_features(saes),
+        "prompts": prompts,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -425,3 +431,30 @@ def test_write_feature_graphs_export_and_show(mamba: dict[str, Any], tmp_path: P
     }
     page = render_html(graph)
     assert all(json.dumps(n.id) in page for n in feature_nodes)
+    # labels: the features' top-activating tokens, read from the whole write site (plain runs:
+    # collect reads no site of several axes per token), against encoding each text's writes
+    import archscope_zoo
+
+    texts = archscope_zoo.datasets("heldout", n=4)
+    wanted = sorted({(n.layer, n.index or 0) for n in feature_nodes})[:3]
+    tokenizer = mamba["tokenizer"]
+    labels = feature_labels(
+        features, backend, texts, wanted, top=3, batch_size=2, tokenizer=tokenizer
+    )
+    assert any(labels[w] for w in wanted)
+    for layer, index in wanted:
+        site = f"layer_{layer}.state_write"
+        reader = next(f for f in features if f.read_site == site)
+        best = []
+        for text in texts:
+            ids = tokenizer.encode(text)
+            write = backend.run(torch.tensor([ids]), capture=[site])[site][0]
+            acts = reader.encode(write)[:, index]
+            best += [(float(a), tokenizer.decode([t])) for a, t in zip(acts, ids, strict=True)]
+        top = [(t, a) for a, t in sorted(best, reverse=True)[:3] if a > 0]
+        got = labels[(layer, index)]
+        assert [t for t, _ in got] == [t for t, _ in top]
+        assert [a for _, a in got] == pytest.approx([a for _, a in top], rel=1e-4)
+    label_graph(graph, labels)
+    labelled = [n for n in graph.nodes if n.kind == "feature" and (n.layer, n.index) in wanted]
+    assert labelled and all(n.label for n in labelled if labels[(n.layer, n.index or 0)])
