@@ -73,7 +73,7 @@ def test_a_write_edit_in_a_frozen_run_is_the_models_write_edit(
         # the edit's layer sees the same input in both runs, hence the same held decay, β,
         # keys and queries: the states after the edit are the model's (its output passes the
         # gated RMSNorm, whose scale a frozen run holds at the prompt's value)
-        capture = [f"layer_{layer}.ssm_states", site]
+        capture = [f"layer_{layer}.ssm_states", site, f"layer_{layer}.ssm_state"]
         clean = backend.run(ids, capture=capture)
         real = backend.run(ids, capture=capture, edits=edits)
         with freeze(backend, ids):

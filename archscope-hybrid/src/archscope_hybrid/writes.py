@@ -497,6 +497,12 @@ class _LayerWrites:
         states, read = delta_rule_scan(query, key, beta, log_decay, write)
         if "ssm_states" in self.capture:
             self.store("ssm_states", states)
+        if self.edited and self.prefix + "ssm_state" in self.run.capture:
+            # the final state (read from the model's cache) gets the edits' effect, as in an
+            # unfrozen run: one more scan, only when it is asked for
+            own = DeltaParts.write_of(beta[..., None] * value, key)
+            delta, _ = delta_rule_scan(query, key, beta, log_decay, write - own)
+            self.seen.delta_state = delta[:, -1]
         return read
 
     def effect(self, parts: DeltaParts) -> torch.Tensor | None:

@@ -545,6 +545,11 @@ class _LayerWrites:
         states = linear_scan(decay, write)
         if "ssm_states" in self.capture:
             self.store("ssm_states", self.caller(self.layout.to_site("ssm_states", states)))
+        if self.edited and self.prefix + "ssm_state" in self.run.capture:
+            # the final state (read from the model's cache) gets the edits' effect, as in an
+            # unfrozen run: one more scan, only when it is asked for
+            own = ScanParts.write_of(parts.value, parts.B)
+            self.seen.delta_state = linear_scan(decay, write - own)[:, -1]
         return states
 
     def effect(self, parts: ScanParts) -> torch.Tensor | None:
