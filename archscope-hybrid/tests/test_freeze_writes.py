@@ -35,6 +35,10 @@ def family(request: Any) -> tuple[Any, list[int]]:
     return _built(request.param)
 
 
+def _hooks(model: Any) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def _ids() -> torch.Tensor:
     return random_ids(1, SEQ, seed=3)
 
@@ -54,8 +58,17 @@ def test_a_frozen_run_captures_the_models_writes(family: tuple[Any, list[int]]) 
     layer = layers[0]
     sites = [f"layer_{layer}.state_write", f"layer_{layer}.ssm_states", "logits"]
     real = backend.run(ids, capture=sites)
+    model = backend.model
+    hooks = _hooks(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     with freeze(backend, ids):
         frozen = backend.run(ids, capture=sites)
+        edit = [Edit.scale(sites[0], 0.5)]
+        backend.run(ids, capture=sites, edits=edit, grad=True)["logits"].sum().backward()
+    model.zero_grad(set_to_none=True)
+    # nothing left behind: no hook, the weights and the mode as they were
+    assert _hooks(model) == hooks and not model.training
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     for site in sites:
         torch.testing.assert_close(frozen[site], real[site], atol=1e-5, rtol=1e-4)
     assert backend.frozen_writes is None

@@ -28,6 +28,10 @@ def _backend(family: str) -> Any:
     return Backend.for_model(make_model(family))
 
 
+def _hooks(model: Any) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
 def _ids() -> torch.Tensor:
     return random_ids(1, SEQ, seed=3)
 
@@ -47,8 +51,17 @@ def test_a_frozen_run_captures_the_models_writes(family: str) -> None:
     ids = _ids()
     sites = ["layer_1.state_write", "layer_1.ssm_states", "layer_2.write_value", "logits"]
     real = backend.run(ids, capture=sites)
+    model = backend.model
+    hooks = _hooks(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
     with freeze(backend, ids):
         frozen = backend.run(ids, capture=sites)
+        edit = [Edit.scale(sites[0], 0.5)]
+        backend.run(ids, capture=sites, edits=edit, grad=True)["logits"].sum().backward()
+    model.zero_grad(set_to_none=True)
+    # nothing left behind: no hook, the weights and the mode as they were
+    assert _hooks(model) == hooks and not model.training
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     for site in sites:
         torch.testing.assert_close(frozen[site], real[site], atol=1e-5, rtol=1e-5)
     assert backend.frozen_writes is None
