@@ -51,7 +51,13 @@ from .structure import (
     first_child,
     get,
 )
-from .writes import declare_layer_writes, layer_runs, variant_of, write_hooks
+from .writes import (
+    declare_layer_writes,
+    frozen_write_sites,
+    layer_runs,
+    variant_of,
+    write_hooks,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -417,8 +423,16 @@ class HybridBackend(HookBackend):
                     "in a run continued from initial_state; run the prefix and suffix together "
                     "instead"
                 )
-            stack.enter_context(write_hooks(self, ctx))
+            if self.frozen_writes is not None:
+                stack.enter_context(frozen_write_sites(self, ctx, self.frozen_writes))
+            else:
+                stack.enter_context(write_hooks(self, ctx))
         return stack
+
+    #: Inside `frozen_run`: each layer's write sites of the current run, which the frozen
+    #: recomputation of its gated delta net reads (`archscope_hybrid.writes.frozen_write_sites`);
+    #: None outside a frozen run.
+    frozen_writes: dict[int, Any] | None = None
 
     @contextlib.contextmanager
     def _eager_attention(self) -> Iterator[None]:

@@ -19,6 +19,13 @@ output on the prompt. The attention layers are held as in the transformer backen
 key projections, which in Qwen3.5 also carry the output gate), the MLPs' gates and every
 RMSNorm's scale likewise.
 
+Write sites (`archscope_hybrid.writes`) in a frozen run: the recomputation scans the
+``state_write`` site's value, ``k_t ⊗ β_t v_t`` with the keys and β held and the values live,
+after the run's edits of ``write_value``, ``write_key`` and ``state_write``, and captures them
+from there (`writes.frozen_write_sites`); the held transitions (decay, erase along the held
+keys) carry it, so an edited write changes the states exactly as the same edit changes the
+real model's, and gradients flow between the write, the logits and the layer's input.
+
 Mixture-of-experts MLPs laid out as Qwen3-Next's sparse block (a router ``gate`` returning
 logits, weights and indices; ``experts`` holding ``gate_up_proj`` / ``down_proj`` per expert;
 optionally a ``shared_expert`` and its sigmoid ``shared_expert_gate``) are held too: the
@@ -37,8 +44,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from archscope.freeze import FreezeError, FrozenValues, frozen_activation, frozen_norm
+from archscope.recurrence import delta_rule_scan
 
-from .writes import GATED_DELTA, delta_projections, variant_of, write_strength
+from .writes import GATED_DELTA, DeltaParts, delta_projections, variant_of, write_strength
 
 if TYPE_CHECKING:
     import torch
@@ -65,9 +73,12 @@ def _variant(module: Any) -> str | None:
     return variant if all(hasattr(module, n) for n in (*_NEEDS, *GATED_DELTA[variant])) else None
 
 
-def frozen_gated_delta(layer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -> torch.Tensor:
+def frozen_gated_delta(
+    layer: Any, x: torch.Tensor, values: FrozenValues, key: Any, writes: Any = None
+) -> torch.Tensor:
     """The gated delta net ``layer`` on ``x`` (batch, seq, d_model) with its nonlinear
-    factors held (see the module's docstring)."""
+    factors held (see the module's docstring). ``writes``: the run's write sites of this layer
+    (`archscope_hybrid.writes.frozen_write_sites`), or None."""
     import torch
     import torch.nn.functional as F
 
@@ -97,19 +108,13 @@ def frozen_gated_delta(layer: Any, x: torch.Tensor, values: FrozenValues, key: A
     if q.shape[2] != heads:
         q = q.repeat_interleave(heads // q.shape[2], dim=2)
         k = k.repeat_interleave(heads // k.shape[2], dim=2)
-    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (b, heads, seq, dim)
+    q, k, v = (t.float() for t in (q, k, v))  # (b, seq, heads, dim)
     q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) / kd**0.5
     k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
-    beta, g = beta.transpose(1, 2), g.transpose(1, 2)  # (b, heads, seq)
-    state = v.new_zeros(b, heads, kd, vd)
-    outs = []
-    for t in range(seq):
-        state = state * g[:, :, t].exp()[..., None, None]
-        memory = (state * k[:, :, t, :, None]).sum(-2)
-        delta = (v[:, :, t] - memory) * beta[:, :, t, None]
-        state = state + k[:, :, t, :, None] * delta[:, :, None, :]
-        outs.append((state * q[:, :, t, :, None]).sum(-2))
-    core = torch.stack(outs, 2).transpose(1, 2)  # (b, seq, heads, vd)
+    if writes is None:
+        _, core = delta_rule_scan(q, k, beta, g, DeltaParts.write_of(beta[..., None] * v, k))
+    else:  # the run's write sites of this layer: the scan takes the state_write site's value
+        core = writes.scan(q, k, beta, g, v)  # (b, seq, heads, vd)
     z = z_raw.reshape(b, seq, -1, vd)
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
     scale = values.hold((key, "norm"), torch.rsqrt(core.pow(2).mean(-1, keepdim=True) + eps))
@@ -118,13 +123,13 @@ def frozen_gated_delta(layer: Any, x: torch.Tensor, values: FrozenValues, key: A
     return out_proj(y.to(x.dtype).reshape(b, seq, -1))  # type: ignore[no-any-return]
 
 
-def _mixer_hook(values: FrozenValues, i: int) -> Any:
+def _mixer_hook(values: FrozenValues, i: int, writes: dict[int, Any]) -> Any:
     def hook(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         x = args[0] if args else kwargs["hidden_states"]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise FreezeError(f"cannot freeze layer {i}: a frozen run takes one unpadded prompt")
-        out = frozen_gated_delta(module, x, values, ("gdn", i))
+        out = frozen_gated_delta(module, x, values, ("gdn", i), writes.get(i))
         real = output[0] if isinstance(output, tuple) else output
         tol = 1e-3 * (1.0 + float(real.detach().abs().max()))
         if values.recording and float((out.detach() - real.detach()).abs().max()) > tol:
@@ -242,7 +247,10 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
         raise FreezeError(f"cannot freeze {type(backend.model).__name__}: {why}")
     model = backend.model
     handles: list[Any] = []
+    writes: dict[int, Any] = {}  # the write sites of the run under way, per layer
+    before = backend.frozen_writes
     try:
+        backend.frozen_writes = writes
         handles.append(model.register_forward_pre_hook(lambda *_: values.start_run()))
         for i in range(len(backend.layers)):
             block = _block(backend, i)
@@ -250,7 +258,7 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
             attention = getattr(block, "self_attn", None)
             if mixer is not None:
                 handles.append(
-                    mixer.register_forward_hook(_mixer_hook(values, i), with_kwargs=True)
+                    mixer.register_forward_hook(_mixer_hook(values, i, writes), with_kwargs=True)
                 )
             elif attention is not None and hasattr(attention, "q_proj"):
                 handles.append(
@@ -285,6 +293,7 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
             handles.append(norm.register_forward_hook(_norm_hook(values, ("norm", n))))
         yield
     finally:
+        backend.frozen_writes = before
         for handle in handles:
             handle.remove()
 

@@ -68,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DeltaParts",
     "declare_layer_writes",
+    "frozen_write_sites",
     "layer_runs",
     "variant_of",
     "write_hooks",
@@ -422,6 +423,33 @@ def write_hooks(backend: Any, run: RunRequest) -> Iterator[dict[int, _LayerRun]]
             state.handles.clear()
 
 
+@contextlib.contextmanager
+def frozen_write_sites(
+    backend: Any, run: RunRequest, layers: dict[int, _LayerWrites]
+) -> Iterator[dict[int, _LayerRun]]:
+    """The write sites of ``run`` on a frozen model (`archscope_hybrid.freeze`): no hooks; each
+    layer's `_LayerWrites` is put in ``layers`` (emptied on exit) for the frozen recomputation
+    of its gated delta net, which scans the ``state_write`` site's value (`_LayerWrites.scan`),
+    so that captures and edits of the write sites act on the frozen recurrence itself."""
+    wanted = write_sites_of([*run.capture, *run.edits])
+    seen: dict[int, _LayerRun] = {}
+    run.extra[_EXTRA] = seen
+    try:
+        for index, roles in sorted(wanted.items()):
+            layer = backend.layers[index]
+            mixer = layer.block.get_submodule(layer.mixer)
+            if variant_of(mixer) not in GATED_DELTA:
+                raise BackendError(
+                    f"layer {index} ({type(mixer).__name__}): write sites in a frozen run are "
+                    "computed for gated delta nets only"
+                )
+            seen[index] = state = _LayerRun()
+            layers[index] = _LayerWrites(backend, run, index, roles, state)
+        yield seen
+    finally:
+        layers.clear()
+
+
 class _LayerWrites:
     """The write sites of one layer in one run: captures and edits."""
 
@@ -445,6 +473,37 @@ class _LayerWrites:
         if role in self.capture:
             self.store(role, value)
         return value
+
+    def scan(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        beta: torch.Tensor,
+        log_decay: torch.Tensor,
+        value: torch.Tensor,
+    ) -> torch.Tensor:
+        """The read-outs (batch, seq, heads, value_dim) of a frozen run's delta rule over the
+        write as the sites give it: ``k_t ⊗ β_t v_t`` after the run's edits of
+        ``write_value``, ``write_key`` and ``state_write``, captured where the run asks. The
+        transitions (decay, erase along the held keys) are the held ones. Shapes as in
+        `archscope.recurrence.delta_rule_scan`; ``value`` is the live values."""
+        strength = self.site_value("write_value", beta[..., None] * value)
+        written = self.site_value("write_key", key)
+        if "write_decay" in self.capture:
+            self.store("write_decay", log_decay.exp())
+        if "effective_attention" in self.capture:
+            self.store("effective_attention", delta_rule_attention(query, key, beta, log_decay))
+        write = self.site_value("state_write", DeltaParts.write_of(strength, written))
+        states, read = delta_rule_scan(query, key, beta, log_decay, write)
+        if "ssm_states" in self.capture:
+            self.store("ssm_states", states)
+        if self.edited and self.prefix + "ssm_state" in self.run.capture:
+            # the final state (read from the model's cache) gets the edits' effect, as in an
+            # unfrozen run: one more scan, only when it is asked for
+            own = DeltaParts.write_of(beta[..., None] * value, key)
+            delta, _ = delta_rule_scan(query, key, beta, log_decay, write - own)
+            self.seen.delta_state = delta[:, -1]
+        return read
 
     def effect(self, parts: DeltaParts) -> torch.Tensor | None:
         """Record the captures; the change of the read-out that the edits make (or None)."""

@@ -43,6 +43,7 @@ from .structure import (
 from .writes import (
     WRITE_ROLES,
     declare_write_sites,
+    frozen_write_sites,
     layer_runs,
     mixer_kind,
     write_hooks,
@@ -350,14 +351,23 @@ class MambaBackend(HookBackend):
                 "effective_attention) are computed over a whole sequence, not in a run "
                 "continued from initial_state; run the prefix and suffix together instead"
             )
+        frozen = self.frozen_writes
         mixers = self._scan_mixers if self.use_own_scan and not plan.stepping else {}
         if mixers:
-            captured = write_sites_of(ctx.capture)
+            # a frozen run's write sites come from the frozen recomputation, not the scan
+            captured = write_sites_of(ctx.capture) if frozen is None else {}
             keep = {i: scan_keeps(captured.get(i, set())) for i in mixers}
             ctx.extra[SCAN_EXTRA] = settings.enter_context(own_scan(mixers, keep))
-        if writes:
+        if writes and frozen is not None:
+            settings.enter_context(frozen_write_sites(self, ctx, plan.shift, roll_rows, frozen))
+        elif writes:
             settings.enter_context(write_hooks(self, ctx, plan.shift, roll_rows))
         return settings
+
+    #: Inside `frozen_run`: each layer's write sites of the current run, which the frozen
+    #: recomputation of its mixer reads (`archscope_mamba.writes.frozen_write_sites`); None
+    #: outside a frozen run.
+    frozen_writes: dict[int, Any] | None = None
 
     #: Whether HF Mamba-1 mixers run `archscope_mamba.scan.selective_scan` (transformers' CPU
     #: values bit for bit, faster) where its conditions hold; set False to run transformers'

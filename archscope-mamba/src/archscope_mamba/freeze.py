@@ -20,6 +20,14 @@ SiLU of the convolved values at its slope; the gated RMSNorm's gate ``SiLU(z)`` 
 (per group). The recurrence ``S_t = exp(Δ_t A)·S_{t-1} + Δ_t x_t ⊗ B_t``, ``y_t = S_t C_t +
 D·x_t`` is then linear in the values.
 
+Write sites (`archscope_mamba.writes`) in a frozen run: the recomputation scans the
+``state_write`` site's value, ``(Δ·x_t) ⊗ B_t`` with Δ and B held and the values live, after the
+run's edits of ``write_value``, ``write_key`` and ``state_write`` (`writes.frozen_scan`), and
+captures them from there; so a captured write is affine in the embeddings like the rest of a
+frozen run, an edited write is the recurrence's input (with the held decay and read-out it
+changes the layer exactly as the same edit changes the real model's states), and gradients
+flow from the logits to the write and from the write back to the layer's input.
+
 Not frozen: native ``mamba_ssm`` models, Falcon-Mamba's mixers (B, C and Δ normalised inside),
 and attention layers of SSM hybrids; `frozen_run` refuses them with a `FreezeError` naming the
 layer.
@@ -32,10 +40,10 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from archscope.freeze import FreezeError, FrozenValues, frozen_activation, frozen_norm
-from archscope.recurrence import linear_scan
 
 from .writes import (
     ScanParts,
+    frozen_scan,
     mamba2_convolution,
     mamba2_parts,
     mamba2_projection,
@@ -67,9 +75,12 @@ def _is_mamba2(mixer: Any) -> bool:
     return type(mixer).__name__ == "Mamba2Mixer" and all(hasattr(mixer, n) for n in _MAMBA2)
 
 
-def frozen_mamba1(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -> torch.Tensor:
+def frozen_mamba1(
+    mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any, writes: Any = None
+) -> torch.Tensor:
     """The Mamba-1 mixer ``mixer`` on ``x`` (batch, seq, d_model) with Δ, B, C, the gate and
-    the convolution's SiLU held (see the module's docstring)."""
+    the convolution's SiLU held (see the module's docstring). ``writes``: the run's write
+    sites of this layer (`archscope_mamba.writes.frozen_scan`), or None."""
     import torch
     import torch.nn.functional as F
 
@@ -86,27 +97,31 @@ def frozen_mamba1(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -
     rank, n = mixer.time_step_rank, mixer.ssm_state_size
     dt_raw, B, C = torch.split(params, [rank, n, n], dim=-1)
     dt = F.softplus(
-        (mixer.dt_proj.weight @ dt_raw.transpose(1, 2)).float()
-        + mixer.dt_proj.bias.float()[:, None]
-    ).detach()  # (b, d_inner, seq)
-    A = -torch.exp(mixer.A_log.float()).detach()  # (d_inner, n)
-    decay = torch.exp(A[None, :, None, :] * dt[..., None])  # (b, d_inner, seq, n)
-    write = dt[..., None] * B.float()[:, None, :, :]  # (b, d_inner, seq, n)
-    state = u.new_zeros(u.shape[0], d_inner, n, dtype=torch.float32)
-    outs = []
-    uf = u.float()
-    for t in range(seq):
-        state = decay[:, :, t] * state + write[:, :, t] * uf[:, :, t, None]
-        outs.append(state @ C[:, t, :, None].float())
-    y = torch.cat(outs, -1) + uf * mixer.D.float()[None, :, None]
+        (dt_raw @ mixer.dt_proj.weight.T).float() + mixer.dt_proj.bias.float()
+    ).detach()  # (b, seq, d_inner)
+    uf = u.float().transpose(1, 2)  # (b, seq, d_inner)
+    per_channel = (-1, -1, d_inner, -1)  # Mamba-1 is the per-head layout with one-wide heads
+    parts = ScanParts(
+        x=uf[..., None],
+        dt=dt,
+        A=-torch.exp(mixer.A_log.float()).detach(),  # (d_inner, n)
+        B=B.float()[:, :, None, :].expand(per_channel),
+        C=C.float()[:, :, None, :].expand(per_channel),
+    )
+    states = frozen_scan(parts, writes)  # (b, seq, d_inner, 1, n)
+    y = parts.read(states)[..., 0] + uf * mixer.D.float()
     gate = values.hold((key, "gate"), F.silu(z.float()))
-    y = (y * gate).to(x.dtype)
+    y = (y.transpose(1, 2) * gate).to(x.dtype)
     return mixer.out_proj(y.transpose(1, 2))  # type: ignore[no-any-return]
 
 
-def frozen_mamba2(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -> torch.Tensor:
+def frozen_mamba2(
+    mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any, writes: Any = None
+) -> torch.Tensor:
     """The Mamba-2 mixer ``mixer`` on ``x`` (batch, seq, d_model) with Δ, B, C, the gate, the
-    gated norm's scale and the convolution's SiLU held (see the module's docstring)."""
+    gated norm's scale and the convolution's SiLU held (see the module's docstring).
+    ``writes``: the run's write sites of this layer (`archscope_mamba.writes.frozen_scan`), or
+    None."""
     import torch
     import torch.nn.functional as F
 
@@ -119,7 +134,7 @@ def frozen_mamba2(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -
     B, C = bc.split([groups * n, groups * n], dim=-1)
     dt = values.hold((key, "dt"), mamba2_time_step(mixer, dt_raw)).float()  # (b, seq, heads)
     parts = mamba2_parts(mixer, u, B, C, dt)
-    states = linear_scan(parts.decay, ScanParts.write_of(parts.value, parts.B))
+    states = frozen_scan(parts, writes)
     y = parts.read(states) + parts.x * mixer.D.float()[None, None, :, None]
     y = y.reshape(b, seq, inner)
     norm = mixer.norm
@@ -134,7 +149,7 @@ def frozen_mamba2(mixer: Any, x: torch.Tensor, values: FrozenValues, key: Any) -
     return mixer.out_proj(out.to(x.dtype))  # type: ignore[no-any-return]
 
 
-def _mixer_hook(values: FrozenValues, i: int) -> Any:
+def _mixer_hook(values: FrozenValues, i: int, writes: dict[int, Any]) -> Any:
     def hook(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         x = args[0] if args else kwargs["hidden_states"]
         if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):
@@ -143,7 +158,7 @@ def _mixer_hook(values: FrozenValues, i: int) -> Any:
                 "(the attention mask has padding)"
             )
         recompute = frozen_mamba2 if _is_mamba2(module) else frozen_mamba1
-        out = recompute(module, x, values, ("mamba", i))
+        out = recompute(module, x, values, ("mamba", i), writes.get(i))
         real = output[0] if isinstance(output, tuple) else output
         tol = 1e-3 * (1.0 + float(real.detach().abs().max()))
         # checked on the prompt's own run (later runs may feed other inputs to held factors)
@@ -183,10 +198,15 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
     mixers = [block.mixer for block in backend.blocks]
     model = backend.model
     handles: list[Any] = []
+    writes: dict[int, Any] = {}  # the write sites of the run under way, per layer
+    before = backend.frozen_writes
     try:
+        backend.frozen_writes = writes
         handles.append(model.register_forward_pre_hook(lambda *_: values.start_run()))
         for i, mixer in enumerate(mixers):
-            handles.append(mixer.register_forward_hook(_mixer_hook(values, i), with_kwargs=True))
+            handles.append(
+                mixer.register_forward_hook(_mixer_hook(values, i, writes), with_kwargs=True)
+            )
         norms = [
             m
             for m in model.modules()
@@ -203,5 +223,6 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
             handles.append(norm.register_forward_hook(norm_hook))
         yield
     finally:
+        backend.frozen_writes = before
         for handle in handles:
             handle.remove()

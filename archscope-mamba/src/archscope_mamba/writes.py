@@ -66,6 +66,8 @@ __all__ = [
     "WRITE_ROLES",
     "ScanParts",
     "declare_write_sites",
+    "frozen_scan",
+    "frozen_write_sites",
     "layer_runs",
     "linear_scan",
     "mixer_kind",
@@ -404,6 +406,47 @@ def write_hooks(
             state.handles.clear()
 
 
+@contextlib.contextmanager
+def frozen_write_sites(
+    backend: Any,
+    run: RunRequest,
+    shift: torch.Tensor | None,
+    roll: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    layers: dict[int, _LayerWrites],
+) -> Iterator[dict[int, _LayerRun]]:
+    """The write sites of ``run`` on a frozen model (`archscope_mamba.freeze`): no hooks on the
+    mixers' parts; each layer's `_LayerWrites` is put in ``layers`` (emptied on exit) for the
+    frozen recomputation of its mixer, whose scan takes its write from them (`frozen_scan`),
+    so that captures and edits of the write sites act on the frozen recurrence itself."""
+    wanted = write_sites_of([*run.capture, *run.edits])
+    seen: dict[int, _LayerRun] = {}
+    run.extra[_EXTRA] = seen
+    try:
+        for index, roles in sorted(wanted.items()):
+            layer = backend.layers[index]
+            mixer = layer.block.get_submodule(layer.ssm)
+            kind = mixer_kind(mixer)
+            if kind is None:  # never declared for such mixers
+                raise BackendError(f"layer {index} has no write sites ({type(mixer).__name__})")
+            seen[index] = state = _LayerRun()
+            layers[index] = _LayerWrites(backend, run, index, roles, kind, state, shift, roll)
+        yield seen
+    finally:
+        layers.clear()
+
+
+def frozen_scan(parts: ScanParts, writes: _LayerWrites | None) -> torch.Tensor:
+    """The states (per-head layout) of a frozen mixer's recurrence: ``parts`` hold the held
+    decay, key and query and the live values; the write scanned is the ``state_write`` site's
+    value (after the run's edits of ``write_value``, ``write_key`` and ``state_write``, and
+    captured where the run asks), so a write edit changes the recurrence's input and a
+    gradient flows between the write and the layer's input. ``writes`` None: the run touches
+    no write site of this layer."""
+    if writes is None:
+        return linear_scan(parts.decay, ScanParts.write_of(parts.value, parts.B))
+    return writes.scan(parts)
+
+
 def _attach(
     backend: Any,
     run: RunRequest,
@@ -486,6 +529,28 @@ class _LayerWrites:
         for role, value in stored.items():
             self.store(role, self.caller(value))
         return True
+
+    def scan(self, parts: ScanParts) -> torch.Tensor:
+        """The states of a frozen run's recurrence over the write as the sites give it (see
+        `frozen_scan`), with the captures recorded."""
+        value = self.site_value("write_value", parts.value)
+        key = self.site_value("write_key", parts.B)
+        decay = parts.decay
+        if "write_decay" in self.capture:
+            self.store("write_decay", self.caller(self.layout.to_site("write_decay", decay)))
+        if "effective_attention" in self.capture:
+            attention = attention_of(self.kind, parts)
+            self.store("effective_attention", unroll_square(attention, self.shift, self.roll))
+        write = self.site_value("state_write", ScanParts.write_of(value, key))
+        states = linear_scan(decay, write)
+        if "ssm_states" in self.capture:
+            self.store("ssm_states", self.caller(self.layout.to_site("ssm_states", states)))
+        if self.edited and self.prefix + "ssm_state" in self.run.capture:
+            # the final state (read from the model's cache) gets the edits' effect, as in an
+            # unfrozen run: one more scan, only when it is asked for
+            own = ScanParts.write_of(parts.value, parts.B)
+            self.seen.delta_state = linear_scan(decay, write - own)[:, -1]
+        return states
 
     def effect(self, parts: ScanParts) -> torch.Tensor | None:
         """Record the captures; the change of the scan output that the edits make (or None)."""

@@ -53,9 +53,22 @@ def node_edits(
     if node.kind == "embedding" and embed is None:
         raise ParameterError("an embedding intervention needs the prompt's embeddings")
     return [
-        Edit.add(site, change, positions=[node.position])
+        _add_at(site, change, node.position)
         for site, change in _node_changes(node, scale, transcoders, embed)
     ]
+
+
+def _add_at(site: str, change: torch.Tensor, position: int) -> Edit:
+    """An edit adding ``change`` at ``position``: a vector over the site's values at one
+    position, flattened where the site has several axes per token (a state write: heads x
+    rows x columns), reshaped to them here."""
+
+    def add(x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[:, position] = out[:, position] + change.to(x.dtype).reshape(x.shape[2:])
+        return out
+
+    return Edit.apply(site, add)
 
 
 def measure(
@@ -129,8 +142,7 @@ def gradient_prediction(
     changes = _node_changes(node, scale, transcoders, embed)
     leaves = [torch.zeros_like(change, requires_grad=True) for _, change in changes]
     edits = [
-        Edit.add(site, leaf, positions=[node.position])
-        for (site, _), leaf in zip(changes, leaves, strict=True)
+        _add_at(site, leaf, node.position) for (site, _), leaf in zip(changes, leaves, strict=True)
     ]
     result = backend.run(ids, capture=["logits"], edits=edits, grad=True)
     logits = result.logits[0, -1].float()

@@ -30,6 +30,7 @@ import torch
 from archscope import Edit
 from archscope.errors import ParameterError, SiteError
 from archscope.freeze import FrozenValues, freeze
+from archscope.sites import Site
 from archscope.tokens import encode_one
 
 from .types import Transcoder
@@ -90,8 +91,10 @@ class ReplacementModel:
         result = backend.run(ids, capture=list(dict.fromkeys(capture)))
         act = result.activations
         embed = act["embed"][0].detach()
-        read_values = {s: act[s][0].detach().float() for s in reads}
-        write_values = {s: act[s][0].detach().float() for s in writes}
+        # (seq, d): a site with more axes per token (a state write: heads x rows x columns) is
+        # flattened here and reshaped where the gradient runs place and read it
+        read_values = {s: act[s][0].detach().float().flatten(1) for s in reads}
+        write_values = {s: act[s][0].detach().float().flatten(1) for s in writes}
         acts = [t.encode(read_values[t.read_site]).detach() for t in tcs]
         errors = {}
         for site in writes:
@@ -154,7 +157,7 @@ class ReplacementModel:
         for site in self.reads:
 
             def keep(x: torch.Tensor, site: str = site) -> torch.Tensor:
-                reads[site] = x
+                reads[site] = x.flatten(2)
                 return x
 
             edits.append(Edit.apply(site, keep))
@@ -172,7 +175,7 @@ class ReplacementModel:
                     skip = t.skip(reads[t.read_site].float(), site)
                     if skip is not None:
                         out = out + skip.to(x.dtype)
-                return out
+                return out.reshape(x.shape)
 
             edits.append(Edit.apply(site, place))
         result = self.backend.run(ids, capture=["logits"], edits=edits, grad=True)
@@ -225,6 +228,16 @@ def _check_transcoders(backend: Any, tcs: list[Transcoder]) -> None:
                     f"not have; its token sites: "
                     f"{', '.join(n for n, i in sites.items() if i.kind == 'token')}"
                 )
+    by_layer: dict[int | None, str] = {}
+    for t in tcs:  # feature nodes are "{layer}_{feature}_{pos}": one transcoder per layer
+        layer = Site.parse(t.read_site).layer
+        if layer in by_layer:
+            raise ParameterError(
+                f"attribute: two transcoders read layer {layer} ({by_layer[layer]} and "
+                f"{t.read_site}); a graph's feature ids name the layer, so they would collide. "
+                "Give one transcoder per layer (e.g. MLP transcoders or write features there)"
+            )
+        by_layer[layer] = t.read_site
     written = [s for t in tcs for s in t.write_sites]
     if "embed" in written:
         raise SiteError("a transcoder cannot write the 'embed' site (it is the graph's input)")

@@ -6,8 +6,9 @@ token position (columns); edges are drawn with their weight's sign as colour (bl
 red negative) and its size as width and opacity. Hovering a node shows its details and
 highlights its edges; clicking pins it in the side panel, which lists its strongest inputs
 and outputs. Node labels are the top-activating tokens of each feature (`feature_labels`
-computes them with `archscope.collect` on the zoo corpus or any dataset; `label_graph`
-writes them into a graph).
+computes them with `archscope.collect` on the zoo corpus or any dataset, with plain runs for
+sites of several axes per token such as state writes; `label_graph` writes them into a
+graph).
 """
 
 from __future__ import annotations
@@ -131,15 +132,24 @@ def feature_labels(
     best_tok = {
         layer: torch.zeros((top, len(ix)), dtype=torch.long) for layer, ix in wanted.items()
     }
-    for part in iter_collect(
-        backend, data, sites, pool=None, batch_size=batch_size, tokenizer=tokenizer
-    ):
-        assert part.token_ids is not None
+    flat = all(len(backend.site_info(s).shape) == 3 for s in sites)
+    parts = (
+        (
+            (part.activations, part.token_ids)
+            for part in iter_collect(
+                backend, data, sites, pool=None, batch_size=batch_size, tokenizer=tokenizer
+            )
+        )
+        if flat
+        else _token_rows(backend, data, sites, batch_size, tokenizer)
+    )
+    for values, token_ids in parts:
+        assert token_ids is not None
         for layer, ix in wanted.items():
             tc = by_layer[layer]
-            acts = tc.encode(part[tc.read_site].float())[:, ix]  # (tokens, wanted)
+            acts = tc.encode(values[tc.read_site].float())[:, ix]  # (tokens, wanted)
             vals = torch.cat([best_vals[layer], acts])
-            toks = torch.cat([best_tok[layer], part.token_ids.view(-1, 1).expand_as(acts)])
+            toks = torch.cat([best_tok[layer], token_ids.view(-1, 1).expand_as(acts)])
             k = min(top, len(vals))
             order = vals.topk(k, dim=0).indices
             best_vals[layer] = vals.gather(0, order)
@@ -156,6 +166,23 @@ def feature_labels(
                     pairs.append((tok.decode([t]) if tok is not None else str(t), v))
             out[(layer, index)] = pairs
     return out
+
+
+def _token_rows(backend: Any, data: Any, sites: list[str], batch_size: int, tokenizer: Any) -> Any:
+    """``(site -> (tokens, *axes) values, token ids)`` per batch of ``data``, every real token:
+    what `archscope.iter_collect` gives, for sites with several axes per token (a state
+    write), which it does not read."""
+    from archscope.data import as_dataset, padding_for
+
+    dataset = as_dataset(data, tokenizer)
+    for _, batch in dataset.batches(batch_size, padding_for(backend)):
+        result = backend.run(batch, capture=list(sites))
+        real = batch["attention_mask"].bool()
+        values = {
+            s: result.activations[s].detach()[real.to(result.activations[s].device)].cpu()
+            for s in sites
+        }
+        yield values, batch["input_ids"][real]
 
 
 def label_graph(
@@ -291,7 +318,8 @@ _TEMPLATE = r"""<!DOCTYPE html>
   var tip = document.getElementById("tip"), details = document.getElementById("details");
   var pinned = null;
   function describe(n) {
-    var name = n.kind === "feature" ? "feature " + n.index + " @ layer " + n.layer
+    var name = n.kind === "feature"
+      ? (/\.state_write$/.test(n.site || "") ? "write feature " : "feature ") + n.index + " @ layer " + n.layer
       : n.kind === "error" ? "error @ layer " + n.layer
       : n.kind === "embedding" ? "token " + JSON.stringify(tokens[n.position] || "")
       : "logit " + JSON.stringify(n.label || String(n.index));
