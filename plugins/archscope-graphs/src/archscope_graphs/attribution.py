@@ -44,11 +44,26 @@ from .types import AttributionGraph, Node, Transcoder
 
 @dataclass
 class _Row:
-    """A target row: the seed of its backward pass."""
+    """A target row: the seed of its backward pass, row ``index`` of ``vectors``."""
 
     site: str  # "logits" or a read site
     position: int
-    vector: torch.Tensor  # seed direction at (position) of site
+    vectors: torch.Tensor  # seed directions at (position) of site (a transcoder's encoder)
+    index: int = 0
+
+    @property
+    def vector(self) -> torch.Tensor:
+        return self.vectors[self.index]
+
+
+def _row_vectors(rows: Sequence[_Row | None]) -> torch.Tensor:
+    """The seed directions of ``rows`` (all of one site), stacked: one gather where they are
+    rows of one matrix (a transcoder's features)."""
+    picked = [r for r in rows if r is not None]
+    first = picked[0].vectors
+    if all(r.vectors is first for r in picked):
+        return first[torch.tensor([r.index for r in picked])]
+    return torch.stack([r.vector for r in picked])
 
 
 def attribute(
@@ -92,8 +107,9 @@ def attribute(
             "batch_size": batch_size,
         }
     )
-    influence = _influence(rows.index, rows.values, _row_sums(rows.values), _logit_weights(full))
-    full.scores.update(_scores(full, rows, influence))
+    sums = _row_sums(rows.values)
+    influence = _influence(rows.index, rows.values, sums, _logit_weights(full))
+    full.scores.update(_scores(full, rows, influence, sums))
     if not prune:
         return full
     pruned = _prune(full, rows, node_threshold, edge_threshold, influence)
@@ -218,19 +234,11 @@ def _graph_rows(
         active.append(idx)
         layer = _layer_of(t.read_site, 0)
         enc = t.encoder().detach().float()
-        for p, f in idx.tolist():
-            nodes.append(
-                Node(
-                    f"{layer}_{f}_{p}",
-                    "feature",
-                    layer,
-                    p,
-                    f,
-                    float(acts[p, f]),
-                    site=t.read_site,
-                )
-            )
-            rows.append(_Row(t.read_site, p, enc[f]))
+        site = t.read_site
+        activations = acts[idx[:, 0], idx[:, 1]].tolist()
+        for (p, f), value in zip(idx.tolist(), activations, strict=True):
+            nodes.append(Node(f"{layer}_{f}_{p}", "feature", layer, p, f, value, site=site))
+            rows.append(_Row(site, p, enc, f))
     n_features = len(nodes)
     for site in rm.errors:
         layer = _layer_of(site, 0)
@@ -249,7 +257,7 @@ def _graph_rows(
         nodes.append(
             Node(f"L_{tok}_{seq - 1}", "logit", n_layers, seq - 1, tok, prob, site="logits")
         )
-        rows.append(_Row("logits", seq - 1, _logit_vector(vocab, tok, contrast)))
+        rows.append(_Row("logits", seq - 1, _logit_vector(vocab, tok, contrast)[None]))
     targets = [i for i, r in enumerate(rows) if r is not None]
     # dense: the (n, n) adjacency itself, its rows written in place; otherwise the targets'
     # rows only (a graph with few targets, e.g. a recurrent model's long prompt, stays small)
@@ -299,7 +307,7 @@ def _target_values(rm: ReplacementModel, rows: list[_Row | None]) -> torch.Tenso
         ref = rm.logits if site == "logits" else rm.reads[site]
         picked = [rows[i] for i in index]
         positions = torch.tensor([r.position for r in picked if r is not None])
-        vectors = torch.stack([r.vector for r in picked if r is not None])
+        vectors = _row_vectors(picked)
         values[torch.tensor(index)] = (ref[positions].float() * vectors.float()).sum(-1)
     return values
 
@@ -408,9 +416,7 @@ def _seeds(
         picked = [chunk[b] for b in slots]
         positions = torch.tensor([r.position for r in picked if r is not None])
         seed = torch.zeros_like(ref)
-        seed[torch.tensor(slots), positions] = torch.stack(
-            [r.vector for r in picked if r is not None]
-        ).to(seed.dtype)
+        seed[torch.tensor(slots), positions] = _row_vectors(picked).to(seed.dtype)
         outputs.append(ref)
         seeds.append(seed)
         span = max(span, int(positions.max()) + 1)
@@ -670,16 +676,20 @@ def graph_scores(graph: AttributionGraph) -> dict[str, float]:
 
 
 def _scores(
-    graph: AttributionGraph, rows: _Rows, influence: torch.Tensor | None = None
+    graph: AttributionGraph,
+    rows: _Rows,
+    influence: torch.Tensor | None = None,
+    sums: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """`graph_scores` from the non-zero ``rows`` (and the nodes' ``influence``, if already
-    computed)."""
+    """`graph_scores` from the non-zero ``rows`` (and the nodes' ``influence`` and the rows'
+    `_row_sums`, if already computed)."""
     kinds = [node.kind for node in graph.nodes]
     errors = torch.tensor([k == "error" for k in kinds])
     embeds = torch.tensor([k == "embedding" for k in kinds])
     if not len(kinds):
         return {"replacement": 1.0, "completeness": 1.0}
-    sums = _row_sums(rows.values)  # > 0 on rows with any edge, 0 on all-zero rows
+    if sums is None:
+        sums = _row_sums(rows.values)  # > 0 on rows with any edge, 0 on all-zero rows
     # the normalised rows' share from error nodes
     error_share = rows.values[:, errors].double().abs_().sum(1) / sums.clamp_min(1e-300)
     weights = _logit_weights(graph)
