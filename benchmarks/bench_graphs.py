@@ -477,7 +477,8 @@ def write_report(
         "# Attribution graphs: archscope against circuit-tracer",
         "",
         "`.venv/bin/python benchmarks/bench_graphs.py` (see its docstring for the setup).",
-        f"Machine: {platform.machine()}, torch {torch.__version__}, {spec['threads']} threads; "
+        f"Machine: {platform.machine()}, torch {torch.__version__}, {spec['threads']} torch "
+        f"thread{'s' if spec['threads'] > 1 else ''} per tool; "
         f"circuit-tracer / transformer-lens {version} (TransformerLens backend).",
         f"Model: Llama-style, {spec['n_layers']} layers, d_model {spec['d_model']}, MLP "
         f"{spec['d_mlp']}, vocabulary {spec['vocab']}; ReLU transcoders of {N_FEATURES} features "
