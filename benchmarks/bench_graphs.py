@@ -1,7 +1,7 @@
 """Attribution graphs: archscope against circuit-tracer on the same model and transcoders.
 
     .venv/bin/python benchmarks/bench_graphs.py [--venvs DIR] [--lengths 8 16 32 64]
-        [--repeats 3] [--out benchmarks/results/graphs.md]
+        [--repeats 3] [--threads 1] [--out benchmarks/results/graphs.md]
         [--memory-lengths 64 256 1024 2048 4096] [--memory-models lstm mamba]
 
 1. Model: a seeded random-weight 2-layer Llama-style model (transformers ``LlamaForCausalLM``,
@@ -34,9 +34,13 @@
    circuit-tracer's ``attribute`` (TransformerLens backend), both in float32 on the same CPU,
    median of ``--repeats`` rounds; circuit-tracer runs in its own venv
    (``benchmarks/.venvs/circuit-tracer``, created on first use as in validate_graph_json.py)
-   through a subprocess, timed inside that process after a warm-up run. The rounds alternate:
-   each times every prompt once with circuit-tracer, then once with archscope, so that a
-   machine whose load drifts weighs on both alike. Batch sizes: each tool's default
+   through a subprocess, timed inside that process after a warm-up run; both tools run with
+   ``--threads`` torch threads (default 1: on a machine shared with other jobs, a thread
+   more than the free cores makes every one of the many small operations wait for a
+   descheduled thread, which the timing would then measure instead of the tools), and both
+   report wall-clock and CPU seconds (``time.process_time`` of the timing process). The
+   rounds alternate: each times every prompt once with circuit-tracer, then once with
+   archscope, so that a machine whose load drifts weighs on both alike. Batch sizes: each tool's default
    (archscope 128 rows, circuit-tracer 512) and archscope at 512 too.
 5. Memory on recurrent models (archscope only): the zoo LSTM's and Mamba's pruned graphs at
    growing prompt lengths, each in a fresh subprocess; the growth of the peak resident memory
@@ -131,7 +135,7 @@ assert not missing, missing
 model.load_state_dict({**mine, **sd})
 model._configure_replacement_model(tset)
 model.eval()
-report = {"logits": {}, "graphs": {}, "times": {}}
+report = {"logits": {}, "graphs": {}, "times": {}, "cpu": {}}
 prompts = torch.load(work / "prompts.pt", weights_only=True)
 for name, ids in prompts.items():
     with torch.no_grad():
@@ -152,10 +156,12 @@ for name, ids in prompts.items() if not spec["time"] else ():
 if spec["time"]:
     for name, ids in prompts.items():
         run(ids, 512)
-        times = []
+        times, cpu = [], []
         for _ in range(spec["repeats"]):
-            t0 = time.perf_counter(); run(ids, 512); times.append(time.perf_counter() - t0)
+            t0, c0 = time.perf_counter(), time.process_time(); run(ids, 512)
+            times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
         report["times"][name] = times
+        report["cpu"][name] = cpu
 print(json.dumps(report))
 """
 
@@ -307,19 +313,21 @@ def compare(ours: Any, work: Path, name: str, ct_tokens: list[int]) -> dict[str,
 
 def time_ours(
     side: dict[str, Any], name: str, repeats: int, batch_size: int, warm_up: bool = True
-) -> list[float]:
+) -> tuple[list[float], list[float]]:
+    """Wall-clock and CPU (this process's) seconds of ``repeats`` graphs."""
     from archscope_graphs.attribution import attribute
 
     ids = side["prompts"][name]
     kw = {"transcoders": side["transcoders"], "prune": False, "batch_size": batch_size}
     if warm_up:
         attribute(side["backend"], ids, **kw)
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         attribute(side["backend"], ids, **kw)
         times.append(time.perf_counter() - t0)
-    return times
+        cpu.append(time.process_time() - c0)
+    return times, cpu
 
 
 MEMORY_SIDE = r"""
@@ -376,6 +384,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of both tools (on a machine shared with other jobs, more threads "
+        "than free cores make every operation wait for a descheduled thread)",
+    )
+    parser.add_argument(
         "--memory-lengths", type=int, nargs="*", default=[64, 256, 1024, 2048, 4096]
     )
     parser.add_argument("--memory-models", nargs="*", default=["lstm", "mamba"])
@@ -386,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     python = ensure_venv(args.venvs)
     import torch
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
@@ -420,10 +436,11 @@ def main(argv: list[str] | None = None) -> int:
             for name in side["prompts"]:
                 t = times[name]
                 t.setdefault("circuit_tracer_512", []).extend(timed["times"][name])
+                t.setdefault("cpu_circuit_tracer_512", []).extend(timed["cpu"][name])
                 for batch in (128, 512):
-                    t.setdefault(f"archscope_{batch}", []).extend(
-                        time_ours(side, name, 1, batch, warm_up=r == 0)
-                    )
+                    wall, cpu = time_ours(side, name, 1, batch, warm_up=r == 0)
+                    t.setdefault(f"archscope_{batch}", []).extend(wall)
+                    t.setdefault(f"cpu_archscope_{batch}", []).extend(cpu)
                 print(name, {k: [round(x, 3) for x in v] for k, v in t.items()}, flush=True)
         if args.no_timing:
             times = {}
@@ -460,7 +477,8 @@ def write_report(
         "# Attribution graphs: archscope against circuit-tracer",
         "",
         "`.venv/bin/python benchmarks/bench_graphs.py` (see its docstring for the setup).",
-        f"Machine: {platform.machine()}, torch {torch.__version__}, {spec['threads']} threads; "
+        f"Machine: {platform.machine()}, torch {torch.__version__}, {spec['threads']} torch "
+        f"thread{'s' if spec['threads'] > 1 else ''} per tool; "
         f"circuit-tracer / transformer-lens {version} (TransformerLens backend).",
         f"Model: Llama-style, {spec['n_layers']} layers, d_model {spec['d_model']}, MLP "
         f"{spec['d_mlp']}, vocabulary {spec['vocab']}; ReLU transcoders of {N_FEATURES} features "
@@ -482,18 +500,23 @@ def write_report(
         )
     lines += [
         "",
-        "## Time per graph (median, seconds)",
+        "## Time per graph (median, seconds: wall clock / CPU of the timing process)",
         "",
         "| prompt | archscope (batch 128) | archscope (batch 512) | circuit-tracer (batch 512) |"
-        " circuit-tracer / archscope best |",
-        "|---|---|---|---|---|",
+        " circuit-tracer / archscope best, wall | CPU |",
+        "|---|---|---|---|---|---|",
     ]
     for name, t in times.items():
         m = {k: statistics.median(v) for k, v in t.items()}
         best = min(m["archscope_128"], m["archscope_512"])
+        best_cpu = min(m["cpu_archscope_128"], m["cpu_archscope_512"])
+        cells = [
+            f"{m[k]:.3f} / {m['cpu_' + k]:.3f}"
+            for k in ("archscope_128", "archscope_512", "circuit_tracer_512")
+        ]
         lines.append(
-            f"| {name} | {m['archscope_128']:.3f} | {m['archscope_512']:.3f} | "
-            f"{m['circuit_tracer_512']:.3f} | {m['circuit_tracer_512'] / best:.2f}× |"
+            f"| {name} | {' | '.join(cells)} | {m['circuit_tracer_512'] / best:.2f}× | "
+            f"{m['cpu_circuit_tracer_512'] / best_cpu:.2f}× |"
         )
     if mem:
         lines += [

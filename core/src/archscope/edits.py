@@ -197,12 +197,20 @@ def apply_edit(
         # e.g. an attention pattern (batch, heads, seq, key): positions index the seq axis
         moved = apply_edit(value.movedim(axis, 1), edit, _seq_second(info, axis), mask)
         return moved.movedim(1, axis)
+    import torch
+
     out = value.clone()
     units = _unit_index(edit, value)
     index = _position_index(edit, value, mask)  # rows x positions, then units
     selected = out[index]
     target = selected[..., units] if units is not None else selected
     new = _edited(edit, target, value)
+    if units is None and edit.positions is None:
+        # the whole value is the edit's result: written into a fresh tensor rather than into
+        # the copy of ``value``, it depends on ``value`` only through what the edit computed
+        # from it, so a backward pass does not carry zeros through whatever produced a value
+        # that was replaced (the same numbers, the same gradients)
+        return torch.empty_like(value).copy_(new)
     if units is not None:
         selected[..., units] = new.to(selected.dtype)
     else:

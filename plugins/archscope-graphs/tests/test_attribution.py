@@ -291,3 +291,82 @@ def test_a_long_recurrent_prompt_never_builds_the_dense_matrix(zoo: Any) -> None
     ref_ids, ref_adj = _dense_prune(full, 0.8, 0.98)
     assert [x.id for x in graph.nodes] == ref_ids
     torch.testing.assert_close(graph.adjacency, ref_adj, atol=1e-6, rtol=0)
+
+
+def _layered_graph(seed: int) -> Any:
+    """A graph of 520 nodes shaped like a real one (features of three layers, errors,
+    embeddings, logits last) whose rows span many blocks of the row-wise influence, with
+    all-zero feature rows among them (dead features) and random signed edges from earlier
+    layers only."""
+    from archscope_graphs.types import AttributionGraph, Node
+
+    gen = torch.Generator().manual_seed(seed)
+    per_layer, n_err, n_emb, n_logit = 150, 40, 20, 10
+    nodes, layer_of = [], []
+    for layer in range(3):
+        for i in range(per_layer):
+            nodes.append(Node(f"{layer}_{i}_0", "feature", layer, 0, i, 1.0))
+            layer_of.append(layer)
+    nodes += [Node(f"err_{i}", "error", i % 3, 0, None) for i in range(n_err)]
+    layer_of += [i % 3 for i in range(n_err)]
+    nodes += [Node(f"E_{i}", "embedding", -1, i, i) for i in range(n_emb)]
+    layer_of += [-1] * n_emb
+    probs = torch.rand(n_logit, generator=gen) + 0.1
+    nodes += [Node(f"L_{i}", "logit", 3, 0, i, float(p)) for i, p in enumerate(probs)]
+    layer_of += [3] * n_logit
+    n = len(nodes)
+    layers = torch.tensor(layer_of)
+    rows = torch.tensor([node.kind in ("feature", "logit") for node in nodes])
+    # a target reads the features of earlier layers and the errors and embeddings before it
+    below = layers[None, :] < layers[:, None]
+    sources = below & torch.tensor([node.kind != "logit" for node in nodes])[None, :]
+    sources &= ~(
+        torch.tensor([node.kind == "error" for node in nodes])[None, :]
+        & (layers[None, :] >= layers[:, None])
+    )
+    weights = torch.randn(n, n, generator=gen) * (torch.rand(n, n, generator=gen) < 0.3)
+    adjacency = torch.where(sources & rows[:, None], weights, torch.zeros(()))
+    dead = torch.randperm(3 * per_layer, generator=gen)[:60]  # all-zero feature rows
+    adjacency[dead] = 0.0
+    targets = list(range(n - n_logit, n))
+    return AttributionGraph(list(range(n_emb)), [""] * n_emb, nodes, adjacency, targets)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_influence_scores_and_pruning_over_many_row_blocks_equal_the_dense_computation(
+    seed: int,
+) -> None:
+    """The influence is computed a block of rows at a time, only over the rows where the last
+    term is non-zero: on a graph of many blocks with dead rows among them it equals the
+    closed form, the scores equal their definition written out densely, and pruning keeps
+    what the dense computation keeps."""
+    graph = _layered_graph(seed)
+    n = len(graph.nodes)
+    assert n > 8 * 64  # several blocks of rows
+    w = torch.zeros(n, dtype=torch.float64)
+    w[graph.targets] = torch.tensor([graph.nodes[t].value for t in graph.targets]).double()
+    w = w / w.sum()
+    a = _dense_normalised(graph.adjacency)
+    influence = _dense_influence(a, w)
+    torch.testing.assert_close(node_influence(graph), influence, atol=1e-12, rtol=1e-9)
+    kinds = [node.kind for node in graph.nodes]
+    errors = torch.tensor([k == "error" for k in kinds])
+    embeds = torch.tensor([k == "embedding" for k in kinds])
+    from_errors, from_embeds = influence[errors].sum(), influence[embeds].sum()
+    has_edges = (graph.adjacency != 0).any(1)
+    share = (influence + w)[has_edges]
+    complete = share * (1 - a[has_edges][:, errors].sum(1))
+    expected = {
+        "replacement": float(from_embeds / (from_embeds + from_errors)),
+        "completeness": float(complete.sum() / share.sum()),
+    }
+    scores = graph_scores(graph)
+    assert scores.keys() == expected.keys()
+    for key, value in expected.items():
+        assert scores[key] == pytest.approx(value, rel=1e-12), key
+    for node_t, edge_t in ((0.8, 0.98), (0.5, 0.9)):
+        ref_ids, ref_adj = _dense_prune(graph, node_t, edge_t)
+        pruned = prune_graph(graph, node_t, edge_t)
+        assert [x.id for x in pruned.nodes] == ref_ids
+        torch.testing.assert_close(pruned.adjacency, ref_adj, atol=0, rtol=0)
+        assert 10 < len(ref_ids) < n

@@ -44,11 +44,26 @@ from .types import AttributionGraph, Node, Transcoder
 
 @dataclass
 class _Row:
-    """A target row: the seed of its backward pass."""
+    """A target row: the seed of its backward pass, row ``index`` of ``vectors``."""
 
     site: str  # "logits" or a read site
     position: int
-    vector: torch.Tensor  # seed direction at (position) of site
+    vectors: torch.Tensor  # seed directions at (position) of site (a transcoder's encoder)
+    index: int = 0
+
+    @property
+    def vector(self) -> torch.Tensor:
+        return self.vectors[self.index]
+
+
+def _row_vectors(rows: Sequence[_Row | None]) -> torch.Tensor:
+    """The seed directions of ``rows`` (all of one site), stacked: one gather where they are
+    rows of one matrix (a transcoder's features)."""
+    picked = [r for r in rows if r is not None]
+    first = picked[0].vectors
+    if all(r.vectors is first for r in picked):
+        return first[torch.tensor([r.index for r in picked])]
+    return torch.stack([r.vector for r in picked])
 
 
 def attribute(
@@ -92,10 +107,12 @@ def attribute(
             "batch_size": batch_size,
         }
     )
-    full.scores.update(_scores(full, rows))
+    sums = _row_sums(rows.values)
+    influence = _influence(rows.index, rows.values, sums, _logit_weights(full))
+    full.scores.update(_scores(full, rows, influence, sums))
     if not prune:
         return full
-    pruned = _prune(full, rows, node_threshold, edge_threshold)
+    pruned = _prune(full, rows, node_threshold, edge_threshold, influence)
     pruned.scores.update({f"pruned_{k}": v for k, v in graph_scores(pruned).items()})
     return pruned
 
@@ -217,19 +234,11 @@ def _graph_rows(
         active.append(idx)
         layer = _layer_of(t.read_site, 0)
         enc = t.encoder().detach().float()
-        for p, f in idx.tolist():
-            nodes.append(
-                Node(
-                    f"{layer}_{f}_{p}",
-                    "feature",
-                    layer,
-                    p,
-                    f,
-                    float(acts[p, f]),
-                    site=t.read_site,
-                )
-            )
-            rows.append(_Row(t.read_site, p, enc[f]))
+        site = t.read_site
+        activations = acts[idx[:, 0], idx[:, 1]].tolist()
+        for (p, f), value in zip(idx.tolist(), activations, strict=True):
+            nodes.append(Node(f"{layer}_{f}_{p}", "feature", layer, p, f, value, site=site))
+            rows.append(_Row(site, p, enc, f))
     n_features = len(nodes)
     for site in rm.errors:
         layer = _layer_of(site, 0)
@@ -248,7 +257,7 @@ def _graph_rows(
         nodes.append(
             Node(f"L_{tok}_{seq - 1}", "logit", n_layers, seq - 1, tok, prob, site="logits")
         )
-        rows.append(_Row("logits", seq - 1, _logit_vector(vocab, tok, contrast)))
+        rows.append(_Row("logits", seq - 1, _logit_vector(vocab, tok, contrast)[None]))
     targets = [i for i, r in enumerate(rows) if r is not None]
     # dense: the (n, n) adjacency itself, its rows written in place; otherwise the targets'
     # rows only (a graph with few targets, e.g. a recurrent model's long prompt, stays small)
@@ -298,7 +307,7 @@ def _target_values(rm: ReplacementModel, rows: list[_Row | None]) -> torch.Tenso
         ref = rm.logits if site == "logits" else rm.reads[site]
         picked = [rows[i] for i in index]
         positions = torch.tensor([r.position for r in picked if r is not None])
-        vectors = torch.stack([r.vector for r in picked if r is not None])
+        vectors = _row_vectors(picked)
         values[torch.tensor(index)] = (ref[positions].float() * vectors.float()).sum(-1)
     return values
 
@@ -407,9 +416,7 @@ def _seeds(
         picked = [chunk[b] for b in slots]
         positions = torch.tensor([r.position for r in picked if r is not None])
         seed = torch.zeros_like(ref)
-        seed[torch.tensor(slots), positions] = torch.stack(
-            [r.vector for r in picked if r is not None]
-        ).to(seed.dtype)
+        seed[torch.tensor(slots), positions] = _row_vectors(picked).to(seed.dtype)
         outputs.append(ref)
         seeds.append(seed)
         span = max(span, int(positions.max()) + 1)
@@ -511,22 +518,56 @@ class _Rows:
         return out
 
 
-def _normalised(values: torch.Tensor) -> torch.Tensor:
-    """|rows| over their sums (all-zero rows stay zero), in float64."""
+def _normalised(values: torch.Tensor, sums: torch.Tensor | None = None) -> torch.Tensor:
+    """|rows| over their sums (`_row_sums`, given or computed; all-zero rows stay zero), in
+    float64."""
     a = values.abs().double()
-    return a.div_(a.sum(1, keepdim=True).clamp_min(1e-300))  # an all-zero row stays zero
+    total = a.sum(1, keepdim=True) if sums is None else sums[:, None]
+    return a.div_(total.clamp_min(1e-300))  # an all-zero row stays zero
 
 
-def _influence(index: torch.Tensor, a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``weights·(A + A² + ...)`` for the matrix ``A`` whose non-zero rows are ``a`` at
-    ``index`` (the graph is acyclic, so the series ends): each term is the last one's entries
-    at those rows times ``a``."""
-    current = weights[index] @ a
+#: Rows converted to float64 at a time by `_row_sums` and `_influence` (a block of a few MB:
+#: the (k, n) matrix itself is never copied whole).
+_BLOCK = 64
+
+
+def _row_sums(values: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of absolute values, in float64: what `_normalised` divides by."""
+    sums = torch.zeros(values.shape[0], dtype=torch.float64)
+    for i in range(0, values.shape[0], _BLOCK):
+        sums[i : i + _BLOCK] = values[i : i + _BLOCK].double().abs_().sum(1)
+    return sums
+
+
+def _influence(
+    index: torch.Tensor, values: torch.Tensor, sums: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """``weights·(A + A² + ...)`` for the matrix ``A`` whose non-zero rows are |``values``|
+    over their ``sums`` (`_normalised`) at ``index`` (the graph is acyclic, so the series
+    ends): each term is the last one's entries at those rows times ``A``.
+
+    ``A`` is never made: a term is the sum over the rows where the last term is non-zero of
+    its entry over the row's sum times the row, a block of rows at a time in float64 (a
+    graph's terms live on few rows: the first on the logits', the last on the first layer's)."""
+    scale = 1.0 / sums.clamp_min(1e-300)  # an all-zero row adds nothing
+
+    def times_a(entries: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(values.shape[1], dtype=torch.float64)
+        live = (entries != 0).nonzero().flatten()
+        if not len(live):
+            return out
+        for i in range(int(live[0]), int(live[-1]) + 1, _BLOCK):
+            c = entries[i : i + _BLOCK] * scale[i : i + _BLOCK]
+            if bool(c.any()):
+                out += c @ values[i : i + _BLOCK].double().abs_()
+        return out
+
+    current = times_a(weights[index])
     total = current.clone()
-    for _ in range(a.shape[1]):
+    for _ in range(values.shape[1]):
         if not bool(current.abs().sum() > 1e-12):
             break
-        current = current[index] @ a
+        current = times_a(current[index])
         total += current
     return total
 
@@ -557,7 +598,7 @@ def _keep_cumulative(scores: torch.Tensor, threshold: float) -> torch.Tensor:
 def node_influence(graph: AttributionGraph) -> torch.Tensor:
     """Each node's influence on the graph's logits (weighted by their probabilities)."""
     rows = _Rows.of(graph.adjacency)
-    return _influence(rows.index, _normalised(rows.values), _logit_weights(graph))
+    return _influence(rows.index, rows.values, _row_sums(rows.values), _logit_weights(graph))
 
 
 def prune_graph(
@@ -569,15 +610,21 @@ def prune_graph(
 
 
 def _prune(
-    graph: AttributionGraph, rows: _Rows, node_threshold: float, edge_threshold: float
+    graph: AttributionGraph,
+    rows: _Rows,
+    node_threshold: float,
+    edge_threshold: float,
+    influence: torch.Tensor | None = None,
 ) -> AttributionGraph:
     """`prune_graph` on the graph whose adjacency has the non-zero ``rows``: memory of the
-    rows plus the node-pruned graph, never (n, n)."""
+    rows plus the node-pruned graph, never (n, n). ``influence``: the nodes' influence on the
+    logits (`node_influence`), if already computed."""
     n = len(graph.nodes)
     logits = torch.zeros(n, dtype=torch.bool)
     logits[graph.targets] = True
     weights = _logit_weights(graph)
-    influence = _influence(rows.index, _normalised(rows.values), weights)
+    if influence is None:
+        influence = _influence(rows.index, rows.values, _row_sums(rows.values), weights)
     keep = _keep_cumulative(torch.where(logits, 0.0, influence), node_threshold) | logits
     # the node-pruned graph, over the kept nodes only (K of them)
     kept = keep.nonzero().flatten()
@@ -586,9 +633,10 @@ def _prune(
     live_rows = keep[rows.index]
     sub_index = place[rows.index[live_rows]]
     sub = rows.values[live_rows][:, kept]
-    a = _normalised(sub)
+    sums = _row_sums(sub)
+    a = _normalised(sub, sums)
     w = weights[kept]
-    node_score = _influence(sub_index, a, w) + w
+    node_score = _influence(sub_index, sub, sums, w) + w
     edge_scores = a * node_score[sub_index][:, None]
     edge_keep = _keep_cumulative(edge_scores.flatten(), edge_threshold).view(edge_scores.shape)
     sub = sub * edge_keep
@@ -627,22 +675,31 @@ def graph_scores(graph: AttributionGraph) -> dict[str, float]:
     return _scores(graph, _Rows.of(graph.adjacency))
 
 
-def _scores(graph: AttributionGraph, rows: _Rows) -> dict[str, float]:
+def _scores(
+    graph: AttributionGraph,
+    rows: _Rows,
+    influence: torch.Tensor | None = None,
+    sums: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """`graph_scores` from the non-zero ``rows`` (and the nodes' ``influence`` and the rows'
+    `_row_sums`, if already computed)."""
     kinds = [node.kind for node in graph.nodes]
     errors = torch.tensor([k == "error" for k in kinds])
     embeds = torch.tensor([k == "embedding" for k in kinds])
     if not len(kinds):
         return {"replacement": 1.0, "completeness": 1.0}
-    a = _normalised(rows.values)
-    total = a.sum(1)  # 1 on rows with any edge, 0 on all-zero rows
-    error_share = a[:, errors].sum(1)  # the normalised rows' share from error nodes
+    if sums is None:
+        sums = _row_sums(rows.values)  # > 0 on rows with any edge, 0 on all-zero rows
+    # the normalised rows' share from error nodes
+    error_share = rows.values[:, errors].double().abs_().sum(1) / sums.clamp_min(1e-300)
     weights = _logit_weights(graph)
-    influence = _influence(rows.index, a, weights)
+    if influence is None:
+        influence = _influence(rows.index, rows.values, sums, weights)
     from_errors = float(influence[errors].sum())
     from_embeds = float(influence[embeds].sum())
     replacement = from_embeds / (from_embeds + from_errors) if from_embeds + from_errors else 1.0
     w = (influence + weights)[rows.index]
-    targets = total > 0
+    targets = sums > 0
     completeness = (
         float((w[targets] * (1 - error_share[targets])).sum() / w[targets].sum())
         if bool(targets.any()) and float(w[targets].sum()) > 0
