@@ -33,8 +33,15 @@ routing (which experts, with which weights), each routed expert's gate ``act(x W
 experts are recomputed, checked against the module's output), the shared expert's gate and
 the shared expert's sigmoid gate. Each token's MLP output is then linear in its input.
 
-Not frozen: other recurrent mixers (Kimi's KDA, short convolutions, lightning attention) and
-other expert layouts; `frozen_run` names them.
+Gated short convolutions (LFM2, LFM2-MoE, LFM3: ``in_proj`` → B, C, x; ``y = C ⊙ conv(B ⊙
+x)``; ``out_proj``) are recomputed with the gates B and C held and the depthwise causal
+convolution live, so the output is linear in the layer's input and an effect reaches the next
+``kernel − 1`` positions through the convolution. LFM2's MLPs call their SiLU as a function
+(``w2(SiLU(w1 x) ⊙ w3 x)``): they are recomputed with ``SiLU(w1 x)`` held. LFM3's attention
+output gate ``sigmoid(g_proj x)`` is held with its input, as the queries and keys are.
+
+Not frozen: other recurrent mixers (Kimi's KDA, lightning attention) and other expert
+layouts; `frozen_run` names them.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from archscope.freeze import FreezeError, FrozenValues, frozen_activation, frozen_norm
 from archscope.recurrence import delta_rule_scan
 
+from .structure import is_short_conv
 from .writes import GATED_DELTA, DeltaParts, delta_projections, variant_of, write_strength
 
 if TYPE_CHECKING:
@@ -56,7 +64,8 @@ FREEZES = frozenset(
 )
 CANNOT_FREEZE = {
     "other_mixers": "only gated delta nets laid out as in Qwen3.5, Qwen3-Next or OLMo-hybrid "
-    "are frozen (not KDA, short convolutions or lightning attention)",
+    "and gated short convolutions laid out as in LFM2 are frozen (not KDA or lightning "
+    "attention)",
     "router": "only mixture-of-experts blocks laid out as Qwen3-Next's sparse block (router "
     "'gate', 'experts' with gate_up_proj / down_proj) are held",
 }
@@ -123,23 +132,76 @@ def frozen_gated_delta(
     return out_proj(y.to(x.dtype).reshape(b, seq, -1))  # type: ignore[no-any-return]
 
 
-def _mixer_hook(values: FrozenValues, i: int, writes: dict[int, Any]) -> Any:
+def frozen_short_conv(
+    layer: Any, x: torch.Tensor, values: FrozenValues, key: Any, writes: Any = None
+) -> torch.Tensor:
+    """The gated short convolution ``layer`` (LFM2: ``in_proj`` → B, C, x; ``y = C ⊙
+    conv(B ⊙ x)``; ``out_proj``) on ``x`` (batch, seq, d_model) with its gates B and C held:
+    the depthwise causal convolution stays live, so the output is linear in ``x``."""
+    import torch.nn.functional as F
+
+    seq = x.shape[1]
+    b_gate, c_gate, u = layer.in_proj(x).chunk(3, dim=-1)
+    b_gate = values.hold((key, "B"), b_gate)
+    c_gate = values.hold((key, "C"), c_gate)
+    conv = layer.conv
+    mixed = F.conv1d(
+        (b_gate * u).transpose(1, 2),
+        conv.weight,
+        conv.bias,
+        padding=int(conv.kernel_size[0]) - 1,
+        groups=int(conv.groups),
+    )[..., :seq].transpose(1, 2)
+    return layer.out_proj(c_gate * mixed)  # type: ignore[no-any-return]
+
+
+def _mixer_hook(values: FrozenValues, i: int, writes: dict[int, Any], kind: str) -> Any:
+    recompute, what = _MIXERS[kind]
+
     def hook(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         x = args[0] if args else kwargs["hidden_states"]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise FreezeError(f"cannot freeze layer {i}: a frozen run takes one unpadded prompt")
-        out = frozen_gated_delta(module, x, values, ("gdn", i), writes.get(i))
+        out = recompute(module, x, values, (kind, i), writes.get(i))
         real = output[0] if isinstance(output, tuple) else output
         tol = 1e-3 * (1.0 + float(real.detach().abs().max()))
         if values.recording and float((out.detach() - real.detach()).abs().max()) > tol:
             raise FreezeError(
                 f"cannot freeze layer {i} ({type(module).__name__}): the frozen recomputation "
-                "of the gated delta net does not reproduce its output"
+                f"of the {what} does not reproduce its output"
             )
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     return hook
+
+
+#: The recurrent mixers recomputed with their factors held: kind -> (recomputation, name).
+_MIXERS: dict[str, tuple[Any, str]] = {
+    "gdn": (frozen_gated_delta, "gated delta net"),
+    "short_conv": (frozen_short_conv, "short convolution"),
+}
+
+
+def _mixer_of(block: Any) -> tuple[Any, str] | None:
+    """(the module, its kind in `_MIXERS`) of a block's frozen recurrent mixer, or None."""
+    for module in block.modules():
+        if _variant(module) is not None:
+            return module, "gdn"
+        if is_short_conv(module) and _is_gated_conv(module):
+            return module, "short_conv"
+    return None
+
+
+def _is_gated_conv(module: Any) -> bool:
+    """A short convolution whose ``in_proj`` gives B, C and x of the convolution's width."""
+    conv, proj = module.conv, module.in_proj
+    width = int(conv.in_channels)
+    return (
+        int(conv.groups) == width
+        and int(getattr(proj, "out_features", -1)) == 3 * width
+        and int(getattr(module.out_proj, "in_features", -1)) == width
+    )
 
 
 def _hold_output(values: FrozenValues, key: Any) -> Any:
@@ -166,16 +228,40 @@ def _is_sparse_moe(mlp: Any) -> bool:
     )
 
 
+def _mlp_of(block: Any) -> Any:
+    return getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
+
+
+def _swiglu_hook(values: FrozenValues, i: int) -> Any:
+    """An MLP ``w2(SiLU(w1 x) ⊙ w3 x)`` that calls its SiLU as a function (LFM2): recomputed
+    with the gate ``SiLU(w1 x)`` held, checked against the module's output."""
+
+    def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x = args[0]
+        gate = values.hold((i, "mlp_gate"), F.silu(module.w1(x)))
+        out = module.w2(gate * module.w3(x))
+        tol = 1e-3 * (1.0 + float(output.detach().abs().max()))
+        if values.recording and float((out.detach() - output.detach()).abs().max()) > tol:
+            raise FreezeError(
+                f"cannot freeze layer {i} ({type(module).__name__}): w2(SiLU(w1 x)·w3 x) does "
+                "not reproduce the MLP's output"
+            )
+        return out  # type: ignore[no-any-return]
+
+    return hook
+
+
 def unfreezable(backend: Any) -> str | None:
     """Why ``backend``'s model cannot be frozen (None: it can)."""
     for i in range(len(backend.layers)):
         block = _block(backend, i)
-        gdn = any(_variant(m) is not None for m in block.modules())
         attention = getattr(block, "self_attn", None)
         held = attention is not None and all(hasattr(attention, n) for n in ("q_proj", "k_proj"))
-        if not gdn and not held:
+        if _mixer_of(block) is None and not held:
             return f"layer {i} ({type(block).__name__}): {CANNOT_FREEZE['other_mixers']}"
-        mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
+        mlp = _mlp_of(block)
         routed = mlp is not None and (hasattr(mlp, "gate") or hasattr(mlp, "experts"))
         if routed and not _is_sparse_moe(mlp):
             return f"layer {i} ({type(mlp).__name__}): {CANNOT_FREEZE['router']}"
@@ -254,33 +340,25 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
         handles.append(model.register_forward_pre_hook(lambda *_: values.start_run()))
         for i in range(len(backend.layers)):
             block = _block(backend, i)
-            mixer = next((m for m in block.modules() if _variant(m) is not None), None)
+            mixer = _mixer_of(block)
             attention = getattr(block, "self_attn", None)
             if mixer is not None:
-                handles.append(
-                    mixer.register_forward_hook(_mixer_hook(values, i, writes), with_kwargs=True)
-                )
+                module, kind = mixer
+                hook = _mixer_hook(values, i, writes, kind)
+                handles.append(module.register_forward_hook(hook, with_kwargs=True))
             elif attention is not None and hasattr(attention, "q_proj"):
-                handles.append(
-                    attention.q_proj.register_forward_hook(_hold_output(values, (i, "q")))
-                )
-                handles.append(
-                    attention.k_proj.register_forward_hook(_hold_output(values, (i, "k")))
-                )
+                # the output gate sigmoid(g_proj x) of LFM3's attention is held with its input
+                for name in ("q_proj", "k_proj", "g_proj"):
+                    proj = getattr(attention, name, None)
+                    if proj is not None:
+                        hook = _hold_output(values, (i, name[0]))
+                        handles.append(proj.register_forward_hook(hook))
             else:
                 raise FreezeError(
                     f"cannot freeze layer {i} ({type(block).__name__}): "
                     f"{CANNOT_FREEZE['other_mixers']}"
                 )
-            mlp = getattr(block, "mlp", None)
-            if mlp is not None and (hasattr(mlp, "gate") or hasattr(mlp, "experts")):
-                if not _is_sparse_moe(mlp):
-                    raise FreezeError(f"cannot freeze layer {i}: {CANNOT_FREEZE['router']}")
-                handles += _moe_hooks(mlp, values, i)
-                continue
-            act = getattr(mlp, "act_fn", None) if mlp is not None else None
-            if act is not None:
-                handles.append(act.register_forward_hook(_hold_output(values, (i, "mlp_gate"))))
+            _add_mlp_hooks(_mlp_of(block), values, i, handles)
         norms = [
             m
             for m in model.modules()
@@ -296,6 +374,24 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
         backend.frozen_writes = before
         for handle in handles:
             handle.remove()
+
+
+def _add_mlp_hooks(mlp: Any, values: FrozenValues, i: int, handles: list[Any]) -> None:
+    """Hooks (appended to ``handles``) holding layer ``i``'s MLP gates or its routing."""
+    import torch
+
+    if mlp is None:
+        return
+    if hasattr(mlp, "gate") or hasattr(mlp, "experts"):
+        if not _is_sparse_moe(mlp):
+            raise FreezeError(f"cannot freeze layer {i}: {CANNOT_FREEZE['router']}")
+        handles += _moe_hooks(mlp, values, i)
+        return
+    act = getattr(mlp, "act_fn", None)
+    if isinstance(act, torch.nn.Module):
+        handles.append(act.register_forward_hook(_hold_output(values, (i, "mlp_gate"))))
+    elif all(hasattr(mlp, n) for n in ("w1", "w2", "w3")):
+        handles.append(mlp.register_forward_hook(_swiglu_hook(values, i)))
 
 
 def _block(backend: Any, i: int) -> Any:

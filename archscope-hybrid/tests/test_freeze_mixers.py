@@ -1,0 +1,152 @@
+"""Freezing the hybrids' other recurrent mixers (`archscope.freeze`): LFM2's gated short
+convolutions (LFM2, LFM2-MoE, LFM3, a stack of convolutions only). A frozen run is the model on
+the prompt, affine in the embeddings around it (the model is not), its gradients are the finite
+differences of the frozen model, what is held is what the docs say (checked against a
+recomputation written out here), and nothing is left behind."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pytest
+import torch
+
+from archscope import Backend, Edit
+from archscope.freeze import freeze
+from archscope_hybrid.testing import make_model, missing, random_ids
+
+SHORT_CONV = ("lfm2", "lfm2_moe", "lfm3", "lfm2_conv")
+FAMILIES = SHORT_CONV
+SEQ = 9
+
+
+@functools.cache
+def _built(family: str) -> Any:
+    return Backend.for_model(make_model(family))
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request: Any) -> tuple[str, Any]:
+    reason = missing(request.param)
+    if reason is not None:  # the oldest transformers the packages allow lacks the family
+        pytest.skip(reason)
+    return request.param, _built(request.param)
+
+
+def _hooks(model: Any) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _ids() -> torch.Tensor:
+    return random_ids(1, SEQ, seed=3)
+
+
+def _recurrent(backend: Any) -> list[int]:
+    return [layer.index for layer in backend.layers if layer.recurrent]
+
+
+def test_a_frozen_run_is_the_model_and_leaves_nothing_behind(family: tuple[str, Any]) -> None:
+    _, backend = family
+    assert "freeze" in backend.capabilities, backend.frozen_unavailable
+    ids = _ids()
+    layer = _recurrent(backend)[0]
+    sites = [f"layer_{layer}.mixer", "logits"]
+    sites += [s for s in (f"layer_{layer}.conv_state",) if s in backend.table]
+    real = backend.run(ids, capture=sites)
+    model = backend.model
+    hooks = _hooks(model)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with freeze(backend, ids):
+        frozen = backend.run(ids, capture=sites)
+        backend.run(ids, capture=["logits"], grad=True)["logits"].sum().backward()
+    model.zero_grad(set_to_none=True)
+    assert _hooks(model) == hooks and not model.training
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    for site in sites:
+        torch.testing.assert_close(frozen[site], real[site], atol=1e-5, rtol=1e-4)
+
+
+def test_the_frozen_model_is_affine_and_its_gradients_are_its_finite_differences(
+    family: tuple[str, Any],
+) -> None:
+    _, backend = family
+    ids = _ids()
+    embed = backend.run(ids, capture=["embed"])["embed"]
+    g = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(embed.shape, generator=g) * embed.std() for _ in range(2))
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        out = backend.run(ids, capture=["logits"], edits=[Edit.replace("embed", x)])
+        return out.logits[0, -1].double()
+
+    def gap() -> float:
+        return float((logits(a) + logits(b) - logits(a + b) - logits(0 * a)).abs().max())
+
+    assert gap() > 1e-3  # the model itself is not affine: the check has teeth
+    with freeze(backend, ids):
+        assert gap() < 1e-4
+        leaf = embed.clone().requires_grad_(True)
+        live = backend.run(ids, capture=["logits"], edits=[Edit.replace("embed", leaf)], grad=True)
+        target = live.logits[0, -1, 7]
+        (grad,) = torch.autograd.grad(target, [leaf])
+        step = a * 0.1
+        expected = float(logits(embed + step)[7] - target.detach().double())
+    assert abs(expected) > 1e-5
+    assert float(grad[0, :-1].abs().sum()) > 0  # earlier positions reach it through the mixers
+    assert float((grad * step).sum()) == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+
+def _conv_inputs(backend: Any, layer: int, ids: torch.Tensor, edits: list[Any]) -> Any:
+    """The input and output of layer ``layer``'s mixer in one run (hooks of the test's own:
+    the ``mixer`` site of LFM3 is after its post-mixer norm)."""
+    mixer = backend.layers[layer].block.get_submodule(backend.layers[layer].mixer)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(_m: Any, args: Any, kwargs: Any) -> None:
+        seen["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def keep_out(_m: Any, _a: Any, out: Any) -> None:
+        seen["out"] = (out[0] if isinstance(out, tuple) else out).detach()
+
+    handles = [
+        mixer.register_forward_pre_hook(keep, with_kwargs=True),
+        mixer.register_forward_hook(keep_out),
+    ]
+    try:
+        backend.run(ids, capture=["logits"], edits=edits)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return mixer, seen["x"], seen["out"]
+
+
+def test_a_frozen_short_convolution_holds_b_and_c_and_keeps_the_convolution(
+    family: tuple[str, Any],
+) -> None:
+    name, backend = family
+    if name not in SHORT_CONV:
+        pytest.skip("not a short convolution")
+    ids = _ids()
+    layer = _recurrent(backend)[-1]
+    embed = backend.run(ids, capture=["embed"])["embed"]
+    other = embed + torch.randn(embed.shape, generator=torch.Generator().manual_seed(5))
+    mixer, prompt_x, _ = _conv_inputs(backend, layer, ids, [])
+    with freeze(backend, ids):
+        _, x, out = _conv_inputs(backend, layer, ids, [Edit.replace("embed", other)])
+    d = x.shape[-1]
+    w_in = mixer.in_proj.weight
+    gates = prompt_x @ w_in.T  # B and C from the prompt, x from this run
+    b_gate, c_gate = gates[..., :d], gates[..., d : 2 * d]
+    u = b_gate * (x @ w_in[2 * d :].T)
+    kernel = mixer.conv.weight[:, 0]  # (channels, taps): y_t = Σ_j w_j u_{t−(taps−1)+j}
+    taps = kernel.shape[1]
+    y = torch.zeros_like(u)
+    for t in range(u.shape[1]):
+        for j in range(taps):
+            s = t - (taps - 1) + j
+            if s >= 0:
+                y[:, t] += kernel[:, j] * u[:, s]
+    expected = (c_gate * y) @ mixer.out_proj.weight.T
+    assert float((x - prompt_x).abs().max()) > 1e-2  # the input did change
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
