@@ -1,5 +1,6 @@
 """Freezing the hybrids' other recurrent mixers (`archscope.freeze`): LFM2's gated short
-convolutions (LFM2, LFM2-MoE, LFM3, a stack of convolutions only). A frozen run is the model on
+convolutions (LFM2, LFM2-MoE, LFM3, a stack of convolutions only) and MiniMax's lightning
+attention. A frozen run is the model on
 the prompt, affine in the embeddings around it (the model is not), its gradients are the finite
 differences of the frozen model, what is held is what the docs say (checked against a
 recomputation written out here), and nothing is left behind."""
@@ -17,7 +18,7 @@ from archscope.freeze import freeze
 from archscope_hybrid.testing import make_model, missing, random_ids
 
 SHORT_CONV = ("lfm2", "lfm2_moe", "lfm3", "lfm2_conv")
-FAMILIES = SHORT_CONV
+FAMILIES = (*SHORT_CONV, "minimax")
 SEQ = 9
 
 
@@ -121,12 +122,11 @@ def _conv_inputs(backend: Any, layer: int, ids: torch.Tensor, edits: list[Any]) 
     return mixer, seen["x"], seen["out"]
 
 
+@pytest.mark.parametrize("family", SHORT_CONV, indirect=True)
 def test_a_frozen_short_convolution_holds_b_and_c_and_keeps_the_convolution(
     family: tuple[str, Any],
 ) -> None:
-    name, backend = family
-    if name not in SHORT_CONV:
-        pytest.skip("not a short convolution")
+    _, backend = family
     ids = _ids()
     layer = _recurrent(backend)[-1]
     embed = backend.run(ids, capture=["embed"])["embed"]
@@ -148,5 +148,45 @@ def test_a_frozen_short_convolution_holds_b_and_c_and_keeps_the_convolution(
             if s >= 0:
                 y[:, t] += kernel[:, j] * u[:, s]
     expected = (c_gate * y) @ mixer.out_proj.weight.T
+    assert float((x - prompt_x).abs().max()) > 1e-2  # the input did change
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["minimax"], indirect=True)
+def test_a_frozen_lightning_attention_holds_queries_keys_gates_and_scales(
+    family: tuple[str, Any],
+) -> None:
+    """Against the attention form written out here: ``o_t = Σ_{s≤t} λ^{t−s} (q_t·k_s) v_s``
+    with q, k, the values' slope, the norm's scale and the output gate from the prompt."""
+    _, backend = family
+    ids = _ids()
+    layer = _recurrent(backend)[-1]
+    embed = backend.run(ids, capture=["embed"])["embed"]
+    other = embed + torch.randn(embed.shape, generator=torch.Generator().manual_seed(5))
+    mixer, prompt_x, _ = _conv_inputs(backend, layer, ids, [])
+    with freeze(backend, ids):
+        _, x, out = _conv_inputs(backend, layer, ids, [Edit.replace("embed", other)])
+    heads, dim = mixer.num_attention_heads, mixer.head_dim
+    b, seq, _ = x.shape
+
+    def split(h: torch.Tensor) -> list[torch.Tensor]:
+        return list((h @ mixer.qkv_proj.weight.T).reshape(b, seq, heads, 3, dim).unbind(3))
+
+    q, k, v_prompt = (torch.nn.functional.silu(t) for t in split(prompt_x))
+    slope = v_prompt / split(prompt_x)[2]
+    v = split(x)[2] * slope
+    decay = torch.exp(-mixer.slope_rate.reshape(heads))
+    o = torch.zeros_like(v)
+    o_prompt = torch.zeros_like(v)
+    for t in range(seq):
+        for s in range(t + 1):
+            weight = (q[:, t] * k[:, s]).sum(-1) * decay ** (t - s)  # (b, heads)
+            o[:, t] += weight[..., None] * v[:, s]
+            o_prompt[:, t] += weight[..., None] * v_prompt[:, s]
+    o, o_prompt = o.reshape(b, seq, -1), o_prompt.reshape(b, seq, -1)
+    eps = mixer.norm.variance_epsilon
+    scale = torch.rsqrt(o_prompt.pow(2).mean(-1, keepdim=True) + eps)
+    gate = torch.sigmoid(prompt_x @ mixer.output_gate.weight.T)
+    expected = (gate * mixer.norm.weight * o * scale) @ mixer.out_proj.weight.T
     assert float((x - prompt_x).abs().max()) > 1e-2  # the input did change
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)

@@ -40,8 +40,14 @@ convolution live, so the output is linear in the layer's input and an effect rea
 (``w2(SiLU(w1 x) ⊙ w3 x)``): they are recomputed with ``SiLU(w1 x)`` held. LFM3's attention
 output gate ``sigmoid(g_proj x)`` is held with its input, as the queries and keys are.
 
-Not frozen: other recurrent mixers (Kimi's KDA, lightning attention) and other expert
-layouts; `frozen_run` names them.
+MiniMax's lightning attention is recomputed with the queries and keys (after the activation on
+``qkv_proj``) held, the values' activation at its slope, the RMSNorm's scale and the output
+gate ``sigmoid(output_gate x)`` held; its decays ``exp(−slope)`` are fixed per head. Its scan
+(``S_t = λ S_{t-1} + k_t ⊗ v_t``, no erase) takes the ``state_write`` site's value as the delta
+nets' does. MiniMax's sparse MoE blocks have Qwen3-Next's layout and are held as above.
+
+Not frozen: other recurrent mixers (Kimi's KDA) and other expert layouts; `frozen_run` names
+them.
 """
 
 from __future__ import annotations
@@ -54,7 +60,14 @@ from archscope.freeze import FreezeError, FrozenValues, frozen_activation, froze
 from archscope.recurrence import delta_rule_scan
 
 from .structure import is_short_conv
-from .writes import GATED_DELTA, DeltaParts, delta_projections, variant_of, write_strength
+from .writes import (
+    GATED_DELTA,
+    LIGHTNING,
+    DeltaParts,
+    delta_projections,
+    variant_of,
+    write_strength,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -64,8 +77,8 @@ FREEZES = frozenset(
 )
 CANNOT_FREEZE = {
     "other_mixers": "only gated delta nets laid out as in Qwen3.5, Qwen3-Next or OLMo-hybrid "
-    "and gated short convolutions laid out as in LFM2 are frozen (not KDA or lightning "
-    "attention)",
+    "gated short convolutions laid out as in LFM2 and MiniMax's lightning attention are "
+    "frozen (not KDA)",
     "router": "only mixture-of-experts blocks laid out as Qwen3-Next's sparse block (router "
     "'gate', 'experts' with gate_up_proj / down_proj) are held",
 }
@@ -155,6 +168,40 @@ def frozen_short_conv(
     return layer.out_proj(c_gate * mixed)  # type: ignore[no-any-return]
 
 
+def frozen_lightning(
+    layer: Any, x: torch.Tensor, values: FrozenValues, key: Any, writes: Any = None
+) -> torch.Tensor:
+    """MiniMax's lightning attention ``layer`` on ``x`` (batch, seq, d_model) with its
+    nonlinear factors held: the queries and keys (after the activation on ``qkv_proj``), the
+    values' activation at its slope, the RMSNorm's scale and the output gate
+    ``sigmoid(output_gate x)``. Per head, ``S_t = λ S_{t-1} + k_t ⊗ v_t`` with the fixed decay
+    ``λ = exp(−slope)`` and ``o_t = S_tᵀ q_t``: linear in the values and the state."""
+    import torch
+
+    b, seq, _ = x.shape
+    heads, dim = int(layer.num_attention_heads), int(layer.head_dim)
+    pre = layer.qkv_proj(x)
+    act = layer.act_fn(pre)
+    pre, act = (t.reshape(b, seq, heads, 3 * dim) for t in (pre, act))
+    q = values.hold((key, "q"), act[..., :dim]).float()
+    k = values.hold((key, "k"), act[..., dim : 2 * dim]).float()
+    v_pre = pre[..., 2 * dim :]
+    v = frozen_activation(v_pre, act[..., 2 * dim :], values, (key, "v")).float()
+    log_decay = -layer.slope_rate.float().reshape(1, 1, heads).expand(b, seq, heads)
+    beta = torch.ones_like(log_decay)
+    if writes is None:
+        _, core = delta_rule_scan(q, k, beta, log_decay, DeltaParts.write_of(v, k), erase=False)
+    else:  # the run's write sites of this layer: the scan takes the state_write site's value
+        core = writes.scan(q, k, beta, log_decay, v, erase=False)
+    core = core.reshape(b, seq, heads * dim)
+    norm = layer.norm
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    scale = values.hold((key, "norm"), torch.rsqrt(core.pow(2).mean(-1, keepdim=True) + eps))
+    y = norm.weight * (core * scale).to(x.dtype)
+    gate = values.hold((key, "gate"), torch.sigmoid(layer.output_gate(x)))
+    return layer.out_proj(gate * y)  # type: ignore[no-any-return]
+
+
 def _mixer_hook(values: FrozenValues, i: int, writes: dict[int, Any], kind: str) -> Any:
     recompute, what = _MIXERS[kind]
 
@@ -180,6 +227,7 @@ def _mixer_hook(values: FrozenValues, i: int, writes: dict[int, Any], kind: str)
 _MIXERS: dict[str, tuple[Any, str]] = {
     "gdn": (frozen_gated_delta, "gated delta net"),
     "short_conv": (frozen_short_conv, "short convolution"),
+    "lightning": (frozen_lightning, "lightning attention"),
 }
 
 
@@ -190,6 +238,8 @@ def _mixer_of(block: Any) -> tuple[Any, str] | None:
             return module, "gdn"
         if is_short_conv(module) and _is_gated_conv(module):
             return module, "short_conv"
+        if variant_of(module) == LIGHTNING and hasattr(module, "out_proj"):
+            return module, "lightning"
     return None
 
 
