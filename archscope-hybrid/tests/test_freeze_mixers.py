@@ -1,12 +1,13 @@
 """Freezing the hybrids' other recurrent mixers (`archscope.freeze`): LFM2's gated short
-convolutions (LFM2, LFM2-MoE, LFM3, a stack of convolutions only) and MiniMax's lightning
-attention. A frozen run is the model on
+convolutions (LFM2, LFM2-MoE, LFM3, a stack of convolutions only), MiniMax's lightning
+attention and Kimi-Linear's KDA (with its latent attention and its experts). A frozen run is the model on
 the prompt, affine in the embeddings around it (the model is not), its gradients are the finite
 differences of the frozen model, what is held is what the docs say (checked against a
 recomputation written out here), and nothing is left behind."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from typing import Any
 
@@ -18,18 +19,27 @@ from archscope.freeze import freeze
 from archscope_hybrid.testing import make_model, missing, random_ids
 
 SHORT_CONV = ("lfm2", "lfm2_moe", "lfm3", "lfm2_conv")
-FAMILIES = (*SHORT_CONV, "minimax")
+#: "kimi_linear_moe": Kimi-Linear with its mixture-of-experts MLPs (and shared experts) on
+#: every second layer
+FAMILIES = (*SHORT_CONV, "minimax", "kimi_linear", "kimi_linear_moe")
 SEQ = 9
 
 
 @functools.cache
 def _built(family: str) -> Any:
-    return Backend.for_model(make_model(family))
+    if family != "kimi_linear_moe":
+        return Backend.for_model(make_model(family))
+    config = copy.deepcopy(make_model("kimi_linear").config)
+    config.mlp_layer_types = ["dense", "sparse"] * (config.num_hidden_layers // 2)
+    config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size = 4, 2, 16
+    torch.manual_seed(0)
+    model = type(make_model("kimi_linear"))(config).eval()
+    return Backend.for_model(model)
 
 
 @pytest.fixture(params=FAMILIES)
 def family(request: Any) -> tuple[str, Any]:
-    reason = missing(request.param)
+    reason = missing(request.param.removesuffix("_moe"))
     if reason is not None:  # the oldest transformers the packages allow lacks the family
         pytest.skip(reason)
     return request.param, _built(request.param)

@@ -1,4 +1,5 @@
-"""Freezing gated-delta-net hybrids at one prompt's values (`archscope.freeze`).
+"""Freezing the hybrids (gated delta nets, KDA, short convolutions, lightning attention) at one
+prompt's values (`archscope.freeze`).
 
 Inside `frozen_run` every gated delta net is recomputed by a plain, self-contained version of
 its forward pass in which the nonlinear factors are held. Three layouts of its projections are
@@ -46,8 +47,16 @@ gate ``sigmoid(output_gate x)`` held; its decays ``exp(−slope)`` are fixed per
 (``S_t = λ S_{t-1} + k_t ⊗ v_t``, no erase) takes the ``state_write`` site's value as the delta
 nets' does. MiniMax's sparse MoE blocks have Qwen3-Next's layout and are held as above.
 
-Not frozen: other recurrent mixers (Kimi's KDA) and other expert layouts; `frozen_run` names
-them.
+Kimi-Linear's KDA is recomputed like a gated delta net, with the queries and keys (after the
+convolution and its activation; L2-normalised by division, as its kernel does), the decay per
+key channel from its forget gate, β, the values' activation at its slope, and its gated norm's
+scale and gate ``sigmoid(g_b_proj g_a_proj x)`` held; the delta rule with a per-channel decay
+(`archscope.recurrence.delta_rule_scan`) scans the ``state_write`` site's value. Its multi-head
+latent attention is held through the query projection, the rotary key part of the latent
+``kv_a_proj_with_mqa`` and the key part of each head of ``kv_b_proj`` (the values stay live);
+its shared experts' gate is held with the routed experts'.
+
+Not frozen: other mixer layouts and other expert layouts; `frozen_run` names them.
 """
 
 from __future__ import annotations
@@ -62,8 +71,10 @@ from archscope.recurrence import delta_rule_scan
 from .structure import is_short_conv
 from .writes import (
     GATED_DELTA,
+    KDA,
     LIGHTNING,
     DeltaParts,
+    convolved,
     delta_projections,
     variant_of,
     write_strength,
@@ -76,15 +87,18 @@ FREEZES = frozenset(
     {"delta_rule", "gate", "activation_slope", "norm_scale", "attention_pattern", "mlp"}
 )
 CANNOT_FREEZE = {
-    "other_mixers": "only gated delta nets laid out as in Qwen3.5, Qwen3-Next or OLMo-hybrid "
-    "gated short convolutions laid out as in LFM2 and MiniMax's lightning attention are "
-    "frozen (not KDA)",
+    "other_mixers": "recurrent mixers are frozen when laid out as gated delta nets (Qwen3.5, "
+    "Qwen3-Next, OLMo-hybrid), KDA (Kimi-Linear), gated short convolutions (LFM2) or "
+    "lightning attention (MiniMax), softmax attention when it has q_proj / k_proj or "
+    "Kimi-Linear's latent projections; other layouts are not",
     "router": "only mixture-of-experts blocks laid out as Qwen3-Next's sparse block (router "
-    "'gate', 'experts' with gate_up_proj / down_proj) are held",
+    "'gate', 'experts' with gate_up_proj / down_proj; LFM2-MoE, MiniMax and Kimi-Linear share "
+    "it) are held, not other expert layouts",
 }
 
 #: what the recomputation reads beyond what `variant_of` checks
 _NEEDS = ("conv1d", "dt_bias")
+_KDA_NEEDS = ("conv1d", "activation", "g_a_proj", "g_b_proj", "o_proj", "num_heads", "head_dim")
 
 
 def _variant(module: Any) -> str | None:
@@ -168,6 +182,49 @@ def frozen_short_conv(
     return layer.out_proj(c_gate * mixed)  # type: ignore[no-any-return]
 
 
+def frozen_kda(
+    layer: Any, x: torch.Tensor, values: FrozenValues, key: Any, writes: Any = None
+) -> torch.Tensor:
+    """Kimi delta attention ``layer`` on ``x`` (batch, seq, d_model) with its nonlinear factors
+    held: the queries and keys after the causal convolution and its activation (hence their L2
+    normalisation), the per-channel decay from the forget gate, β, the values' activation at
+    its slope, and the gated norm's scale and gate ``sigmoid(g_b_proj g_a_proj x)``. Per head,
+    ``S_t = (I − β_t k_t k_tᵀ) diag(α_t) S_{t-1} + k_t ⊗ β_t v_t``: linear in the values and the
+    state."""
+    import torch
+
+    b, seq, _ = x.shape
+    heads, dim = int(layer.num_heads), int(layer.head_dim)
+
+    def projection(name: str) -> Any:
+        module = getattr(layer, name, None)
+        return None if module is None else module(x)
+
+    mixed, _, b_raw, _ = delta_projections(KDA, layer, projection)
+    pre = convolved(layer, mixed, activation=False)
+    act = convolved(layer, mixed)
+    pre, act = (t.reshape(b, seq, 3, heads, dim) for t in (pre, act))
+    q = values.hold((key, "q"), act[:, :, 0]).float()
+    k = values.hold((key, "k"), act[:, :, 1]).float()
+    v = frozen_activation(pre[:, :, 2], act[:, :, 2], values, (key, "v")).float()
+    beta = values.hold((key, "beta"), write_strength(KDA, layer, b_raw)).float()
+    g = values.hold((key, "g"), layer.forget_gate(x)).float()  # (b, seq, heads, dim)
+    q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dim**0.5
+    k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    if writes is None:
+        _, core = delta_rule_scan(q, k, beta, g, DeltaParts.write_of(beta[..., None] * v, k))
+    else:  # the run's write sites of this layer: the scan takes the state_write site's value
+        core = writes.scan(q, k, beta, g, v)
+    norm = layer.o_norm
+    scale = values.hold(
+        (key, "norm"), torch.rsqrt(core.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    )
+    z = layer.g_b_proj(layer.g_a_proj(x)).reshape(b, seq, heads, dim)
+    gate = values.hold((key, "gate"), torch.sigmoid(z.float()))
+    y = norm.weight.float() * core * scale * gate
+    return layer.o_proj(y.to(x.dtype).reshape(b, seq, -1))  # type: ignore[no-any-return]
+
+
 def frozen_lightning(
     layer: Any, x: torch.Tensor, values: FrozenValues, key: Any, writes: Any = None
 ) -> torch.Tensor:
@@ -228,6 +285,7 @@ _MIXERS: dict[str, tuple[Any, str]] = {
     "gdn": (frozen_gated_delta, "gated delta net"),
     "short_conv": (frozen_short_conv, "short convolution"),
     "lightning": (frozen_lightning, "lightning attention"),
+    "kda": (frozen_kda, "Kimi delta attention"),
 }
 
 
@@ -240,6 +298,8 @@ def _mixer_of(block: Any) -> tuple[Any, str] | None:
             return module, "short_conv"
         if variant_of(module) == LIGHTNING and hasattr(module, "out_proj"):
             return module, "lightning"
+        if variant_of(module) == KDA and all(hasattr(module, n) for n in _KDA_NEEDS):
+            return module, "kda"
     return None
 
 
@@ -278,6 +338,61 @@ def _is_sparse_moe(mlp: Any) -> bool:
     )
 
 
+#: Multi-head latent attention (Kimi-Linear): the query projection (``q_proj``, or ``q_b_proj``
+#: after a low-rank ``q_a_proj``), the latent ``kv_a_proj_with_mqa`` ([kv latent | rotary key])
+#: and ``kv_b_proj`` (per head [key | value]).
+_MLA = ("kv_a_proj_with_mqa", "kv_b_proj", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim")
+
+
+def _holds_attention(attention: Any) -> bool:
+    """Whether the queries and keys of this softmax attention can be held (so its pattern)."""
+    if attention is None:
+        return False
+    if all(getattr(attention, n, None) is not None for n in ("q_proj", "k_proj")):
+        return True
+    query = getattr(attention, "q_proj", None) or getattr(attention, "q_b_proj", None)
+    return query is not None and all(hasattr(attention, n) for n in _MLA)
+
+
+def _hold_columns(values: FrozenValues, key: Any, width: int, start: int, stop: int) -> Any:
+    """A hook holding columns ``start:stop`` of each ``width``-wide group of the output's last
+    axis (the rest stays live)."""
+
+    def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        grouped = output.reshape(*output.shape[:-1], -1, width)
+        held = values.hold(key, grouped[..., start:stop])
+        parts = [grouped[..., :start], held, grouped[..., stop:]]
+        return torch.cat(parts, dim=-1).reshape(output.shape)
+
+    return hook
+
+
+def _attention_hooks(attention: Any, values: FrozenValues, i: int) -> list[Any]:
+    """Hooks holding the queries and keys of a softmax attention layer (so its pattern), and
+    LFM3's output gate ``sigmoid(g_proj x)`` with its input; on multi-head latent attention
+    the query projection, the rotary key part of the latent and the key part of each head of
+    ``kv_b_proj`` (the values stay live)."""
+    handles = []
+    if getattr(attention, "k_proj", None) is not None:
+        for name in ("q_proj", "k_proj", "g_proj"):
+            proj = getattr(attention, name, None)
+            if proj is not None:
+                handles.append(proj.register_forward_hook(_hold_output(values, (i, name[0]))))
+        return handles
+    query = getattr(attention, "q_proj", None) or attention.q_b_proj
+    handles.append(query.register_forward_hook(_hold_output(values, (i, "q"))))
+    latent, rope = int(attention.kv_lora_rank), int(attention.qk_rope_head_dim)
+    nope = int(attention.qk_nope_head_dim)
+    per_head = int(attention.kv_b_proj.out_features) // int(attention.num_heads)
+    hook = _hold_columns(values, (i, "k_rope"), latent + rope, latent, latent + rope)
+    handles.append(attention.kv_a_proj_with_mqa.register_forward_hook(hook))
+    hook = _hold_columns(values, (i, "k_nope"), per_head, 0, nope)
+    handles.append(attention.kv_b_proj.register_forward_hook(hook))
+    return handles
+
+
 def _mlp_of(block: Any) -> Any:
     return getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
 
@@ -308,8 +423,7 @@ def unfreezable(backend: Any) -> str | None:
     for i in range(len(backend.layers)):
         block = _block(backend, i)
         attention = getattr(block, "self_attn", None)
-        held = attention is not None and all(hasattr(attention, n) for n in ("q_proj", "k_proj"))
-        if _mixer_of(block) is None and not held:
+        if _mixer_of(block) is None and not _holds_attention(attention):
             return f"layer {i} ({type(block).__name__}): {CANNOT_FREEZE['other_mixers']}"
         mlp = _mlp_of(block)
         routed = mlp is not None and (hasattr(mlp, "gate") or hasattr(mlp, "experts"))
@@ -365,7 +479,7 @@ def _moe_hooks(mlp: Any, values: FrozenValues, i: int) -> list[Any]:
 
     handles.append(mlp.gate.register_forward_hook(router))
     handles.append(mlp.experts.register_forward_hook(experts))
-    shared = getattr(mlp, "shared_expert", None)
+    shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
     act = getattr(shared, "act_fn", None) if shared is not None else None
     if act is not None:
         handles.append(act.register_forward_hook(_hold_output(values, (i, "shared_gate"))))
@@ -396,13 +510,8 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
                 module, kind = mixer
                 hook = _mixer_hook(values, i, writes, kind)
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
-            elif attention is not None and hasattr(attention, "q_proj"):
-                # the output gate sigmoid(g_proj x) of LFM3's attention is held with its input
-                for name in ("q_proj", "k_proj", "g_proj"):
-                    proj = getattr(attention, name, None)
-                    if proj is not None:
-                        hook = _hold_output(values, (i, name[0]))
-                        handles.append(proj.register_forward_hook(hook))
+            elif _holds_attention(attention):
+                handles += _attention_hooks(attention, values, i)
             else:
                 raise FreezeError(
                     f"cannot freeze layer {i} ({type(block).__name__}): "

@@ -134,7 +134,7 @@ GATED_DELTA: dict[str, tuple[str, str, str]] = {
 
 
 #: The variants whose frozen recomputation (`archscope_hybrid.freeze`) scans the write sites.
-FROZEN_WRITES = frozenset({*GATED_DELTA, LIGHTNING})
+FROZEN_WRITES = frozenset({*GATED_DELTA, KDA, LIGHTNING})
 
 
 def delta_projections(
@@ -322,8 +322,9 @@ def _from_kernel(variant: str, call: dict[str, Any], seq: int) -> DeltaParts | N
     )
 
 
-def _convolved(mixer: Any, mixed: torch.Tensor) -> torch.Tensor:
-    """The mixer's causal depthwise convolution and activation of (batch, seq, channels)."""
+def convolved(mixer: Any, mixed: torch.Tensor, activation: bool = True) -> torch.Tensor:
+    """The mixer's causal depthwise convolution and activation (or, without ``activation``,
+    the convolution alone) of (batch, seq, channels)."""
     import torch.nn.functional as F
     from transformers.activations import ACT2FN
 
@@ -336,6 +337,8 @@ def _convolved(mixer: Any, mixed: torch.Tensor) -> torch.Tensor:
         padding=int(conv.kernel_size[0]) - 1,
         groups=int(conv.groups),
     )[..., :seq]
+    if not activation:
+        return out.transpose(1, 2)
     return ACT2FN[mixer.activation](out).transpose(1, 2)  # type: ignore[no-any-return]
 
 
@@ -355,7 +358,7 @@ def _parts(variant: str, mixer: Any, kept: dict[str, Any], mask: Any) -> DeltaPa
         return DeltaParts(q, k, v, torch.ones_like(slope), -slope, erase=False, scale_query=False)
 
     mixed, _, b_, a = delta_projections(variant, mixer, kept.get)
-    mixed = _convolved(mixer, mixed).float()
+    mixed = convolved(mixer, mixed).float()
     batch, seq = mixed.shape[:2]
     if variant == KDA:
         heads = v_heads = int(mixer.num_heads)
@@ -445,7 +448,7 @@ def frozen_write_sites(
             if variant_of(mixer) not in FROZEN_WRITES:
                 raise BackendError(
                     f"layer {index} ({type(mixer).__name__}): write sites in a frozen run are "
-                    "computed for gated delta nets and lightning attention only"
+                    "computed for gated delta nets, KDA and lightning attention only"
                 )
             seen[index] = state = _LayerRun()
             layers[index] = _LayerWrites(backend, run, index, roles, state)
