@@ -27,12 +27,13 @@ from there (`writes.frozen_write_sites`); the held transitions (decay, erase alo
 keys) carry it, so an edited write changes the states exactly as the same edit changes the
 real model's, and gradients flow between the write, the logits and the layer's input.
 
-Mixture-of-experts MLPs laid out as Qwen3-Next's sparse block (a router ``gate`` returning
-logits, weights and indices; ``experts`` holding ``gate_up_proj`` / ``down_proj`` per expert;
-optionally a ``shared_expert`` and its sigmoid ``shared_expert_gate``) are held too: the
-routing (which experts, with which weights), each routed expert's gate ``act(x W_gate)`` (the
-experts are recomputed, checked against the module's output), the shared expert's gate and
-the shared expert's sigmoid gate. Each token's MLP output is then linear in its input.
+Mixture-of-experts MLPs laid out as Qwen3-Next's sparse block (a router ``gate``; ``experts``
+holding ``gate_up_proj`` / ``down_proj`` per expert, called as ``experts(tokens, index,
+weights)``; optionally a ``shared_expert`` (or ``shared_experts``) and a sigmoid
+``shared_expert_gate``) are held too: the routing as the block hands it to its experts (which
+experts, with which weights, whether the router returns them or the block computes them from
+the router's logits), each routed expert's gate ``act(x W_gate)`` (the experts are recomputed,
+checked against the module's output), the shared expert's gate and its sigmoid gate. Each token's MLP output is then linear in its input.
 
 Gated short convolutions (LFM2, LFM2-MoE, LFM3: ``in_proj`` → B, C, x; ``y = C ⊙ conv(B ⊙
 x)``; ``out_proj``) are recomputed with the gates B and C held and the depthwise causal
@@ -458,16 +459,18 @@ def frozen_experts(
 def _moe_hooks(mlp: Any, values: FrozenValues, i: int) -> list[Any]:
     """Hooks that hold a sparse MoE block's routing and gates and recompute its experts."""
     handles = []
-    routing: dict[str, Any] = {}
-
-    def router(module: Any, args: Any, output: Any) -> Any:
-        held = tuple(values.hold((i, "router", n), t) for n, t in enumerate(output))
-        routing["index"], routing["weights"] = held[2], held[1]
-        return held
 
     def experts(module: Any, args: Any, output: Any) -> Any:
-        x = args[0]
-        out = frozen_experts(module, x, routing["index"], routing["weights"], values, (i, "moe"))
+        if len(args) < 3:
+            raise FreezeError(
+                f"cannot freeze layer {i} ({type(module).__name__}): the experts are not called "
+                "as experts(tokens, index, weights)"
+            )
+        # the routing as the block hands it to its experts (whether its router returns it or
+        # the block computes it from the router's logits)
+        index = values.hold((i, "router", "index"), args[1])
+        weights = values.hold((i, "router", "weights"), args[2])
+        out = frozen_experts(module, args[0], index, weights, values, (i, "moe"))
         tol = 1e-3 * (1.0 + float(output.detach().abs().max()))
         if values.recording and float((out.detach() - output.detach()).abs().max()) > tol:
             raise FreezeError(
@@ -477,7 +480,6 @@ def _moe_hooks(mlp: Any, values: FrozenValues, i: int) -> list[Any]:
             )
         return out.to(output.dtype)
 
-    handles.append(mlp.gate.register_forward_hook(router))
     handles.append(mlp.experts.register_forward_hook(experts))
     shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
     act = getattr(shared, "act_fn", None) if shared is not None else None
