@@ -200,3 +200,73 @@ def test_a_frozen_lightning_attention_holds_queries_keys_gates_and_scales(
     expected = (gate * mixer.norm.weight * o * scale) @ mixer.out_proj.weight.T
     assert float((x - prompt_x).abs().max()) > 1e-2  # the input did change
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def _causal_conv(kernel: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """A depthwise causal convolution written out: ``y_t = Σ_j w_j u_{t−(taps−1)+j}``;
+    ``kernel`` (channels, taps), ``u`` (batch, seq, channels)."""
+    taps = kernel.shape[1]
+    y = torch.zeros_like(u)
+    for t in range(u.shape[1]):
+        for j in range(taps):
+            s = t - (taps - 1) + j
+            if s >= 0:
+                y[:, t] += kernel[:, j] * u[:, s]
+    return y
+
+
+@pytest.mark.parametrize("family", ["kimi_linear"], indirect=True)
+def test_a_frozen_kda_holds_its_per_channel_decays_keys_and_gates(
+    family: tuple[str, Any],
+) -> None:
+    """Against KDA written out here, one position at a time: ``S_t = (I − β_t k_t k_tᵀ)
+    diag(α_t) S_{t−1} + k_t ⊗ β_t v_t``, ``o_t = S_tᵀ q_t``, with q, k (L2-normalised by
+    division), the per-channel α, β, the values' slope, the norm's scale and its gate from the
+    prompt and the values' pre-activation from this run."""
+    _, backend = family
+    ids = _ids()
+    layer = _recurrent(backend)[-1]
+    embed = backend.run(ids, capture=["embed"])["embed"]
+    other = embed + torch.randn(embed.shape, generator=torch.Generator().manual_seed(5))
+    mixer, prompt_x, _ = _conv_inputs(backend, layer, ids, [])
+    with freeze(backend, ids):
+        _, x, out = _conv_inputs(backend, layer, ids, [Edit.replace("embed", other)])
+    heads, dim = mixer.num_heads, mixer.head_dim
+    b, seq, _ = x.shape
+    kernel = mixer.conv1d.weight[:, 0]
+    silu = torch.nn.functional.silu
+
+    def convolved(h: torch.Tensor) -> list[torch.Tensor]:
+        mixed = torch.cat([h @ p.weight.T for p in (mixer.q_proj, mixer.k_proj, mixer.v_proj)], -1)
+        return list(_causal_conv(kernel, mixed).reshape(b, seq, 3, heads, dim).unbind(2))
+
+    q_pre, k_pre, v_pre = convolved(prompt_x)
+    q, k = silu(q_pre), silu(k_pre)
+    q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) * dim**-0.5
+    k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    v = convolved(x)[2] * (silu(v_pre) / v_pre)
+    gate = mixer.forget_gate
+    f = prompt_x @ gate.f_a_proj.weight.T @ gate.f_b_proj.weight.T + gate.dt_bias
+    alpha = torch.exp(
+        -gate.A_log.exp() * torch.nn.functional.softplus(f.reshape(b, seq, heads, dim))
+    )
+    beta = torch.sigmoid(prompt_x @ mixer.b_proj.weight.T)  # (b, seq, heads)
+
+    def read(values: torch.Tensor) -> torch.Tensor:
+        state = torch.zeros(b, heads, dim, dim)
+        outs = []
+        for t in range(seq):
+            state = alpha[:, t, :, :, None] * state
+            kt, bt = k[:, t], beta[:, t, :, None, None]
+            erase = torch.eye(dim) - bt * kt[..., :, None] * kt[..., None, :]
+            state = erase @ state + bt * kt[..., :, None] * values[:, t, :, None, :]
+            outs.append((state * q[:, t, :, :, None]).sum(-2))
+        return torch.stack(outs, 1)  # (b, seq, heads, dim)
+
+    o, o_prompt = read(v), read(silu(v_pre))
+    scale = torch.rsqrt(o_prompt.pow(2).mean(-1, keepdim=True) + mixer.o_norm.variance_epsilon)
+    z = prompt_x @ mixer.g_a_proj.weight.T @ mixer.g_b_proj.weight.T
+    y = mixer.o_norm.weight * o * scale * torch.sigmoid(z.reshape(b, seq, heads, dim))
+    expected = y.reshape(b, seq, -1) @ mixer.o_proj.weight.T
+    assert float((x - prompt_x).abs().max()) > 1e-2  # the input did change
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
