@@ -17,7 +17,7 @@ from archscope import Backend, Edit
 from archscope.freeze import freeze
 from archscope_hybrid.testing import make_model, missing, random_ids, recurrent_layer_indices
 
-FAMILIES = ("qwen3_5_text", "qwen3_next", "olmo_hybrid")
+FAMILIES = ("qwen3_5_text", "qwen3_next", "olmo_hybrid", "minimax", "kimi_linear")
 SEQ = 9
 
 

@@ -1,4 +1,5 @@
-"""Freezing gated-delta-net hybrids at one prompt's values (`archscope.freeze`).
+"""Freezing the hybrids (gated delta nets, KDA, short convolutions, lightning attention) at one
+prompt's values (`archscope.freeze`).
 
 Inside `frozen_run` every gated delta net is recomputed by a plain, self-contained version of
 its forward pass in which the nonlinear factors are held. Three layouts of its projections are
@@ -26,15 +27,37 @@ from there (`writes.frozen_write_sites`); the held transitions (decay, erase alo
 keys) carry it, so an edited write changes the states exactly as the same edit changes the
 real model's, and gradients flow between the write, the logits and the layer's input.
 
-Mixture-of-experts MLPs laid out as Qwen3-Next's sparse block (a router ``gate`` returning
-logits, weights and indices; ``experts`` holding ``gate_up_proj`` / ``down_proj`` per expert;
-optionally a ``shared_expert`` and its sigmoid ``shared_expert_gate``) are held too: the
-routing (which experts, with which weights), each routed expert's gate ``act(x W_gate)`` (the
-experts are recomputed, checked against the module's output), the shared expert's gate and
-the shared expert's sigmoid gate. Each token's MLP output is then linear in its input.
+Mixture-of-experts MLPs laid out as Qwen3-Next's sparse block (a router ``gate``; ``experts``
+holding ``gate_up_proj`` / ``down_proj`` per expert, called as ``experts(tokens, index,
+weights)``; optionally a ``shared_expert`` (or ``shared_experts``) and a sigmoid
+``shared_expert_gate``) are held too: the routing as the block hands it to its experts (which
+experts, with which weights, whether the router returns them or the block computes them from
+the router's logits), each routed expert's gate ``act(x W_gate)`` (the experts are recomputed,
+checked against the module's output), the shared expert's gate and its sigmoid gate. Each token's MLP output is then linear in its input.
 
-Not frozen: other recurrent mixers (Kimi's KDA, short convolutions, lightning attention) and
-other expert layouts; `frozen_run` names them.
+Gated short convolutions (LFM2, LFM2-MoE, LFM3: ``in_proj`` → B, C, x; ``y = C ⊙ conv(B ⊙
+x)``; ``out_proj``) are recomputed with the gates B and C held and the depthwise causal
+convolution live, so the output is linear in the layer's input and an effect reaches the next
+``kernel − 1`` positions through the convolution. LFM2's MLPs call their SiLU as a function
+(``w2(SiLU(w1 x) ⊙ w3 x)``): they are recomputed with ``SiLU(w1 x)`` held. LFM3's attention
+output gate ``sigmoid(g_proj x)`` is held with its input, as the queries and keys are.
+
+MiniMax's lightning attention is recomputed with the queries and keys (after the activation on
+``qkv_proj``) held, the values' activation at its slope, the RMSNorm's scale and the output
+gate ``sigmoid(output_gate x)`` held; its decays ``exp(−slope)`` are fixed per head. Its scan
+(``S_t = λ S_{t-1} + k_t ⊗ v_t``, no erase) takes the ``state_write`` site's value as the delta
+nets' does. MiniMax's sparse MoE blocks have Qwen3-Next's layout and are held as above.
+
+Kimi-Linear's KDA is recomputed like a gated delta net, with the queries and keys (after the
+convolution and its activation; L2-normalised by division, as its kernel does), the decay per
+key channel from its forget gate, β, the values' activation at its slope, and its gated norm's
+scale and gate ``sigmoid(g_b_proj g_a_proj x)`` held; the delta rule with a per-channel decay
+(`archscope.recurrence.delta_rule_scan`) scans the ``state_write`` site's value. Its multi-head
+latent attention is held through the query projection, the rotary key part of the latent
+``kv_a_proj_with_mqa`` and the key part of each head of ``kv_b_proj`` (the values stay live);
+its shared experts' gate is held with the routed experts'.
+
+Not frozen: other mixer layouts and other expert layouts; `frozen_run` names them.
 """
 
 from __future__ import annotations
@@ -46,7 +69,17 @@ from typing import TYPE_CHECKING, Any
 from archscope.freeze import FreezeError, FrozenValues, frozen_activation, frozen_norm
 from archscope.recurrence import delta_rule_scan
 
-from .writes import GATED_DELTA, DeltaParts, delta_projections, variant_of, write_strength
+from .structure import is_short_conv
+from .writes import (
+    GATED_DELTA,
+    KDA,
+    LIGHTNING,
+    DeltaParts,
+    convolved,
+    delta_projections,
+    variant_of,
+    write_strength,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -55,14 +88,18 @@ FREEZES = frozenset(
     {"delta_rule", "gate", "activation_slope", "norm_scale", "attention_pattern", "mlp"}
 )
 CANNOT_FREEZE = {
-    "other_mixers": "only gated delta nets laid out as in Qwen3.5, Qwen3-Next or OLMo-hybrid "
-    "are frozen (not KDA, short convolutions or lightning attention)",
+    "other_mixers": "recurrent mixers are frozen when laid out as gated delta nets (Qwen3.5, "
+    "Qwen3-Next, OLMo-hybrid), KDA (Kimi-Linear), gated short convolutions (LFM2) or "
+    "lightning attention (MiniMax), softmax attention when it has q_proj / k_proj or "
+    "Kimi-Linear's latent projections; other layouts are not",
     "router": "only mixture-of-experts blocks laid out as Qwen3-Next's sparse block (router "
-    "'gate', 'experts' with gate_up_proj / down_proj) are held",
+    "'gate', 'experts' with gate_up_proj / down_proj; LFM2-MoE, MiniMax and Kimi-Linear share "
+    "it) are held, not other expert layouts",
 }
 
 #: what the recomputation reads beyond what `variant_of` checks
 _NEEDS = ("conv1d", "dt_bias")
+_KDA_NEEDS = ("conv1d", "activation", "g_a_proj", "g_b_proj", "o_proj", "num_heads", "head_dim")
 
 
 def _variant(module: Any) -> str | None:
@@ -123,23 +160,159 @@ def frozen_gated_delta(
     return out_proj(y.to(x.dtype).reshape(b, seq, -1))  # type: ignore[no-any-return]
 
 
-def _mixer_hook(values: FrozenValues, i: int, writes: dict[int, Any]) -> Any:
+def frozen_short_conv(
+    layer: Any, x: torch.Tensor, values: FrozenValues, key: Any, writes: Any = None
+) -> torch.Tensor:
+    """The gated short convolution ``layer`` (LFM2: ``in_proj`` → B, C, x; ``y = C ⊙
+    conv(B ⊙ x)``; ``out_proj``) on ``x`` (batch, seq, d_model) with its gates B and C held:
+    the depthwise causal convolution stays live, so the output is linear in ``x``."""
+    import torch.nn.functional as F
+
+    seq = x.shape[1]
+    b_gate, c_gate, u = layer.in_proj(x).chunk(3, dim=-1)
+    b_gate = values.hold((key, "B"), b_gate)
+    c_gate = values.hold((key, "C"), c_gate)
+    conv = layer.conv
+    mixed = F.conv1d(
+        (b_gate * u).transpose(1, 2),
+        conv.weight,
+        conv.bias,
+        padding=int(conv.kernel_size[0]) - 1,
+        groups=int(conv.groups),
+    )[..., :seq].transpose(1, 2)
+    return layer.out_proj(c_gate * mixed)  # type: ignore[no-any-return]
+
+
+def frozen_kda(
+    layer: Any, x: torch.Tensor, values: FrozenValues, key: Any, writes: Any = None
+) -> torch.Tensor:
+    """Kimi delta attention ``layer`` on ``x`` (batch, seq, d_model) with its nonlinear factors
+    held: the queries and keys after the causal convolution and its activation (hence their L2
+    normalisation), the per-channel decay from the forget gate, β, the values' activation at
+    its slope, and the gated norm's scale and gate ``sigmoid(g_b_proj g_a_proj x)``. Per head,
+    ``S_t = (I − β_t k_t k_tᵀ) diag(α_t) S_{t-1} + k_t ⊗ β_t v_t``: linear in the values and the
+    state."""
+    import torch
+
+    b, seq, _ = x.shape
+    heads, dim = int(layer.num_heads), int(layer.head_dim)
+
+    def projection(name: str) -> Any:
+        module = getattr(layer, name, None)
+        return None if module is None else module(x)
+
+    mixed, _, b_raw, _ = delta_projections(KDA, layer, projection)
+    pre = convolved(layer, mixed, activation=False)
+    act = convolved(layer, mixed)
+    pre, act = (t.reshape(b, seq, 3, heads, dim) for t in (pre, act))
+    q = values.hold((key, "q"), act[:, :, 0]).float()
+    k = values.hold((key, "k"), act[:, :, 1]).float()
+    v = frozen_activation(pre[:, :, 2], act[:, :, 2], values, (key, "v")).float()
+    beta = values.hold((key, "beta"), write_strength(KDA, layer, b_raw)).float()
+    g = values.hold((key, "g"), layer.forget_gate(x)).float()  # (b, seq, heads, dim)
+    q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) / dim**0.5
+    k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    if writes is None:
+        _, core = delta_rule_scan(q, k, beta, g, DeltaParts.write_of(beta[..., None] * v, k))
+    else:  # the run's write sites of this layer: the scan takes the state_write site's value
+        core = writes.scan(q, k, beta, g, v)
+    norm = layer.o_norm
+    scale = values.hold(
+        (key, "norm"), torch.rsqrt(core.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    )
+    z = layer.g_b_proj(layer.g_a_proj(x)).reshape(b, seq, heads, dim)
+    gate = values.hold((key, "gate"), torch.sigmoid(z.float()))
+    y = norm.weight.float() * core * scale * gate
+    return layer.o_proj(y.to(x.dtype).reshape(b, seq, -1))  # type: ignore[no-any-return]
+
+
+def frozen_lightning(
+    layer: Any, x: torch.Tensor, values: FrozenValues, key: Any, writes: Any = None
+) -> torch.Tensor:
+    """MiniMax's lightning attention ``layer`` on ``x`` (batch, seq, d_model) with its
+    nonlinear factors held: the queries and keys (after the activation on ``qkv_proj``), the
+    values' activation at its slope, the RMSNorm's scale and the output gate
+    ``sigmoid(output_gate x)``. Per head, ``S_t = λ S_{t-1} + k_t ⊗ v_t`` with the fixed decay
+    ``λ = exp(−slope)`` and ``o_t = S_tᵀ q_t``: linear in the values and the state."""
+    import torch
+
+    b, seq, _ = x.shape
+    heads, dim = int(layer.num_attention_heads), int(layer.head_dim)
+    pre = layer.qkv_proj(x)
+    act = layer.act_fn(pre)
+    pre, act = (t.reshape(b, seq, heads, 3 * dim) for t in (pre, act))
+    q = values.hold((key, "q"), act[..., :dim]).float()
+    k = values.hold((key, "k"), act[..., dim : 2 * dim]).float()
+    v_pre = pre[..., 2 * dim :]
+    v = frozen_activation(v_pre, act[..., 2 * dim :], values, (key, "v")).float()
+    log_decay = -layer.slope_rate.float().reshape(1, 1, heads).expand(b, seq, heads)
+    beta = torch.ones_like(log_decay)
+    if writes is None:
+        _, core = delta_rule_scan(q, k, beta, log_decay, DeltaParts.write_of(v, k), erase=False)
+    else:  # the run's write sites of this layer: the scan takes the state_write site's value
+        core = writes.scan(q, k, beta, log_decay, v, erase=False)
+    core = core.reshape(b, seq, heads * dim)
+    norm = layer.norm
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    scale = values.hold((key, "norm"), torch.rsqrt(core.pow(2).mean(-1, keepdim=True) + eps))
+    y = norm.weight * (core * scale).to(x.dtype)
+    gate = values.hold((key, "gate"), torch.sigmoid(layer.output_gate(x)))
+    return layer.out_proj(gate * y)  # type: ignore[no-any-return]
+
+
+def _mixer_hook(values: FrozenValues, i: int, writes: dict[int, Any], kind: str) -> Any:
+    recompute, what = _MIXERS[kind]
+
     def hook(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
         x = args[0] if args else kwargs["hidden_states"]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise FreezeError(f"cannot freeze layer {i}: a frozen run takes one unpadded prompt")
-        out = frozen_gated_delta(module, x, values, ("gdn", i), writes.get(i))
+        out = recompute(module, x, values, (kind, i), writes.get(i))
         real = output[0] if isinstance(output, tuple) else output
         tol = 1e-3 * (1.0 + float(real.detach().abs().max()))
         if values.recording and float((out.detach() - real.detach()).abs().max()) > tol:
             raise FreezeError(
                 f"cannot freeze layer {i} ({type(module).__name__}): the frozen recomputation "
-                "of the gated delta net does not reproduce its output"
+                f"of the {what} does not reproduce its output"
             )
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     return hook
+
+
+#: The recurrent mixers recomputed with their factors held: kind -> (recomputation, name).
+_MIXERS: dict[str, tuple[Any, str]] = {
+    "gdn": (frozen_gated_delta, "gated delta net"),
+    "short_conv": (frozen_short_conv, "short convolution"),
+    "lightning": (frozen_lightning, "lightning attention"),
+    "kda": (frozen_kda, "Kimi delta attention"),
+}
+
+
+def _mixer_of(block: Any) -> tuple[Any, str] | None:
+    """(the module, its kind in `_MIXERS`) of a block's frozen recurrent mixer, or None."""
+    for module in block.modules():
+        if _variant(module) is not None:
+            return module, "gdn"
+        if is_short_conv(module) and _is_gated_conv(module):
+            return module, "short_conv"
+        if variant_of(module) == LIGHTNING and hasattr(module, "out_proj"):
+            return module, "lightning"
+        if variant_of(module) == KDA and all(hasattr(module, n) for n in _KDA_NEEDS):
+            return module, "kda"
+    return None
+
+
+def _is_gated_conv(module: Any) -> bool:
+    """A short convolution whose ``in_proj`` gives B, C and x of the convolution's width."""
+    conv, proj = module.conv, module.in_proj
+    width = int(conv.in_channels)
+    return (
+        int(conv.groups) == width
+        and int(getattr(proj, "out_features", -1)) == 3 * width
+        and int(getattr(module.out_proj, "in_features", -1)) == width
+    )
 
 
 def _hold_output(values: FrozenValues, key: Any) -> Any:
@@ -166,16 +339,94 @@ def _is_sparse_moe(mlp: Any) -> bool:
     )
 
 
+#: Multi-head latent attention (Kimi-Linear): the query projection (``q_proj``, or ``q_b_proj``
+#: after a low-rank ``q_a_proj``), the latent ``kv_a_proj_with_mqa`` ([kv latent | rotary key])
+#: and ``kv_b_proj`` (per head [key | value]).
+_MLA = ("kv_a_proj_with_mqa", "kv_b_proj", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim")
+
+
+def _holds_attention(attention: Any) -> bool:
+    """Whether the queries and keys of this softmax attention can be held (so its pattern)."""
+    if attention is None:
+        return False
+    if all(getattr(attention, n, None) is not None for n in ("q_proj", "k_proj")):
+        return True
+    query = getattr(attention, "q_proj", None) or getattr(attention, "q_b_proj", None)
+    return query is not None and all(hasattr(attention, n) for n in _MLA)
+
+
+def _hold_columns(values: FrozenValues, key: Any, width: int, start: int, stop: int) -> Any:
+    """A hook holding columns ``start:stop`` of each ``width``-wide group of the output's last
+    axis (the rest stays live)."""
+
+    def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        grouped = output.reshape(*output.shape[:-1], -1, width)
+        held = values.hold(key, grouped[..., start:stop])
+        parts = [grouped[..., :start], held, grouped[..., stop:]]
+        return torch.cat(parts, dim=-1).reshape(output.shape)
+
+    return hook
+
+
+def _attention_hooks(attention: Any, values: FrozenValues, i: int) -> list[Any]:
+    """Hooks holding the queries and keys of a softmax attention layer (so its pattern), and
+    LFM3's output gate ``sigmoid(g_proj x)`` with its input; on multi-head latent attention
+    the query projection, the rotary key part of the latent and the key part of each head of
+    ``kv_b_proj`` (the values stay live)."""
+    handles = []
+    if getattr(attention, "k_proj", None) is not None:
+        for name in ("q_proj", "k_proj", "g_proj"):
+            proj = getattr(attention, name, None)
+            if proj is not None:
+                handles.append(proj.register_forward_hook(_hold_output(values, (i, name[0]))))
+        return handles
+    query = getattr(attention, "q_proj", None) or attention.q_b_proj
+    handles.append(query.register_forward_hook(_hold_output(values, (i, "q"))))
+    latent, rope = int(attention.kv_lora_rank), int(attention.qk_rope_head_dim)
+    nope = int(attention.qk_nope_head_dim)
+    per_head = int(attention.kv_b_proj.out_features) // int(attention.num_heads)
+    hook = _hold_columns(values, (i, "k_rope"), latent + rope, latent, latent + rope)
+    handles.append(attention.kv_a_proj_with_mqa.register_forward_hook(hook))
+    hook = _hold_columns(values, (i, "k_nope"), per_head, 0, nope)
+    handles.append(attention.kv_b_proj.register_forward_hook(hook))
+    return handles
+
+
+def _mlp_of(block: Any) -> Any:
+    return getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
+
+
+def _swiglu_hook(values: FrozenValues, i: int) -> Any:
+    """An MLP ``w2(SiLU(w1 x) ⊙ w3 x)`` that calls its SiLU as a function (LFM2): recomputed
+    with the gate ``SiLU(w1 x)`` held, checked against the module's output."""
+
+    def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        x = args[0]
+        gate = values.hold((i, "mlp_gate"), F.silu(module.w1(x)))
+        out = module.w2(gate * module.w3(x))
+        tol = 1e-3 * (1.0 + float(output.detach().abs().max()))
+        if values.recording and float((out.detach() - output.detach()).abs().max()) > tol:
+            raise FreezeError(
+                f"cannot freeze layer {i} ({type(module).__name__}): w2(SiLU(w1 x)·w3 x) does "
+                "not reproduce the MLP's output"
+            )
+        return out  # type: ignore[no-any-return]
+
+    return hook
+
+
 def unfreezable(backend: Any) -> str | None:
     """Why ``backend``'s model cannot be frozen (None: it can)."""
     for i in range(len(backend.layers)):
         block = _block(backend, i)
-        gdn = any(_variant(m) is not None for m in block.modules())
         attention = getattr(block, "self_attn", None)
-        held = attention is not None and all(hasattr(attention, n) for n in ("q_proj", "k_proj"))
-        if not gdn and not held:
+        if _mixer_of(block) is None and not _holds_attention(attention):
             return f"layer {i} ({type(block).__name__}): {CANNOT_FREEZE['other_mixers']}"
-        mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
+        mlp = _mlp_of(block)
         routed = mlp is not None and (hasattr(mlp, "gate") or hasattr(mlp, "experts"))
         if routed and not _is_sparse_moe(mlp):
             return f"layer {i} ({type(mlp).__name__}): {CANNOT_FREEZE['router']}"
@@ -208,16 +459,18 @@ def frozen_experts(
 def _moe_hooks(mlp: Any, values: FrozenValues, i: int) -> list[Any]:
     """Hooks that hold a sparse MoE block's routing and gates and recompute its experts."""
     handles = []
-    routing: dict[str, Any] = {}
-
-    def router(module: Any, args: Any, output: Any) -> Any:
-        held = tuple(values.hold((i, "router", n), t) for n, t in enumerate(output))
-        routing["index"], routing["weights"] = held[2], held[1]
-        return held
 
     def experts(module: Any, args: Any, output: Any) -> Any:
-        x = args[0]
-        out = frozen_experts(module, x, routing["index"], routing["weights"], values, (i, "moe"))
+        if len(args) < 3:
+            raise FreezeError(
+                f"cannot freeze layer {i} ({type(module).__name__}): the experts are not called "
+                "as experts(tokens, index, weights)"
+            )
+        # the routing as the block hands it to its experts (whether its router returns it or
+        # the block computes it from the router's logits)
+        index = values.hold((i, "router", "index"), args[1])
+        weights = values.hold((i, "router", "weights"), args[2])
+        out = frozen_experts(module, args[0], index, weights, values, (i, "moe"))
         tol = 1e-3 * (1.0 + float(output.detach().abs().max()))
         if values.recording and float((out.detach() - output.detach()).abs().max()) > tol:
             raise FreezeError(
@@ -227,9 +480,8 @@ def _moe_hooks(mlp: Any, values: FrozenValues, i: int) -> list[Any]:
             )
         return out.to(output.dtype)
 
-    handles.append(mlp.gate.register_forward_hook(router))
     handles.append(mlp.experts.register_forward_hook(experts))
-    shared = getattr(mlp, "shared_expert", None)
+    shared = getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts", None)
     act = getattr(shared, "act_fn", None) if shared is not None else None
     if act is not None:
         handles.append(act.register_forward_hook(_hold_output(values, (i, "shared_gate"))))
@@ -254,33 +506,20 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
         handles.append(model.register_forward_pre_hook(lambda *_: values.start_run()))
         for i in range(len(backend.layers)):
             block = _block(backend, i)
-            mixer = next((m for m in block.modules() if _variant(m) is not None), None)
+            mixer = _mixer_of(block)
             attention = getattr(block, "self_attn", None)
             if mixer is not None:
-                handles.append(
-                    mixer.register_forward_hook(_mixer_hook(values, i, writes), with_kwargs=True)
-                )
-            elif attention is not None and hasattr(attention, "q_proj"):
-                handles.append(
-                    attention.q_proj.register_forward_hook(_hold_output(values, (i, "q")))
-                )
-                handles.append(
-                    attention.k_proj.register_forward_hook(_hold_output(values, (i, "k")))
-                )
+                module, kind = mixer
+                hook = _mixer_hook(values, i, writes, kind)
+                handles.append(module.register_forward_hook(hook, with_kwargs=True))
+            elif _holds_attention(attention):
+                handles += _attention_hooks(attention, values, i)
             else:
                 raise FreezeError(
                     f"cannot freeze layer {i} ({type(block).__name__}): "
                     f"{CANNOT_FREEZE['other_mixers']}"
                 )
-            mlp = getattr(block, "mlp", None)
-            if mlp is not None and (hasattr(mlp, "gate") or hasattr(mlp, "experts")):
-                if not _is_sparse_moe(mlp):
-                    raise FreezeError(f"cannot freeze layer {i}: {CANNOT_FREEZE['router']}")
-                handles += _moe_hooks(mlp, values, i)
-                continue
-            act = getattr(mlp, "act_fn", None) if mlp is not None else None
-            if act is not None:
-                handles.append(act.register_forward_hook(_hold_output(values, (i, "mlp_gate"))))
+            _add_mlp_hooks(_mlp_of(block), values, i, handles)
         norms = [
             m
             for m in model.modules()
@@ -296,6 +535,24 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
         backend.frozen_writes = before
         for handle in handles:
             handle.remove()
+
+
+def _add_mlp_hooks(mlp: Any, values: FrozenValues, i: int, handles: list[Any]) -> None:
+    """Hooks (appended to ``handles``) holding layer ``i``'s MLP gates or its routing."""
+    import torch
+
+    if mlp is None:
+        return
+    if hasattr(mlp, "gate") or hasattr(mlp, "experts"):
+        if not _is_sparse_moe(mlp):
+            raise FreezeError(f"cannot freeze layer {i}: {CANNOT_FREEZE['router']}")
+        handles += _moe_hooks(mlp, values, i)
+        return
+    act = getattr(mlp, "act_fn", None)
+    if isinstance(act, torch.nn.Module):
+        handles.append(act.register_forward_hook(_hold_output(values, (i, "mlp_gate"))))
+    elif all(hasattr(mlp, n) for n in ("w1", "w2", "w3")):
+        handles.append(mlp.register_forward_hook(_swiglu_hook(values, i)))
 
 
 def _block(backend: Any, i: int) -> Any:

@@ -133,6 +133,10 @@ GATED_DELTA: dict[str, tuple[str, str, str]] = {
 }
 
 
+#: The variants whose frozen recomputation (`archscope_hybrid.freeze`) scans the write sites.
+FROZEN_WRITES = frozenset({*GATED_DELTA, KDA, LIGHTNING})
+
+
 def delta_projections(
     variant: str, mixer: Any, projection: Callable[[str], Any], gate: bool = False
 ) -> tuple[Any, Any, Any, Any]:
@@ -318,8 +322,9 @@ def _from_kernel(variant: str, call: dict[str, Any], seq: int) -> DeltaParts | N
     )
 
 
-def _convolved(mixer: Any, mixed: torch.Tensor) -> torch.Tensor:
-    """The mixer's causal depthwise convolution and activation of (batch, seq, channels)."""
+def convolved(mixer: Any, mixed: torch.Tensor, activation: bool = True) -> torch.Tensor:
+    """The mixer's causal depthwise convolution and activation (or, without ``activation``,
+    the convolution alone) of (batch, seq, channels)."""
     import torch.nn.functional as F
     from transformers.activations import ACT2FN
 
@@ -332,6 +337,8 @@ def _convolved(mixer: Any, mixed: torch.Tensor) -> torch.Tensor:
         padding=int(conv.kernel_size[0]) - 1,
         groups=int(conv.groups),
     )[..., :seq]
+    if not activation:
+        return out.transpose(1, 2)
     return ACT2FN[mixer.activation](out).transpose(1, 2)  # type: ignore[no-any-return]
 
 
@@ -351,7 +358,7 @@ def _parts(variant: str, mixer: Any, kept: dict[str, Any], mask: Any) -> DeltaPa
         return DeltaParts(q, k, v, torch.ones_like(slope), -slope, erase=False, scale_query=False)
 
     mixed, _, b_, a = delta_projections(variant, mixer, kept.get)
-    mixed = _convolved(mixer, mixed).float()
+    mixed = convolved(mixer, mixed).float()
     batch, seq = mixed.shape[:2]
     if variant == KDA:
         heads = v_heads = int(mixer.num_heads)
@@ -438,10 +445,10 @@ def frozen_write_sites(
         for index, roles in sorted(wanted.items()):
             layer = backend.layers[index]
             mixer = layer.block.get_submodule(layer.mixer)
-            if variant_of(mixer) not in GATED_DELTA:
+            if variant_of(mixer) not in FROZEN_WRITES:
                 raise BackendError(
                     f"layer {index} ({type(mixer).__name__}): write sites in a frozen run are "
-                    "computed for gated delta nets only"
+                    "computed for gated delta nets, KDA and lightning attention only"
                 )
             seen[index] = state = _LayerRun()
             layers[index] = _LayerWrites(backend, run, index, roles, state)
@@ -481,27 +488,30 @@ class _LayerWrites:
         beta: torch.Tensor,
         log_decay: torch.Tensor,
         value: torch.Tensor,
+        erase: bool = True,
     ) -> torch.Tensor:
-        """The read-outs (batch, seq, heads, value_dim) of a frozen run's delta rule over the
+        """The read-outs (batch, seq, heads, value_dim) of a frozen run's recurrence over the
         write as the sites give it: ``k_t ⊗ β_t v_t`` after the run's edits of
         ``write_value``, ``write_key`` and ``state_write``, captured where the run asks. The
-        transitions (decay, erase along the held keys) are the held ones. Shapes as in
-        `archscope.recurrence.delta_rule_scan`; ``value`` is the live values."""
-        strength = self.site_value("write_value", beta[..., None] * value)
+        transitions (decay; with ``erase``, the erase along the held keys) are the held ones.
+        ``query`` and ``key`` as the scan uses them (normalised, scaled), (batch, seq, heads,
+        key_dim); ``log_decay`` (batch, seq, heads) or, per key channel, (batch, seq, heads,
+        key_dim); ``value``: the live values."""
+        held = DeltaParts(query, key, value, beta, log_decay, erase=erase, scale_query=False)
+        strength = self.site_value("write_value", held.write_value)
         written = self.site_value("write_key", key)
         if "write_decay" in self.capture:
             self.store("write_decay", log_decay.exp())
         if "effective_attention" in self.capture:
-            self.store("effective_attention", delta_rule_attention(query, key, beta, log_decay))
+            self.store("effective_attention", held.attention())
         write = self.site_value("state_write", DeltaParts.write_of(strength, written))
-        states, read = delta_rule_scan(query, key, beta, log_decay, write)
+        states, read = held.scan(write)
         if "ssm_states" in self.capture:
             self.store("ssm_states", states)
         if self.edited and self.prefix + "ssm_state" in self.run.capture:
             # the final state (read from the model's cache) gets the edits' effect, as in an
             # unfrozen run: one more scan, only when it is asked for
-            own = DeltaParts.write_of(beta[..., None] * value, key)
-            delta, _ = delta_rule_scan(query, key, beta, log_decay, write - own)
+            delta, _ = held.scan(write - DeltaParts.write_of(held.write_value, key))
             self.seen.delta_state = delta[:, -1]
         return read
 
