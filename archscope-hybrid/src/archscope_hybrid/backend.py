@@ -134,8 +134,10 @@ class HybridBackend(HookBackend):
     edits_unhooked = True
 
     def frozen_run(self, values: Any) -> contextlib.AbstractContextManager[None]:
-        """Runs with gated-delta-net factors, attention patterns, MLP gates and norm scales
-        held at ``values`` (`archscope.freeze`; `archscope_hybrid.freeze`)."""
+        """Runs with the recurrent mixers' factors (gated delta nets, KDA, lightning attention:
+        decays, β, queries, keys, gates; LFM2 short convolutions: the B and C gates), attention
+        patterns, MLP gates, expert routing and norm scales held at ``values`` (`archscope.freeze`;
+        `archscope_hybrid.freeze`)."""
         return _frozen_run(self, values)
 
     @classmethod
