@@ -521,7 +521,7 @@ def test_recall_binding_writes_are_atoms(family: str) -> None:
     print(
         f"{family}: {len(pairs)} binding writes, {atoms} atoms, purity {measured:.3f} ({shuffled:.3f})"
     )
-    # measured 0.918 (Mamba), 0.995 (Mamba-2), 0.990 (mLSTM), 0.980 (Qwen3-Next), 0.977
+    # measured 0.905 (Mamba), 0.995 (Mamba-2), 0.975 (mLSTM), 0.980 (Qwen3-Next), 0.977
     # (Qwen3.5), 0.925 (KDA), 0.931 (OLMo-hybrid), 0.976 (MiniMax); shuffled 0.13-0.19
     assert measured >= 0.85 and shuffled <= 0.5, (measured, shuffled)
 
