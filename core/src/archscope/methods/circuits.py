@@ -234,6 +234,8 @@ def induction_head_score(
     """
     import torch
 
+    from .lens import _logsumexp_
+
     _check_positive(n_pairs=n_pairs, n_trials=n_trials, batch_size=batch_size)
     if seq_len < 0:
         raise ParameterError(f"seq_len (the lead-in length) must be >= 0, got {seq_len}")
@@ -278,14 +280,16 @@ def induction_head_score(
         read = torch.cat([first + steps, second + steps]).expand(len(chunk), -1)
         result, logits = _logits_at(backend, chunk, read, patterns)
         n_forwards += 1
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         targets = chunk[:, 1:][:, first + steps]  # the continuation in the block
-        rows = torch.arange(len(chunk)).unsqueeze(1)
-        at_second = logp[rows, n_pairs + steps, targets]
-        at_first = logp[rows, steps, targets]
-        p_second.append(at_second.exp())
-        p_first.append(at_first.exp())
-        top1.append(logp[:, n_pairs:].argmax(-1) == targets)
+        # the targets' log-probabilities only, as their logits minus the logsumexp (no
+        # log-softmax over the whole vocabulary at every position read)
+        z = logits.float()
+        both = torch.cat([targets, targets], 1).to(z.device)  # first showing, then second
+        picked = z.gather(-1, both.unsqueeze(-1)).squeeze(-1)
+        top1.append(z[:, n_pairs:].argmax(-1).cpu() == targets)
+        logp = (picked - _logsumexp_(z)).cpu()  # z is overwritten
+        p_second.append(logp[:, n_pairs:].exp())
+        p_first.append(logp[:, :n_pairs].exp())
         for site in patterns:
             role = backend.site_info(site).site.role
             pattern = normalised_attention(result[site], role).cpu()  # (batch, head, query, key)

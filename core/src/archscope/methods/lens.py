@@ -865,19 +865,18 @@ class TunedLens(Artifact):
         n = 0
         with torch.no_grad():
             for acts, final in batches:
-                every = torch.arange(final.shape[0])
-                target = final.exp()
-                plain = _lens_kl(self.backend, acts, final, every, None, None, target)
+                p, own = _final_terms(final)
+                plain = _fused_kl(self.backend, acts, final, p, own, None, None)
                 translated = plain.clone()
                 if moved:
-                    translated[moved] = _lens_kl(
+                    translated[moved] = _fused_kl(
                         self.backend,
                         [acts[i] for i in moved],
                         final,
-                        every,
+                        p,
+                        own,
                         self.weight[moved],
                         self.bias[moved],
-                        target,
                     )
                 logit += plain.sum(-1)
                 tuned += translated.sum(-1)
@@ -974,63 +973,51 @@ def _translated(
     return x, torch.baddbmm(bias[:, None, :], x, weight.transpose(1, 2)) + x
 
 
-def _lens_kl(
+def _final_terms(final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final distribution's probabilities ``p`` and ``sum p log p`` per token, from its
+    log-probabilities ``final`` (tokens, vocabulary)."""
+    p = final.exp()
+    return p, (p * final).sum(-1)
+
+
+def _fused_kl(
     backend: Backend,
     acts: list[torch.Tensor],
     final: torch.Tensor,
-    index: torch.Tensor,
+    p: torch.Tensor,
+    own: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    target: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """KL(final ‖ lens) per layer and token: (layers, len(index)); ``weight`` None is the
-    logit lens. ``target``: ``final.exp()`` when the caller has it."""
+    """KL(final ‖ lens) per layer and token, (layers, tokens); ``weight`` None is the logit
+    lens. Computed as ``sum p log p - sum p z + logsumexp(z)`` with ``z`` the lens's logits
+    (``p``, ``own``: `_final_terms` of ``final``): two passes over each layer's logits instead
+    of a log-softmax and a product with the final distribution, about half the time; the
+    result equals ``sum p (log p - log_softmax(z))`` up to float32 rounding (~1e-6)."""
     import torch
 
-    logp_final = final[index]
-    p = logp_final.exp() if target is None else target[index]
-    dtype = acts[0].dtype
-    out = []
-    for group in _layer_groups(len(acts), len(index), final.shape[-1]):
-        _, x = _translated(
-            acts[group],
-            index,
-            None if weight is None else weight[group],
-            None if bias is None else bias[group],
-        )
-        logp = torch.log_softmax(backend.unembed(x.to(dtype)).float(), -1)
-        out.append(_kl_to(p, logp_final, logp))
-    return torch.cat(out)
-
-
-def _fast_kl(
-    backend: Backend,
-    acts: list[torch.Tensor],
-    final: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-) -> torch.Tensor:
-    """KL(final ‖ tuned lens) per layer and token, (layers, tokens), as ``sum p log p -
-    sum p z + logsumexp(z)`` with ``z`` the lens's logits and ``p`` the final distribution:
-    fewer passes over the vocabulary than a log-softmax (rounding differs at ~1e-7; used to
-    choose and stop, never reported)."""
-    import torch
-
-    p = final.exp()
-    own = (p * final).sum(-1)  # sum p log p, per token
     every = torch.arange(final.shape[0])
     dtype = acts[0].dtype
     out = []
     for group in _layer_groups(len(acts), final.shape[0], final.shape[-1]):
-        _, x = _translated(acts[group], every, weight[group], bias[group])
+        _, x = _translated(
+            acts[group],
+            every,
+            None if weight is None else weight[group],
+            None if bias is None else bias[group],
+        )
         z = backend.unembed(x.to(dtype)).float()
-        out.append(own - torch.einsum("lnv,nv->ln", z, p) + torch.logsumexp(z, -1))
+        out.append(own - torch.einsum("lnv,nv->ln", z, p) + _logsumexp_(z))
     return torch.cat(out)
 
 
-def _kl_to(p: torch.Tensor, logp_final: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """KL(final ‖ lens) along the last axis, the final distribution's probabilities given."""
-    return (p * (logp_final - logp)).sum(-1)
+def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
+    """``torch.logsumexp(z, -1)`` computed in place in ``z`` (overwritten): no temporary
+    of ``z``'s size, about half the time over a whole vocabulary. An infinite maximum is
+    shifted by zero instead, as torch does."""
+    m = z.amax(-1, keepdim=True)
+    m.masked_fill_(m.abs() == float("inf"), 0.0)
+    return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
 
 
 def _lens_grads(
@@ -1241,8 +1228,15 @@ class _Trainer:
         n = 0
         with torch.no_grad():
             for acts, final in self.stop:
-                total += _fast_kl(
-                    self.backend, [acts[i] for i in layers], final, weight.detach(), bias.detach()
+                p, own = self.stop.terms(final)
+                total += _fused_kl(
+                    self.backend,
+                    [acts[i] for i in layers],
+                    final,
+                    p,
+                    own,
+                    weight.detach(),
+                    bias.detach(),
                 ).sum(-1)
                 n += final.shape[0]
         return total / max(n, 1)
@@ -1317,7 +1311,7 @@ class _Trainer:
         for acts, final in self.train:
             if not self.active:
                 break
-            target = final.exp()  # the final distribution, once per batch
+            target, _ = self.train.terms(final)  # the final distribution
             # Minibatches of real tokens, shuffled across the rows of the batch.
             perm = torch.randperm(final.shape[0], generator=self.g)
             for chunk in perm.split(_TOKENS_PER_STEP):
@@ -1392,6 +1386,23 @@ class _Batches:
         self.cache: list[tuple[list[torch.Tensor], torch.Tensor]] | None = None
         if self.n_tokens * vocab <= self.CACHE_FLOATS:
             self.cache = list(self._compute())
+        # `_final_terms` of each cached batch, kept where they fit in half the cache's budget
+        # (the stop rows are checked several times, the training rows read every epoch)
+        self._terms: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = (
+            {}
+            if self.cache is not None and 2 * self.n_tokens * vocab <= self.CACHE_FLOATS
+            else None
+        )
+
+    def terms(self, final: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_final_terms` of ``final`` (one of this object's batches), computed once per
+        cached batch."""
+        if self._terms is None:
+            return _final_terms(final)
+        key = id(final)
+        if key not in self._terms:
+            self._terms[key] = _final_terms(final)
+        return self._terms[key]
 
     def _compute(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
         import torch
