@@ -404,19 +404,26 @@ def layer_runs(run: RunRequest) -> dict[int, _LayerRun]:
     return run.extra.get(_EXTRA, {})  # type: ignore[no-any-return]
 
 
+def _written_layers(
+    backend: Any, run: RunRequest, seen: dict[int, _LayerRun]
+) -> Iterator[tuple[int, set[str], Any, str | None]]:
+    """(index, roles, mixer, variant) of each layer whose write sites ``run`` captures or
+    edits, in layer order; ``seen`` (filled by the caller) is what `layer_runs` reports."""
+    run.extra[_EXTRA] = seen
+    for index, roles in sorted(write_sites_of([*run.capture, *run.edits]).items()):
+        layer = backend.layers[index]
+        mixer = layer.block.get_submodule(layer.mixer)
+        yield index, roles, mixer, variant_of(mixer)
+
+
 @contextlib.contextmanager
 def write_hooks(backend: Any, run: RunRequest) -> Iterator[dict[int, _LayerRun]]:
     """Hooks on the mixers of the layers whose write sites ``run`` captures or edits, for the
     forward pass (all removed on exit). Captures go to ``run.store``; edits are carried through
     the rest of the recurrence."""
-    wanted = write_sites_of([*run.capture, *run.edits])
     seen: dict[int, _LayerRun] = {}
-    run.extra[_EXTRA] = seen
     try:
-        for index, roles in sorted(wanted.items()):
-            layer = backend.layers[index]
-            mixer = layer.block.get_submodule(layer.mixer)
-            variant = variant_of(mixer)
+        for index, roles, mixer, variant in _written_layers(backend, run, seen):
             if variant is None:  # never declared for such mixers
                 raise BackendError(f"layer {index} has no write sites ({type(mixer).__name__})")
             seen[index] = state = _LayerRun(use_kernel=READ_KERNEL_ARGUMENTS)
@@ -438,14 +445,10 @@ def frozen_write_sites(
     layer's `_LayerWrites` is put in ``layers`` (emptied on exit) for the frozen recomputation
     of its gated delta net, which scans the ``state_write`` site's value (`_LayerWrites.scan`),
     so that captures and edits of the write sites act on the frozen recurrence itself."""
-    wanted = write_sites_of([*run.capture, *run.edits])
     seen: dict[int, _LayerRun] = {}
-    run.extra[_EXTRA] = seen
     try:
-        for index, roles in sorted(wanted.items()):
-            layer = backend.layers[index]
-            mixer = layer.block.get_submodule(layer.mixer)
-            if variant_of(mixer) not in FROZEN_WRITES:
+        for index, roles, mixer, variant in _written_layers(backend, run, seen):
+            if variant not in FROZEN_WRITES:
                 raise BackendError(
                     f"layer {index} ({type(mixer).__name__}): write sites in a frozen run are "
                     "computed for gated delta nets, KDA and lightning attention only"

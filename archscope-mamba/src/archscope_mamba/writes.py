@@ -375,6 +375,21 @@ def layer_runs(run: RunRequest) -> dict[int, _LayerRun]:
     return run.extra.get(_EXTRA, {})  # type: ignore[no-any-return]
 
 
+def _written_layers(
+    backend: Any, run: RunRequest, seen: dict[int, _LayerRun]
+) -> Iterator[tuple[int, set[str], Any, str]]:
+    """(index, roles, mixer, kind) of each layer whose write sites ``run`` captures or edits,
+    in layer order; ``seen`` (filled by the caller) is what `layer_runs` reports."""
+    run.extra[_EXTRA] = seen
+    for index, roles in sorted(write_sites_of([*run.capture, *run.edits]).items()):
+        layer = backend.layers[index]
+        mixer = layer.block.get_submodule(layer.ssm)
+        kind = mixer_kind(mixer)
+        if kind is None:  # never declared for such mixers
+            raise BackendError(f"layer {index} has no write sites ({type(mixer).__name__})")
+        yield index, roles, mixer, kind
+
+
 @contextlib.contextmanager
 def write_hooks(
     backend: Any,
@@ -386,16 +401,9 @@ def write_hooks(
     duration of the forward pass (all removed on exit). Captured values go to ``run.store`` in
     the caller's layout (``shift``: the per-row right shift the backend applied to the batch,
     undone with ``roll``); edits are carried through the recurrence."""
-    wanted = write_sites_of([*run.capture, *run.edits])
     seen: dict[int, _LayerRun] = {}
-    run.extra[_EXTRA] = seen
     try:
-        for index, roles in sorted(wanted.items()):
-            layer = backend.layers[index]
-            mixer = layer.block.get_submodule(layer.ssm)
-            kind = mixer_kind(mixer)
-            if kind is None:  # never declared for such mixers
-                raise BackendError(f"layer {index} has no write sites ({type(mixer).__name__})")
+        for index, roles, mixer, kind in _written_layers(backend, run, seen):
             seen[index] = state = _LayerRun()
             _attach(backend, run, index, roles, mixer, kind, state, shift, roll)
         yield seen
@@ -418,16 +426,9 @@ def frozen_write_sites(
     mixers' parts; each layer's `_LayerWrites` is put in ``layers`` (emptied on exit) for the
     frozen recomputation of its mixer, whose scan takes its write from them (`frozen_scan`),
     so that captures and edits of the write sites act on the frozen recurrence itself."""
-    wanted = write_sites_of([*run.capture, *run.edits])
     seen: dict[int, _LayerRun] = {}
-    run.extra[_EXTRA] = seen
     try:
-        for index, roles in sorted(wanted.items()):
-            layer = backend.layers[index]
-            mixer = layer.block.get_submodule(layer.ssm)
-            kind = mixer_kind(mixer)
-            if kind is None:  # never declared for such mixers
-                raise BackendError(f"layer {index} has no write sites ({type(mixer).__name__})")
+        for index, roles, _, kind in _written_layers(backend, run, seen):
             seen[index] = state = _LayerRun()
             layers[index] = _LayerWrites(backend, run, index, roles, kind, state, shift, roll)
         yield seen
