@@ -205,20 +205,24 @@ def _build_hybrid(family: str, vocab: int) -> Any:
     common: dict[str, Any] = dict(
         vocab_size=vocab, hidden_size=64, intermediate_size=64, use_cache=False
     )
+    # Qwen3-Next and Qwen3.5: one linear-attention layer of one head, 4 convolution taps
+    qwen_gdn: dict[str, Any] = dict(
+        linear_num_value_heads=1,
+        linear_num_key_heads=1,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        linear_conv_kernel_dim=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_hidden_layers=1,
+        layer_types=["linear_attention"],
+    )
     if family == "qwen3_next":
         return transformers.Qwen3NextForCausalLM(
             transformers.Qwen3NextConfig(
                 **common,
-                linear_num_value_heads=1,
-                linear_num_key_heads=1,
-                linear_key_head_dim=32,
-                linear_value_head_dim=32,
-                linear_conv_kernel_dim=4,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=16,
-                num_hidden_layers=1,
-                layer_types=["linear_attention"],
+                **qwen_gdn,
                 num_experts=4,
                 num_experts_per_tok=2,
                 moe_intermediate_size=16,
@@ -232,16 +236,7 @@ def _build_hybrid(family: str, vocab: int) -> Any:
         return transformers.Qwen3_5ForCausalLM(
             transformers.Qwen3_5TextConfig(
                 **common,
-                linear_num_value_heads=1,
-                linear_num_key_heads=1,
-                linear_key_head_dim=32,
-                linear_value_head_dim=32,
-                linear_conv_kernel_dim=4,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                head_dim=16,
-                num_hidden_layers=1,
-                layer_types=["linear_attention"],
+                **qwen_gdn,
             )
         )
     if family == "kimi_linear":
