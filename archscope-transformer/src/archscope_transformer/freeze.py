@@ -42,6 +42,10 @@ _SEPARATE = (("q_proj", "k_proj"), ("query", "key"), ("q", "k"), ("wq", "wk"))
 _FUSED = ("c_attn", "qkv_proj", "Wqkv", "qkv")
 #: Activation modules inside an MLP.
 _ACTIVATIONS = ("act_fn", "act", "activation_fn", "activation")
+#: Projections that make an MLP gated (``act(gate(x)) * up(x)``): its activation's output is
+#: held whole; a plain MLP (``down(act(up(x)))``, even with a projection named ``up_proj``)
+#: holds its activation at the slope ``f(u)/u``.
+_GATES = ("gate_proj", "w3", "gate_up_proj")
 
 
 def unfreezable(structure: Any) -> str | None:
@@ -65,10 +69,7 @@ def _norms(model: Any) -> list[Any]:
     return [
         m
         for m in model.modules()
-        if "Norm" in type(m).__name__
-        and "Group" not in type(m).__name__
-        and getattr(m, "weight", None) is not None
-        and not list(m.children())
+        if "Norm" in type(m).__name__ and "Group" not in type(m).__name__ and not list(m.children())
     ]
 
 
@@ -145,15 +146,11 @@ def _norm_hook(values: FrozenValues, key: Any) -> Any:
 def _mlp_hooks(backend: Any, values: FrozenValues) -> list[Any]:
     handles = []
     for i in range(len(backend.structure.parts)):
-        owner = _mlp_module(backend, i)
-        if owner is None:
+        found = _mlp_activation(backend, i)
+        if found is None:
             continue
-        act = next(
-            (getattr(owner, n) for n in _ACTIVATIONS if getattr(owner, n, None) is not None), None
-        )
-        if act is None or not hasattr(act, "register_forward_hook"):
-            continue
-        gated = any(hasattr(owner, n) for n in ("up_proj", "gate_proj", "w3"))
+        owner, act = found
+        gated = any(hasattr(owner, n) for n in _GATES)
         key = (i, "mlp_gate" if gated else "mlp_slope")
         if gated:
             handles.append(act.register_forward_hook(_hold_output(values, key)))
@@ -166,17 +163,37 @@ def _mlp_hooks(backend: Any, values: FrozenValues) -> list[Any]:
     return handles
 
 
-def _mlp_module(backend: Any, i: int) -> Any:
+def _mlp_activation(backend: Any, i: int) -> tuple[Any, Any] | None:
+    """(the module that owns layer ``i``'s MLP activation, the activation module), found from
+    the MLP's port upwards to the layer's block (OPT keeps its activation on the decoder layer,
+    MPT on the MLP around its ``down_proj`` port); None for a layer without an MLP port."""
     from archscope.modules import get_module
 
-    port = backend.structure.parts[i].mlp_in or backend.structure.parts[i].mlp
-    path = port.module if isinstance(port.module, str) else None
+    parts = backend.structure.parts[i]
+    port = parts.mlp_in or parts.mlp
+    path = port.module if port is not None and isinstance(port.module, str) else None
     if path is None:
         return None
-    try:
-        return get_module(backend.model, path)
-    except Exception:
-        return None
+    block = parts.block
+    names = path.split(".")
+    for end in range(len(names), 0, -1):
+        prefix = ".".join(names[:end])
+        try:
+            owner = get_module(backend.model, prefix)
+        except Exception:
+            continue
+        act = next(
+            (getattr(owner, n) for n in _ACTIVATIONS if getattr(owner, n, None) is not None), None
+        )
+        if act is not None and hasattr(act, "register_forward_hook"):
+            return owner, act
+        if owner is block:
+            break
+    raise FreezeError(
+        f"cannot freeze {type(backend.model).__name__}: no activation module "
+        f"({', '.join(_ACTIVATIONS)}) found from layer {i}'s MLP port {path} up to its block, "
+        "so its MLP nonlinearity would not be held"
+    )
 
 
 @contextlib.contextmanager

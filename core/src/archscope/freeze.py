@@ -195,6 +195,53 @@ def freeze(
 
 
 # -- pieces most backends need -----------------------------------------------------------------
+def _norm_forms(
+    module: Any, xf: torch.Tensor
+) -> list[tuple[str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The forms a norm ``module`` may compute on ``xf``: (name, its scale s = 1/σ, the norm
+    recomputed with a given s)."""
+    import torch
+
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    own = next(
+        (e for e in (getattr(module, n, None) for n in ("eps", "variance_epsilon")) if e), None
+    )
+    # a norm that keeps no eps of its own (OLMo's parameter-free LayerNorm) gets the two
+    # common defaults tried, in this order
+    epsilons = (own,) if own is not None else (1e-5, 1e-6)
+    mean = xf.mean(-1, keepdim=True)
+    var = (xf - mean).pow(2).mean(-1, keepdim=True)
+    ms = xf.pow(2).mean(-1, keepdim=True)
+
+    def affine(y: torch.Tensor, plus_one: bool) -> torch.Tensor:
+        if weight is not None:
+            w = weight.float()
+            y = y * ((1.0 + w) if plus_one else w)
+        if bias is not None:
+            y = y + bias.float()
+        return y
+
+    centred = isinstance(module, torch.nn.LayerNorm) or "LayerNorm" in type(module).__name__
+    # (form, its scale s, the norm recomputed with a held s)
+    candidates: list[tuple[str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]] = []
+    for eps in epsilons:
+        tag = "" if own is not None else f"@{eps:g}"
+        if centred:
+            candidates.append(
+                (
+                    "layer" + tag,
+                    torch.rsqrt(var + eps),
+                    lambda s: affine((xf - xf.mean(-1, keepdim=True)) * s, False),
+                )
+            )
+        else:
+            rms = torch.rsqrt(ms + eps)
+            candidates.append(("rms" + tag, rms, lambda s: affine(xf * s, False)))
+            candidates.append(("rms1" + tag, rms, lambda s: affine(xf * s, True)))
+    return candidates
+
+
 def frozen_activation(
     u: torch.Tensor, out: torch.Tensor, values: FrozenValues, key: Hashable
 ) -> torch.Tensor:
@@ -217,44 +264,22 @@ def frozen_norm(
     matching the module's own output ``out``; a `FreezeError` names a norm none matches."""
     import torch
 
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    eps = next(
-        (e for e in (getattr(module, n, None) for n in ("eps", "variance_epsilon")) if e), 1e-6
-    )
-    xf = x.float()
-    candidates: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = []
-    mean = xf.mean(-1, keepdim=True)
-    var = (xf - mean).pow(2).mean(-1, keepdim=True)
-    ms = xf.pow(2).mean(-1, keepdim=True)
-
-    def affine(y: torch.Tensor, plus_one: bool) -> torch.Tensor:
-        if weight is not None:
-            w = weight.float()
-            y = y * ((1.0 + w) if plus_one else w)
-        if bias is not None:
-            y = y + bias.float()
-        return y
-
-    centred = isinstance(module, torch.nn.LayerNorm) or "LayerNorm" in type(module).__name__
-    if centred:
-        scale = torch.rsqrt(var + eps)
-        candidates.append(("layer", lambda s: affine((xf - xf.mean(-1, keepdim=True)) * s, False)))
-    else:
-        scale = torch.rsqrt(ms + eps)
-        candidates.append(("rms", lambda s: affine(xf * s, False)))
-        candidates.append(("rms1", lambda s: affine(xf * s, True)))
+    candidates = _norm_forms(module, x.float())
     if not values.recording:  # the form the prompt's run found
-        for form, fn in candidates:
+        for form, scale, fn in candidates:
             if values.recorded((key, form)):
                 return fn(values.hold((key, form), scale)).to(out.dtype)
     tol = 1e-3 * (1.0 + float(out.detach().abs().max()))
-    for form, fn in candidates:
+    errors = []
+    for form, scale, fn in candidates:
         with torch.no_grad():
             trial = fn(scale).to(out.dtype)
-        if trial.shape == out.shape and float((trial - out.detach()).abs().max()) <= tol:
-            held = values.hold((key, form), scale)
-            return fn(held).to(out.dtype)
+        if trial.shape == out.shape:
+            errors.append((float((trial - out.detach()).abs().max()), form, scale, fn))
+    if errors:  # the closest form (and eps), if it is close at all
+        error, form, scale, fn = min(errors, key=lambda e: e[0])
+        if error <= tol:
+            return fn(values.hold((key, form), scale)).to(out.dtype)
     raise FreezeError(
         f"cannot freeze the normalisation {type(module).__name__}: its output matches neither "
         "(x − mean)·s·w + b nor x·s·w nor x·s·(1 + w) with s = 1/σ over the last axis; a "
