@@ -18,7 +18,7 @@ from archscope import Edit, InputError, ParameterError
 from archscope.data import Contrast, pad_batch
 from archscope.engine import last_real_index
 from archscope.methods.neurons import NeuronEdit, NeuronEditConfig, find_neurons
-from archscope.testing import MethodContract
+from archscope.testing import MethodContract, hook_ids
 
 #: Units kept per site: a few MLP units of 128, a few residual / hidden units of 16..32.
 FRAC = {"gpt2": 0.05, "mamba": 0.1, "hybrid": 0.1, "lstm": 0.1}
@@ -78,10 +78,6 @@ def reference_deltas(
 
     m1, m2 = mean(first), mean(second)
     return {s: m1[s] - m2[s] for s in sites}
-
-
-def hook_count(model: Any) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 # -- search ----------------------------------------------------------------------------------
@@ -216,7 +212,7 @@ def test_apply_hook_edits_plain_calls_then_leaves_the_model_as_it_was(any_arch: 
     edit = find_neurons(model, first, second, NeuronEditConfig(0.1), tokenizer=any_arch.tokenizer)
     side = "right" if backend.padding == "both" else backend.padding
     batch = pad_batch(ids_of(any_arch, first), side)
-    hooks, training = hook_count(model), model.training
+    hooks, training = hook_ids(model), model.training
 
     def logits(out: Any) -> torch.Tensor:
         return (out if isinstance(out, torch.Tensor) else out.logits).detach()
@@ -231,7 +227,7 @@ def test_apply_hook_edits_plain_calls_then_leaves_the_model_as_it_was(any_arch: 
     torch.testing.assert_close(inside[mask], reference[mask], atol=1e-5, rtol=0)
     assert float((inside - clean)[mask].abs().max()) > 1e-3  # the ablation did something
     torch.testing.assert_close(after, clean, atol=0, rtol=0)
-    assert "forward" not in vars(model) and hook_count(model) == hooks
+    assert "forward" not in vars(model) and hook_ids(model) == hooks
     assert model.training == training
 
     # multiplier 0 ablates: the units read zero at every position during the run
@@ -245,9 +241,9 @@ def test_apply_hook_removes_everything_on_an_exception(any_arch: Arch) -> None:
     model = any_arch.model
     edit = find_neurons(model, first, second, NeuronEditConfig(0.1), tokenizer=any_arch.tokenizer)
     ids = torch.tensor([ids_of(any_arch, first)[0]])
-    hooks = hook_count(model)
+    hooks = hook_ids(model)
     unused = edit.apply_hook(model)  # made but never entered: nothing is attached
-    assert "forward" not in vars(model) and hook_count(model) == hooks
+    assert "forward" not in vars(model) and hook_ids(model) == hooks
     del unused
     with torch.no_grad():
         clean = model(ids)
@@ -255,7 +251,7 @@ def test_apply_hook_removes_everything_on_an_exception(any_arch: Arch) -> None:
             model(ids)
             raise RuntimeError("inside")
         again = model(ids)
-    assert "forward" not in vars(model) and hook_count(model) == hooks
+    assert "forward" not in vars(model) and hook_ids(model) == hooks
     c = clean if isinstance(clean, torch.Tensor) else clean.logits
     g = again if isinstance(again, torch.Tensor) else again.logits
     torch.testing.assert_close(g, c, atol=0, rtol=0)

@@ -24,6 +24,7 @@ from archscope.methods.attribute import (
     patch_sweep,
     state_patch_sweep,
 )
+from archscope.testing import hook_ids
 
 TOL = 1e-5
 
@@ -348,17 +349,13 @@ def test_positions_are_counted_in_real_tokens_whatever_the_padding() -> None:
     )
 
 
-def _count_hooks(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def test_sweeps_leave_no_hooks_gradients_or_weight_changes() -> None:
     a = arch("gpt2")
     before = {k: v.clone() for k, v in a.model.state_dict().items()}
-    hooks = _count_hooks(a.model)
+    hooks = hook_ids(a.model)
     clean, corrupted, *_ = _batches(a, [5, 4])
     patch_sweep(a.backend, clean, corrupted, attribution=True)
-    assert _count_hooks(a.model) == hooks
+    assert hook_ids(a.model) == hooks
     assert not a.model.training
     assert all(p.grad is None for p in a.model.parameters())
     assert all(torch.equal(before[k], v) for k, v in a.model.state_dict().items())

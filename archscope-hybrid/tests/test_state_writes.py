@@ -21,7 +21,7 @@ from archscope.recurrence import (
     delta_rule_scan,
     delta_rule_states,
 )
-from archscope.testing import padded_batch
+from archscope.testing import hook_ids, padded_batch
 from archscope_hybrid.backend import HybridBackend
 from archscope_hybrid.testing import language_model, make_model, missing, random_ids
 
@@ -383,14 +383,13 @@ def test_no_hook_stays_and_only_matrix_state_mixers_declare_write_sites() -> Non
     _needs(family, "lfm2", "kimi_linear")
     backend = _backend(family)
     model = _model(family)
-    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    before = hook_ids(model)
     backend.run(
         random_ids(1, 5),
         capture=_sites("state_write", "effective_attention"),
         edits=[Edit.scale(f"layer_{LAYER}.write_value", 2.0, positions=[1])],
     )
-    after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    assert before == after
+    assert hook_ids(model) == before
     info = backend.sites()[f"layer_{LAYER}.state_write"]
     assert info.kind == "token" and info.writable
     assert info.shape == ("batch", "seq", "heads", "key_dim", "value_dim")

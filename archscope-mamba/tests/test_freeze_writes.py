@@ -16,6 +16,7 @@ import torch
 
 from archscope import Backend, Edit
 from archscope.freeze import freeze
+from archscope.testing import check_frozen
 from archscope_mamba.testing import make_model, random_ids
 
 warnings.filterwarnings("ignore", message=".*falling back to its reference PyTorch.*")
@@ -26,10 +27,6 @@ SEQ = 9
 @functools.cache
 def _backend(family: str) -> Any:
     return Backend.for_model(make_model(family))
-
-
-def _hooks(model: Any) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def _ids() -> torch.Tensor:
@@ -46,24 +43,13 @@ def _change(like: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_frozen_run_captures_the_models_writes(family: str) -> None:
+def test_a_frozen_run_is_the_model_and_its_writes_are_affine_with_exact_slopes(family: str) -> None:
+    """`check_frozen` with the write sites: captures equal the model's, the writes are affine
+    in the embeddings, the gradient at a write leaf is the frozen model's slope, the write
+    depends on earlier positions only (through the held recurrence), nothing is left behind."""
     backend = _backend(family)
-    ids = _ids()
-    sites = ["layer_1.state_write", "layer_1.ssm_states", "layer_2.write_value", "logits"]
-    real = backend.run(ids, capture=sites)
-    model = backend.model
-    hooks = _hooks(model)
-    weights = {k: v.clone() for k, v in model.state_dict().items()}
-    with freeze(backend, ids):
-        frozen = backend.run(ids, capture=sites)
-        edit = [Edit.scale(sites[0], 0.5)]
-        backend.run(ids, capture=sites, edits=edit, grad=True)["logits"].sum().backward()
-    model.zero_grad(set_to_none=True)
-    # nothing left behind: no hook, the weights and the mode as they were
-    assert _hooks(model) == hooks and not model.training
-    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
-    for site in sites:
-        torch.testing.assert_close(frozen[site], real[site], atol=1e-5, rtol=1e-5)
+    sites = ["layer_1.state_write", "layer_1.ssm_states", "layer_2.write_value"]
+    check_frozen(backend, _ids(), sites, leaves=("embed", "layer_1.state_write"))
     assert backend.frozen_writes is None
 
 
@@ -96,43 +82,3 @@ def test_a_write_edit_in_a_frozen_run_is_the_models_write_edit(family: str, laye
     # positions before the first edited one are untouched
     torch.testing.assert_close(frozen[mixer][:, :2], clean[mixer][:, :2], atol=1e-6, rtol=0)
     torch.testing.assert_close(frozen[states][:, :2], clean[states][:, :2], atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_frozen_write_is_affine_and_carries_gradients(family: str) -> None:
-    backend = _backend(family)
-    ids = _ids()
-    site = "layer_1.state_write"
-    real = backend.run(ids, capture=["embed", site])
-    embed, write = real["embed"], real[site]
-    g = torch.Generator().manual_seed(1)
-    a, b = (torch.randn(embed.shape, generator=g) * embed.std() for _ in range(2))
-
-    def run(x: torch.Tensor, extra: list[Edit] = ()) -> Any:  # type: ignore[assignment]
-        edits = [Edit.replace("embed", x), *extra]
-        return backend.run(ids, capture=[site, "logits"], edits=edits)
-
-    with freeze(backend, ids):
-        outs = [run(x) for x in (a, b, a + b, torch.zeros_like(a))]
-        for name in (site, "logits"):
-            gap = outs[0][name] + outs[1][name] - outs[2][name] - outs[3][name]
-            assert float(gap.abs().max()) < 1e-4 * (1 + float(outs[2][name].abs().max()))
-        # logits <- write: the gradient at a write leaf is the frozen model's exact slope
-        leaf = write.clone().requires_grad_(True)
-        live = backend.run(
-            ids, capture=["logits"], edits=[Edit.apply(site, lambda x: leaf.to(x.dtype))], grad=True
-        )
-        target = live.logits[0, -1, 7]
-        (grad,) = torch.autograd.grad(target, [leaf])
-        step = _change(write, 9) * 0.1
-        moved = backend.run(ids, capture=["logits"], edits=[Edit.replace(site, write + step)])
-        expected = float(moved.logits[0, -1, 7] - target.detach())
-        assert abs(expected) > 1e-4
-        assert float((grad * step).sum()) == pytest.approx(expected, rel=1e-3, abs=1e-6)
-        # write <- layer input: the captured write depends on the embeddings through the
-        # held recurrence (a gradient at the embedding leaf)
-        emb = embed.clone().requires_grad_(True)
-        live = backend.run(ids, capture=[site], edits=[Edit.replace("embed", emb)], grad=True)
-        (back,) = torch.autograd.grad(live[site][0, 4].sum(), [emb])
-        assert float(back[0, :5].abs().sum()) > 0 and float(back[0, 5:].abs().sum()) == 0.0
-    assert backend.frozen_writes is None

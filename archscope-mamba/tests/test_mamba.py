@@ -13,7 +13,7 @@ import transformers
 from packaging.version import Version
 
 from archscope import Backend, BackendError, Edit, SiteError
-from archscope.testing import padded_batch
+from archscope.testing import hook_ids, padded_batch
 from archscope_mamba.backend import MambaBackend
 from archscope_mamba.testing import (
     HF_FAMILIES,
@@ -398,10 +398,7 @@ def test_hooks_are_removed_when_a_continued_run_raises() -> None:
     model = backend.model
     state = backend.run(random_ids(1, 4), return_state=True).state
 
-    def count() -> int:
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-    before = count()
+    before = hook_ids(model)
 
     def boom(x: torch.Tensor) -> torch.Tensor:
         raise RuntimeError("deliberate failure")
@@ -413,4 +410,4 @@ def test_hooks_are_removed_when_a_continued_run_raises() -> None:
             capture=["layer_2.residual"],
             edits=[Edit.apply("layer_1.residual", boom)],
         )
-    assert count() == before
+    assert hook_ids(model) == before

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from archscope import Backend, BackendError, Edit, SiteError
-from archscope.testing import padded_batch
+from archscope.testing import hook_ids, padded_batch
 from archscope_mamba.backend import MambaBackend
 from archscope_mamba.testing import make_model, random_ids
 from archscope_mamba.writes import channel_decay_attention
@@ -332,14 +332,13 @@ def test_write_sites_are_refused_where_they_cannot_be_computed() -> None:
 def test_no_hook_stays_and_only_the_hf_mamba_mixers_declare_write_sites() -> None:
     backend = _backend("mamba")
     model = _model("mamba")
-    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    before = hook_ids(model)
     backend.run(
         random_ids(1, 5),
         capture=_sites("state_write", "effective_attention"),
         edits=[Edit.scale(f"layer_{LAYER}.write_value", 2.0, positions=[1])],
     )
-    after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    assert before == after
+    assert hook_ids(model) == before
     info = backend.sites()[f"layer_{LAYER}.state_write"]
     assert info.kind == "token" and info.writable
     assert info.shape == ("batch", "seq", "d_inner", "d_state")

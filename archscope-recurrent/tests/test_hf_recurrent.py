@@ -7,6 +7,7 @@ import torch
 
 from archscope import Edit, SiteError
 from archscope.backends import BackendError
+from archscope.testing import hook_ids
 from archscope_recurrent.hf import RWKVBackend, XLSTMBackend
 from archscope_recurrent.testing import tiny_rwkv, tiny_xlstm, token_batch
 
@@ -180,7 +181,7 @@ def test_identity_edit_leaves_logits_bit_identical_and_hooks_are_removed(family)
     backend = backend_cls(model)
     ids = token_batch(2, 5)["input_ids"]
     plain = backend.run(ids, capture=["logits"])
-    hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+    hooks = hook_ids(model)
     edited = backend.run(
         ids,
         capture=["logits"],
@@ -191,7 +192,7 @@ def test_identity_edit_leaves_logits_bit_identical_and_hooks_are_removed(family)
     assert not torch.equal(plain.logits, steered.logits)
     with pytest.raises(SiteError, match="does not fit"):
         backend.run(ids, edits=[Edit.replace("layer_0.mlp", torch.zeros(3))])
-    assert hooks == [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()]
+    assert hook_ids(model) == hooks
 
 
 def test_xlstm_logits_are_read_only_and_bad_state_is_refused():

@@ -105,10 +105,6 @@ def recording(model: Any, family: str) -> Iterator[dict[str, torch.Tensor]]:
             handle.remove()
 
 
-def own_hook_count(model: Any) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def hook_snapshot(model: Any) -> dict[str, tuple[int, int]]:
     """Per module, how many forward (pre-)hooks it has; transformers' own output-capturing
     hooks are installed once and stay, so tests compare snapshots around a backend call."""

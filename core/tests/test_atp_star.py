@@ -16,6 +16,7 @@ from archs import arch
 import archscope
 from archscope.errors import InputError, SiteError
 from archscope.methods.attribute import attention_node_sweep, attribution_patch, patch_sweep
+from archscope.testing import hook_ids
 
 T = 7  # tokens per prompt
 POS = 2  # the position where clean and corrupted differ (for the key nodes)
@@ -195,14 +196,12 @@ def test_runs_leave_the_model_as_they_found_it(one_layer: Any) -> None:
     eager = home.eager_attention_forward
     before = one_layer.config._attn_implementation
     weights = {k: v.clone() for k, v in one_layer.state_dict().items()}
-    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in one_layer.modules())
+    hooks = hook_ids(one_layer)
     attention_node_sweep(one_layer, clean, corrupted, node="key", metric_fn=metric)
     assert home.eager_attention_forward is eager
     assert one_layer.config._attn_implementation == before
     assert not one_layer.training
-    assert hooks == sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in one_layer.modules()
-    )
+    assert hook_ids(one_layer) == hooks
     for k, v in one_layer.state_dict().items():
         assert torch.equal(v, weights[k]), k
 

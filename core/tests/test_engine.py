@@ -12,6 +12,7 @@ from torch import nn
 from archscope import Edit, Site, SiteError, SiteInfo
 from archscope.backends import BackendError
 from archscope.engine import HookBackend, Hookpoint, last_real_index, padding_side
+from archscope.testing import hook_ids
 
 
 class Block(nn.Module):
@@ -102,10 +103,6 @@ def stack():
 def ids():
     torch.manual_seed(1)
     return torch.randint(0, 23, (3, 7))
-
-
-def _hook_count(model: nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def test_every_site_equals_the_hand_computed_reference(stack, ids):
@@ -241,7 +238,7 @@ def test_edit_with_misaligned_shape_is_a_clear_error(stack, ids):
         backend.run(ids, edits=[Edit.scale("layer_0.residual", 2.0, units=[8])])
     with pytest.raises(SiteError, match="function must return a tensor of shape"):
         backend.run(ids, edits=[Edit.apply("layer_0.residual", lambda x: x[:, :1])])
-    assert _hook_count(stack) == 0
+    assert hook_ids(stack) == set()
 
 
 def test_read_only_site_cannot_be_edited(stack, ids):
@@ -271,7 +268,7 @@ def test_hooks_removed_and_model_unchanged_when_the_forward_raises(stack, ids):
 
     with pytest.raises(RuntimeError, match="edit exploded"):
         backend.run(ids, capture=["layer_4.residual"], edits=[Edit.apply("layer_2.residual", boom)])
-    assert _hook_count(stack) == 0
+    assert hook_ids(stack) == set()
     assert not stack.training
     assert all(torch.equal(before[k], v) for k, v in stack.state_dict().items())
     assert torch.equal(backend.run(ids).logits, clean)
@@ -401,7 +398,7 @@ def test_padding_the_backend_does_not_handle_is_refused(stack):
         backend.run(gaps)
     right = {"input_ids": torch.tensor([[1, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 0]])}
     assert backend.run(right).logits.shape == (1, 3, 23)
-    assert _hook_count(stack) == 0
+    assert hook_ids(stack) == set()
 
 
 def test_edits_of_sites_without_a_hookpoint_are_refused_unless_the_backend_applies_them(stack, ids):
@@ -416,7 +413,7 @@ def test_edits_of_sites_without_a_hookpoint_are_refused_unless_the_backend_appli
 
     with pytest.raises(BackendError, match=r"cannot edit \['layer_0.state'\] during a run"):
         WithState(stack).run(ids, edits=[Edit.scale("layer_0.state", 0.0)])
-    assert _hook_count(stack) == 0
+    assert hook_ids(stack) == set()
 
 
 def test_index_tensors_are_accepted_as_positions_and_units(stack, ids):

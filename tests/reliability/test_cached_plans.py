@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 import torch
-from reliability.support import forward_attributes, hook_ids, small_gpt2, token_ids
+from reliability.support import forward_attributes, small_gpt2, token_ids
 
 import archscope
 from archscope import guards
 from archscope.errors import InputError
+from archscope.testing import hook_ids
 
 CAPTURE = ["layer_0.residual", "layer_1.residual", "logits"]
 

@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import torch
 from archs import ARCH_NAMES, arch
-from reliability.support import assert_unchanged, batch, hook_ids, snapshot
+from reliability.support import batch
 
 import archscope
 from archscope import Edit
+from archscope.testing import unchanged
 
 N_THREADS, N_RUNS = 4, 6
 
@@ -46,32 +47,30 @@ def _stress(backends: list[Any], model: Any) -> None:
     inputs = batch([6, 4, 5], seed=3)
     jobs = [(i % len(backends), i % len(_requests(backends[0]))) for i in range(N_THREADS * N_RUNS)]
     reference = {r: _run(backends[0], inputs, req) for r, req in enumerate(_requests(backends[0]))}
-    before, hooks = snapshot(model), hook_ids(model)
-    failures: list[str] = []
-    barrier = threading.Barrier(N_THREADS)
+    with unchanged(model):
+        failures: list[str] = []
+        barrier = threading.Barrier(N_THREADS)
 
-    def worker(t: int) -> None:
-        barrier.wait()
-        for b_i, r in jobs[t::N_THREADS]:
-            try:
-                got = _run(backends[b_i], inputs, _requests(backends[b_i])[r])
-            except Exception as exc:  # collected: an exception in a thread must fail the test
-                failures.append(f"thread {t} request {r}: {type(exc).__name__}: {exc}")
-                continue
-            want = reference[r]
-            if set(got) != set(want) or not all(torch.equal(got[k], want[k]) for k in want):
-                failures.append(
-                    f"thread {t} request {r}: result differs from the single-threaded reference"
-                )
+        def worker(t: int) -> None:
+            barrier.wait()
+            for b_i, r in jobs[t::N_THREADS]:
+                try:
+                    got = _run(backends[b_i], inputs, _requests(backends[b_i])[r])
+                except Exception as exc:  # collected: an exception in a thread must fail the test
+                    failures.append(f"thread {t} request {r}: {type(exc).__name__}: {exc}")
+                    continue
+                want = reference[r]
+                if set(got) != set(want) or not all(torch.equal(got[k], want[k]) for k in want):
+                    failures.append(
+                        f"thread {t} request {r}: result differs from the single-threaded reference"
+                    )
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(N_THREADS)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert failures == []
-    assert hook_ids(model) == hooks
-    assert_unchanged(model, before)
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(N_THREADS)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert failures == []
 
 
 @pytest.mark.parametrize("name", ARCH_NAMES)

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import torch
-from reliability.support import batch, hook_ids
+from reliability.support import batch
 
 import archscope
+from archscope.testing import hook_ids
 
 
 def _fresh(kind: str) -> Any:

@@ -7,25 +7,24 @@ from __future__ import annotations
 import pytest
 import torch
 from archs import Arch, arch
-from reliability.support import assert_unchanged, batch, hook_ids, snapshot
+from reliability.support import batch
 
 import archscope
 from archscope.errors import ArchscopeError, InputError
+from archscope.testing import unchanged
 
 
 def _refused_before_forward(a: Arch, inputs: object, pattern: str) -> None:
     """``inputs`` raise InputError matching ``pattern``; no module was called, nothing changed."""
     calls: list[str] = []
-    before, hooks = snapshot(a.model), hook_ids(a.model)
-    handle = a.model.register_forward_pre_hook(lambda m, args: calls.append("called"))
-    try:
-        with pytest.raises(InputError, match=pattern):
-            a.backend.run(inputs, capture=["logits"])
-    finally:
-        handle.remove()
-    assert calls == [], "the forward pass ran before the input was refused"
-    assert hook_ids(a.model) == hooks
-    assert_unchanged(a.model, before)
+    with unchanged(a.model):
+        handle = a.model.register_forward_pre_hook(lambda m, args: calls.append("called"))
+        try:
+            with pytest.raises(InputError, match=pattern):
+                a.backend.run(inputs, capture=["logits"])
+        finally:
+            handle.remove()
+        assert calls == [], "the forward pass ran before the input was refused"
 
 
 def test_token_id_at_vocabulary_size(any_arch: Arch) -> None:

@@ -15,10 +15,11 @@ import torch
 from archs import arch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from reliability.support import assert_unchanged, batch, hook_ids, snapshot
+from reliability.support import batch
 
 from archscope import Edit
 from archscope.errors import ArchscopeError
+from archscope.testing import unchanged
 
 MAX_EXAMPLES = 30
 #: Recurrent roles: an edit at step t changes every later step of the same site.
@@ -166,43 +167,43 @@ def check(name: str, case: Case) -> str:
         edit = Edit.apply(case.site, lambda t: t.clone(), case.positions, case.units)
     else:
         edit = Edit(case.site, case.op, operand, case.positions, case.units)  # type: ignore[arg-type]
-    before, hooks = snapshot(model), hook_ids(model)
-    try:
-        result = backend.run(inputs, capture=[case.site, "logits"], edits=[edit], stop_early=False)
-    except ArchscopeError as exc:
-        assert not valid, f"valid request refused: {type(exc).__name__}: {exc}"
-        outcome = "error"
-    else:
-        assert valid, "invalid request accepted"
-        outcome = "result"
-        clean = backend.run(inputs, capture=[case.site, "logits"], stop_early=False)
-        for r, ref in enumerate(_row_logits(model, inputs["input_ids"], mask)):
-            assert torch.allclose(clean.logits[r][mask[r].bool()], ref, atol=1e-4)
-        rows = _selected_positions(case, mask)
-        assert rows is not None
-        if case.value == "identity":
-            assert torch.equal(result.logits, clean.logits), "an identity edit changed logits"
-            assert torch.equal(result[case.site], clean[case.site])
+    with unchanged(model):
+        try:
+            result = backend.run(
+                inputs, capture=[case.site, "logits"], edits=[edit], stop_early=False
+            )
+        except ArchscopeError as exc:
+            assert not valid, f"valid request refused: {type(exc).__name__}: {exc}"
+            outcome = "error"
         else:
-            expected = _hand_edit(clean[case.site], case, operand, rows)
-            recurrent = backend.site_info(case.site).site.role in RECURRENT_ROLES
-            for r, positions in enumerate(rows):
-                real = mask[r].bool()
-                if not positions:  # a slice that selects none of this row's tokens
-                    assert torch.equal(result.logits[r][real], clean.logits[r][real])
-                    continue
-                first = min(positions)
-                upto = first + 1 if recurrent else mask.shape[1]
-                got, want = result[case.site][r, :upto], expected[r, :upto]
-                keep = real[:upto]
-                assert torch.allclose(got[keep], want[keep], atol=1e-5), "edited site differs"
-                keep_logits = real.clone()
-                keep_logits[first:] = False
-                assert torch.allclose(
-                    result.logits[r][keep_logits], clean.logits[r][keep_logits], atol=1e-5
-                ), "logits before the first edited position changed"
-    assert hook_ids(model) == hooks
-    assert_unchanged(model, before)
+            assert valid, "invalid request accepted"
+            outcome = "result"
+            clean = backend.run(inputs, capture=[case.site, "logits"], stop_early=False)
+            for r, ref in enumerate(_row_logits(model, inputs["input_ids"], mask)):
+                assert torch.allclose(clean.logits[r][mask[r].bool()], ref, atol=1e-4)
+            rows = _selected_positions(case, mask)
+            assert rows is not None
+            if case.value == "identity":
+                assert torch.equal(result.logits, clean.logits), "an identity edit changed logits"
+                assert torch.equal(result[case.site], clean[case.site])
+            else:
+                expected = _hand_edit(clean[case.site], case, operand, rows)
+                recurrent = backend.site_info(case.site).site.role in RECURRENT_ROLES
+                for r, positions in enumerate(rows):
+                    real = mask[r].bool()
+                    if not positions:  # a slice that selects none of this row's tokens
+                        assert torch.equal(result.logits[r][real], clean.logits[r][real])
+                        continue
+                    first = min(positions)
+                    upto = first + 1 if recurrent else mask.shape[1]
+                    got, want = result[case.site][r, :upto], expected[r, :upto]
+                    keep = real[:upto]
+                    assert torch.allclose(got[keep], want[keep], atol=1e-5), "edited site differs"
+                    keep_logits = real.clone()
+                    keep_logits[first:] = False
+                    assert torch.allclose(
+                        result.logits[r][keep_logits], clean.logits[r][keep_logits], atol=1e-5
+                    ), "logits before the first edited position changed"
     return outcome
 
 

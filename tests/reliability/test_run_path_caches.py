@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import torch
 from archs import arch
-from reliability.support import forward_attributes, hook_ids
+from reliability.support import forward_attributes
 
 from archscope import InputError, guards
 from archscope.engine import logits_from
+from archscope.testing import hook_ids
 
 SITES = ["layer_0.residual", "layer_1.residual", "logits"]
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 from archs import Arch
-from reliability.support import assert_unchanged, batch, hook_ids, snapshot
+from reliability.support import batch
 
 from archscope import Edit
 from archscope.errors import ArchscopeError, InputError, SiteError
+from archscope.testing import unchanged
 
 
 def _site(a: Arch) -> str:
@@ -92,9 +93,7 @@ def test_single_edit_instead_of_list_is_accepted(any_arch: Arch) -> None:
 
 @pytest.mark.parametrize("bad", [3, "layer_0.residual", {"site": "x"}])
 def test_edits_of_wrong_type_name_what_was_given(any_arch: Arch, bad: object) -> None:
-    before, hooks = snapshot(any_arch.model), hook_ids(any_arch.model)
-    with pytest.raises(ArchscopeError, match=r"Edit") as info:
-        any_arch.backend.run(batch([3]), edits=bad)  # type: ignore[arg-type]
-    assert type(bad).__name__ in str(info.value)
-    assert hook_ids(any_arch.model) == hooks
-    assert_unchanged(any_arch.model, before)
+    with unchanged(any_arch.model):
+        with pytest.raises(ArchscopeError, match=r"Edit") as info:
+            any_arch.backend.run(batch([3]), edits=bad)  # type: ignore[arg-type]
+        assert type(bad).__name__ in str(info.value)

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 from archs import arch
-from reliability.support import assert_unchanged, hook_ids, snapshot
 
 import archscope
 from archscope import Edit
 from archscope.errors import ArchscopeError, BackendError, InputError, SiteError
+from archscope.testing import unchanged
 
 
 @cache
@@ -132,13 +132,11 @@ def test_a_position_some_row_lacks_is_refused(spec: str) -> None:
 def test_attention_mask_values_other_than_0_and_1_are_refused(any_arch: Any, value: int) -> None:
     ids = torch.tensor([[5, 6, 7]])
     mask = torch.tensor([[1, value, 1]])
-    before, hooks = snapshot(any_arch.model), hook_ids(any_arch.model)
-    with NoForward(any_arch.model) as ran:
-        with pytest.raises(InputError, match=rf"attention_mask must hold 0 and 1.*{value}"):
-            any_arch.backend.run({"input_ids": ids, "attention_mask": mask}, capture=["logits"])
-    assert ran.calls == 0
-    assert hook_ids(any_arch.model) == hooks
-    assert_unchanged(any_arch.model, before)
+    with unchanged(any_arch.model):
+        with NoForward(any_arch.model) as ran:
+            with pytest.raises(InputError, match=rf"attention_mask must hold 0 and 1.*{value}"):
+                any_arch.backend.run({"input_ids": ids, "attention_mask": mask}, capture=["logits"])
+        assert ran.calls == 0
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import archscope
 from archscope import Edit
 from archscope.freeze import FreezeError, freeze
+from archscope.testing import check_frozen
 
 FAMILIES = ["llama", "gpt2", "zoo-mamba", "zoo-lstm", "qwen3.5-hybrid"]
 
@@ -30,49 +31,12 @@ def _ids(backend: Any, seq: int = 6, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, min(vocab, 90), (1, seq), generator=g)
 
 
-def _logits_with_embed(backend: Any, ids: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
-    result = backend.run(ids, capture=["logits"], edits=[Edit.replace("embed", embed)])
-    return result.logits[0, -1].double()
-
-
-def _hooks(model: Any) -> int:
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_frozen_run_is_the_model_at_the_prompt_and_affine_around_it(
     family: str, request: Any
 ) -> None:
     backend = _backend(family, request)
-    ids = _ids(backend)
-    real = backend.run(ids, capture=["embed", "logits"])
-    embed = real.activations["embed"]
-    g = torch.Generator().manual_seed(1)
-    a = torch.randn(embed.shape, generator=g) * embed.std()
-    b = torch.randn(embed.shape, generator=g) * embed.std()
-    zero = torch.zeros_like(embed)
-    hooks = _hooks(backend.model)
-    weights = {k: v.clone() for k, v in backend.model.state_dict().items()}
-    with freeze(backend, ids) as values:
-        assert len(values) > 0
-        same = backend.run(ids, capture=["logits"]).logits[0, -1].double()
-        fa, fb = _logits_with_embed(backend, ids, a), _logits_with_embed(backend, ids, b)
-        fab = _logits_with_embed(backend, ids, a + b)
-        f0 = _logits_with_embed(backend, ids, zero)
-    torch.testing.assert_close(same, real.logits[0, -1].double(), atol=1e-4, rtol=0)
-    scale = float(fab.abs().max())
-    assert float((fa + fb - fab - f0).abs().max()) < 1e-4 * (1 + scale)
-    # the model itself is not affine in its embeddings: the check above has teeth
-    ua, ub = _logits_with_embed(backend, ids, a), _logits_with_embed(backend, ids, b)
-    uab, u0 = _logits_with_embed(backend, ids, a + b), _logits_with_embed(backend, ids, zero)
-    assert float((ua + ub - uab - u0).abs().max()) > 1e-3
-    # nothing left behind
-    assert _hooks(backend.model) == hooks
-    assert all(torch.equal(v, weights[k]) for k, v in backend.model.state_dict().items())
-    assert not backend.model.training
+    check_frozen(backend, _ids(backend))
 
 
 def test_a_frozen_run_uses_eager_attention_and_gives_the_model_back_as_it_was(

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import archscope
-from archscope import Edit
 from archscope.freeze import freeze
+from archscope.testing import check_frozen
 from archscope_graphs.attribution import _graph, bias_rows, bias_terms
 from archscope_graphs.replacement import ReplacementModel
 
@@ -57,37 +57,11 @@ def _ids(seq: int = 11, seed: int = 0) -> torch.Tensor:
     return torch.randint(4, 90, (1, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _logits(backend: Any, ids: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
-    result = backend.run(ids, capture=["logits"], edits=[Edit.replace("embed", embed)])
-    return result.logits[0, -1].double()
-
-
-def _hooks(model: Any) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
 def test_a_frozen_run_is_the_model_at_the_prompt_and_affine_around_it(
     family: tuple[str, Any],
 ) -> None:
     _, backend = family
-    assert "freeze" in backend.capabilities, getattr(backend, "frozen_unavailable", None)
-    ids = _ids()
-    real = backend.run(ids, capture=["embed", "logits"])
-    embed = real.activations["embed"]
-    g = torch.Generator().manual_seed(1)
-    a, b = (torch.randn(embed.shape, generator=g) * embed.std() for _ in range(2))
-    zero = torch.zeros_like(embed)
-    hooks = _hooks(backend.model)
-    with freeze(backend, ids):
-        same = backend.run(ids, capture=["logits"]).logits[0, -1].double()
-        gap = _logits(backend, ids, a) + _logits(backend, ids, b)
-        gap = gap - _logits(backend, ids, a + b) - _logits(backend, ids, zero)
-    torch.testing.assert_close(same, real.logits[0, -1].double(), atol=1e-4, rtol=0)
-    assert float(gap.abs().max()) < 1e-4
-    model_gap = _logits(backend, ids, a) + _logits(backend, ids, b)
-    model_gap = model_gap - _logits(backend, ids, a + b) - _logits(backend, ids, zero)
-    assert float(model_gap.abs().max()) > 1e-3  # the check has teeth
-    assert _hooks(backend.model) == hooks
+    check_frozen(backend, _ids())
 
 
 def test_graph_rows_add_up_to_the_logits(family: tuple[str, Any]) -> None:

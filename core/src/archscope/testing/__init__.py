@@ -34,6 +34,17 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 
 from .backend_contract import BackendContract
 from .batches import HEAVY_MODULES, padded_batch
+from .freezing import check_frozen
 from .methods import MethodContract, method_data
+from .untouched import hook_ids, unchanged
 
-__all__ = ["HEAVY_MODULES", "BackendContract", "MethodContract", "method_data", "padded_batch"]
+__all__ = [
+    "HEAVY_MODULES",
+    "BackendContract",
+    "MethodContract",
+    "check_frozen",
+    "hook_ids",
+    "method_data",
+    "padded_batch",
+    "unchanged",
+]

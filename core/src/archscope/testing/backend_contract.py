@@ -11,7 +11,9 @@ from typing import Any, ClassVar
 import pytest
 
 from .batches import HEAVY_MODULES, padded_batch
+from .freezing import check_frozen
 from .methods import method_data
+from .untouched import hook_ids
 
 __all__ = ["BackendContract"]
 
@@ -139,10 +141,6 @@ class BackendContract:
         for p in model.parameters():
             return p.device
         return torch.device("cpu")
-
-    @staticmethod
-    def _hook_count(model: Any) -> int:
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
     def _each(self, check: Callable[[str, Any, Any], None], model_name: str) -> None:
         models = self._models()
@@ -538,7 +536,7 @@ class BackendContract:
         def check(name: str, model: Any, backend: Any) -> None:
             batch = self.make_batch(model)
             clean = backend.run(batch).logits
-            hooks = self._hook_count(model)
+            hooks = hook_ids(model)
             params = {k: v.detach().clone() for k, v in model.state_dict().items()}
             modes = [m.training for m in model.modules()]
             writable = [s for s, i in backend.sites().items() if i.writable]
@@ -551,7 +549,7 @@ class BackendContract:
                 backend.run(
                     batch, capture=backend.layer_names()[-1:], edits=[Edit.apply(target, boom)]
                 )
-            if self._hook_count(model) != hooks:
+            if hook_ids(model) != hooks:
                 _fix(
                     f"hooks were left on {name!r} after a forward that raised (edit at "
                     f"{target}): remove them in a finally block"
@@ -689,6 +687,24 @@ class BackendContract:
                         f"{sites[0]} rows do not sum to 1: capture the attention probabilities "
                         "after the softmax (over the key axis, the last one), not the scores"
                     )
+
+        self._each(check, model_name)
+
+    def test_freezing_is_the_model_at_the_prompt_and_affine_around_it(
+        self, model_name: str
+    ) -> None:
+        """A backend declaring ``freeze``: `check_frozen` on the first row of the test batch
+        (the model at the prompt, affine around it, exact slopes, causal, nothing left)."""
+
+        def check(name: str, model: Any, backend: Any) -> None:
+            if "freeze" not in backend.capabilities:
+                return
+            ids = self.make_batch(model)["input_ids"][:1]
+            token = min(7, self.vocab_size(model) - 1)
+            try:
+                check_frozen(backend, ids, token=token, tol=self.logits_atol, nonlinear=False)
+            except AssertionError as exc:
+                _fix(f"{name!r} declares 'freeze': {exc}")
 
         self._each(check, model_name)
 

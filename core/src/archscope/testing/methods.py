@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import pytest
 
 from ..engine import HookBackend, Hookpoint, SiteTable
+from .untouched import hook_ids
 
 
 def _fix(message: str) -> None:
@@ -221,15 +222,12 @@ class MethodContract:
             model = backend.model
             before = {k: v.clone() for k, v in model.state_dict().items()}
             modes = [m.training for m in model.modules()]
-            hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+            hooks = hook_ids(model)
             self._run(method, backend, **method.quick_params())
             after = model.state_dict()
             if any(not torch.equal(before[k], after[k]) for k in before):
                 _fix(f"{method.name!r} changed the model's weights")
             if [m.training for m in model.modules()] != modes:
                 _fix(f"{method.name!r} changed the model's train/eval mode")
-            if (
-                sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-                != hooks
-            ):
+            if hook_ids(model) != hooks:
                 _fix(f"{method.name!r} left hooks on the model")
