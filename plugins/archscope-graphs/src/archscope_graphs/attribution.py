@@ -15,6 +15,12 @@ attention, norms and heads carried through the frozen model, and the transcoders
 biases), which `bias_terms` computes independently (a run of the frozen model with every input
 set to zero).
 
+That is the default linearisation, "frozen". With ``linearise="gradient"`` nothing is frozen:
+the same rows are computed through the live model (its patterns, norms, gates differentiated),
+so each is the first-order part of its target at the prompt, not the target; ``target − row
+sum`` is recorded per node as ``metadata["linearisation_offset"]`` and `bias_terms` refuses
+such a graph. ``metadata["linearisation"]`` names the construction.
+
 Pruning follows influence on the chosen logits: with ``A`` = |adjacency| normalised per row
 and ``w`` the logits' probabilities, a node's influence is ``w·(A + A² + ...)``; nodes are kept,
 most influential first, until their cumulative share of the total reaches ``node_threshold``,

@@ -7,6 +7,9 @@ backend's ``freeze`` capability (`archscope.freeze`). At the prompt it reproduce
 logits exactly; around it, it is affine in what is written into the model: the token
 embeddings (the ``embed`` site) and each written site's value.
 
+Built with ``linearise="gradient"``, nothing is frozen: the same gradient runs go through
+the live model, and are its first-order expansion at the prompt (not affine around it).
+
 Gradient runs use "leaves": the ``embed`` site and every written site are replaced, through
 edits, by tensors that hold the prompt's values and need a gradient; a skip term of a
 transcoder (linear in its read site) is kept live, so the gradient also flows through it. The
