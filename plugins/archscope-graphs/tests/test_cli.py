@@ -171,7 +171,8 @@ def test_graph_command_takes_the_linearisation(tmp_path: Path, cli_group: Any) -
     the page); an unknown linearisation is refused with the valid ones."""
     from click.testing import CliRunner
 
-    args = ["graph", "zoo:transformer", "--prompt", "the cat sat on the mat and the dog"]
+    prompt = "dan likes the soup . paul likes the pie . so dan likes the"  # the corpus's words
+    args = ["graph", "zoo:transformer", "--prompt", prompt]
     result = CliRunner().invoke(
         cli_group, [*args, "--out", str(tmp_path), "--linearise", "gradient", "--label-texts", "2"]
     )

@@ -152,7 +152,7 @@ def _node_parts(backend: Any, ids: torch.Tensor, transcoders: Sequence[Any]) -> 
 def test_gradient_rows_are_finite_differences_of_the_live_model(name: str, request: Any) -> None:
     backend, ids, tcs = _case(name, request)
     graph = attribute(backend, ids, transcoders=tcs, prune=False, linearise="gradient")
-    assert graph.metadata["linearisation"] == "gradient"
+    assert graph.metadata["linearisation"] == "gradient" and graph.metadata["frozen"] == []
     nodes, adj = graph.nodes, graph.adjacency.double()
     feature_rows = [i for i, n in enumerate(nodes) if n.kind == "feature"]
     rows = [*graph.targets, *feature_rows[:: max(1, len(feature_rows) // 12)]]

@@ -115,7 +115,8 @@ def attribute(
             "linearisation": linearise,
             "backend": getattr(backend, "name", type(backend).__name__),
             "model": type(backend.model).__name__,
-            "frozen": sorted(getattr(backend, "freezes", ())),
+            # what the graph held: nothing in a gradient graph
+            "frozen": sorted(getattr(backend, "freezes", ())) if linearise == "frozen" else [],
             "not_frozen": dict(getattr(backend, "cannot_freeze", {})),
             "node_threshold": node_threshold,
             "edge_threshold": edge_threshold,
