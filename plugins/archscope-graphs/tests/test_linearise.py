@@ -38,6 +38,7 @@ from archscope import Edit
 from archscope.errors import ParameterError
 from archscope_graphs.attribution import attribute, bias_terms, prune_graph
 from archscope_graphs.export import to_circuit_tracer
+from archscope_graphs.heads import edge_heads
 from archscope_graphs.replacement import ReplacementModel
 from archscope_graphs.viewer import graph_payload
 
@@ -268,6 +269,9 @@ def test_gradient_graphs_are_marked_and_refused_where_sums_are_exact(
         assert rm.values is None  # nothing frozen, no hook left
         with pytest.raises(ParameterError, match="linearisation_offset"):
             rm.leaf_zero_logits()
+    # nor is a split of an edge by heads (exact in the frozen model only)
+    with pytest.raises(ParameterError, match="to use edge_heads"):
+        edge_heads(tiny_llama, _ids(), full, full.targets[0], 0, transcoders=tcs)
     with pytest.raises(ParameterError, match=r"linearise='linear'.*'frozen', 'gradient'"):
         attribute(tiny_llama, _ids(), linearise="linear")
     with pytest.raises(ParameterError, match="linearise=None"):

@@ -228,14 +228,15 @@ def check_linearise(linearise: Any, caller: str) -> None:
 
 
 def require_frozen(linearise: str, caller: str) -> None:
-    """A ParameterError for what needs exact sums (bias terms) on a "gradient" linearisation."""
+    """A ParameterError for what needs the exact decomposition (bias terms, an edge split by
+    heads) on a "gradient" linearisation."""
     if linearise != "frozen":
         raise ParameterError(
             f"{caller} needs a graph built with linearise='frozen' (an exact decomposition: "
             f"rows add up to their targets minus the bias terms); this one is {linearise!r}, "
             "whose rows are first-order expansions of the live model (what a row misses is "
             "its metadata's 'linearisation_offset'). Build the graph with linearise='frozen' "
-            "for bias terms"
+            f"to use {caller}"
         )
 
 
