@@ -6,7 +6,8 @@
   finite difference of the live model in which every leaf's node part is scaled by 1 ± ε (the
   embeddings; at each written site its features and its error, the decoder biases staying
   where they are, since they are no node), on a transformer with features, zoo Mamba, a hybrid
-  (gated delta nets + attention) and zoo LSTM.
+  (gated delta nets + attention, with features on its MLPs) and zoo LSTM; Mamba-2 write
+  features in test_write_features.py.
 - An edge is the same derivative for one source, every other node held.
 - "frozen" (the default) is unchanged: the same graph, bit for bit, named or not.
 
@@ -62,8 +63,10 @@ def _case(name: str, request: Any) -> tuple[Any, torch.Tensor, list[Any]]:
         backend = _f64(request.getfixturevalue("tiny_llama"))
         make = request.getfixturevalue("make_transcoders")
         return backend, _ids(), make(backend.site_info("layer_0.mlp").dim, 2)
-    if name == "qwen3.5-hybrid":
-        return _f64(request.getfixturevalue("tiny_hybrid")), _ids(9), []
+    if name == "qwen3.5-hybrid":  # gated delta nets and attention, MLP transcoders on each
+        backend = _f64(request.getfixturevalue("tiny_hybrid"))
+        make = request.getfixturevalue("make_transcoders")
+        return backend, _ids(9), make(backend.site_info("layer_0.mlp").dim, backend.n_layers)
     _, tokenizer, backend = request.getfixturevalue("zoo")[name]
     return _f64(backend), torch.tensor([tokenizer.encode(PROMPT)]), []
 
@@ -230,6 +233,20 @@ def test_an_edge_is_a_finite_difference_of_the_live_model_for_one_source(request
         edge = float(adj[t, s])
         assert abs(edge) > 1e-4, (reader.id, source.id)
         assert edge == pytest.approx(reference, rel=1e-3, abs=1e-5), (reader.id, source.id)
+
+
+def test_gradient_rows_do_not_depend_on_the_batch(tiny_gpt2: Any, make_transcoders: Any) -> None:
+    tcs = make_transcoders(tiny_gpt2.site_info("layer_0.mlp").dim, 2)
+    graphs = [
+        attribute(
+            tiny_gpt2, _ids(), transcoders=tcs, prune=False, linearise="gradient", batch_size=b
+        )
+        for b in (1, 64)
+    ]
+    torch.testing.assert_close(graphs[0].adjacency, graphs[1].adjacency, atol=1e-5, rtol=1e-5)
+    assert graphs[0].metadata["linearisation_offset"] == pytest.approx(
+        graphs[1].metadata["linearisation_offset"], abs=1e-4
+    )
 
 
 def test_frozen_is_the_default_and_unchanged(tiny_llama: Any, make_transcoders: Any) -> None:
