@@ -140,6 +140,7 @@ def test_graph_command_writes_json_and_html(
     (call,) = calls
     assert call["prompt"] == "the cat sat" and call["target"] == " on"
     assert call["node_threshold"] == 0.7 and call["edge_threshold"] == 0.98
+    assert call["linearise"] == "frozen"  # the default
     assert [t.read_site for t in call["transcoders"]] == ["layer_0.mlp_in", "layer_1.mlp_in"]
     data = json.loads((tmp_path / "g" / "graph.json").read_text())
     assert len(data["nodes"]) == 7 and len(data["links"]) == 7
@@ -163,3 +164,23 @@ def test_graph_command_end_to_end(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "graph.json").read_text())
     assert any(n["is_target_logit"] for n in data["nodes"])
     assert (tmp_path / "graph.html").is_file()
+
+
+def test_graph_command_takes_the_linearisation(tmp_path: Path, cli_group: Any) -> None:
+    """``--linearise gradient`` builds the first-order graph (named in the exported files and
+    the page); an unknown linearisation is refused with the valid ones."""
+    from click.testing import CliRunner
+
+    prompt = "dan likes the soup . paul likes the pie . so dan likes the"  # the corpus's words
+    args = ["graph", "zoo:transformer", "--prompt", prompt]
+    result = CliRunner().invoke(
+        cli_group, [*args, "--out", str(tmp_path), "--linearise", "gradient", "--label-texts", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "gradient linearisation" in result.output
+    data = json.loads((tmp_path / "graph.json").read_text())
+    assert data["metadata"]["archscope"]["linearisation"] == "gradient"
+    assert '"linearisation": "gradient"' in (tmp_path / "graph.html").read_text()
+    refused = CliRunner().invoke(cli_group, [*args, "--out", str(tmp_path), "--linearise", "exact"])
+    assert refused.exit_code == 2
+    assert "'exact' is not one of 'frozen', 'gradient'" in refused.output

@@ -15,6 +15,12 @@ attention, norms and heads carried through the frozen model, and the transcoders
 biases), which `bias_terms` computes independently (a run of the frozen model with every input
 set to zero).
 
+That is the default linearisation, "frozen". With ``linearise="gradient"`` nothing is frozen:
+the same rows are computed through the live model (its patterns, norms, gates differentiated),
+so each is the first-order part of its target at the prompt, not the target; ``target − row
+sum`` is recorded per node as ``metadata["linearisation_offset"]`` and `bias_terms` refuses
+such a graph. ``metadata["linearisation"]`` names the construction.
+
 Pruning follows influence on the chosen logits: with ``A`` = |adjacency| normalised per row
 and ``w`` the logits' probabilities, a node's influence is ``w·(A + A² + ...)``; nodes are kept,
 most influential first, until their cumulative share of the total reaches ``node_threshold``,
@@ -38,7 +44,7 @@ from archscope.errors import ParameterError
 from archscope.sites import Site
 from archscope.tokens import single_token_id
 
-from .replacement import ReplacementModel
+from .replacement import ReplacementModel, check_linearise, require_frozen
 from .types import AttributionGraph, Node, Transcoder
 
 
@@ -80,6 +86,7 @@ def attribute(
     prune: bool = True,
     feature_threshold: float = 0.0,
     tokenizer: Any = None,
+    linearise: str = "frozen",
 ) -> AttributionGraph:
     """The attribution graph of ``prompt`` (a string, a list of token ids or a (1, seq) tensor)
     on ``backend`` with ``transcoders`` replacing the sites they write.
@@ -90,23 +97,34 @@ def attribute(
     logits (``max_logits``, ``desired_logit_prob``). ``prune=False``
     returns the whole graph (scores are computed on both). ``feature_threshold``: features with
     activation at or below it are not nodes. ``tokenizer`` reads a text prompt or target and
-    names the tokens (default: the backend's, if it has one)."""
+    names the tokens (default: the backend's, if it has one).
+
+    ``linearise``: "frozen" (nonlinearities held at the prompt's values through
+    `archscope.freeze`: rows add up to their targets minus the bias terms, `bias_terms`) or
+    "gradient" (nothing held: edges are gradients of the live model dotted with the sources'
+    values, a first-order expansion at the prompt; each row's target − row sum is recorded as
+    ``metadata["linearisation_offset"]``, per node, 0 where a node has no row)."""
     _check(max_logits, desired_logit_prob, node_threshold, edge_threshold, batch_size)
-    with ReplacementModel.build(backend, prompt, transcoders, tokenizer) as rm:
+    check_linearise(linearise, "attribute")
+    with ReplacementModel.build(backend, prompt, transcoders, tokenizer, linearise) as rm:
         full, rows = _graph_rows(
             rm, target, max_logits, desired_logit_prob, batch_size, feature_threshold, not prune
         )
     full.metadata.update(
         {
+            "linearisation": linearise,
             "backend": getattr(backend, "name", type(backend).__name__),
             "model": type(backend.model).__name__,
-            "frozen": sorted(getattr(backend, "freezes", ())),
+            # what the graph held: nothing in a gradient graph
+            "frozen": sorted(getattr(backend, "freezes", ())) if linearise == "frozen" else [],
             "not_frozen": dict(getattr(backend, "cannot_freeze", {})),
             "node_threshold": node_threshold,
             "edge_threshold": edge_threshold,
             "batch_size": batch_size,
         }
     )
+    if linearise == "gradient":  # no exact sum: what each first-order row misses
+        full.metadata["linearisation_offset"] = _offsets(full, rows)
     sums = _row_sums(rows.values)
     influence = _influence(rows.index, rows.values, sums, _logit_weights(full))
     full.scores.update(_scores(full, rows, influence, sums))
@@ -295,6 +313,16 @@ def _graph_rows(
     return graph, kept
 
 
+def _offsets(graph: AttributionGraph, rows: _Rows) -> list[float]:
+    """Per node: its target value minus its row's sum (what a first-order row does not
+    reach); 0 for nodes without a row (errors, embeddings)."""
+    values = torch.tensor(graph.metadata["target_values"], dtype=torch.float64)
+    offset = torch.zeros(len(graph.nodes), dtype=torch.float64)
+    offset[rows.index] = values[rows.index] - rows.values.double().sum(1)
+    offset[[i for i, n in enumerate(graph.nodes) if n.kind in ("error", "embedding")]] = 0.0
+    return [float(x) for x in offset]
+
+
 def _target_values(rm: ReplacementModel, rows: list[_Row | None]) -> torch.Tensor:
     """Each target's value in the prompt's run (a feature's pre-activation, a logit), one
     product per site; 0 for the other nodes."""
@@ -453,7 +481,11 @@ def bias_terms(rm: ReplacementModel, graph: AttributionGraph) -> torch.Tensor:
     row, in node order): what no node explains, computed without the graph's rows: one run of
     the frozen model in which the embeddings are zero and each written site holds only the
     transcoders' decoder biases (its skip terms stay live). By linearity this is the target's
-    value minus the sum of its row."""
+    value minus the sum of its row. Only a "frozen" graph is affine in its nodes: a
+    "gradient" graph (or replacement model) is refused with a ParameterError (its rows miss
+    their targets by ``metadata["linearisation_offset"]``)."""
+    require_frozen(graph.metadata.get("linearisation", "frozen"), "bias_terms")
+    require_frozen(rm.linearise, "bias_terms")
     bias_only: dict[str, torch.Tensor] = {"embed": torch.zeros_like(rm.embed)}
     for site, value in rm.writes.items():
         total = torch.zeros_like(value)
@@ -649,9 +681,10 @@ def _prune(
     index = kept[connected]
     remap = {int(old): new for new, old in enumerate(index.tolist())}
     metadata = dict(graph.metadata)
-    values = metadata.get("target_values")
-    if values is not None:
-        metadata["target_values"] = [values[int(i)] for i in index]
+    for key in ("target_values", "linearisation_offset"):  # per node: the kept nodes'
+        values = metadata.get(key)
+        if values is not None:
+            metadata[key] = [values[int(i)] for i in index]
     metadata.update(
         {
             "pruned_from": n,

@@ -91,6 +91,14 @@ def _texts(model: str, data: str | None, n: int) -> list[str]:
     help="Text file (one text per line) for the feature labels; default: the zoo corpus for zoo models.",
 )
 @_counted("--label-texts", 128, "How many texts label the features.")
+@click.option(
+    "--linearise",
+    type=click.Choice(["frozen", "gradient"]),
+    default="frozen",
+    show_default=True,
+    help="frozen: nonlinearities held at the prompt's values, rows add up exactly; gradient: "
+    "first-order expansion of the live model (faithful to small interventions).",
+)
 def graph_command(
     model: str,
     prompt: str,
@@ -104,6 +112,7 @@ def graph_command(
     max_logits: int,
     data: str | None,
     label_texts: int,
+    linearise: str,
 ) -> None:
     """Attribution graph of PROMPT on MODEL, written to OUT as circuit-tracer's graph JSON
     (loadable by its viewer and by Neuronpedia) and as a self-contained HTML page."""
@@ -128,6 +137,7 @@ def graph_command(
         "node_threshold": node_threshold,
         "edge_threshold": edge_threshold,
         "tokenizer": tokenizer,
+        "linearise": linearise,
     }
     graph = attribute(backend, prompt, **kwargs)
     graph.metadata.setdefault("model", model)
@@ -151,7 +161,10 @@ def graph_command(
     )
     html_path = write_html(graph, folder / f"{slug}.html", title=f"{model}: {prompt}")
     n_edges = int((graph.adjacency != 0).sum())
-    click.echo(f"{len(graph.nodes)} nodes, {n_edges} edges; scores {json.dumps(graph.scores)}")
+    click.echo(
+        f"{len(graph.nodes)} nodes, {n_edges} edges ({linearise} linearisation); "
+        f"scores {json.dumps(graph.scores)}"
+    )
     click.echo(f"wrote {json_path} and {html_path}")
 
 

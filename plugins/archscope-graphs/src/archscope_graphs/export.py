@@ -217,6 +217,7 @@ def to_circuit_tracer(
         "archscope": {
             "scores": {k: float(v) for k, v in graph.scores.items()},
             "backend": graph.metadata.get("backend"),
+            "linearisation": graph.metadata.get("linearisation", "frozen"),
         },
     }
     qparams = {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "", "sg_pos": ""}

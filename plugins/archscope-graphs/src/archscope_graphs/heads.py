@@ -50,7 +50,7 @@ from archscope.freeze import FreezeError, FrozenValues, frozen_norm
 from archscope.sites import Site
 
 from .interventions import _node_changes, _transcoder_of
-from .replacement import ReplacementModel, _prompt_ids
+from .replacement import ReplacementModel, _prompt_ids, require_frozen
 from .types import AttributionGraph, Node, Transcoder
 
 __all__ = ["EdgeHeads", "QKAttribution", "QKTerm", "edge_heads", "qk_attribution"]
@@ -168,6 +168,8 @@ def edge_heads(
     ``prompt`` with ``transcoders``) by the attention heads it passes through (see
     `EdgeHeads`). ``target`` is a logit or feature node; ``source`` a feature, error or
     embedding node."""
+    # the split is exact in the frozen model, whose edges a gradient graph does not hold
+    require_frozen(graph.metadata.get("linearisation", "frozen"), "edge_heads")
     layers = _layers(backend)
     t_node, s_node = _node(graph, target), _node(graph, source)
     if t_node.kind not in ("logit", "feature"):

@@ -18,7 +18,9 @@ Pearson correlation between predicted and measured changes.
 first-order prediction of the same change, the gradient of the target logit at the node's
 site dotted with the node's change. Where it matches the measurement (small interventions)
 and the graph does not, the gap is what the graph holds fixed (gates, patterns, norm
-scales), not the size of the intervention.
+scales), not the size of the intervention. A graph built with ``linearise="gradient"``
+differentiates those instead of holding them; with no feature nodes its predictions are
+`gradient_prediction`'s, node by node.
 """
 
 from __future__ import annotations

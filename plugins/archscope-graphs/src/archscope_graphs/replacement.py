@@ -7,6 +7,9 @@ backend's ``freeze`` capability (`archscope.freeze`). At the prompt it reproduce
 logits exactly; around it, it is affine in what is written into the model: the token
 embeddings (the ``embed`` site) and each written site's value.
 
+Built with ``linearise="gradient"``, nothing is frozen: the same gradient runs go through
+the live model, and are its first-order expansion at the prompt (not affine around it).
+
 Gradient runs use "leaves": the ``embed`` site and every written site are replaced, through
 edits, by tensors that hold the prompt's values and need a gradient; a skip term of a
 transcoder (linear in its read site) is kept live, so the gradient also flows through it. The
@@ -66,6 +69,7 @@ class ReplacementModel:
     logits: torch.Tensor
     tokenizer: Any = None
     values: FrozenValues | None = None
+    linearise: str = "frozen"
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     # -- building -----------------------------------------------------------------------------
@@ -77,10 +81,17 @@ class ReplacementModel:
         prompt: Any,
         transcoders: Sequence[Transcoder] | None = None,
         tokenizer: Any = None,
+        linearise: str = "frozen",
     ) -> Iterator[ReplacementModel]:
         """The replacement model of ``prompt``, with the backend's nonlinearities frozen at
         its values until the context ends (every hook removed then). ``tokenizer`` (default:
-        the backend's, if it has one) reads a text prompt and a text target."""
+        the backend's, if it has one) reads a text prompt and a text target.
+
+        ``linearise="gradient"``: nothing is frozen; the gradient runs go through the live
+        model (attention patterns, norms, gates, Δ/B/C differentiated), and a row of a graph
+        built on it is the first-order expansion of its target at the prompt (see
+        `LINEARISATIONS`)."""
+        check_linearise(linearise, "ReplacementModel.build")
         tokenizer = tokenizer if tokenizer is not None else getattr(backend, "tokenizer", None)
         ids = _prompt_ids(backend, prompt, tokenizer)
         tcs = list(transcoders or [])
@@ -117,7 +128,11 @@ class ReplacementModel:
             errors=errors,
             logits=act["logits"][0].detach().float(),
             tokenizer=tokenizer,
+            linearise=linearise,
         )
+        if linearise == "gradient":
+            yield model
+            return
         with freeze(backend, ids) as values:
             model.values = values
             yield model
@@ -142,7 +157,8 @@ class ReplacementModel:
         return ["embed", *self.writes]
 
     def run(self, batch: int, leaf_values: Mapping[str, torch.Tensor] | None = None) -> Live:
-        """A gradient run of ``batch`` copies of the prompt in the frozen model: every leaf
+        """A gradient run of ``batch`` copies of the prompt in the frozen model (the live one
+        when built with ``linearise="gradient"``): every leaf
         site holds ``leaf_values[site]`` (default: the prompt's value), as a tensor (batch, seq,
         d) that needs a gradient; ``reads`` are the read sites' live values."""
         ids = self.prompt.expand(batch, -1)
@@ -183,10 +199,45 @@ class ReplacementModel:
 
     def leaf_zero_logits(self) -> torch.Tensor:
         """The frozen model's logits (seq, vocab) with every leaf set to zero: the frozen bias
-        terms (what no node explains, decoder biases aside)."""
+        terms (what no node explains, decoder biases aside). Only a frozen replacement model
+        is affine, so only its bias terms are a run at zero leaves: a ParameterError otherwise."""
+        require_frozen(self.linearise, "leaf_zero_logits")
         zeros = {s: torch.zeros_like(v) for s, v in {"embed": self.embed, **self.direct}.items()}
         live = self.run(1, zeros)
         return live.logits[0].detach()
+
+
+#: The two constructions of a graph's edges (`ReplacementModel.build`, ``attribute``):
+#: "frozen" holds every nonlinearity at the prompt's values, so the replacement model is affine
+#: and a row adds up to its target minus the frozen bias terms (an exact decomposition);
+#: "gradient" differentiates the live model, so a row is the first-order part of its target
+#: (the gradient dotted with each source's value) and faithful to small changes of the real
+#: model, with no exact sum.
+LINEARISATIONS = ("frozen", "gradient")
+
+
+def check_linearise(linearise: Any, caller: str) -> None:
+    """A ParameterError unless ``linearise`` is one of `LINEARISATIONS`."""
+    if not isinstance(linearise, str) or linearise not in LINEARISATIONS:
+        raise ParameterError(
+            f"{caller}: linearise={linearise!r} is not a linearisation; use one of "
+            f"{', '.join(repr(x) for x in LINEARISATIONS)} ('frozen': nonlinearities held at the "
+            "prompt's values, rows add up exactly; 'gradient': first-order expansion of the "
+            "live model)"
+        )
+
+
+def require_frozen(linearise: str, caller: str) -> None:
+    """A ParameterError for what needs the exact decomposition (bias terms, an edge split by
+    heads) on a "gradient" linearisation."""
+    if linearise != "frozen":
+        raise ParameterError(
+            f"{caller} needs a graph built with linearise='frozen' (an exact decomposition: "
+            f"rows add up to their targets minus the bias terms); this one is {linearise!r}, "
+            "whose rows are first-order expansions of the live model (what a row misses is "
+            "its metadata's 'linearisation_offset'). Build the graph with linearise='frozen' "
+            f"to use {caller}"
+        )
 
 
 def _prompt_ids(backend: Any, prompt: Any, tokenizer: Any = None) -> torch.Tensor:

@@ -371,7 +371,7 @@ _TEMPLATE = r"""<!DOCTYPE html>
     });
   });
   var sc = Object.keys(data.scores).map(function (k) { return k + " " + data.scores[k].toFixed(3); });
-  document.getElementById("scores").textContent = nodes.length + " nodes, " + edges.length + " edges" + (sc.length ? " \u00b7 " + sc.join(" \u00b7 ") : "");
+  document.getElementById("scores").textContent = nodes.length + " nodes, " + edges.length + " edges" + (data.metadata.linearisation ? " \u00b7 " + data.metadata.linearisation + " linearisation" : "") + (sc.length ? " \u00b7 " + sc.join(" \u00b7 ") : "");
   var first = nodes.filter(function (n) { return n.target; })[0];
   if (first) show(first);  // the panel starts on the (first) target logit
   document.body.setAttribute("data-rendered", "true");
