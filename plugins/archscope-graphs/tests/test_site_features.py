@@ -306,6 +306,72 @@ def test_a_feature_intervention_is_the_saes_edit_in_the_real_model(
     assert steered == pytest.approx(float(pushed - clean), rel=1e-4, abs=1e-5)
 
 
+def test_the_graph_predicts_the_frozen_replacement_model(family: dict[str, Any]) -> None:
+    """The graph's prediction of an ablation (`predict`, through every feature downstream,
+    same-layer ones on the LSTM included) is the ablation in the frozen model whose SAE sites
+    are replaced, position by position, by the SAE's codes of their live value, kept on the
+    prompt's active features and linear there, decoded, plus the prompt's error: written here
+    from the SAEs' own pre-activations and decoders as edits, none of the graph machinery."""
+    from archscope_graphs.attribution import node_influence
+    from archscope_graphs.interventions import predict
+
+    backend, features, saes = family["backend"], family["features"], family["saes"]
+    ids = family["prompts"][2 if family["name"] == "lstm" else 1]
+    graph = attribute(backend, ids, transcoders=features, prune=False)
+    target = graph.targets[0]
+    token = graph.nodes[target].index or 0
+    sites = [sae.site for sae in saes]
+    clean = backend.run(ids, capture=sites)
+    active, error = {}, {}
+    for sae in saes:
+        value = clean[sae.site][0]
+        codes = sae.encode(value).detach()
+        active[sae.site] = codes > 0
+        error[sae.site] = value - sae.decode(codes).detach()
+
+    def replaced(sae: Any, ablate: tuple[int, int] | None) -> Edit:
+        def replace(x: torch.Tensor) -> torch.Tensor:
+            pre = sae.pre_activations(x[0] * sae.input_scale)
+            codes = torch.where(active[sae.site], pre, 0.0)
+            if ablate is not None:
+                codes[ablate] = 0.0
+            return (sae.decode(codes) + error[sae.site])[None].to(x.dtype)
+
+        return Edit.apply(sae.site, replace)
+
+    influence = node_influence(graph)
+    feats = [i for i, n in enumerate(graph.nodes) if n.kind == "feature"]
+    chosen = [  # the 3 most influential features of each layer
+        i
+        for layer in (0, 1)
+        for i in sorted(
+            (i for i in feats if graph.nodes[i].layer == layer), key=lambda i: -float(influence[i])
+        )[:3]
+    ]
+    with freeze(backend, ids), torch.no_grad():
+        base = backend.run(ids, capture=["logits"], edits=[replaced(s, None) for s in saes])
+        torch.testing.assert_close(
+            base.logits[0], backend.run(ids, capture=["logits"]).logits[0], atol=1e-4, rtol=0
+        )
+        measured, predicted = [], []
+        for i in chosen:
+            node = graph.nodes[i]
+            edits = [
+                replaced(s, (node.position, node.index) if s.site == node.site else None)
+                for s in saes
+            ]
+            out = backend.run(ids, capture=["logits"], edits=edits).logits[0, -1, token]
+            measured.append(float(out - base.logits[0, -1, token]))
+            predicted.append(predict(graph, i, target, 0.0))
+    assert max(abs(m) for m in measured) > 1e-2
+    torch.testing.assert_close(
+        torch.tensor(predicted), torch.tensor(measured), atol=1e-4, rtol=1e-3
+    )
+    # not only the direct edges: the effects through downstream features count
+    direct = [-float(graph.adjacency[target, i]) for i in chosen]
+    assert max(abs(p - d) for p, d in zip(predicted, direct, strict=True)) > 1e-3
+
+
 # -- interventions on the zoo LSTM: the graph against the real model ---------------------------
 @pytest.mark.parametrize("prompt", range(3))
 def test_lstm_site_feature_interventions_against_the_graph(
