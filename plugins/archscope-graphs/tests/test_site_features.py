@@ -199,6 +199,41 @@ def test_rows_add_up_to_their_targets(family: dict[str, Any]) -> None:
         assert same_layer == 0.0
 
 
+def test_a_gru_hidden_site_takes_features_too() -> None:
+    """A tiny two-layer GRU with SAEs on both hidden sites (trained on random token ids): the
+    replacement model is the model, its live reads are the sites', and the rows add up."""
+    import archscope
+    from archscope.methods.sae import train_saes
+    from archscope_recurrent.testing import tiny_recurrent_lm
+
+    backend = archscope.Backend.for_model(tiny_recurrent_lm("gru", seed=2))
+    rows = torch.randint(4, 60, (32, 16), generator=torch.Generator().manual_seed(3))
+    saes = train_saes(
+        backend,
+        rows.tolist(),
+        ["layer_0.hidden", "layer_1.hidden"],
+        sae_type="topk",
+        n_features=64,
+        k=4,
+        epochs=3,
+        progress=False,
+    )
+    features = site_features(backend, saes)
+    ids = rows[:1, :8]
+    with ReplacementModel.build(backend, ids, features) as rm:
+        graph = _graph(rm, None, 3, 0.9, 32, 0.0)
+        bias = bias_terms(rm, graph)
+        live = rm.run(1)
+        torch.testing.assert_close(live.logits[0].detach(), rm.logits, atol=1e-4, rtol=0)
+        for site, value in rm.reads.items():
+            torch.testing.assert_close(live.reads[site][0].detach(), value, atol=1e-5, rtol=1e-5)
+    rows_ = bias_rows(graph)
+    values = torch.tensor(graph.metadata["target_values"], dtype=torch.float64)[rows_]
+    sums = graph.adjacency[rows_].double().sum(1) + bias
+    torch.testing.assert_close(sums, values, atol=1e-4, rtol=0)
+    assert graph.metadata["n_features"] > 0
+
+
 def _frozen_effect(
     backend: Any,
     ids: torch.Tensor,
