@@ -132,6 +132,7 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
         )
     parts = backend.parts
     handles: list[Any] = []
+    backend._freezing = True  # edited layers are stepped at once (RNNBackend._run_layer)
     try:
         handles.append(parts.embed.register_forward_pre_hook(lambda *_: values.start_run()))
         for i in range(parts.rnn.num_layers):
@@ -145,5 +146,6 @@ def frozen_run(backend: Any, values: FrozenValues) -> Iterator[None]:
             handles.append(parts.norm.register_forward_hook(norm_hook))
         yield
     finally:
+        backend._freezing = False
         for handle in handles:
             handle.remove()

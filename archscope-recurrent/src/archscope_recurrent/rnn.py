@@ -130,6 +130,7 @@ class RNNBackend(Backend):
         self._layers: list[Any] = []
         self._directions: dict[int, tuple[Any, Any]] = {}
         self._cell_edits: CellEdits = "keep_hidden"
+        self._freezing = False  # set inside `frozen_run` (archscope_recurrent.freeze)
         if self.num_dirs == 2:  # the backward direction reads the future: no continuation
             self.capabilities = type(self).capabilities - {"state_patch"}
         self.frozen_unavailable = CANNOT_FREEZE["bidirectional"] if self.num_dirs == 2 else None
@@ -462,7 +463,10 @@ class RNNBackend(Backend):
         else:
             hx_arg = (hx[0], hx[1]) if lstm else hx[0]
 
-        if not want_cells:  # fast path: one call for the whole layer
+        # inside a frozen run an edited layer is stepped straight away: the fast path would
+        # replay the layer's held factors once more than the prompt's run recorded them
+        frozen_edit = self._freezing and bool(h_edits or c_edits)
+        if not want_cells and not frozen_edit:  # fast path: one call for the whole layer
             fast = self._whole_layer(i, x, mask, padded, hx_arg)
             # edits that leave every value as it is (identity edits) keep the fused call's
             # result: stepping would give the same values up to rounding, not bit for bit
@@ -551,10 +555,13 @@ class RNNBackend(Backend):
     ) -> bool:
         """Whether ``edits`` change the unedited per-step ``value`` of ``site`` anywhere. An
         edit whose value needs a gradient always counts: a zero ``add`` is how gradients with
-        respect to a site are taken, and it must stay in the graph."""
+        respect to a site are taken, and it must stay in the graph; so does a function edit in
+        a gradient run (it may add such a tensor, which equal values would hide)."""
         import torch
 
         if any(isinstance(e.value, torch.Tensor) and e.value.requires_grad for e in edits):
+            return True
+        if torch.is_grad_enabled() and any(e.op == "fn" for e in edits):
             return True
         edited = value
         for edit in edits:

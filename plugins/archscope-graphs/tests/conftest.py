@@ -272,3 +272,44 @@ def head_zeroing() -> Any:
 def induction_prompts() -> Any:
     """`copying_prompts`."""
     return copying_prompts
+
+
+#: the zoo LSTM's prompts for the site-feature graphs (zoo corpus words)
+LSTM_PROMPTS = [
+    "tom eats the bread . then tom eats the",
+    "the cat sat on the mat and the dog",
+    "zoe likes the wind . olga likes the season . so zoe likes the",
+]
+
+
+@pytest.fixture(scope="session")
+def lstm_site_features(zoo: Any) -> dict[str, Any]:
+    """The zoo LSTM with TopK SAEs (256 features, k = 8) on ``layer_0.hidden`` and
+    ``layer_1.hidden``, trained by the core's ``train_saes`` on 60 held-out documents, as
+    graph features (`archscope_graphs.site_features`): ``backend``, ``tokenizer``, ``saes``,
+    ``features`` (pass as ``transcoders=``), ``prompts`` (`LSTM_PROMPTS` as (1, seq) ids)."""
+    import archscope_zoo
+    from archscope.methods.sae import train_saes
+    from archscope_graphs.site_features import site_features
+
+    _, tokenizer, backend = zoo["lstm"]
+    texts = archscope_zoo.datasets("heldout", n=60)
+    with one_thread():
+        saes = train_saes(
+            backend,
+            texts,
+            ["layer_0.hidden", "layer_1.hidden"],
+            sae_type="topk",
+            n_features=256,
+            k=8,
+            epochs=3,
+            tokenizer=tokenizer,
+            progress=False,
+        )
+    return {
+        "backend": backend,
+        "tokenizer": tokenizer,
+        "saes": saes,
+        "features": site_features(backend, saes),
+        "prompts": [torch.tensor([tokenizer.encode(t)]) for t in LSTM_PROMPTS],
+    }

@@ -169,11 +169,13 @@ class ReplacementModel:
             base = value if value.dim() == 3 else value.expand(batch, *value.shape)
             leaves[site] = base.detach().clone().requires_grad_(True)
         reads: dict[str, torch.Tensor] = {}
+        calls: dict[str, list[torch.Tensor]] = {site: [] for site in self.reads}
         edits: list[Edit] = []
         for site in self.reads:
 
             def keep(x: torch.Tensor, site: str = site) -> torch.Tensor:
                 reads[site] = x.flatten(2)
+                calls[site].append(reads[site])
                 return x
 
             edits.append(Edit.apply(site, keep))
@@ -195,6 +197,7 @@ class ReplacementModel:
 
             edits.append(Edit.apply(site, place))
         result = self.backend.run(ids, capture=["logits"], edits=edits, grad=True)
+        reads.update({site: _live_read(site, seen) for site, seen in calls.items() if seen})
         return Live(logits=result.logits.float(), leaves=leaves, reads=reads)
 
     def leaf_zero_logits(self) -> torch.Tensor:
@@ -238,6 +241,22 @@ def require_frozen(linearise: str, caller: str) -> None:
             "its metadata's 'linearisation_offset'). Build the graph with linearise='frozen' "
             f"to use {caller}"
         )
+
+
+def _live_read(site: str, calls: list[torch.Tensor]) -> torch.Tensor:
+    """A read site's live value from the values its edit saw: one call (the whole sequence at
+    once), or one call per position on a backend that steps the site (an edited RNN layer:
+    call t sees the positions before t already edited and position t as computed)."""
+    if len(calls) == 1:
+        return calls[0]
+    seq = calls[0].shape[1]
+    if len(calls) != seq:
+        raise SiteError(
+            f"the read site {site!r} was seen {len(calls)} times in one run of {seq} "
+            "positions; a read site is seen once, or once per position where the backend "
+            "steps it"
+        )
+    return torch.stack([c[:, t] for t, c in enumerate(calls)], 1)
 
 
 def _prompt_ids(backend: Any, prompt: Any, tokenizer: Any = None) -> torch.Tensor:
