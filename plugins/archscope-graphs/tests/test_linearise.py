@@ -306,3 +306,20 @@ def test_gradient_graphs_are_marked_and_refused_where_sums_are_exact(
     before = tiny_llama.run(ids, capture=["logits"]).logits
     attribute(tiny_llama, ids, transcoders=tcs, linearise="gradient")
     torch.testing.assert_close(tiny_llama.run(ids, capture=["logits"]).logits, before)
+
+
+def test_the_registered_method_takes_the_linearisation(tiny_llama: Any) -> None:
+    """`archscope.run_method("graph", ..., linearise=...)` (and so `archscope run graph`) gives
+    the graph `attribute` gives with the same linearisation; an unknown one is refused."""
+    ids = torch.randint(4, 90, (1, 6), generator=torch.Generator().manual_seed(2))
+    for linearise in ("frozen", "gradient"):
+        result = archscope.run_method("graph", tiny_llama, ids, max_logits=2, linearise=linearise)
+        graph = attribute(tiny_llama, ids, max_logits=2, linearise=linearise)
+        assert result.metadata["linearisation"] == linearise
+        want = {
+            (graph.nodes[t].id, graph.nodes[s].id): float(graph.adjacency[t, s])
+            for t, s in graph.adjacency.nonzero().tolist()
+        }
+        assert {(t, s): w for t, s, w in result.edges} == pytest.approx(want)
+    with pytest.raises(archscope.ArchscopeError, match="linearise"):
+        archscope.run_method("graph", tiny_llama, ids, linearise="tangent")

@@ -3,13 +3,14 @@ tokens), as `archscope run graph` and `archscope.run_method("graph", ...)` compu
 
 Through the method interface no transcoders are passed (parameters are plain values), so the
 graph's nodes are the token embeddings, the error nodes of nothing replaced (none) and the
-logits: the direct effect of each token on the top logits through the frozen model. Call
+logits: the direct effect of each token on the top logits through the frozen model
+(``linearise="gradient"``: its first-order effect through the live model). Call
 `archscope_graphs.attribution.attribute` with ``transcoders=`` for feature nodes."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from archscope import Result
 from archscope.errors import InputError
@@ -68,6 +69,13 @@ def graph_method(
         float, Param(min=0.0, max=1.0, help="cumulative influence share of kept edges")
     ] = 0.98,
     batch_size: Annotated[int, Param(min=1, help="target rows per backward pass")] = 128,
+    linearise: Annotated[
+        Literal["frozen", "gradient"],
+        Param(
+            help="frozen: nonlinearities held, rows add up exactly; gradient: first-order "
+            "expansion of the live model"
+        ),
+    ] = "frozen",
 ) -> GraphResult:
     import torch
 
@@ -94,6 +102,7 @@ def graph_method(
         node_threshold=node_threshold,
         edge_threshold=edge_threshold,
         batch_size=batch_size,
+        linearise=linearise,
     )
     edges = [
         (graph.nodes[t].id, graph.nodes[s].id, float(graph.adjacency[t, s]))
