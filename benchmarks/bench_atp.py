@@ -10,8 +10,9 @@ of six families.
 
 Rows per model: the residual stream (RNN hidden state) x position, and where the model has
 attention the keys and queries of each attention layer x position. The recall models' residual
-rows start at the embedding (one or two layers: the cells that carry a binding sit there). Every estimate is checked
-before use: each sweep's exact cells come from batched patched runs of the model itself.
+rows start at the embedding (they have one or two layers: the cells that carry a binding sit
+there). Each sweep's exact cells come from batched patched runs of the model itself; the
+part-way patches of the recall rows end on their sweep's exact cell (checked).
 """
 
 from __future__ import annotations
@@ -188,6 +189,10 @@ def _pearson(a: list[list[float | None]], b: list[list[float | None]]) -> float 
     return float((t[:, 0] * t[:, 1]).sum()) / denom if denom > 0 else None
 
 
+def _abs(matrix: list[list[float | None]]) -> list[list[float | None]]:
+    return [[None if v is None else abs(v) for v in row] for row in matrix]
+
+
 def _early(matrix: list[list[float | None]]) -> list[list[float | None]]:
     """The sweep without its last position (the query's, where the last residual row is the
     whole answer): the cells that carry what an earlier token decides."""
@@ -277,11 +282,13 @@ def rows_for(
     def early_r(sweep: Any) -> str:
         return r(_pearson(_early(sweep.gap_restored), _early(sweep.attribution)))
 
-    def magnitude_r(sweep: Any) -> str:
-        """GradDrop's r with |exact|, and in brackets without the last position."""
-        exact = [[None if v is None else abs(v) for v in row] for row in sweep.gap_restored]
-        early = _pearson(_early(exact), _early(sweep.attribution))
-        return f"{r(sweep.correlation)} ({r(early)})"
+    def magnitude_r(sweep: Any, absolute: bool = False) -> str:
+        """r of GradDrop (or, ``absolute``, of |AtP|) with |exact|, and in brackets without
+        the last position: GradDrop helps where it beats |AtP| at ranking magnitudes."""
+        exact = _abs(sweep.gap_restored)
+        estimate = _abs(sweep.attribution) if absolute else sweep.attribution
+        whole = _pearson(exact, estimate)
+        return f"{r(whole)} ({r(_pearson(_early(exact), _early(estimate)))})"
 
     extra = {"embed": True} if embed else {}
     atp, _ = timed(attribution_patch, exact=True, **extra)
@@ -297,8 +304,8 @@ def rows_for(
         f"| {label} | {'embedding + ' if embed else ''}{where} x position | "
         f"{sum(v is not None for row in atp.gap_restored for v in row)} | {size(atp)} | "
         f"{r(atp.correlation)} "
-        f"| n/a (no softmax on this path) | {gd_r} | – | {early_r(atp)} | – "
-        f"| {largest_cell_ratio(atp)} | – |"
+        f"| n/a (no softmax on this path) | {magnitude_r(atp, absolute=True)} | {gd_r} | – "
+        f"| {early_r(atp)} | – | {largest_cell_ratio(atp)} | – |"
     )
     for node in ("key", "query"):
         try:
@@ -311,7 +318,8 @@ def rows_for(
         out.append(
             f"| {label} | attention {node} nodes x position | {cells} | {size(star)} | "
             f"{r(plain.correlation)} | "
-            f"{r(star.correlation)} | – | {magnitude_r(star_gd)} | {early_r(plain)} "
+            f"{r(star.correlation)} | {magnitude_r(star, absolute=True)} | – "
+            f"| {magnitude_r(star_gd)} | {early_r(plain)} "
             f"| {early_r(star)} | {largest_cell_ratio(plain)} | {largest_cell_ratio(star)} |"
         )
     return out
@@ -345,17 +353,20 @@ def main() -> None:
         f"Machine: {describe()}.",
         "",
         "Pearson r over every cell of the sweep. AtP and AtP* are signed estimates of the exact "
-        "effect; GradDrop estimates magnitudes and is correlated with |exact|. AtP* = the "
+        "effect; GradDrop estimates magnitudes and is correlated with |exact|, beside the "
+        "magnitude of the plain estimate (|AtP|, or |AtP*| on attention nodes) against |exact|: "
+        "GradDrop helps where it ranks magnitudes better. AtP* = the "
         "query-key softmax fix; AtP*+GradDrop = both, as in Kramár et al. 2024. 'last position "
         "left out': the same r without the last position's cells (the query's, where the last "
         "residual row is the whole answer); in brackets in the GradDrop columns. 'estimate / "
         "exact': at the largest exact cell before the last position (1: linear there).",
         "",
         "| model | nodes | cells | gap | max abs exact cell (share of gap) | r AtP | r AtP* "
-        "| r AtP+GradDrop (vs abs) | r AtP*+GradDrop (vs abs) "
+        "| r abs AtP (abs AtP* on attention) vs abs | r AtP+GradDrop (vs abs) "
+        "| r AtP*+GradDrop (vs abs) "
         "| r AtP, last position left out | r AtP*, last position left out "
         "| AtP estimate / exact | AtP* estimate / exact |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     if args.only:
         wanted = args.only.split(",")
