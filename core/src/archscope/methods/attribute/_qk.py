@@ -403,7 +403,11 @@ def _estimates(
     logits, mask = ctx.readout.logits(result, grad=True)
     value = mean_value(ctx.metric(logits, mask))
     flat = [t for i in chosen for t in leaves[i]]
-    grads = torch.autograd.grad(value, flat, allow_unused=True)
+    # GradDrop's pass through the nodes' own (only attention) layer cuts every path from them
+    # to the metric, which then has no gradient at all: their estimates from that pass are 0
+    grads: tuple[torch.Tensor | None, ...] = (None,) * len(flat)
+    if value.requires_grad:
+        grads = torch.autograd.grad(value, flat, allow_unused=True)
     out: dict[int, torch.Tensor] = {}
     for j, i in enumerate(chosen):
         g_q, g_k, g_p = (
