@@ -1420,8 +1420,13 @@ class _Batches:
             keep = _real_positions(self.positions, lengths, part.position, part.doc)
             if not bool(keep.any()):
                 continue
-            acts = [part[n][keep].to(device) for n in names]
-            final = torch.log_softmax(part["logits"][keep].to(device).float(), -1)
+            if bool(keep.all()):  # every real token (positions="all"): no copy to select them
+                acts = [part[n].to(device) for n in names]
+                logits = part["logits"]
+            else:
+                acts = [part[n][keep].to(device) for n in names]
+                logits = part["logits"][keep]
+            final = torch.log_softmax(logits.to(device).float(), -1)
             yield acts, final
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
