@@ -138,6 +138,18 @@ class TestSyntheticActivations:
         c.train(x, y, epochs=5)
         assert not torch.equal(a.direction, c.direction)
 
+    def test_probe_init_is_the_one_torch_manual_seed_gives(self) -> None:
+        """A CPU probe seeds only the CPU generator: its initial weights are those of the net
+        built after `torch.manual_seed(seed)`, for a linear and an MLP probe."""
+        for config in (ProbeConfig(seed=4), ProbeConfig(probe_type="mlp", hidden_dim=8, seed=7)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                reference = Probe(6, config)
+            fit = ProbeFit(config, 6)
+            want, got = reference.state_dict(), fit.probe.state_dict()
+            assert want.keys() == got.keys()
+            assert all(torch.equal(want[k], got[k]) for k in want)
+
     def test_newton_reaches_the_penalised_logistic_optimum(self) -> None:
         x, y, _ = self.planted(n=200, d=8)
         x = x + 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
