@@ -216,3 +216,54 @@ def test_scores_from_unembedded_positions_equal_scores_from_the_full_logits(name
     copy_b = copy_score(full, a.tokenizer, n_trials=10)
     for key in ("token_accuracy", "word_accuracy", "list_accuracy", "tokens_scored"):
         assert copy_a.raw[key] == copy_b.raw[key]
+
+
+def test_top1_without_argmax_equals_argmax_with_ties_and_nans():
+    """`_is_top1` (the maximum the logsumexp needs anyway, argmax only for ties and NaNs)
+    equals ``argmax == target`` wherever argmax's first-index rule decides: ties for the
+    maximum before and after the target, NaN rows, random rows hit and missed."""
+    from archscope.methods.circuits import _is_top1
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 40, 50, generator=g)
+    targets = torch.randint(50, (6, 40), generator=g)
+    z[0, :20] = 0.0  # ties everywhere: argmax is id 0
+    z[1, :10].scatter_(-1, targets[1, :10, None], 9.0)  # the target is the unique maximum
+    z[1, 10:20].scatter_(-1, targets[1, 10:20, None], 9.0)
+    z[1, 10:20, 0] = 9.0  # ... tied with id 0: only a target of 0 is argmax's
+    z[2, :5, 7] = float("nan")  # argmax takes the NaN's id
+    z[2, 5:10, 3] = float("inf")
+    targets[2, 5:8] = 3
+    want = z.argmax(-1) == targets
+    got = _is_top1(z, targets, z.amax(-1))
+    assert torch.equal(got, want)
+    assert 0 < int(want.sum()) < want.numel()  # hits and misses both tested
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mamba"])
+def test_induction_and_copy_equal_their_argmax_and_full_read_references(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scores equal those of the previous computation: top-1 by argmax over the whole
+    vocabulary, and copy's rectangular read with its padding unembedded too."""
+    from archscope.methods import circuits
+
+    a = arch(name)
+    ind = induction_head_score(a.backend, tokenizer=a.tokenizer, n_trials=12, n_pairs=5)
+    copy = copy_score(a.backend, a.tokenizer, n_trials=10)
+    copier = copy_score(gt.trained(), None, n_trials=20, n_words=5, max_word_tokens=3)
+    logits_at = circuits._logits_at
+
+    def rectangular(backend, batch, read, capture=(), keep=None):  # type: ignore[no-untyped-def]
+        result, logits = logits_at(backend, batch, read, capture)
+        return result, logits if keep is None else logits[keep]
+
+    monkeypatch.setattr(circuits, "_is_top1", lambda z, t, top: z.argmax(-1) == t)
+    monkeypatch.setattr(circuits, "_logits_at", rectangular)
+    ref_ind = induction_head_score(a.backend, tokenizer=a.tokenizer, n_trials=12, n_pairs=5)
+    ref_copy = copy_score(a.backend, a.tokenizer, n_trials=10)
+    ref_copier = copy_score(gt.trained(), None, n_trials=20, n_words=5, max_word_tokens=3)
+    assert ind.raw == ref_ind.raw and ind.score == ref_ind.score
+    assert copy.raw == ref_copy.raw
+    assert copier.raw == ref_copier.raw
+    assert copier.score > 0.9  # the hit path (targets at the maximum) is exercised

@@ -138,6 +138,18 @@ class TestSyntheticActivations:
         c.train(x, y, epochs=5)
         assert not torch.equal(a.direction, c.direction)
 
+    def test_probe_init_is_the_one_torch_manual_seed_gives(self) -> None:
+        """A CPU probe seeds only the CPU generator: its initial weights are those of the net
+        built after `torch.manual_seed(seed)`, for a linear and an MLP probe."""
+        for config in (ProbeConfig(seed=4), ProbeConfig(probe_type="mlp", hidden_dim=8, seed=7)):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                reference = Probe(6, config)
+            fit = ProbeFit(config, 6)
+            want, got = reference.state_dict(), fit.probe.state_dict()
+            assert want.keys() == got.keys()
+            assert all(torch.equal(want[k], got[k]) for k in want)
+
     def test_newton_reaches_the_penalised_logistic_optimum(self) -> None:
         x, y, _ = self.planted(n=200, d=8)
         x = x + 1.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(9))
@@ -282,6 +294,47 @@ class TestSyntheticActivations:
         assert report.heldout_auroc_folds == held
         assert report.heldout_auroc == sum(held) / 3
         assert report.train_auroc == sum(train) / 3
+
+    def test_problems_cross_validated_together_equal_each_alone(self) -> None:
+        """`cross_validate_many` (what the profile and the sweep use: every site and label
+        variant solved in one Newton call) returns exactly what `cross_validate` returns for
+        each problem alone: several sites, shuffled labels, a problem with fewer rows (another
+        shape, solved apart), another penalty and an AdamW problem in the same call."""
+        from archscope.methods.probes import cross_validate, cross_validate_many
+
+        x, y, _ = self.planted(n=42, d=64, strength=0.3)
+        x2, y2, _ = self.planted(n=42, d=64, seed=1, strength=0.5)
+        x3, y3, _ = self.planted(n=30, d=64, seed=2, strength=0.5)
+        shuffled = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(0))]
+        newton = ProbeConfig(solver="newton", weight_decay=0.01)
+        problems = [
+            (x, y, newton),
+            (x2, y2, newton),
+            (x, shuffled, newton),
+            (x3, y3, newton),
+            (x2, y2, ProbeConfig(solver="newton", weight_decay=0.1)),
+            (x, y, ProbeConfig()),
+            (x2, y2, ProbeConfig(solver="newton", weight_decay=0.01, seed=3)),
+        ]
+        together = cross_validate_many(problems, folds=5, epochs=30)
+        alone = [cross_validate(a, b, c, folds=5, epochs=30) for a, b, c in problems]
+        assert together == alone
+        # the problems solved in one call have AUROCs of their own: a mix-up would show
+        assert len({tuple(r[1]) for r in alone[:4]}) == 4
+
+    def test_reports_of_many_sites_equal_one_report_each(self) -> None:
+        from types import SimpleNamespace
+
+        from archscope.methods.probes import ProbeOptions, _report, _reports
+
+        x, y, _ = self.planted(n=60, d=16, strength=0.5)
+        x2, _, _ = self.planted(n=60, d=16, seed=1, strength=0.5)
+        options = ProbeOptions(folds=3, epochs=20, solver="newton", weight_decay=1e-2)
+        backend: Any = SimpleNamespace(name="stand-in")
+        problems = [("layer_0.residual", x, y), ("layer_1.residual", x2, y)]
+        many = _reports(backend, problems, options, fit_final=False)
+        one = [_report(backend, s, a, b, options, fit_final=False) for s, a, b in problems]
+        assert many == one and many[0] != many[1]
 
     def test_unknown_solver_is_refused_with_the_valid_ones(self) -> None:
         with pytest.raises(ParameterError, match="adamw, newton"):

@@ -819,7 +819,7 @@ def _probe_part(
     ``task_sites`` names for a task (0.2's profile probed one layer per task)."""
     import torch
 
-    from ..methods.probes import ProbeOptions, _labelled, _report
+    from ..methods.probes import ProbeOptions, _labelled, _reports
 
     every = backend.layer_names()
     # Newton's method solves these small penalised logistic regressions in ~10 iterations
@@ -842,11 +842,20 @@ def _probe_part(
         if shuffled:
             order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
             variants.append(("shuffled", labels[order]))
-        for variant, y in variants:
+        # the k-fold AUROCs alone (the profile keeps no probe fitted on every text), every
+        # site and label variant cross-validated together: the same reports as one at a time
+        reports = iter(
+            _reports(
+                backend,
+                [(site, features[site], y) for _, y in variants for site in sites],
+                options,
+                fit_final=False,
+            )
+        )
+        for variant, _ in variants:
             held, train = {}, {}
             for site in sites:
-                # the k-fold AUROCs alone: the profile keeps no probe fitted on every text
-                report = _report(backend, site, features[site], y, options, fit_final=False)
+                report = next(reports)
                 held[site] = report.heldout_auroc
                 train[site] = report.train_auroc
             if variant == "trained":

@@ -183,12 +183,18 @@ def _check_positive(**values: int) -> None:
 
 
 def _logits_at(
-    backend: Backend, batch: Any, read: torch.Tensor, capture: Sequence[str] = ()
+    backend: Backend,
+    batch: Any,
+    read: torch.Tensor,
+    capture: Sequence[str] = (),
+    keep: torch.Tensor | None = None,
 ) -> tuple[Any, torch.Tensor]:
     """(the run, the logits at positions ``read``: (rows, k) indices, one row per batch row,
     giving (rows, k, vocab)). A backend that can unembed runs to its last layer's main site
     only and unembeds just those positions (the model's own final norm and head, as the
-    patching readout does); otherwise they are read from the full logits."""
+    patching readout does); otherwise they are read from the full logits. ``keep`` (rows, k)
+    bool: only the positions it marks, row by row, giving (marked, vocab); the others (a
+    ragged read's padding) are never unembedded."""
     import torch
 
     fast = "unembed" in backend.capabilities
@@ -197,10 +203,28 @@ def _logits_at(
     hidden = result[final]
     rows = torch.arange(read.shape[0], device=hidden.device).unsqueeze(1)
     picked = hidden[rows, read.to(hidden.device)]
+    if keep is not None:
+        picked = picked[keep.to(picked.device)]
     if not fast:
         return result, picked
     with torch.no_grad():
         return result, backend.unembed(picked)
+
+
+def _is_top1(z: torch.Tensor, targets: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """``z.argmax(-1) == targets`` for logits ``z`` (..., vocab), ``targets`` (...) and their
+    maxima ``top = z.amax(-1)``, without argmax's pass over the vocabulary (several times
+    slower on CPU than the maximum's): a target is the top-1 where its logit is the maximum
+    and no other id ties with it; rows with a tie or a NaN (where argmax takes the first
+    such id) are decided by argmax itself."""
+    picked = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    hit = picked == top
+    odd = top.isnan()
+    if bool(hit.any()):  # a tie for the maximum matters only where the target reaches it
+        odd[hit] |= (z[hit] == top[hit].unsqueeze(-1)).sum(-1) > 1
+    if bool(odd.any()):
+        hit[odd] = z[odd].argmax(-1) == targets[odd]
+    return hit
 
 
 def induction_head_score(
@@ -286,8 +310,9 @@ def induction_head_score(
         z = logits.float()
         both = torch.cat([targets, targets], 1).to(z.device)  # first showing, then second
         picked = z.gather(-1, both.unsqueeze(-1)).squeeze(-1)
-        top1.append(z[:, n_pairs:].argmax(-1).cpu() == targets)
-        logp = (picked - _logsumexp_(z)).cpu()  # z is overwritten
+        top = z.amax(-1)  # shared by the top-1 test and the logsumexp
+        top1.append(_is_top1(z[:, n_pairs:], both[:, n_pairs:], top[:, n_pairs:]).cpu())
+        logp = (picked - _logsumexp_(z, top)).cpu()  # z is overwritten
         p_second.append(logp[:, n_pairs:].exp())
         p_first.append(logp[:, :n_pairs].exp())
         for site in patterns:
@@ -463,14 +488,23 @@ def copy_score(
             ],
             dtype=torch.long,
         )
-        _, logits = _logits_at(backend, batch, read)
+        # only the positions that predict a word token: the ragged rows' padding is never
+        # unembedded; the logits come row by row, in the order of the words' tokens
+        keep = torch.arange(max(flat_len)) < torch.tensor(flat_len).unsqueeze(1)
+        _, logits = _logits_at(backend, batch, read, keep=keep)
         n_forwards += 1
-        pred = logits.argmax(-1).cpu()  # top-1 given the true prefix (teacher forcing)
-        for r, (_sep, words) in enumerate(chunk):
-            pos = 0  # index into the positions read
+        wanted = torch.tensor(
+            [x for _sep, words in chunk for w in words for x in w],
+            dtype=torch.long,
+            device=logits.device,
+        )
+        # top-1 given the true prefix (teacher forcing), one flag per word token
+        correct = _is_top1(logits, wanted, logits.amax(-1)).cpu().tolist()
+        pos = 0  # index into the word tokens of the chunk
+        for _sep, words in chunk:
             list_ok = True
             for w in words:
-                hits = [bool(pred[r, pos + j] == w[j]) for j in range(len(w))]
+                hits = correct[pos : pos + len(w)]
                 pos += len(w)
                 tok_hits += hits
                 word_hits.append(all(hits))

@@ -1011,11 +1011,12 @@ def _fused_kl(
     return torch.cat(out)
 
 
-def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
+def _logsumexp_(z: torch.Tensor, top: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.logsumexp(z, -1)`` computed in place in ``z`` (overwritten): no temporary
     of ``z``'s size, about half the time over a whole vocabulary. An infinite maximum is
-    shifted by zero instead, as torch does."""
-    m = z.amax(-1, keepdim=True)
+    shifted by zero instead, as torch does. ``top``: ``z.amax(-1)`` where the caller has it
+    already (not modified)."""
+    m = z.amax(-1, keepdim=True) if top is None else top.unsqueeze(-1).clone()
     m.masked_fill_(m.abs() == float("inf"), 0.0)
     return z.sub_(m).exp_().sum(-1).log_().add_(m.squeeze(-1))
 
@@ -1419,8 +1420,13 @@ class _Batches:
             keep = _real_positions(self.positions, lengths, part.position, part.doc)
             if not bool(keep.any()):
                 continue
-            acts = [part[n][keep].to(device) for n in names]
-            final = torch.log_softmax(part["logits"][keep].to(device).float(), -1)
+            if bool(keep.all()):  # every real token (positions="all"): no copy to select them
+                acts = [part[n].to(device) for n in names]
+                logits = part["logits"]
+            else:
+                acts = [part[n][keep].to(device) for n in names]
+                logits = part["logits"][keep]
+            final = torch.log_softmax(logits.to(device).float(), -1)
             yield acts, final
 
     def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:

@@ -411,8 +411,16 @@ class ProbeFit(Artifact):
         self.config = config
         self.input_dim = int(input_dim)
         self.device = torch.device(device)
-        with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
-            torch.manual_seed(config.seed)
+        # Seeded init without touching the global RNG: the net is built on the CPU. For a CPU
+        # probe only the CPU generator is seeded (and restored): `torch.manual_seed` also
+        # seeds every accelerator's generator, at ~0.2 ms a call, and cross-validation builds
+        # one probe per fold and site. An accelerator probe keeps `torch.manual_seed`, whose
+        # seeding of its device's generator its training's dropout has always drawn from.
+        with torch.random.fork_rng(devices=[]):
+            if self.device.type == "cpu":
+                torch.default_generator.manual_seed(config.seed)
+            else:
+                torch.manual_seed(config.seed)
             self.probe = Probe(self.input_dim, config).to(self.device)
         # Inputs are standardised with statistics of the training part; `direction` and `bias`
         # fold the standardisation back in, so they apply to raw activations.
@@ -794,14 +802,11 @@ def cross_validate(
     trained on the other folds."""
     import torch
 
-    x, y = _check_xy(activations, labels, "cross_validate")
-    if folds < 2:
-        raise ParameterError(f"folds must be >= 2, got {folds}")
-    if folds > len(y):
-        raise InputError(f"{folds} folds need at least {folds} examples; got {len(y)}")
-    parts = stratified_folds(y, folds, config.seed)
+    x, y, parts = _folds_of(activations, labels, config, folds)
     if config.solver == "newton":
-        return _cross_validate_newton(x, y, config, parts, epochs, lr, batch_size)
+        _check_training("cross_validate", epochs, lr, batch_size)
+        folded = _NewtonFolds(x, y, config, parts)
+        return folded.scores(_newton_many(*folded.inputs(), config.weight_decay, epochs))
     train_scores, test_scores = [], []
     for k, test in enumerate(parts):
         train = torch.cat([p for j, p in enumerate(parts) if j != k])
@@ -819,43 +824,100 @@ def cross_validate(
     return train_scores, test_scores
 
 
-def _cross_validate_newton(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    config: ProbeConfig,
-    parts: list[torch.Tensor],
-    epochs: int,
-    lr: float,
-    batch_size: int,
-) -> tuple[list[float], list[float]]:
-    """`cross_validate` with the Newton solver: the folds' probes solved together
-    (`_newton_many`), each fold as `ProbeFit.train` with ``held_out`` fits and measures it."""
+def cross_validate_many(
+    problems: Sequence[tuple[torch.Tensor, torch.Tensor, ProbeConfig]],
+    *,
+    folds: int = 5,
+    epochs: int = 100,
+    lr: float = 0.01,
+    batch_size: int = 64,
+) -> list[tuple[list[float], list[float]]]:
+    """`cross_validate` of several ``(activations, labels, config)`` problems (e.g. one per
+    site, or true and shuffled labels): one result per problem, each equal to its own
+    `cross_validate` call. With the Newton solver, the folds of all problems of one shape and
+    penalty are solved in one `_newton_many` call (each problem steps and stops on its own
+    there) instead of one call per problem."""
     import torch
 
-    _check_training("cross_validate", epochs, lr, batch_size)
-    fits, splits, inputs = [], [], []
-    for k, test in enumerate(parts):
-        train = torch.cat([p for j, p in enumerate(parts) if j != k])
-        fit = ProbeFit(config, x.shape[1])
-        xt, yt = x[train], y[train]
-        _warn_if_one_class(yt, stacklevel=3)
-        inputs.append((fit._standardise(xt).double(), yt.double()))
-        fits.append(fit)
-        splits.append((xt, yt, x[test], y[test]))
-    width = max(len(t) for _, t in inputs)
-    z = torch.zeros(len(parts), width, x.shape[1], dtype=torch.float64)
-    target = torch.zeros(len(parts), width, dtype=torch.float64)
-    mask = torch.zeros(len(parts), width, dtype=torch.float64)
-    for k, (zk, yk) in enumerate(inputs):
-        z[k, : len(yk)], target[k, : len(yk)], mask[k, : len(yk)] = zk.cpu(), yk, 1.0
-    w = _newton_many(z, mask, target, config.weight_decay, epochs)
-    train_scores, test_scores = [], []
-    for fit, wk, split in zip(fits, w, splits, strict=True):
-        fit._set_linear(wk)
-        m = fit._measure(*split)
-        train_scores.append(m.train_auroc)
-        test_scores.append(m.val_auroc)
-    return train_scores, test_scores
+    results: list[tuple[list[float], list[float]] | None] = [None] * len(problems)
+    groups: dict[tuple[Any, ...], list[tuple[int, _NewtonFolds]]] = {}
+    for i, (activations, labels, config) in enumerate(problems):
+        if config.solver != "newton":
+            results[i] = cross_validate(
+                activations,
+                labels,
+                config,
+                folds=folds,
+                epochs=epochs,
+                lr=lr,
+                batch_size=batch_size,
+            )
+            continue
+        x, y, parts = _folds_of(activations, labels, config, folds)
+        _check_training("cross_validate", epochs, lr, batch_size)
+        folded = _NewtonFolds(x, y, config, parts)
+        key = (tuple(folded.z.shape), float(config.weight_decay))
+        groups.setdefault(key, []).append((i, folded))
+    for (_, weight_decay), members in groups.items():
+        z, mask, target = (torch.cat([f.inputs()[k] for _, f in members]) for k in range(3))
+        w = _newton_many(z, mask, target, weight_decay, epochs)
+        for j, (i, folded) in enumerate(members):
+            results[i] = folded.scores(w[j * folds : (j + 1) * folds])
+    return [r for r in results if r is not None]
+
+
+def _folds_of(
+    activations: Any, labels: Any, config: ProbeConfig, folds: int
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """The checked rows and labels and their stratified folds."""
+    x, y = _check_xy(activations, labels, "cross_validate")
+    if folds < 2:
+        raise ParameterError(f"folds must be >= 2, got {folds}")
+    if folds > len(y):
+        raise InputError(f"{folds} folds need at least {folds} examples; got {len(y)}")
+    return x, y, stratified_folds(y, folds, config.seed)
+
+
+class _NewtonFolds:
+    """`cross_validate` with the Newton solver, in two halves: the folds' standardised
+    training rows padded into one batch of problems (`inputs`, for `_newton_many`), then each
+    fold's probe set from its solution and measured as `ProbeFit.train` with ``held_out``
+    measures it (`scores`)."""
+
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, config: ProbeConfig, parts: list[torch.Tensor]
+    ) -> None:
+        import torch
+
+        self.fits, self.splits, inputs = [], [], []
+        for k, test in enumerate(parts):
+            train = torch.cat([p for j, p in enumerate(parts) if j != k])
+            fit = ProbeFit(config, x.shape[1])
+            xt, yt = x[train], y[train]
+            _warn_if_one_class(yt, stacklevel=3)
+            inputs.append((fit._standardise(xt).double(), yt.double()))
+            self.fits.append(fit)
+            self.splits.append((xt, yt, x[test], y[test]))
+        width = max(len(t) for _, t in inputs)
+        self.z = torch.zeros(len(parts), width, x.shape[1], dtype=torch.float64)
+        self.target = torch.zeros(len(parts), width, dtype=torch.float64)
+        self.mask = torch.zeros(len(parts), width, dtype=torch.float64)
+        for k, (zk, yk) in enumerate(inputs):
+            self.z[k, : len(yk)], self.target[k, : len(yk)] = zk.cpu(), yk
+            self.mask[k, : len(yk)] = 1.0
+
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.z, self.mask, self.target
+
+    def scores(self, w: torch.Tensor) -> tuple[list[float], list[float]]:
+        """Per fold, training and held-out AUROC of the probe with weights ``w[fold]``."""
+        train_scores, test_scores = [], []
+        for fit, wk, split in zip(self.fits, w, self.splits, strict=True):
+            fit._set_linear(wk)
+            m = fit._measure(*split)
+            train_scores.append(m.train_auroc)
+            test_scores.append(m.val_auroc)
+        return train_scores, test_scores
 
 
 # -- methods ------------------------------------------------------------------------------------
@@ -913,16 +975,42 @@ def _report(
 ) -> ProbeReport:
     """The k-fold AUROCs of a probe on ``x``, and (``fit_final``) the probe fitted on every
     example; without it the report holds no probe (``_probe`` None)."""
-    config = options.config(site)
-    train, held = cross_validate(
-        x,
-        y,
-        config,
+    return _reports(backend, [(site, x, y)], options, fit_final=fit_final)[0]
+
+
+def _reports(
+    backend: Backend,
+    problems: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
+    options: ProbeOptions,
+    *,
+    fit_final: bool = True,
+) -> list[ProbeReport]:
+    """`_report` of each ``(site, x, y)``, the k-fold probes of all cross-validated together
+    (`cross_validate_many`): the same reports as one `_report` call each."""
+    scores = cross_validate_many(
+        [(x, y, options.config(site)) for site, x, y in problems],
         folds=options.folds,
         epochs=options.epochs,
         lr=options.lr,
         batch_size=options.batch_size,
     )
+    return [
+        _one_report(backend, site, x, y, options, train, held, fit_final)
+        for (site, x, y), (train, held) in zip(problems, scores, strict=True)
+    ]
+
+
+def _one_report(
+    backend: Backend,
+    site: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    options: ProbeOptions,
+    train: list[float],
+    held: list[float],
+    fit_final: bool,
+) -> ProbeReport:
+    config = options.config(site)
     final = None
     if fit_final:
         final = ProbeFit(config, x.shape[1])
@@ -1047,8 +1135,8 @@ def probe_sweep(backend: Backend, data: Dataset, options: ProbeSweepParams) -> P
     out = ProbeSweep(
         backend=backend.name, pool=options.pool, probe_type=options.probe_type, folds=options.folds
     )
-    for name in names:
-        out.layers.append(_report(backend, name, acts[name], labels, options))
+    # the k-fold probes of every site solved together: the same reports as one site at a time
+    out.layers.extend(_reports(backend, [(n, acts[n], labels) for n in names], options))
     return out
 
 
