@@ -149,6 +149,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--only takes workload numbers like 1,3,9, got {args.only!r}")
     if any(n not in range(1, 10) for n in args.only):
         parser.error(f"--only: workloads are numbered 1-9, got {args.only}")
+    args.rounds_given = args.rounds is not None  # an explicit --rounds applies to every workload
     if args.rounds is None:
         args.rounds = 3 if args.quick else 5
     if args.rounds < 1:
@@ -230,6 +231,14 @@ def format_table(rows: Sequence[Row]) -> str:
         )
     notes = [f"- {row.label}: {row.note}" for row in rows if row.note]
     return "\n".join(lines + (["", *notes] if notes else []))
+
+
+def rounds_of(work: Any, args: argparse.Namespace) -> int:
+    """The timed rounds of ``work``: an explicit ``--rounds``, else the workload's own (fewer
+    for long ones), else the default."""
+    if getattr(args, "rounds_given", False):
+        return int(args.rounds)
+    return int(work.rounds or args.rounds)
 
 
 def round_robin(n_workers: int, rounds: int) -> list[list[int]]:
@@ -701,7 +710,7 @@ class Session:
         names = list(self.workers)
         for name in names:  # warm-up round (the first call above was the first warm-up)
             self.workers[name].ask({"op": "time"})
-        for order in round_robin(len(names), self.work.rounds or self.args.rounds):
+        for order in round_robin(len(names), rounds_of(self.work, self.args)):
             for i in order:
                 reply = self.workers[names[i]].ask({"op": "time"})
                 self.rows[names[i]].times.append(reply["case"])
@@ -869,7 +878,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pythons: dict[str, Path] = {}
     sections = [
         f"Machine: {machine(args.device)}; torch threads per process: {args.threads}; "
-        f"device {args.device}; {args.rounds} interleaved rounds after one warm-up."
+        f"device {args.device}; {args.rounds} interleaved rounds after one warm-up "
+        "(fewer where a workload's section says so)."
     ]
     with tempfile.TemporaryDirectory(prefix="archscope-bench-") as name:
         tmp = Path(name)
@@ -893,7 +903,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(table, flush=True)
             sections.append(
                 f"## ({work.number}) {work.title}\n\nbatch {work.batch} × "
-                f"{work.seq} tokens. {('Target: ' + work.target) if work.target else ''}"
+                f"{work.seq} tokens, {rounds_of(work, args)} interleaved rounds. "
+                f"{('Target: ' + work.target) if work.target else ''}"
                 f" {work.note}\n\n{table}"
             )
         if not args.only or 6 in args.only:

@@ -126,3 +126,15 @@ def test_time_to_a_held_out_kl(runner):
     assert runner.time_to(curve, 0.62) == 2.5  # the first epoch at or below the target
     assert runner.time_to(curve, 0.60) == 4.0
     assert runner.time_to(curve, 0.5) is None  # never reached: no time is made up
+
+
+def test_a_workloads_own_rounds_give_way_to_an_explicit_rounds(runner):
+    """Long workloads time fewer rounds by default (the profile: 2), an explicit --rounds
+    applies to every workload, and a workload without its own count takes the default."""
+    profile = next(w for w in runner.workloads(False) if w.number == 8)
+    plain = next(w for w in runner.workloads(False) if w.rounds is None)
+    default = runner.parse_args([])
+    assert runner.rounds_of(profile, default) == profile.rounds == 2
+    assert runner.rounds_of(plain, default) == 5
+    explicit = runner.parse_args(["--rounds", "7"])
+    assert runner.rounds_of(profile, explicit) == runner.rounds_of(plain, explicit) == 7
