@@ -17,7 +17,6 @@ part-way patches of the recall rows end on their sweep's exact cell (checked).
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 import warnings
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe, parser, write
 
 from archscope.methods.attribute import attention_node_sweep, attribution_patch
+from archscope.methods.attribute._patch import _pearson  # the sweeps' own r, over held cells
 
 warnings.filterwarnings("ignore")
 
@@ -88,17 +88,6 @@ def random_case(family: str, pairs: int, seq: int = 12) -> tuple[Any, Any, Any, 
 
 
 ROOT = Path(__file__).resolve().parent.parent
-#: the recall models shipped as test data (core/tests/data/write_sae_recall)
-RECALL = (
-    "mamba",
-    "mamba2",
-    "mlstm",
-    "qwen3_next",
-    "qwen3_5_text",
-    "kimi_linear",
-    "olmo_hybrid",
-    "minimax",
-)
 #: held-out prompts: the recall tests use HELDOUT_SEED + 0..2, training seeds lie below it
 RECALL_SEED_OFFSET = 3
 
@@ -171,22 +160,6 @@ def recall_case(family: str, pairs: int, corrupt: str) -> tuple[Any, Any, Any, A
         {"input_ids": corrupted, "attention_mask": ones},
         answer_metric(good, bad),
     )
-
-
-def _pearson(a: list[list[float | None]], b: list[list[float | None]]) -> float | None:
-    """Pearson r over the cells both matrices hold."""
-    pairs = [
-        (x, y)
-        for ra, rb in zip(a, b, strict=True)
-        for x, y in zip(ra, rb, strict=True)
-        if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
-    ]
-    if len(pairs) < 2:
-        return None
-    t = torch.tensor(pairs, dtype=torch.float64)
-    t = t - t.mean(0)
-    denom = float(t[:, 0].norm() * t[:, 1].norm())
-    return float((t[:, 0] * t[:, 1]).sum()) / denom if denom > 0 else None
 
 
 def _abs(matrix: list[list[float | None]]) -> list[list[float | None]]:
@@ -340,7 +313,7 @@ def main() -> None:
     ]
     cases += [
         (f"recall:{f} ({c})", lambda f=f, c=c: recall_case(f, args.recall_pairs, c), True)
-        for f in RECALL
+        for f in _recall_module().FAMILIES  # the recall fixtures the tests ship
         for c in ("value", "key")
     ]
     cases += [
