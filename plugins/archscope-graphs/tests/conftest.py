@@ -282,23 +282,26 @@ LSTM_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def lstm_site_features(zoo: Any) -> dict[str, Any]:
-    """The zoo LSTM with TopK SAEs (256 features, k = 8) on ``layer_0.hidden`` and
-    ``layer_1.hidden``, trained by the core's ``train_saes`` on 60 held-out documents, as
-    graph features (`archscope_graphs.site_features`): ``backend``, ``tokenizer``, ``saes``,
-    ``features`` (pass as ``transcoders=``), ``prompts`` (`LSTM_PROMPTS` as (1, seq) ids)."""
+def zoo_site_features(
+    zoo: Any, name: str, sites: list[str], prompts: list[str], threads: int | None = 1
+) -> dict[str, Any]:
+    """The zoo model ``name`` with TopK SAEs (256 features, k = 8) on ``sites``, trained by
+    the core's ``train_saes`` on 60 held-out documents, as graph features
+    (`archscope_graphs.site_features`): ``backend``, ``tokenizer``, ``saes``, ``features``
+    (pass as ``transcoders=``), ``prompts`` (``prompts`` as (1, seq) ids). ``threads=1``
+    trains on one torch thread (None: as set)."""
+    import contextlib
+
     import archscope_zoo
     from archscope.methods.sae import train_saes
     from archscope_graphs.site_features import site_features
 
-    _, tokenizer, backend = zoo["lstm"]
-    texts = archscope_zoo.datasets("heldout", n=60)
-    with one_thread():
+    _, tokenizer, backend = zoo[name]
+    with one_thread() if threads == 1 else contextlib.nullcontext():
         saes = train_saes(
             backend,
-            texts,
-            ["layer_0.hidden", "layer_1.hidden"],
+            archscope_zoo.datasets("heldout", n=60),
+            sites,
             sae_type="topk",
             n_features=256,
             k=8,
@@ -311,5 +314,25 @@ def lstm_site_features(zoo: Any) -> dict[str, Any]:
         "tokenizer": tokenizer,
         "saes": saes,
         "features": site_features(backend, saes),
-        "prompts": [torch.tensor([tokenizer.encode(t)]) for t in LSTM_PROMPTS],
+        "prompts": [torch.tensor([tokenizer.encode(t)]) for t in prompts],
     }
+
+
+@pytest.fixture(scope="session")
+def make_site_features(zoo: Any) -> Any:
+    """`zoo_site_features` bound to the session's zoo models: ``make_site_features(name,
+    sites, prompts, threads=1)``."""
+
+    def make(
+        name: str, sites: list[str], prompts: list[str], threads: int | None = 1
+    ) -> dict[str, Any]:
+        return zoo_site_features(zoo, name, sites, prompts, threads)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def lstm_site_features(zoo: Any) -> dict[str, Any]:
+    """The zoo LSTM with site features on ``layer_0.hidden`` and ``layer_1.hidden``
+    (`zoo_site_features`), prompts `LSTM_PROMPTS`."""
+    return zoo_site_features(zoo, "lstm", ["layer_0.hidden", "layer_1.hidden"], LSTM_PROMPTS)

@@ -39,30 +39,10 @@ TRANSFORMER_PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def transformer_site_features(zoo: Any) -> dict[str, Any]:
+def transformer_site_features(make_site_features: Any) -> dict[str, Any]:
     """The zoo transformer with TopK SAEs on its two residual-stream sites."""
-    import archscope_zoo
-    from archscope.methods.sae import train_saes
-
-    _, tokenizer, backend = zoo["transformer"]
-    saes = train_saes(
-        backend,
-        archscope_zoo.datasets("heldout", n=60),
-        ["layer_0.residual", "layer_1.residual"],
-        sae_type="topk",
-        n_features=256,
-        k=8,
-        epochs=3,
-        tokenizer=tokenizer,
-        progress=False,
-    )
-    return {
-        "backend": backend,
-        "tokenizer": tokenizer,
-        "saes": saes,
-        "features": site_features(backend, saes),
-        "prompts": [torch.tensor([tokenizer.encode(t)]) for t in TRANSFORMER_PROMPTS],
-    }
+    sites = ["layer_0.residual", "layer_1.residual"]
+    return make_site_features("transformer", sites, TRANSFORMER_PROMPTS, threads=None)
 
 
 @pytest.fixture(params=["lstm", "transformer"])
