@@ -95,11 +95,9 @@ def _conv_inputs(backend: Any, layer: int, ids: torch.Tensor, edits: list[Any]) 
     return mixer, seen["x"], seen["out"]
 
 
-@pytest.mark.parametrize("family", SHORT_CONV, indirect=True)
-def test_a_frozen_short_convolution_holds_b_and_c_and_keeps_the_convolution(
-    family: tuple[str, Any],
-) -> None:
-    _, backend = family
+def _frozen_on_other_input(backend: Any) -> tuple[Any, Any, Any, Any]:
+    """The last recurrent layer's mixer, its input on the prompt, and its input and output in
+    a run frozen at the prompt on other embeddings (the prompt's plus noise)."""
     ids = _ids()
     layer = _recurrent(backend)[-1]
     embed = backend.run(ids, capture=["embed"])["embed"]
@@ -107,6 +105,15 @@ def test_a_frozen_short_convolution_holds_b_and_c_and_keeps_the_convolution(
     mixer, prompt_x, _ = _conv_inputs(backend, layer, ids, [])
     with freeze(backend, ids):
         _, x, out = _conv_inputs(backend, layer, ids, [Edit.replace("embed", other)])
+    return mixer, prompt_x, x, out
+
+
+@pytest.mark.parametrize("family", SHORT_CONV, indirect=True)
+def test_a_frozen_short_convolution_holds_b_and_c_and_keeps_the_convolution(
+    family: tuple[str, Any],
+) -> None:
+    _, backend = family
+    mixer, prompt_x, x, out = _frozen_on_other_input(backend)
     d = x.shape[-1]
     w_in = mixer.in_proj.weight
     gates = prompt_x @ w_in.T  # B and C from the prompt, x from this run
@@ -132,13 +139,7 @@ def test_a_frozen_lightning_attention_holds_queries_keys_gates_and_scales(
     """Against the attention form written out here: ``o_t = Σ_{s≤t} λ^{t−s} (q_t·k_s) v_s``
     with q, k, the values' slope, the norm's scale and the output gate from the prompt."""
     _, backend = family
-    ids = _ids()
-    layer = _recurrent(backend)[-1]
-    embed = backend.run(ids, capture=["embed"])["embed"]
-    other = embed + torch.randn(embed.shape, generator=torch.Generator().manual_seed(5))
-    mixer, prompt_x, _ = _conv_inputs(backend, layer, ids, [])
-    with freeze(backend, ids):
-        _, x, out = _conv_inputs(backend, layer, ids, [Edit.replace("embed", other)])
+    mixer, prompt_x, x, out = _frozen_on_other_input(backend)
     heads, dim = mixer.num_attention_heads, mixer.head_dim
     b, seq, _ = x.shape
 
@@ -187,13 +188,7 @@ def test_a_frozen_kda_holds_its_per_channel_decays_keys_and_gates(
     division), the per-channel α, β, the values' slope, the norm's scale and its gate from the
     prompt and the values' pre-activation from this run."""
     _, backend = family
-    ids = _ids()
-    layer = _recurrent(backend)[-1]
-    embed = backend.run(ids, capture=["embed"])["embed"]
-    other = embed + torch.randn(embed.shape, generator=torch.Generator().manual_seed(5))
-    mixer, prompt_x, _ = _conv_inputs(backend, layer, ids, [])
-    with freeze(backend, ids):
-        _, x, out = _conv_inputs(backend, layer, ids, [Edit.replace("embed", other)])
+    mixer, prompt_x, x, out = _frozen_on_other_input(backend)
     heads, dim = mixer.num_heads, mixer.head_dim
     b, seq, _ = x.shape
     kernel = mixer.conv1d.weight[:, 0]
